@@ -1,0 +1,207 @@
+"""The `pgnas-fast` command (design.md layer 1).
+
+    pgnas-fast search [--preset NAME] [--seed S] [--epochs E] [--candidates K] [--out DIR] ...
+    pgnas-fast doctor
+
+Every argument is checked before anything is created or written; bad input prints one line
+`pgnas-fast: error: ...` and exits with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import tempfile
+from pathlib import Path
+
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """Bad command-line input: printed as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's own errors: one line, status 2
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+def _count(low: int, high: int | None = None):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {value}")
+        if high is not None and value >= high:
+            raise argparse.ArgumentTypeError(f"must be an integer < {high}, got {value}")
+        return value
+
+    return parse
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    from . import configs
+    from .ops.dispatch import SELECTABLE
+    from .ops.streams import SEED_LIMIT
+
+    parser = _Parser(prog="pgnas-fast", description="Posterior-Guided Neural Architecture Search, fast.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    search = commands.add_parser(
+        "search", help="train the super-network's posterior, sample and rank candidates, export the best",
+        description="Run a whole PGNAS search: posterior training, candidate sampling from the learned drop "
+                    "probabilities, ranking on held-out data with the inherited weights, and the best "
+                    "candidate's held-out and test accuracy. Writes a run directory.")
+    search.add_argument("--preset", default="digits-tiny",
+                        help=f"named protocol (default digits-tiny); one of: {', '.join(configs.names())}")
+    search.add_argument("--seed", type=_count(0, SEED_LIMIT), default=0,
+                        help="search seed: the same seed reproduces the run exactly (default 0)")
+    search.add_argument("--epochs", type=_count(1), help="posterior-training epochs (preset's)")
+    search.add_argument("--candidates", type=_count(1), help="candidates to rank (preset's)")
+    search.add_argument("--random-baseline", type=_count(0), metavar="K",
+                        help="also rank K random-gate candidates at the same expected drop rate (0: off)")
+    search.add_argument("--config", metavar="FILE.json", help="JSON object of preset keys to override")
+    search.add_argument("--out", metavar="DIR", help="run directory (default runs/PRESET-seedSEED)")
+    search.add_argument("--backend", default=None, choices=SELECTABLE,
+                        help="op backend (default: PGNAS_FAST_BACKEND or auto)")
+    search.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda if present)")
+    search.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
+    search.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    commands.add_parser("doctor", help="versions, backends (and why one is off), threads",
+                        description="Print versions, which backends are live and why not, and threads.")
+    return parser
+
+
+def _prepare_out(path: Path) -> None:
+    """Create the run directory and prove it takes files; on failure leave nothing behind."""
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"--out {str(path)!r} exists and is not a directory")
+    created = [p for p in (path, *path.parents) if not p.exists()]
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        for p in created:  # deepest first
+            if p.is_dir():
+                p.rmdir()
+        raise UsageError(f"--out {str(path)!r} is not writable: {err.strerror or err}") from None
+
+
+def _resolve_device(text: str):
+    import torch
+
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise UsageError(f"--device must be cpu, cuda, cuda:N or auto, got {text!r}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device must be cpu, cuda, cuda:N or auto, got {text!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available (torch.cuda.is_available() is False)")
+    return device
+
+
+def _percent(x: float) -> str:
+    return f"{100 * x:.2f}%"
+
+
+def _search(args) -> int:
+    from . import configs
+    from .ops import BackendUnavailableError, dispatch
+    from .search import RunError, run_search
+
+    overrides = configs.load_overrides(args.config) if args.config else {}
+    for key, value in (("epochs", args.epochs), ("candidates", args.candidates),
+                       ("random_baseline", args.random_baseline)):
+        if value is not None:
+            overrides[key] = value
+    config = configs.resolve(args.preset, overrides)
+    device = _resolve_device(args.device)
+    try:
+        backend = dispatch.resolve(args.backend, device)
+    except (BackendUnavailableError, ValueError) as err:
+        raise UsageError(f"--backend: {err}") from None
+    out = Path(args.out) if args.out else Path("runs") / f"{args.preset}-seed{args.seed}"
+    _prepare_out(out)  # last check: after it, the run writes
+
+    print(f"pgnas-fast search: preset {config['preset']}, seed {args.seed}, backend {backend}, device {device}",
+          flush=True)
+    try:
+        with dispatch.use_backend(backend):
+            result = run_search(config, seed=args.seed, out_dir=out, device=str(device), resume=args.resume,
+                                progress=not args.quiet)
+    except RunError as err:
+        raise UsageError(str(err)) from None
+    s = result.summary
+    print(f"best candidate: {s['best_candidate']} of {s['candidates']} "
+          f"(keeps {_percent(s['kept_fraction'])} of the gated input channels)")
+    print(f"  held-out accuracy {_percent(s['heldout_accuracy'])}, test accuracy {_percent(s['test_accuracy'])} "
+          f"(no fine-tuning)")
+    print(f"  super-network, every channel kept: held-out {_percent(s['supernet_heldout_accuracy'])}, "
+          f"test {_percent(s['supernet_test_accuracy'])}")
+    line = f"  guided candidates: mean held-out {_percent(s['guided_mean_heldout_accuracy'])}"
+    if s["random_mean_heldout_accuracy"] is not None:
+        line += (f"; random gates at the same drop rate: {_percent(s['random_mean_heldout_accuracy'])} "
+                 f"(paper Table 3)")
+    print(line)
+    print(f"  time: training {s['train_seconds']:.1f} s, ranking {s['rank_seconds']:.1f} s "
+          f"({s['candidates_per_second']:.1f} candidates/s)")
+    print(f"run directory: {result.out_dir}")
+    return 0
+
+
+def _doctor(_args) -> int:
+    import torch
+
+    import pgnas_fast
+
+    from .ops import backends, selected
+
+    print(f"pgnas_fast {pgnas_fast.__version__}  python {platform.python_version()}  torch {torch.__version__}")
+    try:
+        import triton
+
+        print(f"triton {triton.__version__}  TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}")
+    except ImportError as err:
+        print(f"triton: not importable ({err})")
+    import numpy
+
+    print(f"numpy {numpy.__version__}")
+    cuda = torch.cuda.is_available()
+    print(f"cuda: {'available, ' + torch.cuda.get_device_name(0) if cuda else 'not available'}")
+    print(f"threads: torch {torch.get_num_threads()}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, "
+          f"cpus {os.cpu_count()}")
+    print(f"backend selection: {selected()}")
+    for name, (available, reason) in backends().items():
+        print(f"  {name:<10} {'yes' if available else 'no ':<4} {reason}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .configs import ConfigError
+
+    try:
+        parser = _build_parser()
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return EXIT_USAGE
+        return {"search": _search, "doctor": _doctor}[args.command](args)
+    except (UsageError, ConfigError) as err:
+        print(f"pgnas-fast: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("pgnas-fast: interrupted; `pgnas-fast search --resume` with the same arguments continues",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

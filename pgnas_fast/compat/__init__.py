@@ -1,0 +1,184 @@
+"""Drop-in replacements for the authors' `NAS_utils/ops.py` layers, running on the pgnas_fast op set.
+
+`Conv2d_with_CD` and `Linear_with_CD` keep the authors' constructor signatures, defaults, subclassing,
+state-dict keys and shapes, properties (`KLreg`, `p`) and forward values (pgnas-method.md section 2),
+so existing PGNAS code and checkpoints work unchanged. Differences, all deliberate:
+
+- Devices: the authors hard-code `.cuda()`; these run wherever their input is.
+- Noise: one uniform per gate through the Philox contract (logistic noise log u - log(1 - u), same
+  law as the authors' difference of two Gumbels) and p's logit used exactly (the authors add 1e-8
+  inside the logs). The seed of each call comes from torch's default CPU generator, so
+  `torch.manual_seed` reproduces a run.
+- `KLreg` computes H'(p) from the logit (no NaN at p = 0 or 1) and is right for grouped convs.
+- `Linear_with_CD` works without `split_pattern`. Its `KLreg` reproduces the VALUE of the authors'
+  broadcasting bug by default, in closed form: in_features * weight_reg * sum_a (1 - p_a) * ||W||^2
+  + drop_reg * sum_a H'(p_a), so losses match theirs; `kl_formula="intended"` gives
+  weight_reg * sum_{o,c} (1 - p_c) W[o,c]^2 + drop_reg * sum_c H'(p_c).
+- `debug=True` prints the p_logit gradient of every layer (the authors: convs with 64 inputs only).
+- `Linear_with_CD` ignores `deterministic`, like the authors' (always relaxed gates).
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import ops
+from ..ops.streams import Domain, stream_id
+
+TRAINING_SIZE = 1281167.0
+TEMPERATURE = 0.2  # the authors' 1 / 5
+_COMPAT_STREAM = stream_id(Domain.COMPAT, 0)
+_warned_zero_noise = False
+
+
+def _p_init_logit(p_init: float) -> float:
+    if not 0.0 < p_init < 1.0:
+        raise ValueError(f"p_init must be in (0, 1), got {p_init}")
+    return math.log(p_init) - math.log1p(-p_init)
+
+
+def _check_regs(weight_reg, drop_reg, where: str) -> None:
+    for name, value in (("weight_reg", weight_reg), ("drop_reg", drop_reg)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"{where}: {name} must be a finite number >= 0, got {value!r}")
+
+
+def _check_split(split: int, split_pattern, channels: int, where: str) -> None:
+    if isinstance(split, bool) or not isinstance(split, int) or split < 1:
+        raise ValueError(f"{where}: split must be an int >= 1, got {split!r}")
+    if split_pattern:
+        if len(split_pattern) != split or sum(split_pattern) != channels:
+            raise ValueError(
+                f"{where}: split_pattern must have split={split} entries summing to {channels}, "
+                f"got {list(split_pattern)}"
+            )
+    elif split != 1:
+        raise ValueError(f"{where}: split={split} needs a split_pattern")
+
+
+def _fresh_seed() -> int:
+    """A per-call seed from torch's default CPU generator (no device sync)."""
+    return int(torch.empty((), dtype=torch.int64).random_(0, 1 << 62))
+
+
+def _neg_entropy_sum(p_logit: torch.Tensor, drop_reg: float) -> torch.Tensor:
+    """drop_reg * sum_c H'(p_c) through the op set (its weight term switched off)."""
+    no_weight = p_logit.detach().new_zeros(1, p_logit.shape[0])  # a [1, C] "linear" weight of zeros
+    return ops.regularizer([no_weight], [p_logit], weight_reg=0.0, drop_reg=drop_reg, n_train=1.0)
+
+
+class Conv2d_with_CD(nn.Conv2d):  # noqa: N801 (the authors' name)
+    """nn.Conv2d with concrete dropout on its input channels; the authors' signature and state dict."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
+                 bias=True, weight_reg=10.0, drop_reg=1.0, p_init=1e-1, deterministic=True, debug=False,
+                 split=1, split_pattern=None):
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding,
+                         dilation=dilation, groups=groups, bias=bias)
+        _check_split(split, split_pattern, in_channels, "Conv2d_with_CD")
+        _check_regs(weight_reg, drop_reg, "Conv2d_with_CD")
+        self._weight_reg = weight_reg / TRAINING_SIZE
+        self._drop_reg = drop_reg / TRAINING_SIZE
+        self._deterministic = deterministic
+        self._debug_mode = debug
+        self._temp = TEMPERATURE
+        self.split = split
+        self.split_pattern = split_pattern  # may be a caller's shared list: read entries 0 and 1 only
+        self.p_logit = nn.Parameter(torch.full((split,), _p_init_logit(p_init)))
+        if deterministic:
+            self.unif_noise_variable = nn.Parameter(torch.zeros(1, in_channels, 1, 1), requires_grad=False)
+            global _warned_zero_noise
+            if not _warned_zero_noise:
+                _warned_zero_noise = True
+                warnings.warn(
+                    "Conv2d_with_CD(deterministic=True) starts with unif_noise_variable = 0, which keeps "
+                    "every channel (the full network, no dropout) until a candidate's noise is loaded into it",
+                    stacklevel=2,
+                )
+        if debug:
+            self.p_logit.register_hook(lambda grad: print(f"Conv2d_with_CD p_logit grad: {grad}"))
+
+    def _p_logit_per_channel(self) -> torch.Tensor:
+        """Split expansion: group 0 covers split_pattern[0] channels, later groups split_pattern[1]."""
+        if not self.split_pattern:
+            return self.p_logit[:1].expand(self.in_channels)
+        first, rest = int(self.split_pattern[0]), int(self.split_pattern[1]) if self.split > 1 else 0
+        if first + (self.split - 1) * rest != self.in_channels:
+            raise ValueError(
+                f"split_pattern expands to {first} + {self.split - 1} x {rest} channels, "
+                f"but in_channels = {self.in_channels}"
+            )
+        z = self.p_logit[:1].expand(first)
+        if self.split > 1:
+            z = torch.cat((z, self.p_logit[1:].repeat_interleave(rest)))
+        return z
+
+    def _concrete_dropout(self, x: torch.Tensor) -> torch.Tensor:
+        z = self._p_logit_per_channel()
+        if self._deterministic:
+            # drop iff u + p >= 1 (the authors' floor(u + p)) with the loaded noise u
+            keep = (self.unif_noise_variable + torch.sigmoid(z).view(1, -1, 1, 1) < 1.0).to(x.dtype)
+            return x * keep
+        return ops.gated_apply(x, z.float(), seed=_fresh_seed(), stream=_COMPAT_STREAM, tau=self._temp)
+
+    def forward(self, input):  # noqa: A002 (nn.Conv2d's argument name)
+        return self._conv_forward(self._concrete_dropout(input), self.weight, self.bias)
+
+    @property
+    def KLreg(self) -> torch.Tensor:  # noqa: N802
+        return ops.regularizer([self.weight], [self._p_logit_per_channel().float()],
+                               weight_reg=self._weight_reg, drop_reg=self._drop_reg, n_train=1.0)
+
+    @property
+    def p(self) -> torch.Tensor:
+        return self.p_logit.sigmoid()
+
+
+class Linear_with_CD(nn.Linear):  # noqa: N801 (the authors' name)
+    """nn.Linear with concrete dropout on its input features (one p each); the authors' signature."""
+
+    def __init__(self, in_features, out_features, bias=True, weight_reg=10.0, drop_reg=1.0, p_init=1e-1,
+                 deterministic=False, debug=False, split=1, split_pattern=None, *, kl_formula="authors"):
+        super().__init__(in_features, out_features, bias)
+        _check_split(split, split_pattern, in_features, "Linear_with_CD")
+        _check_regs(weight_reg, drop_reg, "Linear_with_CD")
+        if kl_formula not in ("authors", "intended"):
+            raise ValueError(f"kl_formula must be 'authors' or 'intended', got {kl_formula!r}")
+        self._weight_reg = weight_reg / TRAINING_SIZE
+        self._drop_reg = drop_reg / TRAINING_SIZE
+        self._det_mode = deterministic  # accepted and unused, as in the authors' code
+        self._debug_mode = debug
+        self._temp = TEMPERATURE
+        self.kl_formula = kl_formula
+        self.split = split
+        self.split_pattern = split_pattern
+        self.p_logit = nn.Parameter(torch.full((in_features,), _p_init_logit(p_init)))
+        if debug:
+            self.p_logit.register_hook(lambda grad: print(f"Linear_with_CD p_logit grad: {grad}"))
+
+    def _concrete_dropout(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.gated_apply(x, self.p_logit.float(), seed=_fresh_seed(), stream=_COMPAT_STREAM, tau=self._temp)
+
+    def forward(self, input):  # noqa: A002
+        # gated_apply gates dim 1: fold any leading dims of [..., in_features] into the batch
+        flat = input.reshape(-1, self.in_features)
+        return F.linear(self._concrete_dropout(flat), self.weight, self.bias).view(*input.shape[:-1], -1)
+
+    @property
+    def KLreg(self) -> torch.Tensor:  # noqa: N802
+        z = self.p_logit.float()
+        if self.kl_formula == "intended":
+            return ops.regularizer([self.weight], [z], weight_reg=self._weight_reg, drop_reg=self._drop_reg,
+                                   n_train=1.0)
+        # authors: sum((W^2 [out, in]) * (1 - p).view(1, in, 1, 1)) broadcasts to [1, in, out, in], giving
+        # sum_a (1 - p_a) * ||W||^2, and the scalar is then summed once per input feature
+        weight_term = self.in_features * self._weight_reg * torch.sigmoid(-z).sum() * self.weight.square().sum()
+        return weight_term + _neg_entropy_sum(z, self._drop_reg)
+
+    @property
+    def p(self) -> torch.Tensor:
+        return self.p_logit.sigmoid()

@@ -1,0 +1,28 @@
+"""The 8x8 handwritten digits that scikit-learn ships (1797 images, 10 classes): real data, offline.
+
+The embedded default of `pgnas-fast search`.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .splits import Splits, stratified_splits
+
+
+def load_digits(*, test: int, heldout: int, split_seed: int) -> Splits:
+    """Stratified splits of the digits; pixels scaled by the training split's mean and std."""
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    bunch = sklearn_digits()
+    images = bunch.images.astype(np.float32)[:, None]  # [N, 1, 8, 8], values 0..16
+    labels = bunch.target.astype(np.int64)
+    if not 0 < test < len(labels) or not 0 < heldout < len(labels) - test - 10:
+        raise ValueError(f"digits has {len(labels)} images: test={test} and heldout={heldout} leave no training set")
+    train_idx, heldout_idx, test_idx = stratified_splits(labels, test=test, heldout=heldout, seed=split_seed)
+    mean, std = images[train_idx].mean(), images[train_idx].std()
+
+    def part(idx):
+        return torch.from_numpy((images[idx] - mean) / std), torch.from_numpy(labels[idx])
+
+    return Splits(train=part(train_idx), heldout=part(heldout_idx), test=part(test_idx), num_classes=10)

@@ -1,0 +1,24 @@
+"""Gated modules (design.md layer 4): gated conv/linear, branch combination, the regulariser."""
+from .combine import ShakeShake
+from .gated import (
+    GatedConv2d,
+    GatedInput,
+    GatedLinear,
+    StochasticModule,
+    candidate_masks,
+    gated_layers,
+    network_regularizer,
+    set_gates,
+)
+
+__all__ = [
+    "GatedConv2d",
+    "GatedInput",
+    "GatedLinear",
+    "ShakeShake",
+    "StochasticModule",
+    "candidate_masks",
+    "gated_layers",
+    "network_regularizer",
+    "set_gates",
+]

@@ -1,0 +1,37 @@
+"""Branch combination modules: the mixed-operation forward of multi-branch super-networks."""
+from __future__ import annotations
+
+import torch
+
+from .. import ops
+from ..ops.streams import Domain
+from .gated import StochasticModule
+
+
+class ShakeShake(StochasticModule):
+    """Combine S branch outputs with random convex weights per example (Gastaldi 2017).
+
+    Training: forward weights w ~ Dirichlet(1, ..., 1) per example (for S = 2, alpha ~ U(0, 1) and
+    1 - alpha) and independent backward weights of the same law, drawn from the RNG contract's shake
+    stream of the current step (set by `set_gates`). Evaluation: 1/S each. Plus the skip connection.
+    """
+
+    rng_domain = Domain.SHAKE
+
+    def __init__(self, backend: str | None = None):
+        super().__init__()
+        self.backend = backend
+
+    def forward(self, branches: list[torch.Tensor], skip: torch.Tensor | None = None) -> torch.Tensor:
+        n_branches, batch = len(branches), branches[0].shape[0]
+        device = branches[0].device
+        if not self.training:
+            weights = torch.full((n_branches,), 1.0 / n_branches, device=device)
+            return ops.branch_combine(branches, weights, skip=skip, backend=self.backend)
+        if self.rng_stream is None:
+            raise RuntimeError("ShakeShake in training mode needs set_gates(model, 'relaxed', seed=, step=) first")
+        u = ops.philox_uniform(2 * batch * n_branches, seed=self.rng_seed, stream=self.rng_stream,
+                               device=device, backend=self.backend)
+        exponential = -torch.log(u).view(2, batch, n_branches)  # normalised exponentials are Dirichlet(1)
+        weights = exponential / exponential.sum(-1, keepdim=True)
+        return ops.branch_combine(branches, weights[0], skip=skip, backward_weights=weights[1], backend=self.backend)

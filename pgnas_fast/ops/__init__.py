@@ -1,0 +1,196 @@
+"""The functional op set of design.md ("Public functional API"): check, pick a backend, call the op.
+
+Every function validates its arguments (shape, dtype, device, range) and raises a ValueError or
+TypeError naming the argument and what was expected before any kernel runs, then resolves the
+backend (`backend=None`: the active selection, see `pgnas_fast.ops.dispatch`) and calls the custom
+op declared in `pgnas_fast.ops._library`.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from . import _library
+from .dispatch import (
+    BACKENDS,
+    BackendUnavailableError,
+    backends,
+    resolve,
+    selected,
+    set_backend,
+    use_backend,
+)
+from .streams import SEED_LIMIT, Domain, stream_id
+
+__all__ = [
+    "BACKENDS",
+    "BackendUnavailableError",
+    "Domain",
+    "GATE_MODES",
+    "backends",
+    "branch_combine",
+    "gate_keep",
+    "gated_apply",
+    "philox_uniform",
+    "regularizer",
+    "selected",
+    "set_backend",
+    "stream_id",
+    "use_backend",
+]
+
+GATE_MODES = ("relaxed", "hard", "full")
+DATA_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+GATE_DTYPES = (torch.float32, torch.float64)  # float64 only for gradcheck
+
+
+# ---- argument checks ------------------------------------------------------------------------------
+def _check_int(name: str, value, low: int, high: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < low or (high is not None and value >= high):
+        bound = f"[{low}, {high})" if high is not None else f">= {low}"
+        raise ValueError(f"{name} must be in {bound}, got {value}")
+    return value
+
+
+def _check_rng(seed: int, stream: int) -> None:
+    _check_int("seed", seed, 0, SEED_LIMIT)
+    _check_int("stream", stream, 0, SEED_LIMIT)
+
+
+def _check_tensor(name: str, t, dtypes: Sequence[torch.dtype], ndim: int | None = None, min_ndim: int = 0) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in dtypes:
+        names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise TypeError(f"{name} must have dtype in ({names}), got {str(t.dtype).removeprefix('torch.')}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+    if t.dim() < min_ndim:
+        raise ValueError(f"{name} must have at least {min_ndim} dims, got shape {tuple(t.shape)}")
+
+
+def _check_same_device(reference_name: str, reference: torch.Tensor, **others) -> None:
+    for name, t in others.items():
+        if t is not None and t.device != reference.device:
+            raise ValueError(f"{name} is on {t.device} but {reference_name} is on {reference.device}")
+
+
+def _check_gate_args(p_logit, tau: float, mode: str, seed: int, stream: int) -> None:
+    _check_tensor("p_logit", p_logit, GATE_DTYPES, ndim=1)
+    if not isinstance(tau, (int, float)) or not (math.isfinite(tau) and tau > 0):
+        raise ValueError(f"tau must be a finite number > 0, got {tau!r}")
+    if mode not in GATE_MODES:
+        raise ValueError(f"mode must be one of {', '.join(GATE_MODES)}; got {mode!r}")
+    _check_rng(seed, stream)
+
+
+# ---- the op set -----------------------------------------------------------------------------------
+def philox_uniform(n: int, *, seed: int, stream: int, offset: int = 0, device="cpu", backend: str | None = None):
+    """float32 [n]: u of elements offset .. offset + n - 1 of (seed, stream); 0 < u < 1."""
+    _check_int("n", n, 0)
+    _check_rng(seed, stream)
+    _check_int("offset", offset, 0, SEED_LIMIT)
+    if offset + n > SEED_LIMIT:
+        raise ValueError(f"offset + n must be <= 2^63, got {offset + n}")
+    device = torch.device(device)
+    return _library.philox_uniform(n, seed, stream, offset, device, resolve(backend, device))
+
+
+def gate_keep(p_logit, batch: int, *, seed: int, stream: int, tau: float = 0.2, mode: str = "relaxed", backend=None):
+    """keep [batch, C] (float32) from per-channel drop logits p_logit [C].
+
+    Gate (b, c) uses element i = b * C + c of the stream. relaxed: 1 - sigmoid((p_logit + L) / tau)
+    with logistic noise L; hard: 0 where u + sigmoid(p_logit) >= 1, else 1; full: ones.
+    """
+    _check_gate_args(p_logit, tau, mode, seed, stream)
+    _check_int("batch", batch, 1)
+    # p_logit is tiny ([C]); a contiguous copy spares every backend a strided path (e.g. expanded views)
+    return _library.gate_keep(p_logit.contiguous(), batch, seed, stream, float(tau), mode, resolve(backend, p_logit.device))
+
+
+def gated_apply(x, p_logit, *, seed: int, stream: int, tau: float = 0.2, mode: str = "relaxed", backend=None):
+    """x * gate_keep(p_logit, x.shape[0], ...) broadcast over x's trailing dims; x is [B, C, ...]."""
+    _check_tensor("x", x, DATA_DTYPES, min_ndim=2)
+    _check_gate_args(p_logit, tau, mode, seed, stream)
+    if p_logit.shape[0] != x.shape[1]:
+        raise ValueError(f"p_logit must have shape [{x.shape[1]}] (x.shape[1]), got {tuple(p_logit.shape)}")
+    _check_same_device("x", x, p_logit=p_logit)
+    return _library.gated_apply(x, p_logit.contiguous(), seed, stream, float(tau), mode, resolve(backend, x.device))
+
+
+def branch_combine(ys, weights, *, skip=None, backward_weights=None, backend=None):
+    """sum_s w[b, s] * ys[s] (+ skip). weights [B, S] (per example) or [S] (per branch).
+
+    backward_weights (same shape): weights used for the gradients of ys instead of `weights`, the
+    shake-shake rule; the forward weights then count as constants (zero gradient).
+    """
+    if isinstance(ys, torch.Tensor) or not isinstance(ys, Sequence) or len(ys) == 0:
+        raise TypeError("ys must be a non-empty list of tensors")
+    ys = list(ys)
+    for s, y in enumerate(ys):
+        _check_tensor(f"ys[{s}]", y, DATA_DTYPES, min_ndim=1)
+        if y.shape != ys[0].shape or y.dtype != ys[0].dtype:
+            raise ValueError(
+                f"ys[{s}] has shape {tuple(y.shape)} and dtype {y.dtype}; every branch must match ys[0]: "
+                f"{tuple(ys[0].shape)}, {ys[0].dtype}"
+            )
+        _check_same_device("ys[0]", ys[0], **{f"ys[{s}]": y})
+    n_branches, batch = len(ys), ys[0].shape[0]
+    _check_tensor("weights", weights, GATE_DTYPES)
+    if tuple(weights.shape) not in ((batch, n_branches), (n_branches,)):
+        raise ValueError(
+            f"weights must have shape [{batch}, {n_branches}] (per example) or [{n_branches}] (per branch), "
+            f"got {tuple(weights.shape)}"
+        )
+    if backward_weights is not None:
+        _check_tensor("backward_weights", backward_weights, GATE_DTYPES)
+        if backward_weights.shape != weights.shape:
+            raise ValueError(
+                f"backward_weights must have the shape of weights {tuple(weights.shape)}, "
+                f"got {tuple(backward_weights.shape)}"
+            )
+    if skip is not None:
+        _check_tensor("skip", skip, DATA_DTYPES)
+        if skip.shape != ys[0].shape:
+            raise ValueError(f"skip must have the shape of ys[0] {tuple(ys[0].shape)}, got {tuple(skip.shape)}")
+    _check_same_device("ys[0]", ys[0], weights=weights, backward_weights=backward_weights, skip=skip)
+    return _library.branch_combine(ys, weights, skip, backward_weights, resolve(backend, ys[0].device))
+
+
+def regularizer(weights, p_logits, *, weight_reg: float, drop_reg: float, n_train: float, backend=None):
+    """The whole network's R (pgnas-method.md section 2) as a 0-dim float32 tensor:
+
+    R = weight_reg / n_train * sum_l sum_{o,c,k} (1 - p_c) W_l[o,c,k]^2 + drop_reg / n_train * sum_l sum_c H'(p_c)
+
+    weights: conv or linear weights [O, C_in / groups, ...]; p_logits: matching per-input-channel
+    drop logits [C_in]. Grouped and depthwise convs are handled (C_in / weight.shape[1] groups).
+    """
+    if isinstance(weights, torch.Tensor) or isinstance(p_logits, torch.Tensor):
+        raise TypeError("weights and p_logits must be lists of tensors")
+    weights, p_logits = list(weights), list(p_logits)
+    if len(weights) == 0 or len(weights) != len(p_logits):
+        raise ValueError(
+            f"weights and p_logits must be non-empty lists of equal length, got {len(weights)} and {len(p_logits)}"
+        )
+    for name, value in (("weight_reg", weight_reg), ("drop_reg", drop_reg)):
+        if not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    if not isinstance(n_train, (int, float)) or not (math.isfinite(n_train) and n_train > 0):
+        raise ValueError(f"n_train must be a finite number > 0, got {n_train!r}")
+    for k, (w, p) in enumerate(zip(weights, p_logits)):
+        _check_tensor(f"weights[{k}]", w, DATA_DTYPES, min_ndim=2)
+        _check_tensor(f"p_logits[{k}]", p, GATE_DTYPES, ndim=1)
+        in_channels, per_group, out_channels = p.shape[0], w.shape[1], w.shape[0]
+        if in_channels % per_group or out_channels % (in_channels // per_group):
+            raise ValueError(
+                f"p_logits[{k}] has {in_channels} channels, which does not fit weights[{k}] of shape "
+                f"{tuple(w.shape)}: expected C_in = groups * {per_group} with groups dividing {out_channels}"
+            )
+        _check_same_device("weights[0]", weights[0], **{f"weights[{k}]": w, f"p_logits[{k}]": p})
+    return _library.regularizer(
+        weights, [p.contiguous() for p in p_logits], float(weight_reg), float(drop_reg), float(n_train), resolve(backend, weights[0].device)
+    )

@@ -1,0 +1,197 @@
+"""The op set declared once as torch.library custom ops, with fake (meta) kernels and autograd.
+
+Each op takes the name of an already-resolved backend as its last argument and forwards to that
+backend's function of the same name (`dispatch.implementation`), so torch.compile and CUDA graphs see
+one opaque op whatever runs inside. Backward passes are custom ops too, so every backend supplies
+its own. Validation happens before these are called, in `pgnas_fast.ops`.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .dispatch import implementation
+
+NAMESPACE = "pgnas_fast"
+
+
+def _op(name: str):
+    return torch.library.custom_op(f"{NAMESPACE}::{name}", mutates_args=())
+
+
+# ---- philox_uniform -------------------------------------------------------------------------------
+@_op("philox_uniform")
+def philox_uniform(n: int, seed: int, stream: int, offset: int, device: torch.device, backend: str) -> Tensor:
+    return implementation(backend, "philox_uniform")(n, seed, stream, offset, device)
+
+
+@philox_uniform.register_fake
+def _(n, seed, stream, offset, device, backend):
+    return torch.empty(n, dtype=torch.float32, device=device)
+
+
+# ---- gate_keep ------------------------------------------------------------------------------------
+@_op("gate_keep")
+def gate_keep(p_logit: Tensor, batch: int, seed: int, stream: int, tau: float, mode: str, backend: str) -> Tensor:
+    return implementation(backend, "gate_keep")(p_logit, batch, seed, stream, tau, mode)
+
+
+@gate_keep.register_fake
+def _(p_logit, batch, seed, stream, tau, mode, backend):
+    return p_logit.new_empty(batch, p_logit.shape[0])
+
+
+@_op("gate_keep_backward")
+def gate_keep_backward(grad: Tensor, keep: Tensor, tau: float, mode: str, backend: str) -> Tensor:
+    return implementation(backend, "gate_keep_backward")(grad, keep, tau, mode)
+
+
+@gate_keep_backward.register_fake
+def _(grad, keep, tau, mode, backend):
+    return keep.new_empty(keep.shape[1])
+
+
+def _gate_keep_setup(ctx, inputs, output):
+    _, _, _, _, ctx.tau, ctx.mode, ctx.backend = inputs
+    ctx.save_for_backward(output)  # [B, C]: the gates themselves, nothing bigger
+
+
+def _gate_keep_grad(ctx, grad):
+    (keep,) = ctx.saved_tensors
+    return gate_keep_backward(grad, keep, ctx.tau, ctx.mode, ctx.backend), None, None, None, None, None, None
+
+
+gate_keep.register_autograd(_gate_keep_grad, setup_context=_gate_keep_setup)
+
+
+# ---- gated_apply ----------------------------------------------------------------------------------
+@_op("gated_apply")
+def gated_apply(x: Tensor, p_logit: Tensor, seed: int, stream: int, tau: float, mode: str, backend: str) -> Tensor:
+    return implementation(backend, "gated_apply")(x, p_logit, seed, stream, tau, mode)
+
+
+@gated_apply.register_fake
+def _(x, p_logit, seed, stream, tau, mode, backend):
+    return torch.empty_like(x)
+
+
+@_op("gated_apply_backward")
+def gated_apply_backward(
+    grad: Tensor, x: Tensor, p_logit: Tensor, seed: int, stream: int, tau: float, mode: str, backend: str
+) -> tuple[Tensor, Tensor]:
+    return implementation(backend, "gated_apply_backward")(grad, x, p_logit, seed, stream, tau, mode)
+
+
+@gated_apply_backward.register_fake
+def _(grad, x, p_logit, seed, stream, tau, mode, backend):
+    return torch.empty_like(x), torch.empty_like(p_logit)
+
+
+def _gated_apply_setup(ctx, inputs, output):
+    x, p_logit, ctx.seed, ctx.stream, ctx.tau, ctx.mode, ctx.backend = inputs
+    ctx.save_for_backward(x, p_logit)
+
+
+def _gated_apply_grad(ctx, grad):
+    x, p_logit = ctx.saved_tensors
+    grad_x, grad_p = gated_apply_backward(grad, x, p_logit, ctx.seed, ctx.stream, ctx.tau, ctx.mode, ctx.backend)
+    return grad_x, grad_p, None, None, None, None, None
+
+
+gated_apply.register_autograd(_gated_apply_grad, setup_context=_gated_apply_setup)
+
+
+# ---- branch_combine -------------------------------------------------------------------------------
+@_op("branch_combine")
+def branch_combine(
+    ys: list[Tensor], weights: Tensor, skip: Tensor | None, backward_weights: Tensor | None, backend: str
+) -> Tensor:
+    return implementation(backend, "branch_combine")(ys, weights, skip)
+
+
+@branch_combine.register_fake
+def _(ys, weights, skip, backward_weights, backend):
+    return torch.empty_like(ys[0])
+
+
+@_op("branch_combine_backward")
+def branch_combine_backward(
+    grad: Tensor, ys: list[Tensor], weights: Tensor, backward_weights: Tensor | None, backend: str
+) -> tuple[list[Tensor], Tensor]:
+    return implementation(backend, "branch_combine_backward")(grad, ys, weights, backward_weights)
+
+
+@branch_combine_backward.register_fake
+def _(grad, ys, weights, backward_weights, backend):
+    return [torch.empty_like(y) for y in ys], torch.empty_like(weights)
+
+
+def _branch_combine_setup(ctx, inputs, output):
+    ys, weights, skip, backward_weights, ctx.backend = inputs
+    ctx.n_branches = len(ys)
+    ctx.has_skip = skip is not None
+    ctx.has_backward_weights = backward_weights is not None
+    ctx.save_for_backward(weights, backward_weights, *ys)
+
+
+def _branch_combine_grad(ctx, grad):
+    weights, backward_weights, *ys = ctx.saved_tensors
+    grad_ys, grad_weights = branch_combine_backward(grad, ys, weights, backward_weights, ctx.backend)
+    grad_skip = grad if ctx.has_skip else None
+    return grad_ys, grad_weights, grad_skip, None, None
+
+
+branch_combine.register_autograd(_branch_combine_grad, setup_context=_branch_combine_setup)
+
+
+# ---- regularizer ----------------------------------------------------------------------------------
+@_op("regularizer")
+def regularizer(
+    weights: list[Tensor], p_logits: list[Tensor], weight_reg: float, drop_reg: float, n_train: float, backend: str
+) -> Tensor:
+    return implementation(backend, "regularizer")(weights, p_logits, weight_reg, drop_reg, n_train)
+
+
+def _regularizer_dtype(p_logits):
+    return torch.float64 if any(p.dtype == torch.float64 for p in p_logits) else torch.float32
+
+
+@regularizer.register_fake
+def _(weights, p_logits, weight_reg, drop_reg, n_train, backend):
+    return p_logits[0].new_empty((), dtype=_regularizer_dtype(p_logits))
+
+
+@_op("regularizer_backward")
+def regularizer_backward(
+    grad: Tensor,
+    weights: list[Tensor],
+    p_logits: list[Tensor],
+    weight_reg: float,
+    drop_reg: float,
+    n_train: float,
+    backend: str,
+) -> tuple[list[Tensor], list[Tensor]]:
+    return implementation(backend, "regularizer_backward")(grad, weights, p_logits, weight_reg, drop_reg, n_train)
+
+
+@regularizer_backward.register_fake
+def _(grad, weights, p_logits, weight_reg, drop_reg, n_train, backend):
+    return [torch.empty_like(w) for w in weights], [torch.empty_like(p) for p in p_logits]
+
+
+def _regularizer_setup(ctx, inputs, output):
+    weights, p_logits, ctx.weight_reg, ctx.drop_reg, ctx.n_train, ctx.backend = inputs
+    ctx.n_tensors = len(weights)
+    ctx.save_for_backward(*weights, *p_logits)
+
+
+def _regularizer_grad(ctx, grad):
+    saved = ctx.saved_tensors
+    weights, p_logits = list(saved[: ctx.n_tensors]), list(saved[ctx.n_tensors :])
+    grad_weights, grad_p_logits = regularizer_backward(
+        grad, weights, p_logits, ctx.weight_reg, ctx.drop_reg, ctx.n_train, ctx.backend
+    )
+    return grad_weights, grad_p_logits, None, None, None, None
+
+
+regularizer.register_autograd(_regularizer_grad, setup_context=_regularizer_setup)

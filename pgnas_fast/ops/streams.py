@@ -1,0 +1,33 @@
+"""Stream ids of the RNG contract (design.md "RNG contract").
+
+A Philox stream is named by a 64-bit id; the ids below keep the random numbers of different uses
+apart, so that a training step, a candidate and a random-baseline candidate never share numbers:
+
+    stream = domain << 56 | major << 16 | layer
+
+`major` is the training step or the candidate id (< 2^40), `layer` the gate-layer index (< 2^16).
+Seeds and streams travel through torch.library schemas as signed int64, hence the 2^63 limit.
+"""
+from __future__ import annotations
+
+import enum
+
+SEED_LIMIT = 1 << 63
+MAJOR_LIMIT = 1 << 40
+LAYER_LIMIT = 1 << 16
+
+
+class Domain(enum.IntEnum):
+    TRAIN = 1  # relaxed gates of training step `major`
+    CANDIDATE = 2  # hard gates of candidate `major`
+    RANDOM_CANDIDATE = 3  # hard gates of the random-sampling baseline (paper Table 3)
+    SHAKE = 4  # shake-shake branch weights of training step `major`
+    COMPAT = 5  # the drop-in modules' per-call gates
+
+
+def stream_id(domain: Domain, major: int, layer: int = 0) -> int:
+    if not 0 <= major < MAJOR_LIMIT:
+        raise ValueError(f"stream major (step or candidate id) must be in [0, 2^40), got {major}")
+    if not 0 <= layer < LAYER_LIMIT:
+        raise ValueError(f"gate-layer index must be in [0, 2^16), got {layer}")
+    return int(domain) << 56 | major << 16 | layer

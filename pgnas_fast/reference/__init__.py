@@ -1,0 +1,168 @@
+"""The `reference` backend: the whole op set in plain torch ops (design.md layer 6).
+
+Always available, on any device, and the oracle every other backend is tested against. It favours
+clarity over speed. Inputs arrive validated (pgnas_fast.ops); gate math runs in float32, or float64
+when p_logit is float64 (the gradcheck path).
+
+Every backend module provides exactly these functions.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import philox
+
+
+def philox_uniform(n: int, seed: int, stream: int, offset: int, device: torch.device) -> torch.Tensor:
+    return philox.uniform(n, seed, stream, offset, device)
+
+
+def gate_keep(p_logit: torch.Tensor, batch: int, seed: int, stream: int, tau: float, mode: str) -> torch.Tensor:
+    channels = p_logit.shape[0]
+    if mode == "full":
+        return torch.ones(batch, channels, dtype=p_logit.dtype, device=p_logit.device)
+    u = philox.uniform(batch * channels, seed, stream, 0, p_logit.device).view(batch, channels)
+    u = u.to(p_logit.dtype)
+    if mode == "hard":  # the authors' 1 - floor(u + p)
+        return (u + torch.sigmoid(p_logit) < 1.0).to(p_logit.dtype)
+    logistic = torch.log(u) - torch.log1p(-u)
+    # keep = 1 - sigmoid((logit p + L) / tau), written without the cancelling subtraction
+    return torch.sigmoid(-(p_logit + logistic) / tau)
+
+
+def _relaxed_keep_grad(grad_keep: torch.Tensor, keep: torch.Tensor, tau: float) -> torch.Tensor:
+    """d p_logit [C] from d keep [B, C]: d keep / d p_logit = -keep (1 - keep) / tau."""
+    return -(grad_keep * keep * (1.0 - keep)).sum(0) / tau
+
+
+def gate_keep_backward(grad_keep: torch.Tensor, keep: torch.Tensor, tau: float, mode: str) -> torch.Tensor:
+    if mode != "relaxed":  # hard and full gates do not depend on p_logit differentiably
+        return torch.zeros(keep.shape[1], dtype=keep.dtype, device=keep.device)
+    return _relaxed_keep_grad(grad_keep.to(keep.dtype), keep, tau)
+
+
+def _per_channel(keep: torch.Tensor, ndim: int) -> torch.Tensor:
+    """[B, C] -> [B, C, 1, ...] broadcasting over the trailing (spatial) dims."""
+    return keep.view(*keep.shape, *([1] * (ndim - 2)))
+
+
+def gated_apply(x: torch.Tensor, p_logit: torch.Tensor, seed: int, stream: int, tau: float, mode: str) -> torch.Tensor:
+    keep = gate_keep(p_logit, x.shape[0], seed, stream, tau, mode)
+    out = torch.empty_like(x)
+    return torch.mul(x, _per_channel(keep, x.dim()), out=out)
+
+
+def gated_apply_backward(
+    grad: torch.Tensor, x: torch.Tensor, p_logit: torch.Tensor, seed: int, stream: int, tau: float, mode: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    # The gates are regenerated from (seed, stream), never stored (design.md, FlashAttention habit).
+    keep = gate_keep(p_logit, x.shape[0], seed, stream, tau, mode)
+    grad_x = torch.mul(grad, _per_channel(keep, x.dim()), out=torch.empty_like(x))
+    if mode != "relaxed":
+        return grad_x, torch.zeros_like(p_logit)
+    spatial = tuple(range(2, x.dim()))
+    grad_keep = (grad.to(keep.dtype) * x.to(keep.dtype)).sum(spatial) if spatial else grad.to(keep.dtype) * x.to(keep.dtype)
+    return grad_x, _relaxed_keep_grad(grad_keep, keep, tau)
+
+
+def _branch_weight(weights: torch.Tensor, s: int, ndim: int) -> torch.Tensor:
+    """Weight of branch s: per example [B, S] -> [B, 1, ...]; per branch [S] -> a 0-dim tensor."""
+    if weights.dim() == 1:
+        return weights[s]
+    return weights[:, s].view(-1, *([1] * (ndim - 1)))
+
+
+def branch_combine(ys: list[torch.Tensor], weights: torch.Tensor, skip: torch.Tensor | None) -> torch.Tensor:
+    ndim = ys[0].dim()
+    acc = None if skip is None else skip.to(torch.promote_types(skip.dtype, weights.dtype))
+    for s, y in enumerate(ys):
+        term = _branch_weight(weights, s, ndim) * y
+        acc = term if acc is None else acc + term
+    return torch.empty_like(ys[0]).copy_(acc)
+
+
+def branch_combine_backward(
+    grad: torch.Tensor, ys: list[torch.Tensor], weights: torch.Tensor, backward_weights: torch.Tensor | None
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    ndim = grad.dim()
+    weights_b = weights if backward_weights is None else backward_weights
+    grad_ys = [torch.empty_like(y).copy_(grad * _branch_weight(weights_b, s, ndim)) for s, y in enumerate(ys)]
+    if backward_weights is not None:
+        # Shake-shake: the forward weights are random constants, not parameters.
+        return grad_ys, torch.zeros_like(weights)
+    columns = []
+    for y in ys:
+        prod = grad.to(weights.dtype) * y.to(weights.dtype)
+        columns.append(prod.sum() if weights.dim() == 1 else prod.reshape(prod.shape[0], -1).sum(1))
+    return grad_ys, torch.stack(columns, dim=-1)
+
+
+def _gate_dtype(p_logits: list[torch.Tensor]) -> torch.dtype:
+    return torch.float64 if any(p.dtype == torch.float64 for p in p_logits) else torch.float32
+
+
+def _squared_norm_per_input_channel(weight: torch.Tensor, in_channels: int, dtype: torch.dtype) -> torch.Tensor:
+    """sum over outputs and kernel taps of W^2, per input channel [C_in]; grouped convs included.
+
+    weight [O, C_in / G, ...]: output o belongs to group g = o // (O / G) and reads input channels
+    g * C_in / G + j.
+    """
+    out_channels, per_group = weight.shape[0], weight.shape[1]
+    groups = in_channels // per_group
+    sq = weight.to(dtype).square()
+    if sq.dim() > 2:
+        sq = sq.flatten(2).sum(2)
+    return sq.view(groups, out_channels // groups, per_group).sum(1).reshape(in_channels)
+
+
+def _keep_prob_per_weight(keep_prob: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """(1 - p) of each weight's input channel, shaped to broadcast against `weight`."""
+    out_channels, per_group = weight.shape[0], weight.shape[1]
+    groups = keep_prob.shape[0] // per_group
+    per_weight = keep_prob.view(groups, 1, per_group).expand(groups, out_channels // groups, per_group)
+    return per_weight.reshape(out_channels, per_group, *([1] * (weight.dim() - 2)))
+
+
+def _neg_entropy(p_logit: torch.Tensor) -> torch.Tensor:
+    """H'(p) = p log p + (1 - p) log(1 - p) from the logit: finite for p at 0 or 1."""
+    p = torch.sigmoid(p_logit)
+    return p * F.logsigmoid(p_logit) + (1.0 - p) * F.logsigmoid(-p_logit)
+
+
+def regularizer(
+    weights: list[torch.Tensor], p_logits: list[torch.Tensor], weight_reg: float, drop_reg: float, n_train: float
+) -> torch.Tensor:
+    dtype = _gate_dtype(p_logits)
+    total = torch.zeros((), dtype=dtype, device=p_logits[0].device)
+    for weight, p_logit in zip(weights, p_logits):
+        z = p_logit.to(dtype)
+        sq = _squared_norm_per_input_channel(weight, z.shape[0], dtype)
+        total = total + (weight_reg / n_train) * (torch.sigmoid(-z) * sq).sum()
+        total = total + (drop_reg / n_train) * _neg_entropy(z).sum()
+    return total
+
+
+def regularizer_backward(
+    grad: torch.Tensor,
+    weights: list[torch.Tensor],
+    p_logits: list[torch.Tensor],
+    weight_reg: float,
+    drop_reg: float,
+    n_train: float,
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    dtype = _gate_dtype(p_logits)
+    g = grad.to(dtype)
+    grad_weights, grad_p_logits = [], []
+    for weight, p_logit in zip(weights, p_logits):
+        z = p_logit.to(dtype)
+        p = torch.sigmoid(z)
+        keep_prob = torch.sigmoid(-z)
+        scale = g * (2.0 * weight_reg / n_train)
+        grad_w = scale * _keep_prob_per_weight(keep_prob, weight) * weight.to(dtype)
+        grad_weights.append(grad_w.to(weight.dtype))
+        sq = _squared_norm_per_input_channel(weight, z.shape[0], dtype)
+        # d/dz (1 - p) = -p (1 - p);  d/dz H'(p) = logit(p) * p (1 - p) = z p (1 - p)
+        dz = g * (p * keep_prob) * ((drop_reg / n_train) * z - (weight_reg / n_train) * sq)
+        grad_p_logits.append(dz.to(p_logit.dtype))
+    return grad_weights, grad_p_logits

@@ -132,6 +132,7 @@ def run_search(config: dict, *, seed: int, out_dir: str | Path, device: str = "c
         "supernet_heldout_accuracy": accuracy(model, heldout, batch),
         "supernet_test_accuracy": accuracy(model, test, batch),
         "guided_mean_heldout_accuracy": statistics.fmean(scores),
+        "guided_mean_kept_fraction": statistics.fmean(r["kept_fraction"] for r in rows),
         "random_mean_heldout_accuracy": statistics.fmean(r["score"] for r in random_rows) if random_rows else None,
         "random_kept_fraction": statistics.fmean(r["kept_fraction"] for r in random_rows) if random_rows else None,
         "candidates": len(rows),

@@ -1,0 +1,73 @@
+"""Shared helpers for the op-layer tests: the backends under test and a float64 error measure."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    # Triton kernels run on CPU tensors only under its interpreter; it must be on before triton is
+    # imported. The `triton` backend then joins the `backend` fixture below.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import pgnas_fast as pf
+from pgnas_fast.ops import dispatch
+
+
+def _cpu_backends() -> list[str]:
+    """Available backends that take CPU tensors (triton only under TRITON_INTERPRET=1)."""
+    names = []
+    for name, (available, _reason) in pf.backends().items():
+        if not available:
+            continue
+        try:
+            dispatch.resolve(name, torch.device("cpu"))
+        except (ValueError, pf.BackendUnavailableError):
+            continue
+        names.append(name)
+    return names
+
+
+BACKENDS_UNDER_TEST = _cpu_backends()
+
+
+@pytest.fixture(params=BACKENDS_UNDER_TEST)
+def backend(request) -> str:
+    """Each live backend in turn; every one is checked against formulas written in the tests."""
+    return request.param
+
+
+@pytest.fixture(autouse=True)
+def _clean_backend_selection(monkeypatch):
+    """No test sees another test's set_backend or an inherited PGNAS_FAST_BACKEND."""
+    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+    pf.set_backend(None)
+    yield
+    pf.set_backend(None)
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """||actual - expected|| / ||expected||, in float64 (the absolute error when expected is 0)."""
+    a = actual.detach().to(torch.float64)
+    e = expected.detach().to(torch.float64)
+    scale = e.norm()
+    return ((a - e).norm() / (scale if scale > 0 else 1.0)).item()
+
+
+# design.md "Numerics": float32 data within 1e-5, bfloat16/float16 data within 1e-2.
+TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+
+
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true", help="also run tests marked slow (a minute or more)")
+
+
+def pytest_collection_modifyitems(config, items):
+    run_slow = config.getoption("--run-slow") or "slow" in (config.getoption("-m") or "")
+    for item in items:
+        if "slow" in item.keywords and not run_slow:
+            item.add_marker(pytest.mark.skip(reason="slow: run with --run-slow"))
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(pytest.mark.skip(reason="gpu: needs a CUDA device"))

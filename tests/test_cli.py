@@ -1,0 +1,133 @@
+"""The `pgnas-fast` command: a small search, doctor, and every bad input (one line, exit 2, nothing
+written)."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from pgnas_fast import configs
+from pgnas_fast.cli import main
+
+SMALL = ["--epochs", "1", "--candidates", "3", "--random-baseline", "2", "--quiet"]
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_search_prints_the_choice_and_the_run_directory(capsys, tmp_path):
+    out = tmp_path / "run"
+    code, stdout, _ = run_cli(capsys, "search", *SMALL, "--seed", "5", "--out", str(out))
+    assert code == 0
+    lines = stdout.strip().splitlines()
+    arch = json.loads((out / "architecture.json").read_text())
+    assert f"best candidate: {arch['candidate']} of 3" in stdout
+    assert f"test accuracy {100 * arch['test_accuracy']:.2f}%" in stdout
+    assert f"held-out accuracy {100 * arch['score']:.2f}%" in stdout
+    assert lines[-1] == f"run directory: {out}"
+    assert arch["seed"] == 5
+
+
+def test_search_reads_overrides_from_a_config_file(capsys, tmp_path):
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"lr": 0.02, "candidates": 2}))
+    out = tmp_path / "run"
+    code, stdout, _ = run_cli(capsys, "search", "--epochs", "1", "--random-baseline", "0", "--quiet",
+                              "--config", str(config), "--out", str(out))
+    assert code == 0
+    written = json.loads((out / "config.json").read_text())["config"]
+    assert written["lr"] == 0.02 and written["candidates"] == 2 and written["epochs"] == 1
+    assert "random gates" not in stdout
+
+
+def test_doctor_lists_every_backend(capsys):
+    code, stdout, _ = run_cli(capsys, "doctor")
+    assert code == 0
+    for name in ("reference", "triton", "cuda", "cpu"):
+        assert any(line.split()[:1] == [name] for line in stdout.splitlines()), name
+    assert "torch" in stdout and "threads" in stdout
+
+
+def _bad_config(tmp_path, text):
+    path = tmp_path / "bad.json"
+    path.write_text(text)
+    return str(path)
+
+
+BAD_INPUTS = {
+    "unknown preset": (lambda t: ["--preset", "cifar99"], "unknown preset 'cifar99'"),
+    "zero epochs": (lambda t: ["--epochs", "0"], "--epochs: must be an integer >= 1, got 0"),
+    "negative candidates": (lambda t: ["--candidates", "-4"], "--candidates: must be an integer >= 1, got -4"),
+    "non-integer candidates": (lambda t: ["--candidates", "many"], "--candidates: must be an integer"),
+    "negative seed": (lambda t: ["--seed", "-1"], "--seed: must be an integer >= 0"),
+    "seed too large": (lambda t: ["--seed", str(1 << 63)], "--seed: must be an integer < "),
+    "missing config": (lambda t: ["--config", str(t / "nope.json")], "does not exist"),
+    "malformed config": (lambda t: ["--config", _bad_config(t, "{not json")], "is not valid JSON"),
+    "config not an object": (lambda t: ["--config", _bad_config(t, "[1, 2]")], "must hold a JSON object"),
+    "unknown config key": (lambda t: ["--config", _bad_config(t, '{"learning_rate": 1}')],
+                           "unknown config key 'learning_rate'"),
+    "config wrong type": (lambda t: ["--config", _bad_config(t, '{"epochs": "ten"}')],
+                          "config key 'epochs' must be an int > 0, got 'ten'"),
+    "config bool as int": (lambda t: ["--config", _bad_config(t, '{"candidates": true}')],
+                           "config key 'candidates' must be an int > 0"),
+    "config out of range": (lambda t: ["--config", _bad_config(t, '{"p_init": 1.5}')],
+                            "config key 'p_init' must be a number in (0, 1)"),
+    "unknown backend": (lambda t: ["--backend", "opencl"], "--backend: invalid choice"),
+    "unavailable backend": (lambda t: ["--backend", "cuda"], "--backend: backend 'cuda' is not available"),
+    "bad device": (lambda t: ["--device", "tpu"], "--device must be cpu, cuda, cuda:N or auto"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(capsys, tmp_path, case):
+    args, message = BAD_INPUTS[case]
+    out = tmp_path / "run"
+    code, stdout, stderr = run_cli(capsys, "search", *args(tmp_path), "--out", str(out))
+    assert code == 2
+    assert stderr.startswith("pgnas-fast: error: ") and stderr.count("\n") == 1, stderr
+    assert message in stderr
+    assert not out.exists()
+
+
+def test_unwritable_out_is_refused_and_leaves_nothing(capsys, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    for out, message in ((blocker, "exists and is not a directory"), (blocker / "sub" / "run", "is not writable")):
+        code, _, stderr = run_cli(capsys, "search", "--out", str(out))
+        assert code == 2 and message in stderr and stderr.count("\n") == 1
+    assert blocker.read_text() == "x"
+    code, _, stderr = run_cli(capsys, "search", "--out", "/proc/pgnas-fast-test/run")
+    assert code == 2 and "is not writable" in stderr
+
+
+def test_no_command_prints_help_and_exits_2(capsys):
+    code, stdout, _ = run_cli(capsys, )
+    assert code == 2 and "search" in stdout and "doctor" in stdout
+
+
+def test_console_script_is_installed():
+    exe = shutil.which("pgnas-fast")
+    assert exe, "pgnas-fast is not on PATH: install the package (README)"
+    result = subprocess.run([exe, "search", "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "--candidates" in result.stdout and "--preset" in result.stdout
+
+
+def test_module_entry_point_reports_errors_with_status_2():
+    result = subprocess.run([sys.executable, "-m", "pgnas_fast.cli", "search", "--epochs", "-2"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "--epochs" in result.stderr
+
+
+def test_presets_validate_every_key():
+    config = configs.resolve("digits-tiny")
+    assert set(config) == {"preset", *configs.SCHEMA}
+    with pytest.raises(configs.ConfigError, match="config key 'lr' must be a number > 0, got 0"):
+        configs.resolve("digits-tiny", {"lr": 0})
+    with pytest.raises(configs.ConfigError, match="config key 'supernet_args' must be an object"):
+        configs.resolve("digits-tiny", {"supernet_args": [1]})

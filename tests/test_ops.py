@@ -1,0 +1,867 @@
+"""The public functional op set (design.md "Public functional API", "Numerics"), read as a specification.
+
+Every op is checked, on every live CPU backend, against a plain-torch formula written here in float64;
+the uniforms come from `philox_uniform`, whose bits tests/test_philox.py pins to Philox4x32-10.
+"""
+from __future__ import annotations
+
+import math
+import re
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+from torch._library.custom_ops import CustomOpDef
+
+import pgnas_fast as pf
+from pgnas_fast.ops import _library, dispatch
+from pgnas_fast.ops.streams import Domain, stream_id
+
+from conftest import TOLERANCE, rel_err
+
+SEED = 20200207
+STREAM = stream_id(Domain.TRAIN, 3, 1)
+DATA_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+# ---- independent formulas -----------------------------------------------------------------------
+def uniforms(batch: int, channels: int, seed: int = SEED, stream: int = STREAM) -> torch.Tensor:
+    """u of gate (b, c) = element b*C + c of the stream, as float32 [B, C]."""
+    return pf.ops.philox_uniform(batch * channels, seed=seed, stream=stream, backend="reference").view(batch, channels)
+
+
+def expected_keep(p_logit, batch, *, seed=SEED, stream=STREAM, tau=0.2, mode="relaxed") -> torch.Tensor:
+    """keep [B, C] in float64 (differentiable in p_logit for `relaxed`)."""
+    channels = p_logit.shape[0]
+    u = uniforms(batch, channels, seed, stream)
+    if mode == "full":
+        return torch.ones(batch, channels, dtype=torch.float64)
+    if mode == "hard":  # drop iff u + p >= 1, evaluated in the gate dtype
+        gate_dtype = p_logit.dtype
+        drop = u.to(gate_dtype) + torch.sigmoid(p_logit.detach()) >= 1.0
+        return (~drop).to(torch.float64)
+    u = u.to(torch.float64)
+    logistic = torch.log(u) - torch.log(1.0 - u)
+    d = torch.sigmoid((p_logit.to(torch.float64) + logistic) / tau)  # relaxed drop indicator
+    return 1.0 - d
+
+
+def broadcast_keep(keep: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return keep.reshape(*keep.shape, *([1] * (x.dim() - 2)))
+
+
+def make_x(shape, dtype, layout, generator):
+    """Random data (never zero) of `shape` in one of the layouts the op must accept."""
+    if layout == "contiguous":
+        x = torch.randn(shape, generator=generator)
+    elif layout == "channels_last":
+        x = torch.randn(shape, generator=generator).to(memory_format=torch.channels_last)
+    elif layout == "channel_slice":  # every other channel of a wider tensor
+        wide = torch.randn(shape[0], 2 * shape[1], *shape[2:], generator=generator)
+        x = wide[:, ::2]
+    elif layout == "spatial_transpose":
+        x = torch.randn(*shape[:2], shape[3], shape[2], generator=generator).transpose(2, 3)
+    elif layout == "batch_channel_transpose":
+        x = torch.randn(shape[1], shape[0], *shape[2:], generator=generator).transpose(0, 1)
+    elif layout == "expanded":  # zero strides over H and W
+        x = torch.randn(*shape[:2], 1, 1, generator=generator).expand(shape)
+    else:
+        raise AssertionError(layout)
+    x = x.to(dtype)
+    assert tuple(x.shape) == tuple(shape)
+    return x
+
+
+def literal_regularizer(weights, p_logits, weight_reg, drop_reg, n_train) -> torch.Tensor:
+    """R = wr/N sum (1 - p_c) W^2 + dr/N sum_c H'(p_c), in float64, H' written literally.
+
+    A weight [O, C_in/G, ...] of a conv with G groups: output o reads input channel
+    (o // (O / G)) * (C_in / G) + j at its position j.
+    """
+    total = torch.zeros((), dtype=torch.float64)
+    for w, z in zip(weights, p_logits):
+        w64, p = w.to(torch.float64), torch.sigmoid(z.to(torch.float64))
+        out_channels, per_group = w.shape[0], w.shape[1]
+        groups = z.shape[0] // per_group
+        o = torch.arange(out_channels)[:, None]
+        j = torch.arange(per_group)[None, :]
+        channel = (o // (out_channels // groups)) * per_group + j  # [O, C_in/G]
+        keep_prob = (1.0 - p)[channel].reshape(out_channels, per_group, *([1] * (w.dim() - 2)))
+        total = total + weight_reg / n_train * (keep_prob * w64.square()).sum()
+        total = total + drop_reg / n_train * (p * torch.log(p) + (1.0 - p) * torch.log(1.0 - p)).sum()
+    return total
+
+
+# ---- philox_uniform -----------------------------------------------------------------------------
+def test_philox_uniform_shape_dtype_device_and_statistics(backend):
+    u = pf.ops.philox_uniform(100_000, seed=SEED, stream=STREAM, device="cpu", backend=backend)
+    assert u.shape == (100_000,) and u.dtype == torch.float32 and u.device.type == "cpu"
+    assert stats.kstest(u.double().numpy(), "uniform").pvalue > 1e-3
+    assert torch.equal(u, pf.ops.philox_uniform(100_000, seed=SEED, stream=STREAM, backend=backend))
+    other = pf.ops.philox_uniform(100_000, seed=SEED, stream=STREAM + 1, backend=backend)
+    assert (u == other).double().mean().item() < 1e-3
+    assert pf.ops.philox_uniform(0, seed=SEED, stream=STREAM, backend=backend).shape == (0,)
+
+
+def test_backends_agree_bit_for_bit_with_reference(backend):
+    for seed, stream, offset in [(0, 0, 0), (SEED, STREAM, 12345), ((1 << 62) + 3, (1 << 60) + 9, (1 << 34) + 1)]:
+        ours = pf.ops.philox_uniform(4097, seed=seed, stream=stream, offset=offset, backend=backend)
+        ref = pf.ops.philox_uniform(4097, seed=seed, stream=stream, offset=offset, backend="reference")
+        assert torch.equal(ours, ref)
+    p_logit = torch.randn(37, generator=torch.Generator().manual_seed(0))
+    hard = pf.ops.gate_keep(p_logit, 11, seed=SEED, stream=STREAM, mode="hard", backend=backend)
+    assert torch.equal(hard, pf.ops.gate_keep(p_logit, 11, seed=SEED, stream=STREAM, mode="hard", backend="reference"))
+
+
+# ---- gate_keep values ---------------------------------------------------------------------------
+@pytest.mark.parametrize("batch, channels", [(1, 1), (3, 7), (64, 33)])
+@pytest.mark.parametrize("tau", [0.2, 2 / 3, 1.5])
+@pytest.mark.parametrize("gate_dtype", [torch.float32, torch.float64])
+def test_gate_keep_relaxed_values(backend, batch, channels, tau, gate_dtype):
+    p_logit = (2.0 * torch.randn(channels, generator=torch.Generator().manual_seed(batch))).to(gate_dtype)
+    keep = pf.ops.gate_keep(p_logit, batch, seed=SEED, stream=STREAM, tau=tau, backend=backend)
+    assert keep.shape == (batch, channels) and keep.dtype == gate_dtype
+    assert ((keep >= 0) & (keep <= 1)).all()
+    assert rel_err(keep, expected_keep(p_logit, batch, tau=tau)) < TOLERANCE[gate_dtype]
+
+
+def test_gate_keep_default_tau_is_0_2(backend):
+    p_logit = torch.randn(9, generator=torch.Generator().manual_seed(1))
+    default = pf.ops.gate_keep(p_logit, 4, seed=SEED, stream=STREAM, backend=backend)
+    assert torch.equal(default, pf.ops.gate_keep(p_logit, 4, seed=SEED, stream=STREAM, tau=0.2, backend=backend))
+    assert rel_err(default, expected_keep(p_logit, 4, tau=0.2)) < 1e-5
+
+
+def test_gate_keep_rows_use_consecutive_elements(backend):
+    """Row b of the gates is elements b*C .. b*C + C - 1 of the stream."""
+    batch, channels = 5, 6
+    p_logit = torch.randn(channels, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    keep = pf.ops.gate_keep(p_logit, batch, seed=SEED, stream=STREAM, backend=backend)
+    for b in range(batch):
+        u = pf.ops.philox_uniform(channels, seed=SEED, stream=STREAM, offset=b * channels).double()
+        row = torch.sigmoid(-(p_logit + torch.log(u) - torch.log1p(-u)) / 0.2)
+        torch.testing.assert_close(keep[b], row, rtol=1e-12, atol=0)
+    # a larger batch extends, and does not reshuffle, the first rows
+    more = pf.ops.gate_keep(p_logit, batch + 3, seed=SEED, stream=STREAM, backend=backend)
+    assert torch.equal(more[:batch], keep)
+
+
+def test_gate_keep_depends_on_seed_and_stream(backend):
+    p_logit = torch.zeros(16)
+    a = pf.ops.gate_keep(p_logit, 8, seed=1, stream=2, backend=backend)
+    assert not torch.equal(a, pf.ops.gate_keep(p_logit, 8, seed=2, stream=2, backend=backend))
+    assert not torch.equal(a, pf.ops.gate_keep(p_logit, 8, seed=1, stream=3, backend=backend))
+
+
+# ---- gate_keep distribution ---------------------------------------------------------------------
+def relaxed_drop_cdf(t: np.ndarray, p: float, tau: float) -> np.ndarray:
+    """P(d <= t) for d = sigmoid((logit p + L) / tau), L standard logistic:
+    d <= t  <=>  L <= tau * logit(t) - logit(p), and P(L <= l) = sigmoid(l)."""
+    t = np.clip(t, 1e-300, 1.0 - 1e-16)
+    logit_t = np.log(t) - np.log1p(-t)
+    return 1.0 / (1.0 + np.exp(-(tau * logit_t - math.log(p / (1.0 - p)))))
+
+
+def relaxed_drops(p: float, tau: float, gate_dtype, case: int, n_channels=100, batch=200) -> np.ndarray:
+    """20000 relaxed drop indicators d = 1 - keep, all with drop probability p (own stream per case)."""
+    p_logit = torch.full((n_channels,), math.log(p / (1.0 - p)), dtype=gate_dtype)
+    keep = pf.ops.gate_keep(p_logit, batch, seed=SEED, stream=stream_id(Domain.TRAIN, 50, case), tau=tau)
+    return (1.0 - keep.to(torch.float64)).flatten().numpy()
+
+
+# float64 gate math at the paper's tau = 0.2; float32 at larger tau, where 1 - keep does not round
+# to exactly 0 or 1 often enough to bias the statistic.
+KS_CASES = [(case, *c) for case, c in enumerate([
+    (0.3, 0.2, torch.float64), (0.5, 0.2, torch.float64), (0.9, 0.2, torch.float64),
+    (0.1, 1.0, torch.float32), (0.5, 2 / 3, torch.float32)])]
+
+
+@pytest.mark.parametrize("case, p, tau, gate_dtype", KS_CASES)
+def test_relaxed_drop_follows_the_concrete_distribution(case, p, tau, gate_dtype):
+    d = relaxed_drops(p, tau, gate_dtype, case)
+    assert stats.kstest(d, lambda t: relaxed_drop_cdf(t, p, tau)).pvalue > 1e-3
+    # the test has power: a 0.05 shift of p, or another tau, is rejected
+    assert stats.kstest(d, lambda t: relaxed_drop_cdf(t, p - 0.05, tau)).pvalue < 1e-6
+    assert stats.kstest(d, lambda t: relaxed_drop_cdf(t, p, 1.5 * tau)).pvalue < 1e-6
+    # whatever tau, d > 1/2 exactly when logit p + L > 0, which has probability p
+    assert abs((d > 0.5).mean() - p) < 5.0 * math.sqrt(p * (1.0 - p) / d.size)
+
+
+@pytest.mark.parametrize("case, p, tau, gate_dtype", KS_CASES)
+def test_relaxed_drop_matches_torch_relaxed_bernoulli(case, p, tau, gate_dtype):
+    d = relaxed_drops(p, tau, gate_dtype, case)
+    torch.manual_seed(12345 + case)
+    dist = torch.distributions.RelaxedBernoulli(
+        torch.tensor(tau, dtype=torch.float64), logits=torch.tensor(math.log(p / (1 - p)), dtype=torch.float64)
+    )
+    samples = dist.sample((d.size,)).numpy()
+    assert stats.ks_2samp(d, samples).pvalue > 1e-3
+
+
+# ---- hard and full gates ------------------------------------------------------------------------
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.8])
+def test_hard_gate_drop_frequency_is_p(backend, p):
+    channels, batch = 100, 200
+    p_logit = torch.full((channels,), math.log(p / (1.0 - p)))
+    keep = pf.ops.gate_keep(p_logit, batch, seed=SEED, stream=stream_id(Domain.CANDIDATE, 5, 2), mode="hard",
+                            backend=backend)
+    assert set(keep.unique().tolist()) <= {0.0, 1.0}
+    n = keep.numel()
+    drop_rate = 1.0 - keep.double().mean().item()
+    assert abs(drop_rate - p) < 5.0 * math.sqrt(p * (1.0 - p) / n)
+
+
+@pytest.mark.parametrize("gate_dtype", [torch.float32, torch.float64])
+def test_hard_gate_drops_iff_u_plus_p_at_least_one(backend, gate_dtype):
+    batch, channels = 50, 41
+    p_logit = (1.5 * torch.randn(channels, generator=torch.Generator().manual_seed(3))).to(gate_dtype)
+    keep = pf.ops.gate_keep(p_logit, batch, seed=SEED, stream=STREAM, mode="hard", backend=backend)
+    u = uniforms(batch, channels).to(gate_dtype)
+    drop = u + torch.sigmoid(p_logit) >= 1.0
+    assert torch.equal(keep, (~drop).to(gate_dtype))
+    assert 0 < drop.sum() < drop.numel()  # both outcomes occur
+
+
+def test_hard_gate_at_the_boundary_drops():
+    """u + p == 1 exactly drops (the authors' 1 - floor(u + p)); one ulp less of p keeps."""
+    u = uniforms(1, 16)[0].to(torch.float64)
+    on_boundary, below = [], []
+    for u_c in u.tolist():
+        z = math.log((1.0 - u_c) / u_c)
+        candidates = [z]
+        for _ in range(64):
+            candidates = [np.nextafter(candidates[0], -np.inf), *candidates, np.nextafter(candidates[-1], np.inf)]
+        p = torch.sigmoid(torch.tensor(candidates, dtype=torch.float64))
+        hits = (u_c + p == 1.0).nonzero().flatten().tolist()
+        if hits and u_c + p[hits[0] - 1].item() < 1.0:
+            on_boundary.append(candidates[hits[0]])
+            below.append(candidates[hits[0] - 1])
+        else:
+            on_boundary.append(float("nan"))  # no exact tie reachable for this u: not checked
+            below.append(float("nan"))
+    checked = [c for c, z in enumerate(on_boundary) if not math.isnan(z)]
+    assert len(checked) >= 4
+    tie = torch.tensor(on_boundary, dtype=torch.float64)[checked]
+    less = torch.tensor(below, dtype=torch.float64)[checked]
+    all_tie = torch.zeros(16, dtype=torch.float64)
+    all_tie[checked] = tie
+    all_less = torch.zeros(16, dtype=torch.float64)
+    all_less[checked] = less
+    keep_tie = pf.ops.gate_keep(all_tie, 1, seed=SEED, stream=STREAM, mode="hard")[0]
+    keep_less = pf.ops.gate_keep(all_less, 1, seed=SEED, stream=STREAM, mode="hard")[0]
+    assert (keep_tie[checked] == 0).all()
+    assert (keep_less[checked] == 1).all()
+
+
+@pytest.mark.parametrize("gate_dtype", [torch.float32, torch.float64])
+def test_full_gate_is_all_ones(backend, gate_dtype):
+    p_logit = torch.randn(13, dtype=gate_dtype)
+    keep = pf.ops.gate_keep(p_logit, 6, seed=SEED, stream=STREAM, mode="full", backend=backend)
+    assert keep.dtype == gate_dtype and torch.equal(keep, torch.ones(6, 13, dtype=gate_dtype))
+
+
+def test_extreme_p_logits_give_saturated_finite_gates(backend):
+    p_logit = torch.tensor([-1000.0, -40.0, 40.0, 1000.0])
+    relaxed = pf.ops.gate_keep(p_logit, 64, seed=SEED, stream=STREAM, backend=backend)
+    assert torch.isfinite(relaxed).all()
+    assert (relaxed[:, :2] > 0.999).all() and (relaxed[:, 2:] < 1e-3).all()
+    hard = pf.ops.gate_keep(p_logit, 64, seed=SEED, stream=STREAM, mode="hard", backend=backend)
+    assert (hard[:, :2] == 1).all() and (hard[:, 2:] == 0).all()
+
+
+# ---- gated_apply values -------------------------------------------------------------------------
+SHAPES_AND_LAYOUTS = [
+    ((3, 7, 5, 5), "contiguous"),
+    ((3, 7, 5, 5), "channels_last"),
+    ((3, 7, 5, 5), "channel_slice"),
+    ((3, 7, 5, 6), "spatial_transpose"),
+    ((3, 7, 5, 5), "batch_channel_transpose"),
+    ((3, 7, 5, 5), "expanded"),
+    ((2, 16, 4, 4), "channels_last"),
+    ((1, 1, 1, 1), "contiguous"),
+    ((5, 9), "contiguous"),  # linear input [B, in]
+    ((4, 6, 11), "contiguous"),  # conv1d input
+]
+
+
+@pytest.mark.parametrize("mode", ["relaxed", "hard", "full"])
+@pytest.mark.parametrize("dtype", DATA_DTYPES)
+@pytest.mark.parametrize("shape, layout", SHAPES_AND_LAYOUTS)
+def test_gated_apply_values(backend, shape, layout, dtype, mode):
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((shape, layout)).encode()))
+    x = make_x(shape, dtype, layout, gen)
+    p_logit = 1.5 * torch.randn(shape[1], generator=gen)
+    out = pf.ops.gated_apply(x, p_logit, seed=SEED, stream=STREAM, mode=mode, backend=backend)
+    assert out.shape == x.shape and out.dtype == dtype
+    keep = expected_keep(p_logit, shape[0], mode=mode)
+    expected = x.to(torch.float64) * broadcast_keep(keep, x)
+    assert rel_err(out, expected) < TOLERANCE[dtype]
+    if layout == "channels_last":
+        assert out.is_contiguous(memory_format=torch.channels_last)
+    if layout == "contiguous":
+        assert out.is_contiguous()
+
+
+def test_gated_apply_is_x_times_gate_keep(backend):
+    x = torch.randn(4, 10, 3, 3, dtype=torch.float64)
+    p_logit = torch.randn(10, dtype=torch.float64)
+    for mode in ("relaxed", "hard", "full"):
+        keep = pf.ops.gate_keep(p_logit, 4, seed=SEED, stream=STREAM, tau=0.5, mode=mode, backend=backend)
+        out = pf.ops.gated_apply(x, p_logit, seed=SEED, stream=STREAM, tau=0.5, mode=mode, backend=backend)
+        torch.testing.assert_close(out, x * keep[:, :, None, None], rtol=1e-14, atol=0)
+
+
+def test_gated_apply_float64_data_with_float32_gates(backend):
+    x = torch.randn(3, 7, 5, 5, dtype=torch.float64)
+    p_logit = torch.randn(7)
+    out = pf.ops.gated_apply(x, p_logit, seed=SEED, stream=STREAM, backend=backend)
+    assert out.dtype == torch.float64
+    assert rel_err(out, x * broadcast_keep(expected_keep(p_logit, 3), x)) < 1e-5
+
+
+# ---- gradients: gate_keep and gated_apply -------------------------------------------------------
+@pytest.mark.parametrize("tau", [0.2, 1.0])
+def test_gate_keep_gradcheck(backend, tau):
+    p_logit = torch.randn(5, dtype=torch.float64, generator=torch.Generator().manual_seed(4), requires_grad=True)
+    fn = lambda p: pf.ops.gate_keep(p, 3, seed=SEED, stream=STREAM, tau=tau, backend=backend)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (p_logit,))
+
+
+@pytest.mark.parametrize("mode", ["hard", "full"])
+def test_gate_keep_hard_and_full_have_zero_gradient(backend, mode):
+    p_logit = torch.randn(5, requires_grad=True)
+    keep = pf.ops.gate_keep(p_logit, 3, seed=SEED, stream=STREAM, mode=mode, backend=backend)
+    keep.backward(torch.randn(3, 5))
+    assert torch.equal(p_logit.grad, torch.zeros(5))
+
+
+@pytest.mark.parametrize("tau", [0.2, 1.0])
+@pytest.mark.parametrize("shape, layout", [((3, 4, 2, 3), "contiguous"), ((2, 5, 3, 3), "channels_last"),
+                                           ((3, 4, 3, 2), "channel_slice"), ((4, 6), "contiguous")])
+def test_gated_apply_gradcheck_relaxed(backend, shape, layout, tau):
+    gen = torch.Generator().manual_seed(5)
+    x = make_x(shape, torch.float64, layout, gen).requires_grad_()
+    p_logit = torch.randn(shape[1], dtype=torch.float64, generator=gen, requires_grad=True)
+    fn = lambda x, p: pf.ops.gated_apply(x, p, seed=SEED, stream=STREAM, tau=tau, backend=backend)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, p_logit))
+
+
+@pytest.mark.parametrize("dtype", DATA_DTYPES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "channel_slice"])
+def test_gated_apply_relaxed_gradients_match_formula(backend, dtype, layout):
+    """Low-precision data, float32 gates: grads against autograd of the float64 formula."""
+    gen = torch.Generator().manual_seed(6)
+    x = make_x((3, 7, 5, 5), dtype, layout, gen).requires_grad_()
+    p_logit = torch.randn(7, generator=gen, requires_grad=True)
+    dy = torch.randn(3, 7, 5, 5, generator=gen).to(dtype)
+    out = pf.ops.gated_apply(x, p_logit, seed=SEED, stream=STREAM, backend=backend)
+    out.backward(dy)
+
+    x64 = x.detach().to(torch.float64).requires_grad_()
+    p64 = p_logit.detach().to(torch.float64).requires_grad_()
+    expected = x64 * broadcast_keep(expected_keep(p64, 3), x64)
+    expected.backward(dy.to(torch.float64))
+    assert x.grad.dtype == dtype and p_logit.grad.dtype == torch.float32
+    assert rel_err(x.grad, x64.grad) < TOLERANCE[dtype]
+    assert rel_err(p_logit.grad, p64.grad) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("mode", ["hard", "full"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_gated_apply_hard_and_full_gradients(backend, mode, dtype):
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(4, 6, 3, 3, generator=gen).to(dtype).requires_grad_()
+    p_logit = torch.randn(6, generator=gen, requires_grad=True)
+    dy = torch.randn(4, 6, 3, 3, generator=gen).to(dtype)
+    pf.ops.gated_apply(x, p_logit, seed=SEED, stream=STREAM, mode=mode, backend=backend).backward(dy)
+    assert torch.equal(p_logit.grad, torch.zeros(6))
+    keep = expected_keep(p_logit, 4, mode=mode)
+    assert rel_err(x.grad, dy.to(torch.float64) * broadcast_keep(keep, x)) < TOLERANCE[dtype]
+    if mode == "full":
+        assert torch.equal(x.grad, dy)
+
+
+# ---- branch_combine -----------------------------------------------------------------------------
+def expected_combine(ys, weights, skip=None) -> torch.Tensor:
+    out = torch.zeros(ys[0].shape, dtype=torch.float64) if skip is None else skip.to(torch.float64).clone()
+    for s, y in enumerate(ys):
+        w = weights[s] if weights.dim() == 1 else weights[:, s].reshape(-1, *([1] * (y.dim() - 1)))
+        out = out + w.to(torch.float64) * y.to(torch.float64)
+    return out
+
+
+@pytest.mark.parametrize("per_example", [True, False])
+@pytest.mark.parametrize("with_skip", [False, True])
+@pytest.mark.parametrize("n_branches", [1, 2, 3])
+@pytest.mark.parametrize("dtype", DATA_DTYPES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "channel_slice"])
+def test_branch_combine_values(backend, per_example, with_skip, n_branches, dtype, layout):
+    gen = torch.Generator().manual_seed(8)
+    ys = [make_x((3, 7, 5, 5), dtype, layout, gen) for _ in range(n_branches)]
+    weights = torch.rand(3, n_branches, generator=gen) if per_example else torch.rand(n_branches, generator=gen)
+    weights = weights + 0.1
+    skip = make_x((3, 7, 5, 5), dtype, layout, gen) if with_skip else None
+    out = pf.ops.branch_combine(ys, weights, skip=skip, backend=backend)
+    assert out.shape == ys[0].shape and out.dtype == dtype
+    assert rel_err(out, expected_combine(ys, weights, skip)) < TOLERANCE[dtype]
+    if layout == "channels_last":
+        assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_branch_combine_forward_ignores_backward_weights(backend):
+    gen = torch.Generator().manual_seed(9)
+    ys = [torch.randn(4, 3, 2, 2, generator=gen) for _ in range(2)]
+    weights, backward_weights = torch.rand(4, 2, generator=gen), torch.rand(4, 2, generator=gen)
+    out = pf.ops.branch_combine(ys, weights, backward_weights=backward_weights, backend=backend)
+    assert rel_err(out, expected_combine(ys, weights)) < 1e-6
+
+
+@pytest.mark.parametrize("shape", [(3, 4, 2, 2), (5, 3), (4,)])
+@pytest.mark.parametrize("per_example", [True, False])
+@pytest.mark.parametrize("with_skip", [False, True])
+def test_branch_combine_gradcheck(backend, shape, per_example, with_skip):
+    gen = torch.Generator().manual_seed(10)
+    n_branches = 3
+    ys = [torch.randn(shape, dtype=torch.float64, generator=gen, requires_grad=True) for _ in range(n_branches)]
+    wshape = (shape[0], n_branches) if per_example else (n_branches,)
+    weights = torch.rand(wshape, dtype=torch.float64, generator=gen, requires_grad=True)
+    skip = torch.randn(shape, dtype=torch.float64, generator=gen, requires_grad=True) if with_skip else None
+
+    def fn(weights, *rest):
+        ys, skip = (list(rest[:-1]), rest[-1]) if with_skip else (list(rest), None)
+        return pf.ops.branch_combine(ys, weights, skip=skip, backend=backend)
+
+    inputs = (weights, *ys, *([skip] if with_skip else []))
+    assert torch.autograd.gradcheck(fn, inputs)
+
+
+@pytest.mark.parametrize("per_example", [True, False])
+@pytest.mark.parametrize("with_skip", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_branch_combine_backward_weights_shake_shake(backend, per_example, with_skip, dtype):
+    """With backward_weights, dy_s = dout * backward_weight_s and the forward weights get zero grad."""
+    gen = torch.Generator().manual_seed(11)
+    batch, n_branches, shape = 4, 2, (4, 3, 5, 5)
+    ys = [torch.randn(shape, generator=gen).to(dtype).requires_grad_() for _ in range(n_branches)]
+    wshape = (batch, n_branches) if per_example else (n_branches,)
+    weights = torch.rand(wshape, generator=gen, requires_grad=True)
+    backward_weights = torch.rand(wshape, generator=gen)
+    skip = torch.randn(shape, generator=gen).to(dtype).requires_grad_() if with_skip else None
+    dout = torch.randn(shape, generator=gen).to(dtype)
+    pf.ops.branch_combine(ys, weights, skip=skip, backward_weights=backward_weights, backend=backend).backward(dout)
+
+    assert torch.equal(weights.grad, torch.zeros(wshape))
+    for s, y in enumerate(ys):
+        bw = backward_weights[s] if not per_example else backward_weights[:, s].reshape(-1, 1, 1, 1)
+        assert rel_err(y.grad, dout.to(torch.float64) * bw.to(torch.float64)) < TOLERANCE[dtype]
+    if with_skip:
+        assert torch.equal(skip.grad, dout)
+
+
+@pytest.mark.parametrize("dtype", DATA_DTYPES)
+def test_branch_combine_weight_gradients_match_formula(backend, dtype):
+    gen = torch.Generator().manual_seed(12)
+    ys = [torch.randn(3, 7, 5, 5, generator=gen).to(dtype).requires_grad_() for _ in range(2)]
+    weights = torch.rand(3, 2, generator=gen, requires_grad=True)
+    dout = torch.randn(3, 7, 5, 5, generator=gen).to(dtype)
+    pf.ops.branch_combine(ys, weights, backend=backend).backward(dout)
+    expected = torch.stack([(dout.double() * y.double()).flatten(1).sum(1) for y in ys], dim=1)
+    assert weights.grad.dtype == torch.float32
+    assert rel_err(weights.grad, expected) < TOLERANCE[dtype]
+    for s, y in enumerate(ys):
+        assert rel_err(y.grad, dout.double() * weights[:, s].double().reshape(-1, 1, 1, 1)) < TOLERANCE[dtype]
+
+
+# ---- regularizer --------------------------------------------------------------------------------
+def mixed_layers(gen, dtype=torch.float32, gate_dtype=torch.float32):
+    """Weights of a conv, a linear, a grouped conv, a depthwise conv, a grouped 1x1 conv whose output
+    groups are wider than their inputs, and a conv1d; with one p_logit per input channel."""
+    shapes = [  # (weight shape, C_in)
+        ((8, 3, 3, 3), 3),
+        ((10, 6), 6),
+        ((8, 2, 3, 3), 4),  # groups = 2
+        ((6, 1, 3, 3), 6),  # depthwise
+        ((9, 2, 1, 1), 6),  # groups = 3, 3 outputs per group
+        ((5, 4, 3), 4),
+    ]
+    weights = [(0.5 * torch.randn(s, generator=gen)).to(dtype) for s, _ in shapes]
+    p_logits = [(1.5 * torch.randn(c, generator=gen)).to(gate_dtype) for _, c in shapes]
+    return weights, p_logits
+
+
+@pytest.mark.parametrize("weight_reg, drop_reg", [(10.0, 1.0), (0.0, 1.0), (150.0, 0.0), (2.5, 3.0)])
+def test_regularizer_value_matches_literal_formula(backend, weight_reg, drop_reg):
+    weights, p_logits = mixed_layers(torch.Generator().manual_seed(13))
+    n_train = 5e5
+    r = pf.ops.regularizer(weights, p_logits, weight_reg=weight_reg, drop_reg=drop_reg, n_train=n_train,
+                           backend=backend)
+    assert r.shape == () and r.dtype == torch.float32
+    assert rel_err(r, literal_regularizer(weights, p_logits, weight_reg, drop_reg, n_train)) < 1e-5
+
+
+def test_regularizer_single_conv_by_hand():
+    """One 1x1 conv, two input channels: R written out term by term."""
+    weight = torch.tensor([[[[1.0]], [[2.0]]], [[[3.0]], [[-1.0]]]])  # [O=2, C_in=2, 1, 1]
+    p_logit = torch.tensor([0.0, math.log(3.0)])  # p = 1/2, 3/4
+    r = pf.ops.regularizer([weight], [p_logit], weight_reg=4.0, drop_reg=2.0, n_train=8.0)
+    weight_term = (1 - 0.5) * (1.0 + 9.0) + (1 - 0.75) * (4.0 + 1.0)
+    h = (0.5 * math.log(0.5) * 2) + (0.75 * math.log(0.75) + 0.25 * math.log(0.25))
+    assert r.item() == pytest.approx(4.0 / 8.0 * weight_term + 2.0 / 8.0 * h, rel=1e-6)
+
+
+@pytest.mark.parametrize("weight_dtype", [torch.bfloat16, torch.float16])
+def test_regularizer_low_precision_weights(backend, weight_dtype):
+    weights, p_logits = mixed_layers(torch.Generator().manual_seed(14), dtype=weight_dtype)
+    r = pf.ops.regularizer(weights, p_logits, weight_reg=10.0, drop_reg=1.0, n_train=1000.0, backend=backend)
+    assert r.dtype == torch.float32
+    assert rel_err(r, literal_regularizer(weights, p_logits, 10.0, 1.0, 1000.0)) < TOLERANCE[weight_dtype]
+
+
+def test_regularizer_non_contiguous_weights(backend):
+    gen = torch.Generator().manual_seed(15)
+    conv = torch.randn(8, 4, 3, 3, generator=gen).to(memory_format=torch.channels_last)
+    linear = torch.randn(6, 10, generator=gen).t()  # [10, 6] transposed view
+    grouped = torch.randn(8, 4, 3, 3, generator=gen)[:, ::2]  # [8, 2, 3, 3], groups = 2
+    weights = [conv, linear, grouped]
+    p_logits = [torch.randn(4, generator=gen), torch.randn(6, generator=gen), torch.randn(4, generator=gen)]
+    r = pf.ops.regularizer(weights, p_logits, weight_reg=3.0, drop_reg=1.0, n_train=100.0, backend=backend)
+    assert rel_err(r, literal_regularizer(weights, p_logits, 3.0, 1.0, 100.0)) < 1e-5
+
+
+def test_regularizer_gradcheck_grouped_conv(backend):
+    gen = torch.Generator().manual_seed(16)
+    weight = torch.randn(6, 2, 2, 2, dtype=torch.float64, generator=gen, requires_grad=True)  # groups = 3
+    p_logit = torch.randn(6, dtype=torch.float64, generator=gen, requires_grad=True)
+    fn = lambda w, p: pf.ops.regularizer([w], [p], weight_reg=30.0, drop_reg=2.0, n_train=10.0,  # noqa: E731
+                                         backend=backend)
+    assert torch.autograd.gradcheck(fn, (weight, p_logit))
+
+
+def test_regularizer_gradcheck_mixed_layers(backend):
+    """All layer kinds in one call; fast mode (random projections of the Jacobian) keeps it quick."""
+    weights, p_logits = mixed_layers(torch.Generator().manual_seed(16), torch.float64, torch.float64)
+    inputs = [t.requires_grad_() for t in (*weights, *p_logits)]
+    n = len(weights)
+
+    def fn(*tensors):
+        return pf.ops.regularizer(list(tensors[:n]), list(tensors[n:]), weight_reg=30.0, drop_reg=2.0, n_train=10.0,
+                                  backend=backend)
+
+    assert torch.autograd.gradcheck(fn, tuple(inputs), fast_mode=True)
+
+
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16])
+def test_regularizer_gradients_match_literal_formula(backend, weight_dtype):
+    weights, p_logits = mixed_layers(torch.Generator().manual_seed(17), dtype=weight_dtype)
+    for t in (*weights, *p_logits):
+        t.requires_grad_()
+    pf.ops.regularizer(weights, p_logits, weight_reg=50.0, drop_reg=1.0, n_train=1e3, backend=backend).backward()
+    w64 = [w.detach().double().requires_grad_() for w in weights]
+    p64 = [p.detach().double().requires_grad_() for p in p_logits]
+    literal_regularizer(w64, p64, 50.0, 1.0, 1e3).backward()
+    for w, ref in zip(weights, w64):
+        assert w.grad.dtype == weight_dtype
+        assert rel_err(w.grad, ref.grad) < TOLERANCE[weight_dtype]
+    for p, ref in zip(p_logits, p64):
+        assert p.grad.dtype == torch.float32
+        assert rel_err(p.grad, ref.grad) < 1e-5
+
+
+@pytest.mark.parametrize("gate_dtype", [torch.float32, torch.float64])
+def test_regularizer_extreme_p_logits_are_finite(backend, gate_dtype):
+    gen = torch.Generator().manual_seed(18)
+    weight = torch.randn(6, 4, 3, 3, generator=gen, requires_grad=True)
+    p_logit = torch.tensor([-1000.0, -40.0, 40.0, 1000.0], dtype=gate_dtype, requires_grad=True)
+    r = pf.ops.regularizer([weight], [p_logit], weight_reg=10.0, drop_reg=1.0, n_train=100.0, backend=backend)
+    r.backward()
+    assert torch.isfinite(r) and torch.isfinite(weight.grad).all() and torch.isfinite(p_logit.grad).all()
+    # p -> 0 keeps the whole weight term and H'(0) = 0; p -> 1 removes both terms
+    sq = weight.detach().double().square().sum((0, 2, 3))
+    expected = 10.0 / 100.0 * (sq[0] + sq[1] * (1 - math.exp(-40.0)) + sq[2] * math.exp(-40.0))
+    assert r.item() == pytest.approx(expected.item(), rel=1e-5)
+    expected_dw = 2 * 10.0 / 100.0 * weight.detach() * torch.tensor([1.0, 1.0, 0.0, 0.0]).view(1, 4, 1, 1)
+    torch.testing.assert_close(weight.grad, expected_dw, rtol=1e-5, atol=1e-12)
+    assert p_logit.grad.abs().max().item() < 1e-10  # sigmoid' vanishes at +-40 and beyond
+
+
+# ---- opcheck ------------------------------------------------------------------------------------
+def _opcheck_cases(backend):
+    gen = torch.Generator().manual_seed(19)
+
+    def r(*shape, grad=False, dtype=torch.float32):
+        return torch.randn(shape, generator=gen, dtype=dtype).requires_grad_(grad)
+
+    ys = lambda grad: [r(3, 4, 2, 2, grad=grad) for _ in range(2)]  # noqa: E731
+    cases = [("philox_uniform", (257, SEED, STREAM, 5, torch.device("cpu"), backend))]
+    for mode in ("relaxed", "hard", "full"):
+        cases += [
+            ("gate_keep", (r(7, grad=True), 3, SEED, STREAM, 0.2, mode, backend)),
+            ("gate_keep_backward", (r(3, 7), torch.rand(3, 7, generator=gen), 0.2, mode, backend)),
+            ("gated_apply", (r(3, 7, 5, 5, grad=True), r(7, grad=True), SEED, STREAM, 0.2, mode, backend)),
+            ("gated_apply", (r(3, 7, 5, 5).to(memory_format=torch.channels_last).requires_grad_(),
+                             r(7, grad=True), SEED, STREAM, 0.5, mode, backend)),
+            ("gated_apply", (r(3, 7, dtype=torch.bfloat16).requires_grad_(), r(7, grad=True), SEED, STREAM, 0.2, mode,
+                             backend)),
+            ("gated_apply_backward", (r(3, 7, 5, 5), r(3, 7, 5, 5), r(7), SEED, STREAM, 0.2, mode, backend)),
+        ]
+    for wshape in ((3, 2), (2,)):
+        for bw_grad in (None, False):
+            bw = None if bw_grad is None else torch.rand(wshape, generator=gen)
+            cases += [
+                ("branch_combine", (ys(True), torch.rand(wshape, generator=gen).requires_grad_(), None, bw, backend)),
+                ("branch_combine", (ys(True), torch.rand(wshape, generator=gen).requires_grad_(),
+                                    r(3, 4, 2, 2, grad=True), bw, backend)),
+                ("branch_combine_backward", (r(3, 4, 2, 2), ys(False), torch.rand(wshape, generator=gen), bw, backend)),
+            ]
+    weights, p_logits = mixed_layers(gen)
+    cases += [
+        ("regularizer", ([w.clone().requires_grad_() for w in weights], [p.clone().requires_grad_() for p in p_logits],
+                         10.0, 1.0, 1e3, backend)),
+        ("regularizer_backward", (torch.tensor(0.7), weights, p_logits, 10.0, 1.0, 1e3, backend)),
+    ]
+    return cases
+
+
+def _custom_ops():
+    """Every torch.library custom op declared in pgnas_fast.ops._library, by its short name."""
+    ops = {op._name: op for op in vars(_library).values() if isinstance(op, CustomOpDef)}
+    assert all(op._namespace == _library.NAMESPACE for op in ops.values())
+    return ops
+
+
+def test_opcheck_covers_every_custom_op():
+    covered = {name for name, _ in _opcheck_cases("reference")}
+    assert covered == set(_custom_ops())
+
+
+def test_opcheck_every_custom_op(backend):
+    ops = _custom_ops()
+    for name, args in _opcheck_cases(backend):
+        result = torch.library.opcheck(ops[name], args)
+        assert all(v == "SUCCESS" for v in result.values()), (name, result)
+
+
+# ---- bad input ----------------------------------------------------------------------------------
+X = torch.randn(3, 7, 5, 5)
+P = torch.randn(7)
+YS = [torch.randn(3, 4), torch.randn(3, 4)]
+W = torch.rand(3, 2)
+CONV = torch.randn(8, 3, 3, 3)
+
+BAD_CALLS = [
+    # philox_uniform
+    ("n negative", lambda: pf.ops.philox_uniform(-1, seed=0, stream=0), ValueError, r"\bn must"),
+    ("n float", lambda: pf.ops.philox_uniform(4.0, seed=0, stream=0), TypeError, r"\bn must be an int"),
+    ("seed negative", lambda: pf.ops.philox_uniform(4, seed=-1, stream=0), ValueError, "seed"),
+    ("seed 2^63", lambda: pf.ops.philox_uniform(4, seed=1 << 63, stream=0), ValueError, "seed"),
+    ("seed bool", lambda: pf.ops.philox_uniform(4, seed=True, stream=0), TypeError, "seed"),
+    ("seed float", lambda: pf.ops.philox_uniform(4, seed=1.0, stream=0), TypeError, "seed"),
+    ("stream negative", lambda: pf.ops.philox_uniform(4, seed=0, stream=-5), ValueError, "stream"),
+    ("stream 2^63", lambda: pf.ops.philox_uniform(4, seed=0, stream=1 << 63), ValueError, "stream"),
+    ("offset negative", lambda: pf.ops.philox_uniform(4, seed=0, stream=0, offset=-1), ValueError, "offset"),
+    ("offset + n past 2^63", lambda: pf.ops.philox_uniform(4, seed=0, stream=0, offset=(1 << 63) - 3), ValueError,
+     r"offset \+ n"),
+    # gate_keep
+    ("p_logit float16", lambda: pf.ops.gate_keep(P.half(), 3, seed=0, stream=0), TypeError, "p_logit"),
+    ("p_logit int", lambda: pf.ops.gate_keep(torch.zeros(7, dtype=torch.int64), 3, seed=0, stream=0), TypeError,
+     "p_logit"),
+    ("p_logit 2-D", lambda: pf.ops.gate_keep(P.view(1, 7), 3, seed=0, stream=0), ValueError, "p_logit must be 1-D"),
+    ("p_logit list", lambda: pf.ops.gate_keep([0.0, 1.0], 3, seed=0, stream=0), TypeError, "p_logit"),
+    ("batch 0", lambda: pf.ops.gate_keep(P, 0, seed=0, stream=0), ValueError, "batch"),
+    ("batch bool", lambda: pf.ops.gate_keep(P, True, seed=0, stream=0), TypeError, "batch"),
+    ("tau 0", lambda: pf.ops.gate_keep(P, 3, seed=0, stream=0, tau=0.0), ValueError, "tau"),
+    ("tau negative", lambda: pf.ops.gate_keep(P, 3, seed=0, stream=0, tau=-0.2), ValueError, "tau"),
+    ("tau nan", lambda: pf.ops.gate_keep(P, 3, seed=0, stream=0, tau=float("nan")), ValueError, "tau"),
+    ("tau inf", lambda: pf.ops.gate_keep(P, 3, seed=0, stream=0, tau=float("inf")), ValueError, "tau"),
+    ("mode unknown", lambda: pf.ops.gate_keep(P, 3, seed=0, stream=0, mode="soft"), ValueError, "mode"),
+    ("gate seed negative", lambda: pf.ops.gate_keep(P, 3, seed=-1, stream=0), ValueError, "seed"),
+    ("gate seed bool", lambda: pf.ops.gate_keep(P, 3, seed=False, stream=0), TypeError, "seed"),
+    ("gate stream 2^63", lambda: pf.ops.gate_keep(P, 3, seed=0, stream=1 << 63), ValueError, "stream"),
+    # gated_apply
+    ("x int", lambda: pf.ops.gated_apply(X.long(), P, seed=0, stream=0), TypeError, r"\bx must have dtype"),
+    ("x 1-D", lambda: pf.ops.gated_apply(torch.randn(7), P, seed=0, stream=0), ValueError, r"\bx must have at least"),
+    ("x not a tensor", lambda: pf.ops.gated_apply(X.numpy(), P, seed=0, stream=0), TypeError, r"\bx must be"),
+    ("p_logit wrong length", lambda: pf.ops.gated_apply(X, torch.randn(6), seed=0, stream=0), ValueError,
+     r"p_logit must have shape \[7\]"),
+    ("apply p_logit float16", lambda: pf.ops.gated_apply(X, P.half(), seed=0, stream=0), TypeError, "p_logit"),
+    ("apply tau 0", lambda: pf.ops.gated_apply(X, P, seed=0, stream=0, tau=0), ValueError, "tau"),
+    ("apply mode", lambda: pf.ops.gated_apply(X, P, seed=0, stream=0, mode="Hard"), ValueError, "mode"),
+    ("apply seed 2^63", lambda: pf.ops.gated_apply(X, P, seed=1 << 63, stream=0), ValueError, "seed"),
+    ("apply seed bool", lambda: pf.ops.gated_apply(X, P, seed=True, stream=0), TypeError, "seed"),
+    # branch_combine
+    ("ys a tensor", lambda: pf.ops.branch_combine(torch.stack(YS), W), TypeError, "ys"),
+    ("ys empty", lambda: pf.ops.branch_combine([], W), TypeError, "ys"),
+    ("ys int", lambda: pf.ops.branch_combine([y.long() for y in YS], W), TypeError, r"ys\[0\]"),
+    ("ys shape mismatch", lambda: pf.ops.branch_combine([YS[0], torch.randn(3, 5)], W), ValueError, r"ys\[1\]"),
+    ("ys dtype mismatch", lambda: pf.ops.branch_combine([YS[0], YS[1].double()], W), ValueError, r"ys\[1\]"),
+    ("weights shape", lambda: pf.ops.branch_combine(YS, torch.rand(3, 3)), ValueError, "weights must have shape"),
+    ("weights wrong branch count", lambda: pf.ops.branch_combine(YS, torch.rand(3)), ValueError, "weights"),
+    ("weights float16", lambda: pf.ops.branch_combine(YS, W.half()), TypeError, "weights"),
+    ("backward_weights shape", lambda: pf.ops.branch_combine(YS, W, backward_weights=torch.rand(2)), ValueError,
+     "backward_weights"),
+    ("backward_weights int", lambda: pf.ops.branch_combine(YS, W, backward_weights=W.long()), TypeError,
+     "backward_weights"),
+    ("skip shape", lambda: pf.ops.branch_combine(YS, W, skip=torch.randn(3, 5)), ValueError, "skip"),
+    ("skip int", lambda: pf.ops.branch_combine(YS, W, skip=YS[0].long()), TypeError, "skip"),
+    # regularizer
+    ("reg empty", lambda: pf.ops.regularizer([], [], weight_reg=1.0, drop_reg=1.0, n_train=10), ValueError,
+     "weights and p_logits"),
+    ("reg unequal lengths", lambda: pf.ops.regularizer([CONV, CONV], [torch.randn(3)], weight_reg=1.0, drop_reg=1.0,
+                                                       n_train=10), ValueError, "weights and p_logits"),
+    ("reg tensor not list", lambda: pf.ops.regularizer(CONV, torch.randn(3), weight_reg=1.0, drop_reg=1.0, n_train=10),
+     TypeError, "lists"),
+    ("reg weight_reg negative", lambda: pf.ops.regularizer([CONV], [torch.randn(3)], weight_reg=-1.0, drop_reg=1.0,
+                                                           n_train=10), ValueError, "weight_reg"),
+    ("reg weight_reg nan", lambda: pf.ops.regularizer([CONV], [torch.randn(3)], weight_reg=float("nan"), drop_reg=1.0,
+                                                      n_train=10), ValueError, "weight_reg"),
+    ("reg drop_reg negative", lambda: pf.ops.regularizer([CONV], [torch.randn(3)], weight_reg=1.0, drop_reg=-2.0,
+                                                         n_train=10), ValueError, "drop_reg"),
+    ("reg n_train 0", lambda: pf.ops.regularizer([CONV], [torch.randn(3)], weight_reg=1.0, drop_reg=1.0, n_train=0),
+     ValueError, "n_train"),
+    ("reg n_train inf", lambda: pf.ops.regularizer([CONV], [torch.randn(3)], weight_reg=1.0, drop_reg=1.0,
+                                                   n_train=float("inf")), ValueError, "n_train"),
+    ("reg p_logits not fitting", lambda: pf.ops.regularizer([CONV], [torch.randn(4)], weight_reg=1.0, drop_reg=1.0,
+                                                            n_train=10), ValueError, r"p_logits\[0\]"),
+    ("reg groups not dividing outputs", lambda: pf.ops.regularizer([CONV, torch.randn(9, 2, 1, 1)],
+                                                                   [torch.randn(3), torch.randn(8)], weight_reg=1.0,
+                                                                   drop_reg=1.0, n_train=10), ValueError,
+     r"p_logits\[1\]"),
+    ("reg p_logits float16", lambda: pf.ops.regularizer([CONV], [torch.randn(3).half()], weight_reg=1.0, drop_reg=1.0,
+                                                        n_train=10), TypeError, r"p_logits\[0\]"),
+    ("reg p_logits 2-D", lambda: pf.ops.regularizer([CONV], [torch.randn(1, 3)], weight_reg=1.0, drop_reg=1.0,
+                                                    n_train=10), ValueError, r"p_logits\[0\]"),
+    ("reg weight 1-D", lambda: pf.ops.regularizer([torch.randn(3)], [torch.randn(3)], weight_reg=1.0, drop_reg=1.0,
+                                                  n_train=10), ValueError, r"weights\[0\]"),
+    ("reg weight int", lambda: pf.ops.regularizer([CONV.long()], [torch.randn(3)], weight_reg=1.0, drop_reg=1.0,
+                                                  n_train=10), TypeError, r"weights\[0\]"),
+]
+
+
+@pytest.mark.parametrize("call, error, match", [c[1:] for c in BAD_CALLS], ids=[c[0] for c in BAD_CALLS])
+def test_bad_input_is_rejected_naming_the_argument(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="device mismatch needs a CUDA device")
+def test_device_mismatch_is_rejected():
+    with pytest.raises(ValueError, match="p_logit"):
+        pf.ops.gated_apply(X.cuda(), P, seed=0, stream=0)
+    with pytest.raises(ValueError, match="weights"):
+        pf.ops.branch_combine([y.cuda() for y in YS], W)
+    with pytest.raises(ValueError, match=r"p_logits\[0\]"):
+        pf.ops.regularizer([CONV.cuda()], [torch.randn(3)], weight_reg=1.0, drop_reg=1.0, n_train=10)
+
+
+# ---- backend selection --------------------------------------------------------------------------
+UNAVAILABLE = [name for name, (ok, _) in pf.backends().items() if not ok]
+
+
+def test_backends_lists_every_backend_with_a_reason():
+    listed = pf.backends()
+    assert set(listed) == {"reference", "triton", "cuda", "cpu"}
+    for name, entry in listed.items():
+        assert isinstance(entry, tuple) and len(entry) == 2
+        available, reason = entry
+        assert isinstance(available, bool) and isinstance(reason, str) and reason, name
+    assert listed["reference"][0] is True
+    assert pf.backends is pf.ops.backends
+
+
+@pytest.mark.skipif(not UNAVAILABLE, reason="every backend is available here")
+@pytest.mark.parametrize("name", UNAVAILABLE or ["none"])
+def test_unavailable_backend_raises_saying_why(name):
+    reason = pf.backends()[name][1]
+    with pytest.raises(pf.BackendUnavailableError, match=re.escape(reason)) as info:
+        pf.ops.philox_uniform(4, seed=0, stream=0, backend=name)
+    assert name in str(info.value)
+    with pytest.raises(pf.BackendUnavailableError, match=re.escape(reason)):
+        pf.ops.gated_apply(X, P, seed=0, stream=0, backend=name)
+    with pf.use_backend(name):  # selectable by name; fails at the first op, saying why
+        with pytest.raises(pf.BackendUnavailableError, match=re.escape(reason)):
+            pf.ops.gate_keep(P, 2, seed=0, stream=0)
+        assert pf.ops.gate_keep(P, 2, seed=0, stream=0, backend="reference").shape == (2, 7)  # per call wins
+
+
+def test_backend_unavailable_error_is_a_runtime_error():
+    assert issubclass(pf.BackendUnavailableError, RuntimeError)
+    assert pf.BackendUnavailableError is pf.ops.BackendUnavailableError
+
+
+def test_unknown_backend_name_is_a_value_error():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        pf.ops.philox_uniform(4, seed=0, stream=0, backend="tpu")
+    with pytest.raises(ValueError, match="backend"):
+        pf.ops.regularizer([CONV], [torch.randn(3)], weight_reg=1.0, drop_reg=1.0, n_train=10, backend="Reference")
+    with pytest.raises(ValueError, match="backend"):
+        pf.set_backend("tpu")
+    with pytest.raises(ValueError, match="backend"):
+        with pf.use_backend("tpu"):
+            pass
+    assert pf.ops.selected() == "auto"
+
+
+def test_default_selection_is_auto_and_runs_on_cpu():
+    assert pf.ops.selected() == "auto"
+    expected = "cpu" if pf.backends()["cpu"][0] else "reference"
+    assert dispatch.resolve(None, torch.device("cpu")) == expected
+    u = pf.ops.philox_uniform(16, seed=1, stream=2)
+    assert torch.equal(u, pf.ops.philox_uniform(16, seed=1, stream=2, backend="reference"))
+
+
+def test_set_backend_and_use_backend_change_selected():
+    pf.set_backend("reference")
+    assert pf.ops.selected() == "reference"
+    with pf.use_backend("cuda"):
+        assert pf.ops.selected() == "cuda"
+        with pf.use_backend("auto"):
+            assert pf.ops.selected() == "auto"
+        assert pf.ops.selected() == "cuda"
+    assert pf.ops.selected() == "reference"
+    with pytest.raises(KeyError):
+        with pf.use_backend("triton"):
+            raise KeyError("inside")
+    assert pf.ops.selected() == "reference"  # restored after an exception
+    pf.set_backend(None)
+    assert pf.ops.selected() == "auto"
+
+
+def test_environment_variable_selects_the_backend(monkeypatch):
+    monkeypatch.setenv("PGNAS_FAST_BACKEND", "reference")
+    assert pf.ops.selected() == "reference"
+    monkeypatch.setenv("PGNAS_FAST_BACKEND", "cpu")
+    assert pf.ops.selected() == "cpu"
+    pf.set_backend("reference")  # set_backend beats the environment
+    assert pf.ops.selected() == "reference"
+    with pf.use_backend("triton"):  # and use_backend beats set_backend
+        assert pf.ops.selected() == "triton"
+    pf.set_backend(None)
+    assert pf.ops.selected() == "cpu"
+    monkeypatch.setenv("PGNAS_FAST_BACKEND", "")
+    assert pf.ops.selected() == "auto"
+
+
+def test_invalid_environment_variable_names_it(monkeypatch):
+    monkeypatch.setenv("PGNAS_FAST_BACKEND", "fastest")
+    with pytest.raises(ValueError, match="PGNAS_FAST_BACKEND"):
+        pf.ops.selected()
+    with pytest.raises(ValueError, match="PGNAS_FAST_BACKEND"):
+        pf.ops.gate_keep(P, 2, seed=0, stream=0)
+    # a per-call backend and an explicit selection never read the variable
+    assert pf.ops.gate_keep(P, 2, seed=0, stream=0, backend="reference").shape == (2, 7)
+    with pf.use_backend("reference"):
+        assert pf.ops.gate_keep(P, 2, seed=0, stream=0).shape == (2, 7)
+
+
+@pytest.mark.skipif(not UNAVAILABLE, reason="every backend is available here")
+def test_per_call_backend_wins_over_every_other_selection(monkeypatch):
+    name = UNAVAILABLE[0]
+    monkeypatch.setenv("PGNAS_FAST_BACKEND", name)
+    pf.set_backend(name)
+    with pf.use_backend(name):
+        with pytest.raises(pf.BackendUnavailableError):
+            pf.ops.philox_uniform(4, seed=0, stream=0)
+        out = pf.ops.gated_apply(X, P, seed=1, stream=2, backend="reference")
+    assert rel_err(out, X.double() * broadcast_keep(expected_keep(P, 3, seed=1, stream=2), X)) < 1e-5

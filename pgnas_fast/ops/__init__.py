@@ -81,7 +81,7 @@ def _check_same_device(reference_name: str, reference: torch.Tensor, **others) -
 
 def _check_gate_args(p_logit, tau: float, mode: str, seed: int, stream: int) -> None:
     _check_tensor("p_logit", p_logit, GATE_DTYPES, ndim=1)
-    if not isinstance(tau, (int, float)) or not (math.isfinite(tau) and tau > 0):
+    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not (math.isfinite(tau) and tau > 0):
         raise ValueError(f"tau must be a finite number > 0, got {tau!r}")
     if mode not in GATE_MODES:
         raise ValueError(f"mode must be one of {', '.join(GATE_MODES)}; got {mode!r}")
@@ -177,14 +177,16 @@ def regularizer(weights, p_logits, *, weight_reg: float, drop_reg: float, n_trai
             f"weights and p_logits must be non-empty lists of equal length, got {len(weights)} and {len(p_logits)}"
         )
     for name, value in (("weight_reg", weight_reg), ("drop_reg", drop_reg)):
-        if not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
             raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    if not isinstance(n_train, (int, float)) or not (math.isfinite(n_train) and n_train > 0):
+    if isinstance(n_train, bool) or not isinstance(n_train, (int, float)) or not (math.isfinite(n_train) and n_train > 0):
         raise ValueError(f"n_train must be a finite number > 0, got {n_train!r}")
     for k, (w, p) in enumerate(zip(weights, p_logits)):
         _check_tensor(f"weights[{k}]", w, DATA_DTYPES, min_ndim=2)
         _check_tensor(f"p_logits[{k}]", p, GATE_DTYPES, ndim=1)
         in_channels, per_group, out_channels = p.shape[0], w.shape[1], w.shape[0]
+        if per_group == 0 or out_channels == 0:
+            raise ValueError(f"weights[{k}] must have no empty dims, got shape {tuple(w.shape)}")
         if in_channels % per_group or out_channels % (in_channels // per_group):
             raise ValueError(
                 f"p_logits[{k}] has {in_channels} channels, which does not fit weights[{k}] of shape "

@@ -61,8 +61,9 @@ def gated_apply_backward(
     grad_x = torch.mul(grad, _per_channel(keep, x.dim()), out=torch.empty_like(x))
     if mode != "relaxed":
         return grad_x, torch.zeros_like(p_logit)
-    spatial = tuple(range(2, x.dim()))
-    grad_keep = (grad.to(keep.dtype) * x.to(keep.dtype)).sum(spatial) if spatial else grad.to(keep.dtype) * x.to(keep.dtype)
+    grad_keep = grad.to(keep.dtype) * x.to(keep.dtype)
+    if x.dim() > 2:
+        grad_keep = grad_keep.sum(tuple(range(2, x.dim())))
     return grad_x, _relaxed_keep_grad(grad_keep, keep, tau)
 
 
@@ -75,9 +76,11 @@ def _branch_weight(weights: torch.Tensor, s: int, ndim: int) -> torch.Tensor:
 
 def branch_combine(ys: list[torch.Tensor], weights: torch.Tensor, skip: torch.Tensor | None) -> torch.Tensor:
     ndim = ys[0].dim()
-    acc = None if skip is None else skip.to(torch.promote_types(skip.dtype, weights.dtype))
+    # accumulate in the weights' precision at least (a 0-dim weight would not promote half data)
+    acc_dtype = torch.promote_types(ys[0].dtype, weights.dtype)
+    acc = None if skip is None else skip.to(acc_dtype)
     for s, y in enumerate(ys):
-        term = _branch_weight(weights, s, ndim) * y
+        term = _branch_weight(weights, s, ndim) * y.to(acc_dtype)
         acc = term if acc is None else acc + term
     return torch.empty_like(ys[0]).copy_(acc)
 
@@ -87,7 +90,9 @@ def branch_combine_backward(
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
     ndim = grad.dim()
     weights_b = weights if backward_weights is None else backward_weights
-    grad_ys = [torch.empty_like(y).copy_(grad * _branch_weight(weights_b, s, ndim)) for s, y in enumerate(ys)]
+    acc_dtype = torch.promote_types(grad.dtype, weights.dtype)
+    grad_ys = [torch.empty_like(y).copy_(grad.to(acc_dtype) * _branch_weight(weights_b, s, ndim))
+               for s, y in enumerate(ys)]
     if backward_weights is not None:
         # Shake-shake: the forward weights are random constants, not parameters.
         return grad_ys, torch.zeros_like(weights)

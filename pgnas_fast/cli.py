@@ -64,6 +64,13 @@ def _build_parser() -> argparse.ArgumentParser:
     search.add_argument("--random-baseline", type=_count(0), metavar="K",
                         help="also rank K random-gate candidates at the same expected drop rate (0: off)")
     search.add_argument("--config", metavar="FILE.json", help="JSON object of preset keys to override")
+    search.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="assignments",
+                        help="override one preset key (VALUE as JSON, else a string); repeatable, wins over --config")
+    search.add_argument("--data-dir", metavar="DIR",
+                        help="where the data set lives (CIFAR: cifar-10-batches-py/ or cifar-100-python/; "
+                             "ImageNet: train/ and val/ class folders); not needed for digits")
+    search.add_argument("--smoke", action="store_true",
+                        help="check data and config: 2 training steps, 2 candidates on 2 held-out batches")
     search.add_argument("--out", metavar="DIR", help="run directory (default runs/PRESET-seedSEED)")
     search.add_argument("--backend", default=None, choices=SELECTABLE,
                         help="op backend (default: PGNAS_FAST_BACKEND or auto)")
@@ -118,6 +125,7 @@ def _search(args) -> int:
     from .search import RunError, run_search
 
     overrides = configs.load_overrides(args.config) if args.config else {}
+    overrides.update(configs.parse_assignment(text) for text in args.assignments)
     for key, value in (("epochs", args.epochs), ("candidates", args.candidates),
                        ("random_baseline", args.random_baseline)):
         if value is not None:
@@ -136,7 +144,7 @@ def _search(args) -> int:
     try:
         with dispatch.use_backend(backend):
             result = run_search(config, seed=args.seed, out_dir=out, device=str(device), resume=args.resume,
-                                progress=not args.quiet)
+                                progress=not args.quiet, data_dir=args.data_dir, smoke=args.smoke)
     except RunError as err:
         raise UsageError(str(err)) from None
     s = result.summary

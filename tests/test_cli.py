@@ -46,6 +46,17 @@ def test_search_reads_overrides_from_a_config_file(capsys, tmp_path):
     assert "random gates" not in stdout
 
 
+def test_set_overrides_win_over_the_config_file(capsys, tmp_path):
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"lr": 0.02}))
+    out = tmp_path / "run"
+    code, _, _ = run_cli(capsys, "search", *SMALL, "--config", str(config), "--set", "lr=0.03",
+                         "--set", "milestones=[1]", "--set", "schedule=step", "--out", str(out))
+    assert code == 0
+    written = json.loads((out / "config.json").read_text())["config"]
+    assert written["lr"] == 0.03 and written["milestones"] == [1] and written["schedule"] == "step"
+
+
 def test_doctor_lists_every_backend(capsys):
     code, stdout, _ = run_cli(capsys, "doctor")
     assert code == 0
@@ -78,6 +89,9 @@ BAD_INPUTS = {
                            "config key 'candidates' must be an int > 0"),
     "config out of range": (lambda t: ["--config", _bad_config(t, '{"p_init": 1.5}')],
                             "config key 'p_init' must be a number in (0, 1)"),
+    "malformed --set": (lambda t: ["--set", "lr"], "--set takes KEY=VALUE, got 'lr'"),
+    "unknown --set key": (lambda t: ["--set", "lrate=0.1"], "unknown config key 'lrate'"),
+    "bad --set value": (lambda t: ["--set", "schedule=linear"], "config key 'schedule' must be one of cosine"),
     "unknown backend": (lambda t: ["--backend", "opencl"], "--backend: invalid choice"),
     "unavailable backend": (lambda t: ["--backend", "cuda"], "--backend: backend 'cuda' is not available"),
     "bad device": (lambda t: ["--device", "tpu"], "--device must be cpu, cuda, cuda:N or auto"),

@@ -14,6 +14,7 @@ from pgnas_fast.search import RunError, accuracy, best_candidate, run_search
 from pgnas_fast.search import run as run_module
 from pgnas_fast.search.io import read_jsonl
 from pgnas_fast.search.run import RUN_FILES, build_supernet, load_data
+from pgnas_fast.search.train import learning_rate
 
 SMALL = {"epochs": 2, "candidates": 6, "random_baseline": 4}
 
@@ -69,8 +70,8 @@ def test_best_candidate_rescores_from_the_checkpoint(finished_run):
     for (name, _), layer in zip(gated_layers(model), arch["layers"]):
         assert torch.nonzero(masks[name]).flatten().tolist() == layer["kept_channels"]
     set_gates(model, "hard", masks=masks)
-    assert accuracy(model, splits.heldout, 1000) == arch["score"]
-    assert accuracy(model, splits.test, 1000) == arch["test_accuracy"]
+    assert accuracy(model, [splits.heldout]) == arch["score"]  # one batch: the held-out split whole
+    assert accuracy(model, [splits.test]) == arch["test_accuracy"]
 
 
 def test_same_seed_gives_byte_identical_architecture(finished_run, tmp_path):
@@ -119,6 +120,16 @@ def test_fresh_run_replaces_an_old_run_whole(finished_run, tmp_path):
     assert not (tmp_path / "random_candidates.jsonl").exists()
 
 
+def test_smoke_runs_the_pipeline_on_a_handful_of_batches(tmp_path):
+    config = configs.resolve("digits-tiny", {"eval_batch_size": 50})
+    result = run_search(config, seed=0, out_dir=tmp_path, smoke=True, progress=False)
+    assert [r["epoch"] for r in read_jsonl(tmp_path / "train_log.jsonl")] == [1]
+    assert len(read_jsonl(tmp_path / "candidates.jsonl")) == run_module.SMOKE_CANDIDATES
+    # scores come from SMOKE_EVAL_BATCHES batches of 50 held-out images
+    assert all(abs(r["score"] * 100 - round(r["score"] * 100)) < 1e-9 for r in read_jsonl(tmp_path / "candidates.jsonl"))
+    assert result.summary["candidates"] == 2
+
+
 def test_digits_splits_are_disjoint_stratified_and_fixed():
     a = load_digits(test=360, heldout=300, split_seed=0)
     b = load_digits(test=360, heldout=300, split_seed=0)
@@ -159,3 +170,32 @@ def test_guided_candidates_beat_random_gates_on_three_seeds(tmp_path):
         margins.append(s["guided_mean_heldout_accuracy"] - s["random_mean_heldout_accuracy"])
     assert all(m > 0 for m in margins), margins
     assert statistics.fmean(margins) > 0.02, margins
+
+
+def test_schedules():
+    steps = 10  # per epoch
+    cosine = configs.resolve("digits-tiny", {"epochs": 4, "lr": 0.4, "lr_min": 0.1})
+    assert learning_rate(cosine, 0, steps) == pytest.approx(0.4)
+    assert learning_rate(cosine, 20, steps) == pytest.approx(0.25)  # half way
+    assert learning_rate(cosine, 40, steps) == pytest.approx(0.1)
+    step = configs.resolve("imagenet-d121")
+    assert [learning_rate(step, e * steps, steps) for e in (0, 89, 90, 149, 150, 179)] == pytest.approx(
+        [0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
+    sgdr = configs.resolve("cifar10-supnet-e")  # restarts after 10, 30, 70, 150, 310 epochs
+    for restart in (0, 10, 30, 70, 150, 310):
+        assert learning_rate(sgdr, restart * steps, steps) == pytest.approx(0.05)
+        if restart:
+            assert learning_rate(sgdr, restart * steps - 1, steps) < 0.0011
+    assert learning_rate(sgdr, 20 * steps, steps) == pytest.approx(1e-4 + 0.5 * (0.05 - 1e-4))
+    assert learning_rate(sgdr, 630 * steps - 1, steps) == pytest.approx(1e-4, abs=1e-6)
+
+
+@pytest.mark.parametrize("preset", configs.names())
+def test_every_preset_resolves_with_the_papers_numbers(preset):
+    config = configs.resolve(preset)
+    paper_l2 = {"cifar10-supnet-m": 50, "cifar10-supnet-mi": 150, "cifar100-supnet-mi": 2500, "cifar10-supnet-e": 0.1,
+                "cifar10-supnet-ei": 0.1, "imagenet-d121": 100, "imagenet-r50": 80}
+    if preset in paper_l2:
+        assert config["weight_reg"] == paper_l2[preset]
+        assert config["tau"] == 0.2 and config["p_init"] == 0.1 and config["drop_reg"] == 1.0
+        assert config["n_train"] == (1281167.0 if preset.startswith("imagenet") else 5e5)

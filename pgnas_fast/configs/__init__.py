@@ -12,39 +12,116 @@ from collections.abc import Mapping
 from pathlib import Path
 
 
+DATASETS = ("digits", "cifar10", "cifar100", "imagenet")
+
+
 class ConfigError(ValueError):
     """A malformed preset override or config file; the message names the key."""
 
+
+# Shared by every preset unless it says otherwise (pgnas-method.md section 2 conventions).
+DEFAULTS: dict = {
+    "data_args": {},
+    "heldout_size": 5000,  # carved from the training set, stratified; ranks the candidates
+    "split_seed": 0,  # fixed, so that every search seed sees the same splits
+    "supernet_args": {},
+    "p_init": 0.1,
+    "tau": 0.2,
+    "lr_min": 0.0,
+    "schedule": "cosine",  # cosine (per step, to lr_min) | step (x gamma at milestones) | sgdr (warm restarts)
+    "milestones": [],
+    "gamma": 0.1,
+    "sgdr_t0": 10,
+    "sgdr_tmul": 2,
+    "p_lr_scale": 1.0,  # step-size multiplier of the drop logits (the authors: 1)
+    "momentum": 0.9,  # Nesterov SGD; no weight decay: the regulariser replaces it
+    "grad_clip": 0.0,  # global gradient-norm clip; 0 disables
+    "drop_reg": 1.0,
+    "n_train": 0,  # N of the regulariser; 0 means the training split's size
+    "aux_weight": 0.0,  # auxiliary-head loss weight (ENAS cells)
+    "drop_path": 0.0,  # drop-path probability (ENAS cells)
+    "amp": "none",  # none | bf16 (autocast on CUDA only)
+    "channels_last": False,
+    "random_baseline": 0,  # random-gate candidates at the guided ones' expected drop rate (paper Table 3)
+    "eval_batch_size": 500,
+    "workers": 8,  # DataLoader workers (ImageNet)
+    "threads": 0,  # torch intra-op threads; 0 = torch's default
+}
+
+_CIFAR_SHAKE = {  # SupNet-M / MI protocol: Shake-Shake-26 2x(16k)d
+    "input_size": 32,
+    "epochs": 1800,
+    "batch_size": 128,
+    "lr": 0.01,
+    "schedule": "cosine",
+    "grad_clip": 5.0,
+    "n_train": 5e5,  # "about ten times the real size because of augmentation"
+    "candidates": 1500,
+}
+_CIFAR_ENAS = {  # SupNet-E / EI protocol: the fixed ENAS micro cell
+    "input_size": 32,
+    "epochs": 630,  # 10 + 20 + 40 + 80 + 160 + 320: six SGDR cycles end exactly here
+    "batch_size": 128,  # not stated in the paper; our choice
+    "lr": 0.05,
+    "lr_min": 1e-4,
+    "schedule": "sgdr",
+    "sgdr_t0": 10,
+    "sgdr_tmul": 2,
+    "grad_clip": 5.0,
+    "weight_reg": 0.1,
+    "n_train": 5e5,
+    "aux_weight": 0.4,
+    "drop_path": 0.6,
+    "candidates": 1500,
+}
+_IMAGENET = {  # SupNet-D-121 protocol; R-50 follows it (its own recipe is not published)
+    "dataset": "imagenet",
+    "heldout_size": 10000,  # 10 images per class
+    "input_size": 224,
+    "epochs": 180,
+    "batch_size": 300,
+    "lr": 0.1,
+    "schedule": "step",
+    "milestones": [90, 150],
+    "gamma": 0.1,
+    "n_train": 1281167.0,
+    "candidates": 1500,
+    "channels_last": True,
+    "amp": "bf16",
+}
 
 PRESETS: dict[str, dict] = {
     # The embedded default: real data shipped with scikit-learn, a search in about a minute on 2 cores.
     "digits-tiny": {
         "dataset": "digits",
-        "test_size": 360,  # about 20 % of the 1797 images, for reporting only
-        "heldout_size": 300,  # carved from the training part; ranks the candidates
-        "split_seed": 0,  # fixed, so that every search seed sees the same splits
+        "data_args": {"test_size": 360},  # about 20 % of the 1797 images, for reporting only
+        "heldout_size": 300,
         "supernet": "digits-tiny",
         "supernet_args": {"width": 16, "gate_group_size": 4},
-        "p_init": 0.1,
-        "tau": 0.2,
+        "input_size": 8,
         "epochs": 30,
         "batch_size": 64,
         "lr": 0.05,
-        # The authors train 1800 epochs; in 30, the drop logits need a larger step (the authors: 1)
-        # for the posterior to move: p then spreads from 0.1 and about a fifth of the channels go.
+        # The authors train 1800 epochs; in 30, the drop logits need a larger step for the posterior
+        # to move: p then spreads from 0.1 and about a fifth of the channels go.
         "p_lr_scale": 30.0,
-        "momentum": 0.9,  # Nesterov SGD, cosine schedule to 0, no weight decay (R replaces it)
-        "grad_clip": 5.0,  # global gradient-norm clip; 0 disables
+        "grad_clip": 5.0,
         "weight_reg": 10.0,  # l^2, the length-scale squared
-        "drop_reg": 1.0,
-        "n_train": 0,  # N of the regulariser; 0 means the training split's size
         "candidates": 200,
-        "random_baseline": 200,  # random-gate candidates at the guided ones' expected drop rate (paper Table 3)
+        "random_baseline": 200,
         "eval_batch_size": 1024,
-        # torch intra-op threads (0: torch's default). Tensors this small gain nothing from a second
-        # thread, and OpenMP spin-waits make 2 threads ~40x slower when another process wants a core.
+        # Tensors this small gain nothing from a second thread, and OpenMP spin-waits make 2 threads
+        # ~40x slower when another process wants a core.
         "threads": 1,
     },
+    "cifar10-supnet-m": {**_CIFAR_SHAKE, "dataset": "cifar10", "supernet": "supnet-m", "weight_reg": 50.0},
+    "cifar10-supnet-mi": {**_CIFAR_SHAKE, "dataset": "cifar10", "supernet": "supnet-mi", "weight_reg": 150.0},
+    "cifar100-supnet-mi": {**_CIFAR_SHAKE, "dataset": "cifar100", "supernet": "supnet-mi", "weight_reg": 2500.0,
+                           "candidates": 5000},
+    "cifar10-supnet-e": {**_CIFAR_ENAS, "dataset": "cifar10", "supernet": "supnet-e"},
+    "cifar10-supnet-ei": {**_CIFAR_ENAS, "dataset": "cifar10", "supernet": "supnet-ei"},
+    "imagenet-d121": {**_IMAGENET, "supernet": "supnet-d121", "weight_reg": 100.0},
+    "imagenet-r50": {**_IMAGENET, "supernet": "supnet-r50", "weight_reg": 80.0},
 }
 
 # key -> (python types, predicate, what the predicate demands)
@@ -53,26 +130,39 @@ _NON_NEGATIVE_INT = ((int,), lambda v: v >= 0, "an int >= 0")
 _POSITIVE = ((int, float), lambda v: math.isfinite(v) and v > 0, "a number > 0")
 _NON_NEGATIVE = ((int, float), lambda v: math.isfinite(v) and v >= 0, "a number >= 0")
 SCHEMA = {
-    "dataset": ((str,), lambda v: v in ("digits",), "'digits'"),
-    "test_size": _POSITIVE_INT,
+    "dataset": ((str,), lambda v: v in DATASETS, f"one of {', '.join(DATASETS)}"),
+    "data_args": ((dict,), lambda v: True, "an object"),
     "heldout_size": _POSITIVE_INT,
     "split_seed": _NON_NEGATIVE_INT,
     "supernet": ((str,), lambda v: bool(v), "a super-network name"),
     "supernet_args": ((dict,), lambda v: True, "an object"),
+    "input_size": _POSITIVE_INT,
     "p_init": ((int, float), lambda v: 0 < v < 1, "a number in (0, 1)"),
     "tau": _POSITIVE,
     "epochs": _POSITIVE_INT,
     "batch_size": _POSITIVE_INT,
     "lr": _POSITIVE,
+    "lr_min": _NON_NEGATIVE,
+    "schedule": ((str,), lambda v: v in ("cosine", "step", "sgdr"), "one of cosine, step, sgdr"),
+    "milestones": ((list,), lambda v: all(isinstance(m, int) and m > 0 for m in v) and v == sorted(v),
+                   "an ascending list of epochs > 0"),
+    "gamma": _POSITIVE,
+    "sgdr_t0": _POSITIVE_INT,
+    "sgdr_tmul": _POSITIVE_INT,
     "p_lr_scale": _POSITIVE,
     "momentum": ((int, float), lambda v: 0 <= v < 1, "a number in [0, 1)"),
     "grad_clip": _NON_NEGATIVE,
     "weight_reg": _NON_NEGATIVE,
     "drop_reg": _NON_NEGATIVE,
     "n_train": _NON_NEGATIVE,
+    "aux_weight": _NON_NEGATIVE,
+    "drop_path": ((int, float), lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "amp": ((str,), lambda v: v in ("none", "bf16"), "none or bf16"),
+    "channels_last": ((bool,), lambda v: True, "true or false"),
     "candidates": _POSITIVE_INT,
     "random_baseline": _NON_NEGATIVE_INT,
     "eval_batch_size": _POSITIVE_INT,
+    "workers": _NON_NEGATIVE_INT,
     "threads": _NON_NEGATIVE_INT,
 }
 
@@ -96,16 +186,29 @@ def load_overrides(path: str | Path) -> dict:
 
 
 def resolve(preset: str, overrides: Mapping | None = None) -> dict:
-    """The preset's mapping with `overrides` applied, validated; raises ConfigError naming the key."""
+    """DEFAULTS, then the preset, then `overrides`, validated; raises ConfigError naming the key."""
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; known presets: {', '.join(names())}")
-    config = copy.deepcopy(PRESETS[preset])
+    config = copy.deepcopy({**DEFAULTS, **PRESETS[preset]})
     for key, value in (overrides or {}).items():
         if key not in SCHEMA:
             raise ConfigError(f"unknown config key {key!r}; known keys: {', '.join(sorted(SCHEMA))}")
-        config[key] = value
+        config[key] = copy.deepcopy(value)
     for key, (types, ok, expected) in SCHEMA.items():
         value = config[key]
-        if isinstance(value, bool) or not isinstance(value, types) or not ok(value):
+        wrong_bool = isinstance(value, bool) and bool not in types  # True is an int to Python, not to us
+        if wrong_bool or not isinstance(value, types) or not ok(value):
             raise ConfigError(f"config key {key!r} must be {expected}, got {value!r}")
     return {"preset": preset, **config}
+
+
+def parse_assignment(text: str) -> tuple[str, object]:
+    """KEY=VALUE from the command line; VALUE is JSON when it parses (numbers, lists, true), else a string."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set takes KEY=VALUE, got {text!r}")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return key.strip(), value

@@ -6,7 +6,7 @@ One candidate at a time here; batched ranking of many candidates per pass is a l
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 import torch.nn as nn
@@ -17,15 +17,14 @@ from ..ops.streams import Domain
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor], batch_size: int) -> float:
-    """Top-1 accuracy of `model` (in eval mode, gates as they are set) on (images, labels)."""
+def accuracy(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """Top-1 accuracy of `model` (in eval mode, gates as they are set) over (images, labels) batches."""
     model.eval()
-    images, labels = data
-    correct = 0
-    for start in range(0, len(labels), batch_size):
-        logits = model(images[start:start + batch_size])
-        correct += (logits.argmax(1) == labels[start:start + batch_size]).sum().item()
-    return correct / len(labels)
+    correct = seen = 0
+    for images, labels in batches:
+        correct += (model(images).argmax(1) == labels).sum().item()
+        seen += len(labels)
+    return correct / seen
 
 
 def kept_fraction(masks: Mapping[str, torch.Tensor]) -> float:
@@ -43,16 +42,17 @@ def uniform_drop_logits(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: torch.full((layer.gate_channels,), z, device=layer.p_logit.device) for name, layer in layers}
 
 
-def rank_candidates(model: nn.Module, heldout: tuple[torch.Tensor, torch.Tensor], *, seed: int, count: int,
-                    batch_size: int, domain: Domain = Domain.CANDIDATE,
+def rank_candidates(model: nn.Module, heldout: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]], *,
+                    seed: int, count: int, domain: Domain = Domain.CANDIDATE,
                     p_logits: Mapping[str, torch.Tensor] | None = None, progress: bool = True,
                     desc: str = "ranking candidates") -> list[dict]:
-    """Score candidates 0 .. count - 1: one row {id, score, kept_fraction} each."""
+    """Score candidates 0 .. count - 1 on the batches `heldout()` yields: one row {id, score,
+    kept_fraction} each."""
     rows = []
     for candidate in tqdm(range(count), desc=desc, unit="cand", disable=not progress, dynamic_ncols=True):
         masks = candidate_masks(model, seed, candidate, domain=domain, p_logits=p_logits)
         set_gates(model, "hard", masks=masks)
-        rows.append({"id": candidate, "score": accuracy(model, heldout, batch_size),
+        rows.append({"id": candidate, "score": accuracy(model, heldout()),
                      "kept_fraction": kept_fraction(masks)})
     set_gates(model, "full")
     return rows

@@ -2,7 +2,7 @@
 
 Nesterov SGD, cosine learning rate per step down to 0, no weight decay (the regulariser replaces it),
 optional gradient-norm clipping. Every random number is a function of (seed, epoch, step): the data
-order from a generator seeded per epoch, the gates and shake weights from the Philox streams of the
+order from a generator seeded per epoch (feed.py), the gates and shake weights from the Philox streams of the
 step, so a run resumed from an epoch checkpoint continues exactly as if never stopped.
 """
 from __future__ import annotations
@@ -17,15 +17,6 @@ from tqdm import tqdm
 
 from ..nn import gated_layers, network_regularizer, set_gates
 
-_GOLDEN = 0x9E3779B97F4A7C15
-
-
-def epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
-    """The example order of one epoch, a function of (seed, epoch) alone."""
-    generator = torch.Generator().manual_seed((seed + (epoch + 1) * _GOLDEN) % (1 << 63))
-    return torch.randperm(n, generator=generator)
-
-
 def make_optimizer(model: nn.Module, config: dict) -> torch.optim.Optimizer:
     """Nesterov SGD without weight decay; the drop logits may take a larger step (`p_lr_scale`)."""
     p_logits = [layer.p_logit for _, layer in gated_layers(model)]
@@ -36,8 +27,21 @@ def make_optimizer(model: nn.Module, config: dict) -> torch.optim.Optimizer:
                            nesterov=config["momentum"] > 0, weight_decay=0.0)
 
 
-def cosine_lr(base_lr: float, step: int, total_steps: int) -> float:
-    return 0.5 * base_lr * (1.0 + math.cos(math.pi * step / total_steps))
+def learning_rate(config: dict, step: int, steps_per_epoch: int) -> float:
+    """The schedule's rate at a training step: cosine (per step, to lr_min), step (x gamma at each
+    milestone epoch) or sgdr (cosine with warm restarts, periods sgdr_t0 * sgdr_tmul^i epochs)."""
+    lr, lr_min = config["lr"], config["lr_min"]
+    epoch = step / steps_per_epoch  # fractional
+    if config["schedule"] == "step":
+        return lr * config["gamma"] ** sum(epoch >= m for m in config["milestones"])
+    if config["schedule"] == "sgdr":
+        period, start = config["sgdr_t0"], 0
+        while epoch >= start + period:
+            start, period = start + period, period * config["sgdr_tmul"]
+        fraction = (epoch - start) / period
+    else:
+        fraction = step / (config["epochs"] * steps_per_epoch)
+    return lr_min + 0.5 * (lr - lr_min) * (1.0 + math.cos(math.pi * fraction))
 
 
 def mean_drop_probability(model: nn.Module) -> float:
@@ -47,26 +51,21 @@ def mean_drop_probability(model: nn.Module) -> float:
         return torch.cat(ps).mean().item()
 
 
-def train_posterior(model: nn.Module, optimizer: torch.optim.Optimizer, train: tuple[torch.Tensor, torch.Tensor],
-                    config: dict, *, seed: int, start_epoch: int = 0, n_train: float,
-                    on_epoch_end: Callable[[int, dict], None] | None = None, progress: bool = True) -> None:
-    """Train from `start_epoch` to config['epochs']; `on_epoch_end(epoch, stats)` checkpoints."""
-    images, labels = train
-    batch_size = config["batch_size"]
-    steps_per_epoch = math.ceil(len(labels) / batch_size)
-    total_steps = config["epochs"] * steps_per_epoch
+def train_posterior(model: nn.Module, optimizer: torch.optim.Optimizer, feed, config: dict, *, seed: int,
+                    start_epoch: int = 0, n_train: float, on_epoch_end: Callable[[int, dict], None] | None = None,
+                    progress: bool = True) -> None:
+    """Train from `start_epoch` to config['epochs'] on `feed` (see feed.py); `on_epoch_end(epoch,
+    stats)` checkpoints."""
+    steps_per_epoch = feed.steps_per_epoch()
     bar = tqdm(range(start_epoch, config["epochs"]), desc="posterior training", unit="epoch",
                disable=not progress, dynamic_ncols=True, initial=start_epoch, total=config["epochs"])
     for epoch in bar:
         model.train()
-        order = epoch_order(seed, epoch, len(labels))
         loss_sum = correct = seen = 0.0
-        for i in range(steps_per_epoch):
+        for i, (x, y) in enumerate(feed.train_batches(epoch, seed)):
             step = epoch * steps_per_epoch + i
-            idx = order[i * batch_size:(i + 1) * batch_size]
-            x, y = images[idx], labels[idx]
             for group in optimizer.param_groups:
-                group["lr"] = cosine_lr(config["lr"] * group["lr_scale"], step, total_steps)
+                group["lr"] = learning_rate(config, step, steps_per_epoch) * group["lr_scale"]
             set_gates(model, "relaxed", seed=seed, step=step)
             logits = model(x)
             loss = F.cross_entropy(logits, y) + network_regularizer(

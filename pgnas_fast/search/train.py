@@ -8,6 +8,7 @@ step, so a run resumed from an epoch checkpoint continues exactly as if never st
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 
 import torch
@@ -51,35 +52,62 @@ def mean_drop_probability(model: nn.Module) -> float:
         return torch.cat(ps).mean().item()
 
 
+def _forward_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: dict, amp: bool):
+    """Mean cross-entropy, with the auxiliary head's (ENAS cells: the model returns (logits, aux) in
+    training) weighted by aux_weight."""
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+        out = model(x)
+    logits, aux = out if isinstance(out, tuple) else (out, None)
+    ce = F.cross_entropy(logits.float(), y)
+    if aux is not None and config["aux_weight"] > 0:
+        ce = ce + config["aux_weight"] * F.cross_entropy(aux.float(), y)
+    return logits, ce
+
+
 def train_posterior(model: nn.Module, optimizer: torch.optim.Optimizer, feed, config: dict, *, seed: int,
                     start_epoch: int = 0, n_train: float, on_epoch_end: Callable[[int, dict], None] | None = None,
                     progress: bool = True) -> None:
     """Train from `start_epoch` to config['epochs'] on `feed` (see feed.py); `on_epoch_end(epoch,
-    stats)` checkpoints."""
+    stats)` checkpoints. bf16 autocast (config amp) applies on CUDA only; the regulariser and the
+    loss stay in float32."""
     steps_per_epoch = feed.steps_per_epoch()
+    amp = config["amp"] == "bf16" and feed.device.type == "cuda"
+    memory_format = torch.channels_last if config["channels_last"] else torch.contiguous_format
     bar = tqdm(range(start_epoch, config["epochs"]), desc="posterior training", unit="epoch",
                disable=not progress, dynamic_ncols=True, initial=start_epoch, total=config["epochs"])
     for epoch in bar:
         model.train()
-        loss_sum = correct = seen = 0.0
+        started = time.perf_counter()
+        sums = {"loss": 0.0, "cross_entropy": 0.0, "regularizer": 0.0, "correct": 0.0}
+        seen = 0
         for i, (x, y) in enumerate(feed.train_batches(epoch, seed)):
             step = epoch * steps_per_epoch + i
+            lr = learning_rate(config, step, steps_per_epoch)
             for group in optimizer.param_groups:
-                group["lr"] = learning_rate(config, step, steps_per_epoch) * group["lr_scale"]
+                group["lr"] = lr * group["lr_scale"]
             set_gates(model, "relaxed", seed=seed, step=step)
-            logits = model(x)
-            loss = F.cross_entropy(logits, y) + network_regularizer(
-                model, weight_reg=config["weight_reg"], drop_reg=config["drop_reg"], n_train=n_train)
+            if x.dim() == 4:
+                x = x.contiguous(memory_format=memory_format)
+            logits, ce = _forward_loss(model, x, y, config, amp)
+            reg = network_regularizer(model, weight_reg=config["weight_reg"], drop_reg=config["drop_reg"],
+                                      n_train=n_train)
+            loss = ce + reg
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if config["grad_clip"] > 0:
                 nn.utils.clip_grad_norm_(model.parameters(), config["grad_clip"])
             optimizer.step()
-            loss_sum += loss.item() * len(y)
-            correct += (logits.argmax(1) == y).sum().item()
-            seen += len(y)
-        stats = {"epoch": epoch + 1, "loss": loss_sum / seen, "train_accuracy": correct / seen,
-                 "mean_p": mean_drop_probability(model)}
+            n = len(y)
+            for key, value in (("loss", loss), ("cross_entropy", ce), ("regularizer", reg)):
+                sums[key] += value.item() * n
+            sums["correct"] += (logits.argmax(1) == y).sum().item()
+            seen += n
+        seconds = time.perf_counter() - started
+        stats = {"epoch": epoch + 1, "loss": sums["loss"] / seen, "cross_entropy": sums["cross_entropy"] / seen,
+                 "regularizer": sums["regularizer"] / seen, "train_accuracy": sums["correct"] / seen,
+                 "lr": lr, "images_per_second": seen / seconds, "mean_p": mean_drop_probability(model),
+                 "mean_p_per_layer": {name: torch.sigmoid(layer.p_logit.detach()).mean().item()
+                                      for name, layer in gated_layers(model)}}
         bar.set_postfix(loss=f"{stats['loss']:.3f}", acc=f"{stats['train_accuracy']:.3f}",
                         mean_p=f"{stats['mean_p']:.3f}")
         if on_epoch_end is not None:

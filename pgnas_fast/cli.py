@@ -78,6 +78,27 @@ def _build_parser() -> argparse.ArgumentParser:
     search.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
     search.add_argument("--quiet", action="store_true", help="no progress bars")
 
+    rank = commands.add_parser(
+        "rank", help="rank candidates of a finished search again (batched, racing, resumable, torchrun-sharded)",
+        description="Score candidates of a run directory on its held-out split with the inherited weights. "
+                    "Writes RUN_DIR/rank-TAG/candidates.jsonl (id, score, images, kept_fraction) and top.json. "
+                    "Under torchrun the candidates are sharded across ranks.")
+    rank.add_argument("run_dir", metavar="RUN_DIR", help="a directory written by pgnas-fast search")
+    rank.add_argument("--candidates", type=_count(1), default=1000, help="candidates 0 .. K-1 (default 1000)")
+    rank.add_argument("--strategy", choices=("racing", "exhaustive"), default="racing",
+                      help="racing: paired successive halving (default); exhaustive: every candidate on every image")
+    rank.add_argument("--evaluator", choices=("batched", "sequential", "reload"), default="batched",
+                      help="batched: K candidates per pass (default); sequential: one at a time; "
+                           "reload: the authors' procedure, model and checkpoint reloaded per candidate")
+    rank.add_argument("--eta", type=_count(2), help="racing: keep the best 1/eta per round (preset's)")
+    rank.add_argument("--first-share", type=float, help="racing: share of held-out images in round 0 (preset's)")
+    rank.add_argument("--top", type=_count(1), default=10, help="candidates written to top.json (default 10)")
+    rank.add_argument("--tag", default="default", help="names the output folder rank-TAG (default 'default')")
+    rank.add_argument("--resume", action="store_true", help="continue an interrupted ranking of the same tag")
+    rank.add_argument("--data-dir", metavar="DIR", help="the data set's directory (as for search)")
+    rank.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    rank.add_argument("--quiet", action="store_true", help="no progress bar")
+
     commands.add_parser("doctor", help="versions, backends (and why one is off), threads",
                         description="Print versions, which backends are live and why not, and threads.")
     return parser
@@ -165,6 +186,32 @@ def _search(args) -> int:
     return 0
 
 
+def _rank(args) -> int:
+    from .search import RunError
+    from .search.rank_run import rank_run
+
+    if args.first_share is not None and not 0 < args.first_share <= 1:
+        raise UsageError(f"--first-share must be in (0, 1], got {args.first_share}")
+    if not set(args.tag) <= set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-") or not args.tag:
+        raise UsageError(f"--tag must be letters, digits, '_', '.' or '-', got {args.tag!r}")
+    device = _resolve_device(args.device)
+    try:
+        summary = rank_run(args.run_dir, candidates=args.candidates, strategy=args.strategy, evaluator=args.evaluator,
+                           tag=args.tag, resume=args.resume, top=args.top, eta=args.eta,
+                           first_share=args.first_share, device=str(device), data_dir=args.data_dir,
+                           progress=not args.quiet)
+    except RunError as err:
+        raise UsageError(str(err)) from None
+    if int(os.environ.get("RANK", "0")) == 0:
+        best = summary["best"]
+        print(f"best candidate: {best['id']} of {summary['candidates']}, held-out accuracy {_percent(best['score'])} "
+              f"on {best['images']} images (keeps {_percent(best['kept_fraction'])} of the gated input channels)")
+        print(f"  {summary['strategy']} with the {summary['evaluator']} evaluator: "
+              f"{summary['images_evaluated']} candidate-images evaluated")
+        print(f"results: {Path(args.run_dir) / ('rank-' + args.tag)}")
+    return 0
+
+
 def _doctor(_args) -> int:
     import torch
 
@@ -201,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command is None:
             parser.print_help()
             return EXIT_USAGE
-        return {"search": _search, "doctor": _doctor}[args.command](args)
+        return {"search": _search, "rank": _rank, "doctor": _doctor}[args.command](args)
     except (UsageError, ConfigError) as err:
         print(f"pgnas-fast: error: {err}", file=sys.stderr)
         return EXIT_USAGE

@@ -306,8 +306,8 @@ def test_set_gates_errors():
         set_gates(net, "hard", masks={k: v for k, v in good.items() if k != "head.1"})
     with pytest.raises(ValueError, match="conv2"):
         set_gates(net, "hard", masks={**good, "conv2": torch.ones(7)})
-    with pytest.raises(ValueError, match="conv2"):
-        set_gates(net, "hard", masks={**good, "conv2": torch.ones(1, 8)})
+    with pytest.raises(ValueError, match="conv2"):  # [C] or [K, C] only
+        set_gates(net, "hard", masks={**good, "conv2": torch.ones(1, 1, 8)})
 
 
 def test_network_regularizer_matches_literal_formula():

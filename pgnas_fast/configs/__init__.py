@@ -43,6 +43,10 @@ DEFAULTS: dict = {
     "amp": "none",  # none | bf16 (autocast on CUDA only)
     "channels_last": False,
     "random_baseline": 0,  # random-gate candidates at the guided ones' expected drop rate (paper Table 3)
+    "ranking": "racing",  # racing (paired successive halving) | exhaustive
+    "racing_eta": 3,  # racing keeps the best 1/eta each round, on eta times more images
+    "racing_first_share": 1 / 27,  # share of the held-out set seen by every candidate in round 0
+    "rank_rows": 8192,  # rows (candidates x images) per batched evaluation pass
     "eval_batch_size": 500,
     "workers": 8,  # DataLoader workers (ImageNet)
     "threads": 0,  # torch intra-op threads; 0 = torch's default
@@ -109,6 +113,7 @@ PRESETS: dict[str, dict] = {
         "weight_reg": 10.0,  # l^2, the length-scale squared
         "candidates": 200,
         "random_baseline": 200,
+        "ranking": "exhaustive",  # cheap here, and the Table 3 comparison wants every candidate's full score
         "eval_batch_size": 1024,
         # Tensors this small gain nothing from a second thread, and OpenMP spin-waits make 2 threads
         # ~40x slower when another process wants a core.
@@ -161,6 +166,10 @@ SCHEMA = {
     "channels_last": ((bool,), lambda v: True, "true or false"),
     "candidates": _POSITIVE_INT,
     "random_baseline": _NON_NEGATIVE_INT,
+    "ranking": ((str,), lambda v: v in ("racing", "exhaustive"), "racing or exhaustive"),
+    "racing_eta": ((int,), lambda v: v >= 2, "an int >= 2"),
+    "racing_first_share": ((int, float), lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    "rank_rows": _POSITIVE_INT,
     "eval_batch_size": _POSITIVE_INT,
     "workers": _NON_NEGATIVE_INT,
     "threads": _NON_NEGATIVE_INT,

@@ -9,6 +9,7 @@ from .gated import (
     gated_layers,
     network_regularizer,
     set_gates,
+    stacked_candidate_masks,
 )
 
 __all__ = [
@@ -21,4 +22,5 @@ __all__ = [
     "gated_layers",
     "network_regularizer",
     "set_gates",
+    "stacked_candidate_masks",
 ]

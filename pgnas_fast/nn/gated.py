@@ -84,7 +84,13 @@ class GatedInput(nn.Module):
                 tau=self.tau, mode="relaxed", backend=self.backend,
             )
         if self.gate_mode == "hard":
-            return x * self.gate_mask.to(x.dtype).view(1, -1, *([1] * (x.dim() - 2)))
+            mask = self.gate_mask.to(x.dtype)
+            trailing = [1] * (x.dim() - 2)
+            if mask.dim() == 1:
+                return x * mask.view(1, -1, *trailing)
+            # K candidates at once: the batch is K equal row groups, candidate-major
+            k = mask.shape[0]
+            return (x.unflatten(0, (k, -1)) * mask.view(k, 1, -1, *trailing)).flatten(0, 1)
         return x
 
     def extra_repr(self) -> str:
@@ -154,13 +160,29 @@ def candidate_masks(model: nn.Module, seed: int, candidate: int, *, domain: Doma
     return masks
 
 
+def stacked_candidate_masks(model: nn.Module, seed: int, candidates: Sequence[int], *,
+                            domain: Domain = Domain.CANDIDATE,
+                            p_logits: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Masks of several candidates, {layer name: [K, C_in]}, for batched evaluation: with these set,
+    a batch of K equal row groups runs candidate k on group k."""
+    masks = {}
+    with torch.no_grad():
+        for index, (name, layer) in enumerate(gated_layers(model)):
+            z = layer.p_logit_per_channel() if p_logits is None else p_logits[name]
+            ids = torch.as_tensor(list(candidates), dtype=torch.int64, device=z.device)
+            masks[name] = ops.candidate_keep(z.detach().float(), ids, seed=seed, layer=index, domain=domain,
+                                             backend=layer.backend)
+    return masks
+
+
 def set_gates(model: nn.Module, mode: str, *, seed: int = 0, step: int | None = None,
               candidate: int | None = None, masks: Mapping[str, torch.Tensor] | None = None) -> None:
     """Put every gated layer of `model` into one gate mode.
 
     relaxed: needs `step` (the training step; with `seed` it names the random streams, which also
     drive StochasticModules such as shake-shake). hard: needs `candidate` (masks drawn from the
-    learned p, see candidate_masks) or explicit `masks`. full: no arguments.
+    learned p, see candidate_masks) or explicit `masks` ([C_in] each, or [K, C_in] to run K
+    candidates on K equal row groups of every batch). full: no arguments.
     """
     if mode not in ops.GATE_MODES:
         raise ValueError(f"mode must be one of {', '.join(ops.GATE_MODES)}; got {mode!r}")
@@ -179,9 +201,10 @@ def set_gates(model: nn.Module, mode: str, *, seed: int = 0, step: int | None = 
         if missing:
             raise ValueError(f"masks has no entry for gated layers {missing}")
         for name, layer in layers:  # check every mask before switching any layer
-            if tuple(masks[name].shape) != (layer.gate_channels,):
-                raise ValueError(
-                    f"masks[{name!r}] must have shape [{layer.gate_channels}], got {tuple(masks[name].shape)}")
+            shape = tuple(masks[name].shape)
+            if shape[-1:] != (layer.gate_channels,) or len(shape) > 2:
+                raise ValueError(f"masks[{name!r}] must have shape [{layer.gate_channels}] or "
+                                 f"[K, {layer.gate_channels}] (K candidates at once), got {shape}")
     for index, (name, layer) in enumerate(layers):
         layer.gate_mode = mode
         layer.gate_mask = None

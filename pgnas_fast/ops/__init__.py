@@ -22,7 +22,7 @@ from .dispatch import (
     set_backend,
     use_backend,
 )
-from .streams import SEED_LIMIT, Domain, stream_id
+from .streams import LAYER_LIMIT, MAJOR_LIMIT, SEED_LIMIT, Domain, stream_id
 
 __all__ = [
     "BACKENDS",
@@ -31,6 +31,7 @@ __all__ = [
     "GATE_MODES",
     "backends",
     "branch_combine",
+    "candidate_keep",
     "gate_keep",
     "gated_apply",
     "philox_uniform",
@@ -110,6 +111,25 @@ def gate_keep(p_logit, batch: int, *, seed: int, stream: int, tau: float = 0.2, 
     _check_int("batch", batch, 1)
     # p_logit is tiny ([C]); a contiguous copy spares every backend a strided path (e.g. expanded views)
     return _library.gate_keep(p_logit.contiguous(), batch, seed, stream, float(tau), mode, resolve(backend, p_logit.device))
+
+
+def candidate_keep(p_logit, candidates, *, seed: int, layer: int, domain: Domain = Domain.CANDIDATE, backend=None):
+    """Hard keep masks [K, C] (float32) of K candidates of one gate layer in one call.
+
+    Row k equals gate_keep(p_logit, 1, seed=seed, stream=stream_id(domain, candidates[k], layer),
+    mode="hard")[0]: candidate ids name their masks whatever the batch they are drawn in.
+    """
+    _check_tensor("p_logit", p_logit, GATE_DTYPES, ndim=1)
+    _check_tensor("candidates", candidates, (torch.int64,), ndim=1)
+    _check_rng(seed, 0)
+    _check_int("layer", layer, 0, LAYER_LIMIT)
+    if not isinstance(domain, Domain):
+        raise TypeError(f"domain must be a pgnas_fast.ops.Domain, got {domain!r}")
+    if candidates.numel() and not bool(((candidates >= 0) & (candidates < MAJOR_LIMIT)).all()):
+        raise ValueError("candidates must be ids in [0, 2^40)")
+    _check_same_device("p_logit", p_logit, candidates=candidates)
+    return _library.candidate_keep(p_logit.contiguous(), candidates.contiguous(), seed, layer, int(domain),
+                                   resolve(backend, p_logit.device))
 
 
 def gated_apply(x, p_logit, *, seed: int, stream: int, tau: float = 0.2, mode: str = "relaxed", backend=None):

@@ -64,6 +64,17 @@ def _gate_keep_grad(ctx, grad):
 gate_keep.register_autograd(_gate_keep_grad, setup_context=_gate_keep_setup)
 
 
+# ---- candidate_keep -------------------------------------------------------------------------------
+@_op("candidate_keep")
+def candidate_keep(p_logit: Tensor, candidates: Tensor, seed: int, layer: int, domain: int, backend: str) -> Tensor:
+    return implementation(backend, "candidate_keep")(p_logit, candidates, seed, layer, domain)
+
+
+@candidate_keep.register_fake
+def _(p_logit, candidates, seed, layer, domain, backend):
+    return p_logit.new_empty(candidates.shape[0], p_logit.shape[0])
+
+
 # ---- gated_apply ----------------------------------------------------------------------------------
 @_op("gated_apply")
 def gated_apply(x: Tensor, p_logit: Tensor, seed: int, stream: int, tau: float, mode: str, backend: str) -> Tensor:

@@ -132,7 +132,21 @@ def resolve(requested: str | None, device: torch.device) -> str:
 
 
 def implementation(name: str, op: str):
+    """The function of backend `name` for `op`. Ops a backend has not implemented yet (see
+    `missing_ops`) run on the reference backend, which takes every device."""
     loaded = _load(name)
     if isinstance(loaded, str):
         raise BackendUnavailableError(f"backend {name!r} is not available: {loaded}")
-    return getattr(loaded, op)
+    return getattr(loaded, op, None) or getattr(_load("reference"), op)
+
+
+def missing_ops(name: str) -> list[str]:
+    """Ops of the reference backend that backend `name` does not implement (they run on reference)."""
+    loaded, reference = _load(name), _load("reference")
+    if isinstance(loaded, str):
+        return []
+    return sorted(op for op in OPS if not hasattr(loaded, op) and hasattr(reference, op))
+
+
+OPS = ("philox_uniform", "gate_keep", "gate_keep_backward", "candidate_keep", "gated_apply",
+       "gated_apply_backward", "branch_combine", "branch_combine_backward", "regularizer", "regularizer_backward")

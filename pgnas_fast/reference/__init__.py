@@ -31,6 +31,14 @@ def gate_keep(p_logit: torch.Tensor, batch: int, seed: int, stream: int, tau: fl
     return torch.sigmoid(-(p_logit + logistic) / tau)
 
 
+def candidate_keep(p_logit: torch.Tensor, candidates: torch.Tensor, seed: int, layer: int, domain: int) -> torch.Tensor:
+    """Hard keep masks [K, C] of candidates `candidates` (int64 [K]) for gate layer `layer`: row k is
+    gate_keep(p_logit, 1, seed, stream_id(domain, candidates[k], layer), mode="hard")."""
+    streams = (domain << 56) | (candidates << 16) | layer
+    u = philox.uniform_streams(p_logit.shape[0], seed, streams).to(p_logit.dtype)
+    return (u + torch.sigmoid(p_logit) < 1.0).to(p_logit.dtype)
+
+
 def _relaxed_keep_grad(grad_keep: torch.Tensor, keep: torch.Tensor, tau: float) -> torch.Tensor:
     """d p_logit [C] from d keep [B, C]: d keep / d p_logit = -keep (1 - keep) / tau."""
     return -(grad_keep * keep * (1.0 - keep)).sum(0) / tau

@@ -59,3 +59,12 @@ def uniform(n: int, seed: int, stream: int, offset: int, device) -> torch.Tensor
     key = (seed & MASK32, seed >> 32)
     w0 = philox4x32((i & MASK32, i >> 32, stream & MASK32, stream >> 32), key)[0]
     return (((w0 >> 8).to(torch.float32) + 0.5) * U_SCALE).clamp_(max=U_MAX)
+
+
+def uniform_streams(n: int, seed: int, streams: torch.Tensor) -> torch.Tensor:
+    """float32 [K, n]: u of elements 0 .. n - 1 of each stream in `streams` (int64 [K]), one call."""
+    i = torch.arange(n, dtype=torch.int64, device=streams.device).view(1, n)
+    s = streams.view(-1, 1)
+    key = (seed & MASK32, seed >> 32)
+    w0 = philox4x32((i & MASK32, i >> 32, s & MASK32, s >> 32), key)[0]
+    return (((w0 >> 8).to(torch.float32) + 0.5) * U_SCALE).clamp_(max=U_MAX)

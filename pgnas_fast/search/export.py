@@ -28,7 +28,7 @@ def _layer_record(name: str, layer, mask: torch.Tensor) -> dict:
 
 
 def architecture_record(model: nn.Module, masks: Mapping[str, torch.Tensor], *, config: dict, seed: int,
-                        candidate: dict, test_accuracy: float) -> dict:
+                        candidate: dict, test_accuracy: float | None) -> dict:
     """Everything that names the found architecture; deterministic for a given (config, seed)."""
     layers = [_layer_record(name, layer, masks[name]) for name, layer in gated_layers(model)]
     return {

@@ -59,5 +59,13 @@ class TensorFeed:
             end = start + self.eval_batch_size
             yield self.prepare_eval(images[start:end]), labels[start:end]
 
+    def split(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """A whole evaluation split as stored (before `prepare_eval`), cut to the smoke limit."""
+        images, labels = self.splits[name]
+        if self.max_eval_batches is not None:
+            n = self.max_eval_batches * self.eval_batch_size
+            images, labels = images[:n], labels[:n]
+        return images, labels
+
     def sizes(self) -> dict[str, int]:
         return {name: len(split[1]) for name, split in self.splits.items()}

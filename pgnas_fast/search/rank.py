@@ -1,19 +1,35 @@
 """Sampling and ranking candidates: hard gates from the learned p, scored on held-out data with the
 inherited weights, BatchNorm in eval mode with the super-network's running statistics (the authors').
 
-One candidate at a time here; batched ranking of many candidates per pass is a later layer.
+Evaluators (all give the same counts, image for image):
+- ``batched``: K candidates x b images as one batch of K*b rows, each row group with its own
+  candidate's masks (design.md "Ranking at speed"); the checkpoint is loaded once.
+- ``sequential``: one candidate at a time, same model.
+- ``reload``: the authors' procedure, the baseline for benchmarks: the model rebuilt and its
+  checkpoint reloaded for every candidate.
+
+Strategies: ``exhaustive`` scores every candidate on the whole held-out set; ``racing`` is paired
+successive halving: every survivor sees the same first images, the best 1/eta go on to a share eta
+times larger, and the last survivors are scored on the whole set. Progress is appended to a log as
+chunks finish, so a killed ranking resumes without evaluating anything twice.
 """
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Callable, Iterable, Mapping
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from ..nn import candidate_masks, gated_layers, set_gates
+from ..nn import candidate_masks, gated_layers, set_gates, stacked_candidate_masks
 from ..ops.streams import Domain
+
+EVALUATORS = ("batched", "sequential", "reload")
+STRATEGIES = ("exhaustive", "racing")
 
 
 @torch.no_grad()
@@ -42,22 +58,177 @@ def uniform_drop_logits(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: torch.full((layer.gate_channels,), z, device=layer.p_logit.device) for name, layer in layers}
 
 
-def rank_candidates(model: nn.Module, heldout: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]], *,
-                    seed: int, count: int, domain: Domain = Domain.CANDIDATE,
-                    p_logits: Mapping[str, torch.Tensor] | None = None, progress: bool = True,
-                    desc: str = "ranking candidates") -> list[dict]:
-    """Score candidates 0 .. count - 1 on the batches `heldout()` yields: one row {id, score,
-    kept_fraction} each."""
-    rows = []
-    for candidate in tqdm(range(count), desc=desc, unit="cand", disable=not progress, dynamic_ncols=True):
-        masks = candidate_masks(model, seed, candidate, domain=domain, p_logits=p_logits)
-        set_gates(model, "hard", masks=masks)
-        rows.append({"id": candidate, "score": accuracy(model, heldout()),
-                     "kept_fraction": kept_fraction(masks)})
-    set_gates(model, "full")
-    return rows
+class CandidateScorer:
+    """Counts correct held-out predictions of candidates on image ranges [start, end).
+
+    `images`, `labels`: the held-out split, already on the model's device; `prepare` maps stored
+    images to model inputs (e.g. normalisation). `rows_per_pass` bounds the batched evaluator's
+    K * batch_size rows. `load_model` (reload evaluator only) builds the model from its checkpoint.
+    """
+
+    def __init__(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, seed: int,
+                 evaluator: str = "batched", batch_size: int = 500, rows_per_pass: int = 8192,
+                 domain: Domain = Domain.CANDIDATE, p_logits: Mapping[str, torch.Tensor] | None = None,
+                 prepare: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 load_model: Callable[[], nn.Module] | None = None):
+        if evaluator not in EVALUATORS:
+            raise ValueError(f"evaluator must be one of {', '.join(EVALUATORS)}; got {evaluator!r}")
+        if evaluator == "reload" and load_model is None:
+            raise ValueError("the reload evaluator needs load_model")
+        self.model, self.images, self.labels = model, images, labels
+        self.seed, self.evaluator, self.domain, self.p_logits = seed, evaluator, domain, p_logits
+        self.batch_size, self.rows_per_pass = batch_size, rows_per_pass
+        self.prepare = prepare or (lambda x: x)
+        self.load_model = load_model
+
+    @property
+    def size(self) -> int:
+        return len(self.labels)
+
+    def kept_fraction(self, candidate: int) -> float:
+        return kept_fraction(candidate_masks(self.model, self.seed, candidate, domain=self.domain,
+                                             p_logits=self.p_logits))
+
+    def candidates_per_pass(self, start: int, end: int) -> int:
+        return max(1, self.rows_per_pass // min(self.batch_size, end - start))
+
+    @torch.no_grad()
+    def correct(self, candidates: Sequence[int], start: int, end: int) -> list[int]:
+        """Correct predictions of each candidate on held-out images start .. end - 1."""
+        if self.evaluator == "batched":
+            return self._correct_batched(list(candidates), start, end)
+        counts = []
+        for candidate in candidates:
+            model = self.load_model() if self.evaluator == "reload" else self.model
+            set_gates(model, "hard", masks=candidate_masks(model, self.seed, candidate, domain=self.domain,
+                                                           p_logits=self.p_logits))
+            model.eval()
+            counts.append(sum((model(self.prepare(x)).argmax(1) == y).sum().item()
+                              for x, y in self._batches(start, end)))
+        set_gates(self.model, "full")
+        return counts
+
+    def _batches(self, start: int, end: int):
+        for lo in range(start, end, self.batch_size):
+            hi = min(lo + self.batch_size, end)
+            yield self.images[lo:hi], self.labels[lo:hi]
+
+    def _correct_batched(self, candidates: list[int], start: int, end: int) -> list[int]:
+        self.model.eval()
+        counts = torch.zeros(len(candidates), dtype=torch.int64, device=self.labels.device)
+        per_pass = self.candidates_per_pass(start, end)
+        for lo in range(0, len(candidates), per_pass):
+            group = candidates[lo:lo + per_pass]
+            k = len(group)
+            set_gates(self.model, "hard", masks=stacked_candidate_masks(
+                self.model, self.seed, group, domain=self.domain, p_logits=self.p_logits))
+            for x, y in self._batches(start, end):
+                x = self.prepare(x)
+                rows = x.unsqueeze(0).expand(k, *x.shape).flatten(0, 1)  # candidate-major row groups
+                predictions = self.model(rows).argmax(1).view(k, -1)
+                counts[lo:lo + k] += (predictions == y).sum(1)
+        set_gates(self.model, "full")
+        return counts.tolist()  # one host sync per call
+
+
+class ProgressLog:
+    """Append-only JSONL of finished evaluations {round, id, correct, start, end}, flushed per chunk;
+    every rank of a sharded ranking appends to its own file and reads them all on resume."""
+
+    def __init__(self, directory: Path, rank: int = 0):
+        self.directory = Path(directory)
+        self.path = self.directory / f"progress-rank{rank}.jsonl"
+
+    def load(self) -> dict[tuple[int, int], dict]:
+        done = {}
+        for path in sorted(self.directory.glob("progress-rank*.jsonl")):
+            for line in path.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut by a kill: that chunk is evaluated again
+                done[(row["round"], row["id"])] = row
+        return done
+
+    def append(self, rows: list[dict]) -> None:
+        with open(self.path, "a") as f:
+            f.write("".join(json.dumps(row, sort_keys=True) + "\n" for row in rows))
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def _shares(strategy: str, size: int, count: int, eta: int, first_share: float) -> list[int]:
+    """Image counts that the rounds end at: [size] for exhaustive; growing by eta for racing."""
+    if strategy == "exhaustive" or count == 1:
+        return [size]
+    ends, share = [], first_share
+    while share < 1.0 and math.ceil(share * size) < size:
+        ends.append(max(1, math.ceil(share * size)))
+        share *= eta
+    return ends + [size]
+
+
+def rank(scorer: CandidateScorer, candidates: Sequence[int], *, strategy: str = "exhaustive", eta: int = 3,
+         first_share: float = 1 / 27, chunk: int = 64, log: ProgressLog | None = None,
+         shard: tuple[int, int] = (0, 1), gather: Callable[[list[dict]], list[dict]] | None = None,
+         progress: bool = True, desc: str = "ranking candidates") -> list[dict]:
+    """Score `candidates`; one row {id, score, images, kept_fraction} each, in id order.
+
+    shard = (rank, world): this process evaluates every world-th survivor; `gather` exchanges the
+    finished rows between ranks (all-gather) so that all ranks agree on the survivors.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}; got {strategy!r}")
+    if eta < 2 or not 0 < first_share <= 1:
+        raise ValueError(f"racing needs eta >= 2 and 0 < first_share <= 1, got {eta} and {first_share}")
+    rank_id, world = shard
+    done = log.load() if log is not None else {}
+    correct = {c: 0 for c in candidates}
+    images = {c: 0 for c in candidates}
+    survivors, start = list(candidates), 0
+    ends = _shares(strategy, scorer.size, len(candidates), eta, first_share)
+    total = sum(len(candidates) for _ in ends)  # an upper bound for the bar
+    bar = tqdm(total=total, desc=desc, unit="cand", disable=not progress, dynamic_ncols=True)
+    for round_index, end in enumerate(ends):
+        todo = [c for c in survivors if (round_index, c) not in done]
+        mine = todo[rank_id::world]
+        finished = [done[(round_index, c)] for c in survivors if (round_index, c) in done]
+        bar.update(len(survivors) - len(todo))
+        for lo in range(0, len(mine), chunk):
+            group = mine[lo:lo + chunk]
+            rows = [{"round": round_index, "id": c, "correct": n, "start": start, "end": end}
+                    for c, n in zip(group, scorer.correct(group, start, end))]
+            if log is not None:
+                log.append(rows)
+            finished += rows
+            bar.update(len(group))
+        if gather is not None:
+            finished = gather(finished)
+        for row in finished:
+            correct[row["id"]] += row["correct"]
+            images[row["id"]] = row["end"]
+        start = end
+        if end < scorer.size:  # keep the best 1/eta; ties to the lower id (all saw the same images)
+            survivors.sort(key=lambda c: (-correct[c], c))
+            survivors = sorted(survivors[:math.ceil(len(survivors) / eta)])
+    bar.close()
+    return [{"id": c, "score": correct[c] / images[c], "images": images[c],
+             "kept_fraction": scorer.kept_fraction(c)} for c in sorted(candidates)]
+
+
+def rank_candidates(model: nn.Module, heldout: tuple[torch.Tensor, torch.Tensor], *, seed: int, count: int,
+                    domain: Domain = Domain.CANDIDATE, p_logits: Mapping[str, torch.Tensor] | None = None,
+                    batch_size: int = 500, rows_per_pass: int = 8192, prepare=None, progress: bool = True,
+                    desc: str = "ranking candidates", **rank_kwargs) -> list[dict]:
+    """Candidates 0 .. count - 1 of a search, batched; see `rank` for the strategies."""
+    scorer = CandidateScorer(model, *heldout, seed=seed, batch_size=batch_size, rows_per_pass=rows_per_pass,
+                             domain=domain, p_logits=p_logits, prepare=prepare)
+    return rank(scorer, range(count), progress=progress, desc=desc, **rank_kwargs)
 
 
 def best_candidate(rows: list[dict]) -> dict:
-    """Highest held-out accuracy; ties go to the smaller network, then to the lower id."""
-    return min(rows, key=lambda r: (-r["score"], r["kept_fraction"], r["id"]))
+    """Highest held-out accuracy among those scored on the most images (racing's finalists); ties go
+    to the smaller network, then to the lower id."""
+    most = max(r.get("images", 0) for r in rows)
+    finalists = [r for r in rows if r.get("images", 0) == most]
+    return min(finalists, key=lambda r: (-r["score"], r["kept_fraction"], r["id"]))

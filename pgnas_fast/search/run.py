@@ -6,11 +6,14 @@ held-out and test accuracy, and a run directory:
     train_log.jsonl         one row per epoch: loss, train accuracy, mean p
     candidates.jsonl        one row per guided candidate: id, score (held-out accuracy), kept_fraction
     random_candidates.jsonl the random-gate baseline at the same expected drop rate (if enabled)
+    rank-search/            the ranking's progress log, so that --resume never scores a candidate twice
     architecture.json       the chosen candidate (design.md "Export"); identical for identical seeds
     summary.json            the printed summary, with timings
 """
 from __future__ import annotations
 
+import json
+import shutil
 import statistics
 import time
 from dataclasses import dataclass
@@ -25,7 +28,7 @@ from ..ops.streams import Domain
 from .export import architecture_record
 from .feed import TensorFeed
 from .io import load_checkpoint, read_jsonl, save_checkpoint, write_json, write_jsonl
-from .rank import accuracy, best_candidate, rank_candidates, uniform_drop_logits
+from .rank import ProgressLog, accuracy, best_candidate, rank_candidates, uniform_drop_logits
 from .train import make_optimizer, train_posterior
 
 RUN_FILES = ("config.json", "checkpoint.pt", "train_log.jsonl", "candidates.jsonl", "random_candidates.jsonl",
@@ -67,6 +70,60 @@ def build_supernet(config: dict, num_classes: int) -> torch.nn.Module:
                             tau=config["tau"], **config["supernet_args"])
 
 
+@dataclass
+class LoadedRun:
+    config: dict
+    seed: int
+    model: torch.nn.Module
+    feed: TensorFeed
+
+
+def load_run(run_dir: str | Path, *, device: str = "cpu", data_dir: str | Path | None = None) -> LoadedRun:
+    """A finished (or checkpointed) run: its config, seed, super-network with the checkpoint's weights,
+    and its data. Raises RunError when the directory is not a run or its checkpoint does not fit."""
+    run_dir = Path(run_dir)
+    for name in ("config.json", "checkpoint.pt"):
+        if not (run_dir / name).is_file():
+            raise RunError(f"{str(run_dir)!r} is not a run directory: {name} is missing (pgnas-fast search writes it)")
+    try:
+        run_config = json.loads((run_dir / "config.json").read_text())
+        config, seed = run_config["config"], run_config["seed"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise RunError(f"{str(run_dir / 'config.json')!r} is malformed: {err}") from None
+    state = load_checkpoint(run_dir / "checkpoint.pt")
+    if state.get("run_config") != run_config:
+        raise RunError(f"{str(run_dir / 'checkpoint.pt')!r} does not belong to this run's config.json")
+    splits = load_data(config, data_dir)
+    model = build_supernet(config, splits.num_classes)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as err:
+        raise RunError(f"{str(run_dir / 'checkpoint.pt')!r} does not fit the {config['supernet']} super-network: "
+                       f"{str(err).splitlines()[0]}") from None
+    model.to(device).eval()
+    feed = build_feed(config, splits, torch.device(device))
+    return LoadedRun(config=config, seed=seed, model=model, feed=feed)
+
+
+def rank_search_candidates(model: torch.nn.Module, feed: TensorFeed, config: dict, *, seed: int,
+                           progress: bool, random: bool = False, log_dir: Path | None = None) -> list[dict]:
+    """The search's ranking: batched, with the preset's strategy; the random-gate baseline is
+    always exhaustive (its mean score is the point)."""
+    extra = {}
+    if random:
+        extra = {"domain": Domain.RANDOM_CANDIDATE, "p_logits": uniform_drop_logits(model),
+                 "desc": "random baseline", "strategy": "exhaustive"}
+    if log_dir is not None:
+        log_dir.mkdir(exist_ok=True)
+        extra["log"] = ProgressLog(log_dir)
+    return rank_candidates(model, feed.split("heldout"), seed=seed,
+                           count=config["random_baseline"] if random else config["candidates"],
+                           batch_size=feed.eval_batch_size, prepare=feed.prepare_eval, progress=progress,
+                           rows_per_pass=config["rank_rows"], eta=config["racing_eta"],
+                           first_share=config["racing_first_share"],
+                           **{"strategy": config["ranking"], **extra})
+
+
 def run_search(config: dict, *, seed: int, out_dir: str | Path, device: str = "cpu", resume: bool = False,
                progress: bool = True, data_dir: str | Path | None = None, smoke: bool = False) -> SearchResult:
     out_dir = Path(out_dir)
@@ -98,6 +155,7 @@ def run_search(config: dict, *, seed: int, out_dir: str | Path, device: str = "c
     else:
         for name in RUN_FILES:  # a fresh run replaces an old one whole
             (out_dir / name).unlink(missing_ok=True)
+        shutil.rmtree(out_dir / "rank-search", ignore_errors=True)
     write_json(out_dir / "config.json", run_config)
 
     def checkpoint(epoch: int, stats: dict) -> None:
@@ -111,21 +169,20 @@ def run_search(config: dict, *, seed: int, out_dir: str | Path, device: str = "c
                     on_epoch_end=checkpoint, progress=progress)
     trained = time.perf_counter()
 
-    def heldout():
-        return feed.eval_batches("heldout")
+    rows = rank_search_candidates(model, feed, config, seed=seed, progress=progress,
+                                  log_dir=out_dir / "rank-search")
+    write_jsonl(out_dir / "candidates.jsonl", rows)
+    random_rows = []
+    if config["random_baseline"]:
+        random_rows = rank_search_candidates(model, feed, config, seed=seed, progress=progress, random=True)
+        write_jsonl(out_dir / "random_candidates.jsonl", random_rows)
+    ranked = time.perf_counter()
 
     def test():
         return feed.eval_batches("test")
 
-    rows = rank_candidates(model, heldout, seed=seed, count=config["candidates"], progress=progress)
-    write_jsonl(out_dir / "candidates.jsonl", rows)
-    random_rows = []
-    if config["random_baseline"]:
-        random_rows = rank_candidates(model, heldout, seed=seed, count=config["random_baseline"],
-                                      domain=Domain.RANDOM_CANDIDATE, p_logits=uniform_drop_logits(model),
-                                      progress=progress, desc="random baseline")
-        write_jsonl(out_dir / "random_candidates.jsonl", random_rows)
-    ranked = time.perf_counter()
+    def heldout():
+        return feed.eval_batches("heldout")
 
     best = best_candidate(rows)
     masks = candidate_masks(model, seed, best["id"])

@@ -1,0 +1,83 @@
+"""`pgnas-fast rank RUN_DIR`: rank candidates of a finished search again, at scale.
+
+Writes RUN_DIR/rank-TAG/ with candidates.jsonl ({id, score, images, kept_fraction} per candidate),
+top.json (the best candidates with their architectures) and the progress logs that `--resume`
+continues from. Under torchrun every rank evaluates a share of each round's candidates and the
+ranks exchange their rows (all-gather), so the table equals a single process's; rank 0 writes it.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ..nn import candidate_masks
+from .export import architecture_record
+from .io import write_json, write_jsonl
+from .rank import CandidateScorer, ProgressLog, best_candidate, rank
+from .run import RunError, build_supernet, load_run
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world size); joins the torchrun process group when launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (dist.get_rank(), dist.get_world_size()) if world > 1 else (0, 1)
+
+
+def _all_gather(rows: list[dict]) -> list[dict]:
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, rows)
+    return [row for part in gathered for row in part]
+
+
+def rank_run(run_dir: str | Path, *, candidates: int, strategy: str = "racing", evaluator: str = "batched",
+             tag: str = "default", resume: bool = False, top: int = 10, eta: int | None = None,
+             first_share: float | None = None, device: str = "cpu", data_dir=None, progress: bool = True) -> dict:
+    run_dir = Path(run_dir)
+    rank_id, world = _distributed()
+    if world > 1 and torch.cuda.is_available():
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank_id))}"
+    loaded = load_run(run_dir, device=device, data_dir=data_dir)
+    config, seed, model, feed = loaded.config, loaded.seed, loaded.model, loaded.feed
+    out = run_dir / f"rank-{tag}"
+    if rank_id == 0 and not resume:
+        shutil.rmtree(out, ignore_errors=True)
+    if world > 1:
+        dist.barrier()  # nobody appends to a log that rank 0 is about to remove
+    out.mkdir(exist_ok=True)
+
+    def load_model():  # the authors' procedure: a fresh model and checkpoint for every candidate
+        rebuilt = build_supernet(config, feed.num_classes)
+        rebuilt.load_state_dict(torch.load(run_dir / "checkpoint.pt", map_location=device, weights_only=False)["model"])
+        return rebuilt.to(device)
+
+    images, labels = feed.split("heldout")
+    scorer = CandidateScorer(model, images, labels, seed=seed, evaluator=evaluator, batch_size=feed.eval_batch_size,
+                             rows_per_pass=config["rank_rows"], prepare=feed.prepare_eval, load_model=load_model)
+    rows = rank(scorer, range(candidates), strategy=strategy, eta=eta or config["racing_eta"],
+                first_share=first_share or config["racing_first_share"], log=ProgressLog(out, rank_id),
+                shard=(rank_id, world), gather=_all_gather if world > 1 else None,
+                progress=progress and rank_id == 0)
+    best = best_candidate(rows)
+    finalists = sorted((r for r in rows if r["images"] == best["images"]),
+                       key=lambda r: (-r["score"], r["kept_fraction"], r["id"]))[:top]
+    summary = {"run_dir": str(run_dir), "tag": tag, "strategy": strategy, "evaluator": evaluator,
+               "candidates": candidates, "best": best, "images_evaluated": sum(r["images"] for r in rows),
+               "world_size": world}
+    if rank_id == 0:
+        write_jsonl(out / "candidates.jsonl", rows)
+        write_json(out / "top.json", [
+            architecture_record(model, candidate_masks(model, seed, r["id"]), config=config, seed=seed,
+                                candidate=r, test_accuracy=None) for r in finalists])
+        write_json(out / "summary.json", summary)
+    if world > 1:
+        dist.barrier()
+    return summary
+
+
+__all__ = ["RunError", "rank_run"]

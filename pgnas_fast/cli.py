@@ -92,6 +92,9 @@ def _build_parser() -> argparse.ArgumentParser:
                            "reload: the authors' procedure, model and checkpoint reloaded per candidate")
     rank.add_argument("--eta", type=_count(2), help="racing: keep the best 1/eta per round (preset's)")
     rank.add_argument("--first-share", type=float, help="racing: share of held-out images in round 0 (preset's)")
+    rank.add_argument("--bn-recalibrate", type=_count(0), default=0, metavar="N",
+                      help="recompute every BatchNorm's statistics per candidate from N training images "
+                           "(default 0: the super-network's running statistics, as the authors)")
     rank.add_argument("--top", type=_count(1), default=10, help="candidates written to top.json (default 10)")
     rank.add_argument("--tag", default="default", help="names the output folder rank-TAG (default 'default')")
     rank.add_argument("--resume", action="store_true", help="continue an interrupted ranking of the same tag")
@@ -198,7 +201,8 @@ def _rank(args) -> int:
     try:
         summary = rank_run(args.run_dir, candidates=args.candidates, strategy=args.strategy, evaluator=args.evaluator,
                            tag=args.tag, resume=args.resume, top=args.top, eta=args.eta,
-                           first_share=args.first_share, device=str(device), data_dir=args.data_dir,
+                           first_share=args.first_share, bn_recalibrate=args.bn_recalibrate, device=str(device),
+                           data_dir=args.data_dir,
                            progress=not args.quiet)
     except RunError as err:
         raise UsageError(str(err)) from None
@@ -241,6 +245,7 @@ def _doctor(_args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     from .configs import ConfigError
+    from .data import DataError
 
     try:
         parser = _build_parser()
@@ -249,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.print_help()
             return EXIT_USAGE
         return {"search": _search, "rank": _rank, "doctor": _doctor}[args.command](args)
-    except (UsageError, ConfigError) as err:
+    except (UsageError, ConfigError, DataError) as err:
         print(f"pgnas-fast: error: {err}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -163,6 +163,13 @@ def test_rank_rejects_bad_arguments(trained):
         CandidateScorer(model, *heldout, seed=1, evaluator="reload")
 
 
+def score_rank(rows, candidate):
+    """1 + the number of candidates with a strictly higher score: ties share a rank (with 300
+    held-out images many candidates tie, and which of them is listed first is arbitrary)."""
+    score = next(r["score"] for r in rows if r["id"] == candidate)
+    return 1 + sum(r["score"] > score for r in rows)
+
+
 # ---- pgnas-fast rank ----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
@@ -193,8 +200,7 @@ def test_rank_command_writes_table_and_top(capsys, run_dir):
     code, _ = _rank_cli(capsys, run_dir, "--candidates", 60, "--tag", "race")
     racing = read_jsonl(run_dir / "rank-race" / "candidates.jsonl")
     assert sum(r["images"] for r in racing) * 4 < sum(r["images"] for r in rows)
-    exhaustive_top3 = [r["id"] for r in sorted(rows, key=lambda r: (-r["score"], r["kept_fraction"], r["id"]))[:3]]
-    assert best_candidate(racing)["id"] in exhaustive_top3
+    assert score_rank(rows, best_candidate(racing)["id"]) <= 3
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -243,7 +249,8 @@ def test_sharded_ranking_equals_one_process(run_dir):
 
 @pytest.mark.slow
 def test_racing_keeps_the_exhaustive_winner_in_its_top_3(tmp_path):
-    """Issue 6: on at least 4 of 5 digits seeds, with 1000 candidates; and >= 5x fewer images."""
+    """Issue 6: on at least 4 of 5 digits seeds, with 1000 candidates, racing's winner scores inside
+    the exhaustive top 3 (by score, ties sharing a rank); and racing reads >= 5x fewer images."""
     hits, ratios = 0, []
     for seed in range(5):
         out = tmp_path / str(seed)
@@ -254,8 +261,70 @@ def test_racing_keeps_the_exhaustive_winner_in_its_top_3(tmp_path):
         scorer = CandidateScorer(loaded_model, *load_data(configs.resolve("digits-tiny")).heldout, seed=seed)
         exhaustive = rank(scorer, range(1000), progress=False)
         racing = rank(scorer, range(1000), strategy="racing", progress=False)
-        top3 = [r["id"] for r in sorted(exhaustive, key=lambda r: (-r["score"], r["kept_fraction"], r["id"]))[:3]]
-        hits += best_candidate(racing)["id"] in top3
+        hits += score_rank(exhaustive, best_candidate(racing)["id"]) <= 3
         ratios.append(sum(r["images"] for r in exhaustive) / sum(r["images"] for r in racing))
     assert hits >= 4, hits
     assert min(ratios) >= 5, ratios
+
+
+# ---- BatchNorm recalibration --------------------------------------------------------------------
+def _recalibrated_by_torch(model, candidate, seed, recal_images, images):
+    """The plain-PyTorch oracle: a copy of the model whose BatchNorms take the statistics of one
+    training-mode pass over recal_images (momentum None = cumulative average of that one batch)."""
+    import copy
+
+    clone = copy.deepcopy(model)
+    set_gates(clone, "hard", candidate=candidate, seed=seed)
+    clone.eval()
+    for module in clone.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.reset_running_stats()
+            module.momentum = None
+            module.train()
+    with torch.no_grad():
+        clone(recal_images)
+        clone.eval()
+        return clone(images)
+
+
+def test_grouped_batchnorm_equals_torch_recalibration(trained):
+    from pgnas_fast.nn.batchnorm import grouped_batchnorm
+
+    model, (images, _), _ = trained
+    recal = load_data(configs.resolve("digits-tiny")).train[0][:64]
+    ids = [2, 5, 9]
+    model.eval()
+    set_gates(model, "hard", masks=stacked_candidate_masks(model, 1, ids))
+    with torch.no_grad(), grouped_batchnorm(model, len(ids)) as statistics:
+        model(recal.repeat(len(ids), 1, 1, 1))
+        statistics.mode = "apply"
+        grouped = model(images[:50].repeat(len(ids), 1, 1, 1)).view(len(ids), 50, -1)
+    set_gates(model, "full")
+    for k, c in enumerate(ids):
+        expected = _recalibrated_by_torch(model, c, 1, recal, images[:50])
+        torch.testing.assert_close(grouped[k], expected, rtol=1e-4, atol=1e-4)
+    # and the patch is gone: plain eval BatchNorm again
+    assert all("forward" not in vars(m) for m in model.modules())
+
+
+def test_recalibrated_ranking_batched_equals_sequential(trained):
+    model, heldout, load_model = trained
+    recal = load_data(configs.resolve("digits-tiny")).train[0][:100]
+    counts = {}
+    for evaluator in ("batched", "sequential", "reload"):
+        scorer = CandidateScorer(model, *heldout, seed=1, evaluator=evaluator, recalibration_images=recal,
+                                 load_model=load_model)
+        counts[evaluator] = scorer.correct(list(range(6)), 0, 300)
+    assert counts["batched"] == counts["sequential"] == counts["reload"]
+    plain = CandidateScorer(model, *heldout, seed=1).correct(list(range(6)), 0, 300)
+    assert plain != counts["batched"], "recalibration should change some scores"
+
+
+def test_recalibration_needs_two_values_per_channel():
+    from pgnas_fast.nn.batchnorm import grouped_batchnorm
+
+    net = torch.nn.Sequential(torch.nn.BatchNorm1d(3))
+    with grouped_batchnorm(net, 2):
+        with pytest.raises(ValueError, match="at least 2 values"):
+            net(torch.randn(2, 3))  # one image per candidate: no variance to estimate
+        net(torch.randn(4, 3))  # two per candidate: fine

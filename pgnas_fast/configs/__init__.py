@@ -114,6 +114,7 @@ PRESETS: dict[str, dict] = {
         "candidates": 200,
         "random_baseline": 200,
         "ranking": "exhaustive",  # cheap here, and the Table 3 comparison wants every candidate's full score
+        "rank_rows": 1200,  # on one CPU thread larger passes fall out of cache
         "eval_batch_size": 1024,
         # Tensors this small gain nothing from a second thread, and OpenMP spin-waits make 2 threads
         # ~40x slower when another process wants a core.

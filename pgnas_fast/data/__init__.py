@@ -1,6 +1,58 @@
 """Data sets behind the presets. Each loader returns `Splits`: train, held-out (ranking) and test
-(reporting only) as tensors, with the held-out split carved from the training part."""
-from .splits import Splits, stratified_splits
-from .digits import load_digits
+(reporting only) as tensors, with the held-out split carved from the training part.
 
-__all__ = ["Splits", "load_digits", "stratified_splits"]
+ImageNet is too big for tensors: `load_imagenet_index` returns file lists in the same three roles and
+`imagenet_loader` decodes them in DataLoader workers. A missing or malformed data directory raises
+`DataError` (a ValueError) whose message names the expected layout and where to get the data.
+"""
+from .augment import (
+    CIFAR_STATS,
+    augment_batch,
+    cifar_batches,
+    cutout,
+    epoch_generator,
+    normalize,
+    num_batches,
+    random_crop,
+    random_flip,
+)
+from .cifar import CIFAR_LAYOUTS, CIFAR_URL, load_cifar
+from .digits import load_digits
+from .errors import DataError
+from .imagenet import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    IMAGENET_URL,
+    ImageFolderDataset,
+    ImageNetIndex,
+    imagenet_loader,
+    load_imagenet_index,
+)
+from .splits import Splits, carve_heldout, stratified_splits
+
+__all__ = [
+    "CIFAR_LAYOUTS",
+    "CIFAR_STATS",
+    "CIFAR_URL",
+    "DataError",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "IMAGENET_URL",
+    "ImageFolderDataset",
+    "ImageNetIndex",
+    "Splits",
+    "augment_batch",
+    "carve_heldout",
+    "cifar_batches",
+    "cutout",
+    "epoch_generator",
+    "imagenet_loader",
+    "load_cifar",
+    "load_digits",
+    "load_imagenet_index",
+    "normalize",
+    "num_batches",
+    "random_crop",
+    "random_flip",
+    "stratified_splits",
+]

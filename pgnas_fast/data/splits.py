@@ -26,3 +26,30 @@ def stratified_splits(labels: np.ndarray, *, test: int, heldout: int, seed: int)
     rest, test_idx = train_test_split(everything, test_size=test, stratify=labels, random_state=seed)
     train_idx, heldout_idx = train_test_split(rest, test_size=heldout, stratify=labels[rest], random_state=seed)
     return np.sort(train_idx), np.sort(heldout_idx), np.sort(test_idx)
+
+
+def carve_heldout(labels: np.ndarray, heldout: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted index arrays (train, heldout): `heldout` examples taken from `labels`, stratified, seeded.
+
+    Each class gives floor(count * heldout / n) examples; the few left over go to the classes with the
+    largest remainders (ties in a seeded order), so per-class sizes are proportional within one.
+    Vectorised (one sort), so it splits ImageNet's 1.28M labels as fast as CIFAR's 50k.
+    """
+    labels = np.asarray(labels)
+    n = len(labels)
+    if not 0 <= heldout < n:
+        raise ValueError(f"heldout={heldout} must be in [0, {n}): the training set has {n} examples")
+    rng = np.random.default_rng(seed)
+    _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    exact = counts * heldout / n
+    quota = np.floor(exact).astype(np.int64)
+    tie_order = rng.permutation(len(counts))
+    by_remainder = tie_order[np.argsort(-(exact - quota)[tie_order], kind="stable")]
+    quota[by_remainder[: heldout - quota.sum()]] += 1
+    # Rank every example inside its class by a random key; the first `quota` of each class are held out.
+    order = np.lexsort((rng.random(n), inverse))
+    class_start = np.repeat(np.cumsum(counts) - counts, counts)
+    rank = np.empty(n, dtype=np.int64)
+    rank[order] = np.arange(n) - class_start
+    is_heldout = rank < quota[inverse]
+    return np.flatnonzero(~is_heldout), np.flatnonzero(is_heldout)

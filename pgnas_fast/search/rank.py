@@ -15,6 +15,7 @@ chunks finish, so a killed ranking resumes without evaluating anything twice.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -26,6 +27,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from ..nn import candidate_masks, gated_layers, set_gates, stacked_candidate_masks
+from ..nn.batchnorm import grouped_batchnorm
 from ..ops.streams import Domain
 
 EVALUATORS = ("batched", "sequential", "reload")
@@ -64,13 +66,16 @@ class CandidateScorer:
     `images`, `labels`: the held-out split, already on the model's device; `prepare` maps stored
     images to model inputs (e.g. normalisation). `rows_per_pass` bounds the batched evaluator's
     K * batch_size rows. `load_model` (reload evaluator only) builds the model from its checkpoint.
+    `recalibration_images` (model inputs): BatchNorm statistics are recomputed per candidate from
+    them (see nn.batchnorm) instead of the super-network's running statistics.
     """
 
     def __init__(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, seed: int,
                  evaluator: str = "batched", batch_size: int = 500, rows_per_pass: int = 8192,
                  domain: Domain = Domain.CANDIDATE, p_logits: Mapping[str, torch.Tensor] | None = None,
                  prepare: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                 load_model: Callable[[], nn.Module] | None = None):
+                 load_model: Callable[[], nn.Module] | None = None,
+                 recalibration_images: torch.Tensor | None = None):
         if evaluator not in EVALUATORS:
             raise ValueError(f"evaluator must be one of {', '.join(EVALUATORS)}; got {evaluator!r}")
         if evaluator == "reload" and load_model is None:
@@ -80,6 +85,7 @@ class CandidateScorer:
         self.batch_size, self.rows_per_pass = batch_size, rows_per_pass
         self.prepare = prepare or (lambda x: x)
         self.load_model = load_model
+        self.recalibration_images = recalibration_images
 
     @property
     def size(self) -> int:
@@ -90,45 +96,47 @@ class CandidateScorer:
                                              p_logits=self.p_logits))
 
     def candidates_per_pass(self, start: int, end: int) -> int:
-        return max(1, self.rows_per_pass // min(self.batch_size, end - start))
+        if self.evaluator != "batched":
+            return 1
+        recalibration = 0 if self.recalibration_images is None else len(self.recalibration_images)
+        rows = max(min(self.batch_size, end - start), recalibration)
+        return max(1, self.rows_per_pass // rows)
 
     @torch.no_grad()
     def correct(self, candidates: Sequence[int], start: int, end: int) -> list[int]:
-        """Correct predictions of each candidate on held-out images start .. end - 1."""
-        if self.evaluator == "batched":
-            return self._correct_batched(list(candidates), start, end)
-        counts = []
-        for candidate in candidates:
-            model = self.load_model() if self.evaluator == "reload" else self.model
-            set_gates(model, "hard", masks=candidate_masks(model, self.seed, candidate, domain=self.domain,
-                                                           p_logits=self.p_logits))
-            model.eval()
-            counts.append(sum((model(self.prepare(x)).argmax(1) == y).sum().item()
-                              for x, y in self._batches(start, end)))
-        set_gates(self.model, "full")
-        return counts
-
-    def _batches(self, start: int, end: int):
-        for lo in range(start, end, self.batch_size):
-            hi = min(lo + self.batch_size, end)
-            yield self.images[lo:hi], self.labels[lo:hi]
-
-    def _correct_batched(self, candidates: list[int], start: int, end: int) -> list[int]:
-        self.model.eval()
+        """Correct predictions of each candidate on held-out images start .. end - 1. Every evaluator
+        runs the same code: `sequential` and `reload` are passes of one candidate."""
+        candidates = list(candidates)
         counts = torch.zeros(len(candidates), dtype=torch.int64, device=self.labels.device)
         per_pass = self.candidates_per_pass(start, end)
         for lo in range(0, len(candidates), per_pass):
             group = candidates[lo:lo + per_pass]
-            k = len(group)
-            set_gates(self.model, "hard", masks=stacked_candidate_masks(
-                self.model, self.seed, group, domain=self.domain, p_logits=self.p_logits))
-            for x, y in self._batches(start, end):
-                x = self.prepare(x)
-                rows = x.unsqueeze(0).expand(k, *x.shape).flatten(0, 1)  # candidate-major row groups
-                predictions = self.model(rows).argmax(1).view(k, -1)
-                counts[lo:lo + k] += (predictions == y).sum(1)
+            model = self.load_model() if self.evaluator == "reload" else self.model
+            counts[lo:lo + len(group)] = self._correct_pass(model, group, start, end)
         set_gates(self.model, "full")
         return counts.tolist()  # one host sync per call
+
+    def _correct_pass(self, model: nn.Module, group: list[int], start: int, end: int) -> torch.Tensor:
+        """K = len(group) candidates on K candidate-major row groups of every batch."""
+        k = len(group)
+        model.eval()
+        set_gates(model, "hard", masks=stacked_candidate_masks(model, self.seed, group, domain=self.domain,
+                                                               p_logits=self.p_logits))
+
+        def rows(x):
+            return x.unsqueeze(0).expand(k, *x.shape).flatten(0, 1)
+
+        with contextlib.ExitStack() as stack:
+            if self.recalibration_images is not None:
+                statistics = stack.enter_context(grouped_batchnorm(model, k))
+                model(rows(self.recalibration_images))  # collect each candidate's statistics
+                statistics.mode = "apply"
+            counts = torch.zeros(k, dtype=torch.int64, device=self.labels.device)
+            for lo in range(start, end, self.batch_size):
+                hi = min(lo + self.batch_size, end)
+                predictions = model(rows(self.prepare(self.images[lo:hi]))).argmax(1).view(k, -1)
+                counts += (predictions == self.labels[lo:hi]).sum(1)
+        return counts
 
 
 class ProgressLog:

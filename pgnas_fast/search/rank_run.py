@@ -37,7 +37,8 @@ def _all_gather(rows: list[dict]) -> list[dict]:
 
 def rank_run(run_dir: str | Path, *, candidates: int, strategy: str = "racing", evaluator: str = "batched",
              tag: str = "default", resume: bool = False, top: int = 10, eta: int | None = None,
-             first_share: float | None = None, device: str = "cpu", data_dir=None, progress: bool = True) -> dict:
+             first_share: float | None = None, bn_recalibrate: int = 0, device: str = "cpu", data_dir=None,
+             progress: bool = True) -> dict:
     run_dir = Path(run_dir)
     rank_id, world = _distributed()
     if world > 1 and torch.cuda.is_available():
@@ -58,7 +59,8 @@ def rank_run(run_dir: str | Path, *, candidates: int, strategy: str = "racing", 
 
     images, labels = feed.split("heldout")
     scorer = CandidateScorer(model, images, labels, seed=seed, evaluator=evaluator, batch_size=feed.eval_batch_size,
-                             rows_per_pass=config["rank_rows"], prepare=feed.prepare_eval, load_model=load_model)
+                             rows_per_pass=config["rank_rows"], prepare=feed.prepare_eval, load_model=load_model,
+                             recalibration_images=feed.recalibration_images(bn_recalibrate) if bn_recalibrate else None)
     rows = rank(scorer, range(candidates), strategy=strategy, eta=eta or config["racing_eta"],
                 first_share=first_share or config["racing_first_share"], log=ProgressLog(out, rank_id),
                 shard=(rank_id, world), gather=_all_gather if world > 1 else None,
@@ -67,6 +69,7 @@ def rank_run(run_dir: str | Path, *, candidates: int, strategy: str = "racing", 
     finalists = sorted((r for r in rows if r["images"] == best["images"]),
                        key=lambda r: (-r["score"], r["kept_fraction"], r["id"]))[:top]
     summary = {"run_dir": str(run_dir), "tag": tag, "strategy": strategy, "evaluator": evaluator,
+               "bn_recalibrate": bn_recalibrate,
                "candidates": candidates, "best": best, "images_evaluated": sum(r["images"] for r in rows),
                "world_size": world}
     if rank_id == 0:

@@ -26,7 +26,7 @@ from .. import supernets
 from ..nn import candidate_masks, set_gates
 from ..ops.streams import Domain
 from .export import architecture_record
-from .feed import TensorFeed
+from .feed import LoaderFeed, TensorFeed
 from .io import load_checkpoint, read_jsonl, save_checkpoint, write_json, write_jsonl
 from .rank import ProgressLog, accuracy, best_candidate, rank_candidates, uniform_drop_logits
 from .train import make_optimizer, train_posterior
@@ -52,17 +52,39 @@ class SearchResult:
     architecture: dict
 
 
-def load_data(config: dict, data_dir: str | Path | None = None) -> datasets.Splits:
-    if config["dataset"] == "digits":
+def load_data(config: dict, data_dir: str | Path | None = None) -> datasets.Splits | datasets.ImageNetIndex:
+    """The preset's data set; raises DataError (a ValueError naming the expected layout) when absent."""
+    dataset = config["dataset"]
+    if dataset == "digits":
         return datasets.load_digits(test=config["data_args"].get("test_size", 360),
                                     heldout=config["heldout_size"], split_seed=config["split_seed"])
-    raise ValueError(f"config key 'dataset': unknown dataset {config['dataset']!r}")
+    if data_dir is None:
+        where = {"cifar10": "cifar-10-batches-py/", "cifar100": "cifar-100-python/",
+                 "imagenet": "train/ and val/ class folders"}[dataset]
+        raise datasets.DataError(f"dataset {dataset} needs --data-dir: the directory holding {where}")
+    if dataset in ("cifar10", "cifar100"):
+        return datasets.load_cifar(data_dir, num_classes=int(dataset[5:]), heldout=config["heldout_size"],
+                                   split_seed=config["split_seed"])
+    return datasets.load_imagenet_index(data_dir, heldout=config["heldout_size"], split_seed=config["split_seed"])
 
 
-def build_feed(config: dict, splits: datasets.Splits, device: torch.device, smoke: bool = False) -> TensorFeed:
-    smoke_limits = {"max_steps": SMOKE_STEPS, "max_eval_batches": SMOKE_EVAL_BATCHES} if smoke else {}
-    return TensorFeed(splits, batch_size=config["batch_size"], eval_batch_size=config["eval_batch_size"],
-                      device=device, **smoke_limits)
+def build_feed(config: dict, data, device: torch.device, *, seed: int, smoke: bool = False):
+    limits = {"max_steps": SMOKE_STEPS, "max_eval_batches": SMOKE_EVAL_BATCHES} if smoke else {}
+    sizes = {"batch_size": config["batch_size"], "eval_batch_size": config["eval_batch_size"], "device": device}
+    if config["dataset"] == "imagenet":
+        return LoaderFeed(data, seed=seed, workers=config["workers"], channels_last=config["channels_last"],
+                          input_size=config["input_size"], **sizes, **limits)
+    if config["dataset"] in ("cifar10", "cifar100"):
+        mean, std = datasets.CIFAR_STATS[data.num_classes]
+
+        def prepare_eval(images):
+            return datasets.normalize(images, mean, std)
+
+        def prepare_train(images, generator):  # the authors' order: normalise, then pad-crop, flip, cutout
+            return datasets.augment_batch(prepare_eval(images), generator)
+
+        return TensorFeed(data, prepare_train=prepare_train, prepare_eval=prepare_eval, **sizes, **limits)
+    return TensorFeed(data, **sizes, **limits)
 
 
 def build_supernet(config: dict, num_classes: int) -> torch.nn.Module:
@@ -93,19 +115,19 @@ def load_run(run_dir: str | Path, *, device: str = "cpu", data_dir: str | Path |
     state = load_checkpoint(run_dir / "checkpoint.pt")
     if state.get("run_config") != run_config:
         raise RunError(f"{str(run_dir / 'checkpoint.pt')!r} does not belong to this run's config.json")
-    splits = load_data(config, data_dir)
-    model = build_supernet(config, splits.num_classes)
+    data = load_data(config, data_dir)
+    model = build_supernet(config, data.num_classes)
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as err:
         raise RunError(f"{str(run_dir / 'checkpoint.pt')!r} does not fit the {config['supernet']} super-network: "
                        f"{str(err).splitlines()[0]}") from None
     model.to(device).eval()
-    feed = build_feed(config, splits, torch.device(device))
+    feed = build_feed(config, data, torch.device(device), seed=seed)
     return LoadedRun(config=config, seed=seed, model=model, feed=feed)
 
 
-def rank_search_candidates(model: torch.nn.Module, feed: TensorFeed, config: dict, *, seed: int,
+def rank_search_candidates(model: torch.nn.Module, feed: TensorFeed | LoaderFeed, config: dict, *, seed: int,
                            progress: bool, random: bool = False, log_dir: Path | None = None) -> list[dict]:
     """The search's ranking: batched, with the preset's strategy; the random-gate baseline is
     always exhaustive (its mean score is the point)."""
@@ -133,10 +155,10 @@ def run_search(config: dict, *, seed: int, out_dir: str | Path, device: str = "c
     if smoke:
         config = {**config, "epochs": 1, "candidates": min(config["candidates"], SMOKE_CANDIDATES),
                   "random_baseline": min(config["random_baseline"], SMOKE_CANDIDATES)}
-    splits = load_data(config, data_dir)
-    feed = build_feed(config, splits, device, smoke)
+    data = load_data(config, data_dir)
+    feed = build_feed(config, data, device, seed=seed, smoke=smoke)
     torch.manual_seed(seed)  # the super-network's initial weights
-    model = build_supernet(config, splits.num_classes).to(device)
+    model = build_supernet(config, feed.num_classes).to(device)
     optimizer = make_optimizer(model, config)
     n_train = config["n_train"] or feed.n_train
     run_config = {"config": config, "seed": seed}

@@ -1,0 +1,57 @@
+"""Ranking speed on the digits preset, on CPU: candidates/s of the batched, sequential and reload
+(the authors' procedure) evaluators, and the images racing saves at 1000 candidates.
+
+Run with `python3 -m pytest benchmarks/test_bench_ranking.py --benchmark-only`; compare the
+evaluators' means within one run (this machine is shared and noisy). Nothing asserts a time.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pgnas_fast import configs
+from pgnas_fast.search import run_search
+from pgnas_fast.search.rank import CandidateScorer, best_candidate, rank
+from pgnas_fast.search.run import build_supernet, load_data
+
+CANDIDATES = 32
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("bench")
+    config = configs.resolve("digits-tiny", {"epochs": 2, "candidates": 2, "random_baseline": 0})
+    run_search(config, seed=0, out_dir=out, progress=False)
+
+    def load_model():
+        model = build_supernet(config, 10)
+        model.load_state_dict(torch.load(out / "checkpoint.pt", weights_only=False)["model"])
+        return model
+
+    return load_model, load_data(config).heldout
+
+
+@pytest.mark.parametrize("evaluator", ["batched", "sequential", "reload"])
+def test_candidates_per_second(benchmark, trained, evaluator):
+    load_model, heldout = trained
+    scorer = CandidateScorer(load_model(), *heldout, seed=0, evaluator=evaluator, batch_size=1024,
+                             load_model=load_model)
+    counts = benchmark.pedantic(scorer.correct, args=(list(range(CANDIDATES)), 0, len(heldout[1])),
+                                rounds=3, iterations=1)
+    benchmark.extra_info["candidates"] = CANDIDATES
+    benchmark.extra_info["images_per_candidate"] = len(heldout[1])
+    assert len(counts) == CANDIDATES
+
+
+def test_racing_images_saved_at_1000_candidates(benchmark, trained):
+    load_model, heldout = trained
+    scorer = CandidateScorer(load_model(), *heldout, seed=0)
+    exhaustive = rank(scorer, range(1000), progress=False)
+    racing = benchmark.pedantic(rank, args=(scorer, range(1000)), kwargs={"strategy": "racing", "progress": False},
+                                rounds=1, iterations=1)
+    ratio = sum(r["images"] for r in exhaustive) / sum(r["images"] for r in racing)
+    top3 = [r["id"] for r in sorted(exhaustive, key=lambda r: (-r["score"], r["kept_fraction"], r["id"]))[:3]]
+    benchmark.extra_info["images_ratio_exhaustive_over_racing"] = ratio
+    benchmark.extra_info["racing_winner_in_exhaustive_top3"] = best_candidate(racing)["id"] in top3
+    assert ratio > 1

@@ -1,0 +1,184 @@
+"""Batched CIFAR augmentation: a few tensor ops per batch, on whatever device holds the data.
+
+The CIFAR training protocol of pgnas-method.md section 3 (SupNet-M/MI, E/EI): random crop from the
+image zero-padded by 4 pixels, horizontal flip, cutout of a 16x16 square. Each step is one or two
+batched ops driven by a `torch.Generator` (no per-image Python loop), so on CUDA a resident uint8
+set is augmented without leaving the GPU, and on CPU the same code runs in the training process.
+
+Order as in the authors' code (AutoAugment's CIFAR pipeline): normalise first, then pad-crop, flip
+and cutout, so the padding and the cutout square are zeros after normalisation, i.e. the mean colour.
+
+Random numbers are drawn on the generator's device and moved to the data's device: a CPU generator
+gives the same crops, flips and squares on CPU and on CUDA (through pinned, non-blocking copies); a
+CUDA generator keeps the draws on the GPU. Nothing here synchronises the GPU with the host.
+"""
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+
+# Per-channel statistics of each training set, on the 0..1 scale.
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
+CIFAR100_STD = (0.2673, 0.2564, 0.2762)
+CIFAR_STATS = {10: (CIFAR10_MEAN, CIFAR10_STD), 100: (CIFAR100_MEAN, CIFAR100_STD)}
+
+
+_GOLDEN = 0x9E3779B97F4A7C15  # 2^64 / golden ratio: spreads (seed, epoch) pairs over the seed space
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The random seed of one epoch's data order and augmentation: a function of (seed, epoch) only."""
+    return (seed + (epoch + 1) * _GOLDEN) % (1 << 63)
+
+
+def epoch_generator(seed: int, epoch: int, device: str | torch.device = "cpu") -> torch.Generator:
+    """The generator for one epoch: a function of (seed, epoch) only, so a resumed run redraws the same."""
+    return torch.Generator(device=device).manual_seed(epoch_seed(seed, epoch))
+
+
+def _to(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Move without stalling the GPU: a pageable CPU -> CUDA copy synchronises the stream, a pinned one does not."""
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
+def _randint(high: int, n: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    source = generator.device if generator is not None else torch.device("cpu")
+    return _to(torch.randint(high, (n,), generator=generator, device=source), device)
+
+
+def _uniform(n: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    source = generator.device if generator is not None else torch.device("cpu")
+    return _to(torch.rand(n, generator=generator, device=source), device)
+
+
+@functools.lru_cache(maxsize=32)
+def _channel_stats(mean: tuple[float, ...], std: tuple[float, ...], scale: float, dtype: torch.dtype,
+                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """mean and std as [1, C, 1, 1] tensors on `device`, made once (not one host copy per batch)."""
+    def shaped(values):
+        return _to(torch.tensor(values, dtype=dtype).view(1, -1, 1, 1) * scale, device)
+
+    return shaped(mean), shaped(std)
+
+
+def normalize(
+    images: torch.Tensor,
+    mean: Sequence[float] = CIFAR10_MEAN,
+    std: Sequence[float] = CIFAR10_STD,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """(x - mean) / std per channel, as `dtype`; uint8 images are read as x / 255, float ones as given."""
+    scale = 255.0 if images.dtype == torch.uint8 else 1.0
+    mean_t, std_t = _channel_stats(tuple(mean), tuple(std), scale, dtype, images.device)
+    return (images.to(dtype) - mean_t) / std_t
+
+
+def random_crop(images: torch.Tensor, generator: torch.Generator | None, padding: int = 4) -> torch.Tensor:
+    """Per image, an H x W window of the image zero-padded by `padding`, at a uniform random offset."""
+    n, c, h, w = images.shape
+    padded = F.pad(images, (padding, padding, padding, padding))
+    dy = _randint(2 * padding + 1, n, generator, images.device)
+    dx = _randint(2 * padding + 1, n, generator, images.device)
+    rows = dy[:, None] + torch.arange(h, device=images.device)  # [N, H] rows of `padded` to keep
+    cols = dx[:, None] + torch.arange(w, device=images.device)  # [N, W]
+    # Two gathers (rows, then columns) keep the index tensors at [N, 1, H, 1]-like sizes.
+    out = padded.gather(2, rows[:, None, :, None].expand(n, c, h, w + 2 * padding))
+    return out.gather(3, cols[:, None, None, :].expand(n, c, h, w))
+
+
+def random_flip(images: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Mirror each image left-right with probability 1/2."""
+    flip = _uniform(len(images), generator, images.device) < 0.5
+    return torch.where(flip[:, None, None, None], images.flip(3), images)
+
+
+def cutout(images: torch.Tensor, generator: torch.Generator | None, size: int = 16) -> torch.Tensor:
+    """Zero one size x size square per image, centred on a uniform random pixel (clipped at the border)."""
+    n, _, h, w = images.shape
+    top = _randint(h, n, generator, images.device) - size // 2
+    left = _randint(w, n, generator, images.device) - size // 2
+    ys = torch.arange(h, device=images.device)
+    xs = torch.arange(w, device=images.device)
+    in_rows = (ys >= top[:, None]) & (ys < top[:, None] + size)  # [N, H]
+    in_cols = (xs >= left[:, None]) & (xs < left[:, None] + size)  # [N, W]
+    square = in_rows[:, None, :, None] & in_cols[:, None, None, :]  # [N, 1, H, W]
+    return images.masked_fill(square, 0)
+
+
+def augment_batch(
+    images: torch.Tensor,
+    generator: torch.Generator | None,
+    *,
+    crop_padding: int = 4,
+    flip: bool = True,
+    cutout_size: int = 16,
+) -> torch.Tensor:
+    """The CIFAR training augmentation on a normalised batch: pad-crop, flip, cutout (0 turns a step off)."""
+    if crop_padding:
+        images = random_crop(images, generator, crop_padding)
+    if flip:
+        images = random_flip(images, generator)
+    if cutout_size:
+        images = cutout(images, generator, cutout_size)
+    return images
+
+
+def cifar_batches(
+    images_u8: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    batch_size: int,
+    generator: torch.Generator | None = None,
+    augment: bool = True,
+    device: str | torch.device | None = None,
+    shuffle: bool | None = None,
+    drop_last: bool = False,
+    mean: Sequence[float] = CIFAR10_MEAN,
+    std: Sequence[float] = CIFAR10_STD,
+    channels_last: bool = False,
+    crop_padding: int = 4,
+    cutout_size: int = 16,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """One epoch of (normalised float32 images [B, 3, H, W], int64 labels [B]) on `device`.
+
+    `images_u8` (uint8, or float in 0..1) and `labels` stay where they are (ideally already on
+    `device`); each batch is gathered there, then moved, normalised and augmented. `shuffle`
+    defaults to `augment`: training batches are shuffled and augmented, evaluation ones neither.
+    Seed `generator` per epoch (`epoch_generator`) for runs that resume exactly.
+    """
+    if images_u8.ndim != 4 or len(images_u8) != len(labels):
+        raise ValueError(
+            f"expected images [N, C, H, W] and labels [N], got {tuple(images_u8.shape)} and {tuple(labels.shape)}"
+        )
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be positive")
+    device = torch.device(device) if device is not None else images_u8.device
+    shuffle = augment if shuffle is None else shuffle
+    n = len(labels)
+    if shuffle:
+        source = generator.device if generator is not None else torch.device("cpu")
+        order = _to(torch.randperm(n, generator=generator, device=source), images_u8.device)
+    else:
+        order = torch.arange(n, device=images_u8.device)
+    end = n - n % batch_size if drop_last else n
+    for start in range(0, end, batch_size):
+        idx = order[start : start + batch_size]
+        x = normalize(_to(images_u8[idx], device), mean, std)
+        y = _to(labels[idx.to(labels.device)], device)
+        if augment:
+            x = augment_batch(x, generator, crop_padding=crop_padding, cutout_size=cutout_size)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        yield x, y
+
+
+def num_batches(n: int, batch_size: int, drop_last: bool = False) -> int:
+    """How many batches `cifar_batches` yields for `n` images."""
+    return n // batch_size if drop_last else -(-n // batch_size)

@@ -1,0 +1,65 @@
+"""BatchNorm statistics per candidate group, for ranking with recalibrated statistics.
+
+The authors rank with the super-network's running statistics. A candidate that drops channels
+shifts the activations behind them, so `--bn-recalibrate N` recomputes every BatchNorm's statistics
+for each candidate from N training images. With K candidates in one batch (K equal row groups,
+candidate-major, see set_gates), `grouped_batchnorm` makes every BatchNorm layer
+
+- ``collect``: normalise each row group with its own batch statistics (as training mode does) and
+  keep them, mean and unbiased variance per group, [K, C] (what PyTorch's running statistics would
+  hold after one training-mode pass with momentum 1);
+- ``apply``: normalise each row group with its kept statistics (eval mode, per candidate),
+
+without copying the model. Affine parameters are the super-network's.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn as nn
+
+
+class GroupStatistics:
+    def __init__(self, groups: int):
+        self.groups = groups
+        self.mode = "collect"
+        self.stats: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def forward(self, bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
+        grouped = x.unflatten(0, (self.groups, -1)).float()  # [K, n, C, ...]
+        trailing = [1] * (x.dim() - 2)
+        if self.mode == "collect":
+            dims = (1, *range(3, grouped.dim()))
+            count = grouped[0].numel() // grouped.shape[2]
+            if count < 2:
+                raise ValueError("BatchNorm recalibration needs at least 2 values per channel and candidate")
+            mean, var = grouped.mean(dims), grouped.var(dims, unbiased=False)  # training mode normalises so
+            self.stats[bn] = (mean, var * count / (count - 1))  # and keeps the unbiased variance
+        else:
+            mean, var = self.stats[bn]
+        out = (grouped - mean.view(self.groups, 1, -1, *trailing)) * torch.rsqrt(
+            var.view(self.groups, 1, -1, *trailing) + bn.eps)
+        if bn.affine:
+            out = out * bn.weight.float().view(-1, *trailing) + bn.bias.float().view(-1, *trailing)
+        return out.to(x.dtype).flatten(0, 1)
+
+
+@contextlib.contextmanager
+def grouped_batchnorm(model: nn.Module, groups: int):
+    """Within the block, every BatchNorm of `model` follows the returned GroupStatistics (set its
+    `mode` to 'collect', then 'apply')."""
+    state = GroupStatistics(groups)
+    patched = []
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.forward = (lambda bn: (lambda x: state.forward(bn, x)))(module)
+            patched.append(module)
+    try:
+        yield state
+    finally:
+        for module in patched:
+            del module.forward  # back to the class's forward
+
+
+__all__ = ["GroupStatistics", "grouped_batchnorm"]

@@ -1,0 +1,503 @@
+"""The data layer, as a specification: CIFAR and ImageNet loaders on fixtures written in the standard
+layouts, the held-out carve, the batched CIFAR augmentation and the ImageNet transforms."""
+from __future__ import annotations
+
+import pickle
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from data_fixtures import write_cifar10, write_cifar100, write_imagenet
+
+from pgnas_fast.data import (
+    CIFAR_STATS,
+    CIFAR_URL,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    IMAGENET_URL,
+    DataError,
+    ImageFolderDataset,
+    augment_batch,
+    carve_heldout,
+    cifar_batches,
+    cutout,
+    epoch_generator,
+    imagenet_loader,
+    load_cifar,
+    load_imagenet_index,
+    normalize,
+    num_batches,
+    random_crop,
+    random_flip,
+)
+from pgnas_fast.data.imagenet import load_eval_image, load_train_image, random_resized_crop_box
+
+CIFAR10_LAYOUT = ("cifar-10-batches-py", "data_batch_1", "data_batch_5", "test_batch", CIFAR_URL)
+CIFAR100_LAYOUT = ("cifar-100-python", "train", "test", CIFAR_URL)
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture(scope="module")
+def cifar10(tmp_path_factory):
+    root = tmp_path_factory.mktemp("c10")
+    return root, write_cifar10(root)
+
+
+@pytest.fixture(scope="module")
+def imagenet(tmp_path_factory):
+    root = tmp_path_factory.mktemp("inet")
+    return root, write_imagenet(root)
+
+
+# ---- the held-out carve ----
+
+
+def test_carve_heldout_is_stratified_disjoint_and_seeded():
+    labels = np.random.default_rng(1).integers(0, 7, 1000)
+    train, heldout = carve_heldout(labels, 100, seed=3)
+    assert len(heldout) == 100 and len(train) == 900
+    assert np.array_equal(np.sort(np.concatenate([train, heldout])), np.arange(1000))
+    expected = np.bincount(labels) * 100 / 1000
+    assert np.all(np.abs(np.bincount(labels[heldout], minlength=7) - expected) < 1)
+    assert np.array_equal(carve_heldout(labels, 100, seed=3)[1], heldout)
+    assert not np.array_equal(carve_heldout(labels, 100, seed=4)[1], heldout)
+    assert len(carve_heldout(labels, 0, seed=0)[1]) == 0
+    with pytest.raises(ValueError):
+        carve_heldout(labels, 1000, seed=0)
+
+
+# ---- CIFAR loaders ----
+
+
+def test_load_cifar10_reads_what_was_written(cifar10):
+    root, written = cifar10
+    splits = load_cifar(root, num_classes=10, heldout=50, split_seed=0)
+    train_idx, heldout_idx = carve_heldout(written["train_labels"], 50, 0)
+    images = written["train_data"].reshape(-1, 3, 32, 32)
+    for (x, y), idx in ((splits.train, train_idx), (splits.heldout, heldout_idx)):
+        assert x.dtype == torch.uint8 and y.dtype == torch.int64 and x.shape[1:] == (3, 32, 32)
+        assert np.array_equal(x.numpy(), images[idx]) and np.array_equal(y.numpy(), written["train_labels"][idx])
+    x, y = splits.test
+    assert np.array_equal(x.numpy(), written["test_data"].reshape(-1, 3, 32, 32))
+    assert np.array_equal(y.numpy(), written["test_labels"])
+    assert splits.num_classes == 10 and splits.sizes() == {"train": 350, "heldout": 50, "test": 60}
+    # Row layout: the first 1024 bytes are the red plane, row-major.
+    assert np.array_equal(splits.test[0][0, 0].flatten().numpy(), written["test_data"][0, :1024])
+
+
+def test_load_cifar100_uses_fine_labels(tmp_path):
+    written = write_cifar100(tmp_path)
+    splits = load_cifar(tmp_path, num_classes=100, heldout=100, split_seed=1)
+    assert splits.num_classes == 100 and splits.sizes() == {"train": 200, "heldout": 100, "test": 100}
+    assert np.array_equal(splits.test[1].numpy(), written["test_labels"])  # fine, not coarse
+    assert np.array_equal(splits.test[0].numpy(), written["test_data"].reshape(-1, 3, 32, 32))
+    # Three images per class: the 100 held-out ones are one per class.
+    assert np.array_equal(np.bincount(splits.heldout[1].numpy(), minlength=100), np.ones(100))
+
+
+def test_cifar_splits_are_disjoint_stratified_and_seeded(cifar10):
+    root, _ = cifar10
+    a = load_cifar(root, heldout=100, split_seed=7)
+    b = load_cifar(root, heldout=100, split_seed=7)
+    c = load_cifar(root, heldout=100, split_seed=8)
+    assert torch.equal(a.heldout[0], b.heldout[0]) and torch.equal(a.train[1], b.train[1])
+    assert not torch.equal(a.heldout[0], c.heldout[0])
+    # Random uint8 images are unique, so disjointness shows in the pixels.
+    rows = {bytes(img.numpy().tobytes()) for img in a.train[0]}
+    assert len(rows) == 300 and not rows & {bytes(img.numpy().tobytes()) for img in a.heldout[0]}
+    assert torch.equal(torch.bincount(a.heldout[1], minlength=10), torch.full((10,), 10))
+
+
+def test_cifar_accepts_the_batch_folder_itself_and_a_device(cifar10):
+    root, _ = cifar10
+    direct = load_cifar(root / "cifar-10-batches-py", heldout=50, device=torch.device("cpu"))
+    assert torch.equal(direct.test[0], load_cifar(root, heldout=50).test[0])
+    assert direct.train[0].device.type == "cpu"
+
+
+def test_cifar_rejects_bad_arguments(cifar10):
+    root, _ = cifar10
+    with pytest.raises(ValueError, match="10 or 100"):
+        load_cifar(root, num_classes=20)
+    with pytest.raises(ValueError, match="heldout"):
+        load_cifar(root, heldout=400)
+
+
+def _read(path):
+    with open(path, "rb") as f:
+        return pickle.load(f, encoding="bytes")
+
+
+def _rewrite(path, **changes):
+    """Rewrite a batch dict with some keys replaced (value None: key dropped)."""
+    batch = _read(path)
+    for key, value in changes.items():
+        batch.pop(key.encode())
+        if value is not None:
+            batch[key.encode()] = value
+    path.write_bytes(pickle.dumps(batch, protocol=2))
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (print, ("pickle code ran",))
+
+
+def _packed(root):
+    shutil.rmtree(root / "cifar-10-batches-py")
+    (root / "cifar-10-python.tar.gz").write_bytes(b"x")
+
+
+def _batch(root, name):
+    return root / "cifar-10-batches-py" / name
+
+
+# case: (how to break a written CIFAR-10 tree under root, what the message says about it)
+BROKEN_CIFAR = {
+    "missing data dir": (shutil.rmtree, "does not exist"),
+    "missing folder": (lambda root: shutil.rmtree(root / "cifar-10-batches-py"), "cifar-10-batches-py does not exist"),
+    "still packed": (_packed, "tar xzf"),
+    "missing batch file": (lambda root: _batch(root, "data_batch_3").unlink(), "missing file"),
+    "corrupt pickle": (lambda root: _batch(root, "data_batch_2").write_bytes(b"not a pickle"), "not a readable CIFAR"),
+    "truncated pickle": (
+        lambda root: _batch(root, "test_batch").write_bytes(_batch(root, "test_batch").read_bytes()[:500]),
+        "not a readable CIFAR",
+    ),
+    "foreign object": (
+        lambda root: _batch(root, "data_batch_1").write_bytes(pickle.dumps(_Exploit())),
+        "refusing to load builtins.print",
+    ),
+    "not a dict": (lambda root: _batch(root, "data_batch_1").write_bytes(pickle.dumps([1, 2])), "expected a dict"),
+    "missing labels": (lambda root: _rewrite(_batch(root, "data_batch_4"), labels=None), "expected a dict"),
+    "wrong array shape": (
+        lambda root: _rewrite(_batch(root, "data_batch_1"), data=np.zeros((80, 3000), np.uint8)),
+        "expected uint8 [N, 3072]",
+    ),
+    "wrong dtype": (
+        lambda root: _rewrite(_batch(root, "data_batch_1"), data=np.zeros((80, 3072), np.float32)),
+        "expected uint8 [N, 3072]",
+    ),
+    "label count": (lambda root: _rewrite(_batch(root, "data_batch_5"), labels=[0] * 79), "80 images but"),
+    "label range": (lambda root: _rewrite(_batch(root, "test_batch"), labels=[10] * 60), "labels span"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN_CIFAR))
+def test_broken_cifar_raises_data_error_naming_the_layout(tmp_path, case, capsys):
+    break_it, problem = BROKEN_CIFAR[case]
+    root = tmp_path / "data"
+    write_cifar10(root, per_batch=80)
+    break_it(root)
+    with pytest.raises(DataError) as info:
+        load_cifar(root, heldout=50)
+    message = str(info.value)
+    assert problem in message
+    for part in CIFAR10_LAYOUT:
+        assert part in message
+    assert "pickle code ran" not in capsys.readouterr().out
+
+
+def test_missing_cifar100_names_its_layout(tmp_path):
+    with pytest.raises(DataError) as info:
+        load_cifar(tmp_path, num_classes=100)
+    assert isinstance(info.value, ValueError)
+    for part in CIFAR100_LAYOUT:
+        assert part in str(info.value)
+
+
+def test_cifar_reads_protocol_5_pickles(tmp_path):
+    written = write_cifar100(tmp_path)
+    for name in ("train", "test"):
+        path = tmp_path / "cifar-100-python" / name
+        path.write_bytes(pickle.dumps(pickle.loads(path.read_bytes(), encoding="bytes"), protocol=5))
+    images = load_cifar(tmp_path, num_classes=100, heldout=100).test[0]
+    assert np.array_equal(images.numpy().reshape(100, -1), written["test_data"])
+
+
+# ---- CIFAR augmentation ----
+
+
+def distinct_images(n: int, h: int = 32, w: int = 32) -> torch.Tensor:
+    """Float images whose pixels are all different (and non-zero), so any window identifies its offset."""
+    return torch.arange(1, n * 3 * h * w + 1, dtype=torch.float32).view(n, 3, h, w)
+
+
+def test_normalize_matches_the_formula():
+    mean, std = CIFAR_STATS[10]
+    images = torch.tensor([0, 51, 255], dtype=torch.uint8).view(1, 3, 1, 1).expand(2, 3, 4, 4)
+    out = normalize(images, mean, std)
+    expected = (torch.tensor([0, 51, 255]) / 255 - torch.tensor(mean)) / torch.tensor(std)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, expected.view(1, 3, 1, 1).expand(2, 3, 4, 4), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(normalize(images.float() / 255, mean, std), out, rtol=1e-6, atol=1e-6)
+    assert CIFAR_STATS[10][0] == pytest.approx((0.4914, 0.4822, 0.4465))
+
+
+def test_random_crop_is_a_shifted_window_of_the_zero_padded_image():
+    images = distinct_images(200)
+    out = random_crop(images, gen(0), padding=4)
+    assert out.shape == images.shape and out.dtype == images.dtype
+    padded = torch.nn.functional.pad(images, (4, 4, 4, 4))
+    shifts = []
+    for i in range(len(images)):
+        windows = {(dy, dx): padded[i, :, dy : dy + 32, dx : dx + 32] for dy in range(9) for dx in range(9)}
+        found = [shift for shift, window in windows.items() if torch.equal(out[i], window)]
+        assert len(found) == 1
+        shifts.append(found[0])
+    assert {dy for dy, _ in shifts} == set(range(9)) and {dx for _, dx in shifts} == set(range(9))
+    # uint8 and channels_last inputs take the same path.
+    as_u8 = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
+    assert torch.equal(random_crop(as_u8, gen(5)).float(), random_crop(as_u8.float(), gen(5)))
+    as_nhwc = as_u8.contiguous(memory_format=torch.channels_last)
+    assert torch.equal(random_crop(as_nhwc, gen(5)), random_crop(as_u8, gen(5)))
+
+
+def test_random_flip_is_an_exact_mirror_or_identity():
+    images = distinct_images(100)
+    out = random_flip(images, gen(0))
+    flipped = [torch.equal(out[i], images[i].flip(-1)) for i in range(100)]
+    kept = [torch.equal(out[i], images[i]) for i in range(100)]
+    assert all(f != k for f, k in zip(flipped, kept))
+    assert 25 < sum(flipped) < 75
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.uint8])
+def test_cutout_zeroes_one_square_of_side_at_most_16(dtype):
+    images = torch.ones(300, 3, 32, 32, dtype=dtype)
+    out = cutout(images, gen(0), size=16)
+    assert out.dtype == dtype and out.shape == images.shape
+    zero = out == 0
+    assert torch.equal(zero, zero[:, :1].expand_as(zero))  # the same square in every channel
+    clipped = 0
+    for square in zero[:, 0]:
+        rows = square.any(1).nonzero().flatten()
+        cols = square.any(0).nonzero().flatten()
+        top, bottom, left, right = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
+        assert square[top:bottom, left:right].all() and square.sum() == (bottom - top) * (right - left)
+        assert 8 <= bottom - top <= 16 and 8 <= right - left <= 16
+        inside = top > 0 and left > 0 and bottom < 32 and right < 32
+        if inside:
+            assert bottom - top == 16 and right - left == 16
+        clipped += not inside
+    assert 0 < clipped < 300  # squares cross the border sometimes, not always
+
+
+def test_augmentation_is_deterministic_per_generator():
+    images = normalize(torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8))
+    a = augment_batch(images, gen(1))
+    assert torch.equal(a, augment_batch(images, gen(1)))
+    assert not torch.equal(a, augment_batch(images, gen(2)))
+    assert a.shape == images.shape
+    assert torch.equal(augment_batch(images, gen(1), crop_padding=0, flip=False, cutout_size=0), images)
+
+
+def test_cifar_batches_cover_the_epoch_normalised(cifar10):
+    root, _ = cifar10
+    images, labels = load_cifar(root, heldout=50).train
+    mean, std = CIFAR_STATS[10]
+    plain = list(cifar_batches(images, labels, batch_size=64, augment=False))
+    assert [len(y) for _, y in plain] == [64] * 5 + [30] and num_batches(350, 64) == 6
+    torch.testing.assert_close(torch.cat([x for x, _ in plain]), normalize(images, mean, std))
+    assert torch.equal(torch.cat([y for _, y in plain]), labels)
+
+    shuffled = list(cifar_batches(images, labels, batch_size=64, generator=epoch_generator(0, 0), augment=False,
+                                  shuffle=True))
+    x, y = torch.cat([x for x, _ in shuffled]), torch.cat([y for _, y in shuffled])
+    order = torch.randperm(350, generator=epoch_generator(0, 0))
+    assert torch.equal(y, labels[order]) and not torch.equal(y, labels)
+    torch.testing.assert_close(x, normalize(images[order], mean, std))
+
+    def epoch(n):
+        return list(cifar_batches(images, labels, batch_size=64, generator=epoch_generator(0, n), drop_last=True,
+                                  channels_last=True))
+
+    train = epoch(3)
+    assert len(train) == 5 == num_batches(350, 64, drop_last=True)
+    for x, y in train:
+        assert x.dtype == torch.float32 and x.shape == (64, 3, 32, 32) and y.dtype == torch.int64
+        assert x.is_contiguous(memory_format=torch.channels_last)
+    again, other = epoch(3), epoch(4)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(train, again))
+    assert not torch.equal(train[0][0], other[0][0])
+    # Cutout zeros and padding zeros are the mean colour: exact zeros appear after normalisation.
+    assert all((x == 0).any() for x, _ in train)
+
+
+@pytest.mark.gpu
+def test_cifar_batches_on_cuda_match_cpu_with_a_cpu_generator(cifar10):
+    root, _ = cifar10
+    images, labels = load_cifar(root, heldout=50).train
+    cpu = list(cifar_batches(images, labels, batch_size=64, generator=epoch_generator(1, 2)))
+    cuda = list(cifar_batches(images.cuda(), labels.cuda(), batch_size=64, generator=epoch_generator(1, 2)))
+    for (xc, yc), (xg, yg) in zip(cpu, cuda):
+        assert xg.is_cuda and torch.equal(yc, yg.cpu())
+        torch.testing.assert_close(xc, xg.cpu())
+    on_gpu = list(cifar_batches(images.cuda(), labels.cuda(), batch_size=64, generator=epoch_generator(1, 2, "cuda")))
+    assert len(on_gpu) == len(cpu) and on_gpu[0][0].is_cuda
+
+
+# ---- ImageNet index ----
+
+
+def test_imagenet_index_lists_every_file_with_its_class(imagenet):
+    root, written = imagenet
+    index = load_imagenet_index(root, heldout=3, split_seed=0)
+    assert index.classes == sorted(written["train"]) and index.num_classes == 3
+    assert index.sizes() == {"train": 15, "heldout": 3, "val": 6}
+    expected = {str(p): index.classes.index(wnid) for wnid, paths in written["train"].items() for p in paths}
+    got = dict(zip(index.train[0] + index.heldout[0], np.concatenate([index.train[1], index.heldout[1]]).tolist()))
+    assert got == expected
+    assert np.array_equal(np.bincount(index.heldout[1]), [1, 1, 1])
+    val = {str(p): index.classes.index(wnid) for wnid, paths in written["val"].items() for p in paths}
+    assert dict(zip(index.val[0], index.val[1].tolist())) == val
+    assert index.train[1].dtype == np.int64
+    again = load_imagenet_index(root, heldout=3, split_seed=0)
+    assert again.heldout[0] == index.heldout[0]
+    assert any(load_imagenet_index(root, heldout=3, split_seed=s).heldout[0] != index.heldout[0] for s in range(1, 5))
+
+
+def test_imagenet_index_ignores_non_images(tmp_path):
+    write_imagenet(tmp_path, classes=("a", "b"), train_per_class=2, val_per_class=1)
+    (tmp_path / "train" / "a" / "notes.txt").write_text("not an image")
+    (tmp_path / "train" / "a" / ".hidden.JPEG").write_bytes(b"")
+    assert load_imagenet_index(tmp_path, heldout=0).sizes() == {"train": 4, "heldout": 0, "val": 2}
+
+
+def _empty_class(root):
+    (root / "train" / "n02").mkdir()
+    (root / "val" / "n02").mkdir()
+
+
+BROKEN_IMAGENET = {
+    "missing data dir": (lambda root: shutil.rmtree(root), "does not exist"),
+    "missing val": (lambda root: shutil.rmtree(root / "val"), "val does not exist"),
+    "no class folders": (lambda root: shutil.rmtree(root / "train") or (root / "train").mkdir(), "no class folders"),
+    "empty class": (_empty_class, "hold no images (n02)"),
+    "flat val": (
+        lambda root: (root / "val" / "n00" / "n00_00000.JPEG").rename(root / "val" / "x.JPEG"),
+        "holds 1 images directly",
+    ),
+    "different classes": (lambda root: (root / "val" / "n01").rename(root / "val" / "n09"), "different class folders"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN_IMAGENET))
+def test_broken_imagenet_raises_data_error_naming_the_layout(tmp_path, case):
+    root = tmp_path / "imagenet"
+    write_imagenet(root, classes=("n00", "n01"), train_per_class=2, val_per_class=1)
+    BROKEN_IMAGENET[case][0](root)
+    with pytest.raises(DataError) as info:
+        load_imagenet_index(root, heldout=0)
+    message = str(info.value)
+    for part in (BROKEN_IMAGENET[case][1], "train/<wnid>/*.JPEG", "val/<wnid>/*.JPEG", IMAGENET_URL):
+        assert part in message
+
+
+# ---- ImageNet transforms, dataset and loader ----
+
+
+def test_random_resized_crop_box_stays_inside_with_the_right_area_and_aspect():
+    g = gen(0)
+    for width, height in ((500, 375), (64, 300), (224, 224)):
+        for _ in range(200):
+            left, top, w, h = random_resized_crop_box(width, height, g)
+            assert 0 <= left and 0 <= top and left + w <= width and top + h <= height and w > 0 and h > 0
+            assert 0.07 <= w * h / (width * height) <= 1.0
+            assert 3 / 4 - 0.05 <= w / h <= 4 / 3 + 0.05
+    # No try fits a 1000 x 10 strip: the fallback is the largest centred crop of aspect 4/3.
+    assert random_resized_crop_box(1000, 10, gen(0)) == (493, 0, 13, 10)
+
+
+def _gradient(path, width, height):
+    """x in red, y in green, constant blue: geometry shows in the values."""
+    from PIL import Image
+
+    xs = np.linspace(0, 255, width)[None, :].repeat(height, 0)
+    ys = np.linspace(0, 255, height)[:, None].repeat(width, 1)
+    Image.fromarray(np.stack([xs, ys, np.full_like(xs, 90)], -1).astype(np.uint8)).save(path, quality=95)
+
+
+@pytest.mark.parametrize("size, suffix", [((300, 400), ".png"), ((1600, 1200), ".JPEG")])
+def test_eval_transform_is_resize_256_then_centre_crop_224(tmp_path, size, suffix):
+    from PIL import Image
+
+    path = tmp_path / f"g{suffix}"
+    _gradient(path, *size)
+    out = load_eval_image(str(path))
+    assert out.shape == (3, 224, 224) and out.dtype == torch.uint8
+    # The plain recipe, from the fully decoded image (the JPEG case above decodes in draft mode).
+    with Image.open(path) as image:
+        w, h = image.size
+        rw, rh = (256, int(256 * h / w)) if w <= h else (int(256 * w / h), 256)
+        resized = image.convert("RGB").resize((rw, rh), Image.Resampling.BILINEAR)
+        left, top = round((rw - 224) / 2), round((rh - 224) / 2)
+        expected = torch.from_numpy(np.array(resized.crop((left, top, left + 224, top + 224)))).permute(2, 0, 1)
+    assert (out.float() - expected.float()).abs().mean() < 2.0
+
+
+def test_train_transform_is_seeded_and_flips(tmp_path):
+    path = tmp_path / "g.png"
+    _gradient(path, 300, 200)
+    a = load_train_image(str(path), gen(3))
+    assert a.shape == (3, 224, 224) and a.dtype == torch.uint8
+    assert torch.equal(a, load_train_image(str(path), gen(3)))
+    crops = [load_train_image(str(path), gen(s)) for s in range(12)]
+    assert len({c.numpy().tobytes() for c in crops}) == 12
+    # Red grows with x: a flipped crop has red falling from left to right.
+    directions = {bool(c[0, :, -1].float().mean() > c[0, :, 0].float().mean()) for c in crops}
+    assert directions == {True, False}
+
+
+def test_dataset_gives_normalised_float_images_and_labels(imagenet, tmp_path):
+    root, _ = imagenet
+    index = load_imagenet_index(root, heldout=3)
+    for train, (files, labels) in ((True, index.train), (False, index.val)):
+        data = ImageFolderDataset(files, labels, train=train, generator=gen(0))
+        assert len(data) == len(files)
+        for i in range(len(data)):
+            image, label = data[i]
+            assert image.shape == (3, 224, 224) and image.dtype == torch.float32 and label == labels[i]
+    # A constant colour normalises to (c / 255 - mean) / std everywhere.
+    from PIL import Image
+
+    Image.new("RGB", (300, 260), (10, 128, 250)).save(tmp_path / "flat.png")
+    image, label = ImageFolderDataset([str(tmp_path / "flat.png")], [7], train=False)[0]
+    expected = (torch.tensor([10, 128, 250]) / 255 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
+    torch.testing.assert_close(image, expected.view(3, 1, 1).expand(3, 224, 224), rtol=1e-5, atol=1e-5)
+    assert label == 7
+
+
+def test_dataset_reports_an_unreadable_image(tmp_path):
+    (tmp_path / "bad.JPEG").write_bytes(b"not a jpeg")
+    with pytest.raises(DataError, match="bad.JPEG"):
+        ImageFolderDataset([str(tmp_path / "bad.JPEG")], [0], train=True)[0]
+
+
+def test_loader_batches_are_channels_last_and_independent_of_workers(imagenet):
+    root, _ = imagenet
+    index = load_imagenet_index(root, heldout=3)
+
+    def epochs(num_workers):
+        loader = imagenet_loader(*index.train, train=True, batch_size=4, num_workers=num_workers, seed=5)
+        return loader, [list(loader) for _ in range(2)]
+
+    loader, (first, second) = epochs(0)
+    assert len(loader) == 3 == len(first)  # 15 images, the last partial batch dropped
+    for x, y in first:
+        assert x.shape == (4, 3, 224, 224) and x.dtype == torch.float32 and y.dtype == torch.int64
+        assert x.is_contiguous(memory_format=torch.channels_last)
+    assert not torch.equal(first[0][0], second[0][0])  # a new epoch, new order and crops
+    _, (first_w, second_w) = epochs(2)
+    for (x, y), (xw, yw) in zip(first + second, first_w + second_w):
+        assert torch.equal(x, xw) and torch.equal(y, yw)
+    loader.set_epoch(1)  # a resume at epoch 1 redraws epoch 1
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(list(loader), second))
+
+    val = imagenet_loader(*index.val, train=False, batch_size=4, num_workers=0)
+    batches = list(val)
+    assert [len(y) for _, y in batches] == [4, 2]
+    assert torch.equal(torch.cat([y for _, y in batches]), torch.from_numpy(index.val[1]))

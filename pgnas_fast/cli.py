@@ -78,6 +78,12 @@ def _build_parser() -> argparse.ArgumentParser:
     search.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
     search.add_argument("--quiet", action="store_true", help="no progress bars")
 
+    info = commands.add_parser("info", help="a preset's super-network: parameters, gated layers, p values, MACs",
+                               description="Describe a preset's super-network without data: parameters, gated "
+                                           "layers, drop-probability (p) values, multiply-accumulates per image.")
+    info.add_argument("--preset", default="digits-tiny", help=f"one of: {', '.join(configs.names())}")
+    info.add_argument("--json", action="store_true", help="print one JSON object")
+
     rank = commands.add_parser(
         "rank", help="rank candidates of a finished search again (batched, racing, resumable, torchrun-sharded)",
         description="Score candidates of a run directory on its held-out split with the inherited weights. "
@@ -216,6 +222,29 @@ def _rank(args) -> int:
     return 0
 
 
+def _info(args) -> int:
+    import json
+
+    from . import configs
+    from .search.run import build_supernet
+    from .supernets.info import describe
+
+    config = configs.resolve(args.preset)
+    classes = {"digits": 10, "cifar10": 10, "cifar100": 100, "imagenet": 1000}[config["dataset"]]
+    channels = 1 if config["dataset"] == "digits" else 3
+    facts = {"preset": args.preset, "supernet": config["supernet"], "num_classes": classes,
+             **describe(build_supernet(config, classes), (channels, config["input_size"], config["input_size"]))}
+    if args.json:
+        print(json.dumps(facts, sort_keys=True))
+        return 0
+    print(f"{args.preset}: super-network {facts['supernet']}, {classes} classes, input {facts['input_size']}")
+    print(f"  parameters      {facts['params']:,}")
+    print(f"  gated layers    {facts['gated_layers']}")
+    print(f"  p values        {facts['gate_params']}")
+    print(f"  MACs per image  {facts['macs']:,}")
+    return 0
+
+
 def _doctor(_args) -> int:
     import torch
 
@@ -253,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command is None:
             parser.print_help()
             return EXIT_USAGE
-        return {"search": _search, "rank": _rank, "doctor": _doctor}[args.command](args)
+        return {"search": _search, "info": _info, "rank": _rank, "doctor": _doctor}[args.command](args)
     except (UsageError, ConfigError, DataError) as err:
         print(f"pgnas-fast: error: {err}", file=sys.stderr)
         return EXIT_USAGE

@@ -96,6 +96,7 @@ def test_racing_shares_grow_by_eta():
     assert _shares("racing", 300, 100, 3, 1 / 27) == [12, 34, 100, 300]
     assert _shares("racing", 300, 100, 2, 0.5) == [150, 300]
     assert _shares("racing", 300, 1, 3, 1 / 27) == [300]
+    assert _shares("racing", 8, 100, 3, 1 / 27) == [1, 3, 8]  # ceil(8/27) = ceil(8/9) = 1: counted once
 
 
 def test_racing_is_paired_and_finalists_get_full_scores(trained):

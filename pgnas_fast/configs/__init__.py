@@ -39,7 +39,6 @@ DEFAULTS: dict = {
     "drop_reg": 1.0,
     "n_train": 0,  # N of the regulariser; 0 means the training split's size
     "aux_weight": 0.0,  # auxiliary-head loss weight (ENAS cells)
-    "drop_path": 0.0,  # drop-path probability (ENAS cells)
     "amp": "none",  # none | bf16 (autocast on CUDA only)
     "channels_last": False,
     "random_baseline": 0,  # random-gate candidates at the guided ones' expected drop rate (paper Table 3)
@@ -75,7 +74,8 @@ _CIFAR_ENAS = {  # SupNet-E / EI protocol: the fixed ENAS micro cell
     "weight_reg": 0.1,
     "n_train": 5e5,
     "aux_weight": 0.4,
-    "drop_path": 0.6,
+    # drop-path: ENAS's child_drop_path_keep_prob 0.6 is a keep probability, ramped over training
+    "supernet_args": {"drop_path_keep_prob": 0.6},
     "candidates": 1500,
 }
 _IMAGENET = {  # SupNet-D-121 protocol; R-50 follows it (its own recipe is not published)
@@ -162,7 +162,6 @@ SCHEMA = {
     "drop_reg": _NON_NEGATIVE,
     "n_train": _NON_NEGATIVE,
     "aux_weight": _NON_NEGATIVE,
-    "drop_path": ((int, float), lambda v: 0 <= v < 1, "a number in [0, 1)"),
     "amp": ((str,), lambda v: v in ("none", "bf16"), "none or bf16"),
     "channels_last": ((bool,), lambda v: True, "true or false"),
     "candidates": _POSITIVE_INT,

@@ -23,6 +23,7 @@ class Domain(enum.IntEnum):
     RANDOM_CANDIDATE = 3  # hard gates of the random-sampling baseline (paper Table 3)
     SHAKE = 4  # shake-shake branch weights of training step `major`
     COMPAT = 5  # the drop-in modules' per-call gates
+    DROP_PATH = 6  # drop-path decisions of training step `major` (ENAS cells)
 
 
 def stream_id(domain: Domain, major: int, layer: int = 0) -> int:

@@ -171,7 +171,9 @@ def _shares(strategy: str, size: int, count: int, eta: int, first_share: float) 
         return [size]
     ends, share = [], first_share
     while share < 1.0 and math.ceil(share * size) < size:
-        ends.append(max(1, math.ceil(share * size)))
+        end = max(1, math.ceil(share * size))
+        if not ends or end > ends[-1]:  # a tiny held-out set may round two shares to one count
+            ends.append(end)
         share *= eta
     return ends + [size]
 

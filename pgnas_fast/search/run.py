@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
+from .. import configs, supernets
 from .. import data as datasets
-from .. import supernets
 from ..nn import candidate_masks, set_gates
 from ..ops.streams import Domain
 from .export import architecture_record
@@ -110,8 +110,9 @@ def load_run(run_dir: str | Path, *, device: str = "cpu", data_dir: str | Path |
     try:
         run_config = json.loads((run_dir / "config.json").read_text())
         config, seed = run_config["config"], run_config["seed"]
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise RunError(f"{str(run_dir / 'config.json')!r} is malformed: {err}") from None
+        configs.resolve(config["preset"], {k: v for k, v in config.items() if k != "preset"})
+    except (json.JSONDecodeError, KeyError, TypeError, configs.ConfigError) as err:
+        raise RunError(f"{str(run_dir / 'config.json')!r} is malformed or from another version: {err}") from None
     state = load_checkpoint(run_dir / "checkpoint.pt")
     if state.get("run_config") != run_config:
         raise RunError(f"{str(run_dir / 'checkpoint.pt')!r} does not belong to this run's config.json")

@@ -86,6 +86,8 @@ def train_posterior(model: nn.Module, optimizer: torch.optim.Optimizer, feed, co
             for group in optimizer.param_groups:
                 group["lr"] = lr * group["lr_scale"]
             set_gates(model, "relaxed", seed=seed, step=step)
+            if hasattr(model, "set_drop_path_progress"):  # ENAS cells: drop-path ramps up over training
+                model.set_drop_path_progress(min(1.0, (step + 1) / (config["epochs"] * steps_per_epoch)))
             if x.dim() == 4:
                 x = x.contiguous(memory_format=memory_format)
             logits, ce = _forward_loss(model, x, y, config, amp)

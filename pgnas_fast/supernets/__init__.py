@@ -27,3 +27,4 @@ def create(name: str, **kwargs) -> nn.Module:
 
 
 from . import digits  # noqa: E402,F401  (registers its networks)
+from . import densenet, enas, resnet, shake_shake  # noqa: E402,F401

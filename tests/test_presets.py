@@ -1,0 +1,90 @@
+"""The paper presets end to end on generated data in the standard layouts: `pgnas-fast search
+--smoke` and `pgnas-fast info`, and the clear error for missing data."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from data_fixtures import write_cifar10, write_cifar100, write_imagenet
+
+from pgnas_fast.cli import main
+
+# keep the full-size networks cheap on 2 CPU cores: tiny batches, no DataLoader workers
+CHEAP = ["--set", "batch_size=4", "--set", "eval_batch_size=4", "--set", "workers=0", "--set", "threads=1",
+         "--set", "heldout_size=20", "--quiet"]
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def search(capsys, *argv):
+    code = main(["search", *map(str, argv)])
+    return code, capsys.readouterr()
+
+
+@pytest.mark.parametrize("preset, writer", [
+    ("cifar10-supnet-m", write_cifar10),
+    pytest.param("cifar100-supnet-mi", write_cifar100, marks=pytest.mark.slow),
+    ("cifar10-supnet-e", write_cifar10),
+    ("imagenet-d121", write_imagenet),
+    pytest.param("imagenet-r50", write_imagenet, marks=pytest.mark.slow),
+])
+def test_smoke_runs_every_paper_preset_on_generated_data(capsys, tmp_path, preset, writer):
+    data = tmp_path / "data"
+    if writer is write_imagenet:
+        writer(data, train_per_class=10)
+    else:
+        writer(data)
+    out = tmp_path / "run"
+    extra = ["--set", "supernet_args={\"drop_path_keep_prob\": 0.6}"] if "supnet-e" in preset else []
+    code, captured = search(capsys, "--preset", preset, "--data-dir", data, "--smoke", "--out", out, *CHEAP, *extra)
+    assert code == 0, captured.err
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert len(log) == 1 and log[0]["cross_entropy"] > 0 and log[0]["regularizer"] != 0
+    rows = [json.loads(line) for line in (out / "candidates.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in rows] == [0, 1] and max(r["images"] for r in rows) == 8  # 2 batches of 4
+    arch = json.loads((out / "architecture.json").read_text())
+    assert arch["preset"] == preset and arch["layers"]
+    assert f"run directory: {out}" in captured.out
+
+
+@pytest.mark.parametrize("preset, layout", [
+    ("cifar10-supnet-m", "cifar-10-batches-py"),
+    ("cifar100-supnet-mi", "cifar-100-python"),
+    ("imagenet-d121", "train/"),
+])
+def test_missing_data_is_a_clear_error(capsys, tmp_path, preset, layout):
+    out = tmp_path / "run"
+    code, captured = search(capsys, "--preset", preset, "--out", out)
+    assert code == 2 and "needs --data-dir" in captured.err and layout in captured.err
+    code, captured = search(capsys, "--preset", preset, "--data-dir", tmp_path / "empty", "--out", out)
+    assert code == 2 and captured.err.startswith("pgnas-fast: error: ") and layout.rstrip("/") in captured.err
+
+
+PAPER = {  # preset: (params, within, gated layers, p values)
+    "cifar10-supnet-m": (26.2e6, 0.03, 56, 56),
+    "cifar10-supnet-mi": (72.7e6, 0.03, 56, 56),
+    "cifar10-supnet-ei": (15.3e6, 0.03, 263, 263),
+    "imagenet-d121": (7.98e6, 0.03, 119, 638),
+}
+
+
+@pytest.mark.parametrize("preset", sorted(PAPER))
+def test_info_reports_the_papers_sizes(capsys, preset):
+    assert main(["info", "--preset", preset, "--json"]) == 0
+    facts = json.loads(capsys.readouterr().out)
+    params, within, layers, p_values = PAPER[preset]
+    assert abs(facts["params"] - params) <= within * params
+    assert facts["gated_layers"] == layers and facts["gate_params"] == p_values
+    assert facts["macs"] > 0 and facts["input_size"][-1] in (32, 224)
+
+
+def test_info_text(capsys):
+    assert main(["info", "--preset", "digits-tiny"]) == 0
+    out = capsys.readouterr().out
+    assert "parameters      35,670" in out and "p values        60" in out

@@ -43,8 +43,11 @@ DEFAULTS: dict = {
     "channels_last": False,
     "random_baseline": 0,  # random-gate candidates at the guided ones' expected drop rate (paper Table 3)
     "ranking": "racing",  # racing (paired successive halving) | exhaustive
-    "racing_eta": 3,  # racing keeps the best 1/eta each round, on eta times more images
-    "racing_first_share": 1 / 27,  # share of the held-out set seen by every candidate in round 0
+    # racing keeps the best 1/eta each round, on eta times more images, from a first share of the
+    # held-out set; 4 and 1/16 kept the exhaustive winner's score in the top 2 on 5 of 5 digits seeds
+    # at 1000 candidates while reading 6.4x fewer images (3 and 1/27: 4 of 5, 8.7x fewer)
+    "racing_eta": 4,
+    "racing_first_share": 1 / 16,
     "rank_rows": 8192,  # rows (candidates x images) per batched evaluation pass
     "eval_batch_size": 500,
     "workers": 8,  # DataLoader workers (ImageNet)

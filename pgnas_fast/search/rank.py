@@ -178,8 +178,8 @@ def _shares(strategy: str, size: int, count: int, eta: int, first_share: float) 
     return ends + [size]
 
 
-def rank(scorer: CandidateScorer, candidates: Sequence[int], *, strategy: str = "exhaustive", eta: int = 3,
-         first_share: float = 1 / 27, chunk: int = 64, log: ProgressLog | None = None,
+def rank(scorer: CandidateScorer, candidates: Sequence[int], *, strategy: str = "exhaustive", eta: int = 4,
+         first_share: float = 1 / 16, chunk: int = 64, log: ProgressLog | None = None,
          shard: tuple[int, int] = (0, 1), gather: Callable[[list[dict]], list[dict]] | None = None,
          progress: bool = True, desc: str = "ranking candidates") -> list[dict]:
     """Score `candidates`; one row {id, score, images, kept_fraction} each, in id order.

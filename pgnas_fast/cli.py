@@ -108,6 +108,17 @@ def _build_parser() -> argparse.ArgumentParser:
     rank.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     rank.add_argument("--quiet", action="store_true", help="no progress bar")
 
+    study = commands.add_parser(
+        "study", help="the paper's sampling studies on a finished search (markdown + PNG)",
+        description="Guided vs random sampling at the same expected drop rate (paper Table 3), best accuracy vs "
+                    "number of candidates (Table 6), racing vs exhaustive agreement. Writes RUN_DIR/study-TAG/.")
+    study.add_argument("run_dir", metavar="RUN_DIR", help="a directory written by pgnas-fast search")
+    study.add_argument("--candidates", type=_count(1), default=1000, help="candidates per study (default 1000)")
+    study.add_argument("--tag", default="default", help="names the output folder study-TAG (default 'default')")
+    study.add_argument("--data-dir", metavar="DIR", help="the data set's directory (as for search)")
+    study.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    study.add_argument("--quiet", action="store_true", help="no progress bars")
+
     commands.add_parser("doctor", help="versions, backends (and why one is off), threads",
                         description="Print versions, which backends are live and why not, and threads.")
     return parser
@@ -201,8 +212,7 @@ def _rank(args) -> int:
 
     if args.first_share is not None and not 0 < args.first_share <= 1:
         raise UsageError(f"--first-share must be in (0, 1], got {args.first_share}")
-    if not set(args.tag) <= set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-") or not args.tag:
-        raise UsageError(f"--tag must be letters, digits, '_', '.' or '-', got {args.tag!r}")
+    _check_tag(args.tag)
     device = _resolve_device(args.device)
     try:
         summary = rank_run(args.run_dir, candidates=args.candidates, strategy=args.strategy, evaluator=args.evaluator,
@@ -219,6 +229,31 @@ def _rank(args) -> int:
         print(f"  {summary['strategy']} with the {summary['evaluator']} evaluator: "
               f"{summary['images_evaluated']} candidate-images evaluated")
         print(f"results: {Path(args.run_dir) / ('rank-' + args.tag)}")
+    return 0
+
+
+def _check_tag(tag: str) -> None:
+    if not tag or not set(tag) <= set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-"):
+        raise UsageError(f"--tag must be letters, digits, '_', '.' or '-', got {tag!r}")
+
+
+def _study(args) -> int:
+    from .search import RunError
+    from .search.study import run_study
+
+    _check_tag(args.tag)
+    device = _resolve_device(args.device)
+    try:
+        result = run_study(args.run_dir, candidates=args.candidates, tag=args.tag, device=str(device),
+                           data_dir=args.data_dir, progress=not args.quiet)
+    except RunError as err:
+        raise UsageError(str(err)) from None
+    g, r, race = result["guided"], result["random"], result["racing"]
+    print(f"guided: mean held-out {_percent(g['mean'])}, best {_percent(g['best'])}; "
+          f"random at the same drop rate: mean {_percent(r['mean'])}, best {_percent(r['best'])}")
+    print(f"racing winner's exhaustive rank {race['winner_exhaustive_rank']}, "
+          f"{race['exhaustive_images'] / race['images']:.1f}x fewer images")
+    print(f"report: {Path(args.run_dir) / ('study-' + args.tag) / 'study.md'}")
     return 0
 
 
@@ -282,7 +317,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command is None:
             parser.print_help()
             return EXIT_USAGE
-        return {"search": _search, "info": _info, "rank": _rank, "doctor": _doctor}[args.command](args)
+        return {"search": _search, "info": _info, "rank": _rank, "study": _study,
+                "doctor": _doctor}[args.command](args)
     except (UsageError, ConfigError, DataError) as err:
         print(f"pgnas-fast: error: {err}", file=sys.stderr)
         return EXIT_USAGE

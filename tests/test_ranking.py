@@ -12,6 +12,7 @@ from pgnas_fast.ops import Domain, stream_id
 from pgnas_fast.search import run_search
 from pgnas_fast.search.rank import CandidateScorer, ProgressLog, _shares, best_candidate, rank
 from pgnas_fast.search.run import build_supernet, load_data
+from pgnas_fast.search.study import score_rank
 
 
 @pytest.mark.parametrize("domain", [Domain.CANDIDATE, Domain.RANDOM_CANDIDATE])
@@ -162,13 +163,6 @@ def test_rank_rejects_bad_arguments(trained):
         CandidateScorer(model, *heldout, seed=1, evaluator="fast")
     with pytest.raises(ValueError, match="load_model"):
         CandidateScorer(model, *heldout, seed=1, evaluator="reload")
-
-
-def score_rank(rows, candidate):
-    """1 + the number of candidates with a strictly higher score: ties share a rank (with 300
-    held-out images many candidates tie, and which of them is listed first is arbitrary)."""
-    score = next(r["score"] for r in rows if r["id"] == candidate)
-    return 1 + sum(r["score"] > score for r in rows)
 
 
 # ---- pgnas-fast rank ----------------------------------------------------------------------------
@@ -329,3 +323,36 @@ def test_recalibration_needs_two_values_per_channel():
         with pytest.raises(ValueError, match="at least 2 values"):
             net(torch.randn(2, 3))  # one image per candidate: no variance to estimate
         net(torch.randn(4, 3))  # two per candidate: fine
+
+
+# ---- pgnas-fast study ---------------------------------------------------------------------------
+def test_kendall_tau_matches_scipy():
+    from scipy.stats import kendalltau
+
+    from pgnas_fast.search.study import kendall_tau
+
+    gen = torch.Generator().manual_seed(4)
+    xs = (torch.randint(0, 6, (40,), generator=gen) / 5).tolist()  # with ties
+    ys = [x + 0.3 * v for x, v in zip(xs, torch.randn(40, generator=gen).tolist())]
+    assert kendall_tau(xs, ys) == pytest.approx(kendalltau(xs, ys).statistic, abs=1e-12)
+    assert kendall_tau([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+
+
+def test_study_writes_report_and_figures(capsys, run_dir):
+    import json
+
+    from pgnas_fast.cli import main
+
+    assert main(["study", str(run_dir), "--candidates", "40", "--tag", "t", "--quiet"]) == 0
+    assert "report:" in capsys.readouterr().out
+    out = run_dir / "study-t"
+    result = json.loads((out / "study.json").read_text())
+    for png in ("guided_vs_random.png", "best_vs_candidates.png", "racing_vs_exhaustive.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [c["candidates"] for c in result["best_vs_candidates"]] == [1, 2, 5, 10, 20, 40]
+    bests = [c["best_heldout"] for c in result["best_vs_candidates"]]
+    assert bests == sorted(bests)  # more candidates never choose worse on held-out
+    assert 0 < result["random"]["mean"] <= 1 and 0 < result["guided"]["mean"] <= 1
+    assert result["racing"]["winner_exhaustive_rank"] >= 1
+    text = (out / "study.md").read_text()
+    assert "Guided vs random" in text and "![guided vs random](guided_vs_random.png)" in text

@@ -119,6 +119,25 @@ def _build_parser() -> argparse.ArgumentParser:
     study.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     study.add_argument("--quiet", action="store_true", help="no progress bars")
 
+    export = commands.add_parser(
+        "export", help="the found architecture as a smaller plain-torch network (+ torch.export artefact)",
+        description="Materialize a candidate of a run (default: the best) into a physically smaller network: "
+                    "subnet.pt (pgnas_fast.load_subnet), model.pt2 (torch.export, loads with plain torch), "
+                    "architecture.json.")
+    export.add_argument("run_dir", metavar="RUN_DIR", help="a directory written by pgnas-fast search")
+    export.add_argument("--candidate", type=_count(0), help="candidate id (default: the run's best)")
+    export.add_argument("--out", metavar="DIR", required=True, help="export directory")
+    export.add_argument("--data-dir", metavar="DIR", help="the data set's directory (as for search)")
+    export.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
+
+    evaluate = commands.add_parser("evaluate", help="accuracy of an exported network on a split",
+                                   description="Accuracy of an export directory's model.pt2 network; the "
+                                               "last line is the accuracy.")
+    evaluate.add_argument("export_dir", metavar="DIR", help="a directory written by pgnas-fast export")
+    evaluate.add_argument("--split", choices=("test", "heldout"), default="test", help="default test")
+    evaluate.add_argument("--data-dir", metavar="DIR", help="the data set's directory (as for search)")
+    evaluate.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
+
     commands.add_parser("doctor", help="versions, backends (and why one is off), threads",
                         description="Print versions, which backends are live and why not, and threads.")
     return parser
@@ -257,6 +276,38 @@ def _study(args) -> int:
     return 0
 
 
+def _export(args) -> int:
+    from .search import RunError
+    from .search.export import export_candidate
+
+    device = _resolve_device(args.device)
+    _prepare_out(Path(args.out))
+    try:
+        s = export_candidate(args.run_dir, args.out, candidate=args.candidate, device=str(device),
+                             data_dir=args.data_dir)
+    except RunError as err:
+        raise UsageError(str(err)) from None
+    print(f"candidate {s['candidate']}: held-out {_percent(s['heldout_accuracy'])}, test {_percent(s['test_accuracy'])}")
+    print(f"  parameters {s['params_supernet']:,} -> {s['params_subnet']:,}; "
+          f"MACs per image {s['macs_supernet']:,} -> {s['macs_subnet']:,}")
+    print(f"exported to {args.out}")
+    return 0
+
+
+def _evaluate(args) -> int:
+    from .search import RunError
+    from .search.export import evaluate_export
+
+    device = _resolve_device(args.device)
+    try:
+        value = evaluate_export(args.export_dir, split=args.split, device=str(device), data_dir=args.data_dir)
+    except RunError as err:
+        raise UsageError(str(err)) from None
+    print(f"{args.split} accuracy")
+    print(f"{value:.6f}")
+    return 0
+
+
 def _info(args) -> int:
     import json
 
@@ -317,8 +368,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command is None:
             parser.print_help()
             return EXIT_USAGE
-        return {"search": _search, "info": _info, "rank": _rank, "study": _study,
-                "doctor": _doctor}[args.command](args)
+        return {"search": _search, "info": _info, "rank": _rank, "study": _study, "export": _export,
+                "evaluate": _evaluate, "doctor": _doctor}[args.command](args)
     except (UsageError, ConfigError, DataError) as err:
         print(f"pgnas-fast: error: {err}", file=sys.stderr)
         return EXIT_USAGE

@@ -1,7 +1,10 @@
-"""The found architecture as data: `architecture.json` (design.md "Export")."""
+"""The found architecture as data (`architecture.json`, design.md "Export") and as a network
+(`export_candidate`: materialized, torch.export; `evaluate_export`)."""
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -41,3 +44,82 @@ def architecture_record(model: nn.Module, masks: Mapping[str, torch.Tensor], *, 
         "kept_fraction": candidate["kept_fraction"],
         "layers": layers,
     }
+
+
+def export_candidate(run_dir: str | Path, out: str | Path, *, candidate: int | None = None, device: str = "cpu",
+                     data_dir=None) -> dict:
+    """Materialize a candidate of a run (default: the run's best) into an export directory: subnet.pt,
+    model.pt2 (torch.export), architecture.json, config.json and export.json (sizes before and after)."""
+    from ..nn import candidate_masks, set_gates
+    from ..ops.streams import MAJOR_LIMIT
+    from ..supernets.info import describe
+    from .io import write_json
+    from .materialize import load_subnet, materialize  # noqa: F401  (load_subnet: the reader of this layout)
+    from .rank import accuracy
+    from .run import RunError, load_run
+
+    run_dir, out = Path(run_dir), Path(out)
+    loaded = load_run(run_dir, device=device, data_dir=data_dir)
+    config, seed, model, feed = loaded.config, loaded.seed, loaded.model, loaded.feed
+    architecture_path = run_dir / "architecture.json"
+    if candidate is None:
+        if not architecture_path.is_file():
+            raise RunError(f"{str(run_dir)!r} has no architecture.json (the search did not finish): pass --candidate")
+        candidate = json.loads(architecture_path.read_text())["candidate"]
+    if not 0 <= candidate < MAJOR_LIMIT:
+        raise RunError(f"--candidate must be an id in [0, 2^40), got {candidate}")
+    masks = candidate_masks(model, seed, candidate)
+    set_gates(model, "hard", masks=masks)
+    heldout, test = accuracy(model, feed.eval_batches("heldout")), accuracy(model, feed.eval_batches("test"))
+    set_gates(model, "full")
+    subnet = materialize(model, masks)
+    record = architecture_record(model, masks, config=config, seed=seed,
+                                 candidate={"id": candidate, "score": heldout,
+                                            "kept_fraction": kept_fraction(masks)},
+                                 test_accuracy=test)
+    channels = 1 if config["dataset"] == "digits" else 3
+    input_size = (channels, config["input_size"], config["input_size"])
+    before, after = describe(model, input_size), describe(subnet, input_size)
+    out.mkdir(parents=True, exist_ok=True)
+    example = next(iter(feed.eval_batches("test")))[0][:2]
+    torch.save(subnet, out / "subnet.pt")
+    # torch.export (TorchScript is deprecated): batch size dynamic, loads with plain torch
+    program = torch.export.export(subnet, (example,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+    torch.export.save(program, out / "model.pt2")
+    write_json(out / "architecture.json", record)
+    write_json(out / "config.json", {"config": config, "seed": seed})
+    summary = {"candidate": candidate, "heldout_accuracy": heldout, "test_accuracy": test,
+               "params_supernet": before["params"], "params_subnet": after["params"],
+               "macs_supernet": before["macs"], "macs_subnet": after["macs"], "input_size": list(input_size)}
+    write_json(out / "export.json", summary)
+    return summary
+
+
+def evaluate_export(directory: str | Path, *, split: str = "test", device: str = "cpu", data_dir=None,
+                    standalone: bool = True) -> float:
+    """Accuracy of an exported network on a split of its run's data (the torch.export artefact by
+    default, else subnet.pt)."""
+    from .materialize import load_subnet
+    from .rank import accuracy
+    from .run import RunError, build_feed, load_data
+
+    directory = Path(directory)
+    for name in ("config.json", "model.pt2" if standalone else "subnet.pt"):
+        if not (directory / name).is_file():
+            raise RunError(f"{str(directory)!r} is not an export directory: {name} is missing (pgnas-fast export)")
+    run_config = json.loads((directory / "config.json").read_text())
+    config, seed = run_config["config"], run_config["seed"]
+    feed = build_feed(config, load_data(config, data_dir), torch.device(device), seed=seed)
+    if not standalone:
+        return accuracy(load_subnet(directory, map_location=device), feed.eval_batches(split))
+    net = torch.export.load(directory / "model.pt2").module().to(device)  # exported in eval mode already
+    correct = seen = 0
+    with torch.no_grad():
+        for images, labels in feed.eval_batches(split):
+            correct += (net(images).argmax(1) == labels).sum().item()
+            seen += len(labels)
+    return correct / seen
+
+
+def kept_fraction(masks: Mapping[str, torch.Tensor]) -> float:
+    return sum(m.sum().item() for m in masks.values()) / sum(m.numel() for m in masks.values())

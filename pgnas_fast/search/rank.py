@@ -29,6 +29,7 @@ from tqdm import tqdm
 from ..nn import candidate_masks, gated_layers, set_gates, stacked_candidate_masks
 from ..nn.batchnorm import grouped_batchnorm
 from ..ops.streams import Domain
+from .export import kept_fraction
 
 EVALUATORS = ("batched", "sequential", "reload")
 STRATEGIES = ("exhaustive", "racing")
@@ -45,9 +46,7 @@ def accuracy(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
     return correct / seen
 
 
-def kept_fraction(masks: Mapping[str, torch.Tensor]) -> float:
-    kept = sum(mask.sum().item() for mask in masks.values())
-    return kept / sum(mask.numel() for mask in masks.values())
+
 
 
 def uniform_drop_logits(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -1,0 +1,161 @@
+"""The found architecture as a network: materialized subnets equal the masked super-network in eval
+mode for every family, export writes a torch.export artefact that plain torch loads, and evaluate
+reproduces the reported test accuracy."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import pgnas_fast as pf
+from pgnas_fast import configs, supernets
+from pgnas_fast.cli import main
+from pgnas_fast.nn import GatedConv2d, GatedLinear, candidate_masks, gated_layers, set_gates
+from pgnas_fast.search import run_search
+from pgnas_fast.search.materialize import MaskedConv2d, SlicedConv2d, ZeroInput, count_parameters, materialize
+
+TINY = {  # family: (constructor knobs, input side, input channels)
+    "digits-tiny": (dict(), 8, 1),
+    "supnet-m": (dict(k=1), 16, 3),
+    "supnet-mi": (dict(k=1, blocks_per_stage=1), 16, 3),
+    "supnet-e": (dict(filters=4, num_layers=3, drop_path_keep_prob=0.6), 32, 3),
+    "supnet-d121": (dict(growth=4, block_config=(2, 3, 2, 2), stem_width=8), 64, 3),
+    "supnet-r50": (dict(base_width=8, layers=(1, 2, 1, 1)), 64, 3),
+}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _tiny(name):
+    knobs, side, channels = TINY[name]
+    torch.manual_seed(0)
+    model = supernets.create(name, num_classes=7, p_init=0.4, **knobs).eval()
+    for module in model.modules():  # running statistics that are not the identity
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+    return model, torch.randn(3, channels, side, side)
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_materialized_subnet_equals_the_masked_supernet(name):
+    model, x = _tiny(name)
+    masks = candidate_masks(model, 5, 3)
+    assert 0 < sum(m.sum() for m in masks.values()) < sum(m.numel() for m in masks.values())
+    set_gates(model, "hard", masks=masks)
+    with torch.no_grad():
+        expected = model(x)
+    subnet = materialize(model, masks)
+    assert not any(isinstance(m, (GatedConv2d, GatedLinear)) for m in subnet.modules())
+    assert count_parameters(subnet) < count_parameters(model)
+    with torch.no_grad():
+        torch.testing.assert_close(subnet(x), expected, rtol=1e-5, atol=1e-5)
+        exported = torch.export.export(subnet, (x,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+        torch.testing.assert_close(exported.module()(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_layer_that_keeps_nothing_and_a_grouped_conv():
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.grouped = GatedConv2d(4, 6, 3, padding=1, groups=2)
+            self.dropped = GatedConv2d(6, 5, 1)
+            self.head = GatedLinear(5, 3)
+
+        def forward(self, x):
+            return self.head(self.dropped(torch.relu(self.grouped(x))).mean((2, 3)))
+
+    torch.manual_seed(1)
+    net = Net().eval()
+    masks = {"grouped": torch.tensor([1.0, 0.0, 1.0, 1.0]), "dropped": torch.zeros(6), "head": torch.ones(5)}
+    set_gates(net, "hard", masks=masks)
+    x = torch.randn(2, 4, 5, 5)
+    with torch.no_grad():
+        expected = net(x)
+        subnet = materialize(net, masks)
+        torch.testing.assert_close(subnet(x), expected)
+    assert isinstance(subnet.grouped, MaskedConv2d) and isinstance(subnet.dropped, ZeroInput)
+    assert isinstance(materialize(net, {**masks, "dropped": torch.ones(6)}).dropped, SlicedConv2d)
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    run_search(configs.resolve("digits-tiny", {"epochs": 3, "candidates": 20, "random_baseline": 0}), seed=4,
+               out_dir=out, progress=False)
+    return out
+
+
+def test_export_and_evaluate_reproduce_the_reported_test_accuracy(capsys, searched, tmp_path):
+    out = tmp_path / "export"
+    assert main(["export", str(searched), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    arch = json.loads((searched / "architecture.json").read_text())
+    exported = json.loads((out / "export.json").read_text())
+    assert exported["candidate"] == arch["candidate"] and exported["test_accuracy"] == arch["test_accuracy"]
+    assert exported["params_subnet"] < exported["params_supernet"] and exported["macs_subnet"] < exported["macs_supernet"]
+    assert "exported to" in printed
+    assert main(["evaluate", str(out), "--split", "test"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert float(last) == pytest.approx(arch["test_accuracy"], abs=1e-6)
+    subnet = pf.load_subnet(out)
+    assert count_parameters(subnet) == exported["params_subnet"]
+    from pgnas_fast.search.export import evaluate_export
+
+    assert evaluate_export(out, standalone=False) == pytest.approx(arch["test_accuracy"], abs=1e-6)
+
+
+def test_standalone_artefact_needs_no_pgnas_fast(searched, tmp_path):
+    out = tmp_path / "export"
+    assert main(["export", str(searched), "--candidate", "7", "--out", str(out)]) == 0
+    x = torch.randn(5, 1, 8, 8)
+    torch.save(x, tmp_path / "x.pt")
+    script = (f"import sys, torch; m = torch.export.load({str(out / 'model.pt2')!r}).module(); "
+              f"y = m(torch.load({str(tmp_path / 'x.pt')!r})); torch.save(y, {str(tmp_path / 'y.pt')!r}); "
+              "assert 'pgnas_fast' not in sys.modules")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                            cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    with torch.no_grad():
+        torch.testing.assert_close(torch.load(tmp_path / "y.pt"), pf.load_subnet(out)(x))
+    assert json.loads((out / "architecture.json").read_text())["candidate"] == 7
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["export", "/nonexistent/run", "--out", "OUT"], "is not a run directory"),
+    (["export", "RUN", "--candidate", str(1 << 40), "--out", "OUT"], "--candidate must be an id in [0, 2^40)"),
+    (["export", "RUN", "--candidate", "-1", "--out", "OUT"], "--candidate: must be an integer >= 0"),
+    (["evaluate", "/nonexistent/export"], "is not an export directory"),
+])
+def test_export_and_evaluate_bad_input(capsys, searched, tmp_path, argv, message):
+    argv = [str(searched) if a == "RUN" else str(tmp_path / "out") if a == "OUT" else a for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_export_refuses_an_incompatible_checkpoint(capsys, searched, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(searched, broken)
+    state = torch.load(broken / "checkpoint.pt", weights_only=False)
+    state["model"] = {k: v for k, v in state["model"].items() if "classifier" not in k}
+    torch.save(state, broken / "checkpoint.pt")
+    assert main(["export", str(broken), "--out", str(tmp_path / "o")]) == 2
+    assert "does not fit the digits-tiny super-network" in capsys.readouterr().err
+
+
+def test_gated_layer_names_survive_in_the_architecture(searched):
+    arch = json.loads((searched / "architecture.json").read_text())
+    model = supernets.create("digits-tiny", num_classes=10)
+    assert [layer["name"] for layer in arch["layers"]] == [name for name, _ in gated_layers(model)]

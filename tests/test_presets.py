@@ -51,6 +51,7 @@ def test_smoke_runs_every_paper_preset_on_generated_data(capsys, tmp_path, prese
     arch = json.loads((out / "architecture.json").read_text())
     assert arch["preset"] == preset and arch["layers"]
     assert f"run directory: {out}" in captured.out
+    assert "| paper |" in (out / "report.md").read_text()
 
 
 @pytest.mark.parametrize("preset, layout", [

@@ -57,6 +57,18 @@ def test_run_directory_holds_every_file(finished_run):
     assert [r["epoch"] for r in read_jsonl(out / "train_log.jsonl")] == [1, 2]
 
 
+def test_report_ties_the_figures_to_the_summary(finished_run):
+    out, result = finished_run
+    report = (out / "report.md").read_text()
+    arch = json.loads((out / "architecture.json").read_text())
+    assert report.startswith("# PGNAS search: digits-tiny, seed 3")
+    assert f"| chosen candidate | {arch['candidate']}," in report
+    assert f"| test accuracy | {100 * arch['test_accuracy']:.2f}% (no fine-tuning) |" in report
+    for png in ("p_per_layer.png", "kept_per_layer.png", "candidate_scores.png", "training.png"):
+        assert f"]({png})" in report and (out / png).read_bytes()[:4] == b"\x89PNG"
+    assert result.summary["params_subnet"] < result.summary["params_supernet"] == 35670
+
+
 def test_architecture_names_the_best_candidate(finished_run):
     out, result = finished_run
     arch = json.loads((out / "architecture.json").read_text())

@@ -9,6 +9,7 @@ held-out and test accuracy, and a run directory:
     rank-search/            the ranking's progress log, so that --resume never scores a candidate twice
     architecture.json       the chosen candidate (design.md "Export"); identical for identical seeds
     summary.json            the printed summary, with timings
+    report.md + *.png       the run report and its figures (report.py)
 """
 from __future__ import annotations
 
@@ -27,12 +28,14 @@ from ..nn import candidate_masks, set_gates
 from ..ops.streams import Domain
 from .export import architecture_record
 from .feed import LoaderFeed, TensorFeed
+from .materialize import count_parameters, materialize
+from .report import FIGURES, write_report
 from .io import load_checkpoint, read_jsonl, save_checkpoint, write_json, write_jsonl
 from .rank import ProgressLog, accuracy, best_candidate, rank_candidates, uniform_drop_logits
 from .train import make_optimizer, train_posterior
 
 RUN_FILES = ("config.json", "checkpoint.pt", "train_log.jsonl", "candidates.jsonl", "random_candidates.jsonl",
-             "architecture.json", "summary.json")
+             "architecture.json", "summary.json", "report.md", *FIGURES)
 
 
 # --smoke: the whole pipeline on a handful of batches, to check data and config before a long run
@@ -237,5 +240,8 @@ def run_search(config: dict, *, seed: int, out_dir: str | Path, device: str = "c
         "rank_seconds": ranked - trained,
         "candidates_per_second": (len(rows) + len(random_rows)) / max(ranked - trained, 1e-9),
     }
+    summary["params_supernet"] = count_parameters(model)
+    summary["params_subnet"] = count_parameters(materialize(model, masks))
     write_json(out_dir / "summary.json", summary)
+    write_report(out_dir)
     return SearchResult(out_dir=out_dir, summary=summary, architecture=architecture)

@@ -1,0 +1,134 @@
+"""The run report: `report.md` with four figures, written at the end of every search (and by
+`pgnas-fast report RUN_DIR`).
+
+- p_per_layer.png: the learned drop probability of every gate group, layer by layer;
+- kept_per_layer.png: the chosen candidate's kept fraction of input channels per gated layer;
+- candidate_scores.png: the held-out accuracy of every ranked candidate (and the random baseline);
+- training.png: loss, cross-entropy, regulariser, train accuracy and mean p per epoch.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .io import read_jsonl
+
+# Published results of the paper's protocols: test error (%) without fine-tuning (Tables 1-3).
+PAPER_ERROR = {
+    "cifar10-supnet-m": ("CIFAR-10 test error, PGNAS-M", 2.20),
+    "cifar10-supnet-mi": ("CIFAR-10 test error, PGNAS-MI", 2.06),
+    "cifar100-supnet-mi": ("CIFAR-100 test error, PGNAS-MI", 14.28),
+    "cifar10-supnet-e": ("CIFAR-10 test error, PGNAS-E", 2.73),
+    "cifar10-supnet-ei": ("CIFAR-10 test error, PGNAS-EI", 2.56),
+    "imagenet-d121": ("ImageNet top-1 error, PGNAS-D-121", 24.8),
+    "imagenet-r50": ("ImageNet top-1 error, PGNAS-R-50", 22.73),
+}
+FIGURES = ("p_per_layer.png", "kept_per_layer.png", "candidate_scores.png", "training.png")
+
+
+def _figures(run_dir: Path, arch: dict, rows: list[dict], random_rows: list[dict], log: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = arch["layers"]
+    fig, ax = plt.subplots(figsize=(max(6, 0.25 * len(layers)), 3.5))
+    for i, layer in enumerate(layers):
+        ax.scatter([i] * len(layer["p"]), layer["p"], s=10, color="tab:blue")
+    ax.set_xlabel("gated layer (index)")
+    ax.set_ylabel("learned drop probability p")
+    ax.set_title("p per gate group")
+    fig.tight_layout()
+    fig.savefig(run_dir / "p_per_layer.png", dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(max(6, 0.25 * len(layers)), 3.5))
+    ax.bar(range(len(layers)), [len(layer["kept_channels"]) / layer["in_channels"] for layer in layers])
+    ax.set_ylim(0, 1.05)
+    ax.set_xlabel("gated layer (index)")
+    ax.set_ylabel("kept fraction of input channels")
+    ax.set_title(f"Candidate {arch['candidate']}: kept channels per layer")
+    fig.tight_layout()
+    fig.savefig(run_dir / "kept_per_layer.png", dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    full = max(r.get("images", 0) for r in rows)
+    scored = [100 * r["score"] for r in rows if r.get("images", full) == full]
+    ax.hist(scored, bins=30, alpha=0.7, label=f"guided ({len(scored)} fully scored)")
+    if random_rows:
+        ax.hist([100 * r["score"] for r in random_rows], bins=30, alpha=0.7, label="random gates, same drop rate")
+    ax.axvline(100 * arch["score"], color="black", linestyle="--", label="chosen")
+    ax.set_xlabel("held-out accuracy (%)")
+    ax.set_ylabel("candidates")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(run_dir / "candidate_scores.png", dpi=120)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
+    epochs = [row["epoch"] for row in log]
+    for key in ("loss", "cross_entropy", "regularizer"):
+        if all(key in row for row in log):
+            axes[0].plot(epochs, [row[key] for row in log], label=key)
+    axes[0].set_title("loss")
+    axes[0].legend()
+    axes[1].plot(epochs, [100 * row["train_accuracy"] for row in log])
+    axes[1].set_title("train accuracy (%)")
+    axes[2].plot(epochs, [row["mean_p"] for row in log])
+    axes[2].set_title("mean drop probability p")
+    for ax in axes:
+        ax.set_xlabel("epoch")
+    fig.tight_layout()
+    fig.savefig(run_dir / "training.png", dpi=120)
+    plt.close(fig)
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.2f}%"
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """report.md and its figures for a finished run directory."""
+    run_dir = Path(run_dir)
+    arch = json.loads((run_dir / "architecture.json").read_text())
+    summary = json.loads((run_dir / "summary.json").read_text())
+    config = json.loads((run_dir / "config.json").read_text())["config"]
+    rows = read_jsonl(run_dir / "candidates.jsonl")
+    random_path = run_dir / "random_candidates.jsonl"
+    random_rows = read_jsonl(random_path) if random_path.exists() else []
+    log = read_jsonl(run_dir / "train_log.jsonl")
+    _figures(run_dir, arch, rows, random_rows, log)
+    s = summary
+    lines = [
+        f"# PGNAS search: {arch['preset']}, seed {arch['seed']}",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| super-network | {config['supernet']} ({s.get('params_supernet', 0):,} parameters) |",
+        f"| data | {s['data']['train']} training, {s['data']['heldout']} held-out, {s['data']['test']} test images |",
+        f"| posterior training | {config['epochs']} epochs, {s['train_seconds']:.1f} s |",
+        f"| ranking | {s['candidates']} candidates, {config['ranking']}, {s['rank_seconds']:.1f} s "
+        f"({s['candidates_per_second']:.1f} candidates/s) |",
+        f"| chosen candidate | {arch['candidate']}, keeps {_pct(arch['kept_fraction'])} of the gated input channels |",
+        f"| held-out accuracy | {_pct(arch['score'])} |",
+        f"| test accuracy | {_pct(arch['test_accuracy'])} (no fine-tuning) |",
+        f"| super-network, every channel kept | held-out {_pct(s['supernet_heldout_accuracy'])}, "
+        f"test {_pct(s['supernet_test_accuracy'])} |",
+    ]
+    if s.get("params_subnet"):
+        lines.append(f"| materialized network | {s['params_subnet']:,} parameters |")
+    if s.get("random_mean_heldout_accuracy") is not None:
+        lines.append(f"| guided vs random sampling (mean held-out) | {_pct(s['guided_mean_heldout_accuracy'])} vs "
+                     f"{_pct(s['random_mean_heldout_accuracy'])} at the same expected drop rate |")
+    if arch["preset"] in PAPER_ERROR:
+        what, error = PAPER_ERROR[arch["preset"]]
+        lines.append(f"| paper | {what} {error}%; this run {100 * (1 - arch['test_accuracy']):.2f}% |")
+    lines += ["", "## Learned drop probabilities", "", "![p per layer](p_per_layer.png)", "",
+              "## The chosen candidate", "", "![kept channels per layer](kept_per_layer.png)", "",
+              "## Candidates", "", "![candidate scores](candidate_scores.png)", "",
+              "## Posterior training", "", "![training curves](training.png)", ""]
+    path = run_dir / "report.md"
+    path.write_text("\n".join(lines))
+    return path

@@ -159,3 +159,35 @@ def test_gated_layer_names_survive_in_the_architecture(searched):
     arch = json.loads((searched / "architecture.json").read_text())
     model = supernets.create("digits-tiny", num_classes=10)
     assert [layer["name"] for layer in arch["layers"]] == [name for name, _ in gated_layers(model)]
+
+
+def test_producers_lose_the_channels_nobody_reads_and_batchnorm_folds():
+    torch.manual_seed(2)
+    net = torch.nn.Sequential(
+        GatedConv2d(3, 8, 3, padding=1, bias=False), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+        GatedConv2d(8, 6, 3, padding=1), torch.nn.BatchNorm2d(6), torch.nn.ReLU(),
+        torch.nn.Conv2d(6, 6, 3, padding=1, groups=6), GatedConv2d(6, 4, 1)).eval()
+    for module in net.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-1, 1)
+            module.running_var.uniform_(0.5, 2)
+            module.weight.data.uniform_(0.5, 1.5)
+    x = torch.randn(2, 3, 6, 6)
+    cases = {
+        "middle": {"0": torch.ones(3), "3": torch.tensor([1.0, 0, 1, 1, 0, 0, 1, 1]), "7": torch.tensor([1.0, 0, 1, 0, 1, 1])},
+        "first keeps nothing": {"0": torch.zeros(3), "3": torch.tensor([0.0, 1, 1, 0, 0, 0, 0, 1]), "7": torch.ones(6)},
+    }
+    for case, masks in cases.items():
+        set_gates(net, "hard", masks=masks)
+        with torch.no_grad():
+            expected = net(x)
+            subnet = materialize(net, masks)
+            torch.testing.assert_close(subnet(x), expected, rtol=1e-5, atol=1e-5, msg=case)
+        # BatchNorms that directly follow a conv are folded (after a layer that keeps nothing, one stays)
+        assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in subnet.modules()) == (case != "middle"), case
+        depthwise = [m for m in subnet.modules() if isinstance(m, torch.nn.Conv2d) and m.groups > 1]
+        assert depthwise[0].out_channels == int(masks["7"].sum()), case  # only the channels "7" reads
+    convs = [m for m in materialize(net, cases["middle"]).modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs[0].out_channels == 5  # conv "0" computes only what conv "3" keeps
+    unfolded = materialize(net, cases["middle"], fold_batchnorm=False)
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in unfolded.modules()) == 2

@@ -119,9 +119,104 @@ def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+class Gather(nn.Module):
+    """Keeps input channels `index`: a sliced consumer's gather moved in front of channel-wise work."""
+
+    def __init__(self, index: torch.Tensor):
+        super().__init__()
+        self.register_buffer("index", index.clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.index_select(1, self.index)
+
+
+_CHANNELWISE = (nn.BatchNorm2d, nn.ReLU, nn.Identity)
+
+
+def _is_depthwise(m: nn.Module) -> bool:
+    return type(m) is nn.Conv2d and m.groups == m.in_channels == m.out_channels
+
+
+def _chains(container: nn.Module) -> list[list[str]]:
+    """Runs of children [producer or None, channel-wise..., sliced consumer] whose channels flow only
+    from one to the next: inside an nn.Sequential, or named by a module's `channel_chains`."""
+    found = [list(chain) for chain in getattr(container, "channel_chains", ())
+             if isinstance(getattr(container, chain[-1]), SlicedConv2d) and _producer(getattr(container, chain[0]))]
+    if isinstance(container, nn.Sequential):
+        names = [name for name, _ in container.named_children()]
+        children = list(container.children())
+        for j, consumer in enumerate(children):
+            if not isinstance(consumer, SlicedConv2d):
+                continue
+            i = j - 1
+            while i >= 0 and (isinstance(children[i], _CHANNELWISE) or _is_depthwise(children[i])):
+                i -= 1
+            found.append(([names[i]] if i >= 0 and _producer(children[i]) else [None]) + names[i + 1:j + 1])
+    return found
+
+
+def _producer(module: nn.Module) -> bool:
+    """A module whose output channels can be sliced: a sliced or plain ungrouped conv."""
+    return isinstance(module, SlicedConv2d) or (type(module) is nn.Conv2d and module.groups == 1)
+
+
+def _slice_outputs(module: nn.Module, index: torch.Tensor) -> None:
+    """Keep output channels `index` of a conv, a depthwise conv (and its inputs) or a BatchNorm."""
+    conv = module.conv if isinstance(module, SlicedConv2d) else module
+    if isinstance(conv, nn.Conv2d):
+        conv.weight = nn.Parameter(conv.weight.index_select(0, index))
+        if conv.bias is not None:
+            conv.bias = nn.Parameter(conv.bias.index_select(0, index))
+        conv.out_channels = len(index)
+        if _is_depthwise(module) or conv.groups > 1:
+            conv.in_channels = conv.groups = len(index)
+    elif isinstance(module, nn.BatchNorm2d):
+        for name in ("weight", "bias"):
+            if getattr(module, name) is not None:
+                setattr(module, name, nn.Parameter(getattr(module, name).index_select(0, index)))
+        module.running_mean = module.running_mean.index_select(0, index)
+        module.running_var = module.running_var.index_select(0, index)
+        module.num_features = len(index)
+
+
+def _prune_producers(subnet: nn.Module) -> None:
+    """Remove the output channels that a sliced consumer never reads from the modules feeding it."""
+    for container in list(subnet.modules()):
+        for head, *middle, tail in _chains(container):
+            if head is None and not middle:
+                continue  # nothing between the consumer and its input: its own gather stays
+            index = getattr(container, tail).index
+            for name in ([head] if head is not None else []) + middle:
+                _slice_outputs(getattr(container, name), index)
+            if head is None:  # no producer in this run: gather at its start instead
+                setattr(container, middle[0], nn.Sequential(Gather(index), getattr(container, middle[0])))
+            setattr(container, tail, getattr(container, tail).conv)
+
+
+def _fold_batchnorm(subnet: nn.Module) -> None:
+    """Fold each eval-mode BatchNorm that directly follows a conv in an nn.Sequential into that conv."""
+    for container in list(subnet.modules()):
+        if not isinstance(container, nn.Sequential):
+            continue
+        children = list(container.named_children())
+        for (_, conv), (bn_name, bn) in zip(children, children[1:]):
+            conv = conv.conv if isinstance(conv, SlicedConv2d) else conv
+            if not (isinstance(conv, nn.Conv2d) and type(bn) is nn.BatchNorm2d and bn.track_running_stats):
+                continue
+            scale = torch.rsqrt(bn.running_var + bn.eps)
+            if bn.affine:
+                scale = scale * bn.weight
+            shift = -bn.running_mean * scale + (bn.bias if bn.affine else 0)
+            bias = conv.bias * scale + shift if conv.bias is not None else shift
+            conv.weight = nn.Parameter(conv.weight * scale.view(-1, 1, 1, 1))
+            conv.bias = nn.Parameter(bias)
+            setattr(container, bn_name, nn.Identity())
+
+
 @torch.no_grad()
-def materialize(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> nn.Module:
-    """A plain-torch copy of `model` in eval mode that computes the candidate `masks` names."""
+def materialize(model: nn.Module, masks: Mapping[str, torch.Tensor], *, fold_batchnorm: bool = True) -> nn.Module:
+    """A plain-torch copy of `model` in eval mode that computes the candidate `masks` names: dropped
+    input channels sliced out, the producers' channels nobody reads removed, BatchNorm folded."""
     subnet = copy.deepcopy(model).eval()
     for name, layer in gated_layers(subnet):
         _replace(subnet, name, _plain(layer, masks[name]))
@@ -130,6 +225,9 @@ def materialize(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> nn.Modul
             _replace(subnet, name, MeanCombine())
         elif isinstance(module, StochasticModule):  # e.g. drop-path: identity in evaluation
             _replace(subnet, name, nn.Identity())
+    _prune_producers(subnet)
+    if fold_batchnorm:
+        _fold_batchnorm(subnet)
     return subnet.eval()
 
 

@@ -21,6 +21,10 @@ from . import register
 
 
 class DenseLayer(nn.Module):
+    # conv1's channels reach only conv2 (through norm2 and a ReLU): materialize may drop the ones
+    # conv2's candidate does not read
+    channel_chains = (("conv1", "norm2", "conv2"),)
+
     def __init__(self, input_groups: list[int], growth: int, bn_size: int, gate_kw: dict):
         super().__init__()
         c_in = sum(input_groups)

@@ -3,16 +3,15 @@
 `materialize(model, masks)` copies the super-network in eval mode and replaces
 - every gated conv/linear by one that gathers only its kept input channels and holds only their
   weights (`SlicedConv2d`, `SlicedLinear`; a grouped conv keeps its width and zeroes the dropped
-  channels, `MaskedConv2d`; a layer that keeps nothing becomes `ZeroInput`, what the layer gives for
-  an all-zero input);
+  channels, `MaskedConv2d`; a layer that keeps nothing is deleted: `ZeroInput` returns its bias);
 - every stochastic module by its evaluation-mode behaviour in plain torch ops (shake-shake: the mean
   of the branches; drop-path: identity),
 so the result equals the masked super-network in eval mode (outputs within float rounding), needs
 no pgnas_fast op, and exports with torch.export to an artefact that plain torch loads.
 
-Not done yet (said in the issue): removing producers' output channels that no consumer reads, and
-folding BatchNorm into convolutions. Parameter savings are therefore the dropped input channels'
-weights of the gated layers.
+Then the output channels of producers that no consumer reads are removed (through BatchNorm, ReLU
+and depthwise convs, inside nn.Sequential runs or a module's declared `channel_chains`), and each
+eval-mode BatchNorm that directly follows a conv is folded into it.
 
 Export directory: `subnet.pt` (the materialized module, pickled; `load_subnet` reads it),
 `model.pt2` (torch.export: `torch.export.load(path).module()` without pgnas_fast),
@@ -73,14 +72,27 @@ def _plain_copy(layer: nn.Module) -> nn.Module:
 
 
 class ZeroInput(nn.Module):
-    """A gated layer with every input channel dropped: what it gives for an all-zero input."""
+    """A gated layer with every input channel dropped, deleted: its output for an all-zero input is
+    its bias (or zeros), computed from the output shape alone."""
 
     def __init__(self, layer: nn.Module):
         super().__init__()
-        self.layer = _plain_copy(layer)
+        self.is_conv = isinstance(layer, nn.Conv2d)
+        self.out_channels = layer.weight.shape[0]
+        bias = layer.bias if layer.bias is not None else layer.weight.new_zeros(self.out_channels)
+        self.register_buffer("bias", bias.detach().clone())
+        if self.is_conv:
+            self.geometry = (layer.kernel_size, layer.stride, layer.padding, layer.dilation)
+            if isinstance(layer.padding, str):
+                raise ValueError("string padding is not supported by ZeroInput")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layer(torch.zeros_like(x))
+        if not self.is_conv:
+            return self.bias.to(x.dtype).expand(*x.shape[:-1], self.out_channels)
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.geometry
+        h = (x.shape[2] + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+        w = (x.shape[3] + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        return self.bias.to(x.dtype).view(1, -1, 1, 1).expand(x.shape[0], -1, h, w)
 
 
 class MaskedConv2d(nn.Module):

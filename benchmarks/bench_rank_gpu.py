@@ -1,0 +1,95 @@
+"""Candidate ranking throughput on a SupNet-MI-shaped network, for the GPU script.
+
+Builds SupNet-MI (Shake-Shake-26 2x160d, 72.7M parameters) with random weights and drop
+probabilities, a CIFAR-shaped held-out set of random images, and measures candidates per second of
+the batched evaluator (K candidates x b images per pass) and of the sequential one on the whole
+held-out set; then projects the hours to rank 10,000 CIFAR-10 candidates on 5,000 held-out images
+exhaustively and with racing, next to the paper's 4.63 P40-days (Table 6: 10k candidates).
+
+    python3 benchmarks/bench_rank_gpu.py --out results.json           # on the GPU
+    python3 benchmarks/bench_rank_gpu.py --dry-run                    # tiny, on CPU, to check it runs
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from pgnas_fast import supernets
+from pgnas_fast.search.rank import CandidateScorer, _shares
+
+PAPER_P40_DAYS_10K = 4.63
+
+
+def _timed(fn, device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dry-run", action="store_true", help="tiny network and data on CPU")
+    parser.add_argument("--heldout", type=int, default=5000)
+    parser.add_argument("--candidates", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=500)
+    parser.add_argument("--rows", type=int, default=16384, help="rows per batched pass")
+    parser.add_argument("--out", help="write the results as JSON here")
+    args = parser.parse_args(argv)
+    device = torch.device("cpu" if args.dry_run or not torch.cuda.is_available() else "cuda")
+    knobs = dict(k=1, blocks_per_stage=1) if args.dry_run else {}
+    heldout, candidates = (64, 4) if args.dry_run else (args.heldout, args.candidates)
+    batch = 32 if args.dry_run else args.batch_size
+
+    torch.manual_seed(0)
+    model = supernets.create("supnet-mi", num_classes=10, **knobs).to(device).eval()
+    with torch.no_grad():  # a spread of drop probabilities, as after posterior training
+        for module in model.modules():
+            if hasattr(module, "p_logit"):
+                module.p_logit.uniform_(-4.0, 0.0)
+    images = torch.randn(heldout, 3, 32, 32, device=device)
+    labels = torch.randint(0, 10, (heldout,), device=device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+        images = images.contiguous(memory_format=torch.channels_last)
+
+    results = {"device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
+               "network": "supnet-mi" if not args.dry_run else "supnet-mi (tiny, dry run)",
+               "params": sum(p.numel() for p in model.parameters()), "heldout_images": heldout}
+    ids = list(range(candidates))
+    for evaluator, rows in (("batched", args.rows), ("sequential", 1)):
+        scorer = CandidateScorer(model, images, labels, seed=0, evaluator=evaluator, batch_size=batch,
+                                 rows_per_pass=rows)
+        scorer.correct(ids[:2], 0, min(heldout, batch))  # warm-up (cuDNN autotuning, allocator)
+        count = candidates if evaluator == "batched" else max(2, candidates // 8)
+        seconds = _timed(lambda: scorer.correct(ids[:count], 0, heldout), device)
+        results[f"{evaluator}_candidates_per_second"] = count / seconds
+    rate = results["batched_candidates_per_second"]
+    racing_images = sum(n * (end - start) for n, start, end in _racing_plan(10000, heldout))
+    results["hours_10k_exhaustive"] = 10000 / rate / 3600
+    results["hours_10k_racing"] = racing_images / heldout / rate / 3600
+    results["paper_p40_hours_10k"] = PAPER_P40_DAYS_10K * 24
+    print(json.dumps(results, indent=2))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=2)
+    return results
+
+
+def _racing_plan(candidates: int, heldout: int, eta: int = 4, first_share: float = 1 / 16):
+    """(survivors, start, end) of each racing round, as `rank` runs them with the default settings."""
+    plan, survivors, start = [], candidates, 0
+    for end in _shares("racing", heldout, candidates, eta, first_share):
+        plan.append((survivors, start, end))
+        survivors, start = -(-survivors // eta), end
+    return plan
+
+
+if __name__ == "__main__":
+    main()

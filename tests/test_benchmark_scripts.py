@@ -1,0 +1,23 @@
+"""The GPU script's Python parts run here in their CPU dry-run modes, so a GPU session can run the
+script blind in one call."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_rank_benchmark_dry_run(tmp_path):
+    results = _load("bench_rank_gpu").main(["--dry-run", "--out", str(tmp_path / "rank.json")])
+    assert results["batched_candidates_per_second"] > 0 and results["sequential_candidates_per_second"] > 0
+    assert 0 < results["hours_10k_racing"] < results["hours_10k_exhaustive"]
+    assert results["paper_p40_hours_10k"] == 4.63 * 24
+    assert (tmp_path / "rank.json").is_file()

@@ -1,0 +1,417 @@
+// The `cpu` backend's kernels (design.md layer 6): the op set on raw pointers, C++ with OpenMP.
+//
+// No torch headers: csrc/cpu/ops.cpp instantiates these for float, double, c10::Half and
+// c10::BFloat16 data after validating the tensors, and csrc/tests/test_cpu.cpp checks them against
+// plain loops. Gate math runs in the gate type G (float, or double on the gradcheck path); data of
+// type T is widened to Acc<T, G> (float, or double when T or G is double), as the reference's type
+// promotion does. Inner loops are unit-stride and written for the auto-vectoriser (`omp simd` where a
+// reduction would otherwise keep them scalar).
+#pragma once
+
+#include <stdint.h>
+
+#include <algorithm>
+#include <cmath>
+#include <type_traits>
+#include <vector>
+
+#include "../../kernels/philox.h"
+
+namespace pgnas {
+namespace cpu {
+
+enum class GateMode { relaxed = 0, hard = 1, full = 2 };
+enum class Layout { nchw = 0, nhwc = 1 };  // [B, C, S] or [B, S, C] in memory
+
+template <typename T, typename G>
+using Acc = typename std::conditional<std::is_same<T, double>::value || std::is_same<G, double>::value, double,
+                                      float>::type;
+
+// Below this many elements a loop runs on the calling thread: an OpenMP fork costs microseconds.
+constexpr int64_t kParallelGrain = 1 << 15;
+// Elements per unit of work in the flat loops (fits L1 with a few streams).
+constexpr int64_t kChunk = 2048;
+
+inline void philox_uniform(float* out, int64_t n, uint64_t seed, uint64_t stream, uint64_t offset) {
+#pragma omp parallel for schedule(static) if (n > kParallelGrain / 8)
+  for (int64_t j = 0; j < n; ++j) out[j] = philox_uniform_at(seed, stream, offset + static_cast<uint64_t>(j));
+}
+
+// keep [B, C] from p_logit [C]. drop_prob [C] = sigmoid(p_logit) is used by `hard` only; the caller
+// computes it with the reference's own sigmoid so hard masks agree bit for bit on ties u + p == 1.
+template <typename G>
+void gate_keep(G* keep, const G* p_logit, const G* drop_prob, int64_t batch, int64_t channels, uint64_t seed,
+               uint64_t stream, double tau, GateMode mode) {
+  const int64_t n = batch * channels;
+  const G inv_tau = static_cast<G>(1.0 / tau);
+#pragma omp parallel for schedule(static) if (n > kParallelGrain / 8)
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t c = i % channels;
+    if (mode == GateMode::full) {
+      keep[i] = G(1);
+      continue;
+    }
+    const G u = static_cast<G>(philox_uniform_at(seed, stream, static_cast<uint64_t>(i)));
+    if (mode == GateMode::hard) {
+      keep[i] = (u + drop_prob[c] < G(1)) ? G(1) : G(0);  // drop iff u + p >= 1
+    } else {
+      const G logistic = std::log(u) - std::log1p(-u);
+      // keep = 1 - sigmoid((p_logit + L) / tau) = 1 / (1 + exp((p_logit + L) / tau))
+      keep[i] = G(1) / (G(1) + std::exp((p_logit[c] + logistic) * inv_tau));
+    }
+  }
+}
+
+// d p_logit [C] = -(1 / tau) sum_b grad_keep[b, c] keep (1 - keep), summed in double (relaxed only).
+template <typename G>
+void gate_keep_backward(G* grad_p, const G* grad_keep, const G* keep, int64_t batch, int64_t channels,
+                        double tau) {
+  std::vector<double> acc(static_cast<size_t>(channels), 0.0);
+  for (int64_t b = 0; b < batch; ++b) {
+    const G* gk = grad_keep + b * channels;
+    const G* k = keep + b * channels;
+    for (int64_t c = 0; c < channels; ++c)
+      acc[c] += static_cast<double>(gk[c]) * static_cast<double>(k[c]) * (1.0 - static_cast<double>(k[c]));
+  }
+  for (int64_t c = 0; c < channels; ++c) grad_p[c] = static_cast<G>(-acc[c] / tau);
+}
+
+// out = x * keep[b, c] over the S trailing elements of each (b, c).
+template <typename T, typename G>
+void gated_apply(T* out, const T* x, const G* keep, int64_t batch, int64_t channels, int64_t spatial,
+                 Layout layout) {
+  using A = Acc<T, G>;
+  const int64_t total = batch * channels * spatial;
+  if (layout == Layout::nchw) {
+#pragma omp parallel for schedule(static) if (total > kParallelGrain)
+    for (int64_t r = 0; r < batch * channels; ++r) {
+      const A k = static_cast<A>(keep[r]);
+      const T* xr = x + r * spatial;
+      T* o = out + r * spatial;
+      for (int64_t s = 0; s < spatial; ++s) o[s] = static_cast<T>(static_cast<A>(xr[s]) * k);
+    }
+  } else {
+#pragma omp parallel for schedule(static) if (total > kParallelGrain)
+    for (int64_t row = 0; row < batch * spatial; ++row) {
+      const G* k = keep + (row / spatial) * channels;
+      const T* xr = x + row * channels;
+      T* o = out + row * channels;
+      for (int64_t c = 0; c < channels; ++c) o[c] = static_cast<T>(static_cast<A>(xr[c]) * static_cast<A>(k[c]));
+    }
+  }
+}
+
+// grad_x = grad * keep; grad_keep[b, c] = sum_s grad * x (skipped when grad_keep is null: hard and
+// full gates have no p_logit gradient). One pass over grad and x.
+template <typename T, typename G>
+void gated_apply_backward(T* grad_x, G* grad_keep, const T* grad, const T* x, const G* keep, int64_t batch,
+                          int64_t channels, int64_t spatial, Layout layout) {
+  using A = Acc<T, G>;
+  const int64_t total = batch * channels * spatial;
+  if (grad_keep == nullptr) {
+    gated_apply(grad_x, grad, keep, batch, channels, spatial, layout);
+    return;
+  }
+  if (layout == Layout::nchw) {
+#pragma omp parallel for schedule(static) if (total > kParallelGrain)
+    for (int64_t r = 0; r < batch * channels; ++r) {
+      const A k = static_cast<A>(keep[r]);
+      const T* gr = grad + r * spatial;
+      const T* xr = x + r * spatial;
+      T* gx = grad_x + r * spatial;
+      A dot = 0;
+#pragma omp simd reduction(+ : dot)
+      for (int64_t s = 0; s < spatial; ++s) {
+        const A g = static_cast<A>(gr[s]);
+        gx[s] = static_cast<T>(g * k);
+        dot += g * static_cast<A>(xr[s]);
+      }
+      grad_keep[r] = static_cast<G>(dot);
+    }
+  } else {
+#pragma omp parallel for schedule(static) if (total > kParallelGrain)
+    for (int64_t b = 0; b < batch; ++b) {
+      std::vector<A> dot(static_cast<size_t>(channels), A(0));
+      const G* k = keep + b * channels;
+      for (int64_t s = 0; s < spatial; ++s) {
+        const int64_t base = (b * spatial + s) * channels;
+        const T* gr = grad + base;
+        const T* xr = x + base;
+        T* gx = grad_x + base;
+        A* d = dot.data();
+        for (int64_t c = 0; c < channels; ++c) {
+          const A g = static_cast<A>(gr[c]);
+          gx[c] = static_cast<T>(g * static_cast<A>(k[c]));
+          d[c] += g * static_cast<A>(xr[c]);
+        }
+      }
+      for (int64_t c = 0; c < channels; ++c) grad_keep[b * channels + c] = static_cast<G>(dot[c]);
+    }
+  }
+}
+
+// out[b, e] = sum_s w[b, s] ys[s][b, e] (+ skip[b, e]) over the E elements of each example; w is
+// [B, S] (per_example) or [S]. Any layout whose outermost dim is the batch works: every tensor
+// shares it.
+template <typename T, typename W>
+void branch_combine(T* out, const T* const* ys, int64_t n_branches, const W* weights, bool per_example,
+                    const T* skip, int64_t batch, int64_t per_batch) {
+  using A = Acc<T, W>;
+  const int64_t chunks = (per_batch + kChunk - 1) / kChunk;
+#pragma omp parallel for collapse(2) schedule(static) if (batch * per_batch > kParallelGrain)
+  for (int64_t b = 0; b < batch; ++b) {
+    for (int64_t q = 0; q < chunks; ++q) {
+      A acc[kChunk];
+      const int64_t begin = b * per_batch + q * kChunk;
+      const int64_t len = std::min(kChunk, per_batch - q * kChunk);
+      if (skip) {
+        for (int64_t e = 0; e < len; ++e) acc[e] = static_cast<A>(skip[begin + e]);
+      } else {
+        for (int64_t e = 0; e < len; ++e) acc[e] = A(0);
+      }
+      for (int64_t s = 0; s < n_branches; ++s) {
+        const A w = static_cast<A>(per_example ? weights[b * n_branches + s] : weights[s]);
+        const T* y = ys[s] + begin;
+        for (int64_t e = 0; e < len; ++e) acc[e] += w * static_cast<A>(y[e]);
+      }
+      for (int64_t e = 0; e < len; ++e) out[begin + e] = static_cast<T>(acc[e]);
+    }
+  }
+}
+
+// grad_ys[s] = grad * wb[., s] (wb: the backward weights, or the forward ones); grad_w (null with
+// shake-shake backward weights) = sum over each example (per_example) or everything of grad * ys[s].
+template <typename T, typename W>
+void branch_combine_backward(T* const* grad_ys, W* grad_w, const T* grad, const T* const* ys, int64_t n_branches,
+                             const W* wb, bool per_example, int64_t batch, int64_t per_batch) {
+  using A = Acc<T, W>;
+  const int64_t chunks = (per_batch + kChunk - 1) / kChunk;
+  // partial dot products per (example, chunk, branch), summed in double afterwards
+  std::vector<double> partial(grad_w ? static_cast<size_t>(batch * chunks * n_branches) : 0, 0.0);
+#pragma omp parallel for collapse(2) schedule(static) if (batch * per_batch > kParallelGrain)
+  for (int64_t b = 0; b < batch; ++b) {
+    for (int64_t q = 0; q < chunks; ++q) {
+      const int64_t begin = b * per_batch + q * kChunk;
+      const int64_t len = std::min(kChunk, per_batch - q * kChunk);
+      const T* g = grad + begin;
+      for (int64_t s = 0; s < n_branches; ++s) {
+        const A w = static_cast<A>(per_example ? wb[b * n_branches + s] : wb[s]);
+        T* gy = grad_ys[s] + begin;
+        for (int64_t e = 0; e < len; ++e) gy[e] = static_cast<T>(static_cast<A>(g[e]) * w);
+        if (grad_w) {
+          const T* y = ys[s] + begin;
+          A dot = 0;
+#pragma omp simd reduction(+ : dot)
+          for (int64_t e = 0; e < len; ++e) dot += static_cast<A>(g[e]) * static_cast<A>(y[e]);
+          partial[(b * chunks + q) * n_branches + s] = static_cast<double>(dot);
+        }
+      }
+    }
+  }
+  if (!grad_w) return;
+  std::vector<double> total(static_cast<size_t>(per_example ? batch * n_branches : n_branches), 0.0);
+  for (int64_t b = 0; b < batch; ++b)
+    for (int64_t q = 0; q < chunks; ++q)
+      for (int64_t s = 0; s < n_branches; ++s)
+        total[(per_example ? b * n_branches : 0) + s] += partial[(b * chunks + q) * n_branches + s];
+  for (size_t j = 0; j < total.size(); ++j) grad_w[j] = static_cast<W>(total[j]);
+}
+
+// ---- the regulariser: one multi-tensor pass over every gated weight ---------------------------------
+// A weight [O, C_in / G, K...] is O rows of per_group * K elements; row o reads input channels
+// (o / (O / G)) * per_group + j. Rows of all tensors form one index space (the segment table), so one
+// parallel loop covers the whole network however many layers it has (apex's multi_tensor_apply).
+
+// sum_k W[row, j, k]^2 for each j, into sq_j[per_group].
+template <typename T>
+void row_squares(const void* weight, int64_t row, int64_t per_group, int64_t taps, double* sq_j) {
+  const T* w = static_cast<const T*>(weight) + row * per_group * taps;
+  for (int64_t j = 0; j < per_group; ++j) {
+    double acc = 0;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t k = 0; k < taps; ++k) {
+      const double v = static_cast<double>(w[j * taps + k]);
+      acc += v * v;
+    }
+    sq_j[j] = acc;
+  }
+}
+
+// grad_w[row, j, k] = scale_j[j] * W[row, j, k], and sq_j[j] = sum_k W[row, j, k]^2: one read of the
+// row for both (the backward pass is memory-bound). The product is taken in float for
+// float/half/bfloat16 weights: the gradient is rounded to their precision anyway.
+template <typename T>
+void row_scale(void* grad_weight, const void* weight, int64_t row, int64_t per_group, int64_t taps,
+               const double* scale_j, double* sq_j) {
+  using A = Acc<T, float>;
+  const T* w = static_cast<const T*>(weight) + row * per_group * taps;
+  T* gw = static_cast<T*>(grad_weight) + row * per_group * taps;
+  if (taps == 1) {  // linear and 1x1 conv weights: one unit-stride loop over the row
+    for (int64_t j = 0; j < per_group; ++j) {
+      const A v = static_cast<A>(w[j]);
+      gw[j] = static_cast<T>(static_cast<A>(scale_j[j]) * v);
+      sq_j[j] = static_cast<double>(v) * static_cast<double>(v);
+    }
+    return;
+  }
+  for (int64_t j = 0; j < per_group; ++j) {
+    const A s = static_cast<A>(scale_j[j]);
+    double acc = 0;
+    for (int64_t k = 0; k < taps; ++k) {
+      const A v = static_cast<A>(w[j * taps + k]);
+      gw[j * taps + k] = static_cast<T>(s * v);
+      acc += static_cast<double>(v) * static_cast<double>(v);
+    }
+    sq_j[j] = acc;
+  }
+}
+
+struct RegSegment {
+  const void* weight;  // [O, per_group, taps], contiguous
+  void* grad_weight;   // same shape and type (backward only)
+  const void* p_logit;  // [groups * per_group], float or double (p_logit_double)
+  void* grad_p_logit;   // same type as p_logit (backward only)
+  bool p_logit_double;
+  int64_t out_channels, per_group, taps, groups;
+  void (*squares)(const void*, int64_t, int64_t, int64_t, double*);
+  void (*scale)(void*, const void*, int64_t, int64_t, int64_t, const double*, double*);
+};
+
+inline double load_logit(const RegSegment& seg, int64_t c) {
+  return seg.p_logit_double ? static_cast<const double*>(seg.p_logit)[c]
+                            : static_cast<double>(static_cast<const float*>(seg.p_logit)[c]);
+}
+
+inline double log_sigmoid(double z) { return std::min(z, 0.0) - std::log1p(std::exp(-std::fabs(z))); }
+
+// Work items: up to kRowsPerItem consecutive rows of one group of one segment. An item owns its rows'
+// weight gradients and per-j partial sums of squares; partials are combined per channel in item
+// order, so results do not depend on the thread count or schedule (a search must give byte-identical
+// logs from its seed; an OpenMP reduction's combining order is unspecified).
+constexpr int64_t kRowsPerItem = 32;
+
+struct RegItem {
+  int64_t segment, first_row, end_row, partial_begin;  // partial_begin: offset of its per_group sums
+};
+
+struct RegTables {
+  std::vector<RegItem> items;  // ordered by segment, group, rows
+  std::vector<int64_t> channel_begin;  // first global channel of each segment, plus the end
+  std::vector<double> keep_prob;  // 1 - p = sigmoid(-z) per global channel
+  int64_t partials = 0;  // total per-j partial sums
+  int64_t width = 1;  // largest per_group
+};
+
+inline RegTables reg_tables(const std::vector<RegSegment>& segs) {
+  RegTables t;
+  t.channel_begin.push_back(0);
+  for (size_t k = 0; k < segs.size(); ++k) {
+    const RegSegment& s = segs[k];
+    const int64_t outs = s.out_channels / s.groups;
+    for (int64_t g = 0; g < s.groups; ++g)
+      for (int64_t o = g * outs; o < (g + 1) * outs; o += kRowsPerItem) {
+        t.items.push_back({static_cast<int64_t>(k), o, std::min(o + kRowsPerItem, (g + 1) * outs), t.partials});
+        t.partials += s.per_group;
+      }
+    t.channel_begin.push_back(t.channel_begin.back() + s.groups * s.per_group);
+    t.width = std::max(t.width, s.per_group);
+  }
+  t.keep_prob.resize(static_cast<size_t>(t.channel_begin.back()));
+  for (size_t k = 0; k < segs.size(); ++k)
+    for (int64_t c = 0; c < segs[k].groups * segs[k].per_group; ++c)
+      t.keep_prob[t.channel_begin[k] + c] = 1.0 / (1.0 + std::exp(load_logit(segs[k], c)));
+  return t;
+}
+
+// keep probabilities (1 - p) of the input channels read by `row` of segment k
+inline const double* row_keep_prob(const RegTables& t, const RegSegment& s, size_t k, int64_t row) {
+  return t.keep_prob.data() + t.channel_begin[k] + (row / (s.out_channels / s.groups)) * s.per_group;
+}
+
+// R = weight_reg / n sum (1 - p_c) W^2 + drop_reg / n sum_c H'(p_c), in double.
+inline double regularizer(const std::vector<RegSegment>& segs, double weight_reg, double drop_reg, double n_train) {
+  const RegTables t = reg_tables(segs);
+  const int64_t n_items = static_cast<int64_t>(t.items.size());
+  std::vector<double> item_term(static_cast<size_t>(n_items));
+#pragma omp parallel if (n_items > 4)
+  {
+    std::vector<double> sq(static_cast<size_t>(t.width));
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t i = 0; i < n_items; ++i) {
+      const RegItem& item = t.items[i];
+      const RegSegment& s = segs[item.segment];
+      const double* kp = row_keep_prob(t, s, item.segment, item.first_row);
+      double term = 0;
+      for (int64_t o = item.first_row; o < item.end_row; ++o) {
+        s.squares(s.weight, o, s.per_group, s.taps, sq.data());
+        for (int64_t j = 0; j < s.per_group; ++j) term += kp[j] * sq[j];
+      }
+      item_term[i] = term;
+    }
+  }
+  double weight_term = 0;
+  for (int64_t i = 0; i < n_items; ++i) weight_term += item_term[i];
+  double entropy = 0;  // H'(p) = p log p + (1 - p) log(1 - p) from the logit
+  for (size_t k = 0; k < segs.size(); ++k)
+    for (int64_t c = 0; c < segs[k].groups * segs[k].per_group; ++c) {
+      const double z = load_logit(segs[k], c);
+      const double p = 1.0 / (1.0 + std::exp(-z));  // not 1 - keep_prob: exact for tiny p
+      entropy += p * log_sigmoid(z) + (1.0 - p) * log_sigmoid(-z);
+    }
+  return weight_reg / n_train * weight_term + drop_reg / n_train * entropy;
+}
+
+// dR/dW = grad * 2 weight_reg / n (1 - p_c) W;  dR/dz = grad p (1 - p) (drop_reg / n z - weight_reg / n sq_c)
+inline void regularizer_backward(const std::vector<RegSegment>& segs, double grad, double weight_reg,
+                                 double drop_reg, double n_train) {
+  const RegTables t = reg_tables(segs);
+  const int64_t n_items = static_cast<int64_t>(t.items.size());
+  std::vector<double> partial(static_cast<size_t>(t.partials));
+  const double scale = grad * 2.0 * weight_reg / n_train;
+#pragma omp parallel if (n_items > 4)
+  {
+    std::vector<double> sq(static_cast<size_t>(t.width)), scale_j(static_cast<size_t>(t.width));
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t i = 0; i < n_items; ++i) {
+      const RegItem& item = t.items[i];
+      const RegSegment& s = segs[item.segment];
+      const double* kp = row_keep_prob(t, s, item.segment, item.first_row);
+      double* acc = partial.data() + item.partial_begin;
+      for (int64_t j = 0; j < s.per_group; ++j) {
+        acc[j] = 0;
+        scale_j[j] = scale * kp[j];
+      }
+      for (int64_t o = item.first_row; o < item.end_row; ++o) {
+        s.scale(s.grad_weight, s.weight, o, s.per_group, s.taps, scale_j.data(), sq.data());
+        for (int64_t j = 0; j < s.per_group; ++j) acc[j] += sq[j];
+      }
+    }
+  }
+  // per channel: its group's partials in item order, then the logit gradient
+  std::vector<double> sq;
+  size_t i = 0;
+  for (size_t k = 0; k < segs.size(); ++k) {
+    const RegSegment& s = segs[k];
+    sq.assign(static_cast<size_t>(s.groups * s.per_group), 0.0);
+    const int64_t outs = s.out_channels / s.groups;
+    for (; i < t.items.size() && t.items[i].segment == static_cast<int64_t>(k); ++i) {
+      const double* acc = partial.data() + t.items[i].partial_begin;
+      double* dst = sq.data() + (t.items[i].first_row / outs) * s.per_group;
+      for (int64_t j = 0; j < s.per_group; ++j) dst[j] += acc[j];
+    }
+    for (int64_t c = 0; c < s.groups * s.per_group; ++c) {
+      const double z = load_logit(s, c);
+      const double kp = t.keep_prob[t.channel_begin[k] + c];
+      const double p = 1.0 / (1.0 + std::exp(-z));
+      const double dz = grad * p * kp * (drop_reg / n_train * z - weight_reg / n_train * sq[c]);
+      if (s.p_logit_double) {
+        static_cast<double*>(s.grad_p_logit)[c] = dz;
+      } else {
+        static_cast<float*>(s.grad_p_logit)[c] = static_cast<float>(dz);
+      }
+    }
+  }
+}
+
+}  // namespace cpu
+}  // namespace pgnas

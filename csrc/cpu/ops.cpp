@@ -1,0 +1,295 @@
+// Torch bindings of the `cpu` backend (pgnas_fast._C.cpu): check the tensors, allocate the outputs
+// with the layout of torch.empty_like(input), dispatch over the data and gate dtypes, and run the
+// OpenMP kernels of kernels.h. pgnas_fast/cpu_backend.py calls these.
+#include <torch/extension.h>
+
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "../checks.h"
+#include "kernels.h"
+
+namespace pgnas {
+namespace {
+
+constexpr c10::DeviceType kCPU = c10::DeviceType::CPU;
+
+// Runs f with G = float or double, the gate type of t.
+template <typename F>
+void with_gate_type(const at::Tensor& t, F&& f) {
+  if (t.scalar_type() == at::kDouble) {
+    f(double{});
+  } else {
+    f(float{});
+  }
+}
+
+#define PGNAS_DISPATCH_DATA(TYPE, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
+
+void philox_uniform_out(at::Tensor out, int64_t seed, int64_t stream, int64_t offset) {
+  check_device("out", out, kCPU);
+  TORCH_CHECK_TYPE(out.scalar_type() == at::kFloat, "out must be float32, got ", dtype_name(out.scalar_type()));
+  TORCH_CHECK_VALUE(out.dim() == 1 && out.is_contiguous(), "out must be a contiguous 1-D tensor");
+  check_rng(seed, stream);
+  TORCH_CHECK_VALUE(offset >= 0, "offset must be in [0, 2^63), got ", offset);
+  cpu::philox_uniform(out.data_ptr<float>(), out.numel(), static_cast<uint64_t>(seed), static_cast<uint64_t>(stream),
+                      static_cast<uint64_t>(offset));
+}
+
+void check_p_logit(const at::Tensor& p_logit, int64_t channels) {
+  check_device("p_logit", p_logit, kCPU);
+  check_gate_dtype("p_logit", p_logit);
+  check_vector("p_logit", p_logit, channels);
+}
+
+at::Tensor keep_of(const at::Tensor& p_logit, int64_t batch, int64_t seed, int64_t stream, double tau,
+                   cpu::GateMode mode) {
+  const int64_t channels = p_logit.size(0);
+  at::Tensor keep = at::empty({batch, channels}, p_logit.options());
+  // torch's own sigmoid, as the reference: hard masks then agree even on exact ties u + p == 1
+  at::Tensor drop_prob = mode == cpu::GateMode::hard ? at::sigmoid(p_logit) : p_logit;
+  with_gate_type(p_logit, [&](auto g) {
+    using G = decltype(g);
+    cpu::gate_keep<G>(keep.data_ptr<G>(), p_logit.data_ptr<G>(), drop_prob.data_ptr<G>(), batch, channels,
+                      static_cast<uint64_t>(seed), static_cast<uint64_t>(stream), tau, mode);
+  });
+  return keep;
+}
+
+at::Tensor gate_keep(const at::Tensor& p_logit, int64_t batch, int64_t seed, int64_t stream, double tau,
+                     const std::string& mode) {
+  check_p_logit(p_logit, -1);
+  TORCH_CHECK_VALUE(batch >= 1, "batch must be >= 1, got ", batch);
+  check_rng(seed, stream);
+  check_tau(tau);
+  return keep_of(p_logit, batch, seed, stream, tau, parse_mode(mode));
+}
+
+at::Tensor gate_keep_backward(const at::Tensor& grad_keep, const at::Tensor& keep, double tau, const std::string& mode) {
+  check_device("keep", keep, kCPU);
+  check_gate_dtype("keep", keep);
+  TORCH_CHECK_VALUE(keep.dim() == 2 && keep.is_contiguous(), "keep must be a contiguous [B, C] tensor, got shape ",
+                    keep.sizes());
+  check_like("grad_keep", grad_keep, "keep", keep);
+  check_tau(tau);
+  const cpu::GateMode m = parse_mode(mode);
+  if (m != cpu::GateMode::relaxed) return at::zeros({keep.size(1)}, keep.options());
+  at::Tensor grad_p = at::empty({keep.size(1)}, keep.options());
+  with_gate_type(keep, [&](auto g) {
+    using G = decltype(g);
+    cpu::gate_keep_backward<G>(grad_p.data_ptr<G>(), grad_keep.data_ptr<G>(), keep.data_ptr<G>(), keep.size(0),
+                               keep.size(1), tau);
+  });
+  return grad_p;
+}
+
+struct ApplyShape {
+  int64_t batch, channels, spatial;
+  cpu::Layout layout;
+};
+
+ApplyShape check_apply(const at::Tensor& x, const at::Tensor& p_logit, int64_t seed, int64_t stream, double tau) {
+  check_device("x", x, kCPU);
+  check_data_dtype("x", x);
+  TORCH_CHECK_VALUE(x.dim() >= 2, "x must have at least 2 dims, got shape ", x.sizes());
+  check_p_logit(p_logit, x.size(1));
+  check_rng(seed, stream);
+  check_tau(tau);
+  ApplyShape s;
+  s.layout = check_layout("x", x);
+  s.batch = x.size(0);
+  s.channels = x.size(1);
+  s.spatial = (s.batch * s.channels) != 0 ? x.numel() / (s.batch * s.channels) : 0;
+  return s;
+}
+
+at::Tensor gated_apply(const at::Tensor& x, const at::Tensor& p_logit, int64_t seed, int64_t stream, double tau,
+                       const std::string& mode) {
+  const ApplyShape s = check_apply(x, p_logit, seed, stream, tau);
+  const cpu::GateMode m = parse_mode(mode);
+  at::Tensor out = at::empty_like(x);
+  if (x.numel() == 0) return out;
+  const at::Tensor keep = keep_of(p_logit, s.batch, seed, stream, tau, m);
+  PGNAS_DISPATCH_DATA(x.scalar_type(), "gated_apply", [&] {
+    with_gate_type(p_logit, [&](auto g) {
+      using G = decltype(g);
+      cpu::gated_apply<scalar_t, G>(out.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), keep.data_ptr<G>(), s.batch,
+                                    s.channels, s.spatial, s.layout);
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> gated_apply_backward(const at::Tensor& grad, const at::Tensor& x,
+                                                        const at::Tensor& p_logit, int64_t seed, int64_t stream,
+                                                        double tau, const std::string& mode) {
+  const ApplyShape s = check_apply(x, p_logit, seed, stream, tau);
+  check_like("grad", grad, "x", x);
+  const cpu::GateMode m = parse_mode(mode);
+  at::Tensor grad_x = at::empty_like(x);
+  at::Tensor grad_p = at::zeros_like(p_logit);
+  if (x.numel() == 0) return {grad_x, grad_p};
+  // The gates are regenerated from (seed, stream), never stored (design.md, FlashAttention habit).
+  const at::Tensor keep = keep_of(p_logit, s.batch, seed, stream, tau, m);
+  const bool relaxed = m == cpu::GateMode::relaxed;
+  at::Tensor grad_keep = relaxed ? at::empty_like(keep) : at::Tensor();
+  PGNAS_DISPATCH_DATA(x.scalar_type(), "gated_apply_backward", [&] {
+    with_gate_type(p_logit, [&](auto g) {
+      using G = decltype(g);
+      cpu::gated_apply_backward<scalar_t, G>(grad_x.data_ptr<scalar_t>(), relaxed ? grad_keep.data_ptr<G>() : nullptr,
+                                             grad.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), keep.data_ptr<G>(),
+                                             s.batch, s.channels, s.spatial, s.layout);
+      if (relaxed)
+        cpu::gate_keep_backward<G>(grad_p.data_ptr<G>(), grad_keep.data_ptr<G>(), keep.data_ptr<G>(), s.batch,
+                                   s.channels, tau);
+    });
+  });
+  return {grad_x, grad_p};
+}
+
+at::Tensor branch_combine(const std::vector<at::Tensor>& ys, const at::Tensor& weights,
+                          const c10::optional<at::Tensor>& skip) {
+  check_branches(ys, kCPU);
+  const int64_t batch = ys[0].size(0), n_branches = static_cast<int64_t>(ys.size());
+  check_same_device("weights", weights, "ys[0]", ys[0]);
+  const bool per_example = check_branch_weights("weights", weights, batch, n_branches);
+  if (skip.has_value()) check_like("skip", *skip, "ys[0]", ys[0]);
+  at::Tensor out = at::empty_like(ys[0]);
+  if (out.numel() == 0) return out;
+  PGNAS_DISPATCH_DATA(ys[0].scalar_type(), "branch_combine", [&] {
+    std::vector<const scalar_t*> ptrs;
+    for (const at::Tensor& y : ys) ptrs.push_back(y.data_ptr<scalar_t>());
+    const scalar_t* skip_ptr = skip.has_value() ? skip->data_ptr<scalar_t>() : nullptr;
+    with_gate_type(weights, [&](auto w) {
+      using W = decltype(w);
+      cpu::branch_combine<scalar_t, W>(out.data_ptr<scalar_t>(), ptrs.data(), n_branches, weights.data_ptr<W>(),
+                                       per_example, skip_ptr, batch, out.numel() / batch);
+    });
+  });
+  return out;
+}
+
+std::tuple<std::vector<at::Tensor>, at::Tensor> branch_combine_backward(
+    const at::Tensor& grad, const std::vector<at::Tensor>& ys, const at::Tensor& weights,
+    const c10::optional<at::Tensor>& backward_weights) {
+  check_branches(ys, kCPU);
+  check_like("grad", grad, "ys[0]", ys[0]);
+  const int64_t batch = ys[0].size(0), n_branches = static_cast<int64_t>(ys.size());
+  check_same_device("weights", weights, "ys[0]", ys[0]);
+  const bool per_example = check_branch_weights("weights", weights, batch, n_branches);
+  const bool shake = backward_weights.has_value();
+  if (shake) {
+    check_same_device("backward_weights", *backward_weights, "ys[0]", ys[0]);
+    const bool bw_per_example = check_branch_weights("backward_weights", *backward_weights, batch, n_branches);
+    TORCH_CHECK_VALUE(bw_per_example == per_example && backward_weights->sizes() == weights.sizes(),
+                      "backward_weights must have the shape of weights ", weights.sizes(), ", got ",
+                      backward_weights->sizes());
+  }
+  // shake-shake: the forward weights are random constants, not parameters
+  at::Tensor grad_w = shake ? at::zeros_like(weights) : at::empty_like(weights);
+  const at::Tensor wb = shake ? backward_weights->to(weights.scalar_type()).contiguous() : weights;
+  std::vector<at::Tensor> grad_ys;
+  for (const at::Tensor& y : ys) grad_ys.push_back(at::empty_like(y));
+  if (grad.numel() == 0) return {grad_ys, shake ? grad_w : grad_w.zero_()};
+  PGNAS_DISPATCH_DATA(ys[0].scalar_type(), "branch_combine_backward", [&] {
+    std::vector<const scalar_t*> y_ptrs;
+    std::vector<scalar_t*> gy_ptrs;
+    for (size_t s = 0; s < ys.size(); ++s) {
+      y_ptrs.push_back(ys[s].data_ptr<scalar_t>());
+      gy_ptrs.push_back(grad_ys[s].data_ptr<scalar_t>());
+    }
+    with_gate_type(weights, [&](auto w) {
+      using W = decltype(w);
+      cpu::branch_combine_backward<scalar_t, W>(gy_ptrs.data(), shake ? nullptr : grad_w.data_ptr<W>(),
+                                                grad.data_ptr<scalar_t>(), y_ptrs.data(), n_branches,
+                                                wb.data_ptr<W>(), per_example, batch, grad.numel() / batch);
+    });
+  });
+  return {grad_ys, grad_w};
+}
+
+template <typename T>
+void fill_row_fns(cpu::RegSegment* seg) {
+  seg->squares = &cpu::row_squares<T>;
+  seg->scale = &cpu::row_scale<T>;
+}
+
+std::vector<cpu::RegSegment> segment_table(const std::vector<at::Tensor>& weights,
+                                           const std::vector<at::Tensor>& p_logits, bool* any_double) {
+  TORCH_CHECK_VALUE(!weights.empty() && weights.size() == p_logits.size(),
+                    "weights and p_logits must be non-empty lists of equal length, got ", weights.size(), " and ",
+                    p_logits.size());
+  std::vector<cpu::RegSegment> segs(weights.size());
+  *any_double = false;
+  for (size_t k = 0; k < weights.size(); ++k) {
+    cpu::RegSegment& s = segs[k];
+    check_gated_weight(k, weights[k], p_logits[k], kCPU, &s.groups, &s.per_group, &s.taps);
+    s.weight = weights[k].data_ptr();
+    s.p_logit = p_logits[k].data_ptr();
+    s.p_logit_double = p_logits[k].scalar_type() == at::kDouble;
+    *any_double = *any_double || s.p_logit_double;
+    s.out_channels = weights[k].size(0);
+    s.grad_weight = nullptr;
+    s.grad_p_logit = nullptr;
+    PGNAS_DISPATCH_DATA(weights[k].scalar_type(), "regularizer", [&] { fill_row_fns<scalar_t>(&s); });
+  }
+  return segs;
+}
+
+void check_coefficients(double weight_reg, double drop_reg, double n_train) {
+  TORCH_CHECK_VALUE(std::isfinite(weight_reg) && weight_reg >= 0, "weight_reg must be a finite number >= 0, got ",
+                    weight_reg);
+  TORCH_CHECK_VALUE(std::isfinite(drop_reg) && drop_reg >= 0, "drop_reg must be a finite number >= 0, got ", drop_reg);
+  TORCH_CHECK_VALUE(std::isfinite(n_train) && n_train > 0, "n_train must be a finite number > 0, got ", n_train);
+}
+
+at::Tensor regularizer(const std::vector<at::Tensor>& weights, const std::vector<at::Tensor>& p_logits,
+                       double weight_reg, double drop_reg, double n_train) {
+  check_coefficients(weight_reg, drop_reg, n_train);
+  bool any_double = false;
+  const std::vector<cpu::RegSegment> segs = segment_table(weights, p_logits, &any_double);
+  const double r = cpu::regularizer(segs, weight_reg, drop_reg, n_train);
+  return at::scalar_tensor(r, p_logits[0].options().dtype(any_double ? at::kDouble : at::kFloat));
+}
+
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> regularizer_backward(
+    const at::Tensor& grad, const std::vector<at::Tensor>& weights, const std::vector<at::Tensor>& p_logits,
+    double weight_reg, double drop_reg, double n_train) {
+  check_coefficients(weight_reg, drop_reg, n_train);
+  check_device("grad", grad, kCPU);
+  TORCH_CHECK_VALUE(grad.numel() == 1, "grad must hold one value, got shape ", grad.sizes());
+  bool any_double = false;
+  std::vector<cpu::RegSegment> segs = segment_table(weights, p_logits, &any_double);
+  std::vector<at::Tensor> grad_weights, grad_p_logits;
+  for (size_t k = 0; k < segs.size(); ++k) {
+    grad_weights.push_back(at::empty_like(weights[k]));
+    grad_p_logits.push_back(at::empty_like(p_logits[k]));
+    segs[k].grad_weight = grad_weights.back().data_ptr();
+    segs[k].grad_p_logit = grad_p_logits.back().data_ptr();
+  }
+  cpu::regularizer_backward(segs, grad.item<double>(), weight_reg, drop_reg, n_train);
+  return {grad_weights, grad_p_logits};
+}
+
+}  // namespace
+
+void register_cpu_ops(pybind11::module_& m) {
+  using namespace pybind11::literals;
+  m.doc() = "The `cpu` backend: the op set in C++ with OpenMP (design.md layer 6).";
+  m.def("philox_uniform_out", &philox_uniform_out, "out"_a, "seed"_a, "stream"_a, "offset"_a,
+        "Fill float32 [n] `out` with u of elements offset .. offset + n - 1.");
+  m.def("gate_keep", &gate_keep, "p_logit"_a, "batch"_a, "seed"_a, "stream"_a, "tau"_a, "mode"_a);
+  m.def("gate_keep_backward", &gate_keep_backward, "grad_keep"_a, "keep"_a, "tau"_a, "mode"_a);
+  m.def("gated_apply", &gated_apply, "x"_a, "p_logit"_a, "seed"_a, "stream"_a, "tau"_a, "mode"_a);
+  m.def("gated_apply_backward", &gated_apply_backward, "grad"_a, "x"_a, "p_logit"_a, "seed"_a, "stream"_a, "tau"_a,
+        "mode"_a);
+  m.def("branch_combine", &branch_combine, "ys"_a, "weights"_a, "skip"_a);
+  m.def("branch_combine_backward", &branch_combine_backward, "grad"_a, "ys"_a, "weights"_a, "backward_weights"_a);
+  m.def("regularizer", &regularizer, "weights"_a, "p_logits"_a, "weight_reg"_a, "drop_reg"_a, "n_train"_a);
+  m.def("regularizer_backward", &regularizer_backward, "grad"_a, "weights"_a, "p_logits"_a, "weight_reg"_a,
+        "drop_reg"_a, "n_train"_a);
+}
+
+}  // namespace pgnas

@@ -1,0 +1,318 @@
+// Torch bindings of the `cuda` backend (pgnas_fast._C.cuda): the same checks and output layouts as
+// the `cpu` bindings (csrc/cpu/ops.cpp), then the C-ABI launchers of kernels/pgnas_kernels.h on the
+// current CUDA stream. Compiled only where torch has CUDA and nvcc is found (setup.py).
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/extension.h>
+
+#include <cstring>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "../../kernels/pgnas_kernels.h"
+#include "../checks.h"
+
+namespace pgnas {
+namespace {
+
+constexpr c10::DeviceType kCUDA = c10::DeviceType::CUDA;
+
+#define PGNAS_CUDA_CHECK(call)                                                            \
+  do {                                                                                    \
+    const cudaError_t pgnas_err_ = (call);                                                \
+    TORCH_CHECK(pgnas_err_ == cudaSuccess, #call " failed: ", cudaGetErrorString(pgnas_err_)); \
+  } while (0)
+
+pgnas_dtype code_of(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat:
+      return PGNAS_F32;
+    case at::kDouble:
+      return PGNAS_F64;
+    case at::kHalf:
+      return PGNAS_F16;
+    case at::kBFloat16:
+      return PGNAS_BF16;
+    default:
+      TORCH_CHECK_TYPE(false, "unsupported dtype ", dtype_name(t.scalar_type()));
+  }
+}
+
+cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+void philox_uniform_out(at::Tensor out, int64_t seed, int64_t stream, int64_t offset) {
+  check_device("out", out, kCUDA);
+  TORCH_CHECK_TYPE(out.scalar_type() == at::kFloat, "out must be float32, got ", dtype_name(out.scalar_type()));
+  TORCH_CHECK_VALUE(out.dim() == 1 && out.is_contiguous(), "out must be a contiguous 1-D tensor");
+  check_rng(seed, stream);
+  TORCH_CHECK_VALUE(offset >= 0, "offset must be in [0, 2^63), got ", offset);
+  const c10::cuda::CUDAGuard guard(out.device());
+  PGNAS_CUDA_CHECK(pgnas_philox_uniform(out.data_ptr<float>(), out.numel(), static_cast<uint64_t>(seed),
+                                        static_cast<uint64_t>(stream), static_cast<uint64_t>(offset),
+                                        current_stream()));
+}
+
+void check_p_logit(const at::Tensor& p_logit, int64_t channels) {
+  check_device("p_logit", p_logit, kCUDA);
+  check_gate_dtype("p_logit", p_logit);
+  check_vector("p_logit", p_logit, channels);
+}
+
+at::Tensor keep_of(const at::Tensor& p_logit, int64_t batch, int64_t seed, int64_t stream, double tau,
+                   cpu::GateMode mode) {
+  at::Tensor keep = at::empty({batch, p_logit.size(0)}, p_logit.options());
+  // torch's own sigmoid, as the reference: hard masks then agree even on exact ties u + p == 1
+  const at::Tensor drop_prob = mode == cpu::GateMode::hard ? at::sigmoid(p_logit) : p_logit;
+  PGNAS_CUDA_CHECK(pgnas_gate_keep(keep.data_ptr(), p_logit.data_ptr(), drop_prob.data_ptr(), code_of(p_logit), batch,
+                                   p_logit.size(0), static_cast<uint64_t>(seed), static_cast<uint64_t>(stream), tau,
+                                   static_cast<pgnas_gate_mode>(mode), current_stream()));
+  return keep;
+}
+
+at::Tensor gate_keep(const at::Tensor& p_logit, int64_t batch, int64_t seed, int64_t stream, double tau,
+                     const std::string& mode) {
+  check_p_logit(p_logit, -1);
+  TORCH_CHECK_VALUE(batch >= 1, "batch must be >= 1, got ", batch);
+  check_rng(seed, stream);
+  check_tau(tau);
+  const c10::cuda::CUDAGuard guard(p_logit.device());
+  return keep_of(p_logit, batch, seed, stream, tau, parse_mode(mode));
+}
+
+at::Tensor gate_keep_backward(const at::Tensor& grad_keep, const at::Tensor& keep, double tau, const std::string& mode) {
+  check_device("keep", keep, kCUDA);
+  check_gate_dtype("keep", keep);
+  TORCH_CHECK_VALUE(keep.dim() == 2 && keep.is_contiguous(), "keep must be a contiguous [B, C] tensor, got shape ",
+                    keep.sizes());
+  check_like("grad_keep", grad_keep, "keep", keep);
+  check_tau(tau);
+  const c10::cuda::CUDAGuard guard(keep.device());
+  if (parse_mode(mode) != cpu::GateMode::relaxed) return at::zeros({keep.size(1)}, keep.options());
+  at::Tensor grad_p = at::empty({keep.size(1)}, keep.options());
+  PGNAS_CUDA_CHECK(pgnas_gate_keep_backward(grad_p.data_ptr(), grad_keep.data_ptr(), keep.data_ptr(), code_of(keep),
+                                            keep.size(0), keep.size(1), tau, current_stream()));
+  return grad_p;
+}
+
+struct ApplyShape {
+  int64_t batch, channels, spatial;
+  pgnas_layout layout;
+};
+
+ApplyShape check_apply(const at::Tensor& x, const at::Tensor& p_logit, int64_t seed, int64_t stream, double tau) {
+  check_device("x", x, kCUDA);
+  check_data_dtype("x", x);
+  TORCH_CHECK_VALUE(x.dim() >= 2, "x must have at least 2 dims, got shape ", x.sizes());
+  check_p_logit(p_logit, x.size(1));
+  check_same_device("p_logit", p_logit, "x", x);
+  check_rng(seed, stream);
+  check_tau(tau);
+  ApplyShape s;
+  s.layout = check_layout("x", x) == cpu::Layout::nchw ? PGNAS_NCHW : PGNAS_NHWC;
+  s.batch = x.size(0);
+  s.channels = x.size(1);
+  s.spatial = (s.batch * s.channels) != 0 ? x.numel() / (s.batch * s.channels) : 0;
+  return s;
+}
+
+at::Tensor gated_apply(const at::Tensor& x, const at::Tensor& p_logit, int64_t seed, int64_t stream, double tau,
+                       const std::string& mode) {
+  const ApplyShape s = check_apply(x, p_logit, seed, stream, tau);
+  const cpu::GateMode m = parse_mode(mode);
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor out = at::empty_like(x);
+  if (x.numel() == 0) return out;
+  const at::Tensor keep = keep_of(p_logit, s.batch, seed, stream, tau, m);
+  PGNAS_CUDA_CHECK(pgnas_gated_apply(out.data_ptr(), x.data_ptr(), code_of(x), keep.data_ptr(), code_of(keep), s.batch,
+                                     s.channels, s.spatial, s.layout, current_stream()));
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> gated_apply_backward(const at::Tensor& grad, const at::Tensor& x,
+                                                        const at::Tensor& p_logit, int64_t seed, int64_t stream,
+                                                        double tau, const std::string& mode) {
+  const ApplyShape s = check_apply(x, p_logit, seed, stream, tau);
+  check_like("grad", grad, "x", x);
+  const cpu::GateMode m = parse_mode(mode);
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor grad_x = at::empty_like(x);
+  if (x.numel() == 0) return {grad_x, at::zeros_like(p_logit)};
+  // The gates are regenerated from (seed, stream), never stored (design.md, FlashAttention habit).
+  const at::Tensor keep = keep_of(p_logit, s.batch, seed, stream, tau, m);
+  const bool relaxed = m == cpu::GateMode::relaxed;
+  at::Tensor grad_keep = relaxed ? at::empty_like(keep) : at::Tensor();
+  PGNAS_CUDA_CHECK(pgnas_gated_apply_backward(grad_x.data_ptr(), relaxed ? grad_keep.data_ptr() : nullptr,
+                                              grad.data_ptr(), x.data_ptr(), code_of(x), keep.data_ptr(),
+                                              code_of(keep), s.batch, s.channels, s.spatial, s.layout,
+                                              current_stream()));
+  if (!relaxed) return {grad_x, at::zeros_like(p_logit)};
+  at::Tensor grad_p = at::empty_like(p_logit);
+  PGNAS_CUDA_CHECK(pgnas_gate_keep_backward(grad_p.data_ptr(), grad_keep.data_ptr(), keep.data_ptr(), code_of(keep),
+                                            s.batch, s.channels, tau, current_stream()));
+  return {grad_x, grad_p};
+}
+
+at::Tensor branch_combine(const std::vector<at::Tensor>& ys, const at::Tensor& weights,
+                          const c10::optional<at::Tensor>& skip) {
+  check_branches(ys, kCUDA);
+  const int64_t batch = ys[0].size(0), n_branches = static_cast<int64_t>(ys.size());
+  check_same_device("weights", weights, "ys[0]", ys[0]);
+  const bool per_example = check_branch_weights("weights", weights, batch, n_branches);
+  if (skip.has_value()) check_like("skip", *skip, "ys[0]", ys[0]);
+  const c10::cuda::CUDAGuard guard(ys[0].device());
+  at::Tensor out = at::empty_like(ys[0]);
+  if (out.numel() == 0) return out;
+  std::vector<const void*> ptrs;
+  for (const at::Tensor& y : ys) ptrs.push_back(y.data_ptr());
+  PGNAS_CUDA_CHECK(pgnas_branch_combine(out.data_ptr(), ptrs.data(), static_cast<int32_t>(n_branches), code_of(out),
+                                        weights.data_ptr(), code_of(weights), per_example ? 1 : 0,
+                                        skip.has_value() ? skip->data_ptr() : nullptr, batch, out.numel() / batch,
+                                        current_stream()));
+  return out;
+}
+
+std::tuple<std::vector<at::Tensor>, at::Tensor> branch_combine_backward(
+    const at::Tensor& grad, const std::vector<at::Tensor>& ys, const at::Tensor& weights,
+    const c10::optional<at::Tensor>& backward_weights) {
+  check_branches(ys, kCUDA);
+  check_like("grad", grad, "ys[0]", ys[0]);
+  const int64_t batch = ys[0].size(0), n_branches = static_cast<int64_t>(ys.size());
+  check_same_device("weights", weights, "ys[0]", ys[0]);
+  const bool per_example = check_branch_weights("weights", weights, batch, n_branches);
+  const bool shake = backward_weights.has_value();
+  if (shake) {
+    check_same_device("backward_weights", *backward_weights, "ys[0]", ys[0]);
+    check_branch_weights("backward_weights", *backward_weights, batch, n_branches);
+    TORCH_CHECK_VALUE(backward_weights->sizes() == weights.sizes(), "backward_weights must have the shape of weights ",
+                      weights.sizes(), ", got ", backward_weights->sizes());
+  }
+  const c10::cuda::CUDAGuard guard(ys[0].device());
+  // shake-shake: the forward weights are random constants, not parameters
+  at::Tensor grad_w = shake ? at::zeros_like(weights) : at::empty_like(weights);
+  const at::Tensor wb = shake ? backward_weights->to(weights.scalar_type()).contiguous() : weights;
+  std::vector<at::Tensor> grad_ys;
+  std::vector<const void*> y_ptrs;
+  std::vector<void*> gy_ptrs;
+  for (const at::Tensor& y : ys) {
+    grad_ys.push_back(at::empty_like(y));
+    y_ptrs.push_back(y.data_ptr());
+    gy_ptrs.push_back(grad_ys.back().data_ptr());
+  }
+  if (grad.numel() == 0) return {grad_ys, grad_w.zero_()};
+  PGNAS_CUDA_CHECK(pgnas_branch_combine_backward(gy_ptrs.data(), shake ? nullptr : grad_w.data_ptr(), grad.data_ptr(),
+                                                 y_ptrs.data(), static_cast<int32_t>(n_branches), code_of(grad),
+                                                 wb.data_ptr(), code_of(wb), per_example ? 1 : 0, batch,
+                                                 grad.numel() / batch, current_stream()));
+  return {grad_ys, grad_w};
+}
+
+struct Table {
+  std::vector<pgnas_reg_segment> segs;
+  int64_t rows = 0, channels = 0, rowsq = 0;
+  bool any_double = false;
+};
+
+Table segment_table(const std::vector<at::Tensor>& weights, const std::vector<at::Tensor>& p_logits) {
+  TORCH_CHECK_VALUE(!weights.empty() && weights.size() == p_logits.size(),
+                    "weights and p_logits must be non-empty lists of equal length, got ", weights.size(), " and ",
+                    p_logits.size());
+  Table t;
+  t.segs.resize(weights.size());
+  for (size_t k = 0; k < weights.size(); ++k) {
+    pgnas_reg_segment& s = t.segs[k];
+    check_gated_weight(k, weights[k], p_logits[k], kCUDA, &s.groups, &s.per_group, &s.taps);
+    const std::string wn = "weights[" + std::to_string(k) + "]";
+    check_same_device(wn.c_str(), weights[k], "weights[0]", weights[0]);
+    s.weight = weights[k].data_ptr();
+    s.grad_weight = nullptr;
+    s.p_logit = p_logits[k].data_ptr();
+    s.grad_p_logit = nullptr;
+    s.weight_dtype = code_of(weights[k]);
+    s.p_logit_double = p_logits[k].scalar_type() == at::kDouble;
+    t.any_double = t.any_double || s.p_logit_double;
+    s.out_channels = weights[k].size(0);
+    s.row_begin = t.rows;
+    s.channel_begin = t.channels;
+    s.rowsq_begin = t.rowsq;
+    t.rows += s.out_channels;
+    t.channels += s.groups * s.per_group;
+    t.rowsq += s.out_channels * s.per_group;
+  }
+  return t;
+}
+
+at::Tensor device_table(const Table& t, const at::Device& device) {
+  const int64_t bytes = static_cast<int64_t>(t.segs.size() * sizeof(pgnas_reg_segment));
+  at::Tensor host = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+  std::memcpy(host.data_ptr(), t.segs.data(), static_cast<size_t>(bytes));
+  return host.to(device, /*non_blocking=*/true);  // the pinned buffer is kept alive by the caching allocator
+}
+
+void check_coefficients(double weight_reg, double drop_reg, double n_train) {
+  TORCH_CHECK_VALUE(std::isfinite(weight_reg) && weight_reg >= 0, "weight_reg must be a finite number >= 0, got ",
+                    weight_reg);
+  TORCH_CHECK_VALUE(std::isfinite(drop_reg) && drop_reg >= 0, "drop_reg must be a finite number >= 0, got ", drop_reg);
+  TORCH_CHECK_VALUE(std::isfinite(n_train) && n_train > 0, "n_train must be a finite number > 0, got ", n_train);
+}
+
+at::Tensor regularizer(const std::vector<at::Tensor>& weights, const std::vector<at::Tensor>& p_logits,
+                       double weight_reg, double drop_reg, double n_train) {
+  check_coefficients(weight_reg, drop_reg, n_train);
+  const Table t = segment_table(weights, p_logits);
+  const c10::cuda::CUDAGuard guard(weights[0].device());
+  const at::Tensor table = device_table(t, weights[0].device());
+  at::Tensor result = at::empty({1 + PGNAS_REG_MAX_BLOCKS}, weights[0].options().dtype(at::kDouble));
+  PGNAS_CUDA_CHECK(pgnas_regularizer(result.data_ptr<double>(), result.data_ptr<double>() + 1,
+                                     static_cast<const pgnas_reg_segment*>(table.data_ptr()),
+                                     static_cast<int32_t>(t.segs.size()), t.rows, t.channels, weight_reg, drop_reg,
+                                     n_train, current_stream()));
+  const at::Tensor r = result[0];  // 0-dim view of the sum
+  return t.any_double ? r.clone() : r.to(at::kFloat);
+}
+
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> regularizer_backward(
+    const at::Tensor& grad, const std::vector<at::Tensor>& weights, const std::vector<at::Tensor>& p_logits,
+    double weight_reg, double drop_reg, double n_train) {
+  check_coefficients(weight_reg, drop_reg, n_train);
+  Table t = segment_table(weights, p_logits);
+  check_same_device("grad", grad, "weights[0]", weights[0]);
+  TORCH_CHECK_VALUE(grad.numel() == 1, "grad must hold one value, got shape ", grad.sizes());
+  const c10::cuda::CUDAGuard guard(weights[0].device());
+  std::vector<at::Tensor> grad_weights, grad_p_logits;
+  for (size_t k = 0; k < t.segs.size(); ++k) {
+    grad_weights.push_back(at::empty_like(weights[k]));
+    grad_p_logits.push_back(at::empty_like(p_logits[k]));
+    t.segs[k].grad_weight = grad_weights.back().data_ptr();
+    t.segs[k].grad_p_logit = grad_p_logits.back().data_ptr();
+  }
+  const at::Tensor table = device_table(t, weights[0].device());
+  const at::Tensor grad64 = grad.reshape({}).to(at::kDouble).contiguous();
+  at::Tensor rowsq = at::empty({t.rowsq}, weights[0].options().dtype(at::kDouble));
+  PGNAS_CUDA_CHECK(pgnas_regularizer_backward(grad64.data_ptr<double>(),
+                                              static_cast<const pgnas_reg_segment*>(table.data_ptr()),
+                                              static_cast<int32_t>(t.segs.size()), t.rows, t.channels,
+                                              rowsq.data_ptr<double>(), weight_reg, drop_reg, n_train,
+                                              current_stream()));
+  return {grad_weights, grad_p_logits};
+}
+
+}  // namespace
+
+void register_cuda_ops(pybind11::module_& m) {
+  using namespace pybind11::literals;
+  m.doc() = "The `cuda` backend: raw-pointer CUDA kernels (kernels/*.cu) on the current stream.";
+  m.def("philox_uniform_out", &philox_uniform_out, "out"_a, "seed"_a, "stream"_a, "offset"_a);
+  m.def("gate_keep", &gate_keep, "p_logit"_a, "batch"_a, "seed"_a, "stream"_a, "tau"_a, "mode"_a);
+  m.def("gate_keep_backward", &gate_keep_backward, "grad_keep"_a, "keep"_a, "tau"_a, "mode"_a);
+  m.def("gated_apply", &gated_apply, "x"_a, "p_logit"_a, "seed"_a, "stream"_a, "tau"_a, "mode"_a);
+  m.def("gated_apply_backward", &gated_apply_backward, "grad"_a, "x"_a, "p_logit"_a, "seed"_a, "stream"_a, "tau"_a,
+        "mode"_a);
+  m.def("branch_combine", &branch_combine, "ys"_a, "weights"_a, "skip"_a);
+  m.def("branch_combine_backward", &branch_combine_backward, "grad"_a, "ys"_a, "weights"_a, "backward_weights"_a);
+  m.def("regularizer", &regularizer, "weights"_a, "p_logits"_a, "weight_reg"_a, "drop_reg"_a, "n_train"_a);
+  m.def("regularizer_backward", &regularizer_backward, "grad"_a, "weights"_a, "p_logits"_a, "weight_reg"_a,
+        "drop_reg"_a, "n_train"_a);
+}
+
+}  // namespace pgnas

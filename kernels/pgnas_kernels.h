@@ -1,0 +1,93 @@
+/* C ABI of the `cuda` backend's kernels (the .cu files of kernels/), design.md layer 6.
+ *
+ * Raw device pointers and sizes, no torch: csrc/cuda/ops.cpp validates tensors and calls these; any
+ * other frontend can too. Every launcher enqueues on `cuda_stream` and returns the CUDA error of its
+ * launch (cudaSuccess when fine). Data: float32/float64/float16/bfloat16 (pgnas_dtype); gate math in
+ * float32, or float64 for float64 gates (the gradcheck path). Dense NCHW ([B, C, S]) or channels_last
+ * ([B, S, C]) tensors only. `stream`/`seed` are the RNG contract's (Philox key and counter words).
+ */
+#ifndef PGNAS_KERNELS_H
+#define PGNAS_KERNELS_H
+
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef enum { PGNAS_F32 = 0, PGNAS_F64 = 1, PGNAS_F16 = 2, PGNAS_BF16 = 3 } pgnas_dtype;
+typedef enum { PGNAS_RELAXED = 0, PGNAS_HARD = 1, PGNAS_FULL = 2 } pgnas_gate_mode;
+typedef enum { PGNAS_NCHW = 0, PGNAS_NHWC = 1 } pgnas_layout;
+
+/* out[j] = u of element offset + j, j < n (float32). */
+cudaError_t pgnas_philox_uniform(float* out, int64_t n, uint64_t seed, uint64_t stream, uint64_t offset,
+                                 cudaStream_t cuda_stream);
+
+/* keep [B, C] (gate dtype) from p_logit [C]; drop_prob [C] = sigmoid(p_logit), read by `hard` only. */
+cudaError_t pgnas_gate_keep(void* keep, const void* p_logit, const void* drop_prob, pgnas_dtype gate, int64_t batch,
+                            int64_t channels, uint64_t seed, uint64_t stream, double tau, pgnas_gate_mode mode,
+                            cudaStream_t cuda_stream);
+
+/* grad_p [C] = -(1/tau) sum_b grad_keep keep (1 - keep) (the relaxed gate's derivative). */
+cudaError_t pgnas_gate_keep_backward(void* grad_p, const void* grad_keep, const void* keep, pgnas_dtype gate,
+                                     int64_t batch, int64_t channels, double tau, cudaStream_t cuda_stream);
+
+/* out = x * keep[b, c]; x has B * C * S elements in `layout`. */
+cudaError_t pgnas_gated_apply(void* out, const void* x, pgnas_dtype data, const void* keep, pgnas_dtype gate,
+                              int64_t batch, int64_t channels, int64_t spatial, pgnas_layout layout,
+                              cudaStream_t cuda_stream);
+
+/* grad_x = grad * keep; grad_keep [B, C] (gate dtype; NULL to skip) = sum_s grad * x. */
+cudaError_t pgnas_gated_apply_backward(void* grad_x, void* grad_keep, const void* grad, const void* x, pgnas_dtype data,
+                                       const void* keep, pgnas_dtype gate, int64_t batch, int64_t channels,
+                                       int64_t spatial, pgnas_layout layout, cudaStream_t cuda_stream);
+
+/* out[b, e] = sum_s w[b, s] ys[s][b, e] (+ skip[b, e]); ys: host array of n_branches device pointers;
+ * weights [B, S] when per_example else [S] (float32 or float64); skip may be NULL. */
+cudaError_t pgnas_branch_combine(void* out, const void* const* ys, int32_t n_branches, pgnas_dtype data,
+                                 const void* weights, pgnas_dtype weight_dtype, int32_t per_example, const void* skip,
+                                 int64_t batch, int64_t per_batch, cudaStream_t cuda_stream);
+
+/* grad_ys[s] = grad * wb[., s]; grad_w (NULL to skip; zeroed here) = sums of grad * ys[s] per example
+ * (per_example) or overall. grad_ys, ys: host arrays of device pointers. */
+cudaError_t pgnas_branch_combine_backward(void* const* grad_ys, void* grad_w, const void* grad, const void* const* ys,
+                                          int32_t n_branches, pgnas_dtype data, const void* wb,
+                                          pgnas_dtype weight_dtype, int32_t per_example, int64_t batch,
+                                          int64_t per_batch, cudaStream_t cuda_stream);
+
+/* One gated weight of the regulariser: weight [O, per_group, taps] (row o reads input channels
+ * (o / (O / groups)) * per_group + j) with p_logit [groups * per_group]. The table lives in device
+ * memory; rows and channels of all segments form one index space (the *_begin fields, prefix sums),
+ * so the whole network takes O(1) launches whatever its depth. */
+typedef struct {
+  const void* weight;
+  void* grad_weight; /* backward only, same dtype and shape as weight */
+  const void* p_logit;
+  void* grad_p_logit; /* backward only, same dtype as p_logit */
+  int32_t weight_dtype; /* pgnas_dtype */
+  int32_t p_logit_double;
+  int64_t out_channels, per_group, taps, groups;
+  int64_t row_begin, channel_begin, rowsq_begin; /* rowsq_begin: offset of its O * per_group sums */
+} pgnas_reg_segment;
+
+/* Blocks of the regulariser's first pass: `partials` holds at least this many doubles. */
+#define PGNAS_REG_MAX_BLOCKS 1024
+
+/* result[0] (float64, device) = R. Two launches: per-block partial sums into `partials`, then one block
+ * adds them in a fixed order, so R is bit-reproducible run to run (no floating-point atomics). */
+cudaError_t pgnas_regularizer(double* result, double* partials, const pgnas_reg_segment* segments, int32_t n_segments,
+                              int64_t total_rows, int64_t total_channels, double weight_reg, double drop_reg,
+                              double n_train, cudaStream_t cuda_stream);
+
+/* Writes every grad_weight and grad_p_logit; grad: float64 device scalar (dL/dR); rowsq: float64
+ * scratch of sum_k O * per_group elements. Two launches. */
+cudaError_t pgnas_regularizer_backward(const double* grad, const pgnas_reg_segment* segments, int32_t n_segments,
+                                       int64_t total_rows, int64_t total_channels, double* rowsq, double weight_reg,
+                                       double drop_reg, double n_train, cudaStream_t cuda_stream);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* PGNAS_KERNELS_H */

@@ -1,0 +1,144 @@
+"""The `cpu` backend: the op set in C++ with OpenMP (`pgnas_fast._C.cpu`, csrc/cpu/), design.md layer 6.
+
+The fast path when there is no GPU. Inputs arrive validated (pgnas_fast.ops); the bindings check
+again and name the argument. This module is the thin layer between the backend interface (the
+functions of `pgnas_fast.reference`) and the bindings: it brings tensors to a layout the kernels read
+and gives every output the layout of `torch.empty_like(input)`, as the custom ops' fake kernels say.
+
+Layouts: the kernels read dense NCHW and dense channels_last (NHWC) directly. Any other strided view
+(a channel slice, a transpose, an expanded tensor) is copied to contiguous once, because a strided
+kernel for every view would cost more code than the one copy costs time; such views are rare on the
+training path (convolutions produce dense outputs). The `cuda` backend (pgnas_fast.cuda_backend)
+reuses this layer over `_C.cuda`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+_NOTE = Path(__file__).with_name("_C.unavailable.txt")  # written by setup.py when _C did not build
+
+try:
+    from . import _C
+except ImportError as _err:  # not built here: unavailable_reason() says why
+    _C = None
+    _IMPORT_ERROR = str(_err)
+else:
+    _IMPORT_ERROR = None
+
+
+def extension_unavailable_reason() -> str | None:
+    """Why `pgnas_fast._C` cannot be used, or None when it imported."""
+    if _C is not None:
+        return None
+    if _NOTE.exists():
+        return _NOTE.read_text().strip()
+    return (
+        f"the C++ extension pgnas_fast._C is not built ({_IMPORT_ERROR}); install with a C++ compiler "
+        "(pip install -e .) to enable it"
+    )
+
+
+def unavailable_reason() -> str | None:
+    return extension_unavailable_reason()
+
+
+def _kernel_format(t: torch.Tensor) -> torch.memory_format | None:
+    """The memory format the kernels can read `t` in without a copy, or None."""
+    if t.is_contiguous():
+        return torch.contiguous_format
+    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return None
+
+
+def _in_format(t: torch.Tensor, memory_format: torch.memory_format) -> torch.Tensor:
+    return t.contiguous(memory_format=memory_format)  # a no-op when t already is
+
+
+def _like(result: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`result` (in a kernel format) with the layout of torch.empty_like(like): a copy only if they differ."""
+    memory_format = _kernel_format(like)
+    if memory_format is not None and result.is_contiguous(memory_format=memory_format):
+        return result  # empty_like keeps a dense tensor's strides
+    target = torch.empty_like(like)
+    if target.stride() == result.stride():
+        return result
+    return target.copy_(result)
+
+
+class NativeOps:
+    """The backend interface over one `_C` submodule (`_C.cpu` or `_C.cuda`)."""
+
+    def __init__(self, ops: ModuleType | None):
+        self._ops = ops
+
+    def philox_uniform(self, n: int, seed: int, stream: int, offset: int, device: torch.device) -> torch.Tensor:
+        out = torch.empty(n, dtype=torch.float32, device=device)
+        if n:
+            self._ops.philox_uniform_out(out, seed, stream, offset)
+        return out
+
+    def gate_keep(self, p_logit, batch, seed, stream, tau, mode):
+        return self._ops.gate_keep(p_logit.contiguous(), batch, seed, stream, tau, mode)
+
+    def gate_keep_backward(self, grad_keep, keep, tau, mode):
+        keep = keep.contiguous()
+        return self._ops.gate_keep_backward(grad_keep.to(keep.dtype).contiguous(), keep, tau, mode)
+
+    def gated_apply(self, x, p_logit, seed, stream, tau, mode):
+        memory_format = _kernel_format(x) or torch.contiguous_format
+        out = self._ops.gated_apply(_in_format(x, memory_format), p_logit.contiguous(), seed, stream, tau, mode)
+        return _like(out, x)
+
+    def gated_apply_backward(self, grad, x, p_logit, seed, stream, tau, mode):
+        memory_format = _kernel_format(x) or torch.contiguous_format
+        x_k = _in_format(x, memory_format)
+        grad_k = _in_format(grad.to(x.dtype), memory_format)
+        grad_x, grad_p = self._ops.gated_apply_backward(grad_k, x_k, p_logit.contiguous(), seed, stream, tau, mode)
+        return _like(grad_x, x), grad_p
+
+    @staticmethod
+    def _branch_inputs(ys, *others):
+        """ys and others (None allowed) in one kernel-readable format, that of ys[0] when possible."""
+        memory_format = _kernel_format(ys[0]) or torch.contiguous_format
+        dtype = ys[0].dtype
+        ys_k = [_in_format(y, memory_format) for y in ys]
+        others_k = [None if t is None else _in_format(t.to(dtype), memory_format) for t in others]
+        return ys_k, others_k
+
+    def branch_combine(self, ys, weights, skip):
+        ys_k, (skip_k,) = self._branch_inputs(ys, skip)
+        out = self._ops.branch_combine(ys_k, weights.contiguous(), skip_k)
+        return _like(out, ys[0])
+
+    def branch_combine_backward(self, grad, ys, weights, backward_weights):
+        ys_k, (grad_k,) = self._branch_inputs(ys, grad)
+        if backward_weights is not None:
+            backward_weights = backward_weights.to(weights.dtype).contiguous()
+        grad_ys, grad_w = self._ops.branch_combine_backward(grad_k, ys_k, weights.contiguous(), backward_weights)
+        return [_like(g, y) for g, y in zip(grad_ys, ys)], grad_w
+
+    def regularizer(self, weights, p_logits, weight_reg, drop_reg, n_train):
+        return self._ops.regularizer([w.contiguous() for w in weights], [p.contiguous() for p in p_logits],
+                                     weight_reg, drop_reg, n_train)
+
+    def regularizer_backward(self, grad, weights, p_logits, weight_reg, drop_reg, n_train):
+        grad_w, grad_p = self._ops.regularizer_backward(
+            grad, [w.contiguous() for w in weights], [p.contiguous() for p in p_logits], weight_reg, drop_reg, n_train
+        )
+        return [_like(g, w) for g, w in zip(grad_w, weights)], grad_p
+
+
+_impl = NativeOps(None if _C is None else _C.cpu)
+philox_uniform = _impl.philox_uniform
+gate_keep = _impl.gate_keep
+gate_keep_backward = _impl.gate_keep_backward
+gated_apply = _impl.gated_apply
+gated_apply_backward = _impl.gated_apply_backward
+branch_combine = _impl.branch_combine
+branch_combine_backward = _impl.branch_combine_backward
+regularizer = _impl.regularizer
+regularizer_backward = _impl.regularizer_backward

@@ -1,0 +1,333 @@
+"""The native extension `pgnas_fast._C` (csrc/, kernels/), issue 5: built, checked at its own entry
+points, and buildable standalone (CMake + CTest) and as plain nvcc objects.
+
+The op semantics of the `cpu` backend are covered by tests/test_ops.py and tests/test_philox.py, which
+run against every live backend (conftest's `backend` fixture); this file covers what is particular to
+the native build. GPU tests (marked `gpu`) compare the `cuda` backend with the reference.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import pgnas_fast as pf
+from pgnas_fast import cpu_backend, cuda_backend
+from pgnas_fast.ops.streams import Domain, stream_id
+
+from conftest import TOLERANCE, rel_err
+
+ROOT = Path(__file__).resolve().parents[1]
+KERNELS = sorted((ROOT / "kernels").glob("*.cu"))
+SEED, STREAM = 20200207, stream_id(Domain.TRAIN, 3, 1)
+
+native = pytest.mark.skipif(
+    cpu_backend.unavailable_reason() is not None,
+    reason=f"pgnas_fast._C did not build here: {cpu_backend.unavailable_reason()}",
+)
+
+
+# ---- the build --------------------------------------------------------------------------------------
+def test_sources_list_names_existing_files_and_every_kernel():
+    """csrc/sources.txt, read by setup.py and CMakeLists.txt, lists every kernel and only real files."""
+    listed = []
+    for line in (ROOT / "csrc" / "sources.txt").read_text().splitlines():
+        fields = line.split("#", 1)[0].split()
+        if fields:
+            assert len(fields) == 2 and fields[0] in ("cpu", "cuda"), line
+            assert (ROOT / fields[1]).is_file(), fields[1]
+            listed.append(fields[1])
+    assert {f"kernels/{k.name}" for k in KERNELS} <= set(listed)
+
+
+@native
+def test_extension_is_built_and_cpu_backend_is_live():
+    from pgnas_fast import _C
+
+    available, reason = pf.backends()["cpu"]
+    assert available, reason
+    assert _C.openmp > 0  # built with OpenMP
+    assert hasattr(_C, "cpu") and isinstance(_C.with_cuda, bool)
+
+
+def test_unavailable_reasons_are_sentences():
+    for module in (cpu_backend, cuda_backend):
+        reason = module.unavailable_reason()
+        assert reason is None or (isinstance(reason, str) and len(reason) > 20)
+    if not torch.cuda.is_available():
+        assert pf.backends()["cuda"][0] is False
+
+
+def test_doctor_reports_the_native_backends():
+    out = subprocess.run([sys.executable, "-m", "pgnas_fast.cli", "doctor"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "cpu" in out.stdout and "cuda" in out.stdout
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
+@pytest.mark.parametrize("kernel", KERNELS, ids=[k.name for k in KERNELS])
+def test_kernel_compiles_with_plain_nvcc_warnings_as_errors(kernel, tmp_path):
+    """Raw-pointer CUDA with no torch headers: plain nvcc for sm_90, every warning an error."""
+    cmd = ["nvcc", "-arch=sm_90", "-Werror", "all-warnings", "-c", str(kernel), "-o", str(tmp_path / "k.o")]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "#include <torch" not in kernel.read_text() and "ATen" not in kernel.read_text()
+
+
+def _cmake(tmp_path: Path, *options: str) -> None:
+    build = tmp_path / "build"
+    env = dict(os.environ)
+    generator = ["-G", "Ninja"] if shutil.which("ninja") else []
+    steps = [
+        ["cmake", "-S", str(ROOT), "-B", str(build), *generator, *options],
+        ["cmake", "--build", str(build), "-j", str(os.cpu_count() or 2)],
+        ["ctest", "--test-dir", str(build), "--output-on-failure"],
+    ]
+    for cmd in steps:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+        assert out.returncode == 0, f"{' '.join(cmd)}\n{out.stdout[-4000:]}\n{out.stderr[-4000:]}"
+
+
+@pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake is not installed")
+def test_cmake_builds_the_kernels_and_ctest_passes(tmp_path):
+    """Configure, build the C++ tests and run ctest (the CUDA objects: the nvcc test above and the slow test)."""
+    _cmake(tmp_path, "-DPGNAS_BUILD_EXTENSION=OFF", "-DPGNAS_BUILD_CUDA=OFF")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake is not installed")
+def test_cmake_builds_the_extension(tmp_path):
+    """The full standalone build: the extension against torch's CMake package, plus the tests."""
+    _cmake(tmp_path, f"-DPython3_EXECUTABLE={sys.executable}")
+    assert list((tmp_path / "build").glob("_C*.so"))
+
+
+# ---- the bindings' own checks -----------------------------------------------------------------------
+def _ops():
+    from pgnas_fast import _C
+
+    return _C.cpu
+
+
+X = torch.randn(3, 7, 5, 5)
+P = torch.randn(7)
+
+BAD_NATIVE_CALLS = [
+    ("x int", lambda c: c.gated_apply(X.long(), P, 0, 0, 0.2, "relaxed"), TypeError, r"\bx must have dtype"),
+    ("x strided", lambda c: c.gated_apply(X[:, ::2], P[:4], 0, 0, 0.2, "relaxed"), ValueError,
+     r"\bx must be contiguous or channels_last"),
+    ("p_logit length", lambda c: c.gated_apply(X, torch.randn(6), 0, 0, 0.2, "relaxed"), ValueError,
+     r"p_logit must have shape \[7\]"),
+    ("p_logit half", lambda c: c.gated_apply(X, P.half(), 0, 0, 0.2, "relaxed"), TypeError, "p_logit"),
+    ("seed negative", lambda c: c.gated_apply(X, P, -1, 0, 0.2, "relaxed"), ValueError, "seed"),
+    ("stream negative", lambda c: c.gate_keep(P, 2, 0, -3, 0.2, "relaxed"), ValueError, "stream"),
+    ("tau zero", lambda c: c.gate_keep(P, 2, 0, 0, 0.0, "relaxed"), ValueError, "tau"),
+    ("mode", lambda c: c.gate_keep(P, 2, 0, 0, 0.2, "soft"), ValueError, "mode"),
+    ("batch", lambda c: c.gate_keep(P, 0, 0, 0, 0.2, "relaxed"), ValueError, "batch"),
+    ("grad layout", lambda c: c.gated_apply_backward(X.to(memory_format=torch.channels_last), X, P, 0, 0, 0.2,
+                                                     "relaxed"), ValueError, r"grad must have the memory layout of x"),
+    ("grad dtype", lambda c: c.gated_apply_backward(X.double(), X, P, 0, 0, 0.2, "relaxed"), TypeError, r"\bgrad"),
+    ("philox out dtype", lambda c: c.philox_uniform_out(torch.empty(4, dtype=torch.float64), 0, 0, 0), TypeError,
+     r"\bout"),
+    ("ys empty", lambda c: c.branch_combine([], torch.rand(2), None), ValueError, r"\bys"),
+    ("ys mismatch", lambda c: c.branch_combine([X, X[:2]], torch.rand(2), None), ValueError, r"ys\[1\]"),
+    ("weights shape", lambda c: c.branch_combine([X, X], torch.rand(3), None), ValueError, "weights must have shape"),
+    ("skip dtype", lambda c: c.branch_combine([X, X], torch.rand(2), X.double()), TypeError, "skip"),
+    ("backward_weights", lambda c: c.branch_combine_backward(X, [X, X], torch.rand(3, 2), torch.rand(2)), ValueError,
+     "backward_weights"),
+    ("reg lengths", lambda c: c.regularizer([torch.randn(4, 3)], [], 1.0, 1.0, 1.0), ValueError, "p_logits"),
+    ("reg fit", lambda c: c.regularizer([torch.randn(4, 3)], [torch.randn(5)], 1.0, 1.0, 1.0), ValueError,
+     r"p_logits\[0\]"),
+    ("reg weight strided", lambda c: c.regularizer([torch.randn(3, 4).t()], [torch.randn(3)], 1.0, 1.0, 1.0),
+     ValueError, r"weights\[0\] must be contiguous"),
+    ("reg n_train", lambda c: c.regularizer([torch.randn(4, 3)], [torch.randn(3)], 1.0, 1.0, 0.0), ValueError,
+     "n_train"),
+]
+
+
+@native
+@pytest.mark.parametrize("call, error, match", [c[1:] for c in BAD_NATIVE_CALLS], ids=[c[0] for c in BAD_NATIVE_CALLS])
+def test_bindings_reject_bad_input_naming_the_argument(call, error, match):
+    with pytest.raises(error, match=match):
+        call(_ops())
+
+
+@native
+def test_cpu_backend_outputs_follow_empty_like_for_strided_views():
+    """Views the kernels do not read directly are copied once; outputs still follow empty_like(x)."""
+    x = torch.randn(4, 12, 5, 5)[:, ::2]
+    p = torch.randn(6)
+    out = pf.ops.gated_apply(x, p, seed=SEED, stream=STREAM, backend="cpu")
+    ref = pf.ops.gated_apply(x, p, seed=SEED, stream=STREAM, backend="reference")
+    assert out.stride() == torch.empty_like(x).stride()
+    assert rel_err(out, ref) < TOLERANCE[torch.float32]
+
+
+@native
+@pytest.mark.parametrize("batch, channels, size", [(64, 128, 16), (2, 3, 1), (5, 1000, 3)])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+def test_cpu_gated_apply_parallel_sizes_match_reference(batch, channels, size, memory_format):
+    """Sizes above the OpenMP grain (parallel loops), float32, forward and backward."""
+    gen = torch.Generator().manual_seed(batch + channels)
+    x = torch.randn(batch, channels, size, size, generator=gen).contiguous(memory_format=memory_format)
+    p = torch.randn(channels, generator=gen)
+    dy = torch.randn(x.shape, generator=gen).contiguous(memory_format=memory_format)
+    results = {}
+    for name in ("cpu", "reference"):
+        xr, pr = x.clone().requires_grad_(), p.clone().requires_grad_()
+        out = pf.ops.gated_apply(xr, pr, seed=SEED, stream=STREAM, backend=name)
+        out.backward(dy)
+        results[name] = (out, xr.grad, pr.grad)
+    for ours, ref in zip(results["cpu"], results["reference"]):
+        assert rel_err(ours, ref) < TOLERANCE[torch.float32]
+    assert results["cpu"][0].stride() == x.stride()
+
+
+# ---- the cuda backend (GPU machines) ----------------------------------------------------------------
+gpu = pytest.mark.gpu
+
+
+def _needs_cuda_backend():
+    if not pf.backends()["cuda"][0]:
+        pytest.skip(f"cuda backend unavailable: {pf.backends()['cuda'][1]}")
+
+
+@gpu
+def test_cuda_philox_bit_identical():
+    _needs_cuda_backend()
+    for seed, stream, offset in [(0, 0, 0), (SEED, STREAM, 12345), ((1 << 62) + 3, (1 << 60) + 9, (1 << 34) + 1)]:
+        ours = pf.ops.philox_uniform(100_003, seed=seed, stream=stream, offset=offset, device="cuda", backend="cuda")
+        ref = pf.ops.philox_uniform(100_003, seed=seed, stream=stream, offset=offset, device="cpu", backend="reference")
+        assert torch.equal(ours.cpu(), ref)
+
+
+@gpu
+@pytest.mark.parametrize("mode", ["relaxed", "hard", "full"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("shape, memory_format", [((8, 16, 8, 8), torch.contiguous_format),
+                                                  ((8, 16, 8, 8), torch.channels_last),
+                                                  ((3, 7, 5, 5), torch.contiguous_format),
+                                                  ((3, 7, 5, 5), torch.channels_last),
+                                                  ((6, 10), torch.contiguous_format)])
+def test_cuda_gated_apply_matches_reference(mode, dtype, shape, memory_format):
+    _needs_cuda_backend()
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(shape, generator=gen).to(dtype).cuda().contiguous(memory_format=memory_format)
+    dy = torch.randn(shape, generator=gen).to(dtype).cuda().contiguous(memory_format=memory_format)
+    p = torch.randn(shape[1], generator=gen).cuda()
+    results = {}
+    for name in ("cuda", "reference"):
+        xr, pr = x.clone().requires_grad_(), p.clone().requires_grad_()
+        out = pf.ops.gated_apply(xr, pr, seed=SEED, stream=STREAM, mode=mode, backend=name)
+        out.backward(dy)
+        results[name] = (out, xr.grad, pr.grad)
+    tol = TOLERANCE[dtype] if dtype != torch.float64 else 1e-5
+    for ours, ref in zip(results["cuda"], results["reference"]):
+        assert rel_err(ours, ref) < tol
+    assert results["cuda"][0].stride() == x.stride()
+
+
+@gpu
+@pytest.mark.parametrize("per_example", [True, False])
+@pytest.mark.parametrize("n_branches", [1, 3, 9])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_cuda_branch_combine_matches_reference(per_example, n_branches, dtype):
+    _needs_cuda_backend()
+    gen = torch.Generator().manual_seed(2)
+    ys = [torch.randn(4, 6, 5, 8, generator=gen).to(dtype).cuda() for _ in range(n_branches)]
+    w = (torch.rand((4, n_branches) if per_example else (n_branches,), generator=gen) + 0.1).cuda()
+    skip = torch.randn(4, 6, 5, 8, generator=gen).to(dtype).cuda()
+    dy = torch.randn(4, 6, 5, 8, generator=gen).to(dtype).cuda()
+    results = {}
+    for name in ("cuda", "reference"):
+        yr = [y.clone().requires_grad_() for y in ys]
+        wr = w.clone().requires_grad_()
+        pf.ops.branch_combine(yr, wr, skip=skip, backend=name).backward(dy)
+        results[name] = (pf.ops.branch_combine(ys, w, skip=skip, backend=name), wr.grad, *[y.grad for y in yr])
+    tol = TOLERANCE[dtype] if dtype != torch.float64 else 1e-5
+    for ours, ref in zip(results["cuda"], results["reference"]):
+        assert rel_err(ours, ref) < tol
+
+
+@gpu
+def test_cuda_regularizer_matches_reference():
+    _needs_cuda_backend()
+    gen = torch.Generator().manual_seed(3)
+    shapes = [((8, 3, 3, 3), 3), ((10, 6), 6), ((8, 2, 3, 3), 4), ((6, 1, 3, 3), 6), ((9, 2, 1, 1), 6),
+              ((256, 256, 3, 3), 256)]
+    for dtype in (torch.float32, torch.bfloat16):
+        weights = [(0.5 * torch.randn(s, generator=gen)).to(dtype).cuda().requires_grad_() for s, _ in shapes]
+        p_logits = [torch.randn(c, generator=gen).cuda().requires_grad_() for _, c in shapes]
+        grads = {}
+        for name in ("cuda", "reference"):
+            for t in (*weights, *p_logits):
+                t.grad = None
+            r = pf.ops.regularizer(weights, p_logits, weight_reg=10.0, drop_reg=1.0, n_train=1e3, backend=name)
+            r.backward()
+            grads[name] = (r.detach().clone(), *[w.grad.clone() for w in weights], *[p.grad.clone() for p in p_logits])
+        for ours, ref in zip(grads["cuda"], grads["reference"]):
+            assert rel_err(ours, ref) < TOLERANCE[dtype]
+
+
+@gpu
+def test_cuda_bad_device_is_rejected_naming_the_argument():
+    _needs_cuda_backend()
+    from pgnas_fast import _C
+
+    with pytest.raises(ValueError, match=r"\bx must be a CUDA tensor"):
+        _C.cuda.gated_apply(X, P, 0, 0, 0.2, "relaxed")
+    with pytest.raises(ValueError, match="p_logit"):
+        _C.cuda.gated_apply(X.cuda(), P, 0, 0, 0.2, "relaxed")
+
+
+@gpu
+def test_cuda_gradcheck_and_opcheck():
+    """float64 gradients by finite differences, and torch.library.opcheck (fake kernels, strides) on CUDA."""
+    _needs_cuda_backend()
+    from pgnas_fast.ops import _library
+
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 4, 2, 3, dtype=torch.float64, generator=gen).cuda().requires_grad_()
+    p = torch.randn(4, dtype=torch.float64, generator=gen).cuda().requires_grad_()
+    assert torch.autograd.gradcheck(lambda x, p: pf.ops.gated_apply(x, p, seed=SEED, stream=STREAM, backend="cuda"),
+                                    (x, p))
+    ys = [torch.randn(3, 4, 2, 2, dtype=torch.float64, generator=gen).cuda().requires_grad_() for _ in range(2)]
+    w = torch.rand(3, 2, dtype=torch.float64, generator=gen).cuda().requires_grad_()
+    assert torch.autograd.gradcheck(lambda w, a, b: pf.ops.branch_combine([a, b], w, backend="cuda"), (w, *ys))
+    weight = torch.randn(6, 2, 2, 2, dtype=torch.float64, generator=gen).cuda().requires_grad_()
+    z = torch.randn(6, dtype=torch.float64, generator=gen).cuda().requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda w, z: pf.ops.regularizer([w], [z], weight_reg=30.0, drop_reg=2.0, n_train=10.0, backend="cuda"),
+        (weight, z))
+    cases = [
+        (_library.gated_apply, (torch.randn(3, 7, 5, 5, device="cuda").requires_grad_(),
+                                torch.randn(7, device="cuda").requires_grad_(), SEED, STREAM, 0.2, "relaxed", "cuda")),
+        (_library.gated_apply, (torch.randn(3, 8, 4, 4, device="cuda").to(memory_format=torch.channels_last)
+                                .requires_grad_(), torch.randn(8, device="cuda").requires_grad_(), SEED, STREAM, 0.5,
+                                "hard", "cuda")),
+        (_library.branch_combine, ([torch.randn(3, 4, 2, 2, device="cuda").requires_grad_() for _ in range(2)],
+                                   torch.rand(3, 2, device="cuda").requires_grad_(), None, None, "cuda")),
+        (_library.regularizer, ([torch.randn(8, 3, 3, 3, device="cuda").requires_grad_()],
+                                [torch.randn(3, device="cuda").requires_grad_()], 10.0, 1.0, 1e3, "cuda")),
+        (_library.philox_uniform, (257, SEED, STREAM, 5, torch.device("cuda"), "cuda")),
+    ]
+    for op, args in cases:
+        result = torch.library.opcheck(op, args)
+        assert all(v == "SUCCESS" for v in result.values()), (op, result)
+
+
+@gpu
+def test_cuda_regularizer_is_deterministic():
+    _needs_cuda_backend()
+    gen = torch.Generator().manual_seed(5)
+    weights = [torch.randn(256, 256, 3, 3, generator=gen).cuda() for _ in range(4)]
+    p_logits = [torch.randn(256, generator=gen).cuda() for _ in range(4)]
+    values = {pf.ops.regularizer(weights, p_logits, weight_reg=1.0, drop_reg=1.0, n_train=10.0, backend="cuda").item()
+              for _ in range(5)}
+    assert len(values) == 1

@@ -143,8 +143,9 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _prepare_out(path: Path) -> None:
-    """Create the run directory and prove it takes files; on failure leave nothing behind."""
+def _prepare_out(path: Path) -> list[Path]:
+    """Create the run directory and prove it takes files; on failure leave nothing behind. Returns the
+    directories it created (deepest first), for `_remove_if_empty`."""
     if path.exists() and not path.is_dir():
         raise UsageError(f"--out {str(path)!r} exists and is not a directory")
     created = [p for p in (path, *path.parents) if not p.exists()]
@@ -157,6 +158,14 @@ def _prepare_out(path: Path) -> None:
             if p.is_dir():
                 p.rmdir()
         raise UsageError(f"--out {str(path)!r} is not writable: {err.strerror or err}") from None
+    return created
+
+
+def _remove_if_empty(created: list[Path]) -> None:
+    """Undo `_prepare_out` when the run stopped at bad input before writing anything."""
+    for p in created:
+        if p.is_dir() and not any(p.iterdir()):
+            p.rmdir()
 
 
 def _resolve_device(text: str):
@@ -182,7 +191,7 @@ def _percent(x: float) -> str:
 def _search(args) -> int:
     from . import configs
     from .ops import BackendUnavailableError, dispatch
-    from .search import RunError, run_search
+    from .search import run_search
 
     overrides = configs.load_overrides(args.config) if args.config else {}
     overrides.update(configs.parse_assignment(text) for text in args.assignments)
@@ -197,7 +206,7 @@ def _search(args) -> int:
     except (BackendUnavailableError, ValueError) as err:
         raise UsageError(f"--backend: {err}") from None
     out = Path(args.out) if args.out else Path("runs") / f"{args.preset}-seed{args.seed}"
-    _prepare_out(out)  # last check: after it, the run writes
+    created = _prepare_out(out)
 
     print(f"pgnas-fast search: preset {config['preset']}, seed {args.seed}, backend {backend}, device {device}",
           flush=True)
@@ -205,8 +214,9 @@ def _search(args) -> int:
         with dispatch.use_backend(backend):
             result = run_search(config, seed=args.seed, out_dir=out, device=str(device), resume=args.resume,
                                 progress=not args.quiet, data_dir=args.data_dir, smoke=args.smoke)
-    except RunError as err:
-        raise UsageError(str(err)) from None
+    except ValueError:  # bad data or run directory (DataError, RunError): raised before anything is written
+        _remove_if_empty(created)
+        raise
     s = result.summary
     print(f"best candidate: {s['best_candidate']} of {s['candidates']} "
           f"(keeps {_percent(s['kept_fraction'])} of the gated input channels)")
@@ -226,21 +236,17 @@ def _search(args) -> int:
 
 
 def _rank(args) -> int:
-    from .search import RunError
     from .search.rank_run import rank_run
 
     if args.first_share is not None and not 0 < args.first_share <= 1:
         raise UsageError(f"--first-share must be in (0, 1], got {args.first_share}")
     _check_tag(args.tag)
     device = _resolve_device(args.device)
-    try:
-        summary = rank_run(args.run_dir, candidates=args.candidates, strategy=args.strategy, evaluator=args.evaluator,
-                           tag=args.tag, resume=args.resume, top=args.top, eta=args.eta,
-                           first_share=args.first_share, bn_recalibrate=args.bn_recalibrate, device=str(device),
-                           data_dir=args.data_dir,
-                           progress=not args.quiet)
-    except RunError as err:
-        raise UsageError(str(err)) from None
+    summary = rank_run(args.run_dir, candidates=args.candidates, strategy=args.strategy, evaluator=args.evaluator,
+                       tag=args.tag, resume=args.resume, top=args.top, eta=args.eta,
+                       first_share=args.first_share, bn_recalibrate=args.bn_recalibrate, device=str(device),
+                       data_dir=args.data_dir,
+                       progress=not args.quiet)
     if int(os.environ.get("RANK", "0")) == 0:
         best = summary["best"]
         print(f"best candidate: {best['id']} of {summary['candidates']}, held-out accuracy {_percent(best['score'])} "
@@ -257,16 +263,12 @@ def _check_tag(tag: str) -> None:
 
 
 def _study(args) -> int:
-    from .search import RunError
     from .search.study import run_study
 
     _check_tag(args.tag)
     device = _resolve_device(args.device)
-    try:
-        result = run_study(args.run_dir, candidates=args.candidates, tag=args.tag, device=str(device),
-                           data_dir=args.data_dir, progress=not args.quiet)
-    except RunError as err:
-        raise UsageError(str(err)) from None
+    result = run_study(args.run_dir, candidates=args.candidates, tag=args.tag, device=str(device),
+                       data_dir=args.data_dir, progress=not args.quiet)
     g, r, race = result["guided"], result["random"], result["racing"]
     print(f"guided: mean held-out {_percent(g['mean'])}, best {_percent(g['best'])}; "
           f"random at the same drop rate: mean {_percent(r['mean'])}, best {_percent(r['best'])}")
@@ -277,16 +279,16 @@ def _study(args) -> int:
 
 
 def _export(args) -> int:
-    from .search import RunError
     from .search.export import export_candidate
 
     device = _resolve_device(args.device)
-    _prepare_out(Path(args.out))
+    created = _prepare_out(Path(args.out))
     try:
         s = export_candidate(args.run_dir, args.out, candidate=args.candidate, device=str(device),
                              data_dir=args.data_dir)
-    except RunError as err:
-        raise UsageError(str(err)) from None
+    except ValueError:  # an unusable run directory: nothing was written
+        _remove_if_empty(created)
+        raise
     print(f"candidate {s['candidate']}: held-out {_percent(s['heldout_accuracy'])}, test {_percent(s['test_accuracy'])}")
     print(f"  parameters {s['params_supernet']:,} -> {s['params_subnet']:,}; "
           f"MACs per image {s['macs_supernet']:,} -> {s['macs_subnet']:,}")
@@ -295,14 +297,10 @@ def _export(args) -> int:
 
 
 def _evaluate(args) -> int:
-    from .search import RunError
     from .search.export import evaluate_export
 
     device = _resolve_device(args.device)
-    try:
-        value = evaluate_export(args.export_dir, split=args.split, device=str(device), data_dir=args.data_dir)
-    except RunError as err:
-        raise UsageError(str(err)) from None
+    value = evaluate_export(args.export_dir, split=args.split, device=str(device), data_dir=args.data_dir)
     print(f"{args.split} accuracy")
     print(f"{value:.6f}")
     return 0
@@ -361,6 +359,7 @@ def _doctor(_args) -> int:
 def main(argv: list[str] | None = None) -> int:
     from .configs import ConfigError
     from .data import DataError
+    from .search import RunError
 
     try:
         parser = _build_parser()
@@ -370,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_USAGE
         return {"search": _search, "info": _info, "rank": _rank, "study": _study, "export": _export,
                 "evaluate": _evaluate, "doctor": _doctor}[args.command](args)
-    except (UsageError, ConfigError, DataError) as err:
+    except (UsageError, ConfigError, DataError, RunError) as err:  # bad input: one line, status 2
         print(f"pgnas-fast: error: {err}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -141,6 +141,7 @@ def test_export_and_evaluate_bad_input(capsys, searched, tmp_path, argv, message
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists(), "nothing is left behind"
 
 
 def test_export_refuses_an_incompatible_checkpoint(capsys, searched, tmp_path):

@@ -63,6 +63,7 @@ def test_missing_data_is_a_clear_error(capsys, tmp_path, preset, layout):
     out = tmp_path / "run"
     code, captured = search(capsys, "--preset", preset, "--out", out)
     assert code == 2 and "needs --data-dir" in captured.err and layout in captured.err
+    assert not out.exists(), "nothing is left behind"
     code, captured = search(capsys, "--preset", preset, "--data-dir", tmp_path / "empty", "--out", out)
     assert code == 2 and captured.err.startswith("pgnas-fast: error: ") and layout.rstrip("/") in captured.err
 

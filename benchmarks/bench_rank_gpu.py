@@ -42,7 +42,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--rows", type=int, default=16384, help="rows per batched pass")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args(argv)
-    device = torch.device("cpu" if args.dry_run or not torch.cuda.is_available() else "cuda")
+    if not args.dry_run and not torch.cuda.is_available():
+        parser.exit(2, "no CUDA device: use --dry-run to check the script on CPU\n")
+    device = torch.device("cuda" if not args.dry_run else "cpu")
     knobs = dict(k=1, blocks_per_stage=1) if args.dry_run else {}
     heldout, candidates = (64, 4) if args.dry_run else (args.heldout, args.candidates)
     batch = 32 if args.dry_run else args.batch_size

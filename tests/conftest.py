@@ -48,6 +48,12 @@ def _clean_backend_selection(monkeypatch):
     pf.set_backend(None)
 
 
+def interpreted(backend: str) -> bool:
+    """True when `backend` runs under the Triton interpreter, where every kernel launch costs ~0.1 s
+    on CPU: launch-hungry checks (gradcheck's full Jacobian) then use their fast mode."""
+    return backend == "triton" and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """||actual - expected|| / ||expected||, in float64 (the absolute error when expected is 0)."""
     a = actual.detach().to(torch.float64)

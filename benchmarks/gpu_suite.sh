@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# The whole GPU check in one command (issue 4): install, device info, copy bandwidth, the op
+# benchmark, GPU tests, op tests, the candidate-ranking benchmark (and the train-step benchmark when
+# present). Ends within 8 minutes.
+#   OUT=/some/dir bash benchmarks/gpu_suite.sh      (OUT defaults to benchmarks/results/latest;
+#   SKIP_INSTALL=1 skips the pip install, e.g. to check the script on a CPU machine)
+# Writes at most 8 files to $OUT: install.log, device.txt, pytest.log (GPU tests, then op tests),
+# bench.log, rank.json, train_step.log, results.json, results.md. The results table is printed last.
+set -u
+cd "$(dirname "$0")/.."
+OUT="${OUT:-benchmarks/results/latest}"
+mkdir -p "$OUT"
+DEADLINE=$((SECONDS + 450))  # 8 minutes less a margin for start-up and the final print
+
+left() {  # seconds left for a step: min(cap, time to the deadline), at least 5
+    local cap=$1 rest=$((DEADLINE - SECONDS))
+    ((rest < cap)) && cap=$rest
+    ((cap < 5)) && cap=5
+    echo "$cap"
+}
+
+echo "== install"
+if [ -n "${SKIP_INSTALL:-}" ]; then
+    echo "SKIP_INSTALL set: not installing" >"$OUT/install.log"
+elif ! timeout "$(left 150)" pip install --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1; then
+    echo "install failed or timed out (see install.log); running from the source tree"
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+echo "== device"
+{
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.max.mem --format=csv 2>&1
+    python3 - <<'PY'
+import torch, triton
+import pgnas_fast as pf
+print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__)
+print("device", torch.cuda.get_device_name() if torch.cuda.is_available() else "none")
+for name, (ok, why) in pf.backends().items():
+    print(f"backend {name}: {'available' if ok else 'unavailable'} ({why})")
+if torch.cuda.is_available():
+    import triton.testing
+    src = torch.randn(1 << 26, device="cuda"); dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), return_mode="median")
+    print(f"device copy bandwidth {2 * src.numel() * 4 / ms / 1e6:.0f} GB/s (256 MiB, read + write)")
+PY
+} >"$OUT/device.txt" 2>&1
+cat "$OUT/device.txt"
+
+echo "== op benchmark"  # first after the device info: its numbers are what the run is for
+BENCH_CAP=$(left 220)
+timeout "$BENCH_CAP" python3 benchmarks/bench_gpu.py --out "$OUT" --time-budget=$((BENCH_CAP - 45)) \
+    >"$OUT/bench.log" 2>&1
+echo "exit $?"
+
+echo "== pytest -m gpu"
+timeout "$(left 100)" python3 -m pytest -m gpu -q -p no:cacheprovider tests >"$OUT/pytest.log" 2>&1
+echo "exit $? ($(tail -n 1 "$OUT/pytest.log"))"
+
+echo "== op tests (philox, ops, triton)"
+echo "==== op tests" >>"$OUT/pytest.log"
+timeout "$(left 90)" python3 -m pytest -q -x -p no:cacheprovider tests/test_philox.py tests/test_ops.py \
+    tests/test_triton.py >>"$OUT/pytest.log" 2>&1
+echo "exit $? ($(tail -n 1 "$OUT/pytest.log"))"
+
+echo "== candidate ranking (SupNet-MI-shaped; projected hours for 10k CIFAR-10 candidates)"
+timeout "$(left 90)" python3 benchmarks/bench_rank_gpu.py --heldout 2000 --candidates 32 --out "$OUT/rank.json"
+echo "exit $?"
+
+if [ -f benchmarks/bench_train_step.py ]; then
+    echo "== train-step benchmark"
+    timeout "$(left 60)" python3 benchmarks/bench_train_step.py --out "$OUT" >"$OUT/train_step.log" 2>&1
+    echo "exit $?"
+fi
+
+echo "== op benchmark log (tail)"
+tail -n 3 "$OUT/bench.log"
+echo
+cat "$OUT/results.md" 2>/dev/null || echo "no results.md (see bench.log)"

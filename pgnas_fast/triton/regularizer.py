@@ -1,0 +1,204 @@
+"""The whole network's regulariser R (pgnas-method.md section 2) and its gradients in Triton, in O(1) launches.
+
+Multi-tensor mechanism (the apex `multi_tensor_apply` habit): one int64 *layer table* holds, per
+gated layer, the addresses of its weight, p_logit and gradient buffers and its shape numbers; one
+int32 *block table* lists the work items, (layer, first channel) blocks of input channels and
+(layer, first element) blocks of weights. A kernel launch covers every layer: a program reads its
+block, then its layer's row, and casts the stored addresses back to pointers. Both tables are built
+on the host per call (a few hundred ints, one host-to-device copy, no kernel launch).
+
+- value: one launch over channel blocks computes, per input channel c, sq_c = sum of W^2 over the
+  outputs and taps reading c, and adds (wr/N)(1 - p_c) sq_c + (dr/N) H'(p_c) to a per-block partial;
+  a torch sum of the partials is the second launch.
+- backward: one launch; programs below the weight-block count write dW = g 2 wr/N (1 - p_c) W
+  elementwise, the others recompute sq_c and write d p_logit = g p (1 - p) (dr/N z - wr/N sq_c).
+
+Grouped convolutions as in the reference: weight [O, J, K...] with C_in = G J inputs; output o is in
+group o // (O / G) and reads input channel (o // (O / G)) J + j. All weights of a call share one
+dtype in the kernel (a mixed list is promoted by a copy) and are read contiguous (a non-contiguous
+weight, e.g. a channels_last conv weight, is copied once and its gradient copied back to its layout).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .gates import log1p
+from .philox import joined, split_f64
+
+TABLE_COLUMNS = 8  # w, grad_w, p_logit, grad_p addresses; C_in, J, O / G, taps K
+BLOCK_C = 32
+BLOCK_R = 32
+BLOCK_W = 1024
+
+
+@triton.jit
+def log_sigmoid(z):
+    return tl.minimum(z, 0.0) - log1p(tl.exp(-tl.abs(z)))
+
+
+@triton.jit
+def _layer(table_ptr, layer, w_like, p_like):
+    """One layer's row; the stored addresses become pointers typed like w_like / p_like (pointer
+    arguments of the weight and gate dtypes)."""
+    row = table_ptr + layer * 8
+    w = tl.load(row + 0).to(w_like.dtype)
+    gw = tl.load(row + 1).to(w_like.dtype)
+    p = tl.load(row + 2).to(p_like.dtype)
+    gp = tl.load(row + 3).to(p_like.dtype)
+    return w, gw, p, gp, tl.load(row + 4), tl.load(row + 5), tl.load(row + 6), tl.load(row + 7)
+
+
+@triton.jit
+def _squared_norm_per_input_channel(w, c, cmask, J, opg, K, G_TYPE: tl.constexpr, BLOCK_C: tl.constexpr,
+                                    BLOCK_R: tl.constexpr):
+    """sq[c] = sum over the outputs o of c's group and taps k of W[o, j, k]^2."""
+    group = c // J
+    j = c % J
+    acc = tl.zeros([BLOCK_R, BLOCK_C], G_TYPE)
+    n_rows = opg * K
+    for r0 in range(0, n_rows, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R)
+        o = group[None, :] * opg + (r // K)[:, None]
+        at = (o * J + j[None, :]) * K + (r % K)[:, None]
+        v = tl.load(w + at, mask=(r < n_rows)[:, None] & cmask[None, :], other=0.0).to(G_TYPE)
+        acc += v * v
+    return tl.sum(acc, axis=0)
+
+
+@triton.jit
+def _regularizer_kernel(table_ptr, blocks_ptr, partial_ptr, w_like, p_like, wr_hi, wr_lo, dr_hi, dr_lo,
+                        G_TYPE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
+    pid = tl.program_id(0)
+    layer = tl.load(blocks_ptr + 2 * pid)
+    c = tl.load(blocks_ptr + 2 * pid + 1) + tl.arange(0, BLOCK_C)
+    w, _gw, p_ptr, _gp, C, J, opg, K = _layer(table_ptr, layer, w_like, p_like)
+    cmask = c < C
+    z = tl.load(p_ptr + c, mask=cmask, other=0.0).to(G_TYPE)
+    sq = _squared_norm_per_input_channel(w, c, cmask, J, opg, K, G_TYPE, BLOCK_C, BLOCK_R)
+    wr = joined(wr_hi, wr_lo, G_TYPE)  # weight_reg / n_train
+    dr = joined(dr_hi, dr_lo, G_TYPE)  # drop_reg / n_train
+    ls_pos = log_sigmoid(z)  # log p
+    ls_neg = log_sigmoid(-z)  # log (1 - p)
+    keep_prob = tl.exp(ls_neg)
+    neg_entropy = tl.exp(ls_pos) * ls_pos + keep_prob * ls_neg  # H'(p) = p log p + (1 - p) log (1 - p)
+    term = tl.where(cmask, wr * keep_prob * sq + dr * neg_entropy, 0.0)
+    tl.store(partial_ptr + pid, tl.sum(term, axis=0))
+
+
+@triton.jit
+def _weight_grad_block(w, gw, p_ptr, start, C, J, opg, K, g, wr, G_TYPE: tl.constexpr, BLOCK_W: tl.constexpr):
+    """dW = g 2 wr (1 - p_c) W for BLOCK_W elements of one weight, c the element's input channel."""
+    e = start.to(tl.int64) + tl.arange(0, BLOCK_W)
+    emask = e < opg * (C // J) * J * K
+    cin = (e // (J * K) // opg) * J + (e // K) % J
+    z = tl.load(p_ptr + cin, mask=emask, other=0.0).to(G_TYPE)
+    v = tl.load(w + e, mask=emask, other=0.0).to(G_TYPE)
+    keep_prob = 1.0 / (1.0 + tl.exp(z))
+    tl.store(gw + e, (g * 2.0 * wr * keep_prob * v).to(gw.dtype.element_ty), mask=emask)
+
+
+@triton.jit
+def _p_logit_grad_block(w, p_ptr, gp, start, C, J, opg, K, g, wr, dr, G_TYPE: tl.constexpr,
+                        BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
+    """d p_logit for BLOCK_C channels: d/dz (1 - p) = -p (1 - p); d/dz H'(p) = z p (1 - p)."""
+    c = start + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    z = tl.load(p_ptr + c, mask=cmask, other=0.0).to(G_TYPE)
+    sq = _squared_norm_per_input_channel(w, c, cmask, J, opg, K, G_TYPE, BLOCK_C, BLOCK_R)
+    p = 1.0 / (1.0 + tl.exp(-z))
+    keep_prob = 1.0 / (1.0 + tl.exp(z))
+    tl.store(gp + c, g * (p * keep_prob) * (dr * z - wr * sq), mask=cmask)
+
+
+@triton.jit
+def _regularizer_backward_kernel(table_ptr, blocks_ptr, n_weight_blocks, grad_ptr, w_like, p_like,
+                                 wr_hi, wr_lo, dr_hi, dr_lo, G_TYPE: tl.constexpr, BLOCK_W: tl.constexpr,
+                                 BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Programs below n_weight_blocks write weight gradients, the others p_logit gradients."""
+    pid = tl.program_id(0)
+    layer = tl.load(blocks_ptr + 2 * pid)
+    start = tl.load(blocks_ptr + 2 * pid + 1)
+    w, gw, p_ptr, gp, C, J, opg, K = _layer(table_ptr, layer, w_like, p_like)
+    g = tl.load(grad_ptr).to(G_TYPE)
+    wr = joined(wr_hi, wr_lo, G_TYPE)
+    dr = joined(dr_hi, dr_lo, G_TYPE)
+    if pid < n_weight_blocks:
+        _weight_grad_block(w, gw, p_ptr, start, C, J, opg, K, g, wr, G_TYPE, BLOCK_W)
+    else:
+        _p_logit_grad_block(w, p_ptr, gp, start, C, J, opg, K, g, wr, dr, G_TYPE, BLOCK_C, BLOCK_R)
+
+
+# ---- wrappers (inputs are validated by pgnas_fast.ops) --------------------------------------------
+def _gate_dtype(p_logits):
+    return torch.float64 if any(p.dtype == torch.float64 for p in p_logits) else torch.float32
+
+
+def _weight_dtype(weights):
+    dtype = weights[0].dtype
+    for w in weights[1:]:
+        dtype = torch.promote_types(dtype, w.dtype)
+    return dtype
+
+
+def _prepared(weights, p_logits):
+    """Weights in one dtype and contiguous, p_logits in the gate dtype (copies only where needed)."""
+    wdtype, gdtype = _weight_dtype(weights), _gate_dtype(p_logits)
+    ws = [w.to(wdtype).contiguous() for w in weights]
+    ps = [p.to(gdtype).contiguous() for p in p_logits]
+    return ws, ps, wdtype, gdtype
+
+
+def _tables(ws, ps, gws, gps, with_weight_blocks):
+    device = ws[0].device
+    rows, weight_blocks, channel_blocks = [], [], []
+    for layer, (w, p, gw, gp) in enumerate(zip(ws, ps, gws, gps)):
+        in_channels, per_group, out_channels = p.shape[0], w.shape[1], w.shape[0]
+        groups = in_channels // per_group
+        taps = w.numel() // (out_channels * per_group)
+        rows.append([w.data_ptr(), gw.data_ptr(), p.data_ptr(), gp.data_ptr(), in_channels, per_group,
+                     out_channels // groups, taps])
+        if with_weight_blocks:
+            weight_blocks += [[layer, e] for e in range(0, w.numel(), BLOCK_W)]
+        channel_blocks += [[layer, c] for c in range(0, in_channels, BLOCK_C)]
+    table = torch.tensor(rows, dtype=torch.int64)
+    blocks = torch.tensor(weight_blocks + channel_blocks, dtype=torch.int32)
+    if device.type == "cuda":
+        table = table.pin_memory().to(device, non_blocking=True)
+        blocks = blocks.pin_memory().to(device, non_blocking=True)
+    return table, blocks, len(weight_blocks), len(channel_blocks)
+
+
+_TL_TYPES = {torch.float32: tl.float32, torch.float64: tl.float64}
+
+
+def regularizer(weights, p_logits, weight_reg, drop_reg, n_train):
+    ws, ps, wdtype, gdtype = _prepared(weights, p_logits)
+    # the value needs no gradient buffers: their table slots repeat the inputs' addresses
+    table, blocks, _, n_blocks = _tables(ws, ps, ws, ps, with_weight_blocks=False)
+    partial = torch.empty(n_blocks, dtype=gdtype, device=ws[0].device)
+    _regularizer_kernel[(n_blocks,)](
+        table, blocks, partial, ws[0], ps[0], *split_f64(weight_reg / n_train), *split_f64(drop_reg / n_train),
+        G_TYPE=_TL_TYPES[gdtype], BLOCK_C=BLOCK_C, BLOCK_R=BLOCK_R)
+    return partial.sum()
+
+
+def regularizer_backward(grad, weights, p_logits, weight_reg, drop_reg, n_train):
+    ws, ps, wdtype, gdtype = _prepared(weights, p_logits)
+    gws = [w if w.dtype == wdtype and w.is_contiguous() else None for w in weights]
+    grad_weights = [torch.empty_like(w) for w in weights]
+    # write straight into the outputs unless the weight needed a dtype or layout copy
+    gws = [gw if w is not None and gw.is_contiguous() else torch.empty_like(ww)
+           for w, gw, ww in zip(gws, grad_weights, ws)]
+    gps = [torch.empty_like(p) for p in ps]
+    table, blocks, n_weight_blocks, n_channel_blocks = _tables(ws, ps, gws, gps, with_weight_blocks=True)
+    _regularizer_backward_kernel[(n_weight_blocks + n_channel_blocks,)](
+        table, blocks, n_weight_blocks, grad.to(gdtype), ws[0], ps[0], *split_f64(weight_reg / n_train),
+        *split_f64(drop_reg / n_train), G_TYPE=_TL_TYPES[gdtype], BLOCK_W=BLOCK_W, BLOCK_C=BLOCK_C,
+        BLOCK_R=BLOCK_R)
+    for out, gw in zip(grad_weights, gws):
+        if gw is not out:
+            out.copy_(gw)
+    grad_p_logits = [gp if gp.dtype == p.dtype else gp.to(p.dtype) for gp, p in zip(gps, p_logits)]
+    return grad_weights, grad_p_logits

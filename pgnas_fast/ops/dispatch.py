@@ -112,6 +112,10 @@ def selected() -> str:
     return name
 
 
+# torch.compile runs this once while tracing and bakes the name into the graph (context variables,
+# environment reads and first-time backend imports are not traceable): the backend of a compiled
+# function is the one selected when it was compiled.
+@torch.compiler.assume_constant_result
 def resolve(requested: str | None, device: torch.device) -> str:
     """The concrete backend that runs an op on tensors of `device`; raises if it cannot."""
     name = _check_name(requested, "backend") if requested is not None else selected()

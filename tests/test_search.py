@@ -57,6 +57,22 @@ def test_run_directory_holds_every_file(finished_run):
     assert [r["epoch"] for r in read_jsonl(out / "train_log.jsonl")] == [1, 2]
 
 
+def test_best_checkpoint_and_tensorboard_scalars(finished_run):
+    out, _ = finished_run
+    log = read_jsonl(out / "train_log.jsonl")
+    best = torch.load(out / "checkpoint-best.pt", weights_only=False)
+    assert best["loss"] == min(row["loss"] for row in log)
+    assert log[best["epoch"] - 1]["loss"] == best["loss"]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"loss", "cross_entropy", "regularizer", "train_accuracy", "lr", "images_per_second", "mean_p"} <= tags
+    assert any(tag.startswith("mean_p_per_layer/") for tag in tags)
+    assert [e.value for e in events.Scalars("loss")] == pytest.approx([row["loss"] for row in log])
+
+
 def test_report_ties_the_figures_to_the_summary(finished_run):
     out, result = finished_run
     report = (out / "report.md").read_text()

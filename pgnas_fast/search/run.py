@@ -3,6 +3,8 @@ held-out and test accuracy, and a run directory:
 
     config.json             the resolved config (preset + overrides) and seed
     checkpoint.pt           super-network and optimizer after the last finished epoch (resumable)
+    checkpoint-best.pt      the same at the epoch of the lowest training objective
+    tensorboard/            the per-epoch scalars as TensorBoard events (when tensorboard is installed)
     train_log.jsonl         one row per epoch: loss, train accuracy, mean p
     candidates.jsonl        one row per guided candidate: id, score (held-out accuracy), kept_fraction
     random_candidates.jsonl the random-gate baseline at the same expected drop rate (if enabled)
@@ -34,7 +36,7 @@ from .io import load_checkpoint, read_jsonl, save_checkpoint, write_json, write_
 from .rank import ProgressLog, accuracy, best_candidate, rank_candidates, uniform_drop_logits
 from .train import make_optimizer, train_posterior
 
-RUN_FILES = ("config.json", "checkpoint.pt", "train_log.jsonl", "candidates.jsonl", "random_candidates.jsonl",
+RUN_FILES = ("config.json", "checkpoint.pt", "checkpoint-best.pt", "train_log.jsonl", "candidates.jsonl", "random_candidates.jsonl",
              "architecture.json", "summary.json", "report.md", *FIGURES)
 
 
@@ -42,6 +44,35 @@ RUN_FILES = ("config.json", "checkpoint.pt", "train_log.jsonl", "candidates.json
 SMOKE_STEPS = 2
 SMOKE_EVAL_BATCHES = 2
 SMOKE_CANDIDATES = 2
+
+
+class ScalarLog:
+    """TensorBoard scalars of every epoch (loss, CE, regulariser, accuracy, lr, images/s, mean p per
+    gated layer) when the tensorboard package is installed; otherwise nothing (train_log.jsonl holds
+    the same numbers)."""
+
+    def __init__(self, directory: Path):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            self.writer = None
+        else:
+            self.writer = SummaryWriter(str(directory))
+
+    def add(self, epoch: int, stats: dict) -> None:
+        if self.writer is None:
+            return
+        for key, value in stats.items():
+            if isinstance(value, dict):
+                for name, v in value.items():
+                    self.writer.add_scalar(f"{key}/{name}", v, epoch)
+            elif key != "epoch":
+                self.writer.add_scalar(key, value, epoch)
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
 
 
 class RunError(ValueError):
@@ -182,17 +213,29 @@ def run_search(config: dict, *, seed: int, out_dir: str | Path, device: str = "c
         for name in RUN_FILES:  # a fresh run replaces an old one whole
             (out_dir / name).unlink(missing_ok=True)
         shutil.rmtree(out_dir / "rank-search", ignore_errors=True)
+        shutil.rmtree(out_dir / "tensorboard", ignore_errors=True)
     write_json(out_dir / "config.json", run_config)
+
+    scalars = ScalarLog(out_dir / "tensorboard")
 
     def checkpoint(epoch: int, stats: dict) -> None:
         train_log.append(stats)
         write_jsonl(out_dir / "train_log.jsonl", train_log)
-        save_checkpoint(checkpoint_path, {"run_config": run_config, "epoch": epoch, "model": model.state_dict(),
-                                          "optimizer": optimizer.state_dict()})
+        state = {"run_config": run_config, "epoch": epoch, "model": model.state_dict(),
+                 "optimizer": optimizer.state_dict(), "loss": stats["loss"]}
+        save_checkpoint(checkpoint_path, state)
+        # best = lowest training objective (mean CE + R, what the posterior minimises); no held-out
+        # data is spent on choosing it, the held-out split stays for ranking
+        if all(stats["loss"] <= row["loss"] for row in train_log):
+            save_checkpoint(out_dir / "checkpoint-best.pt", state)
+        scalars.add(epoch, stats)
 
     started = time.perf_counter()
-    train_posterior(model, optimizer, feed, config, seed=seed, start_epoch=start_epoch, n_train=n_train,
-                    on_epoch_end=checkpoint, progress=progress)
+    try:
+        train_posterior(model, optimizer, feed, config, seed=seed, start_epoch=start_epoch, n_train=n_train,
+                        on_epoch_end=checkpoint, progress=progress)
+    finally:
+        scalars.close()
     trained = time.perf_counter()
 
     rows = rank_search_candidates(model, feed, config, seed=seed, progress=progress,

@@ -78,7 +78,8 @@ def train_posterior(model: nn.Module, optimizer: torch.optim.Optimizer, feed, co
     for epoch in bar:
         model.train()
         started = time.perf_counter()
-        sums = {"loss": 0.0, "cross_entropy": 0.0, "regularizer": 0.0, "correct": 0.0}
+        # running sums stay on the device: one host sync per epoch, not per step
+        sums = torch.zeros(4, dtype=torch.float64, device=feed.device)  # loss, CE, R, correct
         seen = 0
         for i, (x, y) in enumerate(feed.train_batches(epoch, seed)):
             step = epoch * steps_per_epoch + i
@@ -100,13 +101,13 @@ def train_posterior(model: nn.Module, optimizer: torch.optim.Optimizer, feed, co
                 nn.utils.clip_grad_norm_(model.parameters(), config["grad_clip"])
             optimizer.step()
             n = len(y)
-            for key, value in (("loss", loss), ("cross_entropy", ce), ("regularizer", reg)):
-                sums[key] += value.item() * n
-            sums["correct"] += (logits.argmax(1) == y).sum().item()
+            sums += torch.stack([loss.detach() * n, ce.detach() * n, reg.detach() * n,
+                                 (logits.argmax(1) == y).sum()]).to(sums.dtype)
             seen += n
+        loss_sum, ce_sum, reg_sum, correct = sums.tolist()
         seconds = time.perf_counter() - started
-        stats = {"epoch": epoch + 1, "loss": sums["loss"] / seen, "cross_entropy": sums["cross_entropy"] / seen,
-                 "regularizer": sums["regularizer"] / seen, "train_accuracy": sums["correct"] / seen,
+        stats = {"epoch": epoch + 1, "loss": loss_sum / seen, "cross_entropy": ce_sum / seen,
+                 "regularizer": reg_sum / seen, "train_accuracy": correct / seen,
                  "lr": lr, "images_per_second": seen / seconds, "mean_p": mean_drop_probability(model),
                  "mean_p_per_layer": {name: torch.sigmoid(layer.p_logit.detach()).mean().item()
                                       for name, layer in gated_layers(model)}}

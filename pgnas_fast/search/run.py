@@ -5,8 +5,8 @@ held-out and test accuracy, and a run directory:
     checkpoint.pt           super-network and optimizer after the last finished epoch (resumable)
     checkpoint-best.pt      the same at the epoch of the lowest training objective
     tensorboard/            the per-epoch scalars as TensorBoard events (when tensorboard is installed)
-    train_log.jsonl         one row per epoch: loss, train accuracy, mean p
-    candidates.jsonl        one row per guided candidate: id, score (held-out accuracy), kept_fraction
+    train_log.jsonl         one row per epoch: loss, CE, regulariser, accuracy, lr, images/s, mean p
+    candidates.jsonl        one row per guided candidate: id, score (held-out accuracy), images, kept_fraction
     random_candidates.jsonl the random-gate baseline at the same expected drop rate (if enabled)
     rank-search/            the ranking's progress log, so that --resume never scores a candidate twice
     architecture.json       the chosen candidate (design.md "Export"); identical for identical seeds
@@ -30,14 +30,14 @@ from ..nn import candidate_masks, set_gates
 from ..ops.streams import Domain
 from .export import architecture_record
 from .feed import LoaderFeed, TensorFeed
-from .materialize import count_parameters, materialize
-from .report import FIGURES, write_report
 from .io import load_checkpoint, read_jsonl, save_checkpoint, write_json, write_jsonl
+from .materialize import count_parameters, materialize
 from .rank import ProgressLog, accuracy, best_candidate, rank_candidates, uniform_drop_logits
+from .report import FIGURES, write_report
 from .train import make_optimizer, train_posterior
 
-RUN_FILES = ("config.json", "checkpoint.pt", "checkpoint-best.pt", "train_log.jsonl", "candidates.jsonl", "random_candidates.jsonl",
-             "architecture.json", "summary.json", "report.md", *FIGURES)
+RUN_FILES = ("config.json", "checkpoint.pt", "checkpoint-best.pt", "train_log.jsonl", "candidates.jsonl",
+             "random_candidates.jsonl", "architecture.json", "summary.json", "report.md", *FIGURES)
 
 
 # --smoke: the whole pipeline on a handful of batches, to check data and config before a long run
@@ -247,16 +247,10 @@ def run_search(config: dict, *, seed: int, out_dir: str | Path, device: str = "c
         write_jsonl(out_dir / "random_candidates.jsonl", random_rows)
     ranked = time.perf_counter()
 
-    def test():
-        return feed.eval_batches("test")
-
-    def heldout():
-        return feed.eval_batches("heldout")
-
     best = best_candidate(rows)
     masks = candidate_masks(model, seed, best["id"])
     set_gates(model, "hard", masks=masks)
-    test_accuracy = accuracy(model, test())
+    test_accuracy = accuracy(model, feed.eval_batches("test"))
     set_gates(model, "full")
     architecture = architecture_record(model, masks, config=config, seed=seed, candidate=best,
                                        test_accuracy=test_accuracy)
@@ -271,8 +265,8 @@ def run_search(config: dict, *, seed: int, out_dir: str | Path, device: str = "c
         "heldout_accuracy": best["score"],
         "test_accuracy": test_accuracy,
         "kept_fraction": best["kept_fraction"],
-        "supernet_heldout_accuracy": accuracy(model, heldout()),
-        "supernet_test_accuracy": accuracy(model, test()),
+        "supernet_heldout_accuracy": accuracy(model, feed.eval_batches("heldout")),
+        "supernet_test_accuracy": accuracy(model, feed.eval_batches("test")),
         "guided_mean_heldout_accuracy": statistics.fmean(scores),
         "guided_mean_kept_fraction": statistics.fmean(r["kept_fraction"] for r in rows),
         "random_mean_heldout_accuracy": statistics.fmean(r["score"] for r in random_rows) if random_rows else None,
@@ -282,9 +276,9 @@ def run_search(config: dict, *, seed: int, out_dir: str | Path, device: str = "c
         "train_seconds": trained - started,
         "rank_seconds": ranked - trained,
         "candidates_per_second": (len(rows) + len(random_rows)) / max(ranked - trained, 1e-9),
+        "params_supernet": count_parameters(model),
+        "params_subnet": count_parameters(materialize(model, masks)),
     }
-    summary["params_supernet"] = count_parameters(model)
-    summary["params_subnet"] = count_parameters(materialize(model, masks))
     write_json(out_dir / "summary.json", summary)
     write_report(out_dir)
     return SearchResult(out_dir=out_dir, summary=summary, architecture=architecture)

@@ -123,4 +123,74 @@ inline void check_gated_weight(size_t k, const at::Tensor& w, const at::Tensor& 
   *taps = *per_group ? w.numel() / (out_channels * *per_group) : 0;
 }
 
+// ---- per-op argument checks: the same for every device type ------------------------------------
+
+inline void check_philox_out(const at::Tensor& out, int64_t seed, int64_t stream, int64_t offset,
+                             c10::DeviceType type) {
+  check_device("out", out, type);
+  TORCH_CHECK_TYPE(out.scalar_type() == at::kFloat, "out must be float32, got ", dtype_name(out.scalar_type()));
+  TORCH_CHECK_VALUE(out.dim() == 1 && out.is_contiguous(), "out must be a contiguous 1-D tensor");
+  check_rng(seed, stream);
+  TORCH_CHECK_VALUE(offset >= 0, "offset must be in [0, 2^63), got ", offset);
+}
+
+inline void check_p_logit(const at::Tensor& p_logit, int64_t channels, c10::DeviceType type) {
+  check_device("p_logit", p_logit, type);
+  check_gate_dtype("p_logit", p_logit);
+  check_vector("p_logit", p_logit, channels);
+}
+
+struct ApplyShape {
+  int64_t batch, channels, spatial;
+  cpu::Layout layout;
+};
+
+inline ApplyShape check_apply(const at::Tensor& x, const at::Tensor& p_logit, int64_t seed, int64_t stream,
+                              double tau, c10::DeviceType type) {
+  check_device("x", x, type);
+  check_data_dtype("x", x);
+  TORCH_CHECK_VALUE(x.dim() >= 2, "x must have at least 2 dims, got shape ", x.sizes());
+  check_p_logit(p_logit, x.size(1), type);
+  check_same_device("p_logit", p_logit, "x", x);
+  check_rng(seed, stream);
+  check_tau(tau);
+  ApplyShape s;
+  s.layout = check_layout("x", x);
+  s.batch = x.size(0);
+  s.channels = x.size(1);
+  s.spatial = (s.batch * s.channels) != 0 ? x.numel() / (s.batch * s.channels) : 0;
+  return s;
+}
+
+// branch_combine: returns whether the weights are per example ([B, S]) rather than per branch ([S]).
+inline bool check_combine(const std::vector<at::Tensor>& ys, const at::Tensor& weights,
+                          const c10::optional<at::Tensor>& skip, c10::DeviceType type) {
+  check_branches(ys, type);
+  check_same_device("weights", weights, "ys[0]", ys[0]);
+  const bool per_example = check_branch_weights("weights", weights, ys[0].size(0), static_cast<int64_t>(ys.size()));
+  if (skip.has_value()) check_like("skip", *skip, "ys[0]", ys[0]);
+  return per_example;
+}
+
+inline bool check_combine_backward(const at::Tensor& grad, const std::vector<at::Tensor>& ys,
+                                   const at::Tensor& weights, const c10::optional<at::Tensor>& backward_weights,
+                                   c10::DeviceType type) {
+  const bool per_example = check_combine(ys, weights, c10::nullopt, type);
+  check_like("grad", grad, "ys[0]", ys[0]);
+  if (backward_weights.has_value()) {
+    check_same_device("backward_weights", *backward_weights, "ys[0]", ys[0]);
+    check_branch_weights("backward_weights", *backward_weights, ys[0].size(0), static_cast<int64_t>(ys.size()));
+    TORCH_CHECK_VALUE(backward_weights->sizes() == weights.sizes(), "backward_weights must have the shape of weights ",
+                      weights.sizes(), ", got ", backward_weights->sizes());
+  }
+  return per_example;
+}
+
+inline void check_coefficients(double weight_reg, double drop_reg, double n_train) {
+  TORCH_CHECK_VALUE(std::isfinite(weight_reg) && weight_reg >= 0, "weight_reg must be a finite number >= 0, got ",
+                    weight_reg);
+  TORCH_CHECK_VALUE(std::isfinite(drop_reg) && drop_reg >= 0, "drop_reg must be a finite number >= 0, got ", drop_reg);
+  TORCH_CHECK_VALUE(std::isfinite(n_train) && n_train > 0, "n_train must be a finite number > 0, got ", n_train);
+}
+
 }  // namespace pgnas

@@ -29,19 +29,9 @@ void with_gate_type(const at::Tensor& t, F&& f) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
 
 void philox_uniform_out(at::Tensor out, int64_t seed, int64_t stream, int64_t offset) {
-  check_device("out", out, kCPU);
-  TORCH_CHECK_TYPE(out.scalar_type() == at::kFloat, "out must be float32, got ", dtype_name(out.scalar_type()));
-  TORCH_CHECK_VALUE(out.dim() == 1 && out.is_contiguous(), "out must be a contiguous 1-D tensor");
-  check_rng(seed, stream);
-  TORCH_CHECK_VALUE(offset >= 0, "offset must be in [0, 2^63), got ", offset);
+  check_philox_out(out, seed, stream, offset, kCPU);
   cpu::philox_uniform(out.data_ptr<float>(), out.numel(), static_cast<uint64_t>(seed), static_cast<uint64_t>(stream),
                       static_cast<uint64_t>(offset));
-}
-
-void check_p_logit(const at::Tensor& p_logit, int64_t channels) {
-  check_device("p_logit", p_logit, kCPU);
-  check_gate_dtype("p_logit", p_logit);
-  check_vector("p_logit", p_logit, channels);
 }
 
 at::Tensor keep_of(const at::Tensor& p_logit, int64_t batch, int64_t seed, int64_t stream, double tau,
@@ -60,7 +50,7 @@ at::Tensor keep_of(const at::Tensor& p_logit, int64_t batch, int64_t seed, int64
 
 at::Tensor gate_keep(const at::Tensor& p_logit, int64_t batch, int64_t seed, int64_t stream, double tau,
                      const std::string& mode) {
-  check_p_logit(p_logit, -1);
+  check_p_logit(p_logit, -1, kCPU);
   TORCH_CHECK_VALUE(batch >= 1, "batch must be >= 1, got ", batch);
   check_rng(seed, stream);
   check_tau(tau);
@@ -85,29 +75,9 @@ at::Tensor gate_keep_backward(const at::Tensor& grad_keep, const at::Tensor& kee
   return grad_p;
 }
 
-struct ApplyShape {
-  int64_t batch, channels, spatial;
-  cpu::Layout layout;
-};
-
-ApplyShape check_apply(const at::Tensor& x, const at::Tensor& p_logit, int64_t seed, int64_t stream, double tau) {
-  check_device("x", x, kCPU);
-  check_data_dtype("x", x);
-  TORCH_CHECK_VALUE(x.dim() >= 2, "x must have at least 2 dims, got shape ", x.sizes());
-  check_p_logit(p_logit, x.size(1));
-  check_rng(seed, stream);
-  check_tau(tau);
-  ApplyShape s;
-  s.layout = check_layout("x", x);
-  s.batch = x.size(0);
-  s.channels = x.size(1);
-  s.spatial = (s.batch * s.channels) != 0 ? x.numel() / (s.batch * s.channels) : 0;
-  return s;
-}
-
 at::Tensor gated_apply(const at::Tensor& x, const at::Tensor& p_logit, int64_t seed, int64_t stream, double tau,
                        const std::string& mode) {
-  const ApplyShape s = check_apply(x, p_logit, seed, stream, tau);
+  const ApplyShape s = check_apply(x, p_logit, seed, stream, tau, kCPU);
   const cpu::GateMode m = parse_mode(mode);
   at::Tensor out = at::empty_like(x);
   if (x.numel() == 0) return out;
@@ -125,7 +95,7 @@ at::Tensor gated_apply(const at::Tensor& x, const at::Tensor& p_logit, int64_t s
 std::tuple<at::Tensor, at::Tensor> gated_apply_backward(const at::Tensor& grad, const at::Tensor& x,
                                                         const at::Tensor& p_logit, int64_t seed, int64_t stream,
                                                         double tau, const std::string& mode) {
-  const ApplyShape s = check_apply(x, p_logit, seed, stream, tau);
+  const ApplyShape s = check_apply(x, p_logit, seed, stream, tau, kCPU);
   check_like("grad", grad, "x", x);
   const cpu::GateMode m = parse_mode(mode);
   at::Tensor grad_x = at::empty_like(x);
@@ -151,11 +121,8 @@ std::tuple<at::Tensor, at::Tensor> gated_apply_backward(const at::Tensor& grad, 
 
 at::Tensor branch_combine(const std::vector<at::Tensor>& ys, const at::Tensor& weights,
                           const c10::optional<at::Tensor>& skip) {
-  check_branches(ys, kCPU);
+  const bool per_example = check_combine(ys, weights, skip, kCPU);
   const int64_t batch = ys[0].size(0), n_branches = static_cast<int64_t>(ys.size());
-  check_same_device("weights", weights, "ys[0]", ys[0]);
-  const bool per_example = check_branch_weights("weights", weights, batch, n_branches);
-  if (skip.has_value()) check_like("skip", *skip, "ys[0]", ys[0]);
   at::Tensor out = at::empty_like(ys[0]);
   if (out.numel() == 0) return out;
   PGNAS_DISPATCH_DATA(ys[0].scalar_type(), "branch_combine", [&] {
@@ -174,19 +141,9 @@ at::Tensor branch_combine(const std::vector<at::Tensor>& ys, const at::Tensor& w
 std::tuple<std::vector<at::Tensor>, at::Tensor> branch_combine_backward(
     const at::Tensor& grad, const std::vector<at::Tensor>& ys, const at::Tensor& weights,
     const c10::optional<at::Tensor>& backward_weights) {
-  check_branches(ys, kCPU);
-  check_like("grad", grad, "ys[0]", ys[0]);
+  const bool per_example = check_combine_backward(grad, ys, weights, backward_weights, kCPU);
   const int64_t batch = ys[0].size(0), n_branches = static_cast<int64_t>(ys.size());
-  check_same_device("weights", weights, "ys[0]", ys[0]);
-  const bool per_example = check_branch_weights("weights", weights, batch, n_branches);
   const bool shake = backward_weights.has_value();
-  if (shake) {
-    check_same_device("backward_weights", *backward_weights, "ys[0]", ys[0]);
-    const bool bw_per_example = check_branch_weights("backward_weights", *backward_weights, batch, n_branches);
-    TORCH_CHECK_VALUE(bw_per_example == per_example && backward_weights->sizes() == weights.sizes(),
-                      "backward_weights must have the shape of weights ", weights.sizes(), ", got ",
-                      backward_weights->sizes());
-  }
   // shake-shake: the forward weights are random constants, not parameters
   at::Tensor grad_w = shake ? at::zeros_like(weights) : at::empty_like(weights);
   const at::Tensor wb = shake ? backward_weights->to(weights.scalar_type()).contiguous() : weights;
@@ -236,13 +193,6 @@ std::vector<cpu::RegSegment> segment_table(const std::vector<at::Tensor>& weight
     PGNAS_DISPATCH_DATA(weights[k].scalar_type(), "regularizer", [&] { fill_row_fns<scalar_t>(&s); });
   }
   return segs;
-}
-
-void check_coefficients(double weight_reg, double drop_reg, double n_train) {
-  TORCH_CHECK_VALUE(std::isfinite(weight_reg) && weight_reg >= 0, "weight_reg must be a finite number >= 0, got ",
-                    weight_reg);
-  TORCH_CHECK_VALUE(std::isfinite(drop_reg) && drop_reg >= 0, "drop_reg must be a finite number >= 0, got ", drop_reg);
-  TORCH_CHECK_VALUE(std::isfinite(n_train) && n_train > 0, "n_train must be a finite number > 0, got ", n_train);
 }
 
 at::Tensor regularizer(const std::vector<at::Tensor>& weights, const std::vector<at::Tensor>& p_logits,

@@ -42,21 +42,11 @@ pgnas_dtype code_of(const at::Tensor& t) {
 cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
 void philox_uniform_out(at::Tensor out, int64_t seed, int64_t stream, int64_t offset) {
-  check_device("out", out, kCUDA);
-  TORCH_CHECK_TYPE(out.scalar_type() == at::kFloat, "out must be float32, got ", dtype_name(out.scalar_type()));
-  TORCH_CHECK_VALUE(out.dim() == 1 && out.is_contiguous(), "out must be a contiguous 1-D tensor");
-  check_rng(seed, stream);
-  TORCH_CHECK_VALUE(offset >= 0, "offset must be in [0, 2^63), got ", offset);
+  check_philox_out(out, seed, stream, offset, kCUDA);
   const c10::cuda::CUDAGuard guard(out.device());
   PGNAS_CUDA_CHECK(pgnas_philox_uniform(out.data_ptr<float>(), out.numel(), static_cast<uint64_t>(seed),
                                         static_cast<uint64_t>(stream), static_cast<uint64_t>(offset),
                                         current_stream()));
-}
-
-void check_p_logit(const at::Tensor& p_logit, int64_t channels) {
-  check_device("p_logit", p_logit, kCUDA);
-  check_gate_dtype("p_logit", p_logit);
-  check_vector("p_logit", p_logit, channels);
 }
 
 at::Tensor keep_of(const at::Tensor& p_logit, int64_t batch, int64_t seed, int64_t stream, double tau,
@@ -72,7 +62,7 @@ at::Tensor keep_of(const at::Tensor& p_logit, int64_t batch, int64_t seed, int64
 
 at::Tensor gate_keep(const at::Tensor& p_logit, int64_t batch, int64_t seed, int64_t stream, double tau,
                      const std::string& mode) {
-  check_p_logit(p_logit, -1);
+  check_p_logit(p_logit, -1, kCUDA);
   TORCH_CHECK_VALUE(batch >= 1, "batch must be >= 1, got ", batch);
   check_rng(seed, stream);
   check_tau(tau);
@@ -95,44 +85,25 @@ at::Tensor gate_keep_backward(const at::Tensor& grad_keep, const at::Tensor& kee
   return grad_p;
 }
 
-struct ApplyShape {
-  int64_t batch, channels, spatial;
-  pgnas_layout layout;
-};
-
-ApplyShape check_apply(const at::Tensor& x, const at::Tensor& p_logit, int64_t seed, int64_t stream, double tau) {
-  check_device("x", x, kCUDA);
-  check_data_dtype("x", x);
-  TORCH_CHECK_VALUE(x.dim() >= 2, "x must have at least 2 dims, got shape ", x.sizes());
-  check_p_logit(p_logit, x.size(1));
-  check_same_device("p_logit", p_logit, "x", x);
-  check_rng(seed, stream);
-  check_tau(tau);
-  ApplyShape s;
-  s.layout = check_layout("x", x) == cpu::Layout::nchw ? PGNAS_NCHW : PGNAS_NHWC;
-  s.batch = x.size(0);
-  s.channels = x.size(1);
-  s.spatial = (s.batch * s.channels) != 0 ? x.numel() / (s.batch * s.channels) : 0;
-  return s;
-}
+pgnas_layout layout_code(cpu::Layout layout) { return layout == cpu::Layout::nchw ? PGNAS_NCHW : PGNAS_NHWC; }
 
 at::Tensor gated_apply(const at::Tensor& x, const at::Tensor& p_logit, int64_t seed, int64_t stream, double tau,
                        const std::string& mode) {
-  const ApplyShape s = check_apply(x, p_logit, seed, stream, tau);
+  const ApplyShape s = check_apply(x, p_logit, seed, stream, tau, kCUDA);
   const cpu::GateMode m = parse_mode(mode);
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor out = at::empty_like(x);
   if (x.numel() == 0) return out;
   const at::Tensor keep = keep_of(p_logit, s.batch, seed, stream, tau, m);
   PGNAS_CUDA_CHECK(pgnas_gated_apply(out.data_ptr(), x.data_ptr(), code_of(x), keep.data_ptr(), code_of(keep), s.batch,
-                                     s.channels, s.spatial, s.layout, current_stream()));
+                                     s.channels, s.spatial, layout_code(s.layout), current_stream()));
   return out;
 }
 
 std::tuple<at::Tensor, at::Tensor> gated_apply_backward(const at::Tensor& grad, const at::Tensor& x,
                                                         const at::Tensor& p_logit, int64_t seed, int64_t stream,
                                                         double tau, const std::string& mode) {
-  const ApplyShape s = check_apply(x, p_logit, seed, stream, tau);
+  const ApplyShape s = check_apply(x, p_logit, seed, stream, tau, kCUDA);
   check_like("grad", grad, "x", x);
   const cpu::GateMode m = parse_mode(mode);
   const c10::cuda::CUDAGuard guard(x.device());
@@ -144,7 +115,7 @@ std::tuple<at::Tensor, at::Tensor> gated_apply_backward(const at::Tensor& grad, 
   at::Tensor grad_keep = relaxed ? at::empty_like(keep) : at::Tensor();
   PGNAS_CUDA_CHECK(pgnas_gated_apply_backward(grad_x.data_ptr(), relaxed ? grad_keep.data_ptr() : nullptr,
                                               grad.data_ptr(), x.data_ptr(), code_of(x), keep.data_ptr(),
-                                              code_of(keep), s.batch, s.channels, s.spatial, s.layout,
+                                              code_of(keep), s.batch, s.channels, s.spatial, layout_code(s.layout),
                                               current_stream()));
   if (!relaxed) return {grad_x, at::zeros_like(p_logit)};
   at::Tensor grad_p = at::empty_like(p_logit);
@@ -155,11 +126,8 @@ std::tuple<at::Tensor, at::Tensor> gated_apply_backward(const at::Tensor& grad, 
 
 at::Tensor branch_combine(const std::vector<at::Tensor>& ys, const at::Tensor& weights,
                           const c10::optional<at::Tensor>& skip) {
-  check_branches(ys, kCUDA);
+  const bool per_example = check_combine(ys, weights, skip, kCUDA);
   const int64_t batch = ys[0].size(0), n_branches = static_cast<int64_t>(ys.size());
-  check_same_device("weights", weights, "ys[0]", ys[0]);
-  const bool per_example = check_branch_weights("weights", weights, batch, n_branches);
-  if (skip.has_value()) check_like("skip", *skip, "ys[0]", ys[0]);
   const c10::cuda::CUDAGuard guard(ys[0].device());
   at::Tensor out = at::empty_like(ys[0]);
   if (out.numel() == 0) return out;
@@ -175,18 +143,9 @@ at::Tensor branch_combine(const std::vector<at::Tensor>& ys, const at::Tensor& w
 std::tuple<std::vector<at::Tensor>, at::Tensor> branch_combine_backward(
     const at::Tensor& grad, const std::vector<at::Tensor>& ys, const at::Tensor& weights,
     const c10::optional<at::Tensor>& backward_weights) {
-  check_branches(ys, kCUDA);
-  check_like("grad", grad, "ys[0]", ys[0]);
+  const bool per_example = check_combine_backward(grad, ys, weights, backward_weights, kCUDA);
   const int64_t batch = ys[0].size(0), n_branches = static_cast<int64_t>(ys.size());
-  check_same_device("weights", weights, "ys[0]", ys[0]);
-  const bool per_example = check_branch_weights("weights", weights, batch, n_branches);
   const bool shake = backward_weights.has_value();
-  if (shake) {
-    check_same_device("backward_weights", *backward_weights, "ys[0]", ys[0]);
-    check_branch_weights("backward_weights", *backward_weights, batch, n_branches);
-    TORCH_CHECK_VALUE(backward_weights->sizes() == weights.sizes(), "backward_weights must have the shape of weights ",
-                      weights.sizes(), ", got ", backward_weights->sizes());
-  }
   const c10::cuda::CUDAGuard guard(ys[0].device());
   // shake-shake: the forward weights are random constants, not parameters
   at::Tensor grad_w = shake ? at::zeros_like(weights) : at::empty_like(weights);
@@ -247,13 +206,6 @@ at::Tensor device_table(const Table& t, const at::Device& device) {
   at::Tensor host = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
   std::memcpy(host.data_ptr(), t.segs.data(), static_cast<size_t>(bytes));
   return host.to(device, /*non_blocking=*/true);  // the pinned buffer is kept alive by the caching allocator
-}
-
-void check_coefficients(double weight_reg, double drop_reg, double n_train) {
-  TORCH_CHECK_VALUE(std::isfinite(weight_reg) && weight_reg >= 0, "weight_reg must be a finite number >= 0, got ",
-                    weight_reg);
-  TORCH_CHECK_VALUE(std::isfinite(drop_reg) && drop_reg >= 0, "drop_reg must be a finite number >= 0, got ", drop_reg);
-  TORCH_CHECK_VALUE(std::isfinite(n_train) && n_train > 0, "n_train must be a finite number > 0, got ", n_train);
 }
 
 at::Tensor regularizer(const std::vector<at::Tensor>& weights, const std::vector<at::Tensor>& p_logits,

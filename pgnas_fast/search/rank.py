@@ -26,10 +26,9 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from ..nn import candidate_masks, gated_layers, set_gates, stacked_candidate_masks
+from ..nn import gated_layers, set_gates, stacked_candidate_masks
 from ..nn.batchnorm import grouped_batchnorm
 from ..ops.streams import Domain
-from .export import kept_fraction
 
 EVALUATORS = ("batched", "sequential", "reload")
 STRATEGIES = ("exhaustive", "racing")
@@ -90,9 +89,16 @@ class CandidateScorer:
     def size(self) -> int:
         return len(self.labels)
 
-    def kept_fraction(self, candidate: int) -> float:
-        return kept_fraction(candidate_masks(self.model, self.seed, candidate, domain=self.domain,
-                                             p_logits=self.p_logits))
+    def kept_fractions(self, candidates: Sequence[int], chunk: int = 1024) -> list[float]:
+        """Kept fraction of the gated input channels of each candidate, masks drawn `chunk` at a time."""
+        out = []
+        candidates = list(candidates)
+        for lo in range(0, len(candidates), chunk):
+            masks = stacked_candidate_masks(self.model, self.seed, candidates[lo:lo + chunk], domain=self.domain,
+                                            p_logits=self.p_logits)
+            kept = sum(m.sum(1) for m in masks.values())
+            out += (kept.double() / sum(m.shape[1] for m in masks.values())).tolist()  # exact counts, float64 ratio
+        return out
 
     def candidates_per_pass(self, start: int, end: int) -> int:
         if self.evaluator != "batched":
@@ -221,8 +227,9 @@ def rank(scorer: CandidateScorer, candidates: Sequence[int], *, strategy: str = 
             survivors.sort(key=lambda c: (-correct[c], c))
             survivors = sorted(survivors[:math.ceil(len(survivors) / eta)])
     bar.close()
-    return [{"id": c, "score": correct[c] / images[c], "images": images[c],
-             "kept_fraction": scorer.kept_fraction(c)} for c in sorted(candidates)]
+    ids = sorted(candidates)
+    return [{"id": c, "score": correct[c] / images[c], "images": images[c], "kept_fraction": fraction}
+            for c, fraction in zip(ids, scorer.kept_fractions(ids))]
 
 
 def rank_candidates(model: nn.Module, heldout: tuple[torch.Tensor, torch.Tensor], *, seed: int, count: int,

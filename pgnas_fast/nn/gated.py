@@ -150,21 +150,16 @@ def candidate_masks(model: nn.Module, seed: int, candidate: int, *, domain: Doma
     (candidate id, gate-layer index); a channel is dropped iff u + p >= 1. `p_logits` replaces the
     learned per-channel logits (e.g. the random-sampling baseline's uniform p).
     """
-    masks = {}
-    with torch.no_grad():
-        for index, (name, layer) in enumerate(gated_layers(model)):
-            z = layer.p_logit_per_channel() if p_logits is None else p_logits[name]
-            stream = stream_id(domain, candidate, index)
-            masks[name] = ops.gate_keep(z.detach().float(), 1, seed=seed, stream=stream, mode="hard",
-                                        backend=layer.backend)[0]
-    return masks
+    stacked = stacked_candidate_masks(model, seed, [candidate], domain=domain, p_logits=p_logits)
+    return {name: mask[0] for name, mask in stacked.items()}
 
 
 def stacked_candidate_masks(model: nn.Module, seed: int, candidates: Sequence[int], *,
                             domain: Domain = Domain.CANDIDATE,
                             p_logits: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Masks of several candidates, {layer name: [K, C_in]}, for batched evaluation: with these set,
-    a batch of K equal row groups runs candidate k on group k."""
+    a batch of K equal row groups runs candidate k on group k. Row k is what gate_keep(mode="hard")
+    draws from stream (candidates[k], gate-layer index): see ops.candidate_keep."""
     masks = {}
     with torch.no_grad():
         for index, (name, layer) in enumerate(gated_layers(model)):

@@ -334,7 +334,7 @@ def _doctor(_args) -> int:
 
     import pgnas_fast
 
-    from .ops import backends, selected
+    from .ops import backends, dispatch, selected
 
     print(f"pgnas_fast {pgnas_fast.__version__}  python {platform.python_version()}  torch {torch.__version__}")
     try:
@@ -353,6 +353,8 @@ def _doctor(_args) -> int:
     print(f"backend selection: {selected()}")
     for name, (available, reason) in backends().items():
         print(f"  {name:<10} {'yes' if available else 'no ':<4} {reason}")
+        if available and dispatch.missing_ops(name):
+            print(f"  {'':<10} {'':<4} runs on reference: {', '.join(dispatch.missing_ops(name))}")
     return 0
 
 

@@ -63,6 +63,11 @@ def test_doctor_lists_every_backend(capsys):
     for name in ("reference", "triton", "cuda", "cpu"):
         assert any(line.split()[:1] == [name] for line in stdout.splitlines()), name
     assert "torch" in stdout and "threads" in stdout
+    from pgnas_fast.ops import dispatch
+
+    for name in ("cpu", "triton"):  # ops without a native kernel yet are named, not hidden
+        if dispatch.missing_ops(name):
+            assert f"runs on reference: {', '.join(dispatch.missing_ops(name))}" in stdout
 
 
 def _bad_config(tmp_path, text):

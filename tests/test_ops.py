@@ -597,7 +597,7 @@ def _opcheck_cases(backend):
 
     ys = lambda grad: [r(3, 4, 2, 2, grad=grad) for _ in range(2)]  # noqa: E731
     cases = [("philox_uniform", (257, SEED, STREAM, 5, torch.device("cpu"), backend)),
-             ("candidate_keep", (r(7), torch.tensor([0, 3, (1 << 40) - 1]), SEED, 5, 2, backend))]
+             ("candidate_keep", (r(7, grad=True), torch.tensor([0, 3, (1 << 40) - 1]), SEED, 5, 2, backend))]
     for mode in ("relaxed", "hard", "full"):
         cases += [
             ("gate_keep", (r(7, grad=True), 3, SEED, STREAM, 0.2, mode, backend)),

@@ -29,6 +29,15 @@ def test_candidate_keep_rows_are_the_hard_gates_of_each_candidate(backend, domai
     assert 0 < masks.mean() < 1
 
 
+def test_candidate_keep_gradient_is_zero_like_hard_gate_keep(backend):
+    p_logit = torch.randn(9, dtype=torch.float64, requires_grad=True)
+    masks = pf.ops.candidate_keep(p_logit, torch.tensor([1, 4]), seed=3, layer=0, backend=backend)
+    (masks * torch.arange(18.0, dtype=torch.float64).view(2, 9)).sum().backward()
+    assert torch.equal(p_logit.grad, torch.zeros(9, dtype=torch.float64))
+    hard = pf.ops.gate_keep(p_logit, 1, seed=3, stream=stream_id(Domain.CANDIDATE, 1, 0), mode="hard", backend=backend)
+    assert torch.equal(hard[0], masks[0])
+
+
 def test_candidate_keep_bad_input():
     p = torch.randn(4)
     with pytest.raises(TypeError, match="candidates must have dtype"):

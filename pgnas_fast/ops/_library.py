@@ -75,6 +75,18 @@ def _(p_logit, candidates, seed, layer, domain, backend):
     return p_logit.new_empty(candidates.shape[0], p_logit.shape[0])
 
 
+def _candidate_keep_setup(ctx, inputs, output):
+    ctx.channels, ctx.dtype, ctx.device = inputs[0].shape[0], inputs[0].dtype, inputs[0].device
+
+
+def _candidate_keep_grad(ctx, grad):
+    # hard gates do not depend on p_logit differentiably, as gate_keep(mode="hard")
+    return torch.zeros(ctx.channels, dtype=ctx.dtype, device=ctx.device), None, None, None, None, None
+
+
+candidate_keep.register_autograd(_candidate_keep_grad, setup_context=_candidate_keep_setup)
+
+
 # ---- gated_apply ----------------------------------------------------------------------------------
 @_op("gated_apply")
 def gated_apply(x: Tensor, p_logit: Tensor, seed: int, stream: int, tau: float, mode: str, backend: str) -> Tensor:

@@ -26,14 +26,16 @@ from .streams import LAYER_LIMIT, MAJOR_LIMIT, SEED_LIMIT, Domain, stream_id
 
 __all__ = [
     "BACKENDS",
+    "GATE_MODES",
     "BackendUnavailableError",
     "Domain",
-    "GATE_MODES",
     "backends",
     "branch_combine",
     "candidate_keep",
     "gate_keep",
     "gated_apply",
+    "gaussian_kl",
+    "gaussian_noise",
     "philox_uniform",
     "regularizer",
     "selected",
@@ -215,4 +217,56 @@ def regularizer(weights, p_logits, *, weight_reg: float, drop_reg: float, n_trai
         _check_same_device("weights[0]", weights[0], **{f"weights[{k}]": w, f"p_logits[{k}]": p})
     return _library.regularizer(
         weights, [p.contiguous() for p in p_logits], float(weight_reg), float(drop_reg), float(n_train), resolve(backend, weights[0].device)
+    )
+
+
+def gaussian_noise(mu, var, *, seed: int, stream: int, offset: int = 0, backend=None):
+    """The Gaussian family's local-reparameterization epilogue: mu + sqrt(max(var, 0) + 1e-8) * eps.
+
+    eps is standard normal per element, drawn from (seed, stream) at element offset + i, i the flat
+    row-major index of the element in mu's shape (whatever the memory layout): Box-Muller on the
+    contract's uniforms of Philox words 0 and 1, in float64, rounded to float32 (see
+    `pgnas_fast.reference.philox.normal`). Gradients: d mu = grad, d var = grad * eps / (2 sqrt(var +
+    1e-8)) where var > 0; backward regenerates eps instead of storing it.
+    """
+    _check_tensor("mu", mu, DATA_DTYPES, min_ndim=1)
+    _check_tensor("var", var, DATA_DTYPES, min_ndim=1)
+    if var.shape != mu.shape or var.dtype != mu.dtype:
+        raise ValueError(
+            f"var must have the shape and dtype of mu ({tuple(mu.shape)}, {mu.dtype}), got {tuple(var.shape)}, {var.dtype}"
+        )
+    _check_same_device("mu", mu, var=var)
+    _check_rng(seed, stream)
+    _check_int("offset", offset, 0, SEED_LIMIT)
+    if offset + mu.numel() > SEED_LIMIT:
+        raise ValueError(f"offset + mu.numel() must be <= 2^63, got {offset + mu.numel()}")
+    return _library.gaussian_noise(mu, var, seed, stream, offset, resolve(backend, mu.device))
+
+
+def gaussian_kl(log_alphas, weights_per_channel, *, n_train: float, backend=None):
+    """The whole network's KL of the Gaussian family (Molchanov et al. 2017) as a 0-dim tensor:
+
+    KL = 1 / n_train * sum_l weights_per_channel[l] * sum_c (K1 - K1 sigmoid(K2 + K3 a_lc) + 0.5 log1p(exp(-a_lc)))
+
+    log_alphas: per-input-channel log alpha [C_l] of each gated layer (already clipped by the caller);
+    weights_per_channel: how many weights each input channel of layer l multiplies (every weight
+    counts once). Gradients flow to log_alphas only.
+    """
+    if isinstance(log_alphas, torch.Tensor) or not isinstance(log_alphas, Sequence):
+        raise TypeError("log_alphas must be a list of tensors")
+    if isinstance(weights_per_channel, torch.Tensor) or not isinstance(weights_per_channel, Sequence):
+        raise TypeError("weights_per_channel must be a list of ints")
+    log_alphas, counts = list(log_alphas), list(weights_per_channel)
+    if len(log_alphas) == 0 or len(log_alphas) != len(counts):
+        raise ValueError(
+            f"log_alphas and weights_per_channel must be non-empty lists of equal length, got {len(log_alphas)} and {len(counts)}"
+        )
+    if isinstance(n_train, bool) or not isinstance(n_train, (int, float)) or not (math.isfinite(n_train) and n_train > 0):
+        raise ValueError(f"n_train must be a finite number > 0, got {n_train!r}")
+    for k, (a, count) in enumerate(zip(log_alphas, counts)):
+        _check_tensor(f"log_alphas[{k}]", a, GATE_DTYPES, ndim=1)
+        _check_int(f"weights_per_channel[{k}]", count, 1)
+        _check_same_device("log_alphas[0]", log_alphas[0], **{f"log_alphas[{k}]": a})
+    return _library.gaussian_kl(
+        [a.contiguous() for a in log_alphas], [int(c) for c in counts], float(n_train), resolve(backend, log_alphas[0].device)
     )

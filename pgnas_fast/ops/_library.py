@@ -218,3 +218,74 @@ def _regularizer_grad(ctx, grad):
 
 
 regularizer.register_autograd(_regularizer_grad, setup_context=_regularizer_setup)
+
+
+# ---- gaussian_noise (the Gaussian family's local-reparameterization epilogue) ----------------------
+@_op("gaussian_noise")
+def gaussian_noise(mu: Tensor, var: Tensor, seed: int, stream: int, offset: int, backend: str) -> Tensor:
+    return implementation(backend, "gaussian_noise")(mu, var, seed, stream, offset)
+
+
+@gaussian_noise.register_fake
+def _(mu, var, seed, stream, offset, backend):
+    return torch.empty_like(mu)
+
+
+@_op("gaussian_noise_backward")
+def gaussian_noise_backward(grad: Tensor, var: Tensor, seed: int, stream: int, offset: int, backend: str) -> Tensor:
+    return implementation(backend, "gaussian_noise_backward")(grad, var, seed, stream, offset)
+
+
+@gaussian_noise_backward.register_fake
+def _(grad, var, seed, stream, offset, backend):
+    return torch.empty_like(var)
+
+
+def _gaussian_noise_setup(ctx, inputs, output):
+    _, var, ctx.seed, ctx.stream, ctx.offset, ctx.backend = inputs
+    ctx.save_for_backward(var)  # eps is regenerated in backward, never stored
+
+
+def _gaussian_noise_grad(ctx, grad):
+    (var,) = ctx.saved_tensors
+    grad_var = gaussian_noise_backward(grad, var, ctx.seed, ctx.stream, ctx.offset, ctx.backend)
+    return grad, grad_var, None, None, None, None
+
+
+gaussian_noise.register_autograd(_gaussian_noise_grad, setup_context=_gaussian_noise_setup)
+
+
+# ---- gaussian_kl (the whole network's Molchanov KL) ------------------------------------------------
+@_op("gaussian_kl")
+def gaussian_kl(log_alphas: list[Tensor], weights_per_channel: list[int], n_train: float, backend: str) -> Tensor:
+    return implementation(backend, "gaussian_kl")(log_alphas, weights_per_channel, n_train)
+
+
+@gaussian_kl.register_fake
+def _(log_alphas, weights_per_channel, n_train, backend):
+    return log_alphas[0].new_empty((), dtype=_regularizer_dtype(log_alphas))
+
+
+@_op("gaussian_kl_backward")
+def gaussian_kl_backward(
+    grad: Tensor, log_alphas: list[Tensor], weights_per_channel: list[int], n_train: float, backend: str
+) -> list[Tensor]:
+    return implementation(backend, "gaussian_kl_backward")(grad, log_alphas, weights_per_channel, n_train)
+
+
+@gaussian_kl_backward.register_fake
+def _(grad, log_alphas, weights_per_channel, n_train, backend):
+    return [torch.empty_like(a) for a in log_alphas]
+
+
+def _gaussian_kl_setup(ctx, inputs, output):
+    log_alphas, ctx.weights_per_channel, ctx.n_train, ctx.backend = inputs
+    ctx.save_for_backward(*log_alphas)
+
+
+def _gaussian_kl_grad(ctx, grad):
+    grads = gaussian_kl_backward(grad, list(ctx.saved_tensors), ctx.weights_per_channel, ctx.n_train, ctx.backend)
+    return grads, None, None, None
+
+
+gaussian_kl.register_autograd(_gaussian_kl_grad, setup_context=_gaussian_kl_setup)

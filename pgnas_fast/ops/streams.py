@@ -24,6 +24,7 @@ class Domain(enum.IntEnum):
     SHAKE = 4  # shake-shake branch weights of training step `major`
     COMPAT = 5  # the drop-in modules' per-call gates
     DROP_PATH = 6  # drop-path decisions of training step `major` (ENAS cells)
+    GAUSSIAN = 7  # eps of the Gaussian posterior's local reparameterization, training step `major`
 
 
 def stream_id(domain: Domain, major: int, layer: int = 0) -> int:

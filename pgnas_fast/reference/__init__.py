@@ -179,3 +179,63 @@ def regularizer_backward(
         dz = g * (p * keep_prob) * ((drop_reg / n_train) * z - (weight_reg / n_train) * sq)
         grad_p_logits.append(dz.to(p_logit.dtype))
     return grad_weights, grad_p_logits
+
+
+# ---- the Gaussian family (design.md "Gaussian family") ---------------------------------------------
+# Local reparameterization: out = mu + sqrt(max(var, 0) + VAR_EPS) * eps, eps ~ N(0, 1) per element of
+# mu from philox.normal (element index = flat row-major index of mu's logical shape, plus `offset`).
+# var is clamped at 0 because fast convolution algorithms can return tiny negatives for conv(x^2, W^2).
+VAR_EPS = 1e-8
+# Molchanov et al. 2017: -KL(log alpha) ~ K1 sigmoid(K2 + K3 log alpha) - 0.5 log1p(1 / alpha) - K1
+KL_K1, KL_K2, KL_K3 = 0.63576, 1.87320, 1.48695
+
+
+def _noise_math_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _eps(like: torch.Tensor, seed: int, stream: int, offset: int) -> torch.Tensor:
+    return philox.normal(like.numel(), seed, stream, offset, like.device).view(like.shape).to(_noise_math_dtype(like))
+
+
+def gaussian_noise(mu: torch.Tensor, var: torch.Tensor, seed: int, stream: int, offset: int) -> torch.Tensor:
+    dtype = _noise_math_dtype(mu)
+    std = torch.sqrt(var.to(dtype).clamp_min(0.0) + VAR_EPS)
+    return torch.empty_like(mu).copy_(mu.to(dtype) + std * _eps(mu, seed, stream, offset))
+
+
+def gaussian_noise_backward(grad: torch.Tensor, var: torch.Tensor, seed: int, stream: int, offset: int) -> torch.Tensor:
+    """d var (d mu is grad itself): grad * eps / (2 sqrt(var + VAR_EPS)) where var > 0, else 0;
+    eps regenerated from (seed, stream, offset), never stored."""
+    dtype = _noise_math_dtype(var)
+    v = var.to(dtype)
+    std = torch.sqrt(v.clamp_min(0.0) + VAR_EPS)
+    grad_var = torch.where(v > 0, grad.to(dtype) * _eps(var, seed, stream, offset) / (2.0 * std), 0.0)
+    return torch.empty_like(var).copy_(grad_var)
+
+
+def _kl_per_channel(log_alpha: torch.Tensor) -> torch.Tensor:
+    return KL_K1 - KL_K1 * torch.sigmoid(KL_K2 + KL_K3 * log_alpha) + 0.5 * F.softplus(-log_alpha)
+
+
+def gaussian_kl(log_alphas: list[torch.Tensor], weights_per_channel: list[int], n_train: float) -> torch.Tensor:
+    dtype = _gate_dtype(log_alphas)
+    total = torch.zeros((), dtype=dtype, device=log_alphas[0].device)
+    for log_alpha, count in zip(log_alphas, weights_per_channel):
+        total = total + (count / n_train) * _kl_per_channel(log_alpha.to(dtype)).sum()
+    return total
+
+
+def gaussian_kl_backward(
+    grad: torch.Tensor, log_alphas: list[torch.Tensor], weights_per_channel: list[int], n_train: float
+) -> list[torch.Tensor]:
+    dtype = _gate_dtype(log_alphas)
+    g = grad.to(dtype)
+    grads = []
+    for log_alpha, count in zip(log_alphas, weights_per_channel):
+        a = log_alpha.to(dtype)
+        s = torch.sigmoid(KL_K2 + KL_K3 * a)
+        # d/da [-K1 sigmoid(K2 + K3 a) + 0.5 softplus(-a)] = -K1 K3 s (1 - s) - 0.5 sigmoid(-a)
+        d = -KL_K1 * KL_K3 * s * (1.0 - s) - 0.5 * torch.sigmoid(-a)
+        grads.append((g * (count / n_train) * d).to(log_alpha.dtype))
+    return grads

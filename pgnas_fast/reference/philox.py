@@ -7,6 +7,8 @@ the signed 64-bit range (torch has no unsigned 64-bit arithmetic on every device
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 MASK32 = 0xFFFFFFFF
@@ -68,3 +70,18 @@ def uniform_streams(n: int, seed: int, streams: torch.Tensor) -> torch.Tensor:
     key = (seed & MASK32, seed >> 32)
     w0 = philox4x32((i & MASK32, i >> 32, s & MASK32, s >> 32), key)[0]
     return (((w0 >> 8).to(torch.float32) + 0.5) * U_SCALE).clamp_(max=U_MAX)
+
+
+def normal(n: int, seed: int, stream: int, offset: int, device) -> torch.Tensor:
+    """float32 [n]: standard normals eps of elements offset .. offset + n - 1 (the Gaussian family).
+
+    Element i is Box-Muller on the contract's uniforms of words 0 and 1 of counter i:
+    eps = sqrt(-2 log u1) cos(2 pi u2), evaluated in float64 and rounded once to float32, so that the
+    backends' different float32 log/cos cannot make eps differ (a float64 result differs between
+    libraries only in its last bits, which the rounding to float32 removes but for one case in ~2^29).
+    """
+    i = torch.arange(n, dtype=torch.int64, device=device) + offset
+    key = (seed & MASK32, seed >> 32)
+    w0, w1, _, _ = philox4x32((i & MASK32, i >> 32, stream & MASK32, stream >> 32), key)
+    u1, u2 = ((((w >> 8).to(torch.float32) + 0.5) * U_SCALE).clamp_(max=U_MAX).double() for w in (w0, w1))
+    return (torch.sqrt(-2.0 * torch.log(u1)) * torch.cos((2.0 * math.pi) * u2)).float()

@@ -62,6 +62,9 @@ class GatedInput(nn.Module):
         self.gate_mode = "full"
         self.gate_seed = 0
         self.gate_stream = 0
+        # rows of this process's batch start at this row of the global batch (data-parallel rank r: r * B),
+        # so that every rank draws the random numbers the concatenated batch would give its rows
+        self.gate_row_offset = 0
         self.gate_mask: torch.Tensor | None = None
 
     @property
@@ -170,12 +173,13 @@ def stacked_candidate_masks(model: nn.Module, seed: int, candidates: Sequence[in
     return masks
 
 
-def set_gates(model: nn.Module, mode: str, *, seed: int = 0, step: int | None = None,
+def set_gates(model: nn.Module, mode: str, *, seed: int = 0, step: int | None = None, row_offset: int = 0,
               candidate: int | None = None, masks: Mapping[str, torch.Tensor] | None = None) -> None:
     """Put every gated layer of `model` into one gate mode.
 
     relaxed: needs `step` (the training step; with `seed` it names the random streams, which also
-    drive StochasticModules such as shake-shake). hard: needs `candidate` (masks drawn from the
+    drive StochasticModules such as shake-shake); `row_offset` is the global row of this process's
+    first example (data parallel: rank * local batch). hard: needs `candidate` (masks drawn from the
     learned p, see candidate_masks) or explicit `masks` ([C_in] each, or [K, C_in] to run K
     candidates on K equal row groups of every batch). full: no arguments.
     """
@@ -185,6 +189,8 @@ def set_gates(model: nn.Module, mode: str, *, seed: int = 0, step: int | None = 
     if mode == "relaxed":
         if step is None:
             raise ValueError("set_gates(mode='relaxed') needs step=")
+        if isinstance(row_offset, bool) or not isinstance(row_offset, int) or row_offset < 0:
+            raise ValueError(f"row_offset must be an int >= 0, got {row_offset!r}")
         for index, module in enumerate(_stochastic_modules(model)):
             module.rng_seed, module.rng_stream = seed, stream_id(module.rng_domain, step, index)
     if mode == "hard":
@@ -205,6 +211,7 @@ def set_gates(model: nn.Module, mode: str, *, seed: int = 0, step: int | None = 
         layer.gate_mask = None
         if mode == "relaxed":
             layer.gate_seed, layer.gate_stream = seed, stream_id(Domain.TRAIN, step, index)
+            layer.gate_row_offset = row_offset
         elif mode == "hard":
             layer.gate_mask = masks[name].to(layer.weight.device, torch.float32)
 

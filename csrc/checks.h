@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "cpu/gaussian.h"
 #include "cpu/kernels.h"
 
 namespace pgnas {
@@ -191,6 +192,57 @@ inline void check_coefficients(double weight_reg, double drop_reg, double n_trai
                     weight_reg);
   TORCH_CHECK_VALUE(std::isfinite(drop_reg) && drop_reg >= 0, "drop_reg must be a finite number >= 0, got ", drop_reg);
   TORCH_CHECK_VALUE(std::isfinite(n_train) && n_train > 0, "n_train must be a finite number > 0, got ", n_train);
+}
+
+// ---- the Gaussian family ------------------------------------------------------------------------
+
+// gaussian_noise(mu, var) and its backward (grad, var): `t` and `other` of one shape, dtype, layout
+// and device; offset + numel within the 2^63 counters of a stream. Returns the kernels' geometry.
+inline cpu::NoiseShape check_noise(const char* name, const at::Tensor& t, const char* other_name,
+                                   const at::Tensor& other, int64_t seed, int64_t stream, int64_t offset,
+                                   c10::DeviceType type) {
+  check_device(name, t, type);
+  check_data_dtype(name, t);
+  TORCH_CHECK_VALUE(t.dim() >= 1, name, " must have at least 1 dim, got shape ", t.sizes());
+  check_like(other_name, other, name, t);
+  check_rng(seed, stream);
+  const int64_t n = t.numel();
+  TORCH_CHECK_VALUE(offset >= 0 && (offset == 0 || offset - 1 <= INT64_MAX - n),
+                    "offset must be in [0, 2^63 - numel] (", n, " elements), got ", offset);
+  cpu::NoiseShape g;
+  g.layout = check_layout(name, t);
+  if (g.layout == cpu::Layout::nchw) {  // the memory index is the logical index: one flat run
+    g.batch = 1;
+    g.channels = 1;
+    g.spatial = n;
+  } else {
+    g.batch = t.size(0);
+    g.channels = t.size(1);
+    g.spatial = t.size(2) * t.size(3);
+  }
+  return g;
+}
+
+// gaussian_kl: log_alphas [C_l] (float32 or float64, contiguous, one device) and counts >= 1.
+// Returns whether any log alpha is float64 (the result's dtype then).
+inline bool check_kl(const std::vector<at::Tensor>& log_alphas, const std::vector<int64_t>& weights_per_channel,
+                     double n_train, c10::DeviceType type) {
+  TORCH_CHECK_VALUE(!log_alphas.empty() && log_alphas.size() == weights_per_channel.size(),
+                    "log_alphas and weights_per_channel must be non-empty lists of equal length, got ",
+                    log_alphas.size(), " and ", weights_per_channel.size());
+  TORCH_CHECK_VALUE(std::isfinite(n_train) && n_train > 0, "n_train must be a finite number > 0, got ", n_train);
+  bool any_double = false;
+  for (size_t k = 0; k < log_alphas.size(); ++k) {
+    const std::string an = "log_alphas[" + std::to_string(k) + "]";
+    check_device(an.c_str(), log_alphas[k], type);
+    check_same_device(an.c_str(), log_alphas[k], "log_alphas[0]", log_alphas[0]);
+    check_gate_dtype(an.c_str(), log_alphas[k]);
+    check_vector(an.c_str(), log_alphas[k], -1);
+    TORCH_CHECK_VALUE(weights_per_channel[k] >= 1, "weights_per_channel[", k, "] must be >= 1, got ",
+                      weights_per_channel[k]);
+    any_double = any_double || log_alphas[k].scalar_type() == at::kDouble;
+  }
+  return any_double;
 }
 
 }  // namespace pgnas

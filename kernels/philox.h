@@ -8,6 +8,7 @@
 #pragma once
 
 #include <float.h>
+#include <math.h>
 #include <stdint.h>
 
 #if !defined(__CUDA_ARCH__) && defined(FLT_EVAL_METHOD) && FLT_EVAL_METHOD != 0 && FLT_EVAL_METHOD != -1
@@ -71,12 +72,9 @@ PGNAS_HD Philox4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c
 #define PGNAS_U_MAX 0.99999994039535522461f
 #define PGNAS_U_SCALE 5.9604644775390625e-08f  // 2^-24
 
-// u of element i of stream `stream` under key `seed` (all 64-bit).
-PGNAS_HD float philox_uniform_at(uint64_t seed, uint64_t stream, uint64_t i) {
-  const Philox4 r = philox4x32_10(static_cast<uint32_t>(i), static_cast<uint32_t>(i >> 32),
-                                  static_cast<uint32_t>(stream), static_cast<uint32_t>(stream >> 32),
-                                  static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
-  const float top = static_cast<float>(r.w[0] >> 8);  // < 2^24: exact
+// The contract's u of one Philox word.
+PGNAS_HD float philox_word_uniform(uint32_t word) {
+  const float top = static_cast<float>(word >> 8);  // < 2^24: exact
 #if defined(__CUDA_ARCH__)
   const float u = __fmul_rn(__fadd_rn(top, 0.5f), PGNAS_U_SCALE);  // no contraction: same rounding as float32 torch
 #else
@@ -85,6 +83,34 @@ PGNAS_HD float philox_uniform_at(uint64_t seed, uint64_t stream, uint64_t i) {
   const float u = (top + 0.5f) * PGNAS_U_SCALE;
 #endif
   return u < PGNAS_U_MAX ? u : PGNAS_U_MAX;
+}
+
+// u of element i of stream `stream` under key `seed` (all 64-bit).
+PGNAS_HD float philox_uniform_at(uint64_t seed, uint64_t stream, uint64_t i) {
+  const Philox4 r = philox4x32_10(static_cast<uint32_t>(i), static_cast<uint32_t>(i >> 32),
+                                  static_cast<uint32_t>(stream), static_cast<uint32_t>(stream >> 32),
+                                  static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+  return philox_word_uniform(r.w[0]);
+}
+
+// 2 pi in float64, the reference's (2.0 * math.pi).
+#define PGNAS_TWO_PI 6.283185307179586
+
+// Box-Muller on two of the contract's uniforms: sqrt(-2 log u1) cos(2 pi u2) evaluated in float64 and
+// rounded once to float32, as pgnas_fast.reference.philox.normal (float64 log and cos of different
+// libraries differ in their last bits only, which the rounding removes but for one case in ~2^29).
+PGNAS_HD float box_muller(float u1, float u2) {
+  const double radius = sqrt(-2.0 * log(static_cast<double>(u1)));
+  return static_cast<float>(radius * cos(PGNAS_TWO_PI * static_cast<double>(u2)));
+}
+
+// eps (standard normal) of element i of stream `stream` under key `seed`: Box-Muller on the uniforms
+// of words 0 and 1 of counter i (the Gaussian family's local reparameterization).
+PGNAS_HD float philox_normal_at(uint64_t seed, uint64_t stream, uint64_t i) {
+  const Philox4 r = philox4x32_10(static_cast<uint32_t>(i), static_cast<uint32_t>(i >> 32),
+                                  static_cast<uint32_t>(stream), static_cast<uint32_t>(stream >> 32),
+                                  static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+  return box_muller(philox_word_uniform(r.w[0]), philox_word_uniform(r.w[1]));
 }
 
 }  // namespace pgnas

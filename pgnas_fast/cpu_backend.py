@@ -131,6 +131,27 @@ class NativeOps:
         )
         return [_like(g, w) for g, w in zip(grad_w, weights)], grad_p
 
+    # ---- the Gaussian family: eps is indexed by the logical (row-major) position, so any layout
+    # gives the same draw; the kernels read the dense ones in place and others after one copy
+    def gaussian_noise(self, mu, var, seed, stream, offset):
+        memory_format = _kernel_format(mu) or torch.contiguous_format
+        out = self._ops.gaussian_noise(_in_format(mu, memory_format), _in_format(var, memory_format), seed, stream,
+                                       offset)
+        return _like(out, mu)
+
+    def gaussian_noise_backward(self, grad, var, seed, stream, offset):
+        memory_format = _kernel_format(var) or torch.contiguous_format
+        grad_var = self._ops.gaussian_noise_backward(_in_format(grad.to(var.dtype), memory_format),
+                                                     _in_format(var, memory_format), seed, stream, offset)
+        return _like(grad_var, var)
+
+    def gaussian_kl(self, log_alphas, weights_per_channel, n_train):
+        return self._ops.gaussian_kl([a.contiguous() for a in log_alphas], list(weights_per_channel), n_train)
+
+    def gaussian_kl_backward(self, grad, log_alphas, weights_per_channel, n_train):
+        return self._ops.gaussian_kl_backward(grad, [a.contiguous() for a in log_alphas], list(weights_per_channel),
+                                              n_train)
+
 
 _impl = NativeOps(None if _C is None else _C.cpu)
 philox_uniform = _impl.philox_uniform
@@ -142,3 +163,7 @@ branch_combine = _impl.branch_combine
 branch_combine_backward = _impl.branch_combine_backward
 regularizer = _impl.regularizer
 regularizer_backward = _impl.regularizer_backward
+gaussian_noise = _impl.gaussian_noise
+gaussian_noise_backward = _impl.gaussian_noise_backward
+gaussian_kl = _impl.gaussian_kl
+gaussian_kl_backward = _impl.gaussian_kl_backward

@@ -35,3 +35,7 @@ branch_combine = _impl.branch_combine
 branch_combine_backward = _impl.branch_combine_backward
 regularizer = _impl.regularizer
 regularizer_backward = _impl.regularizer_backward
+gaussian_noise = _impl.gaussian_noise
+gaussian_noise_backward = _impl.gaussian_noise_backward
+gaussian_kl = _impl.gaussian_kl
+gaussian_kl_backward = _impl.gaussian_kl_backward

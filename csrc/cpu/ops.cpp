@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "../checks.h"
+#include "gaussian.h"
 #include "kernels.h"
 
 namespace pgnas {
@@ -223,6 +224,68 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> regularizer_backwar
   return {grad_weights, grad_p_logits};
 }
 
+// ---- the Gaussian family ------------------------------------------------------------------------
+
+at::Tensor gaussian_noise(const at::Tensor& mu, const at::Tensor& var, int64_t seed, int64_t stream, int64_t offset) {
+  const cpu::NoiseShape g = check_noise("mu", mu, "var", var, seed, stream, offset, kCPU);
+  at::Tensor out = at::empty_like(mu);
+  if (mu.numel() == 0) return out;
+  PGNAS_DISPATCH_DATA(mu.scalar_type(), "gaussian_noise", [&] {
+    cpu::gaussian_noise<scalar_t>(out.data_ptr<scalar_t>(), mu.data_ptr<scalar_t>(), var.data_ptr<scalar_t>(), g,
+                                  static_cast<uint64_t>(seed), static_cast<uint64_t>(stream),
+                                  static_cast<uint64_t>(offset));
+  });
+  return out;
+}
+
+at::Tensor gaussian_noise_backward(const at::Tensor& grad, const at::Tensor& var, int64_t seed, int64_t stream,
+                                   int64_t offset) {
+  const cpu::NoiseShape g = check_noise("var", var, "grad", grad, seed, stream, offset, kCPU);
+  at::Tensor grad_var = at::empty_like(var);
+  if (var.numel() == 0) return grad_var;
+  PGNAS_DISPATCH_DATA(var.scalar_type(), "gaussian_noise_backward", [&] {
+    cpu::gaussian_noise_backward<scalar_t>(grad_var.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>(),
+                                           var.data_ptr<scalar_t>(), g, static_cast<uint64_t>(seed),
+                                           static_cast<uint64_t>(stream), static_cast<uint64_t>(offset));
+  });
+  return grad_var;
+}
+
+std::vector<cpu::KlSegment> kl_segments(const std::vector<at::Tensor>& log_alphas,
+                                        const std::vector<int64_t>& weights_per_channel, double n_train) {
+  std::vector<cpu::KlSegment> segs(log_alphas.size());
+  for (size_t k = 0; k < segs.size(); ++k) {
+    segs[k].log_alpha = log_alphas[k].data_ptr();
+    segs[k].grad = nullptr;
+    segs[k].is_double = log_alphas[k].scalar_type() == at::kDouble;
+    segs[k].channels = log_alphas[k].size(0);
+    segs[k].scale = static_cast<double>(weights_per_channel[k]) / n_train;
+  }
+  return segs;
+}
+
+at::Tensor gaussian_kl(const std::vector<at::Tensor>& log_alphas, const std::vector<int64_t>& weights_per_channel,
+                       double n_train) {
+  const bool any_double = check_kl(log_alphas, weights_per_channel, n_train, kCPU);
+  const double kl = cpu::gaussian_kl(kl_segments(log_alphas, weights_per_channel, n_train));
+  return at::scalar_tensor(kl, log_alphas[0].options().dtype(any_double ? at::kDouble : at::kFloat));
+}
+
+std::vector<at::Tensor> gaussian_kl_backward(const at::Tensor& grad, const std::vector<at::Tensor>& log_alphas,
+                                             const std::vector<int64_t>& weights_per_channel, double n_train) {
+  check_kl(log_alphas, weights_per_channel, n_train, kCPU);
+  check_device("grad", grad, kCPU);
+  TORCH_CHECK_VALUE(grad.numel() == 1, "grad must hold one value, got shape ", grad.sizes());
+  std::vector<cpu::KlSegment> segs = kl_segments(log_alphas, weights_per_channel, n_train);
+  std::vector<at::Tensor> grads;
+  for (size_t k = 0; k < segs.size(); ++k) {
+    grads.push_back(at::empty_like(log_alphas[k]));
+    segs[k].grad = grads.back().data_ptr();
+  }
+  cpu::gaussian_kl_backward(segs, grad.item<double>());
+  return grads;
+}
+
 }  // namespace
 
 void register_cpu_ops(pybind11::module_& m) {
@@ -240,6 +303,11 @@ void register_cpu_ops(pybind11::module_& m) {
   m.def("regularizer", &regularizer, "weights"_a, "p_logits"_a, "weight_reg"_a, "drop_reg"_a, "n_train"_a);
   m.def("regularizer_backward", &regularizer_backward, "grad"_a, "weights"_a, "p_logits"_a, "weight_reg"_a,
         "drop_reg"_a, "n_train"_a);
+  m.def("gaussian_noise", &gaussian_noise, "mu"_a, "var"_a, "seed"_a, "stream"_a, "offset"_a);
+  m.def("gaussian_noise_backward", &gaussian_noise_backward, "grad"_a, "var"_a, "seed"_a, "stream"_a, "offset"_a);
+  m.def("gaussian_kl", &gaussian_kl, "log_alphas"_a, "weights_per_channel"_a, "n_train"_a);
+  m.def("gaussian_kl_backward", &gaussian_kl_backward, "grad"_a, "log_alphas"_a, "weights_per_channel"_a,
+        "n_train"_a);
 }
 
 }  // namespace pgnas

@@ -46,8 +46,8 @@ def as_u32(word):
 
 
 @triton.jit
-def philox_word0(c0, c1, c2, c3, k0, k1):
-    """Word 0 of Philox4x32-10(counter (c0, c1, c2, c3), key (k0, k1)); all uint32."""
+def philox4x32_10(c0, c1, c2, c3, k0, k1):
+    """The four words of Philox4x32-10(counter (c0, c1, c2, c3), key (k0, k1)); all uint32."""
     m0 = tl.full(c0.shape, PHILOX_M0, tl.uint32)
     m1 = tl.full(c0.shape, PHILOX_M1, tl.uint32)
     for r in tl.static_range(10):
@@ -59,7 +59,20 @@ def philox_word0(c0, c1, c2, c3, k0, k1):
         hi1 = tl.umulhi(c2, m1)
         lo1 = c2 * m1
         c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
-    return c0
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def philox_word0(c0, c1, c2, c3, k0, k1):
+    """Word 0 of Philox4x32-10(counter (c0, c1, c2, c3), key (k0, k1)); all uint32."""
+    return philox4x32_10(c0, c1, c2, c3, k0, k1)[0]
+
+
+@triton.jit
+def word_uniform(word):
+    """The contract's float32 u of one Philox word."""
+    u = ((word >> 8).to(tl.float32) + 0.5) * U_SCALE
+    return tl.minimum(u, U_MAX)
 
 
 @triton.jit
@@ -67,8 +80,7 @@ def uniform_at(i_lo, i_hi, seed_lo, seed_hi, stream_lo, stream_hi):
     """float32 u of element i = (i_lo, i_hi) of stream (stream_lo, stream_hi) under key seed (uint32 words)."""
     zero = tl.zeros(i_lo.shape, tl.uint32)
     w0 = philox_word0(i_lo, i_hi + zero, stream_lo + zero, stream_hi + zero, seed_lo + zero, seed_hi + zero)
-    u = ((w0 >> 8).to(tl.float32) + 0.5) * U_SCALE
-    return tl.minimum(u, U_MAX)
+    return word_uniform(w0)
 
 
 @triton.jit

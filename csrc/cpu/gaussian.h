@@ -1,0 +1,176 @@
+// The `cpu` backend's kernels of the Gaussian posterior family (design.md "Gaussian family"): the
+// local-reparameterization epilogue out = mu + sqrt(max(var, 0) + 1e-8) eps with its backward, and the
+// whole network's Molchanov KL with its gradient. Raw pointers, no torch headers, as kernels.h.
+//
+// eps of element i (flat row-major index in the tensor's logical shape, plus `offset`) is
+// philox_normal_at (kernels/philox.h), regenerated in backward, never stored. Math in float (double
+// for double data), as the reference's.
+#pragma once
+
+#include <stdint.h>
+
+#include <algorithm>
+#include <cmath>
+#include <type_traits>
+#include <vector>
+
+#include "../../kernels/philox.h"
+#include "kernels.h"
+
+namespace pgnas {
+namespace cpu {
+
+constexpr double kVarEps = 1e-8;  // keeps d var finite where var is 0
+
+template <typename T>
+using NoiseMath = typename std::conditional<std::is_same<T, double>::value, double, float>::type;
+
+// eps[j] = normal of logical element first + j * stride, j < len (len <= kChunk). The Philox loop
+// is pure integer work on unit-stride arrays (vectorised); Box-Muller's float64 log and cos follow
+// in a loop of their own.
+inline void normals(float* eps, int64_t len, uint64_t first, uint64_t stride, uint64_t seed, uint64_t stream) {
+  float u1[kChunk], u2[kChunk];
+  const uint32_t s0 = static_cast<uint32_t>(stream), s1 = static_cast<uint32_t>(stream >> 32);
+  const uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+#pragma omp simd
+  for (int64_t j = 0; j < len; ++j) {
+    const uint64_t i = first + static_cast<uint64_t>(j) * stride;
+    const Philox4 r = philox4x32_10(static_cast<uint32_t>(i), static_cast<uint32_t>(i >> 32), s0, s1, k0, k1);
+    u1[j] = philox_word_uniform(r.w[0]);
+    u2[j] = philox_word_uniform(r.w[1]);
+  }
+  for (int64_t j = 0; j < len; ++j) eps[j] = box_muller(u1[j], u2[j]);
+}
+
+// Geometry of a noise tensor in memory: dense row-major (nchw: the memory index is the logical
+// index) or dense channels_last [B, S, C] of a logical [B, C, S] (4-D tensors only).
+struct NoiseShape {
+  int64_t batch, channels, spatial;
+  Layout layout;
+};
+
+// Calls f(first, len, eps) over runs of consecutive memory elements, eps[j] the normal of memory
+// element first + j; runs are spread over threads. channels_last: a run is (part of) one position's
+// channel vector, whose logical indices step by S.
+template <typename F>
+void for_each_normal_run(const NoiseShape& g, uint64_t seed, uint64_t stream, uint64_t offset, F&& f) {
+  const int64_t total = g.batch * g.channels * g.spatial;
+  if (g.layout == Layout::nchw) {
+    const int64_t chunks = (total + kChunk - 1) / kChunk;
+#pragma omp parallel for schedule(static) if (total > kParallelGrain / 8)
+    for (int64_t q = 0; q < chunks; ++q) {
+      float eps[kChunk];
+      const int64_t first = q * kChunk, len = std::min(kChunk, total - first);
+      normals(eps, len, offset + static_cast<uint64_t>(first), 1, seed, stream);
+      f(first, len, eps);
+    }
+    return;
+  }
+  const int64_t pieces = (g.channels + kChunk - 1) / kChunk, rows = g.batch * g.spatial;
+#pragma omp parallel for collapse(2) schedule(static) if (total > kParallelGrain / 8)
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t q = 0; q < pieces; ++q) {
+      float eps[kChunk];
+      const int64_t b = r / g.spatial, s = r % g.spatial, c0 = q * kChunk;
+      const int64_t len = std::min(kChunk, g.channels - c0);
+      const uint64_t logical = static_cast<uint64_t>((b * g.channels + c0) * g.spatial + s);
+      normals(eps, len, offset + logical, static_cast<uint64_t>(g.spatial), seed, stream);
+      f(r * g.channels + c0, len, eps);
+    }
+  }
+}
+
+// out = mu + sqrt(max(var, 0) + 1e-8) eps (mu, var, out share the geometry g).
+template <typename T>
+void gaussian_noise(T* out, const T* mu, const T* var, const NoiseShape& g, uint64_t seed, uint64_t stream,
+                    uint64_t offset) {
+  using A = NoiseMath<T>;
+  for_each_normal_run(g, seed, stream, offset, [&](int64_t first, int64_t len, const float* eps) {
+    const T* m = mu + first;
+    const T* v = var + first;
+    T* o = out + first;
+    for (int64_t j = 0; j < len; ++j) {
+      const A vj = static_cast<A>(v[j]);
+      const A std_dev = std::sqrt(std::max(vj, A(0)) + static_cast<A>(kVarEps));  // a NaN var stays NaN
+      o[j] = static_cast<T>(static_cast<A>(m[j]) + std_dev * static_cast<A>(eps[j]));
+    }
+  });
+}
+
+// grad_var = grad eps / (2 sqrt(var + 1e-8)) where var > 0, else 0 (d mu is grad itself).
+template <typename T>
+void gaussian_noise_backward(T* grad_var, const T* grad, const T* var, const NoiseShape& g, uint64_t seed,
+                             uint64_t stream, uint64_t offset) {
+  using A = NoiseMath<T>;
+  for_each_normal_run(g, seed, stream, offset, [&](int64_t first, int64_t len, const float* eps) {
+    const T* gr = grad + first;
+    const T* v = var + first;
+    T* gv = grad_var + first;
+    for (int64_t j = 0; j < len; ++j) {
+      const A vj = static_cast<A>(v[j]);
+      const A std_dev = std::sqrt(std::max(vj, A(0)) + static_cast<A>(kVarEps));
+      const A d = static_cast<A>(gr[j]) * static_cast<A>(eps[j]) / (A(2) * std_dev);
+      gv[j] = static_cast<T>(vj > A(0) ? d : A(0));
+    }
+  });
+}
+
+// ---- the KL over the whole network: one pass over every layer's log alpha ----------------------------
+// Molchanov et al. 2017: KL(log alpha) ~ K1 - K1 sigmoid(K2 + K3 a) + 0.5 log1p(exp(-a)).
+constexpr double kKlK1 = 0.63576, kKlK2 = 1.87320, kKlK3 = 1.48695;
+
+struct KlSegment {
+  const void* log_alpha;  // [channels], float or double (is_double)
+  void* grad;             // same type (backward only)
+  bool is_double;
+  int64_t channels;
+  double scale;  // weights_per_channel / n_train
+};
+
+inline double kl_load(const KlSegment& s, int64_t c) {
+  return s.is_double ? static_cast<const double*>(s.log_alpha)[c]
+                     : static_cast<double>(static_cast<const float*>(s.log_alpha)[c]);
+}
+
+inline double softplus(double x) { return std::max(x, 0.0) + std::log1p(std::exp(-std::fabs(x))); }
+inline double sigmoid(double x) { return 1.0 / (1.0 + std::exp(-x)); }
+
+inline double kl_per_channel(double a) {
+  return kKlK1 - kKlK1 * sigmoid(kKlK2 + kKlK3 * a) + 0.5 * softplus(-a);
+}
+
+// d/da kl_per_channel = -K1 K3 s (1 - s) - 0.5 sigmoid(-a), s = sigmoid(K2 + K3 a)
+inline double kl_derivative(double a) {
+  const double s = sigmoid(kKlK2 + kKlK3 * a);
+  return -kKlK1 * kKlK3 * s * (1.0 - s) - 0.5 * sigmoid(-a);
+}
+
+// KL = sum_l scale_l sum_c kl_per_channel(a_lc), summed in double in a fixed order (a handful of
+// thousand channels: one thread, no fork, and the same bits on every run).
+inline double gaussian_kl(const std::vector<KlSegment>& segs) {
+  double total = 0;
+  for (const KlSegment& s : segs) {
+    double layer = 0;
+    for (int64_t c = 0; c < s.channels; ++c) layer += kl_per_channel(kl_load(s, c));
+    total += s.scale * layer;
+  }
+  return total;
+}
+
+// grad_l[c] = grad scale_l kl_derivative(a_lc)
+inline void gaussian_kl_backward(const std::vector<KlSegment>& segs, double grad) {
+  for (const KlSegment& s : segs) {
+    const double factor = grad * s.scale;
+    for (int64_t c = 0; c < s.channels; ++c) {
+      const double d = factor * kl_derivative(kl_load(s, c));
+      if (s.is_double) {
+        static_cast<double*>(s.grad)[c] = d;
+      } else {
+        static_cast<float*>(s.grad)[c] = static_cast<float>(d);
+      }
+    }
+  }
+}
+
+}  // namespace cpu
+}  // namespace pgnas

@@ -133,17 +133,23 @@ class NativeOps:
 
     # ---- the Gaussian family: eps is indexed by the logical (row-major) position, so any layout
     # gives the same draw; the kernels read the dense ones in place and others after one copy
+    @staticmethod
+    def _strided_like(t, like):
+        """t with exactly like's strides (the bindings compare them; dense tensors can differ in the
+        strides of size-1 dims): a copy only when they differ."""
+        return t if t.stride() == like.stride() else torch.empty_like(like).copy_(t)
+
     def gaussian_noise(self, mu, var, seed, stream, offset):
         memory_format = _kernel_format(mu) or torch.contiguous_format
-        out = self._ops.gaussian_noise(_in_format(mu, memory_format), _in_format(var, memory_format), seed, stream,
-                                       offset)
-        return _like(out, mu)
+        mu_k = _in_format(mu, memory_format)
+        var_k = self._strided_like(_in_format(var, memory_format), mu_k)
+        return _like(self._ops.gaussian_noise(mu_k, var_k, seed, stream, offset), mu)
 
     def gaussian_noise_backward(self, grad, var, seed, stream, offset):
         memory_format = _kernel_format(var) or torch.contiguous_format
-        grad_var = self._ops.gaussian_noise_backward(_in_format(grad.to(var.dtype), memory_format),
-                                                     _in_format(var, memory_format), seed, stream, offset)
-        return _like(grad_var, var)
+        var_k = _in_format(var, memory_format)
+        grad_k = self._strided_like(_in_format(grad.to(var.dtype), memory_format), var_k)
+        return _like(self._ops.gaussian_noise_backward(grad_k, var_k, seed, stream, offset), var)
 
     def gaussian_kl(self, log_alphas, weights_per_channel, n_train):
         return self._ops.gaussian_kl([a.contiguous() for a in log_alphas], list(weights_per_channel), n_train)

@@ -1,0 +1,438 @@
+"""The Gaussian posterior family's ops (design.md "Gaussian family"), read as a specification:
+gaussian_noise (the local-reparameterization epilogue) and gaussian_kl (the Molchanov KL).
+
+Every live CPU backend is checked against formulas written here in float64; eps comes from an
+independent numpy Philox4x32-10 (pinned to Random123's known answer) and Box-Muller.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+import pgnas_fast as pf
+from pgnas_fast.ops import _library
+from pgnas_fast.ops.streams import Domain, stream_id
+
+from conftest import TOLERANCE, interpreted, rel_err
+
+SEED = 20200207
+STREAM = stream_id(Domain.GAUSSIAN, 3, 1)
+DATA_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+K1, K2, K3 = 0.63576, 1.87320, 1.48695  # Molchanov et al. 2017, eq. 14
+
+
+# ---- independent formulas -----------------------------------------------------------------------
+MASK32 = 0xFFFFFFFF
+
+
+def philox_words(counter: np.ndarray, stream: int, seed: int):
+    """Philox4x32-10 of counters (i mod 2^32, i div 2^32, stream mod 2^32, stream div 2^32), key
+    (seed mod 2^32, seed div 2^32), in numpy uint64 (every 32x32 product fits)."""
+    c0, c1 = counter & MASK32, counter >> np.uint64(32)
+    c2 = np.full_like(counter, stream & MASK32)
+    c3 = np.full_like(counter, stream >> 32)
+    k0, k1 = seed & MASK32, seed >> 32
+    for r in range(10):
+        if r:
+            k0, k1 = (k0 + 0x9E3779B9) & MASK32, (k1 + 0xBB67AE85) & MASK32
+        p0, p1 = c0 * np.uint64(0xD2511F53), c2 * np.uint64(0xCD9E8D57)
+        c0, c1, c2, c3 = ((p1 >> np.uint64(32)) ^ c1 ^ np.uint64(k0), p1 & np.uint64(MASK32),
+                          (p0 >> np.uint64(32)) ^ c3 ^ np.uint64(k1), p0 & np.uint64(MASK32))
+    return c0, c1, c2, c3
+
+
+def contract_uniform(word: np.ndarray) -> np.ndarray:
+    """u = ((w >> 8) + 0.5) 2^-24 in float32, clamped below 1 (the RNG contract)."""
+    u = ((word >> np.uint64(8)).astype(np.float32) + np.float32(0.5)) * np.float32(2.0 ** -24)
+    return np.minimum(u, np.float32(1.0 - 2.0 ** -24))
+
+
+def expected_eps(n: int, seed: int = SEED, stream: int = STREAM, offset: int = 0) -> torch.Tensor:
+    """float32 [n]: eps of elements offset .. offset + n - 1: Box-Muller on words 0 and 1, in float64."""
+    w0, w1, _, _ = philox_words(np.arange(n, dtype=np.uint64) + np.uint64(offset), stream, seed)
+    u1, u2 = contract_uniform(w0).astype(np.float64), contract_uniform(w1).astype(np.float64)
+    return torch.from_numpy((np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * np.pi * u2)).astype(np.float32))
+
+
+def literal_kl(log_alphas, counts, n_train) -> torch.Tensor:
+    """-1/N sum_l count_l sum_c (K1 sigmoid(K2 + K3 a) - 0.5 log(1 + 1/alpha) - K1), float64, differentiable."""
+    total = torch.zeros((), dtype=torch.float64)
+    for a, count in zip(log_alphas, counts):
+        a = a.to(torch.float64)
+        neg_kl = K1 * torch.sigmoid(K2 + K3 * a) - 0.5 * torch.log1p(torch.exp(-a)) - K1
+        total = total - count / n_train * neg_kl.sum()
+    return total
+
+
+def in_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """t's values in memory layout `layout` (the logical tensor is unchanged)."""
+    if layout == "contiguous":
+        return t
+    if layout == "channels_last":
+        return t.contiguous(memory_format=torch.channels_last)
+    if layout == "channel_slice":  # every other row of dim 1 (or dim 0 of a 1-D tensor) of a wider tensor
+        dim = 1 if t.dim() > 1 else 0
+        shape = list(t.shape)
+        shape[dim] *= 2
+        wide = torch.full(shape, 7.0, dtype=t.dtype)
+        view = wide[:, ::2] if dim == 1 else wide[::2]
+        view.copy_(t)
+        return view
+    if layout == "transposed":  # dense, but dims 0 and 1 swapped in memory
+        return t.transpose(0, 1).contiguous().transpose(0, 1)
+    raise AssertionError(layout)
+
+
+# (shape, layout): odd sizes, 1-D to 4-D, every layout the op must accept
+LAYOUT_CASES = [
+    ((3, 5, 7, 9), "contiguous"),
+    ((3, 5, 7, 9), "channels_last"),
+    ((3, 5, 7, 9), "channel_slice"),
+    ((3, 5, 7, 9), "transposed"),
+    ((2, 6, 1, 1), "channels_last"),
+    ((1001,), "contiguous"),
+    ((1001,), "channel_slice"),
+    ((37, 11), "contiguous"),
+    ((37, 11), "transposed"),
+    ((4, 3, 17), "channel_slice"),
+]
+LAYOUT_IDS = [f"{'x'.join(map(str, s))}-{layout}" for s, layout in LAYOUT_CASES]
+
+
+def noise(mu, var, backend, seed=SEED, stream=STREAM, offset=0):
+    return pf.ops.gaussian_noise(mu, var, seed=seed, stream=stream, offset=offset, backend=backend)
+
+
+def test_numpy_philox_matches_random123_known_answer():
+    words = philox_words(np.zeros(1, dtype=np.uint64), 0, 0)
+    assert [int(w[0]) for w in words] == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
+
+
+# ---- gaussian_noise: eps ------------------------------------------------------------------------
+@pytest.mark.parametrize("shape, layout", LAYOUT_CASES, ids=LAYOUT_IDS)
+def test_eps_is_bit_identical_to_the_contract(backend, shape, layout):
+    """mu = 0 and var = 1 - 1e-8 (1.0 in float32): out is eps itself, indexed by the logical position."""
+    n = math.prod(shape)
+    mu = in_layout(torch.zeros(shape), layout)
+    var = in_layout(torch.full(shape, 1.0 - 1e-8), layout)
+    out = noise(mu, var, backend, offset=11)
+    assert out.shape == mu.shape and out.dtype == torch.float32
+    assert out.stride() == torch.empty_like(mu).stride()
+    assert torch.equal(out.contiguous().view(-1), expected_eps(n, offset=11))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_eps_of_a_large_tensor_spread_over_threads(backend, layout):
+    if interpreted(backend):
+        pytest.skip("the Triton interpreter: the small cases cover the kernel")
+    shape = (8, 16, 20, 20)
+    out = noise(in_layout(torch.zeros(shape), layout), in_layout(torch.ones(shape), layout), backend, offset=5)
+    assert torch.equal(out.contiguous().view(-1), expected_eps(math.prod(shape), offset=5))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_eps_in_other_dtypes_is_the_float32_eps(backend, dtype):
+    shape = (2, 3, 4, 5)
+    out = noise(torch.zeros(shape, dtype=dtype), torch.ones(shape, dtype=dtype), backend)
+    eps = expected_eps(math.prod(shape)).view(shape)
+    assert out.dtype == dtype
+    if dtype == torch.float64:  # sqrt(1 + 1e-8) is not 1 in float64
+        torch.testing.assert_close(out, eps.double() * math.sqrt(1.0 + 1e-8), rtol=1e-15, atol=0)
+    elif dtype == torch.bfloat16 and interpreted(backend):
+        # Triton's interpreter narrows float32 to bfloat16 toward zero (GPUs round to nearest): 1 ulp
+        assert ((out.float() - eps).abs() <= eps.abs() * 2.0 ** -7).all()
+    else:
+        assert torch.equal(out, eps.to(dtype))
+
+
+def test_offset_shifts_the_draw(backend):
+    """Element i of a draw at offset k is element k + i of a draw at offset 0."""
+    long = noise(torch.zeros(300), torch.ones(300), backend)
+    for k in (1, 77, 299):
+        shifted = noise(torch.zeros(300 - k), torch.ones(300 - k), backend, offset=k)
+        assert torch.equal(shifted, long[k:])
+
+
+def test_offset_carries_into_the_high_counter_word(backend):
+    offset = (1 << 32) - 5  # elements straddle i = 2^32
+    out = noise(torch.zeros(3, 4), torch.ones(3, 4), backend, offset=offset)
+    assert torch.equal(out.view(-1), expected_eps(12, offset=offset))
+
+
+def test_draw_depends_on_seed_and_stream_only(backend):
+    mu, var = torch.zeros(4096), torch.ones(4096)
+    base = noise(mu, var, backend)
+    assert torch.equal(base, noise(mu, var, backend))
+    for other in (noise(mu, var, backend, seed=SEED + 1), noise(mu, var, backend, stream=STREAM + 1)):
+        assert (base == other).double().mean().item() < 1e-2
+
+
+def test_eps_is_standard_normal(backend):
+    """Fixed seed, 2^17 draws: KS test against N(0, 1) and moments within 5 standard errors."""
+    n = 1 << 17
+    eps = noise(torch.zeros(n), torch.ones(n), backend).double()
+    assert stats.kstest(eps.numpy(), "norm").pvalue > 1e-3
+    assert abs(eps.mean().item()) < 5 / math.sqrt(n)
+    assert abs(eps.var().item() - 1.0) < 5 * math.sqrt(2.0 / n)
+
+
+def test_out_has_mean_mu_and_variance_var(backend):
+    n = 1 << 17
+    gen = torch.Generator().manual_seed(1)
+    mu = torch.full((n,), 0.3)
+    var = torch.full((n,), 2.5)
+    out = noise(mu, var, backend, stream=STREAM + 5).double()
+    assert abs(out.mean().item() - 0.3) < 5 * math.sqrt(2.5 / n)
+    assert abs(out.var().item() - 2.5) < 5 * 2.5 * math.sqrt(2.0 / n)
+    # standardised by per-element moments, the draws are N(0, 1)
+    mu, var = torch.randn(n, generator=gen), 0.1 + torch.rand(n, generator=gen)
+    z = (noise(mu, var, backend).double() - mu.double()) / torch.sqrt(var.double() + 1e-8)
+    assert stats.kstest(z.numpy(), "norm").pvalue > 1e-3
+
+
+# ---- gaussian_noise: values ---------------------------------------------------------------------
+def expected_noise(mu, var, offset=0) -> torch.Tensor:
+    eps = expected_eps(mu.numel(), offset=offset).double().view(mu.shape)
+    return mu.double() + torch.sqrt(var.double().clamp_min(0.0) + 1e-8) * eps
+
+
+@pytest.mark.parametrize("dtype", DATA_DTYPES)
+@pytest.mark.parametrize("shape, layout", LAYOUT_CASES[:5] + LAYOUT_CASES[7:8], ids=LAYOUT_IDS[:5] + LAYOUT_IDS[7:8])
+def test_noise_values(backend, shape, layout, dtype):
+    gen = torch.Generator().manual_seed(2)
+    mu = torch.randn(shape, generator=gen).to(dtype)
+    var = (torch.rand(shape, generator=gen) * 2.0 - 0.2).to(dtype)  # ~10% negative: clamped to 0
+    out = noise(in_layout(mu, layout), in_layout(var, layout), backend, offset=3)
+    assert out.dtype == dtype and out.stride() == torch.empty_like(in_layout(mu, layout)).stride()
+    assert rel_err(out, expected_noise(mu, var, offset=3)) < TOLERANCE[dtype]
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, expected_noise(mu, var, offset=3).float(), rtol=1e-5, atol=1e-6)
+
+
+def test_dense_inputs_whose_size_one_dims_have_other_strides(backend):
+    gen = torch.Generator().manual_seed(10)
+    mu = torch.randn(3, 1, 5, generator=gen)
+    var = torch.rand(1, 3, 5, generator=gen).transpose(0, 1)  # contiguous too: strides (5, 15, 1)
+    assert var.is_contiguous() and var.stride() != mu.stride()
+    torch.testing.assert_close(noise(mu, var, backend).double(), expected_noise(mu, var), rtol=1e-5, atol=1e-6)
+    grad = torch.randn(1, 3, 5, generator=gen).transpose(0, 1)
+    got = _library.gaussian_noise_backward(grad, var.contiguous(), SEED, STREAM, 0, backend)
+    eps = expected_eps(15).double().view(3, 1, 5)
+    torch.testing.assert_close(got.double(), grad.double() * eps / (2.0 * torch.sqrt(var.double() + 1e-8)),
+                               rtol=1e-5, atol=1e-7)
+
+
+def test_empty_tensor(backend):
+    out = noise(torch.zeros(0, 3), torch.zeros(0, 3), backend)
+    assert out.shape == (0, 3)
+    mu = torch.zeros(0, 3, requires_grad=True)
+    noise(mu, torch.zeros(0, 3), backend).sum().backward()
+    assert mu.grad.shape == (0, 3)
+
+
+# ---- gaussian_noise: gradients ------------------------------------------------------------------
+@pytest.mark.parametrize("shape, layout", [((2, 3, 2, 3), "contiguous"), ((2, 3, 2, 2), "channels_last"),
+                                           ((3, 4, 3), "channel_slice"), ((7,), "contiguous")])
+def test_noise_gradcheck(backend, shape, layout):
+    gen = torch.Generator().manual_seed(3)
+    mu = in_layout(torch.randn(shape, generator=gen, dtype=torch.float64), layout).requires_grad_()
+    var = in_layout(0.2 + torch.rand(shape, generator=gen, dtype=torch.float64), layout).requires_grad_()
+    fn = lambda m, v: noise(m, v, backend, offset=9)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (mu, var), fast_mode=interpreted(backend))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "channel_slice"])
+def test_noise_gradients_match_formula(backend, dtype, layout):
+    """d mu = grad; d var = grad eps / (2 sqrt(var + 1e-8)) where var > 0, exactly 0 where var <= 0."""
+    gen = torch.Generator().manual_seed(4)
+    shape = (3, 5, 4, 6)
+    mu0 = torch.randn(shape, generator=gen).to(dtype)
+    var0 = (torch.rand(shape, generator=gen) * 2.0 - 0.5).to(dtype)
+    var0.view(-1)[::7] = 0.0
+    mu = in_layout(mu0, layout).requires_grad_()
+    var = in_layout(var0, layout).requires_grad_()
+    grad = torch.randn(shape, generator=gen).to(dtype)
+    noise(mu, var, backend, offset=21).backward(grad)
+    assert torch.equal(mu.grad, grad)
+    eps = expected_eps(mu0.numel(), offset=21).double().view(shape)
+    v = var0.double()
+    expected = torch.where(v > 0, grad.double() * eps / (2.0 * torch.sqrt(v.clamp_min(0.0) + 1e-8)), 0.0)
+    assert var.grad.dtype == dtype and var.grad.stride() == torch.empty_like(var).stride()
+    assert rel_err(var.grad, expected) < TOLERANCE[dtype]
+    assert torch.equal(var.grad[v <= 0], torch.zeros_like(var.grad[v <= 0]))
+
+
+def test_backward_float64_matches_formula(backend):
+    gen = torch.Generator().manual_seed(5)
+    var = torch.rand(4, 9, generator=gen, dtype=torch.float64) - 0.25
+    grad = torch.randn(4, 9, generator=gen, dtype=torch.float64)
+    got = _library.gaussian_noise_backward(grad, var, SEED, STREAM, 2, backend)
+    eps = expected_eps(36, offset=2).double().view(4, 9)
+    expected = torch.where(var > 0, grad * eps / (2.0 * torch.sqrt(var.clamp_min(0.0) + 1e-8)), 0.0)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=0)
+
+
+# ---- gaussian_kl --------------------------------------------------------------------------------
+def kl_layers(gen, n_layers=53, dtype=torch.float32):
+    """log alphas of mixed sizes (1 to 700 channels, > one kernel block) in [-8, 8] and their counts."""
+    sizes = [1, 2, 3, 700, 257, 256] + [int(s) for s in torch.randint(1, 300, (n_layers - 6,), generator=gen)]
+    log_alphas = [(16.0 * torch.rand(s, generator=gen) - 8.0).to(dtype) for s in sizes]
+    counts = [int(c) for c in torch.randint(1, 5000, (n_layers,), generator=gen)]
+    return log_alphas, counts
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_kl_value_and_gradient_match_closed_formula(backend, dtype):
+    gen = torch.Generator().manual_seed(6)
+    log_alphas, counts = kl_layers(gen, dtype=dtype)
+    leaves = [a.clone().requires_grad_() for a in log_alphas]
+    kl = pf.ops.gaussian_kl(leaves, counts, n_train=50_000, backend=backend)
+    assert kl.shape == () and kl.dtype == dtype
+    exact = [a.double().requires_grad_() for a in log_alphas]
+    expected = literal_kl(exact, counts, 50_000)
+    expected.backward()
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    assert kl.item() == pytest.approx(expected.item(), rel=tol)
+    kl.backward(torch.tensor(1.7, dtype=dtype))
+    assert all(leaf.grad.dtype == dtype for leaf in leaves)
+    # over the whole network: float32's s (1 - s) loses digits where s is near 1, in one channel
+    assert rel_err(torch.cat([leaf.grad for leaf in leaves]), 1.7 * torch.cat([a.grad for a in exact])) < tol
+
+
+def test_kl_mixed_precision_list_accumulates_in_float64(backend):
+    gen = torch.Generator().manual_seed(7)
+    log_alphas, counts = kl_layers(gen, n_layers=8)
+    log_alphas[3] = log_alphas[3].double()
+    kl = pf.ops.gaussian_kl(log_alphas, counts, n_train=1000.0, backend=backend)
+    assert kl.dtype == torch.float64
+    assert kl.item() == pytest.approx(literal_kl(log_alphas, counts, 1000.0).item(), rel=1e-6)
+
+
+def test_kl_by_hand():
+    """One channel at log alpha 0: KL = 1/N * count * (K1 - K1 sigmoid(K2) + 0.5 log 2)."""
+    kl = pf.ops.gaussian_kl([torch.zeros(1, dtype=torch.float64)], [10], n_train=4.0, backend="reference")
+    by_hand = 10 / 4.0 * (K1 - K1 / (1.0 + math.exp(-K2)) + 0.5 * math.log(2.0))
+    assert kl.item() == pytest.approx(by_hand, rel=1e-14)
+
+
+def test_kl_gradcheck(backend):
+    gen = torch.Generator().manual_seed(8)
+    inputs = [(6.0 * torch.rand(s, generator=gen, dtype=torch.float64) - 3.0).requires_grad_() for s in (3, 1, 5)]
+    fn = lambda *a: pf.ops.gaussian_kl(list(a), [9, 2, 40], n_train=7.0, backend=backend)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, tuple(inputs), fast_mode=interpreted(backend))
+
+
+def test_kl_extreme_log_alphas_are_finite(backend):
+    a = torch.tensor([-60.0, -20.0, 0.0, 20.0, 60.0], requires_grad=True)
+    kl = pf.ops.gaussian_kl([a], [3], n_train=1.0, backend=backend)
+    kl.backward()
+    assert torch.isfinite(kl) and torch.isfinite(a.grad).all()
+    expected = literal_kl([a.detach()], [3], 1.0)
+    assert kl.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+# ---- opcheck ------------------------------------------------------------------------------------
+def opcheck_cases(backend):
+    """(op name, args) for torch.library.opcheck of the Gaussian family's custom ops."""
+    gen = torch.Generator().manual_seed(9)
+
+    def r(*shape, grad=False, dtype=torch.float32, low=None):
+        t = torch.rand(shape, generator=gen) + low if low is not None else torch.randn(shape, generator=gen)
+        return t.to(dtype).requires_grad_(grad)
+
+    alphas = [r(5, grad=True), r(1, grad=True), r(300, grad=True)]
+    return [
+        ("gaussian_noise", (r(3, 4, 5, 5, grad=True), r(3, 4, 5, 5, grad=True, low=0.1), SEED, STREAM, 0, backend)),
+        ("gaussian_noise", (r(3, 4, 5, 5).to(memory_format=torch.channels_last).requires_grad_(),
+                            r(3, 4, 5, 5, low=0.1).to(memory_format=torch.channels_last).requires_grad_(), SEED,
+                            STREAM, 17, backend)),
+        ("gaussian_noise", (r(6, 7, dtype=torch.bfloat16, grad=True), r(6, 7, dtype=torch.bfloat16, low=-0.2, grad=True),
+                            SEED, STREAM, 3, backend)),
+        ("gaussian_noise_backward", (r(3, 4, 5), r(3, 4, 5, low=-0.2), SEED, STREAM, 5, backend)),
+        ("gaussian_kl", (alphas, [7, 1, 30], 1e3, backend)),
+        ("gaussian_kl_backward", (torch.tensor(0.7), [a.detach() for a in alphas], [7, 1, 30], 1e3, backend)),
+    ]
+
+
+def test_opcheck_gaussian_ops(backend):
+    for name, args in opcheck_cases(backend):
+        result = torch.library.opcheck(getattr(_library, name), args)
+        assert all(v == "SUCCESS" for v in result.values()), (name, result)
+
+
+# ---- bad input ----------------------------------------------------------------------------------
+MU = torch.randn(3, 4, 5)
+VAR = torch.rand(3, 4, 5)
+LA = [torch.randn(4), torch.randn(6)]
+
+BAD_CALLS = [
+    ("mu not a tensor", lambda: pf.ops.gaussian_noise(MU.numpy(), VAR, seed=0, stream=0), TypeError, r"\bmu must be"),
+    ("mu int", lambda: pf.ops.gaussian_noise(MU.long(), VAR, seed=0, stream=0), TypeError, r"\bmu must have dtype"),
+    ("mu 0-D", lambda: pf.ops.gaussian_noise(torch.tensor(1.0), torch.tensor(1.0), seed=0, stream=0), ValueError,
+     r"\bmu must have at least 1"),
+    ("var int", lambda: pf.ops.gaussian_noise(MU, VAR.long(), seed=0, stream=0), TypeError, r"\bvar must have dtype"),
+    ("var shape", lambda: pf.ops.gaussian_noise(MU, VAR[:2], seed=0, stream=0), ValueError,
+     r"var must have the shape and dtype of mu"),
+    ("var dtype", lambda: pf.ops.gaussian_noise(MU, VAR.double(), seed=0, stream=0), ValueError,
+     r"var must have the shape and dtype of mu"),
+    ("seed negative", lambda: pf.ops.gaussian_noise(MU, VAR, seed=-1, stream=0), ValueError, "seed"),
+    ("seed float", lambda: pf.ops.gaussian_noise(MU, VAR, seed=1.0, stream=0), TypeError, "seed"),
+    ("stream 2^63", lambda: pf.ops.gaussian_noise(MU, VAR, seed=0, stream=1 << 63), ValueError, "stream"),
+    ("offset negative", lambda: pf.ops.gaussian_noise(MU, VAR, seed=0, stream=0, offset=-1), ValueError, "offset"),
+    ("offset float", lambda: pf.ops.gaussian_noise(MU, VAR, seed=0, stream=0, offset=2.0), TypeError, "offset"),
+    ("offset + numel past 2^63", lambda: pf.ops.gaussian_noise(MU, VAR, seed=0, stream=0, offset=(1 << 63) - 10),
+     ValueError, r"offset \+ mu.numel\(\)"),
+    ("kl tensor not list", lambda: pf.ops.gaussian_kl(LA[0], [3], n_train=10), TypeError, "log_alphas"),
+    ("kl counts tensor", lambda: pf.ops.gaussian_kl(LA, torch.tensor([3, 4]), n_train=10), TypeError,
+     "weights_per_channel"),
+    ("kl empty", lambda: pf.ops.gaussian_kl([], [], n_train=10), ValueError, "non-empty"),
+    ("kl unequal lengths", lambda: pf.ops.gaussian_kl(LA, [3], n_train=10), ValueError, "equal length"),
+    ("kl count float", lambda: pf.ops.gaussian_kl(LA, [3, 4.0], n_train=10), TypeError, r"weights_per_channel\[1\]"),
+    ("kl count bool", lambda: pf.ops.gaussian_kl(LA, [True, 4], n_train=10), TypeError, r"weights_per_channel\[0\]"),
+    ("kl count 0", lambda: pf.ops.gaussian_kl(LA, [3, 0], n_train=10), ValueError, r"weights_per_channel\[1\]"),
+    ("kl n_train 0", lambda: pf.ops.gaussian_kl(LA, [3, 4], n_train=0), ValueError, "n_train"),
+    ("kl n_train nan", lambda: pf.ops.gaussian_kl(LA, [3, 4], n_train=float("nan")), ValueError, "n_train"),
+    ("kl log_alpha float16", lambda: pf.ops.gaussian_kl([LA[0], LA[1].half()], [3, 4], n_train=10), TypeError,
+     r"log_alphas\[1\]"),
+    ("kl log_alpha 2-D", lambda: pf.ops.gaussian_kl([LA[0].view(2, 2)], [3], n_train=10), ValueError,
+     r"log_alphas\[0\]"),
+]
+
+
+@pytest.mark.parametrize("call, error, match", [c[1:] for c in BAD_CALLS], ids=[c[0] for c in BAD_CALLS])
+def test_bad_input_is_rejected_naming_the_argument(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+NATIVE_BAD_CALLS = [  # the raw `_C.cpu` entry points check again, naming the argument
+    ("var strides", lambda ops: ops.gaussian_noise(MU, VAR.transpose(0, 1).contiguous().transpose(0, 1), 0, 0, 0),
+     ValueError, "var must have the memory layout of mu"),
+    ("mu strided", lambda ops: ops.gaussian_noise(MU[:, ::2], VAR[:, ::2], 0, 0, 0), ValueError,
+     "mu must be contiguous or channels_last"),
+    ("grad dtype", lambda ops: ops.gaussian_noise_backward(MU.double(), VAR, 0, 0, 0), TypeError,
+     "grad must have the dtype of var"),
+    ("offset negative", lambda ops: ops.gaussian_noise(MU, VAR, 0, 0, -3), ValueError, "offset must be"),
+    ("offset + numel", lambda ops: ops.gaussian_noise(MU, VAR, 0, 0, (1 << 63) - 10), ValueError, "offset must be"),
+    ("seed negative", lambda ops: ops.gaussian_noise(MU, VAR, -1, 0, 0), ValueError, "seed"),
+    ("kl empty", lambda ops: ops.gaussian_kl([], [], 1.0), ValueError, "non-empty"),
+    ("kl count 0", lambda ops: ops.gaussian_kl(LA, [1, 0], 1.0), ValueError, r"weights_per_channel\[1\]"),
+    ("kl n_train", lambda ops: ops.gaussian_kl(LA, [1, 2], -1.0), ValueError, "n_train"),
+    ("kl log_alpha int", lambda ops: ops.gaussian_kl([LA[0].long()], [1], 1.0), TypeError, r"log_alphas\[0\]"),
+    ("kl grad shape", lambda ops: ops.gaussian_kl_backward(torch.ones(2), LA, [1, 2], 1.0), ValueError, "grad"),
+]
+
+
+@pytest.mark.parametrize("call, error, match", [c[1:] for c in NATIVE_BAD_CALLS], ids=[c[0] for c in NATIVE_BAD_CALLS])
+def test_cpu_bindings_reject_bad_input_naming_the_argument(call, error, match):
+    from pgnas_fast import cpu_backend
+
+    if cpu_backend.unavailable_reason() is not None:
+        pytest.skip(cpu_backend.unavailable_reason())
+    with pytest.raises(error, match=match):
+        call(cpu_backend._C.cpu)

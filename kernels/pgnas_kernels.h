@@ -86,6 +86,44 @@ cudaError_t pgnas_regularizer_backward(const double* grad, const pgnas_reg_segme
                                        int64_t total_rows, int64_t total_channels, double* rowsq, double weight_reg,
                                        double drop_reg, double n_train, cudaStream_t cuda_stream);
 
+/* ---- the Gaussian family ----
+ * eps of the element at logical (row-major) index i: Box-Muller on Philox words 0 and 1 of counter
+ * offset + i (philox.h philox_normal_at). Data dense row-major (PGNAS_NCHW: any rank, batch * channels
+ * * spatial elements) or channels_last (PGNAS_NHWC: memory [B, S, C] of the logical [B, C, S]); all
+ * tensors of a call share the layout. Math in float32, float64 for float64 data. */
+
+/* out = mu + sqrt(max(var, 0) + 1e-8) eps. */
+cudaError_t pgnas_gaussian_noise(void* out, const void* mu, const void* var, pgnas_dtype data, int64_t batch,
+                                 int64_t channels, int64_t spatial, pgnas_layout layout, uint64_t seed,
+                                 uint64_t stream, uint64_t offset, cudaStream_t cuda_stream);
+
+/* grad_var = grad eps / (2 sqrt(var + 1e-8)) where var > 0, else 0 (eps regenerated). */
+cudaError_t pgnas_gaussian_noise_backward(void* grad_var, const void* grad, const void* var, pgnas_dtype data,
+                                          int64_t batch, int64_t channels, int64_t spatial, pgnas_layout layout,
+                                          uint64_t seed, uint64_t stream, uint64_t offset, cudaStream_t cuda_stream);
+
+/* One gated layer of the KL: log_alpha [channels] (float32, or float64 when is_double) and its
+ * gradient buffer (same dtype; backward only); scale = weights_per_channel / n_train. The table lives
+ * in device memory. */
+typedef struct {
+  const void* log_alpha;
+  void* grad;
+  int32_t is_double;
+  int32_t reserved;
+  int64_t channels;
+  double scale;
+} pgnas_kl_segment;
+
+/* result[0] (float64, device) = sum_l scale_l sum_c (K1 - K1 sigmoid(K2 + K3 a) + 0.5 softplus(-a)).
+ * One launch, one block, fixed summation order (bit-reproducible). */
+cudaError_t pgnas_gaussian_kl(double* result, const pgnas_kl_segment* segments, int32_t n_segments,
+                              cudaStream_t cuda_stream);
+
+/* Writes every grad: grad[0] (float64 device scalar, dL/dKL) * scale_l * dKL/da. max_channels: the
+ * largest layer (sizes the grid). One launch. */
+cudaError_t pgnas_gaussian_kl_backward(const double* grad, const pgnas_kl_segment* segments, int32_t n_segments,
+                                       int64_t max_channels, cudaStream_t cuda_stream);
+
 #ifdef __cplusplus
 }
 #endif

@@ -331,3 +331,116 @@ def test_cuda_regularizer_is_deterministic():
     values = {pf.ops.regularizer(weights, p_logits, weight_reg=1.0, drop_reg=1.0, n_train=10.0, backend="cuda").item()
               for _ in range(5)}
     assert len(values) == 1
+
+
+# ---- the Gaussian family on the cuda backend (GPU machines) -----------------------------------------
+GAUSSIAN_STREAM = stream_id(Domain.GAUSSIAN, 3, 1)
+
+
+def _on_cuda(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """t on the GPU in `layout`: contiguous, channels_last, or misaligned (storage offset 1: the
+    kernels' scalar path)."""
+    if layout == "channels_last":
+        return t.cuda().contiguous(memory_format=torch.channels_last)
+    if layout == "misaligned":
+        flat = torch.empty(t.numel() + 1, dtype=t.dtype, device="cuda")
+        view = flat[1:].view(t.shape)
+        view.copy_(t)
+        return view
+    return t.cuda()
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("shape, layout", [((8, 16, 8, 8), "contiguous"), ((8, 16, 8, 8), "channels_last"),
+                                           ((3, 7, 5, 5), "channels_last"), ((1001,), "misaligned"),
+                                           ((6, 10), "contiguous")])
+def test_cuda_gaussian_noise_matches_reference(dtype, shape, layout):
+    """eps bit-identical (mu = 0, var = 1 - 1e-8: out is eps), values and d mu, d var within tolerance."""
+    _needs_cuda_backend()
+    zeros, ones = torch.zeros(shape), torch.full(shape, 1.0 - 1e-8)
+    eps = pf.ops.gaussian_noise(_on_cuda(zeros, layout), _on_cuda(ones, layout), seed=SEED, stream=GAUSSIAN_STREAM,
+                                offset=7, backend="cuda")
+    ref_eps = pf.ops.gaussian_noise(zeros, ones, seed=SEED, stream=GAUSSIAN_STREAM, offset=7, backend="reference")
+    assert torch.equal(eps.cpu(), ref_eps)
+    gen = torch.Generator().manual_seed(6)
+    mu = torch.randn(shape, generator=gen).to(dtype)
+    var = (torch.rand(shape, generator=gen) * 2.0 - 0.2).to(dtype)  # some negative: clamped, zero d var
+    dy = torch.randn(shape, generator=gen).to(dtype)
+    results = {}
+    for name, device_layout in (("cuda", layout), ("reference", "cpu")):
+        move = (lambda t: t) if device_layout == "cpu" else (lambda t: _on_cuda(t, layout))  # noqa: E731
+        m, v = move(mu).requires_grad_(), move(var).requires_grad_()
+        out = pf.ops.gaussian_noise(m, v, seed=SEED, stream=GAUSSIAN_STREAM, offset=7, backend=name)
+        out.backward(move(dy))
+        results[name] = [t.cpu() for t in (out, m.grad, v.grad)]
+        if name == "cuda":
+            assert out.stride() == torch.empty_like(m).stride() and v.grad.stride() == torch.empty_like(v).stride()
+    tol = 1e-12 if dtype == torch.float64 else TOLERANCE[dtype]
+    for ours, ref in zip(results["cuda"], results["reference"]):
+        assert rel_err(ours, ref) < tol
+    assert torch.equal(results["cuda"][2][var <= 0], torch.zeros_like(var[var <= 0]))
+
+
+@gpu
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+def test_cuda_gaussian_eps_of_a_large_draw_across_the_counter_carry(memory_format):
+    _needs_cuda_backend()
+    shape, offset = (16, 64, 32, 32), (1 << 32) - 1000
+    zeros = torch.zeros(shape, device="cuda").contiguous(memory_format=memory_format)
+    ones = torch.ones(shape, device="cuda").contiguous(memory_format=memory_format)
+    ours = pf.ops.gaussian_noise(zeros, ones, seed=SEED, stream=GAUSSIAN_STREAM, offset=offset, backend="cuda")
+    ref = pf.ops.gaussian_noise(torch.zeros(shape), torch.ones(shape), seed=SEED, stream=GAUSSIAN_STREAM,
+                                offset=offset, backend="reference")
+    assert torch.equal(ours.cpu(), ref)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cuda_gaussian_kl_matches_reference_and_is_deterministic(dtype):
+    _needs_cuda_backend()
+    gen = torch.Generator().manual_seed(7)
+    sizes = [1, 3, 2048, 700] + [int(s) for s in torch.randint(1, 600, (60,), generator=gen)]
+    log_alphas = [(16.0 * torch.rand(s, generator=gen) - 8.0).to(dtype) for s in sizes]
+    counts = [int(c) for c in torch.randint(1, 5000, (len(sizes),), generator=gen)]
+    results = {}
+    for name, device in (("cuda", "cuda"), ("reference", "cpu")):
+        leaves = [a.to(device).requires_grad_() for a in log_alphas]
+        kl = pf.ops.gaussian_kl(leaves, counts, n_train=50_000, backend=name)
+        kl.backward(torch.tensor(1.3, dtype=dtype, device=device))
+        results[name] = (kl.detach().cpu(), torch.cat([a.grad for a in leaves]).cpu())
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    for ours, ref in zip(results["cuda"], results["reference"]):
+        assert ours.dtype == ref.dtype and rel_err(ours, ref) < tol
+    cuda_alphas = [a.cuda() for a in log_alphas]
+    values = {pf.ops.gaussian_kl(cuda_alphas, counts, n_train=50_000, backend="cuda").item() for _ in range(5)}
+    assert len(values) == 1
+
+
+@gpu
+def test_cuda_gaussian_gradcheck_and_opcheck():
+    _needs_cuda_backend()
+    from pgnas_fast.ops import _library
+
+    gen = torch.Generator().manual_seed(8)
+    mu = torch.randn(3, 4, 2, 3, dtype=torch.float64, generator=gen).cuda().requires_grad_()
+    var = (0.2 + torch.rand(3, 4, 2, 3, dtype=torch.float64, generator=gen)).cuda().requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda m, v: pf.ops.gaussian_noise(m, v, seed=SEED, stream=GAUSSIAN_STREAM, offset=3, backend="cuda"),
+        (mu, var))
+    alphas = [(6.0 * torch.rand(s, dtype=torch.float64, generator=gen) - 3.0).cuda().requires_grad_() for s in (3, 5)]
+    assert torch.autograd.gradcheck(
+        lambda a, b: pf.ops.gaussian_kl([a, b], [9, 40], n_train=7.0, backend="cuda"), tuple(alphas))
+    cl = torch.channels_last
+    cases = [
+        (_library.gaussian_noise, (torch.randn(3, 8, 4, 4, device="cuda").to(memory_format=cl).requires_grad_(),
+                                   torch.rand(3, 8, 4, 4, device="cuda").to(memory_format=cl).requires_grad_(), SEED,
+                                   GAUSSIAN_STREAM, 5, "cuda")),
+        (_library.gaussian_noise_backward, (torch.randn(5, 7, device="cuda"), torch.rand(5, 7, device="cuda"), SEED,
+                                            GAUSSIAN_STREAM, 0, "cuda")),
+        (_library.gaussian_kl, ([torch.randn(5, device="cuda").requires_grad_(),
+                                 torch.randn(300, device="cuda").requires_grad_()], [3, 9], 1e3, "cuda")),
+    ]
+    for op, args in cases:
+        result = torch.library.opcheck(op, args)
+        assert all(v == "SUCCESS" for v in result.values()), (op, result)

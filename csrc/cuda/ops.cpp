@@ -5,6 +5,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <cstring>
 #include <string>
 #include <tuple>
@@ -249,6 +250,93 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> regularizer_backwar
   return {grad_weights, grad_p_logits};
 }
 
+// ---- the Gaussian family ------------------------------------------------------------------------
+
+at::Tensor gaussian_noise(const at::Tensor& mu, const at::Tensor& var, int64_t seed, int64_t stream, int64_t offset) {
+  const cpu::NoiseShape g = check_noise("mu", mu, "var", var, seed, stream, offset, kCUDA);
+  const c10::cuda::CUDAGuard guard(mu.device());
+  at::Tensor out = at::empty_like(mu);
+  if (mu.numel() == 0) return out;
+  PGNAS_CUDA_CHECK(pgnas_gaussian_noise(out.data_ptr(), mu.data_ptr(), var.data_ptr(), code_of(mu), g.batch,
+                                        g.channels, g.spatial, layout_code(g.layout), static_cast<uint64_t>(seed),
+                                        static_cast<uint64_t>(stream), static_cast<uint64_t>(offset),
+                                        current_stream()));
+  return out;
+}
+
+at::Tensor gaussian_noise_backward(const at::Tensor& grad, const at::Tensor& var, int64_t seed, int64_t stream,
+                                   int64_t offset) {
+  const cpu::NoiseShape g = check_noise("var", var, "grad", grad, seed, stream, offset, kCUDA);
+  const c10::cuda::CUDAGuard guard(var.device());
+  at::Tensor grad_var = at::empty_like(var);
+  if (var.numel() == 0) return grad_var;
+  PGNAS_CUDA_CHECK(pgnas_gaussian_noise_backward(grad_var.data_ptr(), grad.data_ptr(), var.data_ptr(), code_of(var),
+                                                 g.batch, g.channels, g.spatial, layout_code(g.layout),
+                                                 static_cast<uint64_t>(seed), static_cast<uint64_t>(stream),
+                                                 static_cast<uint64_t>(offset), current_stream()));
+  return grad_var;
+}
+
+// The segment table of the KL in device memory (one pinned host-to-device copy, no kernel launch).
+at::Tensor kl_device_table(const std::vector<pgnas_kl_segment>& segs, const at::Device& device) {
+  const int64_t bytes = static_cast<int64_t>(segs.size() * sizeof(pgnas_kl_segment));
+  at::Tensor host = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+  std::memcpy(host.data_ptr(), segs.data(), static_cast<size_t>(bytes));
+  return host.to(device, /*non_blocking=*/true);  // the pinned buffer is kept alive by the caching allocator
+}
+
+std::vector<pgnas_kl_segment> kl_segments(const std::vector<at::Tensor>& log_alphas,
+                                          const std::vector<int64_t>& weights_per_channel, double n_train,
+                                          int64_t* max_channels) {
+  std::vector<pgnas_kl_segment> segs(log_alphas.size());
+  *max_channels = 0;
+  for (size_t k = 0; k < segs.size(); ++k) {
+    segs[k].log_alpha = log_alphas[k].data_ptr();
+    segs[k].grad = nullptr;
+    segs[k].is_double = log_alphas[k].scalar_type() == at::kDouble;
+    segs[k].reserved = 0;
+    segs[k].channels = log_alphas[k].size(0);
+    segs[k].scale = static_cast<double>(weights_per_channel[k]) / n_train;
+    *max_channels = std::max(*max_channels, segs[k].channels);
+  }
+  return segs;
+}
+
+at::Tensor gaussian_kl(const std::vector<at::Tensor>& log_alphas, const std::vector<int64_t>& weights_per_channel,
+                       double n_train) {
+  const bool any_double = check_kl(log_alphas, weights_per_channel, n_train, kCUDA);
+  const c10::cuda::CUDAGuard guard(log_alphas[0].device());
+  int64_t max_channels = 0;
+  const std::vector<pgnas_kl_segment> segs = kl_segments(log_alphas, weights_per_channel, n_train, &max_channels);
+  const at::Tensor table = kl_device_table(segs, log_alphas[0].device());
+  at::Tensor result = at::empty({1}, log_alphas[0].options().dtype(at::kDouble));
+  PGNAS_CUDA_CHECK(pgnas_gaussian_kl(result.data_ptr<double>(), static_cast<const pgnas_kl_segment*>(table.data_ptr()),
+                                     static_cast<int32_t>(segs.size()), current_stream()));
+  const at::Tensor r = result[0];  // 0-dim view
+  return any_double ? r.clone() : r.to(at::kFloat);
+}
+
+std::vector<at::Tensor> gaussian_kl_backward(const at::Tensor& grad, const std::vector<at::Tensor>& log_alphas,
+                                             const std::vector<int64_t>& weights_per_channel, double n_train) {
+  check_kl(log_alphas, weights_per_channel, n_train, kCUDA);
+  check_same_device("grad", grad, "log_alphas[0]", log_alphas[0]);
+  TORCH_CHECK_VALUE(grad.numel() == 1, "grad must hold one value, got shape ", grad.sizes());
+  const c10::cuda::CUDAGuard guard(log_alphas[0].device());
+  int64_t max_channels = 0;
+  std::vector<pgnas_kl_segment> segs = kl_segments(log_alphas, weights_per_channel, n_train, &max_channels);
+  std::vector<at::Tensor> grads;
+  for (size_t k = 0; k < segs.size(); ++k) {
+    grads.push_back(at::empty_like(log_alphas[k]));
+    segs[k].grad = grads.back().data_ptr();
+  }
+  const at::Tensor table = kl_device_table(segs, log_alphas[0].device());
+  const at::Tensor grad64 = grad.reshape({}).to(at::kDouble).contiguous();
+  PGNAS_CUDA_CHECK(pgnas_gaussian_kl_backward(grad64.data_ptr<double>(),
+                                              static_cast<const pgnas_kl_segment*>(table.data_ptr()),
+                                              static_cast<int32_t>(segs.size()), max_channels, current_stream()));
+  return grads;
+}
+
 }  // namespace
 
 void register_cuda_ops(pybind11::module_& m) {
@@ -265,6 +353,11 @@ void register_cuda_ops(pybind11::module_& m) {
   m.def("regularizer", &regularizer, "weights"_a, "p_logits"_a, "weight_reg"_a, "drop_reg"_a, "n_train"_a);
   m.def("regularizer_backward", &regularizer_backward, "grad"_a, "weights"_a, "p_logits"_a, "weight_reg"_a,
         "drop_reg"_a, "n_train"_a);
+  m.def("gaussian_noise", &gaussian_noise, "mu"_a, "var"_a, "seed"_a, "stream"_a, "offset"_a);
+  m.def("gaussian_noise_backward", &gaussian_noise_backward, "grad"_a, "var"_a, "seed"_a, "stream"_a, "offset"_a);
+  m.def("gaussian_kl", &gaussian_kl, "log_alphas"_a, "weights_per_channel"_a, "n_train"_a);
+  m.def("gaussian_kl_backward", &gaussian_kl_backward, "grad"_a, "log_alphas"_a, "weights_per_channel"_a,
+        "n_train"_a);
 }
 
 }  // namespace pgnas

@@ -6,6 +6,7 @@
 #include <cstdlib>
 #include <vector>
 
+#include "../cpu/gaussian.h"
 #include "../cpu/kernels.h"
 
 namespace {
@@ -229,6 +230,81 @@ void test_regularizer_tall_layer() {
   expect_close(r, want, 1e-12, "tall layer value");
 }
 
+// ---- the Gaussian family (csrc/cpu/gaussian.h) ----------------------------------------------------
+
+void test_normal_known_answers() {
+  // eps = Box-Muller on the uniforms of words 0 and 1 (values from an independent numpy Philox)
+  struct Kat {
+    uint64_t seed, stream, i;
+    float eps;
+  };
+  const Kat kats[] = {
+      {0, 0, 0, 0x1.fb766cp-1f},  // words 0x6627e8d5, 0xe169c58d: Random123's answer for counter 0, key 0
+      {0, 0, 1, -0x1.3aa6bap-3f},
+      {(1ull << 62) + 3, (1ull << 60) + 9, (1ull << 32) + 5, 0x1.99f36ap-3f},
+  };
+  for (const Kat& kat : kats) {
+    const float eps = pgnas::philox_normal_at(kat.seed, kat.stream, kat.i);
+    expect(eps == kat.eps, "Box-Muller known answer", eps, kat.eps);
+  }
+}
+
+// Both layouts give every element the normal of its logical index; forward and backward by formula.
+template <typename T>
+void test_gaussian_noise(pgnas::cpu::Layout layout, double tol) {
+  const int64_t batch = 3, channels = 2500, spatial = 5, n = batch * channels * spatial;  // C > one chunk
+  const uint64_t seed = 11, stream = 12, offset = (1ull << 32) - 7;
+  const std::vector<T> mu = as<T>(data(n, 21)), grad = as<T>(data(n, 22));
+  std::vector<T> var = as<T>(data(n, 23));  // about half negative: std from 0, zero d var
+  var[5] = T(0);
+  std::vector<T> out(n), grad_var(n);
+  pgnas::cpu::NoiseShape g{batch, channels, spatial, layout};
+  if (layout == pgnas::cpu::Layout::nchw) g = {1, 1, n, layout};  // dense row-major: one flat run
+  pgnas::cpu::gaussian_noise<T>(out.data(), mu.data(), var.data(), g, seed, stream, offset);
+  pgnas::cpu::gaussian_noise_backward<T>(grad_var.data(), grad.data(), var.data(), g, seed, stream, offset);
+  for (int64_t b = 0; b < batch; ++b)
+    for (int64_t c = 0; c < channels; ++c)
+      for (int64_t s = 0; s < spatial; ++s) {
+        const int64_t logical = (b * channels + c) * spatial + s;
+        const int64_t e = layout == pgnas::cpu::Layout::nchw ? logical : (b * spatial + s) * channels + c;
+        const double eps = pgnas::philox_normal_at(seed, stream, offset + static_cast<uint64_t>(logical));
+        const double v = static_cast<double>(var[e]);
+        const double sd = std::sqrt(std::fmax(v, 0.0) + 1e-8);
+        expect_close(static_cast<double>(out[e]), static_cast<double>(mu[e]) + sd * eps, tol, "gaussian_noise");
+        const double d = v > 0 ? static_cast<double>(grad[e]) * eps / (2.0 * sd) : 0.0;
+        expect_close(static_cast<double>(grad_var[e]), d, tol * 10, "gaussian_noise_backward");
+        if (v <= 0) expect(grad_var[e] == T(0), "zero d var where var <= 0", static_cast<double>(grad_var[e]), 0);
+      }
+}
+
+void test_gaussian_kl() {
+  const std::vector<double> a = data(300, 31);
+  std::vector<float> a32(a.begin(), a.end());
+  std::vector<float> grad32(a.size());
+  std::vector<double> grad64(3);
+  const double a64[3] = {-8.0, 0.0, 8.0};
+  std::vector<pgnas::cpu::KlSegment> segs = {
+      {a32.data(), grad32.data(), false, static_cast<int64_t>(a32.size()), 9.0 / 1000.0},
+      {a64, grad64.data(), true, 3, 2.0 / 1000.0},
+  };
+  const double k1 = 0.63576, k2 = 1.87320, k3 = 1.48695;
+  auto sig = [](double x) { return 1.0 / (1.0 + std::exp(-x)); };
+  double want = 0;
+  for (const pgnas::cpu::KlSegment& s : segs)
+    for (int64_t c = 0; c < s.channels; ++c) {
+      const double x = pgnas::cpu::kl_load(s, c);
+      want += s.scale * (k1 - k1 * sig(k2 + k3 * x) + 0.5 * std::log(1.0 + std::exp(-x)));
+    }
+  expect_close(pgnas::cpu::gaussian_kl(segs), want, 1e-12, "gaussian_kl");
+  pgnas::cpu::gaussian_kl_backward(segs, 1.5);
+  for (int64_t c = 0; c < 3; ++c) {  // central differences of the per-channel term
+    const double h = 1e-5, x = a64[c];
+    auto f = [&](double y) { return k1 - k1 * sig(k2 + k3 * y) + 0.5 * std::log(1.0 + std::exp(-y)); };
+    expect_close(grad64[c], 1.5 * 2.0 / 1000.0 * (f(x + h) - f(x - h)) / (2 * h), 1e-8, "gaussian_kl_backward");
+  }
+  expect_close(grad32[0], 1.5 * 9.0 / 1000.0 * pgnas::cpu::kl_derivative(a32[0]), 1e-6, "gaussian_kl_backward f32");
+}
+
 }  // namespace
 
 int main() {
@@ -243,6 +319,12 @@ int main() {
   test_branch_combine(false);
   test_regularizer();
   test_regularizer_tall_layer();
+  test_normal_known_answers();
+  test_gaussian_noise<float>(pgnas::cpu::Layout::nchw, 1e-6);
+  test_gaussian_noise<float>(pgnas::cpu::Layout::nhwc, 1e-6);
+  test_gaussian_noise<double>(pgnas::cpu::Layout::nchw, 1e-14);
+  test_gaussian_noise<double>(pgnas::cpu::Layout::nhwc, 1e-14);
+  test_gaussian_kl();
   if (failures) {
     std::printf("%d check(s) failed\n", failures);
     return EXIT_FAILURE;

@@ -31,7 +31,9 @@ from pgnas_fast.ops.streams import Domain, stream_id  # noqa: E402
 
 SEED, STREAM, TAU = 7, stream_id(Domain.TRAIN, 1000, 3), 0.2
 OPS = ("philox_uniform", "gate_keep", "gated_apply", "gated_apply_fwd_bwd", "branch_combine",
-       "branch_combine_fwd_bwd", "regularizer_fwd_bwd")
+       "branch_combine_fwd_bwd", "regularizer_fwd_bwd", "gaussian_noise_fwd_bwd", "gaussian_kl_fwd_bwd")
+GAUSSIAN_STREAM = stream_id(Domain.GAUSSIAN, 1000, 3)
+EAGER_BASELINE = "torch eager randn_like"  # the Gaussian epilogue as plain autograd code would write it
 
 
 def shapes(dry_run: bool):
@@ -41,6 +43,13 @@ def shapes(dry_run: bool):
     cifar = [(128, c, s, s) for c, s in ((96, 32), (192, 16), (384, 8), (160, 32), (320, 16), (640, 8))]
     imagenet = [(256, 64, 56, 56), (256, 256, 28, 28), (256, 1024, 7, 7)]
     return cifar + imagenet
+
+
+def gaussian_shapes(dry_run: bool):
+    """(B, C, H, W) of the Gaussian family's epilogue: the CIFAR widths 160/320/640 at 32/16/8."""
+    if dry_run:
+        return [(2, 6, 4, 4)]
+    return [(128, c, s, s) for c, s in ((160, 32), (320, 16), (640, 8))]
 
 
 def supnet_weights(device, dry_run: bool):
@@ -94,9 +103,21 @@ def implementations(device, compile_reference: bool):
         except (ValueError, pf.BackendUnavailableError):
             continue
         impls[name] = Backend(name)
+    impls[EAGER_BASELINE] = EagerLocalReparameterization()
     if compile_reference:
         impls["reference+compile"] = CompiledReference()
     return impls
+
+
+class EagerLocalReparameterization:
+    """The baseline of the Gaussian epilogue: `mu + sqrt(var + 1e-8) * randn_like(mu)` and its
+    autograd backward (torch's own RNG; eps kept for the backward pass). Only that op's cases run it."""
+
+    @staticmethod
+    def gaussian_noise_fwd_bwd(mu, var, dy):
+        mu, var = mu.detach().requires_grad_(), var.detach().requires_grad_()
+        out = mu + torch.sqrt(var + 1e-8) * torch.randn_like(mu)
+        return torch.autograd.grad(out, (mu, var), dy)
 
 
 class Backend:
@@ -114,10 +135,47 @@ class CompiledReference:
 
     def __init__(self):
         for op in ("philox_uniform", "gate_keep", "gated_apply", "gated_apply_backward", "branch_combine",
-                   "branch_combine_backward", "regularizer", "regularizer_backward"):
+                   "branch_combine_backward", "regularizer", "regularizer_backward", "gaussian_noise",
+                   "gaussian_noise_backward", "gaussian_kl", "gaussian_kl_backward"):
             # default dynamic-shape policy: a second shape recompiles once with symbolic sizes, after
             # which one graph serves every shape (a graph per shape would not fit the time budget)
             setattr(self, op, torch.compile(getattr(reference, op)))
+
+
+def _backend_fwd_bwd(m, op: str, forward_args, backward_args):
+    """A zero-argument callable: a backend's forward then backward of `op`."""
+    return lambda: (getattr(m, op)(*forward_args), getattr(m, op + "_backward")(*backward_args))
+
+
+def gaussian_cases(device, dry_run: bool, dtype):
+    """The Gaussian family: the noise epilogue forward+backward (mu, var, out; grad, var, d var: 6N
+    bytes) in both layouts, next to the eager baseline, and the KL over a SupNet-M's gated layers."""
+    gen = torch.Generator(device=device).manual_seed(1)
+    out = []
+    for B, C, H, W in gaussian_shapes(dry_run):
+        for layout in ("nchw", "nhwc"):
+            mu = torch.randn(B, C, H, W, device=device, generator=gen).to(dtype)
+            var = torch.rand(B, C, H, W, device=device, generator=gen).to(dtype)
+            if layout == "nhwc":
+                mu, var = (t.contiguous(memory_format=torch.channels_last) for t in (mu, var))
+            dy = torch.randn_like(mu)
+            rng = (SEED, GAUSSIAN_STREAM, 0)
+
+            def make(m, mu=mu, var=var, dy=dy, rng=rng):
+                if isinstance(m, EagerLocalReparameterization):
+                    return lambda: m.gaussian_noise_fwd_bwd(mu, var, dy)
+                return _backend_fwd_bwd(m, "gaussian_noise", (mu, var, *rng), (dy, var, *rng))
+
+            out.append(("gaussian_noise_fwd_bwd", f"{B}x{C}x{H}x{W} {layout}", 6 * mu.numel() * mu.element_size(),
+                        make))
+    _, log_alphas = supnet_weights(device, dry_run)  # one log alpha per input channel of each layer
+    counts = [9 * a.numel() for a in log_alphas]
+    grad = torch.ones((), device=device)
+    nbytes = 3 * sum(a.numel() * a.element_size() for a in log_alphas)
+    out.append(("gaussian_kl_fwd_bwd", f"{len(log_alphas)} layers", nbytes,
+                lambda m: _backend_fwd_bwd(m, "gaussian_kl", (log_alphas, counts, 5e4),
+                                           (grad, log_alphas, counts, 5e4))))
+    return out
 
 
 def cases(device, dry_run: bool, dtype):
@@ -161,7 +219,7 @@ def cases(device, dry_run: bool, dtype):
     out.append(("regularizer_fwd_bwd", f"{len(weights)} weights", 3 * wbytes,
                 lambda m: lambda: (m.regularizer(weights, p_logits, 10.0, 1.0, 5e4),
                                    m.regularizer_backward(grad, weights, p_logits, 10.0, 1.0, 5e4))))
-    return out
+    return out + gaussian_cases(device, dry_run, dtype)
 
 
 def markdown(results, info) -> str:
@@ -208,6 +266,8 @@ def main(argv=None) -> int:
     rows = {}
     for name in order:
         for index, (op, label, nbytes, make) in enumerate(all_cases):
+            if name == EAGER_BASELINE and not op.startswith("gaussian_noise"):
+                continue  # the baseline has only the Gaussian epilogue
             row = {"op": op, "shape": label, "backend": name, "bytes": nbytes}
             if time.monotonic() - started > args.time_budget:
                 row.update(ms=None, note="skipped: time budget")
@@ -223,7 +283,9 @@ def main(argv=None) -> int:
     for index in range(len(all_cases)):
         reference_ms = rows[index, "reference"].get("ms")
         for name in impls:
-            row = rows[index, name]
+            row = rows.get((index, name))
+            if row is None:  # a case the backend does not take part in
+                continue
             if row.get("ms") is not None:
                 row["speedup_vs_reference"] = reference_ms / row["ms"] if reference_ms else float("nan")
             results.append(row)

@@ -112,3 +112,41 @@ def test_regularizer_50_tensors_forward_backward(benchmark, backend):
 
     benchmark(step)
     assert all(p.grad is not None for p in p_logits)
+
+
+# ---- the Gaussian family ------------------------------------------------------------------------
+GAUSSIAN_STREAM = stream_id(Domain.GAUSSIAN, 100, 7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+def test_gaussian_noise_forward_backward(benchmark, activation, memory_format, backend):
+    """The local-reparameterization epilogue (B 64, C 128, 16x16): target, the cpu backend at least
+    1.5x the reference (NCHW)."""
+    x, _, dy = activation
+    mu = x.clone(memory_format=memory_format).requires_grad_()
+    var = (x.square() + 0.1).contiguous(memory_format=memory_format).requires_grad_()
+    dy = dy.contiguous(memory_format=memory_format)
+
+    def step():
+        mu.grad = var.grad = None
+        pf.ops.gaussian_noise(mu, var, seed=SEED, stream=GAUSSIAN_STREAM, backend=backend).backward(dy)
+
+    benchmark(step)
+    assert var.grad is not None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gaussian_kl_50_tensors_forward_backward(benchmark, backend):
+    """The KL over the log alphas of the same ~50 gated layers as the regulariser benchmark."""
+    weights, p_logits = _network_weights()
+    log_alphas = [torch.full_like(p, -2.0).requires_grad_() for p in p_logits]  # one per input channel
+    counts = [w.numel() // p.numel() for w, p in zip(weights, p_logits)]  # weights each channel multiplies
+
+    def step():
+        for a in log_alphas:
+            a.grad = None
+        pf.ops.gaussian_kl(log_alphas, counts, n_train=5e5, backend=backend).backward()
+
+    benchmark(step)
+    assert all(a.grad is not None for a in log_alphas)

@@ -99,3 +99,38 @@ def test_regularizer_50_tensors_forward_backward(benchmark):
 
     benchmark(step)
     assert all(p.grad is not None for p in p_logits)
+
+
+# ---- the Gaussian family ------------------------------------------------------------------------
+GAUSSIAN_STREAM = stream_id(Domain.GAUSSIAN, 100, 7)
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+def test_gaussian_noise_forward_backward(benchmark, activation, memory_format):
+    """The local-reparameterization epilogue (B 64, C 128, 16x16)."""
+    x, _, dy = activation
+    mu = x.clone(memory_format=memory_format).requires_grad_()
+    var = (x.square() + 0.1).contiguous(memory_format=memory_format).requires_grad_()
+    dy = dy.contiguous(memory_format=memory_format)
+
+    def step():
+        mu.grad = var.grad = None
+        pf.ops.gaussian_noise(mu, var, seed=SEED, stream=GAUSSIAN_STREAM, backend=BACKEND).backward(dy)
+
+    benchmark(step)
+    assert var.grad is not None
+
+
+def test_gaussian_kl_50_tensors_forward_backward(benchmark):
+    """The KL over the log alphas of the same ~50 gated layers as the regulariser benchmark."""
+    weights, p_logits = _network_weights()
+    log_alphas = [torch.full_like(p, -2.0).requires_grad_() for p in p_logits]  # one per input channel
+    counts = [w.numel() // p.numel() for w, p in zip(weights, p_logits)]  # weights each channel multiplies
+
+    def step():
+        for a in log_alphas:
+            a.grad = None
+        pf.ops.gaussian_kl(log_alphas, counts, n_train=5e5, backend=BACKEND).backward()
+
+    benchmark(step)
+    assert all(a.grad is not None for a in log_alphas)

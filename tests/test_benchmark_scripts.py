@@ -30,3 +30,15 @@ def test_train_step_benchmark_dry_run(tmp_path):
     assert all("error" not in r and r["images_per_second"] > 0 for r in rows), rows
     assert {r["backend"] for r in rows} >= {"reference"}
     assert (tmp_path / "train_step.json").is_file()
+
+
+def test_op_benchmark_dry_run(tmp_path):
+    """benchmarks/bench_gpu.py on CPU (Triton interpreter, tiny shapes): every case runs, the Gaussian
+    family's included, next to its eager baseline."""
+    import json
+
+    assert _load("bench_gpu").main(["--dry-run", "--no-compile", "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())["results"]
+    assert not [r for r in results if r.get("ms") is None], [r for r in results if r.get("ms") is None]
+    assert {"gaussian_noise_fwd_bwd", "gaussian_kl_fwd_bwd"} <= {r["op"] for r in results}
+    assert {r["op"] for r in results if r["backend"] == "torch eager randn_like"} == {"gaussian_noise_fwd_bwd"}

@@ -27,7 +27,8 @@ using NoiseMath = typename std::conditional<std::is_same<T, double>::value, doub
 
 // eps[j] = normal of logical element first + j * stride, j < len (len <= kChunk). The Philox loop
 // is pure integer work on unit-stride arrays (vectorised); Box-Muller's float64 log and cos follow
-// in a loop of their own.
+// in a loop of their own, scalar: libm has no vector forms without -ffast-math, which would also
+// loosen the accuracy eps relies on (as sqrt, which keeps errno without -fno-math-errno).
 inline void normals(float* eps, int64_t len, uint64_t first, uint64_t stride, uint64_t seed, uint64_t stream) {
   float u1[kChunk], u2[kChunk];
   const uint32_t s0 = static_cast<uint32_t>(stream), s1 = static_cast<uint32_t>(stream >> 32);

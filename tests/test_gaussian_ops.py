@@ -336,6 +336,17 @@ def test_kl_extreme_log_alphas_are_finite(backend):
     assert kl.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
+def test_kl_of_empty_layers(backend):
+    a = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    empty = torch.zeros(0, dtype=torch.float64, requires_grad=True)
+    kl = pf.ops.gaussian_kl([empty, a], [5, 3], n_train=2.0, backend=backend)
+    kl.backward()
+    assert kl.item() == pytest.approx(literal_kl([a.detach()], [3], 2.0).item(), rel=1e-12)
+    assert empty.grad.shape == (0,)
+    only_empty = pf.ops.gaussian_kl([empty.detach()], [5], n_train=2.0, backend=backend)
+    assert only_empty.item() == 0.0
+
+
 # ---- opcheck ------------------------------------------------------------------------------------
 def opcheck_cases(backend):
     """(op name, args) for torch.library.opcheck of the Gaussian family's custom ops."""
@@ -380,6 +391,8 @@ BAD_CALLS = [
      r"var must have the shape and dtype of mu"),
     ("var dtype", lambda: pf.ops.gaussian_noise(MU, VAR.double(), seed=0, stream=0), ValueError,
      r"var must have the shape and dtype of mu"),
+    ("var on another device", lambda: pf.ops.gaussian_noise(MU, VAR.to("meta"), seed=0, stream=0), ValueError,
+     "var is on meta but mu is on cpu"),
     ("seed negative", lambda: pf.ops.gaussian_noise(MU, VAR, seed=-1, stream=0), ValueError, "seed"),
     ("seed float", lambda: pf.ops.gaussian_noise(MU, VAR, seed=1.0, stream=0), TypeError, "seed"),
     ("stream 2^63", lambda: pf.ops.gaussian_noise(MU, VAR, seed=0, stream=1 << 63), ValueError, "stream"),
@@ -399,6 +412,8 @@ BAD_CALLS = [
     ("kl n_train nan", lambda: pf.ops.gaussian_kl(LA, [3, 4], n_train=float("nan")), ValueError, "n_train"),
     ("kl log_alpha float16", lambda: pf.ops.gaussian_kl([LA[0], LA[1].half()], [3, 4], n_train=10), TypeError,
      r"log_alphas\[1\]"),
+    ("kl log_alpha on another device", lambda: pf.ops.gaussian_kl([LA[0], LA[1].to("meta")], [3, 4], n_train=10),
+     ValueError, r"log_alphas\[1\] is on meta"),
     ("kl log_alpha 2-D", lambda: pf.ops.gaussian_kl([LA[0].view(2, 2)], [3], n_train=10), ValueError,
      r"log_alphas\[0\]"),
 ]

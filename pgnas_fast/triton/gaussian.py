@@ -213,9 +213,10 @@ def gaussian_kl(log_alphas, weights_per_channel, n_train):
     dtype = _gate_dtype(log_alphas)
     alphas = [a.to(dtype).contiguous() for a in log_alphas]
     table, blocks = _kl_tables(alphas, alphas, weights_per_channel, n_train)  # the value writes no gradients
-    partial = torch.empty(blocks.shape[0], dtype=dtype, device=alphas[0].device)
-    _gaussian_kl_kernel[(blocks.shape[0],)](table, blocks, partial, alphas[0], G_TYPE=_TL_TYPES[dtype],
-                                            BLOCK_C=KL_BLOCK_C)
+    partial = torch.zeros(blocks.shape[0], dtype=dtype, device=alphas[0].device)
+    if blocks.shape[0]:  # every layer empty: no launch (a grid of 0 programs)
+        _gaussian_kl_kernel[(blocks.shape[0],)](table, blocks, partial, alphas[0], G_TYPE=_TL_TYPES[dtype],
+                                                BLOCK_C=KL_BLOCK_C)
     return partial.sum()
 
 
@@ -224,6 +225,7 @@ def gaussian_kl_backward(grad, log_alphas, weights_per_channel, n_train):
     alphas = [a.to(dtype).contiguous() for a in log_alphas]
     grads = [torch.empty_like(a) for a in alphas]
     table, blocks = _kl_tables(alphas, grads, weights_per_channel, n_train)
-    _gaussian_kl_backward_kernel[(blocks.shape[0],)](table, blocks, grad.to(dtype), alphas[0],
-                                                     G_TYPE=_TL_TYPES[dtype], BLOCK_C=KL_BLOCK_C)
+    if blocks.shape[0]:
+        _gaussian_kl_backward_kernel[(blocks.shape[0],)](table, blocks, grad.to(dtype), alphas[0],
+                                                         G_TYPE=_TL_TYPES[dtype], BLOCK_C=KL_BLOCK_C)
     return [g if g.dtype == a.dtype else g.to(a.dtype) for g, a in zip(grads, log_alphas)]

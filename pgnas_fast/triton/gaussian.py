@@ -13,8 +13,8 @@ backward ops.
   convolutions, whose outputs this epilogue takes.
 - gaussian_kl: multi-tensor, as `regularizer.py`: an int64 layer table (log alpha and gradient
   addresses, channel count, weights_per_channel / n_train as float64 bits) and an int32 block table of
-  (layer, first channel) items; one launch for the value (per-block partials, then a torch sum) and
-  one for the gradients, however many layers.
+  (layer, first channel) items; however many layers, the value takes one kernel launch (per-block
+  partials) and one torch sum of the partials, the gradients one launch.
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ VAR_EPS: tl.constexpr = tl.constexpr(1e-8)
 KL_K1: tl.constexpr = tl.constexpr(0.63576)
 KL_K2: tl.constexpr = tl.constexpr(1.87320)
 KL_K3: tl.constexpr = tl.constexpr(1.48695)
-KL_TABLE_COLUMNS = 4  # log alpha address, gradient address, channels, scale (float64 bits)
+KL_TABLE_COLUMNS: tl.constexpr = tl.constexpr(4)  # log alpha address, gradient address, channels, scale
 KL_BLOCK_C = 256
 
 
@@ -110,7 +110,7 @@ def _kl_layer_block(table_ptr, blocks_ptr, a_like, G_TYPE: tl.constexpr, BLOCK_C
     pid = tl.program_id(0)
     layer = tl.load(blocks_ptr + 2 * pid)
     c = tl.load(blocks_ptr + 2 * pid + 1) + tl.arange(0, BLOCK_C)
-    row = table_ptr + layer * 4
+    row = table_ptr + layer * KL_TABLE_COLUMNS
     a_ptr = tl.load(row + 0).to(a_like.dtype)
     grad_ptr = tl.load(row + 1).to(a_like.dtype)
     mask = c < tl.load(row + 2)

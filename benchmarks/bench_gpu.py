@@ -30,8 +30,8 @@ from pgnas_fast.ops import dispatch  # noqa: E402
 from pgnas_fast.ops.streams import Domain, stream_id  # noqa: E402
 
 SEED, STREAM, TAU = 7, stream_id(Domain.TRAIN, 1000, 3), 0.2
-OPS = ("philox_uniform", "gate_keep", "gated_apply", "gated_apply_fwd_bwd", "branch_combine",
-       "branch_combine_fwd_bwd", "regularizer_fwd_bwd")
+OPS = ("philox_uniform", "gate_keep", "gated_apply", "gated_apply_fwd_bwd", "affine_relu_gate_fwd_bwd",
+       "branch_combine", "branch_combine_fwd_bwd", "regularizer_fwd_bwd")
 
 
 def shapes(dry_run: bool):
@@ -113,8 +113,9 @@ class CompiledReference:
     """The reference backend's plain-torch functions under torch.compile (one graph per function)."""
 
     def __init__(self):
-        for op in ("philox_uniform", "gate_keep", "gated_apply", "gated_apply_backward", "branch_combine",
-                   "branch_combine_backward", "regularizer", "regularizer_backward"):
+        for op in ("philox_uniform", "gate_keep", "gated_apply", "gated_apply_backward", "affine_relu_gate",
+                   "affine_relu_gate_backward", "branch_combine", "branch_combine_backward", "regularizer",
+                   "regularizer_backward"):
             # default dynamic-shape policy: a second shape recompiles once with symbolic sizes, after
             # which one graph serves every shape (a graph per shape would not fit the time budget)
             setattr(self, op, torch.compile(getattr(reference, op)))
@@ -139,6 +140,12 @@ def cases(device, dry_run: bool, dtype):
                         lambda m, x=x, p=p, dy=dy: lambda: (m.gated_apply(x, p, SEED, STREAM, TAU, "relaxed"),
                                                             m.gated_apply_backward(dy, x, p, SEED, STREAM, TAU,
                                                                                    "relaxed"))))
+            scale, shift = torch.rand(C, device=device, generator=gen) + 0.5, torch.randn(C, device=device, generator=gen)
+            # fused BN affine -> ReLU -> gate: read x, write y; backward reads dy and x, writes dx
+            out.append(("affine_relu_gate_fwd_bwd", label, 5 * nbytes,
+                        lambda m, x=x, p=p, dy=dy, a=scale, b=shift: lambda: (
+                            m.affine_relu_gate(x, a, b, p, SEED, STREAM, TAU, "relaxed", 0),
+                            m.affine_relu_gate_backward(dy, x, a, b, p, SEED, STREAM, TAU, "relaxed", 0))))
             if layout == "nhwc":
                 continue
             ys = [x, torch.randn_like(x)]

@@ -79,6 +79,14 @@ inline void check_like(const char* name, const at::Tensor& t, const char* ref_na
   check_same_device(name, t, ref_name, ref);
 }
 
+// affine_relu_gate's scale or shift: [C] with p_logit's dtype and device.
+inline void check_affine_vector(const char* name, const at::Tensor& t, const at::Tensor& p_logit) {
+  check_same_device(name, t, "p_logit", p_logit);
+  TORCH_CHECK_TYPE(t.scalar_type() == p_logit.scalar_type(), name, " must have the dtype of p_logit (",
+                   dtype_name(p_logit.scalar_type()), "), got ", dtype_name(t.scalar_type()));
+  check_vector(name, t, p_logit.size(0));
+}
+
 // weights [B, S] (per example) or [S] (per branch); returns whether it is per example
 inline bool check_branch_weights(const char* name, const at::Tensor& w, int64_t batch, int64_t n_branches) {
   check_gate_dtype(name, w);

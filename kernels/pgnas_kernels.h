@@ -43,6 +43,21 @@ cudaError_t pgnas_gated_apply_backward(void* grad_x, void* grad_keep, const void
                                        const void* keep, pgnas_dtype gate, int64_t batch, int64_t channels,
                                        int64_t spatial, pgnas_layout layout, cudaStream_t cuda_stream);
 
+/* Fused BN affine -> ReLU -> gate: out = relu(x * scale[c] + shift[c]) * keep[b, c]; scale, shift [C] and
+ * keep [B, C] in the gate dtype. */
+cudaError_t pgnas_affine_relu_gate(void* out, const void* x, pgnas_dtype data, const void* scale, const void* shift,
+                                   const void* keep, pgnas_dtype gate, int64_t batch, int64_t channels,
+                                   int64_t spatial, pgnas_layout layout, cudaStream_t cuda_stream);
+
+/* Its backward: live = grad * keep where x * scale + shift > 0; grad_x = live * scale; per (b, c), in
+ * the gate dtype: row_scale = sum_s live * x, row_shift = sum_s live, grad_keep (NULL to skip) =
+ * sum_s grad * relu(x * scale + shift). */
+cudaError_t pgnas_affine_relu_gate_backward(void* grad_x, void* row_scale, void* row_shift, void* grad_keep,
+                                            const void* grad, const void* x, pgnas_dtype data, const void* scale,
+                                            const void* shift, const void* keep, pgnas_dtype gate, int64_t batch,
+                                            int64_t channels, int64_t spatial, pgnas_layout layout,
+                                            cudaStream_t cuda_stream);
+
 /* out[b, e] = sum_s w[b, s] ys[s][b, e] (+ skip[b, e]); ys: host array of n_branches device pointers;
  * weights [B, S] when per_example else [S] (float32 or float64); skip may be NULL. */
 cudaError_t pgnas_branch_combine(void* out, const void* const* ys, int32_t n_branches, pgnas_dtype data,

@@ -101,6 +101,25 @@ class NativeOps:
         return _like(grad_x, x), grad_p
 
     @staticmethod
+    def _affine_gate_inputs(scale, shift, p_logit):
+        """scale, shift, p_logit in one gate dtype (the kernels take one): float64 if any is."""
+        dtype = torch.float64 if torch.float64 in (scale.dtype, shift.dtype, p_logit.dtype) else torch.float32
+        return [t.to(dtype).contiguous() for t in (scale, shift, p_logit)]
+
+    def affine_relu_gate(self, x, scale, shift, p_logit, seed, stream, tau, mode, offset):
+        memory_format = _kernel_format(x) or torch.contiguous_format
+        out = self._ops.affine_relu_gate(_in_format(x, memory_format), *self._affine_gate_inputs(scale, shift, p_logit),
+                                         seed, stream, tau, mode, offset)
+        return _like(out, x)
+
+    def affine_relu_gate_backward(self, grad, x, scale, shift, p_logit, seed, stream, tau, mode, offset):
+        memory_format = _kernel_format(x) or torch.contiguous_format
+        grad_x, grad_scale, grad_shift, grad_p = self._ops.affine_relu_gate_backward(
+            _in_format(grad.to(x.dtype), memory_format), _in_format(x, memory_format),
+            *self._affine_gate_inputs(scale, shift, p_logit), seed, stream, tau, mode, offset)
+        return (_like(grad_x, x), grad_scale.to(scale.dtype), grad_shift.to(shift.dtype), grad_p.to(p_logit.dtype))
+
+    @staticmethod
     def _branch_inputs(ys, *others):
         """ys and others (None allowed) in one kernel-readable format, that of ys[0] when possible."""
         memory_format = _kernel_format(ys[0]) or torch.contiguous_format

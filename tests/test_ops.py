@@ -608,6 +608,12 @@ def _opcheck_cases(backend):
             ("gated_apply", (r(3, 7, dtype=torch.bfloat16).requires_grad_(), r(7, grad=True), SEED, STREAM, 0.2, mode,
                              backend)),
             ("gated_apply_backward", (r(3, 7, 5, 5), r(3, 7, 5, 5), r(7), SEED, STREAM, 0.2, mode, backend)),
+            ("affine_relu_gate", (r(3, 7, 5, 5, grad=True), r(7, grad=True), r(7, grad=True), r(7, grad=True), SEED,
+                                  STREAM, 0.2, mode, 21, backend)),
+            ("affine_relu_gate", (r(3, 7, 5, 5).to(memory_format=torch.channels_last).requires_grad_(),
+                                  r(7, grad=True), r(7, grad=True), r(7, grad=True), SEED, STREAM, 0.5, mode, 0, backend)),
+            ("affine_relu_gate_backward", (r(3, 7, 5, 5), r(3, 7, 5, 5), r(7), r(7), r(7), SEED, STREAM, 0.2, mode, 7,
+                                           backend)),
         ]
     for wshape in ((3, 2), (2,)):
         for bw_grad in (None, False):

@@ -124,6 +124,52 @@ std::tuple<at::Tensor, at::Tensor> gated_apply_backward(const at::Tensor& grad, 
   return {grad_x, grad_p};
 }
 
+at::Tensor affine_relu_gate(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
+                            const at::Tensor& p_logit, int64_t seed, int64_t stream, double tau, const std::string& mode,
+                            int64_t offset) {
+  const ApplyShape s = check_apply(x, p_logit, seed, stream, tau, kCUDA);
+  check_affine_vector("scale", scale, p_logit);
+  check_affine_vector("shift", shift, p_logit);
+  check_gate_offset(offset, s.batch * s.channels);
+  const cpu::GateMode m = parse_mode(mode);
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor out = at::empty_like(x);
+  if (x.numel() == 0) return out;
+  const at::Tensor keep = keep_of(p_logit, s.batch, seed, stream, offset, tau, m);
+  PGNAS_CUDA_CHECK(pgnas_affine_relu_gate(out.data_ptr(), x.data_ptr(), code_of(x), scale.data_ptr(), shift.data_ptr(),
+                                          keep.data_ptr(), code_of(keep), s.batch, s.channels, s.spatial,
+                                          layout_code(s.layout), current_stream()));
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> affine_relu_gate_backward(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
+    const at::Tensor& p_logit, int64_t seed, int64_t stream, double tau, const std::string& mode, int64_t offset) {
+  const ApplyShape s = check_apply(x, p_logit, seed, stream, tau, kCUDA);
+  check_affine_vector("scale", scale, p_logit);
+  check_affine_vector("shift", shift, p_logit);
+  check_gate_offset(offset, s.batch * s.channels);
+  check_like("grad", grad, "x", x);
+  const cpu::GateMode m = parse_mode(mode);
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor grad_x = at::empty_like(x);
+  if (x.numel() == 0) return {grad_x, at::zeros_like(scale), at::zeros_like(shift), at::zeros_like(p_logit)};
+  const at::Tensor keep = keep_of(p_logit, s.batch, seed, stream, offset, tau, m);  // regenerated, never stored
+  const bool relaxed = m == cpu::GateMode::relaxed;
+  at::Tensor rows = at::empty({2, s.batch, s.channels}, keep.options());
+  at::Tensor grad_keep = relaxed ? at::empty_like(keep) : at::Tensor();
+  PGNAS_CUDA_CHECK(pgnas_affine_relu_gate_backward(
+      grad_x.data_ptr(), rows[0].data_ptr(), rows[1].data_ptr(), relaxed ? grad_keep.data_ptr() : nullptr,
+      grad.data_ptr(), x.data_ptr(), code_of(x), scale.data_ptr(), shift.data_ptr(), keep.data_ptr(), code_of(keep),
+      s.batch, s.channels, s.spatial, layout_code(s.layout), current_stream()));
+  const at::Tensor sums = rows.sum(1);  // over the batch: [2, C]
+  at::Tensor grad_p = at::zeros_like(p_logit);
+  if (relaxed)
+    PGNAS_CUDA_CHECK(pgnas_gate_keep_backward(grad_p.data_ptr(), grad_keep.data_ptr(), keep.data_ptr(), code_of(keep),
+                                              s.batch, s.channels, tau, current_stream()));
+  return {grad_x, sums[0].contiguous(), sums[1].contiguous(), grad_p};
+}
+
 at::Tensor branch_combine(const std::vector<at::Tensor>& ys, const at::Tensor& weights,
                           const c10::optional<at::Tensor>& skip) {
   const bool per_example = check_combine(ys, weights, skip, kCUDA);
@@ -260,6 +306,10 @@ void register_cuda_ops(pybind11::module_& m) {
   m.def("gated_apply", &gated_apply, "x"_a, "p_logit"_a, "seed"_a, "stream"_a, "tau"_a, "mode"_a);
   m.def("gated_apply_backward", &gated_apply_backward, "grad"_a, "x"_a, "p_logit"_a, "seed"_a, "stream"_a, "tau"_a,
         "mode"_a);
+  m.def("affine_relu_gate", &affine_relu_gate, "x"_a, "scale"_a, "shift"_a, "p_logit"_a, "seed"_a, "stream"_a, "tau"_a,
+        "mode"_a, "offset"_a);
+  m.def("affine_relu_gate_backward", &affine_relu_gate_backward, "grad"_a, "x"_a, "scale"_a, "shift"_a, "p_logit"_a,
+        "seed"_a, "stream"_a, "tau"_a, "mode"_a, "offset"_a);
   m.def("branch_combine", &branch_combine, "ys"_a, "weights"_a, "skip"_a);
   m.def("branch_combine_backward", &branch_combine_backward, "grad"_a, "ys"_a, "weights"_a, "backward_weights"_a);
   m.def("regularizer", &regularizer, "weights"_a, "p_logits"_a, "weight_reg"_a, "drop_reg"_a, "n_train"_a);

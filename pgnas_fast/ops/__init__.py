@@ -29,6 +29,7 @@ __all__ = [
     "GATE_MODES",
     "BackendUnavailableError",
     "Domain",
+    "affine_relu_gate",
     "backends",
     "branch_combine",
     "candidate_keep",
@@ -142,6 +143,30 @@ def gated_apply(x, p_logit, *, seed: int, stream: int, tau: float = 0.2, mode: s
         raise ValueError(f"p_logit must have shape [{x.shape[1]}] (x.shape[1]), got {tuple(p_logit.shape)}")
     _check_same_device("x", x, p_logit=p_logit)
     return _library.gated_apply(x, p_logit.contiguous(), seed, stream, float(tau), mode, resolve(backend, x.device))
+
+
+def affine_relu_gate(x, scale, shift, p_logit, *, seed: int, stream: int, tau: float = 0.2, mode: str = "relaxed",
+                     offset: int = 0, backend=None):
+    """The fused pre-activation of the authors' BN - ReLU - [gate] - conv order, in one pass over x:
+
+        gated_apply(relu(x * scale[c] + shift[c]), p_logit, ..., offset=offset)
+
+    x [B, C, ...]; scale, shift [C] (a BatchNorm's affine map folded with its statistics: scale =
+    gamma / sqrt(var + eps), shift = beta - mean * scale), float32 (float64 on the gradcheck path).
+    The affine map and the ReLU run in float32 (float64 when any input is float64) and the result is
+    rounded once to x's dtype. Gradients for x, scale, shift and (relaxed) p_logit.
+    """
+    _check_tensor("x", x, DATA_DTYPES, min_ndim=2)
+    _check_gate_args(p_logit, tau, mode, seed, stream)
+    channels = x.shape[1]
+    for name, t in (("scale", scale), ("shift", shift), ("p_logit", p_logit)):
+        _check_tensor(name, t, GATE_DTYPES, ndim=1)
+        if t.shape[0] != channels:
+            raise ValueError(f"{name} must have shape [{channels}] (x.shape[1]), got {tuple(t.shape)}")
+    _check_gate_offset(offset, x.shape[0] * channels)
+    _check_same_device("x", x, scale=scale, shift=shift, p_logit=p_logit)
+    return _library.affine_relu_gate(x, scale.contiguous(), shift.contiguous(), p_logit.contiguous(), seed, stream,
+                                     float(tau), mode, offset, resolve(backend, x.device))
 
 
 def branch_combine(ys, weights, *, skip=None, backward_weights=None, backend=None):

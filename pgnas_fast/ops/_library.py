@@ -124,6 +124,47 @@ def _gated_apply_grad(ctx, grad):
 gated_apply.register_autograd(_gated_apply_grad, setup_context=_gated_apply_setup)
 
 
+# ---- affine_relu_gate (fused BN affine -> ReLU -> gate) -------------------------------------------
+@_op("affine_relu_gate")
+def affine_relu_gate(x: Tensor, scale: Tensor, shift: Tensor, p_logit: Tensor, seed: int, stream: int, tau: float,
+                     mode: str, offset: int, backend: str) -> Tensor:
+    return implementation(backend, "affine_relu_gate")(x, scale, shift, p_logit, seed, stream, tau, mode, offset)
+
+
+@affine_relu_gate.register_fake
+def _(x, scale, shift, p_logit, seed, stream, tau, mode, offset, backend):
+    return torch.empty_like(x)
+
+
+@_op("affine_relu_gate_backward")
+def affine_relu_gate_backward(
+    grad: Tensor, x: Tensor, scale: Tensor, shift: Tensor, p_logit: Tensor, seed: int, stream: int, tau: float,
+    mode: str, offset: int, backend: str
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return implementation(backend, "affine_relu_gate_backward")(grad, x, scale, shift, p_logit, seed, stream, tau, mode,
+                                                                offset)
+
+
+@affine_relu_gate_backward.register_fake
+def _(grad, x, scale, shift, p_logit, seed, stream, tau, mode, offset, backend):
+    return torch.empty_like(x), torch.empty_like(scale), torch.empty_like(shift), torch.empty_like(p_logit)
+
+
+def _affine_relu_gate_setup(ctx, inputs, output):
+    x, scale, shift, p_logit, ctx.seed, ctx.stream, ctx.tau, ctx.mode, ctx.offset, ctx.backend = inputs
+    ctx.save_for_backward(x, scale, shift, p_logit)  # not the output: the backward recomputes it from x
+
+
+def _affine_relu_gate_grad(ctx, grad):
+    x, scale, shift, p_logit = ctx.saved_tensors
+    grads = affine_relu_gate_backward(grad, x, scale, shift, p_logit, ctx.seed, ctx.stream, ctx.tau, ctx.mode,
+                                      ctx.offset, ctx.backend)
+    return (*grads, None, None, None, None, None, None)
+
+
+affine_relu_gate.register_autograd(_affine_relu_gate_grad, setup_context=_affine_relu_gate_setup)
+
+
 # ---- branch_combine -------------------------------------------------------------------------------
 @_op("branch_combine")
 def branch_combine(

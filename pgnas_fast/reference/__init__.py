@@ -75,6 +75,43 @@ def gated_apply_backward(
     return grad_x, _relaxed_keep_grad(grad_keep, keep, tau)
 
 
+def _channel_vector(v: torch.Tensor, ndim: int, dtype: torch.dtype) -> torch.Tensor:
+    """[C] -> [1, C, 1, ...] broadcasting against [B, C, ...] data."""
+    return v.to(dtype).view(1, -1, *([1] * (ndim - 2)))
+
+
+def _affine_relu_math_dtype(x: torch.Tensor, *gate_tensors: torch.Tensor) -> torch.dtype:
+    return torch.float64 if torch.float64 in (x.dtype, *(t.dtype for t in gate_tensors)) else torch.float32
+
+
+def affine_relu_gate(x, scale, shift, p_logit, seed, stream, tau, mode, offset):
+    dtype = _affine_relu_math_dtype(x, scale, shift, p_logit)
+    keep = gate_keep(p_logit, x.shape[0], seed, stream, tau, mode, offset).to(dtype)
+    pre = x.to(dtype) * _channel_vector(scale, x.dim(), dtype) + _channel_vector(shift, x.dim(), dtype)
+    return torch.empty_like(x).copy_(torch.relu(pre) * _per_channel(keep, x.dim()))
+
+
+def affine_relu_gate_backward(grad, x, scale, shift, p_logit, seed, stream, tau, mode, offset):
+    dtype = _affine_relu_math_dtype(x, scale, shift, p_logit)
+    keep = gate_keep(p_logit, x.shape[0], seed, stream, tau, mode, offset).to(dtype)  # regenerated, never stored
+    xd = x.to(dtype)
+    pre = xd * _channel_vector(scale, x.dim(), dtype) + _channel_vector(shift, x.dim(), dtype)
+    g = grad.to(dtype)
+    grad_pre = torch.where(pre > 0, g * _per_channel(keep, x.dim()), 0.0)  # through the gate and the ReLU
+    spatial = tuple(range(2, x.dim()))
+    grad_shift = grad_pre.sum((0, *spatial))
+    grad_scale = (grad_pre * xd).sum((0, *spatial))
+    grad_x = torch.empty_like(x).copy_(grad_pre * _channel_vector(scale, x.dim(), dtype))
+    if mode != "relaxed":
+        grad_p = torch.zeros_like(p_logit)
+    else:
+        grad_keep = g * torch.relu(pre)
+        if spatial:
+            grad_keep = grad_keep.sum(spatial)
+        grad_p = _relaxed_keep_grad(grad_keep, keep, tau).to(p_logit.dtype)
+    return grad_x, grad_scale.to(scale.dtype), grad_shift.to(shift.dtype), grad_p
+
+
 def _branch_weight(weights: torch.Tensor, s: int, ndim: int) -> torch.Tensor:
     """Weight of branch s: per example [B, S] -> [B, 1, ...]; per branch [S] -> a 0-dim tensor."""
     if weights.dim() == 1:

@@ -7,6 +7,7 @@
 #include <torch/extension.h>
 
 #include <cmath>
+#include <cstdint>
 #include <string>
 #include <vector>
 
@@ -140,6 +141,13 @@ inline void check_philox_out(const at::Tensor& out, int64_t seed, int64_t stream
   TORCH_CHECK_VALUE(out.dim() == 1 && out.is_contiguous(), "out must be a contiguous 1-D tensor");
   check_rng(seed, stream);
   TORCH_CHECK_VALUE(offset >= 0, "offset must be in [0, 2^63), got ", offset);
+}
+
+// gate_keep / gated_apply: gate (b, c) uses element offset + b * C + c, so offset + B * C <= 2^63.
+inline void check_gate_offset(int64_t offset, int64_t n_gates) {
+  TORCH_CHECK_VALUE(offset >= 0, "offset must be in [0, 2^63), got ", offset);
+  TORCH_CHECK_VALUE(n_gates == 0 || n_gates - 1 <= INT64_MAX - offset,
+                    "offset + batch * C must be <= 2^63, got offset ", offset, " and batch * C = ", n_gates);
 }
 
 inline void check_p_logit(const at::Tensor& p_logit, int64_t channels, c10::DeviceType type) {

@@ -24,10 +24,11 @@ typedef enum { PGNAS_NCHW = 0, PGNAS_NHWC = 1 } pgnas_layout;
 cudaError_t pgnas_philox_uniform(float* out, int64_t n, uint64_t seed, uint64_t stream, uint64_t offset,
                                  cudaStream_t cuda_stream);
 
-/* keep [B, C] (gate dtype) from p_logit [C]; drop_prob [C] = sigmoid(p_logit), read by `hard` only. */
+/* keep [B, C] (gate dtype) from p_logit [C]; drop_prob [C] = sigmoid(p_logit), read by `hard` only.
+ * Gate (b, c) uses element offset + b * C + c of the stream (offset + B * C <= 2^63). */
 cudaError_t pgnas_gate_keep(void* keep, const void* p_logit, const void* drop_prob, pgnas_dtype gate, int64_t batch,
-                            int64_t channels, uint64_t seed, uint64_t stream, double tau, pgnas_gate_mode mode,
-                            cudaStream_t cuda_stream);
+                            int64_t channels, uint64_t seed, uint64_t stream, uint64_t offset, double tau,
+                            pgnas_gate_mode mode, cudaStream_t cuda_stream);
 
 /* grad_p [C] = -(1/tau) sum_b grad_keep keep (1 - keep) (the relaxed gate's derivative). */
 cudaError_t pgnas_gate_keep_backward(void* grad_p, const void* grad_keep, const void* keep, pgnas_dtype gate,

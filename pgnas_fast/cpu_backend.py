@@ -81,23 +81,24 @@ class NativeOps:
             self._ops.philox_uniform_out(out, seed, stream, offset)
         return out
 
-    def gate_keep(self, p_logit, batch, seed, stream, tau, mode):
-        return self._ops.gate_keep(p_logit.contiguous(), batch, seed, stream, tau, mode)
+    def gate_keep(self, p_logit, batch, seed, stream, tau, mode, offset):
+        return self._ops.gate_keep(p_logit.contiguous(), batch, seed, stream, tau, mode, offset)
 
     def gate_keep_backward(self, grad_keep, keep, tau, mode):
         keep = keep.contiguous()
         return self._ops.gate_keep_backward(grad_keep.to(keep.dtype).contiguous(), keep, tau, mode)
 
-    def gated_apply(self, x, p_logit, seed, stream, tau, mode):
+    def gated_apply(self, x, p_logit, seed, stream, tau, mode, offset):
         memory_format = _kernel_format(x) or torch.contiguous_format
-        out = self._ops.gated_apply(_in_format(x, memory_format), p_logit.contiguous(), seed, stream, tau, mode)
+        out = self._ops.gated_apply(_in_format(x, memory_format), p_logit.contiguous(), seed, stream, tau, mode, offset)
         return _like(out, x)
 
-    def gated_apply_backward(self, grad, x, p_logit, seed, stream, tau, mode):
+    def gated_apply_backward(self, grad, x, p_logit, seed, stream, tau, mode, offset):
         memory_format = _kernel_format(x) or torch.contiguous_format
         x_k = _in_format(x, memory_format)
         grad_k = _in_format(grad.to(x.dtype), memory_format)
-        grad_x, grad_p = self._ops.gated_apply_backward(grad_k, x_k, p_logit.contiguous(), seed, stream, tau, mode)
+        grad_x, grad_p = self._ops.gated_apply_backward(grad_k, x_k, p_logit.contiguous(), seed, stream, tau, mode,
+                                                        offset)
         return _like(grad_x, x), grad_p
 
     @staticmethod

@@ -18,11 +18,13 @@ def philox_uniform(n: int, seed: int, stream: int, offset: int, device: torch.de
     return philox.uniform(n, seed, stream, offset, device)
 
 
-def gate_keep(p_logit: torch.Tensor, batch: int, seed: int, stream: int, tau: float, mode: str) -> torch.Tensor:
+def gate_keep(
+    p_logit: torch.Tensor, batch: int, seed: int, stream: int, tau: float, mode: str, offset: int
+) -> torch.Tensor:
     channels = p_logit.shape[0]
     if mode == "full":
         return torch.ones(batch, channels, dtype=p_logit.dtype, device=p_logit.device)
-    u = philox.uniform(batch * channels, seed, stream, 0, p_logit.device).view(batch, channels)
+    u = philox.uniform(batch * channels, seed, stream, offset, p_logit.device).view(batch, channels)
     u = u.to(p_logit.dtype)
     if mode == "hard":  # the authors' 1 - floor(u + p)
         return (u + torch.sigmoid(p_logit) < 1.0).to(p_logit.dtype)
@@ -55,17 +57,20 @@ def _per_channel(keep: torch.Tensor, ndim: int) -> torch.Tensor:
     return keep.view(*keep.shape, *([1] * (ndim - 2)))
 
 
-def gated_apply(x: torch.Tensor, p_logit: torch.Tensor, seed: int, stream: int, tau: float, mode: str) -> torch.Tensor:
-    keep = gate_keep(p_logit, x.shape[0], seed, stream, tau, mode)
+def gated_apply(
+    x: torch.Tensor, p_logit: torch.Tensor, seed: int, stream: int, tau: float, mode: str, offset: int
+) -> torch.Tensor:
+    keep = gate_keep(p_logit, x.shape[0], seed, stream, tau, mode, offset)
     out = torch.empty_like(x)
     return torch.mul(x, _per_channel(keep, x.dim()), out=out)
 
 
 def gated_apply_backward(
-    grad: torch.Tensor, x: torch.Tensor, p_logit: torch.Tensor, seed: int, stream: int, tau: float, mode: str
+    grad: torch.Tensor, x: torch.Tensor, p_logit: torch.Tensor, seed: int, stream: int, tau: float, mode: str,
+    offset: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    # The gates are regenerated from (seed, stream), never stored (design.md, FlashAttention habit).
-    keep = gate_keep(p_logit, x.shape[0], seed, stream, tau, mode)
+    # The gates are regenerated from (seed, stream, offset), never stored (design.md, FlashAttention habit).
+    keep = gate_keep(p_logit, x.shape[0], seed, stream, tau, mode, offset)
     grad_x = torch.mul(grad, _per_channel(keep, x.dim()), out=torch.empty_like(x))
     if mode != "relaxed":
         return grad_x, torch.zeros_like(p_logit)

@@ -166,12 +166,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> affine_relu_gate_back
       grad_x.data_ptr(), rows[0].data_ptr(), rows[1].data_ptr(), relaxed ? grad_keep.data_ptr() : nullptr,
       grad.data_ptr(), x.data_ptr(), code_of(x), scale.data_ptr(), shift.data_ptr(), keep.data_ptr(), code_of(keep),
       s.batch, s.channels, s.spatial, layout_code(s.layout), current_stream()));
-  const at::Tensor sums = rows.sum(1);  // over the batch: [2, C]
   at::Tensor grad_p = at::zeros_like(p_logit);
   if (relaxed)
     PGNAS_CUDA_CHECK(pgnas_gate_keep_backward(grad_p.data_ptr(), grad_keep.data_ptr(), keep.data_ptr(), code_of(keep),
                                               s.batch, s.channels, tau, current_stream()));
-  return {grad_x, sums[0].contiguous(), sums[1].contiguous(), grad_p};
+  return {grad_x, rows[0].sum(0), rows[1].sum(0), grad_p};  // summed over the batch
 }
 
 at::Tensor branch_combine(const std::vector<at::Tensor>& ys, const at::Tensor& weights,

@@ -138,6 +138,6 @@ def affine_relu_gate_backward(grad, x, scale, shift, p_logit, seed, stream, tau,
         *gv.stride(), *_rng(seed, stream, offset, tau), MODE=MODES[mode], GATE_F64=p_logit.dtype == torch.float64,
         COMPUTE_F64=f64, **launch)
     _written(grad_x, gv)
-    grad_scale, grad_shift = rows.sum(1)  # over the batch, in a fixed order: deterministic
+    grad_scale, grad_shift = rows[0].sum(0), rows[1].sum(0)  # over the batch (separate tensors: no aliasing outputs)
     grad_p = _reduce_gate_grad(partial, partial, tau, False, p_logit.dtype) if relaxed else torch.zeros_like(p_logit)
     return grad_x, grad_scale.to(scale.dtype), grad_shift.to(shift.dtype), grad_p

@@ -30,8 +30,9 @@ from pgnas_fast.ops import dispatch  # noqa: E402
 from pgnas_fast.ops.streams import Domain, stream_id  # noqa: E402
 
 SEED, STREAM, TAU = 7, stream_id(Domain.TRAIN, 1000, 3), 0.2
-OPS = ("philox_uniform", "gate_keep", "gated_apply", "gated_apply_fwd_bwd", "branch_combine",
-       "branch_combine_fwd_bwd", "regularizer_fwd_bwd", "gaussian_noise_fwd_bwd", "gaussian_kl_fwd_bwd")
+OPS = ("philox_uniform", "gate_keep", "gated_apply", "gated_apply_fwd_bwd", "affine_relu_gate_fwd_bwd",
+       "branch_combine", "branch_combine_fwd_bwd", "regularizer_fwd_bwd", "gaussian_noise_fwd_bwd",
+       "gaussian_kl_fwd_bwd")
 GAUSSIAN_STREAM = stream_id(Domain.GAUSSIAN, 1000, 3)
 EAGER_BASELINE = "torch eager randn_like"  # the Gaussian epilogue as plain autograd code would write it
 
@@ -134,9 +135,10 @@ class CompiledReference:
     """The reference backend's plain-torch functions under torch.compile (one graph per function)."""
 
     def __init__(self):
-        for op in ("philox_uniform", "gate_keep", "gated_apply", "gated_apply_backward", "branch_combine",
-                   "branch_combine_backward", "regularizer", "regularizer_backward", "gaussian_noise",
-                   "gaussian_noise_backward", "gaussian_kl", "gaussian_kl_backward"):
+        for op in ("philox_uniform", "gate_keep", "gated_apply", "gated_apply_backward", "affine_relu_gate",
+                   "affine_relu_gate_backward", "branch_combine", "branch_combine_backward", "regularizer",
+                   "regularizer_backward", "gaussian_noise", "gaussian_noise_backward", "gaussian_kl",
+                   "gaussian_kl_backward"):
             # default dynamic-shape policy: a second shape recompiles once with symbolic sizes, after
             # which one graph serves every shape (a graph per shape would not fit the time budget)
             setattr(self, op, torch.compile(getattr(reference, op)))
@@ -192,11 +194,17 @@ def cases(device, dry_run: bool, dtype):
             nbytes = x.numel() * x.element_size()
             label = f"{B}x{C}x{H}x{W} {layout}"
             out.append(("gated_apply", label, 2 * nbytes,
-                        lambda m, x=x, p=p: lambda: m.gated_apply(x, p, SEED, STREAM, TAU, "relaxed")))
+                        lambda m, x=x, p=p: lambda: m.gated_apply(x, p, SEED, STREAM, TAU, "relaxed", 0)))
             out.append(("gated_apply_fwd_bwd", label, 5 * nbytes,
-                        lambda m, x=x, p=p, dy=dy: lambda: (m.gated_apply(x, p, SEED, STREAM, TAU, "relaxed"),
+                        lambda m, x=x, p=p, dy=dy: lambda: (m.gated_apply(x, p, SEED, STREAM, TAU, "relaxed", 0),
                                                             m.gated_apply_backward(dy, x, p, SEED, STREAM, TAU,
-                                                                                   "relaxed"))))
+                                                                                   "relaxed", 0))))
+            scale, shift = torch.rand(C, device=device, generator=gen) + 0.5, torch.randn(C, device=device, generator=gen)
+            # fused BN affine -> ReLU -> gate: read x, write y; backward reads dy and x, writes dx
+            out.append(("affine_relu_gate_fwd_bwd", label, 5 * nbytes,
+                        lambda m, x=x, p=p, dy=dy, a=scale, b=shift: lambda: (
+                            m.affine_relu_gate(x, a, b, p, SEED, STREAM, TAU, "relaxed", 0),
+                            m.affine_relu_gate_backward(dy, x, a, b, p, SEED, STREAM, TAU, "relaxed", 0))))
             if layout == "nhwc":
                 continue
             ys = [x, torch.randn_like(x)]
@@ -208,7 +216,7 @@ def cases(device, dry_run: bool, dtype):
                         lambda m, ys=ys, w=w, dy=dy: lambda: (m.branch_combine(ys, w, None),
                                                               m.branch_combine_backward(dy, ys, w, None))))
             out.append(("gate_keep", f"{B}x{C}", B * C * 4,
-                        lambda m, p=p, B=B: lambda: m.gate_keep(p, B, SEED, STREAM, TAU, "relaxed")))
+                        lambda m, p=p, B=B: lambda: m.gate_keep(p, B, SEED, STREAM, TAU, "relaxed", 0)))
     n = 1 << (12 if dry_run else 24)
     out.append(("philox_uniform", f"n={n}", 4 * n,
                 lambda m: lambda: m.philox_uniform(n, SEED, STREAM, 0, torch.device(device))))

@@ -72,6 +72,26 @@ def test_gated_apply_forward_backward(benchmark, activation, mode, memory_format
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+def test_affine_relu_gate_forward_backward(benchmark, activation, memory_format, backend):
+    """The fused BN affine -> ReLU -> gate (training), against the reference's unfused torch ops."""
+    x, p_logit, dy = activation
+    x = x.contiguous(memory_format=memory_format).requires_grad_()
+    dy = dy.contiguous(memory_format=memory_format)
+    gen = torch.Generator().manual_seed(1)
+    scale = (torch.rand(CHANNELS, generator=gen) + 0.5).requires_grad_()
+    shift = torch.randn(CHANNELS, generator=gen).requires_grad_()
+    p_logit = p_logit.clone().requires_grad_()
+
+    def step():
+        x.grad = scale.grad = shift.grad = p_logit.grad = None
+        pf.ops.affine_relu_gate(x, scale, shift, p_logit, seed=SEED, stream=STREAM, backend=backend).backward(dy)
+
+    benchmark(step)
+    assert x.grad is not None and scale.grad.shape == (CHANNELS,)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("per_example", [True, False], ids=["per_example", "per_branch"])
 def test_branch_combine_two_branches_forward_backward(benchmark, activation, per_example, backend):
     x, _, dy = activation

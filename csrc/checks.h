@@ -7,6 +7,7 @@
 #include <torch/extension.h>
 
 #include <cmath>
+#include <cstdint>
 #include <string>
 #include <vector>
 
@@ -80,6 +81,14 @@ inline void check_like(const char* name, const at::Tensor& t, const char* ref_na
   check_same_device(name, t, ref_name, ref);
 }
 
+// affine_relu_gate's scale or shift: [C] with p_logit's dtype and device.
+inline void check_affine_vector(const char* name, const at::Tensor& t, const at::Tensor& p_logit) {
+  check_same_device(name, t, "p_logit", p_logit);
+  TORCH_CHECK_TYPE(t.scalar_type() == p_logit.scalar_type(), name, " must have the dtype of p_logit (",
+                   dtype_name(p_logit.scalar_type()), "), got ", dtype_name(t.scalar_type()));
+  check_vector(name, t, p_logit.size(0));
+}
+
 // weights [B, S] (per example) or [S] (per branch); returns whether it is per example
 inline bool check_branch_weights(const char* name, const at::Tensor& w, int64_t batch, int64_t n_branches) {
   check_gate_dtype(name, w);
@@ -133,6 +142,13 @@ inline void check_philox_out(const at::Tensor& out, int64_t seed, int64_t stream
   TORCH_CHECK_VALUE(out.dim() == 1 && out.is_contiguous(), "out must be a contiguous 1-D tensor");
   check_rng(seed, stream);
   TORCH_CHECK_VALUE(offset >= 0, "offset must be in [0, 2^63), got ", offset);
+}
+
+// gate_keep / gated_apply: gate (b, c) uses element offset + b * C + c, so offset + B * C <= 2^63.
+inline void check_gate_offset(int64_t offset, int64_t n_gates) {
+  TORCH_CHECK_VALUE(offset >= 0, "offset must be in [0, 2^63), got ", offset);
+  TORCH_CHECK_VALUE(n_gates == 0 || n_gates - 1 <= INT64_MAX - offset,
+                    "offset + batch * C must be <= 2^63, got offset ", offset, " and batch * C = ", n_gates);
 }
 
 inline void check_p_logit(const at::Tensor& p_logit, int64_t channels, c10::DeviceType type) {

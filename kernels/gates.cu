@@ -42,9 +42,10 @@ __device__ __forceinline__ double gate_exp<double>(double v) {
   return exp(v);
 }
 
+// Gate (b, c) is element offset + b * C + c of the stream (offset: rows of a data-parallel shard).
 template <typename G>
 __global__ void gate_keep_kernel(G* keep, const G* p_logit, const G* drop_prob, int64_t batch, int64_t channels,
-                                 uint64_t seed, uint64_t stream, G inv_tau, int mode) {
+                                 uint64_t seed, uint64_t stream, uint64_t offset, G inv_tau, int mode) {
   const int64_t n = batch * channels;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -53,7 +54,7 @@ __global__ void gate_keep_kernel(G* keep, const G* p_logit, const G* drop_prob, 
       keep[i] = G(1);
       continue;
     }
-    const G u = static_cast<G>(philox_uniform_at(seed, stream, static_cast<uint64_t>(i)));
+    const G u = static_cast<G>(philox_uniform_at(seed, stream, offset + static_cast<uint64_t>(i)));
     if (mode == PGNAS_HARD) {
       keep[i] = (u + drop_prob[c] < G(1)) ? G(1) : G(0);  // drop iff u + p >= 1
     } else {
@@ -91,13 +92,13 @@ extern "C" cudaError_t pgnas_philox_uniform(float* out, int64_t n, uint64_t seed
 }
 
 extern "C" cudaError_t pgnas_gate_keep(void* keep, const void* p_logit, const void* drop_prob, pgnas_dtype gate,
-                                       int64_t batch, int64_t channels, uint64_t seed, uint64_t stream, double tau,
-                                       pgnas_gate_mode mode, cudaStream_t cuda_stream) {
+                                       int64_t batch, int64_t channels, uint64_t seed, uint64_t stream,
+                                       uint64_t offset, double tau, pgnas_gate_mode mode, cudaStream_t cuda_stream) {
   const int64_t n = batch * channels;
   if (n <= 0) return cudaSuccess;
   PGNAS_DISPATCH_GATE(gate, (gate_keep_kernel<gate_t><<<grid_for(n), kThreads, 0, cuda_stream>>>(
                                 static_cast<gate_t*>(keep), static_cast<const gate_t*>(p_logit),
-                                static_cast<const gate_t*>(drop_prob), batch, channels, seed, stream,
+                                static_cast<const gate_t*>(drop_prob), batch, channels, seed, stream, offset,
                                 static_cast<gate_t>(1.0 / tau), static_cast<int>(mode))));
   return last_error();
 }

@@ -24,10 +24,11 @@ typedef enum { PGNAS_NCHW = 0, PGNAS_NHWC = 1 } pgnas_layout;
 cudaError_t pgnas_philox_uniform(float* out, int64_t n, uint64_t seed, uint64_t stream, uint64_t offset,
                                  cudaStream_t cuda_stream);
 
-/* keep [B, C] (gate dtype) from p_logit [C]; drop_prob [C] = sigmoid(p_logit), read by `hard` only. */
+/* keep [B, C] (gate dtype) from p_logit [C]; drop_prob [C] = sigmoid(p_logit), read by `hard` only.
+ * Gate (b, c) uses element offset + b * C + c of the stream (offset + B * C <= 2^63). */
 cudaError_t pgnas_gate_keep(void* keep, const void* p_logit, const void* drop_prob, pgnas_dtype gate, int64_t batch,
-                            int64_t channels, uint64_t seed, uint64_t stream, double tau, pgnas_gate_mode mode,
-                            cudaStream_t cuda_stream);
+                            int64_t channels, uint64_t seed, uint64_t stream, uint64_t offset, double tau,
+                            pgnas_gate_mode mode, cudaStream_t cuda_stream);
 
 /* grad_p [C] = -(1/tau) sum_b grad_keep keep (1 - keep) (the relaxed gate's derivative). */
 cudaError_t pgnas_gate_keep_backward(void* grad_p, const void* grad_keep, const void* keep, pgnas_dtype gate,
@@ -42,6 +43,21 @@ cudaError_t pgnas_gated_apply(void* out, const void* x, pgnas_dtype data, const 
 cudaError_t pgnas_gated_apply_backward(void* grad_x, void* grad_keep, const void* grad, const void* x, pgnas_dtype data,
                                        const void* keep, pgnas_dtype gate, int64_t batch, int64_t channels,
                                        int64_t spatial, pgnas_layout layout, cudaStream_t cuda_stream);
+
+/* Fused BN affine -> ReLU -> gate: out = relu(x * scale[c] + shift[c]) * keep[b, c]; scale, shift [C] and
+ * keep [B, C] in the gate dtype. */
+cudaError_t pgnas_affine_relu_gate(void* out, const void* x, pgnas_dtype data, const void* scale, const void* shift,
+                                   const void* keep, pgnas_dtype gate, int64_t batch, int64_t channels,
+                                   int64_t spatial, pgnas_layout layout, cudaStream_t cuda_stream);
+
+/* Its backward: live = grad * keep where x * scale + shift > 0; grad_x = live * scale; per (b, c), in
+ * the gate dtype: row_scale = sum_s live * x, row_shift = sum_s live, grad_keep (NULL to skip) =
+ * sum_s grad * relu(x * scale + shift). */
+cudaError_t pgnas_affine_relu_gate_backward(void* grad_x, void* row_scale, void* row_shift, void* grad_keep,
+                                            const void* grad, const void* x, pgnas_dtype data, const void* scale,
+                                            const void* shift, const void* keep, pgnas_dtype gate, int64_t batch,
+                                            int64_t channels, int64_t spatial, pgnas_layout layout,
+                                            cudaStream_t cuda_stream);
 
 /* out[b, e] = sum_s w[b, s] ys[s][b, e] (+ skip[b, e]); ys: host array of n_branches device pointers;
  * weights [B, S] when per_example else [S] (float32 or float64); skip may be NULL. */

@@ -81,24 +81,44 @@ class NativeOps:
             self._ops.philox_uniform_out(out, seed, stream, offset)
         return out
 
-    def gate_keep(self, p_logit, batch, seed, stream, tau, mode):
-        return self._ops.gate_keep(p_logit.contiguous(), batch, seed, stream, tau, mode)
+    def gate_keep(self, p_logit, batch, seed, stream, tau, mode, offset):
+        return self._ops.gate_keep(p_logit.contiguous(), batch, seed, stream, tau, mode, offset)
 
     def gate_keep_backward(self, grad_keep, keep, tau, mode):
         keep = keep.contiguous()
         return self._ops.gate_keep_backward(grad_keep.to(keep.dtype).contiguous(), keep, tau, mode)
 
-    def gated_apply(self, x, p_logit, seed, stream, tau, mode):
+    def gated_apply(self, x, p_logit, seed, stream, tau, mode, offset):
         memory_format = _kernel_format(x) or torch.contiguous_format
-        out = self._ops.gated_apply(_in_format(x, memory_format), p_logit.contiguous(), seed, stream, tau, mode)
+        out = self._ops.gated_apply(_in_format(x, memory_format), p_logit.contiguous(), seed, stream, tau, mode, offset)
         return _like(out, x)
 
-    def gated_apply_backward(self, grad, x, p_logit, seed, stream, tau, mode):
+    def gated_apply_backward(self, grad, x, p_logit, seed, stream, tau, mode, offset):
         memory_format = _kernel_format(x) or torch.contiguous_format
         x_k = _in_format(x, memory_format)
         grad_k = _in_format(grad.to(x.dtype), memory_format)
-        grad_x, grad_p = self._ops.gated_apply_backward(grad_k, x_k, p_logit.contiguous(), seed, stream, tau, mode)
+        grad_x, grad_p = self._ops.gated_apply_backward(grad_k, x_k, p_logit.contiguous(), seed, stream, tau, mode,
+                                                        offset)
         return _like(grad_x, x), grad_p
+
+    @staticmethod
+    def _affine_gate_inputs(scale, shift, p_logit):
+        """scale, shift, p_logit in one gate dtype (the kernels take one): float64 if any is."""
+        dtype = torch.float64 if torch.float64 in (scale.dtype, shift.dtype, p_logit.dtype) else torch.float32
+        return [t.to(dtype).contiguous() for t in (scale, shift, p_logit)]
+
+    def affine_relu_gate(self, x, scale, shift, p_logit, seed, stream, tau, mode, offset):
+        memory_format = _kernel_format(x) or torch.contiguous_format
+        out = self._ops.affine_relu_gate(_in_format(x, memory_format), *self._affine_gate_inputs(scale, shift, p_logit),
+                                         seed, stream, tau, mode, offset)
+        return _like(out, x)
+
+    def affine_relu_gate_backward(self, grad, x, scale, shift, p_logit, seed, stream, tau, mode, offset):
+        memory_format = _kernel_format(x) or torch.contiguous_format
+        grad_x, grad_scale, grad_shift, grad_p = self._ops.affine_relu_gate_backward(
+            _in_format(grad.to(x.dtype), memory_format), _in_format(x, memory_format),
+            *self._affine_gate_inputs(scale, shift, p_logit), seed, stream, tau, mode, offset)
+        return (_like(grad_x, x), grad_scale.to(scale.dtype), grad_shift.to(shift.dtype), grad_p.to(p_logit.dtype))
 
     @staticmethod
     def _branch_inputs(ys, *others):
@@ -165,6 +185,8 @@ gate_keep = _impl.gate_keep
 gate_keep_backward = _impl.gate_keep_backward
 gated_apply = _impl.gated_apply
 gated_apply_backward = _impl.gated_apply_backward
+affine_relu_gate = _impl.affine_relu_gate
+affine_relu_gate_backward = _impl.affine_relu_gate_backward
 branch_combine = _impl.branch_combine
 branch_combine_backward = _impl.branch_combine_backward
 regularizer = _impl.regularizer

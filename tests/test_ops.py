@@ -385,6 +385,84 @@ def test_gated_apply_hard_and_full_gradients(backend, mode, dtype):
         assert torch.equal(x.grad, dy)
 
 
+# ---- element offset: a data-parallel shard draws its rows of the concatenated batch ---------------
+SHARDS = 3  # ranks, each with ROWS examples of the concatenated batch of SHARDS * ROWS
+
+
+@pytest.mark.parametrize("mode", ["relaxed", "hard", "full"])
+@pytest.mark.parametrize("gate_dtype", [torch.float32, torch.float64])
+def test_gate_keep_offset_gives_rows_of_the_concatenated_batch(backend, mode, gate_dtype):
+    rows, channels = 2, 7
+    gen = torch.Generator().manual_seed(31)
+    p_logit = (1.5 * torch.randn(channels, generator=gen)).to(gate_dtype)
+    dy = torch.randn(SHARDS * rows, channels, generator=gen).to(gate_dtype)
+    whole_p = p_logit.clone().requires_grad_()
+    whole = pf.ops.gate_keep(whole_p, SHARDS * rows, seed=SEED, stream=STREAM, mode=mode, backend=backend)
+    whole.backward(dy)
+    assert rel_err(whole, expected_keep(p_logit, SHARDS * rows, mode=mode)) < TOLERANCE[gate_dtype]
+    grad_sum = torch.zeros_like(p_logit)
+    for r in range(SHARDS):
+        shard_p = p_logit.clone().requires_grad_()
+        shard = pf.ops.gate_keep(shard_p, rows, seed=SEED, stream=STREAM, mode=mode, offset=r * rows * channels,
+                                 backend=backend)
+        # the same elements of the stream; relaxed values may differ in the last bit (vectorised tails)
+        exact = mode != "relaxed"
+        tol = 0 if exact else (1e-6 if gate_dtype == torch.float32 else 1e-14)
+        torch.testing.assert_close(shard, whole[r * rows:(r + 1) * rows].detach(), rtol=tol, atol=tol)
+        shard.backward(dy[r * rows:(r + 1) * rows])
+        grad_sum += shard_p.grad
+    # the shards' gradients add up to the concatenated batch's (DDP sums them, up to its 1 / world)
+    torch.testing.assert_close(grad_sum, whole_p.grad, rtol=TOLERANCE[gate_dtype], atol=TOLERANCE[gate_dtype])
+    if mode == "relaxed":
+        assert grad_sum.abs().sum() > 0
+
+
+@pytest.mark.parametrize("mode", ["relaxed", "hard"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("shape, layout", [((2, 5, 3, 3), "contiguous"), ((2, 6, 3, 5), "channels_last"),
+                                           ((1, 4, 3, 2), "channel_slice"), ((3, 9), "contiguous")])
+def test_gated_apply_offset_gives_rows_of_the_concatenated_batch(backend, shape, layout, dtype, mode):
+    """Values, dx and d p_logit of each shard (offset r * B * C) against the call on the whole batch."""
+    rows, channels = shape[0], shape[1]
+    whole_shape = (SHARDS * rows, *shape[1:])
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((shape, layout)).encode()))
+    x = make_x(whole_shape, dtype, layout, gen)
+    p_logit = 1.5 * torch.randn(channels, generator=gen)
+    dy = torch.randn(whole_shape, generator=gen).to(dtype)
+    tol = max(TOLERANCE[dtype], TOLERANCE[p_logit.dtype])  # float32 gate math bounds float64 data
+    whole_x, whole_p = x.detach().clone().requires_grad_(), p_logit.clone().requires_grad_()
+    whole = pf.ops.gated_apply(whole_x, whole_p, seed=SEED, stream=STREAM, mode=mode, backend=backend)
+    whole.backward(dy)
+    expected = x.to(torch.float64) * broadcast_keep(expected_keep(p_logit, SHARDS * rows, mode=mode), x)
+    assert rel_err(whole, expected) < tol
+    grad_p = torch.zeros_like(p_logit)
+    for r in range(SHARDS):
+        at = slice(r * rows, (r + 1) * rows)
+        shard_x, shard_p = x[at].detach().requires_grad_(), p_logit.clone().requires_grad_()
+        shard = pf.ops.gated_apply(shard_x, shard_p, seed=SEED, stream=STREAM, mode=mode,
+                                   offset=r * rows * channels, backend=backend)
+        shard.backward(dy[at])
+        assert rel_err(shard, whole[at]) < tol
+        assert rel_err(shard_x.grad, whole_x.grad[at]) < tol
+        grad_p += shard_p.grad
+    if mode == "relaxed":
+        assert grad_p.abs().sum() > 0
+    assert rel_err(grad_p, whole_p.grad) < tol
+
+
+def test_gate_offset_uses_64_bit_element_indices(backend):
+    """Offsets past 2^32 (the counter's high word) and up to the last element below 2^63."""
+    p_logit = torch.randn(5, dtype=torch.float64, generator=torch.Generator().manual_seed(32))
+    x = torch.randn(3, 5, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(33))
+    for offset in ((1 << 32) - 7, (1 << 40) + 3, (1 << 63) - 15):
+        keep = pf.ops.gate_keep(p_logit, 3, seed=SEED, stream=STREAM, offset=offset, backend=backend)
+        u = pf.ops.philox_uniform(15, seed=SEED, stream=STREAM, offset=offset, backend="reference").double()
+        expected = torch.sigmoid(-(p_logit + torch.log(u.view(3, 5)) - torch.log1p(-u.view(3, 5))) / 0.2)
+        torch.testing.assert_close(keep, expected, rtol=1e-12, atol=0)
+        out = pf.ops.gated_apply(x, p_logit, seed=SEED, stream=STREAM, offset=offset, backend=backend)
+        torch.testing.assert_close(out, x * expected[:, :, None], rtol=1e-12, atol=0)
+
+
 # ---- branch_combine -----------------------------------------------------------------------------
 def expected_combine(ys, weights, skip=None) -> torch.Tensor:
     out = torch.zeros(ys[0].shape, dtype=torch.float64) if skip is None else skip.to(torch.float64).clone()
@@ -600,14 +678,21 @@ def _opcheck_cases(backend):
              ("candidate_keep", (r(7, grad=True), torch.tensor([0, 3, (1 << 40) - 1]), SEED, 5, 2, backend))]
     for mode in ("relaxed", "hard", "full"):
         cases += [
-            ("gate_keep", (r(7, grad=True), 3, SEED, STREAM, 0.2, mode, backend)),
+            ("gate_keep", (r(7, grad=True), 3, SEED, STREAM, 0.2, mode, 0, backend)),
+            ("gate_keep", (r(7, grad=True), 3, SEED, STREAM, 0.2, mode, (1 << 40) + 7, backend)),
             ("gate_keep_backward", (r(3, 7), torch.rand(3, 7, generator=gen), 0.2, mode, backend)),
-            ("gated_apply", (r(3, 7, 5, 5, grad=True), r(7, grad=True), SEED, STREAM, 0.2, mode, backend)),
+            ("gated_apply", (r(3, 7, 5, 5, grad=True), r(7, grad=True), SEED, STREAM, 0.2, mode, 0, backend)),
             ("gated_apply", (r(3, 7, 5, 5).to(memory_format=torch.channels_last).requires_grad_(),
-                             r(7, grad=True), SEED, STREAM, 0.5, mode, backend)),
+                             r(7, grad=True), SEED, STREAM, 0.5, mode, 42, backend)),
             ("gated_apply", (r(3, 7, dtype=torch.bfloat16).requires_grad_(), r(7, grad=True), SEED, STREAM, 0.2, mode,
-                             backend)),
-            ("gated_apply_backward", (r(3, 7, 5, 5), r(3, 7, 5, 5), r(7), SEED, STREAM, 0.2, mode, backend)),
+                             0, backend)),
+            ("gated_apply_backward", (r(3, 7, 5, 5), r(3, 7, 5, 5), r(7), SEED, STREAM, 0.2, mode, 21, backend)),
+            ("affine_relu_gate", (r(3, 7, 5, 5, grad=True), r(7, grad=True), r(7, grad=True), r(7, grad=True), SEED,
+                                  STREAM, 0.2, mode, 21, backend)),
+            ("affine_relu_gate", (r(3, 7, 5, 5).to(memory_format=torch.channels_last).requires_grad_(),
+                                  r(7, grad=True), r(7, grad=True), r(7, grad=True), SEED, STREAM, 0.5, mode, 0, backend)),
+            ("affine_relu_gate_backward", (r(3, 7, 5, 5), r(3, 7, 5, 5), r(7), r(7), r(7), SEED, STREAM, 0.2, mode, 7,
+                                           backend)),
         ]
     for wshape in ((3, 2), (2,)):
         for bw_grad in (None, False):
@@ -684,6 +769,12 @@ BAD_CALLS = [
     ("gate seed negative", lambda: pf.ops.gate_keep(P, 3, seed=-1, stream=0), ValueError, "seed"),
     ("gate seed bool", lambda: pf.ops.gate_keep(P, 3, seed=False, stream=0), TypeError, "seed"),
     ("gate stream 2^63", lambda: pf.ops.gate_keep(P, 3, seed=0, stream=1 << 63), ValueError, "stream"),
+    ("gate offset negative", lambda: pf.ops.gate_keep(P, 3, seed=0, stream=0, offset=-1), ValueError, "offset"),
+    ("gate offset bool", lambda: pf.ops.gate_keep(P, 3, seed=0, stream=0, offset=True), TypeError, "offset"),
+    ("gate offset float", lambda: pf.ops.gate_keep(P, 3, seed=0, stream=0, offset=7.0), TypeError, "offset"),
+    ("gate offset 2^63", lambda: pf.ops.gate_keep(P, 3, seed=0, stream=0, offset=1 << 63), ValueError, "offset"),
+    ("gate offset + B*C past 2^63", lambda: pf.ops.gate_keep(P, 3, seed=0, stream=0, offset=(1 << 63) - 20),
+     ValueError, r"offset \+ batch \* C"),
     # gated_apply
     ("x int", lambda: pf.ops.gated_apply(X.long(), P, seed=0, stream=0), TypeError, r"\bx must have dtype"),
     ("x 1-D", lambda: pf.ops.gated_apply(torch.randn(7), P, seed=0, stream=0), ValueError, r"\bx must have at least"),
@@ -695,6 +786,10 @@ BAD_CALLS = [
     ("apply mode", lambda: pf.ops.gated_apply(X, P, seed=0, stream=0, mode="Hard"), ValueError, "mode"),
     ("apply seed 2^63", lambda: pf.ops.gated_apply(X, P, seed=1 << 63, stream=0), ValueError, "seed"),
     ("apply seed bool", lambda: pf.ops.gated_apply(X, P, seed=True, stream=0), TypeError, "seed"),
+    ("apply offset negative", lambda: pf.ops.gated_apply(X, P, seed=0, stream=0, offset=-7), ValueError, "offset"),
+    ("apply offset float", lambda: pf.ops.gated_apply(X, P, seed=0, stream=0, offset=21.0), TypeError, "offset"),
+    ("apply offset + B*C past 2^63", lambda: pf.ops.gated_apply(X, P, seed=0, stream=0, offset=(1 << 63) - 20),
+     ValueError, r"offset \+ batch \* C"),
     # branch_combine
     ("ys a tensor", lambda: pf.ops.branch_combine(torch.stack(YS), W), TypeError, "ys"),
     ("ys empty", lambda: pf.ops.branch_combine([], W), TypeError, "ys"),

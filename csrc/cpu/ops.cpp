@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "../checks.h"
+#include "fused.h"
 #include "gaussian.h"
 #include "kernels.h"
 
@@ -35,7 +36,7 @@ void philox_uniform_out(at::Tensor out, int64_t seed, int64_t stream, int64_t of
                       static_cast<uint64_t>(offset));
 }
 
-at::Tensor keep_of(const at::Tensor& p_logit, int64_t batch, int64_t seed, int64_t stream, double tau,
+at::Tensor keep_of(const at::Tensor& p_logit, int64_t batch, int64_t seed, int64_t stream, int64_t offset, double tau,
                    cpu::GateMode mode) {
   const int64_t channels = p_logit.size(0);
   at::Tensor keep = at::empty({batch, channels}, p_logit.options());
@@ -44,18 +45,20 @@ at::Tensor keep_of(const at::Tensor& p_logit, int64_t batch, int64_t seed, int64
   with_gate_type(p_logit, [&](auto g) {
     using G = decltype(g);
     cpu::gate_keep<G>(keep.data_ptr<G>(), p_logit.data_ptr<G>(), drop_prob.data_ptr<G>(), batch, channels,
-                      static_cast<uint64_t>(seed), static_cast<uint64_t>(stream), tau, mode);
+                      static_cast<uint64_t>(seed), static_cast<uint64_t>(stream), static_cast<uint64_t>(offset), tau,
+                      mode);
   });
   return keep;
 }
 
 at::Tensor gate_keep(const at::Tensor& p_logit, int64_t batch, int64_t seed, int64_t stream, double tau,
-                     const std::string& mode) {
+                     const std::string& mode, int64_t offset) {
   check_p_logit(p_logit, -1, kCPU);
   TORCH_CHECK_VALUE(batch >= 1, "batch must be >= 1, got ", batch);
   check_rng(seed, stream);
   check_tau(tau);
-  return keep_of(p_logit, batch, seed, stream, tau, parse_mode(mode));
+  check_gate_offset(offset, batch * p_logit.size(0));
+  return keep_of(p_logit, batch, seed, stream, offset, tau, parse_mode(mode));
 }
 
 at::Tensor gate_keep_backward(const at::Tensor& grad_keep, const at::Tensor& keep, double tau, const std::string& mode) {
@@ -77,12 +80,13 @@ at::Tensor gate_keep_backward(const at::Tensor& grad_keep, const at::Tensor& kee
 }
 
 at::Tensor gated_apply(const at::Tensor& x, const at::Tensor& p_logit, int64_t seed, int64_t stream, double tau,
-                       const std::string& mode) {
+                       const std::string& mode, int64_t offset) {
   const ApplyShape s = check_apply(x, p_logit, seed, stream, tau, kCPU);
+  check_gate_offset(offset, s.batch * s.channels);
   const cpu::GateMode m = parse_mode(mode);
   at::Tensor out = at::empty_like(x);
   if (x.numel() == 0) return out;
-  const at::Tensor keep = keep_of(p_logit, s.batch, seed, stream, tau, m);
+  const at::Tensor keep = keep_of(p_logit, s.batch, seed, stream, offset, tau, m);
   PGNAS_DISPATCH_DATA(x.scalar_type(), "gated_apply", [&] {
     with_gate_type(p_logit, [&](auto g) {
       using G = decltype(g);
@@ -95,15 +99,16 @@ at::Tensor gated_apply(const at::Tensor& x, const at::Tensor& p_logit, int64_t s
 
 std::tuple<at::Tensor, at::Tensor> gated_apply_backward(const at::Tensor& grad, const at::Tensor& x,
                                                         const at::Tensor& p_logit, int64_t seed, int64_t stream,
-                                                        double tau, const std::string& mode) {
+                                                        double tau, const std::string& mode, int64_t offset) {
   const ApplyShape s = check_apply(x, p_logit, seed, stream, tau, kCPU);
+  check_gate_offset(offset, s.batch * s.channels);
   check_like("grad", grad, "x", x);
   const cpu::GateMode m = parse_mode(mode);
   at::Tensor grad_x = at::empty_like(x);
   at::Tensor grad_p = at::zeros_like(p_logit);
   if (x.numel() == 0) return {grad_x, grad_p};
-  // The gates are regenerated from (seed, stream), never stored (design.md, FlashAttention habit).
-  const at::Tensor keep = keep_of(p_logit, s.batch, seed, stream, tau, m);
+  // The gates are regenerated from (seed, stream, offset), never stored (design.md, FlashAttention habit).
+  const at::Tensor keep = keep_of(p_logit, s.batch, seed, stream, offset, tau, m);
   const bool relaxed = m == cpu::GateMode::relaxed;
   at::Tensor grad_keep = relaxed ? at::empty_like(keep) : at::Tensor();
   PGNAS_DISPATCH_DATA(x.scalar_type(), "gated_apply_backward", [&] {
@@ -118,6 +123,63 @@ std::tuple<at::Tensor, at::Tensor> gated_apply_backward(const at::Tensor& grad, 
     });
   });
   return {grad_x, grad_p};
+}
+
+at::Tensor affine_relu_gate(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
+                            const at::Tensor& p_logit, int64_t seed, int64_t stream, double tau, const std::string& mode,
+                            int64_t offset) {
+  const ApplyShape s = check_apply(x, p_logit, seed, stream, tau, kCPU);
+  check_affine_vector("scale", scale, p_logit);
+  check_affine_vector("shift", shift, p_logit);
+  check_gate_offset(offset, s.batch * s.channels);
+  const cpu::GateMode m = parse_mode(mode);
+  at::Tensor out = at::empty_like(x);
+  if (x.numel() == 0) return out;
+  const at::Tensor keep = keep_of(p_logit, s.batch, seed, stream, offset, tau, m);
+  PGNAS_DISPATCH_DATA(x.scalar_type(), "affine_relu_gate", [&] {
+    with_gate_type(p_logit, [&](auto g) {
+      using G = decltype(g);
+      cpu::affine_relu_gate<scalar_t, G>(out.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), scale.data_ptr<G>(),
+                                         shift.data_ptr<G>(), keep.data_ptr<G>(), s.batch, s.channels, s.spatial,
+                                         s.layout);
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> affine_relu_gate_backward(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
+    const at::Tensor& p_logit, int64_t seed, int64_t stream, double tau, const std::string& mode, int64_t offset) {
+  const ApplyShape s = check_apply(x, p_logit, seed, stream, tau, kCPU);
+  check_affine_vector("scale", scale, p_logit);
+  check_affine_vector("shift", shift, p_logit);
+  check_gate_offset(offset, s.batch * s.channels);
+  check_like("grad", grad, "x", x);
+  const cpu::GateMode m = parse_mode(mode);
+  at::Tensor grad_x = at::empty_like(x);
+  at::Tensor grad_scale = at::zeros_like(scale), grad_shift = at::zeros_like(shift), grad_p = at::zeros_like(p_logit);
+  if (x.numel() == 0) return {grad_x, grad_scale, grad_shift, grad_p};
+  const at::Tensor keep = keep_of(p_logit, s.batch, seed, stream, offset, tau, m);  // regenerated, never stored
+  const bool relaxed = m == cpu::GateMode::relaxed;
+  at::Tensor rows = at::empty({2, s.batch, s.channels}, x.options().dtype(at::kDouble));
+  at::Tensor grad_keep = relaxed ? at::empty_like(keep) : at::Tensor();
+  PGNAS_DISPATCH_DATA(x.scalar_type(), "affine_relu_gate_backward", [&] {
+    with_gate_type(p_logit, [&](auto g) {
+      using G = decltype(g);
+      double* row_scale = rows.data_ptr<double>();
+      double* row_shift = row_scale + s.batch * s.channels;
+      cpu::affine_relu_gate_backward<scalar_t, G>(
+          grad_x.data_ptr<scalar_t>(), row_scale, row_shift, relaxed ? grad_keep.data_ptr<G>() : nullptr,
+          grad.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), scale.data_ptr<G>(), shift.data_ptr<G>(),
+          keep.data_ptr<G>(), s.batch, s.channels, s.spatial, s.layout);
+      cpu::sum_rows<G>(grad_scale.data_ptr<G>(), row_scale, s.batch, s.channels);
+      cpu::sum_rows<G>(grad_shift.data_ptr<G>(), row_shift, s.batch, s.channels);
+      if (relaxed)
+        cpu::gate_keep_backward<G>(grad_p.data_ptr<G>(), grad_keep.data_ptr<G>(), keep.data_ptr<G>(), s.batch,
+                                   s.channels, tau);
+    });
+  });
+  return {grad_x, grad_scale, grad_shift, grad_p};
 }
 
 at::Tensor branch_combine(const std::vector<at::Tensor>& ys, const at::Tensor& weights,
@@ -293,11 +355,15 @@ void register_cpu_ops(pybind11::module_& m) {
   m.doc() = "The `cpu` backend: the op set in C++ with OpenMP (design.md layer 6).";
   m.def("philox_uniform_out", &philox_uniform_out, "out"_a, "seed"_a, "stream"_a, "offset"_a,
         "Fill float32 [n] `out` with u of elements offset .. offset + n - 1.");
-  m.def("gate_keep", &gate_keep, "p_logit"_a, "batch"_a, "seed"_a, "stream"_a, "tau"_a, "mode"_a);
+  m.def("gate_keep", &gate_keep, "p_logit"_a, "batch"_a, "seed"_a, "stream"_a, "tau"_a, "mode"_a, "offset"_a = 0);
   m.def("gate_keep_backward", &gate_keep_backward, "grad_keep"_a, "keep"_a, "tau"_a, "mode"_a);
-  m.def("gated_apply", &gated_apply, "x"_a, "p_logit"_a, "seed"_a, "stream"_a, "tau"_a, "mode"_a);
+  m.def("gated_apply", &gated_apply, "x"_a, "p_logit"_a, "seed"_a, "stream"_a, "tau"_a, "mode"_a, "offset"_a = 0);
   m.def("gated_apply_backward", &gated_apply_backward, "grad"_a, "x"_a, "p_logit"_a, "seed"_a, "stream"_a, "tau"_a,
-        "mode"_a);
+        "mode"_a, "offset"_a = 0);
+  m.def("affine_relu_gate", &affine_relu_gate, "x"_a, "scale"_a, "shift"_a, "p_logit"_a, "seed"_a, "stream"_a, "tau"_a,
+        "mode"_a, "offset"_a);
+  m.def("affine_relu_gate_backward", &affine_relu_gate_backward, "grad"_a, "x"_a, "scale"_a, "shift"_a, "p_logit"_a,
+        "seed"_a, "stream"_a, "tau"_a, "mode"_a, "offset"_a);
   m.def("branch_combine", &branch_combine, "ys"_a, "weights"_a, "skip"_a);
   m.def("branch_combine_backward", &branch_combine_backward, "grad"_a, "ys"_a, "weights"_a, "backward_weights"_a);
   m.def("regularizer", &regularizer, "weights"_a, "p_logits"_a, "weight_reg"_a, "drop_reg"_a, "n_train"_a);

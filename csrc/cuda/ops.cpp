@@ -50,25 +50,27 @@ void philox_uniform_out(at::Tensor out, int64_t seed, int64_t stream, int64_t of
                                         current_stream()));
 }
 
-at::Tensor keep_of(const at::Tensor& p_logit, int64_t batch, int64_t seed, int64_t stream, double tau,
+at::Tensor keep_of(const at::Tensor& p_logit, int64_t batch, int64_t seed, int64_t stream, int64_t offset, double tau,
                    cpu::GateMode mode) {
   at::Tensor keep = at::empty({batch, p_logit.size(0)}, p_logit.options());
   // torch's own sigmoid, as the reference: hard masks then agree even on exact ties u + p == 1
   const at::Tensor drop_prob = mode == cpu::GateMode::hard ? at::sigmoid(p_logit) : p_logit;
   PGNAS_CUDA_CHECK(pgnas_gate_keep(keep.data_ptr(), p_logit.data_ptr(), drop_prob.data_ptr(), code_of(p_logit), batch,
-                                   p_logit.size(0), static_cast<uint64_t>(seed), static_cast<uint64_t>(stream), tau,
-                                   static_cast<pgnas_gate_mode>(mode), current_stream()));
+                                   p_logit.size(0), static_cast<uint64_t>(seed), static_cast<uint64_t>(stream),
+                                   static_cast<uint64_t>(offset), tau, static_cast<pgnas_gate_mode>(mode),
+                                   current_stream()));
   return keep;
 }
 
 at::Tensor gate_keep(const at::Tensor& p_logit, int64_t batch, int64_t seed, int64_t stream, double tau,
-                     const std::string& mode) {
+                     const std::string& mode, int64_t offset) {
   check_p_logit(p_logit, -1, kCUDA);
   TORCH_CHECK_VALUE(batch >= 1, "batch must be >= 1, got ", batch);
   check_rng(seed, stream);
   check_tau(tau);
+  check_gate_offset(offset, batch * p_logit.size(0));
   const c10::cuda::CUDAGuard guard(p_logit.device());
-  return keep_of(p_logit, batch, seed, stream, tau, parse_mode(mode));
+  return keep_of(p_logit, batch, seed, stream, offset, tau, parse_mode(mode));
 }
 
 at::Tensor gate_keep_backward(const at::Tensor& grad_keep, const at::Tensor& keep, double tau, const std::string& mode) {
@@ -89,13 +91,14 @@ at::Tensor gate_keep_backward(const at::Tensor& grad_keep, const at::Tensor& kee
 pgnas_layout layout_code(cpu::Layout layout) { return layout == cpu::Layout::nchw ? PGNAS_NCHW : PGNAS_NHWC; }
 
 at::Tensor gated_apply(const at::Tensor& x, const at::Tensor& p_logit, int64_t seed, int64_t stream, double tau,
-                       const std::string& mode) {
+                       const std::string& mode, int64_t offset) {
   const ApplyShape s = check_apply(x, p_logit, seed, stream, tau, kCUDA);
+  check_gate_offset(offset, s.batch * s.channels);
   const cpu::GateMode m = parse_mode(mode);
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor out = at::empty_like(x);
   if (x.numel() == 0) return out;
-  const at::Tensor keep = keep_of(p_logit, s.batch, seed, stream, tau, m);
+  const at::Tensor keep = keep_of(p_logit, s.batch, seed, stream, offset, tau, m);
   PGNAS_CUDA_CHECK(pgnas_gated_apply(out.data_ptr(), x.data_ptr(), code_of(x), keep.data_ptr(), code_of(keep), s.batch,
                                      s.channels, s.spatial, layout_code(s.layout), current_stream()));
   return out;
@@ -103,15 +106,16 @@ at::Tensor gated_apply(const at::Tensor& x, const at::Tensor& p_logit, int64_t s
 
 std::tuple<at::Tensor, at::Tensor> gated_apply_backward(const at::Tensor& grad, const at::Tensor& x,
                                                         const at::Tensor& p_logit, int64_t seed, int64_t stream,
-                                                        double tau, const std::string& mode) {
+                                                        double tau, const std::string& mode, int64_t offset) {
   const ApplyShape s = check_apply(x, p_logit, seed, stream, tau, kCUDA);
+  check_gate_offset(offset, s.batch * s.channels);
   check_like("grad", grad, "x", x);
   const cpu::GateMode m = parse_mode(mode);
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor grad_x = at::empty_like(x);
   if (x.numel() == 0) return {grad_x, at::zeros_like(p_logit)};
-  // The gates are regenerated from (seed, stream), never stored (design.md, FlashAttention habit).
-  const at::Tensor keep = keep_of(p_logit, s.batch, seed, stream, tau, m);
+  // The gates are regenerated from (seed, stream, offset), never stored (design.md, FlashAttention habit).
+  const at::Tensor keep = keep_of(p_logit, s.batch, seed, stream, offset, tau, m);
   const bool relaxed = m == cpu::GateMode::relaxed;
   at::Tensor grad_keep = relaxed ? at::empty_like(keep) : at::Tensor();
   PGNAS_CUDA_CHECK(pgnas_gated_apply_backward(grad_x.data_ptr(), relaxed ? grad_keep.data_ptr() : nullptr,
@@ -123,6 +127,51 @@ std::tuple<at::Tensor, at::Tensor> gated_apply_backward(const at::Tensor& grad, 
   PGNAS_CUDA_CHECK(pgnas_gate_keep_backward(grad_p.data_ptr(), grad_keep.data_ptr(), keep.data_ptr(), code_of(keep),
                                             s.batch, s.channels, tau, current_stream()));
   return {grad_x, grad_p};
+}
+
+at::Tensor affine_relu_gate(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
+                            const at::Tensor& p_logit, int64_t seed, int64_t stream, double tau, const std::string& mode,
+                            int64_t offset) {
+  const ApplyShape s = check_apply(x, p_logit, seed, stream, tau, kCUDA);
+  check_affine_vector("scale", scale, p_logit);
+  check_affine_vector("shift", shift, p_logit);
+  check_gate_offset(offset, s.batch * s.channels);
+  const cpu::GateMode m = parse_mode(mode);
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor out = at::empty_like(x);
+  if (x.numel() == 0) return out;
+  const at::Tensor keep = keep_of(p_logit, s.batch, seed, stream, offset, tau, m);
+  PGNAS_CUDA_CHECK(pgnas_affine_relu_gate(out.data_ptr(), x.data_ptr(), code_of(x), scale.data_ptr(), shift.data_ptr(),
+                                          keep.data_ptr(), code_of(keep), s.batch, s.channels, s.spatial,
+                                          layout_code(s.layout), current_stream()));
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> affine_relu_gate_backward(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
+    const at::Tensor& p_logit, int64_t seed, int64_t stream, double tau, const std::string& mode, int64_t offset) {
+  const ApplyShape s = check_apply(x, p_logit, seed, stream, tau, kCUDA);
+  check_affine_vector("scale", scale, p_logit);
+  check_affine_vector("shift", shift, p_logit);
+  check_gate_offset(offset, s.batch * s.channels);
+  check_like("grad", grad, "x", x);
+  const cpu::GateMode m = parse_mode(mode);
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor grad_x = at::empty_like(x);
+  if (x.numel() == 0) return {grad_x, at::zeros_like(scale), at::zeros_like(shift), at::zeros_like(p_logit)};
+  const at::Tensor keep = keep_of(p_logit, s.batch, seed, stream, offset, tau, m);  // regenerated, never stored
+  const bool relaxed = m == cpu::GateMode::relaxed;
+  at::Tensor rows = at::empty({2, s.batch, s.channels}, keep.options());
+  at::Tensor grad_keep = relaxed ? at::empty_like(keep) : at::Tensor();
+  PGNAS_CUDA_CHECK(pgnas_affine_relu_gate_backward(
+      grad_x.data_ptr(), rows[0].data_ptr(), rows[1].data_ptr(), relaxed ? grad_keep.data_ptr() : nullptr,
+      grad.data_ptr(), x.data_ptr(), code_of(x), scale.data_ptr(), shift.data_ptr(), keep.data_ptr(), code_of(keep),
+      s.batch, s.channels, s.spatial, layout_code(s.layout), current_stream()));
+  at::Tensor grad_p = at::zeros_like(p_logit);
+  if (relaxed)
+    PGNAS_CUDA_CHECK(pgnas_gate_keep_backward(grad_p.data_ptr(), grad_keep.data_ptr(), keep.data_ptr(), code_of(keep),
+                                              s.batch, s.channels, tau, current_stream()));
+  return {grad_x, rows[0].sum(0), rows[1].sum(0), grad_p};  // summed over the batch
 }
 
 at::Tensor branch_combine(const std::vector<at::Tensor>& ys, const at::Tensor& weights,
@@ -343,11 +392,15 @@ void register_cuda_ops(pybind11::module_& m) {
   using namespace pybind11::literals;
   m.doc() = "The `cuda` backend: raw-pointer CUDA kernels (kernels/*.cu) on the current stream.";
   m.def("philox_uniform_out", &philox_uniform_out, "out"_a, "seed"_a, "stream"_a, "offset"_a);
-  m.def("gate_keep", &gate_keep, "p_logit"_a, "batch"_a, "seed"_a, "stream"_a, "tau"_a, "mode"_a);
+  m.def("gate_keep", &gate_keep, "p_logit"_a, "batch"_a, "seed"_a, "stream"_a, "tau"_a, "mode"_a, "offset"_a = 0);
   m.def("gate_keep_backward", &gate_keep_backward, "grad_keep"_a, "keep"_a, "tau"_a, "mode"_a);
-  m.def("gated_apply", &gated_apply, "x"_a, "p_logit"_a, "seed"_a, "stream"_a, "tau"_a, "mode"_a);
+  m.def("gated_apply", &gated_apply, "x"_a, "p_logit"_a, "seed"_a, "stream"_a, "tau"_a, "mode"_a, "offset"_a = 0);
   m.def("gated_apply_backward", &gated_apply_backward, "grad"_a, "x"_a, "p_logit"_a, "seed"_a, "stream"_a, "tau"_a,
-        "mode"_a);
+        "mode"_a, "offset"_a = 0);
+  m.def("affine_relu_gate", &affine_relu_gate, "x"_a, "scale"_a, "shift"_a, "p_logit"_a, "seed"_a, "stream"_a, "tau"_a,
+        "mode"_a, "offset"_a);
+  m.def("affine_relu_gate_backward", &affine_relu_gate_backward, "grad"_a, "x"_a, "scale"_a, "shift"_a, "p_logit"_a,
+        "seed"_a, "stream"_a, "tau"_a, "mode"_a, "offset"_a);
   m.def("branch_combine", &branch_combine, "ys"_a, "weights"_a, "skip"_a);
   m.def("branch_combine_backward", &branch_combine_backward, "grad"_a, "ys"_a, "weights"_a, "backward_weights"_a);
   m.def("regularizer", &regularizer, "weights"_a, "p_logits"_a, "weight_reg"_a, "drop_reg"_a, "n_train"_a);

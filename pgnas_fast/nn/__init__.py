@@ -1,5 +1,6 @@
 """Gated modules (design.md layer 4): gated conv/linear, branch combination, the regulariser."""
 from .combine import ShakeShake
+from .fused import norm_relu_conv
 from .gated import (
     GatedConv2d,
     GatedInput,
@@ -21,6 +22,7 @@ __all__ = [
     "candidate_masks",
     "gated_layers",
     "network_regularizer",
+    "norm_relu_conv",
     "set_gates",
     "stacked_candidate_masks",
 ]

@@ -29,6 +29,7 @@ __all__ = [
     "GATE_MODES",
     "BackendUnavailableError",
     "Domain",
+    "affine_relu_gate",
     "backends",
     "branch_combine",
     "candidate_keep",
@@ -103,16 +104,26 @@ def philox_uniform(n: int, *, seed: int, stream: int, offset: int = 0, device="c
     return _library.philox_uniform(n, seed, stream, offset, device, resolve(backend, device))
 
 
-def gate_keep(p_logit, batch: int, *, seed: int, stream: int, tau: float = 0.2, mode: str = "relaxed", backend=None):
+def _check_gate_offset(offset: int, n_gates: int) -> None:
+    _check_int("offset", offset, 0, SEED_LIMIT)
+    if offset + n_gates > SEED_LIMIT:
+        raise ValueError(f"offset + batch * C must be <= 2^63, got {offset + n_gates}")
+
+
+def gate_keep(p_logit, batch: int, *, seed: int, stream: int, tau: float = 0.2, mode: str = "relaxed",
+              offset: int = 0, backend=None):
     """keep [batch, C] (float32) from per-channel drop logits p_logit [C].
 
-    Gate (b, c) uses element i = b * C + c of the stream. relaxed: 1 - sigmoid((p_logit + L) / tau)
-    with logistic noise L; hard: 0 where u + sigmoid(p_logit) >= 1, else 1; full: ones.
+    Gate (b, c) uses element i = offset + b * C + c of the stream. relaxed: 1 - sigmoid((p_logit + L) / tau)
+    with logistic noise L; hard: 0 where u + sigmoid(p_logit) >= 1, else 1; full: ones. With
+    offset = r * C, the gates are rows r .. r + batch - 1 of a call on a larger batch (data parallel).
     """
     _check_gate_args(p_logit, tau, mode, seed, stream)
     _check_int("batch", batch, 1)
+    _check_gate_offset(offset, batch * p_logit.shape[0])
     # p_logit is tiny ([C]); a contiguous copy spares every backend a strided path (e.g. expanded views)
-    return _library.gate_keep(p_logit.contiguous(), batch, seed, stream, float(tau), mode, resolve(backend, p_logit.device))
+    return _library.gate_keep(p_logit.contiguous(), batch, seed, stream, float(tau), mode, offset,
+                              resolve(backend, p_logit.device))
 
 
 def candidate_keep(p_logit, candidates, *, seed: int, layer: int, domain: Domain = Domain.CANDIDATE, backend=None):
@@ -134,14 +145,41 @@ def candidate_keep(p_logit, candidates, *, seed: int, layer: int, domain: Domain
                                    resolve(backend, p_logit.device))
 
 
-def gated_apply(x, p_logit, *, seed: int, stream: int, tau: float = 0.2, mode: str = "relaxed", backend=None):
-    """x * gate_keep(p_logit, x.shape[0], ...) broadcast over x's trailing dims; x is [B, C, ...]."""
+def gated_apply(x, p_logit, *, seed: int, stream: int, tau: float = 0.2, mode: str = "relaxed", offset: int = 0,
+                backend=None):
+    """x * gate_keep(p_logit, x.shape[0], ..., offset=offset) broadcast over x's trailing dims; x is [B, C, ...]."""
     _check_tensor("x", x, DATA_DTYPES, min_ndim=2)
     _check_gate_args(p_logit, tau, mode, seed, stream)
     if p_logit.shape[0] != x.shape[1]:
         raise ValueError(f"p_logit must have shape [{x.shape[1]}] (x.shape[1]), got {tuple(p_logit.shape)}")
+    _check_gate_offset(offset, x.shape[0] * x.shape[1])
     _check_same_device("x", x, p_logit=p_logit)
-    return _library.gated_apply(x, p_logit.contiguous(), seed, stream, float(tau), mode, resolve(backend, x.device))
+    return _library.gated_apply(x, p_logit.contiguous(), seed, stream, float(tau), mode, offset,
+                                resolve(backend, x.device))
+
+
+def affine_relu_gate(x, scale, shift, p_logit, *, seed: int, stream: int, tau: float = 0.2, mode: str = "relaxed",
+                     offset: int = 0, backend=None):
+    """The fused pre-activation of the authors' BN - ReLU - [gate] - conv order, in one pass over x:
+
+        gated_apply(relu(x * scale[c] + shift[c]), p_logit, ..., offset=offset)
+
+    x [B, C, ...]; scale, shift [C] (a BatchNorm's affine map folded with its statistics: scale =
+    gamma / sqrt(var + eps), shift = beta - mean * scale), float32 (float64 on the gradcheck path).
+    The affine map and the ReLU run in float32 (float64 when any input is float64) and the result is
+    rounded once to x's dtype. Gradients for x, scale, shift and (relaxed) p_logit.
+    """
+    _check_tensor("x", x, DATA_DTYPES, min_ndim=2)
+    _check_gate_args(p_logit, tau, mode, seed, stream)
+    channels = x.shape[1]
+    for name, t in (("scale", scale), ("shift", shift), ("p_logit", p_logit)):
+        _check_tensor(name, t, GATE_DTYPES, ndim=1)
+        if t.shape[0] != channels:
+            raise ValueError(f"{name} must have shape [{channels}] (x.shape[1]), got {tuple(t.shape)}")
+    _check_gate_offset(offset, x.shape[0] * channels)
+    _check_same_device("x", x, scale=scale, shift=shift, p_logit=p_logit)
+    return _library.affine_relu_gate(x, scale.contiguous(), shift.contiguous(), p_logit.contiguous(), seed, stream,
+                                     float(tau), mode, offset, resolve(backend, x.device))
 
 
 def branch_combine(ys, weights, *, skip=None, backward_weights=None, backend=None):

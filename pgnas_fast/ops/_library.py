@@ -32,12 +32,14 @@ def _(n, seed, stream, offset, device, backend):
 
 # ---- gate_keep ------------------------------------------------------------------------------------
 @_op("gate_keep")
-def gate_keep(p_logit: Tensor, batch: int, seed: int, stream: int, tau: float, mode: str, backend: str) -> Tensor:
-    return implementation(backend, "gate_keep")(p_logit, batch, seed, stream, tau, mode)
+def gate_keep(
+    p_logit: Tensor, batch: int, seed: int, stream: int, tau: float, mode: str, offset: int, backend: str
+) -> Tensor:
+    return implementation(backend, "gate_keep")(p_logit, batch, seed, stream, tau, mode, offset)
 
 
 @gate_keep.register_fake
-def _(p_logit, batch, seed, stream, tau, mode, backend):
+def _(p_logit, batch, seed, stream, tau, mode, offset, backend):
     return p_logit.new_empty(batch, p_logit.shape[0])
 
 
@@ -52,13 +54,13 @@ def _(grad, keep, tau, mode, backend):
 
 
 def _gate_keep_setup(ctx, inputs, output):
-    _, _, _, _, ctx.tau, ctx.mode, ctx.backend = inputs
+    _, _, _, _, ctx.tau, ctx.mode, _, ctx.backend = inputs
     ctx.save_for_backward(output)  # [B, C]: the gates themselves, nothing bigger
 
 
 def _gate_keep_grad(ctx, grad):
     (keep,) = ctx.saved_tensors
-    return gate_keep_backward(grad, keep, ctx.tau, ctx.mode, ctx.backend), None, None, None, None, None, None
+    return gate_keep_backward(grad, keep, ctx.tau, ctx.mode, ctx.backend), None, None, None, None, None, None, None
 
 
 gate_keep.register_autograd(_gate_keep_grad, setup_context=_gate_keep_setup)
@@ -89,39 +91,84 @@ candidate_keep.register_autograd(_candidate_keep_grad, setup_context=_candidate_
 
 # ---- gated_apply ----------------------------------------------------------------------------------
 @_op("gated_apply")
-def gated_apply(x: Tensor, p_logit: Tensor, seed: int, stream: int, tau: float, mode: str, backend: str) -> Tensor:
-    return implementation(backend, "gated_apply")(x, p_logit, seed, stream, tau, mode)
+def gated_apply(
+    x: Tensor, p_logit: Tensor, seed: int, stream: int, tau: float, mode: str, offset: int, backend: str
+) -> Tensor:
+    return implementation(backend, "gated_apply")(x, p_logit, seed, stream, tau, mode, offset)
 
 
 @gated_apply.register_fake
-def _(x, p_logit, seed, stream, tau, mode, backend):
+def _(x, p_logit, seed, stream, tau, mode, offset, backend):
     return torch.empty_like(x)
 
 
 @_op("gated_apply_backward")
 def gated_apply_backward(
-    grad: Tensor, x: Tensor, p_logit: Tensor, seed: int, stream: int, tau: float, mode: str, backend: str
+    grad: Tensor, x: Tensor, p_logit: Tensor, seed: int, stream: int, tau: float, mode: str, offset: int, backend: str
 ) -> tuple[Tensor, Tensor]:
-    return implementation(backend, "gated_apply_backward")(grad, x, p_logit, seed, stream, tau, mode)
+    return implementation(backend, "gated_apply_backward")(grad, x, p_logit, seed, stream, tau, mode, offset)
 
 
 @gated_apply_backward.register_fake
-def _(grad, x, p_logit, seed, stream, tau, mode, backend):
+def _(grad, x, p_logit, seed, stream, tau, mode, offset, backend):
     return torch.empty_like(x), torch.empty_like(p_logit)
 
 
 def _gated_apply_setup(ctx, inputs, output):
-    x, p_logit, ctx.seed, ctx.stream, ctx.tau, ctx.mode, ctx.backend = inputs
+    x, p_logit, ctx.seed, ctx.stream, ctx.tau, ctx.mode, ctx.offset, ctx.backend = inputs
     ctx.save_for_backward(x, p_logit)
 
 
 def _gated_apply_grad(ctx, grad):
     x, p_logit = ctx.saved_tensors
-    grad_x, grad_p = gated_apply_backward(grad, x, p_logit, ctx.seed, ctx.stream, ctx.tau, ctx.mode, ctx.backend)
-    return grad_x, grad_p, None, None, None, None, None
+    grad_x, grad_p = gated_apply_backward(
+        grad, x, p_logit, ctx.seed, ctx.stream, ctx.tau, ctx.mode, ctx.offset, ctx.backend
+    )
+    return grad_x, grad_p, None, None, None, None, None, None
 
 
 gated_apply.register_autograd(_gated_apply_grad, setup_context=_gated_apply_setup)
+
+
+# ---- affine_relu_gate (fused BN affine -> ReLU -> gate) -------------------------------------------
+@_op("affine_relu_gate")
+def affine_relu_gate(x: Tensor, scale: Tensor, shift: Tensor, p_logit: Tensor, seed: int, stream: int, tau: float,
+                     mode: str, offset: int, backend: str) -> Tensor:
+    return implementation(backend, "affine_relu_gate")(x, scale, shift, p_logit, seed, stream, tau, mode, offset)
+
+
+@affine_relu_gate.register_fake
+def _(x, scale, shift, p_logit, seed, stream, tau, mode, offset, backend):
+    return torch.empty_like(x)
+
+
+@_op("affine_relu_gate_backward")
+def affine_relu_gate_backward(
+    grad: Tensor, x: Tensor, scale: Tensor, shift: Tensor, p_logit: Tensor, seed: int, stream: int, tau: float,
+    mode: str, offset: int, backend: str
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return implementation(backend, "affine_relu_gate_backward")(grad, x, scale, shift, p_logit, seed, stream, tau, mode,
+                                                                offset)
+
+
+@affine_relu_gate_backward.register_fake
+def _(grad, x, scale, shift, p_logit, seed, stream, tau, mode, offset, backend):
+    return torch.empty_like(x), torch.empty_like(scale), torch.empty_like(shift), torch.empty_like(p_logit)
+
+
+def _affine_relu_gate_setup(ctx, inputs, output):
+    x, scale, shift, p_logit, ctx.seed, ctx.stream, ctx.tau, ctx.mode, ctx.offset, ctx.backend = inputs
+    ctx.save_for_backward(x, scale, shift, p_logit)  # not the output: the backward recomputes it from x
+
+
+def _affine_relu_gate_grad(ctx, grad):
+    x, scale, shift, p_logit = ctx.saved_tensors
+    grads = affine_relu_gate_backward(grad, x, scale, shift, p_logit, ctx.seed, ctx.stream, ctx.tau, ctx.mode,
+                                      ctx.offset, ctx.backend)
+    return (*grads, None, None, None, None, None, None)
+
+
+affine_relu_gate.register_autograd(_affine_relu_gate_grad, setup_context=_affine_relu_gate_setup)
 
 
 # ---- branch_combine -------------------------------------------------------------------------------

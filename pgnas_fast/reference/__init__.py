@@ -18,11 +18,13 @@ def philox_uniform(n: int, seed: int, stream: int, offset: int, device: torch.de
     return philox.uniform(n, seed, stream, offset, device)
 
 
-def gate_keep(p_logit: torch.Tensor, batch: int, seed: int, stream: int, tau: float, mode: str) -> torch.Tensor:
+def gate_keep(
+    p_logit: torch.Tensor, batch: int, seed: int, stream: int, tau: float, mode: str, offset: int
+) -> torch.Tensor:
     channels = p_logit.shape[0]
     if mode == "full":
         return torch.ones(batch, channels, dtype=p_logit.dtype, device=p_logit.device)
-    u = philox.uniform(batch * channels, seed, stream, 0, p_logit.device).view(batch, channels)
+    u = philox.uniform(batch * channels, seed, stream, offset, p_logit.device).view(batch, channels)
     u = u.to(p_logit.dtype)
     if mode == "hard":  # the authors' 1 - floor(u + p)
         return (u + torch.sigmoid(p_logit) < 1.0).to(p_logit.dtype)
@@ -55,17 +57,20 @@ def _per_channel(keep: torch.Tensor, ndim: int) -> torch.Tensor:
     return keep.view(*keep.shape, *([1] * (ndim - 2)))
 
 
-def gated_apply(x: torch.Tensor, p_logit: torch.Tensor, seed: int, stream: int, tau: float, mode: str) -> torch.Tensor:
-    keep = gate_keep(p_logit, x.shape[0], seed, stream, tau, mode)
+def gated_apply(
+    x: torch.Tensor, p_logit: torch.Tensor, seed: int, stream: int, tau: float, mode: str, offset: int
+) -> torch.Tensor:
+    keep = gate_keep(p_logit, x.shape[0], seed, stream, tau, mode, offset)
     out = torch.empty_like(x)
     return torch.mul(x, _per_channel(keep, x.dim()), out=out)
 
 
 def gated_apply_backward(
-    grad: torch.Tensor, x: torch.Tensor, p_logit: torch.Tensor, seed: int, stream: int, tau: float, mode: str
+    grad: torch.Tensor, x: torch.Tensor, p_logit: torch.Tensor, seed: int, stream: int, tau: float, mode: str,
+    offset: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    # The gates are regenerated from (seed, stream), never stored (design.md, FlashAttention habit).
-    keep = gate_keep(p_logit, x.shape[0], seed, stream, tau, mode)
+    # The gates are regenerated from (seed, stream, offset), never stored (design.md, FlashAttention habit).
+    keep = gate_keep(p_logit, x.shape[0], seed, stream, tau, mode, offset)
     grad_x = torch.mul(grad, _per_channel(keep, x.dim()), out=torch.empty_like(x))
     if mode != "relaxed":
         return grad_x, torch.zeros_like(p_logit)
@@ -73,6 +78,43 @@ def gated_apply_backward(
     if x.dim() > 2:
         grad_keep = grad_keep.sum(tuple(range(2, x.dim())))
     return grad_x, _relaxed_keep_grad(grad_keep, keep, tau)
+
+
+def _channel_vector(v: torch.Tensor, ndim: int, dtype: torch.dtype) -> torch.Tensor:
+    """[C] -> [1, C, 1, ...] broadcasting against [B, C, ...] data."""
+    return v.to(dtype).view(1, -1, *([1] * (ndim - 2)))
+
+
+def _affine_relu_math_dtype(x: torch.Tensor, *gate_tensors: torch.Tensor) -> torch.dtype:
+    return torch.float64 if torch.float64 in (x.dtype, *(t.dtype for t in gate_tensors)) else torch.float32
+
+
+def affine_relu_gate(x, scale, shift, p_logit, seed, stream, tau, mode, offset):
+    dtype = _affine_relu_math_dtype(x, scale, shift, p_logit)
+    keep = gate_keep(p_logit, x.shape[0], seed, stream, tau, mode, offset).to(dtype)
+    pre = x.to(dtype) * _channel_vector(scale, x.dim(), dtype) + _channel_vector(shift, x.dim(), dtype)
+    return torch.empty_like(x).copy_(torch.relu(pre) * _per_channel(keep, x.dim()))
+
+
+def affine_relu_gate_backward(grad, x, scale, shift, p_logit, seed, stream, tau, mode, offset):
+    dtype = _affine_relu_math_dtype(x, scale, shift, p_logit)
+    keep = gate_keep(p_logit, x.shape[0], seed, stream, tau, mode, offset).to(dtype)  # regenerated, never stored
+    xd = x.to(dtype)
+    pre = xd * _channel_vector(scale, x.dim(), dtype) + _channel_vector(shift, x.dim(), dtype)
+    g = grad.to(dtype)
+    grad_pre = torch.where(pre > 0, g * _per_channel(keep, x.dim()), 0.0)  # through the gate and the ReLU
+    spatial = tuple(range(2, x.dim()))
+    grad_shift = grad_pre.sum((0, *spatial))
+    grad_scale = (grad_pre * xd).sum((0, *spatial))
+    grad_x = torch.empty_like(x).copy_(grad_pre * _channel_vector(scale, x.dim(), dtype))
+    if mode != "relaxed":
+        grad_p = torch.zeros_like(p_logit)
+    else:
+        grad_keep = g * torch.relu(pre)
+        if spatial:
+            grad_keep = grad_keep.sum(spatial)
+        grad_p = _relaxed_keep_grad(grad_keep, keep, tau).to(p_logit.dtype)
+    return grad_x, grad_scale.to(scale.dtype), grad_shift.to(shift.dtype), grad_p
 
 
 def _branch_weight(weights: torch.Tensor, s: int, ndim: int) -> torch.Tensor:

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..nn import GatedConv2d
+from ..nn import GatedConv2d, norm_relu_conv
 from . import register
 
 
@@ -35,7 +35,7 @@ class DenseLayer(nn.Module):
         self.conv2 = GatedConv2d(width, growth, 3, padding=1, bias=False, gate_groups=None, **gate_kw)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv2(F.relu(self.norm2(self.conv1(F.relu(self.norm1(x))))))
+        return norm_relu_conv(self.norm2, self.conv2, norm_relu_conv(self.norm1, self.conv1, x))
 
 
 class DenseBlock(nn.Module):
@@ -64,6 +64,10 @@ class Transition(nn.Sequential):
             GatedConv2d(c_in, c_out, 1, bias=False, gate_groups=list(input_groups), **gate_kw),
             nn.AvgPool2d(2, 2),
         )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        norm, _, conv, pool = self
+        return pool(norm_relu_conv(norm, conv, x))
 
 
 class DenseNetSupernet(nn.Module):

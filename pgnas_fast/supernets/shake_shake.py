@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..nn import GatedConv2d, GatedLinear, ShakeShake
+from ..nn import GatedConv2d, GatedLinear, ShakeShake, norm_relu_conv
 from . import register
 
 DEPTH_BLOCKS = 4  # Shake-Shake-26: (26 - 2) / 6 blocks per stage
@@ -35,6 +35,10 @@ class ShakeBranch(nn.Sequential):
             GatedConv2d(c_out, c_out, 3, padding=1, bias=False, **gate_kw),
             nn.BatchNorm2d(c_out),
         )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        relu, conv1, norm1, _, conv2, norm2 = self
+        return norm2(norm_relu_conv(norm1, conv2, conv1(relu(x))))
 
 
 class TwoPathShortcut(nn.Module):

@@ -3,8 +3,8 @@
 Runs on CUDA tensors; on CPU tensors only under TRITON_INTERPRET=1 (Triton's interpreter, for the
 test suite). One file per op family, each holding its kernels and thin wrappers that pick the launch
 grid (inputs arrive validated by pgnas_fast.ops): `philox` (the RNG contract), `gates` (gate_keep,
-gated_apply), `combine` (branch_combine), `regularizer` (multi-tensor R), `gaussian` (the Gaussian family's
-noise epilogue and multi-tensor KL).
+gated_apply), `fused` (affine_relu_gate), `combine` (branch_combine), `regularizer` (multi-tensor R),
+`gaussian` (the Gaussian family's noise epilogue and multi-tensor KL).
 """
 from __future__ import annotations
 
@@ -21,12 +21,15 @@ else:
 
 if _IMPORT_ERROR is None:
     from .combine import branch_combine, branch_combine_backward
+    from .fused import affine_relu_gate, affine_relu_gate_backward
     from .gates import gate_keep, gate_keep_backward, gated_apply, gated_apply_backward
     from .gaussian import gaussian_kl, gaussian_kl_backward, gaussian_noise, gaussian_noise_backward
     from .philox import philox_uniform
     from .regularizer import regularizer, regularizer_backward
 
 __all__ = [
+    "affine_relu_gate",
+    "affine_relu_gate_backward",
     "branch_combine",
     "branch_combine_backward",
     "gate_keep",

@@ -17,10 +17,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .philox import gate_uniform, joined, split_f64, split_u64
+from .philox import as_u32, gate_uniform, joined, split_f64, split_u64
 
 MODES = {"relaxed": 0, "hard": 1, "full": 2}
-RNG_ARGS = ["seed_lo", "seed_hi", "stream_lo", "stream_hi"]  # new values every step: never specialise
+# new values every step (offset: every rank): never specialise
+RNG_ARGS = ["seed_lo", "seed_hi", "stream_lo", "stream_hi", "offset_lo", "offset_hi"]
 
 
 @triton.jit
@@ -32,9 +33,15 @@ def log1p(x):
 
 
 @triton.jit
+def element_offset(offset_lo, offset_hi):
+    """The gates' element offset (a `split_u64` pair, below 2^63) as an int64."""
+    return (as_u32(offset_hi).to(tl.int64) << 32) | as_u32(offset_lo).to(tl.int64)
+
+
+@triton.jit
 def gate_keep_at(i, z, seed_lo, seed_hi, stream_lo, stream_hi, tau_hi, tau_lo,
                  MODE: tl.constexpr, GATE_F64: tl.constexpr):
-    """keep of gate element i (= b * C + c) with drop logit z, in the gate dtype."""
+    """keep of gate element i (= offset + b * C + c) with drop logit z, in the gate dtype."""
     if MODE == 2:  # full
         keep = tl.full(z.shape, 1.0, z.dtype)
     else:
@@ -53,12 +60,12 @@ def gate_keep_at(i, z, seed_lo, seed_hi, stream_lo, stream_hi, tau_hi, tau_lo,
 
 
 @triton.jit(do_not_specialize=RNG_ARGS)
-def _gate_keep_kernel(p_ptr, keep_ptr, n, C, seed_lo, seed_hi, stream_lo, stream_hi, tau_hi, tau_lo,
-                      MODE: tl.constexpr, GATE_F64: tl.constexpr, BLOCK: tl.constexpr):
+def _gate_keep_kernel(p_ptr, keep_ptr, n, C, seed_lo, seed_hi, stream_lo, stream_hi, offset_lo, offset_hi,
+                      tau_hi, tau_lo, MODE: tl.constexpr, GATE_F64: tl.constexpr, BLOCK: tl.constexpr):
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = i < n
     z = tl.load(p_ptr + i % C, mask=mask, other=0.0)
-    keep = gate_keep_at(i, z, seed_lo, seed_hi, stream_lo, stream_hi, tau_hi, tau_lo, MODE, GATE_F64)
+    keep = gate_keep_at(i + element_offset(offset_lo, offset_hi), z, seed_lo, seed_hi, stream_lo, stream_hi, tau_hi, tau_lo, MODE, GATE_F64)
     tl.store(keep_ptr + i, keep, mask=mask)
 
 
@@ -85,11 +92,11 @@ def _gate_grad_kernel(g_ptr, keep_ptr, out_ptr, B, C, tau_hi, tau_lo, TIMES_KEEP
 
 
 @triton.jit
-def _row_gates(q, qmask, C, p_ptr, seed_lo, seed_hi, stream_lo, stream_hi, tau_hi, tau_lo,
+def _row_gates(q, qmask, C, p_ptr, seed_lo, seed_hi, stream_lo, stream_hi, offset_lo, offset_hi, tau_hi, tau_lo,
                MODE: tl.constexpr, GATE_F64: tl.constexpr):
-    """keep of rows q = b * C + c (the gate's element index is the row index itself)."""
+    """keep of rows q = b * C + c (the gate's element index is offset + the row index)."""
     z = tl.load(p_ptr + q % C, mask=qmask, other=0.0)
-    return gate_keep_at(q, z, seed_lo, seed_hi, stream_lo, stream_hi, tau_hi, tau_lo, MODE, GATE_F64)
+    return gate_keep_at(q + element_offset(offset_lo, offset_hi), z, seed_lo, seed_hi, stream_lo, stream_hi, tau_hi, tau_lo, MODE, GATE_F64)
 
 
 @triton.jit
@@ -112,12 +119,13 @@ def _rows(n_rows, C, BLOCK_Q: tl.constexpr, SPLIT_ROWS: tl.constexpr):
 
 @triton.jit(do_not_specialize=RNG_ARGS)
 def _gated_apply_kernel(x_ptr, out_ptr, p_ptr, n_rows, C, S, sxb, sxc, sxs, sob, soc, sos,
-                        seed_lo, seed_hi, stream_lo, stream_hi, tau_hi, tau_lo,
+                        seed_lo, seed_hi, stream_lo, stream_hi, offset_lo, offset_hi, tau_hi, tau_lo,
                         MODE: tl.constexpr, GATE_F64: tl.constexpr, COMPUTE_F64: tl.constexpr,
                         SPLIT_ROWS: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_S: tl.constexpr):
     """A tile is BLOCK_Q rows (b, c) x BLOCK_S trailing positions; one gate per row."""
     q, qmask, b, c = _rows(n_rows, C, BLOCK_Q, SPLIT_ROWS)
-    keep = _row_gates(q, qmask, C, p_ptr, seed_lo, seed_hi, stream_lo, stream_hi, tau_hi, tau_lo, MODE, GATE_F64)
+    keep = _row_gates(q, qmask, C, p_ptr, seed_lo, seed_hi, stream_lo, stream_hi, offset_lo, offset_hi, tau_hi, tau_lo,
+                      MODE, GATE_F64)
     keep = keep.to(tl.float64 if COMPUTE_F64 else tl.float32)[:, None]
     x_row = x_ptr + (b * sxb + c * sxc)[:, None]
     out_row = out_ptr + (b * sob + c * soc)[:, None]
@@ -132,12 +140,13 @@ def _gated_apply_kernel(x_ptr, out_ptr, p_ptr, n_rows, C, S, sxb, sxc, sxs, sob,
 @triton.jit(do_not_specialize=RNG_ARGS)
 def _gated_apply_backward_kernel(dy_ptr, x_ptr, dx_ptr, p_ptr, partial_ptr, n_rows, C, S,
                                  sdb, sdc, sds, sxb, sxc, sxs, sgb, sgc, sgs,
-                                 seed_lo, seed_hi, stream_lo, stream_hi, tau_hi, tau_lo,
+                                 seed_lo, seed_hi, stream_lo, stream_hi, offset_lo, offset_hi, tau_hi, tau_lo,
                                  MODE: tl.constexpr, GATE_F64: tl.constexpr, COMPUTE_F64: tl.constexpr,
                                  SPLIT_ROWS: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_S: tl.constexpr):
     """dx = dy * keep, and (relaxed) partial[b, c] = sum_s dy x * keep (1 - keep), in one pass."""
     q, qmask, b, c = _rows(n_rows, C, BLOCK_Q, SPLIT_ROWS)
-    gate = _row_gates(q, qmask, C, p_ptr, seed_lo, seed_hi, stream_lo, stream_hi, tau_hi, tau_lo, MODE, GATE_F64)
+    gate = _row_gates(q, qmask, C, p_ptr, seed_lo, seed_hi, stream_lo, stream_hi, offset_lo, offset_hi, tau_hi, tau_lo,
+                      MODE, GATE_F64)
     keep = gate.to(tl.float64 if COMPUTE_F64 else tl.float32)[:, None]
     dy_row = dy_ptr + (b * sdb + c * sdc)[:, None]
     x_row = x_ptr + (b * sxb + c * sxc)[:, None]
@@ -204,21 +213,21 @@ def _grid(B: int, C: int, block_q: int, device: torch.device):
     return (triton.cdiv(B * C, block_q),), False
 
 
-def _rng(seed: int, stream: int, tau: float):
-    return (*split_u64(seed), *split_u64(stream), *split_f64(tau))
+def _rng(seed: int, stream: int, offset: int, tau: float):
+    return (*split_u64(seed), *split_u64(stream), *split_u64(offset), *split_f64(tau))
 
 
 def _compute_f64(data_dtype: torch.dtype, gate_dtype: torch.dtype) -> bool:
     return torch.float64 in (data_dtype, gate_dtype)
 
 
-def gate_keep(p_logit, batch, seed, stream, tau, mode):
+def gate_keep(p_logit, batch, seed, stream, tau, mode, offset):
     C = p_logit.shape[0]
     keep = torch.empty(batch, C, dtype=p_logit.dtype, device=p_logit.device)
     n = batch * C
     block = min(triton.next_power_of_2(n), 1024 if p_logit.device.type == "cuda" else 1 << 15)
     _gate_keep_kernel[(triton.cdiv(n, block),)](
-        p_logit, keep, n, C, *_rng(seed, stream, tau),
+        p_logit, keep, n, C, *_rng(seed, stream, offset, tau),
         MODE=MODES[mode], GATE_F64=p_logit.dtype == torch.float64, BLOCK=block)
     return keep
 
@@ -240,7 +249,7 @@ def gate_keep_backward(grad_keep, keep, tau, mode):
     return _reduce_gate_grad(grad_keep.contiguous(), keep.contiguous(), tau, True, keep.dtype)
 
 
-def gated_apply(x, p_logit, seed, stream, tau, mode):
+def gated_apply(x, p_logit, seed, stream, tau, mode, offset):
     out = torch.empty_like(x)
     B, C = x.shape[0], x.shape[1]
     if x.numel() == 0:
@@ -250,14 +259,14 @@ def gated_apply(x, p_logit, seed, stream, tau, mode):
     block_q, block_s = _tiles(B * C if x.device.type != "cuda" else C, S, xv.stride(2), x.device)
     grid, split_rows = _grid(B, C, block_q, x.device)
     _gated_apply_kernel[grid](
-        xv, ov, p_logit, B * C, C, S, *xv.stride(), *ov.stride(), *_rng(seed, stream, tau),
+        xv, ov, p_logit, B * C, C, S, *xv.stride(), *ov.stride(), *_rng(seed, stream, offset, tau),
         MODE=MODES[mode], GATE_F64=p_logit.dtype == torch.float64,
         COMPUTE_F64=_compute_f64(x.dtype, p_logit.dtype), SPLIT_ROWS=split_rows, BLOCK_Q=block_q,
         BLOCK_S=block_s)
     return _written(out, ov)
 
 
-def gated_apply_backward(grad, x, p_logit, seed, stream, tau, mode):
+def gated_apply_backward(grad, x, p_logit, seed, stream, tau, mode, offset):
     grad_x = torch.empty_like(x)
     B, C = x.shape[0], x.shape[1]
     if x.numel() == 0:
@@ -272,7 +281,7 @@ def gated_apply_backward(grad, x, p_logit, seed, stream, tau, mode):
     grid, split_rows = _grid(B, C, block_q, x.device)
     _gated_apply_backward_kernel[grid](
         dyv, xv, gv, p_logit, partial, B * C, C, S, *dyv.stride(), *xv.stride(), *gv.stride(),
-        *_rng(seed, stream, tau), MODE=MODES[mode], GATE_F64=p_logit.dtype == torch.float64,
+        *_rng(seed, stream, offset, tau), MODE=MODES[mode], GATE_F64=p_logit.dtype == torch.float64,
         COMPUTE_F64=_compute_f64(x.dtype, p_logit.dtype), SPLIT_ROWS=split_rows, BLOCK_Q=block_q,
         BLOCK_S=block_s)
     _written(grad_x, gv)

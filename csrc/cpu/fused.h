@@ -1,0 +1,116 @@
+// The `cpu` backend's fused variants (design.md op set): BN affine -> ReLU -> gate in one pass.
+//
+// Same conventions as kernels.h (raw pointers, no torch headers, gate type G, accumulation type
+// Acc<T, G>, dense NCHW or NHWC). keep [B, C] comes from gate_keep; scale and shift [C] are a
+// BatchNorm folded with its statistics.
+#pragma once
+
+#include "kernels.h"
+
+namespace pgnas {
+namespace cpu {
+
+// out = relu(x * scale[c] + shift[c]) * keep[b, c]
+template <typename T, typename G>
+void affine_relu_gate(T* out, const T* x, const G* scale, const G* shift, const G* keep, int64_t batch,
+                      int64_t channels, int64_t spatial, Layout layout) {
+  using A = Acc<T, G>;
+  const int64_t total = batch * channels * spatial;
+  if (layout == Layout::nchw) {
+#pragma omp parallel for schedule(static) if (total > kParallelGrain)
+    for (int64_t r = 0; r < batch * channels; ++r) {
+      const int64_t c = r % channels;
+      const A a = static_cast<A>(scale[c]), b = static_cast<A>(shift[c]), k = static_cast<A>(keep[r]);
+      const T* xr = x + r * spatial;
+      T* o = out + r * spatial;
+      for (int64_t s = 0; s < spatial; ++s) o[s] = static_cast<T>(std::max(static_cast<A>(xr[s]) * a + b, A(0)) * k);
+    }
+  } else {
+#pragma omp parallel for schedule(static) if (total > kParallelGrain)
+    for (int64_t row = 0; row < batch * spatial; ++row) {
+      const G* k = keep + (row / spatial) * channels;
+      const T* xr = x + row * channels;
+      T* o = out + row * channels;
+      for (int64_t c = 0; c < channels; ++c)
+        o[c] = static_cast<T>(std::max(static_cast<A>(xr[c]) * static_cast<A>(scale[c]) + static_cast<A>(shift[c]),
+                                       A(0)) *
+                              static_cast<A>(k[c]));
+    }
+  }
+}
+
+// One pass over grad and x. With pre = x * scale + shift and live = grad * keep where pre > 0, else 0:
+//   grad_x = live * scale;
+//   row_scale[b, c] = sum_s live * x,  row_shift[b, c] = sum_s live   (reduced over b by the caller);
+//   grad_keep[b, c] = sum_s grad * relu(pre)                           (relaxed only; null otherwise).
+template <typename T, typename G>
+void affine_relu_gate_backward(T* grad_x, double* row_scale, double* row_shift, G* grad_keep, const T* grad,
+                               const T* x, const G* scale, const G* shift, const G* keep, int64_t batch,
+                               int64_t channels, int64_t spatial, Layout layout) {
+  using A = Acc<T, G>;
+  const int64_t total = batch * channels * spatial;
+  if (layout == Layout::nchw) {
+#pragma omp parallel for schedule(static) if (total > kParallelGrain)
+    for (int64_t r = 0; r < batch * channels; ++r) {
+      const int64_t c = r % channels;
+      const A a = static_cast<A>(scale[c]), b = static_cast<A>(shift[c]), k = static_cast<A>(keep[r]);
+      const T* gr = grad + r * spatial;
+      const T* xr = x + r * spatial;
+      T* gx = grad_x + r * spatial;
+      A sum_scale = 0, sum_shift = 0, sum_keep = 0;
+#pragma omp simd reduction(+ : sum_scale, sum_shift, sum_keep)
+      for (int64_t s = 0; s < spatial; ++s) {
+        const A xv = static_cast<A>(xr[s]), g = static_cast<A>(gr[s]);
+        const A pre = xv * a + b;
+        const A on = static_cast<A>(pre > A(0));  // arithmetic, not a branch: the signs are random
+        const A live = g * k * on;
+        gx[s] = static_cast<T>(live * a);
+        sum_scale += live * xv;
+        sum_shift += live;
+        sum_keep += g * pre * on;
+      }
+      row_scale[r] = static_cast<double>(sum_scale);
+      row_shift[r] = static_cast<double>(sum_shift);
+      if (grad_keep != nullptr) grad_keep[r] = static_cast<G>(sum_keep);
+    }
+  } else {
+#pragma omp parallel for schedule(static) if (total > kParallelGrain)
+    for (int64_t bi = 0; bi < batch; ++bi) {
+      std::vector<A> sum_scale(static_cast<size_t>(channels), A(0)), sum_shift(sum_scale), sum_keep(sum_scale);
+      const G* k = keep + bi * channels;
+      for (int64_t s = 0; s < spatial; ++s) {
+        const int64_t base = (bi * spatial + s) * channels;
+        const T* gr = grad + base;
+        const T* xr = x + base;
+        T* gx = grad_x + base;
+        for (int64_t c = 0; c < channels; ++c) {
+          const A xv = static_cast<A>(xr[c]), g = static_cast<A>(gr[c]), a = static_cast<A>(scale[c]);
+          const A pre = xv * a + static_cast<A>(shift[c]);
+          const A on = static_cast<A>(pre > A(0));
+          const A live = g * static_cast<A>(k[c]) * on;
+          gx[c] = static_cast<T>(live * a);
+          sum_scale[c] += live * xv;
+          sum_shift[c] += live;
+          sum_keep[c] += g * pre * on;
+        }
+      }
+      for (int64_t c = 0; c < channels; ++c) {
+        row_scale[bi * channels + c] = static_cast<double>(sum_scale[c]);
+        row_shift[bi * channels + c] = static_cast<double>(sum_shift[c]);
+        if (grad_keep != nullptr) grad_keep[bi * channels + c] = static_cast<G>(sum_keep[c]);
+      }
+    }
+  }
+}
+
+// out[c] = sum_b rows[b, c], in batch order (deterministic).
+template <typename G>
+void sum_rows(G* out, const double* rows, int64_t batch, int64_t channels) {
+  std::vector<double> acc(static_cast<size_t>(channels), 0.0);
+  for (int64_t b = 0; b < batch; ++b)
+    for (int64_t c = 0; c < channels; ++c) acc[c] += rows[b * channels + c];
+  for (int64_t c = 0; c < channels; ++c) out[c] = static_cast<G>(acc[c]);
+}
+
+}  // namespace cpu
+}  // namespace pgnas

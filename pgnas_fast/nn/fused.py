@@ -1,0 +1,120 @@
+"""The authors' BN - ReLU - [gate] - conv order with the first three in one pass (design.md op set,
+"fused variants"): `norm_relu_conv(norm, conv, x)` is `conv(relu(norm(x)))`.
+
+While `conv`'s gates are relaxed concrete gates (training) and the active backend implements
+`affine_relu_gate` natively, the BatchNorm is folded into a per-channel affine map (batch statistics
+in training mode, with the running statistics updated exactly as nn.BatchNorm2d does; running
+statistics in eval mode) and the affine map, the ReLU and the gate run as one op: one read of x and
+one write instead of three of each. Otherwise (hard or full gates, the Gaussian family, the reference
+backend, a BatchNorm whose forward was replaced, e.g. by ranking's per-candidate statistics) it is
+the plain module composition. The modules' structure, state dicts and export are unchanged.
+
+In training mode the batch statistics come from ATen's batch-norm kernel and the backward pass is
+BatchNorm's own (see _TrainingNormReluGate); autograd through torch.var_mean measured slower than
+the unfused modules on CPU.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import ops
+from ..ops import _library, dispatch
+from .gated import GatedConv2d
+
+FUSED_OP = "affine_relu_gate"
+
+
+def _fusable(norm: nn.Module, conv: nn.Module, x: torch.Tensor) -> bool:
+    # a materialized (exported) network has plain or sliced modules here: the composition then
+    if not isinstance(conv, GatedConv2d) or type(norm) is not nn.BatchNorm2d or "forward" in vars(norm):
+        return False
+    if conv.gate_mode != "relaxed" or getattr(conv, "posterior", "concrete") != "concrete":
+        return False
+    backend = dispatch.resolve(conv.backend, x.device)
+    return backend != "reference" and FUSED_OP not in dispatch.missing_ops(backend)
+
+
+class _TrainingNormReluGate(torch.autograd.Function):
+    """relu(batch_norm(x)) gated, BatchNorm in training mode, with BatchNorm's own two-pass backward.
+
+    Forward: the batch statistics (ATen's batch-norm kernel, which also updates the running
+    statistics), folded into scale and shift, then the fused op. Backward: the fused op's backward
+    gives dx through the gate and ReLU with the per-channel sums d scale and d shift; the chain rule
+    through scale = w rstd and shift = b - mean scale adds the statistics' share of dx, a per-channel
+    affine map of x (mean and variance are means over the batch): one more elementwise pass, where
+    autograd through torch.var_mean would take several.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, p_logit, norm, gate):
+        momentum = norm.momentum
+        if norm.track_running_stats:
+            norm.num_batches_tracked.add_(1)
+            if momentum is None:  # cumulative moving average, as nn.BatchNorm2d
+                momentum = 1.0 / float(norm.num_batches_tracked)
+            _, mean, rstd = torch.ops.aten._native_batch_norm_legit(
+                x, None, None, norm.running_mean, norm.running_var, True, momentum, norm.eps)
+        else:
+            _, mean, rstd = torch.ops.aten._native_batch_norm_legit.no_stats(x, None, None, True, 0.0, norm.eps)
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        mean, rstd = mean.to(dtype), rstd.to(dtype)
+        w = weight.to(dtype) if weight is not None else torch.ones_like(rstd)
+        scale = w * rstd
+        shift = -mean * scale if bias is None else bias.to(dtype) - mean * scale
+        ctx.gate = gate
+        ctx.has_affine = weight is not None
+        ctx.save_for_backward(x, w, p_logit, mean, rstd, scale, shift)
+        seed, stream, tau, offset, backend = gate
+        return ops.affine_relu_gate(x, scale, shift, p_logit, seed=seed, stream=stream, tau=tau, offset=offset,
+                                    backend=backend)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w, p_logit, mean, rstd, scale, shift = ctx.saved_tensors
+        seed, stream, tau, offset, backend = ctx.gate
+        grad_x, grad_scale, grad_shift, grad_p = _library.affine_relu_gate_backward(
+            grad.contiguous(memory_format=_memory_format(x)), x, scale, shift, p_logit, seed, stream, tau, "relaxed",
+            offset, dispatch.resolve(backend, x.device))
+        count = x.numel() // x.shape[1]
+        grad_var = (grad_scale - grad_shift * mean) * w * (-0.5) * rstd.pow(3)
+        grad_mean = -grad_shift * scale
+        alpha = grad_var * (2.0 / count)  # d var / d x = 2 (x - mean) / count; d mean / d x = 1 / count
+        beta = grad_mean / count - alpha * mean
+        view = (1, -1, *([1] * (x.dim() - 2)))
+        grad_x = grad_x.addcmul_(x, alpha.view(view).to(grad_x.dtype)).add_(beta.view(view).to(grad_x.dtype))
+        grad_weight = grad_bias = None
+        if ctx.has_affine:
+            grad_weight, grad_bias = (grad_scale - grad_shift * mean) * rstd, grad_shift
+        return grad_x, grad_weight, grad_bias, grad_p, None, None
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    return torch.channels_last if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) \
+        and not x.is_contiguous() else torch.contiguous_format
+
+
+def norm_relu_conv(norm: nn.Module, conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """conv(relu(norm(x))), with norm - relu - gate fused when it can be (see the module docstring)."""
+    if not _fusable(norm, conv, x):
+        return conv(F.relu(norm(x)))
+    p_logit = conv.p_logit_per_channel()
+    gate = (conv.gate_seed, conv.gate_stream, conv.tau, conv.gate_row_offset * x.shape[1], conv.backend)
+    if norm.training or not norm.track_running_stats:
+        gated = _TrainingNormReluGate.apply(x, norm.weight, norm.bias, p_logit, norm, gate)
+    else:  # eval statistics are constants: scale and shift depend on the affine parameters alone
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        scale = torch.rsqrt(norm.running_var.to(dtype) + norm.eps)
+        if norm.affine:
+            scale = norm.weight.to(dtype) * scale
+        shift = -norm.running_mean.to(dtype) * scale
+        if norm.affine:
+            shift = shift + norm.bias.to(dtype)
+        seed, stream, tau, offset, backend = gate
+        gated = ops.affine_relu_gate(x, scale, shift, p_logit, seed=seed, stream=stream, tau=tau, offset=offset,
+                                     backend=backend)
+    return conv._conv_forward(gated, conv.weight, conv.bias)
+
+
+__all__ = ["norm_relu_conv"]

@@ -1,0 +1,230 @@
+"""The fused BN-affine -> ReLU -> gate op (design.md op set, "fused variants") and the modules' fused path.
+
+`affine_relu_gate(x, scale, shift, p_logit, ...)` must equal gated_apply(relu(x * scale + shift), ...)
+on every live backend, values and gradients (x, scale, shift, p_logit), in every layout the other
+ops take; `norm_relu_conv(norm, conv, x)` must equal conv(relu(norm(x))), running statistics included.
+"""
+from __future__ import annotations
+
+import zlib
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import pgnas_fast as pf
+from pgnas_fast.nn import GatedConv2d, norm_relu_conv, set_gates
+from pgnas_fast.ops import dispatch
+
+from conftest import TOLERANCE, interpreted, rel_err
+from test_ops import DATA_DTYPES, SEED, STREAM, broadcast_keep, expected_keep, make_x
+
+SHAPES_AND_LAYOUTS = [
+    ((3, 7, 5, 5), "contiguous"),
+    ((3, 7, 5, 5), "channels_last"),
+    ((3, 7, 5, 5), "channel_slice"),
+    ((3, 7, 5, 5), "spatial_transpose"),
+    ((2, 16, 4, 4), "channels_last"),
+    ((1, 1, 1, 1), "contiguous"),
+    ((5, 9), "contiguous"),
+    ((4, 6, 11), "contiguous"),
+]
+
+
+def affine_inputs(channels: int, gen: torch.Generator, dtype=torch.float32):
+    scale = (0.5 + torch.rand(channels, generator=gen)).to(dtype) * torch.where(
+        torch.rand(channels, generator=gen) < 0.2, -1.0, 1.0).to(dtype)  # a few negative BN weights
+    shift = (0.5 * torch.randn(channels, generator=gen)).to(dtype)
+    p_logit = (1.5 * torch.randn(channels, generator=gen)).to(dtype)
+    return scale, shift, p_logit
+
+
+def expected(x, scale, shift, p_logit, *, mode, tau=0.2):
+    """relu(x * scale + shift) * keep in float64, differentiable in every input."""
+    pre = x.to(torch.float64) * broadcast_keep(scale.to(torch.float64)[None], x) + broadcast_keep(
+        shift.to(torch.float64)[None], x)
+    return F.relu(pre) * broadcast_keep(expected_keep(p_logit, x.shape[0], mode=mode, tau=tau), x)
+
+
+@pytest.mark.parametrize("mode", ["relaxed", "hard", "full"])
+@pytest.mark.parametrize("dtype", DATA_DTYPES)
+@pytest.mark.parametrize("shape, layout", SHAPES_AND_LAYOUTS)
+def test_affine_relu_gate_values(backend, shape, layout, dtype, mode):
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((shape, layout, mode)).encode()))
+    x = make_x(shape, dtype, layout, gen)
+    scale, shift, p_logit = affine_inputs(shape[1], gen)
+    out = pf.ops.affine_relu_gate(x, scale, shift, p_logit, seed=SEED, stream=STREAM, mode=mode, backend=backend)
+    assert out.shape == x.shape and out.dtype == dtype
+    assert rel_err(out, expected(x, scale, shift, p_logit, mode=mode)) < TOLERANCE[dtype]
+    if layout == "channels_last":
+        assert out.is_contiguous(memory_format=torch.channels_last)
+    if x.numel() > 16:  # the ReLU really cuts: some pre-activations are negative
+        assert (out == 0).any() and (out != 0).any()
+
+
+def test_affine_relu_gate_equals_the_unfused_ops(backend):
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 9, 6, 5, generator=gen, dtype=torch.float64)
+    scale, shift, p_logit = affine_inputs(9, gen, torch.float64)
+    for mode in ("relaxed", "hard", "full"):
+        unfused = pf.ops.gated_apply(F.relu(x * scale[:, None, None] + shift[:, None, None]), p_logit, seed=SEED,
+                                     stream=STREAM, tau=0.5, mode=mode, backend=backend)
+        fused = pf.ops.affine_relu_gate(x, scale, shift, p_logit, seed=SEED, stream=STREAM, tau=0.5, mode=mode,
+                                        backend=backend)
+        torch.testing.assert_close(fused, unfused, rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("mode", ["relaxed", "hard", "full"])
+@pytest.mark.parametrize("shape, layout", [((3, 4, 2, 3), "contiguous"), ((2, 5, 3, 3), "channels_last"),
+                                           ((4, 3), "contiguous")])
+def test_affine_relu_gate_gradcheck(backend, shape, layout, mode):
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((shape, layout)).encode()))
+    x = make_x(shape, torch.float64, layout, gen).requires_grad_()
+    inputs = [t.requires_grad_() for t in affine_inputs(shape[1], gen, torch.float64)]
+
+    def fn(x, scale, shift, p_logit):
+        return pf.ops.affine_relu_gate(x, scale, shift, p_logit, seed=SEED, stream=STREAM, tau=0.5, mode=mode,
+                                       backend=backend)
+
+    assert torch.autograd.gradcheck(fn, (x, *inputs), fast_mode=interpreted(backend))
+
+
+@pytest.mark.parametrize("dtype", DATA_DTYPES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "channel_slice"])
+@pytest.mark.parametrize("mode", ["relaxed", "hard"])
+def test_affine_relu_gate_gradients_match_formula(backend, dtype, layout, mode):
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((dtype, layout, mode)).encode()))
+    x = make_x((3, 6, 5, 7), dtype, layout, gen).requires_grad_()
+    scale, shift, p_logit = (t.requires_grad_() for t in affine_inputs(6, gen))
+    dy = torch.randn(3, 6, 5, 7, generator=gen).to(dtype)
+    out = pf.ops.affine_relu_gate(x, scale, shift, p_logit, seed=SEED, stream=STREAM, mode=mode, backend=backend)
+    grads = torch.autograd.grad(out, (x, scale, shift, p_logit), dy)
+    leaves = [t.detach().to(torch.float64).requires_grad_() for t in (x, scale, shift, p_logit)]
+    want = torch.autograd.grad(expected(*leaves, mode=mode), leaves, dy.to(torch.float64), allow_unused=True)
+    for name, got, ref in zip(("x", "scale", "shift", "p_logit"), grads, want):
+        ref = torch.zeros_like(got, dtype=torch.float64) if ref is None else ref
+        assert got.dtype == (dtype if name == "x" else torch.float32), name
+        tolerance = 1e-5 if dtype == torch.float32 or name == "p_logit" and mode == "hard" else 2e-2
+        assert rel_err(got, ref) < tolerance, name
+    if mode == "hard":
+        assert not grads[3].any()
+
+
+def test_affine_relu_gate_rejects_bad_input():
+    x, v = torch.randn(3, 7, 5, 5), torch.randn(7)
+    cases = [
+        (lambda: pf.ops.affine_relu_gate(x, torch.randn(6), v, v, seed=0, stream=0), ValueError,
+         r"scale must have shape \[7\]"),
+        (lambda: pf.ops.affine_relu_gate(x, v, v.half(), v, seed=0, stream=0), TypeError, "shift must have dtype"),
+        (lambda: pf.ops.affine_relu_gate(x, v, v, v.view(1, 7), seed=0, stream=0), ValueError, "p_logit must be 1-D"),
+        (lambda: pf.ops.affine_relu_gate(x.long(), v, v, v, seed=0, stream=0), TypeError, r"\bx must have dtype"),
+        (lambda: pf.ops.affine_relu_gate(x, v, v, v, seed=0, stream=0, mode="soft"), ValueError, "mode"),
+        (lambda: pf.ops.affine_relu_gate(x, v, v, v, seed=-1, stream=0), ValueError, "seed"),
+        (lambda: pf.ops.affine_relu_gate(x, v, v, v, seed=0, stream=0, tau=0.0), ValueError, "tau"),
+    ]
+    for call, error, match in cases:
+        with pytest.raises(error, match=match):
+            call()
+
+
+# ---- the modules' fused path ----------------------------------------------------------------------
+def _fused_backends() -> list[str]:
+    from conftest import BACKENDS_UNDER_TEST
+    return [b for b in BACKENDS_UNDER_TEST if b != "reference" and "affine_relu_gate" not in dispatch.missing_ops(b)]
+
+
+def _pair(channels: int, out_channels: int, backend: str | None, seed: int):
+    torch.manual_seed(seed)
+    norm = nn.BatchNorm2d(channels)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.normal_(0.0, 0.3)
+        norm.running_mean.normal_(0.0, 0.5)
+        norm.running_var.uniform_(0.5, 2.0)
+    conv = GatedConv2d(channels, out_channels, 3, padding=1, bias=False, gate_groups=2, p_init=0.3, backend=backend)
+    return norm, conv
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_norm_relu_conv_fused_equals_the_module_composition(training, momentum):
+    backends = _fused_backends()
+    if not backends:
+        pytest.skip("no live backend implements affine_relu_gate natively")
+    for backend in backends:
+        fused_pair, plain_pair = _pair(6, 5, backend, 0), _pair(6, 5, backend, 0)
+        x = torch.randn(4, 6, 7, 7, generator=torch.Generator().manual_seed(1)) * 2 + 0.5
+        grads, outs = [], []
+        for norm, conv in (fused_pair, plain_pair):
+            norm.momentum = momentum
+            norm.train(training)
+            holder = nn.Module()
+            holder.norm, holder.conv = norm, conv
+            set_gates(holder, "relaxed", seed=SEED, step=3)
+            xi = x.clone().requires_grad_()
+            if conv is fused_pair[1]:
+                out = norm_relu_conv(norm, conv, xi)
+            else:
+                out = conv(F.relu(norm(xi)))
+            out.backward(torch.cos(out.detach()))
+            outs.append(out)
+            grads.append([xi.grad, norm.weight.grad, norm.bias.grad, conv.weight.grad, conv.p_logit.grad])
+        assert rel_err(outs[0], outs[1]) < 1e-5, backend
+        for name, a, b in zip(("x", "bn weight", "bn bias", "conv weight", "p_logit"), *grads):
+            assert rel_err(a, b) < 1e-4, (backend, name)
+        for stat in ("running_mean", "running_var", "num_batches_tracked"):
+            torch.testing.assert_close(getattr(fused_pair[0], stat), getattr(plain_pair[0], stat), rtol=1e-5,
+                                       atol=1e-6)
+
+
+def test_norm_relu_conv_takes_the_fused_op_only_for_relaxed_concrete_gates(monkeypatch):
+    backends = _fused_backends()
+    if not backends:
+        pytest.skip("no live backend implements affine_relu_gate natively")
+    calls = []
+    real = pf.ops.affine_relu_gate
+    monkeypatch.setattr(pf.ops, "affine_relu_gate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    norm, conv = _pair(4, 3, backends[0], 2)
+    holder = nn.Module()
+    holder.norm, holder.conv = norm, conv
+    x = torch.randn(2, 4, 5, 5)
+    set_gates(holder, "relaxed", seed=1, step=0)
+    norm_relu_conv(norm, conv, x)
+    assert len(calls) == 1
+    for mode, kwargs in (("hard", dict(candidate=4)), ("full", {})):
+        set_gates(holder, mode, seed=1, **kwargs)
+        want = conv(F.relu(norm(x)))
+        torch.testing.assert_close(norm_relu_conv(norm, conv, x), want)
+    assert len(calls) == 1
+    conv.backend = "reference"  # the reference backend keeps the plain composition
+    set_gates(holder, "relaxed", seed=1, step=0)
+    norm_relu_conv(norm, conv, x)
+    assert len(calls) == 1
+
+
+def test_fused_supernet_layers_match_the_unfused_path():
+    """A D-121 dense layer and a shake-shake branch train the same with the fused path on or off."""
+    backends = _fused_backends()
+    if not backends:
+        pytest.skip("no live backend implements affine_relu_gate natively")
+    from pgnas_fast.supernets.densenet import DenseLayer
+    from pgnas_fast.supernets.shake_shake import ShakeBranch
+
+    for make, shape in ((lambda kw: DenseLayer([8, 4], 4, 2, kw), (3, 12, 6, 6)),
+                        (lambda kw: ShakeBranch(6, 6, 1, kw), (3, 6, 6, 6))):
+        results = []
+        for backend in (backends[0], "reference"):
+            torch.manual_seed(0)
+            layer = make(dict(p_init=0.2, tau=0.2, backend=backend)).double()  # float64: exact math, no rounding
+            layer.train()
+            set_gates(layer, "relaxed", seed=5, step=7)
+            x = torch.randn(shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64).requires_grad_()
+            out = layer(x)
+            out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(6), dtype=out.dtype))
+            results.append((out.detach(), x.grad, [p.grad for p in layer.parameters()]))
+        (out_f, gx_f, gp_f), (out_r, gx_r, gp_r) = results
+        assert rel_err(out_f, out_r) < 1e-6  # gates drawn in float32 from float32 p_logit, data in float64
+        assert rel_err(gx_f, gx_r) < 1e-6
+        for a, b in zip(gp_f, gp_r):
+            assert rel_err(a, b) < 1e-6

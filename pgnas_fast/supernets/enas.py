@@ -68,7 +68,8 @@ class DropPath(StochasticModule):
     Its uniforms come from `ops.philox_uniform` on the (seed, stream) that `set_gates(model,
     'relaxed', seed=, step=)` hands every StochasticModule; the stream's layer field is the module's
     index among the network's stochastic modules, so no two modules (shake-shake or drop-path)
-    share numbers.
+    share numbers. Example b (global row, see `StochasticModule.rng_row_offset`) uses element b, so a
+    data-parallel shard draws its rows of the concatenated batch's decisions.
     """
 
     rng_domain = Domain.DROP_PATH
@@ -85,8 +86,8 @@ class DropPath(StochasticModule):
         if self.rng_stream is None:
             raise RuntimeError("DropPath in training mode needs set_gates(model, 'relaxed', seed=, step=) first")
         keep_prob = 1.0 - self.drop_prob
-        u = ops.philox_uniform(x.shape[0], seed=self.rng_seed, stream=self.rng_stream, device=x.device,
-                               backend=self.backend)
+        u = ops.philox_uniform(x.shape[0], seed=self.rng_seed, stream=self.rng_stream, offset=self.rng_row_offset,
+                               device=x.device, backend=self.backend)
         keep = (u < keep_prob).to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
         return x * (keep / keep_prob)
 

@@ -51,6 +51,7 @@ DEFAULTS: dict = {
     "rank_rows": 8192,  # rows (candidates x images) per batched evaluation pass
     "eval_batch_size": 500,
     "workers": 8,  # DataLoader workers (ImageNet)
+    "sync_bn": False,  # data parallel on CUDA: BatchNorm statistics over the global batch (SyncBatchNorm)
     "threads": 0,  # torch intra-op threads; 0 = torch's default
 }
 
@@ -176,6 +177,7 @@ SCHEMA = {
     "eval_batch_size": _POSITIVE_INT,
     "workers": _NON_NEGATIVE_INT,
     "threads": _NON_NEGATIVE_INT,
+    "sync_bn": ((bool,), lambda v: True, "true or false"),
 }
 
 

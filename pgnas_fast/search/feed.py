@@ -4,7 +4,8 @@
 airbench habit) and orders each epoch from (seed, epoch) alone, so a resumed run sees the batches
 an uninterrupted one would. `prepare_train` (augmentation + normalisation, with a generator seeded
 from the same pair) and `prepare_eval` turn stored images into model inputs. `LoaderFeed` serves
-ImageNet through DataLoader workers with the same interface.
+ImageNet through DataLoader workers with the same interface, and `CifarLoaderFeed` CIFAR on the CPU
+(workers augment image by image, same law and epoch order as TensorFeed's batched path).
 
 Training reads `train_shards(epoch, seed, parallel)`: this rank's rows of every global batch with
 the global row of its first example and the global batch's size (parallel.py); a single process
@@ -20,7 +21,7 @@ import torch
 from torch.utils.data import Sampler
 
 from ..configs import ConfigError
-from ..data import ImageNetIndex, Splits, epoch_generator, imagenet_loader
+from ..data import ImageNetIndex, Splits, cifar_train_loader, epoch_generator, imagenet_loader, normalize
 from ..data.augment import epoch_seed
 from .parallel import Parallel
 
@@ -101,6 +102,30 @@ class TensorFeed:
     def recalibration_images(self, n: int) -> torch.Tensor:
         """The first n training images as model inputs (no augmentation), for BatchNorm recalibration."""
         return self.prepare_eval(self.splits["train"][0][:n])
+
+
+class CifarLoaderFeed(TensorFeed):
+    """CIFAR on the CPU: training batches from DataLoader workers (pgnas_fast.data.cifar_train_loader),
+    evaluation as TensorFeed. The order of an epoch is TensorFeed's for (seed, epoch); each image's
+    augmentation comes from its own generator seeded by (seed, epoch, index)."""
+
+    def __init__(self, splits: Splits, *, seed: int, mean, std, workers: int, batch_size: int, eval_batch_size: int,
+                 device: torch.device, max_steps: int | None = None, max_eval_batches: int | None = None):
+        super().__init__(splits, batch_size=batch_size, eval_batch_size=eval_batch_size, device=device,
+                         prepare_eval=lambda images: normalize(images, mean, std), max_steps=max_steps,
+                         max_eval_batches=max_eval_batches)
+        self.seed = seed
+        self.train_loader, self.sampler = cifar_train_loader(*self.splits["train"], batch_size=batch_size, seed=seed,
+                                                             mean=mean, std=std, workers=workers)
+
+    def train_batches(self, epoch: int, seed: int) -> Iterator[Batch]:
+        if seed != self.seed:
+            raise ValueError(f"this feed was built for seed {self.seed}, not {seed}")
+        self.sampler.set_epoch(epoch)
+        for i, (images, labels) in enumerate(self.train_loader):
+            if i >= self.steps_per_epoch():
+                return
+            yield images.to(self.device), labels.to(self.device)
 
 
 class LoaderFeed:

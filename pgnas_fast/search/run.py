@@ -32,7 +32,7 @@ from .. import data as datasets
 from ..nn import candidate_masks, set_gates
 from ..ops.streams import Domain
 from .export import architecture_record
-from .feed import LoaderFeed, TensorFeed, check_shards
+from .feed import CifarLoaderFeed, LoaderFeed, TensorFeed, check_shards
 from .io import load_checkpoint, read_jsonl, save_checkpoint, write_json, write_jsonl
 from .materialize import count_parameters, materialize
 from .parallel import Parallel, join, leave
@@ -116,6 +116,8 @@ def build_feed(config: dict, data, device: torch.device, *, seed: int, smoke: bo
                           input_size=config["input_size"], parallel=parallel, **sizes, **limits)
     if config["dataset"] in ("cifar10", "cifar100"):
         mean, std = datasets.CIFAR_STATS[data.num_classes]
+        if config["cifar_pipeline"] == "loader" or (config["cifar_pipeline"] == "auto" and device.type == "cpu"):
+            return CifarLoaderFeed(data, seed=seed, mean=mean, std=std, workers=config["workers"], **sizes, **limits)
 
         def prepare_eval(images):
             return datasets.normalize(images, mean, std)

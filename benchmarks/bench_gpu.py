@@ -134,11 +134,11 @@ def cases(device, dry_run: bool, dtype):
             nbytes = x.numel() * x.element_size()
             label = f"{B}x{C}x{H}x{W} {layout}"
             out.append(("gated_apply", label, 2 * nbytes,
-                        lambda m, x=x, p=p: lambda: m.gated_apply(x, p, SEED, STREAM, TAU, "relaxed")))
+                        lambda m, x=x, p=p: lambda: m.gated_apply(x, p, SEED, STREAM, TAU, "relaxed", 0)))
             out.append(("gated_apply_fwd_bwd", label, 5 * nbytes,
-                        lambda m, x=x, p=p, dy=dy: lambda: (m.gated_apply(x, p, SEED, STREAM, TAU, "relaxed"),
+                        lambda m, x=x, p=p, dy=dy: lambda: (m.gated_apply(x, p, SEED, STREAM, TAU, "relaxed", 0),
                                                             m.gated_apply_backward(dy, x, p, SEED, STREAM, TAU,
-                                                                                   "relaxed"))))
+                                                                                   "relaxed", 0))))
             if layout == "nhwc":
                 continue
             ys = [x, torch.randn_like(x)]
@@ -150,7 +150,7 @@ def cases(device, dry_run: bool, dtype):
                         lambda m, ys=ys, w=w, dy=dy: lambda: (m.branch_combine(ys, w, None),
                                                               m.branch_combine_backward(dy, ys, w, None))))
             out.append(("gate_keep", f"{B}x{C}", B * C * 4,
-                        lambda m, p=p, B=B: lambda: m.gate_keep(p, B, SEED, STREAM, TAU, "relaxed")))
+                        lambda m, p=p, B=B: lambda: m.gate_keep(p, B, SEED, STREAM, TAU, "relaxed", 0)))
     n = 1 << (12 if dry_run else 24)
     out.append(("philox_uniform", f"n={n}", 4 * n,
                 lambda m: lambda: m.philox_uniform(n, SEED, STREAM, 0, torch.device(device))))

@@ -167,13 +167,21 @@ def test_two_gloo_ranks_reach_the_parameters_of_one_process(tmp_path):
 
 
 # ---- the CLI under torchrun ------------------------------------------------------------------------
-def test_torchrun_search_writes_the_run_directory_once(tmp_path):
-    out = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    args = ["-m", "pgnas_fast.cli", "search", "--preset", "digits-tiny", "--epochs", "1", "--candidates", "6",
-            "--random-baseline", "0", "--out", str(out), "--quiet"]
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           *args], capture_output=True, text=True, timeout=300, env=env)
+def torchrun_search(out, *extra) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "pgnas_fast.cli", "search", "--preset", "digits-tiny", "--epochs", "1",
+                           "--candidates", "6", "--random-baseline", "0", "--out", str(out), "--quiet", *extra],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+@pytest.fixture(scope="module")
+def torchrun_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp") / "run"
+    return out, torchrun_search(out)
+
+
+def test_torchrun_search_writes_the_run_directory_once(torchrun_run):
+    out, done = torchrun_run
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("best candidate:") == 1 and done.stdout.count("pgnas-fast search:") == 1
     for name in ("config.json", "checkpoint.pt", "checkpoint-best.pt", "train_log.jsonl", "candidates.jsonl",
@@ -188,13 +196,22 @@ def test_torchrun_search_writes_the_run_directory_once(tmp_path):
     assert summary["world_size"] == 2 and summary["data"]["train"] == 1137
 
 
+def test_torchrun_resume_of_a_finished_run_redoes_nothing(torchrun_run):
+    """Every rank loads the checkpoint and reads the ranking logs: no epoch trained, no candidate
+    scored again, the same results."""
+    out, done = torchrun_run
+    assert done.returncode == 0, done.stderr[-3000:]
+    names = ("train_log.jsonl", "candidates.jsonl", "architecture.json", "rank-search/progress-rank0.jsonl",
+             "rank-search/progress-rank1.jsonl")
+    before = {name: (out / name).read_bytes() for name in names}
+    again = torchrun_search(out, "--resume")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert {name: (out / name).read_bytes() for name in names} == before
+
+
 def test_torchrun_refuses_a_batch_the_ranks_cannot_share(tmp_path):
     """Refused before anything is written."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    bad = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "-m", "pgnas_fast.cli", "search", "--preset", "digits-tiny", "--epochs", "1",
-                          "--out", str(tmp_path / "bad"), "--set", "batch_size=63"],
-                         capture_output=True, text=True, timeout=300, env=env)
+    bad = torchrun_search(tmp_path / "bad", "--set", "batch_size=63")
     # (torchrun exits 1 when a rank fails; the ranks exit 2 with the one-line error)
     assert bad.returncode != 0 and "pgnas-fast: error: batch_size 63 must be divisible by the world size 2" in bad.stderr
     assert not (tmp_path / "bad").exists()

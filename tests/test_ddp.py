@@ -166,6 +166,51 @@ def test_two_gloo_ranks_reach_the_parameters_of_one_process(tmp_path):
             torch.testing.assert_close(ranks[r][name], value, rtol=1e-5, atol=1e-6, msg=f"rank {r}: {name}")
 
 
+def _enas_rank_main(rank: int, world: int, port: int, out: str) -> None:
+    """A tiny SupNet-E (BatchNorm, drop-path, aux head) for one step with aux_weight 0, one with 0.4."""
+    from pgnas_fast.supernets.enas import EnasSupernet
+
+    os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    parallel, _ = join("cpu")
+    gen = torch.Generator().manual_seed(1)
+    images, labels = torch.randn(4, 3, 32, 32, generator=gen), torch.randint(0, 10, (4,), generator=gen)
+    feed = TensorFeed(Splits((images, labels), (images, labels), (images, labels), 10), batch_size=4,
+                      eval_batch_size=4, device=torch.device("cpu"))
+    try:
+        states = []
+        for aux_weight in (0.0, 0.4):
+            config = configs.resolve("cifar10-supnet-e", {"epochs": 1, "batch_size": 4, "aux_weight": aux_weight})
+            torch.manual_seed(0)
+            model = EnasSupernet(filters=4, num_layers=3)
+            train_posterior(model, make_optimizer(model, config), feed, config, seed=0, n_train=4, progress=False,
+                            parallel=parallel)
+            states.append({name: p.detach().clone() for name, p in model.named_parameters()})
+        torch.save(states, f"{out}.rank{rank}")
+    finally:
+        leave()
+
+
+@pytest.mark.slow
+def test_supnet_e_trains_data_parallel_with_and_without_its_aux_loss(tmp_path):
+    """aux_weight 0 leaves the aux head without gradients, which DDP must be told about; the ranks'
+    parameters stay identical (DDP keeps them in step; BatchNorm running statistics are each rank's)
+    and the aux head moves only when its loss counts."""
+    out = str(tmp_path / "enas")
+    mp.spawn(_enas_rank_main, args=(2, _free_port(), out), nprocs=2, join=True)
+    ranks = [torch.load(f"{out}.rank{r}") for r in range(2)]
+    for k in range(2):
+        for name, value in ranks[0][k].items():
+            torch.testing.assert_close(ranks[1][k][name], value, rtol=1e-6, atol=1e-7, msg=name)
+    aux = "aux.fc.weight"
+    assert not torch.equal(ranks[0][0][aux], ranks[0][1][aux])
+    from pgnas_fast.supernets.enas import EnasSupernet
+
+    torch.manual_seed(0)
+    assert torch.equal(ranks[0][0][aux], EnasSupernet(filters=4, num_layers=3).state_dict()[aux])
+
+
 # ---- the CLI under torchrun ------------------------------------------------------------------------
 def torchrun_search(out, *extra) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

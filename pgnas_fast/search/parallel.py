@@ -66,14 +66,17 @@ class Parallel:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
-    def wrap(self, model: nn.Module, device: torch.device, *, sync_bn: bool = False) -> nn.Module:
-        """The module to call in training: DDP around `model` when data parallel, else `model`."""
+    def wrap(self, model: nn.Module, device: torch.device, *, sync_bn: bool = False,
+             unused_parameters: bool = False) -> nn.Module:
+        """The module to call in training: DDP around `model` when data parallel, else `model`.
+        `unused_parameters`: some parameters get no gradient (DDP must look for them each step)."""
         if not self.enabled:
             return model
         if sync_bn:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # converts in place below the root
         device_ids = [device] if device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+        return nn.parallel.DistributedDataParallel(model, device_ids=device_ids,
+                                                   find_unused_parameters=unused_parameters)
 
 
 def join(device: str | torch.device) -> tuple[Parallel, torch.device]:

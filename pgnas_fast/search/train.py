@@ -79,7 +79,9 @@ def train_posterior(model: nn.Module, optimizer: torch.optim.Optimizer, feed, co
     steps_per_epoch = feed.steps_per_epoch()
     amp = config["amp"] == "bf16" and feed.device.type == "cuda"
     memory_format = torch.channels_last if config["channels_last"] else torch.contiguous_format
-    net = parallel.wrap(model, feed.device, sync_bn=config["sync_bn"])  # what the forward calls
+    # what the forward calls; an auxiliary head outside the loss (aux_weight 0) gets no gradient
+    net = parallel.wrap(model, feed.device, sync_bn=config["sync_bn"],
+                        unused_parameters=getattr(model, "aux", None) is not None and config["aux_weight"] == 0)
     bar = tqdm(range(start_epoch, config["epochs"]), desc="posterior training", unit="epoch",
                disable=not (progress and parallel.is_main), dynamic_ncols=True, initial=start_epoch,
                total=config["epochs"])

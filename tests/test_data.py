@@ -603,7 +603,7 @@ def test_cifar_feed_on_the_cpu_uses_the_loader_by_default(cifar10):
     assert torch.equal(again[0], x)  # a fixed seed reproduces the run
     tensors = build_feed({**config, "cifar_pipeline": "tensors"}, data, torch.device("cpu"), seed=4)
     assert type(tensors) is TensorFeed
-    x_t, y_t = next(tensors.train_batches(0, 4))
+    _, y_t = next(tensors.train_batches(0, 4))
     assert torch.equal(y_t, y)  # the same epoch order, augmentation drawn another way
     with pytest.raises(ValueError, match="seed 4, not 5"):
         next(feed.train_batches(0, 5))

@@ -23,7 +23,7 @@ from torch.utils.data import Sampler
 from ..configs import ConfigError
 from ..data import ImageNetIndex, Splits, cifar_train_loader, epoch_generator, imagenet_loader, normalize
 from ..data.augment import epoch_seed
-from .parallel import Parallel
+from .parallel import SINGLE_PROCESS, Parallel
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 Shard = tuple[torch.Tensor, torch.Tensor, int, int]  # images, labels, first global row, global batch rows
@@ -36,10 +36,10 @@ def check_shards(batch_sizes: list[int], parallel: Parallel) -> None:
         return
     if batch_sizes[0] % parallel.world:
         raise ConfigError(f"batch_size {batch_sizes[0]} must be divisible by the world size {parallel.world} "
-                         "(torchrun --nproc_per_node x nodes): it is the global batch, split among the ranks")
+                          "(torchrun --nproc_per_node x nodes): it is the global batch, split among the ranks")
     if min(batch_sizes) < parallel.world:
         raise ConfigError(f"the last training batch of an epoch has {min(batch_sizes)} rows, fewer than the "
-                         f"{parallel.world} ranks; change batch_size or heldout_size so that it has none or more")
+                          f"{parallel.world} ranks; change batch_size or heldout_size so that it has none or more")
 
 
 class TensorFeed:
@@ -64,7 +64,7 @@ class TensorFeed:
     def train_batch_sizes(self) -> list[int]:
         return [min(self.batch_size, self.n_train - i * self.batch_size) for i in range(self.steps_per_epoch())]
 
-    def train_shards(self, epoch: int, seed: int, parallel: Parallel = Parallel()) -> Iterator[Shard]:
+    def train_shards(self, epoch: int, seed: int, parallel: Parallel = SINGLE_PROCESS) -> Iterator[Shard]:
         """Each rank augments the whole global batch (the same generator draws as one process) and
         keeps its rows."""
         for images, labels in self.train_batches(epoch, seed):
@@ -138,7 +138,7 @@ class LoaderFeed:
     def __init__(self, index: ImageNetIndex, *, seed: int, batch_size: int, eval_batch_size: int,
                  device: torch.device, workers: int, channels_last: bool, input_size: int,
                  max_steps: int | None = None, max_eval_batches: int | None = None,
-                 parallel: Parallel = Parallel()):
+                 parallel: Parallel = SINGLE_PROCESS):
         self.device = torch.device(device)
         self.index, self.seed = index, seed
         self.num_classes = index.num_classes
@@ -164,7 +164,7 @@ class LoaderFeed:
     def train_batch_sizes(self) -> list[int]:
         return [self.batch_size] * self.steps_per_epoch()  # the last partial batch is dropped
 
-    def train_shards(self, epoch: int, seed: int, parallel: Parallel = Parallel()) -> Iterator[Shard]:
+    def train_shards(self, epoch: int, seed: int, parallel: Parallel = SINGLE_PROCESS) -> Iterator[Shard]:
         if parallel != self.parallel:
             raise ValueError(f"this feed was built for {self.parallel}, not {parallel}")
         start, _ = parallel.rows(self.batch_size)

@@ -58,14 +58,6 @@ class Parallel:
         dist.all_gather_object(gathered, rows)
         return [row for part in gathered for row in part]
 
-    def broadcast(self, value):
-        """Rank 0's `value` (a picklable object) on every rank."""
-        if not self.enabled:
-            return value
-        box = [value]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
     def wrap(self, model: nn.Module, device: torch.device, *, sync_bn: bool = False,
              unused_parameters: bool = False) -> nn.Module:
         """The module to call in training: DDP around `model` when data parallel, else `model`.
@@ -79,13 +71,16 @@ class Parallel:
                                                    find_unused_parameters=unused_parameters)
 
 
+SINGLE_PROCESS = Parallel()  # a run not started by torchrun
+
+
 def join(device: str | torch.device) -> tuple[Parallel, torch.device]:
     """(this process's Parallel, its device). Under torchrun (WORLD_SIZE > 1) joins the process group,
-    NCCL for a CUDA device (then cuda:LOCAL_RANK) and gloo for the CPU; otherwise Parallel()."""
+    NCCL for a CUDA device (then cuda:LOCAL_RANK) and gloo for the CPU; otherwise SINGLE_PROCESS."""
     device = torch.device(device)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
-        return Parallel(), device
+        return SINGLE_PROCESS, device
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)

@@ -35,7 +35,7 @@ from .export import architecture_record
 from .feed import CifarLoaderFeed, LoaderFeed, TensorFeed, check_shards
 from .io import load_checkpoint, read_jsonl, save_checkpoint, write_json, write_jsonl
 from .materialize import count_parameters, materialize
-from .parallel import Parallel, join, leave
+from .parallel import SINGLE_PROCESS, Parallel, join, leave
 from .rank import ProgressLog, accuracy, best_candidate, rank_candidates, uniform_drop_logits
 from .report import FIGURES, write_report
 from .train import make_optimizer, train_posterior
@@ -108,7 +108,7 @@ def load_data(config: dict, data_dir: str | Path | None = None) -> datasets.Spli
 
 
 def build_feed(config: dict, data, device: torch.device, *, seed: int, smoke: bool = False,
-               parallel: Parallel = Parallel()):
+               parallel: Parallel = SINGLE_PROCESS):
     limits = {"max_steps": SMOKE_STEPS, "max_eval_batches": SMOKE_EVAL_BATCHES} if smoke else {}
     sizes = {"batch_size": config["batch_size"], "eval_batch_size": config["eval_batch_size"], "device": device}
     if config["dataset"] == "imagenet":
@@ -172,7 +172,7 @@ def load_run(run_dir: str | Path, *, device: str = "cpu", data_dir: str | Path |
 
 def rank_search_candidates(model: torch.nn.Module, feed: TensorFeed | LoaderFeed, config: dict, *, seed: int,
                            progress: bool, random: bool = False, log_dir: Path | None = None,
-                           parallel: Parallel = Parallel()) -> list[dict]:
+                           parallel: Parallel = SINGLE_PROCESS) -> list[dict]:
     """The search's ranking: batched, with the preset's strategy; the random-gate baseline is
     always exhaustive (its mean score is the point). Data parallel: each rank scores its share of
     every round and all ranks get every row."""

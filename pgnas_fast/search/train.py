@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..nn import gated_layers, network_regularizer, set_gates
-from .parallel import Parallel, shard_loss
+from .parallel import SINGLE_PROCESS, Parallel, shard_loss
 
 
 def make_optimizer(model: nn.Module, config: dict) -> torch.optim.Optimizer:
@@ -72,7 +72,7 @@ def _forward_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: di
 
 def train_posterior(model: nn.Module, optimizer: torch.optim.Optimizer, feed, config: dict, *, seed: int,
                     start_epoch: int = 0, n_train: float, on_epoch_end: Callable[[int, dict], None] | None = None,
-                    progress: bool = True, parallel: Parallel = Parallel()) -> None:
+                    progress: bool = True, parallel: Parallel = SINGLE_PROCESS) -> None:
     """Train from `start_epoch` to config['epochs'] on `feed` (see feed.py); `on_epoch_end(epoch,
     stats)` checkpoints (called on every rank; the stats are the whole batch's). bf16 autocast
     (config amp) applies on CUDA only; the regulariser and the loss stay in float32."""

@@ -208,8 +208,9 @@ def _search(args) -> int:
     out = Path(args.out) if args.out else Path("runs") / f"{args.preset}-seed{args.seed}"
     created = _prepare_out(out)
 
-    print(f"pgnas-fast search: preset {config['preset']}, seed {args.seed}, backend {backend}, device {device}",
-          flush=True)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for the run
+        print(f"pgnas-fast search: preset {config['preset']}, seed {args.seed}, backend {backend}, device {device}",
+              flush=True)
     try:
         with dispatch.use_backend(backend):
             result = run_search(config, seed=args.seed, out_dir=out, device=str(device), resume=args.resume,
@@ -217,6 +218,8 @@ def _search(args) -> int:
     except ValueError:  # bad data or run directory (DataError, RunError): raised before anything is written
         _remove_if_empty(created)
         raise
+    if not result.is_main:
+        return 0
     s = result.summary
     print(f"best candidate: {s['best_candidate']} of {s['candidates']} "
           f"(keeps {_percent(s['kept_fraction'])} of the gated input channels)")

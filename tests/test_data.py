@@ -16,11 +16,13 @@ from pgnas_fast.data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     IMAGENET_URL,
+    CifarTrainSet,
     DataError,
     ImageFolderDataset,
     augment_batch,
     carve_heldout,
     cifar_batches,
+    cifar_train_loader,
     cutout,
     epoch_generator,
     imagenet_loader,
@@ -501,3 +503,107 @@ def test_loader_batches_are_channels_last_and_independent_of_workers(imagenet):
     batches = list(val)
     assert [len(y) for _, y in batches] == [4, 2]
     assert torch.equal(torch.cat([y for _, y in batches]), torch.from_numpy(index.val[1]))
+
+
+# ---- CIFAR on the CPU: DataLoader workers augmenting image by image ----
+def test_cifar_train_set_item_is_the_batched_law_on_one_image(cifar10):
+    root, _ = cifar10
+    images, labels = load_cifar(root, heldout=50).train
+    mean, std = CIFAR_STATS[10]
+    dataset = CifarTrainSet(images, labels, mean, std)
+    assert len(dataset) == len(labels)
+    for index, seed in [(0, 11), (7, 12), (len(labels) - 1, 2**61)]:
+        image, label = dataset[(index, seed)]
+        assert image.shape == (3, 32, 32) and image.dtype == torch.float32
+        assert label.dtype == torch.int64 and label == labels[index]
+        expected = augment_batch(normalize(images[index:index + 1], mean, std), gen(seed))[0]
+        assert torch.equal(image, expected)
+        assert torch.equal(dataset[(index, seed)][0], image)  # the seed fixes the augmentation
+        assert not torch.equal(dataset[(index, seed + 1)][0], image)
+    with pytest.raises(ValueError, match="uint8"):
+        CifarTrainSet(images.float(), labels, mean, std)
+
+
+def test_cifar_train_set_crops_within_the_padding_and_flips_half():
+    """Crop offsets cover 0..8 in both axes and stay there; about half the images are mirrored."""
+    image = torch.randint(1, 256, (1, 3, 32, 32), dtype=torch.uint8)  # no zero pixel: pads are told apart
+    dataset = CifarTrainSet(image, torch.zeros(1, dtype=torch.int64), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), cutout_size=0)
+    padded = torch.nn.functional.pad(image[0].float() / 255, (4, 4, 4, 4))
+    shifts, flips = set(), 0
+    for seed in range(300):
+        out, _ = dataset[(0, seed)]
+        found = [(dy, dx, mirrored) for dy in range(9) for dx in range(9) for mirrored in (False, True)
+                 if torch.equal(out.flip(-1) if mirrored else out, padded[:, dy:dy + 32, dx:dx + 32])]
+        assert len(found) == 1, seed
+        shifts.add(found[0][:2])
+        flips += found[0][2]
+    assert {dy for dy, _ in shifts} == set(range(9)) and {dx for _, dx in shifts} == set(range(9))
+    assert 110 < flips < 190
+
+
+def test_cifar_train_set_cuts_out_one_16x16_square():
+    image = torch.randint(1, 256, (1, 3, 32, 32), dtype=torch.uint8)
+    dataset = CifarTrainSet(image, torch.zeros(1, dtype=torch.int64), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0),
+                            crop_padding=0, flip=False)
+    full = 0
+    for seed in range(200):
+        out, _ = dataset[(0, seed)]
+        zero = out == 0
+        assert torch.equal(zero, zero[:1].expand_as(zero))  # the same square in every channel
+        rows, cols = zero[0].any(1).nonzero().flatten(), zero[0].any(0).nonzero().flatten()
+        height, width = rows.max() - rows.min() + 1, cols.max() - cols.min() + 1
+        assert zero[0].sum() == height * width and 8 <= height <= 16 and 8 <= width <= 16
+        assert torch.equal(out[~zero], image[0].float()[~zero] / 255)  # nothing else changed
+        full += bool(height == 16 and width == 16)
+    assert 0 < full < 200
+
+
+def test_cifar_train_loader_is_the_epoch_order_with_aligned_labels_whatever_the_workers(cifar10):
+    root, _ = cifar10
+    images, labels = load_cifar(root, heldout=50).train
+    mean, std = CIFAR_STATS[10]
+    epochs = {}
+    for workers in (0, 2):
+        loader, sampler = cifar_train_loader(images, labels, batch_size=64, seed=9, mean=mean, std=std,
+                                             workers=workers)
+        for epoch in (0, 1):
+            sampler.set_epoch(epoch)
+            batches = list(loader)
+            assert [len(y) for _, y in batches] == [64, 64, 64, 64, 64, 30]  # 350 images, the last batch short
+            assert all(x.dtype == torch.float32 and x.shape[1:] == (3, 32, 32) and y.dtype == torch.int64
+                       for x, y in batches)
+            epochs[workers, epoch] = torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches])
+            items = list(sampler)  # (index, seed) per image, in order
+            order = torch.randperm(len(labels), generator=epoch_generator(9, epoch))  # TensorFeed's order
+            assert [index for index, _ in items] == order.tolist()
+            assert torch.equal(epochs[workers, epoch][1], labels[order])
+            dataset = CifarTrainSet(images, labels, mean, std)
+            for k in (0, 100, 349):
+                assert torch.equal(epochs[workers, epoch][0][k], dataset[items[k]][0])
+    for epoch in (0, 1):  # workers change nothing
+        assert all(torch.equal(a, b) for a, b in zip(epochs[0, epoch], epochs[2, epoch]))
+    assert not torch.equal(epochs[0, 0][0], epochs[0, 1][0])
+
+
+def test_cifar_feed_on_the_cpu_uses_the_loader_by_default(cifar10):
+    from pgnas_fast import configs
+    from pgnas_fast.search.feed import CifarLoaderFeed, TensorFeed
+    from pgnas_fast.search.run import build_feed, load_data
+
+    root, _ = cifar10
+    config = configs.resolve("cifar10-supnet-m", {"heldout_size": 50, "batch_size": 100, "workers": 1})
+    data = load_data(config, root)
+    feed = build_feed(config, data, torch.device("cpu"), seed=4)
+    assert isinstance(feed, CifarLoaderFeed)
+    x, y = next(feed.train_batches(0, 4))
+    assert x.shape == (100, 3, 32, 32) and x.dtype == torch.float32 and y.dtype == torch.int64
+    order = torch.randperm(350, generator=epoch_generator(4, 0))[:100]
+    assert torch.equal(y, data.train[1][order])
+    again = next(build_feed(config, data, torch.device("cpu"), seed=4).train_batches(0, 4))
+    assert torch.equal(again[0], x)  # a fixed seed reproduces the run
+    tensors = build_feed({**config, "cifar_pipeline": "tensors"}, data, torch.device("cpu"), seed=4)
+    assert type(tensors) is TensorFeed
+    _, y_t = next(tensors.train_batches(0, 4))
+    assert torch.equal(y_t, y)  # the same epoch order, augmentation drawn another way
+    with pytest.raises(ValueError, match="seed 4, not 5"):
+        next(feed.train_batches(0, 5))

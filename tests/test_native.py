@@ -239,6 +239,32 @@ def test_cuda_gated_apply_matches_reference(mode, dtype, shape, memory_format):
 
 
 @gpu
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_cuda_gate_offset_matches_reference(memory_format):
+    """Element offsets (a data-parallel rank's rows), past 2^32 and up to the last one below 2^63."""
+    _needs_cuda_backend()
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(4, 7, 5, 3, generator=gen).cuda().contiguous(memory_format=memory_format)
+    dy = torch.randn(x.shape, generator=gen).cuda().contiguous(memory_format=memory_format)
+    p = torch.randn(7, generator=gen).cuda()
+    for offset in (0, 3 * 7, (1 << 40) + 1, (1 << 63) - 4 * 7):
+        for mode in ("relaxed", "hard"):
+            keep = {name: pf.ops.gate_keep(p, 4, seed=SEED, stream=STREAM, mode=mode, offset=offset, backend=name)
+                    for name in ("cuda", "reference")}
+            if mode == "hard":
+                assert torch.equal(keep["cuda"], keep["reference"])
+            assert rel_err(keep["cuda"], keep["reference"]) < 1e-6
+        results = {}
+        for name in ("cuda", "reference"):
+            xr, pr = x.clone().requires_grad_(), p.clone().requires_grad_()
+            out = pf.ops.gated_apply(xr, pr, seed=SEED, stream=STREAM, offset=offset, backend=name)
+            out.backward(dy)
+            results[name] = (out, xr.grad, pr.grad)
+        for ours, ref in zip(results["cuda"], results["reference"]):
+            assert rel_err(ours, ref) < 1e-5
+
+
+@gpu
 @pytest.mark.parametrize("per_example", [True, False])
 @pytest.mark.parametrize("n_branches", [1, 3, 9])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
@@ -312,10 +338,11 @@ def test_cuda_gradcheck_and_opcheck():
         (weight, z))
     cases = [
         (_library.gated_apply, (torch.randn(3, 7, 5, 5, device="cuda").requires_grad_(),
-                                torch.randn(7, device="cuda").requires_grad_(), SEED, STREAM, 0.2, "relaxed", "cuda")),
+                                torch.randn(7, device="cuda").requires_grad_(), SEED, STREAM, 0.2, "relaxed", 0,
+                                "cuda")),
         (_library.gated_apply, (torch.randn(3, 8, 4, 4, device="cuda").to(memory_format=torch.channels_last)
                                 .requires_grad_(), torch.randn(8, device="cuda").requires_grad_(), SEED, STREAM, 0.5,
-                                "hard", "cuda")),
+                                "hard", 24, "cuda")),
         (_library.branch_combine, ([torch.randn(3, 4, 2, 2, device="cuda").requires_grad_() for _ in range(2)],
                                    torch.rand(3, 2, device="cuda").requires_grad_(), None, None, "cuda")),
         (_library.regularizer, ([torch.randn(8, 3, 3, 3, device="cuda").requires_grad_()],

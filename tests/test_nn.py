@@ -343,10 +343,11 @@ class ShakeNet(nn.Module):
 
 
 def manual_shake_weights(module: ShakeShake, batch: int, branches: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Example b: elements 2 S b .. 2 S b + S - 1 forward, the next S backward."""
     u = ops.philox_uniform(2 * batch * branches, seed=module.rng_seed, stream=module.rng_stream)
-    e = -torch.log(u).view(2, batch, branches)
+    e = -torch.log(u).view(batch, 2, branches)
     w = e / e.sum(-1, keepdim=True)
-    return w[0], w[1]
+    return w[:, 0], w[:, 1]
 
 
 def test_shake_shake_eval_is_mean_plus_skip():

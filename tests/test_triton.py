@@ -268,21 +268,22 @@ def test_gpu_torch_compile_of_a_gated_conv_step():
 
 
 def test_gated_apply_per_example_grid_of_the_gpu(monkeypatch):
-    """The GPU grid (axis 1 = example, axis 0 = channel block), forced here under the interpreter."""
+    """The GPU grid (axis 1 = example, axis 0 = channel block), forced here under the interpreter; with
+    an element offset past 2^32 (a data-parallel rank's rows), which the grid's row index must add."""
     import triton
 
     gates = importlib.import_module("pgnas_fast.triton.gates")
     monkeypatch.setattr(gates, "_grid", lambda B, C, block_q, device: ((triton.cdiv(C, 16), B), True))
     monkeypatch.setattr(gates, "_tiles", lambda n_rows, S, s_stride, device: (16, 32))
     gen = torch.Generator().manual_seed(7)
-    for memory_format in (torch.contiguous_format, torch.channels_last):
+    for memory_format, offset in ((torch.contiguous_format, 0), (torch.channels_last, (1 << 32) + 5 * 37)):
         x = torch.randn(3, 37, 7, 9, generator=gen).contiguous(memory_format=memory_format)
         dy = torch.randn(x.shape, generator=gen)
         p_logit = torch.randn(37, generator=gen)
-        ours = gates.gated_apply_backward(dy, x, p_logit, SEED, STREAM, 0.2, "relaxed")
-        ref = reference.gated_apply_backward(dy, x, p_logit, SEED, STREAM, 0.2, "relaxed")
-        out = gates.gated_apply(x, p_logit, SEED, STREAM, 0.2, "relaxed")
-        assert rel_err(out, reference.gated_apply(x, p_logit, SEED, STREAM, 0.2, "relaxed")) < 1e-6
+        ours = gates.gated_apply_backward(dy, x, p_logit, SEED, STREAM, 0.2, "relaxed", offset)
+        ref = reference.gated_apply_backward(dy, x, p_logit, SEED, STREAM, 0.2, "relaxed", offset)
+        out = gates.gated_apply(x, p_logit, SEED, STREAM, 0.2, "relaxed", offset)
+        assert rel_err(out, reference.gated_apply(x, p_logit, SEED, STREAM, 0.2, "relaxed", offset)) < 1e-6
         assert rel_err(ours[0], ref[0]) < 1e-6 and rel_err(ours[1], ref[1]) < 1e-5
 
 
@@ -314,6 +315,7 @@ philox, gates, combine, regularizer = (importlib.import_module("pgnas_fast.trito
                                        for m in ("philox", "gates", "combine", "regularizer"))
 RNG = {"seed_lo": "i32", "seed_hi": "i32", "stream_lo": "i32", "stream_hi": "i32"}
 TAU = {"tau_hi": "fp32", "tau_lo": "fp32"}
+GATE_RNG = {**RNG, "offset_lo": "i32", "offset_hi": "i32"}  # the gates' element offset too
 
 
 def compile_for_h100(kernel, signature, constexprs):
@@ -323,18 +325,19 @@ def compile_for_h100(kernel, signature, constexprs):
 
 compile_for_h100(philox._philox_uniform_kernel, {"out_ptr": "*fp32", "n": "i64", "offset_lo": "i32",
                  "offset_hi": "i32", **RNG}, {"BLOCK": 1024})
-compile_for_h100(gates._gate_keep_kernel, {"p_ptr": "*fp64", "keep_ptr": "*fp64", "n": "i32", "C": "i32", **RNG, **TAU},
+compile_for_h100(gates._gate_keep_kernel, {"p_ptr": "*fp64", "keep_ptr": "*fp64", "n": "i32", "C": "i32", **GATE_RNG,
+                 **TAU},
                  {"MODE": 0, "GATE_F64": True, "BLOCK": 1024})
 compile_for_h100(gates._gate_grad_kernel, {"g_ptr": "*fp32", "keep_ptr": "*fp32", "out_ptr": "*fp32", "B": "i32",
                  "C": "i32", **TAU}, {"TIMES_KEEP_DERIVATIVE": True, "GATE_F64": False, "BLOCK_B": 32, "BLOCK_C": 128})
 strides = {f"s{t}{a}": "i32" for t in "dxg" for a in "bcs"}
 compile_for_h100(gates._gated_apply_kernel, {"x_ptr": "*bf16", "out_ptr": "*bf16", "p_ptr": "*fp32", "n_rows": "i32",
-                 "C": "i32", "S": "i32", **{f"s{t}{a}": "i32" for t in "xo" for a in "bcs"}, **RNG, **TAU},
+                 "C": "i32", "S": "i32", **{f"s{t}{a}": "i32" for t in "xo" for a in "bcs"}, **GATE_RNG, **TAU},
                  {"MODE": 0, "GATE_F64": False, "COMPUTE_F64": False, "SPLIT_ROWS": True, "BLOCK_Q": 128,
                   "BLOCK_S": 32})
 compile_for_h100(gates._gated_apply_backward_kernel, {"dy_ptr": "*bf16", "x_ptr": "*bf16", "dx_ptr": "*bf16",
-                 "p_ptr": "*fp32", "partial_ptr": "*fp32", "n_rows": "i32", "C": "i32", "S": "i32", **strides, **RNG,
-                 **TAU}, {"MODE": 0, "GATE_F64": False, "COMPUTE_F64": False, "SPLIT_ROWS": True, "BLOCK_Q": 4,
+                 "p_ptr": "*fp32", "partial_ptr": "*fp32", "n_rows": "i32", "C": "i32", "S": "i32", **strides,
+                 **GATE_RNG, **TAU}, {"MODE": 0, "GATE_F64": False, "COMPUTE_F64": False, "SPLIT_ROWS": True, "BLOCK_Q": 4,
                  "BLOCK_S": 1024})
 ys = {f"y{i}": "*bf16" for i in range(4)}
 compile_for_h100(combine._combine_kernel, {**ys, "w_ptr": "*fp32", "skip_ptr": "*bf16", "out_ptr": "*bf16", "R": "i32",

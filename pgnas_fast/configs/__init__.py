@@ -50,7 +50,11 @@ DEFAULTS: dict = {
     "racing_first_share": 1 / 16,
     "rank_rows": 8192,  # rows (candidates x images) per batched evaluation pass
     "eval_batch_size": 500,
-    "workers": 8,  # DataLoader workers (ImageNet)
+    "workers": 8,  # DataLoader workers: ImageNet; CIFAR on the CPU (there at most one per available core)
+    # CIFAR training batches: "tensors" (the set resident on the device, batched augmentation there),
+    # "loader" (DataLoader workers augmenting image by image), "auto" (tensors on CUDA, loader on CPU)
+    "cifar_pipeline": "auto",
+    "sync_bn": False,  # data parallel on CUDA: BatchNorm statistics over the global batch (SyncBatchNorm)
     "threads": 0,  # torch intra-op threads; 0 = torch's default
 }
 
@@ -176,6 +180,8 @@ SCHEMA = {
     "eval_batch_size": _POSITIVE_INT,
     "workers": _NON_NEGATIVE_INT,
     "threads": _NON_NEGATIVE_INT,
+    "sync_bn": ((bool,), lambda v: True, "true or false"),
+    "cifar_pipeline": ((str,), lambda v: v in ("auto", "tensors", "loader"), "one of auto, tensors, loader"),
 }
 
 

@@ -17,6 +17,7 @@ from .augment import (
     random_flip,
 )
 from .cifar import CIFAR_LAYOUTS, CIFAR_URL, load_cifar
+from .cifar_loader import CifarTrainSet, cifar_train_loader
 from .digits import load_digits
 from .errors import DataError
 from .imagenet import (
@@ -34,6 +35,7 @@ __all__ = [
     "CIFAR_LAYOUTS",
     "CIFAR_STATS",
     "CIFAR_URL",
+    "CifarTrainSet",
     "DataError",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
@@ -44,6 +46,7 @@ __all__ = [
     "augment_batch",
     "carve_heldout",
     "cifar_batches",
+    "cifar_train_loader",
     "cutout",
     "epoch_generator",
     "imagenet_loader",

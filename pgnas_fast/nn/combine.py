@@ -14,6 +14,10 @@ class ShakeShake(StochasticModule):
     Training: forward weights w ~ Dirichlet(1, ..., 1) per example (for S = 2, alpha ~ U(0, 1) and
     1 - alpha) and independent backward weights of the same law, drawn from the RNG contract's shake
     stream of the current step (set by `set_gates`). Evaluation: 1/S each. Plus the skip connection.
+
+    Example b (global row, see `StochasticModule.rng_row_offset`) uses elements 2 S b .. 2 S b + 2 S - 1
+    of the stream: S for its forward weights, then S for its backward weights, so a data-parallel
+    shard draws exactly its rows of the concatenated batch's weights.
     """
 
     rng_domain = Domain.SHAKE
@@ -30,8 +34,10 @@ class ShakeShake(StochasticModule):
             return ops.branch_combine(branches, weights, skip=skip, backend=self.backend)
         if self.rng_stream is None:
             raise RuntimeError("ShakeShake in training mode needs set_gates(model, 'relaxed', seed=, step=) first")
-        u = ops.philox_uniform(2 * batch * n_branches, seed=self.rng_seed, stream=self.rng_stream,
-                               device=device, backend=self.backend)
-        exponential = -torch.log(u).view(2, batch, n_branches)  # normalised exponentials are Dirichlet(1)
+        per_example = 2 * n_branches
+        u = ops.philox_uniform(batch * per_example, seed=self.rng_seed, stream=self.rng_stream,
+                               offset=self.rng_row_offset * per_example, device=device, backend=self.backend)
+        exponential = -torch.log(u).view(batch, 2, n_branches)  # normalised exponentials are Dirichlet(1)
         weights = exponential / exponential.sum(-1, keepdim=True)
-        return ops.branch_combine(branches, weights[0], skip=skip, backward_weights=weights[1], backend=self.backend)
+        return ops.branch_combine(branches, weights[:, 0], skip=skip, backward_weights=weights[:, 1],
+                                  backend=self.backend)

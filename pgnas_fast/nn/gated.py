@@ -84,7 +84,7 @@ class GatedInput(nn.Module):
         if self.gate_mode == "relaxed":
             return ops.gated_apply(
                 x, self.p_logit_per_channel(), seed=self.gate_seed, stream=self.gate_stream,
-                tau=self.tau, mode="relaxed", backend=self.backend,
+                tau=self.tau, mode="relaxed", offset=self.gate_row_offset * self.gate_channels, backend=self.backend,
             )
         if self.gate_mode == "hard":
             mask = self.gate_mask.to(x.dtype)
@@ -128,12 +128,15 @@ class GatedLinear(GatedInput, nn.Linear):
 class StochasticModule(nn.Module):
     """A module other than a gate whose training noise comes from the RNG contract (e.g. shake-shake).
 
-    `set_gates` hands it (seed, stream) for each training step, so one seed reproduces a run.
+    `set_gates` hands it (seed, stream) for each training step, so one seed reproduces a run, and
+    `rng_row_offset`, the global row of this process's first example: a module whose numbers are per
+    example draws those of its rows of the concatenated batch (data parallel), as the gates do.
     """
 
     rng_domain: Domain
     rng_seed: int = 0
     rng_stream: int | None = None
+    rng_row_offset: int = 0
 
 
 def gated_layers(model: nn.Module) -> list[tuple[str, GatedInput]]:
@@ -193,6 +196,7 @@ def set_gates(model: nn.Module, mode: str, *, seed: int = 0, step: int | None = 
             raise ValueError(f"row_offset must be an int >= 0, got {row_offset!r}")
         for index, module in enumerate(_stochastic_modules(model)):
             module.rng_seed, module.rng_stream = seed, stream_id(module.rng_domain, step, index)
+            module.rng_row_offset = row_offset
     if mode == "hard":
         if (candidate is None) == (masks is None):
             raise ValueError("set_gates(mode='hard') needs exactly one of candidate= or masks=")

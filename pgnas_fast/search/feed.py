@@ -4,7 +4,12 @@
 airbench habit) and orders each epoch from (seed, epoch) alone, so a resumed run sees the batches
 an uninterrupted one would. `prepare_train` (augmentation + normalisation, with a generator seeded
 from the same pair) and `prepare_eval` turn stored images into model inputs. `LoaderFeed` serves
-ImageNet through DataLoader workers with the same interface.
+ImageNet through DataLoader workers with the same interface, and `CifarLoaderFeed` CIFAR on the CPU
+(workers augment image by image, same law and epoch order as TensorFeed's batched path).
+
+Training reads `train_shards(epoch, seed, parallel)`: this rank's rows of every global batch with
+the global row of its first example and the global batch's size (parallel.py); a single process
+gets whole batches at row 0.
 """
 from __future__ import annotations
 
@@ -13,9 +18,28 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from ..data import ImageNetIndex, Splits, epoch_generator, imagenet_loader
+from torch.utils.data import Sampler
+
+from ..configs import ConfigError
+from ..data import ImageNetIndex, Splits, cifar_train_loader, epoch_generator, imagenet_loader, normalize
+from ..data.augment import epoch_seed
+from .parallel import SINGLE_PROCESS, Parallel
 
 Batch = tuple[torch.Tensor, torch.Tensor]
+Shard = tuple[torch.Tensor, torch.Tensor, int, int]  # images, labels, first global row, global batch rows
+
+
+def check_shards(batch_sizes: list[int], parallel: Parallel) -> None:
+    """Every rank must get rows of every batch: the preset's batch divides among the ranks, and no
+    (last, short) batch has fewer rows than there are ranks. Raises ConfigError (bad input: exit 2)."""
+    if not parallel.enabled:
+        return
+    if batch_sizes[0] % parallel.world:
+        raise ConfigError(f"batch_size {batch_sizes[0]} must be divisible by the world size {parallel.world} "
+                          "(torchrun --nproc_per_node x nodes): it is the global batch, split among the ranks")
+    if min(batch_sizes) < parallel.world:
+        raise ConfigError(f"the last training batch of an epoch has {min(batch_sizes)} rows, fewer than the "
+                          f"{parallel.world} ranks; change batch_size or heldout_size so that it has none or more")
 
 
 class TensorFeed:
@@ -36,6 +60,16 @@ class TensorFeed:
     def steps_per_epoch(self) -> int:
         steps = math.ceil(self.n_train / self.batch_size)
         return steps if self.max_steps is None else min(steps, self.max_steps)
+
+    def train_batch_sizes(self) -> list[int]:
+        return [min(self.batch_size, self.n_train - i * self.batch_size) for i in range(self.steps_per_epoch())]
+
+    def train_shards(self, epoch: int, seed: int, parallel: Parallel = SINGLE_PROCESS) -> Iterator[Shard]:
+        """Each rank augments the whole global batch (the same generator draws as one process) and
+        keeps its rows."""
+        for images, labels in self.train_batches(epoch, seed):
+            start, end = parallel.rows(len(labels))
+            yield images[start:end], labels[start:end], start, len(labels)
 
     def train_batches(self, epoch: int, seed: int) -> Iterator[Batch]:
         images, labels = self.splits["train"]
@@ -70,6 +104,30 @@ class TensorFeed:
         return self.prepare_eval(self.splits["train"][0][:n])
 
 
+class CifarLoaderFeed(TensorFeed):
+    """CIFAR on the CPU: training batches from DataLoader workers (pgnas_fast.data.cifar_train_loader),
+    evaluation as TensorFeed. The order of an epoch is TensorFeed's for (seed, epoch); each image's
+    augmentation comes from its own generator seeded by (seed, epoch, index)."""
+
+    def __init__(self, splits: Splits, *, seed: int, mean, std, workers: int, batch_size: int, eval_batch_size: int,
+                 device: torch.device, max_steps: int | None = None, max_eval_batches: int | None = None):
+        super().__init__(splits, batch_size=batch_size, eval_batch_size=eval_batch_size, device=device,
+                         prepare_eval=lambda images: normalize(images, mean, std), max_steps=max_steps,
+                         max_eval_batches=max_eval_batches)
+        self.seed = seed
+        self.train_loader, self.sampler = cifar_train_loader(*self.splits["train"], batch_size=batch_size, seed=seed,
+                                                             mean=mean, std=std, workers=workers)
+
+    def train_batches(self, epoch: int, seed: int) -> Iterator[Batch]:
+        if seed != self.seed:
+            raise ValueError(f"this feed was built for seed {self.seed}, not {seed}")
+        self.sampler.set_epoch(epoch)
+        for i, (images, labels) in enumerate(self.train_loader):
+            if i >= self.steps_per_epoch():
+                return
+            yield images.to(self.device), labels.to(self.device)
+
+
 class LoaderFeed:
     """ImageNet: decoding and augmentation in DataLoader workers (pgnas_fast.data.imagenet_loader).
 
@@ -79,7 +137,8 @@ class LoaderFeed:
 
     def __init__(self, index: ImageNetIndex, *, seed: int, batch_size: int, eval_batch_size: int,
                  device: torch.device, workers: int, channels_last: bool, input_size: int,
-                 max_steps: int | None = None, max_eval_batches: int | None = None):
+                 max_steps: int | None = None, max_eval_batches: int | None = None,
+                 parallel: Parallel = SINGLE_PROCESS):
         self.device = torch.device(device)
         self.index, self.seed = index, seed
         self.num_classes = index.num_classes
@@ -88,8 +147,13 @@ class LoaderFeed:
         self.max_steps, self.max_eval_batches = max_steps, max_eval_batches
         self.loader_args = dict(device=self.device, num_workers=workers, channels_last=channels_last,
                                 size=input_size, resize=round(input_size * 256 / 224))
-        self.train_loader = imagenet_loader(*index.train, train=True, batch_size=batch_size, seed=seed,
-                                            **self.loader_args)
+        self.parallel = parallel
+        # data parallel: each rank's workers decode only its rows of every global batch
+        share = None if not parallel.enabled else RowShareSampler(self.n_train, seed=seed, batch=batch_size,
+                                                                   parallel=parallel)
+        check_shards([batch_size], parallel)
+        self.train_loader = imagenet_loader(*index.train, train=True, batch_size=batch_size // parallel.world,
+                                            seed=seed, sampler=share, **self.loader_args)
         self.prepare_eval = lambda x: x
         self._splits: dict[str, Batch] = {}
 
@@ -97,7 +161,18 @@ class LoaderFeed:
         steps = len(self.train_loader)
         return steps if self.max_steps is None else min(steps, self.max_steps)
 
+    def train_batch_sizes(self) -> list[int]:
+        return [self.batch_size] * self.steps_per_epoch()  # the last partial batch is dropped
+
+    def train_shards(self, epoch: int, seed: int, parallel: Parallel = SINGLE_PROCESS) -> Iterator[Shard]:
+        if parallel != self.parallel:
+            raise ValueError(f"this feed was built for {self.parallel}, not {parallel}")
+        start, _ = parallel.rows(self.batch_size)
+        for images, labels in self.train_batches(epoch, seed):
+            yield images, labels, start, self.batch_size
+
     def train_batches(self, epoch: int, seed: int) -> Iterator[Batch]:
+        """This rank's rows of every global batch (all of it in a single process)."""
         if seed != self.seed:
             raise ValueError(f"this feed was built for seed {self.seed}, not {seed}")
         self.train_loader.set_epoch(epoch)
@@ -128,3 +203,23 @@ class LoaderFeed:
 
     def sizes(self) -> dict[str, int]:
         return {"train": self.n_train, "heldout": len(self.index.heldout[1]), "test": len(self.index.val[1])}
+
+
+class RowShareSampler(Sampler):
+    """Indices of this rank's rows of every full global batch of `batch` rows, in the order the
+    single-process sampler (pgnas_fast.data.imagenet.SeededSampler) shuffles for (seed, epoch)."""
+
+    def __init__(self, n: int, *, seed: int, batch: int, parallel: Parallel):
+        self.n, self.seed, self.batch, self.parallel, self.epoch = n, seed, batch, parallel, 0
+        self.start, self.end = parallel.rows(batch)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return (self.n // self.batch) * (self.end - self.start)
+
+    def __iter__(self) -> Iterator[int]:
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch)))
+        for first in range(0, (self.n // self.batch) * self.batch, self.batch):
+            yield from order[first + self.start:first + self.end].tolist()

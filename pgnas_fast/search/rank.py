@@ -218,7 +218,8 @@ def rank(scorer: CandidateScorer, candidates: Sequence[int], *, strategy: str = 
             finished += rows
             bar.update(len(group))
         if gather is not None:
-            finished = gather(finished)
+            # every rank read every rank's log on resume: keep one row per (round, candidate)
+            finished = list({(row["round"], row["id"]): row for row in gather(finished)}.values())
         for row in finished:
             correct[row["id"]] += row["correct"]
             images[row["id"]] = row["end"]

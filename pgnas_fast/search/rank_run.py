@@ -12,27 +12,13 @@ import shutil
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from ..nn import candidate_masks
 from .export import architecture_record
 from .io import write_json, write_jsonl
+from .parallel import join
 from .rank import CandidateScorer, ProgressLog, best_candidate, rank
 from .run import RunError, build_supernet, load_run
-
-
-def _distributed() -> tuple[int, int]:
-    """(rank, world size); joins the torchrun process group when launched by torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return (dist.get_rank(), dist.get_world_size()) if world > 1 else (0, 1)
-
-
-def _all_gather(rows: list[dict]) -> list[dict]:
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, rows)
-    return [row for part in gathered for row in part]
 
 
 def rank_run(run_dir: str | Path, *, candidates: int, strategy: str = "racing", evaluator: str = "batched",
@@ -40,16 +26,16 @@ def rank_run(run_dir: str | Path, *, candidates: int, strategy: str = "racing", 
              first_share: float | None = None, bn_recalibrate: int = 0, device: str = "cpu", data_dir=None,
              progress: bool = True) -> dict:
     run_dir = Path(run_dir)
-    rank_id, world = _distributed()
-    if world > 1 and torch.cuda.is_available():
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank_id))}"
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and torch.cuda.is_available():
+        device = "cuda"  # torchrun on a GPU machine: one GPU per rank (join picks cuda:LOCAL_RANK)
+    parallel, device = join(device)
+    rank_id, world = parallel.rank, parallel.world
     loaded = load_run(run_dir, device=device, data_dir=data_dir)
     config, seed, model, feed = loaded.config, loaded.seed, loaded.model, loaded.feed
     out = run_dir / f"rank-{tag}"
     if rank_id == 0 and not resume:
         shutil.rmtree(out, ignore_errors=True)
-    if world > 1:
-        dist.barrier()  # nobody appends to a log that rank 0 is about to remove
+    parallel.barrier()  # nobody appends to a log that rank 0 is about to remove
     out.mkdir(exist_ok=True)
 
     def load_model():  # the authors' procedure: a fresh model and checkpoint for every candidate
@@ -63,7 +49,7 @@ def rank_run(run_dir: str | Path, *, candidates: int, strategy: str = "racing", 
                              recalibration_images=feed.recalibration_images(bn_recalibrate) if bn_recalibrate else None)
     rows = rank(scorer, range(candidates), strategy=strategy, eta=eta or config["racing_eta"],
                 first_share=first_share or config["racing_first_share"], log=ProgressLog(out, rank_id),
-                shard=(rank_id, world), gather=_all_gather if world > 1 else None,
+                shard=(rank_id, world), gather=parallel.all_gather if world > 1 else None,
                 progress=progress and rank_id == 0)
     best = best_candidate(rows)
     finalists = sorted((r for r in rows if r["images"] == best["images"]),
@@ -78,8 +64,7 @@ def rank_run(run_dir: str | Path, *, candidates: int, strategy: str = "racing", 
             architecture_record(model, candidate_masks(model, seed, r["id"]), config=config, seed=seed,
                                 candidate=r, test_accuracy=None) for r in finalists])
         write_json(out / "summary.json", summary)
-    if world > 1:
-        dist.barrier()
+    parallel.barrier()
     return summary
 
 

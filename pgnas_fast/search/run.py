@@ -12,6 +12,9 @@ held-out and test accuracy, and a run directory:
     architecture.json       the chosen candidate (design.md "Export"); identical for identical seeds
     summary.json            the printed summary, with timings
     report.md + *.png       the run report and its figures (report.py)
+
+Under torchrun (parallel.py) every rank trains on its rows of each batch and scores its share of
+the candidates; rank 0 alone writes the run directory, and the others return without a summary.
 """
 from __future__ import annotations
 
@@ -29,9 +32,10 @@ from .. import data as datasets
 from ..nn import candidate_masks, set_gates
 from ..ops.streams import Domain
 from .export import architecture_record
-from .feed import LoaderFeed, TensorFeed
+from .feed import CifarLoaderFeed, LoaderFeed, TensorFeed, check_shards
 from .io import load_checkpoint, read_jsonl, save_checkpoint, write_json, write_jsonl
 from .materialize import count_parameters, materialize
+from .parallel import SINGLE_PROCESS, Parallel, join, leave
 from .rank import ProgressLog, accuracy, best_candidate, rank_candidates, uniform_drop_logits
 from .report import FIGURES, write_report
 from .train import make_optimizer, train_posterior
@@ -84,6 +88,7 @@ class SearchResult:
     out_dir: Path
     summary: dict
     architecture: dict
+    is_main: bool = True  # False on the ranks other than 0 of a data-parallel run: they write nothing
 
 
 def load_data(config: dict, data_dir: str | Path | None = None) -> datasets.Splits | datasets.ImageNetIndex:
@@ -102,14 +107,17 @@ def load_data(config: dict, data_dir: str | Path | None = None) -> datasets.Spli
     return datasets.load_imagenet_index(data_dir, heldout=config["heldout_size"], split_seed=config["split_seed"])
 
 
-def build_feed(config: dict, data, device: torch.device, *, seed: int, smoke: bool = False):
+def build_feed(config: dict, data, device: torch.device, *, seed: int, smoke: bool = False,
+               parallel: Parallel = SINGLE_PROCESS):
     limits = {"max_steps": SMOKE_STEPS, "max_eval_batches": SMOKE_EVAL_BATCHES} if smoke else {}
     sizes = {"batch_size": config["batch_size"], "eval_batch_size": config["eval_batch_size"], "device": device}
     if config["dataset"] == "imagenet":
         return LoaderFeed(data, seed=seed, workers=config["workers"], channels_last=config["channels_last"],
-                          input_size=config["input_size"], **sizes, **limits)
+                          input_size=config["input_size"], parallel=parallel, **sizes, **limits)
     if config["dataset"] in ("cifar10", "cifar100"):
         mean, std = datasets.CIFAR_STATS[data.num_classes]
+        if config["cifar_pipeline"] == "loader" or (config["cifar_pipeline"] == "auto" and device.type == "cpu"):
+            return CifarLoaderFeed(data, seed=seed, mean=mean, std=std, workers=config["workers"], **sizes, **limits)
 
         def prepare_eval(images):
             return datasets.normalize(images, mean, std)
@@ -163,19 +171,22 @@ def load_run(run_dir: str | Path, *, device: str = "cpu", data_dir: str | Path |
 
 
 def rank_search_candidates(model: torch.nn.Module, feed: TensorFeed | LoaderFeed, config: dict, *, seed: int,
-                           progress: bool, random: bool = False, log_dir: Path | None = None) -> list[dict]:
+                           progress: bool, random: bool = False, log_dir: Path | None = None,
+                           parallel: Parallel = SINGLE_PROCESS) -> list[dict]:
     """The search's ranking: batched, with the preset's strategy; the random-gate baseline is
-    always exhaustive (its mean score is the point)."""
-    extra = {}
+    always exhaustive (its mean score is the point). Data parallel: each rank scores its share of
+    every round and all ranks get every row."""
+    extra = {"shard": (parallel.rank, parallel.world), "gather": parallel.all_gather if parallel.enabled else None}
     if random:
-        extra = {"domain": Domain.RANDOM_CANDIDATE, "p_logits": uniform_drop_logits(model),
-                 "desc": "random baseline", "strategy": "exhaustive"}
+        extra |= {"domain": Domain.RANDOM_CANDIDATE, "p_logits": uniform_drop_logits(model),
+                  "desc": "random baseline", "strategy": "exhaustive"}
     if log_dir is not None:
         log_dir.mkdir(exist_ok=True)
-        extra["log"] = ProgressLog(log_dir)
+        extra["log"] = ProgressLog(log_dir, parallel.rank)
     return rank_candidates(model, feed.split("heldout"), seed=seed,
                            count=config["random_baseline"] if random else config["candidates"],
-                           batch_size=feed.eval_batch_size, prepare=feed.prepare_eval, progress=progress,
+                           batch_size=feed.eval_batch_size, prepare=feed.prepare_eval,
+                           progress=progress and parallel.is_main,
                            rows_per_pass=config["rank_rows"], eta=config["racing_eta"],
                            first_share=config["racing_first_share"],
                            **{"strategy": config["ranking"], **extra})
@@ -183,22 +194,39 @@ def rank_search_candidates(model: torch.nn.Module, feed: TensorFeed | LoaderFeed
 
 def run_search(config: dict, *, seed: int, out_dir: str | Path, device: str = "cpu", resume: bool = False,
                progress: bool = True, data_dir: str | Path | None = None, smoke: bool = False) -> SearchResult:
-    out_dir = Path(out_dir)
-    device = torch.device(device)
+    """The whole search; under torchrun (WORLD_SIZE > 1) data parallel, see parallel.py."""
+    if config["sync_bn"] and torch.device(device).type != "cuda":
+        raise RunError("sync_bn needs CUDA (SyncBatchNorm); on the CPU every rank normalises with its own rows' "
+                       "statistics: set sync_bn=false")
+    parallel, device = join(device)
+    try:
+        return _run_search(config, seed=seed, out_dir=Path(out_dir), device=device, resume=resume, progress=progress,
+                           data_dir=data_dir, smoke=smoke, parallel=parallel)
+    finally:
+        if parallel.enabled:
+            leave()
+
+
+def _run_search(config: dict, *, seed: int, out_dir: Path, device: torch.device, resume: bool, progress: bool,
+                data_dir: str | Path | None, smoke: bool, parallel: Parallel) -> SearchResult:
+    main = parallel.is_main
     if config["threads"]:
         torch.set_num_threads(config["threads"])  # process-wide: a run owns its process
     if smoke:
         config = {**config, "epochs": 1, "candidates": min(config["candidates"], SMOKE_CANDIDATES),
                   "random_baseline": min(config["random_baseline"], SMOKE_CANDIDATES)}
     data = load_data(config, data_dir)
-    feed = build_feed(config, data, device, seed=seed, smoke=smoke)
-    torch.manual_seed(seed)  # the super-network's initial weights
+    feed = build_feed(config, data, device, seed=seed, smoke=smoke, parallel=parallel)
+    check_shards(feed.train_batch_sizes(), parallel)
+    torch.manual_seed(seed)  # the super-network's initial weights (the same on every rank)
     model = build_supernet(config, feed.num_classes).to(device)
     optimizer = make_optimizer(model, config)
     n_train = config["n_train"] or feed.n_train
     run_config = {"config": config, "seed": seed}
 
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    parallel.barrier()  # the directory exists before any rank looks into it
     checkpoint_path = out_dir / "checkpoint.pt"
     start_epoch, train_log = 0, []
     if resume and checkpoint_path.exists():
@@ -209,16 +237,20 @@ def run_search(config: dict, *, seed: int, out_dir: str | Path, device: str = "c
         optimizer.load_state_dict(state["optimizer"])
         start_epoch = state["epoch"]
         train_log = read_jsonl(out_dir / "train_log.jsonl")[:start_epoch]
-    else:
+    elif main:
         for name in RUN_FILES:  # a fresh run replaces an old one whole
             (out_dir / name).unlink(missing_ok=True)
         shutil.rmtree(out_dir / "rank-search", ignore_errors=True)
         shutil.rmtree(out_dir / "tensorboard", ignore_errors=True)
-    write_json(out_dir / "config.json", run_config)
+    if main:
+        write_json(out_dir / "config.json", run_config)
+    parallel.barrier()  # nobody writes a ranking log that rank 0 is about to remove
 
-    scalars = ScalarLog(out_dir / "tensorboard")
+    scalars = ScalarLog(out_dir / "tensorboard") if main else None
 
     def checkpoint(epoch: int, stats: dict) -> None:
+        if not main:
+            return
         train_log.append(stats)
         write_jsonl(out_dir / "train_log.jsonl", train_log)
         state = {"run_config": run_config, "epoch": epoch, "model": model.state_dict(),
@@ -233,19 +265,25 @@ def run_search(config: dict, *, seed: int, out_dir: str | Path, device: str = "c
     started = time.perf_counter()
     try:
         train_posterior(model, optimizer, feed, config, seed=seed, start_epoch=start_epoch, n_train=n_train,
-                        on_epoch_end=checkpoint, progress=progress)
+                        on_epoch_end=checkpoint, progress=progress, parallel=parallel)
     finally:
-        scalars.close()
+        if scalars is not None:
+            scalars.close()
     trained = time.perf_counter()
 
     rows = rank_search_candidates(model, feed, config, seed=seed, progress=progress,
-                                  log_dir=out_dir / "rank-search")
-    write_jsonl(out_dir / "candidates.jsonl", rows)
+                                  log_dir=out_dir / "rank-search", parallel=parallel)
     random_rows = []
     if config["random_baseline"]:
-        random_rows = rank_search_candidates(model, feed, config, seed=seed, progress=progress, random=True)
-        write_jsonl(out_dir / "random_candidates.jsonl", random_rows)
+        random_rows = rank_search_candidates(model, feed, config, seed=seed, progress=progress, random=True,
+                                             parallel=parallel)
     ranked = time.perf_counter()
+    if not main:  # every rank holds every row; rank 0 reports them
+        parallel.barrier()
+        return SearchResult(out_dir=out_dir, summary={}, architecture={}, is_main=False)
+    write_jsonl(out_dir / "candidates.jsonl", rows)
+    if random_rows:
+        write_jsonl(out_dir / "random_candidates.jsonl", random_rows)
 
     best = best_candidate(rows)
     masks = candidate_masks(model, seed, best["id"])
@@ -278,7 +316,9 @@ def run_search(config: dict, *, seed: int, out_dir: str | Path, device: str = "c
         "candidates_per_second": (len(rows) + len(random_rows)) / max(ranked - trained, 1e-9),
         "params_supernet": count_parameters(model),
         "params_subnet": count_parameters(materialize(model, masks)),
+        "world_size": parallel.world,
     }
     write_json(out_dir / "summary.json", summary)
     write_report(out_dir)
+    parallel.barrier()  # the other ranks leave once the run directory is complete
     return SearchResult(out_dir=out_dir, summary=summary, architecture=architecture)

@@ -4,6 +4,10 @@ Nesterov SGD, cosine learning rate per step down to 0, no weight decay (the regu
 optional gradient-norm clipping. Every random number is a function of (seed, epoch, step): the data
 order from a generator seeded per epoch (feed.py), the gates and shake weights from the Philox streams of the
 step, so a run resumed from an epoch checkpoint continues exactly as if never stopped.
+
+Data parallel (torchrun, see parallel.py): each rank trains on its rows of every global batch, with
+the random numbers of those rows, and DDP averages the gradients: the step a single process takes on
+the concatenated batch (BatchNorm statistics aside).
 """
 from __future__ import annotations
 
@@ -17,6 +21,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..nn import gated_layers, network_regularizer, set_gates
+from .parallel import SINGLE_PROCESS, Parallel, shard_loss
+
 
 def make_optimizer(model: nn.Module, config: dict) -> torch.optim.Optimizer:
     """Nesterov SGD without weight decay; the drop logits may take a larger step (`p_lr_scale`)."""
@@ -66,45 +72,48 @@ def _forward_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: di
 
 def train_posterior(model: nn.Module, optimizer: torch.optim.Optimizer, feed, config: dict, *, seed: int,
                     start_epoch: int = 0, n_train: float, on_epoch_end: Callable[[int, dict], None] | None = None,
-                    progress: bool = True) -> None:
+                    progress: bool = True, parallel: Parallel = SINGLE_PROCESS) -> None:
     """Train from `start_epoch` to config['epochs'] on `feed` (see feed.py); `on_epoch_end(epoch,
-    stats)` checkpoints. bf16 autocast (config amp) applies on CUDA only; the regulariser and the
-    loss stay in float32."""
+    stats)` checkpoints (called on every rank; the stats are the whole batch's). bf16 autocast
+    (config amp) applies on CUDA only; the regulariser and the loss stay in float32."""
     steps_per_epoch = feed.steps_per_epoch()
     amp = config["amp"] == "bf16" and feed.device.type == "cuda"
     memory_format = torch.channels_last if config["channels_last"] else torch.contiguous_format
+    # what the forward calls; an auxiliary head outside the loss (aux_weight 0) gets no gradient
+    net = parallel.wrap(model, feed.device, sync_bn=config["sync_bn"],
+                        unused_parameters=getattr(model, "aux", None) is not None and config["aux_weight"] == 0)
     bar = tqdm(range(start_epoch, config["epochs"]), desc="posterior training", unit="epoch",
-               disable=not progress, dynamic_ncols=True, initial=start_epoch, total=config["epochs"])
+               disable=not (progress and parallel.is_main), dynamic_ncols=True, initial=start_epoch,
+               total=config["epochs"])
     for epoch in bar:
         model.train()
         started = time.perf_counter()
-        # running sums stay on the device: one host sync per epoch, not per step
-        sums = torch.zeros(4, dtype=torch.float64, device=feed.device)  # loss, CE, R, correct
-        seen = 0
-        for i, (x, y) in enumerate(feed.train_batches(epoch, seed)):
+        # running sums (loss, CE, R, correct, rows) stay on the device: one host sync per epoch, not
+        # per step; summed over the ranks at the epoch's end
+        sums = torch.zeros(5, dtype=torch.float64, device=feed.device)
+        for i, (x, y, first_row, global_rows) in enumerate(feed.train_shards(epoch, seed, parallel)):
             step = epoch * steps_per_epoch + i
             lr = learning_rate(config, step, steps_per_epoch)
             for group in optimizer.param_groups:
                 group["lr"] = lr * group["lr_scale"]
-            set_gates(model, "relaxed", seed=seed, step=step)
+            set_gates(model, "relaxed", seed=seed, step=step, row_offset=first_row)
             if hasattr(model, "set_drop_path_progress"):  # ENAS cells: drop-path ramps up over training
                 model.set_drop_path_progress(min(1.0, (step + 1) / (config["epochs"] * steps_per_epoch)))
             if x.dim() == 4:
                 x = x.contiguous(memory_format=memory_format)
-            logits, ce = _forward_loss(model, x, y, config, amp)
+            logits, ce = _forward_loss(net, x, y, config, amp)
             reg = network_regularizer(model, weight_reg=config["weight_reg"], drop_reg=config["drop_reg"],
                                       n_train=n_train)
             loss = ce + reg
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (shard_loss(ce, len(y), global_rows, parallel.world) + reg).backward()
             if config["grad_clip"] > 0:
                 nn.utils.clip_grad_norm_(model.parameters(), config["grad_clip"])
             optimizer.step()
             n = len(y)
             sums += torch.stack([loss.detach() * n, ce.detach() * n, reg.detach() * n,
-                                 (logits.argmax(1) == y).sum()]).to(sums.dtype)
-            seen += n
-        loss_sum, ce_sum, reg_sum, correct = sums.tolist()
+                                 (logits.argmax(1) == y).sum(), torch.tensor(n, device=sums.device)]).to(sums.dtype)
+        loss_sum, ce_sum, reg_sum, correct, seen = parallel.sum(sums).tolist()
         seconds = time.perf_counter() - started
         stats = {"epoch": epoch + 1, "loss": loss_sum / seen, "cross_entropy": ce_sum / seen,
                  "regularizer": reg_sum / seen, "train_accuracy": correct / seen,

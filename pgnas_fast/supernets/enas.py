@@ -43,6 +43,22 @@ included) plus 494,848 in the aux head, 4,389,483 in all; F = 72 has 14,784,815 
 published 15.3M (+0.5%), E is 4.6% under the quoted 4.6M. (ENAS's own count leaves the aux head out;
 4.6M is what the same cell gives without aux head at num_layers=18, 4,587,680, so the quoted E size
 may come from there.)
+
+What was checked for the E gap (no construction detail explains it, so nothing was changed):
+- against ENAS's micro child (`_model`, `_fixed_layer`, `_maybe_calibrate_size`, `_fixed_conv`,
+  `_factorized_reduction`, aux head) and its final CIFAR-10 settings (15 layers, F = 36, 5 nodes,
+  aux head): stem 3x3 to 3F + BN; reductions at num_layers // 3 and 2 (num_layers // 3) + 1 doubling F;
+  calibration of both inputs, then "layer_base" on the newer one; separable ops as 2 stacked
+  ReLU-depthwise-pointwise-BN; pools and identities without a conv (every op input already has F
+  channels); factorized reduction for stride-2 identities and for unused inputs of reduction cells;
+  aux head 1x1 -> 128, 2x2 -> 768, linear without bias; classifier linear without bias. BN scale and
+  offset count (ENAS counts trainable variables); its moving statistics would add 46,720
+  (4,436,203: still 3.6% under).
+- the two published sizes are not one construction at two widths: ours splits into parts linear in F
+  (depthwise 341,424 -> 682,848, BN 46,720 -> 91,648), the aux head (494,848 -> 587,008) and a
+  quadratic rest (3,506,491 -> 14,010,319, x 4.0). A 4.6M E (4.55M to 4.65M after rounding) leaves
+  3.67M to 3.77M quadratic, which at F = 72 gives 16.0M to 16.4M, not 15.3M. So E and EI cannot both
+  match; we match EI at the stated depth and width and report E as it comes (-4.6%).
 """
 from __future__ import annotations
 
@@ -68,7 +84,8 @@ class DropPath(StochasticModule):
     Its uniforms come from `ops.philox_uniform` on the (seed, stream) that `set_gates(model,
     'relaxed', seed=, step=)` hands every StochasticModule; the stream's layer field is the module's
     index among the network's stochastic modules, so no two modules (shake-shake or drop-path)
-    share numbers.
+    share numbers. Example b (global row, see `StochasticModule.rng_row_offset`) uses element b, so a
+    data-parallel shard draws its rows of the concatenated batch's decisions.
     """
 
     rng_domain = Domain.DROP_PATH
@@ -85,8 +102,8 @@ class DropPath(StochasticModule):
         if self.rng_stream is None:
             raise RuntimeError("DropPath in training mode needs set_gates(model, 'relaxed', seed=, step=) first")
         keep_prob = 1.0 - self.drop_prob
-        u = ops.philox_uniform(x.shape[0], seed=self.rng_seed, stream=self.rng_stream, device=x.device,
-                               backend=self.backend)
+        u = ops.philox_uniform(x.shape[0], seed=self.rng_seed, stream=self.rng_stream, offset=self.rng_row_offset,
+                               device=x.device, backend=self.backend)
         keep = (u < keep_prob).to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
         return x * (keep / keep_prob)
 

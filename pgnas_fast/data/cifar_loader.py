@@ -1,0 +1,56 @@
+"""CIFAR on the CPU: a DataLoader whose workers augment image by image.
+
+On CUDA the training set stays on the GPU as uint8 and `augment_batch` works on whole batches there
+(search/feed.py TensorFeed). On the CPU the same law (normalise, then pad-4 random crop, flip,
+cutout 16) runs per image in DataLoader workers, beside the training process: each image goes
+through `augment_batch` as a batch of one, with a generator seeded from (seed, epoch, index) by
+`SeededSampler`, so a fixed seed reproduces a run whatever the number of workers, and an epoch visits
+the images in the order TensorFeed draws for (seed, epoch).
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .augment import augment_batch, normalize
+from .imagenet import SeededSampler
+
+
+class CifarTrainSet(Dataset):
+    """uint8 images [N, 3, H, W] and labels [N]; item (index, seed) -> (float32 [3, H, W] normalised and
+    augmented with a generator seeded by `seed`, int64 label)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, mean: Sequence[float], std: Sequence[float],
+                 *, crop_padding: int = 4, flip: bool = True, cutout_size: int = 16):
+        if images.dtype != torch.uint8 or images.dim() != 4 or len(images) != len(labels):
+            raise ValueError(f"images must be uint8 [N, C, H, W] with one label each, got {images.dtype} "
+                             f"{tuple(images.shape)} and labels {tuple(labels.shape)}")
+        self.images, self.labels = images.cpu(), labels.cpu()
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.crop_padding, self.flip, self.cutout_size = crop_padding, flip, cutout_size
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        index, seed = item
+        image = normalize(self.images[index:index + 1], self.mean, self.std)
+        image = augment_batch(image, torch.Generator().manual_seed(seed), crop_padding=self.crop_padding,
+                              flip=self.flip, cutout_size=self.cutout_size)
+        return image[0], self.labels[index]
+
+
+def cifar_train_loader(images: torch.Tensor, labels: torch.Tensor, *, batch_size: int, seed: int,
+                       mean: Sequence[float], std: Sequence[float], workers: int) -> tuple[DataLoader, SeededSampler]:
+    """(loader, sampler): one epoch of shuffled, augmented training batches per pass, the last one
+    short; call sampler.set_epoch(epoch) before a pass. Workers beyond the available cores would only
+    contend with training for them, so at most that many run (0: in the training process)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    workers = min(workers, cores)
+    sampler = SeededSampler(len(labels), shuffle=True, seed=seed)
+    loader = DataLoader(CifarTrainSet(images, labels, mean, std), batch_size=batch_size, sampler=sampler,
+                        num_workers=workers, persistent_workers=workers > 0)
+    return loader, sampler

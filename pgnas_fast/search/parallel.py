@@ -1,0 +1,106 @@
+"""Data parallelism under torchrun: one process per device, DistributedDataParallel, rank 0 writes.
+
+`torchrun --nproc_per_node N -m pgnas_fast.cli search ...` starts N copies of the search with
+WORLD_SIZE, RANK and LOCAL_RANK set; `join` puts each into the process group (NCCL on CUDA, gloo on
+CPU). Every global batch (the preset's `batch_size` rows) is cut into equal consecutive shares: rank
+r takes rows [r B / N, (r + 1) B / N) and draws the gate, shake and drop-path numbers of exactly those
+rows of the concatenated batch (`set_gates(row_offset=)`). Its loss is the sum of its rows' CE over
+B / N plus R (see `shard_loss`); DDP averages the gradients, which gives the single-process gradient of
+mean CE + R on the concatenated batch. Only BatchNorm's batch statistics differ: each rank normalises
+with its own rows' (`sync_bn` makes them global on CUDA).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+
+@dataclass(frozen=True)
+class Parallel:
+    """This process's place in the run: rank of world (1 when not launched by torchrun)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the process that writes files, logs and the progress bar."""
+        return self.rank == 0
+
+    def rows(self, batch: int) -> tuple[int, int]:
+        """[start, end) of this rank's rows of a global batch of `batch` rows."""
+        return self.rank * batch // self.world, (self.rank + 1) * batch // self.world
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The elementwise sum over ranks (in place)."""
+        if self.enabled:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    def all_gather(self, rows: list) -> list:
+        """Every rank's list, concatenated in rank order."""
+        if not self.enabled:
+            return list(rows)
+        gathered = [None] * self.world
+        dist.all_gather_object(gathered, rows)
+        return [row for part in gathered for row in part]
+
+    def wrap(self, model: nn.Module, device: torch.device, *, sync_bn: bool = False,
+             unused_parameters: bool = False) -> nn.Module:
+        """The module to call in training: DDP around `model` when data parallel, else `model`.
+        `unused_parameters`: some parameters get no gradient (DDP must look for them each step)."""
+        if not self.enabled:
+            return model
+        if sync_bn:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # converts in place below the root
+        device_ids = [device] if device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(model, device_ids=device_ids,
+                                                   find_unused_parameters=unused_parameters)
+
+
+SINGLE_PROCESS = Parallel()  # a run not started by torchrun
+
+
+def join(device: str | torch.device) -> tuple[Parallel, torch.device]:
+    """(this process's Parallel, its device). Under torchrun (WORLD_SIZE > 1) joins the process group,
+    NCCL for a CUDA device (then cuda:LOCAL_RANK) and gloo for the CPU; otherwise SINGLE_PROCESS."""
+    device = torch.device(device)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return SINGLE_PROCESS, device
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Parallel(dist.get_rank(), dist.get_world_size(), local_rank), device
+
+
+def leave() -> None:
+    """Leave the process group `join` joined (at the end of a command)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def shard_loss(ce: torch.Tensor, rows: int, global_rows: int, world: int) -> torch.Tensor:
+    """This rank's share of the concatenated batch's mean CE, scaled for DDP's gradient average.
+
+    `ce` is the mean over this rank's `rows`; world * rows / global_rows * ce averages over the ranks
+    to the mean over all `global_rows` (1 in a single process). R is added on every rank unscaled:
+    the average of N copies of its gradient is its gradient once.
+    """
+    return ce * (world * rows / global_rows)

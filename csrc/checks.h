@@ -89,6 +89,30 @@ inline void check_affine_vector(const char* name, const at::Tensor& t, const at:
   check_vector(name, t, p_logit.size(0));
 }
 
+// gated_copies: p_logits [K, C] (one row per copy, 1 <= K <= max_copies) and K streams.
+inline void check_copies(const at::Tensor& x, const at::Tensor& p_logits, const std::vector<int64_t>& streams,
+                         int64_t max_copies) {
+  check_same_device("p_logits", p_logits, "x", x);
+  check_gate_dtype("p_logits", p_logits);
+  const int64_t copies = static_cast<int64_t>(streams.size());
+  TORCH_CHECK_VALUE(copies >= 1 && copies <= max_copies, "streams must name 1 to ", max_copies, " copies, got ",
+                    copies);
+  TORCH_CHECK_VALUE(p_logits.dim() == 2 && p_logits.size(0) == copies && p_logits.size(1) == x.size(1) &&
+                        p_logits.is_contiguous(),
+                    "p_logits must be a contiguous [", copies, ", ", x.size(1), "] tensor, got shape ",
+                    p_logits.sizes());
+  for (const int64_t stream : streams) TORCH_CHECK_VALUE(stream >= 0, "streams must be in [0, 2^63), got ", stream);
+}
+
+// [copies, *x.shape] with each copy in x's layout (what gated_copies returns; its gradient must match).
+inline at::Tensor stacked_empty_like(const at::Tensor& x, int64_t copies, cpu::Layout layout) {
+  if (layout == cpu::Layout::nhwc)
+    return at::empty({copies, x.size(0), x.size(2), x.size(3), x.size(1)}, x.options()).permute({0, 1, 4, 2, 3});
+  std::vector<int64_t> sizes{copies};
+  sizes.insert(sizes.end(), x.sizes().begin(), x.sizes().end());
+  return at::empty(sizes, x.options());
+}
+
 // weights [B, S] (per example) or [S] (per branch); returns whether it is per example
 inline bool check_branch_weights(const char* name, const at::Tensor& w, int64_t batch, int64_t n_branches) {
   check_gate_dtype(name, w);

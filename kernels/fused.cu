@@ -1,4 +1,5 @@
-// Fused variants (design.md "The op set"): BN affine -> ReLU -> gate and its backward.
+// Fused variants (design.md "The op set"): BN affine -> ReLU -> gate and one input -> K gated copies,
+// forward and backward.
 //   forward:  out = relu(x * scale[c] + shift[c]) * keep[b, c]
 //   backward: with pre = x * scale + shift and live = grad * keep where pre > 0:
 //             grad_x = live * scale; per (b, c): row_scale = sum_s live * x, row_shift = sum_s live,
@@ -201,6 +202,129 @@ cudaError_t launch_backward(T* grad_x, G* row_scale, G* row_shift, G* grad_keep,
   return last_error();
 }
 
+// ---- one input -> K gated copies ----------------------------------------------------------------
+constexpr int kMaxCopies = PGNAS_MAX_COPIES;
+
+template <typename T, typename G>
+__global__ void copies_forward(T* __restrict__ out, const T* __restrict__ x, const G* __restrict__ keeps, int copies,
+                               int64_t n, int64_t channels, int64_t spatial, bool relu, int layout) {
+  using A = typename AccOf<T, G>::type;
+  const int64_t rows = n / spatial;
+  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < n;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t r = row_of(e, channels, spatial, layout);
+    A src = widen<A>(x[e]);
+    if (relu && !(src > A(0))) src = A(0);
+    for (int k = 0; k < copies; ++k) out[k * n + e] = narrow<T>(src * static_cast<A>(keeps[k * rows + r]));
+  }
+}
+
+// NCHW: one warp per (b, c) row; dx = relu'(x) sum_k grad_k keep_k, grad_keeps[k] = sum_s grad_k src.
+template <typename T, typename G>
+__global__ void copies_backward_rows(T* __restrict__ grad_x, G* __restrict__ grad_keeps, const T* __restrict__ grad,
+                                     const T* __restrict__ x, const G* __restrict__ keeps, int copies, int64_t rows,
+                                     int64_t spatial, bool relu) {
+  using A = typename AccOf<T, G>::type;
+  const int64_t n = rows * spatial;
+  const int lane = threadIdx.x & 31;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x >> 5);
+  for (int64_t r = blockIdx.x * static_cast<int64_t>(blockDim.x >> 5) + (threadIdx.x >> 5); r < rows; r += warps) {
+    A dot[kMaxCopies];
+    for (int k = 0; k < copies; ++k) dot[k] = A(0);
+    for (int64_t s = lane; s < spatial; s += 32) {
+      const int64_t e = r * spatial + s;
+      const A v = widen<A>(x[e]);
+      const A src = relu && !(v > A(0)) ? A(0) : v;
+      A acc = 0;
+      for (int k = 0; k < copies; ++k) {
+        const A g = widen<A>(grad[k * n + e]);
+        acc += g * static_cast<A>(keeps[k * rows + r]);
+        dot[k] += g * src;
+      }
+      grad_x[e] = narrow<T>(relu && !(v > A(0)) ? A(0) : acc);
+    }
+    for (int k = 0; k < copies; ++k) {
+      const A total = warp_sum(dot[k]);
+      if (lane == 0 && grad_keeps != nullptr) grad_keeps[k * rows + r] = static_cast<G>(total);
+    }
+  }
+}
+
+// NHWC: threads over channels, each summing a slice of one example's positions; the slices meet in
+// grad_keeps (zeroed by the launcher) through atomics.
+template <typename T, typename G>
+__global__ void copies_backward_channels_last(T* __restrict__ grad_x, G* __restrict__ grad_keeps,
+                                              const T* __restrict__ grad, const T* __restrict__ x,
+                                              const G* __restrict__ keeps, int copies, int64_t batch,
+                                              int64_t channels, int64_t spatial, int64_t slices, bool relu) {
+  using A = typename AccOf<T, G>::type;
+  const int64_t rows = batch * channels, n = rows * spatial;
+  const int64_t channel_tiles = (channels + blockDim.x - 1) / blockDim.x;
+  const int64_t items = batch * channel_tiles * slices;
+  const int64_t per_slice = (spatial + slices - 1) / slices;
+  for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
+    const int64_t slice = item % slices;
+    const int64_t tile = (item / slices) % channel_tiles;
+    const int64_t b = item / (slices * channel_tiles);
+    const int64_t c = tile * blockDim.x + threadIdx.x;
+    if (c >= channels) continue;
+    const int64_t r = b * channels + c;
+    A dot[kMaxCopies];
+    for (int k = 0; k < copies; ++k) dot[k] = A(0);
+    const int64_t s_end = (slice + 1) * per_slice < spatial ? (slice + 1) * per_slice : spatial;
+    for (int64_t s = slice * per_slice; s < s_end; ++s) {
+      const int64_t e = (b * spatial + s) * channels + c;
+      const A v = widen<A>(x[e]);
+      const A src = relu && !(v > A(0)) ? A(0) : v;
+      A acc = 0;
+      for (int k = 0; k < copies; ++k) {
+        const A g = widen<A>(grad[k * n + e]);
+        acc += g * static_cast<A>(keeps[k * rows + r]);
+        dot[k] += g * src;
+      }
+      grad_x[e] = narrow<T>(relu && !(v > A(0)) ? A(0) : acc);
+    }
+    if (grad_keeps != nullptr)
+      for (int k = 0; k < copies; ++k) atomicAdd(grad_keeps + k * rows + r, static_cast<G>(dot[k]));
+  }
+}
+
+template <typename T, typename G>
+cudaError_t launch_copies(T* out, const T* x, const G* keeps, int copies, int64_t batch, int64_t channels,
+                          int64_t spatial, bool relu, int layout, cudaStream_t cs) {
+  if (copies < 1 || copies > kMaxCopies) return cudaErrorInvalidValue;
+  const int64_t n = batch * channels * spatial;
+  copies_forward<T, G><<<grid_for(n), kThreads, 0, cs>>>(out, x, keeps, copies, n, channels, spatial, relu, layout);
+  return last_error();
+}
+
+template <typename T, typename G>
+cudaError_t launch_copies_backward(T* grad_x, G* grad_keeps, const T* grad, const T* x, const G* keeps, int copies,
+                                   int64_t batch, int64_t channels, int64_t spatial, bool relu, int layout,
+                                   cudaStream_t cs) {
+  if (copies < 1 || copies > kMaxCopies) return cudaErrorInvalidValue;
+  const int64_t rows = batch * channels;
+  if (layout == PGNAS_NCHW) {
+    copies_backward_rows<T, G><<<grid_for(rows * 32), kThreads, 0, cs>>>(grad_x, grad_keeps, grad, x, keeps, copies,
+                                                                         rows, spatial, relu);
+    return last_error();
+  }
+  if (grad_keeps != nullptr) {
+    const cudaError_t err = cudaMemsetAsync(grad_keeps, 0, sizeof(G) * rows * copies, cs);
+    if (err != cudaSuccess) return err;
+  }
+  const int threads = channels >= 128 ? 128 : 32;
+  const int64_t tiles = batch * ((channels + threads - 1) / threads);
+  const int64_t target = static_cast<int64_t>(grid_for(INT64_MAX / 2)) * 4;
+  int64_t slices = (target + tiles - 1) / tiles;
+  if (slices > spatial) slices = spatial;
+  if (slices < 1) slices = 1;
+  const int64_t items = tiles * slices;
+  copies_backward_channels_last<T, G><<<static_cast<int>(items < target ? items : target), threads, 0, cs>>>(
+      grad_x, grad_keeps, grad, x, keeps, copies, batch, channels, spatial, slices, relu);
+  return last_error();
+}
+
 }  // namespace
 }  // namespace cuda
 }  // namespace pgnas
@@ -238,5 +362,33 @@ extern "C" cudaError_t pgnas_affine_relu_gate_backward(void* grad_x, void* row_s
                                                           static_cast<const gate_t*>(shift),
                                                           static_cast<const gate_t*>(keep), batch, channels, spatial,
                                                           static_cast<int>(layout), cuda_stream))));
+  return cudaSuccess;
+}
+
+extern "C" cudaError_t pgnas_gated_copies(void* out, const void* x, pgnas_dtype data, const void* keeps,
+                                          pgnas_dtype gate, int32_t copies, int64_t batch, int64_t channels,
+                                          int64_t spatial, int32_t relu, pgnas_layout layout,
+                                          cudaStream_t cuda_stream) {
+  if (batch * channels * spatial <= 0) return cudaSuccess;
+  PGNAS_DISPATCH_DATA(data, PGNAS_DISPATCH_GATE(gate, return (launch_copies<data_t, gate_t>(
+                                                          static_cast<data_t*>(out), static_cast<const data_t*>(x),
+                                                          static_cast<const gate_t*>(keeps), copies, batch, channels,
+                                                          spatial, relu != 0, static_cast<int>(layout),
+                                                          cuda_stream))));
+  return cudaSuccess;
+}
+
+extern "C" cudaError_t pgnas_gated_copies_backward(void* grad_x, void* grad_keeps, const void* grad, const void* x,
+                                                   pgnas_dtype data, const void* keeps, pgnas_dtype gate,
+                                                   int32_t copies, int64_t batch, int64_t channels, int64_t spatial,
+                                                   int32_t relu, pgnas_layout layout, cudaStream_t cuda_stream) {
+  if (batch * channels * spatial <= 0) return cudaSuccess;
+  PGNAS_DISPATCH_DATA(data, PGNAS_DISPATCH_GATE(gate, return (launch_copies_backward<data_t, gate_t>(
+                                                          static_cast<data_t*>(grad_x), static_cast<gate_t*>(grad_keeps),
+                                                          static_cast<const data_t*>(grad),
+                                                          static_cast<const data_t*>(x),
+                                                          static_cast<const gate_t*>(keeps), copies, batch, channels,
+                                                          spatial, relu != 0, static_cast<int>(layout),
+                                                          cuda_stream))));
   return cudaSuccess;
 }

@@ -59,6 +59,22 @@ cudaError_t pgnas_affine_relu_gate_backward(void* grad_x, void* row_scale, void*
                                             int64_t channels, int64_t spatial, pgnas_layout layout,
                                             cudaStream_t cuda_stream);
 
+/* The most copies one gated_copies call makes (the cpu backend's kernels share the limit). */
+#define PGNAS_MAX_COPIES 16
+
+/* One input -> K gated copies (1 <= K <= PGNAS_MAX_COPIES): out[k] = src * keeps[k][b, c], src = relu(x) when relu else x;
+ * keeps [K, B, C] (gate dtype), out [K, B * C * S] (each copy in x's layout). */
+cudaError_t pgnas_gated_copies(void* out, const void* x, pgnas_dtype data, const void* keeps, pgnas_dtype gate,
+                               int32_t copies, int64_t batch, int64_t channels, int64_t spatial, int32_t relu,
+                               pgnas_layout layout, cudaStream_t cuda_stream);
+
+/* Its backward: grad_x = relu'(x) sum_k grad[k] keep_k (or without relu'); grad_keeps [K, B, C] (NULL to
+ * skip) = sum_s grad[k] * src. */
+cudaError_t pgnas_gated_copies_backward(void* grad_x, void* grad_keeps, const void* grad, const void* x,
+                                        pgnas_dtype data, const void* keeps, pgnas_dtype gate, int32_t copies,
+                                        int64_t batch, int64_t channels, int64_t spatial, int32_t relu,
+                                        pgnas_layout layout, cudaStream_t cuda_stream);
+
 /* out[b, e] = sum_s w[b, s] ys[s][b, e] (+ skip[b, e]); ys: host array of n_branches device pointers;
  * weights [B, S] when per_example else [S] (float32 or float64); skip may be NULL. */
 cudaError_t pgnas_branch_combine(void* out, const void* const* ys, int32_t n_branches, pgnas_dtype data,

@@ -18,6 +18,8 @@ from types import ModuleType
 
 import torch
 
+from .reference import stacked_empty_like
+
 _NOTE = Path(__file__).with_name("_C.unavailable.txt")  # written by setup.py when _C did not build
 
 try:
@@ -99,6 +101,21 @@ class NativeOps:
         grad_k = _in_format(grad.to(x.dtype), memory_format)
         grad_x, grad_p = self._ops.gated_apply_backward(grad_k, x_k, p_logit.contiguous(), seed, stream, tau, mode,
                                                         offset)
+        return _like(grad_x, x), grad_p
+
+    def gated_copies(self, x, p_logits, seed, streams, tau, mode, offset, relu):
+        memory_format = _kernel_format(x) or torch.contiguous_format
+        # a copied x (a strided view) is contiguous, and so are the stacked copies of such an x: the
+        # kernels' output already has the layout the custom op promises
+        return self._ops.gated_copies(_in_format(x, memory_format), p_logits.contiguous(), seed, list(streams), tau,
+                                      mode, offset, relu)
+
+    def gated_copies_backward(self, grad, x, p_logits, seed, streams, tau, mode, offset, relu):
+        memory_format = _kernel_format(x) or torch.contiguous_format
+        x_k = _in_format(x, memory_format)
+        grad_k = stacked_empty_like(x_k, len(streams)).copy_(grad)  # the kernels read the copies' layout
+        grad_x, grad_p = self._ops.gated_copies_backward(grad_k, x_k, p_logits.contiguous(), seed, list(streams), tau,
+                                                         mode, offset, relu)
         return _like(grad_x, x), grad_p
 
     @staticmethod
@@ -185,6 +202,8 @@ gate_keep = _impl.gate_keep
 gate_keep_backward = _impl.gate_keep_backward
 gated_apply = _impl.gated_apply
 gated_apply_backward = _impl.gated_apply_backward
+gated_copies = _impl.gated_copies
+gated_copies_backward = _impl.gated_copies_backward
 affine_relu_gate = _impl.affine_relu_gate
 affine_relu_gate_backward = _impl.affine_relu_gate_backward
 branch_combine = _impl.branch_combine

@@ -228,3 +228,151 @@ def test_fused_supernet_layers_match_the_unfused_path():
         assert rel_err(gx_f, gx_r) < 1e-6
         for a, b in zip(gp_f, gp_r):
             assert rel_err(a, b) < 1e-6
+
+
+# ---- one input -> S gated copies --------------------------------------------------------------------
+COPY_STREAMS = [STREAM, STREAM + 1, (1 << 62) + 5]
+
+
+def expected_copies(x, p_logits, *, mode, relu, tau=0.2, streams=COPY_STREAMS, offset=0):
+    """[S, *x.shape] in float64: gated copies of relu(x) (or x), copy s with stream s."""
+    src = F.relu(x.to(torch.float64)) if relu else x.to(torch.float64)
+    rows = []
+    for s, stream in enumerate(streams):
+        keep = expected_keep(p_logits[s], x.shape[0] + offset // x.shape[1], stream=stream, mode=mode, tau=tau)
+        rows.append(src * broadcast_keep(keep[offset // x.shape[1]:], x))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("mode", ["relaxed", "hard", "full"])
+@pytest.mark.parametrize("dtype", DATA_DTYPES)
+@pytest.mark.parametrize("shape, layout", SHAPES_AND_LAYOUTS)
+def test_gated_copies_values(backend, shape, layout, dtype, mode, relu):
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((shape, layout, mode, relu)).encode()))
+    x = make_x(shape, dtype, layout, gen)
+    p_logits = 1.5 * torch.randn(3, shape[1], generator=gen)
+    offset = 2 * shape[1]  # rows 2.. of a larger batch
+    out = pf.ops.gated_copies(x, p_logits, seed=SEED, streams=COPY_STREAMS, mode=mode, relu=relu, offset=offset,
+                              backend=backend)
+    assert out.shape == (3, *x.shape) and out.dtype == dtype
+    assert rel_err(out, expected_copies(x, p_logits, mode=mode, relu=relu, offset=offset)) < TOLERANCE[dtype]
+    if layout == "channels_last":
+        assert all(copy.is_contiguous(memory_format=torch.channels_last) for copy in out)
+
+
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("mode", ["relaxed", "hard"])
+@pytest.mark.parametrize("shape, layout", [((3, 4, 2, 3), "contiguous"), ((2, 5, 3, 3), "channels_last"),
+                                           ((4, 3), "contiguous")])
+def test_gated_copies_gradcheck(backend, shape, layout, mode, relu):
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((shape, layout)).encode()))
+    x = make_x(shape, torch.float64, layout, gen)
+    x = (x + 0.05 * torch.sign(x)).requires_grad_()  # no value within gradcheck's step of the ReLU's kink
+    p_logits = torch.randn(2, shape[1], generator=gen, dtype=torch.float64).requires_grad_()
+
+    def fn(x, p_logits):
+        return pf.ops.gated_copies(x, p_logits, seed=SEED, streams=COPY_STREAMS[:2], tau=0.5, mode=mode, relu=relu,
+                                   backend=backend)
+
+    assert torch.autograd.gradcheck(fn, (x, p_logits), fast_mode=interpreted(backend))
+
+
+@pytest.mark.parametrize("dtype", DATA_DTYPES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "channel_slice"])
+def test_gated_copies_gradients_match_formula(backend, dtype, layout):
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((dtype, layout)).encode()))
+    x = make_x((3, 6, 5, 7), dtype, layout, gen).requires_grad_()
+    p_logits = torch.randn(3, 6, generator=gen).requires_grad_()
+    out = pf.ops.gated_copies(x, p_logits, seed=SEED, streams=COPY_STREAMS, relu=True, backend=backend)
+    dy = torch.randn(out.shape, generator=gen).to(dtype)
+    grads = torch.autograd.grad(out, (x, p_logits), dy)
+    leaves = [t.detach().to(torch.float64).requires_grad_() for t in (x, p_logits)]
+    want = torch.autograd.grad(expected_copies(*leaves, mode="relaxed", relu=True), leaves, dy.to(torch.float64))
+    assert rel_err(grads[0], want[0]) < (1e-5 if dtype == torch.float32 else 2e-2)
+    assert rel_err(grads[1], want[1]) < (1e-5 if dtype == torch.float32 else 2e-2)
+
+
+def test_gated_copies_rejects_bad_input():
+    x, p = torch.randn(3, 7, 5, 5), torch.randn(2, 7)
+    cases = [
+        (lambda: pf.ops.gated_copies(x, p, seed=0, streams=[1]), ValueError, r"p_logits must have shape \[1, 7\]"),
+        (lambda: pf.ops.gated_copies(x, p[:, :6], seed=0, streams=[1, 2]), ValueError, r"p_logits must have shape"),
+        (lambda: pf.ops.gated_copies(x, p, seed=0, streams=[]), ValueError, "streams must name 1 to 16"),
+        (lambda: pf.ops.gated_copies(x, torch.randn(17, 7), seed=0, streams=list(range(17))), ValueError,
+         "streams must name 1 to 16"),
+        (lambda: pf.ops.gated_copies(x, p, seed=0, streams=5), TypeError, "streams must be a list"),
+        (lambda: pf.ops.gated_copies(x, p, seed=0, streams=[1, -2]), ValueError, r"streams\[1\]"),
+        (lambda: pf.ops.gated_copies(x, p.half(), seed=0, streams=[1, 2]), TypeError, "p_logits must have dtype"),
+        (lambda: pf.ops.gated_copies(x, p, seed=0, streams=[1, 2], relu=1), TypeError, "relu must be a bool"),
+        (lambda: pf.ops.gated_copies(x, p, seed=0, streams=[1, 2], offset=-1), ValueError, "offset"),
+        (lambda: pf.ops.gated_copies(x.long(), p, seed=0, streams=[1, 2]), TypeError, r"\bx must have dtype"),
+    ]
+    for call, error, match in cases:
+        with pytest.raises(error, match=match):
+            call()
+
+
+def _copies_backends() -> list[str]:
+    from conftest import BACKENDS_UNDER_TEST
+    return [b for b in BACKENDS_UNDER_TEST if b != "reference" and "gated_copies" not in dispatch.missing_ops(b)]
+
+
+def test_relu_gated_convs_fused_equals_the_composition(monkeypatch):
+    backends = _copies_backends()
+    if not backends:
+        pytest.skip("no live backend implements gated_copies natively")
+    from pgnas_fast.nn import relu_gated_convs
+
+    calls = []
+    real = pf.ops.gated_copies
+    monkeypatch.setattr(pf.ops, "gated_copies", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for backend in backends:
+        results = []
+        for fused in (True, False):
+            torch.manual_seed(0)
+            holder = nn.Module()
+            holder.convs = nn.ModuleList(GatedConv2d(5, 4, k, padding=k // 2, gate_groups=2, p_init=0.3,
+                                                     backend=backend) for k in (1, 3, 3))
+            set_gates(holder, "relaxed", seed=SEED, step=2, row_offset=0)
+            x = torch.randn(3, 5, 6, 6, generator=torch.Generator().manual_seed(1)).requires_grad_()
+            outs = (relu_gated_convs(list(holder.convs), x) if fused
+                    else [conv(F.relu(x)) for conv in holder.convs])
+            sum((o * torch.cos(o.detach())).sum() for o in outs).backward()
+            results.append((outs, x.grad, [p.grad for p in holder.parameters()]))
+        (outs_f, gx_f, gp_f), (outs_p, gx_p, gp_p) = results
+        for a, b in zip(outs_f, outs_p):
+            assert rel_err(a, b) < 1e-6
+        assert rel_err(gx_f, gx_p) < 1e-5
+        for a, b in zip(gp_f, gp_p):
+            assert rel_err(a, b) < 1e-5
+    assert len(calls) == len(backends)
+
+
+def test_multi_branch_blocks_match_the_unfused_path():
+    """A digits mixed block and a shake-shake block give the same outputs and gradients with the
+    fused ops (a native backend) and without them (the reference backend), in float64."""
+    backends = _copies_backends()
+    if not backends:
+        pytest.skip("no live backend implements gated_copies natively")
+    from pgnas_fast.supernets.digits import MixedBlock
+    from pgnas_fast.supernets.shake_shake import ShakeBlock
+
+    makers = ((lambda b: MixedBlock(6, 8, 2, ("conv3x3", "dil3x3", "conv1x1"), dict(gate_groups=2, backend=b)),
+               (3, 6, 6, 6)),
+              (lambda b: ShakeBlock(6, 6, 1, dict(gate_groups=None, p_init=0.2, backend=b), b), (3, 6, 6, 6)))
+    for make, shape in makers:
+        results = []
+        for backend in (backends[0], "reference"):
+            torch.manual_seed(0)
+            block = make(backend).double().train()
+            set_gates(block, "relaxed", seed=5, step=7, row_offset=0)
+            x = torch.randn(shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64).requires_grad_()
+            out = block(x)
+            out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(6), dtype=out.dtype))
+            results.append((out.detach(), x.grad, [p.grad for p in block.parameters()]))
+        (out_f, gx_f, gp_f), (out_r, gx_r, gp_r) = results
+        assert rel_err(out_f, out_r) < 1e-6
+        assert rel_err(gx_f, gx_r) < 1e-6
+        for a, b in zip(gp_f, gp_r):
+            assert rel_err(a, b) < 1e-6

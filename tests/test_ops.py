@@ -693,6 +693,12 @@ def _opcheck_cases(backend):
                                   r(7, grad=True), r(7, grad=True), r(7, grad=True), SEED, STREAM, 0.5, mode, 0, backend)),
             ("affine_relu_gate_backward", (r(3, 7, 5, 5), r(3, 7, 5, 5), r(7), r(7), r(7), SEED, STREAM, 0.2, mode, 7,
                                            backend)),
+            ("gated_copies", (r(3, 7, 5, 5, grad=True), r(2, 7, grad=True), SEED, [STREAM, 9], 0.2, mode, 14, True,
+                              backend)),
+            ("gated_copies", (r(3, 7, 5, 5).to(memory_format=torch.channels_last).requires_grad_(),
+                              r(3, 7, grad=True), SEED, [1, 2, 3], 0.5, mode, 0, False, backend)),
+            ("gated_copies_backward", (r(2, 3, 7, 5, 5), r(3, 7, 5, 5), r(2, 7), SEED, [STREAM, 9], 0.2, mode, 7,
+                                       True, backend)),
         ]
     for wshape in ((3, 2), (2,)):
         for bw_grad in (None, False):

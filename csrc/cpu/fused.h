@@ -1,4 +1,5 @@
-// The `cpu` backend's fused variants (design.md op set): BN affine -> ReLU -> gate in one pass.
+// The `cpu` backend's fused variants (design.md op set): BN affine -> ReLU -> gate in one pass, and one
+// input -> K gated copies in one read.
 //
 // Same conventions as kernels.h (raw pointers, no torch headers, gate type G, accumulation type
 // Acc<T, G>, dense NCHW or NHWC). keep [B, C] comes from gate_keep; scale and shift [C] are a
@@ -99,6 +100,99 @@ void affine_relu_gate_backward(T* grad_x, double* row_scale, double* row_shift, 
         row_shift[bi * channels + c] = static_cast<double>(sum_shift[c]);
         if (grad_keep != nullptr) grad_keep[bi * channels + c] = static_cast<G>(sum_keep[c]);
       }
+    }
+  }
+}
+
+// One input -> K gated copies: out[k] = src * keeps[k][b, c] with src = relu(x) (relu) or x; keeps is
+// [K, B, C] and out [K, B * C * S] (each copy in x's layout). x is read once per row.
+constexpr int64_t kMaxCopies = 16;  // = PGNAS_MAX_COPIES of kernels/pgnas_kernels.h (no CUDA header here)
+
+template <typename T, typename G>
+void gated_copies(T* out, const T* x, const G* keeps, int64_t copies, int64_t batch, int64_t channels,
+                  int64_t spatial, bool relu, Layout layout) {
+  using A = Acc<T, G>;
+  const int64_t rows = batch * channels, n = rows * spatial;
+  if (layout == Layout::nchw) {
+#pragma omp parallel for schedule(static) if (n * copies > kParallelGrain)
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* xr = x + r * spatial;
+      for (int64_t k = 0; k < copies; ++k) {
+        const A keep = static_cast<A>(keeps[k * rows + r]);
+        T* o = out + k * n + r * spatial;
+        for (int64_t s = 0; s < spatial; ++s) {
+          const A v = static_cast<A>(xr[s]);
+          o[s] = static_cast<T>((relu ? std::max(v, A(0)) : v) * keep);
+        }
+      }
+    }
+  } else {
+#pragma omp parallel for schedule(static) if (n * copies > kParallelGrain)
+    for (int64_t row = 0; row < batch * spatial; ++row) {
+      const int64_t b = row / spatial;
+      const T* xr = x + row * channels;
+      for (int64_t k = 0; k < copies; ++k) {
+        const G* keep = keeps + k * rows + b * channels;
+        T* o = out + k * n + row * channels;
+        for (int64_t c = 0; c < channels; ++c) {
+          const A v = static_cast<A>(xr[c]);
+          o[c] = static_cast<T>((relu ? std::max(v, A(0)) : v) * static_cast<A>(keep[c]));
+        }
+      }
+    }
+  }
+}
+
+// grad_x = relu'(x) * sum_k grad[k] keep_k (relu) or sum_k grad[k] keep_k; grad_keeps [K, B, C] (null
+// unless relaxed) = sum_s grad[k] * src. One pass over x and each grad[k]; copies <= kMaxCopies.
+template <typename T, typename G>
+void gated_copies_backward(T* grad_x, G* grad_keeps, const T* grad, const T* x, const G* keeps, int64_t copies,
+                           int64_t batch, int64_t channels, int64_t spatial, bool relu, Layout layout) {
+  using A = Acc<T, G>;
+  const int64_t rows = batch * channels, n = rows * spatial;
+  if (layout == Layout::nchw) {
+#pragma omp parallel for schedule(static) if (n * copies > kParallelGrain)
+    for (int64_t r = 0; r < rows; ++r) {
+      A keep[kMaxCopies], dot[kMaxCopies];
+      for (int64_t k = 0; k < copies; ++k) keep[k] = static_cast<A>(keeps[k * rows + r]), dot[k] = A(0);
+      const T* xr = x + r * spatial;
+      T* gx = grad_x + r * spatial;
+      for (int64_t s = 0; s < spatial; ++s) {
+        const A v = static_cast<A>(xr[s]);
+        const A src = relu ? std::max(v, A(0)) : v;
+        A acc = 0;
+        for (int64_t k = 0; k < copies; ++k) {
+          const A g = static_cast<A>(grad[k * n + r * spatial + s]);
+          acc += g * keep[k];
+          dot[k] += g * src;
+        }
+        gx[s] = static_cast<T>(relu && !(v > A(0)) ? A(0) : acc);
+      }
+      if (grad_keeps != nullptr)
+        for (int64_t k = 0; k < copies; ++k) grad_keeps[k * rows + r] = static_cast<G>(dot[k]);
+    }
+  } else {
+#pragma omp parallel for schedule(static) if (n * copies > kParallelGrain)
+    for (int64_t b = 0; b < batch; ++b) {
+      std::vector<A> dot(static_cast<size_t>(copies * channels), A(0));
+      for (int64_t s = 0; s < spatial; ++s) {
+        const int64_t base = (b * spatial + s) * channels;
+        for (int64_t c = 0; c < channels; ++c) {
+          const A v = static_cast<A>(x[base + c]);
+          const A src = relu ? std::max(v, A(0)) : v;
+          A acc = 0;
+          for (int64_t k = 0; k < copies; ++k) {
+            const A g = static_cast<A>(grad[k * n + base + c]);
+            acc += g * static_cast<A>(keeps[k * rows + b * channels + c]);
+            dot[k * channels + c] += g * src;
+          }
+          grad_x[base + c] = static_cast<T>(relu && !(v > A(0)) ? A(0) : acc);
+        }
+      }
+      if (grad_keeps != nullptr)
+        for (int64_t k = 0; k < copies; ++k)
+          for (int64_t c = 0; c < channels; ++c)
+            grad_keeps[k * rows + b * channels + c] = static_cast<G>(dot[k * channels + c]);
     }
   }
 }

@@ -182,6 +182,65 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> affine_relu_gate_back
   return {grad_x, grad_scale, grad_shift, grad_p};
 }
 
+at::Tensor keeps_of(const at::Tensor& p_logits, int64_t batch, int64_t seed, const std::vector<int64_t>& streams,
+                    int64_t offset, double tau, cpu::GateMode mode) {
+  std::vector<at::Tensor> keeps;
+  for (size_t k = 0; k < streams.size(); ++k)
+    keeps.push_back(keep_of(p_logits[static_cast<int64_t>(k)], batch, seed, streams[k], offset, tau, mode));
+  return at::stack(keeps);  // [K, B, C]
+}
+
+at::Tensor gated_copies(const at::Tensor& x, const at::Tensor& p_logits, int64_t seed,
+                        const std::vector<int64_t>& streams, double tau, const std::string& mode, int64_t offset,
+                        bool relu) {
+  check_copies(x, p_logits, streams, cpu::kMaxCopies);
+  const ApplyShape s = check_apply(x, p_logits[0], seed, streams[0], tau, kCPU);
+  check_gate_offset(offset, s.batch * s.channels);
+  const cpu::GateMode m = parse_mode(mode);
+  const int64_t copies = static_cast<int64_t>(streams.size());
+  at::Tensor out = stacked_empty_like(x, copies, s.layout);
+  if (x.numel() == 0) return out;
+  const at::Tensor keeps = keeps_of(p_logits, s.batch, seed, streams, offset, tau, m);
+  PGNAS_DISPATCH_DATA(x.scalar_type(), "gated_copies", [&] {
+    with_gate_type(p_logits, [&](auto g) {
+      using G = decltype(g);
+      cpu::gated_copies<scalar_t, G>(out.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), keeps.data_ptr<G>(), copies,
+                                     s.batch, s.channels, s.spatial, relu, s.layout);
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> gated_copies_backward(const at::Tensor& grad, const at::Tensor& x,
+                                                         const at::Tensor& p_logits, int64_t seed,
+                                                         const std::vector<int64_t>& streams, double tau,
+                                                         const std::string& mode, int64_t offset, bool relu) {
+  check_copies(x, p_logits, streams, cpu::kMaxCopies);
+  const ApplyShape s = check_apply(x, p_logits[0], seed, streams[0], tau, kCPU);
+  check_gate_offset(offset, s.batch * s.channels);
+  const int64_t copies = static_cast<int64_t>(streams.size());
+  check_like("grad", grad, "the stacked copies", stacked_empty_like(x, copies, s.layout));
+  const cpu::GateMode m = parse_mode(mode);
+  at::Tensor grad_x = at::empty_like(x);
+  at::Tensor grad_p = at::zeros_like(p_logits);
+  if (x.numel() == 0) return {grad_x, grad_p};
+  const at::Tensor keeps = keeps_of(p_logits, s.batch, seed, streams, offset, tau, m);  // regenerated
+  const bool relaxed = m == cpu::GateMode::relaxed;
+  at::Tensor grad_keeps = relaxed ? at::empty_like(keeps) : at::Tensor();
+  PGNAS_DISPATCH_DATA(x.scalar_type(), "gated_copies_backward", [&] {
+    with_gate_type(p_logits, [&](auto g) {
+      using G = decltype(g);
+      cpu::gated_copies_backward<scalar_t, G>(grad_x.data_ptr<scalar_t>(), relaxed ? grad_keeps.data_ptr<G>() : nullptr,
+                                              grad.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), keeps.data_ptr<G>(),
+                                              copies, s.batch, s.channels, s.spatial, relu, s.layout);
+      for (int64_t k = 0; relaxed && k < copies; ++k)
+        cpu::gate_keep_backward<G>(grad_p[k].data_ptr<G>(), grad_keeps[k].data_ptr<G>(), keeps[k].data_ptr<G>(),
+                                   s.batch, s.channels, tau);
+    });
+  });
+  return {grad_x, grad_p};
+}
+
 at::Tensor branch_combine(const std::vector<at::Tensor>& ys, const at::Tensor& weights,
                           const c10::optional<at::Tensor>& skip) {
   const bool per_example = check_combine(ys, weights, skip, kCPU);
@@ -364,6 +423,10 @@ void register_cpu_ops(pybind11::module_& m) {
         "mode"_a, "offset"_a);
   m.def("affine_relu_gate_backward", &affine_relu_gate_backward, "grad"_a, "x"_a, "scale"_a, "shift"_a, "p_logit"_a,
         "seed"_a, "stream"_a, "tau"_a, "mode"_a, "offset"_a);
+  m.def("gated_copies", &gated_copies, "x"_a, "p_logits"_a, "seed"_a, "streams"_a, "tau"_a, "mode"_a, "offset"_a,
+        "relu"_a);
+  m.def("gated_copies_backward", &gated_copies_backward, "grad"_a, "x"_a, "p_logits"_a, "seed"_a, "streams"_a, "tau"_a,
+        "mode"_a, "offset"_a, "relu"_a);
   m.def("branch_combine", &branch_combine, "ys"_a, "weights"_a, "skip"_a);
   m.def("branch_combine_backward", &branch_combine_backward, "grad"_a, "ys"_a, "weights"_a, "backward_weights"_a);
   m.def("regularizer", &regularizer, "weights"_a, "p_logits"_a, "weight_reg"_a, "drop_reg"_a, "n_train"_a);

@@ -174,6 +174,60 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> affine_relu_gate_back
   return {grad_x, rows[0].sum(0), rows[1].sum(0), grad_p};  // summed over the batch
 }
 
+
+at::Tensor keeps_of(const at::Tensor& p_logits, int64_t batch, int64_t seed, const std::vector<int64_t>& streams,
+                    int64_t offset, double tau, cpu::GateMode mode) {
+  std::vector<at::Tensor> keeps;
+  for (size_t k = 0; k < streams.size(); ++k)
+    keeps.push_back(keep_of(p_logits[static_cast<int64_t>(k)], batch, seed, streams[k], offset, tau, mode));
+  return at::stack(keeps);  // [K, B, C]
+}
+
+at::Tensor gated_copies(const at::Tensor& x, const at::Tensor& p_logits, int64_t seed,
+                        const std::vector<int64_t>& streams, double tau, const std::string& mode, int64_t offset,
+                        bool relu) {
+  check_copies(x, p_logits, streams, PGNAS_MAX_COPIES);
+  const ApplyShape s = check_apply(x, p_logits[0], seed, streams[0], tau, kCUDA);
+  check_gate_offset(offset, s.batch * s.channels);
+  const cpu::GateMode m = parse_mode(mode);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t copies = static_cast<int64_t>(streams.size());
+  at::Tensor out = stacked_empty_like(x, copies, s.layout);
+  if (x.numel() == 0) return out;
+  const at::Tensor keeps = keeps_of(p_logits, s.batch, seed, streams, offset, tau, m);
+  PGNAS_CUDA_CHECK(pgnas_gated_copies(out.data_ptr(), x.data_ptr(), code_of(x), keeps.data_ptr(), code_of(keeps),
+                                      static_cast<int32_t>(copies), s.batch, s.channels, s.spatial, relu ? 1 : 0,
+                                      layout_code(s.layout), current_stream()));
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> gated_copies_backward(const at::Tensor& grad, const at::Tensor& x,
+                                                         const at::Tensor& p_logits, int64_t seed,
+                                                         const std::vector<int64_t>& streams, double tau,
+                                                         const std::string& mode, int64_t offset, bool relu) {
+  check_copies(x, p_logits, streams, PGNAS_MAX_COPIES);
+  const ApplyShape s = check_apply(x, p_logits[0], seed, streams[0], tau, kCUDA);
+  check_gate_offset(offset, s.batch * s.channels);
+  const int64_t copies = static_cast<int64_t>(streams.size());
+  const c10::cuda::CUDAGuard guard(x.device());
+  check_like("grad", grad, "the stacked copies", stacked_empty_like(x, copies, s.layout));
+  const cpu::GateMode m = parse_mode(mode);
+  at::Tensor grad_x = at::empty_like(x);
+  at::Tensor grad_p = at::zeros_like(p_logits);
+  if (x.numel() == 0) return {grad_x, grad_p};
+  const at::Tensor keeps = keeps_of(p_logits, s.batch, seed, streams, offset, tau, m);  // regenerated
+  const bool relaxed = m == cpu::GateMode::relaxed;
+  at::Tensor grad_keeps = relaxed ? at::empty_like(keeps) : at::Tensor();
+  PGNAS_CUDA_CHECK(pgnas_gated_copies_backward(grad_x.data_ptr(), relaxed ? grad_keeps.data_ptr() : nullptr,
+                                               grad.data_ptr(), x.data_ptr(), code_of(x), keeps.data_ptr(),
+                                               code_of(keeps), static_cast<int32_t>(copies), s.batch, s.channels,
+                                               s.spatial, relu ? 1 : 0, layout_code(s.layout), current_stream()));
+  for (int64_t k = 0; relaxed && k < copies; ++k)
+    PGNAS_CUDA_CHECK(pgnas_gate_keep_backward(grad_p[k].data_ptr(), grad_keeps[k].data_ptr(), keeps[k].data_ptr(),
+                                              code_of(keeps), s.batch, s.channels, tau, current_stream()));
+  return {grad_x, grad_p};
+}
+
 at::Tensor branch_combine(const std::vector<at::Tensor>& ys, const at::Tensor& weights,
                           const c10::optional<at::Tensor>& skip) {
   const bool per_example = check_combine(ys, weights, skip, kCUDA);
@@ -401,6 +455,10 @@ void register_cuda_ops(pybind11::module_& m) {
         "mode"_a, "offset"_a);
   m.def("affine_relu_gate_backward", &affine_relu_gate_backward, "grad"_a, "x"_a, "scale"_a, "shift"_a, "p_logit"_a,
         "seed"_a, "stream"_a, "tau"_a, "mode"_a, "offset"_a);
+  m.def("gated_copies", &gated_copies, "x"_a, "p_logits"_a, "seed"_a, "streams"_a, "tau"_a, "mode"_a, "offset"_a,
+        "relu"_a);
+  m.def("gated_copies_backward", &gated_copies_backward, "grad"_a, "x"_a, "p_logits"_a, "seed"_a, "streams"_a, "tau"_a,
+        "mode"_a, "offset"_a, "relu"_a);
   m.def("branch_combine", &branch_combine, "ys"_a, "weights"_a, "skip"_a);
   m.def("branch_combine_backward", &branch_combine_backward, "grad"_a, "ys"_a, "weights"_a, "backward_weights"_a);
   m.def("regularizer", &regularizer, "weights"_a, "p_logits"_a, "weight_reg"_a, "drop_reg"_a, "n_train"_a);

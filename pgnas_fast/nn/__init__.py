@@ -1,6 +1,6 @@
 """Gated modules (design.md layer 4): gated conv/linear, branch combination, the regulariser."""
 from .combine import ShakeShake
-from .fused import norm_relu_conv
+from .fused import norm_relu_conv, relu_gated_convs
 from .gated import (
     GatedConv2d,
     GatedInput,
@@ -23,6 +23,7 @@ __all__ = [
     "gated_layers",
     "network_regularizer",
     "norm_relu_conv",
+    "relu_gated_convs",
     "set_gates",
     "stacked_candidate_masks",
 ]

@@ -1,5 +1,9 @@
-"""The authors' BN - ReLU - [gate] - conv order with the first three in one pass (design.md op set,
-"fused variants"): `norm_relu_conv(norm, conv, x)` is `conv(relu(norm(x)))`.
+"""Fused variants the super-networks use (design.md op set):
+
+- `norm_relu_conv(norm, conv, x)` is `conv(relu(norm(x)))`, the authors' BN - ReLU - [gate] - conv
+  order, with the first three in one pass;
+- `relu_gated_convs(convs, x)` is `[conv(relu(x)) for conv in convs]`, the S branches of a block
+  reading their shared input once (one input -> S gated copies).
 
 While `conv`'s gates are relaxed concrete gates (training) and the active backend implements
 `affine_relu_gate` natively, the BatchNorm is folded into a per-channel affine map (batch statistics
@@ -23,17 +27,19 @@ from .. import ops
 from ..ops import _library, dispatch
 from .gated import GatedConv2d
 
-FUSED_OP = "affine_relu_gate"
+def _fused_op_live(conv: GatedConv2d, x: torch.Tensor, op: str) -> bool:
+    """conv's gates are relaxed concrete gates and its backend implements `op` natively."""
+    if conv.gate_mode != "relaxed" or getattr(conv, "posterior", "concrete") != "concrete":
+        return False
+    backend = dispatch.resolve(conv.backend, x.device)
+    return backend != "reference" and op not in dispatch.missing_ops(backend)
 
 
 def _fusable(norm: nn.Module, conv: nn.Module, x: torch.Tensor) -> bool:
     # a materialized (exported) network has plain or sliced modules here: the composition then
     if not isinstance(conv, GatedConv2d) or type(norm) is not nn.BatchNorm2d or "forward" in vars(norm):
         return False
-    if conv.gate_mode != "relaxed" or getattr(conv, "posterior", "concrete") != "concrete":
-        return False
-    backend = dispatch.resolve(conv.backend, x.device)
-    return backend != "reference" and FUSED_OP not in dispatch.missing_ops(backend)
+    return _fused_op_live(conv, x, "affine_relu_gate")
 
 
 class _TrainingNormReluGate(torch.autograd.Function):
@@ -117,4 +123,27 @@ def norm_relu_conv(norm: nn.Module, conv: nn.Module, x: torch.Tensor) -> torch.T
     return conv._conv_forward(gated, conv.weight, conv.bias)
 
 
-__all__ = ["norm_relu_conv"]
+def _copies_fusable(convs, x: torch.Tensor) -> bool:
+    if not 1 < len(convs) <= ops.MAX_COPIES or not all(isinstance(c, GatedConv2d) for c in convs):
+        return False
+    first = convs[0]
+    shared = all((c.gate_seed, c.gate_row_offset, c.tau, c.backend, c.p_logit.dtype)
+                 == (first.gate_seed, first.gate_row_offset, first.tau, first.backend, first.p_logit.dtype)
+                 for c in convs)
+    return shared and all(_fused_op_live(c, x, "gated_copies") for c in convs)
+
+
+def relu_gated_convs(convs, x: torch.Tensor) -> list[torch.Tensor]:
+    """[conv(relu(x)) for conv in convs]; while the convs' gates are relaxed concrete gates of one seed
+    and the backend has `gated_copies`, the ReLU and every conv's gate run in one read of x."""
+    if not _copies_fusable(convs, x):
+        h = F.relu(x)
+        return [conv(h) for conv in convs]
+    first = convs[0]
+    copies = ops.gated_copies(x, torch.stack([c.p_logit_per_channel() for c in convs]), seed=first.gate_seed,
+                              streams=[c.gate_stream for c in convs], tau=first.tau,
+                              offset=first.gate_row_offset * x.shape[1], relu=True, backend=first.backend)
+    return [c._conv_forward(h, c.weight, c.bias) for c, h in zip(convs, copies.unbind(0))]
+
+
+__all__ = ["norm_relu_conv", "relu_gated_convs"]

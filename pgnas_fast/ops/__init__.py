@@ -35,6 +35,7 @@ __all__ = [
     "candidate_keep",
     "gate_keep",
     "gated_apply",
+    "gated_copies",
     "gaussian_kl",
     "gaussian_noise",
     "philox_uniform",
@@ -48,6 +49,7 @@ __all__ = [
 GATE_MODES = ("relaxed", "hard", "full")
 DATA_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 GATE_DTYPES = (torch.float32, torch.float64)  # float64 only for gradcheck
+MAX_COPIES = 16  # gated_copies per call (the native kernels' PGNAS_MAX_COPIES)
 
 
 # ---- argument checks ------------------------------------------------------------------------------
@@ -180,6 +182,35 @@ def affine_relu_gate(x, scale, shift, p_logit, *, seed: int, stream: int, tau: f
     _check_same_device("x", x, scale=scale, shift=shift, p_logit=p_logit)
     return _library.affine_relu_gate(x, scale.contiguous(), shift.contiguous(), p_logit.contiguous(), seed, stream,
                                      float(tau), mode, offset, resolve(backend, x.device))
+
+
+def gated_copies(x, p_logits, *, seed: int, streams, tau: float = 0.2, mode: str = "relaxed", offset: int = 0,
+                 relu: bool = False, backend=None):
+    """One input, S gated copies in one read of x: out[s] = gated_apply(relu(x) if relu else x,
+    p_logits[s], seed=seed, stream=streams[s], ...), stacked as [S, *x.shape] (each copy in x's
+    layout). The multi-branch blocks' ReLU - [gate] - conv branches read their shared input once.
+
+    p_logits: [S, C] drop logits, one row per copy; streams: S stream ids (one per gate layer).
+    """
+    _check_tensor("x", x, DATA_DTYPES, min_ndim=2)
+    _check_tensor("p_logits", p_logits, GATE_DTYPES, ndim=2)
+    if isinstance(streams, (str, bytes, torch.Tensor)) or not isinstance(streams, Sequence):
+        raise TypeError("streams must be a list of ints, one per copy")
+    streams = list(streams)
+    if not 1 <= len(streams) <= MAX_COPIES:
+        raise ValueError(f"streams must name 1 to {MAX_COPIES} copies, got {len(streams)}")
+    if tuple(p_logits.shape) != (len(streams), x.shape[1]):
+        raise ValueError(f"p_logits must have shape [{len(streams)}, {x.shape[1]}] (len(streams), x.shape[1]), got "
+                         f"{tuple(p_logits.shape)}")
+    for k, stream in enumerate(streams):
+        _check_int(f"streams[{k}]", stream, 0, SEED_LIMIT)
+    _check_gate_args(p_logits[0], tau, mode, seed, streams[0])
+    if not isinstance(relu, bool):
+        raise TypeError(f"relu must be a bool, got {type(relu).__name__}")
+    _check_gate_offset(offset, x.shape[0] * x.shape[1])
+    _check_same_device("x", x, p_logits=p_logits)
+    return _library.gated_copies(x, p_logits.contiguous(), seed, streams, float(tau), mode, offset, relu,
+                                 resolve(backend, x.device))
 
 
 def branch_combine(ys, weights, *, skip=None, backward_weights=None, backend=None):

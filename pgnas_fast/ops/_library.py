@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..reference import stacked_empty_like
 from .dispatch import implementation
 
 NAMESPACE = "pgnas_fast"
@@ -169,6 +170,44 @@ def _affine_relu_gate_grad(ctx, grad):
 
 
 affine_relu_gate.register_autograd(_affine_relu_gate_grad, setup_context=_affine_relu_gate_setup)
+
+
+# ---- gated_copies (one input -> S gated copies) ---------------------------------------------------
+@_op("gated_copies")
+def gated_copies(x: Tensor, p_logits: Tensor, seed: int, streams: list[int], tau: float, mode: str, offset: int,
+                 relu: bool, backend: str) -> Tensor:
+    return implementation(backend, "gated_copies")(x, p_logits, seed, streams, tau, mode, offset, relu)
+
+
+@gated_copies.register_fake
+def _(x, p_logits, seed, streams, tau, mode, offset, relu, backend):
+    return stacked_empty_like(x, p_logits.shape[0])
+
+
+@_op("gated_copies_backward")
+def gated_copies_backward(grad: Tensor, x: Tensor, p_logits: Tensor, seed: int, streams: list[int], tau: float,
+                          mode: str, offset: int, relu: bool, backend: str) -> tuple[Tensor, Tensor]:
+    return implementation(backend, "gated_copies_backward")(grad, x, p_logits, seed, streams, tau, mode, offset, relu)
+
+
+@gated_copies_backward.register_fake
+def _(grad, x, p_logits, seed, streams, tau, mode, offset, relu, backend):
+    return torch.empty_like(x), torch.empty_like(p_logits)
+
+
+def _gated_copies_setup(ctx, inputs, output):
+    x, p_logits, ctx.seed, ctx.streams, ctx.tau, ctx.mode, ctx.offset, ctx.relu, ctx.backend = inputs
+    ctx.save_for_backward(x, p_logits)
+
+
+def _gated_copies_grad(ctx, grad):
+    x, p_logits = ctx.saved_tensors
+    grad_x, grad_p = gated_copies_backward(grad, x, p_logits, ctx.seed, ctx.streams, ctx.tau, ctx.mode, ctx.offset,
+                                           ctx.relu, ctx.backend)
+    return grad_x, grad_p, None, None, None, None, None, None, None
+
+
+gated_copies.register_autograd(_gated_copies_grad, setup_context=_gated_copies_setup)
 
 
 # ---- branch_combine -------------------------------------------------------------------------------

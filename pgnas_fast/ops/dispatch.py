@@ -153,6 +153,6 @@ def missing_ops(name: str) -> list[str]:
 
 
 OPS = ("philox_uniform", "gate_keep", "gate_keep_backward", "candidate_keep", "gated_apply",
-       "gated_apply_backward", "affine_relu_gate", "affine_relu_gate_backward", "branch_combine",
-       "branch_combine_backward", "regularizer", "regularizer_backward", "gaussian_noise", "gaussian_noise_backward",
-       "gaussian_kl", "gaussian_kl_backward")
+       "gated_apply_backward", "gated_copies", "gated_copies_backward", "affine_relu_gate",
+       "affine_relu_gate_backward", "branch_combine", "branch_combine_backward", "regularizer",
+       "regularizer_backward", "gaussian_noise", "gaussian_noise_backward", "gaussian_kl", "gaussian_kl_backward")

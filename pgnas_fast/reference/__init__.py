@@ -80,6 +80,35 @@ def gated_apply_backward(
     return grad_x, _relaxed_keep_grad(grad_keep, keep, tau)
 
 
+def stacked_empty_like(x: torch.Tensor, copies: int) -> torch.Tensor:
+    """[copies, *x.shape], each copy in x's memory layout (NCHW or channels_last), as gated_copies returns."""
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        b, c, h, w = x.shape
+        return x.new_empty(copies, b, h, w, c).permute(0, 1, 4, 2, 3)
+    return x.new_empty(copies, *x.shape)
+
+
+def gated_copies(x, p_logits, seed, streams, tau, mode, offset, relu):
+    out = stacked_empty_like(x, len(streams))
+    source = torch.relu(x) if relu else x
+    for s, stream in enumerate(streams):
+        out[s] = gated_apply(source, p_logits[s], seed, stream, tau, mode, offset)
+    return out
+
+
+def gated_copies_backward(grad, x, p_logits, seed, streams, tau, mode, offset, relu):
+    source = torch.relu(x) if relu else x
+    grad_source = torch.zeros(x.shape, dtype=torch.promote_types(x.dtype, p_logits.dtype), device=x.device)
+    grad_p = []
+    for s, stream in enumerate(streams):
+        g, gp = gated_apply_backward(grad[s], source, p_logits[s], seed, stream, tau, mode, offset)
+        grad_source += g
+        grad_p.append(gp)
+    if relu:
+        grad_source = torch.where(x > 0, grad_source, 0.0)
+    return torch.empty_like(x).copy_(grad_source), torch.stack(grad_p)
+
+
 def _channel_vector(v: torch.Tensor, ndim: int, dtype: torch.dtype) -> torch.Tensor:
     """[C] -> [1, C, 1, ...] broadcasting against [B, C, ...] data."""
     return v.to(dtype).view(1, -1, *([1] * (ndim - 2)))

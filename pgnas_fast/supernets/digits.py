@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..nn import GatedConv2d, GatedLinear, ShakeShake
+from ..nn import GatedConv2d, GatedLinear, ShakeShake, relu_gated_convs
 from . import register
 
 BRANCHES = {  # name -> (kernel, dilation)
@@ -39,7 +39,9 @@ class MixedBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         skip = x if self.shortcut is None else self.shortcut(x)
-        return self.combine([branch(x) for branch in self.branches], skip=skip)
+        # each branch is ReLU - [gate] - conv - BN: the ReLU and the S gates read x once
+        convs = relu_gated_convs([branch[1] for branch in self.branches], x)
+        return self.combine([branch[2](h) for branch, h in zip(self.branches, convs)], skip=skip)
 
 
 class DigitsSupernet(nn.Module):

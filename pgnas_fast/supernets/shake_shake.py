@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..nn import GatedConv2d, GatedLinear, ShakeShake, norm_relu_conv
+from ..nn import GatedConv2d, GatedLinear, ShakeShake, norm_relu_conv, relu_gated_convs
 from . import register
 
 DEPTH_BLOCKS = 4  # Shake-Shake-26: (26 - 2) / 6 blocks per stage
@@ -37,8 +37,13 @@ class ShakeBranch(nn.Sequential):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        relu, conv1, norm1, _, conv2, norm2 = self
-        return norm2(norm_relu_conv(norm1, conv2, conv1(relu(x))))
+        return self.after_first_conv(self[1](self[0](x)))
+
+    def after_first_conv(self, h: torch.Tensor) -> torch.Tensor:
+        """The branch from the output of its first conv on (ShakeBlock runs the first ReLU - [gate] - conv
+        of both branches together)."""
+        _, _, norm1, _, conv2, norm2 = self
+        return norm2(norm_relu_conv(norm1, conv2, h))
 
 
 class TwoPathShortcut(nn.Module):
@@ -74,7 +79,8 @@ class ShakeBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         skip = x if self.shortcut is None else self.shortcut(x)
-        return self.combine([branch(x) for branch in self.branches], skip=skip)
+        firsts = relu_gated_convs([branch[1] for branch in self.branches], x)
+        return self.combine([branch.after_first_conv(h) for branch, h in zip(self.branches, firsts)], skip=skip)
 
 
 class ShakeShakeSupernet(nn.Module):

@@ -3,7 +3,7 @@
 Runs on CUDA tensors; on CPU tensors only under TRITON_INTERPRET=1 (Triton's interpreter, for the
 test suite). One file per op family, each holding its kernels and thin wrappers that pick the launch
 grid (inputs arrive validated by pgnas_fast.ops): `philox` (the RNG contract), `gates` (gate_keep,
-gated_apply), `fused` (affine_relu_gate), `combine` (branch_combine), `regularizer` (multi-tensor R),
+gated_apply), `fused` (affine_relu_gate, gated_copies), `combine` (branch_combine), `regularizer` (multi-tensor R),
 `gaussian` (the Gaussian family's noise epilogue and multi-tensor KL).
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ else:
 
 if _IMPORT_ERROR is None:
     from .combine import branch_combine, branch_combine_backward
-    from .fused import affine_relu_gate, affine_relu_gate_backward
+    from .fused import affine_relu_gate, affine_relu_gate_backward, gated_copies, gated_copies_backward
     from .gates import gate_keep, gate_keep_backward, gated_apply, gated_apply_backward
     from .gaussian import gaussian_kl, gaussian_kl_backward, gaussian_noise, gaussian_noise_backward
     from .philox import philox_uniform
@@ -36,6 +36,8 @@ __all__ = [
     "gate_keep_backward",
     "gated_apply",
     "gated_apply_backward",
+    "gated_copies",
+    "gated_copies_backward",
     "gaussian_kl",
     "gaussian_kl_backward",
     "gaussian_noise",

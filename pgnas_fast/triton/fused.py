@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..reference import stacked_empty_like
 from .gates import (
     MODES,
     RNG_ARGS,
@@ -25,6 +26,7 @@ from .gates import (
     _tiles,
     _written,
 )
+from .philox import split_u64
 
 
 @triton.jit
@@ -141,3 +143,117 @@ def affine_relu_gate_backward(grad, x, scale, shift, p_logit, seed, stream, tau,
     grad_scale, grad_shift = rows[0].sum(0), rows[1].sum(0)  # over the batch (separate tensors: no aliasing outputs)
     grad_p = _reduce_gate_grad(partial, partial, tau, False, p_logit.dtype) if relaxed else torch.zeros_like(p_logit)
     return grad_x, grad_scale.to(scale.dtype), grad_shift.to(shift.dtype), grad_p
+
+
+# ---- one input -> S gated copies ------------------------------------------------------------------
+@triton.jit
+def _copy_gates(q, qmask, C, p_ptr, streams_ptr, s, seed_lo, seed_hi, offset_lo, offset_hi, tau_hi, tau_lo,
+                MODE: tl.constexpr, GATE_F64: tl.constexpr):
+    """keep of rows q of copy s: the copy's drop logits are row s of p, its stream words row s of streams."""
+    stream_lo = tl.load(streams_ptr + 2 * s)
+    stream_hi = tl.load(streams_ptr + 2 * s + 1)
+    return _row_gates(q, qmask, C, p_ptr + s * C, seed_lo, seed_hi, stream_lo, stream_hi, offset_lo, offset_hi, tau_hi,
+                      tau_lo, MODE, GATE_F64)
+
+
+@triton.jit(do_not_specialize=RNG_ARGS)
+def _gated_copies_kernel(x_ptr, out_ptr, p_ptr, streams_ptr, n_copies, n_rows, C, S, sxb, sxc, sxs, sok, sob, soc,
+                         sos, seed_lo, seed_hi, offset_lo, offset_hi, tau_hi, tau_lo, MODE: tl.constexpr,
+                         GATE_F64: tl.constexpr, COMPUTE_F64: tl.constexpr, RELU: tl.constexpr,
+                         SPLIT_ROWS: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Each tile of x is read once and written n_copies times, once per copy's gates."""
+    q, qmask, b, c = _rows(n_rows, C, BLOCK_Q, SPLIT_ROWS)
+    dtype = tl.float64 if COMPUTE_F64 else tl.float32
+    x_row = x_ptr + (b * sxb + c * sxc)[:, None]
+    out_row = out_ptr + (b * sob + c * soc)[:, None]
+    for s0 in range(0, S, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        sl = s.to(tl.int64)[None, :]
+        m = qmask[:, None] & (s < S)[None, :]
+        x = tl.load(x_row + sl * sxs, mask=m, other=0.0).to(dtype)
+        if RELU:
+            x = tl.maximum(x, 0.0)
+        for k in range(n_copies):
+            keep = _copy_gates(q, qmask, C, p_ptr, streams_ptr, k, seed_lo, seed_hi, offset_lo, offset_hi, tau_hi,
+                               tau_lo, MODE, GATE_F64).to(dtype)[:, None]
+            tl.store(out_row + k * sok + sl * sos, (x * keep).to(out_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit(do_not_specialize=RNG_ARGS)
+def _gated_copies_backward_kernel(dy_ptr, x_ptr, dx_ptr, p_ptr, streams_ptr, partial_ptr, n_copies, n_rows, C, S,
+                                  sdk, sdb, sdc, sds, sxb, sxc, sxs, sgb, sgc, sgs, seed_lo, seed_hi, offset_lo,
+                                  offset_hi, tau_hi, tau_lo, MODE: tl.constexpr, GATE_F64: tl.constexpr,
+                                  COMPUTE_F64: tl.constexpr, RELU: tl.constexpr, SPLIT_ROWS: tl.constexpr,
+                                  BLOCK_Q: tl.constexpr, BLOCK_S: tl.constexpr):
+    """dx = sum_k dy_k keep_k (times relu'(x)); relaxed: partial[b, k, c] = sum_s dy_k src keep_k (1 - keep_k)
+    with src = relu(x) or x. x is read once, each dy_k once."""
+    q, qmask, b, c = _rows(n_rows, C, BLOCK_Q, SPLIT_ROWS)
+    dtype = tl.float64 if COMPUTE_F64 else tl.float32
+    dy_row = dy_ptr + (b * sdb + c * sdc)[:, None]
+    x_row = x_ptr + (b * sxb + c * sxc)[:, None]
+    dx_row = dx_ptr + (b * sgb + c * sgc)[:, None]
+    for s0 in range(0, S, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        sl = s.to(tl.int64)[None, :]
+        m = qmask[:, None] & (s < S)[None, :]
+        x = tl.load(x_row + sl * sxs, mask=m, other=0.0).to(dtype)
+        src = tl.maximum(x, 0.0) if RELU else x
+        acc = tl.zeros([BLOCK_Q, BLOCK_S], dtype)
+        for k in range(n_copies):
+            gate = _copy_gates(q, qmask, C, p_ptr, streams_ptr, k, seed_lo, seed_hi, offset_lo, offset_hi, tau_hi,
+                               tau_lo, MODE, GATE_F64)
+            dy = tl.load(dy_row + k * sdk + sl * sds, mask=m, other=0.0).to(dtype)
+            acc += dy * gate.to(dtype)[:, None]
+            if MODE == 0:  # the spatial blocks' sums meet in partial (zeroed by the wrapper): a program owns its rows
+                contrib = tl.sum(dy.to(gate.dtype) * src.to(gate.dtype), axis=1) * gate * (1.0 - gate)
+                at = partial_ptr + (b * n_copies + k) * C + c
+                tl.store(at, tl.load(at, mask=qmask, other=0.0) + contrib, mask=qmask)
+        if RELU:
+            acc = tl.where(x > 0.0, acc, 0.0)
+        tl.store(dx_row + sl * sgs, acc.to(dx_ptr.dtype.element_ty), mask=m)
+
+
+def _stream_words(streams, device) -> torch.Tensor:
+    return torch.tensor([w for s in streams for w in split_u64(s)], dtype=torch.int32, device=device)
+
+
+def gated_copies(x, p_logits, seed, streams, tau, mode, offset, relu):
+    n_copies = len(streams)
+    out = stacked_empty_like(x, n_copies)
+    if x.numel() == 0:
+        return out
+    xv = _as_bcs(x)
+    B, C, S = xv.shape
+    ov = out.view(n_copies, B, C, S)  # NCHW and channels_last copies both merge their spatial dims
+    grid, launch = _launch_shape(x, xv)
+    seed_lo, seed_hi, _, _, offset_lo, offset_hi, tau_hi, tau_lo = _rng(seed, 0, offset, tau)
+    _gated_copies_kernel[grid](
+        xv, ov, p_logits, _stream_words(streams, x.device), n_copies, B * C, C, S, *xv.stride(), *ov.stride(),
+        seed_lo, seed_hi, offset_lo, offset_hi, tau_hi, tau_lo, MODE=MODES[mode],
+        GATE_F64=p_logits.dtype == torch.float64, COMPUTE_F64=_compute_f64(x.dtype, p_logits.dtype), RELU=relu,
+        **launch)
+    return out
+
+
+def gated_copies_backward(grad, x, p_logits, seed, streams, tau, mode, offset, relu):
+    n_copies = len(streams)
+    grad_x = torch.empty_like(x)
+    if x.numel() == 0:
+        return grad_x, torch.zeros_like(p_logits)
+    xv, gv = _as_bcs(x), _out_bcs(grad_x)
+    B, C, S = xv.shape
+    dyv = grad.reshape(n_copies, B, C, S)  # a view for the layouts gated_copies returns
+    relaxed = mode == "relaxed"
+    partial = torch.zeros(B, n_copies, C, dtype=p_logits.dtype, device=x.device) if relaxed else p_logits
+    grid, launch = _launch_shape(x, xv)
+    seed_lo, seed_hi, _, _, offset_lo, offset_hi, tau_hi, tau_lo = _rng(seed, 0, offset, tau)
+    _gated_copies_backward_kernel[grid](
+        dyv, xv, gv, p_logits, _stream_words(streams, x.device), partial, n_copies, B * C, C, S, *dyv.stride(),
+        *xv.stride(), *gv.stride(), seed_lo, seed_hi, offset_lo, offset_hi, tau_hi, tau_lo, MODE=MODES[mode],
+        GATE_F64=p_logits.dtype == torch.float64, COMPUTE_F64=_compute_f64(x.dtype, p_logits.dtype), RELU=relu,
+        **launch)
+    _written(grad_x, gv)
+    if not relaxed:
+        return grad_x, torch.zeros_like(p_logits)
+    grad_p = _reduce_gate_grad(partial.view(B, n_copies * C), partial, tau, False, p_logits.dtype)
+    return grad_x, grad_p.view(n_copies, C)

@@ -133,12 +133,12 @@ def _copies_fusable(convs, x: torch.Tensor) -> bool:
     return shared and all(_fused_op_live(c, x, "gated_copies") for c in convs)
 
 
-def relu_gated_convs(convs, x: torch.Tensor) -> list[torch.Tensor]:
-    """[conv(relu(x)) for conv in convs]; while the convs' gates are relaxed concrete gates of one seed
-    and the backend has `gated_copies`, the ReLU and every conv's gate run in one read of x."""
+def relu_gated_convs(convs, x: torch.Tensor) -> list[torch.Tensor] | None:
+    """[conv(relu(x)) for conv in convs] with the ReLU and every conv's gate in one read of x, or None
+    when the convs cannot share the op (gates not relaxed concrete gates of one seed, a backend without
+    `gated_copies`, or a materialized network's plain modules): the caller then runs its modules."""
     if not _copies_fusable(convs, x):
-        h = F.relu(x)
-        return [conv(h) for conv in convs]
+        return None
     first = convs[0]
     copies = ops.gated_copies(x, torch.stack([c.p_logit_per_channel() for c in convs]), seed=first.gate_seed,
                               streams=[c.gate_stream for c in convs], tau=first.tau,

@@ -1,6 +1,7 @@
 """Gated modules (design.md layer 4): gated conv/linear, branch combination, the regulariser."""
 from .combine import ShakeShake
 from .gated import (
+    POSTERIORS,
     GatedConv2d,
     GatedInput,
     GatedLinear,
@@ -8,11 +9,14 @@ from .gated import (
     candidate_masks,
     gated_layers,
     network_regularizer,
+    posterior_of,
     set_gates,
+    set_posterior,
     stacked_candidate_masks,
 )
 
 __all__ = [
+    "POSTERIORS",
     "GatedConv2d",
     "GatedInput",
     "GatedLinear",
@@ -21,6 +25,8 @@ __all__ = [
     "candidate_masks",
     "gated_layers",
     "network_regularizer",
+    "posterior_of",
     "set_gates",
+    "set_posterior",
     "stacked_candidate_masks",
 ]

@@ -90,7 +90,7 @@ CONVS = {  # name: (constructor arguments, input shape)
                 (2, 5, 9, 11)),
     "grouped": (dict(in_channels=6, out_channels=9, kernel_size=3, padding=1, groups=3, gate_groups=[1, 3, 2]),
                 (3, 6, 5, 5)),
-    "depthwise": (dict(in_channels=5, out_channels=10, kernel_size=3, padding=1, groups=5), (2, 5, 6, 7)),
+    "depthwise": (dict(in_channels=5, out_channels=10, kernel_size=3, padding=1, groups=5, gate_groups=2), (2, 5, 6, 7)),
 }
 
 

@@ -167,3 +167,15 @@ def test_presets_validate_every_key():
         configs.resolve("digits-tiny", {"lr": 0})
     with pytest.raises(configs.ConfigError, match="config key 'supernet_args' must be an object"):
         configs.resolve("digits-tiny", {"supernet_args": [1]})
+
+
+def test_family_settings_apply_between_the_preset_and_the_overrides():
+    concrete, gaussian = configs.resolve("digits-tiny"), configs.resolve("digits-tiny", {"posterior": "gaussian"})
+    settings = configs.FAMILY_SETTINGS["digits-tiny"]["gaussian"]
+    assert settings and all(gaussian[key] == value != concrete[key] for key, value in settings.items())
+    assert {k: v for k, v in gaussian.items() if k not in settings and k != "posterior"} == {
+        k: v for k, v in concrete.items() if k not in settings and k != "posterior"}
+    assert concrete["posterior"] == "concrete" and concrete["n_train"] == 0 and concrete["kl_warmup_epochs"] == 0
+    assert configs.resolve("digits-tiny", {"posterior": "gaussian", "n_train": 5})["n_train"] == 5  # user wins
+    # a run's recorded config resolves to itself (load_run, resume)
+    assert configs.resolve("digits-tiny", {k: v for k, v in gaussian.items() if k != "preset"}) == gaussian

@@ -321,6 +321,22 @@ def test_gaussian_guided_candidates_beat_random_gates_on_three_seeds(tmp_path):
     assert statistics.fmean(margins) > 0.02, margins
 
 
+def test_a_run_older_than_the_posterior_families_loads_as_concrete(finished_run, tmp_path):
+    import shutil
+
+    out, _ = finished_run
+    shutil.copytree(out, tmp_path / "run")
+    run_config = json.loads((tmp_path / "run" / "config.json").read_text())
+    for key in ("posterior", "kl_warmup_epochs"):
+        del run_config["config"][key]
+    (tmp_path / "run" / "config.json").write_text(json.dumps(run_config))
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    state["run_config"] = run_config
+    torch.save(state, tmp_path / "run" / "checkpoint.pt")
+    loaded = load_run(tmp_path / "run")
+    assert posterior_of(loaded.model) == "concrete" and loaded.config["posterior"] == "concrete"
+
+
 def test_schedules():
     steps = 10  # per epoch
     cosine = configs.resolve("digits-tiny", {"epochs": 4, "lr": 0.4, "lr_min": 0.1})

@@ -52,8 +52,8 @@ def _group_sizes(channels: int, gate_groups: Sequence[int] | int | None, where: 
 
 
 POSTERIORS = ("concrete", "gaussian")
-# Molchanov et al. 2017 clip log alpha to [-8, 8]: beyond it the KL approximation and the noise
-# carry no more information (p = sigmoid(8) = 0.9997) and alpha W^2 would only grow the variance.
+# Molchanov et al. 2017 clip log alpha to [-8, 8] for stable training: beyond it p = sigmoid(8) =
+# 0.9997 changes no candidate, while alpha W^2 would keep growing the noise.
 LOG_ALPHA_LIMIT = 8.0
 
 

@@ -160,8 +160,11 @@ def load_run(run_dir: str | Path, *, device: str = "cpu", data_dir: str | Path |
             raise RunError(f"{str(run_dir)!r} is not a run directory: {name} is missing (pgnas-fast search writes it)")
     try:
         run_config = json.loads((run_dir / "config.json").read_text())
-        config, seed = run_config["config"], run_config["seed"]
-        configs.resolve(config["preset"], {k: v for k, v in config.items() if k != "preset"})
+        seed = run_config["seed"]
+        # resolved, so that keys newer than the run take their defaults (a run older than the
+        # posterior families is concrete)
+        config = configs.resolve(run_config["config"]["preset"],
+                                 {k: v for k, v in run_config["config"].items() if k != "preset"})
     except (json.JSONDecodeError, KeyError, TypeError, configs.ConfigError) as err:
         raise RunError(f"{str(run_dir / 'config.json')!r} is malformed or from another version: {err}") from None
     state = load_checkpoint(run_dir / "checkpoint.pt")

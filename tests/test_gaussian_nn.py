@@ -73,7 +73,8 @@ def kl_literal(log_alpha: torch.Tensor) -> torch.Tensor:
 def random_log_alpha(layer, low=-4.0, high=3.0, seed=0):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        layer.p_logit.copy_(low + (high - low) * torch.rand(layer.p_logit.shape, generator=g, dtype=layer.p_logit.dtype))
+        u = torch.rand(layer.p_logit.shape, generator=g, dtype=layer.p_logit.dtype)
+        layer.p_logit.copy_(low + (high - low) * u)
 
 
 def gaussian(layer, step=3, index=0, **gates):
@@ -90,7 +91,8 @@ CONVS = {  # name: (constructor arguments, input shape)
                 (2, 5, 9, 11)),
     "grouped": (dict(in_channels=6, out_channels=9, kernel_size=3, padding=1, groups=3, gate_groups=[1, 3, 2]),
                 (3, 6, 5, 5)),
-    "depthwise": (dict(in_channels=5, out_channels=10, kernel_size=3, padding=1, groups=5, gate_groups=2), (2, 5, 6, 7)),
+    "depthwise": (dict(in_channels=5, out_channels=10, kernel_size=3, padding=1, groups=5, gate_groups=2),
+                  (2, 5, 6, 7)),
 }
 
 

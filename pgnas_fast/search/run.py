@@ -5,7 +5,8 @@ held-out and test accuracy, and a run directory:
     checkpoint.pt           super-network and optimizer after the last finished epoch (resumable)
     checkpoint-best.pt      the same at the epoch of the lowest training objective
     tensorboard/            the per-epoch scalars as TensorBoard events (when tensorboard is installed)
-    train_log.jsonl         one row per epoch: loss, CE, regulariser, accuracy, lr, images/s, mean p
+    train_log.jsonl         one row per epoch: loss, CE, regulariser (the posterior family's KL term)
+                            and its warm-up weight, accuracy, lr, images/s, mean p
     candidates.jsonl        one row per guided candidate: id, score (held-out accuracy), images, kept_fraction
     random_candidates.jsonl the random-gate baseline at the same expected drop rate (if enabled)
     rank-search/            the ranking's progress log, so that --resume never scores a candidate twice

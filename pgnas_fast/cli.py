@@ -44,6 +44,7 @@ def _count(low: int, high: int | None = None):
 
 def _build_parser() -> argparse.ArgumentParser:
     from . import configs
+    from .nn import POSTERIORS
     from .ops.dispatch import SELECTABLE
     from .ops.streams import SEED_LIMIT
 
@@ -63,6 +64,9 @@ def _build_parser() -> argparse.ArgumentParser:
     search.add_argument("--candidates", type=_count(1), help="candidates to rank (preset's)")
     search.add_argument("--random-baseline", type=_count(0), metavar="K",
                         help="also rank K random-gate candidates at the same expected drop rate (0: off)")
+    search.add_argument("--posterior", choices=POSTERIORS,
+                        help="posterior family of the gates: concrete (concrete dropout, default) or gaussian "
+                             "(Gaussian variational dropout); sampling, ranking and export are the same")
     search.add_argument("--config", metavar="FILE.json", help="JSON object of preset keys to override")
     search.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="assignments",
                         help="override one preset key (VALUE as JSON, else a string); repeatable, wins over --config")
@@ -196,7 +200,7 @@ def _search(args) -> int:
     overrides = configs.load_overrides(args.config) if args.config else {}
     overrides.update(configs.parse_assignment(text) for text in args.assignments)
     for key, value in (("epochs", args.epochs), ("candidates", args.candidates),
-                       ("random_baseline", args.random_baseline)):
+                       ("random_baseline", args.random_baseline), ("posterior", args.posterior)):
         if value is not None:
             overrides[key] = value
     config = configs.resolve(args.preset, overrides)
@@ -209,8 +213,8 @@ def _search(args) -> int:
     created = _prepare_out(out)
 
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for the run
-        print(f"pgnas-fast search: preset {config['preset']}, seed {args.seed}, backend {backend}, device {device}",
-              flush=True)
+        print(f"pgnas-fast search: preset {config['preset']}, posterior {config['posterior']}, seed {args.seed}, "
+              f"backend {backend}, device {device}", flush=True)
     try:
         with dispatch.use_backend(backend):
             result = run_search(config, seed=args.seed, out_dir=out, device=str(device), resume=args.resume,

@@ -57,6 +57,17 @@ def test_set_overrides_win_over_the_config_file(capsys, tmp_path):
     assert written["lr"] == 0.03 and written["milestones"] == [1] and written["schedule"] == "step"
 
 
+def test_search_with_the_gaussian_posterior(capsys, tmp_path):
+    out = tmp_path / "run"
+    code, stdout, _ = run_cli(capsys, "search", *SMALL, "--posterior", "gaussian", "--out", str(out))
+    assert code == 0
+    assert stdout.startswith("pgnas-fast search: preset digits-tiny, posterior gaussian, seed 0,")
+    assert json.loads((out / "config.json").read_text())["config"]["posterior"] == "gaussian"
+    arch = json.loads((out / "architecture.json").read_text())
+    assert arch["posterior"] == "gaussian" and f"best candidate: {arch['candidate']} of 3" in stdout
+    assert "| posterior: gaussian | Gaussian variational dropout" in (out / "report.md").read_text()
+
+
 def test_doctor_lists_every_backend(capsys):
     code, stdout, _ = run_cli(capsys, "doctor")
     assert code == 0
@@ -94,6 +105,12 @@ BAD_INPUTS = {
                            "config key 'candidates' must be an int > 0"),
     "config out of range": (lambda t: ["--config", _bad_config(t, '{"p_init": 1.5}')],
                             "config key 'p_init' must be a number in (0, 1)"),
+    "unknown posterior": (lambda t: ["--posterior", "bogus"],
+                          "argument --posterior: invalid choice: 'bogus'"),
+    "posterior in a config": (lambda t: ["--config", _bad_config(t, '{"posterior": "bernoulli"}')],
+                              "config key 'posterior' must be one of concrete, gaussian, got 'bernoulli'"),
+    "negative KL warm-up": (lambda t: ["--set", "kl_warmup_epochs=-1"],
+                            "config key 'kl_warmup_epochs' must be a number >= 0, got -1"),
     "malformed --set": (lambda t: ["--set", "lr"], "--set takes KEY=VALUE, got 'lr'"),
     "unknown --set key": (lambda t: ["--set", "lrate=0.1"], "unknown config key 'lrate'"),
     "bad --set value": (lambda t: ["--set", "schedule=linear"], "config key 'schedule' must be one of cosine"),
@@ -150,3 +167,15 @@ def test_presets_validate_every_key():
         configs.resolve("digits-tiny", {"lr": 0})
     with pytest.raises(configs.ConfigError, match="config key 'supernet_args' must be an object"):
         configs.resolve("digits-tiny", {"supernet_args": [1]})
+
+
+def test_family_settings_apply_between_the_preset_and_the_overrides():
+    concrete, gaussian = configs.resolve("digits-tiny"), configs.resolve("digits-tiny", {"posterior": "gaussian"})
+    settings = configs.FAMILY_SETTINGS["digits-tiny"]["gaussian"]
+    assert settings and all(gaussian[key] == value != concrete[key] for key, value in settings.items())
+    assert {k: v for k, v in gaussian.items() if k not in settings and k != "posterior"} == {
+        k: v for k, v in concrete.items() if k not in settings and k != "posterior"}
+    assert concrete["posterior"] == "concrete" and concrete["n_train"] == 0 and concrete["kl_warmup_epochs"] == 0
+    assert configs.resolve("digits-tiny", {"posterior": "gaussian", "n_train": 5})["n_train"] == 5  # user wins
+    # a run's recorded config resolves to itself (load_run, resume)
+    assert configs.resolve("digits-tiny", {k: v for k, v in gaussian.items() if k != "preset"}) == gaussian

@@ -54,6 +54,19 @@ def test_smoke_runs_every_paper_preset_on_generated_data(capsys, tmp_path, prese
     assert "| paper |" in (out / "report.md").read_text()
 
 
+def test_smoke_with_the_gaussian_posterior_on_a_cifar_preset(capsys, tmp_path):
+    write_cifar10(tmp_path / "data")
+    out = tmp_path / "run"
+    code, captured = search(capsys, "--preset", "cifar10-supnet-m", "--posterior", "gaussian", "--data-dir",
+                            tmp_path / "data", "--smoke", "--out", out, *CHEAP)
+    assert code == 0, captured.err
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert len(log) == 1 and log[0]["cross_entropy"] > 0 and log[0]["regularizer"] > 0
+    arch = json.loads((out / "architecture.json").read_text())
+    assert arch["posterior"] == "gaussian" and arch["preset"] == "cifar10-supnet-m"
+    assert "| posterior: gaussian |" in (out / "report.md").read_text()
+
+
 @pytest.mark.parametrize("preset, layout", [
     ("cifar10-supnet-m", "cifar-10-batches-py"),
     ("cifar100-supnet-mi", "cifar-100-python"),

@@ -9,12 +9,12 @@ import torch
 
 from pgnas_fast import configs
 from pgnas_fast.data import load_digits
-from pgnas_fast.nn import candidate_masks, gated_layers, set_gates
+from pgnas_fast.nn import candidate_masks, gated_layers, posterior_of, set_gates
 from pgnas_fast.search import RunError, accuracy, best_candidate, run_search
 from pgnas_fast.search import run as run_module
 from pgnas_fast.search.io import read_jsonl
-from pgnas_fast.search.run import RUN_FILES, build_supernet, load_data
-from pgnas_fast.search.train import learning_rate
+from pgnas_fast.search.run import RUN_FILES, build_supernet, load_data, load_run
+from pgnas_fast.search.train import learning_rate, regularizer_weight
 
 SMALL = {"epochs": 2, "candidates": 6, "random_baseline": 4}
 TIMINGS = {"images_per_second"}
@@ -241,6 +241,100 @@ def test_guided_candidates_beat_random_gates_on_three_seeds(tmp_path):
         margins.append(s["guided_mean_heldout_accuracy"] - s["random_mean_heldout_accuracy"])
     assert all(m > 0 for m in margins), margins
     assert statistics.fmean(margins) > 0.02, margins
+
+
+# ---- the Gaussian posterior family ----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def gaussian_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gaussian")
+    result = run_search(small_config(posterior="gaussian", kl_warmup_epochs=1), seed=3, out_dir=out, progress=False)
+    return out, result
+
+
+def test_the_run_records_its_posterior_family(finished_run, gaussian_run):
+    for (out, result), family in ((finished_run, "concrete"), (gaussian_run, "gaussian")):
+        assert json.loads((out / "architecture.json").read_text())["posterior"] == family
+        assert result.summary["posterior"] == family
+        assert f"| posterior: {family} |" in (out / "report.md").read_text()
+    out, _ = gaussian_run
+    for name in RUN_FILES:
+        assert (out / name).is_file(), name
+    assert (out / "candidates.jsonl").read_bytes() != (finished_run[0] / "candidates.jsonl").read_bytes()
+
+
+def test_gaussian_training_logs_the_kl_and_its_warm_up(gaussian_run):
+    out, _ = gaussian_run
+    log = read_jsonl(out / "train_log.jsonl")
+    steps = -(-1137 // 64)  # digits: 1137 training images in batches of 64, the last one short
+    # the weight at each epoch's last step: linear over the first epoch, then 1
+    assert [row["regularizer_weight"] for row in log] == [pytest.approx((steps - 1) / steps), 1.0]
+    assert all(row["regularizer"] > 0 and row["loss"] == pytest.approx(row["cross_entropy"] + row["regularizer"])
+               for row in log)
+
+
+def test_kl_warm_up_is_linear_per_step():
+    config = configs.resolve("digits-tiny", {"kl_warmup_epochs": 2.5})
+    assert [regularizer_weight(config, step, 10) for step in (0, 5, 12, 24, 25, 26, 1000)] == pytest.approx(
+        [0.0, 0.2, 0.48, 0.96, 1.0, 1.0, 1.0])
+    assert regularizer_weight(configs.resolve("digits-tiny"), 0, 10) == 1.0  # no warm-up by default
+
+
+def test_a_gaussian_run_reloads_as_gaussian_and_rescores(gaussian_run):
+    out, _ = gaussian_run
+    loaded = load_run(out)
+    assert posterior_of(loaded.model) == "gaussian"
+    arch = json.loads((out / "architecture.json").read_text())
+    masks = candidate_masks(loaded.model, 3, arch["candidate"])
+    for (name, layer), record in zip(gated_layers(loaded.model), arch["layers"]):
+        assert torch.nonzero(masks[name]).flatten().tolist() == record["kept_channels"]
+        assert record["p"] == pytest.approx(torch.sigmoid(layer.p_logit.detach()).tolist())
+    set_gates(loaded.model, "hard", masks=masks)
+    assert accuracy(loaded.model, loaded.feed.eval_batches("heldout")) == arch["score"]
+
+
+def test_a_checkpoint_never_loads_as_the_other_family(gaussian_run, tmp_path):
+    import shutil
+
+    out, _ = gaussian_run
+    shutil.copytree(out, tmp_path / "run")
+    run_config = json.loads((tmp_path / "run" / "config.json").read_text())
+    run_config["config"]["posterior"] = "concrete"
+    (tmp_path / "run" / "config.json").write_text(json.dumps(run_config))
+    with pytest.raises(RunError, match="was trained with the gaussian posterior, but the config asks for concrete"):
+        load_run(tmp_path / "run")
+    with pytest.raises(RunError, match="was trained with the gaussian posterior"):
+        run_search(small_config(), seed=3, out_dir=tmp_path / "run", resume=True, progress=False)
+
+
+@pytest.mark.slow
+def test_gaussian_guided_candidates_beat_random_gates_on_three_seeds(tmp_path):
+    """The Table 3 effect with the Gaussian family: its learned drop rates guide the candidates as
+    well, on 3 of 3 seeds."""
+    config = configs.resolve("digits-tiny", {"posterior": "gaussian", "candidates": 100, "random_baseline": 100})
+    margins = []
+    for seed in (0, 1, 2):
+        s = run_search(config, seed=seed, out_dir=tmp_path / str(seed), progress=False).summary
+        assert s["posterior"] == "gaussian"
+        assert s["random_kept_fraction"] == pytest.approx(s["guided_mean_kept_fraction"], abs=0.03)
+        margins.append(s["guided_mean_heldout_accuracy"] - s["random_mean_heldout_accuracy"])
+    assert all(m > 0 for m in margins), margins
+    assert statistics.fmean(margins) > 0.02, margins
+
+
+def test_a_run_older_than_the_posterior_families_loads_as_concrete(finished_run, tmp_path):
+    import shutil
+
+    out, _ = finished_run
+    shutil.copytree(out, tmp_path / "run")
+    run_config = json.loads((tmp_path / "run" / "config.json").read_text())
+    for key in ("posterior", "kl_warmup_epochs"):
+        del run_config["config"][key]
+    (tmp_path / "run" / "config.json").write_text(json.dumps(run_config))
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    state["run_config"] = run_config
+    torch.save(state, tmp_path / "run" / "checkpoint.pt")
+    loaded = load_run(tmp_path / "run")
+    assert posterior_of(loaded.model) == "concrete" and loaded.config["posterior"] == "concrete"
 
 
 def test_schedules():

@@ -2,6 +2,7 @@
 from .combine import ShakeShake
 from .fused import norm_relu_conv, relu_gated_convs
 from .gated import (
+    POSTERIORS,
     GatedConv2d,
     GatedInput,
     GatedLinear,
@@ -9,11 +10,14 @@ from .gated import (
     candidate_masks,
     gated_layers,
     network_regularizer,
+    posterior_of,
     set_gates,
+    set_posterior,
     stacked_candidate_masks,
 )
 
 __all__ = [
+    "POSTERIORS",
     "GatedConv2d",
     "GatedInput",
     "GatedLinear",
@@ -23,7 +27,9 @@ __all__ = [
     "gated_layers",
     "network_regularizer",
     "norm_relu_conv",
+    "posterior_of",
     "relu_gated_convs",
     "set_gates",
+    "set_posterior",
     "stacked_candidate_masks",
 ]

@@ -1,14 +1,25 @@
 """Gated convolution and linear layers: the hybrid (weight x gate) variables of PGNAS.
 
-A gated layer multiplies its input channels by concrete-dropout gates before the conv/linear, with
-one learned drop logit per channel group (pgnas-method.md section 2). Its gate mode is set for the
-whole network at once by `set_gates`:
+A gated layer carries one learned drop logit per group of input channels (pgnas-method.md section 2)
+and a posterior family, set for the whole network by `set_posterior`:
 
-- ``relaxed``: training. Relaxed-Bernoulli gates per (example, channel) from the stream of
-  (training step, gate-layer index), through `pgnas_fast.ops.gated_apply`.
+- ``concrete`` (default): the input channels are multiplied by concrete-dropout gates.
+- ``gaussian``: Gaussian variational dropout (Kingma et al. 2015, Molchanov et al. 2017) with one
+  log alpha per channel group. The drop logit IS log alpha: sigmoid(log alpha) = alpha / (1 + alpha)
+  is the drop probability p of the equivalent Bernoulli dropout, so candidates, ranking and export
+  read `p` the same way for both families.
+
+Its gate mode is set for the whole network at once by `set_gates`:
+
+- ``relaxed``: training. concrete: relaxed-Bernoulli gates per (example, channel) from the stream of
+  (training step, gate-layer index), through `pgnas_fast.ops.gated_apply`. gaussian: the local
+  reparameterization out = mu + sqrt(var + 1e-8) * eps with mu = layer(x, W), var = layer(x^2,
+  alpha W^2) (alpha of W's input channel, log alpha clipped to [-8, 8]) and eps per output element
+  from the stream (training step, gate-layer index) of Domain.GAUSSIAN, through
+  `pgnas_fast.ops.gaussian_noise`.
 - ``hard``: a candidate. One frozen 0/1 mask per input channel, the same for every example: from the
-  stream of (candidate id, gate-layer index) and the learned p, or given explicitly.
-- ``full``: every channel kept (the plain super-network).
+  stream of (candidate id, gate-layer index) and the learned p, or given explicitly. Both families.
+- ``full``: every channel kept (the plain super-network; for gaussian, the mean mu).
 
 The gate-layer index of a layer is its position among the gated layers of `model.modules()`.
 """
@@ -40,6 +51,12 @@ def _group_sizes(channels: int, gate_groups: Sequence[int] | int | None, where: 
     return sizes
 
 
+POSTERIORS = ("concrete", "gaussian")
+# Molchanov et al. 2017 clip log alpha to [-8, 8] for stable training: beyond it p = sigmoid(8) =
+# 0.9997 changes no candidate, while alpha W^2 would keep growing the noise.
+LOG_ALPHA_LIMIT = 8.0
+
+
 def logit(p: float) -> float:
     return math.log(p) - math.log1p(-p)
 
@@ -59,6 +76,7 @@ class GatedInput(nn.Module):
         self.p_logit = nn.Parameter(torch.full((len(sizes),), logit(p_init), dtype=torch.float32))
         index = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
         self.register_buffer("gate_group_index", index, persistent=False)
+        self.posterior = "concrete"  # see set_posterior
         self.gate_mode = "full"
         self.gate_seed = 0
         self.gate_stream = 0
@@ -75,10 +93,30 @@ class GatedInput(nn.Module):
         """Drop logits expanded from groups to input channels, [C_in]."""
         return self.p_logit.index_select(0, self.gate_group_index)
 
+    def log_alpha_per_channel(self) -> torch.Tensor:
+        """The Gaussian family's log alpha per input channel, [C_in], clipped to +-LOG_ALPHA_LIMIT."""
+        return self.p_logit_per_channel().clamp(-LOG_ALPHA_LIMIT, LOG_ALPHA_LIMIT)
+
     @property
     def p(self) -> torch.Tensor:
-        """Drop probability per group."""
+        """Drop probability per group (gaussian: alpha / (1 + alpha))."""
         return torch.sigmoid(self.p_logit)
+
+    @property
+    def gaussian_relaxed(self) -> bool:
+        """True when the forward is the Gaussian family's local reparameterization (else: gate, then layer)."""
+        return self.posterior == "gaussian" and self.gate_mode == "relaxed"
+
+    def weights_per_channel(self) -> int:
+        """How many weights each input channel multiplies (grouped convs: only its group's outputs)."""
+        return self.weight.numel() // self.gate_channels
+
+    def gaussian_sample(self, mu: torch.Tensor, var: torch.Tensor, batch: int) -> torch.Tensor:
+        """mu + sqrt(var + 1e-8) * eps; eps of the example rows from gate_row_offset on, so that every
+        data-parallel rank draws what the concatenated batch would give its rows."""
+        offset = self.gate_row_offset * (mu.numel() // max(batch, 1))
+        return ops.gaussian_noise(mu, var, seed=self.gate_seed, stream=self.gate_stream, offset=offset,
+                                  backend=self.backend)
 
     def gate(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_mode == "relaxed":
@@ -97,7 +135,8 @@ class GatedInput(nn.Module):
         return x
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, gate_groups={len(self.gate_group_sizes)}, tau={self.tau}"
+        return (f"{super().extra_repr()}, gate_groups={len(self.gate_group_sizes)}, tau={self.tau}, "
+                f"posterior={self.posterior}")
 
 
 class GatedConv2d(GatedInput, nn.Conv2d):
@@ -109,7 +148,19 @@ class GatedConv2d(GatedInput, nn.Conv2d):
         self._init_gates(in_channels, gate_groups, p_init, tau, backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gaussian_relaxed:
+            return self._gaussian_forward(x)
         return self._conv_forward(self.gate(x), self.weight, self.bias)
+
+    def _gaussian_forward(self, x: torch.Tensor) -> torch.Tensor:
+        mu = self._conv_forward(x, self.weight, self.bias)
+        # weight [O, C_in / G, kh, kw]: output o of group g reads input channel g * C_in / G + j through
+        # weight[o, j], so alpha [C_in] viewed [G, 1, C_in / G] and expanded over the O / G outputs lines up
+        out_channels, per_group = self.weight.shape[:2]
+        alpha = self.log_alpha_per_channel().exp().view(self.groups, 1, per_group)
+        alpha = alpha.expand(-1, out_channels // self.groups, -1).reshape(out_channels, per_group, 1, 1)
+        var = self._conv_forward(x * x, self.weight * self.weight * alpha, None)
+        return self.gaussian_sample(mu, var, x.shape[0] if x.dim() == 4 else 1)
 
 
 class GatedLinear(GatedInput, nn.Linear):
@@ -122,7 +173,14 @@ class GatedLinear(GatedInput, nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # gates act on dim 1: fold any leading dims of [..., in_features] into the batch (one gate per row)
         flat = x.reshape(-1, self.in_features)
-        return nn.functional.linear(self.gate(flat), self.weight, self.bias).view(*x.shape[:-1], -1)
+        if self.gaussian_relaxed:
+            mu = nn.functional.linear(flat, self.weight, self.bias)
+            alpha = self.log_alpha_per_channel().exp()
+            var = nn.functional.linear(flat * flat, self.weight * self.weight * alpha)
+            out = self.gaussian_sample(mu, var, x.shape[0] if x.dim() > 1 else 1)
+        else:
+            out = nn.functional.linear(self.gate(flat), self.weight, self.bias)
+        return out.view(*x.shape[:-1], -1)
 
 
 class StochasticModule(nn.Module):
@@ -176,6 +234,27 @@ def stacked_candidate_masks(model: nn.Module, seed: int, candidates: Sequence[in
     return masks
 
 
+def set_posterior(model: nn.Module, family: str) -> None:
+    """Give every gated layer of `model` the posterior family `family` (one of POSTERIORS); the drop
+    logits are kept as they are (for gaussian they are read as log alpha)."""
+    if family not in POSTERIORS:
+        raise ValueError(f"posterior family must be one of {', '.join(POSTERIORS)}; got {family!r}")
+    layers = gated_layers(model)
+    if not layers:
+        raise ValueError("model has no gated layers")
+    for _, layer in layers:
+        layer.posterior = family
+
+
+def posterior_of(model: nn.Module) -> str:
+    """The posterior family of `model`'s gated layers; a ValueError if they mix families."""
+    families = sorted({layer.posterior for _, layer in gated_layers(model)})
+    if len(families) != 1:
+        raise ValueError("model has no gated layers" if not families else
+                         f"model mixes posterior families {families}; use set_posterior(model, family)")
+    return families[0]
+
+
 def set_gates(model: nn.Module, mode: str, *, seed: int = 0, step: int | None = None, row_offset: int = 0,
               candidate: int | None = None, masks: Mapping[str, torch.Tensor] | None = None) -> None:
     """Put every gated layer of `model` into one gate mode.
@@ -214,7 +293,8 @@ def set_gates(model: nn.Module, mode: str, *, seed: int = 0, step: int | None = 
         layer.gate_mode = mode
         layer.gate_mask = None
         if mode == "relaxed":
-            layer.gate_seed, layer.gate_stream = seed, stream_id(Domain.TRAIN, step, index)
+            domain = Domain.GAUSSIAN if layer.posterior == "gaussian" else Domain.TRAIN
+            layer.gate_seed, layer.gate_stream = seed, stream_id(domain, step, index)
             layer.gate_row_offset = row_offset
         elif mode == "hard":
             layer.gate_mask = masks[name].to(layer.weight.device, torch.float32)
@@ -222,10 +302,20 @@ def set_gates(model: nn.Module, mode: str, *, seed: int = 0, step: int | None = 
 
 def network_regularizer(model: nn.Module, *, weight_reg: float, drop_reg: float = 1.0, n_train: float,
                         backend: str | None = None) -> torch.Tensor:
-    """The whole network's regulariser R (pgnas-method.md section 2) in one op call."""
+    """The whole network's regulariser, the KL term of its posterior family, in one op call.
+
+    concrete: R of pgnas-method.md section 2 (weight_reg: the L2 of the Gaussian weight prior;
+    drop_reg: the entropy term). gaussian: the Molchanov KL over every weight, 1 / n_train *
+    sum_l weights_per_channel_l * sum_c KL(log alpha_lc), log alpha clipped to +-LOG_ALPHA_LIMIT.
+    The Gaussian family adds no L2 on the weights and ignores weight_reg and drop_reg: its prior is
+    log-uniform, which is scale-invariant, so the KL depends on alpha alone (Kingma et al. 2015) and an
+    L2 would be the Gaussian prior of the other family.
+    """
+    family = posterior_of(model)
     layers = [layer for _, layer in gated_layers(model)]
-    if not layers:
-        raise ValueError("model has no gated layers")
+    if family == "gaussian":
+        return ops.gaussian_kl([layer.log_alpha_per_channel() for layer in layers],
+                               [layer.weights_per_channel() for layer in layers], n_train=n_train, backend=backend)
     return ops.regularizer(
         [layer.weight for layer in layers], [layer.p_logit_per_channel() for layer in layers],
         weight_reg=weight_reg, drop_reg=drop_reg, n_train=n_train, backend=backend,

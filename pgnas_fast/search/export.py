@@ -38,6 +38,7 @@ def architecture_record(model: nn.Module, masks: Mapping[str, torch.Tensor], *, 
         "format_version": FORMAT_VERSION,
         "preset": config["preset"],
         "seed": seed,
+        "posterior": config["posterior"],  # the family whose learned p sampled the candidate
         "candidate": candidate["id"],
         "score": candidate["score"],
         "test_accuracy": test_accuracy,

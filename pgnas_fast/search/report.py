@@ -24,9 +24,11 @@ PAPER_ERROR = {
     "imagenet-r50": ("ImageNet top-1 error, PGNAS-R-50", 22.73),
 }
 FIGURES = ("p_per_layer.png", "kept_per_layer.png", "candidate_scores.png", "training.png")
+POSTERIOR_NAMES = {"concrete": "concrete dropout", "gaussian": "Gaussian variational dropout, p = alpha / (1 + alpha)"}
 
 
-def _figures(run_dir: Path, arch: dict, rows: list[dict], random_rows: list[dict], log: list[dict]) -> None:
+def _figures(run_dir: Path, arch: dict, rows: list[dict], random_rows: list[dict], log: list[dict],
+             posterior: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -69,9 +71,10 @@ def _figures(run_dir: Path, arch: dict, rows: list[dict], random_rows: list[dict
 
     fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
     epochs = [row["epoch"] for row in log]
+    labels = {"regularizer": f"regularizer ({posterior} KL)"}
     for key in ("loss", "cross_entropy", "regularizer"):
         if all(key in row for row in log):
-            axes[0].plot(epochs, [row[key] for row in log], label=key)
+            axes[0].plot(epochs, [row[key] for row in log], label=labels.get(key, key))
     axes[0].set_title("loss")
     axes[0].legend()
     axes[1].plot(epochs, [100 * row["train_accuracy"] for row in log])
@@ -99,7 +102,8 @@ def write_report(run_dir: str | Path) -> Path:
     random_path = run_dir / "random_candidates.jsonl"
     random_rows = read_jsonl(random_path) if random_path.exists() else []
     log = read_jsonl(run_dir / "train_log.jsonl")
-    _figures(run_dir, arch, rows, random_rows, log)
+    posterior = config.get("posterior", "concrete")  # runs older than the Gaussian family are concrete
+    _figures(run_dir, arch, rows, random_rows, log, posterior)
     s = summary
     lines = [
         f"# PGNAS search: {arch['preset']}, seed {arch['seed']}",
@@ -107,6 +111,7 @@ def write_report(run_dir: str | Path) -> Path:
         "| | |",
         "|---|---|",
         f"| super-network | {config['supernet']} ({s.get('params_supernet', 0):,} parameters) |",
+        f"| posterior: {posterior} | {POSTERIOR_NAMES[posterior]} |",
         f"| data | {s['data']['train']} training, {s['data']['heldout']} held-out, {s['data']['test']} test images |",
         f"| posterior training | {config['epochs']} epochs, {s['train_seconds']:.1f} s |",
         f"| ranking | {s['candidates']} candidates, {config['ranking']}, {s['rank_seconds']:.1f} s "

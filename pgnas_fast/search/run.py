@@ -5,7 +5,8 @@ held-out and test accuracy, and a run directory:
     checkpoint.pt           super-network and optimizer after the last finished epoch (resumable)
     checkpoint-best.pt      the same at the epoch of the lowest training objective
     tensorboard/            the per-epoch scalars as TensorBoard events (when tensorboard is installed)
-    train_log.jsonl         one row per epoch: loss, CE, regulariser, accuracy, lr, images/s, mean p
+    train_log.jsonl         one row per epoch: loss, CE, regulariser (the posterior family's KL term)
+                            and its warm-up weight, accuracy, lr, images/s, mean p
     candidates.jsonl        one row per guided candidate: id, score (held-out accuracy), images, kept_fraction
     random_candidates.jsonl the random-gate baseline at the same expected drop rate (if enabled)
     rank-search/            the ranking's progress log, so that --resume never scores a candidate twice
@@ -29,7 +30,7 @@ import torch
 
 from .. import configs, supernets
 from .. import data as datasets
-from ..nn import candidate_masks, set_gates
+from ..nn import candidate_masks, set_gates, set_posterior
 from ..ops.streams import Domain
 from .export import architecture_record
 from .feed import CifarLoaderFeed, LoaderFeed, TensorFeed, check_shards
@@ -130,8 +131,25 @@ def build_feed(config: dict, data, device: torch.device, *, seed: int, smoke: bo
 
 
 def build_supernet(config: dict, num_classes: int) -> torch.nn.Module:
-    return supernets.create(config["supernet"], num_classes=num_classes, p_init=config["p_init"],
-                            tau=config["tau"], **config["supernet_args"])
+    """The config's super-network with the config's posterior family (so every reader of a run
+    rebuilds the family it was trained with)."""
+    model = supernets.create(config["supernet"], num_classes=num_classes, p_init=config["p_init"],
+                             tau=config["tau"], **config["supernet_args"])
+    set_posterior(model, config["posterior"])
+    return model
+
+
+def _check_posterior(path: Path, state: dict, config: dict) -> None:
+    """A checkpoint trained with one posterior family never loads as the other (same parameters,
+    other meaning: log alpha read as a concrete drop logit). Checkpoints older than the families
+    are concrete."""
+    try:
+        trained = state["run_config"]["config"].get("posterior", "concrete")
+    except (KeyError, TypeError, AttributeError):
+        return  # not a checkpoint of a run: the run_config comparison reports it
+    if trained != config["posterior"]:
+        raise RunError(f"{str(path)!r} was trained with the {trained} posterior, but the config asks for "
+                       f"{config['posterior']}; the drop logits of one family do not mean the other's")
 
 
 @dataclass
@@ -151,11 +169,15 @@ def load_run(run_dir: str | Path, *, device: str = "cpu", data_dir: str | Path |
             raise RunError(f"{str(run_dir)!r} is not a run directory: {name} is missing (pgnas-fast search writes it)")
     try:
         run_config = json.loads((run_dir / "config.json").read_text())
-        config, seed = run_config["config"], run_config["seed"]
-        configs.resolve(config["preset"], {k: v for k, v in config.items() if k != "preset"})
+        seed = run_config["seed"]
+        # resolved, so that keys newer than the run take their defaults (a run older than the
+        # posterior families is concrete)
+        config = configs.resolve(run_config["config"]["preset"],
+                                 {k: v for k, v in run_config["config"].items() if k != "preset"})
     except (json.JSONDecodeError, KeyError, TypeError, configs.ConfigError) as err:
         raise RunError(f"{str(run_dir / 'config.json')!r} is malformed or from another version: {err}") from None
     state = load_checkpoint(run_dir / "checkpoint.pt")
+    _check_posterior(run_dir / "checkpoint.pt", state, config)
     if state.get("run_config") != run_config:
         raise RunError(f"{str(run_dir / 'checkpoint.pt')!r} does not belong to this run's config.json")
     data = load_data(config, data_dir)
@@ -231,6 +253,7 @@ def _run_search(config: dict, *, seed: int, out_dir: Path, device: torch.device,
     start_epoch, train_log = 0, []
     if resume and checkpoint_path.exists():
         state = load_checkpoint(checkpoint_path)
+        _check_posterior(checkpoint_path, state, config)
         if state["run_config"] != run_config:
             raise RunError(f"{checkpoint_path} was written by another config or seed; resume needs the same ones")
         model.load_state_dict(state["model"])
@@ -298,6 +321,7 @@ def _run_search(config: dict, *, seed: int, out_dir: Path, device: torch.device,
     summary = {
         "preset": config["preset"],
         "seed": seed,
+        "posterior": config["posterior"],
         "run_dir": str(out_dir),
         "best_candidate": best["id"],
         "heldout_accuracy": best["score"],

@@ -1,4 +1,5 @@
-"""Posterior training: the super-network with relaxed gates, loss = mean cross-entropy + R.
+"""Posterior training: the super-network with relaxed gates, loss = mean cross-entropy + R, R the KL
+term of the config's posterior family (concrete or gaussian, see pgnas_fast.nn), optionally warmed up.
 
 Nesterov SGD, cosine learning rate per step down to 0, no weight decay (the regulariser replaces it),
 optional gradient-norm clipping. Every random number is a function of (seed, epoch, step): the data
@@ -20,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..nn import gated_layers, network_regularizer, set_gates
+from ..nn import gated_layers, network_regularizer, set_gates, set_posterior
 from .parallel import SINGLE_PROCESS, Parallel, shard_loss
 
 
@@ -51,6 +52,13 @@ def learning_rate(config: dict, step: int, steps_per_epoch: int) -> float:
     return lr_min + 0.5 * (lr - lr_min) * (1.0 + math.cos(math.pi * fraction))
 
 
+def regularizer_weight(config: dict, step: int, steps_per_epoch: int) -> float:
+    """The KL warm-up: R's weight in the loss at a training step, linear per step from 0 at step 0 to
+    1 after kl_warmup_epochs epochs (1 throughout when kl_warmup_epochs is 0)."""
+    warmup_steps = config["kl_warmup_epochs"] * steps_per_epoch
+    return min(1.0, step / warmup_steps) if warmup_steps > 0 else 1.0
+
+
 def mean_drop_probability(model: nn.Module) -> float:
     """Mean p over every gated input channel."""
     with torch.no_grad():
@@ -75,7 +83,10 @@ def train_posterior(model: nn.Module, optimizer: torch.optim.Optimizer, feed, co
                     progress: bool = True, parallel: Parallel = SINGLE_PROCESS) -> None:
     """Train from `start_epoch` to config['epochs'] on `feed` (see feed.py); `on_epoch_end(epoch,
     stats)` checkpoints (called on every rank; the stats are the whole batch's). bf16 autocast
-    (config amp) applies on CUDA only; the regulariser and the loss stay in float32."""
+    (config amp) applies on CUDA only; the regulariser and the loss stay in float32. The logged `loss`
+    is the full objective CE + R (comparable across epochs, so the best checkpoint too), whatever R's
+    warm-up weight in the step's gradient."""
+    set_posterior(model, config["posterior"])
     steps_per_epoch = feed.steps_per_epoch()
     amp = config["amp"] == "bf16" and feed.device.type == "cuda"
     memory_format = torch.channels_last if config["channels_last"] else torch.contiguous_format
@@ -105,8 +116,9 @@ def train_posterior(model: nn.Module, optimizer: torch.optim.Optimizer, feed, co
             reg = network_regularizer(model, weight_reg=config["weight_reg"], drop_reg=config["drop_reg"],
                                       n_train=n_train)
             loss = ce + reg
+            reg_weight = regularizer_weight(config, step, steps_per_epoch)
             optimizer.zero_grad(set_to_none=True)
-            (shard_loss(ce, len(y), global_rows, parallel.world) + reg).backward()
+            (shard_loss(ce, len(y), global_rows, parallel.world) + reg_weight * reg).backward()
             if config["grad_clip"] > 0:
                 nn.utils.clip_grad_norm_(model.parameters(), config["grad_clip"])
             optimizer.step()
@@ -117,7 +129,8 @@ def train_posterior(model: nn.Module, optimizer: torch.optim.Optimizer, feed, co
         seconds = time.perf_counter() - started
         stats = {"epoch": epoch + 1, "loss": loss_sum / seen, "cross_entropy": ce_sum / seen,
                  "regularizer": reg_sum / seen, "train_accuracy": correct / seen,
-                 "lr": lr, "images_per_second": seen / seconds, "mean_p": mean_drop_probability(model),
+                 "regularizer_weight": reg_weight, "lr": lr, "images_per_second": seen / seconds,
+                 "mean_p": mean_drop_probability(model),
                  "mean_p_per_layer": {name: torch.sigmoid(layer.p_logit.detach()).mean().item()
                                       for name, layer in gated_layers(model)}}
         bar.set_postfix(loss=f"{stats['loss']:.3f}", acc=f"{stats['train_accuracy']:.3f}",

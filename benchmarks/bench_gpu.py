@@ -31,7 +31,7 @@ from pgnas_fast.ops.streams import Domain, stream_id  # noqa: E402
 
 SEED, STREAM, TAU = 7, stream_id(Domain.TRAIN, 1000, 3), 0.2
 OPS = ("philox_uniform", "gate_keep", "gated_apply", "gated_apply_fwd_bwd", "affine_relu_gate_fwd_bwd",
-       "branch_combine", "branch_combine_fwd_bwd", "regularizer_fwd_bwd", "gaussian_noise_fwd_bwd",
+       "gated_copies_fwd_bwd", "branch_combine", "branch_combine_fwd_bwd", "regularizer_fwd_bwd", "gaussian_noise_fwd_bwd",
        "gaussian_kl_fwd_bwd")
 GAUSSIAN_STREAM = stream_id(Domain.GAUSSIAN, 1000, 3)
 EAGER_BASELINE = "torch eager randn_like"  # the Gaussian epilogue as plain autograd code would write it
@@ -136,7 +136,7 @@ class CompiledReference:
 
     def __init__(self):
         for op in ("philox_uniform", "gate_keep", "gated_apply", "gated_apply_backward", "affine_relu_gate",
-                   "affine_relu_gate_backward", "branch_combine", "branch_combine_backward", "regularizer",
+                   "affine_relu_gate_backward", "gated_copies", "gated_copies_backward", "branch_combine", "branch_combine_backward", "regularizer",
                    "regularizer_backward", "gaussian_noise", "gaussian_noise_backward", "gaussian_kl",
                    "gaussian_kl_backward"):
             # default dynamic-shape policy: a second shape recompiles once with symbolic sizes, after
@@ -205,6 +205,14 @@ def cases(device, dry_run: bool, dtype):
                         lambda m, x=x, p=p, dy=dy, a=scale, b=shift: lambda: (
                             m.affine_relu_gate(x, a, b, p, SEED, STREAM, TAU, "relaxed", 0),
                             m.affine_relu_gate_backward(dy, x, a, b, p, SEED, STREAM, TAU, "relaxed", 0))))
+            p2 = torch.stack([p, -p])
+            dy2 = torch.randn(2, *x.shape, device=device, generator=gen).to(dtype)
+            # one input -> 2 gated copies with the ReLU: read x, write 2; backward reads x and 2 dy, writes dx
+            out.append(("gated_copies_fwd_bwd", label + " S=2", 7 * nbytes,
+                        lambda m, x=x, p2=p2, dy2=dy2: lambda: (
+                            m.gated_copies(x, p2, SEED, [STREAM, STREAM + 1], TAU, "relaxed", 0, True),
+                            m.gated_copies_backward(dy2, x, p2, SEED, [STREAM, STREAM + 1], TAU, "relaxed", 0,
+                                                    True))))
             if layout == "nhwc":
                 continue
             ys = [x, torch.randn_like(x)]

@@ -92,6 +92,23 @@ def test_affine_relu_gate_forward_backward(benchmark, activation, memory_format,
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_gated_copies_three_branches_forward_backward(benchmark, activation, backend):
+    """One input -> 3 gated copies with the ReLU (a multi-branch block's branch inputs), training."""
+    x, p_logit, _ = activation
+    x = x.clone().requires_grad_()
+    p_logits = torch.stack([p_logit, -p_logit, 0.5 * p_logit]).requires_grad_()
+    dy = torch.randn(3, *x.shape, generator=torch.Generator().manual_seed(2))
+
+    def step():
+        x.grad = p_logits.grad = None
+        pf.ops.gated_copies(x, p_logits, seed=SEED, streams=[STREAM, STREAM + 1, STREAM + 2], relu=True,
+                            backend=backend).backward(dy)
+
+    benchmark(step)
+    assert x.grad is not None and p_logits.grad.shape == (3, CHANNELS)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("per_example", [True, False], ids=["per_example", "per_branch"])
 def test_branch_combine_two_branches_forward_backward(benchmark, activation, per_example, backend):
     x, _, dy = activation

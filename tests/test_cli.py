@@ -65,7 +65,7 @@ def test_search_with_the_gaussian_posterior(capsys, tmp_path):
     assert json.loads((out / "config.json").read_text())["config"]["posterior"] == "gaussian"
     arch = json.loads((out / "architecture.json").read_text())
     assert arch["posterior"] == "gaussian" and f"best candidate: {arch['candidate']} of 3" in stdout
-    assert "| posterior: gaussian | Gaussian variational dropout" in (out / "report.md").read_text()
+    assert "| posterior | gaussian: Gaussian variational dropout" in (out / "report.md").read_text()
 
 
 def test_doctor_lists_every_backend(capsys):

@@ -377,3 +377,37 @@ def test_multi_branch_blocks_match_the_unfused_path():
         assert rel_err(gx_f, gx_r) < 1e-6
         for a, b in zip(gp_f, gp_r):
             assert rel_err(a, b) < 1e-6
+
+
+# ---- on the GPU (tests marked gpu run in benchmarks/gpu_suite.sh) -----------------------------------------
+def _gpu_backends() -> list[str]:
+    return [b for b in ("cuda", "triton") if pf.backends()[b][0]]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("shape", [(128, 160, 32, 32), (3, 7, 5, 9)])
+def test_gpu_fused_ops_match_the_reference(shape, memory_format, dtype):
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    x = torch.randn(shape, device="cuda", generator=gen).to(dtype).contiguous(memory_format=memory_format)
+    scale, shift, p = (torch.randn(shape[1], device="cuda", generator=gen) for _ in range(3))
+    p2 = torch.stack([p, -p])
+    dy = torch.randn(shape, device="cuda", generator=gen).to(dtype)
+    dy2 = torch.randn(2, *shape, device="cuda", generator=gen).to(dtype)
+    tolerance = TOLERANCE[dtype]
+    for backend in _gpu_backends():
+        for name, call, grad in (
+            ("affine_relu_gate", lambda b, *t: pf.ops.affine_relu_gate(*t, seed=SEED, stream=STREAM, offset=5 * shape[1],
+                                                                      backend=b), dy),
+            ("gated_copies", lambda b, x, p2: pf.ops.gated_copies(x, p2, seed=SEED, streams=[STREAM, 9], relu=True,
+                                                                  offset=3 * shape[1], backend=b), dy2),
+        ):
+            inputs = (x, scale, shift, p) if name == "affine_relu_gate" else (x, p2)
+            results = []
+            for b in (backend, "reference"):
+                leaves = [t.detach().clone().requires_grad_() for t in inputs]
+                out = call(b, *leaves)
+                results.append((out, *torch.autograd.grad(out, leaves, grad)))
+            for got, want in zip(results[0], results[1]):
+                assert rel_err(got, want) < tolerance, (backend, name)

@@ -64,7 +64,7 @@ def test_smoke_with_the_gaussian_posterior_on_a_cifar_preset(capsys, tmp_path):
     assert len(log) == 1 and log[0]["cross_entropy"] > 0 and log[0]["regularizer"] > 0
     arch = json.loads((out / "architecture.json").read_text())
     assert arch["posterior"] == "gaussian" and arch["preset"] == "cifar10-supnet-m"
-    assert "| posterior: gaussian |" in (out / "report.md").read_text()
+    assert "| posterior | gaussian: " in (out / "report.md").read_text()
 
 
 @pytest.mark.parametrize("preset, layout", [

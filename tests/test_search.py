@@ -255,7 +255,7 @@ def test_the_run_records_its_posterior_family(finished_run, gaussian_run):
     for (out, result), family in ((finished_run, "concrete"), (gaussian_run, "gaussian")):
         assert json.loads((out / "architecture.json").read_text())["posterior"] == family
         assert result.summary["posterior"] == family
-        assert f"| posterior: {family} |" in (out / "report.md").read_text()
+        assert f"| posterior | {family}: " in (out / "report.md").read_text()
     out, _ = gaussian_run
     for name in RUN_FILES:
         assert (out / name).is_file(), name

@@ -111,7 +111,7 @@ def write_report(run_dir: str | Path) -> Path:
         "| | |",
         "|---|---|",
         f"| super-network | {config['supernet']} ({s.get('params_supernet', 0):,} parameters) |",
-        f"| posterior: {posterior} | {POSTERIOR_NAMES[posterior]} |",
+        f"| posterior | {posterior}: {POSTERIOR_NAMES[posterior]} |",
         f"| data | {s['data']['train']} training, {s['data']['heldout']} held-out, {s['data']['test']} test images |",
         f"| posterior training | {config['epochs']} epochs, {s['train_seconds']:.1f} s |",
         f"| ranking | {s['candidates']} candidates, {config['ranking']}, {s['rank_seconds']:.1f} s "

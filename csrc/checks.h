@@ -181,6 +181,22 @@ inline void check_p_logit(const at::Tensor& p_logit, int64_t channels, c10::Devi
   check_vector("p_logit", p_logit, channels);
 }
 
+// candidate_keep: ids int64 [K] in [0, 2^40), layer in [0, 2^16), domain in [0, 2^8) (ops/streams.py).
+inline void check_candidates(const at::Tensor& p_logit, const at::Tensor& candidates, int64_t seed, int64_t layer,
+                             int64_t domain, c10::DeviceType type) {
+  check_p_logit(p_logit, -1, type);
+  check_same_device("candidates", candidates, "p_logit", p_logit);
+  TORCH_CHECK_TYPE(candidates.scalar_type() == at::kLong, "candidates must have dtype int64, got ",
+                   dtype_name(candidates.scalar_type()));
+  TORCH_CHECK_VALUE(candidates.dim() == 1 && candidates.is_contiguous(), "candidates must be a contiguous 1-D tensor");
+  if (candidates.numel() > 0)
+    TORCH_CHECK_VALUE(candidates.min().item<int64_t>() >= 0 && candidates.max().item<int64_t>() < (int64_t{1} << 40),
+                      "candidates must be ids in [0, 2^40)");
+  check_rng(seed, 0);
+  TORCH_CHECK_VALUE(layer >= 0 && layer < (1 << 16), "layer must be in [0, 2^16), got ", layer);
+  TORCH_CHECK_VALUE(domain >= 0 && domain < (1 << 8), "domain must be in [0, 2^8), got ", domain);
+}
+
 struct ApplyShape {
   int64_t batch, channels, spatial;
   cpu::Layout layout;

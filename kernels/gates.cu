@@ -78,6 +78,27 @@ __global__ void gate_keep_backward_kernel(G* grad_p, const G* grad_keep, const G
   }
 }
 
+template <typename G>
+__global__ void candidate_keep_kernel(G* keep, const G* drop_prob, const int64_t* candidates, int64_t n,
+                                      int64_t channels, uint64_t seed, int64_t layer, int64_t domain) {
+  for (int64_t j = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; j < n;
+       j += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t c = j % channels;
+    const uint64_t stream = static_cast<uint64_t>(domain) << 56 |
+                            static_cast<uint64_t>(candidates[j / channels]) << 16 | static_cast<uint64_t>(layer);
+    const G u = static_cast<G>(philox_uniform_at(seed, stream, static_cast<uint64_t>(c)));
+    keep[j] = (u + drop_prob[c] < G(1)) ? G(1) : G(0);
+  }
+}
+
+template <typename G>
+cudaError_t launch_candidate_keep(G* keep, const G* drop_prob, const int64_t* candidates, int64_t n, int64_t channels,
+                                  uint64_t seed, int64_t layer, int64_t domain, cudaStream_t cs) {
+  candidate_keep_kernel<G><<<grid_for(n), kThreads, 0, cs>>>(keep, drop_prob, candidates, n, channels, seed, layer,
+                                                               domain);
+  return last_error();
+}
+
 }  // namespace
 }  // namespace cuda
 }  // namespace pgnas
@@ -111,4 +132,15 @@ extern "C" cudaError_t pgnas_gate_keep_backward(void* grad_p, const void* grad_k
                                 static_cast<gate_t*>(grad_p), static_cast<const gate_t*>(grad_keep),
                                 static_cast<const gate_t*>(keep), batch, channels, -1.0 / tau)));
   return last_error();
+}
+
+extern "C" cudaError_t pgnas_candidate_keep(void* keep, const void* drop_prob, pgnas_dtype gate, const int64_t* candidates,
+                                            int64_t count, int64_t channels, uint64_t seed, int64_t layer,
+                                            int64_t domain, cudaStream_t cuda_stream) {
+  const int64_t n = count * channels;
+  if (n <= 0) return cudaSuccess;
+  PGNAS_DISPATCH_GATE(gate, return (launch_candidate_keep<gate_t>(static_cast<gate_t*>(keep),
+                                                                  static_cast<const gate_t*>(drop_prob), candidates, n,
+                                                                  channels, seed, layer, domain, cuda_stream)));
+  return cudaSuccess;
 }

@@ -30,6 +30,12 @@ cudaError_t pgnas_gate_keep(void* keep, const void* p_logit, const void* drop_pr
                             int64_t channels, uint64_t seed, uint64_t stream, uint64_t offset, double tau,
                             pgnas_gate_mode mode, cudaStream_t cuda_stream);
 
+/* Hard masks of `count` candidates, keep [count, C] (gate dtype): 0 iff u + drop_prob[c] >= 1, u of element c of
+ * stream domain << 56 | candidates[k] << 16 | layer; candidates: device int64 ids. */
+cudaError_t pgnas_candidate_keep(void* keep, const void* drop_prob, pgnas_dtype gate, const int64_t* candidates,
+                                 int64_t count, int64_t channels, uint64_t seed, int64_t layer, int64_t domain,
+                                 cudaStream_t cuda_stream);
+
 /* grad_p [C] = -(1/tau) sum_b grad_keep keep (1 - keep) (the relaxed gate's derivative). */
 cudaError_t pgnas_gate_keep_backward(void* grad_p, const void* grad_keep, const void* keep, pgnas_dtype gate,
                                      int64_t batch, int64_t channels, double tau, cudaStream_t cuda_stream);

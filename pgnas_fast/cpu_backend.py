@@ -86,6 +86,9 @@ class NativeOps:
     def gate_keep(self, p_logit, batch, seed, stream, tau, mode, offset):
         return self._ops.gate_keep(p_logit.contiguous(), batch, seed, stream, tau, mode, offset)
 
+    def candidate_keep(self, p_logit, candidates, seed, layer, domain):
+        return self._ops.candidate_keep(p_logit.contiguous(), candidates.contiguous(), seed, layer, domain)
+
     def gate_keep_backward(self, grad_keep, keep, tau, mode):
         keep = keep.contiguous()
         return self._ops.gate_keep_backward(grad_keep.to(keep.dtype).contiguous(), keep, tau, mode)
@@ -200,6 +203,7 @@ _impl = NativeOps(None if _C is None else _C.cpu)
 philox_uniform = _impl.philox_uniform
 gate_keep = _impl.gate_keep
 gate_keep_backward = _impl.gate_keep_backward
+candidate_keep = _impl.candidate_keep
 gated_apply = _impl.gated_apply
 gated_apply_backward = _impl.gated_apply_backward
 gated_copies = _impl.gated_copies

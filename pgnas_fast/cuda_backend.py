@@ -29,6 +29,7 @@ _impl = NativeOps(getattr(_C, "cuda", None))
 philox_uniform = _impl.philox_uniform
 gate_keep = _impl.gate_keep
 gate_keep_backward = _impl.gate_keep_backward
+candidate_keep = _impl.candidate_keep
 gated_apply = _impl.gated_apply
 gated_apply_backward = _impl.gated_apply_backward
 gated_copies = _impl.gated_copies

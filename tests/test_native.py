@@ -153,6 +153,19 @@ BAD_NATIVE_CALLS = [
      ValueError, r"weights\[0\] must be contiguous"),
     ("reg n_train", lambda c: c.regularizer([torch.randn(4, 3)], [torch.randn(3)], 1.0, 1.0, 0.0), ValueError,
      "n_train"),
+    ("candidates dtype", lambda c: c.candidate_keep(P, torch.tensor([1.0]), 0, 0, 2), TypeError, "candidates"),
+    ("candidates range", lambda c: c.candidate_keep(P, torch.tensor([1 << 40]), 0, 0, 2), ValueError,
+     r"candidates must be ids in \[0, 2\^40\)"),
+    ("candidate layer", lambda c: c.candidate_keep(P, torch.tensor([1]), 0, 1 << 16, 2), ValueError, r"\blayer"),
+    ("candidate domain", lambda c: c.candidate_keep(P, torch.tensor([1]), 0, 0, 256), ValueError, r"\bdomain"),
+    ("fused scale length", lambda c: c.affine_relu_gate(X, P[:3], P, P, 0, 0, 0.2, "relaxed", 0), ValueError,
+     r"scale must have shape"),
+    ("fused shift dtype", lambda c: c.affine_relu_gate(X, P, P.double(), P, 0, 0, 0.2, "relaxed", 0), TypeError,
+     r"shift must have the dtype of p_logit"),
+    ("copies count", lambda c: c.gated_copies(X, P.view(1, -1).expand(2, -1).contiguous(), 0, [1], 0.2, "relaxed", 0,
+                                              True), ValueError, r"p_logits must be a contiguous \[1, "),
+    ("copies too many", lambda c: c.gated_copies(X, P.repeat(17, 1), 0, list(range(17)), 0.2, "relaxed", 0, True),
+     ValueError, "streams must name 1 to 16"),
 ]
 
 

@@ -38,6 +38,17 @@ def test_candidate_keep_gradient_is_zero_like_hard_gate_keep(backend):
     assert torch.equal(hard[0], masks[0])
 
 
+@pytest.mark.gpu
+def test_candidate_keep_on_the_gpu_equals_the_reference():
+    p_logit = torch.randn(1000, device="cuda") * 2
+    ids = torch.tensor([0, 7, 1 << 33, (1 << 40) - 1] + list(range(100, 1124)), device="cuda")
+    want = pf.ops.candidate_keep(p_logit, ids, seed=(1 << 62) + 5, layer=211, backend="reference")
+    for backend in ("cuda", "triton"):
+        if pf.backends()[backend][0]:
+            got = pf.ops.candidate_keep(p_logit, ids, seed=(1 << 62) + 5, layer=211, backend=backend)
+            assert torch.equal(got, want), backend
+
+
 def test_candidate_keep_bad_input():
     p = torch.randn(4)
     with pytest.raises(TypeError, match="candidates must have dtype"):

@@ -63,6 +63,21 @@ void gate_keep(G* keep, const G* p_logit, const G* drop_prob, int64_t batch, int
   }
 }
 
+// Hard masks of K candidates: keep[k, c] = 0 iff u + p_c >= 1, u of element c of stream
+// domain << 56 | candidates[k] << 16 | layer (the candidate's stream for this gate layer).
+template <typename G>
+void candidate_keep(G* keep, const G* drop_prob, const int64_t* candidates, int64_t count, int64_t channels,
+                    uint64_t seed, int64_t layer, int64_t domain) {
+#pragma omp parallel for schedule(static) if (count * channels > kParallelGrain / 8)
+  for (int64_t j = 0; j < count * channels; ++j) {
+    const int64_t c = j % channels;
+    const uint64_t stream = static_cast<uint64_t>(domain) << 56 | static_cast<uint64_t>(candidates[j / channels]) << 16 |
+                            static_cast<uint64_t>(layer);
+    const G u = static_cast<G>(philox_uniform_at(seed, stream, static_cast<uint64_t>(c)));
+    keep[j] = (u + drop_prob[c] < G(1)) ? G(1) : G(0);
+  }
+}
+
 // d p_logit [C] = -(1 / tau) sum_b grad_keep[b, c] keep (1 - keep), summed in double (relaxed only).
 template <typename G>
 void gate_keep_backward(G* grad_p, const G* grad_keep, const G* keep, int64_t batch, int64_t channels,

@@ -61,6 +61,19 @@ at::Tensor gate_keep(const at::Tensor& p_logit, int64_t batch, int64_t seed, int
   return keep_of(p_logit, batch, seed, stream, offset, tau, parse_mode(mode));
 }
 
+at::Tensor candidate_keep(const at::Tensor& p_logit, const at::Tensor& candidates, int64_t seed, int64_t layer,
+                          int64_t domain) {
+  check_candidates(p_logit, candidates, seed, layer, domain, kCPU);
+  at::Tensor keep = at::empty({candidates.size(0), p_logit.size(0)}, p_logit.options());
+  const at::Tensor drop_prob = at::sigmoid(p_logit);  // torch's own, as the reference: ties u + p == 1 agree
+  with_gate_type(p_logit, [&](auto g) {
+    using G = decltype(g);
+    cpu::candidate_keep<G>(keep.data_ptr<G>(), drop_prob.data_ptr<G>(), candidates.data_ptr<int64_t>(),
+                           candidates.size(0), p_logit.size(0), static_cast<uint64_t>(seed), layer, domain);
+  });
+  return keep;
+}
+
 at::Tensor gate_keep_backward(const at::Tensor& grad_keep, const at::Tensor& keep, double tau, const std::string& mode) {
   check_device("keep", keep, kCPU);
   check_gate_dtype("keep", keep);
@@ -415,6 +428,7 @@ void register_cpu_ops(pybind11::module_& m) {
   m.def("philox_uniform_out", &philox_uniform_out, "out"_a, "seed"_a, "stream"_a, "offset"_a,
         "Fill float32 [n] `out` with u of elements offset .. offset + n - 1.");
   m.def("gate_keep", &gate_keep, "p_logit"_a, "batch"_a, "seed"_a, "stream"_a, "tau"_a, "mode"_a, "offset"_a = 0);
+  m.def("candidate_keep", &candidate_keep, "p_logit"_a, "candidates"_a, "seed"_a, "layer"_a, "domain"_a);
   m.def("gate_keep_backward", &gate_keep_backward, "grad_keep"_a, "keep"_a, "tau"_a, "mode"_a);
   m.def("gated_apply", &gated_apply, "x"_a, "p_logit"_a, "seed"_a, "stream"_a, "tau"_a, "mode"_a, "offset"_a = 0);
   m.def("gated_apply_backward", &gated_apply_backward, "grad"_a, "x"_a, "p_logit"_a, "seed"_a, "stream"_a, "tau"_a,

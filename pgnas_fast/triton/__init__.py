@@ -22,7 +22,7 @@ else:
 if _IMPORT_ERROR is None:
     from .combine import branch_combine, branch_combine_backward
     from .fused import affine_relu_gate, affine_relu_gate_backward, gated_copies, gated_copies_backward
-    from .gates import gate_keep, gate_keep_backward, gated_apply, gated_apply_backward
+    from .gates import candidate_keep, gate_keep, gate_keep_backward, gated_apply, gated_apply_backward
     from .gaussian import gaussian_kl, gaussian_kl_backward, gaussian_noise, gaussian_noise_backward
     from .philox import philox_uniform
     from .regularizer import regularizer, regularizer_backward
@@ -32,6 +32,7 @@ __all__ = [
     "affine_relu_gate_backward",
     "branch_combine",
     "branch_combine_backward",
+    "candidate_keep",
     "gate_keep",
     "gate_keep_backward",
     "gated_apply",

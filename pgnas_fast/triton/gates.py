@@ -69,6 +69,21 @@ def _gate_keep_kernel(p_ptr, keep_ptr, n, C, seed_lo, seed_hi, stream_lo, stream
     tl.store(keep_ptr + i, keep, mask=mask)
 
 
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi"])
+def _candidate_keep_kernel(drop_ptr, ids_ptr, keep_ptr, n, C, seed_lo, seed_hi, layer, domain,
+                           BLOCK: tl.constexpr):
+    """keep[k, c] = 0 iff u + p >= 1, u of element c of stream domain << 56 | ids[k] << 16 | layer."""
+    j = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = j < n
+    c = j % C
+    candidate = tl.load(ids_ptr + j // C, mask=mask, other=0)
+    stream_lo = ((candidate << 16) | layer).to(tl.int32)  # the low word (int64 -> int32 keeps the low bits)
+    stream_hi = ((candidate >> 16) | (domain << 24)).to(tl.int32)
+    u = gate_uniform(c, seed_lo, seed_hi, stream_lo, stream_hi)
+    p = tl.load(drop_ptr + c, mask=mask, other=0.0)
+    tl.store(keep_ptr + j, tl.where(u.to(p.dtype) + p >= 1.0, 0.0, 1.0).to(p.dtype), mask=mask)
+
+
 @triton.jit
 def _gate_grad_kernel(g_ptr, keep_ptr, out_ptr, B, C, tau_hi, tau_lo, TIMES_KEEP_DERIVATIVE: tl.constexpr,
                       GATE_F64: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -229,6 +244,20 @@ def gate_keep(p_logit, batch, seed, stream, tau, mode, offset):
     _gate_keep_kernel[(triton.cdiv(n, block),)](
         p_logit, keep, n, C, *_rng(seed, stream, offset, tau),
         MODE=MODES[mode], GATE_F64=p_logit.dtype == torch.float64, BLOCK=block)
+    return keep
+
+
+def candidate_keep(p_logit, candidates, seed, layer, domain):
+    K, C = candidates.shape[0], p_logit.shape[0]
+    keep = torch.empty(K, C, dtype=p_logit.dtype, device=p_logit.device)
+    n = K * C
+    if n == 0:
+        return keep
+    # torch's own sigmoid, as the reference: masks then agree even on exact ties u + p == 1
+    drop_prob = torch.sigmoid(p_logit)
+    block = min(triton.next_power_of_2(n), 1024 if p_logit.device.type == "cuda" else 1 << 15)
+    _candidate_keep_kernel[(triton.cdiv(n, block),)](drop_prob, candidates, keep, n, C, *split_u64(seed), layer,
+                                                     domain, BLOCK=block)
     return keep
 
 

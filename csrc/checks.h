@@ -219,6 +219,38 @@ inline ApplyShape check_apply(const at::Tensor& x, const at::Tensor& p_logit, in
   return s;
 }
 
+// affine_relu_gate (forward and backward): check_apply's checks, scale and shift, the gate offset.
+inline ApplyShape check_affine_relu_gate(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
+                                         const at::Tensor& p_logit, int64_t seed, int64_t stream, double tau,
+                                         int64_t offset, c10::DeviceType type) {
+  const ApplyShape s = check_apply(x, p_logit, seed, stream, tau, type);
+  check_affine_vector("scale", scale, p_logit);
+  check_affine_vector("shift", shift, p_logit);
+  check_gate_offset(offset, s.batch * s.channels);
+  return s;
+}
+
+// The K copies' gates [K, B, C] from a backend's keep_of(p_logit, batch, seed, stream, offset, tau, mode).
+template <typename KeepOf>
+at::Tensor keeps_of(KeepOf&& keep_of, const at::Tensor& p_logits, int64_t batch, int64_t seed,
+                    const std::vector<int64_t>& streams, int64_t offset, double tau, cpu::GateMode mode) {
+  std::vector<at::Tensor> keeps;
+  for (size_t k = 0; k < streams.size(); ++k)
+    keeps.push_back(keep_of(p_logits[static_cast<int64_t>(k)], batch, seed, streams[k], offset, tau, mode));
+  return at::stack(keeps);
+}
+
+// gated_copies (forward and backward): the copies, check_apply's checks on x, the gate offset.
+inline ApplyShape check_gated_copies(const at::Tensor& x, const at::Tensor& p_logits,
+                                     const std::vector<int64_t>& streams, int64_t seed, double tau, int64_t offset,
+                                     int64_t max_copies, c10::DeviceType type) {
+  check_device("x", x, type);
+  check_copies(x, p_logits, streams, max_copies);
+  const ApplyShape s = check_apply(x, p_logits[0], seed, streams[0], tau, type);
+  check_gate_offset(offset, s.batch * s.channels);
+  return s;
+}
+
 // branch_combine: returns whether the weights are per example ([B, S]) rather than per branch ([S]).
 inline bool check_combine(const std::vector<at::Tensor>& ys, const at::Tensor& weights,
                           const c10::optional<at::Tensor>& skip, c10::DeviceType type) {

@@ -122,6 +122,49 @@ __device__ __forceinline__ A block_sum(A v) {
   return v;
 }
 
+// NHWC reductions over each (b, c)'s positions: threads run over channels (coalesced loads); a block
+// item is (example, channel tile, slice of the positions), with enough slices to fill the device.
+// Partial sums of the slices of one (b, c) meet through atomics.
+struct ChannelsLastGrid {
+  int threads;
+  int64_t slices;
+  int blocks;
+};
+
+inline ChannelsLastGrid channels_last_grid(int64_t batch, int64_t channels, int64_t spatial) {
+  ChannelsLastGrid g;
+  g.threads = channels >= 128 ? 128 : 32;
+  const int64_t tiles = batch * ((channels + g.threads - 1) / g.threads);
+  const int64_t target = static_cast<int64_t>(grid_for(INT64_MAX / 2)) * 4;  // blocks that fill the device
+  g.slices = (target + tiles - 1) / tiles;
+  if (g.slices > spatial) g.slices = spatial;
+  if (g.slices < 1) g.slices = 1;
+  const int64_t items = tiles * g.slices;
+  g.blocks = static_cast<int>(items < target ? items : target);
+  return g;
+}
+
+struct ChannelsLastItem {
+  int64_t b, c, s_begin, s_end;  // this thread's channel c of example b, positions [s_begin, s_end)
+};
+
+__device__ __forceinline__ int64_t channels_last_items(int64_t batch, int64_t channels, int64_t slices) {
+  return batch * ((channels + blockDim.x - 1) / blockDim.x) * slices;
+}
+
+__device__ __forceinline__ ChannelsLastItem channels_last_item(int64_t item, int64_t channels, int64_t spatial,
+                                                               int64_t slices) {
+  const int64_t channel_tiles = (channels + blockDim.x - 1) / blockDim.x;
+  const int64_t per_slice = (spatial + slices - 1) / slices;
+  const int64_t slice = item % slices;
+  ChannelsLastItem it;
+  it.b = item / (slices * channel_tiles);
+  it.c = ((item / slices) % channel_tiles) * blockDim.x + threadIdx.x;
+  it.s_begin = slice * per_slice;
+  it.s_end = (slice + 1) * per_slice < spatial ? (slice + 1) * per_slice : spatial;
+  return it;
+}
+
 inline cudaError_t last_error() { return cudaGetLastError(); }
 
 }  // namespace cuda

@@ -134,20 +134,14 @@ __global__ void backward_channels_last(T* __restrict__ grad_x, G* __restrict__ r
                                        const G* __restrict__ keep, int64_t batch, int64_t channels, int64_t spatial,
                                        int64_t slices) {
   using A = typename AccOf<T, G>::type;
-  const int64_t channel_tiles = (channels + blockDim.x - 1) / blockDim.x;
-  const int64_t items = batch * channel_tiles * slices;
-  const int64_t per_slice = (spatial + slices - 1) / slices;
-  for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
-    const int64_t slice = item % slices;
-    const int64_t tile = (item / slices) % channel_tiles;
-    const int64_t b = item / (slices * channel_tiles);
-    const int64_t c = tile * blockDim.x + threadIdx.x;
+  for (int64_t item = blockIdx.x; item < channels_last_items(batch, channels, slices); item += gridDim.x) {
+    const ChannelsLastItem it = channels_last_item(item, channels, spatial, slices);
+    const int64_t b = it.b, c = it.c;
     if (c >= channels) continue;
     const int64_t r = b * channels + c;
     const A a = static_cast<A>(scale[c]), sh = static_cast<A>(shift[c]), k = static_cast<A>(keep[r]);
     Sums<A> sums;
-    const int64_t s_end = (slice + 1) * per_slice < spatial ? (slice + 1) * per_slice : spatial;
-    for (int64_t s = slice * per_slice; s < s_end; ++s) {
+    for (int64_t s = it.s_begin; s < it.s_end; ++s) {
       const int64_t e = (b * spatial + s) * channels + c;
       A dx;
       sums.add(widen<A>(grad[e]), widen<A>(x[e]), a, sh, k, &dx);
@@ -190,15 +184,9 @@ cudaError_t launch_backward(T* grad_x, G* row_scale, G* row_shift, G* grad_keep,
     const cudaError_t err = cudaMemsetAsync(buffer, 0, sizeof(G) * rows, cs);
     if (err != cudaSuccess) return err;
   }
-  const int threads = channels >= 128 ? 128 : 32;
-  const int64_t tiles = batch * ((channels + threads - 1) / threads);
-  const int64_t target = static_cast<int64_t>(grid_for(INT64_MAX / 2)) * 4;  // blocks that fill the device
-  int64_t slices = (target + tiles - 1) / tiles;
-  if (slices > spatial) slices = spatial;
-  if (slices < 1) slices = 1;
-  const int64_t items = tiles * slices;
-  backward_channels_last<T, G><<<static_cast<int>(items < target ? items : target), threads, 0, cs>>>(
-      grad_x, row_scale, row_shift, grad_keep, grad, x, scale, shift, keep, batch, channels, spatial, slices);
+  const ChannelsLastGrid g = channels_last_grid(batch, channels, spatial);
+  backward_channels_last<T, G><<<g.blocks, g.threads, 0, cs>>>(
+      grad_x, row_scale, row_shift, grad_keep, grad, x, scale, shift, keep, batch, channels, spatial, g.slices);
   return last_error();
 }
 
@@ -259,20 +247,14 @@ __global__ void copies_backward_channels_last(T* __restrict__ grad_x, G* __restr
                                               int64_t channels, int64_t spatial, int64_t slices, bool relu) {
   using A = typename AccOf<T, G>::type;
   const int64_t rows = batch * channels, n = rows * spatial;
-  const int64_t channel_tiles = (channels + blockDim.x - 1) / blockDim.x;
-  const int64_t items = batch * channel_tiles * slices;
-  const int64_t per_slice = (spatial + slices - 1) / slices;
-  for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
-    const int64_t slice = item % slices;
-    const int64_t tile = (item / slices) % channel_tiles;
-    const int64_t b = item / (slices * channel_tiles);
-    const int64_t c = tile * blockDim.x + threadIdx.x;
+  for (int64_t item = blockIdx.x; item < channels_last_items(batch, channels, slices); item += gridDim.x) {
+    const ChannelsLastItem it = channels_last_item(item, channels, spatial, slices);
+    const int64_t b = it.b, c = it.c;
     if (c >= channels) continue;
     const int64_t r = b * channels + c;
     A dot[kMaxCopies];
     for (int k = 0; k < copies; ++k) dot[k] = A(0);
-    const int64_t s_end = (slice + 1) * per_slice < spatial ? (slice + 1) * per_slice : spatial;
-    for (int64_t s = slice * per_slice; s < s_end; ++s) {
+    for (int64_t s = it.s_begin; s < it.s_end; ++s) {
       const int64_t e = (b * spatial + s) * channels + c;
       const A v = widen<A>(x[e]);
       const A src = relu && !(v > A(0)) ? A(0) : v;
@@ -313,15 +295,9 @@ cudaError_t launch_copies_backward(T* grad_x, G* grad_keeps, const T* grad, cons
     const cudaError_t err = cudaMemsetAsync(grad_keeps, 0, sizeof(G) * rows * copies, cs);
     if (err != cudaSuccess) return err;
   }
-  const int threads = channels >= 128 ? 128 : 32;
-  const int64_t tiles = batch * ((channels + threads - 1) / threads);
-  const int64_t target = static_cast<int64_t>(grid_for(INT64_MAX / 2)) * 4;
-  int64_t slices = (target + tiles - 1) / tiles;
-  if (slices > spatial) slices = spatial;
-  if (slices < 1) slices = 1;
-  const int64_t items = tiles * slices;
-  copies_backward_channels_last<T, G><<<static_cast<int>(items < target ? items : target), threads, 0, cs>>>(
-      grad_x, grad_keeps, grad, x, keeps, copies, batch, channels, spatial, slices, relu);
+  const ChannelsLastGrid g = channels_last_grid(batch, channels, spatial);
+  copies_backward_channels_last<T, G><<<g.blocks, g.threads, 0, cs>>>(
+      grad_x, grad_keeps, grad, x, keeps, copies, batch, channels, spatial, g.slices, relu);
   return last_error();
 }
 

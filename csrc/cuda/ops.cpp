@@ -144,10 +144,7 @@ std::tuple<at::Tensor, at::Tensor> gated_apply_backward(const at::Tensor& grad, 
 at::Tensor affine_relu_gate(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
                             const at::Tensor& p_logit, int64_t seed, int64_t stream, double tau, const std::string& mode,
                             int64_t offset) {
-  const ApplyShape s = check_apply(x, p_logit, seed, stream, tau, kCUDA);
-  check_affine_vector("scale", scale, p_logit);
-  check_affine_vector("shift", shift, p_logit);
-  check_gate_offset(offset, s.batch * s.channels);
+  const ApplyShape s = check_affine_relu_gate(x, scale, shift, p_logit, seed, stream, tau, offset, kCUDA);
   const cpu::GateMode m = parse_mode(mode);
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor out = at::empty_like(x);
@@ -162,10 +159,7 @@ at::Tensor affine_relu_gate(const at::Tensor& x, const at::Tensor& scale, const 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> affine_relu_gate_backward(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
     const at::Tensor& p_logit, int64_t seed, int64_t stream, double tau, const std::string& mode, int64_t offset) {
-  const ApplyShape s = check_apply(x, p_logit, seed, stream, tau, kCUDA);
-  check_affine_vector("scale", scale, p_logit);
-  check_affine_vector("shift", shift, p_logit);
-  check_gate_offset(offset, s.batch * s.channels);
+  const ApplyShape s = check_affine_relu_gate(x, scale, shift, p_logit, seed, stream, tau, offset, kCUDA);
   check_like("grad", grad, "x", x);
   const cpu::GateMode m = parse_mode(mode);
   const c10::cuda::CUDAGuard guard(x.device());
@@ -186,27 +180,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> affine_relu_gate_back
   return {grad_x, rows[0].sum(0), rows[1].sum(0), grad_p};  // summed over the batch
 }
 
-
-at::Tensor keeps_of(const at::Tensor& p_logits, int64_t batch, int64_t seed, const std::vector<int64_t>& streams,
-                    int64_t offset, double tau, cpu::GateMode mode) {
-  std::vector<at::Tensor> keeps;
-  for (size_t k = 0; k < streams.size(); ++k)
-    keeps.push_back(keep_of(p_logits[static_cast<int64_t>(k)], batch, seed, streams[k], offset, tau, mode));
-  return at::stack(keeps);  // [K, B, C]
-}
-
 at::Tensor gated_copies(const at::Tensor& x, const at::Tensor& p_logits, int64_t seed,
                         const std::vector<int64_t>& streams, double tau, const std::string& mode, int64_t offset,
                         bool relu) {
-  check_copies(x, p_logits, streams, PGNAS_MAX_COPIES);
-  const ApplyShape s = check_apply(x, p_logits[0], seed, streams[0], tau, kCUDA);
-  check_gate_offset(offset, s.batch * s.channels);
+  const ApplyShape s = check_gated_copies(x, p_logits, streams, seed, tau, offset, PGNAS_MAX_COPIES, kCUDA);
   const cpu::GateMode m = parse_mode(mode);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t copies = static_cast<int64_t>(streams.size());
   at::Tensor out = stacked_empty_like(x, copies, s.layout);
   if (x.numel() == 0) return out;
-  const at::Tensor keeps = keeps_of(p_logits, s.batch, seed, streams, offset, tau, m);
+  const at::Tensor keeps = keeps_of(keep_of, p_logits, s.batch, seed, streams, offset, tau, m);
   PGNAS_CUDA_CHECK(pgnas_gated_copies(out.data_ptr(), x.data_ptr(), code_of(x), keeps.data_ptr(), code_of(keeps),
                                       static_cast<int32_t>(copies), s.batch, s.channels, s.spatial, relu ? 1 : 0,
                                       layout_code(s.layout), current_stream()));
@@ -217,9 +200,7 @@ std::tuple<at::Tensor, at::Tensor> gated_copies_backward(const at::Tensor& grad,
                                                          const at::Tensor& p_logits, int64_t seed,
                                                          const std::vector<int64_t>& streams, double tau,
                                                          const std::string& mode, int64_t offset, bool relu) {
-  check_copies(x, p_logits, streams, PGNAS_MAX_COPIES);
-  const ApplyShape s = check_apply(x, p_logits[0], seed, streams[0], tau, kCUDA);
-  check_gate_offset(offset, s.batch * s.channels);
+  const ApplyShape s = check_gated_copies(x, p_logits, streams, seed, tau, offset, PGNAS_MAX_COPIES, kCUDA);
   const int64_t copies = static_cast<int64_t>(streams.size());
   const c10::cuda::CUDAGuard guard(x.device());
   check_like("grad", grad, "the stacked copies", stacked_empty_like(x, copies, s.layout));
@@ -227,7 +208,7 @@ std::tuple<at::Tensor, at::Tensor> gated_copies_backward(const at::Tensor& grad,
   at::Tensor grad_x = at::empty_like(x);
   at::Tensor grad_p = at::zeros_like(p_logits);
   if (x.numel() == 0) return {grad_x, grad_p};
-  const at::Tensor keeps = keeps_of(p_logits, s.batch, seed, streams, offset, tau, m);  // regenerated
+  const at::Tensor keeps = keeps_of(keep_of, p_logits, s.batch, seed, streams, offset, tau, m);  // regenerated
   const bool relaxed = m == cpu::GateMode::relaxed;
   at::Tensor grad_keeps = relaxed ? at::empty_like(keeps) : at::Tensor();
   PGNAS_CUDA_CHECK(pgnas_gated_copies_backward(grad_x.data_ptr(), relaxed ? grad_keeps.data_ptr() : nullptr,

@@ -34,3 +34,26 @@ def test_gated_conv_step_compiles_fullgraph(backend):
     torch.testing.assert_close(compiled, eager)
     for expected, p in zip(grads, conv.parameters()):
         torch.testing.assert_close(p.grad, expected)
+
+
+def test_shake_block_with_the_fused_paths_compiles_under_inductor():
+    """A shake-shake block trains through gated_copies and the fused BN - ReLU - gate (cpu backend) and
+    through single-group gates; torch.compile (Inductor) gives eager's values and gradients."""
+    if not pf.backends()["cpu"][0]:
+        pytest.skip(pf.backends()["cpu"][1])
+    from pgnas_fast.supernets.shake_shake import ShakeBlock
+
+    results = []
+    for compile_it in (False, True):
+        torch.manual_seed(0)
+        block = ShakeBlock(6, 6, 1, dict(gate_groups=None, p_init=0.2, backend="cpu"), "cpu").train()
+        set_gates(block, "relaxed", seed=1, step=2)
+        x = torch.randn(3, 6, 6, 6, generator=torch.Generator().manual_seed(1)).requires_grad_()
+        out = (torch.compile(block) if compile_it else block)(x)
+        out.backward(torch.cos(out.detach()))
+        results.append((out.detach(), x.grad, [p.grad for p in block.parameters()]))
+    (out_e, gx_e, gp_e), (out_c, gx_c, gp_c) = results
+    torch.testing.assert_close(out_c, out_e, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gx_c, gx_e, rtol=1e-4, atol=1e-5)
+    for compiled, eager in zip(gp_c, gp_e):
+        torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)

@@ -108,7 +108,8 @@ def norm_relu_conv(norm: nn.Module, conv: nn.Module, x: torch.Tensor) -> torch.T
     p_logit = conv.p_logit_per_channel()
     gate = (conv.gate_seed, conv.gate_stream, conv.tau, conv.gate_row_offset * x.shape[1], conv.backend)
     if norm.training or not norm.track_running_stats:
-        gated = _TrainingNormReluGate.apply(x, norm.weight, norm.bias, p_logit, norm, gate)
+        # contiguous: the backward calls the backend op directly, past the public op's checks and copies
+        gated = _TrainingNormReluGate.apply(x, norm.weight, norm.bias, p_logit.contiguous(), norm, gate)
     else:  # eval statistics are constants: scale and shift depend on the affine parameters alone
         dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         scale = torch.rsqrt(norm.running_var.to(dtype) + norm.eps)

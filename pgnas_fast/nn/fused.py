@@ -27,6 +27,7 @@ from .. import ops
 from ..ops import _library, dispatch
 from .gated import GatedConv2d
 
+
 def _fused_op_live(conv: GatedConv2d, x: torch.Tensor, op: str) -> bool:
     """conv's gates are relaxed concrete gates and its backend implements `op` natively."""
     if conv.gate_mode != "relaxed" or getattr(conv, "posterior", "concrete") != "concrete":

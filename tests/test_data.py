@@ -607,3 +607,30 @@ def test_cifar_feed_on_the_cpu_uses_the_loader_by_default(cifar10):
     assert torch.equal(y_t, y)  # the same epoch order, augmentation drawn another way
     with pytest.raises(ValueError, match="seed 4, not 5"):
         next(feed.train_batches(0, 5))
+
+
+def test_cifar_loader_feed_shards_load_only_their_rows(cifar10):
+    """Under data parallelism each rank's workers load and augment only its rows of every global batch
+    (the last one short), and those rows equal the single process's, images and labels alike."""
+    from pgnas_fast import configs
+    from pgnas_fast.search.feed import CifarLoaderFeed
+    from pgnas_fast.search.parallel import SINGLE_PROCESS, Parallel
+    from pgnas_fast.search.run import build_feed, load_data
+
+    root, _ = cifar10
+    config = configs.resolve("cifar10-supnet-m", {"heldout_size": 50, "batch_size": 64, "workers": 0})
+    data = load_data(config, root)
+    whole = list(build_feed(config, data, torch.device("cpu"), seed=4).train_shards(1, 4, SINGLE_PROCESS))
+    assert [len(y) for _, y, _, _ in whole] == [64, 64, 64, 64, 64, 30]
+    for rank in (0, 1):
+        parallel = Parallel(rank=rank, world=2)
+        feed = build_feed(config, data, torch.device("cpu"), seed=4, parallel=parallel)
+        assert isinstance(feed, CifarLoaderFeed)
+        shards = list(feed.train_shards(1, 4, parallel))
+        assert len(shards) == len(whole)
+        for (x, y, first, rows), (x_all, y_all, _, rows_all) in zip(shards, whole):
+            start, end = parallel.rows(rows_all)
+            assert (first, rows, len(y)) == (start, rows_all, end - start)
+            assert torch.equal(x, x_all[start:end]) and torch.equal(y, y_all[start:end])
+        with pytest.raises(ValueError, match="built for"):
+            next(feed.train_shards(1, 4, SINGLE_PROCESS))

@@ -9,11 +9,12 @@ the images in the order TensorFeed draws for (seed, epoch).
 """
 from __future__ import annotations
 
+import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .augment import augment_batch, normalize
 from .imagenet import SeededSampler
@@ -43,14 +44,43 @@ class CifarTrainSet(Dataset):
         return image[0], self.labels[index]
 
 
+class BatchShares(Sampler):
+    """One epoch of `seeded`'s (index, seed) pairs cut into global batches of `batch_size` (the last one
+    short), each cut to the rows [start, end) = `share(len(batch))` of this data-parallel rank: a rank
+    loads and augments only the images it trains on (their numbers depend on (seed, epoch, index) alone)."""
+
+    def __init__(self, seeded: SeededSampler, batch_size: int, share: Callable[[int], tuple[int, int]]):
+        self.seeded, self.batch_size, self.share = seeded, batch_size, share
+
+    def set_epoch(self, epoch: int) -> None:
+        self.seeded.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.seeded) / self.batch_size)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        pairs = list(self.seeded)
+        for first in range(0, len(pairs), self.batch_size):
+            batch = pairs[first:first + self.batch_size]
+            start, end = self.share(len(batch))
+            yield batch[start:end]
+
+
 def cifar_train_loader(images: torch.Tensor, labels: torch.Tensor, *, batch_size: int, seed: int,
-                       mean: Sequence[float], std: Sequence[float], workers: int) -> tuple[DataLoader, SeededSampler]:
+                       mean: Sequence[float], std: Sequence[float], workers: int,
+                       share: Callable[[int], tuple[int, int]] | None = None) -> tuple[DataLoader, Sampler]:
     """(loader, sampler): one epoch of shuffled, augmented training batches per pass, the last one
-    short; call sampler.set_epoch(epoch) before a pass. Workers beyond the available cores would only
-    contend with training for them, so at most that many run (0: in the training process)."""
+    short; call sampler.set_epoch(epoch) before a pass. `share` (data parallel: Parallel.rows) keeps
+    this rank's rows of every global batch. Workers beyond the available cores would only contend with
+    training for them, so at most that many run (0: in the training process)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     workers = min(workers, cores)
     sampler = SeededSampler(len(labels), shuffle=True, seed=seed)
-    loader = DataLoader(CifarTrainSet(images, labels, mean, std), batch_size=batch_size, sampler=sampler,
-                        num_workers=workers, persistent_workers=workers > 0)
-    return loader, sampler
+    dataset = CifarTrainSet(images, labels, mean, std)
+    if share is None:
+        loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                            persistent_workers=workers > 0)
+        return loader, sampler
+    shares = BatchShares(sampler, batch_size, share)
+    loader = DataLoader(dataset, batch_sampler=shares, num_workers=workers, persistent_workers=workers > 0)
+    return loader, shares

@@ -110,15 +110,26 @@ class CifarLoaderFeed(TensorFeed):
     augmentation comes from its own generator seeded by (seed, epoch, index)."""
 
     def __init__(self, splits: Splits, *, seed: int, mean, std, workers: int, batch_size: int, eval_batch_size: int,
-                 device: torch.device, max_steps: int | None = None, max_eval_batches: int | None = None):
+                 device: torch.device, max_steps: int | None = None, max_eval_batches: int | None = None,
+                 parallel: Parallel = SINGLE_PROCESS):
         super().__init__(splits, batch_size=batch_size, eval_batch_size=eval_batch_size, device=device,
                          prepare_eval=lambda images: normalize(images, mean, std), max_steps=max_steps,
                          max_eval_batches=max_eval_batches)
-        self.seed = seed
-        self.train_loader, self.sampler = cifar_train_loader(*self.splits["train"], batch_size=batch_size, seed=seed,
-                                                             mean=mean, std=std, workers=workers)
+        self.seed, self.parallel = seed, parallel
+        self.train_loader, self.sampler = cifar_train_loader(
+            *self.splits["train"], batch_size=batch_size, seed=seed, mean=mean, std=std, workers=workers,
+            share=parallel.rows if parallel.enabled else None)
+
+    def train_shards(self, epoch: int, seed: int, parallel: Parallel = SINGLE_PROCESS) -> Iterator[Shard]:
+        """The workers load and augment this rank's rows only (each image's numbers depend on (seed,
+        epoch, index), not on the batch it is in)."""
+        if parallel != self.parallel:
+            raise ValueError(f"this feed was built for {self.parallel}, not {parallel}")
+        for rows, (images, labels) in zip(self.train_batch_sizes(), self.train_batches(epoch, seed)):
+            yield images, labels, parallel.rows(rows)[0], rows
 
     def train_batches(self, epoch: int, seed: int) -> Iterator[Batch]:
+        """This rank's rows of every global batch (all of it in a single process)."""
         if seed != self.seed:
             raise ValueError(f"this feed was built for seed {self.seed}, not {seed}")
         self.sampler.set_epoch(epoch)

@@ -118,7 +118,8 @@ def build_feed(config: dict, data, device: torch.device, *, seed: int, smoke: bo
     if config["dataset"] in ("cifar10", "cifar100"):
         mean, std = datasets.CIFAR_STATS[data.num_classes]
         if config["cifar_pipeline"] == "loader" or (config["cifar_pipeline"] == "auto" and device.type == "cpu"):
-            return CifarLoaderFeed(data, seed=seed, mean=mean, std=std, workers=config["workers"], **sizes, **limits)
+            return CifarLoaderFeed(data, seed=seed, mean=mean, std=std, workers=config["workers"], parallel=parallel,
+                                   **sizes, **limits)
 
         def prepare_eval(images):
             return datasets.normalize(images, mean, std)

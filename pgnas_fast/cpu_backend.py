@@ -18,7 +18,7 @@ from types import ModuleType
 
 import torch
 
-from .reference import stacked_empty_like
+from .reference import math_dtype, stacked_empty_like
 
 _NOTE = Path(__file__).with_name("_C.unavailable.txt")  # written by setup.py when _C did not build
 
@@ -124,7 +124,7 @@ class NativeOps:
     @staticmethod
     def _affine_gate_inputs(scale, shift, p_logit):
         """scale, shift, p_logit in one gate dtype (the kernels take one): float64 if any is."""
-        dtype = torch.float64 if torch.float64 in (scale.dtype, shift.dtype, p_logit.dtype) else torch.float32
+        dtype = math_dtype(scale, shift, p_logit)
         return [t.to(dtype).contiguous() for t in (scale, shift, p_logit)]
 
     def affine_relu_gate(self, x, scale, shift, p_logit, seed, stream, tau, mode, offset):
@@ -199,22 +199,11 @@ class NativeOps:
                                               n_train)
 
 
+def backend_functions(impl: NativeOps) -> dict:
+    """The backend interface of `impl`: its public methods by op name. A backend module exports these
+    (written once here, so an op added to NativeOps reaches both native backends)."""
+    return {name: getattr(impl, name) for name in vars(NativeOps) if not name.startswith("_")}
+
+
 _impl = NativeOps(None if _C is None else _C.cpu)
-philox_uniform = _impl.philox_uniform
-gate_keep = _impl.gate_keep
-gate_keep_backward = _impl.gate_keep_backward
-candidate_keep = _impl.candidate_keep
-gated_apply = _impl.gated_apply
-gated_apply_backward = _impl.gated_apply_backward
-gated_copies = _impl.gated_copies
-gated_copies_backward = _impl.gated_copies_backward
-affine_relu_gate = _impl.affine_relu_gate
-affine_relu_gate_backward = _impl.affine_relu_gate_backward
-branch_combine = _impl.branch_combine
-branch_combine_backward = _impl.branch_combine_backward
-regularizer = _impl.regularizer
-regularizer_backward = _impl.regularizer_backward
-gaussian_noise = _impl.gaussian_noise
-gaussian_noise_backward = _impl.gaussian_noise_backward
-gaussian_kl = _impl.gaussian_kl
-gaussian_kl_backward = _impl.gaussian_kl_backward
+globals().update(backend_functions(_impl))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .cpu_backend import NativeOps, _C, extension_unavailable_reason
+from .cpu_backend import NativeOps, _C, backend_functions, extension_unavailable_reason
 
 
 def unavailable_reason() -> str | None:
@@ -26,21 +26,4 @@ def unavailable_reason() -> str | None:
 
 
 _impl = NativeOps(getattr(_C, "cuda", None))
-philox_uniform = _impl.philox_uniform
-gate_keep = _impl.gate_keep
-gate_keep_backward = _impl.gate_keep_backward
-candidate_keep = _impl.candidate_keep
-gated_apply = _impl.gated_apply
-gated_apply_backward = _impl.gated_apply_backward
-gated_copies = _impl.gated_copies
-gated_copies_backward = _impl.gated_copies_backward
-affine_relu_gate = _impl.affine_relu_gate
-affine_relu_gate_backward = _impl.affine_relu_gate_backward
-branch_combine = _impl.branch_combine
-branch_combine_backward = _impl.branch_combine_backward
-regularizer = _impl.regularizer
-regularizer_backward = _impl.regularizer_backward
-gaussian_noise = _impl.gaussian_noise
-gaussian_noise_backward = _impl.gaussian_noise_backward
-gaussian_kl = _impl.gaussian_kl
-gaussian_kl_backward = _impl.gaussian_kl_backward
+globals().update(backend_functions(_impl))

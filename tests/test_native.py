@@ -7,6 +7,7 @@ the native build. GPU tests (marked `gpu`) compare the `cuda` backend with the r
 """
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
 import subprocess
@@ -53,6 +54,18 @@ def test_extension_is_built_and_cpu_backend_is_live():
     assert available, reason
     assert _C.openmp > 0  # built with OpenMP
     assert hasattr(_C, "cpu") and isinstance(_C.with_cuda, bool)
+
+
+def test_every_backend_implements_the_whole_op_set():
+    """No op of a native or Triton backend falls back to the reference backend (dispatch.missing_ops),
+    and the custom ops are exactly the listed ones."""
+    from pgnas_fast.ops import _library, dispatch
+    from torch._library.custom_ops import CustomOpDef
+
+    assert {op._name for op in vars(_library).values() if isinstance(op, CustomOpDef)} == set(dispatch.OPS)
+    for name in ("cpu", "cuda", "triton"):
+        module = importlib.import_module(dispatch.BACKENDS[name].module)
+        assert [op for op in dispatch.OPS if not callable(getattr(module, op, None))] == [], name
 
 
 def test_unavailable_reasons_are_sentences():

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..reference import stacked_empty_like
+from ..reference import math_dtype, stacked_empty_like
 from .dispatch import implementation
 
 NAMESPACE = "pgnas_fast"
@@ -261,13 +261,9 @@ def regularizer(
     return implementation(backend, "regularizer")(weights, p_logits, weight_reg, drop_reg, n_train)
 
 
-def _regularizer_dtype(p_logits):
-    return torch.float64 if any(p.dtype == torch.float64 for p in p_logits) else torch.float32
-
-
 @regularizer.register_fake
 def _(weights, p_logits, weight_reg, drop_reg, n_train, backend):
-    return p_logits[0].new_empty((), dtype=_regularizer_dtype(p_logits))
+    return p_logits[0].new_empty((), dtype=math_dtype(*p_logits))
 
 
 @_op("regularizer_backward")
@@ -349,7 +345,7 @@ def gaussian_kl(log_alphas: list[Tensor], weights_per_channel: list[int], n_trai
 
 @gaussian_kl.register_fake
 def _(log_alphas, weights_per_channel, n_train, backend):
-    return log_alphas[0].new_empty((), dtype=_regularizer_dtype(log_alphas))
+    return log_alphas[0].new_empty((), dtype=math_dtype(*log_alphas))
 
 
 @_op("gaussian_kl_backward")

@@ -14,6 +14,12 @@ import torch.nn.functional as F
 from . import philox
 
 
+def math_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """The contract's math dtype (design.md "Numerics"): float32 whatever the data dtype, float64 when
+    any input is float64 (the gradcheck path). Every backend follows it."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
 def philox_uniform(n: int, seed: int, stream: int, offset: int, device: torch.device) -> torch.Tensor:
     return philox.uniform(n, seed, stream, offset, device)
 
@@ -114,19 +120,15 @@ def _channel_vector(v: torch.Tensor, ndim: int, dtype: torch.dtype) -> torch.Ten
     return v.to(dtype).view(1, -1, *([1] * (ndim - 2)))
 
 
-def _affine_relu_math_dtype(x: torch.Tensor, *gate_tensors: torch.Tensor) -> torch.dtype:
-    return torch.float64 if torch.float64 in (x.dtype, *(t.dtype for t in gate_tensors)) else torch.float32
-
-
 def affine_relu_gate(x, scale, shift, p_logit, seed, stream, tau, mode, offset):
-    dtype = _affine_relu_math_dtype(x, scale, shift, p_logit)
+    dtype = math_dtype(x, scale, shift, p_logit)
     keep = gate_keep(p_logit, x.shape[0], seed, stream, tau, mode, offset).to(dtype)
     pre = x.to(dtype) * _channel_vector(scale, x.dim(), dtype) + _channel_vector(shift, x.dim(), dtype)
     return torch.empty_like(x).copy_(torch.relu(pre) * _per_channel(keep, x.dim()))
 
 
 def affine_relu_gate_backward(grad, x, scale, shift, p_logit, seed, stream, tau, mode, offset):
-    dtype = _affine_relu_math_dtype(x, scale, shift, p_logit)
+    dtype = math_dtype(x, scale, shift, p_logit)
     keep = gate_keep(p_logit, x.shape[0], seed, stream, tau, mode, offset).to(dtype)  # regenerated, never stored
     xd = x.to(dtype)
     pre = xd * _channel_vector(scale, x.dim(), dtype) + _channel_vector(shift, x.dim(), dtype)
@@ -182,8 +184,6 @@ def branch_combine_backward(
     return grad_ys, torch.stack(columns, dim=-1)
 
 
-def _gate_dtype(p_logits: list[torch.Tensor]) -> torch.dtype:
-    return torch.float64 if any(p.dtype == torch.float64 for p in p_logits) else torch.float32
 
 
 def _squared_norm_per_input_channel(weight: torch.Tensor, in_channels: int, dtype: torch.dtype) -> torch.Tensor:
@@ -217,7 +217,7 @@ def _neg_entropy(p_logit: torch.Tensor) -> torch.Tensor:
 def regularizer(
     weights: list[torch.Tensor], p_logits: list[torch.Tensor], weight_reg: float, drop_reg: float, n_train: float
 ) -> torch.Tensor:
-    dtype = _gate_dtype(p_logits)
+    dtype = math_dtype(*p_logits)
     total = torch.zeros((), dtype=dtype, device=p_logits[0].device)
     for weight, p_logit in zip(weights, p_logits):
         z = p_logit.to(dtype)
@@ -235,7 +235,7 @@ def regularizer_backward(
     drop_reg: float,
     n_train: float,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    dtype = _gate_dtype(p_logits)
+    dtype = math_dtype(*p_logits)
     g = grad.to(dtype)
     grad_weights, grad_p_logits = [], []
     for weight, p_logit in zip(weights, p_logits):
@@ -261,16 +261,12 @@ VAR_EPS = 1e-8
 KL_K1, KL_K2, KL_K3 = 0.63576, 1.87320, 1.48695
 
 
-def _noise_math_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
 def _eps(like: torch.Tensor, seed: int, stream: int, offset: int) -> torch.Tensor:
-    return philox.normal(like.numel(), seed, stream, offset, like.device).view(like.shape).to(_noise_math_dtype(like))
+    return philox.normal(like.numel(), seed, stream, offset, like.device).view(like.shape).to(math_dtype(like))
 
 
 def gaussian_noise(mu: torch.Tensor, var: torch.Tensor, seed: int, stream: int, offset: int) -> torch.Tensor:
-    dtype = _noise_math_dtype(mu)
+    dtype = math_dtype(mu)
     std = torch.sqrt(var.to(dtype).clamp_min(0.0) + VAR_EPS)
     return torch.empty_like(mu).copy_(mu.to(dtype) + std * _eps(mu, seed, stream, offset))
 
@@ -278,7 +274,7 @@ def gaussian_noise(mu: torch.Tensor, var: torch.Tensor, seed: int, stream: int, 
 def gaussian_noise_backward(grad: torch.Tensor, var: torch.Tensor, seed: int, stream: int, offset: int) -> torch.Tensor:
     """d var (d mu is grad itself): grad * eps / (2 sqrt(var + VAR_EPS)) where var > 0, else 0;
     eps regenerated from (seed, stream, offset), never stored."""
-    dtype = _noise_math_dtype(var)
+    dtype = math_dtype(var)
     v = var.to(dtype)
     std = torch.sqrt(v.clamp_min(0.0) + VAR_EPS)
     grad_var = torch.where(v > 0, grad.to(dtype) * _eps(var, seed, stream, offset) / (2.0 * std), 0.0)
@@ -290,7 +286,7 @@ def _kl_per_channel(log_alpha: torch.Tensor) -> torch.Tensor:
 
 
 def gaussian_kl(log_alphas: list[torch.Tensor], weights_per_channel: list[int], n_train: float) -> torch.Tensor:
-    dtype = _gate_dtype(log_alphas)
+    dtype = math_dtype(*log_alphas)
     total = torch.zeros((), dtype=dtype, device=log_alphas[0].device)
     for log_alpha, count in zip(log_alphas, weights_per_channel):
         total = total + (count / n_train) * _kl_per_channel(log_alpha.to(dtype)).sum()
@@ -300,7 +296,7 @@ def gaussian_kl(log_alphas: list[torch.Tensor], weights_per_channel: list[int], 
 def gaussian_kl_backward(
     grad: torch.Tensor, log_alphas: list[torch.Tensor], weights_per_channel: list[int], n_train: float
 ) -> list[torch.Tensor]:
-    dtype = _gate_dtype(log_alphas)
+    dtype = math_dtype(*log_alphas)
     g = grad.to(dtype)
     grads = []
     for log_alpha, count in zip(log_alphas, weights_per_channel):

@@ -17,6 +17,7 @@ from .gates import (
     MODES,
     RNG_ARGS,
     _as_bcs,
+    _compute_f64,
     _grid,
     _out_bcs,
     _reduce_gate_grad,
@@ -98,10 +99,6 @@ def _affine_relu_gate_backward_kernel(dy_ptr, x_ptr, dx_ptr, scale_ptr, shift_pt
 
 
 # ---- wrappers (inputs are validated by pgnas_fast.ops) --------------------------------------------
-def _compute_f64(*dtypes: torch.dtype) -> bool:
-    return torch.float64 in dtypes
-
-
 def _launch_shape(x: torch.Tensor, xv: torch.Tensor):
     B, C, S = xv.shape
     block_q, block_s = _tiles(B * C if x.device.type != "cuda" else C, S, xv.stride(2), x.device)
@@ -119,7 +116,7 @@ def affine_relu_gate(x, scale, shift, p_logit, seed, stream, tau, mode, offset):
     _affine_relu_gate_kernel[grid](
         xv, ov, scale, shift, p_logit, B * C, C, S, *xv.stride(), *ov.stride(), *_rng(seed, stream, offset, tau),
         MODE=MODES[mode], GATE_F64=p_logit.dtype == torch.float64,
-        COMPUTE_F64=_compute_f64(x.dtype, scale.dtype, p_logit.dtype), **launch)
+        COMPUTE_F64=_compute_f64(x, scale, p_logit), **launch)
     return _written(out, ov)
 
 
@@ -130,7 +127,7 @@ def affine_relu_gate_backward(grad, x, scale, shift, p_logit, seed, stream, tau,
         return grad_x, torch.zeros_like(scale), torch.zeros_like(shift), torch.zeros_like(p_logit)
     dyv, xv, gv = _as_bcs(grad), _as_bcs(x), _out_bcs(grad_x)
     S = xv.shape[2]
-    f64 = _compute_f64(x.dtype, scale.dtype, p_logit.dtype)
+    f64 = _compute_f64(x, scale, p_logit)
     rows = torch.empty(2, B, C, dtype=torch.float64 if f64 else torch.float32, device=x.device)
     relaxed = mode == "relaxed"
     partial = torch.empty(B, C, dtype=p_logit.dtype, device=x.device) if relaxed else p_logit
@@ -230,7 +227,7 @@ def gated_copies(x, p_logits, seed, streams, tau, mode, offset, relu):
     _gated_copies_kernel[grid](
         xv, ov, p_logits, _stream_words(streams, x.device), n_copies, B * C, C, S, *xv.stride(), *ov.stride(),
         seed_lo, seed_hi, offset_lo, offset_hi, tau_hi, tau_lo, MODE=MODES[mode],
-        GATE_F64=p_logits.dtype == torch.float64, COMPUTE_F64=_compute_f64(x.dtype, p_logits.dtype), RELU=relu,
+        GATE_F64=p_logits.dtype == torch.float64, COMPUTE_F64=_compute_f64(x, p_logits), RELU=relu,
         **launch)
     return out
 
@@ -250,7 +247,7 @@ def gated_copies_backward(grad, x, p_logits, seed, streams, tau, mode, offset, r
     _gated_copies_backward_kernel[grid](
         dyv, xv, gv, p_logits, _stream_words(streams, x.device), partial, n_copies, B * C, C, S, *dyv.stride(),
         *xv.stride(), *gv.stride(), seed_lo, seed_hi, offset_lo, offset_hi, tau_hi, tau_lo, MODE=MODES[mode],
-        GATE_F64=p_logits.dtype == torch.float64, COMPUTE_F64=_compute_f64(x.dtype, p_logits.dtype), RELU=relu,
+        GATE_F64=p_logits.dtype == torch.float64, COMPUTE_F64=_compute_f64(x, p_logits), RELU=relu,
         **launch)
     _written(grad_x, gv)
     if not relaxed:

@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..reference import math_dtype
 from .philox import as_u32, gate_uniform, joined, split_f64, split_u64
 
 MODES = {"relaxed": 0, "hard": 1, "full": 2}
@@ -232,8 +233,8 @@ def _rng(seed: int, stream: int, offset: int, tau: float):
     return (*split_u64(seed), *split_u64(stream), *split_u64(offset), *split_f64(tau))
 
 
-def _compute_f64(data_dtype: torch.dtype, gate_dtype: torch.dtype) -> bool:
-    return torch.float64 in (data_dtype, gate_dtype)
+def _compute_f64(*tensors: torch.Tensor) -> bool:
+    return math_dtype(*tensors) == torch.float64
 
 
 def gate_keep(p_logit, batch, seed, stream, tau, mode, offset):
@@ -290,7 +291,7 @@ def gated_apply(x, p_logit, seed, stream, tau, mode, offset):
     _gated_apply_kernel[grid](
         xv, ov, p_logit, B * C, C, S, *xv.stride(), *ov.stride(), *_rng(seed, stream, offset, tau),
         MODE=MODES[mode], GATE_F64=p_logit.dtype == torch.float64,
-        COMPUTE_F64=_compute_f64(x.dtype, p_logit.dtype), SPLIT_ROWS=split_rows, BLOCK_Q=block_q,
+        COMPUTE_F64=_compute_f64(x, p_logit), SPLIT_ROWS=split_rows, BLOCK_Q=block_q,
         BLOCK_S=block_s)
     return _written(out, ov)
 
@@ -311,7 +312,7 @@ def gated_apply_backward(grad, x, p_logit, seed, stream, tau, mode, offset):
     _gated_apply_backward_kernel[grid](
         dyv, xv, gv, p_logit, partial, B * C, C, S, *dyv.stride(), *xv.stride(), *gv.stride(),
         *_rng(seed, stream, offset, tau), MODE=MODES[mode], GATE_F64=p_logit.dtype == torch.float64,
-        COMPUTE_F64=_compute_f64(x.dtype, p_logit.dtype), SPLIT_ROWS=split_rows, BLOCK_Q=block_q,
+        COMPUTE_F64=_compute_f64(x, p_logit), SPLIT_ROWS=split_rows, BLOCK_Q=block_q,
         BLOCK_S=block_s)
     _written(grad_x, gv)
     if not relaxed:

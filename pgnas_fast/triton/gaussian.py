@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..reference import math_dtype
+
 from .gates import log1p
 from .philox import as_u32, philox4x32_10, split_u64, word_uniform
 
@@ -187,9 +189,6 @@ def gaussian_noise_backward(grad, var, seed, stream, offset):
     return _noise_launch(_gaussian_noise_backward_kernel, grad.to(var.dtype), var, var, seed, stream, offset)
 
 
-def _gate_dtype(log_alphas):
-    return torch.float64 if any(a.dtype == torch.float64 for a in log_alphas) else torch.float32
-
 
 def _kl_tables(alphas, grads, weights_per_channel, n_train):
     rows, blocks = [], []
@@ -210,7 +209,7 @@ _TL_TYPES = {torch.float32: tl.float32, torch.float64: tl.float64}
 
 
 def gaussian_kl(log_alphas, weights_per_channel, n_train):
-    dtype = _gate_dtype(log_alphas)
+    dtype = math_dtype(*log_alphas)
     alphas = [a.to(dtype).contiguous() for a in log_alphas]
     table, blocks = _kl_tables(alphas, alphas, weights_per_channel, n_train)  # the value writes no gradients
     partial = torch.zeros(blocks.shape[0], dtype=dtype, device=alphas[0].device)
@@ -221,7 +220,7 @@ def gaussian_kl(log_alphas, weights_per_channel, n_train):
 
 
 def gaussian_kl_backward(grad, log_alphas, weights_per_channel, n_train):
-    dtype = _gate_dtype(log_alphas)
+    dtype = math_dtype(*log_alphas)
     alphas = [a.to(dtype).contiguous() for a in log_alphas]
     grads = [torch.empty_like(a) for a in alphas]
     table, blocks = _kl_tables(alphas, grads, weights_per_channel, n_train)

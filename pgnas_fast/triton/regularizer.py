@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..reference import math_dtype
+
 from .gates import log1p
 from .philox import joined, split_f64
 
@@ -131,9 +133,6 @@ def _regularizer_backward_kernel(table_ptr, blocks_ptr, n_weight_blocks, grad_pt
 
 
 # ---- wrappers (inputs are validated by pgnas_fast.ops) --------------------------------------------
-def _gate_dtype(p_logits):
-    return torch.float64 if any(p.dtype == torch.float64 for p in p_logits) else torch.float32
-
 
 def _weight_dtype(weights):
     dtype = weights[0].dtype
@@ -144,7 +143,7 @@ def _weight_dtype(weights):
 
 def _prepared(weights, p_logits):
     """Weights in one dtype and contiguous, p_logits in the gate dtype (copies only where needed)."""
-    wdtype, gdtype = _weight_dtype(weights), _gate_dtype(p_logits)
+    wdtype, gdtype = _weight_dtype(weights), math_dtype(*p_logits)
     ws = [w.to(wdtype).contiguous() for w in weights]
     ps = [p.to(gdtype).contiguous() for p in p_logits]
     return ws, ps, wdtype, gdtype

@@ -5,13 +5,14 @@
 - `relu_gated_convs(convs, x)` is `[conv(relu(x)) for conv in convs]`, the S branches of a block
   reading their shared input once (one input -> S gated copies).
 
-While `conv`'s gates are relaxed concrete gates (training) and the active backend implements
-`affine_relu_gate` natively, the BatchNorm is folded into a per-channel affine map (batch statistics
-in training mode, with the running statistics updated exactly as nn.BatchNorm2d does; running
-statistics in eval mode) and the affine map, the ReLU and the gate run as one op: one read of x and
-one write instead of three of each. Otherwise (hard or full gates, the Gaussian family, the reference
-backend, a BatchNorm whose forward was replaced, e.g. by ranking's per-candidate statistics) it is
-the plain module composition. The modules' structure, state dicts and export are unchanged.
+While `conv`'s gates are relaxed concrete gates (training) and its backend is a kernel backend
+(every one implements the whole op set), the BatchNorm is folded into a per-channel affine map
+(batch statistics in training mode, with the running statistics updated exactly as nn.BatchNorm2d
+does; running statistics in eval mode) and the affine map, the ReLU and the gate run as one op: one
+read of x and one write instead of three of each. Otherwise (hard or full gates, the Gaussian
+family, the reference backend, a BatchNorm whose forward was replaced, e.g. by ranking's
+per-candidate statistics) it is the plain module composition. The modules' structure, state dicts
+and export are unchanged.
 
 In training mode the batch statistics come from ATen's batch-norm kernel and the backward pass is
 BatchNorm's own (see _TrainingNormReluGate); autograd through torch.var_mean measured slower than
@@ -28,19 +29,19 @@ from ..ops import _library, dispatch
 from .gated import GatedConv2d
 
 
-def _fused_op_live(conv: GatedConv2d, x: torch.Tensor, op: str) -> bool:
-    """conv's gates are relaxed concrete gates and its backend implements `op` natively."""
-    if conv.gate_mode != "relaxed" or getattr(conv, "posterior", "concrete") != "concrete":
+def _fused_op_live(conv: GatedConv2d, x: torch.Tensor) -> bool:
+    """conv's gates are relaxed concrete gates and its backend is a kernel backend (the reference
+    backend keeps the plain module composition, its own definition of these ops)."""
+    if conv.gate_mode != "relaxed" or conv.posterior != "concrete":
         return False
-    backend = dispatch.resolve(conv.backend, x.device)
-    return backend != "reference" and op not in dispatch.missing_ops(backend)
+    return dispatch.resolve(conv.backend, x.device) != "reference"
 
 
 def _fusable(norm: nn.Module, conv: nn.Module, x: torch.Tensor) -> bool:
     # a materialized (exported) network has plain or sliced modules here: the composition then
     if not isinstance(conv, GatedConv2d) or type(norm) is not nn.BatchNorm2d or "forward" in vars(norm):
         return False
-    return _fused_op_live(conv, x, "affine_relu_gate")
+    return _fused_op_live(conv, x)
 
 
 class _TrainingNormReluGate(torch.autograd.Function):
@@ -132,13 +133,13 @@ def _copies_fusable(convs, x: torch.Tensor) -> bool:
     shared = all((c.gate_seed, c.gate_row_offset, c.tau, c.backend, c.p_logit.dtype)
                  == (first.gate_seed, first.gate_row_offset, first.tau, first.backend, first.p_logit.dtype)
                  for c in convs)
-    return shared and all(_fused_op_live(c, x, "gated_copies") for c in convs)
+    return shared and all(_fused_op_live(c, x) for c in convs)
 
 
 def relu_gated_convs(convs, x: torch.Tensor) -> list[torch.Tensor] | None:
     """[conv(relu(x)) for conv in convs] with the ReLU and every conv's gate in one read of x, or None
-    when the convs cannot share the op (gates not relaxed concrete gates of one seed, a backend without
-    `gated_copies`, or a materialized network's plain modules): the caller then runs its modules."""
+    when the convs cannot share the op (gates not relaxed concrete gates of one seed, the reference
+    backend, or a materialized network's plain modules): the caller then runs its modules."""
     if not _copies_fusable(convs, x):
         return None
     first = convs[0]

@@ -116,7 +116,8 @@ class NativeOps:
     def gated_copies_backward(self, grad, x, p_logits, seed, streams, tau, mode, offset, relu):
         memory_format = _kernel_format(x) or torch.contiguous_format
         x_k = _in_format(x, memory_format)
-        grad_k = stacked_empty_like(x_k, len(streams)).copy_(grad)  # the kernels read the copies' layout
+        layout = stacked_empty_like(x_k, len(streams))  # the kernels read the copies' layout
+        grad_k = grad if grad.dtype == x.dtype and grad.stride() == layout.stride() else layout.copy_(grad)
         grad_x, grad_p = self._ops.gated_copies_backward(grad_k, x_k, p_logits.contiguous(), seed, list(streams), tau,
                                                          mode, offset, relu)
         return _like(grad_x, x), grad_p

@@ -91,6 +91,33 @@ def test_affine_relu_gate_forward_backward(benchmark, activation, memory_format,
     assert x.grad is not None and scale.grad.shape == (CHANNELS,)
 
 
+@pytest.mark.parametrize("backend, path", [
+    pytest.param("cpu", "fused", marks=BACKENDS[1].marks), pytest.param("cpu", "modules", marks=BACKENDS[1].marks),
+    ("reference", "modules")])
+def test_norm_relu_gated_conv_training_step(benchmark, activation, backend, path):
+    """A training-mode BatchNorm -> ReLU -> gated 1x1 conv, forward and backward: `fused` through
+    nn.norm_relu_conv (affine_relu_gate, BatchNorm's own backward), `modules` the plain composition
+    conv(relu(norm(x))) on the same backend."""
+    from pgnas_fast.nn import GatedConv2d, norm_relu_conv, set_gates
+
+    x, _, _ = activation
+    x = x.clone().requires_grad_()
+    torch.manual_seed(0)
+    norm = torch.nn.BatchNorm2d(CHANNELS)
+    conv = GatedConv2d(CHANNELS, CHANNELS, 1, bias=False, backend=backend)
+    holder = torch.nn.ModuleDict({"norm": norm, "conv": conv})
+    set_gates(holder, "relaxed", seed=SEED, step=3)
+
+    def step():
+        x.grad = None
+        holder.zero_grad(set_to_none=True)
+        out = norm_relu_conv(norm, conv, x) if path == "fused" else conv(torch.relu(norm(x)))
+        out.sum().backward()
+
+    benchmark(step)
+    assert x.grad is not None and conv.p_logit.grad is not None
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gated_copies_three_branches_forward_backward(benchmark, activation, backend):
     """One input -> 3 gated copies with the ReLU (a multi-branch block's branch inputs), training."""

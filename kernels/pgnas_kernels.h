@@ -106,23 +106,26 @@ typedef struct {
   int32_t weight_dtype; /* pgnas_dtype */
   int32_t p_logit_double;
   int64_t out_channels, per_group, taps, groups;
-  int64_t row_begin, channel_begin, rowsq_begin; /* rowsq_begin: offset of its O * per_group sums */
+  int64_t row_begin, channel_begin;
 } pgnas_reg_segment;
 
 /* Blocks of the regulariser's first pass: `partials` holds at least this many doubles. */
 #define PGNAS_REG_MAX_BLOCKS 1024
 
-/* result[0] (float64, device) = R. Two launches: per-block partial sums into `partials`, then one block
- * adds them in a fixed order, so R is bit-reproducible run to run (no floating-point atomics). */
-cudaError_t pgnas_regularizer(double* result, double* partials, const pgnas_reg_segment* segments, int32_t n_segments,
-                              int64_t total_rows, int64_t total_channels, double weight_reg, double drop_reg,
-                              double n_train, cudaStream_t cuda_stream);
+/* *result (device; float64 if result_double, else float32) = R, in one launch: per-block partial sums
+ * into `partials`, and the last block to finish (a ticket on `counter`, a device int32 that must be 0
+ * and is left 0) adds them in a fixed order, so R is bit-reproducible run to run (no floating-point
+ * atomics). Calls running at once need their own counters. */
+cudaError_t pgnas_regularizer(void* result, int32_t result_double, double* partials, unsigned int* counter,
+                              const pgnas_reg_segment* segments, int32_t n_segments, int64_t total_rows,
+                              int64_t total_channels, double weight_reg, double drop_reg, double n_train,
+                              cudaStream_t cuda_stream);
 
-/* Writes every grad_weight and grad_p_logit; grad: float64 device scalar (dL/dR); rowsq: float64
- * scratch of sum_k O * per_group elements. Two launches. */
-cudaError_t pgnas_regularizer_backward(const double* grad, const pgnas_reg_segment* segments, int32_t n_segments,
-                                       int64_t total_rows, int64_t total_channels, double* rowsq, double weight_reg,
-                                       double drop_reg, double n_train, cudaStream_t cuda_stream);
+/* Writes every grad_weight and grad_p_logit in one launch; grad: device scalar dL/dR (float64 if
+ * grad_double, else float32). */
+cudaError_t pgnas_regularizer_backward(const void* grad, int32_t grad_double, const pgnas_reg_segment* segments,
+                                       int32_t n_segments, int64_t total_rows, int64_t total_channels,
+                                       double weight_reg, double drop_reg, double n_train, cudaStream_t cuda_stream);
 
 /* ---- the Gaussian family ----
  * eps of the element at logical (row-major) index i: Box-Muller on Philox words 0 and 1 of counter

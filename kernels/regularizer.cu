@@ -67,8 +67,11 @@ struct ChannelBegin {
 __device__ __forceinline__ double log_sigmoid(double z) { return fmin(z, 0.0) - log1p(exp(-fabs(z))); }
 
 // Forward: warps over rows (lanes over the row's input positions j, each summing its taps), then
-// threads over channels for the entropy term; one partial sum per block.
-__global__ void regularizer_kernel(double* partials, const pgnas_reg_segment* segs, int n_segs, int64_t total_rows,
+// threads over channels for the entropy term; one partial sum per block. The last block to finish
+// (a ticket on `counter`) adds the partials in a fixed order, so R takes one launch and is
+// bit-reproducible run to run (no floating-point atomics); it resets the counter for the next call.
+__global__ void regularizer_kernel(void* result, int result_double, double* partials, unsigned int* counter,
+                                   const pgnas_reg_segment* segs, int n_segs, int64_t total_rows,
                                    int64_t total_channels, double weight_coef, double drop_coef) {
   const int lane = threadIdx.x & 31;
   const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x >> 5);
@@ -97,57 +100,70 @@ __global__ void regularizer_kernel(double* partials, const pgnas_reg_segment* se
     acc += drop_coef * (p * log_sigmoid(z) + (1.0 - p) * log_sigmoid(-z));  // H'(p) from the logit
   }
   const double total = block_sum(acc);
-  if (threadIdx.x == 0) partials[blockIdx.x] = total;
-}
-
-// One block adds the partial sums in a fixed order (deterministic, unlike atomics).
-__global__ void sum_partials(double* result, const double* partials, int n) {
-  double acc = 0;
-  for (int i = threadIdx.x; i < n; i += blockDim.x) acc += partials[i];
-  const double total = block_sum(acc);
-  if (threadIdx.x == 0) result[0] = total;
-}
-
-// Backward, pass 1: grad_w = grad 2 weight_coef (1 - p_c) W, and the sums of squares per (row, j).
-__global__ void regularizer_rows_backward(const double* grad, const pgnas_reg_segment* segs, int n_segs,
-                                          int64_t total_rows, double* rowsq, double weight_coef) {
-  const int lane = threadIdx.x & 31;
-  const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x >> 5);
-  const double scale = grad[0] * 2.0 * weight_coef;
-  for (int64_t r = blockIdx.x * static_cast<int64_t>(blockDim.x >> 5) + (threadIdx.x >> 5); r < total_rows;
-       r += warps) {
-    const pgnas_reg_segment s = segs[find_segment(segs, n_segs, r, RowBegin())];
-    const int64_t o = r - s.row_begin;
-    const int64_t first_channel = (o / (s.out_channels / s.groups)) * s.per_group;
-    for (int64_t j = lane; j < s.per_group; j += 32) {
-      const double factor = scale / (1.0 + exp(load_logit(s, first_channel + j)));
-      const int64_t base = (o * s.per_group + j) * s.taps;
-      double sq = 0;
-      for (int64_t k = 0; k < s.taps; ++k) {
-        const double w = load_weight(s, base + k);
-        sq += w * w;
-        store_weight(s, base + k, factor * w);
-      }
-      rowsq[s.rowsq_begin + o * s.per_group + j] = sq;
+  __shared__ bool last;
+  if (threadIdx.x == 0) {
+    partials[blockIdx.x] = total;
+    __threadfence();  // the partial is visible device-wide before this block's ticket
+    last = atomicAdd(counter, 1u) == gridDim.x - 1;
+  }
+  __syncthreads();
+  if (!last) return;
+  double sum = 0;
+  for (unsigned int i = threadIdx.x; i < gridDim.x; i += blockDim.x) sum += __ldcg(partials + i);  // not via L1
+  sum = block_sum(sum);
+  if (threadIdx.x == 0) {
+    if (result_double) {
+      *static_cast<double*>(result) = sum;
+    } else {
+      *static_cast<float*>(result) = static_cast<float>(sum);
     }
+    *counter = 0u;
   }
 }
 
-// Backward, pass 2: dR/dz_c = grad p (1 - p) (drop_coef z - weight_coef sq_c), sq_c summed over the
-// outputs of c's group.
-__global__ void regularizer_channels_backward(const double* grad, const pgnas_reg_segment* segs, int n_segs,
-                                              int64_t total_channels, const double* rowsq, double weight_coef,
-                                              double drop_coef) {
-  for (int64_t gc = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; gc < total_channels;
-       gc += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+// Backward in one launch: the first `row_blocks` blocks run warps over rows and write grad_w = grad
+// 2 weight_coef (1 - p_c) W; the others run threads over channels and write dR/dz_c = grad p (1 - p)
+// (drop_coef z - weight_coef sq_c), re-reading sq_c (W^2 over the outputs of c's group and the taps)
+// from the weights, so the two halves share nothing and need no second launch.
+__global__ void regularizer_backward_kernel(const void* grad, int grad_double, const pgnas_reg_segment* segs,
+                                            int n_segs, int64_t total_rows, int64_t total_channels, int row_blocks,
+                                            double weight_coef, double drop_coef) {
+  const double g = grad_double ? *static_cast<const double*>(grad)
+                               : static_cast<double>(*static_cast<const float*>(grad));
+  if (static_cast<int>(blockIdx.x) < row_blocks) {
+    const int lane = threadIdx.x & 31;
+    const int64_t warps = static_cast<int64_t>(row_blocks) * (blockDim.x >> 5);
+    const double scale = g * 2.0 * weight_coef;
+    for (int64_t r = blockIdx.x * static_cast<int64_t>(blockDim.x >> 5) + (threadIdx.x >> 5); r < total_rows;
+         r += warps) {
+      const pgnas_reg_segment s = segs[find_segment(segs, n_segs, r, RowBegin())];
+      const int64_t o = r - s.row_begin;
+      const int64_t first_channel = (o / (s.out_channels / s.groups)) * s.per_group;
+      for (int64_t j = lane; j < s.per_group; j += 32) {
+        const double factor = scale / (1.0 + exp(load_logit(s, first_channel + j)));
+        const int64_t base = (o * s.per_group + j) * s.taps;
+        for (int64_t k = 0; k < s.taps; ++k) store_weight(s, base + k, factor * load_weight(s, base + k));
+      }
+    }
+    return;
+  }
+  const int64_t channel_threads = static_cast<int64_t>(gridDim.x - row_blocks) * blockDim.x;
+  for (int64_t gc = (blockIdx.x - row_blocks) * static_cast<int64_t>(blockDim.x) + threadIdx.x; gc < total_channels;
+       gc += channel_threads) {
     const pgnas_reg_segment s = segs[find_segment(segs, n_segs, gc, ChannelBegin())];
     const int64_t c = gc - s.channel_begin;
-    const int64_t g = c / s.per_group, j = c % s.per_group, outs = s.out_channels / s.groups;
+    const int64_t group = c / s.per_group, j = c % s.per_group, outs = s.out_channels / s.groups;
     double sq = 0;
-    for (int64_t o = g * outs; o < (g + 1) * outs; ++o) sq += rowsq[s.rowsq_begin + o * s.per_group + j];
+    for (int64_t o = group * outs; o < (group + 1) * outs; ++o) {
+      const int64_t base = (o * s.per_group + j) * s.taps;
+      for (int64_t k = 0; k < s.taps; ++k) {
+        const double w = load_weight(s, base + k);
+        sq += w * w;
+      }
+    }
     const double z = load_logit(s, c);
     const double p = 1.0 / (1.0 + exp(-z)), keep_prob = 1.0 / (1.0 + exp(z));
-    const double dz = grad[0] * p * keep_prob * (drop_coef * z - weight_coef * sq);
+    const double dz = g * p * keep_prob * (drop_coef * z - weight_coef * sq);
     if (s.p_logit_double) {
       static_cast<double*>(s.grad_p_logit)[c] = dz;
     } else {
@@ -162,32 +178,28 @@ __global__ void regularizer_channels_backward(const double* grad, const pgnas_re
 
 using namespace pgnas::cuda;
 
-extern "C" cudaError_t pgnas_regularizer(double* result, double* partials, const pgnas_reg_segment* segments,
-                                         int32_t n_segments, int64_t total_rows, int64_t total_channels,
-                                         double weight_reg, double drop_reg, double n_train,
-                                         cudaStream_t cuda_stream) {
-  if (n_segments <= 0) return cudaMemsetAsync(result, 0, sizeof(double), cuda_stream);
+extern "C" cudaError_t pgnas_regularizer(void* result, int32_t result_double, double* partials,
+                                         unsigned int* counter, const pgnas_reg_segment* segments, int32_t n_segments,
+                                         int64_t total_rows, int64_t total_channels, double weight_reg,
+                                         double drop_reg, double n_train, cudaStream_t cuda_stream) {
+  if (n_segments <= 0) return cudaMemsetAsync(result, 0, result_double ? sizeof(double) : sizeof(float), cuda_stream);
   const int64_t items = total_rows * 32 > total_channels ? total_rows * 32 : total_channels;
   int blocks = grid_for(items);
   if (blocks > PGNAS_REG_MAX_BLOCKS) blocks = PGNAS_REG_MAX_BLOCKS;
-  regularizer_kernel<<<blocks, kThreads, 0, cuda_stream>>>(partials, segments, n_segments, total_rows,
-                                                           total_channels, weight_reg / n_train, drop_reg / n_train);
-  const cudaError_t err = last_error();
-  if (err != cudaSuccess) return err;
-  sum_partials<<<1, kThreads, 0, cuda_stream>>>(result, partials, blocks);
+  regularizer_kernel<<<blocks, kThreads, 0, cuda_stream>>>(result, result_double, partials, counter, segments,
+                                                           n_segments, total_rows, total_channels,
+                                                           weight_reg / n_train, drop_reg / n_train);
   return last_error();
 }
 
-extern "C" cudaError_t pgnas_regularizer_backward(const double* grad, const pgnas_reg_segment* segments,
-                                                  int32_t n_segments, int64_t total_rows, int64_t total_channels,
-                                                  double* rowsq, double weight_reg, double drop_reg, double n_train,
-                                                  cudaStream_t cuda_stream) {
+extern "C" cudaError_t pgnas_regularizer_backward(const void* grad, int32_t grad_double,
+                                                  const pgnas_reg_segment* segments, int32_t n_segments,
+                                                  int64_t total_rows, int64_t total_channels, double weight_reg,
+                                                  double drop_reg, double n_train, cudaStream_t cuda_stream) {
   if (n_segments <= 0) return cudaSuccess;
-  regularizer_rows_backward<<<grid_for(total_rows * 32), kThreads, 0, cuda_stream>>>(
-      grad, segments, n_segments, total_rows, rowsq, weight_reg / n_train);
-  cudaError_t err = last_error();
-  if (err != cudaSuccess) return err;
-  regularizer_channels_backward<<<grid_for(total_channels), kThreads, 0, cuda_stream>>>(
-      grad, segments, n_segments, total_channels, rowsq, weight_reg / n_train, drop_reg / n_train);
+  const int row_blocks = grid_for(total_rows * 32), channel_blocks = grid_for(total_channels);
+  regularizer_backward_kernel<<<row_blocks + channel_blocks, kThreads, 0, cuda_stream>>>(
+      grad, grad_double, segments, n_segments, total_rows, total_channels, row_blocks, weight_reg / n_train,
+      drop_reg / n_train);
   return last_error();
 }

@@ -83,6 +83,59 @@ def test_regularizer_over_a_whole_network_in_one_launch_each_way(monkeypatch):
         assert rel_err(a.grad, b.grad) < 1e-5
 
 
+def test_multi_tensor_values_sum_over_more_programs_than_one_pass_of_the_last_program():
+    """The last program adds the partials SUM_BLOCK at a time: more programs than that, a ragged end."""
+    tables = importlib.import_module("pgnas_fast.triton.tables")
+    gen = torch.Generator().manual_seed(5)
+    weights = [0.2 * torch.randn(3, c, generator=gen) for c in (4000, 3999, 1500)]  # linear layers
+    p_logits = [torch.randn(w.shape[1], generator=gen) for w in weights]
+    blocks = sum(-(-w.shape[1] // 32) for w in weights)
+    assert blocks > 2 * tables.SUM_BLOCK.value and blocks % tables.SUM_BLOCK.value
+    r = pf.ops.regularizer(weights, p_logits, weight_reg=3.0, drop_reg=1.0, n_train=10.0, backend="triton")
+    r_ref = pf.ops.regularizer(weights, p_logits, weight_reg=3.0, drop_reg=1.0, n_train=10.0, backend="reference")
+    assert rel_err(r, r_ref) < 1e-5
+    again = pf.ops.regularizer(weights, p_logits, weight_reg=3.0, drop_reg=1.0, n_train=10.0, backend="triton")
+    assert torch.equal(r, again)  # summed in index order: deterministic
+    counts = [4 * w.shape[1] for w in weights]
+    kl = pf.ops.gaussian_kl(p_logits, counts, n_train=10.0, backend="triton")
+    assert rel_err(kl, pf.ops.gaussian_kl(p_logits, counts, n_train=10.0, backend="reference")) < 1e-5
+
+
+def test_multi_tensor_tables_are_built_once_and_stay_right_when_tensors_change(monkeypatch):
+    """Tables are cached by address and shape: after a first call, a forward pass copies no table and a
+    backward pass copies only its gradient addresses; new values at the same addresses, and new
+    tensors (maybe at reused addresses), still give the reference's results."""
+    tables = importlib.import_module("pgnas_fast.triton.tables")
+    copies = []
+    on_device = tables.on_device
+    monkeypatch.setattr(tables, "on_device", lambda rows, *a: copies.append(len(rows)) or on_device(rows, *a))
+    tables.clear()
+    gen = torch.Generator().manual_seed(6)
+    weights, p_logits = network_weights(gen, n_layers=12, device=DEVICE)
+
+    def run(backend):
+        ws = [w.detach().requires_grad_() for w in weights]
+        ps = [p.detach().requires_grad_() for p in p_logits]
+        r = pf.ops.regularizer(ws, ps, weight_reg=5.0, drop_reg=1.0, n_train=50.0, backend=backend)
+        r.backward()
+        return [r] + [t.grad for t in ws + ps]
+
+    def check():
+        for a, b in zip(run("triton"), run("reference")):
+            assert rel_err(a, b) < 1e-5
+
+    check()
+    assert len(copies) == 4  # layer table, forward blocks, backward blocks, gradient addresses
+    copies.clear()
+    for w in weights:
+        w.mul_(-1.5)  # same addresses, new values
+    check()
+    assert copies == [len(weights)]  # the gradient addresses only
+    weights[:] = [w.clone() + 0.1 for w in weights]  # new tensors
+    p_logits[:] = [p.clone() - 0.2 for p in p_logits]
+    check()
+
+
 def test_regularizer_mixed_weight_dtypes_and_layouts():
     gen = torch.Generator().manual_seed(1)
     weights = [torch.randn(8, 4, 3, 3, generator=gen).to(memory_format=torch.channels_last),

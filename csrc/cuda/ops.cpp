@@ -7,8 +7,11 @@
 
 #include <algorithm>
 #include <cstring>
+#include <map>
+#include <mutex>
 #include <string>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "../../kernels/pgnas_kernels.h"
@@ -265,7 +268,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> branch_combine_backward(
 
 struct Table {
   std::vector<pgnas_reg_segment> segs;
-  int64_t rows = 0, channels = 0, rowsq = 0;
+  int64_t rows = 0, channels = 0;
   bool any_double = false;
 };
 
@@ -290,19 +293,31 @@ Table segment_table(const std::vector<at::Tensor>& weights, const std::vector<at
     s.out_channels = weights[k].size(0);
     s.row_begin = t.rows;
     s.channel_begin = t.channels;
-    s.rowsq_begin = t.rowsq;
     t.rows += s.out_channels;
     t.channels += s.groups * s.per_group;
-    t.rowsq += s.out_channels * s.per_group;
   }
   return t;
 }
 
-at::Tensor device_table(const Table& t, const at::Device& device) {
-  const int64_t bytes = static_cast<int64_t>(t.segs.size() * sizeof(pgnas_reg_segment));
+// A segment table in device memory (one pinned host-to-device copy, no kernel launch).
+template <typename Segment>
+at::Tensor device_table(const std::vector<Segment>& segs, const at::Device& device) {
+  const int64_t bytes = static_cast<int64_t>(segs.size() * sizeof(Segment));
   at::Tensor host = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
-  std::memcpy(host.data_ptr(), t.segs.data(), static_cast<size_t>(bytes));
+  std::memcpy(host.data_ptr(), segs.data(), static_cast<size_t>(bytes));
   return host.to(device, /*non_blocking=*/true);  // the pinned buffer is kept alive by the caching allocator
+}
+
+// The regulariser's ticket counter (pgnas_regularizer): an int32 zero per device and stream, which
+// each call's last block leaves at zero again.
+unsigned int* ticket_counter(const at::Device& device) {
+  static std::mutex mutex;
+  static std::map<std::pair<int, cudaStream_t>, at::Tensor> counters;
+  const cudaStream_t stream = current_stream();
+  const std::lock_guard<std::mutex> lock(mutex);
+  at::Tensor& counter = counters[{device.index(), stream}];
+  if (!counter.defined()) counter = at::zeros({1}, at::TensorOptions().device(device).dtype(at::kInt));
+  return static_cast<unsigned int*>(counter.data_ptr());
 }
 
 at::Tensor regularizer(const std::vector<at::Tensor>& weights, const std::vector<at::Tensor>& p_logits,
@@ -310,14 +325,15 @@ at::Tensor regularizer(const std::vector<at::Tensor>& weights, const std::vector
   check_coefficients(weight_reg, drop_reg, n_train);
   const Table t = segment_table(weights, p_logits);
   const c10::cuda::CUDAGuard guard(weights[0].device());
-  const at::Tensor table = device_table(t, weights[0].device());
-  at::Tensor result = at::empty({1 + PGNAS_REG_MAX_BLOCKS}, weights[0].options().dtype(at::kDouble));
-  PGNAS_CUDA_CHECK(pgnas_regularizer(result.data_ptr<double>(), result.data_ptr<double>() + 1,
+  const at::Tensor table = device_table(t.segs, weights[0].device());
+  at::Tensor result = at::empty({}, weights[0].options().dtype(t.any_double ? at::kDouble : at::kFloat));
+  const at::Tensor partials = at::empty({PGNAS_REG_MAX_BLOCKS}, weights[0].options().dtype(at::kDouble));
+  PGNAS_CUDA_CHECK(pgnas_regularizer(result.data_ptr(), t.any_double ? 1 : 0, partials.data_ptr<double>(),
+                                     ticket_counter(weights[0].device()),
                                      static_cast<const pgnas_reg_segment*>(table.data_ptr()),
                                      static_cast<int32_t>(t.segs.size()), t.rows, t.channels, weight_reg, drop_reg,
                                      n_train, current_stream()));
-  const at::Tensor r = result[0];  // 0-dim view of the sum
-  return t.any_double ? r.clone() : r.to(at::kFloat);
+  return result;
 }
 
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> regularizer_backward(
@@ -335,14 +351,14 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> regularizer_backwar
     t.segs[k].grad_weight = grad_weights.back().data_ptr();
     t.segs[k].grad_p_logit = grad_p_logits.back().data_ptr();
   }
-  const at::Tensor table = device_table(t, weights[0].device());
-  const at::Tensor grad64 = grad.reshape({}).to(at::kDouble).contiguous();
-  at::Tensor rowsq = at::empty({t.rowsq}, weights[0].options().dtype(at::kDouble));
-  PGNAS_CUDA_CHECK(pgnas_regularizer_backward(grad64.data_ptr<double>(),
+  const at::Tensor table = device_table(t.segs, weights[0].device());
+  // the kernel reads a float32 or float64 scalar as it is (no cast launch)
+  const bool grad_double = grad.scalar_type() == at::kDouble;
+  const at::Tensor g = grad_double || grad.scalar_type() == at::kFloat ? grad : grad.to(at::kFloat);
+  PGNAS_CUDA_CHECK(pgnas_regularizer_backward(g.data_ptr(), grad_double ? 1 : 0,
                                               static_cast<const pgnas_reg_segment*>(table.data_ptr()),
-                                              static_cast<int32_t>(t.segs.size()), t.rows, t.channels,
-                                              rowsq.data_ptr<double>(), weight_reg, drop_reg, n_train,
-                                              current_stream()));
+                                              static_cast<int32_t>(t.segs.size()), t.rows, t.channels, weight_reg,
+                                              drop_reg, n_train, current_stream()));
   return {grad_weights, grad_p_logits};
 }
 
@@ -373,14 +389,6 @@ at::Tensor gaussian_noise_backward(const at::Tensor& grad, const at::Tensor& var
   return grad_var;
 }
 
-// The segment table of the KL in device memory (one pinned host-to-device copy, no kernel launch).
-at::Tensor kl_device_table(const std::vector<pgnas_kl_segment>& segs, const at::Device& device) {
-  const int64_t bytes = static_cast<int64_t>(segs.size() * sizeof(pgnas_kl_segment));
-  at::Tensor host = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
-  std::memcpy(host.data_ptr(), segs.data(), static_cast<size_t>(bytes));
-  return host.to(device, /*non_blocking=*/true);  // the pinned buffer is kept alive by the caching allocator
-}
-
 std::vector<pgnas_kl_segment> kl_segments(const std::vector<at::Tensor>& log_alphas,
                                           const std::vector<int64_t>& weights_per_channel, double n_train,
                                           int64_t* max_channels) {
@@ -404,7 +412,7 @@ at::Tensor gaussian_kl(const std::vector<at::Tensor>& log_alphas, const std::vec
   const c10::cuda::CUDAGuard guard(log_alphas[0].device());
   int64_t max_channels = 0;
   const std::vector<pgnas_kl_segment> segs = kl_segments(log_alphas, weights_per_channel, n_train, &max_channels);
-  const at::Tensor table = kl_device_table(segs, log_alphas[0].device());
+  const at::Tensor table = device_table(segs, log_alphas[0].device());
   at::Tensor result = at::empty({1}, log_alphas[0].options().dtype(at::kDouble));
   PGNAS_CUDA_CHECK(pgnas_gaussian_kl(result.data_ptr<double>(), static_cast<const pgnas_kl_segment*>(table.data_ptr()),
                                      static_cast<int32_t>(segs.size()), current_stream()));
@@ -425,7 +433,7 @@ std::vector<at::Tensor> gaussian_kl_backward(const at::Tensor& grad, const std::
     grads.push_back(at::empty_like(log_alphas[k]));
     segs[k].grad = grads.back().data_ptr();
   }
-  const at::Tensor table = kl_device_table(segs, log_alphas[0].device());
+  const at::Tensor table = device_table(segs, log_alphas[0].device());
   const at::Tensor grad64 = grad.reshape({}).to(at::kDouble).contiguous();
   PGNAS_CUDA_CHECK(pgnas_gaussian_kl_backward(grad64.data_ptr<double>(),
                                               static_cast<const pgnas_kl_segment*>(table.data_ptr()),

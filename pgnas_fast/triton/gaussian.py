@@ -11,10 +11,11 @@ backward ops.
   place. Any other strided view (a channel slice, a transpose) is copied to contiguous once: a strided
   kernel per view would cost more code than the copy costs time, and such views do not come out of
   convolutions, whose outputs this epilogue takes.
-- gaussian_kl: multi-tensor, as `regularizer.py`: an int64 layer table (log alpha and gradient
-  addresses, channel count, weights_per_channel / n_train as float64 bits) and an int32 block table of
-  (layer, first channel) items; however many layers, the value takes one kernel launch (per-block
-  partials) and one torch sum of the partials, the gradients one launch.
+- gaussian_kl: multi-tensor, as `regularizer.py` (cached tables, `tables`): an int64 layer table (log
+  alpha address, channel count, weights_per_channel / n_train as float64 bits), an int32 block table
+  of (layer, first channel) items and, backward, a per-call table of gradient addresses; however many
+  layers, the value takes one kernel launch (the last program adds the blocks' partials) and the
+  gradients one.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ import triton
 import triton.language as tl
 
 from ..reference import math_dtype
-
+from . import tables
 from .gates import log1p
 from .philox import as_u32, philox4x32_10, split_u64, word_uniform
 
@@ -35,7 +36,7 @@ VAR_EPS: tl.constexpr = tl.constexpr(1e-8)
 KL_K1: tl.constexpr = tl.constexpr(0.63576)
 KL_K2: tl.constexpr = tl.constexpr(1.87320)
 KL_K3: tl.constexpr = tl.constexpr(1.48695)
-KL_TABLE_COLUMNS: tl.constexpr = tl.constexpr(4)  # log alpha address, gradient address, channels, scale
+KL_TABLE_COLUMNS: tl.constexpr = tl.constexpr(3)  # log alpha address, channels, scale
 KL_BLOCK_C = 256
 
 
@@ -108,35 +109,36 @@ def _sigmoid(x):
 
 @triton.jit
 def _kl_layer_block(table_ptr, blocks_ptr, a_like, G_TYPE: tl.constexpr, BLOCK_C: tl.constexpr):
-    """This program's (log alpha pointer, gradient pointer, channels c, mask, scale) from the tables."""
+    """This program's (layer, log alpha pointer, channels c, mask, scale) from the tables."""
     pid = tl.program_id(0)
     layer = tl.load(blocks_ptr + 2 * pid)
     c = tl.load(blocks_ptr + 2 * pid + 1) + tl.arange(0, BLOCK_C)
     row = table_ptr + layer * KL_TABLE_COLUMNS
     a_ptr = tl.load(row + 0).to(a_like.dtype)
-    grad_ptr = tl.load(row + 1).to(a_like.dtype)
-    mask = c < tl.load(row + 2)
-    scale = tl.load(row + 3).to(tl.float64, bitcast=True).to(G_TYPE)
-    return a_ptr, grad_ptr, c, mask, scale
+    mask = c < tl.load(row + 1)
+    scale = tl.load(row + 2).to(tl.float64, bitcast=True).to(G_TYPE)
+    return layer, a_ptr, c, mask, scale
 
 
 @triton.jit
-def _gaussian_kl_kernel(table_ptr, blocks_ptr, partial_ptr, a_like, G_TYPE: tl.constexpr, BLOCK_C: tl.constexpr):
-    """partial[block] = scale * sum_c (K1 - K1 sigmoid(K2 + K3 a) + 0.5 softplus(-a)) over its channels."""
-    a_ptr, _g, c, mask, scale = _kl_layer_block(table_ptr, blocks_ptr, a_like, G_TYPE, BLOCK_C)
+def _gaussian_kl_kernel(table_ptr, blocks_ptr, partial_ptr, counter_ptr, out_ptr, n_programs, a_like,
+                        G_TYPE: tl.constexpr, BLOCK_C: tl.constexpr):
+    """out = sum over blocks of scale * sum_c (K1 - K1 sigmoid(K2 + K3 a) + 0.5 softplus(-a))."""
+    _layer, a_ptr, c, mask, scale = _kl_layer_block(table_ptr, blocks_ptr, a_like, G_TYPE, BLOCK_C)
     a = tl.load(a_ptr + c, mask=mask, other=0.0).to(G_TYPE)
     k1 = tl.full([], KL_K1, G_TYPE)
     s = _sigmoid(tl.full([], KL_K2, G_TYPE) + tl.full([], KL_K3, G_TYPE) * a)
     softplus = tl.maximum(-a, 0.0) + log1p(tl.exp(-tl.abs(a)))  # softplus(-a), no overflow
     term = tl.where(mask, k1 - k1 * s + 0.5 * softplus, 0.0)
-    tl.store(partial_ptr + tl.program_id(0), scale * tl.sum(term, axis=0))
+    tables.sum_when_last(partial_ptr, scale * tl.sum(term, axis=0), counter_ptr, out_ptr, n_programs, G_TYPE)
 
 
 @triton.jit
-def _gaussian_kl_backward_kernel(table_ptr, blocks_ptr, grad_ptr, a_like, G_TYPE: tl.constexpr,
+def _gaussian_kl_backward_kernel(table_ptr, grads_ptr, blocks_ptr, grad_ptr, a_like, G_TYPE: tl.constexpr,
                                  BLOCK_C: tl.constexpr):
     """d a = grad scale (-K1 K3 s (1 - s) - 0.5 sigmoid(-a)), s = sigmoid(K2 + K3 a)."""
-    a_ptr, ga_ptr, c, mask, scale = _kl_layer_block(table_ptr, blocks_ptr, a_like, G_TYPE, BLOCK_C)
+    layer, a_ptr, c, mask, scale = _kl_layer_block(table_ptr, blocks_ptr, a_like, G_TYPE, BLOCK_C)
+    ga_ptr = tl.load(grads_ptr + layer).to(a_like.dtype)
     a = tl.load(a_ptr + c, mask=mask, other=0.0).to(G_TYPE)
     s = _sigmoid(tl.full([], KL_K2, G_TYPE) + tl.full([], KL_K3, G_TYPE) * a)
     d = -tl.full([], KL_K1 * KL_K3, G_TYPE) * s * (1.0 - s) - 0.5 * _sigmoid(-a)
@@ -189,20 +191,21 @@ def gaussian_noise_backward(grad, var, seed, stream, offset):
     return _noise_launch(_gaussian_noise_backward_kernel, grad.to(var.dtype), var, var, seed, stream, offset)
 
 
-
-def _kl_tables(alphas, grads, weights_per_channel, n_train):
-    rows, blocks = [], []
-    for layer, (a, g, count) in enumerate(zip(alphas, grads, weights_per_channel)):
-        scale_bits = struct.unpack("<q", struct.pack("<d", count / n_train))[0]
-        rows.append([a.data_ptr(), g.data_ptr(), a.shape[0], scale_bits])
-        blocks += [[layer, c] for c in range(0, a.shape[0], KL_BLOCK_C)]
-    table = torch.tensor(rows, dtype=torch.int64)
-    blocks = torch.tensor(blocks, dtype=torch.int32)
+def _kl_tables(alphas, weights_per_channel, n_train):
+    """(layer table, block table) of the log alphas, cached (`tables`)."""
+    scales = [count / n_train for count in weights_per_channel]
     device = alphas[0].device
-    if device.type == "cuda":
-        table = table.pin_memory().to(device, non_blocking=True)
-        blocks = blocks.pin_memory().to(device, non_blocking=True)
-    return table, blocks
+
+    def layers():
+        return [[a.data_ptr(), a.shape[0], struct.unpack("<q", struct.pack("<d", scale))[0]]
+                for a, scale in zip(alphas, scales)]
+
+    def blocks():
+        return [[layer, c] for layer, a in enumerate(alphas) for c in range(0, a.shape[0], KL_BLOCK_C)]
+
+    layer_key = ("kl layers", tuple(tables.tensor_key(a) for a in alphas), tuple(scales))
+    block_key = ("kl blocks", tuple(a.shape[0] for a in alphas))
+    return tables.cached(layer_key, layers, torch.int64, device), tables.cached(block_key, blocks, torch.int32, device)
 
 
 _TL_TYPES = {torch.float32: tl.float32, torch.float64: tl.float64}
@@ -211,20 +214,25 @@ _TL_TYPES = {torch.float32: tl.float32, torch.float64: tl.float64}
 def gaussian_kl(log_alphas, weights_per_channel, n_train):
     dtype = math_dtype(*log_alphas)
     alphas = [a.to(dtype).contiguous() for a in log_alphas]
-    table, blocks = _kl_tables(alphas, alphas, weights_per_channel, n_train)  # the value writes no gradients
-    partial = torch.zeros(blocks.shape[0], dtype=dtype, device=alphas[0].device)
-    if blocks.shape[0]:  # every layer empty: no launch (a grid of 0 programs)
-        _gaussian_kl_kernel[(blocks.shape[0],)](table, blocks, partial, alphas[0], G_TYPE=_TL_TYPES[dtype],
-                                                BLOCK_C=KL_BLOCK_C)
-    return partial.sum()
+    device = alphas[0].device
+    table, blocks = _kl_tables(alphas, weights_per_channel, n_train)
+    n_blocks = blocks.shape[0]
+    if n_blocks == 0:  # every layer empty: no launch (a grid of 0 programs)
+        return torch.zeros((), dtype=dtype, device=device)
+    out = torch.empty((), dtype=dtype, device=device)
+    partial = torch.empty(n_blocks, dtype=dtype, device=device)
+    _gaussian_kl_kernel[(n_blocks,)](table, blocks, partial, tables.ticket_counter(device), out, n_blocks, alphas[0],
+                                     G_TYPE=_TL_TYPES[dtype], BLOCK_C=KL_BLOCK_C)
+    return out
 
 
 def gaussian_kl_backward(grad, log_alphas, weights_per_channel, n_train):
     dtype = math_dtype(*log_alphas)
     alphas = [a.to(dtype).contiguous() for a in log_alphas]
     grads = [torch.empty_like(a) for a in alphas]
-    table, blocks = _kl_tables(alphas, grads, weights_per_channel, n_train)
+    table, blocks = _kl_tables(alphas, weights_per_channel, n_train)
     if blocks.shape[0]:
-        _gaussian_kl_backward_kernel[(blocks.shape[0],)](table, blocks, grad.to(dtype), alphas[0],
+        addresses = tables.on_device([[g.data_ptr()] for g in grads], torch.int64, alphas[0].device)
+        _gaussian_kl_backward_kernel[(blocks.shape[0],)](table, addresses, blocks, grad.to(dtype), alphas[0],
                                                          G_TYPE=_TL_TYPES[dtype], BLOCK_C=KL_BLOCK_C)
     return [g if g.dtype == a.dtype else g.to(a.dtype) for g, a in zip(grads, log_alphas)]

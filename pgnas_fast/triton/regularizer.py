@@ -1,15 +1,15 @@
 """The whole network's regulariser R (pgnas-method.md section 2) and its gradients in Triton, in O(1) launches.
 
-Multi-tensor mechanism (the apex `multi_tensor_apply` habit): one int64 *layer table* holds, per
-gated layer, the addresses of its weight, p_logit and gradient buffers and its shape numbers; one
-int32 *block table* lists the work items, (layer, first channel) blocks of input channels and
-(layer, first element) blocks of weights. A kernel launch covers every layer: a program reads its
-block, then its layer's row, and casts the stored addresses back to pointers. Both tables are built
-on the host per call (a few hundred ints, one host-to-device copy, no kernel launch).
+Multi-tensor mechanism (pgnas_fast.triton.tables): a cached int64 *layer table* holds, per gated
+layer, the addresses of its weight and p_logit and its shape numbers; a cached int32 *block table*
+lists the work items, (layer, first channel) blocks of input channels and (layer, first element)
+blocks of weights; the backward pass adds a small per-call table of its gradient buffers' addresses.
+A launch covers every layer: a program reads its block, then its layer's rows, and casts the stored
+addresses back to pointers.
 
 - value: one launch over channel blocks computes, per input channel c, sq_c = sum of W^2 over the
-  outputs and taps reading c, and adds (wr/N)(1 - p_c) sq_c + (dr/N) H'(p_c) to a per-block partial;
-  a torch sum of the partials is the second launch.
+  outputs and taps reading c, and (wr/N)(1 - p_c) sq_c + (dr/N) H'(p_c) summed per block; the last
+  program adds the blocks' partials (`tables.sum_when_last`).
 - backward: one launch; programs below the weight-block count write dW = g 2 wr/N (1 - p_c) W
   elementwise, the others recompute sq_c and write d p_logit = g p (1 - p) (dr/N z - wr/N sq_c).
 
@@ -25,11 +25,12 @@ import triton
 import triton.language as tl
 
 from ..reference import math_dtype
-
+from . import tables
 from .gates import log1p
 from .philox import joined, split_f64
 
-TABLE_COLUMNS = 8  # w, grad_w, p_logit, grad_p addresses; C_in, J, O / G, taps K
+LAYER_COLUMNS = tl.constexpr(6)  # w, p_logit addresses; C_in, J, O / G, taps K
+GRAD_COLUMNS = tl.constexpr(2)  # grad_w, grad_p addresses (backward)
 BLOCK_C = 32
 BLOCK_R = 32
 BLOCK_W = 1024
@@ -44,12 +45,17 @@ def log_sigmoid(z):
 def _layer(table_ptr, layer, w_like, p_like):
     """One layer's row; the stored addresses become pointers typed like w_like / p_like (pointer
     arguments of the weight and gate dtypes)."""
-    row = table_ptr + layer * 8
+    row = table_ptr + layer * LAYER_COLUMNS
     w = tl.load(row + 0).to(w_like.dtype)
-    gw = tl.load(row + 1).to(w_like.dtype)
-    p = tl.load(row + 2).to(p_like.dtype)
-    gp = tl.load(row + 3).to(p_like.dtype)
-    return w, gw, p, gp, tl.load(row + 4), tl.load(row + 5), tl.load(row + 6), tl.load(row + 7)
+    p = tl.load(row + 1).to(p_like.dtype)
+    return w, p, tl.load(row + 2), tl.load(row + 3), tl.load(row + 4), tl.load(row + 5)
+
+
+@triton.jit
+def _grads(grads_ptr, layer, w_like, p_like):
+    """One layer's gradient buffers (the per-call table)."""
+    row = grads_ptr + layer * GRAD_COLUMNS
+    return tl.load(row + 0).to(w_like.dtype), tl.load(row + 1).to(p_like.dtype)
 
 
 @triton.jit
@@ -70,12 +76,12 @@ def _squared_norm_per_input_channel(w, c, cmask, J, opg, K, G_TYPE: tl.constexpr
 
 
 @triton.jit
-def _regularizer_kernel(table_ptr, blocks_ptr, partial_ptr, w_like, p_like, wr_hi, wr_lo, dr_hi, dr_lo,
-                        G_TYPE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
+def _regularizer_kernel(table_ptr, blocks_ptr, partial_ptr, counter_ptr, out_ptr, n_programs, w_like, p_like, wr_hi,
+                        wr_lo, dr_hi, dr_lo, G_TYPE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
     pid = tl.program_id(0)
     layer = tl.load(blocks_ptr + 2 * pid)
     c = tl.load(blocks_ptr + 2 * pid + 1) + tl.arange(0, BLOCK_C)
-    w, _gw, p_ptr, _gp, C, J, opg, K = _layer(table_ptr, layer, w_like, p_like)
+    w, p_ptr, C, J, opg, K = _layer(table_ptr, layer, w_like, p_like)
     cmask = c < C
     z = tl.load(p_ptr + c, mask=cmask, other=0.0).to(G_TYPE)
     sq = _squared_norm_per_input_channel(w, c, cmask, J, opg, K, G_TYPE, BLOCK_C, BLOCK_R)
@@ -86,7 +92,7 @@ def _regularizer_kernel(table_ptr, blocks_ptr, partial_ptr, w_like, p_like, wr_h
     keep_prob = tl.exp(ls_neg)
     neg_entropy = tl.exp(ls_pos) * ls_pos + keep_prob * ls_neg  # H'(p) = p log p + (1 - p) log (1 - p)
     term = tl.where(cmask, wr * keep_prob * sq + dr * neg_entropy, 0.0)
-    tl.store(partial_ptr + pid, tl.sum(term, axis=0))
+    tables.sum_when_last(partial_ptr, tl.sum(term, axis=0), counter_ptr, out_ptr, n_programs, G_TYPE)
 
 
 @triton.jit
@@ -115,14 +121,15 @@ def _p_logit_grad_block(w, p_ptr, gp, start, C, J, opg, K, g, wr, dr, G_TYPE: tl
 
 
 @triton.jit
-def _regularizer_backward_kernel(table_ptr, blocks_ptr, n_weight_blocks, grad_ptr, w_like, p_like,
+def _regularizer_backward_kernel(table_ptr, grads_ptr, blocks_ptr, n_weight_blocks, grad_ptr, w_like, p_like,
                                  wr_hi, wr_lo, dr_hi, dr_lo, G_TYPE: tl.constexpr, BLOCK_W: tl.constexpr,
                                  BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
     """Programs below n_weight_blocks write weight gradients, the others p_logit gradients."""
     pid = tl.program_id(0)
     layer = tl.load(blocks_ptr + 2 * pid)
     start = tl.load(blocks_ptr + 2 * pid + 1)
-    w, gw, p_ptr, gp, C, J, opg, K = _layer(table_ptr, layer, w_like, p_like)
+    w, p_ptr, C, J, opg, K = _layer(table_ptr, layer, w_like, p_like)
+    gw, gp = _grads(grads_ptr, layer, w_like, p_like)
     g = tl.load(grad_ptr).to(G_TYPE)
     wr = joined(wr_hi, wr_lo, G_TYPE)
     dr = joined(dr_hi, dr_lo, G_TYPE)
@@ -149,51 +156,64 @@ def _prepared(weights, p_logits):
     return ws, ps, wdtype, gdtype
 
 
-def _tables(ws, ps, gws, gps, with_weight_blocks):
-    device = ws[0].device
-    rows, weight_blocks, channel_blocks = [], [], []
-    for layer, (w, p, gw, gp) in enumerate(zip(ws, ps, gws, gps)):
-        in_channels, per_group, out_channels = p.shape[0], w.shape[1], w.shape[0]
-        groups = in_channels // per_group
-        taps = w.numel() // (out_channels * per_group)
-        rows.append([w.data_ptr(), gw.data_ptr(), p.data_ptr(), gp.data_ptr(), in_channels, per_group,
-                     out_channels // groups, taps])
-        if with_weight_blocks:
-            weight_blocks += [[layer, e] for e in range(0, w.numel(), BLOCK_W)]
-        channel_blocks += [[layer, c] for c in range(0, in_channels, BLOCK_C)]
-    table = torch.tensor(rows, dtype=torch.int64)
-    blocks = torch.tensor(weight_blocks + channel_blocks, dtype=torch.int32)
-    if device.type == "cuda":
-        table = table.pin_memory().to(device, non_blocking=True)
-        blocks = blocks.pin_memory().to(device, non_blocking=True)
-    return table, blocks, len(weight_blocks), len(channel_blocks)
+def _shape_numbers(w, p):
+    """C_in, J (inputs per group), O / G (outputs per group), taps K of a gated weight."""
+    in_channels, per_group, out_channels = p.shape[0], w.shape[1], w.shape[0]
+    return in_channels, per_group, out_channels // (in_channels // per_group), w.numel() // (out_channels * per_group)
+
+
+def _layer_table(ws, ps):
+    def build():
+        return [[w.data_ptr(), p.data_ptr(), *_shape_numbers(w, p)] for w, p in zip(ws, ps)]
+
+    key = ("regularizer layers", tuple(tables.tensor_key(t) for t in (*ws, *ps)))
+    return tables.cached(key, build, torch.int64, ws[0].device)
+
+
+def _block_table(ws, ps, with_weight_blocks: bool):
+    """(blocks, weight block count, channel block count): weight blocks first."""
+    shapes = tuple((tuple(w.shape), p.shape[0]) for w, p in zip(ws, ps))
+    n_weight_blocks = sum(triton.cdiv(w.numel(), BLOCK_W) for w in ws) if with_weight_blocks else 0
+    n_channel_blocks = sum(triton.cdiv(p.shape[0], BLOCK_C) for p in ps)
+
+    def build():
+        weight_blocks = [[layer, e] for layer, w in enumerate(ws) for e in range(0, w.numel(), BLOCK_W)]
+        channel_blocks = [[layer, c] for layer, p in enumerate(ps) for c in range(0, p.shape[0], BLOCK_C)]
+        return (weight_blocks if with_weight_blocks else []) + channel_blocks
+
+    blocks = tables.cached(("regularizer blocks", shapes, with_weight_blocks), build, torch.int32, ws[0].device)
+    return blocks, n_weight_blocks, n_channel_blocks
 
 
 _TL_TYPES = {torch.float32: tl.float32, torch.float64: tl.float64}
 
 
 def regularizer(weights, p_logits, weight_reg, drop_reg, n_train):
-    ws, ps, wdtype, gdtype = _prepared(weights, p_logits)
-    # the value needs no gradient buffers: their table slots repeat the inputs' addresses
-    table, blocks, _, n_blocks = _tables(ws, ps, ws, ps, with_weight_blocks=False)
-    partial = torch.empty(n_blocks, dtype=gdtype, device=ws[0].device)
+    ws, ps, _, gdtype = _prepared(weights, p_logits)
+    table = _layer_table(ws, ps)
+    blocks, _, n_blocks = _block_table(ws, ps, with_weight_blocks=False)
+    device = ws[0].device
+    partial = torch.empty(n_blocks, dtype=gdtype, device=device)
+    out = torch.empty((), dtype=gdtype, device=device)
     _regularizer_kernel[(n_blocks,)](
-        table, blocks, partial, ws[0], ps[0], *split_f64(weight_reg / n_train), *split_f64(drop_reg / n_train),
-        G_TYPE=_TL_TYPES[gdtype], BLOCK_C=BLOCK_C, BLOCK_R=BLOCK_R)
-    return partial.sum()
+        table, blocks, partial, tables.ticket_counter(device), out, n_blocks, ws[0], ps[0],
+        *split_f64(weight_reg / n_train), *split_f64(drop_reg / n_train), G_TYPE=_TL_TYPES[gdtype], BLOCK_C=BLOCK_C,
+        BLOCK_R=BLOCK_R)
+    return out
 
 
 def regularizer_backward(grad, weights, p_logits, weight_reg, drop_reg, n_train):
     ws, ps, wdtype, gdtype = _prepared(weights, p_logits)
-    gws = [w if w.dtype == wdtype and w.is_contiguous() else None for w in weights]
     grad_weights = [torch.empty_like(w) for w in weights]
     # write straight into the outputs unless the weight needed a dtype or layout copy
-    gws = [gw if w is not None and gw.is_contiguous() else torch.empty_like(ww)
-           for w, gw, ww in zip(gws, grad_weights, ws)]
+    gws = [out if out.dtype == wdtype and out.is_contiguous() else torch.empty_like(w)
+           for out, w in zip(grad_weights, ws)]
     gps = [torch.empty_like(p) for p in ps]
-    table, blocks, n_weight_blocks, n_channel_blocks = _tables(ws, ps, gws, gps, with_weight_blocks=True)
+    table = _layer_table(ws, ps)
+    blocks, n_weight_blocks, n_channel_blocks = _block_table(ws, ps, with_weight_blocks=True)
+    grads = tables.on_device([[gw.data_ptr(), gp.data_ptr()] for gw, gp in zip(gws, gps)], torch.int64, ws[0].device)
     _regularizer_backward_kernel[(n_weight_blocks + n_channel_blocks,)](
-        table, blocks, n_weight_blocks, grad.to(gdtype), ws[0], ps[0], *split_f64(weight_reg / n_train),
+        table, grads, blocks, n_weight_blocks, grad.to(gdtype), ws[0], ps[0], *split_f64(weight_reg / n_train),
         *split_f64(drop_reg / n_train), G_TYPE=_TL_TYPES[gdtype], BLOCK_W=BLOCK_W, BLOCK_C=BLOCK_C,
         BLOCK_R=BLOCK_R)
     for out, gw in zip(grad_weights, gws):

@@ -1,0 +1,87 @@
+"""Launch tables and the one-launch sum of the multi-tensor kernels (regulariser, Gaussian KL).
+
+A multi-tensor launch (apex's `multi_tensor_apply` habit) reads an int64 *row table* (per layer: the
+addresses of its inputs and its shape numbers) and an int32 *block table* ((layer, start) per
+program). Building a block table in Python costs more than the kernels themselves (a SupNet-MI
+backward has tens of thousands of weight blocks), and a host-to-device copy per call stalls the
+launch queue, so tables are cached on the device, keyed by what they encode:
+- block tables by the layers' shapes only;
+- row tables by the inputs' addresses and shapes, which stay fixed for parameters across steps.
+A stale entry is never wrong: a table holds nothing but its key. Per-call addresses (fresh gradient
+buffers) go in a separate small table copied each call.
+
+`sum_when_last`: programs store their partial sums, and the last program to finish (an atomic
+ticket) adds them in index order, so a value needs one launch and stays deterministic (an atomic
+float sum would not be).
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+
+import torch
+import triton
+import triton.language as tl
+
+CACHE_ENTRIES = 64  # tables of a few networks and dtypes; least recently used go first
+_cache: OrderedDict[Hashable, torch.Tensor] = OrderedDict()
+_counters: dict[Hashable, torch.Tensor] = {}
+SUM_BLOCK = tl.constexpr(128)
+
+
+def on_device(rows: list[list[int]], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A [len(rows), width] table on `device` (pinned, asynchronous copy on CUDA)."""
+    table = torch.tensor(rows, dtype=dtype)
+    if device.type == "cuda":
+        table = table.pin_memory().to(device, non_blocking=True)
+    return table
+
+
+def cached(key: Hashable, build: Callable[[], list[list[int]]], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The device table of `key`, built by `build()` on a miss."""
+    key = (key, dtype, device)
+    table = _cache.get(key)
+    if table is None:
+        table = on_device(build(), dtype, device)
+        _cache[key] = table
+        if len(_cache) > CACHE_ENTRIES:
+            _cache.popitem(last=False)
+    else:
+        _cache.move_to_end(key)
+    return table
+
+
+def tensor_key(t: torch.Tensor) -> tuple:
+    """What a row table stores of a tensor: where it is and how it is shaped."""
+    return t.data_ptr(), tuple(t.shape), t.dtype
+
+
+def ticket_counter(device: torch.device) -> torch.Tensor:
+    """An int32 zero for `sum_when_last`, one per device and CUDA stream (the last program resets it,
+    so calls on one stream reuse it; calls on two streams at once must not share one)."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    counter = _counters.get((device, stream))
+    if counter is None:
+        counter = _counters[device, stream] = torch.zeros(1, dtype=torch.int32, device=device)
+    return counter
+
+
+@triton.jit
+def sum_when_last(partial_ptr, partial, counter_ptr, out_ptr, n_programs, G_TYPE: tl.constexpr):
+    """Stores this program's `partial`; the last program of the launch writes sum(partials) to out_ptr
+    (in index order) and resets the counter."""
+    tl.store(partial_ptr + tl.program_id(0), partial)
+    tl.debug_barrier()  # the whole program's stores before its ticket (released by the atomic)
+    ticket = tl.atomic_add(counter_ptr, 1)
+    if ticket == n_programs - 1:
+        acc = tl.zeros([SUM_BLOCK], G_TYPE)
+        for start in range(0, n_programs, SUM_BLOCK):
+            i = start + tl.arange(0, SUM_BLOCK)
+            acc += tl.load(partial_ptr + i, mask=i < n_programs, other=0.0, cache_modifier=".cg")
+        tl.store(out_ptr, tl.sum(acc, axis=0))
+        tl.atomic_xchg(counter_ptr, 0)
+
+
+def clear() -> None:
+    """Forget every cached table (tests)."""
+    _cache.clear()

@@ -29,14 +29,14 @@ def trained(tmp_path_factory):
         model.load_state_dict(torch.load(out / "checkpoint.pt", weights_only=False)["model"])
         return model
 
-    return load_model, load_data(config).heldout
+    return load_model, load_data(config).heldout, config["rank_rows"]
 
 
 @pytest.mark.parametrize("evaluator", ["batched", "sequential", "reload"])
 def test_candidates_per_second(benchmark, trained, evaluator):
-    load_model, heldout = trained
+    load_model, heldout, rows = trained
     scorer = CandidateScorer(load_model(), *heldout, seed=0, evaluator=evaluator, batch_size=1024,
-                             load_model=load_model)
+                             rows_per_pass=rows, load_model=load_model)  # the preset's pass size
     counts = benchmark.pedantic(scorer.correct, args=(list(range(CANDIDATES)), 0, len(heldout[1])),
                                 rounds=3, iterations=1)
     benchmark.extra_info["candidates"] = CANDIDATES
@@ -45,8 +45,8 @@ def test_candidates_per_second(benchmark, trained, evaluator):
 
 
 def test_racing_images_saved_at_1000_candidates(benchmark, trained):
-    load_model, heldout = trained
-    scorer = CandidateScorer(load_model(), *heldout, seed=0)
+    load_model, heldout, rows = trained
+    scorer = CandidateScorer(load_model(), *heldout, seed=0, rows_per_pass=rows)
     exhaustive = rank(scorer, range(1000), progress=False)
     racing = benchmark.pedantic(rank, args=(scorer, range(1000)), kwargs={"strategy": "racing", "progress": False},
                                 rounds=1, iterations=1)

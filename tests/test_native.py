@@ -145,7 +145,8 @@ def test_cuda_bindings_compile_without_a_cuda_torch():
     from torch.utils import cpp_extension
 
     sources = _cuda_host_sources()
-    assert "csrc/cuda/ops.cpp" in sources
+    cuda_cpp = {str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cuda").glob("*.cpp")}
+    assert cuda_cpp and cuda_cpp <= set(sources), f"csrc/cuda/*.cpp missing from csrc/sources.txt: {cuda_cpp}"
     system_includes = [*cpp_extension.include_paths(), str(_cuda_home() / "include"), sysconfig.get_paths()["include"]]
     flags = [*_setup_cxx_flags(), "-fsyntax-only", "-Wall", "-Wextra", "-Werror", "-DPGNAS_WITH_CUDA",
              "-DTORCH_API_INCLUDE_EXTENSION_H", "-DTORCH_EXTENSION_NAME=_C", "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE",
@@ -153,8 +154,8 @@ def test_cuda_bindings_compile_without_a_cuda_torch():
     # -isystem: warnings of torch's, CUDA's and Python's headers are theirs (torch's want C++20)
     compiles = {path: subprocess.Popen(["g++", *flags, path], cwd=ROOT, stdout=subprocess.PIPE,
                                        stderr=subprocess.STDOUT, text=True) for path in sources}
-    errors = {path: p.communicate(timeout=600)[0] for path, p in compiles.items()}
-    failed = {path: log[-4000:] for path, log in errors.items() if compiles[path].returncode != 0}
+    logs = {path: p.communicate(timeout=600)[0] for path, p in compiles.items()}
+    failed = {path: log[-4000:] for path, log in logs.items() if compiles[path].returncode != 0}
     assert not failed, "\n".join(f"{path}:\n{log}" for path, log in failed.items())
 
 

@@ -34,15 +34,22 @@ native = pytest.mark.skipif(
 
 
 # ---- the build --------------------------------------------------------------------------------------
-def test_sources_list_names_existing_files_and_every_kernel():
-    """csrc/sources.txt, read by setup.py and CMakeLists.txt, lists every kernel and only real files."""
+def _listed_sources() -> list[tuple[str, str]]:
+    """(kind, path) of csrc/sources.txt, in order."""
     listed = []
     for line in (ROOT / "csrc" / "sources.txt").read_text().splitlines():
         fields = line.split("#", 1)[0].split()
         if fields:
             assert len(fields) == 2 and fields[0] in ("cpu", "cuda"), line
-            assert (ROOT / fields[1]).is_file(), fields[1]
-            listed.append(fields[1])
+            listed.append((fields[0], fields[1]))
+    return listed
+
+
+def test_sources_list_names_existing_files_and_every_kernel():
+    """csrc/sources.txt, read by setup.py and CMakeLists.txt, lists every kernel and only real files."""
+    listed = [path for _kind, path in _listed_sources()]
+    for path in listed:
+        assert (ROOT / path).is_file(), path
     assert {f"kernels/{k.name}" for k in KERNELS} <= set(listed)
 
 
@@ -91,6 +98,65 @@ def test_kernel_compiles_with_plain_nvcc_warnings_as_errors(kernel, tmp_path):
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "#include <torch" not in kernel.read_text() and "ATen" not in kernel.read_text()
+
+
+# ---- the CUDA build's host C++, checked without a CUDA torch -----------------------------------------
+def _cuda_host_sources() -> list[str]:
+    """The C++ that only the CUDA build compiles as such: the `cuda` sources that are not kernels
+    (csrc/cuda/*.cpp, the cuda bindings) and the `cpu` ones with a PGNAS_WITH_CUDA branch."""
+    return [path for kind, path in _listed_sources() if path.endswith(".cpp") and (
+        kind == "cuda" or "PGNAS_WITH_CUDA" in (ROOT / path).read_text())]
+
+
+def _setup_cxx_flags() -> list[str]:
+    """setup.py's `cxx_flags` list (its one place), read without running setup.py."""
+    import ast
+
+    for node in ast.walk(ast.parse((ROOT / "setup.py").read_text())):
+        if isinstance(node, ast.Assign) and [ast.unparse(t) for t in node.targets] == ["cxx_flags"]:
+            return ast.literal_eval(node.value)
+    raise AssertionError("setup.py has no `cxx_flags = [...]` list any more: update this test")
+
+
+def _cuda_home() -> Path | None:
+    """Where the CUDA headers are (CUDA_HOME, CUDA_PATH, nvcc's install, /usr/local/cuda), or None."""
+    nvcc = shutil.which("nvcc")
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"),
+                  nvcc and Path(nvcc).resolve().parents[1], "/usr/local/cuda"]
+    return next((Path(c) for c in candidates if c and (Path(c) / "include" / "cuda_runtime_api.h").is_file()), None)
+
+
+TORCH_INCLUDE = Path(torch.__file__).parent / "include"
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="g++ is not installed")
+@pytest.mark.skipif(_cuda_home() is None, reason="no CUDA headers (cuda_runtime_api.h under CUDA_HOME, nvcc's "
+                    "install or /usr/local/cuda)")
+@pytest.mark.skipif(not (TORCH_INCLUDE / "c10" / "cuda" / "CUDAStream.h").is_file(),
+                    reason="this torch wheel ships no c10/cuda headers")
+def test_cuda_bindings_compile_without_a_cuda_torch():
+    """csrc/cuda/*.cpp is compiled only where torch has CUDA, so no CPU machine builds it: check it
+    with g++ here as setup.py's CUDAExtension would compile it (its cxx flags, torch's extension
+    defines, PGNAS_WITH_CUDA), syntax and types only, every warning of our code an error. A CPU wheel
+    lacks only c10/cuda's generated cuda_cmake_macros.h, which holds nothing a Linux build reads:
+    torch's C10_CUDA_NO_CMAKE_CONFIGURE_FILE skips its include."""
+    import sysconfig
+
+    from torch.utils import cpp_extension
+
+    sources = _cuda_host_sources()
+    cuda_cpp = {str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cuda").glob("*.cpp")}
+    assert cuda_cpp and cuda_cpp <= set(sources), f"csrc/cuda/*.cpp missing from csrc/sources.txt: {cuda_cpp}"
+    system_includes = [*cpp_extension.include_paths(), str(_cuda_home() / "include"), sysconfig.get_paths()["include"]]
+    flags = [*_setup_cxx_flags(), "-fsyntax-only", "-Wall", "-Wextra", "-Werror", "-DPGNAS_WITH_CUDA",
+             "-DTORCH_API_INCLUDE_EXTENSION_H", "-DTORCH_EXTENSION_NAME=_C", "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE",
+             *(f"-isystem{path}" for path in system_includes)]
+    # -isystem: warnings of torch's, CUDA's and Python's headers are theirs (torch's want C++20)
+    compiles = {path: subprocess.Popen(["g++", *flags, path], cwd=ROOT, stdout=subprocess.PIPE,
+                                       stderr=subprocess.STDOUT, text=True) for path in sources}
+    logs = {path: p.communicate(timeout=600)[0] for path, p in compiles.items()}
+    failed = {path: log[-4000:] for path, log in logs.items() if compiles[path].returncode != 0}
+    assert not failed, "\n".join(f"{path}:\n{log}" for path, log in failed.items())
 
 
 def _cmake(tmp_path: Path, *options: str) -> None:

@@ -68,9 +68,12 @@ def _normal_at(e, C, S, offset_lo, offset_hi, seed_lo, seed_hi, stream_lo, strea
 def _std(v, COMPUTE_F64: tl.constexpr):
     """sqrt(max(var, 0) + 1e-8), rounded correctly (tl.sqrt is approximate in float32); a NaN var
     stays NaN, as with torch's clamp_min."""
+    # one return at the end: Triton's compiler also visits what follows a constexpr branch's return
     if COMPUTE_F64:
-        return tl.sqrt(tl.where(v < 0.0, 0.0, v) + tl.full([], VAR_EPS, tl.float64))
-    return tl.sqrt_rn(tl.where(v < 0.0, 0.0, v) + tl.full([], VAR_EPS, tl.float32))
+        std = tl.sqrt(tl.where(v < 0.0, 0.0, v) + tl.full([], VAR_EPS, tl.float64))
+    else:
+        std = tl.sqrt_rn(tl.where(v < 0.0, 0.0, v) + tl.full([], VAR_EPS, tl.float32))
+    return std
 
 
 @triton.jit(do_not_specialize=NOISE_ARGS)

@@ -579,14 +579,17 @@ def launch_branch_combine_backward(shape, dtype, w_dtype, n_branches, per_exampl
 
 # ---- regularizer.py, gaussian.py, philox.py -------------------------------------------------------
 def launch_regularizer(w_dtype, g_dtype):
-    table, blocks = meta(56, regularizer.TABLE_COLUMNS, dtype=torch.int64), meta(300, 2, dtype=torch.int32)
+    table = meta(56, regularizer.LAYER_COLUMNS.value, dtype=torch.int64)
+    grads, blocks = meta(56, regularizer.GRAD_COLUMNS.value, dtype=torch.int64), meta(300, 2, dtype=torch.int32)
     w_like, p_like = meta(64, 32, 3, 3, dtype=w_dtype), meta(32, dtype=g_dtype)
     scales = (*philox.split_f64(25.0 / 5e4), *philox.split_f64(2.0 / 5e4))
     g_type = regularizer._TL_TYPES[g_dtype]
-    compile_for_h100(regularizer._regularizer_kernel, table, blocks, meta(150, dtype=g_dtype), w_like, p_like,
-                     *scales, G_TYPE=g_type, BLOCK_C=regularizer.BLOCK_C, BLOCK_R=regularizer.BLOCK_R)
-    compile_for_h100(regularizer._regularizer_backward_kernel, table, blocks, 233, meta(dtype=g_dtype), w_like,
-                     p_like, *scales, G_TYPE=g_type, BLOCK_W=regularizer.BLOCK_W, BLOCK_C=regularizer.BLOCK_C,
+    counter = meta(1, dtype=torch.int32)
+    compile_for_h100(regularizer._regularizer_kernel, table, blocks, meta(150, dtype=g_dtype), counter,
+                     meta(dtype=g_dtype), 150, w_like, p_like, *scales, G_TYPE=g_type, BLOCK_C=regularizer.BLOCK_C,
+                     BLOCK_R=regularizer.BLOCK_R)
+    compile_for_h100(regularizer._regularizer_backward_kernel, table, grads, blocks, 233, meta(dtype=g_dtype),
+                     w_like, p_like, *scales, G_TYPE=g_type, BLOCK_W=regularizer.BLOCK_W, BLOCK_C=regularizer.BLOCK_C,
                      BLOCK_R=regularizer.BLOCK_R)
 
 
@@ -601,10 +604,10 @@ def launch_gaussian_noise(like, channels_last):
 
 def launch_gaussian_kl(dtype):
     table, blocks = meta(20, gaussian.KL_TABLE_COLUMNS.value, dtype=torch.int64), meta(40, 2, dtype=torch.int32)
-    alpha = meta(96, dtype=dtype)
-    compile_for_h100(gaussian._gaussian_kl_kernel, table, blocks, meta(40, dtype=dtype), alpha,
-                     G_TYPE=gaussian._TL_TYPES[dtype], BLOCK_C=gaussian.KL_BLOCK_C)
-    compile_for_h100(gaussian._gaussian_kl_backward_kernel, table, blocks, meta(dtype=dtype), alpha,
+    alpha, grads = meta(96, dtype=dtype), meta(20, 1, dtype=torch.int64)
+    compile_for_h100(gaussian._gaussian_kl_kernel, table, blocks, meta(40, dtype=dtype), meta(1, dtype=torch.int32),
+                     meta(dtype=dtype), 40, alpha, G_TYPE=gaussian._TL_TYPES[dtype], BLOCK_C=gaussian.KL_BLOCK_C)
+    compile_for_h100(gaussian._gaussian_kl_backward_kernel, table, grads, blocks, meta(dtype=dtype), alpha,
                      G_TYPE=gaussian._TL_TYPES[dtype], BLOCK_C=gaussian.KL_BLOCK_C)
 
 

@@ -286,6 +286,28 @@ def test_cpu_gated_apply_parallel_sizes_match_reference(batch, channels, size, m
     assert results["cpu"][0].stride() == x.stride()
 
 
+def test_cpu_regularizer_is_the_same_on_any_thread_count():
+    """Work items combine in a fixed order, so value and gradients are bit-identical on 1 and 2
+    threads (a search reproduces byte for byte whatever the machine's thread count)."""
+    gen = torch.Generator().manual_seed(8)
+    shapes = [((40, 24, 3, 3), 24), ((70, 33, 1, 1), 33), ((24, 1, 3, 3), 24), ((48, 12, 3, 3), 24), ((10, 70), 70)]
+    weights = [torch.randn(s, generator=gen) for s, _ in shapes]
+    p_logits = [torch.randn(c, generator=gen) for _, c in shapes]
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            ws = [w.clone().requires_grad_() for w in weights]
+            ps = [p.clone().requires_grad_() for p in p_logits]
+            r = pf.ops.regularizer(ws, ps, weight_reg=3.0, drop_reg=1.0, n_train=20.0, backend="cpu")
+            r.backward()
+            results.append([r] + [t.grad for t in ws + ps])
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
 # ---- the cuda backend (GPU machines) ----------------------------------------------------------------
 gpu = pytest.mark.gpu
 

@@ -238,47 +238,41 @@ void branch_combine_backward(T* const* grad_ys, W* grad_w, const T* grad, const 
 // (o / (O / G)) * per_group + j. Rows of all tensors form one index space (the segment table), so one
 // parallel loop covers the whole network however many layers it has (apex's multi_tensor_apply).
 
-// sum_k W[row, j, k]^2 for each j, into sq_j[per_group].
+// A row's elements e = j * taps + k read input channel j of the row's group; `keep_e[e]` is that
+// channel's (1 - p) repeated over the taps, built once per group, so both passes are flat unit-stride
+// loops over the row (vectorised; a loop over 9 taps per channel is not).
+
+// sum_e keep_e[e] W[row, e]^2 over rows [first, end), in double.
 template <typename T>
-void row_squares(const void* weight, int64_t row, int64_t per_group, int64_t taps, double* sq_j) {
-  const T* w = static_cast<const T*>(weight) + row * per_group * taps;
-  for (int64_t j = 0; j < per_group; ++j) {
-    double acc = 0;
+double rows_weighted_squares(const void* weight, int64_t first, int64_t end, int64_t row_len, const double* keep_e) {
+  const T* w = static_cast<const T*>(weight) + first * row_len;
+  double acc = 0;
+  for (int64_t r = first; r < end; ++r, w += row_len) {
 #pragma omp simd reduction(+ : acc)
-    for (int64_t k = 0; k < taps; ++k) {
-      const double v = static_cast<double>(w[j * taps + k]);
-      acc += v * v;
+    for (int64_t e = 0; e < row_len; ++e) {
+      const double v = static_cast<double>(w[e]);
+      acc += keep_e[e] * v * v;
     }
-    sq_j[j] = acc;
   }
+  return acc;
 }
 
-// grad_w[row, j, k] = scale_j[j] * W[row, j, k], and sq_j[j] = sum_k W[row, j, k]^2: one read of the
-// row for both (the backward pass is memory-bound). The product is taken in float for
+// grad_w[row, e] = scale_e[e] * W[row, e] and sq_e[e] += W[row, e]^2 over rows [first, end): one
+// read of the rows for both (the backward pass is memory-bound). The product is taken in float for
 // float/half/bfloat16 weights: the gradient is rounded to their precision anyway.
 template <typename T>
-void row_scale(void* grad_weight, const void* weight, int64_t row, int64_t per_group, int64_t taps,
-               const double* scale_j, double* sq_j) {
+void rows_scale(void* grad_weight, const void* weight, int64_t first, int64_t end, int64_t row_len,
+                const double* scale_e, double* sq_e) {
   using A = Acc<T, float>;
-  const T* w = static_cast<const T*>(weight) + row * per_group * taps;
-  T* gw = static_cast<T*>(grad_weight) + row * per_group * taps;
-  if (taps == 1) {  // linear and 1x1 conv weights: one unit-stride loop over the row
-    for (int64_t j = 0; j < per_group; ++j) {
-      const A v = static_cast<A>(w[j]);
-      gw[j] = static_cast<T>(static_cast<A>(scale_j[j]) * v);
-      sq_j[j] = static_cast<double>(v) * static_cast<double>(v);
+  const T* w = static_cast<const T*>(weight) + first * row_len;
+  T* gw = static_cast<T*>(grad_weight) + first * row_len;
+  for (int64_t r = first; r < end; ++r, w += row_len, gw += row_len) {
+#pragma omp simd
+    for (int64_t e = 0; e < row_len; ++e) {
+      const A v = static_cast<A>(w[e]);
+      gw[e] = static_cast<T>(static_cast<A>(scale_e[e]) * v);
+      sq_e[e] += static_cast<double>(v) * static_cast<double>(v);
     }
-    return;
-  }
-  for (int64_t j = 0; j < per_group; ++j) {
-    const A s = static_cast<A>(scale_j[j]);
-    double acc = 0;
-    for (int64_t k = 0; k < taps; ++k) {
-      const A v = static_cast<A>(w[j * taps + k]);
-      gw[j * taps + k] = static_cast<T>(s * v);
-      acc += static_cast<double>(v) * static_cast<double>(v);
-    }
-    sq_j[j] = acc;
   }
 }
 
@@ -289,7 +283,7 @@ struct RegSegment {
   void* grad_p_logit;   // same type as p_logit (backward only)
   bool p_logit_double;
   int64_t out_channels, per_group, taps, groups;
-  void (*squares)(const void*, int64_t, int64_t, int64_t, double*);
+  double (*weighted_squares)(const void*, int64_t, int64_t, int64_t, const double*);
   void (*scale)(void*, const void*, int64_t, int64_t, int64_t, const double*, double*);
 };
 
@@ -314,8 +308,10 @@ struct RegTables {
   std::vector<RegItem> items;  // ordered by segment, group, rows
   std::vector<int64_t> channel_begin;  // first global channel of each segment, plus the end
   std::vector<double> keep_prob;  // 1 - p = sigmoid(-z) per global channel
+  std::vector<int64_t> keep_e_begin;  // per segment: offset of its groups' keep_e rows in keep_e
+  std::vector<double> keep_e;  // per segment and group: (1 - p) of each row element (per_group * taps)
   int64_t partials = 0;  // total per-j partial sums
-  int64_t width = 1;  // largest per_group
+  int64_t width = 1;  // longest row (per_group * taps)
 };
 
 inline RegTables reg_tables(const std::vector<RegSegment>& segs) {
@@ -330,18 +326,24 @@ inline RegTables reg_tables(const std::vector<RegSegment>& segs) {
         t.partials += s.per_group;
       }
     t.channel_begin.push_back(t.channel_begin.back() + s.groups * s.per_group);
-    t.width = std::max(t.width, s.per_group);
+    t.width = std::max(t.width, s.per_group * s.taps);
   }
   t.keep_prob.resize(static_cast<size_t>(t.channel_begin.back()));
-  for (size_t k = 0; k < segs.size(); ++k)
-    for (int64_t c = 0; c < segs[k].groups * segs[k].per_group; ++c)
-      t.keep_prob[t.channel_begin[k] + c] = 1.0 / (1.0 + std::exp(load_logit(segs[k], c)));
+  for (size_t k = 0; k < segs.size(); ++k) {
+    const RegSegment& s = segs[k];
+    t.keep_e_begin.push_back(static_cast<int64_t>(t.keep_e.size()));
+    for (int64_t c = 0; c < s.groups * s.per_group; ++c) {
+      const double kp = 1.0 / (1.0 + std::exp(load_logit(s, c)));
+      t.keep_prob[t.channel_begin[k] + c] = kp;
+      t.keep_e.insert(t.keep_e.end(), static_cast<size_t>(s.taps), kp);  // channel-major: row element order
+    }
+  }
   return t;
 }
 
-// keep probabilities (1 - p) of the input channels read by `row` of segment k
-inline const double* row_keep_prob(const RegTables& t, const RegSegment& s, size_t k, int64_t row) {
-  return t.keep_prob.data() + t.channel_begin[k] + (row / (s.out_channels / s.groups)) * s.per_group;
+// The keep_e row of the group that `row` of segment k belongs to.
+inline const double* row_keep_e(const RegTables& t, const RegSegment& s, size_t k, int64_t row) {
+  return t.keep_e.data() + t.keep_e_begin[k] + (row / (s.out_channels / s.groups)) * s.per_group * s.taps;
 }
 
 // R = weight_reg / n sum (1 - p_c) W^2 + drop_reg / n sum_c H'(p_c), in double.
@@ -349,21 +351,12 @@ inline double regularizer(const std::vector<RegSegment>& segs, double weight_reg
   const RegTables t = reg_tables(segs);
   const int64_t n_items = static_cast<int64_t>(t.items.size());
   std::vector<double> item_term(static_cast<size_t>(n_items));
-#pragma omp parallel if (n_items > 4)
-  {
-    std::vector<double> sq(static_cast<size_t>(t.width));
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t i = 0; i < n_items; ++i) {
-      const RegItem& item = t.items[i];
-      const RegSegment& s = segs[item.segment];
-      const double* kp = row_keep_prob(t, s, item.segment, item.first_row);
-      double term = 0;
-      for (int64_t o = item.first_row; o < item.end_row; ++o) {
-        s.squares(s.weight, o, s.per_group, s.taps, sq.data());
-        for (int64_t j = 0; j < s.per_group; ++j) term += kp[j] * sq[j];
-      }
-      item_term[i] = term;
-    }
+#pragma omp parallel for schedule(dynamic, 1) if (n_items > 4)
+  for (int64_t i = 0; i < n_items; ++i) {
+    const RegItem& item = t.items[i];
+    const RegSegment& s = segs[item.segment];
+    item_term[i] = s.weighted_squares(s.weight, item.first_row, item.end_row, s.per_group * s.taps,
+                                      row_keep_e(t, s, item.segment, item.first_row));
   }
   double weight_term = 0;
   for (int64_t i = 0; i < n_items; ++i) weight_term += item_term[i];
@@ -386,20 +379,23 @@ inline void regularizer_backward(const std::vector<RegSegment>& segs, double gra
   const double scale = grad * 2.0 * weight_reg / n_train;
 #pragma omp parallel if (n_items > 4)
   {
-    std::vector<double> sq(static_cast<size_t>(t.width)), scale_j(static_cast<size_t>(t.width));
+    std::vector<double> sq_e(static_cast<size_t>(t.width)), scale_e(static_cast<size_t>(t.width));
 #pragma omp for schedule(dynamic, 1)
     for (int64_t i = 0; i < n_items; ++i) {
       const RegItem& item = t.items[i];
       const RegSegment& s = segs[item.segment];
-      const double* kp = row_keep_prob(t, s, item.segment, item.first_row);
-      double* acc = partial.data() + item.partial_begin;
-      for (int64_t j = 0; j < s.per_group; ++j) {
-        acc[j] = 0;
-        scale_j[j] = scale * kp[j];
+      const int64_t row_len = s.per_group * s.taps;
+      const double* keep_e = row_keep_e(t, s, item.segment, item.first_row);
+      for (int64_t e = 0; e < row_len; ++e) {
+        sq_e[e] = 0;
+        scale_e[e] = scale * keep_e[e];
       }
-      for (int64_t o = item.first_row; o < item.end_row; ++o) {
-        s.scale(s.grad_weight, s.weight, o, s.per_group, s.taps, scale_j.data(), sq.data());
-        for (int64_t j = 0; j < s.per_group; ++j) acc[j] += sq[j];
+      s.scale(s.grad_weight, s.weight, item.first_row, item.end_row, row_len, scale_e.data(), sq_e.data());
+      double* acc = partial.data() + item.partial_begin;  // per j: its taps' sums
+      for (int64_t j = 0; j < s.per_group; ++j) {
+        double sum = 0;
+        for (int64_t k = 0; k < s.taps; ++k) sum += sq_e[j * s.taps + k];
+        acc[j] = sum;
       }
     }
   }

@@ -286,8 +286,8 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> branch_combine_backward(
 
 template <typename T>
 void fill_row_fns(cpu::RegSegment* seg) {
-  seg->squares = &cpu::row_squares<T>;
-  seg->scale = &cpu::row_scale<T>;
+  seg->weighted_squares = &cpu::rows_weighted_squares<T>;
+  seg->scale = &cpu::rows_scale<T>;
 }
 
 std::vector<cpu::RegSegment> segment_table(const std::vector<at::Tensor>& weights,

@@ -171,9 +171,9 @@ void test_regularizer() {
   std::vector<double> gw_lin(linear.size()), gz_conv(6);
   std::vector<float> gz_lin(5);
   segs[0] = {convf.data(), gw_conv.data(), z_conv.data(), gz_conv.data(), true, 6, 2, 3, 3,
-             &pgnas::cpu::row_squares<float>, &pgnas::cpu::row_scale<float>};
+             &pgnas::cpu::rows_weighted_squares<float>, &pgnas::cpu::rows_scale<float>};
   segs[1] = {linear.data(), gw_lin.data(), z_lin.data(), gz_lin.data(), false, 4, 5, 1, 1,
-             &pgnas::cpu::row_squares<double>, &pgnas::cpu::row_scale<double>};
+             &pgnas::cpu::rows_weighted_squares<double>, &pgnas::cpu::rows_scale<double>};
   const double wr = 3.0, dr = 2.0, n_train = 10.0;
   const double r = pgnas::cpu::regularizer(segs, wr, dr, n_train);
   pgnas::cpu::regularizer_backward(segs, 1.0, wr, dr, n_train);
@@ -217,7 +217,7 @@ void test_regularizer_tall_layer() {
   std::vector<double> gw(w.size()), gz(in);
   std::vector<pgnas::cpu::RegSegment> segs(1);
   segs[0] = {w.data(), gw.data(), z.data(), gz.data(), true, out, in, taps, 1,
-             &pgnas::cpu::row_squares<double>, &pgnas::cpu::row_scale<double>};
+             &pgnas::cpu::rows_weighted_squares<double>, &pgnas::cpu::rows_scale<double>};
   const double r = pgnas::cpu::regularizer(segs, 1.0, 0.0, 1.0);
   pgnas::cpu::regularizer_backward(segs, 1.0, 1.0, 0.0, 1.0);
   std::vector<double> sq(in, 0.0);

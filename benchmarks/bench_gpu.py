@@ -55,7 +55,8 @@ REGULARIZER_ARGS = (10.0, 1.0, 5e4)  # weight_reg, drop_reg, n_train
 # knobs of a tiny version for the dry run, as bench_rank_gpu / bench_train_step build them)
 NETWORKS = {"supnet-mi": (10, {"k": 1, "blocks_per_stage": 1}),
             "supnet-d121": (1000, {"growth": 4, "block_config": (2, 3, 2, 2), "stem_width": 8})}
-LAUNCH_COUNT_TIMEOUT_S = 120
+LAUNCH_COUNT_TIMEOUT_S = (15, 120)  # the child's timeout: what is left of the budget (+30 s), within these
+LAUNCHES_MARK = "launch counts: "  # the child's output line
 
 
 # ---- the issues' targets (benchmarks/README.md, "Reading the Targets section") -----------------------------
@@ -476,7 +477,7 @@ def trace_records(trace: dict, category: str) -> int:
     return sum(1 for event in trace.get("traceEvents", []) if str(event.get("cat", "")).lower() == category)
 
 
-def records_per_call(fn, activity, category: str, sync=lambda: None, repeats: int = 3) -> int:
+def records_per_call(fn, activities, category: str, sync=lambda: None, repeats: int = 3) -> int:
     """Profiler records of `category` that one call of `fn` leaves, counted over `repeats` calls
     after a warm-up call inside the profiling session (CUPTI can drop a session's first records)."""
     from torch.profiler import profile, schedule
@@ -491,7 +492,7 @@ def records_per_call(fn, activity, category: str, sync=lambda: None, repeats: in
             with open(path) as f:
                 traces.append(json.load(f))
 
-        with profile(activities=[activity], schedule=schedule(wait=0, warmup=1, active=repeats, repeat=1),
+        with profile(activities=activities, schedule=schedule(wait=0, warmup=1, active=repeats, repeat=1),
                      on_trace_ready=keep) as prof:
             for _ in range(1 + repeats):
                 fn()
@@ -510,20 +511,22 @@ def kernel_launches(fn) -> int:
     """Kernels one call of `fn` launches on the GPU (CUDA profiler kernel records)."""
     from torch.profiler import ProfilerActivity
 
-    return records_per_call(fn, ProfilerActivity.CUDA, "kernel", sync=torch.cuda.synchronize)
+    return records_per_call(fn, [ProfilerActivity.CPU, ProfilerActivity.CUDA], "kernel", sync=torch.cuda.synchronize)
 
 
-def count_launches(dry_run: bool, dtype) -> dict:
+def count_launches(dry_run: bool, dtype, counter=None, backends=("reference", *KERNEL_ISSUES)) -> dict:
     """{network: {implementation: {"forward": kernels, "backward": kernels} or {"note": why not}}}
-    of the regulariser's backend functions on the networks' gated layers (reference: for scale)."""
+    of the regulariser's backend functions on the networks' gated layers, for those of `backends`
+    that run here (reference: for scale). counter(fn) -> launches of one call of fn (default:
+    kernel_launches; on CPU nothing is counted unless a counter is given)."""
     device = torch.device("cpu" if dry_run else "cuda")
     impls, _ = implementations(device, compile_reference=False)
-    names = [name for name in impls if name == "reference" or name in KERNEL_ISSUES]
+    names = [name for name in impls if name in backends]
+    if counter is None and device.type != "cuda":
+        return {net_name: {name: {"note": "not counted (CPU dry run)"} for name in names} for net_name in NETWORKS}
+    counter = counter or kernel_launches
     out = {}
     for net_name in NETWORKS:
-        if device.type != "cuda":
-            out[net_name] = {name: {"note": "not counted (CPU dry run)"} for name in names}
-            continue
         net = gated_network(net_name, device, dry_run, dtype)
         grad = torch.ones((), device=device)
         out[net_name] = {}
@@ -531,14 +534,14 @@ def count_launches(dry_run: bool, dtype) -> dict:
             forward = (impls[name].regularizer, net.weights, net.p_logits, *REGULARIZER_ARGS)
             backward = (impls[name].regularizer_backward, grad, net.weights, net.p_logits, *REGULARIZER_ARGS)
             try:
-                out[net_name][name] = {"forward": kernel_launches(lambda call=forward: call[0](*call[1:])),
-                                       "backward": kernel_launches(lambda call=backward: call[0](*call[1:]))}
+                out[net_name][name] = {"forward": counter(lambda call=forward: call[0](*call[1:])),
+                                       "backward": counter(lambda call=backward: call[0](*call[1:]))}
             except Exception as err:  # one backend's failure must not hide the others' counts
                 out[net_name][name] = {"note": error_note(err)}
     return out
 
 
-def launches_in_child(args) -> dict:
+def launches_in_child(args, seconds_left: float) -> dict:
     """count_launches in a child process: the CUDA profiler stays attached to a process after its
     session and would slow every later measurement of this one."""
     command = [sys.executable, os.path.abspath(__file__), "--count-launches", "--dtype", args.dtype]
@@ -547,10 +550,13 @@ def launches_in_child(args) -> dict:
     package_root = os.path.dirname(os.path.dirname(os.path.abspath(pf.__file__)))  # the parent's pgnas_fast
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (package_root, os.environ.get("PYTHONPATH"))))}
     try:
-        done = subprocess.run(command, check=False, capture_output=True, text=True, timeout=LAUNCH_COUNT_TIMEOUT_S, env=env)
+        low, high = LAUNCH_COUNT_TIMEOUT_S
+        done = subprocess.run(command, check=False, capture_output=True, text=True, env=env,
+                              timeout=min(high, max(low, seconds_left + 30)))
         if done.returncode != 0:
             raise RuntimeError(f"exit {done.returncode}: {(done.stderr.strip().splitlines() or [''])[-1]}")
-        return json.loads(done.stdout.strip().splitlines()[-1])
+        marked = [line for line in done.stdout.splitlines() if line.startswith(LAUNCHES_MARK)]
+        return json.loads(marked[-1][len(LAUNCHES_MARK):])
     except Exception as err:
         note = {"note": f"launch count failed: {error_note(err)}"}
         return {net: {name: note for name in ("reference", *KERNEL_ISSUES)} for net in NETWORKS}
@@ -641,7 +647,7 @@ def main(argv=None) -> int:
         return 2
     dtype = getattr(torch, args.dtype)
     if args.count_launches:
-        print(json.dumps(count_launches(args.dry_run, dtype)))
+        print(LAUNCHES_MARK + json.dumps(count_launches(args.dry_run, dtype)))
         return 0
     measure = timer(args.dry_run)
     import triton
@@ -667,7 +673,8 @@ def main(argv=None) -> int:
     previous = 0
     for priority, index, name in plan(all_cases, impls):
         if priority >= 2 > previous:  # every row a target reads is in: judge them before the rest
-            launches = launches_in_child(args)
+            report(partial=True)
+            launches = launches_in_child(args, args.time_budget - (time.monotonic() - started))
             report(partial=True)
         previous = priority
         case = all_cases[index]
@@ -683,7 +690,7 @@ def main(argv=None) -> int:
                 row.update(ms=None, note=error_note(err))
         rows[index, name] = row
     if previous < 2:
-        launches = launches_in_child(args)
+        launches = launches_in_child(args, args.time_budget - (time.monotonic() - started))
     text, target_rows = report(partial=False)
     print(text)
     verdicts = [r["verdict"] for r in target_rows]

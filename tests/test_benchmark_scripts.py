@@ -157,8 +157,20 @@ def test_launch_counting_reads_profiler_records():
         once()
         once()
 
-    one = bench.records_per_call(once, ProfilerActivity.CPU, "cpu_op")
-    assert one >= 2 and bench.records_per_call(twice, ProfilerActivity.CPU, "cpu_op") == 2 * one
+    one = bench.records_per_call(once, [ProfilerActivity.CPU], "cpu_op")
+    assert one >= 2 and bench.records_per_call(twice, [ProfilerActivity.CPU], "cpu_op") == 2 * one
+    # the counting loop over the (tiny) networks' gated layers, with CPU op records for kernels: the
+    # reference's per-layer loop leaves records in proportion to its layers, a failing backend a note
+    counts = bench.count_launches(True, torch.float32, lambda fn: bench.records_per_call(fn, [ProfilerActivity.CPU], "cpu_op"),
+                                  backends=("reference",))
+    assert set(counts) == {"supnet-mi", "supnet-d121"}
+    assert all(c["reference"]["forward"] >= 18 and c["reference"]["backward"] >= 18 for c in counts.values()), counts
+
+    def broken(fn):
+        raise RuntimeError("no CUPTI")
+
+    assert bench.count_launches(True, torch.float32, broken, backends=("reference",))["supnet-mi"] == {
+        "reference": {"note": "error: RuntimeError: no CUPTI"}}
     trace = {"traceEvents": [{"cat": "kernel"}, {"cat": "Kernel"}, {"cat": "gpu_memcpy"}, {"cat": "gpu_memset"},
                              {"cat": "cuda_runtime", "name": "cudaLaunchKernel"}, {"ph": "M"}]}
     assert bench.trace_records(trace, "kernel") == 2

@@ -456,10 +456,10 @@ def cases(device, dry_run: bool, dtype, networks) -> list[Case]:
 
 
 def plan(all_cases: list[Case], impls) -> list[tuple[int, int, str]]:
-    """(priority, case index, implementation) of every measurement, in the order they run: first
-    what the targets need (kernel backends, then the baselines they are compared with; the compiled
-    reference after the eager ones, compilation being the slow part), then the other rows, compiled
-    last. The time budget thus cuts the rows no target reads."""
+    """(priority, case index, implementation) of every measurement, in the order they run: 0: what
+    the targets read, eager (kernel backends and the baselines they are compared with); 1: the
+    compiled reference they are compared with (compilation is the slow part); 2: the other rows;
+    3: the other compiled rows. The time budget thus cuts the rows no target reads."""
     order = []
     for name in sorted(impls, key=lambda name: name == COMPILED):
         for index, case in enumerate(all_cases):
@@ -670,12 +670,16 @@ def main(argv=None) -> int:
         return write_report(args.out, [(c.op, c.shape, c.subset) for c in all_cases], assemble(rows, all_cases, impls),
                             info, launches, absent)
 
-    previous = 0
+    def count():
+        return launches_in_child(args, args.time_budget - (time.monotonic() - started))
+
+    previous, counted = 0, False
     for priority, index, name in plan(all_cases, impls):
-        if priority >= 2 > previous:  # every row a target reads is in: judge them before the rest
+        if priority != previous:  # a phase is done: its verdicts are written before the next one runs
             report(partial=True)
-            launches = launches_in_child(args, args.time_budget - (time.monotonic() - started))
-            report(partial=True)
+            if not counted:  # after the eager rows the targets read, before the compiled ones (slow)
+                launches, counted = count(), True
+                report(partial=True)
         previous = priority
         case = all_cases[index]
         row = {"op": case.op, "shape": case.shape, "backend": name, "bytes": case.nbytes, "subset": case.subset}
@@ -689,8 +693,8 @@ def main(argv=None) -> int:
             except Exception as err:  # one failing backend must not hide the others' numbers
                 row.update(ms=None, note=error_note(err))
         rows[index, name] = row
-    if previous < 2:
-        launches = launches_in_child(args, args.time_budget - (time.monotonic() - started))
+    if not counted:
+        launches = count()
     text, target_rows = report(partial=False)
     print(text)
     verdicts = [r["verdict"] for r in target_rows]

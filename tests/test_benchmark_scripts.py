@@ -174,3 +174,23 @@ def test_launch_counting_reads_profiler_records():
     trace = {"traceEvents": [{"cat": "kernel"}, {"cat": "Kernel"}, {"cat": "gpu_memcpy"}, {"cat": "gpu_memset"},
                              {"cat": "cuda_runtime", "name": "cudaLaunchKernel"}, {"ph": "M"}]}
     assert bench.trace_records(trace, "kernel") == 2
+
+
+def test_rows_the_targets_read_are_timed_first():
+    """The time budget cuts later rows: every row a target reads (kernel backends and the baselines
+    of the judged cases) comes before the others, the compiled reference's judged rows right after
+    the eager ones, the other compiled rows last."""
+    bench = _load("bench_gpu")
+    cases = [bench.Case("gated_apply_fwd_bwd", "small", 1, None, None),
+             bench.Case("gated_apply_fwd_bwd", "big", 1, None, "large"),
+             bench.Case("gated_apply", "big", 1, None, "large"),
+             bench.Case("gaussian_noise_fwd_bwd", "cifar", 1, None, "cifar")]
+    impls = dict.fromkeys(["reference", "triton", "cpu", bench.EAGER_BASELINE, bench.COMPILED])
+    order = [(cases[index].op, cases[index].shape, name) for _, index, name in bench.plan(cases, impls)]
+    first = {("gated_apply_fwd_bwd", "big", "reference"), ("gated_apply_fwd_bwd", "big", "triton"),
+             ("gated_apply", "big", "triton"), ("gaussian_noise_fwd_bwd", "cifar", "triton"),
+             ("gaussian_noise_fwd_bwd", "cifar", bench.EAGER_BASELINE)}
+    assert set(order[:len(first)]) == first
+    assert order[len(first)] == ("gated_apply_fwd_bwd", "big", bench.COMPILED)
+    assert all(name == bench.COMPILED for _, _, name in order[-3:])
+    assert len(order) == len(set(order)) == 4 * 4 + 1  # the eager baseline only on the Gaussian epilogue

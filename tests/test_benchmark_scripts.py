@@ -194,3 +194,22 @@ def test_rows_the_targets_read_are_timed_first():
     assert order[len(first)] == ("gated_apply_fwd_bwd", "big", bench.COMPILED)
     assert all(name == bench.COMPILED for _, _, name in order[-3:])
     assert len(order) == len(set(order)) == 4 * 4 + 1  # the eager baseline only on the Gaussian epilogue
+
+
+def test_gpu_suite_script_dry_run(tmp_path):
+    """benchmarks/gpu_suite.sh end to end on CPU (no install, the benchmarks' dry runs, no tests):
+    every step exits 0, it writes its 8 files, and the Targets section is the output's tail (the
+    device tool returns only the last 12,000 characters)."""
+    import os
+    import subprocess
+
+    env = {**os.environ, "SKIP_INSTALL": "1", "DRY_RUN": "1", "OUT": str(tmp_path)}
+    run = subprocess.run(["bash", str(BENCHMARKS / "gpu_suite.sh")], env=env, capture_output=True, text=True,
+                         timeout=600, check=False)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["install.log", "device.txt", "pytest.log", "bench.log", "rank.json", "train_step.log", "results.json",
+         "results.md"])
+    tail = run.stdout[-12000:]
+    assert "## Targets" in tail and tail.rstrip().endswith("|"), tail[-2000:]
+    assert "exit 0" in run.stdout and "exit 1" not in run.stdout and "exit 124" not in run.stdout, run.stdout[-4000:]

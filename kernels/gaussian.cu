@@ -82,7 +82,7 @@ __device__ __forceinline__ double load_log_alpha(const pgnas_kl_segment& s, int6
 
 // One block walks every segment (a network has thousands of channels, not millions), summing in
 // double; the block sum is fixed-order, so the KL has the same bits on every run.
-__global__ void kl_kernel(double* result, const pgnas_kl_segment* segs, int n_segs) {
+__global__ void kl_kernel(void* result, int result_double, const pgnas_kl_segment* segs, int n_segs) {
   double acc = 0;
   for (int k = 0; k < n_segs; ++k) {
     const pgnas_kl_segment s = segs[k];
@@ -95,12 +95,18 @@ __global__ void kl_kernel(double* result, const pgnas_kl_segment* segs, int n_se
     acc += s.scale * layer;
   }
   const double total = block_sum(acc);
-  if (threadIdx.x == 0) result[0] = total;
+  if (threadIdx.x == 0) {
+    if (result_double) {
+      *static_cast<double*>(result) = total;
+    } else {
+      *static_cast<float*>(result) = static_cast<float>(total);
+    }
+  }
 }
 
 // d a = grad scale (-K1 K3 s (1 - s) - 0.5 sigmoid(-a)), s = sigmoid(K2 + K3 a)
-__global__ void kl_backward_kernel(const double* grad, const pgnas_kl_segment* segs, int n_segs) {
-  const double g = grad[0];
+__global__ void kl_backward_kernel(const void* grad, int grad_double, const pgnas_kl_segment* segs, int n_segs) {
+  const double g = grad_double ? *static_cast<const double*>(grad) : static_cast<double>(*static_cast<const float*>(grad));
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int k = 0; k < n_segs; ++k) {
     const pgnas_kl_segment s = segs[k];
@@ -146,17 +152,17 @@ extern "C" cudaError_t pgnas_gaussian_noise_backward(void* grad_var, const void*
   return cudaSuccess;
 }
 
-extern "C" cudaError_t pgnas_gaussian_kl(double* result, const pgnas_kl_segment* segments, int32_t n_segments,
-                                         cudaStream_t cuda_stream) {
-  if (n_segments <= 0) return cudaMemsetAsync(result, 0, sizeof(double), cuda_stream);
-  kl_kernel<<<1, 1024, 0, cuda_stream>>>(result, segments, n_segments);
+extern "C" cudaError_t pgnas_gaussian_kl(void* result, int32_t result_double, const pgnas_kl_segment* segments,
+                                         int32_t n_segments, cudaStream_t cuda_stream) {
+  if (n_segments <= 0) return cudaMemsetAsync(result, 0, result_double ? sizeof(double) : sizeof(float), cuda_stream);
+  kl_kernel<<<1, 1024, 0, cuda_stream>>>(result, result_double, segments, n_segments);
   return last_error();
 }
 
-extern "C" cudaError_t pgnas_gaussian_kl_backward(const double* grad, const pgnas_kl_segment* segments,
-                                                  int32_t n_segments, int64_t max_channels,
-                                                  cudaStream_t cuda_stream) {
+extern "C" cudaError_t pgnas_gaussian_kl_backward(const void* grad, int32_t grad_double,
+                                                  const pgnas_kl_segment* segments, int32_t n_segments,
+                                                  int64_t max_channels, cudaStream_t cuda_stream) {
   if (n_segments <= 0 || max_channels <= 0) return cudaSuccess;
-  kl_backward_kernel<<<grid_for(max_channels), kThreads, 0, cuda_stream>>>(grad, segments, n_segments);
+  kl_backward_kernel<<<grid_for(max_channels), kThreads, 0, cuda_stream>>>(grad, grad_double, segments, n_segments);
   return last_error();
 }

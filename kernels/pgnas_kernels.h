@@ -155,15 +155,15 @@ typedef struct {
   double scale;
 } pgnas_kl_segment;
 
-/* result[0] (float64, device) = sum_l scale_l sum_c (K1 - K1 sigmoid(K2 + K3 a) + 0.5 softplus(-a)).
- * One launch, one block, fixed summation order (bit-reproducible). */
-cudaError_t pgnas_gaussian_kl(double* result, const pgnas_kl_segment* segments, int32_t n_segments,
-                              cudaStream_t cuda_stream);
+/* *result (device; float64 if result_double, else float32) = sum_l scale_l sum_c (K1 - K1 sigmoid(K2 +
+ * K3 a) + 0.5 softplus(-a)). One launch, one block, fixed summation order (bit-reproducible). */
+cudaError_t pgnas_gaussian_kl(void* result, int32_t result_double, const pgnas_kl_segment* segments,
+                              int32_t n_segments, cudaStream_t cuda_stream);
 
-/* Writes every grad: grad[0] (float64 device scalar, dL/dKL) * scale_l * dKL/da. max_channels: the
- * largest layer (sizes the grid). One launch. */
-cudaError_t pgnas_gaussian_kl_backward(const double* grad, const pgnas_kl_segment* segments, int32_t n_segments,
-                                       int64_t max_channels, cudaStream_t cuda_stream);
+/* Writes every grad: dL/dKL (device scalar, float64 if grad_double, else float32) * scale_l * dKL/da.
+ * max_channels: the largest layer (sizes the grid). One launch. */
+cudaError_t pgnas_gaussian_kl_backward(const void* grad, int32_t grad_double, const pgnas_kl_segment* segments,
+                                       int32_t n_segments, int64_t max_channels, cudaStream_t cuda_stream);
 
 #ifdef __cplusplus
 }

@@ -308,6 +308,11 @@ at::Tensor device_table(const std::vector<Segment>& segs, const at::Device& devi
   return host.to(device, /*non_blocking=*/true);  // the pinned buffer is kept alive by the caching allocator
 }
 
+// A gradient scalar as the whole-network kernels read it: float32 or float64 as it is (no cast launch).
+at::Tensor scalar_as_read(const at::Tensor& grad) {
+  return grad.scalar_type() == at::kDouble || grad.scalar_type() == at::kFloat ? grad : grad.to(at::kFloat);
+}
+
 // The regulariser's ticket counter (pgnas_regularizer): an int32 zero per device and stream, which
 // each call's last block leaves at zero again.
 unsigned int* ticket_counter(const at::Device& device) {
@@ -352,10 +357,8 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> regularizer_backwar
     t.segs[k].grad_p_logit = grad_p_logits.back().data_ptr();
   }
   const at::Tensor table = device_table(t.segs, weights[0].device());
-  // the kernel reads a float32 or float64 scalar as it is (no cast launch)
-  const bool grad_double = grad.scalar_type() == at::kDouble;
-  const at::Tensor g = grad_double || grad.scalar_type() == at::kFloat ? grad : grad.to(at::kFloat);
-  PGNAS_CUDA_CHECK(pgnas_regularizer_backward(g.data_ptr(), grad_double ? 1 : 0,
+  const at::Tensor g = scalar_as_read(grad);
+  PGNAS_CUDA_CHECK(pgnas_regularizer_backward(g.data_ptr(), g.scalar_type() == at::kDouble ? 1 : 0,
                                               static_cast<const pgnas_reg_segment*>(table.data_ptr()),
                                               static_cast<int32_t>(t.segs.size()), t.rows, t.channels, weight_reg,
                                               drop_reg, n_train, current_stream()));
@@ -413,11 +416,11 @@ at::Tensor gaussian_kl(const std::vector<at::Tensor>& log_alphas, const std::vec
   int64_t max_channels = 0;
   const std::vector<pgnas_kl_segment> segs = kl_segments(log_alphas, weights_per_channel, n_train, &max_channels);
   const at::Tensor table = device_table(segs, log_alphas[0].device());
-  at::Tensor result = at::empty({1}, log_alphas[0].options().dtype(at::kDouble));
-  PGNAS_CUDA_CHECK(pgnas_gaussian_kl(result.data_ptr<double>(), static_cast<const pgnas_kl_segment*>(table.data_ptr()),
+  at::Tensor result = at::empty({}, log_alphas[0].options().dtype(any_double ? at::kDouble : at::kFloat));
+  PGNAS_CUDA_CHECK(pgnas_gaussian_kl(result.data_ptr(), any_double ? 1 : 0,
+                                     static_cast<const pgnas_kl_segment*>(table.data_ptr()),
                                      static_cast<int32_t>(segs.size()), current_stream()));
-  const at::Tensor r = result[0];  // 0-dim view
-  return any_double ? r.clone() : r.to(at::kFloat);
+  return result;
 }
 
 std::vector<at::Tensor> gaussian_kl_backward(const at::Tensor& grad, const std::vector<at::Tensor>& log_alphas,
@@ -434,8 +437,8 @@ std::vector<at::Tensor> gaussian_kl_backward(const at::Tensor& grad, const std::
     segs[k].grad = grads.back().data_ptr();
   }
   const at::Tensor table = device_table(segs, log_alphas[0].device());
-  const at::Tensor grad64 = grad.reshape({}).to(at::kDouble).contiguous();
-  PGNAS_CUDA_CHECK(pgnas_gaussian_kl_backward(grad64.data_ptr<double>(),
+  const at::Tensor g = scalar_as_read(grad);
+  PGNAS_CUDA_CHECK(pgnas_gaussian_kl_backward(g.data_ptr(), g.scalar_type() == at::kDouble ? 1 : 0,
                                               static_cast<const pgnas_kl_segment*>(table.data_ptr()),
                                               static_cast<int32_t>(segs.size()), max_channels, current_stream()));
   return grads;

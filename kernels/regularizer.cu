@@ -64,6 +64,22 @@ struct ChannelBegin {
   __device__ int64_t operator()(const pgnas_reg_segment& s) const { return s.channel_begin; }
 };
 
+// Warps of the first `blocks` blocks over the rows of every segment (lanes over a row's input
+// positions j): f(segment, offset of W[o, j, 0], input channel c of (o, j)) for each.
+template <typename F>
+__device__ __forceinline__ void for_each_row_input(const pgnas_reg_segment* segs, int n_segs, int64_t total_rows,
+                                                   int64_t blocks, F f) {
+  const int lane = threadIdx.x & 31;
+  const int64_t warps = blocks * (blockDim.x >> 5);
+  for (int64_t r = blockIdx.x * static_cast<int64_t>(blockDim.x >> 5) + (threadIdx.x >> 5); r < total_rows;
+       r += warps) {
+    const pgnas_reg_segment s = segs[find_segment(segs, n_segs, r, RowBegin())];
+    const int64_t o = r - s.row_begin;
+    const int64_t first_channel = (o / (s.out_channels / s.groups)) * s.per_group;
+    for (int64_t j = lane; j < s.per_group; j += 32) f(s, (o * s.per_group + j) * s.taps, first_channel + j);
+  }
+}
+
 __device__ __forceinline__ double log_sigmoid(double z) { return fmin(z, 0.0) - log1p(exp(-fabs(z))); }
 
 // Forward: warps over rows (lanes over the row's input positions j, each summing its taps), then
@@ -73,25 +89,15 @@ __device__ __forceinline__ double log_sigmoid(double z) { return fmin(z, 0.0) - 
 __global__ void regularizer_kernel(void* result, int result_double, double* partials, unsigned int* counter,
                                    const pgnas_reg_segment* segs, int n_segs, int64_t total_rows,
                                    int64_t total_channels, double weight_coef, double drop_coef) {
-  const int lane = threadIdx.x & 31;
-  const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x >> 5);
   double acc = 0;
-  for (int64_t r = blockIdx.x * static_cast<int64_t>(blockDim.x >> 5) + (threadIdx.x >> 5); r < total_rows;
-       r += warps) {
-    const pgnas_reg_segment s = segs[find_segment(segs, n_segs, r, RowBegin())];
-    const int64_t o = r - s.row_begin;
-    const int64_t first_channel = (o / (s.out_channels / s.groups)) * s.per_group;
-    for (int64_t j = lane; j < s.per_group; j += 32) {
-      double sq = 0;
-      const int64_t base = (o * s.per_group + j) * s.taps;
-      for (int64_t k = 0; k < s.taps; ++k) {
-        const double w = load_weight(s, base + k);
-        sq += w * w;
-      }
-      const double keep_prob = 1.0 / (1.0 + exp(load_logit(s, first_channel + j)));
-      acc += weight_coef * keep_prob * sq;
+  for_each_row_input(segs, n_segs, total_rows, gridDim.x, [&](const pgnas_reg_segment& s, int64_t base, int64_t c) {
+    double sq = 0;
+    for (int64_t k = 0; k < s.taps; ++k) {
+      const double w = load_weight(s, base + k);
+      sq += w * w;
     }
-  }
+    acc += weight_coef * sq / (1.0 + exp(load_logit(s, c)));  // (1 - p_c) sq
+  });
   for (int64_t c = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; c < total_channels;
        c += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const pgnas_reg_segment s = segs[find_segment(segs, n_segs, c, ChannelBegin())];
@@ -131,20 +137,11 @@ __global__ void regularizer_backward_kernel(const void* grad, int grad_double, c
   const double g = grad_double ? *static_cast<const double*>(grad)
                                : static_cast<double>(*static_cast<const float*>(grad));
   if (static_cast<int>(blockIdx.x) < row_blocks) {
-    const int lane = threadIdx.x & 31;
-    const int64_t warps = static_cast<int64_t>(row_blocks) * (blockDim.x >> 5);
     const double scale = g * 2.0 * weight_coef;
-    for (int64_t r = blockIdx.x * static_cast<int64_t>(blockDim.x >> 5) + (threadIdx.x >> 5); r < total_rows;
-         r += warps) {
-      const pgnas_reg_segment s = segs[find_segment(segs, n_segs, r, RowBegin())];
-      const int64_t o = r - s.row_begin;
-      const int64_t first_channel = (o / (s.out_channels / s.groups)) * s.per_group;
-      for (int64_t j = lane; j < s.per_group; j += 32) {
-        const double factor = scale / (1.0 + exp(load_logit(s, first_channel + j)));
-        const int64_t base = (o * s.per_group + j) * s.taps;
-        for (int64_t k = 0; k < s.taps; ++k) store_weight(s, base + k, factor * load_weight(s, base + k));
-      }
-    }
+    for_each_row_input(segs, n_segs, total_rows, row_blocks, [&](const pgnas_reg_segment& s, int64_t base, int64_t c) {
+      const double factor = scale / (1.0 + exp(load_logit(s, c)));  // (1 - p_c) scale
+      for (int64_t k = 0; k < s.taps; ++k) store_weight(s, base + k, factor * load_weight(s, base + k));
+    });
     return;
   }
   const int64_t channel_threads = static_cast<int64_t>(gridDim.x - row_blocks) * blockDim.x;

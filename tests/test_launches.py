@@ -35,10 +35,13 @@ def test_gpu_regularizer_value_and_gradients_in_two_launches(network, backend):
     weights = [layer.weight for layer in layers]
     p_logits = [layer.p_logit_per_channel().detach().requires_grad_() for layer in layers]
 
+    one = torch.ones((), device="cuda")  # made here: backward() would launch a fill for it
+
     def step():
         for t in weights + p_logits:
             t.grad = None  # the gradients are handed over, not added: no accumulation kernels
-        pf.ops.regularizer(weights, p_logits, weight_reg=10.0, drop_reg=1.0, n_train=5e4, backend=backend).backward()
+        r = pf.ops.regularizer(weights, p_logits, weight_reg=10.0, drop_reg=1.0, n_train=5e4, backend=backend)
+        r.backward(one)
 
     kernels = _kernels(step)
     assert len(kernels) <= 2, kernels

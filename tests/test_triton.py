@@ -136,6 +136,21 @@ def test_multi_tensor_tables_are_built_once_and_stay_right_when_tensors_change(m
     check()
 
 
+def test_multi_tensor_table_cache_is_bounded(monkeypatch):
+    """More networks than the cache holds: the least recently used tables go, results stay right."""
+    tables = importlib.import_module("pgnas_fast.triton.tables")
+    monkeypatch.setattr(tables, "CACHE_ENTRIES", 3)
+    tables.clear()
+    gen = torch.Generator().manual_seed(7)
+    for n_layers in (3, 4, 5, 6):
+        weights, p_logits = network_weights(gen, n_layers=n_layers, device=DEVICE)
+        r = pf.ops.regularizer(weights, p_logits, weight_reg=2.0, drop_reg=1.0, n_train=30.0, backend="triton")
+        r_ref = pf.ops.regularizer(weights, p_logits, weight_reg=2.0, drop_reg=1.0, n_train=30.0, backend="reference")
+        assert rel_err(r, r_ref) < 1e-5
+        assert len(tables._cache) <= 3
+    tables.clear()
+
+
 def test_regularizer_mixed_weight_dtypes_and_layouts():
     gen = torch.Generator().manual_seed(1)
     weights = [torch.randn(8, 4, 3, 3, generator=gen).to(memory_format=torch.channels_last),

@@ -16,28 +16,9 @@ template <typename T, typename G>
 void affine_relu_gate(T* out, const T* x, const G* scale, const G* shift, const G* keep, int64_t batch,
                       int64_t channels, int64_t spatial, Layout layout) {
   using A = Acc<T, G>;
-  const int64_t total = batch * channels * spatial;
-  if (layout == Layout::nchw) {
-#pragma omp parallel for schedule(static) if (total > kParallelGrain)
-    for (int64_t r = 0; r < batch * channels; ++r) {
-      const int64_t c = r % channels;
-      const A a = static_cast<A>(scale[c]), b = static_cast<A>(shift[c]), k = static_cast<A>(keep[r]);
-      const T* xr = x + r * spatial;
-      T* o = out + r * spatial;
-      for (int64_t s = 0; s < spatial; ++s) o[s] = static_cast<T>(std::max(static_cast<A>(xr[s]) * a + b, A(0)) * k);
-    }
-  } else {
-#pragma omp parallel for schedule(static) if (total > kParallelGrain)
-    for (int64_t row = 0; row < batch * spatial; ++row) {
-      const G* k = keep + (row / spatial) * channels;
-      const T* xr = x + row * channels;
-      T* o = out + row * channels;
-      for (int64_t c = 0; c < channels; ++c)
-        o[c] = static_cast<T>(std::max(static_cast<A>(xr[c]) * static_cast<A>(scale[c]) + static_cast<A>(shift[c]),
-                                       A(0)) *
-                              static_cast<A>(k[c]));
-    }
-  }
+  gated_map(out, x, keep, batch, channels, spatial, layout, [scale, shift](A v, int64_t c) {
+    return std::max(v * static_cast<A>(scale[c]) + static_cast<A>(shift[c]), A(0));
+  });
 }
 
 // One pass over grad and x. With pre = x * scale + shift and live = grad * keep where pre > 0, else 0:

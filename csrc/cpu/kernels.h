@@ -92,19 +92,21 @@ void gate_keep_backward(G* grad_p, const G* grad_keep, const G* keep, int64_t ba
   for (int64_t c = 0; c < channels; ++c) grad_p[c] = static_cast<G>(-acc[c] / tau);
 }
 
-// out = x * keep[b, c] over the S trailing elements of each (b, c).
-template <typename T, typename G>
-void gated_apply(T* out, const T* x, const G* keep, int64_t batch, int64_t channels, int64_t spatial,
-                 Layout layout) {
+// out = f(x, c) * keep[b, c] over the S trailing elements of each (b, c), f elementwise in Acc<T, G>:
+// the walk of every gated elementwise forward (NCHW: rows (b, c) of S; NHWC: rows (b, s) of C).
+template <typename T, typename G, typename F>
+void gated_map(T* out, const T* x, const G* keep, int64_t batch, int64_t channels, int64_t spatial, Layout layout,
+               F f) {
   using A = Acc<T, G>;
   const int64_t total = batch * channels * spatial;
   if (layout == Layout::nchw) {
 #pragma omp parallel for schedule(static) if (total > kParallelGrain)
     for (int64_t r = 0; r < batch * channels; ++r) {
+      const int64_t c = r % channels;
       const A k = static_cast<A>(keep[r]);
       const T* xr = x + r * spatial;
       T* o = out + r * spatial;
-      for (int64_t s = 0; s < spatial; ++s) o[s] = static_cast<T>(static_cast<A>(xr[s]) * k);
+      for (int64_t s = 0; s < spatial; ++s) o[s] = static_cast<T>(f(static_cast<A>(xr[s]), c) * k);
     }
   } else {
 #pragma omp parallel for schedule(static) if (total > kParallelGrain)
@@ -112,9 +114,17 @@ void gated_apply(T* out, const T* x, const G* keep, int64_t batch, int64_t chann
       const G* k = keep + (row / spatial) * channels;
       const T* xr = x + row * channels;
       T* o = out + row * channels;
-      for (int64_t c = 0; c < channels; ++c) o[c] = static_cast<T>(static_cast<A>(xr[c]) * static_cast<A>(k[c]));
+      for (int64_t c = 0; c < channels; ++c) o[c] = static_cast<T>(f(static_cast<A>(xr[c]), c) * static_cast<A>(k[c]));
     }
   }
+}
+
+// out = x * keep[b, c] over the S trailing elements of each (b, c).
+template <typename T, typename G>
+void gated_apply(T* out, const T* x, const G* keep, int64_t batch, int64_t channels, int64_t spatial,
+                 Layout layout) {
+  using A = Acc<T, G>;
+  gated_map(out, x, keep, batch, channels, spatial, layout, [](A v, int64_t) { return v; });
 }
 
 // grad_x = grad * keep; grad_keep[b, c] = sum_s grad * x (skipped when grad_keep is null: hard and

@@ -207,6 +207,24 @@ __global__ void copies_forward(T* __restrict__ out, const T* __restrict__ x, con
   }
 }
 
+// Element e of row r (both layouts): grad_x[e] = relu'(x) sum_k grad_k keep_k, and dot[k] += grad_k src.
+template <typename A, typename T, typename G>
+__device__ __forceinline__ void copies_backward_element(T* __restrict__ grad_x, const T* __restrict__ grad,
+                                                        const T* __restrict__ x, const G* __restrict__ keeps,
+                                                        int copies, int64_t n, int64_t rows, int64_t r, int64_t e,
+                                                        bool relu, A* dot) {
+  const A v = widen<A>(x[e]);
+  const bool dead = relu && !(v > A(0));
+  const A src = dead ? A(0) : v;
+  A acc = 0;
+  for (int k = 0; k < copies; ++k) {
+    const A g = widen<A>(grad[k * n + e]);
+    acc += g * static_cast<A>(keeps[k * rows + r]);
+    dot[k] += g * src;
+  }
+  grad_x[e] = narrow<T>(dead ? A(0) : acc);
+}
+
 // NCHW: one warp per (b, c) row; dx = relu'(x) sum_k grad_k keep_k, grad_keeps[k] = sum_s grad_k src.
 template <typename T, typename G>
 __global__ void copies_backward_rows(T* __restrict__ grad_x, G* __restrict__ grad_keeps, const T* __restrict__ grad,
@@ -221,15 +239,7 @@ __global__ void copies_backward_rows(T* __restrict__ grad_x, G* __restrict__ gra
     for (int k = 0; k < copies; ++k) dot[k] = A(0);
     for (int64_t s = lane; s < spatial; s += 32) {
       const int64_t e = r * spatial + s;
-      const A v = widen<A>(x[e]);
-      const A src = relu && !(v > A(0)) ? A(0) : v;
-      A acc = 0;
-      for (int k = 0; k < copies; ++k) {
-        const A g = widen<A>(grad[k * n + e]);
-        acc += g * static_cast<A>(keeps[k * rows + r]);
-        dot[k] += g * src;
-      }
-      grad_x[e] = narrow<T>(relu && !(v > A(0)) ? A(0) : acc);
+      copies_backward_element(grad_x, grad, x, keeps, copies, n, rows, r, e, relu, dot);
     }
     for (int k = 0; k < copies; ++k) {
       const A total = warp_sum(dot[k]);
@@ -256,15 +266,7 @@ __global__ void copies_backward_channels_last(T* __restrict__ grad_x, G* __restr
     for (int k = 0; k < copies; ++k) dot[k] = A(0);
     for (int64_t s = it.s_begin; s < it.s_end; ++s) {
       const int64_t e = (b * spatial + s) * channels + c;
-      const A v = widen<A>(x[e]);
-      const A src = relu && !(v > A(0)) ? A(0) : v;
-      A acc = 0;
-      for (int k = 0; k < copies; ++k) {
-        const A g = widen<A>(grad[k * n + e]);
-        acc += g * static_cast<A>(keeps[k * rows + r]);
-        dot[k] += g * src;
-      }
-      grad_x[e] = narrow<T>(relu && !(v > A(0)) ? A(0) : acc);
+      copies_backward_element(grad_x, grad, x, keeps, copies, n, rows, r, e, relu, dot);
     }
     if (grad_keeps != nullptr)
       for (int k = 0; k < copies; ++k) atomicAdd(grad_keeps + k * rows + r, static_cast<G>(dot[k]));

@@ -81,6 +81,12 @@ void for_each_normal_run(const NoiseShape& g, uint64_t seed, uint64_t stream, ui
   }
 }
 
+// sqrt(max(var, 0) + 1e-8): the noise's standard deviation (a NaN var stays NaN).
+template <typename A>
+inline A noise_std(A var) {
+  return std::sqrt(std::max(var, A(0)) + static_cast<A>(kVarEps));
+}
+
 // out = mu + sqrt(max(var, 0) + 1e-8) eps (mu, var, out share the geometry g).
 template <typename T>
 void gaussian_noise(T* out, const T* mu, const T* var, const NoiseShape& g, uint64_t seed, uint64_t stream,
@@ -91,9 +97,7 @@ void gaussian_noise(T* out, const T* mu, const T* var, const NoiseShape& g, uint
     const T* v = var + first;
     T* o = out + first;
     for (int64_t j = 0; j < len; ++j) {
-      const A vj = static_cast<A>(v[j]);
-      const A std_dev = std::sqrt(std::max(vj, A(0)) + static_cast<A>(kVarEps));  // a NaN var stays NaN
-      o[j] = static_cast<T>(static_cast<A>(m[j]) + std_dev * static_cast<A>(eps[j]));
+      o[j] = static_cast<T>(static_cast<A>(m[j]) + noise_std(static_cast<A>(v[j])) * static_cast<A>(eps[j]));
     }
   });
 }
@@ -109,8 +113,7 @@ void gaussian_noise_backward(T* grad_var, const T* grad, const T* var, const Noi
     T* gv = grad_var + first;
     for (int64_t j = 0; j < len; ++j) {
       const A vj = static_cast<A>(v[j]);
-      const A std_dev = std::sqrt(std::max(vj, A(0)) + static_cast<A>(kVarEps));
-      const A d = static_cast<A>(gr[j]) * static_cast<A>(eps[j]) / (A(2) * std_dev);
+      const A d = static_cast<A>(gr[j]) * static_cast<A>(eps[j]) / (A(2) * noise_std(vj));
       gv[j] = static_cast<T>(vj > A(0) ? d : A(0));
     }
   });

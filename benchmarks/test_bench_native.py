@@ -178,6 +178,34 @@ def test_regularizer_50_tensors_forward_backward(benchmark, backend):
     assert all(p.grad is not None for p in p_logits)
 
 
+@pytest.fixture(scope="module")
+def supnet_mi_gated():
+    """The issue's case: SupNet-MI's 56 gated weights (72.66M, 290 MB of float32), with one drop logit
+    per input channel spread as after posterior training."""
+    from pgnas_fast import supernets
+    from pgnas_fast.nn import gated_layers
+
+    torch.manual_seed(0)
+    layers = [layer for _, layer in gated_layers(supernets.create("supnet-mi", num_classes=10))]
+    with torch.no_grad():
+        weights = [layer.weight.detach().clone().requires_grad_() for layer in layers]
+        p_logits = [(torch.rand(layer.gate_channels) * 4 - 4).requires_grad_() for layer in layers]
+    return weights, p_logits
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_regularizer_supnet_mi_forward_backward(benchmark, supnet_mi_gated, backend):
+    weights, p_logits = supnet_mi_gated
+
+    def step():
+        for t in (*weights, *p_logits):
+            t.grad = None
+        pf.ops.regularizer(weights, p_logits, weight_reg=10.0, drop_reg=1.0, n_train=5e4, backend=backend).backward()
+
+    benchmark.pedantic(step, rounds=7, warmup_rounds=1, iterations=1)
+    assert all(p.grad is not None for p in p_logits)
+
+
 # ---- the Gaussian family ------------------------------------------------------------------------
 GAUSSIAN_STREAM = stream_id(Domain.GAUSSIAN, 100, 7)
 

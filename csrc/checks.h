@@ -333,4 +333,22 @@ inline bool check_kl(const std::vector<at::Tensor>& log_alphas, const std::vecto
   return any_double;
 }
 
+// The whole-network backwards (regulariser, Gaussian KL) write one flat gradient buffer per list, in
+// list order (the op contract, pgnas_fast/ops/_library.py), so every tensor of a list must have the
+// first one's dtype (the Python layer promotes a mixed list by a copy).
+inline void check_one_dtype(const char* name, const std::vector<at::Tensor>& ts) {
+  for (size_t k = 1; k < ts.size(); ++k) {
+    TORCH_CHECK_VALUE(ts[k].scalar_type() == ts[0].scalar_type(), name, "[", k, "] must have the dtype of ", name,
+                      "[0] (", ts[0].scalar_type(), ": their gradients share one flat buffer), got ",
+                      ts[k].scalar_type());
+  }
+}
+
+// The flat gradient buffer of `ts` (checked by check_one_dtype): their element count, ts[0]'s options.
+inline at::Tensor flat_gradient(const std::vector<at::Tensor>& ts) {
+  int64_t n = 0;
+  for (const at::Tensor& t : ts) n += t.numel();
+  return at::empty({n}, ts[0].options());
+}
+
 }  // namespace pgnas

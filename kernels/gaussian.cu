@@ -105,7 +105,8 @@ __global__ void kl_kernel(void* result, int result_double, const pgnas_kl_segmen
 }
 
 // d a = grad scale (-K1 K3 s (1 - s) - 0.5 sigmoid(-a)), s = sigmoid(K2 + K3 a)
-__global__ void kl_backward_kernel(const void* grad, int grad_double, const pgnas_kl_segment* segs, int n_segs) {
+__global__ void kl_backward_kernel(const void* grad, int grad_double, void* grads, const pgnas_kl_segment* segs,
+                                   int n_segs) {
   const double g = grad_double ? *static_cast<const double*>(grad) : static_cast<double>(*static_cast<const float*>(grad));
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int k = 0; k < n_segs; ++k) {
@@ -115,9 +116,9 @@ __global__ void kl_backward_kernel(const void* grad, int grad_double, const pgna
       const double sg = sigmoid(kK2 + kK3 * a);
       const double d = g * s.scale * (-kK1 * kK3 * sg * (1.0 - sg) - 0.5 * sigmoid(-a));
       if (s.is_double) {
-        static_cast<double*>(s.grad)[c] = d;
+        static_cast<double*>(grads)[s.channel_begin + c] = d;
       } else {
-        static_cast<float*>(s.grad)[c] = static_cast<float>(d);
+        static_cast<float*>(grads)[s.channel_begin + c] = static_cast<float>(d);
       }
     }
   }
@@ -159,10 +160,11 @@ extern "C" cudaError_t pgnas_gaussian_kl(void* result, int32_t result_double, co
   return last_error();
 }
 
-extern "C" cudaError_t pgnas_gaussian_kl_backward(const void* grad, int32_t grad_double,
+extern "C" cudaError_t pgnas_gaussian_kl_backward(const void* grad, int32_t grad_double, void* grads,
                                                   const pgnas_kl_segment* segments, int32_t n_segments,
                                                   int64_t max_channels, cudaStream_t cuda_stream) {
   if (n_segments <= 0 || max_channels <= 0) return cudaSuccess;
-  kl_backward_kernel<<<grid_for(max_channels), kThreads, 0, cuda_stream>>>(grad, grad_double, segments, n_segments);
+  kl_backward_kernel<<<grid_for(max_channels), kThreads, 0, cuda_stream>>>(grad, grad_double, grads, segments,
+                                                                           n_segments);
   return last_error();
 }

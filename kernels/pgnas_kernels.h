@@ -96,17 +96,17 @@ cudaError_t pgnas_branch_combine_backward(void* const* grad_ys, void* grad_w, co
 
 /* One gated weight of the regulariser: weight [O, per_group, taps] (row o reads input channels
  * (o / (O / groups)) * per_group + j) with p_logit [groups * per_group]. The table lives in device
- * memory; rows and channels of all segments form one index space (the *_begin fields, prefix sums),
- * so the whole network takes O(1) launches whatever its depth. */
+ * memory; rows, weight elements and channels of all segments form index spaces of their own (the
+ * *_begin fields, prefix sums), so the whole network takes O(1) launches whatever its depth. The
+ * table holds no gradient address: the backward writes flat buffers at weight_begin and channel_begin,
+ * so a table depends only on the parameters and can be kept across calls. */
 typedef struct {
   const void* weight;
-  void* grad_weight; /* backward only, same dtype and shape as weight */
   const void* p_logit;
-  void* grad_p_logit; /* backward only, same dtype as p_logit */
   int32_t weight_dtype; /* pgnas_dtype */
   int32_t p_logit_double;
   int64_t out_channels, per_group, taps, groups;
-  int64_t row_begin, channel_begin;
+  int64_t row_begin, weight_begin, channel_begin;
 } pgnas_reg_segment;
 
 /* Blocks of the regulariser's first pass: `partials` holds at least this many doubles. */
@@ -121,11 +121,14 @@ cudaError_t pgnas_regularizer(void* result, int32_t result_double, double* parti
                               int64_t total_channels, double weight_reg, double drop_reg, double n_train,
                               cudaStream_t cuda_stream);
 
-/* Writes every grad_weight and grad_p_logit in one launch; grad: device scalar dL/dR (float64 if
+/* Writes every weight's and p_logit's gradient in one launch, into flat buffers: grad_weights [elements
+ * of all segments] (the segments' weight dtype, which they must share) and grad_p_logits [total_channels]
+ * (float64 if the p_logits are, which they must all be or none); grad: device scalar dL/dR (float64 if
  * grad_double, else float32). */
-cudaError_t pgnas_regularizer_backward(const void* grad, int32_t grad_double, const pgnas_reg_segment* segments,
-                                       int32_t n_segments, int64_t total_rows, int64_t total_channels,
-                                       double weight_reg, double drop_reg, double n_train, cudaStream_t cuda_stream);
+cudaError_t pgnas_regularizer_backward(const void* grad, int32_t grad_double, void* grad_weights, void* grad_p_logits,
+                                       const pgnas_reg_segment* segments, int32_t n_segments, int64_t total_rows,
+                                       int64_t total_channels, double weight_reg, double drop_reg, double n_train,
+                                       cudaStream_t cuda_stream);
 
 /* ---- the Gaussian family ----
  * eps of the element at logical (row-major) index i: Box-Muller on Philox words 0 and 1 of counter
@@ -143,15 +146,15 @@ cudaError_t pgnas_gaussian_noise_backward(void* grad_var, const void* grad, cons
                                           int64_t batch, int64_t channels, int64_t spatial, pgnas_layout layout,
                                           uint64_t seed, uint64_t stream, uint64_t offset, cudaStream_t cuda_stream);
 
-/* One gated layer of the KL: log_alpha [channels] (float32, or float64 when is_double) and its
- * gradient buffer (same dtype; backward only); scale = weights_per_channel / n_train. The table lives
- * in device memory. */
+/* One gated layer of the KL: log_alpha [channels] (float32, or float64 when is_double); scale =
+ * weights_per_channel / n_train. The table lives in device memory and, as the regulariser's, holds no
+ * gradient address. */
 typedef struct {
   const void* log_alpha;
-  void* grad;
   int32_t is_double;
   int32_t reserved;
   int64_t channels;
+  int64_t channel_begin; /* the segment's first channel in the flat gradient (backward) */
   double scale;
 } pgnas_kl_segment;
 
@@ -160,10 +163,13 @@ typedef struct {
 cudaError_t pgnas_gaussian_kl(void* result, int32_t result_double, const pgnas_kl_segment* segments,
                               int32_t n_segments, cudaStream_t cuda_stream);
 
-/* Writes every grad: dL/dKL (device scalar, float64 if grad_double, else float32) * scale_l * dKL/da.
- * max_channels: the largest layer (sizes the grid). One launch. */
-cudaError_t pgnas_gaussian_kl_backward(const void* grad, int32_t grad_double, const pgnas_kl_segment* segments,
-                                       int32_t n_segments, int64_t max_channels, cudaStream_t cuda_stream);
+/* Writes every log alpha's gradient, dL/dKL (device scalar, float64 if grad_double, else float32) *
+ * scale_l * dKL/da, into the flat buffer grads [all segments' channels] (at channel_begin; float64 if
+ * the log alphas are, which they must all be or none). max_channels: the largest layer (sizes the
+ * grid). One launch. */
+cudaError_t pgnas_gaussian_kl_backward(const void* grad, int32_t grad_double, void* grads,
+                                       const pgnas_kl_segment* segments, int32_t n_segments, int64_t max_channels,
+                                       cudaStream_t cuda_stream);
 
 #ifdef __cplusplus
 }

@@ -26,19 +26,21 @@ __device__ __forceinline__ double load_weight(const pgnas_reg_segment& s, int64_
   }
 }
 
-__device__ __forceinline__ void store_weight(const pgnas_reg_segment& s, int64_t e, double v) {
+// Element e of segment s's weight gradient, in the flat buffer of all segments' weight gradients.
+__device__ __forceinline__ void store_weight(void* grad_weights, const pgnas_reg_segment& s, int64_t e, double v) {
+  const int64_t i = s.weight_begin + e;
   switch (s.weight_dtype) {
     case PGNAS_F64:
-      static_cast<double*>(s.grad_weight)[e] = v;
+      static_cast<double*>(grad_weights)[i] = v;
       break;
     case PGNAS_F16:
-      static_cast<__half*>(s.grad_weight)[e] = __double2half(v);
+      static_cast<__half*>(grad_weights)[i] = __double2half(v);
       break;
     case PGNAS_BF16:
-      static_cast<__nv_bfloat16*>(s.grad_weight)[e] = __double2bfloat16(v);
+      static_cast<__nv_bfloat16*>(grad_weights)[i] = __double2bfloat16(v);
       break;
     default:
-      static_cast<float*>(s.grad_weight)[e] = static_cast<float>(v);
+      static_cast<float*>(grad_weights)[i] = static_cast<float>(v);
   }
 }
 
@@ -131,8 +133,9 @@ __global__ void regularizer_kernel(void* result, int result_double, double* part
 // 2 weight_coef (1 - p_c) W; the others run threads over channels and write dR/dz_c = grad p (1 - p)
 // (drop_coef z - weight_coef sq_c), re-reading sq_c (W^2 over the outputs of c's group and the taps)
 // from the weights, so the two halves share nothing and need no second launch.
-__global__ void regularizer_backward_kernel(const void* grad, int grad_double, const pgnas_reg_segment* segs,
-                                            int n_segs, int64_t total_rows, int64_t total_channels, int row_blocks,
+__global__ void regularizer_backward_kernel(const void* grad, int grad_double, void* grad_weights,
+                                            void* grad_p_logits, const pgnas_reg_segment* segs, int n_segs,
+                                            int64_t total_rows, int64_t total_channels, int row_blocks,
                                             double weight_coef, double drop_coef) {
   const double g = grad_double ? *static_cast<const double*>(grad)
                                : static_cast<double>(*static_cast<const float*>(grad));
@@ -140,7 +143,7 @@ __global__ void regularizer_backward_kernel(const void* grad, int grad_double, c
     const double scale = g * 2.0 * weight_coef;
     for_each_row_input(segs, n_segs, total_rows, row_blocks, [&](const pgnas_reg_segment& s, int64_t base, int64_t c) {
       const double factor = scale / (1.0 + exp(load_logit(s, c)));  // (1 - p_c) scale
-      for (int64_t k = 0; k < s.taps; ++k) store_weight(s, base + k, factor * load_weight(s, base + k));
+      for (int64_t k = 0; k < s.taps; ++k) store_weight(grad_weights, s, base + k, factor * load_weight(s, base + k));
     });
     return;
   }
@@ -161,10 +164,10 @@ __global__ void regularizer_backward_kernel(const void* grad, int grad_double, c
     const double z = load_logit(s, c);
     const double p = 1.0 / (1.0 + exp(-z)), keep_prob = 1.0 / (1.0 + exp(z));
     const double dz = g * p * keep_prob * (drop_coef * z - weight_coef * sq);
-    if (s.p_logit_double) {
-      static_cast<double*>(s.grad_p_logit)[c] = dz;
+    if (s.p_logit_double) {  // the flat buffer is indexed by the global channel
+      static_cast<double*>(grad_p_logits)[gc] = dz;
     } else {
-      static_cast<float*>(s.grad_p_logit)[c] = static_cast<float>(dz);
+      static_cast<float*>(grad_p_logits)[gc] = static_cast<float>(dz);
     }
   }
 }
@@ -189,14 +192,15 @@ extern "C" cudaError_t pgnas_regularizer(void* result, int32_t result_double, do
   return last_error();
 }
 
-extern "C" cudaError_t pgnas_regularizer_backward(const void* grad, int32_t grad_double,
-                                                  const pgnas_reg_segment* segments, int32_t n_segments,
-                                                  int64_t total_rows, int64_t total_channels, double weight_reg,
-                                                  double drop_reg, double n_train, cudaStream_t cuda_stream) {
+extern "C" cudaError_t pgnas_regularizer_backward(const void* grad, int32_t grad_double, void* grad_weights,
+                                                  void* grad_p_logits, const pgnas_reg_segment* segments,
+                                                  int32_t n_segments, int64_t total_rows, int64_t total_channels,
+                                                  double weight_reg, double drop_reg, double n_train,
+                                                  cudaStream_t cuda_stream) {
   if (n_segments <= 0) return cudaSuccess;
   const int row_blocks = grid_for(total_rows * 32), channel_blocks = grid_for(total_channels);
   regularizer_backward_kernel<<<row_blocks + channel_blocks, kThreads, 0, cuda_stream>>>(
-      grad, grad_double, segments, n_segments, total_rows, total_channels, row_blocks, weight_reg / n_train,
-      drop_reg / n_train);
+      grad, grad_double, grad_weights, grad_p_logits, segments, n_segments, total_rows, total_channels, row_blocks,
+      weight_reg / n_train, drop_reg / n_train);
   return last_error();
 }

@@ -18,7 +18,7 @@ from types import ModuleType
 
 import torch
 
-from .reference import math_dtype, stacked_empty_like
+from .reference import common_dtype, math_dtype, stacked_empty_like
 
 _NOTE = Path(__file__).with_name("_C.unavailable.txt")  # written by setup.py when _C did not build
 
@@ -167,10 +167,11 @@ class NativeOps:
                                      weight_reg, drop_reg, n_train)
 
     def regularizer_backward(self, grad, weights, p_logits, weight_reg, drop_reg, n_train):
-        grad_w, grad_p = self._ops.regularizer_backward(
-            grad, [w.contiguous() for w in weights], [p.contiguous() for p in p_logits], weight_reg, drop_reg, n_train
-        )
-        return [_like(g, w) for g, w in zip(grad_w, weights)], grad_p
+        # flat gradients of one dtype each (the op contract): a mixed list is promoted by a copy (rare)
+        wdtype, gdtype = common_dtype(weights), math_dtype(*p_logits)
+        return self._ops.regularizer_backward(grad, [w.to(wdtype).contiguous() for w in weights],
+                                              [p.to(gdtype).contiguous() for p in p_logits], weight_reg, drop_reg,
+                                              n_train)
 
     # ---- the Gaussian family: eps is indexed by the logical (row-major) position, so any layout
     # gives the same draw; the kernels read the dense ones in place and others after one copy
@@ -196,8 +197,9 @@ class NativeOps:
         return self._ops.gaussian_kl([a.contiguous() for a in log_alphas], list(weights_per_channel), n_train)
 
     def gaussian_kl_backward(self, grad, log_alphas, weights_per_channel, n_train):
-        return self._ops.gaussian_kl_backward(grad, [a.contiguous() for a in log_alphas], list(weights_per_channel),
-                                              n_train)
+        dtype = math_dtype(*log_alphas)  # the flat gradient's, as regularizer_backward
+        return self._ops.gaussian_kl_backward(grad, [a.to(dtype).contiguous() for a in log_alphas],
+                                              list(weights_per_channel), n_train)
 
 
 def backend_functions(impl: NativeOps) -> dict:

@@ -232,6 +232,11 @@ BAD_NATIVE_CALLS = [
      ValueError, r"weights\[0\] must be contiguous"),
     ("reg n_train", lambda c: c.regularizer([torch.randn(4, 3)], [torch.randn(3)], 1.0, 1.0, 0.0), ValueError,
      "n_train"),
+    ("reg backward mixed weights", lambda c: c.regularizer_backward(
+        torch.tensor(1.0), [torch.randn(4, 3), torch.randn(4, 3).double()], [torch.randn(3), torch.randn(3)], 1.0, 1.0,
+        1.0), ValueError, r"weights\[1\] must have the dtype of weights\[0\] \(Float"),
+    ("kl backward mixed", lambda c: c.gaussian_kl_backward(torch.tensor(1.0), [P, P.double()], [1, 1], 1.0), ValueError,
+     r"log_alphas\[1\] must have the dtype of log_alphas\[0\]"),
     ("candidates dtype", lambda c: c.candidate_keep(P, torch.tensor([1.0]), 0, 0, 2), TypeError, "candidates"),
     ("candidates range", lambda c: c.candidate_keep(P, torch.tensor([1 << 40]), 0, 0, 2), ValueError,
      r"candidates must be ids in \[0, 2\^40\)"),

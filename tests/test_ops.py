@@ -649,6 +649,29 @@ def test_regularizer_gradients_match_literal_formula(backend, weight_dtype):
         assert rel_err(p.grad, ref.grad) < 1e-5
 
 
+def test_regularizer_gradients_are_views_of_two_flat_buffers(backend):
+    """The backward's contract (ops._library): one flat buffer per kind, in list order, handed to
+    autograd as views; a mixed-dtype list gets its own dtypes back."""
+    weights, p_logits = mixed_layers(torch.Generator().manual_seed(19))
+    weights[1] = weights[1].double()  # promotes the flat weight gradient to float64
+    p_logits[2] = p_logits[2].double()  # and the gate math
+    flat_w, flat_p = _library.regularizer_backward(torch.tensor(0.7), weights, p_logits, 10.0, 1.0, 1e3, backend)
+    ref_w, ref_p = _library.regularizer_backward(torch.tensor(0.7), weights, p_logits, 10.0, 1.0, 1e3, "reference")
+    assert flat_w.shape == (sum(w.numel() for w in weights),) and flat_w.dtype == torch.float64
+    assert flat_p.shape == (sum(p.numel() for p in p_logits),) and flat_p.dtype == torch.float64
+    assert rel_err(flat_w, ref_w) < 1e-5 and rel_err(flat_p, ref_p) < 1e-5
+
+    weights, p_logits = mixed_layers(torch.Generator().manual_seed(20))
+    for t in (*weights, *p_logits):
+        t.requires_grad_()
+    pf.ops.regularizer(weights, p_logits, weight_reg=10.0, drop_reg=1.0, n_train=1e3, backend=backend).backward()
+    for tensors in (weights, p_logits):  # autograd kept the views: no per-tensor copies
+        assert len({t.grad.untyped_storage().data_ptr() for t in tensors}) == 1
+        starts = [t.grad.data_ptr() - tensors[0].grad.data_ptr() for t in tensors]
+        sizes = [t.numel() * t.element_size() for t in tensors]
+        assert starts == [sum(sizes[:k]) for k in range(len(tensors))]
+
+
 @pytest.mark.parametrize("gate_dtype", [torch.float32, torch.float64])
 def test_regularizer_extreme_p_logits_are_finite(backend, gate_dtype):
     gen = torch.Generator().manual_seed(18)

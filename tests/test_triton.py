@@ -102,13 +102,13 @@ def test_multi_tensor_values_sum_over_more_programs_than_one_pass_of_the_last_pr
 
 
 def test_multi_tensor_tables_are_built_once_and_stay_right_when_tensors_change(monkeypatch):
-    """Tables are cached by address and shape: after a first call, a forward pass copies no table and a
-    backward pass copies only its gradient addresses; new values at the same addresses, and new
-    tensors (maybe at reused addresses), still give the reference's results."""
+    """Tables are cached by address and shape: after a first call, neither pass copies a table to the
+    device (gradients go to flat buffers, whose addresses are kernel arguments); new values at the
+    same addresses, and new tensors (maybe at reused addresses), still give the reference's results."""
     tables = importlib.import_module("pgnas_fast.triton.tables")
     copies = []
-    on_device = tables.on_device
-    monkeypatch.setattr(tables, "on_device", lambda rows, *a: copies.append(len(rows)) or on_device(rows, *a))
+    on_device = tables._on_device
+    monkeypatch.setattr(tables, "_on_device", lambda rows, *a: copies.append(len(rows)) or on_device(rows, *a))
     tables.clear()
     gen = torch.Generator().manual_seed(6)
     weights, p_logits = network_weights(gen, n_layers=12, device=DEVICE)
@@ -125,12 +125,12 @@ def test_multi_tensor_tables_are_built_once_and_stay_right_when_tensors_change(m
             assert rel_err(a, b) < 1e-5
 
     check()
-    assert len(copies) == 4  # layer table, forward blocks, backward blocks, gradient addresses
+    assert len(copies) == 3  # layer table, forward blocks, backward blocks
     copies.clear()
     for w in weights:
         w.mul_(-1.5)  # same addresses, new values
     check()
-    assert copies == [len(weights)]  # the gradient addresses only
+    assert copies == []
     weights[:] = [w.clone() + 0.1 for w in weights]  # new tensors
     p_logits[:] = [p.clone() - 0.2 for p in p_logits]
     check()
@@ -149,6 +149,18 @@ def test_multi_tensor_table_cache_is_bounded(monkeypatch):
         assert rel_err(r, r_ref) < 1e-5
         assert len(tables._cache) <= 3
     tables.clear()
+
+
+def test_no_table_is_copied_to_the_device_during_a_cuda_graph_capture(monkeypatch):
+    """A host-to-device copy captured in a graph would re-read a pinned buffer reused since: a table
+    not cached yet is refused, clearly, before it is built."""
+    tables = importlib.import_module("pgnas_fast.triton.tables")
+    built = []
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match="run the same call .* once before the capture"):
+        tables.cached(("regularizer layers", (1,)), lambda: built.append(1) or [[1]], torch.int64,
+                      torch.device("cuda"))
+    assert built == []
 
 
 def test_regularizer_mixed_weight_dtypes_and_layouts():
@@ -577,7 +589,7 @@ def launch_branch_combine_backward(shape, dtype, w_dtype, n_branches, per_exampl
 # ---- regularizer.py, gaussian.py, philox.py -------------------------------------------------------
 def launch_regularizer(w_dtype, g_dtype):
     table = meta(56, regularizer.LAYER_COLUMNS.value, dtype=torch.int64)
-    grads, blocks = meta(56, regularizer.GRAD_COLUMNS.value, dtype=torch.int64), meta(300, 2, dtype=torch.int32)
+    blocks = meta(300, 2, dtype=torch.int32)
     w_like, p_like = meta(64, 32, 3, 3, dtype=w_dtype), meta(32, dtype=g_dtype)
     scales = (*philox.split_f64(25.0 / 5e4), *philox.split_f64(2.0 / 5e4))
     g_type = regularizer._TL_TYPES[g_dtype]
@@ -585,9 +597,9 @@ def launch_regularizer(w_dtype, g_dtype):
     compile_for_h100(regularizer._regularizer_kernel, table, blocks, meta(150, dtype=g_dtype), counter,
                      meta(dtype=g_dtype), 150, w_like, p_like, *scales, G_TYPE=g_type, BLOCK_C=regularizer.BLOCK_C,
                      BLOCK_R=regularizer.BLOCK_R)
-    compile_for_h100(regularizer._regularizer_backward_kernel, table, grads, blocks, 233, meta(dtype=g_dtype),
-                     w_like, p_like, *scales, G_TYPE=g_type, BLOCK_W=regularizer.BLOCK_W, BLOCK_C=regularizer.BLOCK_C,
-                     BLOCK_R=regularizer.BLOCK_R)
+    compile_for_h100(regularizer._regularizer_backward_kernel, table, blocks, 233, meta(dtype=g_dtype),
+                     meta(64 * 32 * 9, dtype=w_dtype), meta(32, dtype=g_dtype), w_like, p_like, *scales, G_TYPE=g_type,
+                     BLOCK_W=regularizer.BLOCK_W, BLOCK_C=regularizer.BLOCK_C, BLOCK_R=regularizer.BLOCK_R)
 
 
 def launch_gaussian_noise(like, channels_last):
@@ -601,11 +613,11 @@ def launch_gaussian_noise(like, channels_last):
 
 def launch_gaussian_kl(dtype):
     table, blocks = meta(20, gaussian.KL_TABLE_COLUMNS.value, dtype=torch.int64), meta(40, 2, dtype=torch.int32)
-    alpha, grads = meta(96, dtype=dtype), meta(20, 1, dtype=torch.int64)
+    alpha = meta(96, dtype=dtype)
     compile_for_h100(gaussian._gaussian_kl_kernel, table, blocks, meta(40, dtype=dtype), meta(1, dtype=torch.int32),
                      meta(dtype=dtype), 40, alpha, G_TYPE=gaussian._TL_TYPES[dtype], BLOCK_C=gaussian.KL_BLOCK_C)
-    compile_for_h100(gaussian._gaussian_kl_backward_kernel, table, grads, blocks, meta(dtype=dtype), alpha,
-                     G_TYPE=gaussian._TL_TYPES[dtype], BLOCK_C=gaussian.KL_BLOCK_C)
+    compile_for_h100(gaussian._gaussian_kl_backward_kernel, table, blocks, meta(dtype=dtype), meta(96, dtype=dtype),
+                     alpha, G_TYPE=gaussian._TL_TYPES[dtype], BLOCK_C=gaussian.KL_BLOCK_C)
 
 
 def launch_philox_uniform(n):

@@ -321,20 +321,24 @@ at::Tensor regularizer(const std::vector<at::Tensor>& weights, const std::vector
   return at::scalar_tensor(r, p_logits[0].options().dtype(any_double ? at::kDouble : at::kFloat));
 }
 
-std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> regularizer_backward(
-    const at::Tensor& grad, const std::vector<at::Tensor>& weights, const std::vector<at::Tensor>& p_logits,
-    double weight_reg, double drop_reg, double n_train) {
+std::tuple<at::Tensor, at::Tensor> regularizer_backward(const at::Tensor& grad, const std::vector<at::Tensor>& weights,
+                                                        const std::vector<at::Tensor>& p_logits, double weight_reg,
+                                                        double drop_reg, double n_train) {
   check_coefficients(weight_reg, drop_reg, n_train);
   check_device("grad", grad, kCPU);
   TORCH_CHECK_VALUE(grad.numel() == 1, "grad must hold one value, got shape ", grad.sizes());
   bool any_double = false;
   std::vector<cpu::RegSegment> segs = segment_table(weights, p_logits, &any_double);
-  std::vector<at::Tensor> grad_weights, grad_p_logits;
+  check_one_dtype("weights", weights);
+  check_one_dtype("p_logits", p_logits);
+  at::Tensor grad_weights = flat_gradient(weights), grad_p_logits = flat_gradient(p_logits);
+  char* next_weight = static_cast<char*>(grad_weights.data_ptr());
+  char* next_p_logit = static_cast<char*>(grad_p_logits.data_ptr());
   for (size_t k = 0; k < segs.size(); ++k) {
-    grad_weights.push_back(at::empty_like(weights[k]));
-    grad_p_logits.push_back(at::empty_like(p_logits[k]));
-    segs[k].grad_weight = grad_weights.back().data_ptr();
-    segs[k].grad_p_logit = grad_p_logits.back().data_ptr();
+    segs[k].grad_weight = next_weight;
+    segs[k].grad_p_logit = next_p_logit;
+    next_weight += weights[k].numel() * weights[k].element_size();
+    next_p_logit += p_logits[k].numel() * p_logits[k].element_size();
   }
   cpu::regularizer_backward(segs, grad.item<double>(), weight_reg, drop_reg, n_train);
   return {grad_weights, grad_p_logits};
@@ -387,16 +391,18 @@ at::Tensor gaussian_kl(const std::vector<at::Tensor>& log_alphas, const std::vec
   return at::scalar_tensor(kl, log_alphas[0].options().dtype(any_double ? at::kDouble : at::kFloat));
 }
 
-std::vector<at::Tensor> gaussian_kl_backward(const at::Tensor& grad, const std::vector<at::Tensor>& log_alphas,
-                                             const std::vector<int64_t>& weights_per_channel, double n_train) {
+at::Tensor gaussian_kl_backward(const at::Tensor& grad, const std::vector<at::Tensor>& log_alphas,
+                                const std::vector<int64_t>& weights_per_channel, double n_train) {
   check_kl(log_alphas, weights_per_channel, n_train, kCPU);
+  check_one_dtype("log_alphas", log_alphas);
   check_device("grad", grad, kCPU);
   TORCH_CHECK_VALUE(grad.numel() == 1, "grad must hold one value, got shape ", grad.sizes());
   std::vector<cpu::KlSegment> segs = kl_segments(log_alphas, weights_per_channel, n_train);
-  std::vector<at::Tensor> grads;
+  at::Tensor grads = flat_gradient(log_alphas);
+  char* next = static_cast<char*>(grads.data_ptr());
   for (size_t k = 0; k < segs.size(); ++k) {
-    grads.push_back(at::empty_like(log_alphas[k]));
-    segs[k].grad = grads.back().data_ptr();
+    segs[k].grad = next;
+    next += log_alphas[k].numel() * log_alphas[k].element_size();
   }
   cpu::gaussian_kl_backward(segs, grad.item<double>());
   return grads;

@@ -2,6 +2,7 @@
 // the `cpu` bindings (csrc/cpu/ops.cpp), then the C-ABI launchers of kernels/pgnas_kernels.h on the
 // current CUDA stream. Compiled only where torch has CUDA and nvcc is found (setup.py).
 #include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
 
@@ -268,7 +269,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> branch_combine_backward(
 
 struct Table {
   std::vector<pgnas_reg_segment> segs;
-  int64_t rows = 0, channels = 0;
+  int64_t rows = 0, elements = 0, channels = 0;
   bool any_double = false;
 };
 
@@ -284,28 +285,46 @@ Table segment_table(const std::vector<at::Tensor>& weights, const std::vector<at
     const std::string wn = "weights[" + std::to_string(k) + "]";
     check_same_device(wn.c_str(), weights[k], "weights[0]", weights[0]);
     s.weight = weights[k].data_ptr();
-    s.grad_weight = nullptr;
     s.p_logit = p_logits[k].data_ptr();
-    s.grad_p_logit = nullptr;
     s.weight_dtype = code_of(weights[k]);
     s.p_logit_double = p_logits[k].scalar_type() == at::kDouble;
     t.any_double = t.any_double || s.p_logit_double;
     s.out_channels = weights[k].size(0);
     s.row_begin = t.rows;
+    s.weight_begin = t.elements;
     s.channel_begin = t.channels;
     t.rows += s.out_channels;
+    t.elements += weights[k].numel();
     t.channels += s.groups * s.per_group;
   }
   return t;
 }
 
-// A segment table in device memory (one pinned host-to-device copy, no kernel launch).
+// A segment table in device memory, cached by its bytes and device. A table holds only the
+// parameters' addresses, shapes and offsets (gradients go to flat buffers passed to the launch), which
+// stay fixed across training steps: after the first call nothing is copied to the device, so a CUDA
+// graph can capture the launches, and a stale entry is never wrong. Bounded: emptied when full.
+constexpr size_t kTableCacheEntries = 64;
+
 template <typename Segment>
 at::Tensor device_table(const std::vector<Segment>& segs, const at::Device& device) {
-  const int64_t bytes = static_cast<int64_t>(segs.size() * sizeof(Segment));
-  at::Tensor host = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
-  std::memcpy(host.data_ptr(), segs.data(), static_cast<size_t>(bytes));
-  return host.to(device, /*non_blocking=*/true);  // the pinned buffer is kept alive by the caching allocator
+  static std::mutex mutex;
+  static std::map<std::pair<int, std::string>, at::Tensor> cache;
+  const size_t bytes = segs.size() * sizeof(Segment);
+  std::pair<int, std::string> key{device.index(), std::string(reinterpret_cast<const char*>(segs.data()), bytes)};
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto found = cache.find(key);
+  if (found != cache.end()) return found->second;
+  // a host-to-device copy captured in a CUDA graph would re-read a pinned buffer reused since
+  TORCH_CHECK(c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None,
+              "no launch table is cached for these tensors, and none can be copied to the device while a CUDA "
+              "graph is being captured: run the same call (same tensors) once before the capture");
+  at::Tensor host = at::empty({static_cast<int64_t>(bytes)}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+  std::memcpy(host.data_ptr(), segs.data(), bytes);
+  at::Tensor table = host.to(device, /*non_blocking=*/true);  // the caching allocator keeps `host` until copied
+  if (cache.size() >= kTableCacheEntries) cache.clear();
+  cache.emplace(std::move(key), table);
+  return table;
 }
 
 // A gradient scalar as the whole-network kernels read it: float32 or float64 as it is (no cast launch).
@@ -341,24 +360,21 @@ at::Tensor regularizer(const std::vector<at::Tensor>& weights, const std::vector
   return result;
 }
 
-std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> regularizer_backward(
-    const at::Tensor& grad, const std::vector<at::Tensor>& weights, const std::vector<at::Tensor>& p_logits,
-    double weight_reg, double drop_reg, double n_train) {
+std::tuple<at::Tensor, at::Tensor> regularizer_backward(const at::Tensor& grad, const std::vector<at::Tensor>& weights,
+                                                        const std::vector<at::Tensor>& p_logits, double weight_reg,
+                                                        double drop_reg, double n_train) {
   check_coefficients(weight_reg, drop_reg, n_train);
-  Table t = segment_table(weights, p_logits);
+  const Table t = segment_table(weights, p_logits);
+  check_one_dtype("weights", weights);
+  check_one_dtype("p_logits", p_logits);
   check_same_device("grad", grad, "weights[0]", weights[0]);
   TORCH_CHECK_VALUE(grad.numel() == 1, "grad must hold one value, got shape ", grad.sizes());
   const c10::cuda::CUDAGuard guard(weights[0].device());
-  std::vector<at::Tensor> grad_weights, grad_p_logits;
-  for (size_t k = 0; k < t.segs.size(); ++k) {
-    grad_weights.push_back(at::empty_like(weights[k]));
-    grad_p_logits.push_back(at::empty_like(p_logits[k]));
-    t.segs[k].grad_weight = grad_weights.back().data_ptr();
-    t.segs[k].grad_p_logit = grad_p_logits.back().data_ptr();
-  }
+  at::Tensor grad_weights = flat_gradient(weights), grad_p_logits = flat_gradient(p_logits);
   const at::Tensor table = device_table(t.segs, weights[0].device());
   const at::Tensor g = scalar_as_read(grad);
   PGNAS_CUDA_CHECK(pgnas_regularizer_backward(g.data_ptr(), g.scalar_type() == at::kDouble ? 1 : 0,
+                                              grad_weights.data_ptr(), grad_p_logits.data_ptr(),
                                               static_cast<const pgnas_reg_segment*>(table.data_ptr()),
                                               static_cast<int32_t>(t.segs.size()), t.rows, t.channels, weight_reg,
                                               drop_reg, n_train, current_stream()));
@@ -399,10 +415,10 @@ std::vector<pgnas_kl_segment> kl_segments(const std::vector<at::Tensor>& log_alp
   *max_channels = 0;
   for (size_t k = 0; k < segs.size(); ++k) {
     segs[k].log_alpha = log_alphas[k].data_ptr();
-    segs[k].grad = nullptr;
     segs[k].is_double = log_alphas[k].scalar_type() == at::kDouble;
     segs[k].reserved = 0;
     segs[k].channels = log_alphas[k].size(0);
+    segs[k].channel_begin = k == 0 ? 0 : segs[k - 1].channel_begin + segs[k - 1].channels;
     segs[k].scale = static_cast<double>(weights_per_channel[k]) / n_train;
     *max_channels = std::max(*max_channels, segs[k].channels);
   }
@@ -423,22 +439,19 @@ at::Tensor gaussian_kl(const std::vector<at::Tensor>& log_alphas, const std::vec
   return result;
 }
 
-std::vector<at::Tensor> gaussian_kl_backward(const at::Tensor& grad, const std::vector<at::Tensor>& log_alphas,
-                                             const std::vector<int64_t>& weights_per_channel, double n_train) {
+at::Tensor gaussian_kl_backward(const at::Tensor& grad, const std::vector<at::Tensor>& log_alphas,
+                                const std::vector<int64_t>& weights_per_channel, double n_train) {
   check_kl(log_alphas, weights_per_channel, n_train, kCUDA);
+  check_one_dtype("log_alphas", log_alphas);
   check_same_device("grad", grad, "log_alphas[0]", log_alphas[0]);
   TORCH_CHECK_VALUE(grad.numel() == 1, "grad must hold one value, got shape ", grad.sizes());
   const c10::cuda::CUDAGuard guard(log_alphas[0].device());
   int64_t max_channels = 0;
-  std::vector<pgnas_kl_segment> segs = kl_segments(log_alphas, weights_per_channel, n_train, &max_channels);
-  std::vector<at::Tensor> grads;
-  for (size_t k = 0; k < segs.size(); ++k) {
-    grads.push_back(at::empty_like(log_alphas[k]));
-    segs[k].grad = grads.back().data_ptr();
-  }
+  const std::vector<pgnas_kl_segment> segs = kl_segments(log_alphas, weights_per_channel, n_train, &max_channels);
+  at::Tensor grads = flat_gradient(log_alphas);
   const at::Tensor table = device_table(segs, log_alphas[0].device());
   const at::Tensor g = scalar_as_read(grad);
-  PGNAS_CUDA_CHECK(pgnas_gaussian_kl_backward(g.data_ptr(), g.scalar_type() == at::kDouble ? 1 : 0,
+  PGNAS_CUDA_CHECK(pgnas_gaussian_kl_backward(g.data_ptr(), g.scalar_type() == at::kDouble ? 1 : 0, grads.data_ptr(),
                                               static_cast<const pgnas_kl_segment*>(table.data_ptr()),
                                               static_cast<int32_t>(segs.size()), max_channels, current_stream()));
   return grads;

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..reference import math_dtype, stacked_empty_like
+from ..reference import common_dtype, math_dtype, stacked_empty_like
 from .dispatch import implementation
 
 NAMESPACE = "pgnas_fast"
@@ -266,6 +266,22 @@ def _(weights, p_logits, weight_reg, drop_reg, n_train, backend):
     return p_logits[0].new_empty((), dtype=math_dtype(*p_logits))
 
 
+# The whole-network backwards return flat gradients, one buffer per kind (every weight's, row-major in
+# list order, in the weights' common dtype; every p_logit's / log alpha's in the math dtype), and the
+# autograd formulas hand out views of them. A custom op may not return outputs that share storage, and
+# one buffer keeps the GPU kernels free of a per-call table of gradient addresses: their tables then
+# depend only on the parameters, stay cached, and a CUDA graph can capture the call.
+def _flat_views(flat: Tensor, like: list[Tensor]) -> list[Tensor]:
+    """Views of `flat` shaped as each tensor of `like` (cast where its dtype differs, for mixed lists)."""
+    parts = flat.split([t.numel() for t in like])
+    return [part.view(t.shape) if part.dtype == t.dtype else part.view(t.shape).to(t.dtype)
+            for part, t in zip(parts, like)]
+
+
+def _numel(tensors: list[Tensor]) -> int:
+    return sum(t.numel() for t in tensors)
+
+
 @_op("regularizer_backward")
 def regularizer_backward(
     grad: Tensor,
@@ -275,13 +291,14 @@ def regularizer_backward(
     drop_reg: float,
     n_train: float,
     backend: str,
-) -> tuple[list[Tensor], list[Tensor]]:
+) -> tuple[Tensor, Tensor]:
     return implementation(backend, "regularizer_backward")(grad, weights, p_logits, weight_reg, drop_reg, n_train)
 
 
 @regularizer_backward.register_fake
 def _(grad, weights, p_logits, weight_reg, drop_reg, n_train, backend):
-    return [torch.empty_like(w) for w in weights], [torch.empty_like(p) for p in p_logits]
+    return (weights[0].new_empty(_numel(weights), dtype=common_dtype(weights)),
+            p_logits[0].new_empty(_numel(p_logits), dtype=math_dtype(*p_logits)))
 
 
 def _regularizer_setup(ctx, inputs, output):
@@ -296,7 +313,7 @@ def _regularizer_grad(ctx, grad):
     grad_weights, grad_p_logits = regularizer_backward(
         grad, weights, p_logits, ctx.weight_reg, ctx.drop_reg, ctx.n_train, ctx.backend
     )
-    return grad_weights, grad_p_logits, None, None, None, None
+    return _flat_views(grad_weights, weights), _flat_views(grad_p_logits, p_logits), None, None, None, None
 
 
 regularizer.register_autograd(_regularizer_grad, setup_context=_regularizer_setup)
@@ -351,13 +368,13 @@ def _(log_alphas, weights_per_channel, n_train, backend):
 @_op("gaussian_kl_backward")
 def gaussian_kl_backward(
     grad: Tensor, log_alphas: list[Tensor], weights_per_channel: list[int], n_train: float, backend: str
-) -> list[Tensor]:
+) -> Tensor:
     return implementation(backend, "gaussian_kl_backward")(grad, log_alphas, weights_per_channel, n_train)
 
 
 @gaussian_kl_backward.register_fake
 def _(grad, log_alphas, weights_per_channel, n_train, backend):
-    return [torch.empty_like(a) for a in log_alphas]
+    return log_alphas[0].new_empty(_numel(log_alphas), dtype=math_dtype(*log_alphas))
 
 
 def _gaussian_kl_setup(ctx, inputs, output):
@@ -366,8 +383,9 @@ def _gaussian_kl_setup(ctx, inputs, output):
 
 
 def _gaussian_kl_grad(ctx, grad):
-    grads = gaussian_kl_backward(grad, list(ctx.saved_tensors), ctx.weights_per_channel, ctx.n_train, ctx.backend)
-    return grads, None, None, None
+    log_alphas = list(ctx.saved_tensors)
+    flat = gaussian_kl_backward(grad, log_alphas, ctx.weights_per_channel, ctx.n_train, ctx.backend)
+    return _flat_views(flat, log_alphas), None, None, None
 
 
 gaussian_kl.register_autograd(_gaussian_kl_grad, setup_context=_gaussian_kl_setup)

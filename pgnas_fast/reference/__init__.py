@@ -20,6 +20,14 @@ def math_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
+def common_dtype(tensors: list[torch.Tensor]) -> torch.dtype:
+    """The dtype every tensor of the list promotes to: a multi-tensor op's flat gradient buffer has it."""
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
 def philox_uniform(n: int, seed: int, stream: int, offset: int, device: torch.device) -> torch.Tensor:
     return philox.uniform(n, seed, stream, offset, device)
 
@@ -234,22 +242,23 @@ def regularizer_backward(
     weight_reg: float,
     drop_reg: float,
     n_train: float,
-) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat gradients (the op contract, pgnas_fast.ops._library): every weight's, row-major in list
+    order, in common_dtype(weights); every p_logit's in the math dtype."""
     dtype = math_dtype(*p_logits)
     g = grad.to(dtype)
-    grad_weights, grad_p_logits = [], []
-    for weight, p_logit in zip(weights, p_logits):
+    grad_weights = weights[0].new_empty(sum(w.numel() for w in weights), dtype=common_dtype(weights))
+    grad_p_logits = []
+    for weight, p_logit, grad_w in zip(weights, p_logits, grad_weights.split([w.numel() for w in weights])):
         z = p_logit.to(dtype)
         p = torch.sigmoid(z)
         keep_prob = torch.sigmoid(-z)
         scale = g * (2.0 * weight_reg / n_train)
-        grad_w = scale * _keep_prob_per_weight(keep_prob, weight) * weight.to(dtype)
-        grad_weights.append(grad_w.to(weight.dtype))
+        torch.mul(scale * _keep_prob_per_weight(keep_prob, weight), weight.to(dtype), out=grad_w.view(weight.shape))
         sq = _squared_norm_per_input_channel(weight, z.shape[0], dtype)
         # d/dz (1 - p) = -p (1 - p);  d/dz H'(p) = logit(p) * p (1 - p) = z p (1 - p)
-        dz = g * (p * keep_prob) * ((drop_reg / n_train) * z - (weight_reg / n_train) * sq)
-        grad_p_logits.append(dz.to(p_logit.dtype))
-    return grad_weights, grad_p_logits
+        grad_p_logits.append(g * (p * keep_prob) * ((drop_reg / n_train) * z - (weight_reg / n_train) * sq))
+    return grad_weights, torch.cat(grad_p_logits)
 
 
 # ---- the Gaussian family (design.md "Gaussian family") ---------------------------------------------
@@ -295,7 +304,8 @@ def gaussian_kl(log_alphas: list[torch.Tensor], weights_per_channel: list[int], 
 
 def gaussian_kl_backward(
     grad: torch.Tensor, log_alphas: list[torch.Tensor], weights_per_channel: list[int], n_train: float
-) -> list[torch.Tensor]:
+) -> torch.Tensor:
+    """The flat gradient (every log alpha's, in list order, in the math dtype), as regularizer_backward."""
     dtype = math_dtype(*log_alphas)
     g = grad.to(dtype)
     grads = []
@@ -304,5 +314,5 @@ def gaussian_kl_backward(
         s = torch.sigmoid(KL_K2 + KL_K3 * a)
         # d/da [-K1 sigmoid(K2 + K3 a) + 0.5 softplus(-a)] = -K1 K3 s (1 - s) - 0.5 sigmoid(-a)
         d = -KL_K1 * KL_K3 * s * (1.0 - s) - 0.5 * torch.sigmoid(-a)
-        grads.append((g * (count / n_train) * d).to(log_alpha.dtype))
-    return grads
+        grads.append(g * (count / n_train) * d)
+    return torch.cat(grads)

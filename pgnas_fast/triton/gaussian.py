@@ -12,13 +12,14 @@ backward ops.
   kernel per view would cost more code than the copy costs time, and such views do not come out of
   convolutions, whose outputs this epilogue takes.
 - gaussian_kl: multi-tensor, as `regularizer.py` (cached tables, `tables`): an int64 layer table (log
-  alpha address, channel count, weights_per_channel / n_train as float64 bits), an int32 block table
-  of (layer, first channel) items and, backward, a per-call table of gradient addresses; however many
-  layers, the value takes one kernel launch (the last program adds the blocks' partials) and the
-  gradients one.
+  alpha address, channel count, weights_per_channel / n_train as float64 bits, the layer's first
+  channel in the flat gradient) and an int32 block table of (layer, first channel) items; however
+  many layers, the value takes one kernel launch (the last program adds the blocks' partials) and the
+  gradients one, written into one flat buffer (the op contract, pgnas_fast.ops._library).
 """
 from __future__ import annotations
 
+import itertools
 import struct
 
 import torch
@@ -36,7 +37,7 @@ VAR_EPS: tl.constexpr = tl.constexpr(1e-8)
 KL_K1: tl.constexpr = tl.constexpr(0.63576)
 KL_K2: tl.constexpr = tl.constexpr(1.87320)
 KL_K3: tl.constexpr = tl.constexpr(1.48695)
-KL_TABLE_COLUMNS: tl.constexpr = tl.constexpr(3)  # log alpha address, channels, scale
+KL_TABLE_COLUMNS: tl.constexpr = tl.constexpr(4)  # log alpha address, channels, scale, first gradient channel
 KL_BLOCK_C = 256
 
 
@@ -137,11 +138,11 @@ def _gaussian_kl_kernel(table_ptr, blocks_ptr, partial_ptr, counter_ptr, out_ptr
 
 
 @triton.jit
-def _gaussian_kl_backward_kernel(table_ptr, grads_ptr, blocks_ptr, grad_ptr, a_like, G_TYPE: tl.constexpr,
+def _gaussian_kl_backward_kernel(table_ptr, blocks_ptr, grad_ptr, grad_flat, a_like, G_TYPE: tl.constexpr,
                                  BLOCK_C: tl.constexpr):
     """d a = grad scale (-K1 K3 s (1 - s) - 0.5 sigmoid(-a)), s = sigmoid(K2 + K3 a)."""
     layer, a_ptr, c, mask, scale = _kl_layer_block(table_ptr, blocks_ptr, a_like, G_TYPE, BLOCK_C)
-    ga_ptr = tl.load(grads_ptr + layer).to(a_like.dtype)
+    ga_ptr = grad_flat + tl.load(table_ptr + layer * KL_TABLE_COLUMNS + 3)
     a = tl.load(a_ptr + c, mask=mask, other=0.0).to(G_TYPE)
     s = _sigmoid(tl.full([], KL_K2, G_TYPE) + tl.full([], KL_K3, G_TYPE) * a)
     d = -tl.full([], KL_K1 * KL_K3, G_TYPE) * s * (1.0 - s) - 0.5 * _sigmoid(-a)
@@ -200,8 +201,9 @@ def _kl_tables(alphas, weights_per_channel, n_train):
     device = alphas[0].device
 
     def layers():
-        return [[a.data_ptr(), a.shape[0], struct.unpack("<q", struct.pack("<d", scale))[0]]
-                for a, scale in zip(alphas, scales)]
+        starts = itertools.accumulate((a.shape[0] for a in alphas), initial=0)
+        return [[a.data_ptr(), a.shape[0], struct.unpack("<q", struct.pack("<d", scale))[0], start]
+                for a, scale, start in zip(alphas, scales, starts)]
 
     def blocks():
         return [[layer, c] for layer, a in enumerate(alphas) for c in range(0, a.shape[0], KL_BLOCK_C)]
@@ -232,10 +234,9 @@ def gaussian_kl(log_alphas, weights_per_channel, n_train):
 def gaussian_kl_backward(grad, log_alphas, weights_per_channel, n_train):
     dtype = math_dtype(*log_alphas)
     alphas = [a.to(dtype).contiguous() for a in log_alphas]
-    grads = [torch.empty_like(a) for a in alphas]
+    grad_flat = torch.empty(sum(a.shape[0] for a in alphas), dtype=dtype, device=alphas[0].device)
     table, blocks = _kl_tables(alphas, weights_per_channel, n_train)
     if blocks.shape[0]:
-        addresses = tables.on_device([[g.data_ptr()] for g in grads], torch.int64, alphas[0].device)
-        _gaussian_kl_backward_kernel[(blocks.shape[0],)](table, addresses, blocks, grad.to(dtype), alphas[0],
+        _gaussian_kl_backward_kernel[(blocks.shape[0],)](table, blocks, grad.to(dtype), grad_flat, alphas[0],
                                                          G_TYPE=_TL_TYPES[dtype], BLOCK_C=KL_BLOCK_C)
-    return [g if g.dtype == a.dtype else g.to(a.dtype) for g, a in zip(grads, log_alphas)]
+    return grad_flat

@@ -1,22 +1,24 @@
 """The whole network's regulariser R (pgnas-method.md section 2) and its gradients in Triton, in O(1) launches.
 
 Multi-tensor mechanism (pgnas_fast.triton.tables): a cached int64 *layer table* holds, per gated
-layer, the addresses of its weight and p_logit and its shape numbers; a cached int32 *block table*
+layer, the addresses of its weight and p_logit, its shape numbers and where its gradients start in
+the flat gradient buffers (the op contract, pgnas_fast.ops._library); a cached int32 *block table*
 lists the work items, (layer, first channel) blocks of input channels and (layer, first element)
-blocks of weights; the backward pass adds a small per-call table of its gradient buffers' addresses.
-A launch covers every layer: a program reads its block, then its layer's rows, and casts the stored
-addresses back to pointers.
+blocks of weights. A launch covers every layer: a program reads its block, then its layer's row, and
+casts the stored addresses back to pointers. Nothing is copied to the device per call once the
+tables are cached, so a CUDA graph can capture either launch.
 
 - value: one launch over channel blocks computes, per input channel c, sq_c = sum of W^2 over the
   outputs and taps reading c, and (wr/N)(1 - p_c) sq_c + (dr/N) H'(p_c) summed per block; the last
   program adds the blocks' partials (`tables.sum_when_last`).
 - backward: one launch; programs below the weight-block count write dW = g 2 wr/N (1 - p_c) W
-  elementwise, the others recompute sq_c and write d p_logit = g p (1 - p) (dr/N z - wr/N sq_c).
+  elementwise, the others recompute sq_c and write d p_logit = g p (1 - p) (dr/N z - wr/N sq_c),
+  both into flat buffers.
 
 Grouped convolutions as in the reference: weight [O, J, K...] with C_in = G J inputs; output o is in
 group o // (O / G) and reads input channel (o // (O / G)) J + j. All weights of a call share one
 dtype in the kernel (a mixed list is promoted by a copy) and are read contiguous (a non-contiguous
-weight, e.g. a channels_last conv weight, is copied once and its gradient copied back to its layout).
+weight, e.g. a channels_last conv weight, is copied once; autograd lays its gradient out like it).
 """
 from __future__ import annotations
 
@@ -24,13 +26,13 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference import math_dtype
+from ..reference import common_dtype, math_dtype
 from . import tables
 from .gates import log1p
 from .philox import joined, split_f64
 
-LAYER_COLUMNS = tl.constexpr(6)  # w, p_logit addresses; C_in, J, O / G, taps K
-GRAD_COLUMNS = tl.constexpr(2)  # grad_w, grad_p addresses (backward)
+# w, p_logit addresses; C_in, J, O / G, taps K; the layer's first element / channel in the flat gradients
+LAYER_COLUMNS = tl.constexpr(8)
 BLOCK_C = 32
 BLOCK_R = 32
 BLOCK_W = 1024
@@ -52,10 +54,10 @@ def _layer(table_ptr, layer, w_like, p_like):
 
 
 @triton.jit
-def _grads(grads_ptr, layer, w_like, p_like):
-    """One layer's gradient buffers (the per-call table)."""
-    row = grads_ptr + layer * GRAD_COLUMNS
-    return tl.load(row + 0).to(w_like.dtype), tl.load(row + 1).to(p_like.dtype)
+def _grads(table_ptr, layer, grad_w_flat, grad_p_flat):
+    """Where one layer's gradients start in the flat buffers."""
+    row = table_ptr + layer * LAYER_COLUMNS
+    return grad_w_flat + tl.load(row + 6), grad_p_flat + tl.load(row + 7)
 
 
 @triton.jit
@@ -121,15 +123,15 @@ def _p_logit_grad_block(w, p_ptr, gp, start, C, J, opg, K, g, wr, dr, G_TYPE: tl
 
 
 @triton.jit
-def _regularizer_backward_kernel(table_ptr, grads_ptr, blocks_ptr, n_weight_blocks, grad_ptr, w_like, p_like,
-                                 wr_hi, wr_lo, dr_hi, dr_lo, G_TYPE: tl.constexpr, BLOCK_W: tl.constexpr,
-                                 BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
+def _regularizer_backward_kernel(table_ptr, blocks_ptr, n_weight_blocks, grad_ptr, grad_w_flat, grad_p_flat,
+                                 w_like, p_like, wr_hi, wr_lo, dr_hi, dr_lo, G_TYPE: tl.constexpr,
+                                 BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
     """Programs below n_weight_blocks write weight gradients, the others p_logit gradients."""
     pid = tl.program_id(0)
     layer = tl.load(blocks_ptr + 2 * pid)
     start = tl.load(blocks_ptr + 2 * pid + 1)
     w, p_ptr, C, J, opg, K = _layer(table_ptr, layer, w_like, p_like)
-    gw, gp = _grads(grads_ptr, layer, w_like, p_like)
+    gw, gp = _grads(table_ptr, layer, grad_w_flat, grad_p_flat)
     g = tl.load(grad_ptr).to(G_TYPE)
     wr = joined(wr_hi, wr_lo, G_TYPE)
     dr = joined(dr_hi, dr_lo, G_TYPE)
@@ -141,16 +143,9 @@ def _regularizer_backward_kernel(table_ptr, grads_ptr, blocks_ptr, n_weight_bloc
 
 # ---- wrappers (inputs are validated by pgnas_fast.ops) --------------------------------------------
 
-def _weight_dtype(weights):
-    dtype = weights[0].dtype
-    for w in weights[1:]:
-        dtype = torch.promote_types(dtype, w.dtype)
-    return dtype
-
-
 def _prepared(weights, p_logits):
     """Weights in one dtype and contiguous, p_logits in the gate dtype (copies only where needed)."""
-    wdtype, gdtype = _weight_dtype(weights), math_dtype(*p_logits)
+    wdtype, gdtype = common_dtype(weights), math_dtype(*p_logits)
     ws = [w.to(wdtype).contiguous() for w in weights]
     ps = [p.to(gdtype).contiguous() for p in p_logits]
     return ws, ps, wdtype, gdtype
@@ -164,7 +159,11 @@ def _shape_numbers(w, p):
 
 def _layer_table(ws, ps):
     def build():
-        return [[w.data_ptr(), p.data_ptr(), *_shape_numbers(w, p)] for w, p in zip(ws, ps)]
+        rows, first_element, first_channel = [], 0, 0
+        for w, p in zip(ws, ps):
+            rows.append([w.data_ptr(), p.data_ptr(), *_shape_numbers(w, p), first_element, first_channel])
+            first_element, first_channel = first_element + w.numel(), first_channel + p.shape[0]
+        return rows
 
     key = ("regularizer layers", tuple(tables.tensor_key(t) for t in (*ws, *ps)))
     return tables.cached(key, build, torch.int64, ws[0].device)
@@ -204,20 +203,13 @@ def regularizer(weights, p_logits, weight_reg, drop_reg, n_train):
 
 def regularizer_backward(grad, weights, p_logits, weight_reg, drop_reg, n_train):
     ws, ps, wdtype, gdtype = _prepared(weights, p_logits)
-    grad_weights = [torch.empty_like(w) for w in weights]
-    # write straight into the outputs unless the weight needed a dtype or layout copy
-    gws = [out if out.dtype == wdtype and out.is_contiguous() else torch.empty_like(w)
-           for out, w in zip(grad_weights, ws)]
-    gps = [torch.empty_like(p) for p in ps]
+    device = ws[0].device
+    grad_w_flat = torch.empty(sum(w.numel() for w in ws), dtype=wdtype, device=device)
+    grad_p_flat = torch.empty(sum(p.numel() for p in ps), dtype=gdtype, device=device)
     table = _layer_table(ws, ps)
     blocks, n_weight_blocks, n_channel_blocks = _block_table(ws, ps, with_weight_blocks=True)
-    grads = tables.on_device([[gw.data_ptr(), gp.data_ptr()] for gw, gp in zip(gws, gps)], torch.int64, ws[0].device)
     _regularizer_backward_kernel[(n_weight_blocks + n_channel_blocks,)](
-        table, grads, blocks, n_weight_blocks, grad.to(gdtype), ws[0], ps[0], *split_f64(weight_reg / n_train),
-        *split_f64(drop_reg / n_train), G_TYPE=_TL_TYPES[gdtype], BLOCK_W=BLOCK_W, BLOCK_C=BLOCK_C,
-        BLOCK_R=BLOCK_R)
-    for out, gw in zip(grad_weights, gws):
-        if gw is not out:
-            out.copy_(gw)
-    grad_p_logits = [gp if gp.dtype == p.dtype else gp.to(p.dtype) for gp, p in zip(gps, p_logits)]
-    return grad_weights, grad_p_logits
+        table, blocks, n_weight_blocks, grad.to(gdtype), grad_w_flat, grad_p_flat, ws[0], ps[0],
+        *split_f64(weight_reg / n_train), *split_f64(drop_reg / n_train), G_TYPE=_TL_TYPES[gdtype], BLOCK_W=BLOCK_W,
+        BLOCK_C=BLOCK_C, BLOCK_R=BLOCK_R)
+    return grad_w_flat, grad_p_flat

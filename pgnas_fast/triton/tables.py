@@ -7,8 +7,9 @@ backward has tens of thousands of weight blocks), and a host-to-device copy per 
 launch queue, so tables are cached on the device, keyed by what they encode:
 - block tables by the layers' shapes only;
 - row tables by the inputs' addresses and shapes, which stay fixed for parameters across steps.
-A stale entry is never wrong: a table holds nothing but its key. Per-call addresses (fresh gradient
-buffers) go in a separate small table copied each call.
+A stale entry is never wrong: a table holds nothing but its key. Gradients go to flat buffers whose
+addresses are kernel arguments, the tables holding only offsets into them: with the tables cached,
+nothing is copied to the device per call, so a CUDA graph can capture these launches.
 
 `sum_when_last`: programs store their partial sums, and the last program to finish (an atomic
 ticket) adds them in index order, so a value needs one launch and stays deterministic (an atomic
@@ -29,7 +30,7 @@ _counters: dict[Hashable, torch.Tensor] = {}
 SUM_BLOCK = tl.constexpr(128)
 
 
-def on_device(rows: list[list[int]], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def _on_device(rows: list[list[int]], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A [len(rows), width] table on `device` (pinned, asynchronous copy on CUDA)."""
     table = torch.tensor(rows, dtype=dtype)
     if device.type == "cuda":
@@ -42,7 +43,12 @@ def cached(key: Hashable, build: Callable[[], list[list[int]]], dtype: torch.dty
     key = (key, dtype, device)
     table = _cache.get(key)
     if table is None:
-        table = on_device(build(), dtype, device)
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            # a host-to-device copy captured in a CUDA graph would re-read a pinned buffer reused since
+            raise RuntimeError(f"no {key[0][0]} table is cached for these tensors, and none can be copied to the "
+                               "device while a CUDA graph is being captured: run the same call (same tensors) once "
+                               "before the capture")
+        table = _on_device(build(), dtype, device)
         _cache[key] = table
         if len(_cache) > CACHE_ENTRIES:
             _cache.popitem(last=False)

@@ -1,14 +1,17 @@
-"""GPU kernel launches of the whole-network ops (issue 4: the regulariser of SupNet-MI and D-121 in at
-most 2 launches): counted by the profiler on the device, for every native backend that runs there.
-On CPU, tests/test_triton.py counts the Triton launches of the same calls through the interpreter."""
+"""How the GPU is driven (GPU only): kernel launches of the whole-network ops (issue 4: the regulariser
+of SupNet-MI and D-121 in at most 2 launches), counted by the profiler for every native backend that
+runs there; their capture in CUDA graphs; and no host synchronisation in a training step or a
+candidate pass. On CPU, tests/test_triton.py counts the Triton launches of the same calls through the
+interpreter."""
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import pgnas_fast as pf
 from pgnas_fast import supernets
-from pgnas_fast.nn import gated_layers
+from pgnas_fast.nn import gated_layers, network_regularizer, set_gates, stacked_candidate_masks
 
 
 def _kernels(fn) -> list[str]:
@@ -89,3 +92,46 @@ def test_gpu_cuda_graph_captures_the_regularizer_and_kl_forward_backward(backend
     torch.cuda.synchronize()
     got = list(outputs) + [t.grad for t in leaves]
     assert all(torch.equal(a, b) for a, b in zip(got, expected))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("network", ["digits-tiny", "supnet-mi"])
+@pytest.mark.parametrize("backend", ["reference", "triton", "cuda"])
+def test_gpu_training_step_and_candidate_pass_never_synchronise(network, backend):
+    """A host sync (a value read back, a copy from pageable memory) drains the launch queue every
+    time; none may happen inside a training step (relaxed gates, shake-shake, regulariser, clipping,
+    SGD) or a batched candidate pass, after one warm-up step."""
+    if not pf.backends()[backend][0]:
+        pytest.skip(f"{backend} backend unavailable: {pf.backends()[backend][1]}")
+    knobs, channels, size = {"digits-tiny": ({}, 1, 8), "supnet-mi": ({"k": 1, "blocks_per_stage": 1}, 3, 32)}[network]
+    torch.manual_seed(0)
+    model = supernets.create(network, num_classes=10, **knobs).cuda()
+    x = torch.randn(16, channels, size, size, device="cuda")
+    y = torch.randint(0, 10, (16,), device="cuda")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+    def train_step(step):
+        model.train()
+        set_gates(model, "relaxed", seed=3, step=step)
+        loss = F.cross_entropy(model(x), y) + network_regularizer(model, weight_reg=10.0, n_train=1000.0)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+        optimizer.step()
+
+    def candidate_pass():
+        model.eval()
+        set_gates(model, "hard", masks=stacked_candidate_masks(model, 0, range(4)))
+        return model(x.repeat(4, 1, 1, 1))
+
+    with pf.ops.use_backend(backend):
+        train_step(0)  # compiles the kernels, caches the launch tables, makes the momentum buffers
+        candidate_pass()
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            train_step(1)
+            logits = candidate_pass()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(logits).all()

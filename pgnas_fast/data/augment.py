@@ -20,6 +20,8 @@ from collections.abc import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..ops.transfer import to_device
+
 # Per-channel statistics of each training set, on the 0..1 scale.
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
@@ -41,21 +43,14 @@ def epoch_generator(seed: int, epoch: int, device: str | torch.device = "cpu") -
     return torch.Generator(device=device).manual_seed(epoch_seed(seed, epoch))
 
 
-def _to(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Move without stalling the GPU: a pageable CPU -> CUDA copy synchronises the stream, a pinned one does not."""
-    if device.type == "cuda" and tensor.device.type == "cpu":
-        return tensor.pin_memory().to(device, non_blocking=True)
-    return tensor.to(device)
-
-
 def _randint(high: int, n: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
     source = generator.device if generator is not None else torch.device("cpu")
-    return _to(torch.randint(high, (n,), generator=generator, device=source), device)
+    return to_device(torch.randint(high, (n,), generator=generator, device=source), device)
 
 
 def _uniform(n: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
     source = generator.device if generator is not None else torch.device("cpu")
-    return _to(torch.rand(n, generator=generator, device=source), device)
+    return to_device(torch.rand(n, generator=generator, device=source), device)
 
 
 @functools.lru_cache(maxsize=32)
@@ -63,7 +58,7 @@ def _channel_stats(mean: tuple[float, ...], std: tuple[float, ...], scale: float
                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """mean and std as [1, C, 1, 1] tensors on `device`, made once (not one host copy per batch)."""
     def shaped(values):
-        return _to(torch.tensor(values, dtype=dtype).view(1, -1, 1, 1) * scale, device)
+        return to_device(torch.tensor(values, dtype=dtype).view(1, -1, 1, 1) * scale, device)
 
     return shaped(mean), shaped(std)
 
@@ -164,14 +159,14 @@ def cifar_batches(
     n = len(labels)
     if shuffle:
         source = generator.device if generator is not None else torch.device("cpu")
-        order = _to(torch.randperm(n, generator=generator, device=source), images_u8.device)
+        order = to_device(torch.randperm(n, generator=generator, device=source), images_u8.device)
     else:
         order = torch.arange(n, device=images_u8.device)
     end = n - n % batch_size if drop_last else n
     for start in range(0, end, batch_size):
         idx = order[start : start + batch_size]
-        x = normalize(_to(images_u8[idx], device), mean, std)
-        y = _to(labels[idx.to(labels.device)], device)
+        x = normalize(to_device(images_u8[idx], device), mean, std)
+        y = to_device(labels[idx.to(labels.device)], device)
         if augment:
             x = augment_batch(x, generator, crop_padding=crop_padding, cutout_size=cutout_size)
         if channels_last:

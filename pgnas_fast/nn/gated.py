@@ -227,10 +227,10 @@ def stacked_candidate_masks(model: nn.Module, seed: int, candidates: Sequence[in
     a batch of K equal row groups runs candidate k on group k. Row k is what gate_keep(mode="hard")
     draws from stream (candidates[k], gate-layer index): see ops.candidate_keep."""
     masks = {}
+    ids = torch.as_tensor(list(candidates), dtype=torch.int64)  # on the CPU: checked without a device sync
     with torch.no_grad():
         for index, (name, layer) in enumerate(gated_layers(model)):
             z = layer.p_logit_per_channel() if p_logits is None else p_logits[name]
-            ids = torch.as_tensor(list(candidates), dtype=torch.int64, device=z.device)
             masks[name] = ops.candidate_keep(z.detach().float(), ids, seed=seed, layer=index, domain=domain,
                                              backend=layer.backend)
     return masks

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import torch
 
 from . import _library
+from .transfer import to_device
 from .dispatch import (
     BACKENDS,
     BackendUnavailableError,
@@ -133,6 +134,8 @@ def candidate_keep(p_logit, candidates, *, seed: int, layer: int, domain: Domain
 
     Row k equals gate_keep(p_logit, 1, seed=seed, stream=stream_id(domain, candidates[k], layer),
     mode="hard")[0]: candidate ids name their masks whatever the batch they are drawn in.
+    candidates: int64 [K], on p_logit's device or on the CPU: CPU ids are checked on the host and
+    copied without stalling the GPU (checking ids on a GPU reads them back, a synchronisation).
     """
     _check_tensor("p_logit", p_logit, GATE_DTYPES, ndim=1)
     _check_tensor("candidates", candidates, (torch.int64,), ndim=1)
@@ -142,6 +145,8 @@ def candidate_keep(p_logit, candidates, *, seed: int, layer: int, domain: Domain
         raise TypeError(f"domain must be a pgnas_fast.ops.Domain, got {domain!r}")
     if candidates.numel() and not bool(((candidates >= 0) & (candidates < MAJOR_LIMIT)).all()):
         raise ValueError("candidates must be ids in [0, 2^40)")
+    if candidates.device.type == "cpu":
+        candidates = to_device(candidates, p_logit.device)
     _check_same_device("p_logit", p_logit, candidates=candidates)
     return _library.candidate_keep(p_logit.contiguous(), candidates.contiguous(), seed, layer, int(domain),
                                    resolve(backend, p_logit.device))

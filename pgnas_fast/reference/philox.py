@@ -43,7 +43,9 @@ def philox4x32(counter: tuple, key: tuple[int, int]) -> tuple[torch.Tensor, ...]
     c0, c1, c2, c3 = counter
     k0, k1 = key
     ref = next(c for c in counter if isinstance(c, torch.Tensor))
-    c0, c1, c2, c3 = (torch.as_tensor(c, dtype=torch.int64, device=ref.device) for c in (c0, c1, c2, c3))
+    # a Python int becomes a filled tensor, not a host copy (which would synchronise a CUDA stream)
+    c0, c1, c2, c3 = (c.to(ref.device, torch.int64) if isinstance(c, torch.Tensor)
+                      else ref.new_full((), c, dtype=torch.int64) for c in (c0, c1, c2, c3))
     for r in range(ROUNDS):
         if r:
             k0 = (k0 + PHILOX_W0) & MASK32

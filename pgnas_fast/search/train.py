@@ -123,8 +123,9 @@ def train_posterior(model: nn.Module, optimizer: torch.optim.Optimizer, feed, co
                 nn.utils.clip_grad_norm_(model.parameters(), config["grad_clip"])
             optimizer.step()
             n = len(y)
-            sums += torch.stack([loss.detach() * n, ce.detach() * n, reg.detach() * n,
-                                 (logits.argmax(1) == y).sum(), torch.tensor(n, device=sums.device)]).to(sums.dtype)
+            sums[:4] += torch.stack([loss.detach() * n, ce.detach() * n, reg.detach() * n,
+                                     (logits.argmax(1) == y).sum()]).to(sums.dtype)
+            sums[4] += n  # a scalar argument: a tensor made from n would be a synchronising copy
         loss_sum, ce_sum, reg_sum, correct, seen = parallel.sum(sums).tolist()
         seconds = time.perf_counter() - started
         stats = {"epoch": epoch + 1, "loss": loss_sum / seen, "cross_entropy": ce_sum / seen,

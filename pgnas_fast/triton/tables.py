@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..ops.transfer import to_device
+
 CACHE_ENTRIES = 64  # tables of a few networks and dtypes; least recently used go first
 _cache: OrderedDict[Hashable, torch.Tensor] = OrderedDict()
 _counters: dict[Hashable, torch.Tensor] = {}
@@ -32,10 +34,7 @@ SUM_BLOCK = tl.constexpr(128)
 
 def _on_device(rows: list[list[int]], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A [len(rows), width] table on `device` (pinned, asynchronous copy on CUDA)."""
-    table = torch.tensor(rows, dtype=dtype)
-    if device.type == "cuda":
-        table = table.pin_memory().to(device, non_blocking=True)
-    return table
+    return to_device(torch.tensor(rows, dtype=dtype), device)
 
 
 def cached(key: Hashable, build: Callable[[], list[list[int]]], dtype: torch.dtype, device: torch.device) -> torch.Tensor:

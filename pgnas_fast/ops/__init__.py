@@ -13,7 +13,6 @@ from collections.abc import Sequence
 import torch
 
 from . import _library
-from .transfer import to_device
 from .dispatch import (
     BACKENDS,
     BackendUnavailableError,
@@ -24,6 +23,7 @@ from .dispatch import (
     use_backend,
 )
 from .streams import LAYER_LIMIT, MAJOR_LIMIT, SEED_LIMIT, Domain, stream_id
+from .transfer import to_device
 
 __all__ = [
     "BACKENDS",

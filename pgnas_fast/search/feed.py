@@ -23,6 +23,7 @@ from torch.utils.data import Sampler
 from ..configs import ConfigError
 from ..data import ImageNetIndex, Splits, cifar_train_loader, epoch_generator, imagenet_loader, normalize
 from ..data.augment import epoch_seed
+from ..ops.transfer import to_device
 from .parallel import SINGLE_PROCESS, Parallel
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -74,7 +75,7 @@ class TensorFeed:
     def train_batches(self, epoch: int, seed: int) -> Iterator[Batch]:
         images, labels = self.splits["train"]
         # the order is drawn on the CPU so that it is the same on every device
-        order = torch.randperm(self.n_train, generator=epoch_generator(seed, epoch)).to(self.device)
+        order = to_device(torch.randperm(self.n_train, generator=epoch_generator(seed, epoch)), self.device)
         generator = epoch_generator(seed, epoch, self.device)  # augmentation
         for i in range(self.steps_per_epoch()):
             idx = order[i * self.batch_size:(i + 1) * self.batch_size]

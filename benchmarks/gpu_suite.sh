@@ -68,9 +68,14 @@ if [ -n "${DRY_RUN:-}" ]; then
     echo "DRY_RUN set: no tests" >"$OUT/pytest.log"
     STEPS+="tests: skipped (DRY_RUN)"$'\n'
 else
-    echo "== pytest -m gpu"
-    timeout "$(left 100)" python3 -m pytest -m gpu -q -p no:cacheprovider tests >"$OUT/pytest.log" 2>&1
-    step_done "pytest -m gpu" $? "$(tail -n 1 "$OUT/pytest.log")"
+    echo "== pytest -m gpu: the kernels' correctness first, then launches, syncs, graphs and the rest"
+    KERNEL_TESTS="tests/test_native.py tests/test_triton.py tests/test_fused_ops.py"
+    timeout "$(left 80)" python3 -m pytest -m gpu -q -p no:cacheprovider $KERNEL_TESTS >"$OUT/pytest.log" 2>&1
+    step_done "pytest -m gpu (kernels)" $? "$(tail -n 1 "$OUT/pytest.log")"
+    echo "==== the other GPU tests" >>"$OUT/pytest.log"
+    timeout "$(left 60)" python3 -m pytest -m gpu -q -p no:cacheprovider tests ${KERNEL_TESTS//tests\//--ignore=tests/} \
+        >>"$OUT/pytest.log" 2>&1
+    step_done "pytest -m gpu (the rest)" $? "$(tail -n 1 "$OUT/pytest.log")"
 
     echo "== op tests (philox, ops, triton)"
     echo "==== op tests" >>"$OUT/pytest.log"

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import pgnas_fast as pf
 from pgnas_fast import supernets
-from pgnas_fast.nn import gated_layers, network_regularizer, set_gates, stacked_candidate_masks
+from pgnas_fast.nn import gated_layers, network_regularizer, set_gates, set_posterior, stacked_candidate_masks
 
 
 def _kernels(fn) -> list[str]:
@@ -95,17 +95,19 @@ def test_gpu_cuda_graph_captures_the_regularizer_and_kl_forward_backward(backend
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("posterior", ["concrete", "gaussian"])
 @pytest.mark.parametrize("network", ["digits-tiny", "supnet-mi"])
 @pytest.mark.parametrize("backend", ["reference", "triton", "cuda"])
-def test_gpu_training_step_and_candidate_pass_never_synchronise(network, backend):
+def test_gpu_training_step_and_candidate_pass_never_synchronise(network, backend, posterior):
     """A host sync (a value read back, a copy from pageable memory) drains the launch queue every
-    time; none may happen inside a training step (relaxed gates, shake-shake, regulariser, clipping,
-    SGD) or a batched candidate pass, after one warm-up step."""
+    time; none may happen inside a training step (relaxed gates or Gaussian noise, shake-shake, the
+    regulariser or KL, clipping, SGD) or a batched candidate pass, after one warm-up step."""
     if not pf.backends()[backend][0]:
         pytest.skip(f"{backend} backend unavailable: {pf.backends()[backend][1]}")
     knobs, channels, size = {"digits-tiny": ({}, 1, 8), "supnet-mi": ({"k": 1, "blocks_per_stage": 1}, 3, 32)}[network]
     torch.manual_seed(0)
     model = supernets.create(network, num_classes=10, **knobs).cuda()
+    set_posterior(model, posterior)
     x = torch.randn(16, channels, size, size, device="cuda")
     y = torch.randint(0, 10, (16,), device="cuda")
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)

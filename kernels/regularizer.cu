@@ -66,15 +66,15 @@ struct ChannelBegin {
   __device__ int64_t operator()(const pgnas_reg_segment& s) const { return s.channel_begin; }
 };
 
-// Warps of the first `blocks` blocks over the rows of every segment (lanes over a row's input
-// positions j): f(segment, offset of W[o, j, 0], input channel c of (o, j)) for each.
+// Warps of `blocks` blocks from block `first_block` on over the rows of every segment (lanes over a
+// row's input positions j): f(segment, offset of W[o, j, 0], input channel c of (o, j)) for each.
 template <typename F>
 __device__ __forceinline__ void for_each_row_input(const pgnas_reg_segment* segs, int n_segs, int64_t total_rows,
-                                                   int64_t blocks, F f) {
+                                                   int64_t first_block, int64_t blocks, F f) {
   const int lane = threadIdx.x & 31;
   const int64_t warps = blocks * (blockDim.x >> 5);
-  for (int64_t r = blockIdx.x * static_cast<int64_t>(blockDim.x >> 5) + (threadIdx.x >> 5); r < total_rows;
-       r += warps) {
+  for (int64_t r = (blockIdx.x - first_block) * static_cast<int64_t>(blockDim.x >> 5) + (threadIdx.x >> 5);
+       r < total_rows; r += warps) {
     const pgnas_reg_segment s = segs[find_segment(segs, n_segs, r, RowBegin())];
     const int64_t o = r - s.row_begin;
     const int64_t first_channel = (o / (s.out_channels / s.groups)) * s.per_group;
@@ -92,7 +92,7 @@ __global__ void regularizer_kernel(void* result, int result_double, double* part
                                    const pgnas_reg_segment* segs, int n_segs, int64_t total_rows,
                                    int64_t total_channels, double weight_coef, double drop_coef) {
   double acc = 0;
-  for_each_row_input(segs, n_segs, total_rows, gridDim.x, [&](const pgnas_reg_segment& s, int64_t base, int64_t c) {
+  for_each_row_input(segs, n_segs, total_rows, 0, gridDim.x, [&](const pgnas_reg_segment& s, int64_t base, int64_t c) {
     double sq = 0;
     for (int64_t k = 0; k < s.taps; ++k) {
       const double w = load_weight(s, base + k);
@@ -129,26 +129,29 @@ __global__ void regularizer_kernel(void* result, int result_double, double* part
   }
 }
 
-// Backward in one launch: the first `row_blocks` blocks run warps over rows and write grad_w = grad
-// 2 weight_coef (1 - p_c) W; the others run threads over channels and write dR/dz_c = grad p (1 - p)
-// (drop_coef z - weight_coef sq_c), re-reading sq_c (W^2 over the outputs of c's group and the taps)
-// from the weights, so the two halves share nothing and need no second launch.
+// Backward in one launch: the first `channel_blocks` blocks run threads over channels and write
+// dR/dz_c = grad p (1 - p) (drop_coef z - weight_coef sq_c), re-reading sq_c (W^2 over the outputs of
+// c's group and the taps) from the weights; the others run warps over rows and write grad_w = grad
+// 2 weight_coef (1 - p_c) W. The two halves share nothing and need no second launch; the channel
+// walks go first because each is the longest work of the launch (a whole weight column), so they
+// overlap the row blocks instead of trailing them.
 __global__ void regularizer_backward_kernel(const void* grad, int grad_double, void* grad_weights,
                                             void* grad_p_logits, const pgnas_reg_segment* segs, int n_segs,
-                                            int64_t total_rows, int64_t total_channels, int row_blocks,
+                                            int64_t total_rows, int64_t total_channels, int channel_blocks,
                                             double weight_coef, double drop_coef) {
   const double g = grad_double ? *static_cast<const double*>(grad)
                                : static_cast<double>(*static_cast<const float*>(grad));
-  if (static_cast<int>(blockIdx.x) < row_blocks) {
+  if (static_cast<int>(blockIdx.x) >= channel_blocks) {
     const double scale = g * 2.0 * weight_coef;
-    for_each_row_input(segs, n_segs, total_rows, row_blocks, [&](const pgnas_reg_segment& s, int64_t base, int64_t c) {
+    for_each_row_input(segs, n_segs, total_rows, channel_blocks, gridDim.x - channel_blocks,
+                       [&](const pgnas_reg_segment& s, int64_t base, int64_t c) {
       const double factor = scale / (1.0 + exp(load_logit(s, c)));  // (1 - p_c) scale
       for (int64_t k = 0; k < s.taps; ++k) store_weight(grad_weights, s, base + k, factor * load_weight(s, base + k));
     });
     return;
   }
-  const int64_t channel_threads = static_cast<int64_t>(gridDim.x - row_blocks) * blockDim.x;
-  for (int64_t gc = (blockIdx.x - row_blocks) * static_cast<int64_t>(blockDim.x) + threadIdx.x; gc < total_channels;
+  const int64_t channel_threads = static_cast<int64_t>(channel_blocks) * blockDim.x;
+  for (int64_t gc = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; gc < total_channels;
        gc += channel_threads) {
     const pgnas_reg_segment s = segs[find_segment(segs, n_segs, gc, ChannelBegin())];
     const int64_t c = gc - s.channel_begin;
@@ -199,8 +202,8 @@ extern "C" cudaError_t pgnas_regularizer_backward(const void* grad, int32_t grad
                                                   cudaStream_t cuda_stream) {
   if (n_segments <= 0) return cudaSuccess;
   const int row_blocks = grid_for(total_rows * 32), channel_blocks = grid_for(total_channels);
-  regularizer_backward_kernel<<<row_blocks + channel_blocks, kThreads, 0, cuda_stream>>>(
-      grad, grad_double, grad_weights, grad_p_logits, segments, n_segments, total_rows, total_channels, row_blocks,
+  regularizer_backward_kernel<<<channel_blocks + row_blocks, kThreads, 0, cuda_stream>>>(
+      grad, grad_double, grad_weights, grad_p_logits, segments, n_segments, total_rows, total_channels, channel_blocks,
       weight_reg / n_train, drop_reg / n_train);
   return last_error();
 }

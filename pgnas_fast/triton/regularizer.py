@@ -11,9 +11,9 @@ tables are cached, so a CUDA graph can capture either launch.
 - value: one launch over channel blocks computes, per input channel c, sq_c = sum of W^2 over the
   outputs and taps reading c, and (wr/N)(1 - p_c) sq_c + (dr/N) H'(p_c) summed per block; the last
   program adds the blocks' partials (`tables.sum_when_last`).
-- backward: one launch; programs below the weight-block count write dW = g 2 wr/N (1 - p_c) W
-  elementwise, the others recompute sq_c and write d p_logit = g p (1 - p) (dr/N z - wr/N sq_c),
-  both into flat buffers.
+- backward: one launch; programs below the channel-block count recompute sq_c and write d p_logit
+  = g p (1 - p) (dr/N z - wr/N sq_c), the others write dW = g 2 wr/N (1 - p_c) W elementwise, both
+  into flat buffers.
 
 Grouped convolutions as in the reference: weight [O, J, K...] with C_in = G J inputs; output o is in
 group o // (O / G) and reads input channel (o // (O / G)) J + j. All weights of a call share one
@@ -123,10 +123,10 @@ def _p_logit_grad_block(w, p_ptr, gp, start, C, J, opg, K, g, wr, dr, G_TYPE: tl
 
 
 @triton.jit
-def _regularizer_backward_kernel(table_ptr, blocks_ptr, n_weight_blocks, grad_ptr, grad_w_flat, grad_p_flat,
+def _regularizer_backward_kernel(table_ptr, blocks_ptr, n_channel_blocks, grad_ptr, grad_w_flat, grad_p_flat,
                                  w_like, p_like, wr_hi, wr_lo, dr_hi, dr_lo, G_TYPE: tl.constexpr,
                                  BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
-    """Programs below n_weight_blocks write weight gradients, the others p_logit gradients."""
+    """Programs below n_channel_blocks write p_logit gradients, the others weight gradients."""
     pid = tl.program_id(0)
     layer = tl.load(blocks_ptr + 2 * pid)
     start = tl.load(blocks_ptr + 2 * pid + 1)
@@ -135,10 +135,10 @@ def _regularizer_backward_kernel(table_ptr, blocks_ptr, n_weight_blocks, grad_pt
     g = tl.load(grad_ptr).to(G_TYPE)
     wr = joined(wr_hi, wr_lo, G_TYPE)
     dr = joined(dr_hi, dr_lo, G_TYPE)
-    if pid < n_weight_blocks:
-        _weight_grad_block(w, gw, p_ptr, start, C, J, opg, K, g, wr, G_TYPE, BLOCK_W)
-    else:
+    if pid < n_channel_blocks:
         _p_logit_grad_block(w, p_ptr, gp, start, C, J, opg, K, g, wr, dr, G_TYPE, BLOCK_C, BLOCK_R)
+    else:
+        _weight_grad_block(w, gw, p_ptr, start, C, J, opg, K, g, wr, G_TYPE, BLOCK_W)
 
 
 # ---- wrappers (inputs are validated by pgnas_fast.ops) --------------------------------------------
@@ -170,7 +170,9 @@ def _layer_table(ws, ps):
 
 
 def _block_table(ws, ps, with_weight_blocks: bool):
-    """(blocks, weight block count, channel block count): weight blocks first."""
+    """(blocks, weight block count, channel block count): channel blocks first, since each walks a
+    whole weight column, the longest work of a launch: started first, they overlap the weight blocks
+    instead of trailing them."""
     shapes = tuple((tuple(w.shape), p.shape[0]) for w, p in zip(ws, ps))
     n_weight_blocks = sum(triton.cdiv(w.numel(), BLOCK_W) for w in ws) if with_weight_blocks else 0
     n_channel_blocks = sum(triton.cdiv(p.shape[0], BLOCK_C) for p in ps)
@@ -178,7 +180,7 @@ def _block_table(ws, ps, with_weight_blocks: bool):
     def build():
         weight_blocks = [[layer, e] for layer, w in enumerate(ws) for e in range(0, w.numel(), BLOCK_W)]
         channel_blocks = [[layer, c] for layer, p in enumerate(ps) for c in range(0, p.shape[0], BLOCK_C)]
-        return (weight_blocks if with_weight_blocks else []) + channel_blocks
+        return channel_blocks + (weight_blocks if with_weight_blocks else [])
 
     blocks = tables.cached(("regularizer blocks", shapes, with_weight_blocks), build, torch.int32, ws[0].device)
     return blocks, n_weight_blocks, n_channel_blocks
@@ -209,7 +211,7 @@ def regularizer_backward(grad, weights, p_logits, weight_reg, drop_reg, n_train)
     table = _layer_table(ws, ps)
     blocks, n_weight_blocks, n_channel_blocks = _block_table(ws, ps, with_weight_blocks=True)
     _regularizer_backward_kernel[(n_weight_blocks + n_channel_blocks,)](
-        table, blocks, n_weight_blocks, grad.to(gdtype), grad_w_flat, grad_p_flat, ws[0], ps[0],
+        table, blocks, n_channel_blocks, grad.to(gdtype), grad_w_flat, grad_p_flat, ws[0], ps[0],
         *split_f64(weight_reg / n_train), *split_f64(drop_reg / n_train), G_TYPE=_TL_TYPES[gdtype], BLOCK_W=BLOCK_W,
         BLOCK_C=BLOCK_C, BLOCK_R=BLOCK_R)
     return grad_w_flat, grad_p_flat

@@ -182,6 +182,9 @@ inline void check_p_logit(const at::Tensor& p_logit, int64_t channels, c10::Devi
 }
 
 // candidate_keep: ids int64 [K] in [0, 2^40), layer in [0, 2^16), domain in [0, 2^8) (ops/streams.py).
+// The ids' range is checked here on the CPU only: on a GPU it would read them back, a host sync per
+// gate layer; pgnas_fast.ops.candidate_keep checks it before they are copied there, and an id out of
+// range only names another stream (no out-of-bounds access).
 inline void check_candidates(const at::Tensor& p_logit, const at::Tensor& candidates, int64_t seed, int64_t layer,
                              int64_t domain, c10::DeviceType type) {
   check_p_logit(p_logit, -1, type);
@@ -189,7 +192,7 @@ inline void check_candidates(const at::Tensor& p_logit, const at::Tensor& candid
   TORCH_CHECK_TYPE(candidates.scalar_type() == at::kLong, "candidates must have dtype int64, got ",
                    dtype_name(candidates.scalar_type()));
   TORCH_CHECK_VALUE(candidates.dim() == 1 && candidates.is_contiguous(), "candidates must be a contiguous 1-D tensor");
-  if (candidates.numel() > 0)
+  if (candidates.numel() > 0 && candidates.is_cpu())
     TORCH_CHECK_VALUE(candidates.min().item<int64_t>() >= 0 && candidates.max().item<int64_t>() < (int64_t{1} << 40),
                       "candidates must be ids in [0, 2^40)");
   check_rng(seed, 0);

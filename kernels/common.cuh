@@ -57,6 +57,19 @@ __device__ __forceinline__ __nv_bfloat16 narrow<__nv_bfloat16, double>(double v)
   return __double2bfloat16(v);
 }
 
+// Element i of a buffer of the gate dtype chosen at run time (float32, or float64 when is_double), as
+// double: the whole-network kernels' drop logits, log alphas, gradient scalars, results and gradients.
+__device__ __forceinline__ double load_gate(const void* p, int is_double, int64_t i) {
+  return is_double ? static_cast<const double*>(p)[i] : static_cast<double>(static_cast<const float*>(p)[i]);
+}
+__device__ __forceinline__ void store_gate(void* p, int is_double, int64_t i, double v) {
+  if (is_double) {
+    static_cast<double*>(p)[i] = v;
+  } else {
+    static_cast<float*>(p)[i] = static_cast<float>(v);
+  }
+}
+
 // Math type: float, or double when the data or the gates are double (the reference's promotion).
 template <typename T, typename G>
 struct AccOf {

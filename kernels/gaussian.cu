@@ -76,8 +76,7 @@ constexpr double kK1 = 0.63576, kK2 = 1.87320, kK3 = 1.48695;
 __device__ __forceinline__ double sigmoid(double x) { return 1.0 / (1.0 + exp(-x)); }
 
 __device__ __forceinline__ double load_log_alpha(const pgnas_kl_segment& s, int64_t c) {
-  return s.is_double ? static_cast<const double*>(s.log_alpha)[c]
-                     : static_cast<double>(static_cast<const float*>(s.log_alpha)[c]);
+  return load_gate(s.log_alpha, s.is_double, c);
 }
 
 // One block walks every segment (a network has thousands of channels, not millions), summing in
@@ -95,19 +94,13 @@ __global__ void kl_kernel(void* result, int result_double, const pgnas_kl_segmen
     acc += s.scale * layer;
   }
   const double total = block_sum(acc);
-  if (threadIdx.x == 0) {
-    if (result_double) {
-      *static_cast<double*>(result) = total;
-    } else {
-      *static_cast<float*>(result) = static_cast<float>(total);
-    }
-  }
+  if (threadIdx.x == 0) store_gate(result, result_double, 0, total);
 }
 
 // d a = grad scale (-K1 K3 s (1 - s) - 0.5 sigmoid(-a)), s = sigmoid(K2 + K3 a)
 __global__ void kl_backward_kernel(const void* grad, int grad_double, void* grads, const pgnas_kl_segment* segs,
                                    int n_segs) {
-  const double g = grad_double ? *static_cast<const double*>(grad) : static_cast<double>(*static_cast<const float*>(grad));
+  const double g = load_gate(grad, grad_double, 0);
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int k = 0; k < n_segs; ++k) {
     const pgnas_kl_segment s = segs[k];
@@ -115,11 +108,7 @@ __global__ void kl_backward_kernel(const void* grad, int grad_double, void* grad
       const double a = load_log_alpha(s, c);
       const double sg = sigmoid(kK2 + kK3 * a);
       const double d = g * s.scale * (-kK1 * kK3 * sg * (1.0 - sg) - 0.5 * sigmoid(-a));
-      if (s.is_double) {
-        static_cast<double*>(grads)[s.channel_begin + c] = d;
-      } else {
-        static_cast<float*>(grads)[s.channel_begin + c] = static_cast<float>(d);
-      }
+      store_gate(grads, s.is_double, s.channel_begin + c, d);
     }
   }
 }

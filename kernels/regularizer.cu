@@ -9,8 +9,7 @@ namespace cuda {
 namespace {
 
 __device__ __forceinline__ double load_logit(const pgnas_reg_segment& s, int64_t c) {
-  return s.p_logit_double ? static_cast<const double*>(s.p_logit)[c]
-                          : static_cast<double>(static_cast<const float*>(s.p_logit)[c]);
+  return load_gate(s.p_logit, s.p_logit_double, c);
 }
 
 __device__ __forceinline__ double load_weight(const pgnas_reg_segment& s, int64_t e) {
@@ -120,11 +119,7 @@ __global__ void regularizer_kernel(void* result, int result_double, double* part
   for (unsigned int i = threadIdx.x; i < gridDim.x; i += blockDim.x) sum += __ldcg(partials + i);  // not via L1
   sum = block_sum(sum);
   if (threadIdx.x == 0) {
-    if (result_double) {
-      *static_cast<double*>(result) = sum;
-    } else {
-      *static_cast<float*>(result) = static_cast<float>(sum);
-    }
+    store_gate(result, result_double, 0, sum);
     *counter = 0u;
   }
 }
@@ -139,8 +134,7 @@ __global__ void regularizer_backward_kernel(const void* grad, int grad_double, v
                                             void* grad_p_logits, const pgnas_reg_segment* segs, int n_segs,
                                             int64_t total_rows, int64_t total_channels, int channel_blocks,
                                             double weight_coef, double drop_coef) {
-  const double g = grad_double ? *static_cast<const double*>(grad)
-                               : static_cast<double>(*static_cast<const float*>(grad));
+  const double g = load_gate(grad, grad_double, 0);
   if (static_cast<int>(blockIdx.x) >= channel_blocks) {
     const double scale = g * 2.0 * weight_coef;
     for_each_row_input(segs, n_segs, total_rows, channel_blocks, gridDim.x - channel_blocks,
@@ -167,11 +161,7 @@ __global__ void regularizer_backward_kernel(const void* grad, int grad_double, v
     const double z = load_logit(s, c);
     const double p = 1.0 / (1.0 + exp(-z)), keep_prob = 1.0 / (1.0 + exp(z));
     const double dz = g * p * keep_prob * (drop_coef * z - weight_coef * sq);
-    if (s.p_logit_double) {  // the flat buffer is indexed by the global channel
-      static_cast<double*>(grad_p_logits)[gc] = dz;
-    } else {
-      static_cast<float*>(grad_p_logits)[gc] = static_cast<float>(dz);
-    }
+    store_gate(grad_p_logits, s.p_logit_double, gc, dz);  // the flat buffer is indexed by the global channel
   }
 }
 

@@ -131,10 +131,7 @@ struct KlSegment {
   double scale;  // weights_per_channel / n_train
 };
 
-inline double kl_load(const KlSegment& s, int64_t c) {
-  return s.is_double ? static_cast<const double*>(s.log_alpha)[c]
-                     : static_cast<double>(static_cast<const float*>(s.log_alpha)[c]);
-}
+inline double kl_load(const KlSegment& s, int64_t c) { return load_gate(s.log_alpha, s.is_double, c); }
 
 inline double softplus(double x) { return std::max(x, 0.0) + std::log1p(std::exp(-std::fabs(x))); }
 inline double sigmoid(double x) { return 1.0 / (1.0 + std::exp(-x)); }
@@ -166,12 +163,7 @@ inline void gaussian_kl_backward(const std::vector<KlSegment>& segs, double grad
   for (const KlSegment& s : segs) {
     const double factor = grad * s.scale;
     for (int64_t c = 0; c < s.channels; ++c) {
-      const double d = factor * kl_derivative(kl_load(s, c));
-      if (s.is_double) {
-        static_cast<double*>(s.grad)[c] = d;
-      } else {
-        static_cast<float*>(s.grad)[c] = static_cast<float>(d);
-      }
+      store_gate(s.grad, s.is_double, c, factor * kl_derivative(kl_load(s, c)));
     }
   }
 }

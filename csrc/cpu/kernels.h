@@ -297,10 +297,20 @@ struct RegSegment {
   void (*scale)(void*, const void*, int64_t, int64_t, int64_t, const double*, double*);
 };
 
-inline double load_logit(const RegSegment& seg, int64_t c) {
-  return seg.p_logit_double ? static_cast<const double*>(seg.p_logit)[c]
-                            : static_cast<double>(static_cast<const float*>(seg.p_logit)[c]);
+// Element i of a buffer of the gate dtype chosen at run time (float32, or float64 when is_double), as
+// double: the whole-network ops' drop logits, log alphas and their gradients.
+inline double load_gate(const void* p, bool is_double, int64_t i) {
+  return is_double ? static_cast<const double*>(p)[i] : static_cast<double>(static_cast<const float*>(p)[i]);
 }
+inline void store_gate(void* p, bool is_double, int64_t i, double v) {
+  if (is_double) {
+    static_cast<double*>(p)[i] = v;
+  } else {
+    static_cast<float*>(p)[i] = static_cast<float>(v);
+  }
+}
+
+inline double load_logit(const RegSegment& seg, int64_t c) { return load_gate(seg.p_logit, seg.p_logit_double, c); }
 
 inline double log_sigmoid(double z) { return std::min(z, 0.0) - std::log1p(std::exp(-std::fabs(z))); }
 
@@ -426,11 +436,7 @@ inline void regularizer_backward(const std::vector<RegSegment>& segs, double gra
       const double kp = t.keep_prob[t.channel_begin[k] + c];
       const double p = 1.0 / (1.0 + std::exp(-z));
       const double dz = grad * p * kp * (drop_reg / n_train * z - weight_reg / n_train * sq[c]);
-      if (s.p_logit_double) {
-        static_cast<double*>(s.grad_p_logit)[c] = dz;
-      } else {
-        static_cast<float*>(s.grad_p_logit)[c] = static_cast<float>(dz);
-      }
+      store_gate(s.grad_p_logit, s.p_logit_double, c, dz);
     }
   }
 }

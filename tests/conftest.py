@@ -1,7 +1,10 @@
 """Shared helpers for the op-layer tests: the backends under test and a float64 error measure."""
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
+from pathlib import Path
 
 import torch
 
@@ -64,6 +67,17 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 # design.md "Numerics": float32 data within 1e-5, bfloat16/float16 data within 1e-2.
 TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def load_benchmark(name: str):
+    """benchmarks/NAME.py as a module (the GPU script's parts are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
 
 
 def pytest_addoption(parser):

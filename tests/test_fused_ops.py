@@ -293,6 +293,23 @@ def test_gated_copies_gradients_match_formula(backend, dtype, layout):
     assert rel_err(grads[1], want[1]) < (1e-5 if dtype == torch.float32 else 2e-2)
 
 
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("shape, layout", [((2, 3, 17, 17), "contiguous"), ((2, 300, 1, 3), "channels_last")])
+def test_gated_copies_gradients_of_long_rows(backend, shape, layout, relu):
+    """Rows longer than a kernel's tile (the cpu backend walks 256 at a time: NCHW 289 elements per
+    (b, c), NHWC 300 channels per (b, s)): the gradients stay the formula's across tile boundaries."""
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((shape, layout, relu)).encode()))
+    x = make_x(shape, torch.float32, layout, gen).requires_grad_()
+    p_logits = torch.randn(3, shape[1], generator=gen).requires_grad_()
+    out = pf.ops.gated_copies(x, p_logits, seed=SEED, streams=COPY_STREAMS, relu=relu, backend=backend)
+    dy = torch.randn(out.shape, generator=gen)
+    grads = torch.autograd.grad(out, (x, p_logits), dy)
+    leaves = [t.detach().to(torch.float64).requires_grad_() for t in (x, p_logits)]
+    want = torch.autograd.grad(expected_copies(*leaves, mode="relaxed", relu=relu), leaves, dy.to(torch.float64))
+    assert rel_err(grads[0], want[0]) < 1e-5
+    assert rel_err(grads[1], want[1]) < 1e-5
+
+
 def test_gated_copies_rejects_bad_input():
     x, p = torch.randn(3, 7, 5, 5), torch.randn(2, 7)
     cases = [

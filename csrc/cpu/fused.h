@@ -6,6 +6,9 @@
 // BatchNorm folded with its statistics.
 #pragma once
 
+#include <algorithm>
+#include <vector>
+
 #include "kernels.h"
 
 namespace pgnas {
@@ -124,30 +127,60 @@ void gated_copies(T* out, const T* x, const G* keeps, int64_t copies, int64_t ba
   }
 }
 
-// grad_x = relu'(x) * sum_k grad[k] keep_k (relu) or sum_k grad[k] keep_k; grad_keeps [K, B, C] (null
-// unless relaxed) = sum_s grad[k] * src. One pass over x and each grad[k]; copies <= kMaxCopies.
-template <typename T, typename G>
-void gated_copies_backward(T* grad_x, G* grad_keeps, const T* grad, const T* x, const G* keeps, int64_t copies,
-                           int64_t batch, int64_t channels, int64_t spatial, bool relu, Layout layout) {
+// The gated copies' backward walks the contiguous run of each row (NCHW: the S elements of one (b, c);
+// NHWC: the C channels of one (b, s)) in tiles of at most kCopiesTile, copy by copy, so that every inner
+// loop is one branch-free vectorisable stream (the ReLU is a template parameter: its signs are random).
+constexpr int64_t kCopiesTile = 256;
+
+// One tile of one copy: acc += g * keep and the copy's p-gradient terms g * src, src = relu(x) or x.
+// kVarying (NHWC): keep and dot per element of the tile; else (NCHW) one keep and one dot for it all.
+template <bool kRelu, bool kVarying, typename T, typename G, typename A>
+inline void copies_backward_tile(A* acc, A* dot, const T* g, const T* xr, const G* keep, int64_t len) {
+  if constexpr (kVarying) {
+#pragma omp simd
+    for (int64_t i = 0; i < len; ++i) {
+      const A gv = static_cast<A>(g[i]), v = static_cast<A>(xr[i]);
+      acc[i] += gv * static_cast<A>(keep[i]);
+      dot[i] += gv * (kRelu ? std::max(v, A(0)) : v);
+    }
+  } else {
+    const A k = static_cast<A>(*keep);
+    A sum = 0;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t i = 0; i < len; ++i) {
+      const A gv = static_cast<A>(g[i]), v = static_cast<A>(xr[i]);
+      acc[i] += gv * k;
+      sum += gv * (kRelu ? std::max(v, A(0)) : v);
+    }
+    *dot += sum;
+  }
+}
+
+// grad_x of one tile: acc, zeroed where the ReLU was off.
+template <bool kRelu, typename T, typename A>
+inline void copies_backward_store(T* grad_x, const A* acc, const T* xr, int64_t len) {
+#pragma omp simd
+  for (int64_t i = 0; i < len; ++i) {
+    const A a = acc[i];  // loaded unconditionally: a select, not a branch, so the loop vectorises
+    grad_x[i] = static_cast<T>(kRelu ? (static_cast<A>(xr[i]) > A(0) ? a : A(0)) : a);
+  }
+}
+
+template <bool kRelu, typename T, typename G>
+void gated_copies_backward_of(T* grad_x, G* grad_keeps, const T* grad, const T* x, const G* keeps, int64_t copies,
+                              int64_t batch, int64_t channels, int64_t spatial, Layout layout) {
   using A = Acc<T, G>;
   const int64_t rows = batch * channels, n = rows * spatial;
   if (layout == Layout::nchw) {
 #pragma omp parallel for schedule(static) if (n * copies > kParallelGrain)
     for (int64_t r = 0; r < rows; ++r) {
-      A keep[kMaxCopies], dot[kMaxCopies];
-      for (int64_t k = 0; k < copies; ++k) keep[k] = static_cast<A>(keeps[k * rows + r]), dot[k] = A(0);
-      const T* xr = x + r * spatial;
-      T* gx = grad_x + r * spatial;
-      for (int64_t s = 0; s < spatial; ++s) {
-        const A v = static_cast<A>(xr[s]);
-        const A src = relu ? std::max(v, A(0)) : v;
-        A acc = 0;
-        for (int64_t k = 0; k < copies; ++k) {
-          const A g = static_cast<A>(grad[k * n + r * spatial + s]);
-          acc += g * keep[k];
-          dot[k] += g * src;
-        }
-        gx[s] = static_cast<T>(relu && !(v > A(0)) ? A(0) : acc);
+      A acc[kCopiesTile], dot[kMaxCopies] = {};
+      for (int64_t s0 = 0; s0 < spatial; s0 += kCopiesTile) {
+        const int64_t at = r * spatial + s0, len = std::min(kCopiesTile, spatial - s0);
+        std::fill(acc, acc + len, A(0));
+        for (int64_t k = 0; k < copies; ++k)
+          copies_backward_tile<kRelu, false>(acc, dot + k, grad + k * n + at, x + at, keeps + k * rows + r, len);
+        copies_backward_store<kRelu>(grad_x + at, acc, x + at, len);
       }
       if (grad_keeps != nullptr)
         for (int64_t k = 0; k < copies; ++k) grad_keeps[k * rows + r] = static_cast<G>(dot[k]);
@@ -156,26 +189,33 @@ void gated_copies_backward(T* grad_x, G* grad_keeps, const T* grad, const T* x, 
 #pragma omp parallel for schedule(static) if (n * copies > kParallelGrain)
     for (int64_t b = 0; b < batch; ++b) {
       std::vector<A> dot(static_cast<size_t>(copies * channels), A(0));
-      for (int64_t s = 0; s < spatial; ++s) {
-        const int64_t base = (b * spatial + s) * channels;
-        for (int64_t c = 0; c < channels; ++c) {
-          const A v = static_cast<A>(x[base + c]);
-          const A src = relu ? std::max(v, A(0)) : v;
-          A acc = 0;
-          for (int64_t k = 0; k < copies; ++k) {
-            const A g = static_cast<A>(grad[k * n + base + c]);
-            acc += g * static_cast<A>(keeps[k * rows + b * channels + c]);
-            dot[k * channels + c] += g * src;
-          }
-          grad_x[base + c] = static_cast<T>(relu && !(v > A(0)) ? A(0) : acc);
+      A acc[kCopiesTile];
+      for (int64_t s = 0; s < spatial; ++s)
+        for (int64_t c0 = 0; c0 < channels; c0 += kCopiesTile) {
+          const int64_t at = (b * spatial + s) * channels + c0, len = std::min(kCopiesTile, channels - c0);
+          std::fill(acc, acc + len, A(0));
+          for (int64_t k = 0; k < copies; ++k)
+            copies_backward_tile<kRelu, true>(acc, dot.data() + k * channels + c0, grad + k * n + at, x + at,
+                                              keeps + k * rows + b * channels + c0, len);
+          copies_backward_store<kRelu>(grad_x + at, acc, x + at, len);
         }
-      }
       if (grad_keeps != nullptr)
         for (int64_t k = 0; k < copies; ++k)
           for (int64_t c = 0; c < channels; ++c)
             grad_keeps[k * rows + b * channels + c] = static_cast<G>(dot[k * channels + c]);
     }
   }
+}
+
+// grad_x = relu'(x) * sum_k grad[k] keep_k (relu) or sum_k grad[k] keep_k; grad_keeps [K, B, C] (null
+// unless relaxed) = sum_s grad[k] * src. One pass over x and each grad[k]; copies <= kMaxCopies.
+template <typename T, typename G>
+void gated_copies_backward(T* grad_x, G* grad_keeps, const T* grad, const T* x, const G* keeps, int64_t copies,
+                           int64_t batch, int64_t channels, int64_t spatial, bool relu, Layout layout) {
+  if (relu)
+    gated_copies_backward_of<true>(grad_x, grad_keeps, grad, x, keeps, copies, batch, channels, spatial, layout);
+  else
+    gated_copies_backward_of<false>(grad_x, grad_keeps, grad, x, keeps, copies, batch, channels, spatial, layout);
 }
 
 // out[c] = sum_b rows[b, c], in batch order (deterministic).

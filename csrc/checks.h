@@ -148,6 +148,7 @@ inline void check_gated_weight(size_t k, const at::Tensor& w, const at::Tensor& 
   check_gate_dtype(pn.c_str(), p);
   check_vector(pn.c_str(), p, -1);
   const int64_t in_channels = p.size(0), out_channels = w.size(0);
+  TORCH_CHECK_VALUE(out_channels > 0, wn, " must have at least one output channel, got shape ", w.sizes());
   *per_group = w.size(1);
   TORCH_CHECK_VALUE(*per_group > 0 && in_channels % *per_group == 0 && in_channels > 0 &&
                         out_channels % (in_channels / *per_group) == 0,

@@ -228,6 +228,8 @@ BAD_NATIVE_CALLS = [
     ("reg lengths", lambda c: c.regularizer([torch.randn(4, 3)], [], 1.0, 1.0, 1.0), ValueError, "p_logits"),
     ("reg fit", lambda c: c.regularizer([torch.randn(4, 3)], [torch.randn(5)], 1.0, 1.0, 1.0), ValueError,
      r"p_logits\[0\]"),
+    ("reg no outputs", lambda c: c.regularizer([torch.randn(0, 3, 3, 3)], [torch.randn(3)], 1.0, 1.0, 1.0), ValueError,
+     r"weights\[0\] must have at least one output channel"),
     ("reg weight strided", lambda c: c.regularizer([torch.randn(3, 4).t()], [torch.randn(3)], 1.0, 1.0, 1.0),
      ValueError, r"weights\[0\] must be contiguous"),
     ("reg n_train", lambda c: c.regularizer([torch.randn(4, 3)], [torch.randn(3)], 1.0, 1.0, 0.0), ValueError,

@@ -334,15 +334,22 @@ at::Tensor scalar_as_read(const at::Tensor& grad) {
 }
 
 // The regulariser's ticket counter (pgnas_regularizer): an int32 zero per device and stream, which
-// each call's last block leaves at zero again.
-unsigned int* ticket_counter(const at::Device& device) {
+// each call's last block leaves at zero again. While a CUDA graph is being captured, a fresh zero of
+// the capture instead (kept alive by the caller until the launch is enqueued): its fill is captured
+// and runs at every replay, and no two graphs, nor a graph and eager calls, share a counter. A cached
+// one made during a capture would be zeroed only by that graph's replays (its fill never runs
+// eagerly), so another graph captured on the same stream (torch.cuda.graph's default capture stream
+// is one for all graphs) or an eager call there would take its tickets from uninitialised memory.
+at::Tensor ticket_counter(const at::Device& device) {
+  const auto zero = [&device] { return at::zeros({1}, at::TensorOptions().device(device).dtype(at::kInt)); };
+  if (c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None) return zero();
   static std::mutex mutex;
   static std::map<std::pair<int, cudaStream_t>, at::Tensor> counters;
   const cudaStream_t stream = current_stream();
   const std::lock_guard<std::mutex> lock(mutex);
   at::Tensor& counter = counters[{device.index(), stream}];
-  if (!counter.defined()) counter = at::zeros({1}, at::TensorOptions().device(device).dtype(at::kInt));
-  return static_cast<unsigned int*>(counter.data_ptr());
+  if (!counter.defined()) counter = zero();
+  return counter;
 }
 
 at::Tensor regularizer(const std::vector<at::Tensor>& weights, const std::vector<at::Tensor>& p_logits,
@@ -353,8 +360,9 @@ at::Tensor regularizer(const std::vector<at::Tensor>& weights, const std::vector
   const at::Tensor table = device_table(t.segs, weights[0].device());
   at::Tensor result = at::empty({}, weights[0].options().dtype(t.any_double ? at::kDouble : at::kFloat));
   const at::Tensor partials = at::empty({PGNAS_REG_MAX_BLOCKS}, weights[0].options().dtype(at::kDouble));
+  const at::Tensor counter = ticket_counter(weights[0].device());
   PGNAS_CUDA_CHECK(pgnas_regularizer(result.data_ptr(), t.any_double ? 1 : 0, partials.data_ptr<double>(),
-                                     ticket_counter(weights[0].device()),
+                                     static_cast<unsigned int*>(counter.data_ptr()),
                                      static_cast<const pgnas_reg_segment*>(table.data_ptr()),
                                      static_cast<int32_t>(t.segs.size()), t.rows, t.channels, weight_reg, drop_reg,
                                      n_train, current_stream()));

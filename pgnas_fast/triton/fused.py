@@ -174,7 +174,7 @@ def _gated_copies_kernel(x_ptr, out_ptr, p_ptr, streams_ptr, n_copies, n_rows, C
         for k in range(n_copies):
             keep = _copy_gates(q, qmask, C, p_ptr, streams_ptr, k, seed_lo, seed_hi, offset_lo, offset_hi, tau_hi,
                                tau_lo, MODE, GATE_F64).to(dtype)[:, None]
-            tl.store(out_row + k * sok + sl * sos, (x * keep).to(out_ptr.dtype.element_ty), mask=m)
+            tl.store(out_row + tl.cast(k, tl.int64) * sok + sl * sos, (x * keep).to(out_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit(do_not_specialize=RNG_ARGS)
@@ -200,7 +200,7 @@ def _gated_copies_backward_kernel(dy_ptr, x_ptr, dx_ptr, p_ptr, streams_ptr, par
         for k in range(n_copies):
             gate = _copy_gates(q, qmask, C, p_ptr, streams_ptr, k, seed_lo, seed_hi, offset_lo, offset_hi, tau_hi,
                                tau_lo, MODE, GATE_F64)
-            dy = tl.load(dy_row + k * sdk + sl * sds, mask=m, other=0.0).to(dtype)
+            dy = tl.load(dy_row + tl.cast(k, tl.int64) * sdk + sl * sds, mask=m, other=0.0).to(dtype)
             acc += dy * gate.to(dtype)[:, None]
             if MODE == 0:  # the spatial blocks' sums meet in partial (zeroed by the wrapper): a program owns its rows
                 contrib = tl.sum(dy.to(gate.dtype) * src.to(gate.dtype), axis=1) * gate * (1.0 - gate)

@@ -241,6 +241,8 @@ def gate_keep(p_logit, batch, seed, stream, tau, mode, offset):
     C = p_logit.shape[0]
     keep = torch.empty(batch, C, dtype=p_logit.dtype, device=p_logit.device)
     n = batch * C
+    if n == 0:  # no channels: no launch (a block of next_power_of_2(0) = 0)
+        return keep
     block = min(triton.next_power_of_2(n), 1024 if p_logit.device.type == "cuda" else 1 << 15)
     _gate_keep_kernel[(triton.cdiv(n, block),)](
         p_logit, keep, n, C, *_rng(seed, stream, offset, tau),
@@ -265,6 +267,8 @@ def candidate_keep(p_logit, candidates, seed, layer, domain):
 def _reduce_gate_grad(g, keep, tau, times_keep_derivative, dtype):
     B, C = g.shape
     out = torch.empty(C, dtype=dtype, device=g.device)
+    if C == 0:
+        return out
     block_c = min(triton.next_power_of_2(C), 128)
     block_b = min(triton.next_power_of_2(B), 32)
     _gate_grad_kernel[(triton.cdiv(C, block_c),)](

@@ -71,13 +71,18 @@ inline cpu::Layout check_layout(const char* name, const at::Tensor& t) {
                     t.strides());
 }
 
-inline void check_like(const char* name, const at::Tensor& t, const char* ref_name, const at::Tensor& ref) {
+// t has ref's shape, dtype and memory layout (the layout of an empty tensor is not compared: it has none).
+inline void check_shaped_like(const char* name, const at::Tensor& t, const char* ref_name, const at::Tensor& ref) {
   TORCH_CHECK_VALUE(t.sizes() == ref.sizes(), name, " must have the shape of ", ref_name, " ", ref.sizes(), ", got ",
                     t.sizes());
   TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), name, " must have the dtype of ", ref_name, " (",
                    dtype_name(ref.scalar_type()), "), got ", dtype_name(t.scalar_type()));
-  TORCH_CHECK_VALUE(t.strides() == ref.strides(), name, " must have the memory layout of ", ref_name,
-                    " (strides ", ref.strides(), "), got strides ", t.strides());
+  TORCH_CHECK_VALUE(t.numel() == 0 || t.strides() == ref.strides(), name, " must have the memory layout of ",
+                    ref_name, " (strides ", ref.strides(), "), got strides ", t.strides());
+}
+
+inline void check_like(const char* name, const at::Tensor& t, const char* ref_name, const at::Tensor& ref) {
+  check_shaped_like(name, t, ref_name, ref);
   check_same_device(name, t, ref_name, ref);
 }
 
@@ -104,13 +109,21 @@ inline void check_copies(const at::Tensor& x, const at::Tensor& p_logits, const 
   for (const int64_t stream : streams) TORCH_CHECK_VALUE(stream >= 0, "streams must be in [0, 2^63), got ", stream);
 }
 
-// [copies, *x.shape] with each copy in x's layout (what gated_copies returns; its gradient must match).
-inline at::Tensor stacked_empty_like(const at::Tensor& x, int64_t copies, cpu::Layout layout) {
+// [copies, *x.shape] with each copy in x's layout (what gated_copies returns; its gradient must match),
+// on x's device or, for a check of shape and layout only, on the meta device (no memory).
+inline at::Tensor stacked_empty_like(const at::Tensor& x, int64_t copies, cpu::Layout layout, bool meta = false) {
+  const at::TensorOptions options = meta ? x.options().device(at::kMeta) : x.options();
   if (layout == cpu::Layout::nhwc)
-    return at::empty({copies, x.size(0), x.size(2), x.size(3), x.size(1)}, x.options()).permute({0, 1, 4, 2, 3});
+    return at::empty({copies, x.size(0), x.size(2), x.size(3), x.size(1)}, options).permute({0, 1, 4, 2, 3});
   std::vector<int64_t> sizes{copies};
   sizes.insert(sizes.end(), x.sizes().begin(), x.sizes().end());
-  return at::empty(sizes, x.options());
+  return at::empty(sizes, options);
+}
+
+// gated_copies_backward's grad: the stacked copies' shape, dtype and layout, on x's device.
+inline void check_copies_grad(const at::Tensor& grad, const at::Tensor& x, int64_t copies, cpu::Layout layout) {
+  check_shaped_like("grad", grad, "the stacked copies", stacked_empty_like(x, copies, layout, /*meta=*/true));
+  check_same_device("grad", grad, "x", x);
 }
 
 // weights [B, S] (per example) or [S] (per branch); returns whether it is per example

@@ -148,6 +148,18 @@ def test_gate_keep_rows_use_consecutive_elements(backend):
     assert torch.equal(more[:batch], keep)
 
 
+def test_gate_keep_of_a_layer_without_channels(backend):
+    """C = 0: an empty keep [batch, 0] and gradient [0], as the reference (triton once divided its
+    grid size by a block of next_power_of_2(0) = 0; the cpu backward rejected the empty gradient's
+    strides)."""
+    p_logit = torch.zeros(0, requires_grad=True)
+    for mode in ("relaxed", "hard"):
+        keep = pf.ops.gate_keep(p_logit, 4, seed=SEED, stream=STREAM, mode=mode, backend=backend)
+        assert keep.shape == (4, 0)
+        keep.sum().backward()
+        assert p_logit.grad.shape == (0,)
+
+
 def test_gate_keep_depends_on_seed_and_stream(backend):
     p_logit = torch.zeros(16)
     a = pf.ops.gate_keep(p_logit, 8, seed=1, stream=2, backend=backend)

@@ -211,18 +211,6 @@ def test_gated_apply_forward_backward_with_tails(dtype, memory_format, mode):
         assert rel_err(ours, ref) < TOLERANCE[dtype]
 
 
-def test_gate_keep_of_a_layer_without_channels():
-    """C = 0: an empty keep [batch, 0] and gradient [0], as the reference (no launch: a block of
-    next_power_of_2(0) = 0 elements divided the grid size by zero)."""
-    for backend in ("triton", "reference"):
-        p_logit = torch.zeros(0, device=DEVICE, requires_grad=True)
-        for mode in ("relaxed", "hard"):
-            keep = pf.ops.gate_keep(p_logit, 4, seed=SEED, stream=STREAM, mode=mode, backend=backend)
-            assert keep.shape == (4, 0)
-            keep.sum().backward()
-            assert p_logit.grad.shape == (0,)
-
-
 @pytest.mark.parametrize("n_branches", [5, 9])
 @pytest.mark.parametrize("per_example", [True, False])
 def test_branch_combine_more_branches_than_one_launch_takes(n_branches, per_example):

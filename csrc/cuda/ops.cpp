@@ -208,7 +208,7 @@ std::tuple<at::Tensor, at::Tensor> gated_copies_backward(const at::Tensor& grad,
   const ApplyShape s = check_gated_copies(x, p_logits, streams, seed, tau, offset, PGNAS_MAX_COPIES, kCUDA);
   const int64_t copies = static_cast<int64_t>(streams.size());
   const c10::cuda::CUDAGuard guard(x.device());
-  check_like("grad", grad, "the stacked copies", stacked_empty_like(x, copies, s.layout));
+  check_copies_grad(grad, x, copies, s.layout);
   const cpu::GateMode m = parse_mode(mode);
   at::Tensor grad_x = at::empty_like(x);
   at::Tensor grad_p = at::zeros_like(p_logits);

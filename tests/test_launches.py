@@ -89,6 +89,21 @@ def test_gpu_cuda_graph_captures_the_regularizer_and_kl_forward_backward(backend
 
 
 @pytest.mark.gpu
+def test_gpu_capture_of_a_per_call_host_copy_is_refused():
+    """Triton's gated copies copy their stream words to the device on every call: under a capture that
+    is a clear error, not a graph that replays from a freed pinned buffer."""
+    if not pf.backends()["triton"][0]:
+        pytest.skip(f"triton backend unavailable: {pf.backends()['triton'][1]}")
+    x, p_logits = torch.randn(4, 6, 5, 5, device="cuda"), torch.randn(2, 6, device="cuda")
+    pf.ops.gated_copies(x, p_logits, seed=1, streams=[1, 2], backend="triton")  # compiled outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="stream words must be copied .* CUDA graph"):
+        with torch.cuda.graph(graph):
+            pf.ops.gated_copies(x, p_logits, seed=1, streams=[1, 2], backend="triton")
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("posterior", ["concrete", "gaussian"])
 @pytest.mark.parametrize("network", ["digits-tiny", "supnet-mi"])
 @pytest.mark.parametrize("backend", ["reference", "triton", "cuda"])

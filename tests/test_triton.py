@@ -163,6 +163,21 @@ def test_no_table_is_copied_to_the_device_during_a_cuda_graph_capture(monkeypatc
     assert built == []
 
 
+def test_no_per_call_host_copy_during_a_cuda_graph_capture(monkeypatch):
+    """Values copied to the device on every call (the gated copies' stream words, candidate ids) are
+    refused during a capture, with what they are, before any copy: a replay would re-read a pinned
+    host buffer reused since."""
+    from pgnas_fast.ops.transfer import to_device
+
+    fused = importlib.import_module("pgnas_fast.triton.fused")
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match="the gated copies' stream words must be copied .* CUDA graph"):
+        fused._stream_words([3, 4], torch.device("cuda"))
+    with pytest.raises(RuntimeError, match="candidate ids must be copied .* CUDA graph"):
+        to_device(torch.arange(3), torch.device("cuda"), "candidate ids")
+    assert torch.equal(to_device(torch.arange(3), torch.device("cpu")), torch.arange(3))  # no CUDA: no check
+
+
 def test_regularizer_mixed_weight_dtypes_and_layouts():
     gen = torch.Generator().manual_seed(1)
     weights = [torch.randn(8, 4, 3, 3, generator=gen).to(memory_format=torch.channels_last),

@@ -146,7 +146,7 @@ def candidate_keep(p_logit, candidates, *, seed: int, layer: int, domain: Domain
     if candidates.numel() and not bool(((candidates >= 0) & (candidates < MAJOR_LIMIT)).all()):
         raise ValueError("candidates must be ids in [0, 2^40)")
     if candidates.device.type == "cpu":
-        candidates = to_device(candidates, p_logit.device)
+        candidates = to_device(candidates, p_logit.device, "candidate ids")
     _check_same_device("p_logit", p_logit, candidates=candidates)
     return _library.candidate_keep(p_logit.contiguous(), candidates.contiguous(), seed, layer, int(domain),
                                    resolve(backend, p_logit.device))

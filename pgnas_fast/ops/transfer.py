@@ -12,9 +12,17 @@ from __future__ import annotations
 import torch
 
 
-def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """`tensor` on `device`: CPU -> CUDA through pinned memory (asynchronous), anything else as `.to`."""
+def to_device(tensor: torch.Tensor, device: torch.device, what: str = "a host tensor") -> torch.Tensor:
+    """`tensor` on `device`: CPU -> CUDA through pinned memory (asynchronous), anything else as `.to`.
+
+    Refused while a CUDA graph is being captured on the current stream: the graph would record a copy
+    from this call's pinned buffer, and every replay would re-read that buffer after it has been
+    freed and reused. `what` names the values in that error."""
     device = torch.device(device)
     if device.type == "cuda" and tensor.device.type == "cpu":
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"{what} must be copied from the host to the device on every call, which a CUDA "
+                               "graph cannot capture (a replay would re-read a host buffer reused since): run this "
+                               "op outside the capture")
         return tensor.pin_memory().to(device, non_blocking=True)
     return tensor.to(device)

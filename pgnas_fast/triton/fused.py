@@ -213,7 +213,8 @@ def _gated_copies_backward_kernel(dy_ptr, x_ptr, dx_ptr, p_ptr, streams_ptr, par
 
 def _stream_words(streams, device) -> torch.Tensor:
     """The copies' stream ids as int32 word pairs on `device` (they change every step: not cached)."""
-    return to_device(torch.tensor([w for s in streams for w in split_u64(s)], dtype=torch.int32), device)
+    return to_device(torch.tensor([w for s in streams for w in split_u64(s)], dtype=torch.int32), device,
+                     "the gated copies' stream words")
 
 
 def gated_copies(x, p_logits, seed, streams, tau, mode, offset, relu):

@@ -89,6 +89,34 @@ def test_gpu_cuda_graph_captures_the_regularizer_and_kl_forward_backward(backend
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gpu_regularizer_captured_first_on_a_stream_then_called_eagerly_there(backend):
+    """The one-launch sum's ticket counter (one per stream) must not come from a capture: a graph
+    captured by the first call on a stream, then an eager call on that stream before any replay,
+    both give eager's value."""
+    if not pf.backends()[backend][0]:
+        pytest.skip(f"{backend} backend unavailable: {pf.backends()[backend][1]}")
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    weights = [torch.randn(8, 4, 3, 3, device="cuda", generator=gen), torch.randn(6, 8, device="cuda", generator=gen)]
+    p_logits = [torch.randn(4, device="cuda", generator=gen), torch.randn(8, device="cuda", generator=gen)]
+
+    def value():
+        return pf.ops.regularizer(weights, p_logits, weight_reg=10.0, drop_reg=1.0, n_train=5e4, backend=backend)
+
+    expected = value().clone()  # on the default stream: compiles and caches the tables
+    torch.cuda.synchronize()
+    side, graph = torch.cuda.Stream(), torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=side):
+        captured = value()
+    with torch.cuda.stream(side):
+        eager = value()
+    torch.cuda.synchronize()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(eager, expected) and torch.equal(captured, expected)
+
+
+@pytest.mark.gpu
 def test_gpu_capture_of_a_per_call_host_copy_is_refused():
     """Triton's gated copies copy their stream words to the device on every call: under a capture that
     is a clear error, not a graph that replays from a freed pinned buffer."""

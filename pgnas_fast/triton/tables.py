@@ -63,7 +63,14 @@ def tensor_key(t: torch.Tensor) -> tuple:
 
 def ticket_counter(device: torch.device) -> torch.Tensor:
     """An int32 zero for `sum_when_last`, one per device and CUDA stream (the last program resets it,
-    so calls on one stream reuse it; calls on two streams at once must not share one)."""
+    so calls on one stream reuse it; calls on two streams at once must not share one).
+
+    During a CUDA graph capture, a fresh zero of that call instead: its fill is captured and runs at
+    every replay. A cached one made during a capture would be zeroed only by that graph's replays, so
+    another graph captured on the same stream (torch.cuda.graph captures every graph on one stream) or
+    an eager call there would take its tickets from uninitialised memory."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return torch.zeros(1, dtype=torch.int32, device=device)
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
     counter = _counters.get((device, stream))
     if counter is None:

@@ -117,6 +117,32 @@ def test_gpu_regularizer_captured_first_on_a_stream_then_called_eagerly_there(ba
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gpu_captured_regularizer_replays_right_after_its_table_left_the_cache(backend):
+    """A replay reads the launch table captured with it: after more new tables than the cache holds
+    (their device memory reused by the allocator), the replay still gives eager's value."""
+    if not pf.backends()[backend][0]:
+        pytest.skip(f"{backend} backend unavailable: {pf.backends()[backend][1]}")
+    gen = torch.Generator(device="cuda").manual_seed(4)
+    weights = [torch.randn(8, 4, 3, 3, device="cuda", generator=gen), torch.randn(6, 8, device="cuda", generator=gen)]
+    p_logits = [torch.randn(4, device="cuda", generator=gen), torch.randn(8, device="cuda", generator=gen)]
+
+    def value(ws, ps):
+        return pf.ops.regularizer(ws, ps, weight_reg=10.0, drop_reg=1.0, n_train=5e4, backend=backend)
+
+    expected = value(weights, p_logits).clone()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = value(weights, p_logits)
+    for rows in range(1, 100):  # 99 other tables: more than either cache keeps (64)
+        value([torch.randn(rows, 4, device="cuda")], [torch.randn(4, device="cuda")])
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, expected)
+
+
+@pytest.mark.gpu
 def test_gpu_capture_of_a_per_call_host_copy_is_refused():
     """Triton's gated copies copy their stream words to the device on every call: under a capture that
     is a clear error, not a graph that replays from a freed pinned buffer."""

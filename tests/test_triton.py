@@ -178,6 +178,25 @@ def test_no_per_call_host_copy_during_a_cuda_graph_capture(monkeypatch):
     assert torch.equal(to_device(torch.arange(3), torch.device("cpu")), torch.arange(3))  # no CUDA: no check
 
 
+def test_a_table_a_cuda_graph_captured_outlives_the_cache(monkeypatch):
+    """A captured launch reads its table at every replay: a table used during a capture stays alive
+    when the cache evicts it (here a CPU tensor stands in for the device table)."""
+    tables = importlib.import_module("pgnas_fast.triton.tables")
+    monkeypatch.setattr(tables, "_on_device", lambda rows, dtype, device: torch.tensor(rows, dtype=dtype))
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    table = tables.cached(("captured", (1,)), lambda: [[7]], torch.int64, cuda)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert tables.cached(("captured", (1,)), lambda: [[8]], torch.int64, cuda) is table  # a hit, captured
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    for i in range(tables.CACHE_ENTRIES + 1):
+        tables.cached(("other", (i,)), lambda: [[i]], torch.int64, cuda)
+    assert all(key[0][0] != "captured" for key in tables._cache)  # evicted from the cache ...
+    assert any(t is table for t in tables._captured.values())  # ... but still alive
+    tables.clear()
+    tables._captured.clear()  # CPU stand-ins only: no graph reads them
+
+
 def test_regularizer_mixed_weight_dtypes_and_layouts():
     gen = torch.Generator().manual_seed(1)
     weights = [torch.randn(8, 4, 3, 3, generator=gen).to(memory_format=torch.channels_last),

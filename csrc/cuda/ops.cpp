@@ -304,7 +304,8 @@ Table segment_table(const std::vector<at::Tensor>& weights, const std::vector<at
 // A segment table in device memory, cached by its bytes and device. A table holds only the
 // parameters' addresses, shapes and offsets (gradients go to flat buffers passed to the launch), which
 // stay fixed across training steps: after the first call nothing is copied to the device, so a CUDA
-// graph can capture the launches, and a stale entry is never wrong. Bounded: emptied when full.
+// graph can capture the launches, and a stale entry is never wrong. Bounded: emptied when full (the
+// tables a graph has captured stay alive).
 constexpr size_t kTableCacheEntries = 64;
 
 template <typename Segment>
@@ -313,11 +314,18 @@ at::Tensor device_table(const std::vector<Segment>& segs, const at::Device& devi
   static std::map<std::pair<int, std::string>, at::Tensor> cache;
   const size_t bytes = segs.size() * sizeof(Segment);
   std::pair<int, std::string> key{device.index(), std::string(reinterpret_cast<const char*>(segs.data()), bytes)};
+  // tables a CUDA graph has captured a launch with: kept for the process, whatever the cache clears,
+  // since every replay reads them again
+  static std::map<const void*, at::Tensor> captured;
+  const bool capturing = c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
   const std::lock_guard<std::mutex> lock(mutex);
   const auto found = cache.find(key);
-  if (found != cache.end()) return found->second;
+  if (found != cache.end()) {
+    if (capturing) captured.emplace(found->second.data_ptr(), found->second);
+    return found->second;
+  }
   // a host-to-device copy captured in a CUDA graph would re-read a pinned buffer reused since
-  TORCH_CHECK(c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None,
+  TORCH_CHECK(!capturing,
               "no launch table is cached for these tensors, and none can be copied to the device while a CUDA "
               "graph is being captured: run the same call (same tensors) once before the capture");
   at::Tensor host = at::empty({static_cast<int64_t>(bytes)}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));

@@ -29,6 +29,9 @@ from ..ops.transfer import to_device
 CACHE_ENTRIES = 64  # tables of a few networks and dtypes; least recently used go first
 _cache: OrderedDict[Hashable, torch.Tensor] = OrderedDict()
 _counters: dict[Hashable, torch.Tensor] = {}
+# tables a CUDA graph has captured a launch with: kept for the process, whatever the cache evicts, since
+# every replay reads them again
+_captured: dict[int, torch.Tensor] = {}
 SUM_BLOCK = tl.constexpr(128)
 
 
@@ -53,6 +56,8 @@ def cached(key: Hashable, build: Callable[[], list[list[int]]], dtype: torch.dty
             _cache.popitem(last=False)
     else:
         _cache.move_to_end(key)
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            _captured[table.data_ptr()] = table
     return table
 
 

@@ -684,6 +684,31 @@ def test_regularizer_gradients_are_views_of_two_flat_buffers(backend):
         assert starts == [sum(sizes[:k]) for k in range(len(tensors))]
 
 
+def test_regularizer_channels_last_weights_are_not_copied(backend, monkeypatch):
+    """channels_last conv weights (the CIFAR presets' layout) go to the op as dense views of their own
+    storage, so no backend copies them; value and gradients equal the contiguous weights', and the
+    gradients come back channels_last, as views of the one flat buffer."""
+    weights, p_logits = mixed_layers(torch.Generator().manual_seed(21))
+    last = [w.to(memory_format=torch.channels_last) if w.dim() == 4 else w.clone() for w in weights]
+    received, original = [], _library.regularizer
+    monkeypatch.setattr(_library, "regularizer", lambda ws, *rest: received.extend(ws) or original(ws, *rest))
+    pf.ops.regularizer(last, p_logits, weight_reg=10.0, drop_reg=1.0, n_train=1e3, backend=backend)
+    assert [w.data_ptr() for w in received] == [w.data_ptr() for w in last]
+    assert all(w.is_contiguous() for w in received)
+    monkeypatch.undo()
+    for t in (*weights, *last):
+        t.requires_grad_()
+    r = pf.ops.regularizer(last, p_logits, weight_reg=10.0, drop_reg=1.0, n_train=1e3, backend=backend)
+    r.backward()
+    pf.ops.regularizer(weights, p_logits, weight_reg=10.0, drop_reg=1.0, n_train=1e3, backend=backend).backward()
+    assert rel_err(r, literal_regularizer(weights, p_logits, 10.0, 1.0, 1e3)) < 1e-5
+    for w, w_last in zip(weights, last):
+        assert rel_err(w_last.grad, w.grad) < 1e-5
+        if w.dim() == 4 and not w_last.is_contiguous():
+            assert w_last.grad.is_contiguous(memory_format=torch.channels_last)
+    assert len({w.grad.untyped_storage().data_ptr() for w in last}) == 1
+
+
 @pytest.mark.parametrize("gate_dtype", [torch.float32, torch.float64])
 def test_regularizer_extreme_p_logits_are_finite(backend, gate_dtype):
     gen = torch.Generator().manual_seed(18)

@@ -290,8 +290,22 @@ def regularizer(weights, p_logits, *, weight_reg: float, drop_reg: float, n_trai
             )
         _check_same_device("weights[0]", weights[0], **{f"weights[{k}]": w, f"p_logits[{k}]": p})
     return _library.regularizer(
-        weights, [p.contiguous() for p in p_logits], float(weight_reg), float(drop_reg), float(n_train), resolve(backend, weights[0].device)
+        [_in_memory_order(w) for w in weights], [p.contiguous() for p in p_logits], float(weight_reg), float(drop_reg),
+        float(n_train), resolve(backend, weights[0].device)
     )
+
+
+def _in_memory_order(weight: torch.Tensor) -> torch.Tensor:
+    """A gated weight as a view that is dense in its own memory order, so that no backend copies it.
+
+    A channels_last conv weight [O, J, kh, kw] lies in memory as [O, kh, kw, J]: element for element
+    the weight [O * kh * kw, J] of one tap, with the same input channel at every element and the same
+    group on every row (output o's rows o * kh * kw .. are all in group o // (O / G)). Its gradient
+    then comes back through the view's autograd in the weight's own channels_last layout.
+    """
+    if weight.dim() == 4 and not weight.is_contiguous() and weight.is_contiguous(memory_format=torch.channels_last):
+        return weight.permute(0, 2, 3, 1).reshape(-1, weight.shape[1])
+    return weight
 
 
 def gaussian_noise(mu, var, *, seed: int, stream: int, offset: int = 0, backend=None):

@@ -71,14 +71,23 @@ inline cpu::Layout check_layout(const char* name, const at::Tensor& t) {
                     t.strides());
 }
 
+// Whether t (of ref's shape) puts every element at ref's address: the strides agree in every dim of
+// size > 1 (a size-1 dim's stride is never used, and dense tensors from torch differ there).
+inline bool same_memory_layout(const at::Tensor& t, const at::Tensor& ref) {
+  if (t.numel() == 0) return true;  // an empty tensor has no layout
+  for (int64_t d = 0; d < ref.dim(); ++d)
+    if (ref.size(d) > 1 && t.stride(d) != ref.stride(d)) return false;
+  return true;
+}
+
 // t has ref's shape, dtype and memory layout (the layout of an empty tensor is not compared: it has none).
 inline void check_shaped_like(const char* name, const at::Tensor& t, const char* ref_name, const at::Tensor& ref) {
   TORCH_CHECK_VALUE(t.sizes() == ref.sizes(), name, " must have the shape of ", ref_name, " ", ref.sizes(), ", got ",
                     t.sizes());
   TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), name, " must have the dtype of ", ref_name, " (",
                    dtype_name(ref.scalar_type()), "), got ", dtype_name(t.scalar_type()));
-  TORCH_CHECK_VALUE(t.numel() == 0 || t.strides() == ref.strides(), name, " must have the memory layout of ",
-                    ref_name, " (strides ", ref.strides(), "), got strides ", t.strides());
+  TORCH_CHECK_VALUE(same_memory_layout(t, ref), name, " must have the memory layout of ", ref_name, " (strides ",
+                    ref.strides(), "), got strides ", t.strides());
 }
 
 inline void check_like(const char* name, const at::Tensor& t, const char* ref_name, const at::Tensor& ref) {

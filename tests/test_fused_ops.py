@@ -18,7 +18,7 @@ from pgnas_fast.nn import GatedConv2d, norm_relu_conv, set_gates
 from pgnas_fast.ops import dispatch
 
 from conftest import TOLERANCE, interpreted, rel_err
-from test_ops import DATA_DTYPES, SEED, STREAM, broadcast_keep, expected_keep, make_x
+from test_ops import DATA_DTYPES, SEED, STREAM, broadcast_keep, expected_keep, make_x, size_one_dims_restrided
 
 SHAPES_AND_LAYOUTS = [
     ((3, 7, 5, 5), "contiguous"),
@@ -109,6 +109,24 @@ def test_affine_relu_gate_gradients_match_formula(backend, dtype, layout, mode):
         assert rel_err(got, ref) < tolerance, name
     if mode == "hard":
         assert not grads[3].any()
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (2, 5, 1, 1)])
+def test_affine_relu_gate_gradient_whose_size_one_dims_have_other_strides(backend, shape):
+    """A dense incoming gradient with other strides than x's in size-1 dims (found by
+    tests/test_ops_fuzz.py: x [1, 1], grad strides (2, 1)): the cpu binding raised "grad must have the
+    memory layout of x"."""
+    gen = torch.Generator().manual_seed(15)
+    x = torch.randn(shape, generator=gen).requires_grad_()
+    scale, shift, p_logit = (t.requires_grad_() for t in affine_inputs(shape[1], gen))
+    dy = size_one_dims_restrided(torch.randn(shape, generator=gen))
+    out = pf.ops.affine_relu_gate(x, scale, shift, p_logit, seed=SEED, stream=STREAM, backend=backend)
+    grads = torch.autograd.grad(out, (x, scale, shift, p_logit), dy)
+    leaves = [t.detach().to(torch.float64).requires_grad_() for t in (x, scale, shift, p_logit)]
+    want = torch.autograd.grad(expected(*leaves, mode="relaxed"), leaves, dy.to(torch.float64), allow_unused=True)
+    for name, got, ref in zip(("x", "scale", "shift", "p_logit"), grads, want):
+        ref = torch.zeros_like(got, dtype=torch.float64) if ref is None else ref
+        assert rel_err(got, ref) < 1e-5, name
 
 
 def test_affine_relu_gate_rejects_bad_input():

@@ -397,6 +397,30 @@ def test_gated_apply_hard_and_full_gradients(backend, mode, dtype):
         assert torch.equal(x.grad, dy)
 
 
+def size_one_dims_restrided(t: torch.Tensor) -> torch.Tensor:
+    """t's values, still dense (is_contiguous()), but with other strides in its size-1 dims, as some
+    autograd backwards hand gradients on (a slice of a wider tensor there)."""
+    dense = t.contiguous()
+    view = dense.as_strided(dense.shape, [97 if n == 1 else st for n, st in zip(dense.shape, dense.stride())])
+    assert view.is_contiguous() and view.stride() != t.stride() and torch.equal(view, t)
+    return view
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 1, 4), (2, 5, 1, 1)])
+def test_gated_apply_gradient_whose_size_one_dims_have_other_strides(backend, shape):
+    """A dense incoming gradient whose size-1 dims have other strides than x's (found by
+    tests/test_ops_fuzz.py: x [1, 1], grad strides (2, 1)): the cpu binding compared every stride
+    and raised "grad must have the memory layout of x"."""
+    gen = torch.Generator().manual_seed(13)
+    x = torch.randn(shape, generator=gen).requires_grad_()
+    p_logit = torch.randn(shape[1], generator=gen, requires_grad=True)
+    dy = size_one_dims_restrided(torch.randn(shape, generator=gen))
+    pf.ops.gated_apply(x, p_logit, seed=SEED, stream=STREAM, backend=backend).backward(dy)
+    x64, p64 = x.detach().double().requires_grad_(), p_logit.detach().double().requires_grad_()
+    (x64 * broadcast_keep(expected_keep(p64, shape[0]), x64)).backward(dy.double())
+    assert rel_err(x.grad, x64.grad) < 1e-5 and rel_err(p_logit.grad, p64.grad) < 1e-5
+
+
 # ---- element offset: a data-parallel shard draws its rows of the concatenated batch ---------------
 SHARDS = 3  # ranks, each with ROWS examples of the concatenated batch of SHARDS * ROWS
 
@@ -564,6 +588,29 @@ def test_branch_combine_weight_gradients_match_formula(backend, dtype):
     assert rel_err(weights.grad, expected) < TOLERANCE[dtype]
     for s, y in enumerate(ys):
         assert rel_err(y.grad, dout.double() * weights[:, s].double().reshape(-1, 1, 1, 1)) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("per_example", [True, False])
+def test_branch_combine_tensors_whose_size_one_dims_have_other_strides(backend, per_example):
+    """ys[1], skip and the incoming gradient dense, but with other strides than ys[0] in size-1 dims
+    (found by tests/test_ops_fuzz.py: ys [1], grad strides (2,)): the cpu binding raised "grad must
+    have the memory layout of ys[0]"."""
+    gen = torch.Generator().manual_seed(14)
+    shape = (1, 3, 1)
+    ys = [torch.randn(shape, generator=gen), size_one_dims_restrided(torch.randn(shape, generator=gen))]
+    ys = [y.requires_grad_() for y in ys]
+    skip = size_one_dims_restrided(torch.randn(shape, generator=gen)).requires_grad_()
+    weights = torch.rand((1, 2) if per_example else (2,), generator=gen, requires_grad=True)
+    dout = size_one_dims_restrided(torch.randn(shape, generator=gen))
+    out = pf.ops.branch_combine(ys, weights, skip=skip, backend=backend)
+    assert rel_err(out, expected_combine(ys, weights, skip)) < 1e-6
+    out.backward(dout)
+    for s, y in enumerate(ys):
+        w = weights[s] if not per_example else weights[0, s]
+        assert rel_err(y.grad, dout.double() * w.double()) < 1e-6
+    expected_w = torch.stack([(dout.double() * y.double()).sum() for y in ys])
+    assert rel_err(weights.grad, expected_w.view(weights.shape)) < 1e-6
+    assert torch.equal(skip.grad, dout)
 
 
 # ---- regularizer --------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 // input -> K gated copies in one read.
 //
 // Same conventions as kernels.h (raw pointers, no torch headers, gate type G, accumulation type
-// Acc<T, G>, dense NCHW or NHWC). keep [B, C] comes from gate_keep; scale and shift [C] are a
+// Acc<T, G>, dense NCHW or NHWC). keep [B, C] comes from keep_of (ops.cpp); scale and shift [C] are a
 // BatchNorm folded with its statistics.
 #pragma once
 

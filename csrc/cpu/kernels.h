@@ -37,32 +37,6 @@ inline void philox_uniform(float* out, int64_t n, uint64_t seed, uint64_t stream
   for (int64_t j = 0; j < n; ++j) out[j] = philox_uniform_at(seed, stream, offset + static_cast<uint64_t>(j));
 }
 
-// keep [B, C] from p_logit [C]; gate (b, c) is element offset + b * C + c of the stream. drop_prob [C] =
-// sigmoid(p_logit) is used by `hard` only; the caller computes it with the reference's own sigmoid so
-// hard masks agree bit for bit on ties u + p == 1.
-template <typename G>
-void gate_keep(G* keep, const G* p_logit, const G* drop_prob, int64_t batch, int64_t channels, uint64_t seed,
-               uint64_t stream, uint64_t offset, double tau, GateMode mode) {
-  const int64_t n = batch * channels;
-  const G inv_tau = static_cast<G>(1.0 / tau);
-#pragma omp parallel for schedule(static) if (n > kParallelGrain / 8)
-  for (int64_t i = 0; i < n; ++i) {
-    const int64_t c = i % channels;
-    if (mode == GateMode::full) {
-      keep[i] = G(1);
-      continue;
-    }
-    const G u = static_cast<G>(philox_uniform_at(seed, stream, offset + static_cast<uint64_t>(i)));
-    if (mode == GateMode::hard) {
-      keep[i] = (u + drop_prob[c] < G(1)) ? G(1) : G(0);  // drop iff u + p >= 1
-    } else {
-      const G logistic = std::log(u) - std::log1p(-u);
-      // keep = 1 - sigmoid((p_logit + L) / tau) = 1 / (1 + exp((p_logit + L) / tau))
-      keep[i] = G(1) / (G(1) + std::exp((p_logit[c] + logistic) * inv_tau));
-    }
-  }
-}
-
 // Hard masks of K candidates: keep[k, c] = 0 iff u + p_c >= 1, u of element c of stream
 // domain << 56 | candidates[k] << 16 | layer (the candidate's stream for this gate layer).
 template <typename G>

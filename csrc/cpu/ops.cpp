@@ -37,19 +37,20 @@ void philox_uniform_out(at::Tensor out, int64_t seed, int64_t stream, int64_t of
                       static_cast<uint64_t>(offset));
 }
 
+// keep [B, C]: u of elements offset .. offset + B * C - 1 from the contract's Philox, the rest in
+// torch's own (vectorised) ops written as the reference writes them, so that keeps equal the
+// reference's bit for bit, hard masks even on exact ties u + p == 1.
 at::Tensor keep_of(const at::Tensor& p_logit, int64_t batch, int64_t seed, int64_t stream, int64_t offset, double tau,
                    cpu::GateMode mode) {
   const int64_t channels = p_logit.size(0);
-  at::Tensor keep = at::empty({batch, channels}, p_logit.options());
-  // torch's own sigmoid, as the reference: hard masks then agree even on exact ties u + p == 1
-  at::Tensor drop_prob = mode == cpu::GateMode::hard ? at::sigmoid(p_logit) : p_logit;
-  with_gate_type(p_logit, [&](auto g) {
-    using G = decltype(g);
-    cpu::gate_keep<G>(keep.data_ptr<G>(), p_logit.data_ptr<G>(), drop_prob.data_ptr<G>(), batch, channels,
-                      static_cast<uint64_t>(seed), static_cast<uint64_t>(stream), static_cast<uint64_t>(offset), tau,
-                      mode);
-  });
-  return keep;
+  if (mode == cpu::GateMode::full) return at::ones({batch, channels}, p_logit.options());
+  at::Tensor u = at::empty({batch, channels}, p_logit.options().dtype(at::kFloat));
+  cpu::philox_uniform(u.data_ptr<float>(), u.numel(), static_cast<uint64_t>(seed), static_cast<uint64_t>(stream),
+                      static_cast<uint64_t>(offset));
+  u = u.to(p_logit.scalar_type());
+  if (mode == cpu::GateMode::hard) return (u + at::sigmoid(p_logit) < 1.0).to(p_logit.scalar_type());
+  const at::Tensor logistic = at::log(u) - at::log1p(-u);
+  return at::sigmoid(-(p_logit + logistic) / tau);  // 1 - sigmoid((p_logit + L) / tau)
 }
 
 at::Tensor gate_keep(const at::Tensor& p_logit, int64_t batch, int64_t seed, int64_t stream, double tau,

@@ -72,26 +72,6 @@ void test_uniform_mapping() {
   }
 }
 
-void test_gate_keep() {
-  const int64_t batch = 5, channels = 7;
-  const std::vector<double> p = data(channels, 1);
-  std::vector<double> keep(batch * channels), drop_prob(channels);
-  for (int64_t c = 0; c < channels; ++c) drop_prob[c] = 1.0 / (1.0 + std::exp(-p[c]));
-  const uint64_t offset = 3 * channels;  // the gates of rows 3.. of a larger batch
-  pgnas::cpu::gate_keep<double>(keep.data(), p.data(), drop_prob.data(), batch, channels, 11, 12, offset, 0.5,
-                                pgnas::cpu::GateMode::relaxed);
-  std::vector<double> hard(batch * channels);
-  pgnas::cpu::gate_keep<double>(hard.data(), p.data(), drop_prob.data(), batch, channels, 11, 12, offset, 0.5,
-                                pgnas::cpu::GateMode::hard);
-  for (int64_t b = 0; b < batch; ++b)
-    for (int64_t c = 0; c < channels; ++c) {
-      const double u = pgnas::philox_uniform_at(11, 12, offset + static_cast<uint64_t>(b * channels + c));
-      const double want = 1.0 / (1.0 + std::exp((p[c] + std::log(u) - std::log1p(-u)) / 0.5));
-      expect_close(keep[b * channels + c], want, 1e-12, "relaxed keep");
-      expect(hard[b * channels + c] == (u + drop_prob[c] >= 1.0 ? 0.0 : 1.0), "hard keep");
-    }
-}
-
 template <typename T>
 void test_gated_apply(pgnas::cpu::Layout layout, double tol) {
   const int64_t batch = 3, channels = 5, spatial = 6, n = batch * channels * spatial;
@@ -311,7 +291,6 @@ void test_gaussian_kl() {
 int main() {
   test_known_answers();
   test_uniform_mapping();
-  test_gate_keep();
   test_gated_apply<float>(pgnas::cpu::Layout::nchw, 1e-6);
   test_gated_apply<float>(pgnas::cpu::Layout::nhwc, 1e-6);
   test_gated_apply<double>(pgnas::cpu::Layout::nchw, 1e-12);

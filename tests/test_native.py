@@ -293,6 +293,25 @@ def test_cpu_gated_apply_parallel_sizes_match_reference(batch, channels, size, m
     assert results["cpu"][0].stride() == x.stride()
 
 
+@native
+@pytest.mark.parametrize("gate_dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("batch, channels, offset", [(128, 16, 0), (7, 33, 12345), (64, 128, (1 << 32) - 5)])
+def test_cpu_keeps_equal_the_reference_bit_for_bit(batch, channels, offset, gate_dtype):
+    """The cpu gates are the contract's u followed by the reference's own torch ops: relaxed keeps and
+    hard masks are the reference's exactly (offsets past a 32-bit carry included), and so are the
+    outputs of gated_apply."""
+    gen = torch.Generator().manual_seed(batch + channels)
+    p = (2 * torch.randn(channels, generator=gen)).to(gate_dtype)
+    x = torch.randn(batch, channels, 3, 3, generator=gen, dtype=gate_dtype)
+    for mode in ("relaxed", "hard"):
+        keeps = [pf.ops.gate_keep(p, batch, seed=SEED, stream=STREAM, mode=mode, offset=offset, backend=b)
+                 for b in ("cpu", "reference")]
+        assert torch.equal(*keeps)
+        outs = [pf.ops.gated_apply(x, p, seed=SEED, stream=STREAM, mode=mode, offset=offset, backend=b)
+                for b in ("cpu", "reference")]
+        assert torch.equal(*outs)
+
+
 def test_cpu_regularizer_is_the_same_on_any_thread_count():
     """Work items combine in a fixed order, so value and gradients are bit-identical on 1 and 2
     threads (a search reproduces byte for byte whatever the machine's thread count)."""

@@ -268,6 +268,30 @@ def test_hard_gate_at_the_boundary_drops():
 
 
 @pytest.mark.parametrize("gate_dtype", [torch.float32, torch.float64])
+def test_hard_masks_near_ties_equal_the_reference(backend, gate_dtype):
+    """p_logit at logit(1 - u) per channel, so that u + p is within a few ulps of 1: every hard-gated
+    op drops exactly the reference's gates (found by tests/test_ops_fuzz.py: the triton kernels took
+    p = 1 / (1 + exp(-z)) in-kernel, off torch's sigmoid in the last bit, and 8 of these 4096 masks
+    differed in float32, 10 in float64)."""
+    channels = 4096
+    u = uniforms(1, channels)[0].to(torch.float64)
+    p_logit = torch.log((1.0 - u.to(gate_dtype).double()) / u.to(gate_dtype).double()).to(gate_dtype)
+    assert ((u + torch.sigmoid(p_logit.double()) - 1.0).abs() < 1e-6).all()  # every gate near its tie
+    x = torch.randn(1, channels, generator=torch.Generator().manual_seed(16)).to(gate_dtype)
+    ones, zeros = torch.ones(channels, dtype=gate_dtype), torch.zeros(channels, dtype=gate_dtype)
+    calls = {
+        "gate_keep": lambda b: pf.ops.gate_keep(p_logit, 1, seed=SEED, stream=STREAM, mode="hard", backend=b),
+        "gated_apply": lambda b: pf.ops.gated_apply(x, p_logit, seed=SEED, stream=STREAM, mode="hard", backend=b),
+        "affine_relu_gate": lambda b: pf.ops.affine_relu_gate(x.abs(), ones, zeros, p_logit, seed=SEED, stream=STREAM,
+                                                              mode="hard", backend=b),
+        "gated_copies": lambda b: pf.ops.gated_copies(x, p_logit[None], seed=SEED, streams=[STREAM], mode="hard",
+                                                      backend=b),
+    }
+    for name, call in calls.items():
+        assert torch.equal(call(backend), call("reference")), name
+
+
+@pytest.mark.parametrize("gate_dtype", [torch.float32, torch.float64])
 def test_full_gate_is_all_ones(backend, gate_dtype):
     p_logit = torch.randn(13, dtype=gate_dtype)
     keep = pf.ops.gate_keep(p_logit, 6, seed=SEED, stream=STREAM, mode="full", backend=backend)

@@ -42,7 +42,8 @@ def element_offset(offset_lo, offset_hi):
 @triton.jit
 def gate_keep_at(i, z, seed_lo, seed_hi, stream_lo, stream_hi, tau_hi, tau_lo,
                  MODE: tl.constexpr, GATE_F64: tl.constexpr):
-    """keep of gate element i (= offset + b * C + c) with drop logit z, in the gate dtype."""
+    """keep of gate element i (= offset + b * C + c) with drop logit z, in the gate dtype. In hard mode z
+    is the drop probability sigmoid(logit) itself, computed by torch (`gate_source`)."""
     if MODE == 2:  # full
         keep = tl.full(z.shape, 1.0, z.dtype)
     else:
@@ -50,9 +51,8 @@ def gate_keep_at(i, z, seed_lo, seed_hi, stream_lo, stream_hi, tau_hi, tau_lo,
         if GATE_F64:
             u = u.to(tl.float64)
             z = z.to(tl.float64)
-        if MODE == 1:  # hard: the authors' 1 - floor(u + p), drop iff u + p >= 1
-            p = 1.0 / (1.0 + tl.exp(-z))
-            keep = tl.where(u + p >= 1.0, 0.0, 1.0).to(z.dtype)
+        if MODE == 1:  # hard: the authors' 1 - floor(u + p), drop iff u + p >= 1 (z = p here)
+            keep = tl.where(u + z >= 1.0, 0.0, 1.0).to(z.dtype)
         else:  # relaxed: 1 - sigmoid((z + L) / tau) = sigmoid(-(z + L) / tau), L logistic noise
             tau = joined(tau_hi, tau_lo, z.dtype)
             logistic = tl.log(u) - log1p(-u)
@@ -237,6 +237,13 @@ def _compute_f64(*tensors: torch.Tensor) -> bool:
     return math_dtype(*tensors) == torch.float64
 
 
+def gate_source(p_logit, mode):
+    """What the gate kernels read per channel: the drop logits, or in hard mode the drop probabilities
+    from torch's own sigmoid, as the reference computes them (an in-kernel 1 / (1 + exp(-z)) differs in
+    the last bit, and hard masks then differ near ties u + p == 1)."""
+    return torch.sigmoid(p_logit) if mode == "hard" else p_logit
+
+
 def gate_keep(p_logit, batch, seed, stream, tau, mode, offset):
     C = p_logit.shape[0]
     keep = torch.empty(batch, C, dtype=p_logit.dtype, device=p_logit.device)
@@ -245,7 +252,7 @@ def gate_keep(p_logit, batch, seed, stream, tau, mode, offset):
         return keep
     block = min(triton.next_power_of_2(n), 1024 if p_logit.device.type == "cuda" else 1 << 15)
     _gate_keep_kernel[(triton.cdiv(n, block),)](
-        p_logit, keep, n, C, *_rng(seed, stream, offset, tau),
+        gate_source(p_logit, mode), keep, n, C, *_rng(seed, stream, offset, tau),
         MODE=MODES[mode], GATE_F64=p_logit.dtype == torch.float64, BLOCK=block)
     return keep
 
@@ -293,7 +300,7 @@ def gated_apply(x, p_logit, seed, stream, tau, mode, offset):
     block_q, block_s = _tiles(B * C if x.device.type != "cuda" else C, S, xv.stride(2), x.device)
     grid, split_rows = _grid(B, C, block_q, x.device)
     _gated_apply_kernel[grid](
-        xv, ov, p_logit, B * C, C, S, *xv.stride(), *ov.stride(), *_rng(seed, stream, offset, tau),
+        xv, ov, gate_source(p_logit, mode), B * C, C, S, *xv.stride(), *ov.stride(), *_rng(seed, stream, offset, tau),
         MODE=MODES[mode], GATE_F64=p_logit.dtype == torch.float64,
         COMPUTE_F64=_compute_f64(x, p_logit), SPLIT_ROWS=split_rows, BLOCK_Q=block_q,
         BLOCK_S=block_s)
@@ -314,7 +321,7 @@ def gated_apply_backward(grad, x, p_logit, seed, stream, tau, mode, offset):
     block_q, block_s = _tiles(B * C if x.device.type != "cuda" else C, S, xv.stride(2), x.device)
     grid, split_rows = _grid(B, C, block_q, x.device)
     _gated_apply_backward_kernel[grid](
-        dyv, xv, gv, p_logit, partial, B * C, C, S, *dyv.stride(), *xv.stride(), *gv.stride(),
+        dyv, xv, gv, gate_source(p_logit, mode), partial, B * C, C, S, *dyv.stride(), *xv.stride(), *gv.stride(),
         *_rng(seed, stream, offset, tau), MODE=MODES[mode], GATE_F64=p_logit.dtype == torch.float64,
         COMPUTE_F64=_compute_f64(x, p_logit), SPLIT_ROWS=split_rows, BLOCK_Q=block_q,
         BLOCK_S=block_s)

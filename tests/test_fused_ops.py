@@ -129,6 +129,31 @@ def test_affine_relu_gate_gradient_whose_size_one_dims_have_other_strides(backen
         assert rel_err(got, ref) < 1e-5, name
 
 
+def test_affine_relu_gate_draws_float32_gates_beside_float64_affine_vectors(backend):
+    """float32 p_logit with a float64 shift: the affine map runs in float64 but the gates are drawn in
+    float32, as the reference draws them (found by tests/test_ops_fuzz.py: the cpu backend promoted
+    p_logit to float64 with scale and shift, so d p_logit was 4.7e-5 off the reference's and, with
+    p_logit = logit(1 - u), 2027 of 4096 hard masks differed)."""
+    channels = 4096
+    u = pf.ops.philox_uniform(channels, seed=SEED, stream=STREAM, backend="reference").double()
+    p_logit = torch.log((1.0 - u) / u).float()  # u + p within a float32 rounding of 1
+    x = torch.rand(2, channels, generator=torch.Generator().manual_seed(17)) + 0.5
+    scale, shift = torch.ones(channels), torch.zeros(channels, dtype=torch.float64)
+    for mode in ("hard", "relaxed"):
+        outs = [pf.ops.affine_relu_gate(x, scale, shift, p_logit, seed=SEED, stream=STREAM, mode=mode, backend=b)
+                for b in (backend, "reference")]
+        if mode == "hard":
+            assert torch.equal(*outs)
+        else:
+            assert rel_err(*outs) < 1e-6
+    p = p_logit[:8].clone().mul_(0.1).requires_grad_()
+    sc, sh = scale[:8].clone().requires_grad_(), shift[:8].clone().requires_grad_()
+    grads = [torch.autograd.grad(pf.ops.affine_relu_gate(x[:, :8], sc, sh, p, seed=SEED, stream=STREAM, backend=b).sum(),
+                                 (sc, sh, p)) for b in (backend, "reference")]
+    for got, want in zip(*grads):
+        assert got.dtype == want.dtype and rel_err(got, want) < 1e-5
+
+
 def test_affine_relu_gate_rejects_bad_input():
     x, v = torch.randn(3, 7, 5, 5), torch.randn(7)
     cases = [

@@ -637,6 +637,18 @@ def test_branch_combine_tensors_whose_size_one_dims_have_other_strides(backend, 
     assert torch.equal(skip.grad, dout)
 
 
+@pytest.mark.parametrize("shape", [(0, 3), (0,), (0, 2, 1, 1)])
+def test_branch_combine_of_an_empty_batch_with_per_example_weights(backend, shape):
+    """B = 0 with weights [0, S]: empty outputs and gradients (found by tests/test_ops_fuzz.py: ys
+    [0, 1], weights [0, 1]: the reference backward reshaped its empty product to [0, -1] and raised)."""
+    ys = [torch.zeros(shape, requires_grad=True) for _ in range(2)]
+    weights = torch.zeros(0, 2, requires_grad=True)
+    out = pf.ops.branch_combine(ys, weights, backend=backend)
+    assert out.shape == shape
+    grads = torch.autograd.grad(out, [weights, *ys], torch.zeros(shape))
+    assert grads[0].shape == (0, 2) and all(g.shape == shape for g in grads[1:])
+
+
 # ---- regularizer --------------------------------------------------------------------------------
 def mixed_layers(gen, dtype=torch.float32, gate_dtype=torch.float32):
     """Weights of a conv, a linear, a grouped conv, a depthwise conv, a grouped 1x1 conv whose output

@@ -8,6 +8,8 @@ Every backend module provides exactly these functions.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -188,7 +190,7 @@ def branch_combine_backward(
     columns = []
     for y in ys:
         prod = grad.to(weights.dtype) * y.to(weights.dtype)
-        columns.append(prod.sum() if weights.dim() == 1 else prod.reshape(prod.shape[0], -1).sum(1))
+        columns.append(prod.sum() if weights.dim() == 1 else prod.reshape(prod.shape[0], math.prod(prod.shape[1:])).sum(1))
     return grad_ys, torch.stack(columns, dim=-1)
 
 

@@ -116,7 +116,8 @@ def affine_relu_gate(x, scale, shift, p_logit, seed, stream, tau, mode, offset):
     B, C, S = xv.shape
     grid, launch = _launch_shape(x, xv)
     _affine_relu_gate_kernel[grid](
-        xv, ov, scale, shift, gate_source(p_logit, mode), B * C, C, S, *xv.stride(), *ov.stride(), *_rng(seed, stream, offset, tau),
+        xv, ov, scale, shift, gate_source(p_logit, mode), B * C, C, S, *xv.stride(), *ov.stride(),
+        *_rng(seed, stream, offset, tau),
         MODE=MODES[mode], GATE_F64=p_logit.dtype == torch.float64,
         COMPUTE_F64=_compute_f64(x, scale, p_logit), **launch)
     return _written(out, ov)
@@ -135,8 +136,8 @@ def affine_relu_gate_backward(grad, x, scale, shift, p_logit, seed, stream, tau,
     partial = torch.empty(B, C, dtype=p_logit.dtype, device=x.device) if relaxed else p_logit
     grid, launch = _launch_shape(x, xv)
     _affine_relu_gate_backward_kernel[grid](
-        dyv, xv, gv, scale, shift, gate_source(p_logit, mode), rows[0], rows[1], partial, B * C, C, S, *dyv.stride(), *xv.stride(),
-        *gv.stride(), *_rng(seed, stream, offset, tau), MODE=MODES[mode], GATE_F64=p_logit.dtype == torch.float64,
+        dyv, xv, gv, scale, shift, gate_source(p_logit, mode), rows[0], rows[1], partial, B * C, C, S, *dyv.stride(),
+        *xv.stride(), *gv.stride(), *_rng(seed, stream, offset, tau), MODE=MODES[mode], GATE_F64=p_logit.dtype == torch.float64,
         COMPUTE_F64=f64, **launch)
     _written(grad_x, gv)
     grad_scale, grad_shift = rows[0].sum(0), rows[1].sum(0)  # over the batch (separate tensors: no aliasing outputs)
@@ -229,7 +230,8 @@ def gated_copies(x, p_logits, seed, streams, tau, mode, offset, relu):
     grid, launch = _launch_shape(x, xv)
     seed_lo, seed_hi, _, _, offset_lo, offset_hi, tau_hi, tau_lo = _rng(seed, 0, offset, tau)
     _gated_copies_kernel[grid](
-        xv, ov, gate_source(p_logits, mode), _stream_words(streams, x.device), n_copies, B * C, C, S, *xv.stride(), *ov.stride(),
+        xv, ov, gate_source(p_logits, mode), _stream_words(streams, x.device), n_copies, B * C, C, S, *xv.stride(),
+        *ov.stride(),
         seed_lo, seed_hi, offset_lo, offset_hi, tau_hi, tau_lo, MODE=MODES[mode],
         GATE_F64=p_logits.dtype == torch.float64, COMPUTE_F64=_compute_f64(x, p_logits), RELU=relu,
         **launch)
@@ -249,7 +251,8 @@ def gated_copies_backward(grad, x, p_logits, seed, streams, tau, mode, offset, r
     grid, launch = _launch_shape(x, xv)
     seed_lo, seed_hi, _, _, offset_lo, offset_hi, tau_hi, tau_lo = _rng(seed, 0, offset, tau)
     _gated_copies_backward_kernel[grid](
-        dyv, xv, gv, gate_source(p_logits, mode), _stream_words(streams, x.device), partial, n_copies, B * C, C, S, *dyv.stride(),
+        dyv, xv, gv, gate_source(p_logits, mode), _stream_words(streams, x.device), partial, n_copies, B * C, C, S,
+        *dyv.stride(),
         *xv.stride(), *gv.stride(), seed_lo, seed_hi, offset_lo, offset_hi, tau_hi, tau_lo, MODE=MODES[mode],
         GATE_F64=p_logits.dtype == torch.float64, COMPUTE_F64=_compute_f64(x, p_logits), RELU=relu,
         **launch)

@@ -70,7 +70,8 @@ cudaError_t launch_noise(T* out, const T* first, const T* var, int64_t batch, in
 }
 
 // ---- the KL -----------------------------------------------------------------------------------------
-// Molchanov et al. 2017: KL(a) ~ K1 - K1 sigmoid(K2 + K3 a) + 0.5 softplus(-a), a = log alpha.
+// Molchanov et al. 2017: KL(a) ~ K1 - K1 sigmoid(K2 + K3 a) + 0.5 softplus(-a), a = log alpha, evaluated as
+// K1 sigmoid(-(K2 + K3 a)) + 0.5 softplus(-a) (no subtraction that cancels for large a).
 constexpr double kK1 = 0.63576, kK2 = 1.87320, kK3 = 1.48695;
 
 __device__ __forceinline__ double sigmoid(double x) { return 1.0 / (1.0 + exp(-x)); }
@@ -89,7 +90,7 @@ __global__ void kl_kernel(void* result, int result_double, const pgnas_kl_segmen
     for (int64_t c = threadIdx.x; c < s.channels; c += blockDim.x) {
       const double a = load_log_alpha(s, c);
       const double softplus = fmax(-a, 0.0) + log1p(exp(-fabs(a)));  // softplus(-a) without overflow
-      layer += kK1 - kK1 * sigmoid(kK2 + kK3 * a) + 0.5 * softplus;
+      layer += kK1 * sigmoid(-(kK2 + kK3 * a)) + 0.5 * softplus;
     }
     acc += s.scale * layer;
   }
@@ -106,8 +107,8 @@ __global__ void kl_backward_kernel(const void* grad, int grad_double, void* grad
     const pgnas_kl_segment s = segs[k];
     for (int64_t c = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; c < s.channels; c += stride) {
       const double a = load_log_alpha(s, c);
-      const double sg = sigmoid(kK2 + kK3 * a);
-      const double d = g * s.scale * (-kK1 * kK3 * sg * (1.0 - sg) - 0.5 * sigmoid(-a));
+      const double t = kK2 + kK3 * a;  // s (1 - s) as sigmoid(t) sigmoid(-t): no cancelling for large t
+      const double d = g * s.scale * (-kK1 * kK3 * sigmoid(t) * sigmoid(-t) - 0.5 * sigmoid(-a));
       store_gate(grads, s.is_double, s.channel_begin + c, d);
     }
   }

@@ -104,7 +104,8 @@ __global__ void regularizer_kernel(void* result, int result_double, double* part
     const pgnas_reg_segment s = segs[find_segment(segs, n_segs, c, ChannelBegin())];
     const double z = load_logit(s, c - s.channel_begin);
     const double p = 1.0 / (1.0 + exp(-z));
-    acc += drop_coef * (p * log_sigmoid(z) + (1.0 - p) * log_sigmoid(-z));  // H'(p) from the logit
+    // H'(p) from the logit, 1 - p as sigmoid(-z): a subtraction from 1 cancels for p near 1
+    acc += drop_coef * (p * log_sigmoid(z) + 1.0 / (1.0 + exp(z)) * log_sigmoid(-z));
   }
   const double total = block_sum(acc);
   __shared__ bool last;

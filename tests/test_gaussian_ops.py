@@ -344,6 +344,24 @@ def test_kl_extreme_log_alphas_are_finite(backend):
     assert kl.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_kl_keeps_its_digits_at_large_log_alphas(backend, dtype):
+    """Where sigmoid(K2 + K3 a) is near 1, K1 - K1 sigmoid(..) and s (1 - s) cancel unless written as
+    K1 sigmoid(-(K2 + K3 a)) and sigmoid(t) sigmoid(-t): one channel each, value and gradient to the
+    dtype's precision against the closed forms in float64 (a = 12, 20: the KL is the 1e-6 .. 1e-9 tail)."""
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    for value in (12.0, 20.0, 30.0, -30.0):
+        a = torch.tensor([value], dtype=dtype, requires_grad=True)
+        kl = pf.ops.gaussian_kl([a], [7], n_train=2.0, backend=backend)
+        kl.backward()
+        t = K2 + K3 * value
+        sig = lambda x: 1.0 / (1.0 + math.exp(-x))  # noqa: E731
+        expected = 7 / 2.0 * (K1 * sig(-t) + 0.5 * math.log1p(math.exp(-value)))
+        expected_grad = 7 / 2.0 * (-K1 * K3 * sig(t) * sig(-t) - 0.5 * sig(-value))
+        assert kl.item() == pytest.approx(expected, rel=tol), value
+        assert a.grad.item() == pytest.approx(expected_grad, rel=tol), value
+
+
 def test_kl_of_empty_layers(backend):
     a = torch.randn(4, dtype=torch.float64, requires_grad=True)
     empty = torch.zeros(0, dtype=torch.float64, requires_grad=True)

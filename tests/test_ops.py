@@ -809,6 +809,20 @@ def test_regularizer_extreme_p_logits_are_finite(backend, gate_dtype):
     assert p_logit.grad.abs().max().item() < 1e-10  # sigmoid' vanishes at +-40 and beyond
 
 
+@pytest.mark.parametrize("gate_dtype", [torch.float32, torch.float64])
+def test_regularizer_entropy_keeps_its_digits_near_p_1(backend, gate_dtype):
+    """H'(p) = p log p + (1 - p) log(1 - p) for p near 1: 1 - p must be sigmoid(-z), not 1 - sigmoid(z),
+    which cancels (z = 25: H' = -e^-z (1 + z + ...); a lost second term is 26x off)."""
+    tol = 1e-5 if gate_dtype == torch.float32 else 1e-12
+    weight = torch.randn(3, 1, 2, 2, generator=torch.Generator().manual_seed(22))
+    for z in (18.0, 25.0, 40.0):
+        r = pf.ops.regularizer([weight], [torch.tensor([z], dtype=gate_dtype)], weight_reg=0.0, drop_reg=1.0,
+                               n_train=1.0, backend=backend)
+        p, keep = 1.0 / (1.0 + math.exp(-z)), 1.0 / (1.0 + math.exp(z))
+        expected = p * -math.log1p(math.exp(-z)) + keep * (-z - math.log1p(math.exp(-z)))
+        assert r.item() == pytest.approx(expected, rel=tol), z
+
+
 # ---- opcheck ------------------------------------------------------------------------------------
 def _opcheck_cases(backend):
     gen = torch.Generator().manual_seed(19)

@@ -120,7 +120,8 @@ void gaussian_noise_backward(T* grad_var, const T* grad, const T* var, const Noi
 }
 
 // ---- the KL over the whole network: one pass over every layer's log alpha ----------------------------
-// Molchanov et al. 2017: KL(log alpha) ~ K1 - K1 sigmoid(K2 + K3 a) + 0.5 log1p(exp(-a)).
+// Molchanov et al. 2017: KL(log alpha) ~ K1 - K1 sigmoid(K2 + K3 a) + 0.5 log1p(exp(-a)), evaluated as
+// K1 sigmoid(-(K2 + K3 a)) + 0.5 softplus(-a) (no subtraction that cancels for large a).
 constexpr double kKlK1 = 0.63576, kKlK2 = 1.87320, kKlK3 = 1.48695;
 
 struct KlSegment {
@@ -137,13 +138,13 @@ inline double softplus(double x) { return std::max(x, 0.0) + std::log1p(std::exp
 inline double sigmoid(double x) { return 1.0 / (1.0 + std::exp(-x)); }
 
 inline double kl_per_channel(double a) {
-  return kKlK1 - kKlK1 * sigmoid(kKlK2 + kKlK3 * a) + 0.5 * softplus(-a);
+  return kKlK1 * sigmoid(-(kKlK2 + kKlK3 * a)) + 0.5 * softplus(-a);
 }
 
-// d/da kl_per_channel = -K1 K3 s (1 - s) - 0.5 sigmoid(-a), s = sigmoid(K2 + K3 a)
+// d/da kl_per_channel = -K1 K3 s (1 - s) - 0.5 sigmoid(-a), s = sigmoid(t), t = K2 + K3 a, 1 - s = sigmoid(-t)
 inline double kl_derivative(double a) {
-  const double s = sigmoid(kKlK2 + kKlK3 * a);
-  return -kKlK1 * kKlK3 * s * (1.0 - s) - 0.5 * sigmoid(-a);
+  const double t = kKlK2 + kKlK3 * a;
+  return -kKlK1 * kKlK3 * sigmoid(t) * sigmoid(-t) - 0.5 * sigmoid(-a);
 }
 
 // KL = sum_l scale_l sum_c kl_per_channel(a_lc), summed in double in a fixed order (a handful of

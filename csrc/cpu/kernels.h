@@ -359,7 +359,7 @@ inline double regularizer(const std::vector<RegSegment>& segs, double weight_reg
     for (int64_t c = 0; c < segs[k].groups * segs[k].per_group; ++c) {
       const double z = load_logit(segs[k], c);
       const double p = 1.0 / (1.0 + std::exp(-z));  // not 1 - keep_prob: exact for tiny p
-      entropy += p * log_sigmoid(z) + (1.0 - p) * log_sigmoid(-z);
+      entropy += p * log_sigmoid(z) + 1.0 / (1.0 + std::exp(z)) * log_sigmoid(-z);  // 1 - p without cancelling
     }
   return weight_reg / n_train * weight_term + drop_reg / n_train * entropy;
 }

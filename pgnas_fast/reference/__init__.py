@@ -219,9 +219,9 @@ def _keep_prob_per_weight(keep_prob: torch.Tensor, weight: torch.Tensor) -> torc
 
 
 def _neg_entropy(p_logit: torch.Tensor) -> torch.Tensor:
-    """H'(p) = p log p + (1 - p) log(1 - p) from the logit: finite for p at 0 or 1."""
-    p = torch.sigmoid(p_logit)
-    return p * F.logsigmoid(p_logit) + (1.0 - p) * F.logsigmoid(-p_logit)
+    """H'(p) = p log p + (1 - p) log(1 - p) from the logit: finite for p at 0 or 1, and 1 - p taken as
+    sigmoid(-logit), which keeps its digits where a subtraction from 1 would cancel (p near 1)."""
+    return torch.sigmoid(p_logit) * F.logsigmoid(p_logit) + torch.sigmoid(-p_logit) * F.logsigmoid(-p_logit)
 
 
 def regularizer(
@@ -293,7 +293,11 @@ def gaussian_noise_backward(grad: torch.Tensor, var: torch.Tensor, seed: int, st
 
 
 def _kl_per_channel(log_alpha: torch.Tensor) -> torch.Tensor:
-    return KL_K1 - KL_K1 * torch.sigmoid(KL_K2 + KL_K3 * log_alpha) + 0.5 * F.softplus(-log_alpha)
+    """KL of one channel's weight: K1 (1 - sigmoid(K2 + K3 log alpha)) + 0.5 log1p(1 / alpha), written
+    without cancellation: 1 - sigmoid(t) as sigmoid(-t), log1p(e^-a) as logaddexp(0, -a) (softplus
+    returns its input past 20, a relative 1e-9 short)."""
+    return (KL_K1 * torch.sigmoid(-(KL_K2 + KL_K3 * log_alpha))
+            + 0.5 * torch.logaddexp(torch.zeros((), dtype=log_alpha.dtype, device=log_alpha.device), -log_alpha))
 
 
 def gaussian_kl(log_alphas: list[torch.Tensor], weights_per_channel: list[int], n_train: float) -> torch.Tensor:
@@ -313,8 +317,9 @@ def gaussian_kl_backward(
     grads = []
     for log_alpha, count in zip(log_alphas, weights_per_channel):
         a = log_alpha.to(dtype)
-        s = torch.sigmoid(KL_K2 + KL_K3 * a)
-        # d/da [-K1 sigmoid(K2 + K3 a) + 0.5 softplus(-a)] = -K1 K3 s (1 - s) - 0.5 sigmoid(-a)
-        d = -KL_K1 * KL_K3 * s * (1.0 - s) - 0.5 * torch.sigmoid(-a)
+        t = KL_K2 + KL_K3 * a
+        # d/da [-K1 sigmoid(t) + 0.5 softplus(-a)] = -K1 K3 s (1 - s) - 0.5 sigmoid(-a), s = sigmoid(t) and
+        # 1 - s = sigmoid(-t) (no cancelling for large t)
+        d = -KL_K1 * KL_K3 * torch.sigmoid(t) * torch.sigmoid(-t) - 0.5 * torch.sigmoid(-a)
         grads.append(g * (count / n_train) * d)
     return torch.cat(grads)

@@ -127,25 +127,26 @@ def _kl_layer_block(table_ptr, blocks_ptr, a_like, G_TYPE: tl.constexpr, BLOCK_C
 @triton.jit
 def _gaussian_kl_kernel(table_ptr, blocks_ptr, partial_ptr, counter_ptr, out_ptr, n_programs, a_like,
                         G_TYPE: tl.constexpr, BLOCK_C: tl.constexpr):
-    """out = sum over blocks of scale * sum_c (K1 - K1 sigmoid(K2 + K3 a) + 0.5 softplus(-a))."""
+    """out = sum over blocks of scale * sum_c (K1 - K1 sigmoid(K2 + K3 a) + 0.5 softplus(-a)), the first
+    two terms as K1 sigmoid(-(K2 + K3 a)): no subtraction that cancels for large a."""
     _layer, a_ptr, c, mask, scale = _kl_layer_block(table_ptr, blocks_ptr, a_like, G_TYPE, BLOCK_C)
     a = tl.load(a_ptr + c, mask=mask, other=0.0).to(G_TYPE)
     k1 = tl.full([], KL_K1, G_TYPE)
-    s = _sigmoid(tl.full([], KL_K2, G_TYPE) + tl.full([], KL_K3, G_TYPE) * a)
+    t = tl.full([], KL_K2, G_TYPE) + tl.full([], KL_K3, G_TYPE) * a
     softplus = tl.maximum(-a, 0.0) + log1p(tl.exp(-tl.abs(a)))  # softplus(-a), no overflow
-    term = tl.where(mask, k1 - k1 * s + 0.5 * softplus, 0.0)
+    term = tl.where(mask, k1 * _sigmoid(-t) + 0.5 * softplus, 0.0)
     tables.sum_when_last(partial_ptr, scale * tl.sum(term, axis=0), counter_ptr, out_ptr, n_programs, G_TYPE)
 
 
 @triton.jit
 def _gaussian_kl_backward_kernel(table_ptr, blocks_ptr, grad_ptr, grad_flat, a_like, G_TYPE: tl.constexpr,
                                  BLOCK_C: tl.constexpr):
-    """d a = grad scale (-K1 K3 s (1 - s) - 0.5 sigmoid(-a)), s = sigmoid(K2 + K3 a)."""
+    """d a = grad scale (-K1 K3 s (1 - s) - 0.5 sigmoid(-a)), s = sigmoid(t), t = K2 + K3 a, 1 - s = sigmoid(-t)."""
     layer, a_ptr, c, mask, scale = _kl_layer_block(table_ptr, blocks_ptr, a_like, G_TYPE, BLOCK_C)
     ga_ptr = grad_flat + tl.load(table_ptr + layer * KL_TABLE_COLUMNS + 3)
     a = tl.load(a_ptr + c, mask=mask, other=0.0).to(G_TYPE)
-    s = _sigmoid(tl.full([], KL_K2, G_TYPE) + tl.full([], KL_K3, G_TYPE) * a)
-    d = -tl.full([], KL_K1 * KL_K3, G_TYPE) * s * (1.0 - s) - 0.5 * _sigmoid(-a)
+    t = tl.full([], KL_K2, G_TYPE) + tl.full([], KL_K3, G_TYPE) * a
+    d = -tl.full([], KL_K1 * KL_K3, G_TYPE) * _sigmoid(t) * _sigmoid(-t) - 0.5 * _sigmoid(-a)
     tl.store(ga_ptr + c, tl.load(grad_ptr).to(G_TYPE) * scale * d, mask=mask)
 
 

@@ -256,8 +256,7 @@ inline ApplyShape check_affine_relu_gate(const at::Tensor& x, const at::Tensor& 
   return s;
 }
 
-// The K copies' gates [K, B, C] from a backend's keep_of(p_logit, batch, seed, stream, offset, tau, mode)
-// (the cuda backend; the cpu backend draws all K at once, cpu/ops.cpp stacked_keeps).
+// The K copies' gates [K, B, C] from a backend's keep_of(p_logit, batch, seed, stream, offset, tau, mode).
 template <typename KeepOf>
 at::Tensor keeps_of(KeepOf&& keep_of, const at::Tensor& p_logits, int64_t batch, int64_t seed,
                     const std::vector<int64_t>& streams, int64_t offset, double tau, cpu::GateMode mode) {

@@ -37,29 +37,20 @@ void philox_uniform_out(at::Tensor out, int64_t seed, int64_t stream, int64_t of
                       static_cast<uint64_t>(offset));
 }
 
-// keeps [S, B, C] of S gate layers (p_logits [S, C], one stream each) over one batch: u of elements
-// offset .. offset + B * C - 1 of each stream from the contract's Philox, the rest in torch's own
-// (vectorised) ops written as the reference writes them, once for all S, so that keeps equal the
+// keep [B, C]: u of elements offset .. offset + B * C - 1 from the contract's Philox, the rest in
+// torch's own (vectorised) ops written as the reference writes them, so that keeps equal the
 // reference's bit for bit, hard masks even on exact ties u + p == 1.
-at::Tensor stacked_keeps(const at::Tensor& p_logits, int64_t batch, int64_t seed, const std::vector<int64_t>& streams,
-                         int64_t offset, double tau, cpu::GateMode mode) {
-  const int64_t copies = static_cast<int64_t>(streams.size()), channels = p_logits.size(1);
-  if (mode == cpu::GateMode::full) return at::ones({copies, batch, channels}, p_logits.options());
-  at::Tensor u = at::empty({copies, batch, channels}, p_logits.options().dtype(at::kFloat));
-  for (int64_t k = 0; k < copies; ++k)
-    cpu::philox_uniform(u[k].data_ptr<float>(), batch * channels, static_cast<uint64_t>(seed),
-                        static_cast<uint64_t>(streams[k]), static_cast<uint64_t>(offset));
-  u = u.to(p_logits.scalar_type());
-  const at::Tensor p_logit = p_logits.unsqueeze(1);  // [S, 1, C]
-  if (mode == cpu::GateMode::hard) return (u + at::sigmoid(p_logit) < 1.0).to(p_logits.scalar_type());
-  const at::Tensor logistic = at::log(u) - at::log1p(-u);
-  return at::sigmoid(-(p_logit + logistic) / tau);  // 1 - sigmoid((p_logit + L) / tau)
-}
-
-// keep [B, C] of one gate layer.
 at::Tensor keep_of(const at::Tensor& p_logit, int64_t batch, int64_t seed, int64_t stream, int64_t offset, double tau,
                    cpu::GateMode mode) {
-  return stacked_keeps(p_logit.unsqueeze(0), batch, seed, {stream}, offset, tau, mode)[0];
+  const int64_t channels = p_logit.size(0);
+  if (mode == cpu::GateMode::full) return at::ones({batch, channels}, p_logit.options());
+  at::Tensor u = at::empty({batch, channels}, p_logit.options().dtype(at::kFloat));
+  cpu::philox_uniform(u.data_ptr<float>(), u.numel(), static_cast<uint64_t>(seed), static_cast<uint64_t>(stream),
+                      static_cast<uint64_t>(offset));
+  u = u.to(p_logit.scalar_type());
+  if (mode == cpu::GateMode::hard) return (u + at::sigmoid(p_logit) < 1.0).to(p_logit.scalar_type());
+  const at::Tensor logistic = at::log(u) - at::log1p(-u);
+  return at::sigmoid(-(p_logit + logistic) / tau);  // 1 - sigmoid((p_logit + L) / tau)
 }
 
 at::Tensor gate_keep(const at::Tensor& p_logit, int64_t batch, int64_t seed, int64_t stream, double tau,
@@ -208,7 +199,7 @@ at::Tensor gated_copies(const at::Tensor& x, const at::Tensor& p_logits, int64_t
   const int64_t copies = static_cast<int64_t>(streams.size());
   at::Tensor out = stacked_empty_like(x, copies, s.layout);
   if (x.numel() == 0) return out;
-  const at::Tensor keeps = stacked_keeps(p_logits, s.batch, seed, streams, offset, tau, m);
+  const at::Tensor keeps = keeps_of(keep_of, p_logits, s.batch, seed, streams, offset, tau, m);
   PGNAS_DISPATCH_DATA(x.scalar_type(), "gated_copies", [&] {
     with_gate_type(p_logits, [&](auto g) {
       using G = decltype(g);
@@ -230,7 +221,7 @@ std::tuple<at::Tensor, at::Tensor> gated_copies_backward(const at::Tensor& grad,
   at::Tensor grad_x = at::empty_like(x);
   at::Tensor grad_p = at::zeros_like(p_logits);
   if (x.numel() == 0) return {grad_x, grad_p};
-  const at::Tensor keeps = stacked_keeps(p_logits, s.batch, seed, streams, offset, tau, m);  // regenerated
+  const at::Tensor keeps = keeps_of(keep_of, p_logits, s.batch, seed, streams, offset, tau, m);  // regenerated
   const bool relaxed = m == cpu::GateMode::relaxed;
   at::Tensor grad_keeps = relaxed ? at::empty_like(keeps) : at::Tensor();
   PGNAS_DISPATCH_DATA(x.scalar_type(), "gated_copies_backward", [&] {

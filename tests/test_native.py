@@ -299,7 +299,7 @@ def test_cpu_gated_apply_parallel_sizes_match_reference(batch, channels, size, m
 def test_cpu_keeps_equal_the_reference_bit_for_bit(batch, channels, offset, gate_dtype):
     """The cpu gates are the contract's u followed by the reference's own torch ops: relaxed keeps and
     hard masks are the reference's exactly (offsets past a 32-bit carry included), and so are the
-    outputs of gated_apply."""
+    outputs of gated_apply and gated_copies."""
     gen = torch.Generator().manual_seed(batch + channels)
     p = (2 * torch.randn(channels, generator=gen)).to(gate_dtype)
     x = torch.randn(batch, channels, 3, 3, generator=gen, dtype=gate_dtype)
@@ -310,6 +310,11 @@ def test_cpu_keeps_equal_the_reference_bit_for_bit(batch, channels, offset, gate
         outs = [pf.ops.gated_apply(x, p, seed=SEED, stream=STREAM, mode=mode, offset=offset, backend=b)
                 for b in ("cpu", "reference")]
         assert torch.equal(*outs)
+        # each copy's keeps on their own [B, C], as the reference draws them: torch's vectorised loops
+        # compute a tail of elements with the scalar function, so [K, B, C] at once differs in the last bit
+        copies = [pf.ops.gated_copies(x, torch.stack([p, -p, 0.5 * p]), seed=SEED, streams=[STREAM, 7, 8], mode=mode,
+                                      offset=offset, relu=True, backend=b) for b in ("cpu", "reference")]
+        assert torch.equal(*copies)
 
 
 def test_cpu_regularizer_is_the_same_on_any_thread_count():

@@ -201,6 +201,16 @@ def assert_equal(got, want, what: str) -> None:
     assert torch.equal(got, want), f"{what}: differs in {int((got != want).sum())} of {want.numel()} elements"
 
 
+def assert_gated_outputs(mode: str, tol: float, *pairs) -> None:
+    """(got, want, what) pairs of a gated op: relaxed gates agree to rounding, hard and full ones exactly
+    (outputs x * {0, 1}, and a p_logit gradient that is zero)."""
+    for got, want, what in pairs:
+        if mode == "relaxed":
+            assert_close(got, want, tol, what)
+        else:
+            assert_equal(got, want, what)
+
+
 def leaves(*tensors):
     """Fresh leaf copies (same strides) of each tensor that requires grad, others as they are."""
     return [t.detach().clone().requires_grad_() if isinstance(t, torch.Tensor) and t.requires_grad else t
@@ -309,12 +319,7 @@ def check_gated_apply(backend, tiny, data):
 
     (out, g), (want, wg) = run_both(backend, call, [x, p_logit], grad_out)
     tol = tolerance(x.dtype, gate_dtype)
-    if rng["mode"] == "relaxed":
-        assert_close(out, want, tol, "out")
-        assert_close(g[1], wg[1], tol, "d p_logit")
-    else:
-        assert_equal(out, want, "out")
-        assert_equal(g[1], wg[1], "d p_logit")
+    assert_gated_outputs(rng["mode"], tol, (out, want, "out"), (g[1], wg[1], "d p_logit"))
     assert_close(g[0], wg[0], tol, "d x")
 
 
@@ -357,12 +362,7 @@ def check_gated_copies(backend, tiny, data):
 
     (out, g), (want, wg) = run_both(backend, call, [x, p_logits], grad_out)
     tol = tolerance(x.dtype, gate_dtype)
-    if rng["mode"] == "relaxed":
-        assert_close(out, want, tol, "out")
-        assert_close(g[1], wg[1], tol, "d p_logits")
-    else:
-        assert_equal(out, want, "out")
-        assert_equal(g[1], wg[1], "d p_logits")
+    assert_gated_outputs(rng["mode"], tol, (out, want, "out"), (g[1], wg[1], "d p_logits"))
     assert_close(g[0], wg[0], tol, "d x")
 
 

@@ -190,7 +190,8 @@ def branch_combine_backward(
     columns = []
     for y in ys:
         prod = grad.to(weights.dtype) * y.to(weights.dtype)
-        columns.append(prod.sum() if weights.dim() == 1 else prod.reshape(prod.shape[0], math.prod(prod.shape[1:])).sum(1))
+        per_row = math.prod(prod.shape[1:])  # named, not -1: an empty batch's rows have a length too
+        columns.append(prod.sum() if weights.dim() == 1 else prod.reshape(prod.shape[0], per_row).sum(1))
     return grad_ys, torch.stack(columns, dim=-1)
 
 

@@ -137,8 +137,8 @@ def affine_relu_gate_backward(grad, x, scale, shift, p_logit, seed, stream, tau,
     grid, launch = _launch_shape(x, xv)
     _affine_relu_gate_backward_kernel[grid](
         dyv, xv, gv, scale, shift, gate_source(p_logit, mode), rows[0], rows[1], partial, B * C, C, S, *dyv.stride(),
-        *xv.stride(), *gv.stride(), *_rng(seed, stream, offset, tau), MODE=MODES[mode], GATE_F64=p_logit.dtype == torch.float64,
-        COMPUTE_F64=f64, **launch)
+        *xv.stride(), *gv.stride(), *_rng(seed, stream, offset, tau), MODE=MODES[mode],
+        GATE_F64=p_logit.dtype == torch.float64, COMPUTE_F64=f64, **launch)
     _written(grad_x, gv)
     grad_scale, grad_shift = rows[0].sum(0), rows[1].sum(0)  # over the batch (separate tensors: no aliasing outputs)
     grad_p = _reduce_gate_grad(partial, partial, tau, False, p_logit.dtype) if relaxed else torch.zeros_like(p_logit)

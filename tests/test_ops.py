@@ -773,8 +773,8 @@ def test_regularizer_channels_last_weights_are_not_copied(backend, monkeypatch):
     gradients come back channels_last, as views of the one flat buffer."""
     weights, p_logits = mixed_layers(torch.Generator().manual_seed(21))
     last = [w.to(memory_format=torch.channels_last) if w.dim() == 4 else w.clone() for w in weights]
-    received, original = [], _library.regularizer
-    monkeypatch.setattr(_library, "regularizer", lambda ws, *rest: received.extend(ws) or original(ws, *rest))
+    received, original = [], _library.call
+    monkeypatch.setattr(_library, "call", lambda name, ws, *rest: received.extend(ws) or original(name, ws, *rest))
     pf.ops.regularizer(last, p_logits, weight_reg=10.0, drop_reg=1.0, n_train=1e3, backend=backend)
     assert [w.data_ptr() for w in received] == [w.data_ptr() for w in last]
     assert all(w.is_contiguous() for w in received)
@@ -895,6 +895,89 @@ def test_opcheck_every_custom_op(backend):
         result = torch.library.opcheck(ops[name], args)
         assert all(v == "SUCCESS" for v in result.values()), (name, result)
 
+
+
+def _outputs_and_grads(run, args, seed: int):
+    """run(*args)'s outputs, and the gradients of a random projection of them for every input tensor
+    (top level or in a list) that requires one."""
+    def tensors(values):
+        return [t for v in values for t in (tensors(v) if isinstance(v, (tuple, list)) else [v])
+                if isinstance(t, torch.Tensor)]
+
+    outs = tensors([run(*args)])
+    leaves = [t for t in tensors(args) if t.requires_grad]
+    if not leaves:
+        return outs, []
+    gen = torch.Generator().manual_seed(seed)
+    loss = sum((o.double() * torch.randn(o.shape, generator=gen, dtype=torch.float64)).sum() for o in outs)
+    return outs, torch.autograd.grad(loss, leaves, allow_unused=True)
+
+
+def test_eager_calls_equal_the_custom_ops_bit_for_bit(backend):
+    """`_library.call` runs an op's body without the dispatcher in eager mode (through its own
+    autograd.Function); values and gradients must be the custom op's exactly, for every op, lists of
+    tensors included (branch_combine's ys, the regulariser's weights)."""
+    from test_gaussian_ops import opcheck_cases as gaussian_opcheck_cases
+
+    ops = _custom_ops()
+    for k, (name, args) in enumerate(_opcheck_cases(backend) + gaussian_opcheck_cases(backend)):
+        eager, eager_grads = _outputs_and_grads(lambda *a, name=name: _library.call(name, *a), args, k)
+        custom, custom_grads = _outputs_and_grads(ops[name], args, k)
+        for got, want in zip([*eager, *eager_grads], [*custom, *custom_grads]):
+            assert (got is None) == (want is None), name
+            if got is not None:
+                assert got.dtype == want.dtype and got.stride() == want.stride(), name
+                assert torch.equal(got, want), name
+
+
+def test_eager_calls_do_not_enter_the_dispatcher(backend, monkeypatch):
+    """pf.ops in eager mode, forward and backward, never calls a custom op (each costs tens of us of
+    host time, more than a small op's GPU kernel)."""
+    def refuse(*args):
+        raise AssertionError("a custom op was called in eager mode")
+
+    monkeypatch.setattr(_library, "_custom", {name: refuse for name in _library._custom})
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 6, 3, 3, generator=gen, requires_grad=True)
+    p_logits = torch.randn(2, 6, generator=gen, requires_grad=True)
+    copies = pf.ops.gated_copies(x, p_logits, seed=SEED, streams=[1, 2], backend=backend)
+    y = pf.ops.branch_combine([pf.ops.gated_apply(c, p, seed=SEED, stream=3, backend=backend)
+                               for c, p in zip(copies, p_logits)], torch.rand(4, 2, generator=gen), skip=x,
+                              backend=backend)
+    r = pf.ops.regularizer([torch.randn(5, 6, generator=gen, requires_grad=True)], [p_logits[0]], weight_reg=1.0,
+                           drop_reg=1.0, n_train=10.0, backend=backend)
+    (y.sum() + r).backward()
+    assert x.grad is not None and p_logits.grad is not None and bool(p_logits.grad.abs().sum() > 0)
+
+
+def test_a_dispatch_mode_sees_each_op_as_one_custom_op(backend):
+    """Inside a TorchDispatchMode (fake tensors, FLOP counters) the custom op runs, as under torch.compile."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Log(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    x = torch.randn(3, 5, 2, 2, requires_grad=True)
+    p_logit = torch.randn(5, requires_grad=True)
+    with Log() as log:
+        pf.ops.gated_apply(x, p_logit, seed=SEED, stream=STREAM, backend=backend).sum().backward()
+    assert "pgnas_fast.gated_apply.default" in log.names
+    assert "pgnas_fast.gated_apply_backward.default" in log.names
+
+
+def test_vmap_runs_the_custom_op(backend):
+    """Under torch.func transforms the custom op runs too (vmap loops over it in its batched fallback)."""
+    xs = torch.randn(4, 3, 5, 2, 2)
+    p_logit = torch.randn(5)
+    got = torch.vmap(lambda x: pf.ops.gated_apply(x, p_logit, seed=SEED, stream=STREAM, backend=backend))(xs)
+    for k in range(xs.shape[0]):
+        assert torch.equal(got[k], pf.ops.gated_apply(xs[k], p_logit, seed=SEED, stream=STREAM, backend=backend))
 
 # ---- bad input ----------------------------------------------------------------------------------
 X = torch.randn(3, 7, 5, 5)

@@ -82,9 +82,9 @@ class _TrainingNormReluGate(torch.autograd.Function):
     def backward(ctx, grad):
         x, w, p_logit, mean, rstd, scale, shift = ctx.saved_tensors
         seed, stream, tau, offset, backend = ctx.gate
-        grad_x, grad_scale, grad_shift, grad_p = _library.affine_relu_gate_backward(
-            grad.contiguous(memory_format=_memory_format(x)), x, scale, shift, p_logit, seed, stream, tau, "relaxed",
-            offset, dispatch.resolve(backend, x.device))
+        grad_x, grad_scale, grad_shift, grad_p = _library.call(
+            "affine_relu_gate_backward", grad.contiguous(memory_format=_memory_format(x)), x, scale, shift, p_logit,
+            seed, stream, tau, "relaxed", offset, dispatch.resolve(backend, x.device))
         count = x.numel() // x.shape[1]
         grad_var = (grad_scale - grad_shift * mean) * w * (-0.5) * rstd.pow(3)
         grad_mean = -grad_shift * scale

@@ -104,7 +104,7 @@ def philox_uniform(n: int, *, seed: int, stream: int, offset: int = 0, device="c
     if offset + n > SEED_LIMIT:
         raise ValueError(f"offset + n must be <= 2^63, got {offset + n}")
     device = torch.device(device)
-    return _library.philox_uniform(n, seed, stream, offset, device, resolve(backend, device))
+    return _library.call("philox_uniform", n, seed, stream, offset, device, resolve(backend, device))
 
 
 def _check_gate_offset(offset: int, n_gates: int) -> None:
@@ -125,8 +125,8 @@ def gate_keep(p_logit, batch: int, *, seed: int, stream: int, tau: float = 0.2, 
     _check_int("batch", batch, 1)
     _check_gate_offset(offset, batch * p_logit.shape[0])
     # p_logit is tiny ([C]); a contiguous copy spares every backend a strided path (e.g. expanded views)
-    return _library.gate_keep(p_logit.contiguous(), batch, seed, stream, float(tau), mode, offset,
-                              resolve(backend, p_logit.device))
+    return _library.call("gate_keep", p_logit.contiguous(), batch, seed, stream, float(tau), mode, offset,
+                         resolve(backend, p_logit.device))
 
 
 def candidate_keep(p_logit, candidates, *, seed: int, layer: int, domain: Domain = Domain.CANDIDATE, backend=None):
@@ -148,8 +148,8 @@ def candidate_keep(p_logit, candidates, *, seed: int, layer: int, domain: Domain
     if candidates.device.type == "cpu":
         candidates = to_device(candidates, p_logit.device, "candidate ids")
     _check_same_device("p_logit", p_logit, candidates=candidates)
-    return _library.candidate_keep(p_logit.contiguous(), candidates.contiguous(), seed, layer, int(domain),
-                                   resolve(backend, p_logit.device))
+    return _library.call("candidate_keep", p_logit.contiguous(), candidates.contiguous(), seed, layer, int(domain),
+                         resolve(backend, p_logit.device))
 
 
 def gated_apply(x, p_logit, *, seed: int, stream: int, tau: float = 0.2, mode: str = "relaxed", offset: int = 0,
@@ -161,8 +161,8 @@ def gated_apply(x, p_logit, *, seed: int, stream: int, tau: float = 0.2, mode: s
         raise ValueError(f"p_logit must have shape [{x.shape[1]}] (x.shape[1]), got {tuple(p_logit.shape)}")
     _check_gate_offset(offset, x.shape[0] * x.shape[1])
     _check_same_device("x", x, p_logit=p_logit)
-    return _library.gated_apply(x, p_logit.contiguous(), seed, stream, float(tau), mode, offset,
-                                resolve(backend, x.device))
+    return _library.call("gated_apply", x, p_logit.contiguous(), seed, stream, float(tau), mode, offset,
+                         resolve(backend, x.device))
 
 
 def affine_relu_gate(x, scale, shift, p_logit, *, seed: int, stream: int, tau: float = 0.2, mode: str = "relaxed",
@@ -185,8 +185,8 @@ def affine_relu_gate(x, scale, shift, p_logit, *, seed: int, stream: int, tau: f
             raise ValueError(f"{name} must have shape [{channels}] (x.shape[1]), got {tuple(t.shape)}")
     _check_gate_offset(offset, x.shape[0] * channels)
     _check_same_device("x", x, scale=scale, shift=shift, p_logit=p_logit)
-    return _library.affine_relu_gate(x, scale.contiguous(), shift.contiguous(), p_logit.contiguous(), seed, stream,
-                                     float(tau), mode, offset, resolve(backend, x.device))
+    return _library.call("affine_relu_gate", x, scale.contiguous(), shift.contiguous(), p_logit.contiguous(), seed,
+                         stream, float(tau), mode, offset, resolve(backend, x.device))
 
 
 def gated_copies(x, p_logits, *, seed: int, streams, tau: float = 0.2, mode: str = "relaxed", offset: int = 0,
@@ -214,8 +214,8 @@ def gated_copies(x, p_logits, *, seed: int, streams, tau: float = 0.2, mode: str
         raise TypeError(f"relu must be a bool, got {type(relu).__name__}")
     _check_gate_offset(offset, x.shape[0] * x.shape[1])
     _check_same_device("x", x, p_logits=p_logits)
-    return _library.gated_copies(x, p_logits.contiguous(), seed, streams, float(tau), mode, offset, relu,
-                                 resolve(backend, x.device))
+    return _library.call("gated_copies", x, p_logits.contiguous(), seed, streams, float(tau), mode, offset, relu,
+                         resolve(backend, x.device))
 
 
 def branch_combine(ys, weights, *, skip=None, backward_weights=None, backend=None):
@@ -254,7 +254,7 @@ def branch_combine(ys, weights, *, skip=None, backward_weights=None, backend=Non
         if skip.shape != ys[0].shape:
             raise ValueError(f"skip must have the shape of ys[0] {tuple(ys[0].shape)}, got {tuple(skip.shape)}")
     _check_same_device("ys[0]", ys[0], weights=weights, backward_weights=backward_weights, skip=skip)
-    return _library.branch_combine(ys, weights, skip, backward_weights, resolve(backend, ys[0].device))
+    return _library.call("branch_combine", ys, weights, skip, backward_weights, resolve(backend, ys[0].device))
 
 
 def regularizer(weights, p_logits, *, weight_reg: float, drop_reg: float, n_train: float, backend=None):
@@ -289,10 +289,9 @@ def regularizer(weights, p_logits, *, weight_reg: float, drop_reg: float, n_trai
                 f"{tuple(w.shape)}: expected C_in = groups * {per_group} with groups dividing {out_channels}"
             )
         _check_same_device("weights[0]", weights[0], **{f"weights[{k}]": w, f"p_logits[{k}]": p})
-    return _library.regularizer(
-        [_in_memory_order(w) for w in weights], [p.contiguous() for p in p_logits], float(weight_reg), float(drop_reg),
-        float(n_train), resolve(backend, weights[0].device)
-    )
+    return _library.call(
+        "regularizer", [_in_memory_order(w) for w in weights], [p.contiguous() for p in p_logits], float(weight_reg),
+        float(drop_reg), float(n_train), resolve(backend, weights[0].device))
 
 
 def _in_memory_order(weight: torch.Tensor) -> torch.Tensor:
@@ -328,7 +327,7 @@ def gaussian_noise(mu, var, *, seed: int, stream: int, offset: int = 0, backend=
     _check_int("offset", offset, 0, SEED_LIMIT)
     if offset + mu.numel() > SEED_LIMIT:
         raise ValueError(f"offset + mu.numel() must be <= 2^63, got {offset + mu.numel()}")
-    return _library.gaussian_noise(mu, var, seed, stream, offset, resolve(backend, mu.device))
+    return _library.call("gaussian_noise", mu, var, seed, stream, offset, resolve(backend, mu.device))
 
 
 def gaussian_kl(log_alphas, weights_per_channel, *, n_train: float, backend=None):
@@ -355,6 +354,5 @@ def gaussian_kl(log_alphas, weights_per_channel, *, n_train: float, backend=None
         _check_tensor(f"log_alphas[{k}]", a, GATE_DTYPES, ndim=1)
         _check_int(f"weights_per_channel[{k}]", count, 1)
         _check_same_device("log_alphas[0]", log_alphas[0], **{f"log_alphas[{k}]": a})
-    return _library.gaussian_kl(
-        [a.contiguous() for a in log_alphas], [int(c) for c in counts], float(n_train), resolve(backend, log_alphas[0].device)
-    )
+    return _library.call("gaussian_kl", [a.contiguous() for a in log_alphas], [int(c) for c in counts], float(n_train),
+                         resolve(backend, log_alphas[0].device))

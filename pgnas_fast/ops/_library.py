@@ -1,23 +1,128 @@
 """The op set declared once as torch.library custom ops, with fake (meta) kernels and autograd.
 
 Each op takes the name of an already-resolved backend as its last argument and forwards to that
-backend's function of the same name (`dispatch.implementation`), so torch.compile and CUDA graphs see
-one opaque op whatever runs inside. Backward passes are custom ops too, so every backend supplies
-its own. Validation happens before these are called, in `pgnas_fast.ops`.
+backend's function of the same name (`dispatch.implementation`), so torch.compile sees one opaque op
+whatever runs inside. Backward passes are custom ops too, so every backend supplies its own.
+Validation happens before these are called, in `pgnas_fast.ops`, which calls them through `call`:
+eager calls run the same bodies and autograd formulas without the dispatcher's host cost.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 import torch
 from torch import Tensor
+from torch._library.custom_ops import CustomOpDef
+from torch.autograd.function import once_differentiable
 
 from ..reference import common_dtype, math_dtype, stacked_empty_like
 from .dispatch import implementation
 
 NAMESPACE = "pgnas_fast"
 
+_custom: dict[str, CustomOpDef] = {}  # name -> the op as the dispatcher, torch.compile and opcheck see it
+_body: dict[str, Callable] = {}  # name -> the Python function inside it
+_autograd: dict[str, tuple[Callable, Callable]] = {}  # name -> (setup_context, grad formula)
+
 
 def _op(name: str):
-    return torch.library.custom_op(f"{NAMESPACE}::{name}", mutates_args=())
+    def declare(body: Callable) -> CustomOpDef:
+        _body[name] = body
+        _custom[name] = torch.library.custom_op(f"{NAMESPACE}::{name}", mutates_args=())(body)
+        return _custom[name]
+
+    return declare
+
+
+def _register_autograd(op: CustomOpDef, grad: Callable, setup: Callable) -> None:
+    op.register_autograd(grad, setup_context=setup)
+    _autograd[op._name] = (setup, grad)
+
+
+def call(name: str, *args):
+    """Op `name` on its custom op's arguments (backend last).
+
+    Eager calls skip the torch.library dispatcher, which costs more host time than a small op's GPU
+    kernel (on the 2-core CPU machine about 30 us a call, 100 us a call with autograd, forward and
+    backward): they run the op's body, through `_Eager` when a gradient is wanted, with the same
+    formulas as the custom op's autograd. Under torch.compile or export, inside a TorchDispatchMode
+    (fake tensors, FLOP counters) and under torch.func transforms, the custom op runs: the graph holds
+    one opaque op.
+    """
+    if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
+            or torch._C._are_functorch_transforms_active()):
+        return _custom[name](*args)
+    if name in _autograd and torch.is_grad_enabled() and any(t.requires_grad for t in _tensors(args)):
+        structure, leaves = _flatten(args)
+        return _Eager.apply(name, structure, *leaves)
+    return _body[name](*args)
+
+
+def _backward(ctx, name: str, *args):
+    """Backward op `name` from a grad formula: its body under `_Eager`, else the custom op."""
+    return (_body if getattr(ctx, "eager", False) else _custom)[name](*args)
+
+
+def _is_tensor_list(arg) -> bool:
+    return isinstance(arg, list) and len(arg) > 0 and all(isinstance(t, Tensor) for t in arg)
+
+
+def _tensors(args) -> Iterator[Tensor]:
+    for arg in args:
+        if isinstance(arg, Tensor):
+            yield arg
+        elif _is_tensor_list(arg):
+            yield from arg
+
+
+def _flatten(args) -> tuple[tuple[int, ...], list]:
+    """(structure, leaves): lists of tensors spread into the leaves (autograd.Function sees top-level
+    tensors only); structure holds each such list's length, -1 for any other argument."""
+    structure, leaves = [], []
+    for arg in args:
+        if _is_tensor_list(arg):
+            structure.append(len(arg))
+            leaves.extend(arg)
+        else:
+            structure.append(-1)
+            leaves.append(arg)
+    return tuple(structure), leaves
+
+
+def _unflatten(structure: tuple[int, ...], leaves) -> list:
+    args, at = [], 0
+    for length in structure:
+        if length < 0:
+            args.append(leaves[at])
+            at += 1
+        else:
+            args.append(list(leaves[at : at + length]))
+            at += length
+    return args
+
+
+class _Eager(torch.autograd.Function):
+    """An op with a gradient, run in eager mode without the dispatcher (see `call`)."""
+
+    @staticmethod
+    def forward(ctx, name, structure, *leaves):  # not setup_context: apply() then binds arguments by inspect, 35 us
+        args = _unflatten(structure, leaves)
+        output = _body[name](*args)
+        ctx.eager, ctx.op, ctx.structure = True, name, structure
+        _autograd[name][0](ctx, args, output)
+        return output
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        grads = _autograd[ctx.op][1](ctx, grad)
+        leaves = []
+        for length, g in zip(ctx.structure, grads):
+            if length < 0:
+                leaves.append(g)
+            else:
+                leaves.extend(g if g is not None else [None] * length)
+        return (None, None, *leaves)
 
 
 # ---- philox_uniform -------------------------------------------------------------------------------
@@ -61,10 +166,11 @@ def _gate_keep_setup(ctx, inputs, output):
 
 def _gate_keep_grad(ctx, grad):
     (keep,) = ctx.saved_tensors
-    return gate_keep_backward(grad, keep, ctx.tau, ctx.mode, ctx.backend), None, None, None, None, None, None, None
+    grad_p = _backward(ctx, "gate_keep_backward", grad, keep, ctx.tau, ctx.mode, ctx.backend)
+    return grad_p, None, None, None, None, None, None, None
 
 
-gate_keep.register_autograd(_gate_keep_grad, setup_context=_gate_keep_setup)
+_register_autograd(gate_keep, _gate_keep_grad, _gate_keep_setup)
 
 
 # ---- candidate_keep -------------------------------------------------------------------------------
@@ -87,7 +193,7 @@ def _candidate_keep_grad(ctx, grad):
     return torch.zeros(ctx.channels, dtype=ctx.dtype, device=ctx.device), None, None, None, None, None
 
 
-candidate_keep.register_autograd(_candidate_keep_grad, setup_context=_candidate_keep_setup)
+_register_autograd(candidate_keep, _candidate_keep_grad, _candidate_keep_setup)
 
 
 # ---- gated_apply ----------------------------------------------------------------------------------
@@ -122,13 +228,13 @@ def _gated_apply_setup(ctx, inputs, output):
 
 def _gated_apply_grad(ctx, grad):
     x, p_logit = ctx.saved_tensors
-    grad_x, grad_p = gated_apply_backward(
-        grad, x, p_logit, ctx.seed, ctx.stream, ctx.tau, ctx.mode, ctx.offset, ctx.backend
+    grad_x, grad_p = _backward(
+        ctx, "gated_apply_backward", grad, x, p_logit, ctx.seed, ctx.stream, ctx.tau, ctx.mode, ctx.offset, ctx.backend
     )
     return grad_x, grad_p, None, None, None, None, None, None
 
 
-gated_apply.register_autograd(_gated_apply_grad, setup_context=_gated_apply_setup)
+_register_autograd(gated_apply, _gated_apply_grad, _gated_apply_setup)
 
 
 # ---- affine_relu_gate (fused BN affine -> ReLU -> gate) -------------------------------------------
@@ -164,12 +270,12 @@ def _affine_relu_gate_setup(ctx, inputs, output):
 
 def _affine_relu_gate_grad(ctx, grad):
     x, scale, shift, p_logit = ctx.saved_tensors
-    grads = affine_relu_gate_backward(grad, x, scale, shift, p_logit, ctx.seed, ctx.stream, ctx.tau, ctx.mode,
-                                      ctx.offset, ctx.backend)
+    grads = _backward(ctx, "affine_relu_gate_backward", grad, x, scale, shift, p_logit, ctx.seed, ctx.stream, ctx.tau,
+                      ctx.mode, ctx.offset, ctx.backend)
     return (*grads, None, None, None, None, None, None)
 
 
-affine_relu_gate.register_autograd(_affine_relu_gate_grad, setup_context=_affine_relu_gate_setup)
+_register_autograd(affine_relu_gate, _affine_relu_gate_grad, _affine_relu_gate_setup)
 
 
 # ---- gated_copies (one input -> S gated copies) ---------------------------------------------------
@@ -202,12 +308,12 @@ def _gated_copies_setup(ctx, inputs, output):
 
 def _gated_copies_grad(ctx, grad):
     x, p_logits = ctx.saved_tensors
-    grad_x, grad_p = gated_copies_backward(grad, x, p_logits, ctx.seed, ctx.streams, ctx.tau, ctx.mode, ctx.offset,
-                                           ctx.relu, ctx.backend)
+    grad_x, grad_p = _backward(ctx, "gated_copies_backward", grad, x, p_logits, ctx.seed, ctx.streams, ctx.tau,
+                               ctx.mode, ctx.offset, ctx.relu, ctx.backend)
     return grad_x, grad_p, None, None, None, None, None, None, None
 
 
-gated_copies.register_autograd(_gated_copies_grad, setup_context=_gated_copies_setup)
+_register_autograd(gated_copies, _gated_copies_grad, _gated_copies_setup)
 
 
 # ---- branch_combine -------------------------------------------------------------------------------
@@ -245,12 +351,12 @@ def _branch_combine_setup(ctx, inputs, output):
 
 def _branch_combine_grad(ctx, grad):
     weights, backward_weights, *ys = ctx.saved_tensors
-    grad_ys, grad_weights = branch_combine_backward(grad, ys, weights, backward_weights, ctx.backend)
+    grad_ys, grad_weights = _backward(ctx, "branch_combine_backward", grad, ys, weights, backward_weights, ctx.backend)
     grad_skip = grad if ctx.has_skip else None
     return grad_ys, grad_weights, grad_skip, None, None
 
 
-branch_combine.register_autograd(_branch_combine_grad, setup_context=_branch_combine_setup)
+_register_autograd(branch_combine, _branch_combine_grad, _branch_combine_setup)
 
 
 # ---- regularizer ----------------------------------------------------------------------------------
@@ -310,13 +416,13 @@ def _regularizer_setup(ctx, inputs, output):
 def _regularizer_grad(ctx, grad):
     saved = ctx.saved_tensors
     weights, p_logits = list(saved[: ctx.n_tensors]), list(saved[ctx.n_tensors :])
-    grad_weights, grad_p_logits = regularizer_backward(
-        grad, weights, p_logits, ctx.weight_reg, ctx.drop_reg, ctx.n_train, ctx.backend
+    grad_weights, grad_p_logits = _backward(
+        ctx, "regularizer_backward", grad, weights, p_logits, ctx.weight_reg, ctx.drop_reg, ctx.n_train, ctx.backend
     )
     return _flat_views(grad_weights, weights), _flat_views(grad_p_logits, p_logits), None, None, None, None
 
 
-regularizer.register_autograd(_regularizer_grad, setup_context=_regularizer_setup)
+_register_autograd(regularizer, _regularizer_grad, _regularizer_setup)
 
 
 # ---- gaussian_noise (the Gaussian family's local-reparameterization epilogue) ----------------------
@@ -347,11 +453,11 @@ def _gaussian_noise_setup(ctx, inputs, output):
 
 def _gaussian_noise_grad(ctx, grad):
     (var,) = ctx.saved_tensors
-    grad_var = gaussian_noise_backward(grad, var, ctx.seed, ctx.stream, ctx.offset, ctx.backend)
+    grad_var = _backward(ctx, "gaussian_noise_backward", grad, var, ctx.seed, ctx.stream, ctx.offset, ctx.backend)
     return grad, grad_var, None, None, None, None
 
 
-gaussian_noise.register_autograd(_gaussian_noise_grad, setup_context=_gaussian_noise_setup)
+_register_autograd(gaussian_noise, _gaussian_noise_grad, _gaussian_noise_setup)
 
 
 # ---- gaussian_kl (the whole network's Molchanov KL) ------------------------------------------------
@@ -384,8 +490,8 @@ def _gaussian_kl_setup(ctx, inputs, output):
 
 def _gaussian_kl_grad(ctx, grad):
     log_alphas = list(ctx.saved_tensors)
-    flat = gaussian_kl_backward(grad, log_alphas, ctx.weights_per_channel, ctx.n_train, ctx.backend)
+    flat = _backward(ctx, "gaussian_kl_backward", grad, log_alphas, ctx.weights_per_channel, ctx.n_train, ctx.backend)
     return _flat_views(flat, log_alphas), None, None, None
 
 
-gaussian_kl.register_autograd(_gaussian_kl_grad, setup_context=_gaussian_kl_setup)
+_register_autograd(gaussian_kl, _gaussian_kl_grad, _gaussian_kl_setup)

@@ -896,7 +896,6 @@ def test_opcheck_every_custom_op(backend):
         assert all(v == "SUCCESS" for v in result.values()), (name, result)
 
 
-
 def _outputs_and_grads(run, args, seed: int):
     """run(*args)'s outputs, and the gradients of a random projection of them for every input tensor
     (top level or in a list) that requires one."""
@@ -913,21 +912,42 @@ def _outputs_and_grads(run, args, seed: int):
     return outs, torch.autograd.grad(loss, leaves, allow_unused=True)
 
 
-def test_eager_calls_equal_the_custom_ops_bit_for_bit(backend):
-    """`_library.call` runs an op's body without the dispatcher in eager mode (through its own
-    autograd.Function); values and gradients must be the custom op's exactly, for every op, lists of
-    tensors included (branch_combine's ys, the regulariser's weights)."""
+def _assert_eager_calls_equal_the_custom_ops(backend, device="cpu"):
     from test_gaussian_ops import opcheck_cases as gaussian_opcheck_cases
 
+    def to(arg):
+        if isinstance(arg, torch.Tensor):
+            return arg.detach().to(device).requires_grad_(arg.requires_grad)
+        if isinstance(arg, torch.device):
+            return torch.device(device)
+        return [to(a) for a in arg] if isinstance(arg, list) else arg
+
     ops = _custom_ops()
-    for k, (name, args) in enumerate(_opcheck_cases(backend) + gaussian_opcheck_cases(backend)):
+    for k, (name, cpu_args) in enumerate(_opcheck_cases(backend) + gaussian_opcheck_cases(backend)):
+        args = tuple(to(a) for a in cpu_args)
         eager, eager_grads = _outputs_and_grads(lambda *a, name=name: _library.call(name, *a), args, k)
         custom, custom_grads = _outputs_and_grads(ops[name], args, k)
+        assert (len(eager), len(eager_grads)) == (len(custom), len(custom_grads)), name
         for got, want in zip([*eager, *eager_grads], [*custom, *custom_grads]):
             assert (got is None) == (want is None), name
             if got is not None:
                 assert got.dtype == want.dtype and got.stride() == want.stride(), name
                 assert torch.equal(got, want), name
+
+
+def test_eager_calls_equal_the_custom_ops_bit_for_bit(backend):
+    """`_library.call` runs an op's body without the dispatcher in eager mode (through its own
+    autograd.Function); values and gradients must be the custom op's exactly, for every op, lists of
+    tensors included (branch_combine's ys, the regulariser's weights)."""
+    _assert_eager_calls_equal_the_custom_ops(backend)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_eager_calls_equal_the_custom_ops_on_the_gpu(backend):
+    if not pf.backends()[backend][0]:
+        pytest.skip(pf.backends()[backend][1])
+    _assert_eager_calls_equal_the_custom_ops(backend, "cuda")
 
 
 def test_eager_calls_do_not_enter_the_dispatcher(backend, monkeypatch):
@@ -978,6 +998,7 @@ def test_vmap_runs_the_custom_op(backend):
     got = torch.vmap(lambda x: pf.ops.gated_apply(x, p_logit, seed=SEED, stream=STREAM, backend=backend))(xs)
     for k in range(xs.shape[0]):
         assert torch.equal(got[k], pf.ops.gated_apply(xs[k], p_logit, seed=SEED, stream=STREAM, backend=backend))
+
 
 # ---- bad input ----------------------------------------------------------------------------------
 X = torch.randn(3, 7, 5, 5)

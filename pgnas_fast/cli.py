@@ -75,7 +75,8 @@ def _build_parser() -> argparse.ArgumentParser:
                              "ImageNet: train/ and val/ class folders); not needed for digits")
     search.add_argument("--smoke", action="store_true",
                         help="check data and config: 2 training steps, 2 candidates on 2 held-out batches")
-    search.add_argument("--out", metavar="DIR", help="run directory (default runs/PRESET-seedSEED)")
+    search.add_argument("--out", metavar="DIR",
+                        help="run directory (default runs/PRESET-seedSEED, with --smoke runs/PRESET-seedSEED-smoke)")
     search.add_argument("--backend", default=None, choices=SELECTABLE,
                         help="op backend (default: PGNAS_FAST_BACKEND or auto)")
     search.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda if present)")
@@ -209,7 +210,8 @@ def _search(args) -> int:
         backend = dispatch.resolve(args.backend, device)
     except (BackendUnavailableError, ValueError) as err:
         raise UsageError(f"--backend: {err}") from None
-    out = Path(args.out) if args.out else Path("runs") / f"{args.preset}-seed{args.seed}"
+    # a smoke check never lands on (and replaces) the real run of the same preset and seed
+    out = Path(args.out) if args.out else Path("runs") / f"{args.preset}-seed{args.seed}{'-smoke' * args.smoke}"
     created = _prepare_out(out)
 
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for the run
@@ -236,8 +238,9 @@ def _search(args) -> int:
         line += (f"; random gates at the same drop rate: {_percent(s['random_mean_heldout_accuracy'])} "
                  f"(paper Table 3)")
     print(line)
+    ranked = f"{s['candidates']} guided + {s['random_candidates']} random" if s["random_candidates"] else "all"
     print(f"  time: training {s['train_seconds']:.1f} s, ranking {s['rank_seconds']:.1f} s "
-          f"({s['candidates_per_second']:.1f} candidates/s)")
+          f"({ranked}: {s['candidates_per_second']:.1f} candidates/s)")
     print(f"run directory: {result.out_dir}")
     return 0
 
@@ -289,6 +292,9 @@ def _export(args) -> int:
     from .search.export import export_candidate
 
     device = _resolve_device(args.device)
+    if Path(args.out).resolve() == Path(args.run_dir).resolve():
+        raise UsageError("--out must not be the run directory: the export's architecture.json would replace the "
+                         "search's")
     created = _prepare_out(Path(args.out))
     try:
         s = export_candidate(args.run_dir, args.out, candidate=args.candidate, device=str(device),
@@ -370,9 +376,11 @@ def main(argv: list[str] | None = None) -> int:
     from .data import DataError
     from .search import RunError
 
+    command = None
     try:
         parser = _build_parser()
         args = parser.parse_args(argv)
+        command = args.command
         if args.command is None:
             parser.print_help()
             return EXIT_USAGE
@@ -382,8 +390,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pgnas-fast: error: {err}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print("pgnas-fast: interrupted; `pgnas-fast search --resume` with the same arguments continues",
-              file=sys.stderr)
+        resumable = command in ("search", "rank")  # the others start over: nothing of theirs is lost
+        hint = f"; `pgnas-fast {command} --resume` with the same arguments continues" if resumable else ""
+        print(f"pgnas-fast: interrupted{hint}", file=sys.stderr)
         return 130
 
 

@@ -117,6 +117,13 @@ BAD_INPUTS = {
     "unknown backend": (lambda t: ["--backend", "opencl"], "--backend: invalid choice"),
     "unavailable backend": (lambda t: ["--backend", "cuda"], "--backend: backend 'cuda' is not available"),
     "bad device": (lambda t: ["--device", "tpu"], "--device must be cpu, cuda, cuda:N or auto"),
+    "unknown super-network": (lambda t: ["--set", "supernet=foo"], "unknown super-network 'foo'"),
+    "unknown supernet_args key": (lambda t: ["--set", 'supernet_args={"foo": 1}'],
+                                  "supernet 'digits-tiny' with supernet_args {'foo': 1} cannot be built"),
+    "negative width": (lambda t: ["--set", 'supernet_args={"width": -4}'], "cannot be built"),
+    "no training set left": (lambda t: ["--set", "heldout_size=100000"],
+                             "test_size=360 and heldout_size=100000 leave no training set"),
+    "negative test size": (lambda t: ["--set", 'data_args={"test_size": -1}'], "leave no training set"),
 }
 
 
@@ -140,6 +147,55 @@ def test_unwritable_out_is_refused_and_leaves_nothing(capsys, tmp_path):
     assert blocker.read_text() == "x"
     code, _, stderr = run_cli(capsys, "search", "--out", "/proc/pgnas-fast-test/run")
     assert code == 2 and "is not writable" in stderr
+
+
+def test_a_fresh_search_replaces_the_old_run_and_what_was_derived_from_it(capsys, tmp_path):
+    """Rankings and studies of the old checkpoint go with it: a `rank --resume` would reuse their scores."""
+    out = tmp_path / "run"
+    for derived in ("rank-default", "study-default", "rank-search"):
+        (out / derived).mkdir(parents=True)
+        (out / derived / "progress-rank0.jsonl").write_text('{"round": 0, "id": 1, "correct": 999}\n')
+    (out / "exports").mkdir()  # not the run's: stays
+    assert run_cli(capsys, "search", *SMALL, "--out", str(out))[0] == 0
+    assert not (out / "rank-default").exists() and not (out / "study-default").exists()
+    assert '"correct": 999' not in (out / "rank-search" / "progress-rank0.jsonl").read_text()
+    assert (out / "exports").is_dir()
+
+
+def test_smoke_has_its_own_default_run_directory(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, stdout, _ = run_cli(capsys, "search", "--smoke", "--quiet")
+    assert code == 0 and stdout.strip().splitlines()[-1] == "run directory: runs/digits-tiny-seed0-smoke"
+    assert not (tmp_path / "runs" / "digits-tiny-seed0").exists()
+
+
+def test_run_files_are_readable_by_others_as_the_umask_allows(capsys, tmp_path):
+    import os
+
+    out = tmp_path / "run"
+    old = os.umask(0o022)
+    try:
+        assert run_cli(capsys, "search", *SMALL, "--out", str(out))[0] == 0
+    finally:
+        os.umask(old)
+    for name in ("config.json", "checkpoint.pt", "architecture.json", "summary.json", "candidates.jsonl"):
+        assert (out / name).stat().st_mode & 0o777 == 0o644, name
+
+
+@pytest.mark.parametrize("command, hint", [("search", "`pgnas-fast search --resume`"),
+                                           ("rank", "`pgnas-fast rank --resume`"), ("study", None), ("export", None)])
+def test_an_interrupt_says_how_to_continue(capsys, monkeypatch, command, hint):
+    from pgnas_fast import cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_" + command, interrupted)
+    argv = {"search": ["search"], "rank": ["rank", "R"], "study": ["study", "R"],
+            "export": ["export", "R", "--out", "O"]}
+    code, _, stderr = run_cli(capsys, *argv[command])
+    assert code == 130 and stderr.startswith("pgnas-fast: interrupted")
+    assert (hint in stderr) if hint else "--resume" not in stderr
 
 
 def test_no_command_prints_help_and_exits_2(capsys):

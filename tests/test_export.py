@@ -135,6 +135,7 @@ def test_standalone_artefact_needs_no_pgnas_fast(searched, tmp_path):
     (["export", "RUN", "--candidate", str(1 << 40), "--out", "OUT"], "--candidate must be an id in [0, 2^40)"),
     (["export", "RUN", "--candidate", "-1", "--out", "OUT"], "--candidate: must be an integer >= 0"),
     (["evaluate", "/nonexistent/export"], "is not an export directory"),
+    (["export", "RUN", "--out", "RUN"], "--out must not be the run directory"),
 ])
 def test_export_and_evaluate_bad_input(capsys, searched, tmp_path, argv, message):
     argv = [str(searched) if a == "RUN" else str(tmp_path / "out") if a == "OUT" else a for a in argv]
@@ -142,6 +143,23 @@ def test_export_and_evaluate_bad_input(capsys, searched, tmp_path, argv, message
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
     assert not (tmp_path / "out").exists(), "nothing is left behind"
+
+
+def test_export_into_the_run_directory_leaves_the_search_s_architecture(capsys, searched):
+    before = (searched / "architecture.json").read_bytes()
+    assert main(["export", str(searched), "--candidate", "7", "--out", str(searched / ".")]) == 2
+    assert "--out must not be the run directory" in capsys.readouterr().err
+    assert (searched / "architecture.json").read_bytes() == before
+
+
+def test_evaluate_of_a_corrupt_artefact_is_a_one_line_error(capsys, searched, tmp_path):
+    out = tmp_path / "export"
+    assert main(["export", str(searched), "--out", str(out)]) == 0
+    (out / "model.pt2").write_bytes((out / "model.pt2").read_bytes()[:500])
+    capsys.readouterr()
+    assert main(["evaluate", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "model.pt2' is not a readable torch.export program" in err and err.count("\n") == 1
 
 
 def test_export_refuses_an_incompatible_checkpoint(capsys, searched, tmp_path):

@@ -231,6 +231,40 @@ def test_rank_command_bad_input(capsys, run_dir, argv, message):
     assert code == 2 and message in captured.err and captured.err.count("\n") == 1
 
 
+def test_rank_resume_refuses_other_settings(capsys, run_dir):
+    """A ranking resumes only with the settings it started with: other rounds would mix scores (the
+    progress rows of eta 4 read as eta 2's gave accuracies over 100%); the evaluator may change."""
+    import json
+
+    def argv(**changes):
+        options = {"--candidates": 40, "--tag": "resumed", "--strategy": "racing", **changes}
+        return [item for pair in options.items() for item in pair]
+
+    assert _rank_cli(capsys, run_dir, *argv())[0] == 0
+    settings = json.loads((run_dir / "rank-resumed" / "settings.json").read_text())
+    assert settings == {"strategy": "racing", "candidates": 40, "bn_recalibrate": 0, "eta": 4, "first_share": 0.0625}
+    for option, value, message in (("--eta", 2, "eta 4 (now 2)"), ("--bn-recalibrate", 64, "bn_recalibrate 0 (now 64)"),
+                                   ("--candidates", 41, "candidates 40 (now 41)"),
+                                   ("--strategy", "exhaustive", "strategy 'racing' (now 'exhaustive')")):
+        code, captured = _rank_cli(capsys, run_dir, *argv(**{option: value}), "--resume")
+        assert code == 2 and message in captured.err and captured.err.count("\n") == 1, captured.err
+    code, captured = _rank_cli(capsys, run_dir, *argv(**{"--evaluator": "sequential"}), "--resume")
+    assert code == 0 and "held-out accuracy" in captured.out
+
+
+def test_corrupt_checkpoints_are_one_line_errors(capsys, run_dir, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(run_dir, broken)
+    whole = (run_dir / "checkpoint.pt").read_bytes()
+    for content, detail in ((whole[:1000], "RuntimeError"), (b"", "EOFError"), (b"hello\n", "")):
+        (broken / "checkpoint.pt").write_bytes(content)
+        code, captured = _rank_cli(capsys, broken, "--candidates", 2)
+        assert code == 2 and captured.err.count("\n") == 1, captured.err
+        assert "checkpoint.pt' is not a readable checkpoint" in captured.err and detail in captured.err
+
+
 def test_rank_command_refuses_an_incompatible_checkpoint(capsys, run_dir, tmp_path):
     import json
     import shutil

@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .errors import DataError
 from .splits import Splits, stratified_splits
 
 
@@ -18,7 +19,8 @@ def load_digits(*, test: int, heldout: int, split_seed: int) -> Splits:
     images = bunch.images.astype(np.float32)[:, None]  # [N, 1, 8, 8], values 0..16
     labels = bunch.target.astype(np.int64)
     if not 0 < test < len(labels) or not 0 < heldout < len(labels) - test - 10:
-        raise ValueError(f"digits has {len(labels)} images: test={test} and heldout={heldout} leave no training set")
+        raise DataError(f"digits has {len(labels)} images: test_size={test} and heldout_size={heldout} leave no "
+                        f"training set (each must be > 0, and together below {len(labels) - 10})")
     train_idx, heldout_idx, test_idx = stratified_splits(labels, test=test, heldout=heldout, seed=split_seed)
     mean, std = images[train_idx].mean(), images[train_idx].std()
 

@@ -108,12 +108,19 @@ def evaluate_export(directory: str | Path, *, split: str = "test", device: str =
     for name in ("config.json", "model.pt2" if standalone else "subnet.pt"):
         if not (directory / name).is_file():
             raise RunError(f"{str(directory)!r} is not an export directory: {name} is missing (pgnas-fast export)")
-    run_config = json.loads((directory / "config.json").read_text())
-    config, seed = run_config["config"], run_config["seed"]
+    try:
+        run_config = json.loads((directory / "config.json").read_text())
+        config, seed = run_config["config"], run_config["seed"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise RunError(f"{str(directory / 'config.json')!r} is malformed: {err}") from None
     feed = build_feed(config, load_data(config, data_dir), torch.device(device), seed=seed)
     if not standalone:
         return accuracy(load_subnet(directory, map_location=device), feed.eval_batches(split))
-    net = torch.export.load(directory / "model.pt2").module().to(device)  # exported in eval mode already
+    try:
+        net = torch.export.load(directory / "model.pt2").module().to(device)  # exported in eval mode already
+    except Exception as err:  # a cut or foreign file fails inside torch.export in many ways (zip, pickle, schema)
+        raise RunError(f"{str(directory / 'model.pt2')!r} is not a readable torch.export program "
+                       f"({type(err).__name__}: {err})") from None
     correct = seen = 0
     with torch.no_grad():
         for images, labels in feed.eval_batches(split):

@@ -2,6 +2,7 @@
 moment leaves every file either complete or absent."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
@@ -10,10 +11,24 @@ from pathlib import Path
 import torch
 
 
+class RunError(ValueError):
+    """A run directory that cannot be used as asked (e.g. resuming with another config)."""
+
+
+@functools.cache
+def _file_mode() -> int:
+    """The mode open() gives a new file (0o666 less the umask): mkstemp's own 0o600 would hide a run's
+    results from the other users who can read its report."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def _atomic_write(path: Path, write) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, _file_mode())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -41,4 +56,11 @@ def save_checkpoint(path: Path, state: dict) -> None:
 
 
 def load_checkpoint(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # torch.load fails in many ways on a cut or foreign file (zip, pickle, EOF)
+        raise RunError(f"{str(path)!r} is not a readable checkpoint ({type(err).__name__}: "
+                       f"{str(err).splitlines()[0] if str(err) else 'no detail'})") from None
+    if not isinstance(state, dict) or "model" not in state:
+        raise RunError(f"{str(path)!r} is not a pgnas-fast checkpoint (no model state in it)")
+    return state

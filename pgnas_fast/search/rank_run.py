@@ -7,6 +7,7 @@ ranks exchange their rows (all-gather), so the table equals a single process's; 
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -33,10 +34,18 @@ def rank_run(run_dir: str | Path, *, candidates: int, strategy: str = "racing", 
     loaded = load_run(run_dir, device=device, data_dir=data_dir)
     config, seed, model, feed = loaded.config, loaded.seed, loaded.model, loaded.feed
     out = run_dir / f"rank-{tag}"
+    eta, first_share = eta or config["racing_eta"], first_share or config["racing_first_share"]
+    # what a candidate's rounds and scores depend on (the evaluators all give the same scores)
+    settings = {"strategy": strategy, "candidates": candidates, "bn_recalibrate": bn_recalibrate,
+                **({"eta": eta, "first_share": first_share} if strategy == "racing" else {})}
+    if resume:
+        _check_resumable(out, settings)
     if rank_id == 0 and not resume:
         shutil.rmtree(out, ignore_errors=True)
     parallel.barrier()  # nobody appends to a log that rank 0 is about to remove
     out.mkdir(exist_ok=True)
+    if rank_id == 0:
+        write_json(out / "settings.json", settings)
 
     def load_model():  # the authors' procedure: a fresh model and checkpoint for every candidate
         rebuilt = build_supernet(config, feed.num_classes)
@@ -47,16 +56,15 @@ def rank_run(run_dir: str | Path, *, candidates: int, strategy: str = "racing", 
     scorer = CandidateScorer(model, images, labels, seed=seed, evaluator=evaluator, batch_size=feed.eval_batch_size,
                              rows_per_pass=config["rank_rows"], prepare=feed.prepare_eval, load_model=load_model,
                              recalibration_images=feed.recalibration_images(bn_recalibrate) if bn_recalibrate else None)
-    rows = rank(scorer, range(candidates), strategy=strategy, eta=eta or config["racing_eta"],
-                first_share=first_share or config["racing_first_share"], log=ProgressLog(out, rank_id),
+    rows = rank(scorer, range(candidates), strategy=strategy, eta=eta, first_share=first_share,
+                log=ProgressLog(out, rank_id),
                 shard=(rank_id, world), gather=parallel.all_gather if world > 1 else None,
                 progress=progress and rank_id == 0)
     best = best_candidate(rows)
     finalists = sorted((r for r in rows if r["images"] == best["images"]),
                        key=lambda r: (-r["score"], r["kept_fraction"], r["id"]))[:top]
-    summary = {"run_dir": str(run_dir), "tag": tag, "strategy": strategy, "evaluator": evaluator,
-               "bn_recalibrate": bn_recalibrate,
-               "candidates": candidates, "best": best, "images_evaluated": sum(r["images"] for r in rows),
+    summary = {"run_dir": str(run_dir), "tag": tag, **settings, "evaluator": evaluator, "best": best,
+               "images_evaluated": sum(r["images"] for r in rows),
                "world_size": world}
     if rank_id == 0:
         write_jsonl(out / "candidates.jsonl", rows)
@@ -66,6 +74,20 @@ def rank_run(run_dir: str | Path, *, candidates: int, strategy: str = "racing", 
         write_json(out / "summary.json", summary)
     parallel.barrier()
     return summary
+
+
+def _check_resumable(out: Path, settings: dict) -> None:
+    """A ranking resumes only with the settings it was started with: its progress rows hold scores of
+    rounds that other settings cut differently (mixed, they can count more correct than seen)."""
+    try:
+        started = json.loads((out / "settings.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return  # not started yet (or by a version that kept no settings): nothing to compare
+    changed = [f"{key} {started.get(key)!r} (now {settings.get(key)!r})" for key in sorted({*started, *settings})
+               if started.get(key) != settings.get(key)]
+    if changed:
+        raise RunError(f"{str(out)!r} was started with {', '.join(changed)}; resume it with the settings it was "
+                       f"started with, or rank under another --tag")
 
 
 __all__ = ["RunError", "rank_run"]

@@ -34,7 +34,7 @@ from ..nn import candidate_masks, set_gates, set_posterior
 from ..ops.streams import Domain
 from .export import architecture_record
 from .feed import CifarLoaderFeed, LoaderFeed, TensorFeed, check_shards
-from .io import load_checkpoint, read_jsonl, save_checkpoint, write_json, write_jsonl
+from .io import RunError, load_checkpoint, read_jsonl, save_checkpoint, write_json, write_jsonl
 from .materialize import count_parameters, materialize
 from .parallel import SINGLE_PROCESS, Parallel, join, leave
 from .rank import ProgressLog, accuracy, best_candidate, rank_candidates, uniform_drop_logits
@@ -78,10 +78,6 @@ class ScalarLog:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
-
-
-class RunError(ValueError):
-    """A run directory that cannot be used as asked (e.g. resuming with another config)."""
 
 
 @dataclass
@@ -134,8 +130,12 @@ def build_feed(config: dict, data, device: torch.device, *, seed: int, smoke: bo
 def build_supernet(config: dict, num_classes: int) -> torch.nn.Module:
     """The config's super-network with the config's posterior family (so every reader of a run
     rebuilds the family it was trained with)."""
-    model = supernets.create(config["supernet"], num_classes=num_classes, p_init=config["p_init"],
-                             tau=config["tau"], **config["supernet_args"])
+    try:
+        model = supernets.create(config["supernet"], num_classes=num_classes, p_init=config["p_init"],
+                                 tau=config["tau"], **config["supernet_args"])
+    except (TypeError, ValueError, RuntimeError) as err:  # an unknown name or argument, a bad size
+        raise configs.ConfigError(f"supernet {config['supernet']!r} with supernet_args {config['supernet_args']} "
+                                  f"cannot be built: {err}") from None
     set_posterior(model, config["posterior"])
     return model
 
@@ -264,8 +264,10 @@ def _run_search(config: dict, *, seed: int, out_dir: Path, device: torch.device,
     elif main:
         for name in RUN_FILES:  # a fresh run replaces an old one whole
             (out_dir / name).unlink(missing_ok=True)
-        shutil.rmtree(out_dir / "rank-search", ignore_errors=True)
-        shutil.rmtree(out_dir / "tensorboard", ignore_errors=True)
+        # and what was derived from the old checkpoint: the search's ranking, `rank` and `study` results
+        # (a `rank --resume` would otherwise reuse the old weights' scores)
+        for derived in (*out_dir.glob("rank-*"), *out_dir.glob("study-*"), out_dir / "tensorboard"):
+            shutil.rmtree(derived, ignore_errors=True)
     if main:
         write_json(out_dir / "config.json", run_config)
     parallel.barrier()  # nobody writes a ranking log that rank 0 is about to remove
@@ -335,10 +337,11 @@ def _run_search(config: dict, *, seed: int, out_dir: Path, device: torch.device,
         "random_mean_heldout_accuracy": statistics.fmean(r["score"] for r in random_rows) if random_rows else None,
         "random_kept_fraction": statistics.fmean(r["kept_fraction"] for r in random_rows) if random_rows else None,
         "candidates": len(rows),
+        "random_candidates": len(random_rows),
         "data": feed.sizes(),
         "train_seconds": trained - started,
         "rank_seconds": ranked - trained,
-        "candidates_per_second": (len(rows) + len(random_rows)) / max(ranked - trained, 1e-9),
+        "candidates_per_second": (len(rows) + len(random_rows)) / max(ranked - trained, 1e-9),  # both kinds
         "params_supernet": count_parameters(model),
         "params_subnet": count_parameters(materialize(model, masks)),
         "world_size": parallel.world,

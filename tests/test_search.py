@@ -17,7 +17,7 @@ from pgnas_fast.search.run import RUN_FILES, build_supernet, load_data, load_run
 from pgnas_fast.search.train import learning_rate, regularizer_weight
 
 SMALL = {"epochs": 2, "candidates": 6, "random_baseline": 4}
-TIMINGS = {"images_per_second"}
+TIMINGS = {"images_per_second", "seconds"}
 
 
 def same_run_files(a, b, names=("architecture.json", "candidates.jsonl", "random_candidates.jsonl")):
@@ -142,8 +142,11 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(finished_run, tmp_path,
     assert [r["epoch"] for r in read_jsonl(tmp_path / "train_log.jsonl")] == [1]
     assert not (tmp_path / "architecture.json").exists()
     monkeypatch.setattr(run_module, "save_checkpoint", real_save)
-    run_search(small_config(), seed=3, out_dir=tmp_path, resume=True, progress=False)
+    result = run_search(small_config(), seed=3, out_dir=tmp_path, resume=True, progress=False)
     same_run_files(tmp_path, out)
+    # the reported training time counts the epoch trained before the kill too
+    epochs = [row["seconds"] for row in read_jsonl(tmp_path / "train_log.jsonl")]
+    assert len(epochs) == 2 and min(epochs) > 0 and result.summary["train_seconds"] == pytest.approx(sum(epochs))
 
 
 def test_resume_during_ranking_scores_nothing_twice(finished_run, tmp_path, monkeypatch):

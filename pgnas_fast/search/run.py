@@ -339,7 +339,8 @@ def _run_search(config: dict, *, seed: int, out_dir: Path, device: torch.device,
         "candidates": len(rows),
         "random_candidates": len(random_rows),
         "data": feed.sizes(),
-        "train_seconds": trained - started,
+        # every epoch's, those before a --resume included (this process alone trained since `started`)
+        "train_seconds": sum(row.get("seconds", 0.0) for row in train_log) or trained - started,
         "rank_seconds": ranked - trained,
         "candidates_per_second": (len(rows) + len(random_rows)) / max(ranked - trained, 1e-9),  # both kinds
         "params_supernet": count_parameters(model),

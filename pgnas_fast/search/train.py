@@ -130,7 +130,7 @@ def train_posterior(model: nn.Module, optimizer: torch.optim.Optimizer, feed, co
         seconds = time.perf_counter() - started
         stats = {"epoch": epoch + 1, "loss": loss_sum / seen, "cross_entropy": ce_sum / seen,
                  "regularizer": reg_sum / seen, "train_accuracy": correct / seen,
-                 "regularizer_weight": reg_weight, "lr": lr, "images_per_second": seen / seconds,
+                 "regularizer_weight": reg_weight, "lr": lr, "images_per_second": seen / seconds, "seconds": seconds,
                  "mean_p": mean_drop_probability(model),
                  "mean_p_per_layer": {name: torch.sigmoid(layer.p_logit.detach()).mean().item()
                                       for name, layer in gated_layers(model)}}

@@ -185,7 +185,7 @@ def _resolve_device(text: str):
     if device.type not in ("cpu", "cuda"):
         raise UsageError(f"--device must be cpu, cuda, cuda:N or auto, got {text!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is available (torch.cuda.is_available() is False)")
+        raise UsageError(f"--device {text}: no CUDA device is available (torch.cuda.is_available() is False)")
     return device
 
 

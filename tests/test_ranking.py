@@ -224,6 +224,7 @@ def test_rank_command_writes_table_and_top(capsys, run_dir):
     (["RUN", "--tag", "a/b"], "--tag must be letters"),
     (["RUN", "--first-share", "1.5"], "--first-share must be in (0, 1]"),
     (["RUN", "--strategy", "greedy"], "invalid choice"),
+    (["RUN", "--bn-recalibrate", "100000"], "--bn-recalibrate 100000 asks for more images than the run's"),
 ])
 def test_rank_command_bad_input(capsys, run_dir, argv, message):
     argv = [str(run_dir) if a == "RUN" else a for a in argv]

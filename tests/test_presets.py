@@ -54,6 +54,26 @@ def test_smoke_runs_every_paper_preset_on_generated_data(capsys, tmp_path, prese
     assert "| paper |" in (out / "report.md").read_text()
 
 
+def test_later_commands_read_the_run_s_data_dir(capsys, tmp_path):
+    """rank, study, export and evaluate of a CIFAR run default to the --data-dir the search read
+    (data.json); a given --data-dir still wins, and a fresh digits search into the directory drops it."""
+    write_cifar10(tmp_path / "data")
+    out = tmp_path / "run"
+    code, captured = search(capsys, "--preset", "cifar10-supnet-m", "--data-dir", tmp_path / "data", "--smoke",
+                            "--out", out, *CHEAP)
+    assert code == 0, captured.err
+    assert json.loads((out / "data.json").read_text()) == {"data_dir": str((tmp_path / "data").resolve())}
+    assert main(["rank", str(out), "--candidates", "2", "--quiet"]) == 0
+    assert main(["export", str(out), "--out", str(tmp_path / "export")]) == 0
+    assert main(["evaluate", str(tmp_path / "export")]) == 0
+    assert capsys.readouterr().err == ""
+    assert main(["rank", str(out), "--candidates", "2", "--quiet", "--data-dir", str(tmp_path / "nowhere")]) == 2
+    assert "nowhere" in capsys.readouterr().err
+    assert search(capsys, "--out", out, "--epochs", "1", "--candidates", "2", "--random-baseline", "0",
+                  "--quiet")[0] == 0
+    assert not (out / "data.json").exists()
+
+
 def test_smoke_with_the_gaussian_posterior_on_a_cifar_preset(capsys, tmp_path):
     write_cifar10(tmp_path / "data")
     out = tmp_path / "run"

@@ -54,7 +54,7 @@ def export_candidate(run_dir: str | Path, out: str | Path, *, candidate: int | N
     from ..nn import candidate_masks, set_gates
     from ..ops.streams import MAJOR_LIMIT
     from ..supernets.info import describe
-    from .io import write_json
+    from .io import DATA_FILE, data_dir_of, write_json
     from .materialize import load_subnet, materialize  # noqa: F401  (load_subnet: the reader of this layout)
     from .rank import accuracy
     from .run import RunError, load_run
@@ -89,6 +89,8 @@ def export_candidate(run_dir: str | Path, out: str | Path, *, candidate: int | N
     torch.export.save(program, out / "model.pt2")
     write_json(out / "architecture.json", record)
     write_json(out / "config.json", {"config": config, "seed": seed})
+    if data_dir_of(run_dir, data_dir) is not None:  # evaluate's default, as the run's is rank's
+        write_json(out / DATA_FILE, {"data_dir": str(Path(data_dir_of(run_dir, data_dir)).resolve())})
     summary = {"candidate": candidate, "heldout_accuracy": heldout, "test_accuracy": test,
                "params_supernet": before["params"], "params_subnet": after["params"],
                "macs_supernet": before["macs"], "macs_subnet": after["macs"], "input_size": list(input_size)}
@@ -102,6 +104,7 @@ def evaluate_export(directory: str | Path, *, split: str = "test", device: str =
     default, else subnet.pt)."""
     from .materialize import load_subnet
     from .rank import accuracy
+    from .io import data_dir_of
     from .run import RunError, build_feed, load_data
 
     directory = Path(directory)
@@ -113,7 +116,7 @@ def evaluate_export(directory: str | Path, *, split: str = "test", device: str =
         config, seed = run_config["config"], run_config["seed"]
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise RunError(f"{str(directory / 'config.json')!r} is malformed: {err}") from None
-    feed = build_feed(config, load_data(config, data_dir), torch.device(device), seed=seed)
+    feed = build_feed(config, load_data(config, data_dir_of(directory, data_dir)), torch.device(device), seed=seed)
     if not standalone:
         return accuracy(load_subnet(directory, map_location=device), feed.eval_batches(split))
     try:

@@ -39,6 +39,20 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
+DATA_FILE = "data.json"  # {"data_dir": absolute path} of a run that read its data from --data-dir
+
+
+def data_dir_of(directory: Path, data_dir) -> str | Path | None:
+    """`data_dir` if given, else the one a run (or an export of it) was made with, else None: the
+    commands that read a run again need no second --data-dir."""
+    if data_dir is not None:
+        return data_dir
+    try:
+        return json.loads((Path(directory) / DATA_FILE).read_text())["data_dir"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        return None
+
+
 def write_json(path: Path, obj) -> None:
     _atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()))
 

@@ -10,6 +10,7 @@ held-out and test accuracy, and a run directory:
     candidates.jsonl        one row per guided candidate: id, score (held-out accuracy), images, kept_fraction
     random_candidates.jsonl the random-gate baseline at the same expected drop rate (if enabled)
     rank-search/            the ranking's progress log, so that --resume never scores a candidate twice
+    data.json               the --data-dir the run read (absolute), the default for rank, study and export
     architecture.json       the chosen candidate (design.md "Export"); identical for identical seeds
     summary.json            the printed summary, with timings
     report.md + *.png       the run report and its figures (report.py)
@@ -34,7 +35,7 @@ from ..nn import candidate_masks, set_gates, set_posterior
 from ..ops.streams import Domain
 from .export import architecture_record
 from .feed import CifarLoaderFeed, LoaderFeed, TensorFeed, check_shards
-from .io import RunError, load_checkpoint, read_jsonl, save_checkpoint, write_json, write_jsonl
+from .io import DATA_FILE, RunError, data_dir_of, load_checkpoint, read_jsonl, save_checkpoint, write_json, write_jsonl
 from .materialize import count_parameters, materialize
 from .parallel import SINGLE_PROCESS, Parallel, join, leave
 from .rank import ProgressLog, accuracy, best_candidate, rank_candidates, uniform_drop_logits
@@ -181,7 +182,7 @@ def load_run(run_dir: str | Path, *, device: str = "cpu", data_dir: str | Path |
     _check_posterior(run_dir / "checkpoint.pt", state, config)
     if state.get("run_config") != run_config:
         raise RunError(f"{str(run_dir / 'checkpoint.pt')!r} does not belong to this run's config.json")
-    data = load_data(config, data_dir)
+    data = load_data(config, data_dir_of(run_dir, data_dir))
     model = build_supernet(config, data.num_classes)
     try:
         model.load_state_dict(state["model"])
@@ -238,7 +239,7 @@ def _run_search(config: dict, *, seed: int, out_dir: Path, device: torch.device,
     if smoke:
         config = {**config, "epochs": 1, "candidates": min(config["candidates"], SMOKE_CANDIDATES),
                   "random_baseline": min(config["random_baseline"], SMOKE_CANDIDATES)}
-    data = load_data(config, data_dir)
+    data = load_data(config, data_dir_of(out_dir, data_dir) if resume else data_dir)
     feed = build_feed(config, data, device, seed=seed, smoke=smoke, parallel=parallel)
     check_shards(feed.train_batch_sizes(), parallel)
     torch.manual_seed(seed)  # the super-network's initial weights (the same on every rank)
@@ -262,7 +263,7 @@ def _run_search(config: dict, *, seed: int, out_dir: Path, device: torch.device,
         start_epoch = state["epoch"]
         train_log = read_jsonl(out_dir / "train_log.jsonl")[:start_epoch]
     elif main:
-        for name in RUN_FILES:  # a fresh run replaces an old one whole
+        for name in (*RUN_FILES, DATA_FILE):  # a fresh run replaces an old one whole
             (out_dir / name).unlink(missing_ok=True)
         # and what was derived from the old checkpoint: the search's ranking, `rank` and `study` results
         # (a `rank --resume` would otherwise reuse the old weights' scores)
@@ -270,6 +271,8 @@ def _run_search(config: dict, *, seed: int, out_dir: Path, device: torch.device,
             shutil.rmtree(derived, ignore_errors=True)
     if main:
         write_json(out_dir / "config.json", run_config)
+        if data_dir is not None:
+            write_json(out_dir / DATA_FILE, {"data_dir": str(Path(data_dir).resolve())})
     parallel.barrier()  # nobody writes a ranking log that rank 0 is about to remove
 
     scalars = ScalarLog(out_dir / "tensorboard") if main else None

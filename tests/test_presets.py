@@ -56,7 +56,8 @@ def test_smoke_runs_every_paper_preset_on_generated_data(capsys, tmp_path, prese
 
 def test_later_commands_read_the_run_s_data_dir(capsys, tmp_path):
     """rank, study, export and evaluate of a CIFAR run default to the --data-dir the search read
-    (data.json); a given --data-dir still wins, and a fresh digits search into the directory drops it."""
+    (data.json), as does search --resume; a given --data-dir still wins, and a fresh digits search into the
+    directory drops it."""
     write_cifar10(tmp_path / "data")
     out = tmp_path / "run"
     code, captured = search(capsys, "--preset", "cifar10-supnet-m", "--data-dir", tmp_path / "data", "--smoke",
@@ -69,6 +70,8 @@ def test_later_commands_read_the_run_s_data_dir(capsys, tmp_path):
     assert capsys.readouterr().err == ""
     assert main(["rank", str(out), "--candidates", "2", "--quiet", "--data-dir", str(tmp_path / "nowhere")]) == 2
     assert "nowhere" in capsys.readouterr().err
+    code, captured = search(capsys, "--preset", "cifar10-supnet-m", "--smoke", "--out", out, "--resume", *CHEAP)
+    assert code == 0, captured.err
     assert search(capsys, "--out", out, "--epochs", "1", "--candidates", "2", "--random-baseline", "0",
                   "--quiet")[0] == 0
     assert not (out / "data.json").exists()

@@ -238,9 +238,8 @@ def _search(args) -> int:
         line += (f"; random gates at the same drop rate: {_percent(s['random_mean_heldout_accuracy'])} "
                  f"(paper Table 3)")
     print(line)
-    ranked = f"{s['candidates']} guided + {s['random_candidates']} random" if s["random_candidates"] else "all"
-    print(f"  time: training {s['train_seconds']:.1f} s, ranking {s['rank_seconds']:.1f} s "
-          f"({ranked}: {s['candidates_per_second']:.1f} candidates/s)")
+    print(f"  time: training {s['train_seconds']:.1f} s, ranking {s['rank_seconds']:.1f} s ({s['candidates']} guided "
+          f"+ {s['random_candidates']} random: {s['candidates_per_second']:.1f} candidates/s)")
     print(f"run directory: {result.out_dir}")
     return 0
 

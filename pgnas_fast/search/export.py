@@ -60,6 +60,7 @@ def export_candidate(run_dir: str | Path, out: str | Path, *, candidate: int | N
     from .run import RunError, load_run
 
     run_dir, out = Path(run_dir), Path(out)
+    data_dir = data_dir_of(run_dir, data_dir)
     loaded = load_run(run_dir, device=device, data_dir=data_dir)
     config, seed, model, feed = loaded.config, loaded.seed, loaded.model, loaded.feed
     architecture_path = run_dir / "architecture.json"
@@ -89,8 +90,8 @@ def export_candidate(run_dir: str | Path, out: str | Path, *, candidate: int | N
     torch.export.save(program, out / "model.pt2")
     write_json(out / "architecture.json", record)
     write_json(out / "config.json", {"config": config, "seed": seed})
-    if data_dir_of(run_dir, data_dir) is not None:  # evaluate's default, as the run's is rank's
-        write_json(out / DATA_FILE, {"data_dir": str(Path(data_dir_of(run_dir, data_dir)).resolve())})
+    if data_dir is not None:  # evaluate's default, as the run's is rank's
+        write_json(out / DATA_FILE, {"data_dir": str(Path(data_dir).resolve())})
     summary = {"candidate": candidate, "heldout_accuracy": heldout, "test_accuracy": test,
                "params_supernet": before["params"], "params_subnet": after["params"],
                "macs_supernet": before["macs"], "macs_subnet": after["macs"], "input_size": list(input_size)}

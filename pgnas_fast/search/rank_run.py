@@ -33,9 +33,10 @@ def rank_run(run_dir: str | Path, *, candidates: int, strategy: str = "racing", 
     rank_id, world = parallel.rank, parallel.world
     loaded = load_run(run_dir, device=device, data_dir=data_dir)
     config, seed, model, feed = loaded.config, loaded.seed, loaded.model, loaded.feed
-    if bn_recalibrate > feed.sizes()["train"]:
-        raise RunError(f"--bn-recalibrate {bn_recalibrate} asks for more images than the run's "
-                       f"{feed.sizes()['train']} training images")
+    n_train = feed.sizes()["train"]
+    if bn_recalibrate > n_train:
+        raise RunError(f"--bn-recalibrate {bn_recalibrate} asks for more images than the run's {n_train} training "
+                       "images")
     out = run_dir / f"rank-{tag}"
     eta, first_share = eta or config["racing_eta"], first_share or config["racing_first_share"]
     # what a candidate's rounds and scores depend on (the evaluators all give the same scores)

@@ -114,7 +114,7 @@ def write_report(run_dir: str | Path) -> Path:
         f"| posterior | {posterior}: {POSTERIOR_NAMES[posterior]} |",
         f"| data | {s['data']['train']} training, {s['data']['heldout']} held-out, {s['data']['test']} test images |",
         f"| posterior training | {config['epochs']} epochs, {s['train_seconds']:.1f} s |",
-        f"| ranking | {s['candidates']} candidates, {config['ranking']}, and {s['random_candidates']} random, "
+        f"| ranking | {s['candidates']} guided ({config['ranking']}) + {s['random_candidates']} random candidates, "
         f"{s['rank_seconds']:.1f} s ({s['candidates_per_second']:.1f} candidates/s) |",
         f"| chosen candidate | {arch['candidate']}, keeps {_pct(arch['kept_fraction'])} of the gated input channels |",
         f"| held-out accuracy | {_pct(arch['score'])} |",

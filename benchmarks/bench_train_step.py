@@ -53,9 +53,9 @@ def measure(name, batch, side, classes, knobs, *, device, backend, dtype, compil
     forward = torch.compile(loss_fn) if compiled else loss_fn
 
     def step(i):
+        optimizer.zero_grad(set_to_none=True)
         set_gates(model, "relaxed", seed=0, step=i)
         loss = forward(x, y)
-        optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
 

@@ -180,10 +180,7 @@ class NativeOps:
                                      weight_reg, drop_reg, n_train)
 
     def regularizer_backward(self, grad, weights, p_logits, weight_reg, drop_reg, n_train):
-        # flat gradients of one dtype each (the op contract): a mixed list is promoted by a copy (rare)
-        wdtype, gdtype = common_dtype(weights), math_dtype(*p_logits)
-        return self._ops.regularizer_backward(grad, [w.to(wdtype).contiguous() for w in weights],
-                                              [p.to(gdtype).contiguous() for p in p_logits], weight_reg, drop_reg,
+        return self._ops.regularizer_backward(grad, *_one_dtype_each(weights, p_logits), weight_reg, drop_reg,
                                               n_train)
 
     # ---- the Gaussian family: eps is indexed by the logical (row-major) position, so any layout
@@ -215,6 +212,13 @@ class NativeOps:
                                               list(weights_per_channel), n_train)
 
 
+def _one_dtype_each(weights, p_logits):
+    """The gradient ops' inputs: flat gradients have one dtype per kind (the op contract), so a mixed
+    list is promoted (exactly, to its widest dtype) by a copy (rare)."""
+    wdtype, gdtype = common_dtype(weights), math_dtype(*p_logits)
+    return [w.to(wdtype).contiguous() for w in weights], [p.to(gdtype).contiguous() for p in p_logits]
+
+
 def backend_functions(impl: NativeOps) -> dict:
     """The backend interface of `impl`: its public methods by op name. A backend module exports these
     (written once here, so an op added to NativeOps reaches both native backends)."""
@@ -223,3 +227,10 @@ def backend_functions(impl: NativeOps) -> dict:
 
 _impl = NativeOps(None if _C is None else _C.cpu)
 globals().update(backend_functions(_impl))
+
+
+def regularizer_with_grad(weights, p_logits, weight_reg, drop_reg, n_train):
+    """(R, the flat weight gradient, the flat p_logit gradient) for an upstream gradient of 1, from one
+    read of the weights: the eager regulariser's fused path (ops/_library.py). CPU only, where
+    checking that the upstream gradient is 1 costs no device sync."""
+    return _C.cpu.regularizer_with_grad(*_one_dtype_each(weights, p_logits), weight_reg, drop_reg, n_train)

@@ -339,6 +339,87 @@ def test_cpu_regularizer_is_the_same_on_any_thread_count():
     assert all(torch.equal(a, b) for a, b in zip(*results))
 
 
+def _mixed_network(seed: int, weight_dtype=torch.float32, p_dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [((40, 24, 3, 3), 24), ((70, 33, 1, 1), 33), ((24, 1, 3, 3), 24), ((48, 12, 3, 3), 24),
+              ((10, 70), 70), ((5, 3, 7), 3)]
+    weights = [torch.randn(s, generator=gen).to(weight_dtype).requires_grad_() for s, _ in shapes]
+    p_logits = [(2 * torch.randn(c, generator=gen)).to(p_dtype).requires_grad_() for _, c in shapes]
+    return weights, p_logits
+
+
+@native
+@pytest.mark.parametrize("weight_dtype,p_dtype", [(torch.float32, torch.float32), (torch.float16, torch.float32),
+                                                  (torch.float64, torch.float64)])
+@pytest.mark.parametrize("upstream", [1.0, 0.37])
+def test_cpu_eager_regularizer_fuses_the_gradient_into_the_forward(monkeypatch, weight_dtype, p_dtype, upstream):
+    """With a gradient to come, the eager cpu regulariser computes R and its gradients for an upstream
+    gradient of 1 in one pass (`regularizer_with_grad`); backward then calls no kernel at 1 and the
+    backward op otherwise. Values and gradients are the custom op's (forward + backward op) bit for bit."""
+    from pgnas_fast.ops import _library
+
+    calls = []
+    backward_op = cpu_backend.regularizer_backward
+    monkeypatch.setattr(cpu_backend, "regularizer_backward", lambda *a: calls.append(1) or backward_op(*a))
+    results = []
+    for run in (lambda *a: _library.call("regularizer", *a), _library._custom["regularizer"]):
+        weights, p_logits = _mixed_network(3, weight_dtype, p_dtype)
+        r = run(weights, p_logits, 3.0, 0.5, 20.0, "cpu")
+        (upstream * r).backward()
+        results.append([r.detach()] + [t.grad for t in weights + p_logits])
+    assert len(calls) == (1 if upstream == 1.0 else 2)  # the custom op's backward, and eager's unless fused
+    for eager, custom in zip(*results):
+        assert eager.dtype == custom.dtype and torch.equal(eager, custom)
+
+
+@native
+def test_cpu_fused_regularizer_gradients_survive_a_second_backward():
+    """retain_graph: the fused gradients are handed out once, since autograd then sums later backwards
+    into them in place (as .grad); later backwards recompute, so .grad is exactly 3x the first after 3."""
+    weights, p_logits = _mixed_network(4)
+    r = pf.ops.regularizer(weights, p_logits, weight_reg=3.0, drop_reg=0.5, n_train=20.0, backend="cpu")
+    r.backward(retain_graph=True)
+    first = [t.grad.clone() for t in weights + p_logits]
+    r.backward(retain_graph=True)
+    r.backward()
+    assert all(torch.equal(t.grad, 3 * g) for t, g in zip(weights + p_logits, first))
+
+
+@native
+def test_cpu_regularizer_reuses_its_large_gradient_buffer_only_when_free():
+    """The weights' flat gradient of a large network (over 32 MB) reuses the last call's buffer once
+    nothing holds it (page faults of a fresh mapping cost more than the pass); while an earlier
+    gradient is alive it gets a new one and the earlier values stay as they were."""
+    gen = torch.Generator().manual_seed(5)
+    weights = [torch.randn(1024, 1024, 3, generator=gen) for _ in range(3)]  # 36 MB
+    p_logits = [torch.randn(1024, generator=gen) for _ in range(3)]
+    args = (weights, p_logits, 3.0, 0.5, 20.0)
+
+    def gradient(scale, args=args):
+        return cpu_backend.regularizer_backward(torch.tensor(scale), *args)[0]
+
+    def owners(t):  # of its storage: the tensor, the storage object asked, and the cache if it holds it
+        return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
+
+    small = gradient(1.0, ([w[:100] for w in weights], *args[1:]))  # 3.6 MB: the heap reuses it anyway
+    assert owners(small) == owners(torch.empty(1))
+
+    held = gradient(1.0)
+    kept = held.clone()
+    second = gradient(2.0)  # `held` is alive: a new buffer
+    assert second.data_ptr() != held.data_ptr()
+    address = second.data_ptr()
+    del second
+    third = gradient(4.0)  # free again: reused (the same address, and the cache still owns it)
+    assert third.data_ptr() == address and owners(third) == owners(torch.empty(1)) + 1
+    assert torch.equal(third, 4 * kept)
+    tail = third[7:]  # a view holds the storage too
+    del third
+    fourth = gradient(1.0)
+    assert fourth.data_ptr() != address
+    assert torch.equal(tail, 4 * kept[7:]) and torch.equal(held, kept) and torch.equal(fourth, kept)
+
+
 # ---- the cuda backend (GPU machines) ----------------------------------------------------------------
 gpu = pytest.mark.gpu
 

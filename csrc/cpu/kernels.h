@@ -226,29 +226,35 @@ void branch_combine_backward(T* const* grad_ys, W* grad_w, const T* grad, const 
 // channel's (1 - p) repeated over the taps, built once per group, so both passes are flat unit-stride
 // loops over the row (vectorised; a loop over 9 taps per channel is not).
 
-// sum_e keep_e[e] W[row, e]^2 over rows [first, end), in double.
-template <typename T>
-double rows_weighted_squares(const void* weight, int64_t first, int64_t end, int64_t row_len, const double* keep_e) {
-  const T* w = static_cast<const T*>(weight) + first * row_len;
-  double acc = 0;
-  for (int64_t r = first; r < end; ++r, w += row_len) {
-#pragma omp simd reduction(+ : acc)
-    for (int64_t e = 0; e < row_len; ++e) {
-      const double v = static_cast<double>(w[e]);
-      acc += keep_e[e] * v * v;
-    }
-  }
-  return acc;
-}
+// The regulariser's pass gets an AVX2 clone picked when the library loads (function multiversioning,
+// GCC and Clang on x86-64 Linux), so the package still runs on any x86-64 while the double sums run
+// four wide where the machine can. The loops have no cross-lane reductions and no fused multiply-adds
+// (AVX2 alone does not enable FMA), so both clones give the same bits.
+#if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
+#define PGNAS_AVX2_CLONE __attribute__((target_clones("avx2", "default")))
+#else
+#define PGNAS_AVX2_CLONE
+#endif
 
-// grad_w[row, e] = scale_e[e] * W[row, e] and sq_e[e] += W[row, e]^2 over rows [first, end): one
-// read of the rows for both (the backward pass is memory-bound). The product is taken in float for
-// float/half/bfloat16 weights: the gradient is rounded to their precision anyway.
+// sq_e[e] += W[row, e]^2 over rows [first, end), in double, and where grad_weight is given
+// grad_w[row, e] = scale_e[e] * W[row, e] in the same read of the rows (the pass is memory-bound). The
+// product is taken in float for float/half/bfloat16 weights: the gradient is rounded to their
+// precision anyway. Per element, in row order: the sums do not depend on the vector width.
 template <typename T>
-void rows_scale(void* grad_weight, const void* weight, int64_t first, int64_t end, int64_t row_len,
-                const double* scale_e, double* sq_e) {
+PGNAS_AVX2_CLONE void rows_squares(void* grad_weight, const void* weight, int64_t first, int64_t end,
+                                   int64_t row_len, const double* scale_e, double* sq_e) {
   using A = Acc<T, float>;
   const T* w = static_cast<const T*>(weight) + first * row_len;
+  if (grad_weight == nullptr) {
+    for (int64_t r = first; r < end; ++r, w += row_len) {
+#pragma omp simd
+      for (int64_t e = 0; e < row_len; ++e) {
+        const double v = static_cast<double>(w[e]);
+        sq_e[e] += v * v;
+      }
+    }
+    return;
+  }
   T* gw = static_cast<T*>(grad_weight) + first * row_len;
   for (int64_t r = first; r < end; ++r, w += row_len, gw += row_len) {
 #pragma omp simd
@@ -262,13 +268,12 @@ void rows_scale(void* grad_weight, const void* weight, int64_t first, int64_t en
 
 struct RegSegment {
   const void* weight;  // [O, per_group, taps], contiguous
-  void* grad_weight;   // same shape and type (backward only)
+  void* grad_weight;   // same shape and type (the gradient passes only)
   const void* p_logit;  // [groups * per_group], float or double (p_logit_double)
-  void* grad_p_logit;   // same type as p_logit (backward only)
+  void* grad_p_logit;   // same type as p_logit (the gradient passes only)
   bool p_logit_double;
   int64_t out_channels, per_group, taps, groups;
-  double (*weighted_squares)(const void*, int64_t, int64_t, int64_t, const double*);
-  void (*scale)(void*, const void*, int64_t, int64_t, int64_t, const double*, double*);
+  void (*squares)(void*, const void*, int64_t, int64_t, int64_t, const double*, double*);  // rows_squares<T>
 };
 
 // Element i of a buffer of the gate dtype chosen at run time (float32, or float64 when is_double), as
@@ -340,37 +345,14 @@ inline const double* row_keep_e(const RegTables& t, const RegSegment& s, size_t 
   return t.keep_e.data() + t.keep_e_begin[k] + (row / (s.out_channels / s.groups)) * s.per_group * s.taps;
 }
 
-// R = weight_reg / n sum (1 - p_c) W^2 + drop_reg / n sum_c H'(p_c), in double.
-inline double regularizer(const std::vector<RegSegment>& segs, double weight_reg, double drop_reg, double n_train) {
-  const RegTables t = reg_tables(segs);
-  const int64_t n_items = static_cast<int64_t>(t.items.size());
-  std::vector<double> item_term(static_cast<size_t>(n_items));
-#pragma omp parallel for schedule(dynamic, 1) if (n_items > 4)
-  for (int64_t i = 0; i < n_items; ++i) {
-    const RegItem& item = t.items[i];
-    const RegSegment& s = segs[item.segment];
-    item_term[i] = s.weighted_squares(s.weight, item.first_row, item.end_row, s.per_group * s.taps,
-                                      row_keep_e(t, s, item.segment, item.first_row));
-  }
-  double weight_term = 0;
-  for (int64_t i = 0; i < n_items; ++i) weight_term += item_term[i];
-  double entropy = 0;  // H'(p) = p log p + (1 - p) log(1 - p) from the logit
-  for (size_t k = 0; k < segs.size(); ++k)
-    for (int64_t c = 0; c < segs[k].groups * segs[k].per_group; ++c) {
-      const double z = load_logit(segs[k], c);
-      const double p = 1.0 / (1.0 + std::exp(-z));  // not 1 - keep_prob: exact for tiny p
-      entropy += p * log_sigmoid(z) + 1.0 / (1.0 + std::exp(z)) * log_sigmoid(-z);  // 1 - p without cancelling
-    }
-  return weight_reg / n_train * weight_term + drop_reg / n_train * entropy;
-}
-
-// dR/dW = grad * 2 weight_reg / n (1 - p_c) W;  dR/dz = grad p (1 - p) (drop_reg / n z - weight_reg / n sq_c)
-inline void regularizer_backward(const std::vector<RegSegment>& segs, double grad, double weight_reg,
-                                 double drop_reg, double n_train) {
-  const RegTables t = reg_tables(segs);
+// sq_c = sum of W^2 over the weights channel c gates, per global channel (t.channel_begin), in one
+// parallel read of every weight; where `gradients` is set, also grad_w = weight_scale (1 - p_c) W.
+// Summed in a fixed order (per element over an item's rows, then over taps, then items in order), so
+// the forward, the backward and the fused call agree on sq bit for bit whatever the thread count.
+inline std::vector<double> channel_squares(const std::vector<RegSegment>& segs, const RegTables& t,
+                                           bool gradients, double weight_scale) {
   const int64_t n_items = static_cast<int64_t>(t.items.size());
   std::vector<double> partial(static_cast<size_t>(t.partials));
-  const double scale = grad * 2.0 * weight_reg / n_train;
 #pragma omp parallel if (n_items > 4)
   {
     std::vector<double> sq_e(static_cast<size_t>(t.width)), scale_e(static_cast<size_t>(t.width));
@@ -382,9 +364,10 @@ inline void regularizer_backward(const std::vector<RegSegment>& segs, double gra
       const double* keep_e = row_keep_e(t, s, item.segment, item.first_row);
       for (int64_t e = 0; e < row_len; ++e) {
         sq_e[e] = 0;
-        scale_e[e] = scale * keep_e[e];
+        scale_e[e] = weight_scale * keep_e[e];
       }
-      s.scale(s.grad_weight, s.weight, item.first_row, item.end_row, row_len, scale_e.data(), sq_e.data());
+      s.squares(gradients ? s.grad_weight : nullptr, s.weight, item.first_row, item.end_row, row_len,
+                scale_e.data(), sq_e.data());
       double* acc = partial.data() + item.partial_begin;  // per j: its taps' sums
       for (int64_t j = 0; j < s.per_group; ++j) {
         double sum = 0;
@@ -393,26 +376,66 @@ inline void regularizer_backward(const std::vector<RegSegment>& segs, double gra
       }
     }
   }
-  // per channel: its group's partials in item order, then the logit gradient
-  std::vector<double> sq;
-  size_t i = 0;
+  std::vector<double> sq(t.keep_prob.size(), 0.0);  // per channel: its group's partials in item order
+  for (const RegItem& item : t.items) {
+    const RegSegment& s = segs[item.segment];
+    const double* acc = partial.data() + item.partial_begin;
+    const int64_t group = item.first_row / (s.out_channels / s.groups);
+    double* dst = sq.data() + t.channel_begin[item.segment] + group * s.per_group;
+    for (int64_t j = 0; j < s.per_group; ++j) dst[j] += acc[j];
+  }
+  return sq;
+}
+
+// R = weight_reg / n sum_c (1 - p_c) sq_c + drop_reg / n sum_c H'(p_c), in double.
+inline double regularizer_value(const std::vector<RegSegment>& segs, const RegTables& t, const std::vector<double>& sq,
+                                double weight_reg, double drop_reg, double n_train) {
+  double weight_term = 0, entropy = 0;  // H'(p) = p log p + (1 - p) log(1 - p) from the logit
+  for (size_t k = 0; k < segs.size(); ++k)
+    for (int64_t c = 0; c < segs[k].groups * segs[k].per_group; ++c) {
+      const double z = load_logit(segs[k], c);
+      const double p = 1.0 / (1.0 + std::exp(-z));  // not 1 - keep_prob: exact for tiny p
+      weight_term += t.keep_prob[t.channel_begin[k] + c] * sq[t.channel_begin[k] + c];
+      entropy += p * log_sigmoid(z) + 1.0 / (1.0 + std::exp(z)) * log_sigmoid(-z);  // 1 - p without cancelling
+    }
+  return weight_reg / n_train * weight_term + drop_reg / n_train * entropy;
+}
+
+inline double regularizer(const std::vector<RegSegment>& segs, double weight_reg, double drop_reg, double n_train) {
+  const RegTables t = reg_tables(segs);
+  return regularizer_value(segs, t, channel_squares(segs, t, false, 0.0), weight_reg, drop_reg, n_train);
+}
+
+// dR/dW = grad * 2 weight_reg / n (1 - p_c) W;  dR/dz = grad p (1 - p) (drop_reg / n z - weight_reg / n sq_c).
+// Returns sq.
+inline std::vector<double> regularizer_gradients(const std::vector<RegSegment>& segs, const RegTables& t, double grad,
+                                                 double weight_reg, double drop_reg, double n_train) {
+  std::vector<double> sq = channel_squares(segs, t, true, grad * 2.0 * weight_reg / n_train);
   for (size_t k = 0; k < segs.size(); ++k) {
     const RegSegment& s = segs[k];
-    sq.assign(static_cast<size_t>(s.groups * s.per_group), 0.0);
-    const int64_t outs = s.out_channels / s.groups;
-    for (; i < t.items.size() && t.items[i].segment == static_cast<int64_t>(k); ++i) {
-      const double* acc = partial.data() + t.items[i].partial_begin;
-      double* dst = sq.data() + (t.items[i].first_row / outs) * s.per_group;
-      for (int64_t j = 0; j < s.per_group; ++j) dst[j] += acc[j];
-    }
     for (int64_t c = 0; c < s.groups * s.per_group; ++c) {
       const double z = load_logit(s, c);
       const double kp = t.keep_prob[t.channel_begin[k] + c];
       const double p = 1.0 / (1.0 + std::exp(-z));
-      const double dz = grad * p * kp * (drop_reg / n_train * z - weight_reg / n_train * sq[c]);
+      const double dz = grad * p * kp * (drop_reg / n_train * z - weight_reg / n_train * sq[t.channel_begin[k] + c]);
       store_gate(s.grad_p_logit, s.p_logit_double, c, dz);
     }
   }
+  return sq;
+}
+
+inline void regularizer_backward(const std::vector<RegSegment>& segs, double grad, double weight_reg,
+                                 double drop_reg, double n_train) {
+  regularizer_gradients(segs, reg_tables(segs), grad, weight_reg, drop_reg, n_train);
+}
+
+// R and regularizer_backward's gradients for grad 1 from one read of the weights instead of two: the
+// eager forward's path when a gradient will be wanted. Same bits as the two calls.
+inline double regularizer_with_grad(const std::vector<RegSegment>& segs, double weight_reg, double drop_reg,
+                                    double n_train) {
+  const RegTables t = reg_tables(segs);
+  const std::vector<double> sq = regularizer_gradients(segs, t, 1.0, weight_reg, drop_reg, n_train);
+  return regularizer_value(segs, t, sq, weight_reg, drop_reg, n_train);
 }
 
 }  // namespace cpu

@@ -3,6 +3,7 @@
 // OpenMP kernels of kernels.h. pgnas_fast/cpu_backend.py calls these.
 #include <torch/extension.h>
 
+#include <mutex>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -286,12 +287,6 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> branch_combine_backward(
   return {grad_ys, grad_w};
 }
 
-template <typename T>
-void fill_row_fns(cpu::RegSegment* seg) {
-  seg->weighted_squares = &cpu::rows_weighted_squares<T>;
-  seg->scale = &cpu::rows_scale<T>;
-}
-
 std::vector<cpu::RegSegment> segment_table(const std::vector<at::Tensor>& weights,
                                            const std::vector<at::Tensor>& p_logits, bool* any_double) {
   TORCH_CHECK_VALUE(!weights.empty() && weights.size() == p_logits.size(),
@@ -309,9 +304,31 @@ std::vector<cpu::RegSegment> segment_table(const std::vector<at::Tensor>& weight
     s.out_channels = weights[k].size(0);
     s.grad_weight = nullptr;
     s.grad_p_logit = nullptr;
-    PGNAS_DISPATCH_DATA(weights[k].scalar_type(), "regularizer", [&] { fill_row_fns<scalar_t>(&s); });
+    PGNAS_DISPATCH_DATA(weights[k].scalar_type(), "regularizer", [&] { s.squares = &cpu::rows_squares<scalar_t>; });
   }
   return segs;
+}
+
+// The weights' flat gradient (regularizer_backward) is as large as every gated weight together: 290 MB
+// for SupNet-MI. glibc maps each allocation over 32 MB afresh and unmaps it on free, so a fresh buffer
+// costs the kernel's page faults on every call, 62 ms of a 100 ms backward there (2-core machine),
+// where the reference's per-layer gradients come from the reused heap. So the last large buffer is kept
+// and handed out again once nothing else holds its storage (the .grad views of the last call were
+// dropped, as zero_grad(set_to_none=True) does): on CPU what the CUDA caching allocator does on GPU.
+at::Tensor reusable_flat_gradient(const std::vector<at::Tensor>& ts) {
+  constexpr int64_t kMmapThreshold = int64_t{32} << 20;  // glibc's largest: smaller buffers reuse the heap
+  int64_t n = 0;
+  for (const at::Tensor& t : ts) n += t.numel();
+  const at::TensorOptions options = ts[0].options();
+  const int64_t bytes = n * static_cast<int64_t>(options.dtype().itemsize());
+  if (bytes < kMmapThreshold) return at::empty({n}, options);
+  static std::mutex mutex;
+  static c10::Storage& kept = *new c10::Storage();  // never destroyed: no free after torch's teardown at exit
+  std::lock_guard<std::mutex> lock(mutex);
+  if (!kept || kept.use_count() > 1 || static_cast<int64_t>(kept.nbytes()) != bytes) {  // held, or another size
+    kept = at::empty({n}, options).storage();
+  }
+  return at::empty({0}, options).set_(kept, 0, {n}, {1});
 }
 
 at::Tensor regularizer(const std::vector<at::Tensor>& weights, const std::vector<at::Tensor>& p_logits,
@@ -323,6 +340,24 @@ at::Tensor regularizer(const std::vector<at::Tensor>& weights, const std::vector
   return at::scalar_tensor(r, p_logits[0].options().dtype(any_double ? at::kDouble : at::kFloat));
 }
 
+// Points the segments' gradients into flat buffers, one per kind (the op contract).
+std::tuple<at::Tensor, at::Tensor> flat_regularizer_gradients(std::vector<cpu::RegSegment>* segs,
+                                                              const std::vector<at::Tensor>& weights,
+                                                              const std::vector<at::Tensor>& p_logits) {
+  check_one_dtype("weights", weights);
+  check_one_dtype("p_logits", p_logits);
+  at::Tensor grad_weights = reusable_flat_gradient(weights), grad_p_logits = flat_gradient(p_logits);
+  char* next_weight = static_cast<char*>(grad_weights.data_ptr());
+  char* next_p_logit = static_cast<char*>(grad_p_logits.data_ptr());
+  for (size_t k = 0; k < segs->size(); ++k) {
+    (*segs)[k].grad_weight = next_weight;
+    (*segs)[k].grad_p_logit = next_p_logit;
+    next_weight += weights[k].numel() * weights[k].element_size();
+    next_p_logit += p_logits[k].numel() * p_logits[k].element_size();
+  }
+  return {grad_weights, grad_p_logits};
+}
+
 std::tuple<at::Tensor, at::Tensor> regularizer_backward(const at::Tensor& grad, const std::vector<at::Tensor>& weights,
                                                         const std::vector<at::Tensor>& p_logits, double weight_reg,
                                                         double drop_reg, double n_train) {
@@ -331,19 +366,22 @@ std::tuple<at::Tensor, at::Tensor> regularizer_backward(const at::Tensor& grad, 
   TORCH_CHECK_VALUE(grad.numel() == 1, "grad must hold one value, got shape ", grad.sizes());
   bool any_double = false;
   std::vector<cpu::RegSegment> segs = segment_table(weights, p_logits, &any_double);
-  check_one_dtype("weights", weights);
-  check_one_dtype("p_logits", p_logits);
-  at::Tensor grad_weights = flat_gradient(weights), grad_p_logits = flat_gradient(p_logits);
-  char* next_weight = static_cast<char*>(grad_weights.data_ptr());
-  char* next_p_logit = static_cast<char*>(grad_p_logits.data_ptr());
-  for (size_t k = 0; k < segs.size(); ++k) {
-    segs[k].grad_weight = next_weight;
-    segs[k].grad_p_logit = next_p_logit;
-    next_weight += weights[k].numel() * weights[k].element_size();
-    next_p_logit += p_logits[k].numel() * p_logits[k].element_size();
-  }
+  auto grads = flat_regularizer_gradients(&segs, weights, p_logits);
   cpu::regularizer_backward(segs, grad.item<double>(), weight_reg, drop_reg, n_train);
-  return {grad_weights, grad_p_logits};
+  return grads;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> regularizer_with_grad(const std::vector<at::Tensor>& weights,
+                                                                     const std::vector<at::Tensor>& p_logits,
+                                                                     double weight_reg, double drop_reg,
+                                                                     double n_train) {
+  check_coefficients(weight_reg, drop_reg, n_train);
+  bool any_double = false;
+  std::vector<cpu::RegSegment> segs = segment_table(weights, p_logits, &any_double);
+  auto [grad_weights, grad_p_logits] = flat_regularizer_gradients(&segs, weights, p_logits);
+  const double r = cpu::regularizer_with_grad(segs, weight_reg, drop_reg, n_train);
+  return {at::scalar_tensor(r, p_logits[0].options().dtype(any_double ? at::kDouble : at::kFloat)), grad_weights,
+          grad_p_logits};
 }
 
 // ---- the Gaussian family ------------------------------------------------------------------------
@@ -415,6 +453,11 @@ at::Tensor gaussian_kl_backward(const at::Tensor& grad, const std::vector<at::Te
 void register_cpu_ops(pybind11::module_& m) {
   m.doc() = "The `cpu` backend: the op set in C++ with OpenMP (design.md layer 6).";
   PGNAS_DEFINE_OPS(m);
+  // CPU only: the eager forward's fused path (pgnas_fast/ops/_library.py), where checking that the
+  // upstream gradient is 1 costs no device sync
+  using namespace pybind11::literals;
+  m.def("regularizer_with_grad", &regularizer_with_grad, "weights"_a, "p_logits"_a, "weight_reg"_a, "drop_reg"_a,
+        "n_train"_a, "R and regularizer_backward's flat gradients for grad 1, from one read of the weights.");
 }
 
 }  // namespace pgnas

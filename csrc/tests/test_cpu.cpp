@@ -151,9 +151,9 @@ void test_regularizer() {
   std::vector<double> gw_lin(linear.size()), gz_conv(6);
   std::vector<float> gz_lin(5);
   segs[0] = {convf.data(), gw_conv.data(), z_conv.data(), gz_conv.data(), true, 6, 2, 3, 3,
-             &pgnas::cpu::rows_weighted_squares<float>, &pgnas::cpu::rows_scale<float>};
+             &pgnas::cpu::rows_squares<float>};
   segs[1] = {linear.data(), gw_lin.data(), z_lin.data(), gz_lin.data(), false, 4, 5, 1, 1,
-             &pgnas::cpu::rows_weighted_squares<double>, &pgnas::cpu::rows_scale<double>};
+             &pgnas::cpu::rows_squares<double>};
   const double wr = 3.0, dr = 2.0, n_train = 10.0;
   const double r = pgnas::cpu::regularizer(segs, wr, dr, n_train);
   pgnas::cpu::regularizer_backward(segs, 1.0, wr, dr, n_train);
@@ -197,7 +197,7 @@ void test_regularizer_tall_layer() {
   std::vector<double> gw(w.size()), gz(in);
   std::vector<pgnas::cpu::RegSegment> segs(1);
   segs[0] = {w.data(), gw.data(), z.data(), gz.data(), true, out, in, taps, 1,
-             &pgnas::cpu::rows_weighted_squares<double>, &pgnas::cpu::rows_scale<double>};
+             &pgnas::cpu::rows_squares<double>};
   const double r = pgnas::cpu::regularizer(segs, 1.0, 0.0, 1.0);
   pgnas::cpu::regularizer_backward(segs, 1.0, 1.0, 0.0, 1.0);
   std::vector<double> sq(in, 0.0);
@@ -209,6 +209,15 @@ void test_regularizer_tall_layer() {
     expect_close(gz[c], -p * (1 - p) * sq[c], 1e-12, "tall layer grad logit");
   }
   expect_close(r, want, 1e-12, "tall layer value");
+
+  // the fused call: the value and the gradients for grad 1 from one pass, the same bits as the two calls
+  std::vector<double> fused_gw(w.size()), fused_gz(in);
+  segs[0].grad_weight = fused_gw.data();
+  segs[0].grad_p_logit = fused_gz.data();
+  const double fused_r = pgnas::cpu::regularizer_with_grad(segs, 1.0, 0.0, 1.0);
+  expect(fused_r == r, "fused regularizer value bit-equal", fused_r, r);
+  for (size_t e = 0; e < w.size(); ++e) expect(fused_gw[e] == gw[e], "fused grad weight bit-equal", fused_gw[e], gw[e]);
+  for (int64_t c = 0; c < in; ++c) expect(fused_gz[c] == gz[c], "fused grad logit bit-equal", fused_gz[c], gz[c]);
 }
 
 // ---- the Gaussian family (csrc/cpu/gaussian.h) ----------------------------------------------------

@@ -16,13 +16,14 @@ from torch._library.custom_ops import CustomOpDef
 from torch.autograd.function import once_differentiable
 
 from ..reference import common_dtype, math_dtype, stacked_empty_like
-from .dispatch import implementation
+from .dispatch import implementation, own_implementation
 
 NAMESPACE = "pgnas_fast"
 
 _custom: dict[str, CustomOpDef] = {}  # name -> the op as the dispatcher, torch.compile and opcheck see it
 _body: dict[str, Callable] = {}  # name -> the Python function inside it
 _autograd: dict[str, tuple[Callable, Callable]] = {}  # name -> (setup_context, grad formula)
+_eager_forward: dict[str, Callable] = {}  # name -> forward(ctx, *args) that `_Eager` runs instead of the body
 
 
 def _op(name: str):
@@ -107,8 +108,8 @@ class _Eager(torch.autograd.Function):
     @staticmethod
     def forward(ctx, name, structure, *leaves):  # not setup_context: apply() then binds arguments by inspect, 35 us
         args = _unflatten(structure, leaves)
-        output = _body[name](*args)
         ctx.eager, ctx.op, ctx.structure = True, name, structure
+        output = _eager_forward[name](ctx, *args) if name in _eager_forward else _body[name](*args)
         _autograd[name][0](ctx, args, output)
         return output
 
@@ -413,16 +414,35 @@ def _regularizer_setup(ctx, inputs, output):
     ctx.save_for_backward(*weights, *p_logits)
 
 
+def _regularizer_eager_forward(ctx, weights, p_logits, weight_reg, drop_reg, n_train, backend):
+    """R in eager mode with a gradient to come. Where the backend has `regularizer_with_grad` (the
+    `cpu` backend), R and its gradients for an upstream gradient of 1 come from one read of the weights
+    instead of two; the search adds R to its loss with weight 1, so backward then only hands them out.
+    Same bits as the forward and the backward op."""
+    fused = own_implementation(backend, "regularizer_with_grad")
+    if fused is None:
+        return _body["regularizer"](weights, p_logits, weight_reg, drop_reg, n_train, backend)
+    value, *ctx.unit_grads = fused(weights, p_logits, weight_reg, drop_reg, n_train)
+    return value
+
+
 def _regularizer_grad(ctx, grad):
     saved = ctx.saved_tensors
     weights, p_logits = list(saved[: ctx.n_tensors]), list(saved[ctx.n_tensors :])
-    grad_weights, grad_p_logits = _backward(
-        ctx, "regularizer_backward", grad, weights, p_logits, ctx.weight_reg, ctx.drop_reg, ctx.n_train, ctx.backend
-    )
+    # handed out once: after a retain_graph backward autograd may have summed into them
+    unit_grads, ctx.unit_grads = getattr(ctx, "unit_grads", None), None
+    if unit_grads is not None and grad.item() == 1.0:  # only a cpu backend has them: no device sync
+        grad_weights, grad_p_logits = unit_grads
+    else:
+        grad_weights, grad_p_logits = _backward(
+            ctx, "regularizer_backward", grad, weights, p_logits, ctx.weight_reg, ctx.drop_reg, ctx.n_train,
+            ctx.backend
+        )
     return _flat_views(grad_weights, weights), _flat_views(grad_p_logits, p_logits), None, None, None, None
 
 
 _register_autograd(regularizer, _regularizer_grad, _regularizer_setup)
+_eager_forward["regularizer"] = _regularizer_eager_forward
 
 
 # ---- gaussian_noise (the Gaussian family's local-reparameterization epilogue) ----------------------

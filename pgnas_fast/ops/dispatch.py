@@ -144,6 +144,13 @@ def implementation(name: str, op: str):
     return getattr(loaded, op, None) or getattr(_load("reference"), op)
 
 
+def own_implementation(name: str, op: str):
+    """Backend `name`'s function for an optional op that only some backends have (no reference
+    fallback), or None: `regularizer_with_grad`, the eager regulariser's fused path."""
+    loaded = _load(name)
+    return None if isinstance(loaded, str) else getattr(loaded, op, None)
+
+
 def missing_ops(name: str) -> list[str]:
     """Ops of the reference backend that backend `name` does not implement (they run on reference)."""
     loaded, reference = _load(name), _load("reference")

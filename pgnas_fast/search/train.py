@@ -107,6 +107,9 @@ def train_posterior(model: nn.Module, optimizer: torch.optim.Optimizer, feed, co
             lr = learning_rate(config, step, steps_per_epoch)
             for group in optimizer.param_groups:
                 group["lr"] = lr * group["lr_scale"]
+            # the last step's gradients go before this step's are made: a lower peak, and the cpu
+            # regulariser's large gradient buffer is free to be reused (csrc/cpu/ops.cpp)
+            optimizer.zero_grad(set_to_none=True)
             set_gates(model, "relaxed", seed=seed, step=step, row_offset=first_row)
             if hasattr(model, "set_drop_path_progress"):  # ENAS cells: drop-path ramps up over training
                 model.set_drop_path_progress(min(1.0, (step + 1) / (config["epochs"] * steps_per_epoch)))
@@ -117,7 +120,6 @@ def train_posterior(model: nn.Module, optimizer: torch.optim.Optimizer, feed, co
                                       n_train=n_train)
             loss = ce + reg
             reg_weight = regularizer_weight(config, step, steps_per_epoch)
-            optimizer.zero_grad(set_to_none=True)
             (shard_loss(ce, len(y), global_rows, parallel.world) + reg_weight * reg).backward()
             if config["grad_clip"] > 0:
                 nn.utils.clip_grad_norm_(model.parameters(), config["grad_clip"])

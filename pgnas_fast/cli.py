@@ -1,7 +1,9 @@
 """The `pgnas-fast` command (design.md layer 1).
 
     pgnas-fast search [--preset NAME] [--seed S] [--epochs E] [--candidates K] [--out DIR] ...
-    pgnas-fast doctor
+    pgnas-fast info | rank RUN_DIR | study RUN_DIR | export RUN_DIR --out DIR | evaluate DIR | doctor
+
+(the README lists every option).
 
 Every argument is checked before anything is created or written; bad input prints one line
 `pgnas-fast: error: ...` and exits with status 2.
@@ -52,7 +54,7 @@ def _build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     search = commands.add_parser(
-        "search", help="train the super-network's posterior, sample and rank candidates, export the best",
+        "search", help="train the super-network's posterior, sample and rank candidates, record the best (architecture.json)",
         description="Run a whole PGNAS search: posterior training, candidate sampling from the learned drop "
                     "probabilities, ranking on held-out data with the inherited weights, and the best "
                     "candidate's held-out and test accuracy. Writes a run directory.")
@@ -245,11 +247,15 @@ def _search(args) -> int:
 
 
 def _rank(args) -> int:
+    from .search.io import SEARCH_RANKINGS
     from .search.rank_run import rank_run
 
     if args.first_share is not None and not 0 < args.first_share <= 1:
         raise UsageError(f"--first-share must be in (0, 1], got {args.first_share}")
     _check_tag(args.tag)
+    if f"rank-{args.tag}" in SEARCH_RANKINGS.values():
+        raise UsageError(f"--tag {args.tag!r} is taken: rank-{args.tag}/ holds the search's own ranking log "
+                         "(search --resume reads it); choose another tag")
     device = _resolve_device(args.device)
     summary = rank_run(args.run_dir, candidates=args.candidates, strategy=args.strategy, evaluator=args.evaluator,
                        tag=args.tag, resume=args.resume, top=args.top, eta=args.eta,

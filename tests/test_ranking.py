@@ -222,6 +222,8 @@ def test_rank_command_writes_table_and_top(capsys, run_dir):
     (["/nonexistent/run"], "is not a run directory: config.json is missing"),
     (["RUN", "--candidates", "0"], "--candidates: must be an integer >= 1"),
     (["RUN", "--tag", "a/b"], "--tag must be letters"),
+    (["RUN", "--tag", "search"], "--tag 'search' is taken: rank-search/ holds the search's own ranking log"),
+    (["RUN", "--tag", "search-random"], "--tag 'search-random' is taken"),
     (["RUN", "--first-share", "1.5"], "--first-share must be in (0, 1]"),
     (["RUN", "--strategy", "greedy"], "invalid choice"),
     (["RUN", "--bn-recalibrate", "100000"], "--bn-recalibrate 100000 asks for more images than the run's"),

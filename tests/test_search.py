@@ -149,32 +149,37 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(finished_run, tmp_path,
     assert len(epochs) == 2 and min(epochs) > 0 and result.summary["train_seconds"] == pytest.approx(sum(epochs))
 
 
-def test_resume_during_ranking_scores_nothing_twice(finished_run, tmp_path, monkeypatch):
+@pytest.mark.parametrize("ranking", ["guided", "random"])
+def test_resume_during_ranking_scores_nothing_twice(finished_run, tmp_path, monkeypatch, ranking):
+    """Killed inside the guided ranking or the random baseline's, after one finished chunk: the resumed
+    search scores only the unfinished chunk, and its files equal an uninterrupted run's."""
     from pgnas_fast.ops import Domain
     from pgnas_fast.search import rank as rank_module
 
+    domain = {"guided": Domain.CANDIDATE, "random": Domain.RANDOM_CANDIDATE}[ranking]
     real_correct = rank_module.CandidateScorer.correct
-    guided_calls = []
+    calls = []
 
     def recording(die_at):
         def correct(self, candidates, start, end):
-            if self.domain == Domain.CANDIDATE:
-                guided_calls.append(list(candidates))
-                if len(guided_calls) == die_at:
+            if self.domain == domain:
+                calls.append(list(candidates))
+                if len(calls) == die_at:
                     raise KeyboardInterrupt  # killed while ranking, after one finished chunk
             return real_correct(self, candidates, start, end)
         return correct
 
-    config = small_config(candidates=100)  # two chunks of 64 and 36 candidates
+    # two chunks of 64 and 36 candidates
+    config = small_config(**{"candidates" if ranking == "guided" else "random_baseline": 100})
     monkeypatch.setattr(rank_module.CandidateScorer, "correct", recording(die_at=2))
     with pytest.raises(KeyboardInterrupt):
         run_search(config, seed=3, out_dir=tmp_path, progress=False)
     assert not (tmp_path / "candidates.jsonl").exists()
-    first_chunk = guided_calls[0]
-    guided_calls.clear()
+    first_chunk = calls[0]
+    calls.clear()
     monkeypatch.setattr(rank_module.CandidateScorer, "correct", recording(die_at=None))
     run_search(config, seed=3, out_dir=tmp_path, resume=True, progress=False)
-    assert len(first_chunk) == 64 and guided_calls == [list(range(64, 100))]  # only the unfinished chunk
+    assert len(first_chunk) == 64 and calls == [list(range(64, 100))]  # only the unfinished chunk
     monkeypatch.setattr(rank_module.CandidateScorer, "correct", real_correct)
     fresh = tmp_path / "fresh"
     run_search(config, seed=3, out_dir=fresh, progress=False)

@@ -109,7 +109,7 @@ _IMAGENET = {  # SupNet-D-121 protocol; R-50 follows it (its own recipe is not p
 }
 
 PRESETS: dict[str, dict] = {
-    # The embedded default: real data shipped with scikit-learn, a search in about a minute on 2 cores.
+    # The embedded default: real data shipped with scikit-learn, a search in about 20 s on 2 cores.
     "digits-tiny": {
         "dataset": "digits",
         "data_args": {"test_size": 360},  # about 20 % of the 1797 images, for reporting only

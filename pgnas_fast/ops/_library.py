@@ -418,7 +418,8 @@ def _regularizer_eager_forward(ctx, weights, p_logits, weight_reg, drop_reg, n_t
     """R in eager mode with a gradient to come. Where the backend has `regularizer_with_grad` (the
     `cpu` backend), R and its gradients for an upstream gradient of 1 come from one read of the weights
     instead of two; the search adds R to its loss with weight 1, so backward then only hands them out.
-    Same bits as the forward and the backward op."""
+    Same bits as the forward and the backward op. (A value that never reaches backward, e.g. one only
+    logged, is best computed under torch.no_grad(): this path would write its gradients for nothing.)"""
     fused = own_implementation(backend, "regularizer_with_grad")
     if fused is None:
         return _body["regularizer"](weights, p_logits, weight_reg, drop_reg, n_train, backend)

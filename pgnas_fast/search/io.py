@@ -1,5 +1,8 @@
-"""Run-directory files, each written atomically (temporary file, then rename): a run killed at any
-moment leaves every file either complete or absent."""
+"""Run-directory files written atomically (temporary file, then rename): a run killed at any moment
+leaves each of them either complete or absent. The run's state (config, checkpoints, logs, results)
+goes through here; the ranking progress logs are appended per chunk instead (a line cut by a kill is
+skipped, rank.ProgressLog), and the report, its figures and the export's model files are written in
+place, since they are made again from that state."""
 from __future__ import annotations
 
 import functools
@@ -39,6 +42,8 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
+# the search's own ranking progress logs (guided candidates, random baseline): `rank --tag` may not name them
+SEARCH_RANKINGS = {"guided": "rank-search", "random": "rank-search-random"}
 DATA_FILE = "data.json"  # {"data_dir": absolute path} of a run that read its data from --data-dir
 
 

@@ -1,5 +1,5 @@
-"""The run report: `report.md` with four figures, written at the end of every search (and by
-`pgnas-fast report RUN_DIR`).
+"""The run report: `report.md` with four figures, written at the end of every search
+(`write_report(run_dir)` writes it again from the run's files).
 
 - p_per_layer.png: the learned drop probability of every gate group, layer by layer;
 - kept_per_layer.png: the chosen candidate's kept fraction of input channels per gated layer;

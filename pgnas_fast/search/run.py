@@ -10,6 +10,7 @@ held-out and test accuracy, and a run directory:
     candidates.jsonl        one row per guided candidate: id, score (held-out accuracy), images, kept_fraction
     random_candidates.jsonl the random-gate baseline at the same expected drop rate (if enabled)
     rank-search/            the ranking's progress log, so that --resume never scores a candidate twice
+    rank-search-random/     the same for the random baseline
     data.json               the --data-dir the run read (absolute), the default for rank, study and export
     architecture.json       the chosen candidate (design.md "Export"); identical for identical seeds
     summary.json            the printed summary, with timings
@@ -35,7 +36,8 @@ from ..nn import candidate_masks, set_gates, set_posterior
 from ..ops.streams import Domain
 from .export import architecture_record
 from .feed import CifarLoaderFeed, LoaderFeed, TensorFeed, check_shards
-from .io import DATA_FILE, RunError, data_dir_of, load_checkpoint, read_jsonl, save_checkpoint, write_json, write_jsonl
+from .io import (DATA_FILE, SEARCH_RANKINGS, RunError, data_dir_of, load_checkpoint, read_jsonl, save_checkpoint,
+                 write_json, write_jsonl)
 from .materialize import count_parameters, materialize
 from .parallel import SINGLE_PROCESS, Parallel, join, leave
 from .rank import ProgressLog, accuracy, best_candidate, rank_candidates, uniform_drop_logits
@@ -301,11 +303,11 @@ def _run_search(config: dict, *, seed: int, out_dir: Path, device: torch.device,
     trained = time.perf_counter()
 
     rows = rank_search_candidates(model, feed, config, seed=seed, progress=progress,
-                                  log_dir=out_dir / "rank-search", parallel=parallel)
+                                  log_dir=out_dir / SEARCH_RANKINGS["guided"], parallel=parallel)
     random_rows = []
     if config["random_baseline"]:
         random_rows = rank_search_candidates(model, feed, config, seed=seed, progress=progress, random=True,
-                                             parallel=parallel)
+                                             log_dir=out_dir / SEARCH_RANKINGS["random"], parallel=parallel)
     ranked = time.perf_counter()
     if not main:  # every rank holds every row; rank 0 reports them
         parallel.barrier()

@@ -4,8 +4,8 @@
   learned p against K with every gate at the mean p, all scored on the whole held-out set.
 - Best candidate vs number of candidates (paper Table 6): the best held-out accuracy among the
   first n guided candidates, and that candidate's test accuracy, for growing n.
-- Racing vs exhaustive agreement: whether racing's winner scores inside the exhaustive top 3
-  (ties share a rank), the images each strategy read, and Kendall's tau between the racing scores
+- Racing vs exhaustive agreement: the rank of racing's winner among the exhaustive scores (ties
+  share a rank; the issue's check is top 3), the images each strategy read, and Kendall's tau between the racing scores
   of the candidates that survived the first round and their exhaustive scores.
 """
 from __future__ import annotations

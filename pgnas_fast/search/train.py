@@ -1,7 +1,8 @@
 """Posterior training: the super-network with relaxed gates, loss = mean cross-entropy + R, R the KL
 term of the config's posterior family (concrete or gaussian, see pgnas_fast.nn), optionally warmed up.
 
-Nesterov SGD, cosine learning rate per step down to 0, no weight decay (the regulariser replaces it),
+Nesterov SGD with the config's schedule per step (cosine down to lr_min, step decay at milestones, or
+SGDR warm restarts: `learning_rate`), no weight decay (the regulariser replaces it),
 optional gradient-norm clipping. Every random number is a function of (seed, epoch, step): the data
 order from a generator seeded per epoch (feed.py), the gates and shake weights from the Philox streams of the
 step, so a run resumed from an epoch checkpoint continues exactly as if never stopped.

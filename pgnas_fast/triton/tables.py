@@ -6,7 +6,11 @@ program). Building a block table in Python costs more than the kernels themselve
 backward has tens of thousands of weight blocks), and a host-to-device copy per call stalls the
 launch queue, so tables are cached on the device, keyed by what they encode:
 - block tables by the layers' shapes only;
-- row tables by the inputs' addresses and shapes, which stay fixed for parameters across steps.
+- row tables by the inputs' addresses and shapes, which stay fixed for parameters across steps (the
+  per-channel drop logits `network_regularizer` expands from group logits are new tensors at every
+  call, at the addresses the caching allocator happens to give, so a training step may build and
+  copy their row table again: one small copy, which keeps that call out of a CUDA graph; a caller
+  that passes the same tensors always hits the cache).
 A stale entry is never wrong: a table holds nothing but its key. Gradients go to flat buffers whose
 addresses are kernel arguments, the tables holding only offsets into them: with the tables cached,
 nothing is copied to the device per call, so a CUDA graph can capture these launches.

@@ -223,8 +223,8 @@ void branch_combine_backward(T* const* grad_ys, W* grad_w, const T* grad, const 
 // parallel loop covers the whole network however many layers it has (apex's multi_tensor_apply).
 
 // A row's elements e = j * taps + k read input channel j of the row's group; `keep_e[e]` is that
-// channel's (1 - p) repeated over the taps, built once per group, so both passes are flat unit-stride
-// loops over the row (vectorised; a loop over 9 taps per channel is not).
+// channel's (1 - p) repeated over the taps, built once per group, so the row loop, squares and
+// gradient alike, is flat and unit-stride (vectorised; a loop over 9 taps per channel is not).
 
 // The regulariser's pass gets an AVX2 clone picked when the library loads (function multiversioning,
 // GCC and Clang on x86-64 Linux), so the package still runs on any x86-64 while the double sums run

@@ -84,7 +84,55 @@ def test_a_layer_that_keeps_nothing_and_a_grouped_conv():
         subnet = materialize(net, masks)
         torch.testing.assert_close(subnet(x), expected)
     assert isinstance(subnet.grouped, MaskedConv2d) and isinstance(subnet.dropped, ZeroInput)
-    assert isinstance(materialize(net, {**masks, "dropped": torch.ones(6)}).dropped, SlicedConv2d)
+    # with "dropped" keeping everything the grouped conv's masked output reaches the result
+    kept = {**masks, "dropped": torch.ones(6)}
+    subnet = _equals_the_hard_masked(net, kept, x)
+    assert isinstance(subnet.grouped, MaskedConv2d) and isinstance(subnet.dropped, SlicedConv2d)
+
+
+def _equals_the_hard_masked(net, masks, x):
+    """materialize(net, masks), checked to compute what `net` does with those hard masks."""
+    net.eval()
+    set_gates(net, "hard", masks=masks)
+    with torch.no_grad():
+        expected = net(x)
+        subnet = materialize(net, masks)
+        torch.testing.assert_close(subnet(x), expected, rtol=1e-5, atol=1e-5)
+    set_gates(net, "full")
+    return subnet
+
+
+def test_a_sliced_linear_reads_the_last_dim_of_any_leading_dims():
+    torch.manual_seed(3)
+    _equals_the_hard_masked(torch.nn.Sequential(GatedLinear(5, 3)), {"0": torch.tensor([1.0, 0, 1, 1, 0])},
+                            torch.randn(2, 4, 5))
+
+
+def test_densenet_conv1_computes_only_what_conv2_reads():
+    torch.manual_seed(0)
+    model = supernets.create("supnet-d121", num_classes=7, p_init=0.4, growth=4, block_config=(2, 3, 2, 2),
+                             stem_width=8).eval()
+    masks = candidate_masks(model, 5, 3)
+    subnet = _equals_the_hard_masked(model, masks, torch.randn(2, 3, 32, 32))
+    checked = 0
+    for name, layer in subnet.named_modules():
+        if type(layer).__name__ == "DenseLayer" and masks[f"{name}.conv1"].sum() > 0:
+            assert type(layer.conv2) is torch.nn.Conv2d  # the channel gather moved out of conv2 into conv1
+            assert layer.conv1.conv.out_channels == layer.conv2.in_channels == int(masks[f"{name}.conv2"].sum())
+            checked += 1
+    assert checked > 0
+
+
+def test_a_materialized_network_holds_no_stochastic_module():
+    """Drop-path and shake-shake modules become plain ones: the subnet needs no pgnas_fast module."""
+    from pgnas_fast.nn import ShakeShake, StochasticModule
+
+    torch.manual_seed(0)
+    for model in (supernets.create("supnet-e", num_classes=7, p_init=0.4, filters=4, num_layers=3,
+                                   drop_path_keep_prob=0.6),
+                  supernets.create("digits-tiny", num_classes=10)):
+        subnet = materialize(model.eval(), candidate_masks(model, 5, 3))
+        assert not any(isinstance(m, (StochasticModule, ShakeShake)) for m in subnet.modules())
 
 
 @pytest.fixture(scope="module")
@@ -203,9 +251,14 @@ def test_producers_lose_the_channels_nobody_reads_and_batchnorm_folds():
             subnet = materialize(net, masks)
             torch.testing.assert_close(subnet(x), expected, rtol=1e-5, atol=1e-5, msg=case)
         # BatchNorms that directly follow a conv are folded (after a layer that keeps nothing, one stays)
-        assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in subnet.modules()) == (case != "middle"), case
+        batchnorms = [m for m in subnet.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        assert len(batchnorms) == (case != "middle"), case
+        if batchnorms:  # the one after the layer that keeps nothing: only the channels "3" keeps
+            assert batchnorms[0].num_features == int(masks["3"].sum()), case
         depthwise = [m for m in subnet.modules() if isinstance(m, torch.nn.Conv2d) and m.groups > 1]
-        assert depthwise[0].out_channels == int(masks["7"].sum()), case  # only the channels "7" reads
+        kept = int(masks["7"].sum())  # only the channels "7" reads
+        assert depthwise[0].out_channels == depthwise[0].in_channels == depthwise[0].groups == kept, case
+        assert depthwise[0].weight.shape[0] == kept, case
     convs = [m for m in materialize(net, cases["middle"]).modules() if isinstance(m, torch.nn.Conv2d)]
     assert convs[0].out_channels == 5  # conv "0" computes only what conv "3" keeps
     unfolded = materialize(net, cases["middle"], fold_batchnorm=False)

@@ -187,6 +187,8 @@ def test_row_offset_draws_what_the_concatenated_batch_would(kind):
         part = gaussian(layer, step=9, row_offset=2 * rank)(x[rows])
         torch.testing.assert_close(part, whole[rows], rtol=1e-12, atol=1e-12)
     assert not torch.allclose(gaussian(layer, step=9)(x[2:4]), whole[2:4])  # the offset matters
+    if kind == "conv":  # an unbatched [C, H, W] input is one example: row_offset r gives row r's draw
+        torch.testing.assert_close(gaussian(layer, step=9, row_offset=3)(x[3]), whole[3], rtol=1e-12, atol=1e-12)
 
 
 # ---- clipping -------------------------------------------------------------------------------------

@@ -334,6 +334,16 @@ def test_network_regularizer_matches_literal_formula():
         network_regularizer(nn.Linear(3, 3), weight_reg=1.0, n_train=1.0)
 
 
+def test_network_regularizer_scales_the_entropy_term_by_drop_reg():
+    net = make_net(9)
+
+    def reg(drop_reg):
+        return network_regularizer(net, weight_reg=2.0, drop_reg=drop_reg, n_train=100.0).item()
+
+    assert reg(1.0) != pytest.approx(reg(0.0))
+    assert reg(0.25) - reg(0.0) == pytest.approx(0.25 * (reg(1.0) - reg(0.0)), rel=1e-5)
+
+
 # ---- shake-shake -----------------------------------------------------------------------------------
 class ShakeNet(nn.Module):
     def __init__(self):

@@ -6,13 +6,14 @@ import pytest
 import torch
 
 import pgnas_fast as pf
-from pgnas_fast import configs
+from pgnas_fast import configs, supernets
 from pgnas_fast.nn import candidate_masks, gated_layers, set_gates, stacked_candidate_masks
 from pgnas_fast.ops import Domain, stream_id
 from pgnas_fast.search import run_search
-from pgnas_fast.search.rank import CandidateScorer, ProgressLog, _shares, best_candidate, rank
+from pgnas_fast.search.rank import CandidateScorer, ProgressLog, _shares, best_candidate, rank, uniform_drop_logits
 from pgnas_fast.search.run import build_supernet, load_data
 from pgnas_fast.search.study import score_rank
+from pgnas_fast.search.train import mean_drop_probability
 
 
 @pytest.mark.parametrize("domain", [Domain.CANDIDATE, Domain.RANDOM_CANDIDATE])
@@ -413,3 +414,71 @@ def test_study_writes_report_and_figures(capsys, run_dir):
     assert result["racing"]["winner_exhaustive_rank"] >= 1
     text = (out / "study.md").read_text()
     assert "Guided vs random" in text and "![guided vs random](guided_vs_random.png)" in text
+
+
+# ---- selection rules and the sharded-resume paths, on a scorer that runs no model -----------------------
+class FixedScorer(CandidateScorer):
+    """Candidate c gets per_image(c) right per image; no model runs."""
+
+    def __init__(self, size, per_image=lambda c: 1):
+        super().__init__(torch.nn.Identity(), torch.zeros(size, 1), torch.zeros(size, dtype=torch.long), seed=0)
+        self.per_image = per_image
+
+    def correct(self, candidates, start, end):
+        return [self.per_image(c) * (end - start) for c in candidates]
+
+    def kept_fractions(self, candidates, chunk=1024):
+        return [0.5] * len(candidates)
+
+
+RACING = {"strategy": "racing", "eta": 3, "first_share": 1 / 9, "progress": False}
+
+
+def test_racing_ties_go_to_the_lower_id():
+    rows = rank(FixedScorer(90), range(9), **RACING)
+    assert [r["id"] for r in rows if r["images"] == 90] == [0]
+    assert [r["id"] for r in rows if r["images"] >= 30] == [0, 1, 2]
+
+
+def test_best_candidate_takes_finalists_then_the_smaller_network():
+    """Only candidates scored on the most images count (an early drop-out's score is on fewer); among
+    equal scores the smaller kept fraction wins."""
+    rows = [{"id": 0, "score": 0.9, "images": 34, "kept_fraction": 0.2},
+            {"id": 1, "score": 0.8, "images": 300, "kept_fraction": 0.6},
+            {"id": 2, "score": 0.8, "images": 300, "kept_fraction": 0.4},
+            {"id": 3, "score": 0.7, "images": 300, "kept_fraction": 0.1}]
+    assert best_candidate(rows)["id"] == 2
+
+
+def test_progress_log_reads_every_ranks_file(tmp_path):
+    ProgressLog(tmp_path, rank=0).append([{"round": 0, "id": 0, "correct": 1, "start": 0, "end": 5}])
+    ProgressLog(tmp_path, rank=1).append([{"round": 0, "id": 1, "correct": 2, "start": 0, "end": 5}])
+    assert set(ProgressLog(tmp_path, rank=0).load()) == {(0, 0), (0, 1)}
+
+
+def test_rows_restored_on_every_rank_count_once(tmp_path):
+    """A sharded resume: every rank reads every rank's log, so the all-gather hands each restored row
+    over once per rank; the ranking must count it once."""
+    scorer = FixedScorer(90, per_image=lambda c: 0 if c % 2 else 1)
+    expected = rank(scorer, range(12), log=ProgressLog(tmp_path), **RACING)
+    assert rank(scorer, range(12), log=ProgressLog(tmp_path), gather=lambda rows: rows + rows, **RACING) == expected
+
+
+@pytest.fixture(scope="module")
+def untrained():
+    torch.manual_seed(0)
+    return supernets.create("digits-tiny", num_classes=10, p_init=0.2)
+
+
+def test_scoring_leaves_the_model_in_full_mode(untrained):
+    images, labels = torch.randn(20, 1, 8, 8), torch.randint(0, 10, (20,))
+    CandidateScorer(untrained, images, labels, seed=1, batch_size=8).correct([0, 1, 2], 0, 20)
+    assert all(layer.gate_mode == "full" and layer.gate_mask is None for _, layer in gated_layers(untrained))
+
+
+def test_random_baseline_drops_at_the_learned_mean_rate(untrained):
+    z = uniform_drop_logits(untrained)
+    mean_p = mean_drop_probability(untrained)
+    assert mean_p == pytest.approx(0.2)
+    for name, layer in gated_layers(untrained):
+        assert torch.sigmoid(z[name]).tolist() == pytest.approx([mean_p] * layer.gate_channels)

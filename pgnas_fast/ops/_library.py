@@ -435,6 +435,7 @@ def _regularizer_grad(ctx, grad):
     if unit_grads is not None and grad.item() == 1.0:  # only a cpu backend has them: no device sync
         grad_weights, grad_p_logits = unit_grads
     else:
+        del unit_grads  # freed first, the cpu backend reuses their large buffer instead of mapping a new one
         grad_weights, grad_p_logits = _backward(
             ctx, "regularizer_backward", grad, weights, p_logits, ctx.weight_reg, ctx.drop_reg, ctx.n_train,
             ctx.backend

@@ -1,0 +1,215 @@
+"""What the search pipeline promises beyond its main path (each test pins a bug a mutation review found
+the suite letting through): the summary's numbers, a resume after a kill between the log and the
+checkpoint, what a fresh run removes, the smoke limits, export's record of the search's choice, the
+study's statistics, the config checks that --set and --config share with the flags, and the feeds'
+batch limits."""
+from __future__ import annotations
+
+import json
+import statistics
+
+import pytest
+import torch
+from test_search import same_run_files, small_config
+
+from pgnas_fast import configs
+from pgnas_fast.nn import GatedConv2d, GatedLinear
+from pgnas_fast.search import accuracy, best_candidate, run_search
+from pgnas_fast.search import run as run_module
+from pgnas_fast.search.export import architecture_record, export_candidate
+from pgnas_fast.search.io import read_jsonl
+from pgnas_fast.search.run import RUN_FILES, load_run, rank_search_candidates
+from pgnas_fast.search.study import kendall_tau, run_study, score_rank
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("round2")
+    result = run_search(small_config(), seed=3, out_dir=out, progress=False)
+    return out, result.summary
+
+
+def test_summary_numbers_are_what_they_name(run):
+    out, summary = run
+    loaded = load_run(out)
+    assert summary["supernet_test_accuracy"] == accuracy(loaded.model, loaded.feed.eval_batches("test"))
+    assert summary["supernet_heldout_accuracy"] == accuracy(loaded.model, loaded.feed.eval_batches("heldout"))
+    rows, random_rows = read_jsonl(out / "candidates.jsonl"), read_jsonl(out / "random_candidates.jsonl")
+    assert summary["random_kept_fraction"] == pytest.approx(statistics.fmean(r["kept_fraction"] for r in random_rows))
+    assert summary["random_mean_heldout_accuracy"] == pytest.approx(statistics.fmean(r["score"] for r in random_rows))
+    assert summary["guided_mean_kept_fraction"] == pytest.approx(statistics.fmean(r["kept_fraction"] for r in rows))
+    # throughput counts both kinds of candidate
+    assert summary["candidates_per_second"] * summary["rank_seconds"] == pytest.approx(len(rows) + len(random_rows))
+
+
+def test_resume_after_a_kill_between_the_log_and_the_checkpoint(run, tmp_path, monkeypatch):
+    """train_log.jsonl is written before checkpoint.pt: a kill in between leaves a row the checkpoint
+    does not hold, and the resumed run drops it."""
+    out, _ = run
+    real_save = run_module.save_checkpoint
+    saves = []
+
+    def die_before_the_second_checkpoint(path, state):
+        if path.name == "checkpoint.pt":
+            saves.append(state["epoch"])
+            if len(saves) == 2:
+                raise KeyboardInterrupt
+        real_save(path, state)
+
+    monkeypatch.setattr(run_module, "save_checkpoint", die_before_the_second_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        run_search(small_config(), seed=3, out_dir=tmp_path, progress=False)
+    assert [r["epoch"] for r in read_jsonl(tmp_path / "train_log.jsonl")] == [1, 2]  # one row ahead
+    monkeypatch.setattr(run_module, "save_checkpoint", real_save)
+    run_search(small_config(), seed=3, out_dir=tmp_path, resume=True, progress=False)
+    assert [r["epoch"] for r in read_jsonl(tmp_path / "train_log.jsonl")] == [1, 2]
+    same_run_files(tmp_path, out)
+
+
+def test_a_fresh_run_removes_the_old_tensorboard_events(tmp_path):
+    (tmp_path / "tensorboard").mkdir()
+    stale = tmp_path / "tensorboard" / "events.out.tfevents.0.stale"
+    stale.write_bytes(b"old run")
+    run_search(small_config(epochs=1, candidates=2, random_baseline=0), seed=0, out_dir=tmp_path, progress=False)
+    assert not stale.exists()
+
+
+def test_a_smoke_run_caps_the_random_baseline_and_keeps_a_best_checkpoint(tmp_path):
+    config = configs.resolve("digits-tiny", {"eval_batch_size": 50})
+    assert config["random_baseline"] > run_module.SMOKE_CANDIDATES
+    result = run_search(config, seed=0, out_dir=tmp_path, smoke=True, progress=False)
+    assert len(read_jsonl(tmp_path / "random_candidates.jsonl")) == run_module.SMOKE_CANDIDATES
+    assert result.summary["random_candidates"] == run_module.SMOKE_CANDIDATES
+    for name in RUN_FILES:  # a one-epoch run too: checkpoint-best.pt is its only epoch
+        assert (tmp_path / name).is_file(), name
+    assert torch.load(tmp_path / "checkpoint-best.pt", weights_only=False)["epoch"] == 1
+
+
+def test_export_records_the_search_s_choice_and_takes_candidate_0(run, tmp_path):
+    out, _ = run
+    summary = export_candidate(out, tmp_path / "best")
+    arch = json.loads((out / "architecture.json").read_text())
+    assert json.loads((tmp_path / "best" / "architecture.json").read_text()) == arch
+    assert summary["heldout_accuracy"] == arch["score"] and summary["test_accuracy"] == arch["test_accuracy"]
+    row0 = read_jsonl(out / "candidates.jsonl")[0]
+    assert export_candidate(out, tmp_path / "zero", candidate=0)["candidate"] == 0
+    record = json.loads((tmp_path / "zero" / "architecture.json").read_text())
+    assert (record["candidate"], record["score"]) == (0, row0["score"])
+    assert record["kept_fraction"] == pytest.approx(row0["kept_fraction"])
+
+
+def test_architecture_in_channels_of_a_grouped_conv_are_its_gated_channels():
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.grouped = GatedConv2d(4, 6, 3, padding=1, groups=2)
+            self.head = GatedLinear(6, 3)
+
+    net = Net()
+    masks = {"grouped": torch.tensor([1.0, 0.0, 1.0, 1.0]), "head": torch.ones(6)}
+    record = architecture_record(net, masks, config={"preset": "p", "posterior": "concrete"}, seed=0,
+                                 candidate={"id": 0, "score": 0.5, "kept_fraction": 0.9}, test_accuracy=None)
+    assert [layer["in_channels"] for layer in record["layers"]] == [4, 6]
+    assert record["layers"][0]["groups"] == 2 and record["layers"][0]["kept_channels"] == [0, 2, 3]
+
+
+def test_score_rank_ties_share_a_rank_and_kendall_tau_with_joint_ties():
+    rows = [{"id": 0, "score": 0.5}, {"id": 1, "score": 0.9}, {"id": 2, "score": 0.5}, {"id": 3, "score": 0.1}]
+    assert [score_rank(rows, c) for c in range(4)] == [2, 1, 2, 4]
+    from scipy.stats import kendalltau
+
+    xs, ys = [1, 1, 2, 3, 3, 4], [2, 2, 1, 3, 4, 4]  # pairs tied in both lists
+    assert kendall_tau(xs, ys) == pytest.approx(kendalltau(xs, ys).statistic, abs=1e-12)
+
+
+def test_study_statistics_match_an_exhaustive_ranking(run):
+    out, _ = run
+    n = 40
+    result = run_study(out, candidates=n, tag="round2", progress=False)
+    loaded = load_run(out)
+    config = {**loaded.config, "candidates": n, "random_baseline": n, "ranking": "exhaustive"}
+    guided = rank_search_candidates(loaded.model, loaded.feed, config, seed=loaded.seed, progress=False)
+    random = rank_search_candidates(loaded.model, loaded.feed, config, seed=loaded.seed, progress=False, random=True)
+    for name, rows in (("guided", guided), ("random", random)):
+        scores = [r["score"] for r in rows]
+        assert result[name] == pytest.approx({"mean": statistics.fmean(scores), "std": statistics.pstdev(scores),
+                                              "best": max(scores),
+                                              "kept_fraction": statistics.fmean(r["kept_fraction"] for r in rows)})
+    for point in result["best_vs_candidates"]:
+        best = best_candidate(guided[:point["candidates"]])
+        assert (point["best_id"], point["best_heldout"]) == (best["id"], best["score"]), point
+    racing = result["racing"]
+    heldout = len(loaded.feed.split("heldout")[1])
+    assert racing["exhaustive_images"] == n * heldout and racing["images"] < racing["exhaustive_images"]
+    assert 0 < racing["survivors"] < n  # only those that went past the first round
+    assert racing["winner_exhaustive_rank"] == score_rank(guided, racing["winner"])
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("epochs", 0, "an int > 0"), ("batch_size", 0, "an int > 0"), ("candidates", 0, "an int > 0"),
+    ("milestones", [150, 90], "an ascending list of epochs > 0"), ("momentum", 1, "a number in \\[0, 1\\)"),
+    ("racing_eta", 1, "an int >= 2"), ("grad_clip", float("inf"), "a number >= 0"),
+])
+def test_config_file_values_out_of_range_are_refused(key, value, expected):
+    """--set and --config bypass the CLI flags' own checks: the schema alone refuses these."""
+    with pytest.raises(configs.ConfigError, match=f"config key '{key}' must be {expected}"):
+        configs.resolve("digits-tiny", {key: value})
+
+
+def test_resolve_copies_the_overrides_and_set_strips_the_key():
+    overrides = {"supernet_args": {"width": 8, "gate_group_size": 4}, "milestones": [5]}
+    config = configs.resolve("digits-tiny", overrides)
+    config["supernet_args"]["width"] = 4
+    config["milestones"].append(9)
+    assert overrides == {"supernet_args": {"width": 8, "gate_group_size": 4}, "milestones": [5]}
+    assert configs.parse_assignment("lr = 0.1") == ("lr", 0.1)
+
+
+def test_racing_may_start_on_the_whole_held_out_set():
+    assert configs.resolve("digits-tiny", {"racing_first_share": 1})["racing_first_share"] == 1
+
+
+def test_a_last_batch_of_one_row_per_rank_is_shared():
+    from pgnas_fast.search.feed import check_shards
+    from pgnas_fast.search.parallel import Parallel
+
+    check_shards([64, 64, 2], Parallel(1, 2))
+    check_shards([8, 4], Parallel(3, 4))
+
+
+def test_tensor_feed_limits_batches_and_sizes():
+    from pgnas_fast.data import load_digits
+    from pgnas_fast.search.feed import TensorFeed
+
+    splits = load_digits(test=360, heldout=300, split_seed=0)
+    smoke = TensorFeed(splits, batch_size=64, eval_batch_size=50, device="cpu", max_eval_batches=2)
+    for split in ("heldout", "test"):
+        assert [len(labels) for _, labels in smoke.eval_batches(split)] == [50, 50]
+        assert len(smoke.split(split)[1]) == 100
+    assert smoke.sizes() == {"train": 1137, "heldout": 300, "test": 360}
+    full = TensorFeed(splits, batch_size=64, eval_batch_size=50, device="cpu")
+    assert len(full.split("heldout")[1]) == 300 and len(list(full.eval_batches("test"))) == 8
+    assert full.train_batch_sizes() == [64] * 17 + [1137 - 17 * 64]
+    assert [len(labels) for _, labels in full.train_batches(0, 1)] == full.train_batch_sizes()
+    assert torch.equal(full.recalibration_images(10), splits.train[0][:10])
+
+
+def test_a_smoke_cifar_loader_feed_stops_at_max_steps(tmp_path):
+    from data_fixtures import write_cifar10
+
+    from pgnas_fast.search.feed import CifarLoaderFeed
+    from pgnas_fast.search.run import build_feed, load_data
+
+    write_cifar10(tmp_path)
+    config = configs.resolve("cifar10-supnet-m", {"heldout_size": 50, "batch_size": 32, "workers": 0})
+    feed = build_feed(config, load_data(config, tmp_path), torch.device("cpu"), seed=4, smoke=True)
+    assert isinstance(feed, CifarLoaderFeed) and feed.steps_per_epoch() == run_module.SMOKE_STEPS
+    assert len(list(feed.train_batches(0, 4))) == run_module.SMOKE_STEPS
+    assert len(list(feed.train_shards(0, 4))) == run_module.SMOKE_STEPS
+
+
+def test_best_vs_candidates_counts_end_at_a_round_count_once():
+    from pgnas_fast.search.study import _counts_up_to
+
+    assert _counts_up_to(1000) == [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000]  # the study's default
+    assert _counts_up_to(500) == [1, 2, 5, 10, 20, 50, 100, 200, 500]  # --candidates 500: no duplicate row
+    assert _counts_up_to(20) == [1, 2, 5, 10, 20] and _counts_up_to(1) == [1]

@@ -21,6 +21,7 @@ from pgnas_fast.search.io import read_jsonl
 from pgnas_fast.search.run import RUN_FILES, load_run, rank_search_candidates
 from pgnas_fast.search.study import kendall_tau, run_study, score_rank
 
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("round2")

@@ -1,4 +1,5 @@
-"""Shared helpers for the op-layer tests: the backends under test and a float64 error measure."""
+"""Shared helpers: the backends under test and a float64 error measure (op tests); a small digits
+search, run once per session, and the comparison of two runs (search-level tests)."""
 from __future__ import annotations
 
 import importlib.util
@@ -91,3 +92,36 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason="slow: run with --run-slow"))
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(pytest.mark.skip(reason="gpu: needs a CUDA device"))
+
+
+# ---- a small search, shared by the search-level test files (read-only: tests copy it to change it)
+SMALL = {"epochs": 2, "candidates": 6, "random_baseline": 4}
+TIMINGS = {"images_per_second", "seconds"}
+
+
+def small_config(**overrides):
+    from pgnas_fast import configs
+
+    return configs.resolve("digits-tiny", {**SMALL, **overrides})
+
+
+def same_run_files(a, b, names=("architecture.json", "candidates.jsonl", "random_candidates.jsonl")):
+    """Byte-identical result files, and identical training logs but for the wall-clock timings."""
+    from pgnas_fast.search.io import read_jsonl
+
+    for name in names:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+    def log(d):
+        return [{k: v for k, v in row.items() if k not in TIMINGS} for row in read_jsonl(d / "train_log.jsonl")]
+
+    assert log(a) == log(b)
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory):
+    """(run directory, SearchResult) of small_config() with seed 3."""
+    from pgnas_fast.search import run_search
+
+    out = tmp_path_factory.mktemp("run")
+    return out, run_search(small_config(), seed=3, out_dir=out, progress=False)

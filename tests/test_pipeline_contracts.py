@@ -1,8 +1,7 @@
 """What the search pipeline promises beyond its main path (each test pins a bug a mutation review found
 the suite letting through): the summary's numbers, a resume after a kill between the log and the
-checkpoint, what a fresh run removes, the smoke limits, export's record of the search's choice, the
-study's statistics, the config checks that --set and --config share with the flags, and the feeds'
-batch limits."""
+checkpoint, export's record of the search's choice, the study's statistics, the config checks that
+--set and --config share with the flags, and the feeds' batch limits."""
 from __future__ import annotations
 
 import json
@@ -10,7 +9,7 @@ import statistics
 
 import pytest
 import torch
-from test_search import same_run_files, small_config
+from conftest import same_run_files, small_config
 
 from pgnas_fast import configs
 from pgnas_fast.nn import GatedConv2d, GatedLinear
@@ -18,14 +17,13 @@ from pgnas_fast.search import accuracy, best_candidate, run_search
 from pgnas_fast.search import run as run_module
 from pgnas_fast.search.export import architecture_record, export_candidate
 from pgnas_fast.search.io import read_jsonl
-from pgnas_fast.search.run import RUN_FILES, load_run, rank_search_candidates
+from pgnas_fast.search.run import load_run, rank_search_candidates
 from pgnas_fast.search.study import kendall_tau, run_study, score_rank
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("round2")
-    result = run_search(small_config(), seed=3, out_dir=out, progress=False)
+def run(finished_run):
+    out, result = finished_run
     return out, result.summary
 
 
@@ -64,25 +62,6 @@ def test_resume_after_a_kill_between_the_log_and_the_checkpoint(run, tmp_path, m
     run_search(small_config(), seed=3, out_dir=tmp_path, resume=True, progress=False)
     assert [r["epoch"] for r in read_jsonl(tmp_path / "train_log.jsonl")] == [1, 2]
     same_run_files(tmp_path, out)
-
-
-def test_a_fresh_run_removes_the_old_tensorboard_events(tmp_path):
-    (tmp_path / "tensorboard").mkdir()
-    stale = tmp_path / "tensorboard" / "events.out.tfevents.0.stale"
-    stale.write_bytes(b"old run")
-    run_search(small_config(epochs=1, candidates=2, random_baseline=0), seed=0, out_dir=tmp_path, progress=False)
-    assert not stale.exists()
-
-
-def test_a_smoke_run_caps_the_random_baseline_and_keeps_a_best_checkpoint(tmp_path):
-    config = configs.resolve("digits-tiny", {"eval_batch_size": 50})
-    assert config["random_baseline"] > run_module.SMOKE_CANDIDATES
-    result = run_search(config, seed=0, out_dir=tmp_path, smoke=True, progress=False)
-    assert len(read_jsonl(tmp_path / "random_candidates.jsonl")) == run_module.SMOKE_CANDIDATES
-    assert result.summary["random_candidates"] == run_module.SMOKE_CANDIDATES
-    for name in RUN_FILES:  # a one-epoch run too: checkpoint-best.pt is its only epoch
-        assert (tmp_path / name).is_file(), name
-    assert torch.load(tmp_path / "checkpoint-best.pt", weights_only=False)["epoch"] == 1
 
 
 def test_export_records_the_search_s_choice_and_takes_candidate_0(run, tmp_path):

@@ -6,6 +6,7 @@ import statistics
 
 import pytest
 import torch
+from conftest import SMALL, same_run_files, small_config
 
 from pgnas_fast import configs
 from pgnas_fast.data import load_digits
@@ -15,31 +16,6 @@ from pgnas_fast.search import run as run_module
 from pgnas_fast.search.io import read_jsonl
 from pgnas_fast.search.run import RUN_FILES, build_supernet, load_data, load_run
 from pgnas_fast.search.train import learning_rate, regularizer_weight
-
-SMALL = {"epochs": 2, "candidates": 6, "random_baseline": 4}
-TIMINGS = {"images_per_second", "seconds"}
-
-
-def same_run_files(a, b, names=("architecture.json", "candidates.jsonl", "random_candidates.jsonl")):
-    """Byte-identical result files, and identical training logs but for the wall-clock timings."""
-    for name in names:
-        assert (a / name).read_bytes() == (b / name).read_bytes(), name
-
-    def log(d):
-        return [{k: v for k, v in row.items() if k not in TIMINGS} for row in read_jsonl(d / "train_log.jsonl")]
-
-    assert log(a) == log(b)
-
-
-def small_config(**overrides):
-    return configs.resolve("digits-tiny", {**SMALL, **overrides})
-
-
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("run")
-    result = run_search(small_config(), seed=3, out_dir=out, progress=False)
-    return out, result
 
 
 def test_run_directory_holds_every_file(finished_run):
@@ -195,8 +171,11 @@ def test_resume_refuses_another_config(finished_run, tmp_path):
 
 def test_fresh_run_replaces_an_old_run_whole(finished_run, tmp_path):
     (tmp_path / "random_candidates.jsonl").write_text("stale\n")
+    (tmp_path / "tensorboard").mkdir()
+    stale_events = tmp_path / "tensorboard" / "events.out.tfevents.0.stale"
+    stale_events.write_bytes(b"old run")
     run_search(small_config(random_baseline=0), seed=3, out_dir=tmp_path, progress=False)
-    assert not (tmp_path / "random_candidates.jsonl").exists()
+    assert not (tmp_path / "random_candidates.jsonl").exists() and not stale_events.exists()
 
 
 def test_smoke_runs_the_pipeline_on_a_handful_of_batches(tmp_path):
@@ -207,6 +186,13 @@ def test_smoke_runs_the_pipeline_on_a_handful_of_batches(tmp_path):
     # scores come from SMOKE_EVAL_BATCHES batches of 50 held-out images
     assert all(abs(r["score"] * 100 - round(r["score"] * 100)) < 1e-9 for r in read_jsonl(tmp_path / "candidates.jsonl"))
     assert result.summary["candidates"] == 2
+    # the random baseline is capped too, and a one-epoch run still keeps its best checkpoint
+    assert config["random_baseline"] > run_module.SMOKE_CANDIDATES
+    assert len(read_jsonl(tmp_path / "random_candidates.jsonl")) == run_module.SMOKE_CANDIDATES
+    assert result.summary["random_candidates"] == run_module.SMOKE_CANDIDATES
+    for name in RUN_FILES:
+        assert (tmp_path / name).is_file(), name
+    assert torch.load(tmp_path / "checkpoint-best.pt", weights_only=False)["epoch"] == 1
 
 
 def test_digits_splits_are_disjoint_stratified_and_fixed():

@@ -370,11 +370,15 @@ inline void check_one_dtype(const char* name, const std::vector<at::Tensor>& ts)
   }
 }
 
-// The flat gradient buffer of `ts` (checked by check_one_dtype): their element count, ts[0]'s options.
-inline at::Tensor flat_gradient(const std::vector<at::Tensor>& ts) {
+inline int64_t total_numel(const std::vector<at::Tensor>& ts) {
   int64_t n = 0;
   for (const at::Tensor& t : ts) n += t.numel();
-  return at::empty({n}, ts[0].options());
+  return n;
+}
+
+// The flat gradient buffer of `ts` (checked by check_one_dtype): their element count, ts[0]'s options.
+inline at::Tensor flat_gradient(const std::vector<at::Tensor>& ts) {
+  return at::empty({total_numel(ts)}, ts[0].options());
 }
 
 }  // namespace pgnas

@@ -54,7 +54,8 @@ def _build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     search = commands.add_parser(
-        "search", help="train the super-network's posterior, sample and rank candidates, record the best (architecture.json)",
+        "search",
+        help="train the super-network's posterior, sample and rank candidates, record the best (architecture.json)",
         description="Run a whole PGNAS search: posterior training, candidate sampling from the learned drop "
                     "probabilities, ranking on held-out data with the inherited weights, and the best "
                     "candidate's held-out and test accuracy. Writes a run directory.")

@@ -362,10 +362,9 @@ inline std::vector<double> channel_squares(const std::vector<RegSegment>& segs, 
       const RegSegment& s = segs[item.segment];
       const int64_t row_len = s.per_group * s.taps;
       const double* keep_e = row_keep_e(t, s, item.segment, item.first_row);
-      for (int64_t e = 0; e < row_len; ++e) {
-        sq_e[e] = 0;
-        scale_e[e] = weight_scale * keep_e[e];
-      }
+      std::fill_n(sq_e.begin(), row_len, 0.0);
+      if (gradients)
+        for (int64_t e = 0; e < row_len; ++e) scale_e[e] = weight_scale * keep_e[e];
       s.squares(gradients ? s.grad_weight : nullptr, s.weight, item.first_row, item.end_row, row_len,
                 scale_e.data(), sq_e.data());
       double* acc = partial.data() + item.partial_begin;  // per j: its taps' sums

@@ -317,16 +317,15 @@ std::vector<cpu::RegSegment> segment_table(const std::vector<at::Tensor>& weight
 // dropped, as zero_grad(set_to_none=True) does): on CPU what the CUDA caching allocator does on GPU.
 at::Tensor reusable_flat_gradient(const std::vector<at::Tensor>& ts) {
   constexpr int64_t kMmapThreshold = int64_t{32} << 20;  // glibc's largest: smaller buffers reuse the heap
-  int64_t n = 0;
-  for (const at::Tensor& t : ts) n += t.numel();
+  const int64_t n = total_numel(ts);
   const at::TensorOptions options = ts[0].options();
   const int64_t bytes = n * static_cast<int64_t>(options.dtype().itemsize());
-  if (bytes < kMmapThreshold) return at::empty({n}, options);
+  if (bytes < kMmapThreshold) return flat_gradient(ts);
   static std::mutex mutex;
   static c10::Storage& kept = *new c10::Storage();  // never destroyed: no free after torch's teardown at exit
   std::lock_guard<std::mutex> lock(mutex);
   if (!kept || kept.use_count() > 1 || static_cast<int64_t>(kept.nbytes()) != bytes) {  // held, or another size
-    kept = at::empty({n}, options).storage();
+    kept = flat_gradient(ts).storage();
   }
   return at::empty({0}, options).set_(kept, 0, {n}, {1});
 }

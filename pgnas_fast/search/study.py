@@ -5,8 +5,9 @@
 - Best candidate vs number of candidates (paper Table 6): the best held-out accuracy among the
   first n guided candidates, and that candidate's test accuracy, for growing n.
 - Racing vs exhaustive agreement: the rank of racing's winner among the exhaustive scores (ties
-  share a rank; the issue's check is top 3), the images each strategy read, and Kendall's tau between the racing scores
-  of the candidates that survived the first round and their exhaustive scores.
+  share a rank; the issue's check is top 3), the images each strategy read, and Kendall's tau
+  between the racing scores of the candidates that survived the first round and their exhaustive
+  scores.
 """
 from __future__ import annotations
 

@@ -237,6 +237,13 @@ BAD_NATIVE_CALLS = [
     ("reg backward mixed weights", lambda c: c.regularizer_backward(
         torch.tensor(1.0), [torch.randn(4, 3), torch.randn(4, 3).double()], [torch.randn(3), torch.randn(3)], 1.0, 1.0,
         1.0), ValueError, r"weights\[1\] must have the dtype of weights\[0\] \(Float"),
+    ("reg fused lengths", lambda c: c.regularizer_with_grad([torch.randn(4, 3)], [], 1.0, 1.0, 1.0), ValueError,
+     "p_logits"),
+    ("reg fused n_train", lambda c: c.regularizer_with_grad([torch.randn(4, 3)], [torch.randn(3)], 1.0, 1.0, -1.0),
+     ValueError, "n_train"),
+    ("reg fused mixed weights", lambda c: c.regularizer_with_grad(
+        [torch.randn(4, 3), torch.randn(4, 3).double()], [torch.randn(3), torch.randn(3)], 1.0, 1.0, 1.0), ValueError,
+     r"weights\[1\] must have the dtype of weights\[0\] \(Float"),
     ("kl backward mixed", lambda c: c.gaussian_kl_backward(torch.tensor(1.0), [P, P.double()], [1, 1], 1.0), ValueError,
      r"log_alphas\[1\] must have the dtype of log_alphas\[0\]"),
     ("candidates dtype", lambda c: c.candidate_keep(P, torch.tensor([1.0]), 0, 0, 2), TypeError, "candidates"),

@@ -912,7 +912,8 @@ def _outputs_and_grads(run, args, seed: int):
     return outs, torch.autograd.grad(loss, leaves, allow_unused=True)
 
 
-def _assert_eager_calls_equal_the_custom_ops(backend, device="cpu"):
+def _every_op_case(backend, device):
+    """(name, args) of every op in the op set, the Gaussian family's too, with the tensors on `device`."""
     from test_gaussian_ops import opcheck_cases as gaussian_opcheck_cases
 
     def to(arg):
@@ -922,9 +923,13 @@ def _assert_eager_calls_equal_the_custom_ops(backend, device="cpu"):
             return torch.device(device)
         return [to(a) for a in arg] if isinstance(arg, list) else arg
 
+    return [(name, tuple(to(a) for a in args)) for name, args in
+            _opcheck_cases(backend) + gaussian_opcheck_cases(backend)]
+
+
+def _assert_eager_calls_equal_the_custom_ops(backend, device="cpu"):
     ops = _custom_ops()
-    for k, (name, cpu_args) in enumerate(_opcheck_cases(backend) + gaussian_opcheck_cases(backend)):
-        args = tuple(to(a) for a in cpu_args)
+    for k, (name, args) in enumerate(_every_op_case(backend, device)):
         eager, eager_grads = _outputs_and_grads(lambda *a, name=name: _library.call(name, *a), args, k)
         custom, custom_grads = _outputs_and_grads(ops[name], args, k)
         assert (len(eager), len(eager_grads)) == (len(custom), len(custom_grads)), name
@@ -948,6 +953,35 @@ def test_eager_calls_equal_the_custom_ops_on_the_gpu(backend):
     if not pf.backends()[backend][0]:
         pytest.skip(pf.backends()[backend][1])
     _assert_eager_calls_equal_the_custom_ops(backend, "cuda")
+
+
+def _assert_every_op_matches_the_reference(backend, device):
+    """Every op (forward and backward ops, both layouts, bfloat16, offsets past 2^32) on `device`:
+    the backend's outputs and gradients against the reference backend's on the same inputs."""
+    ops = _custom_ops()
+    cases = zip(_every_op_case(backend, device), _every_op_case("reference", device))
+    for k, ((name, args), (_, reference_args)) in enumerate(cases):
+        got, got_grads = _outputs_and_grads(ops[name], args, k)
+        want, want_grads = _outputs_and_grads(ops[name], reference_args, k)
+        assert len(got) == len(want) and len(got_grads) == len(want_grads), name
+        for ours, ref in zip([*got, *got_grads], [*want, *want_grads]):
+            assert (ours is None) == (ref is None), name
+            if ours is not None:
+                assert ours.shape == ref.shape and ours.dtype == ref.dtype and ours.device.type == device, name
+                tolerance = TOLERANCE[ours.dtype] if ours.dtype in (torch.float16, torch.bfloat16) else 1e-5
+                assert rel_err(ours, ref) < tolerance, (k, name, rel_err(ours, ref))
+
+
+def test_every_op_matches_the_reference_backend(backend):
+    _assert_every_op_matches_the_reference(backend, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gpu_backends_match_the_reference_on_every_op(backend):
+    if not pf.backends()[backend][0]:
+        pytest.skip(pf.backends()[backend][1])
+    _assert_every_op_matches_the_reference(backend, "cuda")
 
 
 def test_eager_calls_do_not_enter_the_dispatcher(backend, monkeypatch):

@@ -689,6 +689,8 @@ def main(argv=None) -> int:
             except Exception as err:  # one failing backend must not hide the others' numbers
                 row.update(ms=None, note=error_note(err))
         rows[index, name] = row
+        if name == COMPILED:  # each compiled row costs a compilation: its number is kept at once
+            report(partial=True)
     if not counted:
         launches = count()
     text, target_rows = report(partial=False)

@@ -1,8 +1,8 @@
-"""How the GPU is driven (GPU only): kernel launches of the whole-network ops (issue 4: the regulariser
-of SupNet-MI and D-121 in at most 2 launches), counted by the profiler for every native backend that
-runs there; their capture in CUDA graphs; and no host synchronisation in a training step or a
-candidate pass. On CPU, tests/test_triton.py counts the Triton launches of the same calls through the
-interpreter."""
+"""How the GPU is driven (GPU only, but for one CPU image of a launch count): kernel launches of the
+whole-network ops (issue 4: the regulariser of SupNet-MI and D-121 in at most 2 launches), counted by
+the profiler for every native backend that runs there; their capture in CUDA graphs; and no host
+synchronisation in a training step or a candidate pass. On CPU, tests/test_triton.py counts the
+Triton launches of the same calls through the interpreter."""
 from __future__ import annotations
 
 import pytest
@@ -31,7 +31,8 @@ def test_gpu_regularizer_value_and_gradients_in_two_launches(network, backend):
     model = supernets.create(network, num_classes=10).cuda()
     layers = [layer for _, layer in gated_layers(model)]
     weights = [layer.weight for layer in layers]
-    p_logits = [layer.p_logit_per_channel().detach().requires_grad_() for layer in layers]
+    # contiguous leaves: autograd clones the gradient of an expanded (stride-0) leaf, one copy per layer
+    p_logits = [layer.p_logit_per_channel().detach().clone().requires_grad_() for layer in layers]
 
     one = torch.ones((), device="cuda")  # made here: backward() would launch a fill for it
 
@@ -200,3 +201,37 @@ def test_gpu_training_step_and_candidate_pass_never_synchronise(network, backend
         finally:
             torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(logits).all()
+
+
+def test_a_regularizer_step_runs_only_its_two_ops(backend):
+    """The CPU image of the GPU launch count above: forward and backward of the whole-network
+    regulariser dispatch the op and its backward op and nothing else that would launch a kernel
+    (views of the flat gradients only; no copy, clone or fill per tensor)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Log(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    gen = torch.Generator().manual_seed(3)
+    shapes = [((8, 3, 3, 3), 3), ((10, 6), 6), ((8, 2, 3, 3), 4), ((6, 1, 3, 3), 6), ((9, 2, 1, 1), 6)]
+    weights = [torch.randn(s, generator=gen).requires_grad_() for s, _ in shapes]
+    p_logits = [torch.randn(c, generator=gen).requires_grad_() for _, c in shapes]
+    one = torch.ones(())
+
+    def step():
+        for t in weights + p_logits:
+            t.grad = None
+        pf.ops.regularizer(weights, p_logits, weight_reg=10.0, drop_reg=1.0, n_train=5e4, backend=backend).backward(one)
+
+    step()
+    with Log() as log:
+        step()
+    launching = [name for name in log.names if name.split(".")[1] not in ("view", "split_with_sizes", "detach")]
+    assert launching == ["pgnas_fast.regularizer.default", "pgnas_fast.regularizer_backward.default"], launching
+    assert all(w.grad is not None and p.grad is not None for w, p in zip(weights, p_logits))

@@ -908,7 +908,7 @@ def _outputs_and_grads(run, args, seed: int):
     if not leaves:
         return outs, []
     gen = torch.Generator().manual_seed(seed)
-    loss = sum((o.double() * torch.randn(o.shape, generator=gen, dtype=torch.float64)).sum() for o in outs)
+    loss = sum((o.double() * torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.device)).sum() for o in outs)
     return outs, torch.autograd.grad(loss, leaves, allow_unused=True)
 
 

@@ -11,59 +11,44 @@ namespace pgnas {
 namespace cuda {
 namespace {
 
-__device__ __forceinline__ int64_t row_of(int64_t e, int64_t channels, int64_t spatial, int layout) {
-  if (layout == PGNAS_NCHW) return e / spatial;
-  return (e / (spatial * channels)) * channels + e % channels;
-}
-
 template <typename A>
 __device__ __forceinline__ A relu_affine(A x, A a, A b) {
   const A pre = x * a + b;
   return pre > A(0) ? pre : A(0);
 }
 
-template <typename T, typename G>
-__global__ void forward_scalar(T* __restrict__ out, const T* __restrict__ x, const G* __restrict__ scale,
-                               const G* __restrict__ shift, const G* __restrict__ keep, int64_t n, int64_t channels,
-                               int64_t spatial, int layout) {
-  using A = typename AccOf<T, G>::type;
-  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < n;
-       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t r = row_of(e, channels, spatial, layout);
-    const int64_t c = r % channels;
-    out[e] = narrow<T>(relu_affine(widen<A>(x[e]), static_cast<A>(scale[c]), static_cast<A>(shift[c])) *
-                       static_cast<A>(keep[r]));
-  }
-}
+// out = relu(x * scale[c] + shift[c]) * keep[b, c], through common.cuh's walk.
+template <typename T, typename G, bool NHWC>
+struct AffineReluGateOp {
+  static constexpr bool kNhwc = NHWC;
+  using Data = T;
+  T* out;
+  const T* x;
+  const G* scale;
+  const G* shift;
+  const G* keep;
 
-// 16-byte packs: NCHW with S a multiple of the pack (one row per pack) or NHWC with C a multiple of it.
-template <typename T, typename G>
-__global__ void forward_packed(T* __restrict__ out, const T* __restrict__ x, const G* __restrict__ scale,
-                               const G* __restrict__ shift, const G* __restrict__ keep, int64_t n, int64_t channels,
-                               int64_t spatial, int layout) {
-  using A = typename AccOf<T, G>::type;
-  constexpr int V = Pack<T>::kSize;
-  for (int64_t q = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; q < n / V;
-       q += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t r = row_of(q * V, channels, spatial, layout);
-    const Pack<T> in = reinterpret_cast<const Pack<T>*>(x)[q];
-    Pack<T> res;
-    if (layout == PGNAS_NCHW) {
-      const int64_t c = r % channels;
-      const A a = static_cast<A>(scale[c]), b = static_cast<A>(shift[c]), k = static_cast<A>(keep[r]);
+  template <int W>
+  __device__ __forceinline__ void apply(int64_t e, const Vec<T, W>& in, Where<kNhwc> w, int64_t channels,
+                                        int64_t spatial) const {
+    using A = typename AccOf<T, G>::type;
+    Vec<T, W> res;
+    A a = static_cast<A>(scale[w.c]), b = static_cast<A>(shift[w.c]), k = static_cast<A>(keep[w.g]);
 #pragma unroll
-      for (int v = 0; v < V; ++v) res.v[v] = narrow<T>(relu_affine(widen<A>(in.v[v]), a, b) * k);
-    } else {
-      const int64_t c0 = r % channels;
-#pragma unroll
-      for (int v = 0; v < V; ++v)
-        res.v[v] = narrow<T>(relu_affine(widen<A>(in.v[v]), static_cast<A>(scale[c0 + v]),
-                                         static_cast<A>(shift[c0 + v])) *
-                             static_cast<A>(keep[r + v]));
+    for (int v = 0; v < W; ++v) {
+      if (v > 0) {
+        w.next(channels, spatial);
+        if (kNhwc || w.s == 0) {  // NCHW: new parameters only on a new row
+          a = static_cast<A>(scale[w.c]);
+          b = static_cast<A>(shift[w.c]);
+          k = static_cast<A>(keep[w.g]);
+        }
+      }
+      res.v[v] = narrow<T>(relu_affine(widen<A>(in.v[v]), a, b) * k);
     }
-    reinterpret_cast<Pack<T>*>(out)[q] = res;
+    *reinterpret_cast<Vec<T, W>*>(out + e) = res;
   }
-}
+};
 
 // The three per-element contributions of the backward pass, accumulated in A.
 template <typename A>
@@ -79,41 +64,49 @@ struct Sums {
   }
 };
 
-// NCHW: one warp per (b, c) row.
-template <typename T, typename G>
-__global__ void backward_rows(T* __restrict__ grad_x, G* __restrict__ row_scale, G* __restrict__ row_shift,
-                              G* __restrict__ grad_keep, const T* __restrict__ grad, const T* __restrict__ x,
-                              const G* __restrict__ scale, const G* __restrict__ shift, const G* __restrict__ keep,
-                              int64_t rows, int64_t channels, int64_t spatial, bool packed) {
+// NCHW: one warp per (b, c) row. Lane l sums accesses l, l + 32, ... in order (V elements each; V = 1
+// unless S is a multiple of the pack), then warp_sum; U accesses are loaded before any is used.
+template <typename T, typename G, int V>
+__global__ void __launch_bounds__(kThreads) backward_rows(T* __restrict__ grad_x, G* __restrict__ row_scale,
+                                                          G* __restrict__ row_shift, G* __restrict__ grad_keep,
+                                                          const T* __restrict__ grad, const T* __restrict__ x,
+                                                          const G* __restrict__ scale, const G* __restrict__ shift,
+                                                          const G* __restrict__ keep, int64_t rows, int64_t channels,
+                                                          int64_t spatial) {
   using A = typename AccOf<T, G>::type;
-  constexpr int V = Pack<T>::kSize;
+  constexpr int U = 4;
   const int lane = threadIdx.x & 31;
-  const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x >> 5);
-  for (int64_t r = blockIdx.x * static_cast<int64_t>(blockDim.x >> 5) + (threadIdx.x >> 5); r < rows; r += warps) {
-    const int64_t c = r % channels;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x >> 5), per_row = spatial / V;
+  const int64_t first = blockIdx.x * static_cast<int64_t>(blockDim.x >> 5) + (threadIdx.x >> 5);
+  const int64_t step_c = warps % channels;
+  int64_t c = first % channels;  // the row's channel, moved along with r (no division per row)
+  for (int64_t r = first; r < rows; r += warps) {
     const A a = static_cast<A>(scale[c]), b = static_cast<A>(shift[c]), k = static_cast<A>(keep[r]);
-    const int64_t base = r * spatial;
+    const Vec<T, V>* g4 = reinterpret_cast<const Vec<T, V>*>(grad + r * spatial);
+    const Vec<T, V>* x4 = reinterpret_cast<const Vec<T, V>*>(x + r * spatial);
+    Vec<T, V>* o4 = reinterpret_cast<Vec<T, V>*>(grad_x + r * spatial);
     Sums<A> sums;
-    if (packed) {
-      const Pack<T>* g4 = reinterpret_cast<const Pack<T>*>(grad + base);
-      const Pack<T>* x4 = reinterpret_cast<const Pack<T>*>(x + base);
-      Pack<T>* o4 = reinterpret_cast<Pack<T>*>(grad_x + base);
-      for (int64_t q = lane; q < spatial / V; q += 32) {
-        const Pack<T> g = g4[q], xv = x4[q];
-        Pack<T> o;
+    for (int64_t q0 = lane; q0 < per_row; q0 += 32 * U) {
+      Vec<T, V> g[U], xv[U];
 #pragma unroll
-        for (int v = 0; v < V; ++v) {
-          A dx;
-          sums.add(widen<A>(g.v[v]), widen<A>(xv.v[v]), a, b, k, &dx);
-          o.v[v] = narrow<T>(dx);
+      for (int u = 0; u < U; ++u) {
+        if (q0 + 32 * u < per_row) {
+          g[u] = g4[q0 + 32 * u];
+          xv[u] = x4[q0 + 32 * u];
         }
-        o4[q] = o;
       }
-    } else {
-      for (int64_t s = lane; s < spatial; s += 32) {
-        A dx;
-        sums.add(widen<A>(grad[base + s]), widen<A>(x[base + s]), a, b, k, &dx);
-        grad_x[base + s] = narrow<T>(dx);
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        if (q0 + 32 * u < per_row) {
+          Vec<T, V> o;
+#pragma unroll
+          for (int v = 0; v < V; ++v) {
+            A dx;
+            sums.add(widen<A>(g[u].v[v]), widen<A>(xv[u].v[v]), a, b, k, &dx);
+            o.v[v] = narrow<T>(dx);
+          }
+          o4[q0 + 32 * u] = o;
+        }
       }
     }
     const A total_scale = warp_sum(sums.scale), total_shift = warp_sum(sums.shift), total_keep = warp_sum(sums.keep);
@@ -122,34 +115,89 @@ __global__ void backward_rows(T* __restrict__ grad_x, G* __restrict__ row_scale,
       row_shift[r] = static_cast<G>(total_shift);
       if (grad_keep != nullptr) grad_keep[r] = static_cast<G>(total_keep);
     }
+    c += step_c;
+    if (c >= channels) c -= channels;
   }
 }
 
-// NHWC: threads over channels (coalesced), each summing a slice of one example's positions; the
-// slices meet in the row buffers (zeroed by the launcher) through atomics.
-template <typename T, typename G>
-__global__ void backward_channels_last(T* __restrict__ grad_x, G* __restrict__ row_scale, G* __restrict__ row_shift,
-                                       G* __restrict__ grad_keep, const T* __restrict__ grad, const T* __restrict__ x,
-                                       const G* __restrict__ scale, const G* __restrict__ shift,
-                                       const G* __restrict__ keep, int64_t batch, int64_t channels, int64_t spatial,
-                                       int64_t slices) {
+// NHWC: a block item is (example b, a tile of `lanes` packs of V channels) over all positions (common.cuh
+// channels_last_lanes); each thread sums its channels' positions in order, group_sum adds the position
+// groups in a fixed order: deterministic, no atomics.
+template <typename T, typename G, int V>
+__global__ void __launch_bounds__(kThreads) backward_channels_last(
+    T* __restrict__ grad_x, G* __restrict__ row_scale, G* __restrict__ row_shift, G* __restrict__ grad_keep,
+    const T* __restrict__ grad, const T* __restrict__ x, const G* __restrict__ scale, const G* __restrict__ shift,
+    const G* __restrict__ keep, int64_t batch, int64_t channels, int64_t spatial, int lanes) {
   using A = typename AccOf<T, G>::type;
-  for (int64_t item = blockIdx.x; item < channels_last_items(batch, channels, slices); item += gridDim.x) {
-    const ChannelsLastItem it = channels_last_item(item, channels, spatial, slices);
-    const int64_t b = it.b, c = it.c;
-    if (c >= channels) continue;
-    const int64_t r = b * channels + c;
-    const A a = static_cast<A>(scale[c]), sh = static_cast<A>(shift[c]), k = static_cast<A>(keep[r]);
-    Sums<A> sums;
-    for (int64_t s = it.s_begin; s < it.s_end; ++s) {
-      const int64_t e = (b * spatial + s) * channels + c;
-      A dx;
-      sums.add(widen<A>(grad[e]), widen<A>(x[e]), a, sh, k, &dx);
-      grad_x[e] = narrow<T>(dx);
+  constexpr int U = 4;
+  __shared__ A scratch[V * kThreads];
+  const int groups = blockDim.x / lanes, group = threadIdx.x / lanes;
+  const int64_t tiles = (channels / V + lanes - 1) / lanes;
+  for (int64_t item = blockIdx.x; item < batch * tiles; item += gridDim.x) {
+    const int64_t b = item / tiles;
+    const int64_t c0 = ((item - b * tiles) * lanes + (threadIdx.x & (lanes - 1))) * V;  // this thread's V channels
+    const bool live = c0 < channels;
+    A a[V], sh[V], k[V];
+    Sums<A> sums[V];
+#pragma unroll
+    for (int v = 0; v < V; ++v) {
+      a[v] = live ? static_cast<A>(scale[c0 + v]) : A(0);
+      sh[v] = live ? static_cast<A>(shift[c0 + v]) : A(0);
+      k[v] = live ? static_cast<A>(keep[b * channels + c0 + v]) : A(0);
     }
-    atomicAdd(row_scale + r, static_cast<G>(sums.scale));
-    atomicAdd(row_shift + r, static_cast<G>(sums.shift));
-    if (grad_keep != nullptr) atomicAdd(grad_keep + r, static_cast<G>(sums.keep));
+    if (live) {
+      const int64_t base = b * spatial * channels + c0;
+      for (int64_t s0 = group; s0 < spatial; s0 += static_cast<int64_t>(U) * groups) {
+        Vec<T, V> g[U], xv[U];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+          const int64_t s = s0 + static_cast<int64_t>(u) * groups;
+          if (s < spatial) {
+            g[u] = *reinterpret_cast<const Vec<T, V>*>(grad + base + s * channels);
+            xv[u] = *reinterpret_cast<const Vec<T, V>*>(x + base + s * channels);
+          }
+        }
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+          const int64_t s = s0 + static_cast<int64_t>(u) * groups;
+          if (s < spatial) {
+            Vec<T, V> o;
+#pragma unroll
+            for (int v = 0; v < V; ++v) {
+              A dx;
+              sums[v].add(widen<A>(g[u].v[v]), widen<A>(xv[u].v[v]), a[v], sh[v], k[v], &dx);
+              o.v[v] = narrow<T>(dx);
+            }
+            *reinterpret_cast<Vec<T, V>*>(grad_x + base + s * channels) = o;
+          }
+        }
+      }
+    }
+    const bool lead = live && static_cast<int>(threadIdx.x) < lanes;
+    A part[V];
+#pragma unroll
+    for (int v = 0; v < V; ++v) part[v] = sums[v].scale;
+    group_sum(part, lanes, scratch);
+    if (lead) {
+#pragma unroll
+      for (int v = 0; v < V; ++v) row_scale[b * channels + c0 + v] = static_cast<G>(part[v]);
+    }
+#pragma unroll
+    for (int v = 0; v < V; ++v) part[v] = sums[v].shift;
+    group_sum(part, lanes, scratch);
+    if (lead) {
+#pragma unroll
+      for (int v = 0; v < V; ++v) row_shift[b * channels + c0 + v] = static_cast<G>(part[v]);
+    }
+    if (grad_keep != nullptr) {
+#pragma unroll
+      for (int v = 0; v < V; ++v) part[v] = sums[v].keep;
+      group_sum(part, lanes, scratch);
+      if (lead) {
+#pragma unroll
+        for (int v = 0; v < V; ++v) grad_keep[b * channels + c0 + v] = static_cast<G>(part[v]);
+      }
+    }
   }
 }
 
@@ -157,119 +205,229 @@ template <typename T, typename G>
 cudaError_t launch_forward(T* out, const T* x, const G* scale, const G* shift, const G* keep, int64_t batch,
                            int64_t channels, int64_t spatial, int layout, cudaStream_t cs) {
   const int64_t n = batch * channels * spatial;
-  constexpr int V = Pack<T>::kSize;
-  const bool packed = aligned16(out) && aligned16(x) && (layout == PGNAS_NCHW ? spatial % V == 0 : channels % V == 0);
-  if (packed) {
-    forward_packed<T, G><<<grid_for(n / V), kThreads, 0, cs>>>(out, x, scale, shift, keep, n, channels, spatial, layout);
-  } else {
-    forward_scalar<T, G><<<grid_for(n), kThreads, 0, cs>>>(out, x, scale, shift, keep, n, channels, spatial, layout);
-  }
-  return last_error();
+  const bool packed = aligned16(out) && aligned16(x);  // packs may straddle rows: any S, any C
+  if (layout == PGNAS_NCHW)
+    return launch_walk(AffineReluGateOp<T, G, false>{out, x, scale, shift, keep}, n, channels, spatial, packed, cs);
+  return launch_walk(AffineReluGateOp<T, G, true>{out, x, scale, shift, keep}, n, channels, spatial, packed, cs);
 }
 
 template <typename T, typename G>
 cudaError_t launch_backward(T* grad_x, G* row_scale, G* row_shift, G* grad_keep, const T* grad, const T* x,
                             const G* scale, const G* shift, const G* keep, int64_t batch, int64_t channels,
                             int64_t spatial, int layout, cudaStream_t cs) {
-  const int64_t rows = batch * channels;
+  constexpr int V = Pack<T>::kSize;
+  const bool aligned = aligned16(grad_x) && aligned16(grad) && aligned16(x);
   if (layout == PGNAS_NCHW) {
-    constexpr int V = Pack<T>::kSize;
-    const bool packed = aligned16(grad_x) && aligned16(grad) && aligned16(x) && spatial % V == 0;
-    backward_rows<T, G><<<grid_for(rows * 32), kThreads, 0, cs>>>(grad_x, row_scale, row_shift, grad_keep, grad, x,
-                                                                  scale, shift, keep, rows, channels, spatial, packed);
+    const int64_t rows = batch * channels;
+    if (aligned && spatial % V == 0) {
+      constexpr auto kernel = backward_rows<T, G, V>;
+      kernel<<<resident_grid<kernel>(rows * 32), kThreads, 0, cs>>>(grad_x, row_scale, row_shift, grad_keep, grad, x,
+                                                                    scale, shift, keep, rows, channels, spatial);
+    } else {
+      constexpr auto kernel = backward_rows<T, G, 1>;
+      kernel<<<resident_grid<kernel>(rows * 32), kThreads, 0, cs>>>(grad_x, row_scale, row_shift, grad_keep, grad, x,
+                                                                    scale, shift, keep, rows, channels, spatial);
+    }
     return last_error();
   }
-  for (G* buffer : {row_scale, row_shift, grad_keep}) {
-    if (buffer == nullptr) continue;
-    const cudaError_t err = cudaMemsetAsync(buffer, 0, sizeof(G) * rows, cs);
-    if (err != cudaSuccess) return err;
+  if (aligned && channels % V == 0) {
+    const int lanes = channels_last_lanes(channels / V, spatial, 16);
+    backward_channels_last<T, G, V><<<channels_last_blocks(batch * ((channels / V + lanes - 1) / lanes)), kThreads, 0,
+                                      cs>>>(grad_x, row_scale, row_shift, grad_keep, grad, x, scale, shift, keep, batch,
+                                            channels, spatial, lanes);
+  } else {
+    const int lanes = channels_last_lanes(channels, spatial, static_cast<int>(sizeof(T)));
+    backward_channels_last<T, G, 1><<<channels_last_blocks(batch * ((channels + lanes - 1) / lanes)), kThreads, 0,
+                                      cs>>>(grad_x, row_scale, row_shift, grad_keep, grad, x, scale, shift, keep, batch,
+                                            channels, spatial, lanes);
   }
-  const ChannelsLastGrid g = channels_last_grid(batch, channels, spatial);
-  backward_channels_last<T, G><<<g.blocks, g.threads, 0, cs>>>(
-      grad_x, row_scale, row_shift, grad_keep, grad, x, scale, shift, keep, batch, channels, spatial, g.slices);
   return last_error();
 }
 
 // ---- one input -> K gated copies ----------------------------------------------------------------
 constexpr int kMaxCopies = PGNAS_MAX_COPIES;
 
-template <typename T, typename G>
-__global__ void copies_forward(T* __restrict__ out, const T* __restrict__ x, const G* __restrict__ keeps, int copies,
-                               int64_t n, int64_t channels, int64_t spatial, bool relu, int layout) {
-  using A = typename AccOf<T, G>::type;
-  const int64_t rows = n / spatial;
-  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < n;
-       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t r = row_of(e, channels, spatial, layout);
-    A src = widen<A>(x[e]);
-    if (relu && !(src > A(0))) src = A(0);
-    for (int k = 0; k < copies; ++k) out[k * n + e] = narrow<T>(src * static_cast<A>(keeps[k * rows + r]));
-  }
-}
+// out[k] = src * keeps[k][b, c] with src = relu(x) when relu else x, every copy from one read of x.
+template <typename T, typename G, bool NHWC>
+struct CopiesOp {
+  static constexpr bool kNhwc = NHWC;
+  using Data = T;
+  T* out;
+  const T* x;
+  const G* keeps;
+  int copies;
+  int64_t n, rows;
+  bool relu;
 
-// Element e of row r (both layouts): grad_x[e] = relu'(x) sum_k grad_k keep_k, and dot[k] += grad_k src.
-template <typename A, typename T, typename G>
-__device__ __forceinline__ void copies_backward_element(T* __restrict__ grad_x, const T* __restrict__ grad,
-                                                        const T* __restrict__ x, const G* __restrict__ keeps,
-                                                        int copies, int64_t n, int64_t rows, int64_t r, int64_t e,
-                                                        bool relu, A* dot) {
-  const A v = widen<A>(x[e]);
-  const bool dead = relu && !(v > A(0));
-  const A src = dead ? A(0) : v;
+  template <int W>
+  __device__ __forceinline__ void apply(int64_t e, const Vec<T, W>& in, Where<kNhwc> w, int64_t channels,
+                                        int64_t spatial) const {
+    using A = typename AccOf<T, G>::type;
+    A src[W];
+#pragma unroll
+    for (int v = 0; v < W; ++v) {
+      src[v] = widen<A>(in.v[v]);
+      if (relu && !(src[v] > A(0))) src[v] = A(0);
+    }
+    for (int k = 0; k < copies; ++k) {
+      const G* keep = keeps + k * rows;
+      Where<kNhwc> p = w;
+      A kv = static_cast<A>(keep[p.g]);
+      Vec<T, W> res;
+#pragma unroll
+      for (int v = 0; v < W; ++v) {
+        if (v > 0) {
+          p.next(channels, spatial);
+          if (kNhwc || p.s == 0) kv = static_cast<A>(keep[p.g]);
+        }
+        res.v[v] = narrow<T>(src[v] * kv);
+      }
+      *reinterpret_cast<Vec<T, W>*>(out + k * n + e) = res;
+    }
+  }
+};
+
+// Copy counts are compile-time (K: 2, 4 or kMaxCopies, the first that holds `copies`) so that the
+// per-copy sums stay in registers; copies past `copies` are skipped.
+// Element of both layouts: grad_x = relu'(x) sum_k grad_k keep_k, and dot[k] += grad_k src, k in order.
+template <int K, typename A>
+__device__ __forceinline__ A copies_backward_value(A x, const A* g, const A* keep, int copies, bool relu, A* dot) {
+  const bool dead = relu && !(x > A(0));
+  const A src = dead ? A(0) : x;
   A acc = 0;
-  for (int k = 0; k < copies; ++k) {
-    const A g = widen<A>(grad[k * n + e]);
-    acc += g * static_cast<A>(keeps[k * rows + r]);
-    dot[k] += g * src;
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    if (k < copies) {
+      acc += g[k] * keep[k];
+      dot[k] += g[k] * src;
+    }
   }
-  grad_x[e] = narrow<T>(dead ? A(0) : acc);
+  return dead ? A(0) : acc;
 }
 
-// NCHW: one warp per (b, c) row; dx = relu'(x) sum_k grad_k keep_k, grad_keeps[k] = sum_s grad_k src.
-template <typename T, typename G>
-__global__ void copies_backward_rows(T* __restrict__ grad_x, G* __restrict__ grad_keeps, const T* __restrict__ grad,
-                                     const T* __restrict__ x, const G* __restrict__ keeps, int copies, int64_t rows,
-                                     int64_t spatial, bool relu) {
+// NCHW: one warp per (b, c) row; lane l takes elements l, l + 32, ... in order (U loaded at once),
+// then warp_sum per copy: grad_keeps[k] = sum_s grad_k src.
+template <typename T, typename G, int K>
+__global__ void __launch_bounds__(kThreads) copies_backward_rows(T* __restrict__ grad_x, G* __restrict__ grad_keeps,
+                                                                 const T* __restrict__ grad, const T* __restrict__ x,
+                                                                 const G* __restrict__ keeps, int copies, int64_t rows,
+                                                                 int64_t spatial, bool relu) {
   using A = typename AccOf<T, G>::type;
+  constexpr int U = K <= 4 ? 4 : 1;
   const int64_t n = rows * spatial;
   const int lane = threadIdx.x & 31;
   const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x >> 5);
   for (int64_t r = blockIdx.x * static_cast<int64_t>(blockDim.x >> 5) + (threadIdx.x >> 5); r < rows; r += warps) {
-    A dot[kMaxCopies];
-    for (int k = 0; k < copies; ++k) dot[k] = A(0);
-    for (int64_t s = lane; s < spatial; s += 32) {
-      const int64_t e = r * spatial + s;
-      copies_backward_element(grad_x, grad, x, keeps, copies, n, rows, r, e, relu, dot);
+    A keep[K], dot[K];
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      keep[k] = k < copies ? static_cast<A>(keeps[k * rows + r]) : A(0);
+      dot[k] = A(0);
     }
-    for (int k = 0; k < copies; ++k) {
-      const A total = warp_sum(dot[k]);
-      if (lane == 0 && grad_keeps != nullptr) grad_keeps[k * rows + r] = static_cast<G>(total);
+    const int64_t base = r * spatial;
+    for (int64_t s0 = lane; s0 < spatial; s0 += 32 * U) {
+      T xs[U], gs[U][K];
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        if (s0 + 32 * u < spatial) {
+          xs[u] = x[base + s0 + 32 * u];
+#pragma unroll
+          for (int k = 0; k < K; ++k)
+            if (k < copies) gs[u][k] = grad[k * n + base + s0 + 32 * u];
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        if (s0 + 32 * u < spatial) {
+          A g[K];
+#pragma unroll
+          for (int k = 0; k < K; ++k) g[k] = k < copies ? widen<A>(gs[u][k]) : A(0);
+          grad_x[base + s0 + 32 * u] = narrow<T>(copies_backward_value<K>(widen<A>(xs[u]), g, keep, copies, relu, dot));
+        }
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      if (k < copies) {
+        const A total = warp_sum(dot[k]);
+        if (lane == 0 && grad_keeps != nullptr) grad_keeps[k * rows + r] = static_cast<G>(total);
+      }
     }
   }
 }
 
-// NHWC: threads over channels, each summing a slice of one example's positions; the slices meet in
-// grad_keeps (zeroed by the launcher) through atomics.
-template <typename T, typename G>
-__global__ void copies_backward_channels_last(T* __restrict__ grad_x, G* __restrict__ grad_keeps,
-                                              const T* __restrict__ grad, const T* __restrict__ x,
-                                              const G* __restrict__ keeps, int copies, int64_t batch,
-                                              int64_t channels, int64_t spatial, int64_t slices, bool relu) {
+// NHWC: a block item is (example b, a tile of `lanes` packs of V channels) over all positions; each
+// thread sums its channels' positions in order, group_sum adds the position groups in a fixed order
+// (deterministic, no atomics).
+template <typename T, typename G, int V, int K>
+__global__ void __launch_bounds__(kThreads) copies_backward_channels_last(
+    T* __restrict__ grad_x, G* __restrict__ grad_keeps, const T* __restrict__ grad, const T* __restrict__ x,
+    const G* __restrict__ keeps, int copies, int64_t batch, int64_t channels, int64_t spatial, int lanes, bool relu) {
   using A = typename AccOf<T, G>::type;
+  constexpr int U = K <= 2 ? 2 : 1;
+  __shared__ A scratch[V * kThreads];
   const int64_t rows = batch * channels, n = rows * spatial;
-  for (int64_t item = blockIdx.x; item < channels_last_items(batch, channels, slices); item += gridDim.x) {
-    const ChannelsLastItem it = channels_last_item(item, channels, spatial, slices);
-    const int64_t b = it.b, c = it.c;
-    if (c >= channels) continue;
-    const int64_t r = b * channels + c;
-    A dot[kMaxCopies];
-    for (int k = 0; k < copies; ++k) dot[k] = A(0);
-    for (int64_t s = it.s_begin; s < it.s_end; ++s) {
-      const int64_t e = (b * spatial + s) * channels + c;
-      copies_backward_element(grad_x, grad, x, keeps, copies, n, rows, r, e, relu, dot);
+  const int groups = blockDim.x / lanes, group = threadIdx.x / lanes;
+  const int64_t tiles = (channels / V + lanes - 1) / lanes;
+  for (int64_t item = blockIdx.x; item < batch * tiles; item += gridDim.x) {
+    const int64_t b = item / tiles;
+    const int64_t c0 = ((item - b * tiles) * lanes + (threadIdx.x & (lanes - 1))) * V;  // this thread's V channels
+    const bool live = c0 < channels;
+    A keep[V][K], dot[K][V];
+#pragma unroll
+    for (int v = 0; v < V; ++v) {
+#pragma unroll
+      for (int k = 0; k < K; ++k) {
+        keep[v][k] = live && k < copies ? static_cast<A>(keeps[k * rows + b * channels + c0 + v]) : A(0);
+        dot[k][v] = A(0);
+      }
     }
-    if (grad_keeps != nullptr)
-      for (int k = 0; k < copies; ++k) atomicAdd(grad_keeps + k * rows + r, static_cast<G>(dot[k]));
+    if (live) {
+      const int64_t base = b * spatial * channels + c0;
+      for (int64_t s0 = group; s0 < spatial; s0 += static_cast<int64_t>(U) * groups) {
+        Vec<T, V> xs[U], gs[U][K];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+          const int64_t e = base + (s0 + static_cast<int64_t>(u) * groups) * channels;
+          if (s0 + static_cast<int64_t>(u) * groups < spatial) {
+            xs[u] = *reinterpret_cast<const Vec<T, V>*>(x + e);
+#pragma unroll
+            for (int k = 0; k < K; ++k)
+              if (k < copies) gs[u][k] = *reinterpret_cast<const Vec<T, V>*>(grad + k * n + e);
+          }
+        }
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+          const int64_t e = base + (s0 + static_cast<int64_t>(u) * groups) * channels;
+          if (s0 + static_cast<int64_t>(u) * groups < spatial) {
+            Vec<T, V> o;
+#pragma unroll
+            for (int v = 0; v < V; ++v) {
+              A g[K], d[K];
+#pragma unroll
+              for (int k = 0; k < K; ++k) {
+                g[k] = k < copies ? widen<A>(gs[u][k].v[v]) : A(0);
+                d[k] = dot[k][v];
+              }
+              o.v[v] = narrow<T>(copies_backward_value<K>(widen<A>(xs[u].v[v]), g, keep[v], copies, relu, d));
+#pragma unroll
+              for (int k = 0; k < K; ++k) dot[k][v] = d[k];
+            }
+            *reinterpret_cast<Vec<T, V>*>(grad_x + e) = o;
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      if (k < copies && grad_keeps != nullptr) {
+        group_sum(dot[k], lanes, scratch);
+        if (live && static_cast<int>(threadIdx.x) < lanes) {
+#pragma unroll
+          for (int v = 0; v < V; ++v) grad_keeps[k * rows + b * channels + c0 + v] = static_cast<G>(dot[k][v]);
+        }
+      }
+    }
   }
 }
 
@@ -277,8 +435,40 @@ template <typename T, typename G>
 cudaError_t launch_copies(T* out, const T* x, const G* keeps, int copies, int64_t batch, int64_t channels,
                           int64_t spatial, bool relu, int layout, cudaStream_t cs) {
   if (copies < 1 || copies > kMaxCopies) return cudaErrorInvalidValue;
-  const int64_t n = batch * channels * spatial;
-  copies_forward<T, G><<<grid_for(n), kThreads, 0, cs>>>(out, x, keeps, copies, n, channels, spatial, relu, layout);
+  const int64_t n = batch * channels * spatial, rows = batch * channels;
+  // every copy's base aligned too: n * sizeof(T) a multiple of 16
+  const bool packed = aligned16(out) && aligned16(x) && n % Pack<T>::kSize == 0;
+  if (layout == PGNAS_NCHW)
+    return launch_walk(CopiesOp<T, G, false>{out, x, keeps, copies, n, rows, relu}, n, channels, spatial, packed, cs);
+  return launch_walk(CopiesOp<T, G, true>{out, x, keeps, copies, n, rows, relu}, n, channels, spatial, packed, cs);
+}
+
+template <typename T, typename G, int K>
+cudaError_t launch_copies_backward_k(T* grad_x, G* grad_keeps, const T* grad, const T* x, const G* keeps, int copies,
+                                     int64_t batch, int64_t channels, int64_t spatial, bool relu, int layout,
+                                     cudaStream_t cs) {
+  const int64_t rows = batch * channels;
+  if (layout == PGNAS_NCHW) {
+    // element order per lane as ever (scalar), so grad_keeps' sums are unchanged
+    constexpr auto kernel = copies_backward_rows<T, G, K>;
+    kernel<<<resident_grid<kernel>(rows * 32), kThreads, 0, cs>>>(grad_x, grad_keeps, grad, x, keeps, copies, rows,
+                                                                  spatial, relu);
+    return last_error();
+  }
+  // more copies, narrower accesses: the per-copy sums' registers are the limit
+  constexpr int P = Pack<T>::kSize, V = K <= 2 ? P : K <= 4 ? (P < 4 ? P : 4) : 1;
+  const bool packed = V > 1 && aligned16(grad_x) && aligned16(grad) && aligned16(x) && channels % V == 0;
+  if (packed) {
+    const int lanes = channels_last_lanes(channels / V, spatial, V * static_cast<int>(sizeof(T)));
+    copies_backward_channels_last<T, G, V, K><<<channels_last_blocks(batch * ((channels / V + lanes - 1) / lanes)),
+                                                kThreads, 0, cs>>>(grad_x, grad_keeps, grad, x, keeps, copies, batch,
+                                                                   channels, spatial, lanes, relu);
+  } else {
+    const int lanes = channels_last_lanes(channels, spatial, static_cast<int>(sizeof(T)));
+    copies_backward_channels_last<T, G, 1, K><<<channels_last_blocks(batch * ((channels + lanes - 1) / lanes)),
+                                                kThreads, 0, cs>>>(grad_x, grad_keeps, grad, x, keeps, copies, batch,
+                                                                   channels, spatial, lanes, relu);
+  }
   return last_error();
 }
 
@@ -287,20 +477,14 @@ cudaError_t launch_copies_backward(T* grad_x, G* grad_keeps, const T* grad, cons
                                    int64_t batch, int64_t channels, int64_t spatial, bool relu, int layout,
                                    cudaStream_t cs) {
   if (copies < 1 || copies > kMaxCopies) return cudaErrorInvalidValue;
-  const int64_t rows = batch * channels;
-  if (layout == PGNAS_NCHW) {
-    copies_backward_rows<T, G><<<grid_for(rows * 32), kThreads, 0, cs>>>(grad_x, grad_keeps, grad, x, keeps, copies,
-                                                                         rows, spatial, relu);
-    return last_error();
-  }
-  if (grad_keeps != nullptr) {
-    const cudaError_t err = cudaMemsetAsync(grad_keeps, 0, sizeof(G) * rows * copies, cs);
-    if (err != cudaSuccess) return err;
-  }
-  const ChannelsLastGrid g = channels_last_grid(batch, channels, spatial);
-  copies_backward_channels_last<T, G><<<g.blocks, g.threads, 0, cs>>>(
-      grad_x, grad_keeps, grad, x, keeps, copies, batch, channels, spatial, g.slices, relu);
-  return last_error();
+  if (copies <= 2)
+    return launch_copies_backward_k<T, G, 2>(grad_x, grad_keeps, grad, x, keeps, copies, batch, channels, spatial, relu,
+                                             layout, cs);
+  if (copies <= 4)
+    return launch_copies_backward_k<T, G, 4>(grad_x, grad_keeps, grad, x, keeps, copies, batch, channels, spatial, relu,
+                                             layout, cs);
+  return launch_copies_backward_k<T, G, kMaxCopies>(grad_x, grad_keeps, grad, x, keeps, copies, batch, channels,
+                                                    spatial, relu, layout, cs);
 }
 
 }  // namespace

@@ -6,81 +6,71 @@ namespace pgnas {
 namespace cuda {
 namespace {
 
-// Gate of flat element e (the first of a pack when vectorised: a pack never straddles gates).
-__device__ __forceinline__ int64_t gate_index(int64_t e, int64_t channels, int64_t spatial, int layout) {
-  if (layout == PGNAS_NCHW) return e / spatial;
-  return (e / (spatial * channels)) * channels + e % channels;
-}
+// out = x * keep (scale-only: also grad_x = grad * keep), through common.cuh's walk.
+template <typename T, typename G, bool NHWC>
+struct ApplyOp {
+  static constexpr bool kNhwc = NHWC;
+  using Data = T;
+  T* out;
+  const T* x;
+  const G* keep;
 
-// out = x * keep, one thread per element (scale-only: also grad_x = grad * keep).
-template <typename T, typename G>
-__global__ void apply_scalar(T* __restrict__ out, const T* __restrict__ x, const G* __restrict__ keep, int64_t n,
-                             int64_t channels, int64_t spatial, int layout) {
-  using A = typename AccOf<T, G>::type;
-  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < n;
-       e += static_cast<int64_t>(gridDim.x) * blockDim.x)
-    out[e] = narrow<T>(widen<A>(x[e]) * static_cast<A>(keep[gate_index(e, channels, spatial, layout)]));
-}
-
-// The same with 16-byte packs: NCHW with S a multiple of the pack size (a pack shares one gate), or
-// NHWC with C a multiple of it (a pack covers consecutive channels of one example).
-template <typename T, typename G>
-__global__ void apply_packed(T* __restrict__ out, const T* __restrict__ x, const G* __restrict__ keep, int64_t n,
-                             int64_t channels, int64_t spatial, int layout) {
-  using A = typename AccOf<T, G>::type;
-  constexpr int V = Pack<T>::kSize;
-  const int64_t packs = n / V;
-  for (int64_t q = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; q < packs;
-       q += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t e = q * V;
-    const Pack<T> in = reinterpret_cast<const Pack<T>*>(x)[q];
-    Pack<T> res;
-    const int64_t g = gate_index(e, channels, spatial, layout);
-    if (layout == PGNAS_NCHW) {
-      const A k = static_cast<A>(keep[g]);
+  template <int W>
+  __device__ __forceinline__ void apply(int64_t e, const Vec<T, W>& in, Where<kNhwc> w, int64_t channels,
+                                        int64_t spatial) const {
+    using A = typename AccOf<T, G>::type;
+    Vec<T, W> res;
+    A k = static_cast<A>(keep[w.g]);
 #pragma unroll
-      for (int v = 0; v < V; ++v) res.v[v] = narrow<T>(widen<A>(in.v[v]) * k);
-    } else {
-#pragma unroll
-      for (int v = 0; v < V; ++v) res.v[v] = narrow<T>(widen<A>(in.v[v]) * static_cast<A>(keep[g + v]));
+    for (int v = 0; v < W; ++v) {
+      if (v > 0) {
+        w.next(channels, spatial);
+        if (kNhwc || w.s == 0) k = static_cast<A>(keep[w.g]);  // NCHW: a new gate only on a new row
+      }
+      res.v[v] = narrow<T>(widen<A>(in.v[v]) * k);
     }
-    reinterpret_cast<Pack<T>*>(out)[q] = res;
+    *reinterpret_cast<Vec<T, W>*>(out + e) = res;
   }
-}
+};
 
-// NCHW backward: one warp per (b, c) row: grad_x = grad * keep and grad_keep = sum_s grad * x.
-template <typename T, typename G>
-__global__ void backward_rows(T* __restrict__ grad_x, G* __restrict__ grad_keep, const T* __restrict__ grad,
-                              const T* __restrict__ x, const G* __restrict__ keep, int64_t rows, int64_t spatial,
-                              bool packed) {
+// NCHW backward: one warp per (b, c) row: grad_x = grad * keep and grad_keep = sum_s grad * x. Lane l
+// sums accesses l, l + 32, ... in order (V elements each; V = 1 unless S is a multiple of the pack),
+// then warp_sum; U accesses are loaded before any is used (bytes in flight, same sums).
+template <typename T, typename G, int V>
+__global__ void __launch_bounds__(kThreads) backward_rows(T* __restrict__ grad_x, G* __restrict__ grad_keep,
+                                                          const T* __restrict__ grad, const T* __restrict__ x,
+                                                          const G* __restrict__ keep, int64_t rows, int64_t spatial) {
   using A = typename AccOf<T, G>::type;
-  constexpr int V = Pack<T>::kSize;
+  constexpr int U = 4;
   const int lane = threadIdx.x & 31;
-  const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x >> 5);
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x >> 5), per_row = spatial / V;
   for (int64_t r = blockIdx.x * static_cast<int64_t>(blockDim.x >> 5) + (threadIdx.x >> 5); r < rows; r += warps) {
     const A k = static_cast<A>(keep[r]);
-    const int64_t base = r * spatial;
+    const Vec<T, V>* g4 = reinterpret_cast<const Vec<T, V>*>(grad + r * spatial);
+    const Vec<T, V>* x4 = reinterpret_cast<const Vec<T, V>*>(x + r * spatial);
+    Vec<T, V>* o4 = reinterpret_cast<Vec<T, V>*>(grad_x + r * spatial);
     A dot = 0;
-    if (packed) {
-      const Pack<T>* g4 = reinterpret_cast<const Pack<T>*>(grad + base);
-      const Pack<T>* x4 = reinterpret_cast<const Pack<T>*>(x + base);
-      Pack<T>* o4 = reinterpret_cast<Pack<T>*>(grad_x + base);
-      for (int64_t q = lane; q < spatial / V; q += 32) {
-        const Pack<T> g = g4[q], xv = x4[q];
-        Pack<T> o;
+    for (int64_t q0 = lane; q0 < per_row; q0 += 32 * U) {
+      Vec<T, V> g[U], xv[U];
 #pragma unroll
-        for (int v = 0; v < V; ++v) {
-          const A gv = widen<A>(g.v[v]);
-          o.v[v] = narrow<T>(gv * k);
-          dot += gv * widen<A>(xv.v[v]);
+      for (int u = 0; u < U; ++u) {
+        if (q0 + 32 * u < per_row) {
+          g[u] = g4[q0 + 32 * u];
+          xv[u] = x4[q0 + 32 * u];
         }
-        o4[q] = o;
       }
-    } else {
-      for (int64_t s = lane; s < spatial; s += 32) {
-        const A gv = widen<A>(grad[base + s]);
-        grad_x[base + s] = narrow<T>(gv * k);
-        dot += gv * widen<A>(x[base + s]);
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        if (q0 + 32 * u < per_row) {
+          Vec<T, V> o;
+#pragma unroll
+          for (int v = 0; v < V; ++v) {
+            const A gv = widen<A>(g[u].v[v]);
+            o.v[v] = narrow<T>(gv * k);
+            dot += gv * widen<A>(xv[u].v[v]);
+          }
+          o4[q0 + 32 * u] = o;
+        }
       }
     }
     dot = warp_sum(dot);
@@ -88,26 +78,62 @@ __global__ void backward_rows(T* __restrict__ grad_x, G* __restrict__ grad_keep,
   }
 }
 
-// NHWC backward: threads over channels (coalesced), each summing a slice of the positions of one
-// example; partial sums meet in grad_keep (zeroed by the launcher) through atomics.
-template <typename T, typename G>
-__global__ void backward_channels_last(T* __restrict__ grad_x, G* __restrict__ grad_keep, const T* __restrict__ grad,
-                                       const T* __restrict__ x, const G* __restrict__ keep, int64_t batch,
-                                       int64_t channels, int64_t spatial, int64_t slices) {
+// NHWC backward: a block item is (example b, a tile of `lanes` packs of V channels) over all positions
+// (common.cuh channels_last_lanes); each thread sums its channels' positions in order, group_sum adds
+// the position groups in a fixed order: deterministic, no atomics.
+template <typename T, typename G, int V>
+__global__ void __launch_bounds__(kThreads) backward_channels_last(T* __restrict__ grad_x, G* __restrict__ grad_keep,
+                                                                   const T* __restrict__ grad, const T* __restrict__ x,
+                                                                   const G* __restrict__ keep, int64_t batch,
+                                                                   int64_t channels, int64_t spatial, int lanes) {
   using A = typename AccOf<T, G>::type;
-  for (int64_t item = blockIdx.x; item < channels_last_items(batch, channels, slices); item += gridDim.x) {
-    const ChannelsLastItem it = channels_last_item(item, channels, spatial, slices);
-    const int64_t b = it.b, c = it.c;
-    if (c >= channels) continue;
-    const A k = static_cast<A>(keep[b * channels + c]);
-    A dot = 0;
-    for (int64_t s = it.s_begin; s < it.s_end; ++s) {
-      const int64_t e = (b * spatial + s) * channels + c;
-      const A gv = widen<A>(grad[e]);
-      grad_x[e] = narrow<T>(gv * k);
-      dot += gv * widen<A>(x[e]);
+  constexpr int U = 4;
+  __shared__ A scratch[V * kThreads];
+  const int groups = blockDim.x / lanes, group = threadIdx.x / lanes;
+  const int64_t tiles = (channels / V + lanes - 1) / lanes;
+  for (int64_t item = blockIdx.x; item < batch * tiles; item += gridDim.x) {
+    const int64_t b = item / tiles;
+    const int64_t c0 = ((item - b * tiles) * lanes + (threadIdx.x & (lanes - 1))) * V;  // this thread's V channels
+    const bool live = c0 < channels;
+    A k[V], dot[V];
+#pragma unroll
+    for (int v = 0; v < V; ++v) {
+      k[v] = live ? static_cast<A>(keep[b * channels + c0 + v]) : A(0);
+      dot[v] = A(0);
     }
-    atomicAdd(grad_keep + b * channels + c, static_cast<G>(dot));
+    if (live) {
+      const int64_t base = b * spatial * channels + c0;
+      for (int64_t s0 = group; s0 < spatial; s0 += static_cast<int64_t>(U) * groups) {
+        Vec<T, V> g[U], xv[U];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+          const int64_t s = s0 + static_cast<int64_t>(u) * groups;
+          if (s < spatial) {
+            g[u] = *reinterpret_cast<const Vec<T, V>*>(grad + base + s * channels);
+            xv[u] = *reinterpret_cast<const Vec<T, V>*>(x + base + s * channels);
+          }
+        }
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+          const int64_t s = s0 + static_cast<int64_t>(u) * groups;
+          if (s < spatial) {
+            Vec<T, V> o;
+#pragma unroll
+            for (int v = 0; v < V; ++v) {
+              const A gv = widen<A>(g[u].v[v]);
+              o.v[v] = narrow<T>(gv * k[v]);
+              dot[v] += gv * widen<A>(xv[u].v[v]);
+            }
+            *reinterpret_cast<Vec<T, V>*>(grad_x + base + s * channels) = o;
+          }
+        }
+      }
+    }
+    group_sum(dot, lanes, scratch);
+    if (live && static_cast<int>(threadIdx.x) < lanes) {
+#pragma unroll
+      for (int v = 0; v < V; ++v) grad_keep[b * channels + c0 + v] = static_cast<G>(dot[v]);
+    }
   }
 }
 
@@ -115,33 +141,39 @@ template <typename T, typename G>
 cudaError_t launch_apply(T* out, const T* x, const G* keep, int64_t batch, int64_t channels, int64_t spatial,
                          int layout, cudaStream_t cs) {
   const int64_t n = batch * channels * spatial;
-  constexpr int V = Pack<T>::kSize;
-  const bool packed = aligned16(out) && aligned16(x) && (layout == PGNAS_NCHW ? spatial % V == 0 : channels % V == 0);
-  if (packed) {
-    apply_packed<T, G><<<grid_for(n / V), kThreads, 0, cs>>>(out, x, keep, n, channels, spatial, layout);
-  } else {
-    apply_scalar<T, G><<<grid_for(n), kThreads, 0, cs>>>(out, x, keep, n, channels, spatial, layout);
-  }
-  return last_error();
+  const bool packed = aligned16(out) && aligned16(x);  // packs may straddle rows: any S, any C
+  if (layout == PGNAS_NCHW) return launch_walk(ApplyOp<T, G, false>{out, x, keep}, n, channels, spatial, packed, cs);
+  return launch_walk(ApplyOp<T, G, true>{out, x, keep}, n, channels, spatial, packed, cs);
 }
 
 template <typename T, typename G>
 cudaError_t launch_backward(T* grad_x, G* grad_keep, const T* grad, const T* x, const G* keep, int64_t batch,
                             int64_t channels, int64_t spatial, int layout, cudaStream_t cs) {
   if (grad_keep == nullptr) return launch_apply<T, G>(grad_x, grad, keep, batch, channels, spatial, layout, cs);
+  constexpr int V = Pack<T>::kSize;
+  const bool aligned = aligned16(grad_x) && aligned16(grad) && aligned16(x);
   if (layout == PGNAS_NCHW) {
-    constexpr int V = Pack<T>::kSize;
-    const bool packed = aligned16(grad_x) && aligned16(grad) && aligned16(x) && spatial % V == 0;
     const int64_t rows = batch * channels;
-    backward_rows<T, G><<<grid_for(rows * 32), kThreads, 0, cs>>>(grad_x, grad_keep, grad, x, keep, rows, spatial,
-                                                                  packed);
+    if (aligned && spatial % V == 0) {
+      constexpr auto kernel = backward_rows<T, G, V>;
+      kernel<<<resident_grid<kernel>(rows * 32), kThreads, 0, cs>>>(grad_x, grad_keep, grad, x, keep, rows, spatial);
+    } else {
+      constexpr auto kernel = backward_rows<T, G, 1>;
+      kernel<<<resident_grid<kernel>(rows * 32), kThreads, 0, cs>>>(grad_x, grad_keep, grad, x, keep, rows, spatial);
+    }
     return last_error();
   }
-  cudaError_t err = cudaMemsetAsync(grad_keep, 0, sizeof(G) * batch * channels, cs);
-  if (err != cudaSuccess) return err;
-  const ChannelsLastGrid g = channels_last_grid(batch, channels, spatial);
-  backward_channels_last<T, G><<<g.blocks, g.threads, 0, cs>>>(
-      grad_x, grad_keep, grad, x, keep, batch, channels, spatial, g.slices);
+  if (aligned && channels % V == 0) {
+    const int lanes = channels_last_lanes(channels / V, spatial, 16);
+    const int blocks = channels_last_blocks(batch * ((channels / V + lanes - 1) / lanes));
+    backward_channels_last<T, G, V><<<blocks, kThreads, 0, cs>>>(grad_x, grad_keep, grad, x, keep, batch, channels,
+                                                                 spatial, lanes);
+  } else {
+    const int lanes = channels_last_lanes(channels, spatial, static_cast<int>(sizeof(T)));
+    const int blocks = channels_last_blocks(batch * ((channels + lanes - 1) / lanes));
+    backward_channels_last<T, G, 1><<<blocks, kThreads, 0, cs>>>(grad_x, grad_keep, grad, x, keep, batch, channels,
+                                                                 spatial, lanes);
+  }
   return last_error();
 }
 

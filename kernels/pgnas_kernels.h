@@ -87,12 +87,29 @@ cudaError_t pgnas_branch_combine(void* out, const void* const* ys, int32_t n_bra
                                  const void* weights, pgnas_dtype weight_dtype, int32_t per_example, const void* skip,
                                  int64_t batch, int64_t per_batch, cudaStream_t cuda_stream);
 
-/* grad_ys[s] = grad * wb[., s]; grad_w (NULL to skip; zeroed here) = sums of grad * ys[s] per example
- * (per_example) or overall. grad_ys, ys: host arrays of device pointers. */
-cudaError_t pgnas_branch_combine_backward(void* const* grad_ys, void* grad_w, const void* grad, const void* const* ys,
-                                          int32_t n_branches, pgnas_dtype data, const void* wb,
-                                          pgnas_dtype weight_dtype, int32_t per_example, int64_t batch,
-                                          int64_t per_batch, cudaStream_t cuda_stream);
+/* Branches one branch_combine backward launch takes (more: one launch per this many), and the most
+ * blocks one launch spreads over the examples beyond one per example. */
+#define PGNAS_COMBINE_BRANCHES_PER_LAUNCH 8
+#define PGNAS_COMBINE_FILL_BLOCKS 4096
+/* Doubles of pgnas_branch_combine_backward's `partials` for `batch` examples and n_branches: one per
+ * block and branch of one launch (at most PGNAS_COMBINE_FILL_BLOCKS + batch blocks). */
+#define PGNAS_COMBINE_PARTIALS(batch, n_branches)                                                        \
+  ((int64_t)((n_branches) < PGNAS_COMBINE_BRANCHES_PER_LAUNCH ? (n_branches)                            \
+                                                              : PGNAS_COMBINE_BRANCHES_PER_LAUNCH) *     \
+   ((int64_t)PGNAS_COMBINE_FILL_BLOCKS + (int64_t)(batch)))
+
+/* grad_ys[s] = grad * wb[., s]; grad_w (NULL to skip; every entry written, no zeroing needed) = sums
+ * of grad * ys[s] per example (per_example) or overall, bit-reproducible run to run: per-block partial
+ * sums into `partials` (device, at least PGNAS_COMBINE_PARTIALS(batch, n_branches) doubles), which the
+ * last block of each launch to finish (a ticket on `counter`, a device int32 that must be 0 and is left
+ * 0) adds in a fixed order; no floating-point atomics. partials and counter may be NULL when grad_w is.
+ * Calls running at once need their own partials and counters. batch <= 65535. grad_ys, ys: host
+ * arrays of device pointers. */
+cudaError_t pgnas_branch_combine_backward(void* const* grad_ys, void* grad_w, double* partials, unsigned int* counter,
+                                          const void* grad, const void* const* ys, int32_t n_branches,
+                                          pgnas_dtype data, const void* wb, pgnas_dtype weight_dtype,
+                                          int32_t per_example, int64_t batch, int64_t per_batch,
+                                          cudaStream_t cuda_stream);
 
 /* One gated weight of the regulariser: weight [O, per_group, taps] (row o reads input channels
  * (o / (O / groups)) * per_group + j) with p_logit [groups * per_group]. The table lives in device

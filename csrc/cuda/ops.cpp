@@ -242,6 +242,8 @@ at::Tensor branch_combine(const std::vector<at::Tensor>& ys, const at::Tensor& w
   return out;
 }
 
+at::Tensor ticket_counter(const at::Device& device);  // below, with the regulariser's
+
 std::tuple<std::vector<at::Tensor>, at::Tensor> branch_combine_backward(
     const at::Tensor& grad, const std::vector<at::Tensor>& ys, const at::Tensor& weights,
     const c10::optional<at::Tensor>& backward_weights) {
@@ -261,10 +263,18 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> branch_combine_backward(
     gy_ptrs.push_back(grad_ys.back().data_ptr());
   }
   if (grad.numel() == 0) return {grad_ys, grad_w.zero_()};
-  PGNAS_CUDA_CHECK(pgnas_branch_combine_backward(gy_ptrs.data(), shake ? nullptr : grad_w.data_ptr(), grad.data_ptr(),
-                                                 y_ptrs.data(), static_cast<int32_t>(n_branches), code_of(grad),
-                                                 wb.data_ptr(), code_of(wb), per_example ? 1 : 0, batch,
-                                                 grad.numel() / batch, current_stream()));
+  // the weight gradient's per-block partial sums and the ticket of the last block, which adds them in
+  // a fixed order (bit-reproducible; every entry of grad_w written, so no zero fill)
+  at::Tensor partials, counter;
+  if (!shake) {
+    partials = at::empty({PGNAS_COMBINE_PARTIALS(batch, n_branches)}, grad.options().dtype(at::kDouble));
+    counter = ticket_counter(ys[0].device());
+  }
+  PGNAS_CUDA_CHECK(pgnas_branch_combine_backward(
+      gy_ptrs.data(), shake ? nullptr : grad_w.data_ptr(), shake ? nullptr : partials.data_ptr<double>(),
+      shake ? nullptr : static_cast<unsigned int*>(counter.data_ptr()), grad.data_ptr(), y_ptrs.data(),
+      static_cast<int32_t>(n_branches), code_of(grad), wb.data_ptr(), code_of(wb), per_example ? 1 : 0, batch,
+      grad.numel() / batch, current_stream()));
   return {grad_ys, grad_w};
 }
 

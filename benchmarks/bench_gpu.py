@@ -633,6 +633,8 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--time-budget", type=float, default=240.0,
                         help="seconds; later measurements are skipped (and listed) once it is spent")
+    parser.add_argument("--ops", help="comma-separated ops to time, e.g. gated_apply_fwd_bwd (default: every op); "
+                        "the targets of the others read UNMEASURED")
     parser.add_argument("--count-launches", action="store_true",
                         help="internal: print the regulariser's kernel launch counts as JSON and exit")
     args = parser.parse_args(argv)
@@ -658,6 +660,15 @@ def main(argv=None) -> int:
     networks = [gated_network(name, device, args.dry_run, dtype) for name in NETWORKS]
     all_cases = cases(device, args.dry_run, dtype, networks)
     del networks  # the cases hold the tensors they need
+    if args.ops:
+        chosen = set(args.ops.split(","))
+        if chosen - {c.op for c in all_cases}:
+            parser.error(f"--ops: unknown {sorted(chosen - {c.op for c in all_cases})}; "
+                         f"expected some of {sorted({c.op for c in all_cases})}")
+        all_cases = [c for c in all_cases if c.op in chosen]
+        counted = "regularizer_fwd_bwd" not in chosen  # the launch count belongs to the regulariser's targets
+    else:
+        counted = False
     launches = {net: {name: {"note": "not counted yet"} for name in ("reference", *KERNEL_ISSUES)} for net in NETWORKS}
     rows = {}
 
@@ -669,7 +680,7 @@ def main(argv=None) -> int:
     def count():
         return launches_in_child(args, args.time_budget - (time.monotonic() - started))
 
-    previous, counted = 0, False
+    previous = 0
     for priority, index, name in plan(all_cases, impls):
         if priority != previous:  # a phase is done: its verdicts are written before the next one runs
             report(partial=True)

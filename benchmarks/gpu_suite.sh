@@ -58,7 +58,8 @@ cat "$OUT/device.txt"
 
 # pytest-xdist, where installed (the GPU image has it), compiles the Triton kernels of different
 # tests in parallel: Triton's compilation is most of the tests' time on a GPU. pytest-timeout, where
-# installed, fails a hung test alone instead of the step's timeout killing the whole run's report.
+# installed, fails a hung test alone instead of the step's timeout killing the whole run's report;
+# -v names every test as it ends, so a step cut by its timeout still shows which ones failed.
 PARALLEL=$(python3 -c "import xdist" >/dev/null 2>&1 && echo "-n 8")
 PARALLEL+=$(python3 -c "import pytest_timeout" >/dev/null 2>&1 && echo " --timeout=75")
 if [ -n "${DRY_RUN:-}" ]; then
@@ -67,12 +68,12 @@ if [ -n "${DRY_RUN:-}" ]; then
 else
     echo "== the kernels' GPU tests: every op of triton and cuda against the reference on CUDA tensors"
     KERNEL_TESTS="tests/test_native.py tests/test_fused_ops.py tests/test_ops.py tests/test_triton.py"
-    timeout "$(left 90)" python3 -m pytest $PARALLEL -m gpu -q -p no:cacheprovider $KERNEL_TESTS \
+    timeout "$(left 90)" python3 -m pytest $PARALLEL -m gpu -v -rf -p no:cacheprovider $KERNEL_TESTS \
         >"$OUT/pytest.log" 2>&1
     step_done "kernel GPU tests" $? "$(tail -n 1 "$OUT/pytest.log")"
     echo "== the rest of the triton tests, on the GPU (tails, tables, launch counts)"
     echo "==== the rest of tests/test_triton.py" >>"$OUT/pytest.log"
-    timeout "$(left 30)" python3 -m pytest $PARALLEL -m "not gpu" -q -p no:cacheprovider tests/test_triton.py \
+    timeout "$(left 30)" python3 -m pytest $PARALLEL -m "not gpu" -v -rf -p no:cacheprovider tests/test_triton.py \
         >>"$OUT/pytest.log" 2>&1
     step_done "triton tests" $? "$(tail -n 1 "$OUT/pytest.log")"
 fi
@@ -98,7 +99,7 @@ step_done "train-step benchmark" $?
 if [ -z "${DRY_RUN:-}" ]; then
     echo "== the other GPU tests (launch counts, syncs, data, ranking)"
     echo "==== the other GPU tests" >>"$OUT/pytest.log"
-    timeout "$(left 60)" python3 -m pytest $PARALLEL -m gpu -q -p no:cacheprovider tests \
+    timeout "$(left 60)" python3 -m pytest $PARALLEL -m gpu -v -rf -p no:cacheprovider tests \
         ${KERNEL_TESTS//tests\//--ignore=tests/} >>"$OUT/pytest.log" 2>&1
     step_done "other GPU tests" $? "$(tail -n 1 "$OUT/pytest.log")"
 fi

@@ -67,6 +67,31 @@ def test_op_benchmark_dry_run(tmp_path):
     assert sum(line.startswith(("| 4 |", "| 5 |", "| 8 |")) for line in section.splitlines()) == len(targets)
 
 
+def test_op_benchmark_times_only_the_ops_asked_for(tmp_path, capsys):
+    import json
+
+    import pytest
+
+    bench = _load("bench_gpu")
+    assert bench.main(["--dry-run", "--no-compile", "--ops", "gate_keep,branch_combine", "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())["results"]
+    assert {r["op"] for r in results} == {"gate_keep", "branch_combine"}
+    with pytest.raises(SystemExit):
+        bench.main(["--dry-run", "--ops", "gated_aply", "--out", str(tmp_path)])
+    assert "--ops: unknown ['gated_aply']" in capsys.readouterr().err
+
+
+def test_tile_benchmark_dry_run(tmp_path):
+    """benchmarks/bench_tiles.py: every tile shape it times writes the package rule's output and dx bits."""
+    import json
+
+    assert _load("bench_tiles").main(["--dry-run", "--out", str(tmp_path / "tiles.json")]) == 0
+    rows = json.loads((tmp_path / "tiles.json").read_text())["rows"]
+    assert {r["layout"] for r in rows} == {"nchw", "nhwc"}
+    assert sum(r["rule"] for r in rows) == 4 and len(rows) > 8  # one rule row per shape and layout
+    assert all(r["same_bits"] for r in rows), [r for r in rows if not r["same_bits"]]
+
+
 def test_target_verdicts():
     """A target fails on any measured case past its threshold, passes only when every case is
     measured and within it, and is unmeasured otherwise (with the reason)."""

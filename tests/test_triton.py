@@ -87,8 +87,8 @@ def test_multi_tensor_values_sum_over_more_programs_than_one_pass_of_the_last_pr
     """The last program adds the partials SUM_BLOCK at a time: more programs than that, a ragged end."""
     tables = importlib.import_module("pgnas_fast.triton.tables")
     gen = torch.Generator().manual_seed(5)
-    weights = [0.2 * torch.randn(3, c, generator=gen) for c in (4000, 3999, 1500)]  # linear layers
-    p_logits = [torch.randn(w.shape[1], generator=gen) for w in weights]
+    weights = [0.2 * torch.randn(3, c, generator=gen).to(DEVICE) for c in (4000, 3999, 1500)]  # linear layers
+    p_logits = [torch.randn(w.shape[1], generator=gen).to(DEVICE) for w in weights]
     blocks = sum(-(-w.shape[1] // 32) for w in weights)
     assert blocks > 2 * tables.SUM_BLOCK.value and blocks % tables.SUM_BLOCK.value
     r = pf.ops.regularizer(weights, p_logits, weight_reg=3.0, drop_reg=1.0, n_train=10.0, backend="triton")
@@ -199,9 +199,9 @@ def test_a_table_a_cuda_graph_captured_outlives_the_cache(monkeypatch):
 
 def test_regularizer_mixed_weight_dtypes_and_layouts():
     gen = torch.Generator().manual_seed(1)
-    weights = [torch.randn(8, 4, 3, 3, generator=gen).to(memory_format=torch.channels_last),
-               torch.randn(6, 8, generator=gen).half(), torch.randn(4, 2, 1, 1, generator=gen).double()]
-    p_logits = [torch.randn(4, generator=gen), torch.randn(8, generator=gen), torch.randn(4, generator=gen)]
+    weights = [torch.randn(8, 4, 3, 3, generator=gen).to(DEVICE, memory_format=torch.channels_last),
+               torch.randn(6, 8, generator=gen).to(DEVICE).half(), torch.randn(4, 2, 1, 1, generator=gen).to(DEVICE).double()]
+    p_logits = [torch.randn(c, generator=gen).to(DEVICE) for c in (4, 8, 4)]
     outs = {}
     for backend in ("triton", "reference"):
         ws = [w.clone().requires_grad_() for w in weights]
@@ -391,14 +391,44 @@ def test_gated_apply_per_example_grid_of_the_gpu(monkeypatch):
     monkeypatch.setattr(gates, "_tiles", lambda n_rows, S, s_stride, device: (16, 32))
     gen = torch.Generator().manual_seed(7)
     for memory_format, offset in ((torch.contiguous_format, 0), (torch.channels_last, (1 << 32) + 5 * 37)):
-        x = torch.randn(3, 37, 7, 9, generator=gen).contiguous(memory_format=memory_format)
-        dy = torch.randn(x.shape, generator=gen)
-        p_logit = torch.randn(37, generator=gen)
+        x = torch.randn(3, 37, 7, 9, generator=gen).to(DEVICE).contiguous(memory_format=memory_format)
+        dy = torch.randn(x.shape, generator=gen).to(DEVICE)
+        p_logit = torch.randn(37, generator=gen).to(DEVICE)
         ours = gates.gated_apply_backward(dy, x, p_logit, SEED, STREAM, 0.2, "relaxed", offset)
         ref = reference.gated_apply_backward(dy, x, p_logit, SEED, STREAM, 0.2, "relaxed", offset)
         out = gates.gated_apply(x, p_logit, SEED, STREAM, 0.2, "relaxed", offset)
         assert rel_err(out, reference.gated_apply(x, p_logit, SEED, STREAM, 0.2, "relaxed", offset)) < 1e-6
         assert rel_err(ours[0], ref[0]) < 1e-6 and rel_err(ours[1], ref[1]) < 1e-5
+
+
+@pytest.mark.parametrize("shape, memory_format, tiles", [
+    ((2, 37, 7, 7), torch.contiguous_format, (64, 32)),  # rows of no multiple of 16: 32 positions a step
+    ((2, 12, 14, 14), torch.contiguous_format, (16, 32)),
+    ((2, 160, 2, 3), torch.channels_last, (64, 8)),  # channels_last: 64 channels a tile
+])
+def test_gated_apply_with_the_tiles_of_the_gpu(monkeypatch, shape, memory_format, tiles):
+    """The GPU's tile rule (`_tiles` for a CUDA device) and grid, forced here under the interpreter."""
+    import triton
+
+    gates = importlib.import_module("pgnas_fast.triton.gates")
+    gpu_rule, B, chosen = gates._tiles, shape[0], []
+
+    def gpu_tiles(n_rows, S, s_stride, device):  # the wrapper passes B * C rows on CPU, C on a GPU
+        chosen.append(gpu_rule(n_rows if device.type == "cuda" else n_rows // B, S, s_stride, torch.device("cuda")))
+        return chosen[-1]
+
+    monkeypatch.setattr(gates, "_tiles", gpu_tiles)
+    monkeypatch.setattr(gates, "_grid", lambda B, C, block_q, device: ((triton.cdiv(C, block_q), B), True))
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(shape, generator=gen).to(DEVICE).contiguous(memory_format=memory_format)
+    dy = torch.randn(shape, generator=gen).to(DEVICE)
+    p_logit = torch.randn(shape[1], generator=gen).to(DEVICE)
+    out = gates.gated_apply(x, p_logit, SEED, STREAM, 0.2, "relaxed", 0)
+    ours = gates.gated_apply_backward(dy, x, p_logit, SEED, STREAM, 0.2, "relaxed", 0)
+    ref = reference.gated_apply_backward(dy, x, p_logit, SEED, STREAM, 0.2, "relaxed", 0)
+    assert chosen == [tiles, tiles]
+    assert rel_err(out, reference.gated_apply(x, p_logit, SEED, STREAM, 0.2, "relaxed", 0)) < 1e-6
+    assert rel_err(ours[0], ref[0]) < 1e-6 and rel_err(ours[1], ref[1]) < 1e-5
 
 
 # ---- ahead-of-time compilation for an H100, no GPU needed ---------------------------------------------
@@ -737,6 +767,11 @@ def run_aot_script(*args: str, timeout: float):
                           timeout=timeout, check=False)
 
 
+# on a GPU machine the GPU tests compile (and run) every kernel; the stand-in driver is for CPU machines
+cpu_machine_only = pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU machine compiles the kernels for real")
+
+
+@cpu_machine_only
 def test_kernels_compile_for_an_h100_without_one():
     """The interpreter does not run Triton's compiler, which is stricter (e.g. both sides of a runtime
     `if` must give a variable one type, no float64 in some intrinsics): compile every kernel ahead of
@@ -747,6 +782,7 @@ def test_kernels_compile_for_an_h100_without_one():
 
 
 @pytest.mark.slow
+@cpu_machine_only
 def test_kernels_compile_for_an_h100_every_variant():
     """The cross product of data and gate dtypes, modes, layouts, shapes and branch counts."""
     result = run_aot_script("--full", timeout=3000)

@@ -1,5 +1,6 @@
-"""Shared helpers: the backends under test and a float64 error measure (op tests); a small digits
-search, run once per session, and the comparison of two runs (search-level tests)."""
+"""Shared helpers: the backends under test, a float64 error measure and a log of dispatched ops (op
+tests); a small digits search, run once per session, and the comparison of two runs (search-level
+tests)."""
 from __future__ import annotations
 
 import importlib.util
@@ -8,6 +9,7 @@ import sys
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 if not torch.cuda.is_available():
     # Triton kernels run on CPU tensors only under its interpreter; it must be on before triton is
@@ -64,6 +66,18 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     e = expected.detach().to(torch.float64)
     scale = e.norm()
     return ((a - e).norm() / (scale if scale > 0 else 1.0)).item()
+
+
+class DispatchLog(TorchDispatchMode):
+    """Records the name of every op dispatched inside it (`names`), then runs the op."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
 
 
 # design.md "Numerics": float32 data within 1e-5, bfloat16/float16 data within 1e-2.

@@ -13,7 +13,7 @@ import pgnas_fast as pf
 from pgnas_fast import supernets
 from pgnas_fast.nn import gated_layers, network_regularizer, set_gates, set_posterior, stacked_candidate_masks
 
-from conftest import load_benchmark
+from conftest import DispatchLog, load_benchmark
 
 
 def _kernel_launches(fn) -> int:
@@ -207,17 +207,6 @@ def test_a_regularizer_step_runs_only_its_two_ops(backend):
     """The CPU image of the GPU launch count above: forward and backward of the whole-network
     regulariser dispatch the op and its backward op and nothing else that would launch a kernel
     (views of the flat gradients only; no copy, clone or fill per tensor)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Log(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(str(func))
-            return func(*args, **(kwargs or {}))
-
     gen = torch.Generator().manual_seed(3)
     shapes = [((8, 3, 3, 3), 3), ((10, 6), 6), ((8, 2, 3, 3), 4), ((6, 1, 3, 3), 6), ((9, 2, 1, 1), 6)]
     weights = [torch.randn(s, generator=gen).requires_grad_() for s, _ in shapes]
@@ -230,7 +219,7 @@ def test_a_regularizer_step_runs_only_its_two_ops(backend):
         pf.ops.regularizer(weights, p_logits, weight_reg=10.0, drop_reg=1.0, n_train=5e4, backend=backend).backward(one)
 
     step()
-    with Log() as log:
+    with DispatchLog() as log:
         step()
     launching = [name for name in log.names if name.split(".")[1] not in ("view", "split_with_sizes", "detach")]
     assert launching == ["pgnas_fast.regularizer.default", "pgnas_fast.regularizer_backward.default"], launching

@@ -19,7 +19,7 @@ import pgnas_fast as pf
 from pgnas_fast.ops import _library, dispatch
 from pgnas_fast.ops.streams import Domain, stream_id
 
-from conftest import TOLERANCE, interpreted, rel_err
+from conftest import TOLERANCE, DispatchLog, interpreted, rel_err
 
 SEED = 20200207
 STREAM = stream_id(Domain.TRAIN, 3, 1)
@@ -1006,20 +1006,9 @@ def test_eager_calls_do_not_enter_the_dispatcher(backend, monkeypatch):
 
 def test_a_dispatch_mode_sees_each_op_as_one_custom_op(backend):
     """Inside a TorchDispatchMode (fake tensors, FLOP counters) the custom op runs, as under torch.compile."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Log(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(str(func))
-            return func(*args, **(kwargs or {}))
-
     x = torch.randn(3, 5, 2, 2, requires_grad=True)
     p_logit = torch.randn(5, requires_grad=True)
-    with Log() as log:
+    with DispatchLog() as log:
         pf.ops.gated_apply(x, p_logit, seed=SEED, stream=STREAM, backend=backend).sum().backward()
     assert "pgnas_fast.gated_apply.default" in log.names
     assert "pgnas_fast.gated_apply_backward.default" in log.names

@@ -174,8 +174,8 @@ def _block_table(ws, ps, with_weight_blocks: bool):
     whole weight column, the longest work of a launch: started first, they overlap the weight blocks
     instead of trailing them."""
     shapes = tuple((tuple(w.shape), p.shape[0]) for w, p in zip(ws, ps))
-    n_weight_blocks = sum(triton.cdiv(w.numel(), BLOCK_W) for w in ws) if with_weight_blocks else 0
-    n_channel_blocks = sum(triton.cdiv(p.shape[0], BLOCK_C) for p in ps)
+    n_weight_blocks = sum(tables.ceil_div(w.numel(), BLOCK_W) for w in ws) if with_weight_blocks else 0
+    n_channel_blocks = sum(tables.ceil_div(p.shape[0], BLOCK_C) for p in ps)
 
     def build():
         weight_blocks = [[layer, e] for layer, w in enumerate(ws) for e in range(0, w.numel(), BLOCK_W)]

@@ -65,6 +65,12 @@ def cached(key: Hashable, build: Callable[[], list[list[int]]], dtype: torch.dty
     return table
 
 
+def ceil_div(a: int, b: int) -> int:
+    """ceil(a / b) on the host: triton.cdiv is a JIT-dispatched function (~1.5 us a call), which a
+    per-tensor sum over a network's 119 layers pays on every call."""
+    return -(-a // b)
+
+
 def tensor_key(t: torch.Tensor) -> tuple:
     """What a row table stores of a tensor: where it is and how it is shaped."""
     return t.data_ptr(), tuple(t.shape), t.dtype

@@ -638,6 +638,9 @@ def main(argv=None) -> int:
     parser.add_argument("--count-launches", action="store_true",
                         help="internal: print the regulariser's kernel launch counts as JSON and exit")
     args = parser.parse_args(argv)
+    chosen = set(args.ops.split(",")) if args.ops else set(OPS)
+    if chosen - set(OPS):  # before any tensor is made
+        parser.error(f"--ops: unknown {sorted(chosen - set(OPS))}; expected some of {list(OPS)}")
     started = time.monotonic()
     device = "cpu" if args.dry_run else "cuda"
     if not args.dry_run and not torch.cuda.is_available():
@@ -660,15 +663,8 @@ def main(argv=None) -> int:
     networks = [gated_network(name, device, args.dry_run, dtype) for name in NETWORKS]
     all_cases = cases(device, args.dry_run, dtype, networks)
     del networks  # the cases hold the tensors they need
-    if args.ops:
-        chosen = set(args.ops.split(","))
-        if chosen - {c.op for c in all_cases}:
-            parser.error(f"--ops: unknown {sorted(chosen - {c.op for c in all_cases})}; "
-                         f"expected some of {sorted({c.op for c in all_cases})}")
-        all_cases = [c for c in all_cases if c.op in chosen]
-        counted = "regularizer_fwd_bwd" not in chosen  # the launch count belongs to the regulariser's targets
-    else:
-        counted = False
+    all_cases = [c for c in all_cases if c.op in chosen]
+    counted = "regularizer_fwd_bwd" not in chosen  # the launch count belongs to the regulariser's targets
     launches = {net: {name: {"note": "not counted yet"} for name in ("reference", *KERNEL_ISSUES)} for net in NETWORKS}
     rows = {}
 

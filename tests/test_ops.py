@@ -908,7 +908,8 @@ def _outputs_and_grads(run, args, seed: int):
     if not leaves:
         return outs, []
     gen = torch.Generator().manual_seed(seed)
-    loss = sum((o.double() * torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.device)).sum() for o in outs)
+    noise = [torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.device) for o in outs]
+    loss = sum((o.double() * n).sum() for o, n in zip(outs, noise))
     return outs, torch.autograd.grad(loss, leaves, allow_unused=True)
 
 

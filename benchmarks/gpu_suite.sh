@@ -67,7 +67,7 @@ if [ -n "${DRY_RUN:-}" ]; then
     STEPS+="tests: skipped (DRY_RUN)"$'\n'
 else
     echo "== the kernels' GPU tests: every op of triton and cuda against the reference on CUDA tensors"
-    KERNEL_TESTS="tests/test_native.py tests/test_fused_ops.py tests/test_ops.py tests/test_triton.py"
+    KERNEL_TESTS="tests/test_native.py tests/test_fused_ops.py tests/test_ops.py tests/test_gaussian_ops.py tests/test_triton.py"
     timeout "$(left 90)" python3 -m pytest $PARALLEL -m gpu -v -rf -p no:cacheprovider $KERNEL_TESTS \
         >"$OUT/pytest.log" 2>&1
     step_done "kernel GPU tests" $? "$(tail -n 1 "$OUT/pytest.log")"

@@ -2,20 +2,56 @@
 //   gaussian_noise: out = mu + sqrt(max(var, 0) + 1e-8) eps, the local-reparameterization epilogue, and
 //   its backward d var = grad eps / (2 sqrt(var + 1e-8)) where var > 0 (eps regenerated, never stored);
 //   gaussian_kl: the whole network's Molchanov KL over a segment table, O(1) launches.
-// eps of the element at logical (row-major) index i is philox_normal_at(seed, stream, offset + i).
+// eps of the element at logical (row-major) index i is lane j % 4 of philox_normal_quad(seed, stream, j / 4),
+// j = offset + i (philox_normal_at(seed, stream, j) alone). One Philox call serves a whole quad wherever a
+// thread can hold its four elements: dense data, and channels_last when S % 4 == 0 and offset % 4 == 0.
 #include "common.cuh"
 
 namespace pgnas {
 namespace cuda {
 namespace {
 
-// Logical row-major index of memory position e: e itself for dense row-major data; for
-// channels_last memory [B, S, C] of the logical [B, C, S], (b C + c) S + s.
-__device__ __forceinline__ uint64_t logical_index(int64_t e, int64_t channels, int64_t spatial, int layout) {
-  if (layout == PGNAS_NCHW) return static_cast<uint64_t>(e);
-  const int64_t c = e % channels, rest = e / channels;
-  return static_cast<uint64_t>(((rest / spatial) * channels + c) * spatial + rest % spatial);
+// ---- which elements a thread takes: index math only, callable on the host to check it without a GPU ----
+
+// Philox counter of the quad whose lane 0 is element e0 (offset + e0 a multiple of 4; e0 < 0 for a first
+// quad that starts before the tensor). Unsigned arithmetic wraps as philox_normal_at(offset + i)'s does.
+__host__ __device__ __forceinline__ uint64_t quad_counter(uint64_t offset, int64_t e0) {
+  return (offset + static_cast<uint64_t>(e0)) >> 2;
 }
+
+// Dense data (the logical index is the memory index e): quad r of the call holds e = 4 r - lead ..
+// 4 r - lead + 3, lead = offset % 4; only those in [0, n) exist.
+struct DenseQuads {
+  int64_t lead, count;
+
+  __host__ __device__ __forceinline__ DenseQuads(int64_t n, uint64_t offset)
+      : lead(static_cast<int64_t>(offset & 3)), count(n / 4 + (n % 4 + lead + 3) / 4) {}
+
+  __host__ __device__ __forceinline__ int64_t first_element(int64_t r) const { return 4 * r - lead; }
+};
+
+// Elements a packed dense step takes: whole 16-byte packs and whole quads (float: 1 pack, 1 quad;
+// half/bf16: 1 pack, 2 quads; double: 2 packs, 1 quad).
+template <typename T>
+constexpr int kGroup = Pack<T>::kSize > 4 ? Pack<T>::kSize : 4;
+
+// channels_last [B, S, C] with S % 4 == 0 and offset % 4 == 0: an item is (b, position quad p, c), walked
+// as position p of a [B, S / 4, C] channels_last grid `w` (channel fastest: a warp's loads of one position
+// are coalesced). Its lane l is position 4 p + l of gate g = b C + c: logical g S + 4 p + l (the lanes of
+// one Philox quad) and memory (b S + 4 p + l) C + c (lane 0's plus l C).
+struct ChannelsLastQuad {
+  int64_t memory, logical;  // of lane 0
+
+  __host__ __device__ __forceinline__ ChannelsLastQuad(const Where<true>& w, int64_t channels, int64_t spatial)
+      : memory((w.g - w.c) * spatial + 4 * w.s * channels + w.c), logical(w.g * spatial + 4 * w.s) {}
+};
+
+// Logical index of the channels_last element at `w` (position s of gate g = b C + c).
+__host__ __device__ __forceinline__ int64_t channels_last_logical(const Where<true>& w, int64_t spatial) {
+  return w.g * spatial + w.s;
+}
+
+// ---- the epilogue ----
 
 // sqrt(max(var, 0) + 1e-8); a NaN var stays NaN, as with torch's clamp_min.
 template <typename A>
@@ -31,30 +67,93 @@ __device__ __forceinline__ A noise_element(A first, A v, float eps) {
   return first + noise_std(v) * static_cast<A>(eps);
 }
 
-// One thread per 16-byte pack of each of the three tensors (when aligned), then the tail elements.
+// noise_element on T data (math in float, double for double data).
 template <typename T, bool kBackward>
-__global__ void noise_kernel(T* __restrict__ out, const T* __restrict__ first, const T* __restrict__ var, int64_t n,
-                             int64_t channels, int64_t spatial, int layout, uint64_t seed, uint64_t stream,
-                             uint64_t offset, bool packed) {
+__device__ __forceinline__ T noise_value(T first, T v, float eps) {
   using A = typename AccOf<T, float>::type;
-  constexpr int V = Pack<T>::kSize;
+  return narrow<T>(noise_element<A, kBackward>(widen<A>(first), widen<A>(v), eps));
+}
+
+// Dense data. Packed (offset % 4 == 0, 16-byte aligned pointers): kGroup elements per step, loaded and
+// stored as packs; the < kGroup last elements, or all of them when not packed, one quad per step.
+template <typename T, bool kBackward>
+__global__ void dense_noise_kernel(T* __restrict__ out, const T* __restrict__ first, const T* __restrict__ var,
+                                   int64_t n, uint64_t seed, uint64_t stream, uint64_t offset, bool packed) {
+  constexpr int V = Pack<T>::kSize, L = kGroup<T>, P = L / V;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   const int64_t start = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  const int64_t packs = packed ? n / V : 0;
-  for (int64_t q = start; q < packs; q += stride) {
-    const Pack<T> a = reinterpret_cast<const Pack<T>*>(first)[q];
-    const Pack<T> v = reinterpret_cast<const Pack<T>*>(var)[q];
-    Pack<T> res;
+  const int64_t groups = packed ? n / L : 0;
+  for (int64_t k = start; k < groups; k += stride) {
+    Pack<T> a[P], v[P], res[P];
 #pragma unroll
-    for (int k = 0; k < V; ++k) {
-      const float eps = philox_normal_at(seed, stream, offset + logical_index(q * V + k, channels, spatial, layout));
-      res.v[k] = narrow<T>(noise_element<A, kBackward>(widen<A>(a.v[k]), widen<A>(v.v[k]), eps));
+    for (int p = 0; p < P; ++p) {
+      a[p] = reinterpret_cast<const Pack<T>*>(first)[k * P + p];
+      v[p] = reinterpret_cast<const Pack<T>*>(var)[k * P + p];
     }
-    reinterpret_cast<Pack<T>*>(out)[q] = res;
+#pragma unroll
+    for (int q = 0; q < L / 4; ++q) {
+      const Normal4 eps = philox_normal_quad(seed, stream, quad_counter(offset, k * L + 4 * q));
+#pragma unroll
+      for (int l = 0; l < 4; ++l) {
+        const int i = 4 * q + l;  // element k L + i: lane i % V of pack i / V
+        res[i / V].v[i % V] = noise_value<T, kBackward>(a[i / V].v[i % V], v[i / V].v[i % V], eps.v[l]);
+      }
+    }
+#pragma unroll
+    for (int p = 0; p < P; ++p) reinterpret_cast<Pack<T>*>(out)[k * P + p] = res[p];
   }
-  for (int64_t e = packs * V + start; e < n; e += stride) {
-    const float eps = philox_normal_at(seed, stream, offset + logical_index(e, channels, spatial, layout));
-    out[e] = narrow<T>(noise_element<A, kBackward>(widen<A>(first[e]), widen<A>(var[e]), eps));
+  const DenseQuads quads(n, offset);  // lead is 0 when packed: quad groups * L / 4 starts at element groups * L
+  for (int64_t r = groups * (L / 4) + start; r < quads.count; r += stride) {
+    const int64_t e0 = quads.first_element(r);
+    const Normal4 eps = philox_normal_quad(seed, stream, quad_counter(offset, e0));
+#pragma unroll
+    for (int l = 0; l < 4; ++l) {
+      const int64_t e = e0 + l;
+      if (e >= 0 && e < n) out[e] = noise_value<T, kBackward>(first[e], var[e], eps.v[l]);
+    }
+  }
+}
+
+// channels_last, S % 4 == 0 and offset % 4 == 0: one ChannelsLastQuad per step, its 4 positions loaded
+// before the Philox call so that the loads are in flight during it.
+template <typename T, bool kBackward>
+__global__ void channels_last_quad_kernel(T* __restrict__ out, const T* __restrict__ first,
+                                          const T* __restrict__ var, int64_t items, int64_t channels,
+                                          int64_t spatial, uint64_t seed, uint64_t stream, uint64_t offset) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int64_t start = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  const int64_t quads = spatial / 4;  // position quads per example
+  Where<true> where = Where<true>::at(start, channels, quads);
+  const Where<true> step = Where<true>::at(stride, channels, quads);
+  for (int64_t t = start; t < items; t += stride) {
+    const ChannelsLastQuad q(where, channels, spatial);
+    T a[4], v[4];
+#pragma unroll
+    for (int l = 0; l < 4; ++l) {
+      a[l] = first[q.memory + l * channels];
+      v[l] = var[q.memory + l * channels];
+    }
+    const Normal4 eps = philox_normal_quad(seed, stream, quad_counter(offset, q.logical));
+#pragma unroll
+    for (int l = 0; l < 4; ++l) out[q.memory + l * channels] = noise_value<T, kBackward>(a[l], v[l], eps.v[l]);
+    where.advance(step, channels, quads);
+  }
+}
+
+// Any other channels_last tensor: a quad's elements sit C apart in memory, or straddle (b, c) rows, so
+// each element draws its own normal.
+template <typename T, bool kBackward>
+__global__ void channels_last_noise_kernel(T* __restrict__ out, const T* __restrict__ first,
+                                           const T* __restrict__ var, int64_t n, int64_t channels, int64_t spatial,
+                                           uint64_t seed, uint64_t stream, uint64_t offset) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int64_t start = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  Where<true> where = Where<true>::at(start, channels, spatial);
+  const Where<true> step = Where<true>::at(stride, channels, spatial);
+  for (int64_t e = start; e < n; e += stride) {
+    const uint64_t j = offset + static_cast<uint64_t>(channels_last_logical(where, spatial));
+    out[e] = noise_value<T, kBackward>(first[e], var[e], philox_normal_at(seed, stream, j));
+    where.advance(step, channels, spatial);
   }
 }
 
@@ -62,10 +161,18 @@ template <typename T, bool kBackward>
 cudaError_t launch_noise(T* out, const T* first, const T* var, int64_t batch, int64_t channels, int64_t spatial,
                          int layout, uint64_t seed, uint64_t stream, uint64_t offset, cudaStream_t cs) {
   const int64_t n = batch * channels * spatial;
-  constexpr int V = Pack<T>::kSize;
-  const bool packed = aligned16(out) && aligned16(first) && aligned16(var);
-  noise_kernel<T, kBackward><<<grid_for(packed ? (n + V - 1) / V : n), kThreads, 0, cs>>>(
-      out, first, var, n, channels, spatial, layout, seed, stream, offset, packed);
+  if (layout == PGNAS_NCHW || channels == 1 || spatial == 1) {  // channels_last [B, S, 1], [B, 1, C]: row-major
+    const bool packed = offset % 4 == 0 && aligned16(out) && aligned16(first) && aligned16(var);
+    const int64_t items = packed ? (n - 1) / kGroup<T> + 1 : DenseQuads(n, offset).count;
+    dense_noise_kernel<T, kBackward><<<grid_for(items), kThreads, 0, cs>>>(out, first, var, n, seed, stream, offset,
+                                                                            packed);
+  } else if (spatial % 4 == 0 && offset % 4 == 0) {
+    channels_last_quad_kernel<T, kBackward><<<grid_for(n / 4), kThreads, 0, cs>>>(out, first, var, n / 4, channels,
+                                                                                   spatial, seed, stream, offset);
+  } else {
+    channels_last_noise_kernel<T, kBackward><<<grid_for(n), kThreads, 0, cs>>>(out, first, var, n, channels, spatial,
+                                                                                seed, stream, offset);
+  }
   return last_error();
 }
 

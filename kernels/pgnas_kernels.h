@@ -148,8 +148,8 @@ cudaError_t pgnas_regularizer_backward(const void* grad, int32_t grad_double, vo
                                        cudaStream_t cuda_stream);
 
 /* ---- the Gaussian family ----
- * eps of the element at logical (row-major) index i: Box-Muller on Philox words 0 and 1 of counter
- * offset + i (philox.h philox_normal_at). Data dense row-major (PGNAS_NCHW: any rank, batch * channels
+ * eps of the element at logical (row-major) index i: with j = offset + i, lane j mod 4 of the four
+ * normals of Philox counter j div 4 (philox.h philox_normal_quad; philox_normal_at for one element). Data dense row-major (PGNAS_NCHW: any rank, batch * channels
  * * spatial elements) or channels_last (PGNAS_NHWC: memory [B, S, C] of the logical [B, C, S]); all
  * tensors of a call share the layout. Math in float32, float64 for float64 data. */
 

@@ -10,6 +10,7 @@
 #include <float.h>
 #include <math.h>
 #include <stdint.h>
+#include <string.h>
 
 #if !defined(__CUDA_ARCH__) && defined(FLT_EVAL_METHOD) && FLT_EVAL_METHOD != 0 && FLT_EVAL_METHOD != -1
 #error "the u mapping needs float arithmetic in float32 (FLT_EVAL_METHOD 0), e.g. SSE, not x87"
@@ -93,24 +94,139 @@ PGNAS_HD float philox_uniform_at(uint64_t seed, uint64_t stream, uint64_t i) {
   return philox_word_uniform(r.w[0]);
 }
 
-// 2 pi in float64, the reference's (2.0 * math.pi).
-#define PGNAS_TWO_PI 6.283185307179586
-
-// Box-Muller on two of the contract's uniforms: sqrt(-2 log u1) cos(2 pi u2) evaluated in float64 and
-// rounded once to float32, as pgnas_fast.reference.philox.normal (float64 log and cos of different
-// libraries differ in their last bits only, which the rounding removes but for one case in ~2^29).
-PGNAS_HD float box_muller(float u1, float u2) {
-  const double radius = sqrt(-2.0 * log(static_cast<double>(u1)));
-  return static_cast<float>(radius * cos(PGNAS_TWO_PI * static_cast<double>(u2)));
+// ---- the Gaussian family's normal (pgnas_fast.reference.philox.normal_quads) ----
+// Counter q gives four normals, of elements 4q .. 4q + 3: Box-Muller on the pairs (w0, w1) and (w2, w3),
+// r = sqrt(-2 log u(w0)), eps(4q) = r cos 2 pi v(w1), eps(4q + 1) = r sin 2 pi v(w1), and so on. log, cos
+// and sin are float32 series written with adds, multiplies and one divide, each rounded to nearest in
+// the reference's order, so eps has the reference's bits on every backend. Device code uses the _rn
+// intrinsics, which nvcc never contracts into an fma; host code is built with -ffp-contract=off.
+PGNAS_HD float add_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fadd_rn(a, b);
+#else
+  return a + b;
+#endif
 }
 
-// eps (standard normal) of element i of stream `stream` under key `seed`: Box-Muller on the uniforms
-// of words 0 and 1 of counter i (the Gaussian family's local reparameterization).
-PGNAS_HD float philox_normal_at(uint64_t seed, uint64_t stream, uint64_t i) {
-  const Philox4 r = philox4x32_10(static_cast<uint32_t>(i), static_cast<uint32_t>(i >> 32),
+PGNAS_HD float mul_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+
+PGNAS_HD float div_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fdiv_rn(a, b);
+#else
+  return a / b;
+#endif
+}
+
+PGNAS_HD float sqrt_rn(float a) {
+#if defined(__CUDA_ARCH__)
+  return __fsqrt_rn(a);
+#else
+  return sqrtf(a);  // IEEE sqrt: correctly rounded
+#endif
+}
+
+PGNAS_HD uint32_t float_bits(float f) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(f);
+#else
+  uint32_t u;
+  memcpy(&u, &f, sizeof u);
+  return u;
+#endif
+}
+
+PGNAS_HD float bits_float(uint32_t u) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
+  float f;
+  memcpy(&f, &u, sizeof f);
+  return f;
+#endif
+}
+
+// log u for u in (0, 1) (reference log_f32): u = m 2^e, m in [sqrt(1/2), sqrt 2),
+// log u = e log 2 + 2 atanh(s), s = (m - 1) / (m + 1), the series to s^9.
+PGNAS_HD float log_f32(float u) {
+  const uint32_t bits = float_bits(u);
+  const float raw = bits_float((bits & 0x7FFFFFu) | 0x3F800000u);  // in [1, 2)
+  const bool high = raw > 0x1.6a09e6p+0f;                           // sqrt 2 in float32
+  const float m = high ? mul_rn(raw, 0.5f) : raw;
+  const float e = static_cast<float>(static_cast<int32_t>((bits >> 23) & 0xFFu) - 127 + (high ? 1 : 0));
+  const float s = div_rn(add_rn(m, -1.0f), add_rn(m, 1.0f));
+  const float z = mul_rn(s, s);
+  float series = add_rn(mul_rn(z, 0x1.c71c72p-3f), 0x1.24924ap-2f);  // 2/9, 2/7
+  series = add_rn(mul_rn(series, z), 0x1.99999ap-2f);                 // 2/5
+  series = add_rn(mul_rn(series, z), 0x1.555556p-1f);                 // 2/3
+  return add_rn(mul_rn(e, 0x1.62e430p-1f), add_rn(add_rn(s, s), mul_rn(mul_rn(s, z), series)));
+}
+
+struct CosSin {
+  float cos, sin;
+};
+
+// (cos 2 pi v, sin 2 pi v), v = ((word >> 8) + 0.5) 2^-24 (reference turn_cos_sin): quarter turn
+// q = round(4 v) and x = v - q / 4 in [-1/8, 1/8] in exact integer arithmetic, then Taylor series of
+// 2 pi x (to x^10 and x^9), q mod 4 picking signs and roles.
+PGNAS_HD CosSin turn_cos_sin(uint32_t word) {
+  const int32_t k = static_cast<int32_t>(word >> 8);
+  const int32_t q = (k + (1 << 21)) >> 22;
+  const float x = mul_rn(add_rn(static_cast<float>(k - (q << 22)), 0.5f), 0x1p-24f);
+  const float y = mul_rn(x, x);
+  float c = add_rn(mul_rn(y, -0x1.a6d1f2p+4f), 0x1.e1f506p+5f);  // (-1)^k (2 pi)^2k / (2k)!, k = 5, 4
+  c = add_rn(mul_rn(c, y), -0x1.55d3c8p+6f);
+  c = add_rn(mul_rn(c, y), 0x1.03c1f0p+6f);
+  c = add_rn(mul_rn(c, y), -0x1.3bd3ccp+4f);
+  c = add_rn(mul_rn(c, y), 1.0f);
+  float s = add_rn(mul_rn(y, 0x1.507834p+5f), -0x1.32d2ccp+6f);  // (-1)^k (2 pi)^(2k+1) / (2k+1)!, k = 4, 3
+  s = add_rn(mul_rn(s, y), 0x1.466bc6p+6f);
+  s = add_rn(mul_rn(s, y), -0x1.4abbcep+5f);
+  s = add_rn(mul_rn(s, y), 0x1.921fb6p+2f);
+  s = mul_rn(s, x);
+  switch (q & 3) {
+    case 0: return {c, s};
+    case 1: return {-s, c};
+    case 2: return {-c, -s};
+    default: return {s, -c};
+  }
+}
+
+// The two normals of one Box-Muller pair: r cos, r sin.
+PGNAS_HD CosSin box_muller_pair(uint32_t radius_word, uint32_t turn_word) {
+  const float radius = sqrt_rn(mul_rn(-2.0f, log_f32(philox_word_uniform(radius_word))));
+  const CosSin t = turn_cos_sin(turn_word);
+  return {mul_rn(radius, t.cos), mul_rn(radius, t.sin)};
+}
+
+struct Normal4 {
+  float v[4];
+};
+
+// The four normals of counter `quad` (elements 4 quad .. 4 quad + 3) of stream `stream` under key `seed`.
+PGNAS_HD Normal4 philox_normal_quad(uint64_t seed, uint64_t stream, uint64_t quad) {
+  const Philox4 r = philox4x32_10(static_cast<uint32_t>(quad), static_cast<uint32_t>(quad >> 32),
                                   static_cast<uint32_t>(stream), static_cast<uint32_t>(stream >> 32),
                                   static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
-  return box_muller(philox_word_uniform(r.w[0]), philox_word_uniform(r.w[1]));
+  const CosSin a = box_muller_pair(r.w[0], r.w[1]), b = box_muller_pair(r.w[2], r.w[3]);
+  return {{a.cos, a.sin, b.cos, b.sin}};
+}
+
+// eps of element j alone: one pair of its quad's counter (for layouts whose threads do not hold whole quads).
+PGNAS_HD float philox_normal_at(uint64_t seed, uint64_t stream, uint64_t j) {
+  const uint64_t quad = j >> 2;
+  const Philox4 r = philox4x32_10(static_cast<uint32_t>(quad), static_cast<uint32_t>(quad >> 32),
+                                  static_cast<uint32_t>(stream), static_cast<uint32_t>(stream >> 32),
+                                  static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+  const bool second_pair = (j & 2) != 0;
+  const CosSin p = box_muller_pair(second_pair ? r.w[2] : r.w[0], second_pair ? r.w[3] : r.w[1]);
+  return (j & 1) ? p.sin : p.cos;
 }
 
 }  // namespace pgnas

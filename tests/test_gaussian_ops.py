@@ -2,7 +2,8 @@
 gaussian_noise (the local-reparameterization epilogue) and gaussian_kl (the Molchanov KL).
 
 Every live CPU backend is checked against formulas written here in float64; eps comes from an
-independent numpy Philox4x32-10 (pinned to Random123's known answer) and Box-Muller.
+independent numpy Philox4x32-10 (pinned to Random123's known answer) and a numpy float32 Box-Muller
+(four normals per counter), itself checked against float64 Box-Muller.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from scipy import stats
 import pgnas_fast as pf
 from pgnas_fast.ops import _library
 from pgnas_fast.ops.streams import Domain, stream_id
+from pgnas_fast.reference import philox
 
 from conftest import TOLERANCE, interpreted, rel_err
 
@@ -51,11 +53,71 @@ def contract_uniform(word: np.ndarray) -> np.ndarray:
     return np.minimum(u, np.float32(1.0 - 2.0 ** -24))
 
 
+# The normal's float32 series, restated from their formulas (each coefficient rounded to float32)
+F32 = np.float32
+LOG_COEFFICIENTS = [F32(2.0 / k) for k in (3, 5, 7, 9)]  # log m = 2 s + s^3 (2/3 + s^2 (2/5 + ...))
+COS_COEFFICIENTS = [F32((-1) ** k * (2 * math.pi) ** (2 * k) / math.factorial(2 * k)) for k in range(1, 6)]
+SIN_COEFFICIENTS = [F32((-1) ** k * (2 * math.pi) ** (2 * k + 1) / math.factorial(2 * k + 1)) for k in range(5)]
+
+
+def polynomial(coefficients, y):
+    """sum_k c[k] y^k by Horner's rule, every step rounded to float32."""
+    acc = np.full_like(y, coefficients[-1])
+    for c in reversed(coefficients[:-1]):
+        acc = acc * y + c
+    return acc
+
+
+def log_f32(u: np.ndarray) -> np.ndarray:
+    """u = m 2^e with m in [sqrt(1/2), sqrt 2): e log 2 + 2 atanh s, s = (m - 1) / (m + 1)."""
+    bits = u.view(np.uint32)
+    m = ((bits & np.uint32(0x7FFFFF)) | np.uint32(0x3F800000)).view(np.float32)
+    e = (bits >> np.uint32(23)).astype(np.int32) - 127
+    high = m > F32(math.sqrt(2.0))
+    m = np.where(high, m * F32(0.5), m)
+    e = (e + high).astype(np.float32)
+    s = (m - F32(1)) / (m + F32(1))
+    z = s * s
+    return e * F32(math.log(2.0)) + ((s + s) + (s * z) * polynomial(LOG_COEFFICIENTS, z))
+
+
+def turn_cos_sin(word: np.ndarray):
+    """cos and sin of 2 pi v, v = ((w >> 8) + 0.5) 2^-24: v = q / 4 + x, |x| <= 1/8, series in x."""
+    k = (word >> np.uint64(8)).astype(np.int64)
+    q = (k + (1 << 21)) >> 22
+    x = ((k - (q << 22)).astype(np.float32) + F32(0.5)) * F32(2.0 ** -24)
+    y = x * x
+    c = polynomial([F32(1)] + COS_COEFFICIENTS, y)
+    s = polynomial(SIN_COEFFICIENTS, y) * x
+    quarter = q % 4
+    return (np.select([quarter == 0, quarter == 1, quarter == 2], [c, -s, -c], s),
+            np.select([quarter == 0, quarter == 1, quarter == 2], [s, c, -s], -c))
+
+
 def expected_eps(n: int, seed: int = SEED, stream: int = STREAM, offset: int = 0) -> torch.Tensor:
-    """float32 [n]: eps of elements offset .. offset + n - 1: Box-Muller on words 0 and 1, in float64."""
-    w0, w1, _, _ = philox_words(np.arange(n, dtype=np.uint64) + np.uint64(offset), stream, seed)
-    u1, u2 = contract_uniform(w0).astype(np.float64), contract_uniform(w1).astype(np.float64)
-    return torch.from_numpy((np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * np.pi * u2)).astype(np.float32))
+    """float32 [n]: eps of elements offset .. offset + n - 1: element j is lane j mod 4 of counter
+    j div 4, whose words (w0, w1), (w2, w3) give r cos, r sin with r = sqrt(-2 log u(w0)), turn v(w1)."""
+    j = np.arange(n, dtype=np.uint64) + np.uint64(offset)
+    words = philox_words(j >> np.uint64(2), stream, seed)
+    lane = (j & np.uint64(3)).astype(np.int64)
+    pair = lane // 2
+    radius_word = np.where(pair == 0, words[0], words[2])
+    turn_word = np.where(pair == 0, words[1], words[3])
+    radius = np.sqrt(F32(-2) * log_f32(contract_uniform(radius_word)))  # numpy's float32 sqrt is IEEE
+    cos, sin = turn_cos_sin(turn_word)
+    return torch.from_numpy(np.where(lane % 2 == 0, radius * cos, radius * sin).astype(np.float32))
+
+
+def box_muller_f64(n: int, seed: int = SEED, stream: int = STREAM, offset: int = 0) -> np.ndarray:
+    """The same draw as expected_eps with float64 log, sqrt, cos and sin (numpy's libm)."""
+    j = np.arange(n, dtype=np.uint64) + np.uint64(offset)
+    words = philox_words(j >> np.uint64(2), stream, seed)
+    lane = (j & np.uint64(3)).astype(np.int64)
+    radius_word = np.where(lane < 2, words[0], words[2])
+    turn_word = np.where(lane < 2, words[1], words[3])
+    radius = np.sqrt(-2.0 * np.log(contract_uniform(radius_word).astype(np.float64)))
+    turn = 2.0 * np.pi * ((turn_word >> np.uint64(8)).astype(np.float64) + 0.5) * 2.0 ** -24
+    return np.where(lane % 2 == 0, radius * np.cos(turn), radius * np.sin(turn))
 
 
 def literal_kl(log_alphas, counts, n_train) -> torch.Tensor:
@@ -113,6 +175,37 @@ def test_numpy_philox_matches_random123_known_answer():
 
 
 # ---- gaussian_noise: eps ------------------------------------------------------------------------
+def test_float32_box_muller_is_within_a_few_ulp_of_float64():
+    """The contract's float32 series against float64 libm on the same words: 2^20 draws, and the
+    extreme words (u at both ends, the turn at every quarter)."""
+    n = 1 << 20
+    got, exact = expected_eps(n).double().numpy(), box_muller_f64(n)
+    assert np.max(np.abs(got - exact) / np.maximum(np.abs(exact), 1e-3)) < 1e-6
+    for word in (0, 0xFF, 0x100, 0x3FFFFF00, 0x40000000, 0x7FFFFF00, 0x80000000, 0xBFFFFF00, 0xFFFFFFFF):
+        w = np.full(4, word, dtype=np.uint64)
+        u = contract_uniform(w).astype(np.float32)
+        assert abs(log_f32(u)[0] - np.log(u[0].astype(np.float64))) <= 1e-6 * abs(np.log(u[0].astype(np.float64)))
+        cos, sin = turn_cos_sin(w)
+        turn = 2.0 * np.pi * ((word >> 8) + 0.5) * 2.0 ** -24
+        assert abs(cos[0] - math.cos(turn)) < 2e-7 and abs(sin[0] - math.sin(turn)) < 2e-7
+
+
+def test_the_reference_normal_matches_the_independent_one():
+    """pgnas_fast.reference.philox.normal against this file's numpy version, at offsets of every lane."""
+    for offset in (0, 1, 2, 3, (1 << 33) + 6):
+        assert torch.equal(philox.normal(1000, SEED, STREAM, offset, "cpu"), expected_eps(1000, offset=offset))
+
+
+@pytest.mark.parametrize("shape, offset", [((2, 8, 4, 4), 0), ((2, 8, 4, 4), 2), ((3, 5, 2, 6), 4), ((1, 3, 1, 4), 8),
+                                           ((2, 3, 3, 3), 4), ((2, 70, 2, 2), 12)])
+def test_eps_of_every_channels_last_path(backend, shape, offset):
+    """channels_last with H W and offset multiples of 4 (whole quads in one channel) and without."""
+    mu = in_layout(torch.zeros(shape), "channels_last")
+    var = in_layout(torch.ones(shape), "channels_last")
+    out = noise(mu, var, backend, offset=offset)
+    assert torch.equal(out.contiguous().view(-1), expected_eps(math.prod(shape), offset=offset))
+
+
 @pytest.mark.parametrize("shape, layout", LAYOUT_CASES, ids=LAYOUT_IDS)
 def test_eps_is_bit_identical_to_the_contract(backend, shape, layout):
     """mu = 0 and var = 1 - 1e-8 (1.0 in float32): out is eps itself, indexed by the logical position."""
@@ -123,6 +216,33 @@ def test_eps_is_bit_identical_to_the_contract(backend, shape, layout):
     assert out.shape == mu.shape and out.dtype == torch.float32
     assert out.stride() == torch.empty_like(mu).stride()
     assert torch.equal(out.contiguous().view(-1), expected_eps(n, offset=11))
+
+
+# (shape, layout, offset) reaching every GPU kernel path: dense packs (offset a multiple of 4) and
+# quads cut by the offset, channels_last quads (H W and offset multiples of 4) and single elements
+GPU_EPS_CASES = [((4, 8, 16, 16), "contiguous", 0), ((4, 8, 16, 16), "contiguous", 6), ((3, 5, 7, 9), "contiguous", 1),
+                 ((1001,), "contiguous", 3), ((4, 8, 16, 16), "channels_last", 0), ((4, 8, 16, 16), "channels_last", 2),
+                 ((3, 5, 7, 7), "channels_last", 4), ((2, 70, 6, 2), "channels_last", (1 << 32) - 4)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("gpu_backend", ["triton", "cuda"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape, layout, offset", GPU_EPS_CASES)
+def test_gpu_eps_is_bit_identical_to_the_contract(gpu_backend, dtype, shape, layout, offset):
+    """On CUDA tensors the GPU kernels draw the numpy contract's eps bit for bit (no fma contraction,
+    correctly rounded divide and sqrt), forward and regenerated in backward (mu = 0, var = 1: out =
+    eps; grad = 2: d var = eps)."""
+    if not torch.cuda.is_available() or not pf.backends()[gpu_backend][0]:
+        pytest.skip(f"{gpu_backend} needs a CUDA device")
+    mu = in_layout(torch.zeros(shape, dtype=dtype), layout).cuda()
+    var = in_layout(torch.ones(shape, dtype=dtype), layout).cuda()
+    eps = expected_eps(math.prod(shape), offset=offset).view(shape)
+    out = noise(mu, var, gpu_backend, offset=offset)
+    assert out.stride() == mu.stride()
+    assert torch.equal(out.cpu(), eps.to(dtype))
+    grad_var = _library.gaussian_noise_backward(torch.full_like(var, 2.0), var, SEED, STREAM, offset, gpu_backend)
+    torch.testing.assert_close(grad_var.cpu().float(), eps.to(dtype).float(), rtol=2e-7, atol=0)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])

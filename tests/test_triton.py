@@ -666,13 +666,21 @@ def launch_regularizer(w_dtype, g_dtype):
                      BLOCK_W=regularizer.BLOCK_W, BLOCK_C=regularizer.BLOCK_C, BLOCK_R=regularizer.BLOCK_R)
 
 
-def launch_gaussian_noise(like, channels_last):
+def launch_gaussian_noise(like, channels_last, offset=OFFSET):
+    """The kernel gaussian._noise_launch picks for `like` (forward and backward), with its GPU tiles."""
     n = like.numel()
+    words = (*philox.split_u64(offset), *philox.split_u64(SEED), *philox.split_u64(STREAM))
     C, S = (like.shape[1], like.shape[2] * like.shape[3]) if channels_last else (1, n)
-    words = (*philox.split_u64(OFFSET), *philox.split_u64(SEED), *philox.split_u64(STREAM))
-    flags = {"CHANNELS_LAST": channels_last, "COMPUTE_F64": like.dtype == F64, "BLOCK": gaussian._block(n, CUDA)}
-    for kernel in (gaussian._gaussian_noise_kernel, gaussian._gaussian_noise_backward_kernel):
-        compile_for_h100(kernel, like, like, like, n, C, S, *words, **flags)
+    for backward in (False, True):
+        flags = {"BACKWARD": backward, "COMPUTE_F64": like.dtype == F64, "enable_fp_fusion": False}
+        if not channels_last:
+            compile_for_h100(gaussian._noise_dense_kernel, like, like, like, n, *words, LEAD=offset & 3, BLOCK_Q=256,
+                             **flags)
+        elif S % 4 == 0 and offset % 4 == 0:
+            compile_for_h100(gaussian._noise_channels_last_kernel, like, like, like, n, C, S, *words, BLOCK_P=16,
+                             BLOCK_C=min(triton.next_power_of_2(C), 64), **flags)
+        else:
+            compile_for_h100(gaussian._noise_elements_kernel, like, like, like, n, C, S, *words, BLOCK=1024, **flags)
 
 
 def launch_gaussian_kl(dtype):
@@ -741,7 +749,8 @@ for dtype in GATES:
 for dtype in DATA:
     for channels_last in (False, True):
         launch_gaussian_noise(meta(*CIFAR, dtype=dtype, channels_last=channels_last), channels_last)
-launch_gaussian_noise(meta(*ODD, dtype=BF16, channels_last=True), True)
+launch_gaussian_noise(meta(*ODD, dtype=BF16, channels_last=True), True)  # 7 x 9 positions: element by element
+launch_gaussian_noise(meta(*ODD, dtype=F32), False, offset=OFFSET + 1)  # quads cut by the offset
 launch_gaussian_noise(meta(1 << 16, 1 << 15 | 3, dtype=BF16), False)  # more than 2^31 elements: n as i64
 
 kernels = {name for m in MODULES.values() for name, obj in vars(m).items()

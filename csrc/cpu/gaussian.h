@@ -25,22 +25,25 @@ constexpr double kVarEps = 1e-8;  // keeps d var finite where var is 0
 template <typename T>
 using NoiseMath = typename std::conditional<std::is_same<T, double>::value, double, float>::type;
 
-// eps[j] = normal of logical element first + j * stride, j < len (len <= kChunk). The Philox loop
-// is pure integer work on unit-stride arrays (vectorised); Box-Muller's float64 log and cos follow
-// in a loop of their own, scalar: libm has no vector forms without -ffast-math, which would also
-// loosen the accuracy eps relies on (as sqrt, which keeps errno without -fno-math-errno).
+// eps[j] = normal of logical element first + j * stride, j < len (len <= kChunk). Unit stride (dense
+// row-major data): one Philox counter per quad of elements; otherwise (channels_last, whose logical
+// indices step by S) every element draws its own pair. Integer and float32 arithmetic without calls.
 inline void normals(float* eps, int64_t len, uint64_t first, uint64_t stride, uint64_t seed, uint64_t stream) {
-  float u1[kChunk], u2[kChunk];
-  const uint32_t s0 = static_cast<uint32_t>(stream), s1 = static_cast<uint32_t>(stream >> 32);
-  const uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  if (stride != 1) {
 #pragma omp simd
-  for (int64_t j = 0; j < len; ++j) {
-    const uint64_t i = first + static_cast<uint64_t>(j) * stride;
-    const Philox4 r = philox4x32_10(static_cast<uint32_t>(i), static_cast<uint32_t>(i >> 32), s0, s1, k0, k1);
-    u1[j] = philox_word_uniform(r.w[0]);
-    u2[j] = philox_word_uniform(r.w[1]);
+    for (int64_t j = 0; j < len; ++j) eps[j] = philox_normal_at(seed, stream, first + static_cast<uint64_t>(j) * stride);
+    return;
   }
-  for (int64_t j = 0; j < len; ++j) eps[j] = box_muller(u1[j], u2[j]);
+  const int64_t lead = static_cast<int64_t>(first & 3);
+  const int64_t quads = (lead + len + 3) / 4;
+  float quad_normals[kChunk + 8];  // lead + len rounded up to whole quads
+  const uint64_t first_quad = first >> 2;
+#pragma omp simd
+  for (int64_t q = 0; q < quads; ++q) {
+    const Normal4 n = philox_normal_quad(seed, stream, first_quad + static_cast<uint64_t>(q));
+    for (int l = 0; l < 4; ++l) quad_normals[4 * q + l] = n.v[l];
+  }
+  std::copy(quad_normals + lead, quad_normals + lead + len, eps);
 }
 
 // Geometry of a noise tensor in memory: dense row-major (nchw: the memory index is the logical

@@ -223,19 +223,24 @@ void test_regularizer_tall_layer() {
 // ---- the Gaussian family (csrc/cpu/gaussian.h) ----------------------------------------------------
 
 void test_normal_known_answers() {
-  // eps = Box-Muller on the uniforms of words 0 and 1 (values from an independent numpy Philox)
+  // eps of element j: lane j mod 4 of counter j div 4's quad (values from pgnas_fast.reference.philox,
+  // which tests/test_gaussian_ops.py checks against an independent numpy float32 version)
   struct Kat {
-    uint64_t seed, stream, i;
+    uint64_t seed, stream, j;
     float eps;
   };
   const Kat kats[] = {
-      {0, 0, 0, 0x1.fb766cp-1f},  // words 0x6627e8d5, 0xe169c58d: Random123's answer for counter 0, key 0
-      {0, 0, 1, -0x1.3aa6bap-3f},
-      {(1ull << 62) + 3, (1ull << 60) + 9, (1ull << 32) + 5, 0x1.99f36ap-3f},
+      {0, 0, 0, 0x1.fb7666p-1f},  // words 0x6627e8d5, 0xe169c58d: Random123's answer for counter 0, key 0
+      {0, 0, 1, -0x1.d96d64p-1f},
+      {0, 0, 2, -0x1.3c3742p-1f},
+      {0, 0, 3, -0x1.eda360p-2f},
+      {(1ull << 62) + 3, (1ull << 60) + 9, (1ull << 32) + 5, 0x1.14375cp+0f},
   };
   for (const Kat& kat : kats) {
-    const float eps = pgnas::philox_normal_at(kat.seed, kat.stream, kat.i);
+    const float eps = pgnas::philox_normal_at(kat.seed, kat.stream, kat.j);
     expect(eps == kat.eps, "Box-Muller known answer", eps, kat.eps);
+    const float lane = pgnas::philox_normal_quad(kat.seed, kat.stream, kat.j >> 2).v[kat.j & 3];
+    expect(lane == kat.eps, "Box-Muller known answer of the whole quad", lane, kat.eps);
   }
 }
 

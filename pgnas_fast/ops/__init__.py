@@ -311,9 +311,10 @@ def gaussian_noise(mu, var, *, seed: int, stream: int, offset: int = 0, backend=
     """The Gaussian family's local-reparameterization epilogue: mu + sqrt(max(var, 0) + 1e-8) * eps.
 
     eps is standard normal per element, drawn from (seed, stream) at element offset + i, i the flat
-    row-major index of the element in mu's shape (whatever the memory layout): Box-Muller on the
-    contract's uniforms of Philox words 0 and 1, in float64, rounded to float32 (see
-    `pgnas_fast.reference.philox.normal`). Gradients: d mu = grad, d var = grad * eps / (2 sqrt(var +
+    row-major index of the element in mu's shape (whatever the memory layout): element j is lane
+    j mod 4 of the four normals of Philox counter j div 4, Box-Muller on the word pairs (w0, w1) and
+    (w2, w3) in float32 with every operation rounded to nearest, so every backend has the same bits
+    (see `pgnas_fast.reference.philox.normal_quads`). Gradients: d mu = grad, d var = grad * eps / (2 sqrt(var +
     1e-8)) where var > 0; backward regenerates eps instead of storing it.
     """
     _check_tensor("mu", mu, DATA_DTYPES, min_ndim=1)

@@ -71,6 +71,25 @@ def test_gated_apply_forward_backward(benchmark, activation, mode, memory_format
     assert x.grad is not None and p_logit.grad.shape == (CHANNELS,)
 
 
+def test_gated_apply_forward_backward_compiled_reference(benchmark, activation):
+    """The reference's gated_apply and its backward under torch.compile (relaxed, NCHW): the row to
+    read next to test_gated_apply_forward_backward[relaxed-nchw-*]. The first call compiles (about
+    25 s here) and is not timed."""
+    from pgnas_fast import reference
+
+    x, p_logit, dy = activation
+    forward, backward = torch.compile(reference.gated_apply), torch.compile(reference.gated_apply_backward)
+
+    def step():
+        out = forward(x, p_logit, SEED, STREAM, 0.2, "relaxed", 0)
+        return out, backward(dy, x, p_logit, SEED, STREAM, 0.2, "relaxed", 0)
+
+    step()
+    out, (grad_x, grad_p) = benchmark(step)
+    torch.testing.assert_close(out, reference.gated_apply(x, p_logit, SEED, STREAM, 0.2, "relaxed", 0))
+    assert grad_x.shape == x.shape and grad_p.shape == (CHANNELS,)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
 def test_affine_relu_gate_forward_backward(benchmark, activation, memory_format, backend):

@@ -37,6 +37,12 @@ def philox4x32(counter: tuple, key: tuple[int, int]) -> tuple[torch.Tensor, ...]
     """Philox4x32-10 on broadcastable int64 counter words (c0, c1, c2, c3) and a key (k0, k1).
 
     Counter words may be tensors or Python ints, each in [0, 2^32). Returns the four output words.
+
+    The words are stacked into one tensor halfway (an eager copy of 4 words per element, a few percent
+    of the rounds' work) for torch.compile: it inlines every elementwise op into its consumers, and
+    each round uses each word twice, so without a stored tensor between rounds it expands the rounds'
+    shared subexpressions exponentially (a compile of the 10 rounds did not finish in 5 minutes on
+    the 2-core machine; split in two halves it takes about 14 s).
     """
     c0, c1, c2, c3 = counter
     k0, k1 = key
@@ -51,6 +57,8 @@ def philox4x32(counter: tuple, key: tuple[int, int]) -> tuple[torch.Tensor, ...]
         hi0, lo0 = _mulhilo(c0, PHILOX_M0)
         hi1, lo1 = _mulhilo(c2, PHILOX_M1)
         c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        if r == ROUNDS // 2 - 1:
+            c0, c1, c2, c3 = torch.stack(torch.broadcast_tensors(c0, c1, c2, c3)).unbind(0)
     return c0, c1, c2, c3
 
 

@@ -136,6 +136,20 @@ def test_multi_tensor_tables_are_built_once_and_stay_right_when_tensors_change(m
     check()
 
 
+def test_multi_tensor_inputs_are_copied_only_when_needed():
+    """tables.dense: the caller's list itself when every tensor has the dtype and is contiguous (no
+    per-tensor call on a training step's path), else the same values in that dtype, contiguous."""
+    tables = importlib.import_module("pgnas_fast.triton.tables")
+    gen = torch.Generator().manual_seed(8)
+    ready = [torch.randn(5, 3, generator=gen), torch.randn(7, generator=gen)]
+    assert tables.dense(ready, torch.float32) is ready
+    mixed = [ready[0].t(), ready[1].half(), ready[1]]  # a transposed view, another dtype
+    dense = tables.dense(mixed, torch.float32)
+    assert all(t.dtype == torch.float32 and t.is_contiguous() for t in dense)
+    assert all(torch.equal(a, b.float()) for a, b in zip(dense, mixed))
+    assert dense[2] is ready[1]  # a tensor that needs nothing is not copied
+
+
 def test_multi_tensor_table_cache_is_bounded(monkeypatch):
     """More networks than the cache holds: the least recently used tables go, results stay right."""
     tables = importlib.import_module("pgnas_fast.triton.tables")

@@ -24,9 +24,10 @@ def math_dtype(*tensors: torch.Tensor) -> torch.dtype:
 
 def common_dtype(tensors: list[torch.Tensor]) -> torch.dtype:
     """The dtype every tensor of the list promotes to: a multi-tensor op's flat gradient buffer has it."""
-    dtype = tensors[0].dtype
-    for t in tensors[1:]:
-        dtype = torch.promote_types(dtype, t.dtype)
+    dtypes = {t.dtype for t in tensors}  # promotion is commutative: each distinct dtype once
+    dtype = dtypes.pop()
+    for other in dtypes:
+        dtype = torch.promote_types(dtype, other)
     return dtype
 
 

@@ -295,9 +295,10 @@ def gaussian_noise_backward(grad, var, seed, stream, offset):
 
 
 def _kl_tables(alphas, weights_per_channel, n_train):
-    """(layer table, block table) of the log alphas, cached (`tables`)."""
+    """(layer table, block table) of the log alphas, cached (`tables`; keys as the regulariser's)."""
     scales = [count / n_train for count in weights_per_channel]
     device = alphas[0].device
+    shapes = tuple([a.shape for a in alphas])
 
     def layers():
         starts = itertools.accumulate((a.shape[0] for a in alphas), initial=0)
@@ -307,9 +308,9 @@ def _kl_tables(alphas, weights_per_channel, n_train):
     def blocks():
         return [[layer, c] for layer, a in enumerate(alphas) for c in range(0, a.shape[0], KL_BLOCK_C)]
 
-    layer_key = ("kl layers", tuple(tables.tensor_key(a) for a in alphas), tuple(scales))
-    block_key = ("kl blocks", tuple(a.shape[0] for a in alphas))
-    return tables.cached(layer_key, layers, torch.int64, device), tables.cached(block_key, blocks, torch.int32, device)
+    layer_key = ("kl layers", tuple([a.data_ptr() for a in alphas]), shapes, tuple(scales))
+    return tables.cached(layer_key, layers, torch.int64, device), tables.cached(("kl blocks", shapes), blocks, torch.int32,
+                                                                                  device)
 
 
 _TL_TYPES = {torch.float32: tl.float32, torch.float64: tl.float64}
@@ -317,7 +318,7 @@ _TL_TYPES = {torch.float32: tl.float32, torch.float64: tl.float64}
 
 def gaussian_kl(log_alphas, weights_per_channel, n_train):
     dtype = math_dtype(*log_alphas)
-    alphas = [a.to(dtype).contiguous() for a in log_alphas]
+    alphas = tables.dense(log_alphas, dtype)
     device = alphas[0].device
     table, blocks = _kl_tables(alphas, weights_per_channel, n_train)
     n_blocks = blocks.shape[0]
@@ -332,7 +333,7 @@ def gaussian_kl(log_alphas, weights_per_channel, n_train):
 
 def gaussian_kl_backward(grad, log_alphas, weights_per_channel, n_train):
     dtype = math_dtype(*log_alphas)
-    alphas = [a.to(dtype).contiguous() for a in log_alphas]
+    alphas = tables.dense(log_alphas, dtype)
     grad_flat = torch.empty(sum(a.shape[0] for a in alphas), dtype=dtype, device=alphas[0].device)
     table, blocks = _kl_tables(alphas, weights_per_channel, n_train)
     if blocks.shape[0]:

@@ -221,6 +221,6 @@ def test_a_regularizer_step_runs_only_its_two_ops(backend):
     step()
     with DispatchLog() as log:
         step()
-    launching = [name for name in log.names if name.split(".")[1] not in ("view", "split_with_sizes", "detach")]
+    launching = [name for name in log.names if name.split(".")[1] not in ("view", "slice", "split_with_sizes", "detach")]
     assert launching == ["pgnas_fast.regularizer.default", "pgnas_fast.regularizer_backward.default"], launching
     assert all(w.grad is not None and p.grad is not None for w, p in zip(weights, p_logits))

@@ -12,7 +12,7 @@ import torch
 from pgnas_fast import configs
 from pgnas_fast.search import run_search
 from pgnas_fast.search.rank import CandidateScorer, best_candidate, rank
-from pgnas_fast.search.run import build_supernet, load_data
+from pgnas_fast.search.run import build_supernet, evaluation_layout, load_data
 
 CANDIDATES = 32
 
@@ -27,7 +27,7 @@ def trained(tmp_path_factory):
     def load_model():
         model = build_supernet(config, 10)
         model.load_state_dict(torch.load(out / "checkpoint.pt", weights_only=False)["model"])
-        return model
+        return evaluation_layout(model, config)  # as `pgnas-fast rank` evaluates
 
     return load_model, load_data(config).heldout, config["rank_rows"]
 

@@ -17,7 +17,7 @@ import pgnas_fast as pf
 from pgnas_fast.nn import GatedConv2d, norm_relu_conv, set_gates
 from pgnas_fast.ops import dispatch
 
-from conftest import TOLERANCE, interpreted, rel_err
+from conftest import TOLERANCE, DispatchLog, interpreted, rel_err
 from test_ops import DATA_DTYPES, SEED, STREAM, broadcast_keep, expected_keep, make_x, size_one_dims_restrided
 
 SHAPES_AND_LAYOUTS = [
@@ -408,6 +408,29 @@ def test_relu_gated_convs_fused_equals_the_composition(monkeypatch):
         for a, b in zip(gp_f, gp_p):
             assert rel_err(a, b) < 1e-5
     assert len(calls) == len(backends)
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_relu_gated_convs_with_hard_or_full_gates_share_one_relu(layout):
+    """Candidates (K at once) and the full network: the convs read one ReLU of x, and each output is
+    its module composition's, bit for bit."""
+    from pgnas_fast.nn import relu_gated_convs, stacked_candidate_masks
+
+    torch.manual_seed(0)
+    holder = nn.Module()
+    holder.convs = nn.ModuleList(GatedConv2d(6, 5, k, padding=k // 2, gate_groups=2, p_init=0.4) for k in (1, 3, 3))
+    x = torch.randn(4 * 3, 6, 5, 7, generator=torch.Generator().manual_seed(1)).contiguous(memory_format=layout)
+    for mode, kwargs in (("hard", {"masks": stacked_candidate_masks(holder, SEED, [0, 5, 9, 11])}),
+                         ("hard", {"candidate": 7, "seed": SEED}), ("full", {})):
+        set_gates(holder, mode, **kwargs)
+        with DispatchLog() as log:
+            outs = relu_gated_convs(list(holder.convs), x)
+        assert sum(name.startswith(("aten.relu", "aten.clamp_min")) for name in log.names) == 1, log.names
+        for conv, out in zip(holder.convs, outs):
+            assert torch.equal(out, conv(F.relu(x)))
+        if mode == "hard":  # the masks do act: some dropped channel changes the output
+            assert any(not torch.equal(out, conv._conv_forward(F.relu(x), conv.weight, conv.bias))
+                       for conv, out in zip(holder.convs, outs))
 
 
 def test_multi_branch_blocks_match_the_unfused_path():

@@ -47,7 +47,7 @@ DEFAULTS: dict = {
     "n_train": 0,  # N of the regulariser; 0 means the training split's size
     "aux_weight": 0.0,  # auxiliary-head loss weight (ENAS cells)
     "amp": "none",  # none | bf16 (autocast on CUDA only)
-    "channels_last": False,
+    "channels_last": False,  # training inputs, and every evaluation (search.run.evaluation_layout)
     "random_baseline": 0,  # random-gate candidates at the guided ones' expected drop rate (paper Table 3)
     "ranking": "racing",  # racing (paired successive halving) | exhaustive
     # racing keeps the best 1/eta each round, on eta times more images, from a first share of the
@@ -130,6 +130,9 @@ PRESETS: dict[str, dict] = {
         "ranking": "exhaustive",  # cheap here, and the Table 3 comparison wants every candidate's full score
         "rank_rows": 1200,  # on one CPU thread larger passes fall out of cache
         "eval_batch_size": 1024,
+        # ranking and accuracies channels_last (1.5x faster on oneDNN); training is unchanged, its
+        # 1-channel input is both layouts and its weights stay contiguous
+        "channels_last": True,
         # Tensors this small gain nothing from a second thread, and OpenMP spin-waits make 2 threads
         # ~40x slower when another process wants a core.
         "threads": 1,

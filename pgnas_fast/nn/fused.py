@@ -137,9 +137,13 @@ def _copies_fusable(convs, x: torch.Tensor) -> bool:
 
 
 def relu_gated_convs(convs, x: torch.Tensor) -> list[torch.Tensor] | None:
-    """[conv(relu(x)) for conv in convs] with the ReLU and every conv's gate in one read of x, or None
-    when the convs cannot share the op (gates not relaxed concrete gates of one seed, the reference
-    backend, or a materialized network's plain modules): the caller then runs its modules."""
+    """[conv(relu(x)) for conv in convs]: with relaxed concrete gates of one seed on a kernel backend,
+    the ReLU and every conv's gate in one read of x; with hard or full gates (candidates, ranking),
+    one ReLU for all the convs. None otherwise (relaxed gates the op cannot take, or a materialized
+    network's plain modules): the caller then runs its modules."""
+    if all(isinstance(c, GatedConv2d) and c.gate_mode != "relaxed" for c in convs):
+        h = F.relu(x)
+        return [c(h) for c in convs]
     if not _copies_fusable(convs, x):
         return None
     first = convs[0]

@@ -19,7 +19,7 @@ from .export import architecture_record
 from .io import write_json, write_jsonl
 from .parallel import join
 from .rank import CandidateScorer, ProgressLog, best_candidate, rank
-from .run import RunError, build_supernet, load_run
+from .run import RunError, build_supernet, evaluation_layout, load_run
 
 
 def rank_run(run_dir: str | Path, *, candidates: int, strategy: str = "racing", evaluator: str = "batched",
@@ -54,7 +54,7 @@ def rank_run(run_dir: str | Path, *, candidates: int, strategy: str = "racing", 
     def load_model():  # the authors' procedure: a fresh model and checkpoint for every candidate
         rebuilt = build_supernet(config, feed.num_classes)
         rebuilt.load_state_dict(torch.load(run_dir / "checkpoint.pt", map_location=device, weights_only=False)["model"])
-        return rebuilt.to(device)
+        return evaluation_layout(rebuilt.to(device), config)
 
     images, labels = feed.split("heldout")
     scorer = CandidateScorer(model, images, labels, seed=seed, evaluator=evaluator, batch_size=feed.eval_batch_size,

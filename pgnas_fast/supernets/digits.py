@@ -39,8 +39,8 @@ class MixedBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         skip = x if self.shortcut is None else self.shortcut(x)
-        # each branch is ReLU - [gate] - conv - BN: in training the ReLU and the S gates read x once
-        convs = relu_gated_convs([branch[1] for branch in self.branches], x) if self.training else None
+        # each branch is ReLU - [gate] - conv - BN: the S branches share the ReLU (and in training its read)
+        convs = relu_gated_convs([branch[1] for branch in self.branches], x)
         if convs is None:
             return self.combine([branch(x) for branch in self.branches], skip=skip)
         return self.combine([branch[2](h) for branch, h in zip(self.branches, convs)], skip=skip)

@@ -79,7 +79,7 @@ class ShakeBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         skip = x if self.shortcut is None else self.shortcut(x)
-        firsts = relu_gated_convs([branch[1] for branch in self.branches], x) if self.training else None
+        firsts = relu_gated_convs([branch[1] for branch in self.branches], x)
         if firsts is None:
             return self.combine([branch(x) for branch in self.branches], skip=skip)
         return self.combine([branch.after_first_conv(h) for branch, h in zip(self.branches, firsts)], skip=skip)

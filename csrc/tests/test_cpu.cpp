@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <vector>
 
 #include "../cpu/gaussian.h"
@@ -244,6 +245,26 @@ void test_normal_known_answers() {
   }
 }
 
+// The vectorised runs of csrc/cpu/gaussian.h give philox_normal_at's bits: dense runs from every lead
+// (first mod 4) and length (tails), strided runs, counters past 2^32.
+void test_normal_runs_match_the_scalar_normal() {
+  struct Run {
+    uint64_t first, stride;
+    int64_t len;
+  };
+  const uint64_t high = (1ull << 34) + 1;
+  const Run runs[] = {{0, 1, pgnas::cpu::kChunk}, {1, 1, 1}, {2, 1, 5}, {3, 1, pgnas::cpu::kChunk},
+                      {high, 1, 1001}, {high + 2, 1, 2}, {5, 3, 700}, {high, 7, pgnas::cpu::kChunk}, {6, 4, 9}};
+  std::vector<float> eps(pgnas::cpu::kChunk);
+  for (const Run& run : runs) {
+    pgnas::cpu::normals(eps.data(), run.len, run.first, run.stride, 13, (1ull << 40) + 3);
+    for (int64_t j = 0; j < run.len; ++j) {
+      const float want = pgnas::philox_normal_at(13, (1ull << 40) + 3, run.first + static_cast<uint64_t>(j) * run.stride);
+      expect(std::memcmp(&eps[j], &want, sizeof want) == 0, "vectorised normal run", eps[j], want);
+    }
+  }
+}
+
 // Both layouts give every element the normal of its logical index; forward and backward by formula.
 template <typename T>
 void test_gaussian_noise(pgnas::cpu::Layout layout, double tol) {
@@ -314,6 +335,7 @@ int main() {
   test_regularizer();
   test_regularizer_tall_layer();
   test_normal_known_answers();
+  test_normal_runs_match_the_scalar_normal();
   test_gaussian_noise<float>(pgnas::cpu::Layout::nchw, 1e-6);
   test_gaussian_noise<float>(pgnas::cpu::Layout::nhwc, 1e-6);
   test_gaussian_noise<double>(pgnas::cpu::Layout::nchw, 1e-14);

@@ -25,16 +25,43 @@ constexpr double kVarEps = 1e-8;  // keeps d var finite where var is 0
 template <typename T>
 using NoiseMath = typename std::conditional<std::is_same<T, double>::value, double, float>::type;
 
-// eps[j] = normal of logical element first + j * stride, j < len (len <= kChunk). Unit stride (dense
-// row-major data): one Philox counter per quad of elements; otherwise (channels_last, whose logical
-// indices step by S) every element draws its own pair. Written as separate passes that GCC vectorises
-// (the Philox words of the run, Box-Muller on them, then the picks; kernels/philox.h is branch-free
-// for this), with the scalar functions' bits: on one core 4.4 ns per normal dense and 14 strided,
-// against 14 and 24 ns as one scalar loop.
-inline void normals(float* eps, int64_t len, uint64_t first, uint64_t stride, uint64_t seed, uint64_t stream) {
+// The normal generators below are written as separate passes that GCC vectorises (kernels/philox.h
+// is branch-free for this): the Philox words of a run, Box-Muller on them, then the picks, with the
+// scalar functions' bits. One core: 4.4 ns per normal from whole counters, 14 from one counter per
+// element, against 14 and 24 ns as one scalar loop.
+
+// lanes[k][q] = normal k of counter first_quad + q * quad_stride, q < quads <= kChunk.
+inline void normal_quad_lanes(float (*lanes)[kChunk], int64_t quads, uint64_t first_quad, uint64_t quad_stride,
+                              uint64_t seed, uint64_t stream) {
   const uint32_t s0 = static_cast<uint32_t>(stream), s1 = static_cast<uint32_t>(stream >> 32);
   const uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  uint32_t w0[kChunk], w1[kChunk], w2[kChunk], w3[kChunk];
+#pragma omp simd
+  for (int64_t q = 0; q < quads; ++q) {
+    const uint64_t quad = first_quad + static_cast<uint64_t>(q) * quad_stride;
+    const Philox4 r = philox4x32_10(static_cast<uint32_t>(quad), static_cast<uint32_t>(quad >> 32), s0, s1, k0, k1);
+    w0[q] = r.w[0];
+    w1[q] = r.w[1];
+    w2[q] = r.w[2];
+    w3[q] = r.w[3];
+  }
+#pragma omp simd
+  for (int64_t q = 0; q < quads; ++q) {  // philox_normal_quad's order
+    const CosSin a = box_muller_pair(w0[q], w1[q]), b = box_muller_pair(w2[q], w3[q]);
+    lanes[0][q] = a.cos;
+    lanes[1][q] = a.sin;
+    lanes[2][q] = b.cos;
+    lanes[3][q] = b.sin;
+  }
+}
+
+// eps[j] = normal of logical element first + j * stride, j < len <= kChunk. Unit stride (dense
+// row-major data): one Philox counter per quad of elements; otherwise every element draws its own
+// pair (channels_last runs whose positions do not fall in whole quads, see for_each_normal_run).
+inline void normals(float* eps, int64_t len, uint64_t first, uint64_t stride, uint64_t seed, uint64_t stream) {
   if (stride != 1) {  // each element: the pair (w0, w1) or (w2, w3) of its counter, then cos or sin
+    const uint32_t s0 = static_cast<uint32_t>(stream), s1 = static_cast<uint32_t>(stream >> 32);
+    const uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
     uint64_t index[kChunk];
     uint32_t radius_words[kChunk], turn_words[kChunk], odd[kChunk];
     float cosines[kChunk], sines[kChunk];
@@ -58,28 +85,14 @@ inline void normals(float* eps, int64_t len, uint64_t first, uint64_t stride, ui
     for (int64_t j = 0; j < len; ++j) eps[j] = odd[j] ? sines[j] : cosines[j];  // a pick of loaded values
     return;
   }
-  constexpr int64_t kQuads = kChunk / 4 + 2;  // lead + len rounded up to whole quads
   const int64_t lead = static_cast<int64_t>(first & 3);
   const int64_t quads = (lead + len + 3) / 4;
-  uint32_t w0[kQuads], w1[kQuads], w2[kQuads], w3[kQuads];
-  float quad_normals[4 * kQuads];
-  const uint64_t first_quad = first >> 2;
+  float lanes[4][kChunk];
+  float quad_normals[kChunk + 8];  // lead + len rounded up to whole quads
+  normal_quad_lanes(lanes, quads, first >> 2, 1, seed, stream);
 #pragma omp simd
   for (int64_t q = 0; q < quads; ++q) {
-    const uint64_t quad = first_quad + static_cast<uint64_t>(q);
-    const Philox4 r = philox4x32_10(static_cast<uint32_t>(quad), static_cast<uint32_t>(quad >> 32), s0, s1, k0, k1);
-    w0[q] = r.w[0];
-    w1[q] = r.w[1];
-    w2[q] = r.w[2];
-    w3[q] = r.w[3];
-  }
-#pragma omp simd
-  for (int64_t q = 0; q < quads; ++q) {  // philox_normal_quad's order
-    const CosSin a = box_muller_pair(w0[q], w1[q]), b = box_muller_pair(w2[q], w3[q]);
-    quad_normals[4 * q] = a.cos;
-    quad_normals[4 * q + 1] = a.sin;
-    quad_normals[4 * q + 2] = b.cos;
-    quad_normals[4 * q + 3] = b.sin;
+    for (int k = 0; k < 4; ++k) quad_normals[4 * q + k] = lanes[k][q];
   }
   std::copy(quad_normals + lead, quad_normals + lead + len, eps);
 }
@@ -93,7 +106,9 @@ struct NoiseShape {
 
 // Calls f(first, len, eps) over runs of consecutive memory elements, eps[j] the normal of memory
 // element first + j; runs are spread over threads. channels_last: a run is (part of) one position's
-// channel vector, whose logical indices step by S.
+// channel vector, whose logical indices step by S. When S and offset are multiples of 4, positions
+// 4t .. 4t + 3 of a channel are the four lanes of one counter: a tile of four such runs then costs
+// one counter per channel, as the dense layout does.
 template <typename F>
 void for_each_normal_run(const NoiseShape& g, uint64_t seed, uint64_t stream, uint64_t offset, F&& f) {
   const int64_t total = g.batch * g.channels * g.spatial;
@@ -108,7 +123,23 @@ void for_each_normal_run(const NoiseShape& g, uint64_t seed, uint64_t stream, ui
     }
     return;
   }
-  const int64_t pieces = (g.channels + kChunk - 1) / kChunk, rows = g.batch * g.spatial;
+  const int64_t pieces = (g.channels + kChunk - 1) / kChunk;
+  if (g.spatial % 4 == 0 && offset % 4 == 0) {
+    const int64_t tiles = g.batch * (g.spatial / 4);
+#pragma omp parallel for collapse(2) schedule(static) if (total > kParallelGrain / 8)
+    for (int64_t t = 0; t < tiles; ++t) {
+      for (int64_t q = 0; q < pieces; ++q) {
+        float lanes[4][kChunk];
+        const int64_t b = t / (g.spatial / 4), s = 4 * (t % (g.spatial / 4)), c0 = q * kChunk;
+        const int64_t len = std::min(kChunk, g.channels - c0);
+        const uint64_t logical = static_cast<uint64_t>((b * g.channels + c0) * g.spatial + s);
+        normal_quad_lanes(lanes, len, (offset + logical) >> 2, static_cast<uint64_t>(g.spatial / 4), seed, stream);
+        for (int k = 0; k < 4; ++k) f((b * g.spatial + s + k) * g.channels + c0, len, lanes[k]);
+      }
+    }
+    return;
+  }
+  const int64_t rows = g.batch * g.spatial;
 #pragma omp parallel for collapse(2) schedule(static) if (total > kParallelGrain / 8)
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t q = 0; q < pieces; ++q) {

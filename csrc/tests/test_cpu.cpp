@@ -266,10 +266,13 @@ void test_normal_runs_match_the_scalar_normal() {
 }
 
 // Both layouts give every element the normal of its logical index; forward and backward by formula.
+// channels_last with S and offset multiples of 4 takes the tiles of four positions, else one counter
+// per element.
 template <typename T>
-void test_gaussian_noise(pgnas::cpu::Layout layout, double tol) {
-  const int64_t batch = 3, channels = 2500, spatial = 5, n = batch * channels * spatial;  // C > one chunk
-  const uint64_t seed = 11, stream = 12, offset = (1ull << 32) - 7;
+void test_gaussian_noise(pgnas::cpu::Layout layout, double tol, int64_t spatial = 5,
+                         uint64_t offset = (1ull << 32) - 7) {
+  const int64_t batch = 3, channels = 2500, n = batch * channels * spatial;  // C > one chunk
+  const uint64_t seed = 11, stream = 12;
   const std::vector<T> mu = as<T>(data(n, 21)), grad = as<T>(data(n, 22));
   std::vector<T> var = as<T>(data(n, 23));  // about half negative: std from 0, zero d var
   var[5] = T(0);
@@ -338,6 +341,8 @@ int main() {
   test_normal_runs_match_the_scalar_normal();
   test_gaussian_noise<float>(pgnas::cpu::Layout::nchw, 1e-6);
   test_gaussian_noise<float>(pgnas::cpu::Layout::nhwc, 1e-6);
+  test_gaussian_noise<float>(pgnas::cpu::Layout::nhwc, 1e-6, 8, (1ull << 32) + 4);  // tiles of 4 positions
+  test_gaussian_noise<float>(pgnas::cpu::Layout::nhwc, 1e-6, 8, 6);
   test_gaussian_noise<double>(pgnas::cpu::Layout::nchw, 1e-14);
   test_gaussian_noise<double>(pgnas::cpu::Layout::nhwc, 1e-14);
   test_gaussian_kl();

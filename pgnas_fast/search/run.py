@@ -148,9 +148,9 @@ def evaluation_layout(model: torch.nn.Module, config: dict) -> torch.nn.Module:
     uses: ranking, accuracies, rescoring. channels_last weights make each convolution run
     channels_last whatever its input (also a 1-channel image, which `.contiguous(memory_format=...)`
     leaves as it is): oneDNN's fast path on the CPU (the digits ranking, 2-core CPU: 11 against 17 ms
-    per candidate) and cuDNN's with tensor cores. Training keeps contiguous weights (the regulariser
-    reads them as flat segments). One place, so that every reader of a run scores with the same
-    arithmetic, bit for bit."""
+    per candidate) and the layout of cuDNN's tensor-core kernels. Training keeps contiguous weights
+    (the regulariser reads them as flat segments). One place, so that every reader of a run scores
+    with the same arithmetic, bit for bit."""
     return model.to(memory_format=torch.channels_last if config["channels_last"] else torch.contiguous_format)
 
 

@@ -75,6 +75,18 @@ def test_architecture_names_the_best_candidate(finished_run):
     assert all(len(layer["p"]) == len(layer["gate_groups"]) for layer in arch["layers"])
 
 
+def test_every_reader_of_a_run_evaluates_in_its_layout(finished_run):
+    """digits-tiny evaluates channels_last: load_run's network (what rank, study and export score)
+    has channels_last conv weights; a config without it keeps them contiguous."""
+    out, _ = finished_run
+    model = load_run(out).model
+    convs = [m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    assert not all(w.is_contiguous() for w in convs)
+    evaluation_layout(model, small_config(channels_last=False))
+    assert all(m.weight.is_contiguous() for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+
+
 def test_best_candidate_rescores_from_the_checkpoint(finished_run):
     """The checkpoint, the seed and the candidate id alone reproduce the reported accuracies."""
     out, _ = finished_run

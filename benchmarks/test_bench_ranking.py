@@ -12,7 +12,7 @@ import torch
 from pgnas_fast import configs
 from pgnas_fast.search import run_search
 from pgnas_fast.search.rank import CandidateScorer, best_candidate, rank
-from pgnas_fast.search.run import build_supernet, evaluation_layout, load_data
+from pgnas_fast.search.run import load_data, rebuild_for_evaluation
 
 CANDIDATES = 32
 
@@ -25,9 +25,7 @@ def trained(tmp_path_factory):
     run_search(config, seed=0, out_dir=out, progress=False)
 
     def load_model():
-        model = build_supernet(config, 10)
-        model.load_state_dict(torch.load(out / "checkpoint.pt", weights_only=False)["model"])
-        return evaluation_layout(model, config)  # as `pgnas-fast rank` evaluates
+        return rebuild_for_evaluation(config, 10, torch.load(out / "checkpoint.pt", weights_only=False)["model"])
 
     return load_model, load_data(config).heldout, config["rank_rows"]
 

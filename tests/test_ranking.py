@@ -11,7 +11,7 @@ from pgnas_fast.nn import candidate_masks, gated_layers, set_gates, stacked_cand
 from pgnas_fast.ops import Domain, stream_id
 from pgnas_fast.search import run_search
 from pgnas_fast.search.rank import CandidateScorer, ProgressLog, _shares, best_candidate, rank, uniform_drop_logits
-from pgnas_fast.search.run import build_supernet, evaluation_layout, load_data
+from pgnas_fast.search.run import load_data, rebuild_for_evaluation
 from pgnas_fast.search.study import score_rank
 from pgnas_fast.search.train import mean_drop_probability
 
@@ -73,9 +73,7 @@ def trained(tmp_path_factory):
     splits = load_data(config)
 
     def load_model():
-        model = build_supernet(config, 10)
-        model.load_state_dict(torch.load(out / "checkpoint.pt", weights_only=False)["model"])
-        return model
+        return rebuild_for_evaluation(config, 10, torch.load(out / "checkpoint.pt", weights_only=False)["model"])
 
     return load_model(), splits.heldout, load_model
 
@@ -309,9 +307,8 @@ def test_racing_keeps_the_exhaustive_winner_in_its_top_3(tmp_path):
         out = tmp_path / str(seed)
         run_search(configs.resolve("digits-tiny", {"candidates": 2, "random_baseline": 0}), seed=seed, out_dir=out,
                    progress=False)
-        loaded_model = build_supernet(configs.resolve("digits-tiny"), 10)
-        loaded_model.load_state_dict(torch.load(out / "checkpoint.pt", weights_only=False)["model"])
-        evaluation_layout(loaded_model, configs.resolve("digits-tiny"))  # as search and rank score
+        loaded_model = rebuild_for_evaluation(configs.resolve("digits-tiny"), 10,
+                                              torch.load(out / "checkpoint.pt", weights_only=False)["model"])
         scorer = CandidateScorer(loaded_model, *load_data(configs.resolve("digits-tiny")).heldout, seed=seed)
         exhaustive = rank(scorer, range(1000), progress=False)
         racing = rank(scorer, range(1000), strategy="racing", progress=False)

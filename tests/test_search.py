@@ -14,7 +14,8 @@ from pgnas_fast.nn import candidate_masks, gated_layers, posterior_of, set_gates
 from pgnas_fast.search import RunError, accuracy, best_candidate, run_search
 from pgnas_fast.search import run as run_module
 from pgnas_fast.search.io import read_jsonl
-from pgnas_fast.search.run import RUN_FILES, build_supernet, evaluation_layout, load_data, load_run
+from pgnas_fast.search.run import (RUN_FILES, build_supernet, evaluation_layout, load_data, load_run,
+                                  rebuild_for_evaluation)
 from pgnas_fast.search.train import learning_rate, regularizer_weight
 
 
@@ -93,9 +94,8 @@ def test_best_candidate_rescores_from_the_checkpoint(finished_run):
     arch = json.loads((out / "architecture.json").read_text())
     config = small_config()
     splits = load_data(config)
-    model = build_supernet(config, splits.num_classes)
-    model.load_state_dict(torch.load(out / "checkpoint.pt", weights_only=False)["model"])
-    evaluation_layout(model, config)
+    weights = torch.load(out / "checkpoint.pt", weights_only=False)["model"]
+    model = rebuild_for_evaluation(config, splits.num_classes, weights)
     masks = candidate_masks(model, 3, arch["candidate"])
     for (name, _), layer in zip(gated_layers(model), arch["layers"]):
         assert torch.nonzero(masks[name]).flatten().tolist() == layer["kept_channels"]

@@ -19,7 +19,7 @@ from .export import architecture_record
 from .io import write_json, write_jsonl
 from .parallel import join
 from .rank import CandidateScorer, ProgressLog, best_candidate, rank
-from .run import RunError, build_supernet, evaluation_layout, load_run
+from .run import RunError, load_run, rebuild_for_evaluation
 
 
 def rank_run(run_dir: str | Path, *, candidates: int, strategy: str = "racing", evaluator: str = "batched",
@@ -52,9 +52,8 @@ def rank_run(run_dir: str | Path, *, candidates: int, strategy: str = "racing", 
         write_json(out / "settings.json", settings)
 
     def load_model():  # the authors' procedure: a fresh model and checkpoint for every candidate
-        rebuilt = build_supernet(config, feed.num_classes)
-        rebuilt.load_state_dict(torch.load(run_dir / "checkpoint.pt", map_location=device, weights_only=False)["model"])
-        return evaluation_layout(rebuilt.to(device), config)
+        weights = torch.load(run_dir / "checkpoint.pt", map_location=device, weights_only=False)["model"]
+        return rebuild_for_evaluation(config, feed.num_classes, weights, device)
 
     images, labels = feed.split("heldout")
     scorer = CandidateScorer(model, images, labels, seed=seed, evaluator=evaluator, batch_size=feed.eval_batch_size,

@@ -154,6 +154,15 @@ def evaluation_layout(model: torch.nn.Module, config: dict) -> torch.nn.Module:
     return model.to(memory_format=torch.channels_last if config["channels_last"] else torch.contiguous_format)
 
 
+def rebuild_for_evaluation(config: dict, num_classes: int, weights: dict, device: str | torch.device = "cpu"
+                           ) -> torch.nn.Module:
+    """The config's super-network with `weights` (a state dict) on `device`, in its evaluation layout:
+    what every reader of a run scores. load_state_dict's RuntimeError passes through."""
+    model = build_supernet(config, num_classes)
+    model.load_state_dict(weights)
+    return evaluation_layout(model.to(device), config)
+
+
 def _check_posterior(path: Path, state: dict, config: dict) -> None:
     """A checkpoint trained with one posterior family never loads as the other (same parameters,
     other meaning: log alpha read as a concrete drop logit). Checkpoints older than the families
@@ -196,13 +205,11 @@ def load_run(run_dir: str | Path, *, device: str = "cpu", data_dir: str | Path |
     if state.get("run_config") != run_config:
         raise RunError(f"{str(run_dir / 'checkpoint.pt')!r} does not belong to this run's config.json")
     data = load_data(config, data_dir_of(run_dir, data_dir))
-    model = build_supernet(config, data.num_classes)
     try:
-        model.load_state_dict(state["model"])
+        model = rebuild_for_evaluation(config, data.num_classes, state["model"], device).eval()
     except RuntimeError as err:
         raise RunError(f"{str(run_dir / 'checkpoint.pt')!r} does not fit the {config['supernet']} super-network: "
                        f"{str(err).splitlines()[0]}") from None
-    evaluation_layout(model.to(device), config).eval()
     feed = build_feed(config, data, torch.device(device), seed=seed)
     return LoadedRun(config=config, seed=seed, model=model, feed=feed)
 

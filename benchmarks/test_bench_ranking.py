@@ -1,5 +1,6 @@
 """Ranking speed on the digits preset, on CPU: candidates/s of the batched, sequential and reload
-(the authors' procedure) evaluators, and the images racing saves at 1000 candidates.
+(the authors' procedure) evaluators, of the batched one in either evaluation layout, and the images
+racing saves at 1000 candidates.
 
 Run with `python3 -m pytest benchmarks/test_bench_ranking.py --benchmark-only`; compare the
 evaluators' means within one run (this machine is shared and noisy). Nothing asserts a time.
@@ -24,8 +25,9 @@ def trained(tmp_path_factory):
     config = configs.resolve("digits-tiny", {"epochs": 2, "candidates": 2, "random_baseline": 0})
     run_search(config, seed=0, out_dir=out, progress=False)
 
-    def load_model():
-        return rebuild_for_evaluation(config, 10, torch.load(out / "checkpoint.pt", weights_only=False)["model"])
+    def load_model(channels_last: bool = config["channels_last"]):
+        return rebuild_for_evaluation({**config, "channels_last": channels_last}, 10,
+                                      torch.load(out / "checkpoint.pt", weights_only=False)["model"])
 
     return load_model, load_data(config).heldout, config["rank_rows"]
 
@@ -39,6 +41,18 @@ def test_candidates_per_second(benchmark, trained, evaluator):
                                 rounds=3, iterations=1)
     benchmark.extra_info["candidates"] = CANDIDATES
     benchmark.extra_info["images_per_candidate"] = len(heldout[1])
+    assert len(counts) == CANDIDATES
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_batched_candidates_per_second_by_layout(benchmark, trained, layout):
+    """search.run.evaluation_layout's gain: the preset's batched pass with contiguous or channels_last
+    conv weights (the same counts either way on these candidates)."""
+    load_model, heldout, rows = trained
+    scorer = CandidateScorer(load_model(channels_last=layout == "channels_last"), *heldout, seed=0,
+                             batch_size=1024, rows_per_pass=rows)
+    counts = benchmark.pedantic(scorer.correct, args=(list(range(CANDIDATES)), 0, len(heldout[1])),
+                                rounds=3, iterations=1)
     assert len(counts) == CANDIDATES
 
 

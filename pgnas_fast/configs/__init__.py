@@ -130,7 +130,8 @@ PRESETS: dict[str, dict] = {
         "ranking": "exhaustive",  # cheap here, and the Table 3 comparison wants every candidate's full score
         "rank_rows": 1200,  # on one CPU thread larger passes fall out of cache
         "eval_batch_size": 1024,
-        # ranking and accuracies channels_last (1.5x faster on oneDNN); training is unchanged, its
+        # ranking and accuracies channels_last (the convolutions 1.7x faster on oneDNN, the whole pass
+        # 0-6%: benchmarks/results/cpu-2core.md); training is unchanged, its
         # 1-channel input is both layouts and its weights stay contiguous
         "channels_last": True,
         # Tensors this small gain nothing from a second thread, and OpenMP spin-waits make 2 threads

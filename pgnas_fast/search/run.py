@@ -147,8 +147,9 @@ def evaluation_layout(model: torch.nn.Module, config: dict) -> torch.nn.Module:
     """`model` (in place) with its conv weights in the memory format that every evaluation of a run
     uses: ranking, accuracies, rescoring. channels_last weights make each convolution run
     channels_last whatever its input (also a 1-channel image, which `.contiguous(memory_format=...)`
-    leaves as it is): oneDNN's fast path on the CPU (the digits ranking, 2-core CPU: 11 against 17 ms
-    per candidate) and the layout of cuDNN's tensor-core kernels. Training keeps contiguous weights
+    leaves as it is): oneDNN's fast path on the CPU (the digits network's convolutions 1.7x faster on
+    the 2-core CPU, its whole ranking pass 0-6%: benchmarks/results/cpu-2core.md) and the layout of
+    cuDNN's tensor-core kernels. Training keeps contiguous weights
     (the regulariser reads them as flat segments). One place, so that every reader of a run scores
     with the same arithmetic, bit for bit."""
     return model.to(memory_format=torch.channels_last if config["channels_last"] else torch.contiguous_format)

@@ -154,6 +154,48 @@ def test_affine_relu_gate_draws_float32_gates_beside_float64_affine_vectors(back
         assert got.dtype == want.dtype and rel_err(got, want) < 1e-5
 
 
+def test_affine_relu_gate_computes_in_float64_when_only_the_shift_is(backend):
+    """Any float64 input makes the affine map float64 (triton left the shift out of that choice: a
+    shift of 1e-9 - 1 on x = 1 gave 0 instead of 1e-9, and dx 0 instead of 1)."""
+    x = (torch.rand(2, 3, 2, 2, generator=torch.Generator().manual_seed(5)) + 0.5).requires_grad_()
+    scale = torch.ones(3, requires_grad=True)
+    shift = (-x.detach().amin((0, 2, 3)).double() + 1e-9).requires_grad_()  # pre of 1e-9 where x is least
+    p_logit = torch.zeros(3, requires_grad=True)
+    results = []
+    for b in (backend, "reference"):
+        out = pf.ops.affine_relu_gate(x, scale, shift, p_logit, seed=SEED, stream=STREAM, mode="full", backend=b)
+        results.append((out, *torch.autograd.grad(out, (x, scale, shift, p_logit), torch.ones_like(out))))
+    for got, want in zip(*results):
+        assert got.dtype == want.dtype and torch.equal(got, want)
+    assert (results[0][0] > 0).all()  # the least x of each channel too: 1e-9 in float64, 0 in float32
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_affine_relu_gate_backward_is_zero_where_the_relu_is_off_even_at_infinity(backend, layout):
+    """Where the ReLU is off, d x is 0 whatever the upstream gradient is, and x = -inf adds 0 to
+    d p_logit, as the reference's where and relu give (the cpu backend multiplied by the ReLU's 0 or
+    1: 0 * inf = NaN)."""
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(2, 5, 3, 3, generator=gen)
+    dy = torch.randn(2, 5, 3, 3, generator=gen)
+    x_inf = x.clone()
+    x_inf[0, 1, 0, 0], x_inf[1, 3, 2, 1] = -float("inf"), -float("inf")
+    dy_inf = dy.clone()
+    dy_inf[x < 0] = dy[x < 0].sign() * float("inf")  # where the ReLU is off
+    scale, shift, p_logit = torch.ones(5), torch.zeros(5), torch.randn(5, generator=gen)
+    memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    for inputs, upstream, finite in ((x_inf, dy, (0, 1)), (x, dy_inf, (0,))):  # d p_logit: sum of inf * 0 there
+        grads = []
+        for b in (backend, "reference"):
+            leaves = [inputs.contiguous(memory_format=memory_format).requires_grad_(), p_logit.clone().requires_grad_()]
+            out = pf.ops.affine_relu_gate(leaves[0], scale, shift, leaves[1], seed=SEED, stream=STREAM, backend=b)
+            grads.append(torch.autograd.grad(out, leaves, upstream.contiguous(memory_format=memory_format)))
+        for index in finite:
+            got, want = grads[0][index], grads[1][index]
+            assert torch.isfinite(want).all()
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
+
+
 def test_affine_relu_gate_rejects_bad_input():
     x, v = torch.randn(3, 7, 5, 5), torch.randn(7)
     cases = [

@@ -369,6 +369,15 @@ def test_shake_shake_eval_is_mean_plus_skip():
     torch.testing.assert_close(shake(ys[:2]), (ys[0] + ys[1]) / 2, rtol=1e-6, atol=1e-6)
 
 
+def test_shake_shake_combines_a_skip_of_another_dtype_in_the_branches_dtype():
+    """Under autocast a skip may come out float32 beside bfloat16 branches; the op takes one dtype."""
+    ys = [torch.randn(4, 3, 2, 2).bfloat16() for _ in range(2)]
+    skip = torch.randn(4, 3, 2, 2)
+    out = ShakeShake().eval()(ys, skip=skip)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, ops.branch_combine(ys, torch.full((2,), 0.5), skip=skip.bfloat16()))
+
+
 def test_shake_shake_training_needs_set_gates():
     with pytest.raises(RuntimeError, match="set_gates"):
         ShakeShake()([torch.randn(2, 3), torch.randn(2, 3)])

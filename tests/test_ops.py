@@ -1042,6 +1042,11 @@ BAD_CALLS = [
     ("stream negative", lambda: pf.ops.philox_uniform(4, seed=0, stream=-5), ValueError, "stream"),
     ("stream 2^63", lambda: pf.ops.philox_uniform(4, seed=0, stream=1 << 63), ValueError, "stream"),
     ("offset negative", lambda: pf.ops.philox_uniform(4, seed=0, stream=0, offset=-1), ValueError, "offset"),
+    ("device not a device", lambda: pf.ops.philox_uniform(4, seed=0, stream=0, device="gpu"), ValueError,
+     "device must name a torch device"),
+    ("stream id of an unknown domain", lambda: pf.ops.stream_id(9, 1), ValueError, "domain must be one of TRAIN"),
+    ("stream id of a float step", lambda: pf.ops.stream_id(Domain.TRAIN, 1.5), TypeError,
+     "stream major must be an int, got float"),
     ("offset + n past 2^63", lambda: pf.ops.philox_uniform(4, seed=0, stream=0, offset=(1 << 63) - 3), ValueError,
      r"offset \+ n"),
     # gate_keep
@@ -1056,6 +1061,12 @@ BAD_CALLS = [
     ("tau negative", lambda: pf.ops.gate_keep(P, 3, seed=0, stream=0, tau=-0.2), ValueError, "tau"),
     ("tau nan", lambda: pf.ops.gate_keep(P, 3, seed=0, stream=0, tau=float("nan")), ValueError, "tau"),
     ("tau inf", lambda: pf.ops.gate_keep(P, 3, seed=0, stream=0, tau=float("inf")), ValueError, "tau"),
+    # the kernels take tau as float32 (triton gave NaN gates for 1e39)
+    ("tau above float32's largest", lambda: pf.ops.gate_keep(P, 3, seed=0, stream=0, tau=1e39), ValueError,
+     r"tau must be a finite number > 0 and <= 3.40282e\+38"),
+    ("tau an int beyond float64", lambda: pf.ops.gate_keep(P, 3, seed=0, stream=0, tau=10 ** 400), ValueError, "tau"),
+    ("tau a string", lambda: pf.ops.gate_keep(P, 3, seed=0, stream=0, tau="0.2"), TypeError,
+     "tau must be a real number, got str"),
     ("mode unknown", lambda: pf.ops.gate_keep(P, 3, seed=0, stream=0, mode="soft"), ValueError, "mode"),
     ("gate seed negative", lambda: pf.ops.gate_keep(P, 3, seed=-1, stream=0), ValueError, "seed"),
     ("gate seed bool", lambda: pf.ops.gate_keep(P, 3, seed=False, stream=0), TypeError, "seed"),
@@ -1096,6 +1107,9 @@ BAD_CALLS = [
      "backward_weights"),
     ("skip shape", lambda: pf.ops.branch_combine(YS, W, skip=torch.randn(3, 5)), ValueError, "skip"),
     ("skip int", lambda: pf.ops.branch_combine(YS, W, skip=YS[0].long()), TypeError, "skip"),
+    # (the native backends added a float32 skip to float16 branches in float16)
+    ("skip dtype not the branches'", lambda: pf.ops.branch_combine([y.half() for y in YS], W, skip=YS[0]), ValueError,
+     r"skip must have the shape and dtype of ys\[0\] \(\(3, 4\), torch.float16\), got \(3, 4\), torch.float32"),
     # regularizer
     ("reg empty", lambda: pf.ops.regularizer([], [], weight_reg=1.0, drop_reg=1.0, n_train=10), ValueError,
      "weights and p_logits"),
@@ -1113,6 +1127,12 @@ BAD_CALLS = [
      ValueError, "n_train"),
     ("reg n_train inf", lambda: pf.ops.regularizer([CONV], [torch.randn(3)], weight_reg=1.0, drop_reg=1.0,
                                                    n_train=float("inf")), ValueError, "n_train"),
+    ("reg scale above float32's largest", lambda: pf.ops.regularizer([CONV], [torch.randn(3)], weight_reg=3e38,
+                                                                      drop_reg=1.0, n_train=0.5), ValueError,
+     r"weight_reg / n_train must be <="),
+    ("reg p_logits empty", lambda: pf.ops.regularizer([torch.randn(3, 2)], [torch.empty(0)], weight_reg=1.0,
+                                                      drop_reg=1.0, n_train=10), ValueError,
+     r"p_logits\[0\] must have at least one channel"),
     ("reg p_logits not fitting", lambda: pf.ops.regularizer([CONV], [torch.randn(4)], weight_reg=1.0, drop_reg=1.0,
                                                             n_train=10), ValueError, r"p_logits\[0\]"),
     ("reg groups not dividing outputs", lambda: pf.ops.regularizer([CONV, torch.randn(9, 2, 1, 1)],
@@ -1134,6 +1154,21 @@ BAD_CALLS = [
 def test_bad_input_is_rejected_naming_the_argument(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a torch that sees no CUDA device")
+def test_philox_uniform_on_cuda_without_cuda_says_why():
+    with pytest.raises(pf.BackendUnavailableError, match="no backend runs on cuda: this torch .* sees no CUDA device"):
+        pf.ops.philox_uniform(4, seed=0, stream=0, device="cuda")
+
+
+def test_real_arguments_take_numpy_scalars():
+    """tau and the regulariser's scales as numpy scalars (as a config or a sweep may hand them over)."""
+    want = pf.ops.gate_keep(P, 3, seed=1, stream=2, tau=float(np.float32(0.3)))
+    assert torch.equal(pf.ops.gate_keep(P, 3, seed=1, stream=2, tau=np.float32(0.3)), want)
+    reg = pf.ops.regularizer([CONV], [torch.randn(3)], weight_reg=np.float32(2.0), drop_reg=np.float64(1.0),
+                             n_train=np.int64(10))
+    assert torch.isfinite(reg)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="device mismatch needs a CUDA device")

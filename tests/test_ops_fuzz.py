@@ -383,8 +383,7 @@ def check_branch_combine(backend, tiny, data):
         backward_weights = draw_tensor(data, "backward_weights", wshape, bw_dtype, gen)
     skip = None
     if data.draw(st.booleans(), label="with_skip"):
-        skip_dtype = data.draw(data_dtypes(backend), label="skip_dtype")
-        skip = draw_tensor(data, "skip", shape, skip_dtype, gen, requires_grad=True)
+        skip = draw_tensor(data, "skip", shape, dtype, gen, requires_grad=True)  # the op takes the branches' dtype
     grad_out = draw_tensor(data, "grad", shape, dtype, gen, grad_input=False)
 
     def call(weights, skip, *ys, backend):

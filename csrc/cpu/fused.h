@@ -47,12 +47,12 @@ void affine_relu_gate_backward(T* grad_x, double* row_scale, double* row_shift, 
       for (int64_t s = 0; s < spatial; ++s) {
         const A xv = static_cast<A>(xr[s]), g = static_cast<A>(gr[s]);
         const A pre = xv * a + b;
-        const A on = static_cast<A>(pre > A(0));  // arithmetic, not a branch: the signs are random
-        const A live = g * k * on;
+        // selects, not a multiply by (pre > 0): 0 * inf would be NaN where the reference has 0
+        const A live = pre > A(0) ? g * k : A(0);
         gx[s] = static_cast<T>(live * a);
         sum_scale += live * xv;
         sum_shift += live;
-        sum_keep += g * pre * on;
+        sum_keep += g * (pre > A(0) ? pre : A(0));
       }
       row_scale[r] = static_cast<double>(sum_scale);
       row_shift[r] = static_cast<double>(sum_shift);
@@ -71,12 +71,11 @@ void affine_relu_gate_backward(T* grad_x, double* row_scale, double* row_shift, 
         for (int64_t c = 0; c < channels; ++c) {
           const A xv = static_cast<A>(xr[c]), g = static_cast<A>(gr[c]), a = static_cast<A>(scale[c]);
           const A pre = xv * a + static_cast<A>(shift[c]);
-          const A on = static_cast<A>(pre > A(0));
-          const A live = g * static_cast<A>(k[c]) * on;
+          const A live = pre > A(0) ? g * static_cast<A>(k[c]) : A(0);
           gx[c] = static_cast<T>(live * a);
           sum_scale[c] += live * xv;
           sum_shift[c] += live;
-          sum_keep[c] += g * pre * on;
+          sum_keep[c] += g * (pre > A(0) ? pre : A(0));
         }
       }
       for (int64_t c = 0; c < channels; ++c) {

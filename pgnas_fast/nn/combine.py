@@ -29,6 +29,8 @@ class ShakeShake(StochasticModule):
     def forward(self, branches: list[torch.Tensor], skip: torch.Tensor | None = None) -> torch.Tensor:
         n_branches, batch = len(branches), branches[0].shape[0]
         device = branches[0].device
+        if skip is not None and skip.dtype != branches[0].dtype:  # e.g. under autocast: combined in the branches'
+            skip = skip.to(branches[0].dtype)
         if not self.training:
             weights = torch.full((n_branches,), 1.0 / n_branches, device=device)
             return ops.branch_combine(branches, weights, skip=skip, backend=self.backend)

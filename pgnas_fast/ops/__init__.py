@@ -8,6 +8,7 @@ op declared in `pgnas_fast.ops._library`.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -51,6 +52,8 @@ GATE_MODES = ("relaxed", "hard", "full")
 DATA_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 GATE_DTYPES = (torch.float32, torch.float64)  # float64 only for gradcheck
 MAX_COPIES = 16  # gated_copies per call (the native kernels' PGNAS_MAX_COPIES)
+# The kernels take tau and the regulariser's scales as float32 (Triton as a float32 pair hi + lo)
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
 # ---- argument checks ------------------------------------------------------------------------------
@@ -61,6 +64,21 @@ def _check_int(name: str, value, low: int, high: int | None = None) -> int:
         bound = f"[{low}, {high})" if high is not None else f">= {low}"
         raise ValueError(f"{name} must be in {bound}, got {value}")
     return value
+
+
+def _check_real(name: str, value, *, positive: bool) -> float:
+    """A real number (numpy scalars too, not a bool), > 0 (positive) or >= 0, and at most float32's
+    largest finite value: the kernels compute with it in float32."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    try:
+        number = float(value)
+    except OverflowError:  # an int beyond float64
+        number = math.inf
+    if not ((number > 0 if positive else number >= 0) and number <= FLOAT32_MAX):  # NaN fails both
+        raise ValueError(f"{name} must be a finite number {'>' if positive else '>='} 0 and <= {FLOAT32_MAX:.6g} "
+                         f"(float32's largest), got {value!r}")
+    return number
 
 
 def _check_rng(seed: int, stream: int) -> None:
@@ -88,8 +106,7 @@ def _check_same_device(reference_name: str, reference: torch.Tensor, **others) -
 
 def _check_gate_args(p_logit, tau: float, mode: str, seed: int, stream: int) -> None:
     _check_tensor("p_logit", p_logit, GATE_DTYPES, ndim=1)
-    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not (math.isfinite(tau) and tau > 0):
-        raise ValueError(f"tau must be a finite number > 0, got {tau!r}")
+    _check_real("tau", tau, positive=True)
     if mode not in GATE_MODES:
         raise ValueError(f"mode must be one of {', '.join(GATE_MODES)}; got {mode!r}")
     _check_rng(seed, stream)
@@ -103,7 +120,14 @@ def philox_uniform(n: int, *, seed: int, stream: int, offset: int = 0, device="c
     _check_int("offset", offset, 0, SEED_LIMIT)
     if offset + n > SEED_LIMIT:
         raise ValueError(f"offset + n must be <= 2^63, got {offset + n}")
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device must name a torch device (e.g. 'cpu', 'cuda', 'cuda:1'), got {device!r}: {err}"
+                         ) from None
+    if device.type == "cuda" and not torch.cuda.is_available():  # (every other op has tensors, on a live device)
+        raise BackendUnavailableError(f"no backend runs on {device}: this torch ({torch.__version__}) sees no CUDA "
+                                      "device")
     return _library.call("philox_uniform", n, seed, stream, offset, device, resolve(backend, device))
 
 
@@ -251,8 +275,9 @@ def branch_combine(ys, weights, *, skip=None, backward_weights=None, backend=Non
             )
     if skip is not None:
         _check_tensor("skip", skip, DATA_DTYPES)
-        if skip.shape != ys[0].shape:
-            raise ValueError(f"skip must have the shape of ys[0] {tuple(ys[0].shape)}, got {tuple(skip.shape)}")
+        if skip.shape != ys[0].shape or skip.dtype != ys[0].dtype:  # (the native kernels add it in ys' dtype)
+            raise ValueError(f"skip must have the shape and dtype of ys[0] ({tuple(ys[0].shape)}, {ys[0].dtype}), "
+                             f"got {tuple(skip.shape)}, {skip.dtype}")
     _check_same_device("ys[0]", ys[0], weights=weights, backward_weights=backward_weights, skip=skip)
     return _library.call("branch_combine", ys, weights, skip, backward_weights, resolve(backend, ys[0].device))
 
@@ -272,15 +297,19 @@ def regularizer(weights, p_logits, *, weight_reg: float, drop_reg: float, n_trai
         raise ValueError(
             f"weights and p_logits must be non-empty lists of equal length, got {len(weights)} and {len(p_logits)}"
         )
+    weight_reg, drop_reg = (_check_real(name, value, positive=False)
+                            for name, value in (("weight_reg", weight_reg), ("drop_reg", drop_reg)))
+    n_train = _check_real("n_train", n_train, positive=True)
     for name, value in (("weight_reg", weight_reg), ("drop_reg", drop_reg)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
-            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    if isinstance(n_train, bool) or not isinstance(n_train, (int, float)) or not (math.isfinite(n_train) and n_train > 0):
-        raise ValueError(f"n_train must be a finite number > 0, got {n_train!r}")
+        if value / n_train > FLOAT32_MAX:
+            raise ValueError(f"{name} / n_train must be <= {FLOAT32_MAX:.6g} (float32's largest), got "
+                             f"{value} / {n_train}")
     for k, (w, p) in enumerate(zip(weights, p_logits)):
         _check_tensor(f"weights[{k}]", w, DATA_DTYPES, min_ndim=2)
         _check_tensor(f"p_logits[{k}]", p, GATE_DTYPES, ndim=1)
         in_channels, per_group, out_channels = p.shape[0], w.shape[1], w.shape[0]
+        if in_channels == 0:
+            raise ValueError(f"p_logits[{k}] must have at least one channel, got shape {tuple(p.shape)}")
         if per_group == 0 or out_channels == 0:
             raise ValueError(f"weights[{k}] must have no empty dims, got shape {tuple(w.shape)}")
         if in_channels % per_group or out_channels % (in_channels // per_group):
@@ -349,11 +378,12 @@ def gaussian_kl(log_alphas, weights_per_channel, *, n_train: float, backend=None
         raise ValueError(
             f"log_alphas and weights_per_channel must be non-empty lists of equal length, got {len(log_alphas)} and {len(counts)}"
         )
-    if isinstance(n_train, bool) or not isinstance(n_train, (int, float)) or not (math.isfinite(n_train) and n_train > 0):
-        raise ValueError(f"n_train must be a finite number > 0, got {n_train!r}")
+    n_train = _check_real("n_train", n_train, positive=True)
+    if 1 / n_train > FLOAT32_MAX:
+        raise ValueError(f"1 / n_train must be <= {FLOAT32_MAX:.6g} (float32's largest), got 1 / {n_train}")
     for k, (a, count) in enumerate(zip(log_alphas, counts)):
         _check_tensor(f"log_alphas[{k}]", a, GATE_DTYPES, ndim=1)
-        _check_int(f"weights_per_channel[{k}]", count, 1)
+        _check_int(f"weights_per_channel[{k}]", count, 1, SEED_LIMIT)  # the native kernels take an int64
         _check_same_device("log_alphas[0]", log_alphas[0], **{f"log_alphas[{k}]": a})
     return _library.call("gaussian_kl", [a.contiguous() for a in log_alphas], [int(c) for c in counts], float(n_train),
                          resolve(backend, log_alphas[0].device))

@@ -11,6 +11,7 @@ Seeds and streams travel through torch.library schemas as signed int64, hence th
 from __future__ import annotations
 
 import enum
+import numbers
 
 SEED_LIMIT = 1 << 63
 MAJOR_LIMIT = 1 << 40
@@ -27,7 +28,17 @@ class Domain(enum.IntEnum):
     GAUSSIAN = 7  # eps of the Gaussian posterior's local reparameterization, training step `major`
 
 
+_DOMAINS = frozenset(Domain)
+
+
 def stream_id(domain: Domain, major: int, layer: int = 0) -> int:
+    if domain not in _DOMAINS:
+        raise ValueError(f"domain must be one of {', '.join(d.name for d in Domain)} (pgnas_fast.ops.Domain), "
+                         f"got {domain!r}")
+    for name, value in (("major", major), ("layer", layer)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"stream {name} must be an int, got {type(value).__name__}")
+    major, layer = int(major), int(layer)
     if not 0 <= major < MAJOR_LIMIT:
         raise ValueError(f"stream major (step or candidate id) must be in [0, 2^40), got {major}")
     if not 0 <= layer < LAYER_LIMIT:

@@ -119,7 +119,7 @@ def affine_relu_gate(x, scale, shift, p_logit, seed, stream, tau, mode, offset):
         xv, ov, scale, shift, gate_source(p_logit, mode), B * C, C, S, *xv.stride(), *ov.stride(),
         *_rng(seed, stream, offset, tau),
         MODE=MODES[mode], GATE_F64=p_logit.dtype == torch.float64,
-        COMPUTE_F64=_compute_f64(x, scale, p_logit), **launch)
+        COMPUTE_F64=_compute_f64(x, scale, shift, p_logit), **launch)
     return _written(out, ov)
 
 
@@ -130,7 +130,7 @@ def affine_relu_gate_backward(grad, x, scale, shift, p_logit, seed, stream, tau,
         return grad_x, torch.zeros_like(scale), torch.zeros_like(shift), torch.zeros_like(p_logit)
     dyv, xv, gv = _as_bcs(grad), _as_bcs(x), _out_bcs(grad_x)
     S = xv.shape[2]
-    f64 = _compute_f64(x, scale, p_logit)
+    f64 = _compute_f64(x, scale, shift, p_logit)
     rows = torch.empty(2, B, C, dtype=torch.float64 if f64 else torch.float32, device=x.device)
     relaxed = mode == "relaxed"
     partial = torch.empty(B, C, dtype=p_logit.dtype, device=x.device) if relaxed else p_logit

@@ -48,7 +48,7 @@ def _build_parser() -> argparse.ArgumentParser:
     from . import configs
     from .nn import POSTERIORS
     from .ops.dispatch import SELECTABLE
-    from .ops.streams import SEED_LIMIT
+    from .ops.streams import MAJOR_LIMIT, SEED_LIMIT
 
     parser = _Parser(prog="pgnas-fast", description="Posterior-Guided Neural Architecture Search, fast.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -64,8 +64,8 @@ def _build_parser() -> argparse.ArgumentParser:
     search.add_argument("--seed", type=_count(0, SEED_LIMIT), default=0,
                         help="search seed: the same seed reproduces the run exactly (default 0)")
     search.add_argument("--epochs", type=_count(1), help="posterior-training epochs (preset's)")
-    search.add_argument("--candidates", type=_count(1), help="candidates to rank (preset's)")
-    search.add_argument("--random-baseline", type=_count(0), metavar="K",
+    search.add_argument("--candidates", type=_count(1, MAJOR_LIMIT + 1), help="candidates to rank (preset's)")
+    search.add_argument("--random-baseline", type=_count(0, MAJOR_LIMIT + 1), metavar="K",
                         help="also rank K random-gate candidates at the same expected drop rate (0: off)")
     search.add_argument("--posterior", choices=POSTERIORS,
                         help="posterior family of the gates: concrete (concrete dropout, default) or gaussian "
@@ -95,10 +95,12 @@ def _build_parser() -> argparse.ArgumentParser:
     rank = commands.add_parser(
         "rank", help="rank candidates of a finished search again (batched, racing, resumable, torchrun-sharded)",
         description="Score candidates of a run directory on its held-out split with the inherited weights. "
-                    "Writes RUN_DIR/rank-TAG/candidates.jsonl (id, score, images, kept_fraction) and top.json. "
+                    "Writes RUN_DIR/rank-TAG/candidates.jsonl (id, score, images, first_round_score, "
+                    "kept_fraction) and top.json. "
                     "Under torchrun the candidates are sharded across ranks.")
     rank.add_argument("run_dir", metavar="RUN_DIR", help="a directory written by pgnas-fast search")
-    rank.add_argument("--candidates", type=_count(1), default=1000, help="candidates 0 .. K-1 (default 1000)")
+    rank.add_argument("--candidates", type=_count(1, MAJOR_LIMIT + 1), default=1000,
+                      help="candidates 0 .. K-1 (default 1000)")
     rank.add_argument("--strategy", choices=("racing", "exhaustive"), default="racing",
                       help="racing: paired successive halving (default); exhaustive: every candidate on every image")
     rank.add_argument("--evaluator", choices=("batched", "sequential", "reload"), default="batched",
@@ -121,7 +123,8 @@ def _build_parser() -> argparse.ArgumentParser:
         description="Guided vs random sampling at the same expected drop rate (paper Table 3), best accuracy vs "
                     "number of candidates (Table 6), racing vs exhaustive agreement. Writes RUN_DIR/study-TAG/.")
     study.add_argument("run_dir", metavar="RUN_DIR", help="a directory written by pgnas-fast search")
-    study.add_argument("--candidates", type=_count(1), default=1000, help="candidates per study (default 1000)")
+    study.add_argument("--candidates", type=_count(1, MAJOR_LIMIT + 1), default=1000,
+                       help="candidates per study (default 1000)")
     study.add_argument("--tag", default="default", help="names the output folder study-TAG (default 'default')")
     study.add_argument("--data-dir", metavar="DIR", help="the data set's directory (as for search)")
     study.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
@@ -133,7 +136,7 @@ def _build_parser() -> argparse.ArgumentParser:
                     "subnet.pt (pgnas_fast.load_subnet), model.pt2 (torch.export, loads with plain torch), "
                     "architecture.json.")
     export.add_argument("run_dir", metavar="RUN_DIR", help="a directory written by pgnas-fast search")
-    export.add_argument("--candidate", type=_count(0), help="candidate id (default: the run's best)")
+    export.add_argument("--candidate", type=_count(0, MAJOR_LIMIT), help="candidate id (default: the run's best)")
     export.add_argument("--out", metavar="DIR", required=True, help="export directory")
     export.add_argument("--data-dir", metavar="DIR", help="the data set's directory (as for search)")
     export.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
@@ -240,6 +243,8 @@ def _search(args) -> int:
     if s["random_mean_heldout_accuracy"] is not None:
         line += (f"; random gates at the same drop rate: {_percent(s['random_mean_heldout_accuracy'])} "
                  f"(paper Table 3)")
+    if s["mean_heldout_images"] < s["finalist_heldout_images"]:  # racing
+        line += f"\n    (means over the first {s['mean_heldout_images']} held-out images, which every candidate saw)"
     print(line)
     print(f"  time: training {s['train_seconds']:.1f} s, ranking {s['rank_seconds']:.1f} s ({s['candidates']} guided "
           f"+ {s['random_candidates']} random: {s['candidates_per_second']:.1f} candidates/s)")

@@ -32,6 +32,12 @@ def test_search_prints_the_choice_and_the_run_directory(capsys, tmp_path):
     assert f"held-out accuracy {100 * arch['score']:.2f}%" in stdout
     assert lines[-1] == f"run directory: {out}"
     assert arch["seed"] == 5
+    assert "means over the first" not in stdout  # exhaustive: every candidate on every image
+
+
+def test_search_under_racing_says_what_the_means_are_over(capsys, tmp_path):
+    code, stdout, _ = run_cli(capsys, "search", *SMALL, "--set", "ranking=racing", "--out", str(tmp_path / "run"))
+    assert code == 0 and "(means over the first 19 held-out images, which every candidate saw)" in stdout
 
 
 def test_search_reads_overrides_from_a_config_file(capsys, tmp_path):
@@ -102,7 +108,8 @@ BAD_INPUTS = {
     "config wrong type": (lambda t: ["--config", _bad_config(t, '{"epochs": "ten"}')],
                           "config key 'epochs' must be an int > 0, got 'ten'"),
     "config bool as int": (lambda t: ["--config", _bad_config(t, '{"candidates": true}')],
-                           "config key 'candidates' must be an int > 0"),
+                           "config key 'candidates' must be an int in [1, 2^40]"),
+    "too many candidates": (lambda t: ["--candidates", str((1 << 40) + 1)], "--candidates: must be an integer < "),
     "config out of range": (lambda t: ["--config", _bad_config(t, '{"p_init": 1.5}')],
                             "config key 'p_init' must be a number in (0, 1)"),
     "unknown posterior": (lambda t: ["--posterior", "bogus"],
@@ -121,9 +128,25 @@ BAD_INPUTS = {
     "unknown supernet_args key": (lambda t: ["--set", 'supernet_args={"foo": 1}'],
                                   "supernet 'digits-tiny' with supernet_args {'foo': 1} cannot be built"),
     "negative width": (lambda t: ["--set", 'supernet_args={"width": -4}'], "cannot be built"),
+    "zero width": (lambda t: ["--set", 'supernet_args={"width": 0}'],
+                   "cannot be built: digits super-network: width must be an int >= 1, got 0"),
     "no training set left": (lambda t: ["--set", "heldout_size=100000"],
                              "test_size=360 and heldout_size=100000 leave no training set"),
-    "negative test size": (lambda t: ["--set", 'data_args={"test_size": -1}'], "leave no training set"),
+    "negative test size": (lambda t: ["--set", 'data_args={"test_size": -1}'],
+                           "config key 'data_args.test_size' must be an int > 0, got -1"),
+    "test size not a number": (lambda t: ["--set", 'data_args={"test_size": "x"}'],
+                               "config key 'data_args.test_size' must be an int > 0, got 'x'"),
+    "test size too large": (lambda t: ["--set", 'data_args={"test_size": 1700}'], "leave no training set"),
+    "test size below the classes": (lambda t: ["--set", 'data_args={"test_size": 5}'],
+                                    "each must be >= 10, one per class"),
+    "held-out size below the classes": (lambda t: ["--set", "heldout_size=5"], "each must be >= 10, one per class"),
+    "unknown data_args key": (lambda t: ["--set", 'data_args={"tset_size": 100}'],
+                              "config key 'data_args' of dataset digits takes test_size; got 'tset_size'"),
+    "split seed past numpy's": (lambda t: ["--set", "split_seed=99999999999999999999"],
+                                "config key 'split_seed' must be an int in [0, 2^32)"),
+    "input size not the dataset's": (lambda t: ["--set", "input_size=16"],
+                                     "config key 'input_size' must be 8 for dataset digits (its images are 8x8), "
+                                     "got 16"),
 }
 
 

@@ -40,6 +40,48 @@ def test_summary_numbers_are_what_they_name(run):
     assert summary["candidates_per_second"] * summary["rank_seconds"] == pytest.approx(len(rows) + len(random_rows))
 
 
+def test_table_3_means_under_racing_are_over_the_images_every_candidate_saw(tmp_path):
+    """Racing scores most candidates on its first share alone and the finalists on all: the guided and
+    random means are both over the first share (the random baseline races too)."""
+    from pgnas_fast.search.rank import CandidateScorer
+
+    summary = run_search(small_config(ranking="racing", candidates=12, random_baseline=12), seed=3, out_dir=tmp_path,
+                         progress=False).summary
+    rows, random_rows = read_jsonl(tmp_path / "candidates.jsonl"), read_jsonl(tmp_path / "random_candidates.jsonl")
+    assert summary["mean_heldout_images"] == 19 == min(r["images"] for r in random_rows)  # ceil(300 / 16)
+    assert summary["finalist_heldout_images"] == 300
+    assert "over the first 19 held-out images (racing's first share)" in (tmp_path / "report.md").read_text()
+    assert max(r["images"] for r in rows) == max(r["images"] for r in random_rows) == 300
+    loaded = load_run(tmp_path)
+    scorer = CandidateScorer(loaded.model, *loaded.feed.split("heldout"), seed=3, prepare=loaded.feed.prepare_eval)
+    assert [r["first_round_score"] for r in rows] == [n / 19 for n in scorer.correct(range(12), 0, 19)]
+    assert summary["guided_mean_heldout_accuracy"] == pytest.approx(
+        statistics.fmean(r["first_round_score"] for r in rows))
+    assert summary["random_mean_heldout_accuracy"] == pytest.approx(
+        statistics.fmean(r["first_round_score"] for r in random_rows))
+
+
+def test_the_best_checkpoint_is_written_before_the_epoch_s(tmp_path, monkeypatch):
+    """checkpoint.pt marks an epoch done: written after checkpoint-best.pt, a kill between the two
+    cannot leave the best checkpoint an epoch behind for good."""
+    real_save, saved = run_module.save_checkpoint, []
+    monkeypatch.setattr(run_module, "save_checkpoint", lambda path, state: (saved.append(path.name),
+                                                                           real_save(path, state)))
+    run_search(small_config(epochs=1), seed=3, out_dir=tmp_path, progress=False)
+    assert saved == ["checkpoint-best.pt", "checkpoint.pt"]
+
+
+def test_resume_before_the_first_checkpoint_keeps_the_data_directory(tmp_path):
+    """A run killed in its first epoch has data.json and no checkpoint: the resumed run reads the data
+    directory from it and keeps it for the run's readers (rank, study, export)."""
+    data, out = tmp_path / "data", tmp_path / "run"
+    data.mkdir()
+    run_search(small_config(epochs=1), seed=3, out_dir=out, progress=False, data_dir=data)
+    (out / "checkpoint.pt").unlink()
+    run_search(small_config(epochs=1), seed=3, out_dir=out, progress=False, resume=True)
+    assert json.loads((out / "data.json").read_text()) == {"data_dir": str(data.resolve())}
+
+
 def test_resume_after_a_kill_between_the_log_and_the_checkpoint(run, tmp_path, monkeypatch):
     """train_log.jsonl is written before checkpoint.pt: a kill in between leaves a row the checkpoint
     does not hold, and the resumed run drops it."""
@@ -125,7 +167,8 @@ def test_study_statistics_match_an_exhaustive_ranking(run):
 
 
 @pytest.mark.parametrize("key, value, expected", [
-    ("epochs", 0, "an int > 0"), ("batch_size", 0, "an int > 0"), ("candidates", 0, "an int > 0"),
+    ("epochs", 0, "an int > 0"), ("batch_size", 0, "an int > 0"), ("candidates", 0, "an int in \\[1, 2\\^40\\]"),
+    ("candidates", 1 << 41, "an int in \\[1, 2\\^40\\]"), ("milestones", [True], "an ascending list of epochs > 0"),
     ("milestones", [150, 90], "an ascending list of epochs > 0"), ("momentum", 1, "a number in \\[0, 1\\)"),
     ("racing_eta", 1, "an int >= 2"), ("grad_clip", float("inf"), "a number >= 0"),
 ])

@@ -137,6 +137,10 @@ def test_racing_is_paired_and_finalists_get_full_scores(trained):
     assert first == {r["id"]: round(r["score"] * r["images"]) for r in racing}
     winner = best_candidate(racing)
     assert winner["images"] == 300
+    # the score every candidate has on the same images: its first round's
+    counts = scorer.correct(ids, 0, 34)
+    assert [r["first_round_score"] for r in racing] == [n / 34 for n in counts]
+    assert all(r["first_round_score"] == r["score"] for r in exhaustive.values())
 
 
 class Killed(Exception):
@@ -244,7 +248,8 @@ def test_rank_resume_refuses_other_settings(capsys, run_dir):
 
     assert _rank_cli(capsys, run_dir, *argv())[0] == 0
     settings = json.loads((run_dir / "rank-resumed" / "settings.json").read_text())
-    assert settings == {"strategy": "racing", "candidates": 40, "bn_recalibrate": 0, "eta": 4, "first_share": 0.0625}
+    assert settings == {"strategy": "racing", "candidates": 40, "bn_recalibrate": 0, "eta": 4, "first_share": 0.0625,
+                        "checkpoint_epoch": 3}
     for option, value, message in (("--eta", 2, "eta 4 (now 2)"), ("--bn-recalibrate", 64, "bn_recalibrate 0 (now 64)"),
                                    ("--candidates", 41, "candidates 40 (now 41)"),
                                    ("--strategy", "exhaustive", "strategy 'racing' (now 'exhaustive')")):
@@ -252,6 +257,23 @@ def test_rank_resume_refuses_other_settings(capsys, run_dir):
         assert code == 2 and message in captured.err and captured.err.count("\n") == 1, captured.err
     code, captured = _rank_cli(capsys, run_dir, *argv(**{"--evaluator": "sequential"}), "--resume")
     assert code == 0 and "held-out accuracy" in captured.out
+
+
+def test_rank_resume_refuses_a_checkpoint_trained_on_since(capsys, run_dir, tmp_path):
+    """`rank` takes a run that is still training; a `search --resume` then replaces its checkpoint,
+    and the ranking's rows are of the old weights."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    assert _rank_cli(capsys, run, "--candidates", 20, "--tag", "x")[0] == 0
+    state = torch.load(run / "checkpoint.pt", weights_only=False)
+    state["epoch"] += 1
+    torch.save(state, run / "checkpoint.pt")
+    code, captured = _rank_cli(capsys, run, "--candidates", 20, "--tag", "x", "--resume")
+    assert code == 2 and captured.err.count("\n") == 1
+    assert "ranked the checkpoint of epoch 3, but the run has trained on since (epoch 4)" in captured.err
+    assert _rank_cli(capsys, run, "--candidates", 20, "--tag", "x")[0] == 0  # afresh
 
 
 def test_corrupt_checkpoints_are_one_line_errors(capsys, run_dir, tmp_path):
@@ -452,6 +474,38 @@ def test_progress_log_reads_every_ranks_file(tmp_path):
     ProgressLog(tmp_path, rank=0).append([{"round": 0, "id": 0, "correct": 1, "start": 0, "end": 5}])
     ProgressLog(tmp_path, rank=1).append([{"round": 0, "id": 1, "correct": 2, "start": 0, "end": 5}])
     assert set(ProgressLog(tmp_path, rank=0).load()) == {(0, 0), (0, 1)}
+
+
+def test_progress_log_appends_after_a_cut_line_on_a_line_of_their_own(tmp_path):
+    log = ProgressLog(tmp_path)
+    log.append([{"round": 0, "id": 0, "correct": 1, "start": 0, "end": 5}])
+    with open(log.path, "a") as f:
+        f.write('{"correct": 3, "end": 5, "id": 1, "ro')  # killed mid-line
+    log.append([{"round": 0, "id": 2, "correct": 2, "start": 0, "end": 5}])
+    assert set(log.load()) == {(0, 0), (0, 2)}  # 1 is evaluated again; 2 is not lost
+
+
+def test_ranks_agree_on_the_finished_rows_before_any_evaluates():
+    """Each rank reads the logs when it starts; a rank that starts late also reads the rows another has
+    appended since. The loaded rows go through the all-gather first, so that every rank splits the
+    same todo list (else some candidates fall to no rank: 0 images, a division by zero)."""
+    evaluated = []
+
+    class Recording(FixedScorer):
+        def correct(self, candidates, start, end):
+            evaluated.extend(candidates)
+            return super().correct(candidates, start, end)
+
+    seen_by_another_rank = {"round": 0, "id": 5, "correct": 0, "start": 0, "end": 90}
+    gathers = []
+
+    def gather(rows):  # the first gather (of the loaded rows) brings the other rank's row
+        gathers.append(rows)
+        return rows + [seen_by_another_rank] if len(gathers) == 1 else rows
+
+    rows = rank(Recording(90), range(8), gather=gather, progress=False)
+    assert gathers[0] == [] and 5 not in evaluated and sorted(evaluated) == [0, 1, 2, 3, 4, 6, 7]
+    assert [r["score"] for r in rows] == [1, 1, 1, 1, 1, 0, 1, 1]
 
 
 def test_rows_restored_on_every_rank_count_once(tmp_path):

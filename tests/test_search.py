@@ -27,8 +27,9 @@ def test_run_directory_holds_every_file(finished_run):
     assert json.loads((out / "config.json").read_text()) == {"config": small_config(), "seed": 3}
     rows = read_jsonl(out / "candidates.jsonl")
     assert [r["id"] for r in rows] == list(range(SMALL["candidates"]))
-    assert all(set(r) == {"id", "score", "images", "kept_fraction"} for r in rows)
+    assert all(set(r) == {"id", "score", "images", "first_round_score", "kept_fraction"} for r in rows)
     assert all(r["images"] == 300 for r in rows)  # the digits preset ranks exhaustively
+    assert all(r["first_round_score"] == r["score"] for r in rows)  # (its one round)
     assert all(0.0 <= r["score"] <= 1.0 and 0.0 < r["kept_fraction"] <= 1.0 for r in rows)
     assert len(read_jsonl(out / "random_candidates.jsonl")) == SMALL["random_baseline"]
     assert [r["epoch"] for r in read_jsonl(out / "train_log.jsonl")] == [1, 2]

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from ..nn.gated import POSTERIORS
+from ..ops.streams import MAJOR_LIMIT
 
 DATASETS = ("digits", "cifar10", "cifar100", "imagenet")
 
@@ -168,11 +169,17 @@ _POSITIVE_INT = ((int,), lambda v: v > 0, "an int > 0")
 _NON_NEGATIVE_INT = ((int,), lambda v: v >= 0, "an int >= 0")
 _POSITIVE = ((int, float), lambda v: math.isfinite(v) and v > 0, "a number > 0")
 _NON_NEGATIVE = ((int, float), lambda v: math.isfinite(v) and v >= 0, "a number >= 0")
+# the random splits' seed goes to numpy (RandomState takes 32 bits)
+_SPLIT_SEED = ((int,), lambda v: 0 <= v < 1 << 32, "an int in [0, 2^32)")
+# dataset -> the keys its `data_args` take (key -> schema entry)
+DATA_ARGS = {"digits": {"test_size": _POSITIVE_INT}}
+# dataset -> the size of its images (ImageNet: any crop size)
+NATIVE_INPUT_SIZE = {"digits": 8, "cifar10": 32, "cifar100": 32}
 SCHEMA = {
     "dataset": ((str,), lambda v: v in DATASETS, f"one of {', '.join(DATASETS)}"),
     "data_args": ((dict,), lambda v: True, "an object"),
     "heldout_size": _POSITIVE_INT,
-    "split_seed": _NON_NEGATIVE_INT,
+    "split_seed": _SPLIT_SEED,
     "supernet": ((str,), lambda v: bool(v), "a super-network name"),
     "supernet_args": ((dict,), lambda v: True, "an object"),
     "input_size": _POSITIVE_INT,
@@ -185,7 +192,7 @@ SCHEMA = {
     "lr": _POSITIVE,
     "lr_min": _NON_NEGATIVE,
     "schedule": ((str,), lambda v: v in ("cosine", "step", "sgdr"), "one of cosine, step, sgdr"),
-    "milestones": ((list,), lambda v: all(isinstance(m, int) and m > 0 for m in v) and v == sorted(v),
+    "milestones": ((list,), lambda v: all(type(m) is int and m > 0 for m in v) and v == sorted(v),
                    "an ascending list of epochs > 0"),
     "gamma": _POSITIVE,
     "sgdr_t0": _POSITIVE_INT,
@@ -199,8 +206,9 @@ SCHEMA = {
     "aux_weight": _NON_NEGATIVE,
     "amp": ((str,), lambda v: v in ("none", "bf16"), "none or bf16"),
     "channels_last": ((bool,), lambda v: True, "true or false"),
-    "candidates": _POSITIVE_INT,
-    "random_baseline": _NON_NEGATIVE_INT,
+    # candidate ids are stream majors: below 2^40
+    "candidates": ((int,), lambda v: 0 < v <= MAJOR_LIMIT, "an int in [1, 2^40]"),
+    "random_baseline": ((int,), lambda v: 0 <= v <= MAJOR_LIMIT, "an int in [0, 2^40]"),
     "ranking": ((str,), lambda v: v in ("racing", "exhaustive"), "racing or exhaustive"),
     "racing_eta": ((int,), lambda v: v >= 2, "an int >= 2"),
     "racing_first_share": ((int, float), lambda v: 0 < v <= 1, "a number in (0, 1]"),
@@ -250,7 +258,24 @@ def resolve(preset: str, overrides: Mapping | None = None) -> dict:
         wrong_bool = isinstance(value, bool) and bool not in types  # True is an int to Python, not to us
         if wrong_bool or not isinstance(value, types) or not ok(value):
             raise ConfigError(f"config key {key!r} must be {expected}, got {value!r}")
+    _check_dataset_keys(config)
     return {"preset": preset, **config}
+
+
+def _check_dataset_keys(config: dict) -> None:
+    """The keys whose valid values depend on the dataset: data_args and input_size."""
+    dataset, allowed = config["dataset"], DATA_ARGS.get(config["dataset"], {})
+    for key, value in config["data_args"].items():
+        if key not in allowed:
+            raise ConfigError(f"config key 'data_args' of dataset {dataset} takes "
+                              f"{', '.join(sorted(allowed)) or 'no keys'}; got {key!r}")
+        types, ok, expected = allowed[key]
+        if isinstance(value, bool) or not isinstance(value, types) or not ok(value):
+            raise ConfigError(f"config key 'data_args.{key}' must be {expected}, got {value!r}")
+    native = NATIVE_INPUT_SIZE.get(dataset)
+    if native is not None and config["input_size"] != native:
+        raise ConfigError(f"config key 'input_size' must be {native} for dataset {dataset} (its images are "
+                          f"{native}x{native}), got {config['input_size']!r}")
 
 
 def parse_assignment(text: str) -> tuple[str, object]:

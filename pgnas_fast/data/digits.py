@@ -18,9 +18,11 @@ def load_digits(*, test: int, heldout: int, split_seed: int) -> Splits:
     bunch = sklearn_digits()
     images = bunch.images.astype(np.float32)[:, None]  # [N, 1, 8, 8], values 0..16
     labels = bunch.target.astype(np.int64)
-    if not 0 < test < len(labels) or not 0 < heldout < len(labels) - test - 10:
+    classes = len(np.unique(labels))
+    if not classes <= test < len(labels) or not classes <= heldout < len(labels) - test - classes:
         raise DataError(f"digits has {len(labels)} images: test_size={test} and heldout_size={heldout} leave no "
-                        f"training set (each must be > 0, and together below {len(labels) - 10})")
+                        f"training set or no image of a class in a split (each must be >= {classes}, one per "
+                        f"class, and together below {len(labels) - classes})")
     train_idx, heldout_idx, test_idx = stratified_splits(labels, test=test, heldout=heldout, seed=split_seed)
     mean, std = images[train_idx].mean(), images[train_idx].std()
 

@@ -67,7 +67,13 @@ def export_candidate(run_dir: str | Path, out: str | Path, *, candidate: int | N
     if candidate is None:
         if not architecture_path.is_file():
             raise RunError(f"{str(run_dir)!r} has no architecture.json (the search did not finish): pass --candidate")
-        candidate = json.loads(architecture_path.read_text())["candidate"]
+        try:
+            candidate = json.loads(architecture_path.read_text())["candidate"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
+            raise RunError(f"{str(architecture_path)!r} is malformed ({type(err).__name__}: {err}): pass --candidate"
+                           ) from None
+        if isinstance(candidate, bool) or not isinstance(candidate, int):
+            raise RunError(f"{str(architecture_path)!r} names candidate {candidate!r}, not an id: pass --candidate")
     if not 0 <= candidate < MAJOR_LIMIT:
         raise RunError(f"--candidate must be an id in [0, 2^40), got {candidate}")
     masks = candidate_masks(model, seed, candidate)

@@ -164,8 +164,15 @@ class ProgressLog:
         return done
 
     def append(self, rows: list[dict]) -> None:
-        with open(self.path, "a") as f:
-            f.write("".join(json.dumps(row, sort_keys=True) + "\n" for row in rows))
+        text = "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows)
+        with open(self.path, "a+b") as f:  # (appends go to the end, wherever the reads left the position)
+            # a kill mid-write leaves a cut last line: start a line of our own, or the first new row
+            # would join it and be unreadable on the next resume (evaluated again)
+            if f.seek(0, os.SEEK_END) > 0:
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":
+                    text = "\n" + text
+            f.write(text.encode())
             f.flush()
             os.fsync(f.fileno())
 
@@ -187,7 +194,9 @@ def rank(scorer: CandidateScorer, candidates: Sequence[int], *, strategy: str = 
          first_share: float = 1 / 16, chunk: int = 64, log: ProgressLog | None = None,
          shard: tuple[int, int] = (0, 1), gather: Callable[[list[dict]], list[dict]] | None = None,
          progress: bool = True, desc: str = "ranking candidates") -> list[dict]:
-    """Score `candidates`; one row {id, score, images, kept_fraction} each, in id order.
+    """Score `candidates`; one row {id, score, images, first_round_score, kept_fraction} each, in id
+    order. `first_round_score` is the accuracy on the first round's images, which every candidate saw
+    (racing's first share; the whole set for exhaustive): the score to average over all candidates.
 
     shard = (rank, world): this process evaluates every world-th survivor; `gather` exchanges the
     finished rows between ranks (all-gather) so that all ranks agree on the survivors.
@@ -198,6 +207,10 @@ def rank(scorer: CandidateScorer, candidates: Sequence[int], *, strategy: str = 
         raise ValueError(f"racing needs eta >= 2 and 0 < first_share <= 1, got {eta} and {first_share}")
     rank_id, world = shard
     done = log.load() if log is not None else {}
+    if gather is not None:
+        # all ranks read the logs before any of them appends (this is a collective), and take the
+        # union: ranks that read at different moments would otherwise split different todo lists
+        done = {(row["round"], row["id"]): row for row in gather(list(done.values()))}
     correct = {c: 0 for c in candidates}
     images = {c: 0 for c in candidates}
     survivors, start = list(candidates), 0
@@ -223,14 +236,16 @@ def rank(scorer: CandidateScorer, candidates: Sequence[int], *, strategy: str = 
         for row in finished:
             correct[row["id"]] += row["correct"]
             images[row["id"]] = row["end"]
+        if round_index == 0:
+            first_round = {c: correct[c] / end for c in candidates}
         start = end
         if end < scorer.size:  # keep the best 1/eta; ties to the lower id (all saw the same images)
             survivors.sort(key=lambda c: (-correct[c], c))
             survivors = sorted(survivors[:math.ceil(len(survivors) / eta)])
     bar.close()
     ids = sorted(candidates)
-    return [{"id": c, "score": correct[c] / images[c], "images": images[c], "kept_fraction": fraction}
-            for c, fraction in zip(ids, scorer.kept_fractions(ids))]
+    return [{"id": c, "score": correct[c] / images[c], "images": images[c], "first_round_score": first_round[c],
+             "kept_fraction": fraction} for c, fraction in zip(ids, scorer.kept_fractions(ids))]
 
 
 def rank_candidates(model: nn.Module, heldout: tuple[torch.Tensor, torch.Tensor], *, seed: int, count: int,

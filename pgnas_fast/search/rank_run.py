@@ -17,7 +17,7 @@ import torch
 from ..nn import candidate_masks
 from .export import architecture_record
 from .io import write_json, write_jsonl
-from .parallel import join
+from .parallel import join, leave
 from .rank import CandidateScorer, ProgressLog, best_candidate, rank
 from .run import RunError, load_run, rebuild_for_evaluation
 
@@ -30,53 +30,60 @@ def rank_run(run_dir: str | Path, *, candidates: int, strategy: str = "racing", 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and torch.cuda.is_available():
         device = "cuda"  # torchrun on a GPU machine: one GPU per rank (join picks cuda:LOCAL_RANK)
     parallel, device = join(device)
-    rank_id, world = parallel.rank, parallel.world
-    loaded = load_run(run_dir, device=device, data_dir=data_dir)
-    config, seed, model, feed = loaded.config, loaded.seed, loaded.model, loaded.feed
-    n_train = feed.sizes()["train"]
-    if bn_recalibrate > n_train:
-        raise RunError(f"--bn-recalibrate {bn_recalibrate} asks for more images than the run's {n_train} training "
-                       "images")
-    out = run_dir / f"rank-{tag}"
-    eta, first_share = eta or config["racing_eta"], first_share or config["racing_first_share"]
-    # what a candidate's rounds and scores depend on (the evaluators all give the same scores)
-    settings = {"strategy": strategy, "candidates": candidates, "bn_recalibrate": bn_recalibrate,
-                **({"eta": eta, "first_share": first_share} if strategy == "racing" else {})}
-    if resume:
-        _check_resumable(out, settings)
-    if rank_id == 0 and not resume:
-        shutil.rmtree(out, ignore_errors=True)
-    parallel.barrier()  # nobody appends to a log that rank 0 is about to remove
-    out.mkdir(exist_ok=True)
-    if rank_id == 0:
-        write_json(out / "settings.json", settings)
+    try:
+        rank_id, world = parallel.rank, parallel.world
+        loaded = load_run(run_dir, device=device, data_dir=data_dir)
+        config, seed, model, feed = loaded.config, loaded.seed, loaded.model, loaded.feed
+        n_train = feed.sizes()["train"]
+        if bn_recalibrate > n_train:
+            raise RunError(f"--bn-recalibrate {bn_recalibrate} asks for more images than the run's {n_train} training "
+                           "images")
+        out = run_dir / f"rank-{tag}"
+        eta, first_share = eta or config["racing_eta"], first_share or config["racing_first_share"]
+        # what a candidate's rounds and scores depend on (the evaluators all give the same scores); the
+        # checkpoint's epoch, since `search --resume` may train a checkpointed run on after a ranking
+        settings = {"strategy": strategy, "candidates": candidates, "bn_recalibrate": bn_recalibrate,
+                    "checkpoint_epoch": loaded.epoch,
+                    **({"eta": eta, "first_share": first_share} if strategy == "racing" else {})}
+        if resume:
+            _check_resumable(out, settings)
+        if rank_id == 0 and not resume:
+            shutil.rmtree(out, ignore_errors=True)
+        parallel.barrier()  # nobody appends to a log that rank 0 is about to remove
+        out.mkdir(exist_ok=True)
+        if rank_id == 0:
+            write_json(out / "settings.json", settings)
 
-    def load_model():  # the authors' procedure: a fresh model and checkpoint for every candidate
-        weights = torch.load(run_dir / "checkpoint.pt", map_location=device, weights_only=False)["model"]
-        return rebuild_for_evaluation(config, feed.num_classes, weights, device)
+        def load_model():  # the authors' procedure: a fresh model and checkpoint for every candidate
+            weights = torch.load(run_dir / "checkpoint.pt", map_location=device, weights_only=False)["model"]
+            return rebuild_for_evaluation(config, feed.num_classes, weights, device)
 
-    images, labels = feed.split("heldout")
-    scorer = CandidateScorer(model, images, labels, seed=seed, evaluator=evaluator, batch_size=feed.eval_batch_size,
-                             rows_per_pass=config["rank_rows"], prepare=feed.prepare_eval, load_model=load_model,
-                             recalibration_images=feed.recalibration_images(bn_recalibrate) if bn_recalibrate else None)
-    rows = rank(scorer, range(candidates), strategy=strategy, eta=eta, first_share=first_share,
-                log=ProgressLog(out, rank_id),
-                shard=(rank_id, world), gather=parallel.all_gather if world > 1 else None,
-                progress=progress and rank_id == 0)
-    best = best_candidate(rows)
-    finalists = sorted((r for r in rows if r["images"] == best["images"]),
-                       key=lambda r: (-r["score"], r["kept_fraction"], r["id"]))[:top]
-    summary = {"run_dir": str(run_dir), "tag": tag, **settings, "evaluator": evaluator, "best": best,
-               "images_evaluated": sum(r["images"] for r in rows),
-               "world_size": world}
-    if rank_id == 0:
-        write_jsonl(out / "candidates.jsonl", rows)
-        write_json(out / "top.json", [
-            architecture_record(model, candidate_masks(model, seed, r["id"]), config=config, seed=seed,
-                                candidate=r, test_accuracy=None) for r in finalists])
-        write_json(out / "summary.json", summary)
-    parallel.barrier()
-    return summary
+        images, labels = feed.split("heldout")
+        recalibration = feed.recalibration_images(bn_recalibrate) if bn_recalibrate else None
+        scorer = CandidateScorer(model, images, labels, seed=seed, evaluator=evaluator,
+                                 batch_size=feed.eval_batch_size, rows_per_pass=config["rank_rows"],
+                                 prepare=feed.prepare_eval, load_model=load_model, recalibration_images=recalibration)
+        rows = rank(scorer, range(candidates), strategy=strategy, eta=eta, first_share=first_share,
+                    log=ProgressLog(out, rank_id),
+                    shard=(rank_id, world), gather=parallel.all_gather if world > 1 else None,
+                    progress=progress and rank_id == 0)
+        best = best_candidate(rows)
+        finalists = sorted((r for r in rows if r["images"] == best["images"]),
+                           key=lambda r: (-r["score"], r["kept_fraction"], r["id"]))[:top]
+        summary = {"run_dir": str(run_dir), "tag": tag, **settings, "evaluator": evaluator, "best": best,
+                   "images_evaluated": sum(r["images"] for r in rows),
+                   "world_size": world}
+        if rank_id == 0:
+            write_jsonl(out / "candidates.jsonl", rows)
+            write_json(out / "top.json", [
+                architecture_record(model, candidate_masks(model, seed, r["id"]), config=config, seed=seed,
+                                    candidate=r, test_accuracy=None) for r in finalists])
+            write_json(out / "summary.json", summary)
+        parallel.barrier()
+        return summary
+    finally:
+        if parallel.enabled:
+            leave()  # (run_search does the same)
 
 
 def _check_resumable(out: Path, settings: dict) -> None:
@@ -86,8 +93,12 @@ def _check_resumable(out: Path, settings: dict) -> None:
         started = json.loads((out / "settings.json").read_text())
     except (OSError, json.JSONDecodeError):
         return  # not started yet (or by a version that kept no settings): nothing to compare
+    if started.get("checkpoint_epoch", settings["checkpoint_epoch"]) != settings["checkpoint_epoch"]:
+        raise RunError(f"{str(out)!r} ranked the checkpoint of epoch {started['checkpoint_epoch']}, but the run has "
+                       f"trained on since (epoch {settings['checkpoint_epoch']}): its scores are of other weights; "
+                       "rank afresh (without --resume) or under another --tag")
     changed = [f"{key} {started.get(key)!r} (now {settings.get(key)!r})" for key in sorted({*started, *settings})
-               if started.get(key) != settings.get(key)]
+               if key != "checkpoint_epoch" and started.get(key) != settings.get(key)]
     if changed:
         raise RunError(f"{str(out)!r} was started with {', '.join(changed)}; resume it with the settings it was "
                        f"started with, or rank under another --tag")

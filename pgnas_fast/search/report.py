@@ -125,8 +125,11 @@ def write_report(run_dir: str | Path) -> Path:
     if s.get("params_subnet"):
         lines.append(f"| materialized network | {s['params_subnet']:,} parameters |")
     if s.get("random_mean_heldout_accuracy") is not None:
+        images = s.get("mean_heldout_images")  # (absent from runs older than the key)
+        over = (f", over the first {images} held-out images (racing's first share)"
+                if images and images < s["finalist_heldout_images"] else "")
         lines.append(f"| guided vs random sampling (mean held-out) | {_pct(s['guided_mean_heldout_accuracy'])} vs "
-                     f"{_pct(s['random_mean_heldout_accuracy'])} at the same expected drop rate |")
+                     f"{_pct(s['random_mean_heldout_accuracy'])} at the same expected drop rate{over} |")
     if arch["preset"] in PAPER_ERROR:
         what, error = PAPER_ERROR[arch["preset"]]
         lines.append(f"| paper | {what} {error}%; this run {100 * (1 - arch['test_accuracy']):.2f}% |")

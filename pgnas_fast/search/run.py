@@ -183,6 +183,7 @@ class LoadedRun:
     seed: int
     model: torch.nn.Module
     feed: TensorFeed
+    epoch: int  # the checkpoint's: epochs trained (a run that is still training has fewer than its config's)
 
 
 def load_run(run_dir: str | Path, *, device: str = "cpu", data_dir: str | Path | None = None) -> LoadedRun:
@@ -212,19 +213,20 @@ def load_run(run_dir: str | Path, *, device: str = "cpu", data_dir: str | Path |
         raise RunError(f"{str(run_dir / 'checkpoint.pt')!r} does not fit the {config['supernet']} super-network: "
                        f"{str(err).splitlines()[0]}") from None
     feed = build_feed(config, data, torch.device(device), seed=seed)
-    return LoadedRun(config=config, seed=seed, model=model, feed=feed)
+    return LoadedRun(config=config, seed=seed, model=model, feed=feed, epoch=state["epoch"])
 
 
 def rank_search_candidates(model: torch.nn.Module, feed: TensorFeed | LoaderFeed, config: dict, *, seed: int,
                            progress: bool, random: bool = False, log_dir: Path | None = None,
                            parallel: Parallel = SINGLE_PROCESS) -> list[dict]:
-    """The search's ranking: batched, with the preset's strategy; the random-gate baseline is
-    always exhaustive (its mean score is the point). Data parallel: each rank scores its share of
-    every round and all ranks get every row."""
+    """The search's ranking: batched, with the preset's strategy, the random-gate baseline too (under
+    racing both families' means are over the first round's images, which every candidate of either
+    saw: `first_round_score`). Data parallel: each rank scores its share of every round and all
+    ranks get every row."""
     extra = {"shard": (parallel.rank, parallel.world), "gather": parallel.all_gather if parallel.enabled else None}
     if random:
         extra |= {"domain": Domain.RANDOM_CANDIDATE, "p_logits": uniform_drop_logits(model),
-                  "desc": "random baseline", "strategy": "exhaustive"}
+                  "desc": "random baseline"}
     if log_dir is not None:
         log_dir.mkdir(exist_ok=True)
         extra["log"] = ProgressLog(log_dir, parallel.rank)
@@ -260,7 +262,9 @@ def _run_search(config: dict, *, seed: int, out_dir: Path, device: torch.device,
     if smoke:
         config = {**config, "epochs": 1, "candidates": min(config["candidates"], SMOKE_CANDIDATES),
                   "random_baseline": min(config["random_baseline"], SMOKE_CANDIDATES)}
-    data = load_data(config, data_dir_of(out_dir, data_dir) if resume else data_dir)
+    if resume:  # the run's own data directory (data.json), unless given again; kept for the readers of the run
+        data_dir = data_dir_of(out_dir, data_dir)
+    data = load_data(config, data_dir)
     feed = build_feed(config, data, device, seed=seed, smoke=smoke, parallel=parallel)
     check_shards(feed.train_batch_sizes(), parallel)
     torch.manual_seed(seed)  # the super-network's initial weights (the same on every rank)
@@ -305,11 +309,12 @@ def _run_search(config: dict, *, seed: int, out_dir: Path, device: torch.device,
         write_jsonl(out_dir / "train_log.jsonl", train_log)
         state = {"run_config": run_config, "epoch": epoch, "model": model.state_dict(),
                  "optimizer": optimizer.state_dict(), "loss": stats["loss"]}
-        save_checkpoint(checkpoint_path, state)
         # best = lowest training objective (mean CE + R, what the posterior minimises); no held-out
-        # data is spent on choosing it, the held-out split stays for ranking
+        # data is spent on choosing it, the held-out split stays for ranking. Written first: checkpoint.pt
+        # marks the epoch done, so a kill between the two must not leave the best one behind for good
         if all(stats["loss"] <= row["loss"] for row in train_log):
             save_checkpoint(out_dir / "checkpoint-best.pt", state)
+        save_checkpoint(checkpoint_path, state)
         scalars.add(epoch, stats)
 
     started = time.perf_counter()
@@ -345,7 +350,6 @@ def _run_search(config: dict, *, seed: int, out_dir: Path, device: torch.device,
                                        test_accuracy=test_accuracy)
     write_json(out_dir / "architecture.json", architecture)
 
-    scores = [r["score"] for r in rows]
     summary = {
         "preset": config["preset"],
         "seed": seed,
@@ -357,9 +361,13 @@ def _run_search(config: dict, *, seed: int, out_dir: Path, device: torch.device,
         "kept_fraction": best["kept_fraction"],
         "supernet_heldout_accuracy": accuracy(model, feed.eval_batches("heldout")),
         "supernet_test_accuracy": accuracy(model, feed.eval_batches("test")),
-        "guided_mean_heldout_accuracy": statistics.fmean(scores),
+        # Table 3's means: every candidate on the same images (racing: its first share), both families
+        "guided_mean_heldout_accuracy": statistics.fmean(r["first_round_score"] for r in rows),
         "guided_mean_kept_fraction": statistics.fmean(r["kept_fraction"] for r in rows),
-        "random_mean_heldout_accuracy": statistics.fmean(r["score"] for r in random_rows) if random_rows else None,
+        "random_mean_heldout_accuracy": (statistics.fmean(r["first_round_score"] for r in random_rows)
+                                         if random_rows else None),
+        "mean_heldout_images": min(r["images"] for r in rows),  # the first round's (all of them: exhaustive)
+        "finalist_heldout_images": max(r["images"] for r in rows),
         "random_kept_fraction": statistics.fmean(r["kept_fraction"] for r in random_rows) if random_rows else None,
         "candidates": len(rows),
         "random_candidates": len(random_rows),

@@ -18,6 +18,7 @@ from pgnas_fast.data import (
     IMAGENET_URL,
     CifarTrainSet,
     DataError,
+    Splits,
     ImageFolderDataset,
     augment_batch,
     carve_heldout,
@@ -360,6 +361,74 @@ def test_imagenet_index_lists_every_file_with_its_class(imagenet):
     again = load_imagenet_index(root, heldout=3, split_seed=0)
     assert again.heldout[0] == index.heldout[0]
     assert any(load_imagenet_index(root, heldout=3, split_seed=s).heldout[0] != index.heldout[0] for s in range(1, 5))
+
+
+def test_imagenet_held_out_split_is_in_a_seeded_random_order(tmp_path):
+    """train/ is listed class by class; racing scores prefixes of the held-out split, so every prefix
+    must be a sample of all classes, not the first few."""
+    write_imagenet(tmp_path, classes=tuple(f"n{c:02d}" for c in range(8)), train_per_class=4, val_per_class=1)
+    index = load_imagenet_index(tmp_path, heldout=16, split_seed=0)
+    labels = index.heldout[1].tolist()
+    assert sorted(labels) == sorted(list(range(8)) * 2)  # stratified, as before
+    assert labels != sorted(labels) and len(set(labels[:8])) >= 4
+    assert load_imagenet_index(tmp_path, heldout=16, split_seed=0).heldout[0] == index.heldout[0]
+
+
+def test_imagenet_recalibration_images_are_a_seeded_sample_of_all_classes(imagenet, monkeypatch):
+    from pgnas_fast.search import feed as feed_module
+
+    root, _ = imagenet
+    index = load_imagenet_index(root, heldout=3, split_seed=0)
+    read = []
+
+    def loader(files, labels, **kwargs):
+        read.append(list(labels))
+        return [(torch.zeros(len(files), 3, 8, 8), torch.as_tensor(labels))]
+
+    feed = feed_module.LoaderFeed(index, seed=0, batch_size=4, eval_batch_size=4, device=torch.device("cpu"),
+                                  workers=0, channels_last=False, input_size=8)
+    monkeypatch.setattr(feed_module, "imagenet_loader", loader)
+    assert feed.recalibration_images(6).shape == (6, 3, 8, 8)
+    assert read[0] != index.train[1][:6].tolist() and len(set(read[0])) > 1  # not train/'s first: class 0, 1
+    feed.recalibration_images(6)
+    assert read[1] == read[0]  # the run's seed fixes the sample
+
+
+def test_a_held_out_split_as_large_as_the_training_set_is_a_data_error(imagenet, tmp_path):
+    root, _ = imagenet
+    with pytest.raises(DataError, match="heldout_size=18 must be below 18"):
+        load_imagenet_index(root, heldout=18)
+    write_cifar10(tmp_path)
+    with pytest.raises(DataError, match="heldout_size=100000 must be below"):
+        load_cifar(tmp_path, heldout=100000)
+
+
+def test_an_epoch_s_augmentation_draws_other_numbers_than_its_order():
+    """One seed for both CPU generators tied every image's crop to its position in the epoch."""
+    from pgnas_fast.data.augment import AUGMENTATION
+    from pgnas_fast.search.feed import TensorFeed
+
+    images, labels = torch.randn(20, 1, 4, 4), torch.arange(20)
+    drawn = []
+
+    def prepare_train(x, generator):
+        drawn.append(torch.rand(3, generator=generator))
+        return x
+
+    feed = TensorFeed(Splits((images, labels), (images[:2], labels[:2]), (images[:2], labels[:2]), 20),
+                      batch_size=8, eval_batch_size=8, device="cpu", prepare_train=prepare_train)
+    next(iter(feed.train_batches(epoch=2, seed=5)))
+    assert torch.equal(drawn[0], torch.rand(3, generator=epoch_generator(5, 2, use=AUGMENTATION)))
+    assert not torch.equal(drawn[0], torch.rand(3, generator=epoch_generator(5, 2)))
+
+
+def test_an_epoch_without_a_training_batch_is_a_config_error():
+    from pgnas_fast.configs import ConfigError
+    from pgnas_fast.search.feed import check_shards
+    from pgnas_fast.search.parallel import SINGLE_PROCESS
+
+    with pytest.raises(ConfigError, match="an epoch has no training batch"):
+        check_shards([], SINGLE_PROCESS)
 
 
 def test_imagenet_index_ignores_non_images(tmp_path):

@@ -76,6 +76,19 @@ def test_shards_draw_the_numbers_of_their_rows_of_the_concatenated_batch():
     assert net.shake.rng_row_offset == 0 and net.drop.rng_row_offset == 0
 
 
+def test_a_linear_layer_s_shard_of_examples_with_several_rows_each_draws_their_gates():
+    """A gated linear layer folds [B, T, F] into B * T gate rows: the row offset of a shard of examples
+    counts T rows per example (it counted one, so the shards drew the numbers of other rows)."""
+    torch.manual_seed(0)
+    layer = GatedLinear(5, 3, p_init=0.3)
+    x = torch.randn(4, 3, 5, generator=torch.Generator().manual_seed(2))
+    set_gates(layer, "relaxed", seed=SEED, step=3)
+    whole = layer(x)
+    for start, end in ((0, 1), (1, 4)):
+        set_gates(layer, "relaxed", seed=SEED, step=3, row_offset=start)
+        torch.testing.assert_close(layer(x[start:end]), whole[start:end], rtol=1e-6, atol=1e-7)
+
+
 def test_rows_split_each_batch_into_consecutive_equal_shares():
     assert [Parallel(r, 4).rows(64) for r in range(4)] == [(0, 16), (16, 32), (32, 48), (48, 64)]
     assert [Parallel(r, 2).rows(49) for r in range(2)] == [(0, 24), (24, 49)]  # a short last batch

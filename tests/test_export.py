@@ -63,6 +63,53 @@ def test_materialized_subnet_equals_the_masked_supernet(name):
         torch.testing.assert_close(exported.module()(x), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_a_run_that_feeds_only_a_deleted_layer_goes_whole():
+    """A shake-shake branch whose second conv keeps nothing: its first conv, BN and ReLU feed nobody
+    (they stayed, computed and counted); the deleted layer still gives the right output size."""
+    model, x = _tiny("supnet-m")
+    masks = {name: torch.ones(layer.gate_channels) for name, layer in gated_layers(model)}
+    whole = count_parameters(materialize(model, masks))
+    masks["stages.1.0.branches.0.4"] = torch.zeros(32)
+    set_gates(model, "hard", masks=masks)
+    with torch.no_grad():
+        expected = model(x)
+    subnet = materialize(model, masks)
+    branch = subnet.stages[1][0].branches[0]
+    assert [type(m).__name__ for m in list(branch)[1:5]] == ["Identity", "Identity", "Identity", "ZeroInput"]
+    assert sum(count_parameters(m) for m in list(branch)[:5]) == 0  # the first conv held 4,608 + 32
+    assert count_parameters(subnet) < whole - model.stages[1][0].branches[0][1].weight.numel()
+    with torch.no_grad():
+        torch.testing.assert_close(subnet(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_training_only_modules_leave_the_subnet():
+    """ENAS's auxiliary head never runs in evaluation: not in the network, its size or its export."""
+    model, x = _tiny("supnet-e")
+    assert model.aux is not None
+    masks = {name: torch.ones(layer.gate_channels) for name, layer in gated_layers(model)}
+    subnet = materialize(model, masks)
+    assert subnet.aux is None and not any("aux" in key for key in subnet.state_dict())
+    set_gates(model, "hard", masks=masks)
+    with torch.no_grad():
+        torch.testing.assert_close(subnet(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda m: m.__setitem__("classifier", m["classifier"][None]), r"masks\['classifier'\] must have shape \[32\], "
+                                                                    r"got \(1, 32\)"),
+    (lambda m: m.__setitem__("classifier", m["classifier"][:-1]), r"must have shape \[32\], got \(31,\)"),
+    (lambda m: m.pop("classifier"), r"masks has no entry for gated layers \['classifier'\]"),
+    (lambda m: m.__setitem__("classifier", m["classifier"] * 2), r"masks\['classifier'\] must hold only 0"),
+])
+def test_materialize_checks_the_masks(change, message):
+    """A stacked [1, C] mask (what stacked_candidate_masks gives) read its row index as channels."""
+    model, _ = _tiny("digits-tiny")
+    masks = candidate_masks(model, 5, 3)
+    change(masks)
+    with pytest.raises(ValueError, match=message):
+        materialize(model, masks)
+
+
 def test_a_layer_that_keeps_nothing_and_a_grouped_conv():
     class Net(torch.nn.Module):
         def __init__(self):
@@ -180,7 +227,7 @@ def test_standalone_artefact_needs_no_pgnas_fast(searched, tmp_path):
 
 @pytest.mark.parametrize("argv, message", [
     (["export", "/nonexistent/run", "--out", "OUT"], "is not a run directory"),
-    (["export", "RUN", "--candidate", str(1 << 40), "--out", "OUT"], "--candidate must be an id in [0, 2^40)"),
+    (["export", "RUN", "--candidate", str(1 << 40), "--out", "OUT"], "--candidate: must be an integer < 1099511627776"),
     (["export", "RUN", "--candidate", "-1", "--out", "OUT"], "--candidate: must be an integer >= 0"),
     (["evaluate", "/nonexistent/export"], "is not an export directory"),
     (["export", "RUN", "--out", "RUN"], "--out must not be the run directory"),
@@ -220,6 +267,23 @@ def test_export_refuses_an_incompatible_checkpoint(capsys, searched, tmp_path):
     torch.save(state, broken / "checkpoint.pt")
     assert main(["export", str(broken), "--out", str(tmp_path / "o")]) == 2
     assert "does not fit the digits-tiny super-network" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"cand', "architecture.json' is malformed (JSONDecodeError"),
+    ('{"score": 0.5}', "architecture.json' is malformed (KeyError"),
+    ('{"candidate": "abc"}', "architecture.json' names candidate 'abc', not an id: pass --candidate"),
+])
+def test_export_of_a_corrupt_architecture_is_a_one_line_error(capsys, searched, tmp_path, content, message):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(searched, broken)
+    (broken / "architecture.json").write_text(content)
+    assert main(["export", str(broken), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not (tmp_path / "o").exists()
 
 
 def test_gated_layer_names_survive_in_the_architecture(searched):

@@ -5,6 +5,8 @@ through each). Forward and backward run on reduced-width variants with tiny inpu
 """
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn as nn
@@ -111,6 +113,26 @@ def test_forward_backward_in_every_gate_mode(name):
             logits = model(x)
         assert logits.shape == (2, 7) and torch.isfinite(logits).all()
         model.train()
+
+
+@pytest.mark.parametrize("name, knobs, message", [
+    ("digits-tiny", {"width": 0}, "digits super-network: width must be an int >= 1, got 0"),
+    ("supnet-m", {"k": 0}, "shake-shake super-network: k must be an int >= 1, got 0"),
+    ("supnet-mi", {"blocks_per_stage": 0}, "blocks_per_stage must be an int >= 1, got 0"),
+    ("supnet-e", {"filters": 0}, "ENAS super-network: filters must be an int >= 1, got 0"),
+    ("supnet-d121", {"block_config": ()}, "block_config must be a non-empty list of ints >= 1, got ()"),
+    ("supnet-d121", {"block_config": (6, 0)}, "block_config must be a non-empty list of ints >= 1, got (6, 0)"),
+    ("supnet-r50", {"layers": ()}, "ResNet super-network: layers must be a non-empty list of ints >= 1"),
+])
+def test_zero_widths_and_depths_are_refused_by_name(name, knobs, message):
+    """They built networks without blocks, or failed later in torch with an unrelated message."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        supernets.create(name, **knobs)
+
+
+def test_a_gated_layer_needs_an_input_channel():
+    with pytest.raises(ValueError, match="GatedConv2d: a gated layer needs at least one input channel, got 0"):
+        GatedConv2d(0, 3, 1)
 
 
 def test_shake_shake_layout():

@@ -31,6 +31,7 @@ CIFAR_STATS = {10: (CIFAR10_MEAN, CIFAR10_STD), 100: (CIFAR100_MEAN, CIFAR100_ST
 
 
 _GOLDEN = 0x9E3779B97F4A7C15  # 2^64 / golden ratio: spreads (seed, epoch) pairs over the seed space
+_USE_STRIDE = 0xD1B54A32D192ED03  # another odd 64-bit constant: an epoch's uses get far-apart seeds
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -38,9 +39,14 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return (seed + (epoch + 1) * _GOLDEN) % (1 << 63)
 
 
-def epoch_generator(seed: int, epoch: int, device: str | torch.device = "cpu") -> torch.Generator:
-    """The generator for one epoch: a function of (seed, epoch) only, so a resumed run redraws the same."""
-    return torch.Generator(device=device).manual_seed(epoch_seed(seed, epoch))
+ORDER, AUGMENTATION = 0, 1  # the uses of an epoch's generators
+
+
+def epoch_generator(seed: int, epoch: int, device: str | torch.device = "cpu", use: int = ORDER) -> torch.Generator:
+    """A generator of one epoch: a function of (seed, epoch, use) only, so a resumed run redraws the same.
+    The order and the augmentation draw from different seeds: one seed in two CPU generators tied every
+    image's crop to its position in the epoch."""
+    return torch.Generator(device=device).manual_seed((epoch_seed(seed, epoch) + use * _USE_STRIDE) % (1 << 63))
 
 
 def _randint(high: int, n: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:

@@ -159,7 +159,8 @@ def load_cifar(
     test_images, test_labels = _read_batch(folder / layout.test_file, layout, num_classes, problem)
     if not 0 <= heldout < len(train_labels):
         n = len(train_labels)
-        raise ValueError(f"heldout={heldout} must be in [0, {n}): {layout.name} has {n} training images")
+        raise DataError(f"heldout_size={heldout} must be below {n}: {layout.name} under {data_dir} has {n} training "
+                        "images")
     train_idx, heldout_idx = carve_heldout(train_labels, heldout, split_seed)
 
     def part(images: np.ndarray, labels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:

@@ -119,8 +119,12 @@ def load_imagenet_index(
 
     train_files, train_labels = flatten(train)
     if not 0 <= heldout < len(train_files):
-        raise ValueError(f"heldout={heldout} must be in [0, {len(train_files)}): train/ has {len(train_files)} images")
+        raise DataError(f"heldout_size={heldout} must be below {len(train_files)}: {data_dir / 'train'} has "
+                        f"{len(train_files)} images")
     train_idx, heldout_idx = carve_heldout(train_labels, heldout, split_seed)
+    # train/ is listed class by class: the held-out split in a seeded random order, so that racing's
+    # first shares (prefixes of it) hold every class
+    heldout_idx = heldout_idx[np.random.default_rng([split_seed, 1]).permutation(len(heldout_idx))]
     return ImageNetIndex(
         classes=classes,
         train=([train_files[i] for i in train_idx], train_labels[train_idx]),

@@ -69,6 +69,8 @@ class GatedInput(nn.Module):
             raise ValueError(f"p_init must be in (0, 1), got {p_init}")
         if not tau > 0:
             raise ValueError(f"tau must be > 0, got {tau}")
+        if channels < 1:
+            raise ValueError(f"{type(self).__name__}: a gated layer needs at least one input channel, got {channels}")
         sizes = _group_sizes(channels, gate_groups, type(self).__name__)
         self.gate_channels = channels
         self.tau = float(tau)
@@ -120,11 +122,15 @@ class GatedInput(nn.Module):
         return ops.gaussian_noise(mu, var, seed=self.gate_seed, stream=self.gate_stream, offset=offset,
                                   backend=self.backend)
 
-    def gate(self, x: torch.Tensor) -> torch.Tensor:
+    def gate(self, x: torch.Tensor, rows_per_example: int = 1) -> torch.Tensor:
+        """x with its channels (dim 1) gated; `rows_per_example`: rows of x per example of the batch
+        (a linear layer's [B, T, F] input folded to B * T rows), so that a data-parallel rank's gates
+        start at its first example's first row."""
         if self.gate_mode == "relaxed":
             return ops.gated_apply(
-                x, self.p_logit_per_channel(), seed=self.gate_seed, stream=self.gate_stream,
-                tau=self.tau, mode="relaxed", offset=self.gate_row_offset * self.gate_channels, backend=self.backend,
+                x, self.p_logit_per_channel(), seed=self.gate_seed, stream=self.gate_stream, tau=self.tau,
+                mode="relaxed", offset=self.gate_row_offset * rows_per_example * self.gate_channels,
+                backend=self.backend,
             )
         if self.gate_mode == "hard":
             mask = self.gate_mask.to(x.dtype)
@@ -175,13 +181,14 @@ class GatedLinear(GatedInput, nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # gates act on dim 1: fold any leading dims of [..., in_features] into the batch (one gate per row)
         flat = x.reshape(-1, self.in_features)
+        batch = x.shape[0] if x.dim() > 1 else 1
         if self.gaussian_relaxed:
             mu = nn.functional.linear(flat, self.weight, self.bias)
             alpha = self.log_alpha_per_channel().exp()
             var = nn.functional.linear(flat * flat, self.weight * self.weight * alpha)
-            out = self.gaussian_sample(mu, var, x.shape[0] if x.dim() > 1 else 1)
+            out = self.gaussian_sample(mu, var, batch)
         else:
-            out = nn.functional.linear(self.gate(flat), self.weight, self.bias)
+            out = nn.functional.linear(self.gate(flat, flat.shape[0] // max(batch, 1)), self.weight, self.bias)
         return out.view(*x.shape[:-1], -1)
 
 
@@ -257,6 +264,20 @@ def posterior_of(model: nn.Module) -> str:
     return families[0]
 
 
+def check_masks(layers: list[tuple[str, GatedInput]], masks: Mapping[str, torch.Tensor], *, stacked: bool) -> None:
+    """A keep mask for every gated layer (of `gated_layers`), [C_in] or, if `stacked`, [K, C_in] (K
+    candidates at once); raises ValueError naming the layer. (Values are not read: no device sync.)"""
+    missing = [name for name, _ in layers if name not in masks]
+    if missing:
+        raise ValueError(f"masks has no entry for gated layers {missing}")
+    for name, layer in layers:
+        shape = tuple(masks[name].shape)
+        if shape[-1:] != (layer.gate_channels,) or len(shape) > (2 if stacked else 1):
+            raise ValueError(f"masks[{name!r}] must have shape [{layer.gate_channels}]"
+                             + (f" or [K, {layer.gate_channels}] (K candidates at once)" if stacked else "")
+                             + f", got {shape}")
+
+
 def set_gates(model: nn.Module, mode: str, *, seed: int = 0, step: int | None = None, row_offset: int = 0,
               candidate: int | None = None, masks: Mapping[str, torch.Tensor] | None = None) -> None:
     """Put every gated layer of `model` into one gate mode.
@@ -283,14 +304,7 @@ def set_gates(model: nn.Module, mode: str, *, seed: int = 0, step: int | None = 
             raise ValueError("set_gates(mode='hard') needs exactly one of candidate= or masks=")
         if masks is None:
             masks = candidate_masks(model, seed, candidate)
-        missing = [name for name, _ in layers if name not in masks]
-        if missing:
-            raise ValueError(f"masks has no entry for gated layers {missing}")
-        for name, layer in layers:  # check every mask before switching any layer
-            shape = tuple(masks[name].shape)
-            if shape[-1:] != (layer.gate_channels,) or len(shape) > 2:
-                raise ValueError(f"masks[{name!r}] must have shape [{layer.gate_channels}] or "
-                                 f"[K, {layer.gate_channels}] (K candidates at once), got {shape}")
+        check_masks(layers, masks, stacked=True)  # every mask before switching any layer
     for index, (name, layer) in enumerate(layers):
         layer.gate_mode = mode
         layer.gate_mask = None

@@ -22,7 +22,7 @@ from torch.utils.data import Sampler
 
 from ..configs import ConfigError
 from ..data import ImageNetIndex, Splits, cifar_train_loader, epoch_generator, imagenet_loader, normalize
-from ..data.augment import epoch_seed
+from ..data.augment import AUGMENTATION, epoch_seed
 from ..ops.transfer import to_device
 from .parallel import SINGLE_PROCESS, Parallel
 
@@ -31,8 +31,12 @@ Shard = tuple[torch.Tensor, torch.Tensor, int, int]  # images, labels, first glo
 
 
 def check_shards(batch_sizes: list[int], parallel: Parallel) -> None:
-    """Every rank must get rows of every batch: the preset's batch divides among the ranks, and no
-    (last, short) batch has fewer rows than there are ranks. Raises ConfigError (bad input: exit 2)."""
+    """An epoch has a batch, and every rank gets rows of every batch: the preset's batch divides among
+    the ranks, and no (last, short) batch has fewer rows than there are ranks. Raises ConfigError (bad
+    input: exit 2)."""
+    if not batch_sizes:
+        raise ConfigError("an epoch has no training batch: the training split is smaller than batch_size (ImageNet "
+                          "drops the last partial batch); lower batch_size or heldout_size")
     if not parallel.enabled:
         return
     if batch_sizes[0] % parallel.world:
@@ -76,7 +80,7 @@ class TensorFeed:
         images, labels = self.splits["train"]
         # the order is drawn on the CPU so that it is the same on every device
         order = to_device(torch.randperm(self.n_train, generator=epoch_generator(seed, epoch)), self.device)
-        generator = epoch_generator(seed, epoch, self.device)  # augmentation
+        generator = epoch_generator(seed, epoch, self.device, use=AUGMENTATION)
         for i in range(self.steps_per_epoch()):
             idx = order[i * self.batch_size:(i + 1) * self.batch_size]
             yield self.prepare_train(images[idx], generator), labels[idx]
@@ -208,8 +212,11 @@ class LoaderFeed:
         return self._splits[name]
 
     def recalibration_images(self, n: int) -> torch.Tensor:
+        """n training images (no augmentation) drawn with the run's seed: train/ is listed class by class,
+        so its first n would be a class or two."""
         files, labels = self.index.train
-        loader = imagenet_loader(files[:n], labels[:n], train=False, batch_size=self.eval_batch_size,
+        pick = torch.randperm(len(files), generator=torch.Generator().manual_seed(self.seed))[:n].tolist()
+        loader = imagenet_loader([files[i] for i in pick], labels[pick], train=False, batch_size=self.eval_batch_size,
                                  **self.loader_args)
         return torch.cat([images for images, _ in loader])
 

@@ -10,8 +10,10 @@ so the result equals the masked super-network in eval mode (outputs within float
 no pgnas_fast op, and exports with torch.export to an artefact that plain torch loads.
 
 Then the output channels of producers that no consumer reads are removed (through BatchNorm, ReLU
-and depthwise convs, inside nn.Sequential runs or a module's declared `channel_chains`), and each
-eval-mode BatchNorm that directly follows a conv is folded into it.
+and depthwise convs, inside nn.Sequential runs or a module's declared `channel_chains`; a run that
+feeds only a deleted layer goes whole), each eval-mode BatchNorm that directly follows a conv is
+folded into it, and the modules a super-network names in `training_only_modules` (never run in
+evaluation, e.g. an auxiliary head) are removed.
 
 Export directory: `subnet.pt` (the materialized module, pickled; `load_subnet` reads it),
 `model.pt2` (torch.export: `torch.export.load(path).module()` without pgnas_fast),
@@ -26,7 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ..nn import GatedConv2d, ShakeShake, StochasticModule, gated_layers
+from ..nn import GatedConv2d, ShakeShake, StochasticModule, check_masks, gated_layers
 
 
 class SlicedConv2d(nn.Module):
@@ -82,17 +84,26 @@ class ZeroInput(nn.Module):
         bias = layer.bias if layer.bias is not None else layer.weight.new_zeros(self.out_channels)
         self.register_buffer("bias", bias.detach().clone())
         if self.is_conv:
-            self.geometry = (layer.kernel_size, layer.stride, layer.padding, layer.dilation)
-            if isinstance(layer.padding, str):
-                raise ValueError("string padding is not supported by ZeroInput")
+            # the convs between the input and the output, in order: this layer's, and those of the
+            # producers whose outputs only it read (absorbed by `_prune_producers`)
+            self.geometries = [_geometry(layer)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.is_conv:
             return self.bias.to(x.dtype).expand(*x.shape[:-1], self.out_channels)
-        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.geometry
-        h = (x.shape[2] + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-        w = (x.shape[3] + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        h, w = x.shape[2], x.shape[3]
+        for (kh, kw), (sh, sw), (ph, pw), (dh, dw) in self.geometries:
+            h = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+            w = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
         return self.bias.to(x.dtype).view(1, -1, 1, 1).expand(x.shape[0], -1, h, w)
+
+
+def _geometry(conv: nn.Module) -> tuple:
+    """(kernel, stride, padding, dilation) of a conv (or of a sliced one's conv): its output's size."""
+    conv = conv.conv if isinstance(conv, SlicedConv2d) else conv
+    if isinstance(conv.padding, str):
+        raise ValueError("string padding is not supported by ZeroInput")
+    return conv.kernel_size, conv.stride, conv.padding, conv.dilation
 
 
 class MaskedConv2d(nn.Module):
@@ -153,18 +164,23 @@ def _chains(container: nn.Module) -> list[list[str]]:
     """Runs of children [producer or None, channel-wise..., sliced consumer] whose channels flow only
     from one to the next: inside an nn.Sequential, or named by a module's `channel_chains`."""
     found = [list(chain) for chain in getattr(container, "channel_chains", ())
-             if isinstance(getattr(container, chain[-1]), SlicedConv2d) and _producer(getattr(container, chain[0]))]
+             if _consumer(getattr(container, chain[-1])) and _producer(getattr(container, chain[0]))]
     if isinstance(container, nn.Sequential):
         names = [name for name, _ in container.named_children()]
         children = list(container.children())
         for j, consumer in enumerate(children):
-            if not isinstance(consumer, SlicedConv2d):
+            if not _consumer(consumer):
                 continue
             i = j - 1
             while i >= 0 and (isinstance(children[i], _CHANNELWISE) or _is_depthwise(children[i])):
                 i -= 1
             found.append(([names[i]] if i >= 0 and _producer(children[i]) else [None]) + names[i + 1:j + 1])
     return found
+
+
+def _consumer(module: nn.Module) -> bool:
+    """A layer that reads only some input channels: a sliced conv, or a deleted one (reads none)."""
+    return isinstance(module, SlicedConv2d) or (isinstance(module, ZeroInput) and module.is_conv)
 
 
 def _producer(module: nn.Module) -> bool:
@@ -192,13 +208,23 @@ def _slice_outputs(module: nn.Module, index: torch.Tensor) -> None:
 
 
 def _prune_producers(subnet: nn.Module) -> None:
-    """Remove the output channels that a sliced consumer never reads from the modules feeding it."""
+    """Remove the output channels that a sliced consumer never reads from the modules feeding it, and
+    the modules whose outputs only a deleted layer (ZeroInput) read."""
     for container in list(subnet.modules()):
         for head, *middle, tail in _chains(container):
             if head is None and not middle:
                 continue  # nothing between the consumer and its input: its own gather stays
-            index = getattr(container, tail).index
-            for name in ([head] if head is not None else []) + middle:
+            consumer = getattr(container, tail)
+            run = ([head] if head is not None else []) + middle
+            if isinstance(consumer, ZeroInput):  # nobody reads the run: it goes, its convs' sizes stay
+                geometries = [_geometry(getattr(container, name)) for name in run
+                              if isinstance(getattr(container, name), (nn.Conv2d, SlicedConv2d))]
+                consumer.geometries = geometries + consumer.geometries
+                for name in run:
+                    setattr(container, name, nn.Identity())
+                continue
+            index = consumer.index
+            for name in run:
                 _slice_outputs(getattr(container, name), index)
             if head is None:  # no producer in this run: gather at its start instead
                 setattr(container, middle[0], nn.Sequential(Gather(index), getattr(container, middle[0])))
@@ -229,9 +255,16 @@ def _fold_batchnorm(subnet: nn.Module) -> None:
 def materialize(model: nn.Module, masks: Mapping[str, torch.Tensor], *, fold_batchnorm: bool = True) -> nn.Module:
     """A plain-torch copy of `model` in eval mode that computes the candidate `masks` names: dropped
     input channels sliced out, the producers' channels nobody reads removed, BatchNorm folded."""
+    check_masks(gated_layers(model), masks, stacked=False)
+    for name, mask in masks.items():
+        if not ((mask == 0) | (mask == 1)).all():
+            raise ValueError(f"masks[{name!r}] must hold only 0 (dropped) and 1 (kept)")
     subnet = copy.deepcopy(model).eval()
     for name, layer in gated_layers(subnet):
         _replace(subnet, name, _plain(layer, masks[name]))
+    for module in list(subnet.modules()):
+        for name in getattr(module, "training_only_modules", ()):  # e.g. ENAS's auxiliary head
+            setattr(module, name, None)
     for name, module in list(subnet.named_modules()):
         if isinstance(module, ShakeShake):
             _replace(subnet, name, MeanCombine())

@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..nn import GatedConv2d, GatedLinear, ShakeShake, relu_gated_convs
-from . import register
+from . import check_sizes, register
 
 BRANCHES = {  # name -> (kernel, dilation)
     "conv3x3": (3, 1),
@@ -50,6 +50,7 @@ class DigitsSupernet(nn.Module):
     def __init__(self, width: int = 16, num_classes: int = 10, branches=("conv3x3", "dil3x3", "conv1x1"),
                  gate_group_size: int = 4, p_init: float = 0.1, tau: float = 0.2):
         super().__init__()
+        check_sizes("digits super-network", width=width)
         unknown = [b for b in branches if b not in BRANCHES]
         if unknown or not branches:
             raise ValueError(f"branches must be a non-empty list from {sorted(BRANCHES)}, got {list(branches)}")

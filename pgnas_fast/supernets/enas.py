@@ -69,7 +69,7 @@ import torch.nn.functional as F
 from .. import ops
 from ..nn import GatedConv2d, GatedLinear, StochasticModule
 from ..ops.streams import Domain
-from . import register
+from . import check_sizes, register
 
 # ENAS's published micro architecture (arc = per node: x_id, x_op, y_id, y_op)
 NORMAL_ARC = (0, 2, 0, 0, 0, 4, 0, 1, 0, 4, 1, 1, 1, 0, 0, 1, 0, 2, 1, 1)
@@ -225,10 +225,13 @@ class AuxHead(nn.Module):
 
 
 class EnasSupernet(nn.Module):
+    training_only_modules = ("aux",)  # materialize removes it: a training aid, never run in evaluation
+
     def __init__(self, filters: int = 36, num_classes: int = 10, *, num_layers: int = 15,
                  normal_arc=NORMAL_ARC, reduce_arc=REDUCE_ARC, drop_path_keep_prob: float = 0.6,
                  aux_head: bool = True, p_init: float = 0.1, tau: float = 0.2, backend: str | None = None):
         super().__init__()
+        check_sizes("ENAS super-network", filters=filters)
         if not 0.0 < drop_path_keep_prob <= 1.0:
             raise ValueError(f"drop_path_keep_prob must be in (0, 1], got {drop_path_keep_prob}")
         if num_layers < 3:

@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..nn import GatedConv2d
-from . import register
+from . import check_sizes, register
 
 BRANCHES = ((1, 1), (3, 1), (3, 2), (5, 2))  # (kernel, dilation): fields 1, 3, 5, 9
 
@@ -66,6 +66,7 @@ class InflatedResNet(nn.Module):
     def __init__(self, num_classes: int = 1000, *, layers=(3, 4, 6, 3), base_width: int = 64,
                  p_init: float = 0.1, tau: float = 0.2, backend: str | None = None):
         super().__init__()
+        check_sizes("ResNet super-network", layers=tuple(layers), base_width=base_width)
         gate_kw = dict(p_init=p_init, tau=tau, backend=backend)
         self.stem = nn.Sequential(
             nn.Conv2d(3, base_width, 7, stride=2, padding=3, bias=False),

@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..nn import GatedConv2d, GatedLinear, ShakeShake, norm_relu_conv, relu_gated_convs
-from . import register
+from . import check_sizes, register
 
 DEPTH_BLOCKS = 4  # Shake-Shake-26: (26 - 2) / 6 blocks per stage
 
@@ -90,6 +90,7 @@ class ShakeShakeSupernet(nn.Module):
                  stem_width: int = 16, gate_stem: bool = True, p_init: float = 0.1, tau: float = 0.2,
                  backend: str | None = None):
         super().__init__()
+        check_sizes("shake-shake super-network", k=k, blocks_per_stage=blocks_per_stage, stem_width=stem_width)
         gate_kw = dict(gate_groups=None, p_init=p_init, tau=tau, backend=backend)
         stem_conv = (GatedConv2d(3, stem_width, 3, padding=1, bias=False, **gate_kw) if gate_stem
                      else nn.Conv2d(3, stem_width, 3, padding=1, bias=False))

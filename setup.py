@@ -82,7 +82,10 @@ def _native_build():
             "pgnas_fast._C",
             sources,
             define_macros=define_macros,
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr"]},
+            # --fmad=false: nvcc's default fuses x * a + b into one rounding, where the reference and the
+            # cpu backend round twice (a ReLU then switches at pre ~ 0 on one backend only)
+            extra_compile_args={"cxx": cxx_flags,
+                                "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "--fmad=false"]},
             extra_link_args=["-fopenmp"],
         )
     else:

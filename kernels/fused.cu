@@ -14,7 +14,7 @@ namespace {
 template <typename A>
 __device__ __forceinline__ A relu_affine(A x, A a, A b) {
   const A pre = x * a + b;
-  return pre > A(0) ? pre : A(0);
+  return pre < A(0) ? A(0) : pre;  // std::max(pre, 0) as the cpu backend: NaN stays NaN (torch.relu's)
 }
 
 // out = relu(x * scale[c] + shift[c]) * keep[b, c], through common.cuh's walk.
@@ -60,7 +60,7 @@ struct Sums {
     *dx = live * a;
     scale += live * xv;
     shift += live;
-    keep += g * (pre > A(0) ? pre : A(0));
+    keep += g * (pre < A(0) ? A(0) : pre);  // g * relu(pre): NaN stays NaN
   }
 };
 
@@ -267,7 +267,7 @@ struct CopiesOp {
 #pragma unroll
     for (int v = 0; v < W; ++v) {
       src[v] = widen<A>(in.v[v]);
-      if (relu && !(src[v] > A(0))) src[v] = A(0);
+      if (relu && src[v] < A(0)) src[v] = A(0);  // NaN stays NaN
     }
     for (int k = 0; k < copies; ++k) {
       const G* keep = keeps + k * rows;
@@ -292,8 +292,8 @@ struct CopiesOp {
 // Element of both layouts: grad_x = relu'(x) sum_k grad_k keep_k, and dot[k] += grad_k src, k in order.
 template <int K, typename A>
 __device__ __forceinline__ A copies_backward_value(A x, const A* g, const A* keep, int copies, bool relu, A* dot) {
-  const bool dead = relu && !(x > A(0));
-  const A src = dead ? A(0) : x;
+  const bool dead = relu && !(x > A(0));  // relu'(x) = 0 (NaN included, as torch's)
+  const A src = relu && x < A(0) ? A(0) : x;  // relu(x): NaN stays NaN
   A acc = 0;
 #pragma unroll
   for (int k = 0; k < K; ++k) {

@@ -196,6 +196,31 @@ def test_affine_relu_gate_backward_is_zero_where_the_relu_is_off_even_at_infinit
             torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
 
 
+@pytest.mark.parametrize("relu_copies", [False, True])
+def test_a_nan_input_stays_nan_through_the_fused_relu(backend, relu_copies):
+    """torch.relu keeps NaN; so must every backend's fused ReLU, forward and the d p_logit sums (a
+    diverged run must not look finite on one backend: CUDA's max() turned NaN into 0)."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 4, 3, 3, generator=gen)
+    x[1, 2, 0, 1] = float("nan")
+    dy = torch.randn(2, 4, 3, 3, generator=gen)
+    results = []
+    for b in (backend, "reference"):
+        xl = x.clone().requires_grad_()
+        if relu_copies:
+            p = torch.randn(2, 4, generator=torch.Generator().manual_seed(4)).requires_grad_()
+            out = pf.ops.gated_copies(xl, p, seed=SEED, streams=[STREAM, STREAM + 1], relu=True, backend=b)
+            grads = torch.autograd.grad(out, (xl, p), torch.stack([dy, dy]))
+        else:
+            p = torch.randn(4, generator=torch.Generator().manual_seed(4)).requires_grad_()
+            out = pf.ops.affine_relu_gate(xl, torch.ones(4), torch.zeros(4), p, seed=SEED, stream=STREAM, backend=b)
+            grads = torch.autograd.grad(out, (xl, p), dy)
+        results.append((out, *grads))
+    for name, got, want in zip(("out", "d x", "d p_logit"), *results):
+        assert torch.isnan(want).any() == (name != "d x"), name  # d x: relu'(NaN) = 0
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, equal_nan=True, msg=name)
+
+
 def test_affine_relu_gate_rejects_bad_input():
     x, v = torch.randn(3, 7, 5, 5), torch.randn(7)
     cases = [

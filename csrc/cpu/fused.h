@@ -52,7 +52,7 @@ void affine_relu_gate_backward(T* grad_x, double* row_scale, double* row_shift, 
         gx[s] = static_cast<T>(live * a);
         sum_scale += live * xv;
         sum_shift += live;
-        sum_keep += g * (pre > A(0) ? pre : A(0));
+        sum_keep += g * (pre < A(0) ? A(0) : pre);
       }
       row_scale[r] = static_cast<double>(sum_scale);
       row_shift[r] = static_cast<double>(sum_shift);
@@ -75,7 +75,7 @@ void affine_relu_gate_backward(T* grad_x, double* row_scale, double* row_shift, 
           gx[c] = static_cast<T>(live * a);
           sum_scale[c] += live * xv;
           sum_shift[c] += live;
-          sum_keep[c] += g * (pre > A(0) ? pre : A(0));
+          sum_keep[c] += g * (pre < A(0) ? A(0) : pre);
         }
       }
       for (int64_t c = 0; c < channels; ++c) {

@@ -56,7 +56,7 @@ def _affine_relu_gate_kernel(x_ptr, out_ptr, scale_ptr, shift_ptr, p_ptr, n_rows
         sl = s.to(tl.int64)[None, :]
         m = qmask[:, None] & (s < S)[None, :]
         x = tl.load(x_row + sl * sxs, mask=m, other=0.0).to(dtype)
-        y = tl.maximum(x * a + shift, 0.0) * keep
+        y = tl.maximum(x * a + shift, 0.0, propagate_nan=tl.PropagateNan.ALL) * keep
         tl.store(out_row + sl * sos, y.to(out_ptr.dtype.element_ty), mask=m)
 
 
@@ -93,7 +93,7 @@ def _affine_relu_gate_backward_kernel(dy_ptr, x_ptr, dx_ptr, scale_ptr, shift_pt
         acc_scale += live * x
         acc_shift += live
         if MODE == 0:
-            acc_keep += dy.to(gate.dtype) * tl.maximum(pre, 0.0).to(gate.dtype)
+            acc_keep += dy.to(gate.dtype) * tl.maximum(pre, 0.0, propagate_nan=tl.PropagateNan.ALL).to(gate.dtype)
     tl.store(row_scale_ptr + q, tl.sum(acc_scale, axis=1), mask=qmask)
     tl.store(row_shift_ptr + q, tl.sum(acc_shift, axis=1), mask=qmask)
     if MODE == 0:
@@ -172,7 +172,7 @@ def _gated_copies_kernel(x_ptr, out_ptr, p_ptr, streams_ptr, n_copies, n_rows, C
         m = qmask[:, None] & (s < S)[None, :]
         x = tl.load(x_row + sl * sxs, mask=m, other=0.0).to(dtype)
         if RELU:
-            x = tl.maximum(x, 0.0)
+            x = tl.maximum(x, 0.0, propagate_nan=tl.PropagateNan.ALL)  # torch.relu keeps NaN
         for k in range(n_copies):
             keep = _copy_gates(q, qmask, C, p_ptr, streams_ptr, k, seed_lo, seed_hi, offset_lo, offset_hi, tau_hi,
                                tau_lo, MODE, GATE_F64).to(dtype)[:, None]
@@ -197,7 +197,7 @@ def _gated_copies_backward_kernel(dy_ptr, x_ptr, dx_ptr, p_ptr, streams_ptr, par
         sl = s.to(tl.int64)[None, :]
         m = qmask[:, None] & (s < S)[None, :]
         x = tl.load(x_row + sl * sxs, mask=m, other=0.0).to(dtype)
-        src = tl.maximum(x, 0.0) if RELU else x
+        src = tl.maximum(x, 0.0, propagate_nan=tl.PropagateNan.ALL) if RELU else x
         acc = tl.zeros([BLOCK_Q, BLOCK_S], dtype)
         for k in range(n_copies):
             gate = _copy_gates(q, qmask, C, p_ptr, streams_ptr, k, seed_lo, seed_hi, offset_lo, offset_hi, tau_hi,

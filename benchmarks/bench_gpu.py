@@ -55,7 +55,7 @@ REGULARIZER_ARGS = (10.0, 1.0, 5e4)  # weight_reg, drop_reg, n_train
 # knobs of a tiny version for the dry run, as bench_rank_gpu / bench_train_step build them)
 NETWORKS = {"supnet-mi": (10, {"k": 1, "blocks_per_stage": 1}),
             "supnet-d121": (1000, {"growth": 4, "block_config": (2, 3, 2, 2), "stem_width": 8})}
-LAUNCH_COUNT_TIMEOUT_S = (15, 120)  # the child's timeout: what is left of the budget (+30 s), within these
+LAUNCH_COUNT_TIMEOUT_S = (40, 120)  # the child's timeout: what is left of the budget (+30 s), within these
 LAUNCHES_MARK = "launch counts: "  # the child's output line
 
 

@@ -14,7 +14,7 @@ set -u
 cd "$(dirname "$0")/.."
 OUT="${OUT:-benchmarks/results/latest}"
 mkdir -p "$OUT"
-DEADLINE=$((SECONDS + 480))  # 8 minutes, less a margin for the final print
+DEADLINE=$((SECONDS + 450))  # 8 minutes less a margin: the steps' 5 s minimum, the final print
 
 left() {  # seconds left for a step: min(cap, time to the deadline), at least 5
     local cap=$1 rest=$((DEADLINE - SECONDS))
@@ -40,7 +40,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 echo "== device"
 {
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.max.mem --format=csv 2>&1
-    python3 - <<'PY'
+    timeout 60 python3 - <<'PY'
 import torch, triton
 import pgnas_fast as pf
 print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__)
@@ -73,7 +73,7 @@ else
     step_done "kernel GPU tests" $? "$(tail -n 1 "$OUT/pytest.log")"
     echo "== the rest of the triton tests, on the GPU (tails, tables, launch counts)"
     echo "==== the rest of tests/test_triton.py" >>"$OUT/pytest.log"
-    timeout "$(left 30)" python3 -m pytest $PARALLEL -m "not gpu" -v -rf -p no:cacheprovider tests/test_triton.py \
+    timeout "$(left 45)" python3 -m pytest $PARALLEL -m "not gpu" -v -rf -p no:cacheprovider tests/test_triton.py \
         >>"$OUT/pytest.log" 2>&1
     step_done "triton tests" $? "$(tail -n 1 "$OUT/pytest.log")"
 fi
@@ -87,8 +87,10 @@ timeout "$BENCH_CAP" python3 benchmarks/bench_gpu.py $DRY --no-compile --out "$O
 step_done "op benchmark" $? "$(tail -n 1 "$OUT/bench.log")"
 
 echo "== candidate ranking (SupNet-MI-shaped; projected hours for 10k CIFAR-10 candidates)"
-timeout "$(left 40)" python3 benchmarks/bench_rank_gpu.py $DRY --heldout 2000 --candidates 32 --out "$OUT/rank.json"
-step_done "candidate ranking" $?
+echo "==== candidate ranking" >>"$OUT/bench.log"  # (its output is kept: the console's tail is the table)
+timeout "$(left 40)" python3 benchmarks/bench_rank_gpu.py $DRY --heldout 2000 --candidates 32 --out "$OUT/rank.json" \
+    2>&1 | tee -a "$OUT/bench.log"
+step_done "candidate ranking" "${PIPESTATUS[0]}"
 
 echo "== train-step benchmark"
 STEP_CAP=$(left 90)
@@ -112,6 +114,7 @@ if ((COMPILE_CAP >= 60)); then
     echo "== torch.compile(reference) baseline of gated_apply (${COMPILE_CAP} s left)"
     echo "==== torch.compile(reference) of gated_apply_fwd_bwd" >>"$OUT/bench.log"
     # (a dry run checks this step's plumbing without compiling: 84 s on the 2-core machine)
+    rm -rf /tmp/pgnas_compiled  # no results.md of an earlier call on a warm machine
     timeout "$COMPILE_CAP" python3 benchmarks/bench_gpu.py $DRY ${DRY_RUN:+--no-compile} --ops gated_apply_fwd_bwd \
         --out /tmp/pgnas_compiled --time-budget=$((COMPILE_CAP - 10)) >>"$OUT/bench.log" 2>&1
     step_done "compiled baseline" $? "$(tail -n 1 "$OUT/bench.log")"

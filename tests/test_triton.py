@@ -569,6 +569,11 @@ def bcs_launch(xv):
     return {"SPLIT_ROWS": split_rows, "BLOCK_Q": block_q, "BLOCK_S": block_s}
 
 
+def fused_launch(xv):
+    """fused._launch_shape's: bcs_launch's, and no fp fusion."""
+    return {**bcs_launch(xv), "enable_fp_fusion": False}
+
+
 def launch_gated_apply(x, p_dtype, mode, grad_channels_last=None):
     p_logit = meta(x.shape[1], dtype=p_dtype)
     flags = {"MODE": gates.MODES[mode], "GATE_F64": p_dtype == F64, "COMPUTE_F64": gates._compute_f64(x, p_logit)}
@@ -590,19 +595,19 @@ def launch_gated_apply(x, p_dtype, mode, grad_channels_last=None):
 def launch_affine_relu_gate(x, p_dtype, mode):
     C = x.shape[1]
     scale, shift, p_logit = (meta(C, dtype=p_dtype) for _ in range(3))  # BN's folded affine map: gate dtypes
-    f64 = gates._compute_f64(x, scale, p_logit)
+    f64 = gates._compute_f64(x, scale, shift, p_logit)
     flags = {"MODE": gates.MODES[mode], "GATE_F64": p_dtype == F64, "COMPUTE_F64": f64}
     xv, ov = gates._as_bcs(x), gates._out_bcs(torch.empty_like(x))
     B, C, S = xv.shape
     rng = gates._rng(SEED, STREAM, OFFSET, TAU)
     compile_for_h100(fused._affine_relu_gate_kernel, xv, ov, scale, shift, p_logit, B * C, C, S, *xv.stride(),
-                     *ov.stride(), *rng, **flags, **bcs_launch(xv))
+                     *ov.stride(), *rng, **flags, **fused_launch(xv))
     dyv, gv = xv, gates._out_bcs(torch.empty_like(x))
     rows = meta(2, B, C, dtype=F64 if f64 else F32)
     partial = meta(B, C, dtype=p_dtype) if mode == "relaxed" else p_logit
     compile_for_h100(fused._affine_relu_gate_backward_kernel, dyv, xv, gv, scale, shift, p_logit, rows[0], rows[1],
                      partial, B * C, C, S, *dyv.stride(), *xv.stride(), *gv.stride(), *rng, **flags,
-                     **bcs_launch(xv))
+                     **fused_launch(xv))
     if mode == "relaxed":
         launch_reduce_gate_grad(partial, partial, False, p_dtype)
 
@@ -618,11 +623,11 @@ def launch_gated_copies(x, p_dtype, n_copies, mode, relu):
     seed_lo, seed_hi, _, _, offset_lo, offset_hi, tau_hi, tau_lo = gates._rng(SEED, 0, OFFSET, TAU)
     rng = (seed_lo, seed_hi, offset_lo, offset_hi, tau_hi, tau_lo)
     compile_for_h100(fused._gated_copies_kernel, xv, ov, p_logits, streams, n_copies, B * C, C, S, *xv.stride(),
-                     *ov.stride(), *rng, **flags, **bcs_launch(xv))
+                     *ov.stride(), *rng, **flags, **fused_launch(xv))
     dyv, gv = ov, gates._out_bcs(torch.empty_like(x))  # the incoming gradient in the copies' layout
     partial = meta(B, n_copies, C, dtype=p_dtype) if mode == "relaxed" else p_logits
     compile_for_h100(fused._gated_copies_backward_kernel, dyv, xv, gv, p_logits, streams, partial, n_copies, B * C,
-                     C, S, *dyv.stride(), *xv.stride(), *gv.stride(), *rng, **flags, **bcs_launch(xv))
+                     C, S, *dyv.stride(), *xv.stride(), *gv.stride(), *rng, **flags, **fused_launch(xv))
     if mode == "relaxed":
         launch_reduce_gate_grad(partial.view(B, n_copies * C), partial, False, p_dtype)
 

@@ -236,6 +236,16 @@ def test_hard_gate_drops_iff_u_plus_p_at_least_one(backend, gate_dtype):
     assert 0 < drop.sum() < drop.numel()  # both outcomes occur
 
 
+def test_a_nan_drop_logit_drops_its_channel_in_hard_mode(backend):
+    """keep iff u + p < 1, as the reference writes it: a NaN p drops (triton tested u + p >= 1 and kept)."""
+    p_logit = torch.tensor([float("nan"), 0.0, -3.0, float("nan")])
+    for keep in (pf.ops.gate_keep(p_logit, 3, seed=1, stream=2, mode="hard", backend=backend),
+                 pf.ops.candidate_keep(p_logit, torch.tensor([3, 4]), seed=1, layer=0, backend=backend)):
+        assert (keep[:, [0, 3]] == 0).all()
+    assert torch.equal(pf.ops.gate_keep(p_logit, 3, seed=1, stream=2, mode="hard", backend=backend),
+                       pf.ops.gate_keep(p_logit, 3, seed=1, stream=2, mode="hard", backend="reference"))
+
+
 def test_hard_gate_at_the_boundary_drops():
     """u + p == 1 exactly drops (the authors' 1 - floor(u + p)); one ulp less of p keeps."""
     u = uniforms(1, 16)[0].to(torch.float64)
@@ -548,6 +558,18 @@ def test_branch_combine_values(backend, per_example, with_skip, n_branches, dtyp
     assert rel_err(out, expected_combine(ys, weights, skip)) < TOLERANCE[dtype]
     if layout == "channels_last":
         assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_branch_combine_of_many_16_bit_branches_rounds_once(backend, dtype):
+    """More branches than one launch takes (triton: 4): the running sum stays in float32 between
+    launches (it was rounded to the data dtype: bf16 256 + 0.5 - 256 gave 0, float16 4 x 30000 gave inf)."""
+    values, weights = ([256.0, 0.5, 0.0, 0.0, -256.0], [1.0] * 5) if dtype == torch.bfloat16 else \
+        ([30000.0] * 4 + [-30000.0] + [1.0] * 4, [1.0] * 4 + [4.0] + [0.25] * 4)
+    ys = [torch.full((3, 5), v, dtype=dtype) for v in values]
+    got = pf.ops.branch_combine(ys, torch.tensor(weights), backend=backend)
+    want = pf.ops.branch_combine(ys, torch.tensor(weights), backend="reference")
+    assert torch.isfinite(want).all() and torch.equal(got, want)
 
 
 def test_branch_combine_forward_ignores_backward_weights(backend):

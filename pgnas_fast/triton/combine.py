@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .philox import EXACT
+
 MAX_BRANCHES = 4
 
 
@@ -134,12 +136,14 @@ def branch_combine(ys, weights, skip):
     block_b, block_r = _blocks(B, R, out.device)
     weights = weights.contiguous()
     compute_f64 = torch.float64 in (ys[0].dtype, weights.dtype) or (skip is not None and skip.dtype == torch.float64)
+    if len(ys) > MAX_BRANCHES:  # several launches: the running sum in the compute dtype, rounded once at the end
+        out = torch.empty_like(out, dtype=torch.float64 if compute_f64 else torch.float32)
     for base, count in _groups(len(ys)):
         _combine_kernel[(triton.cdiv(R, block_r), triton.cdiv(B, block_b))](
             *_padded(ys_w, base, count), weights, skip_w, out, R, B, len(ys), base,
             N_BRANCH=count, PER_EXAMPLE=weights.dim() == 2, HAS_SKIP=skip is not None and base == 0,
-            ACCUMULATE=base > 0, COMPUTE_F64=compute_f64, BLOCK_B=block_b, BLOCK_R=block_r)
-    return out if out.stride() == final.stride() else final.copy_(out)
+            ACCUMULATE=base > 0, COMPUTE_F64=compute_f64, BLOCK_B=block_b, BLOCK_R=block_r, **EXACT)
+    return out if out.stride() == final.stride() and out.dtype == final.dtype else final.copy_(out)
 
 
 def branch_combine_backward(grad, ys, weights, backward_weights):
@@ -166,7 +170,8 @@ def branch_combine_backward(grad, ys, weights, backward_weights):
             g_w, *_padded(ys_w, base, count), *_padded(d_w, base, count),
             weights if want_weight_grad else backward_weights, partial, R, B, n, base,
             N_BRANCH=count, PER_EXAMPLE=weights.dim() == 2, WANT_WEIGHT_GRAD=want_weight_grad,
-            COMPUTE_F64=compute_f64, W_F64=weights.dtype == torch.float64, BLOCK_B=block_b, BLOCK_R=block_r)
+            COMPUTE_F64=compute_f64, W_F64=weights.dtype == torch.float64, BLOCK_B=block_b, BLOCK_R=block_r,
+            **EXACT)
     for d, dw in zip(grad_ys, d_w):
         if dw is not d:
             d.copy_(dw)

@@ -29,7 +29,7 @@ from .gates import (
     _written,
     gate_source,
 )
-from .philox import split_u64
+from .philox import EXACT, split_u64
 
 
 @triton.jit
@@ -105,9 +105,9 @@ def _launch_shape(x: torch.Tensor, xv: torch.Tensor):
     B, C, S = xv.shape
     block_q, block_s = _tiles(B * C if x.device.type != "cuda" else C, S, xv.stride(2), x.device)
     grid, split_rows = _grid(B, C, block_q, x.device)
-    # enable_fp_fusion=False: x * scale + shift rounded twice, as the reference does (a fused
-    # multiply-add can put the ReLU on the other side of 0)
-    return grid, dict(SPLIT_ROWS=split_rows, BLOCK_Q=block_q, BLOCK_S=block_s, enable_fp_fusion=False)
+    # (EXACT: x * scale + shift rounded twice, as the reference does; a fused multiply-add can put
+    # the ReLU on the other side of 0)
+    return grid, dict(SPLIT_ROWS=split_rows, BLOCK_Q=block_q, BLOCK_S=block_s, **EXACT)
 
 
 def affine_relu_gate(x, scale, shift, p_logit, seed, stream, tau, mode, offset):

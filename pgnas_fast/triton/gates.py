@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from ..reference import math_dtype
-from .philox import as_u32, gate_uniform, joined, split_f64, split_u64
+from .philox import EXACT, as_u32, gate_uniform, joined, split_f64, split_u64
 
 MODES = {"relaxed": 0, "hard": 1, "full": 2}
 # new values every step (offset: every rank): never specialise
@@ -52,7 +52,7 @@ def gate_keep_at(i, z, seed_lo, seed_hi, stream_lo, stream_hi, tau_hi, tau_lo,
             u = u.to(tl.float64)
             z = z.to(tl.float64)
         if MODE == 1:  # hard: the authors' 1 - floor(u + p), drop iff u + p >= 1 (z = p here)
-            keep = tl.where(u + z >= 1.0, 0.0, 1.0).to(z.dtype)
+            keep = tl.where(u + z < 1.0, 1.0, 0.0).to(z.dtype)  # (a NaN p drops, as the reference's u + p < 1)
         else:  # relaxed: 1 - sigmoid((z + L) / tau) = sigmoid(-(z + L) / tau), L logistic noise
             tau = joined(tau_hi, tau_lo, z.dtype)
             logistic = tl.log(u) - log1p(-u)
@@ -82,7 +82,7 @@ def _candidate_keep_kernel(drop_ptr, ids_ptr, keep_ptr, n, C, seed_lo, seed_hi, 
     stream_hi = ((candidate >> 16) | (domain << 24)).to(tl.int32)
     u = gate_uniform(c, seed_lo, seed_hi, stream_lo, stream_hi)
     p = tl.load(drop_ptr + c, mask=mask, other=0.0)
-    tl.store(keep_ptr + j, tl.where(u.to(p.dtype) + p >= 1.0, 0.0, 1.0).to(p.dtype), mask=mask)
+    tl.store(keep_ptr + j, tl.where(u.to(p.dtype) + p < 1.0, 1.0, 0.0).to(p.dtype), mask=mask)
 
 
 @triton.jit
@@ -257,7 +257,7 @@ def gate_keep(p_logit, batch, seed, stream, tau, mode, offset):
     block = min(triton.next_power_of_2(n), 1024 if p_logit.device.type == "cuda" else 1 << 15)
     _gate_keep_kernel[(triton.cdiv(n, block),)](
         gate_source(p_logit, mode), keep, n, C, *_rng(seed, stream, offset, tau),
-        MODE=MODES[mode], GATE_F64=p_logit.dtype == torch.float64, BLOCK=block)
+        MODE=MODES[mode], GATE_F64=p_logit.dtype == torch.float64, BLOCK=block, **EXACT)
     return keep
 
 
@@ -271,7 +271,7 @@ def candidate_keep(p_logit, candidates, seed, layer, domain):
     drop_prob = torch.sigmoid(p_logit)
     block = min(triton.next_power_of_2(n), 1024 if p_logit.device.type == "cuda" else 1 << 15)
     _candidate_keep_kernel[(triton.cdiv(n, block),)](drop_prob, candidates, keep, n, C, *split_u64(seed), layer,
-                                                     domain, BLOCK=block)
+                                                     domain, BLOCK=block, **EXACT)
     return keep
 
 
@@ -284,7 +284,7 @@ def _reduce_gate_grad(g, keep, tau, times_keep_derivative, dtype):
     block_b = min(triton.next_power_of_2(B), 32)
     _gate_grad_kernel[(triton.cdiv(C, block_c),)](
         g, keep, out, B, C, *split_f64(tau), TIMES_KEEP_DERIVATIVE=times_keep_derivative,
-        GATE_F64=dtype == torch.float64, BLOCK_B=block_b, BLOCK_C=block_c)
+        GATE_F64=dtype == torch.float64, BLOCK_B=block_b, BLOCK_C=block_c, **EXACT)
     return out
 
 
@@ -307,7 +307,7 @@ def gated_apply(x, p_logit, seed, stream, tau, mode, offset):
         xv, ov, gate_source(p_logit, mode), B * C, C, S, *xv.stride(), *ov.stride(), *_rng(seed, stream, offset, tau),
         MODE=MODES[mode], GATE_F64=p_logit.dtype == torch.float64,
         COMPUTE_F64=_compute_f64(x, p_logit), SPLIT_ROWS=split_rows, BLOCK_Q=block_q,
-        BLOCK_S=block_s)
+        BLOCK_S=block_s, **EXACT)
     return _written(out, ov)
 
 
@@ -328,7 +328,7 @@ def gated_apply_backward(grad, x, p_logit, seed, stream, tau, mode, offset):
         dyv, xv, gv, gate_source(p_logit, mode), partial, B * C, C, S, *dyv.stride(), *xv.stride(), *gv.stride(),
         *_rng(seed, stream, offset, tau), MODE=MODES[mode], GATE_F64=p_logit.dtype == torch.float64,
         COMPUTE_F64=_compute_f64(x, p_logit), SPLIT_ROWS=split_rows, BLOCK_Q=block_q,
-        BLOCK_S=block_s)
+        BLOCK_S=block_s, **EXACT)
     _written(grad_x, gv)
     if not relaxed:
         return grad_x, torch.zeros_like(p_logit)

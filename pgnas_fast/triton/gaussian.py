@@ -30,7 +30,7 @@ import triton.language as tl
 from ..reference import math_dtype, philox
 from . import tables
 from .gates import log1p
-from .philox import U_SCALE, as_u32, philox4x32_10, split_u64, word_uniform
+from .philox import EXACT, U_SCALE, as_u32, philox4x32_10, split_u64, word_uniform
 
 # never specialised; but the dense kernel specialises n (n % 16: masks of whole vectors)
 NOISE_ARGS = ["n", "offset_lo", "offset_hi", "seed_lo", "seed_hi", "stream_lo", "stream_hi"]
@@ -51,7 +51,7 @@ KL_BLOCK_C = 256
 # ---- eps: the Gaussian family's normal (pgnas_fast.reference.philox.normal_quads) -------------------
 # Counter q gives the normals of elements 4q .. 4q + 3: Box-Muller on the word pairs (w0, w1) and (w2, w3)
 # with log, cos and sin as float32 series. Every operation is rounded to nearest in the reference's
-# order: float32 adds and multiplies (kernels launch with enable_fp_fusion=False: no fma contraction),
+# order: float32 adds and multiplies (kernels launch with philox.EXACT: no fma contraction),
 # div_rn and sqrt_rn (Triton's plain / and sqrt are approximate on the GPU).
 @triton.jit
 def _log_f32(u):
@@ -138,7 +138,11 @@ def _noise_at(first_ptr, var_ptr, out_ptr, e, mask, eps, BACKWARD: tl.constexpr,
     a = tl.load(first_ptr + e, mask=mask, other=0.0).to(dtype)
     v = tl.load(var_ptr + e, mask=mask, other=0.0).to(dtype)
     if BACKWARD:
-        out = tl.where(v > 0.0, a * eps.to(dtype) / (2.0 * _std(v, COMPUTE_F64)), 0.0)
+        numerator, denominator = a * eps.to(dtype), 2.0 * _std(v, COMPUTE_F64)
+        if COMPUTE_F64:  # float64 `/` is correctly rounded; float32's is approximate on the GPU
+            out = tl.where(v > 0.0, numerator / denominator, 0.0)
+        else:
+            out = tl.where(v > 0.0, tl.div_rn(numerator, denominator), 0.0)
     else:
         out = a + _std(v, COMPUTE_F64) * eps.to(dtype)
     tl.store(out_ptr + e, out.to(out_ptr.dtype.element_ty), mask=mask)
@@ -266,7 +270,7 @@ def _noise_launch(first: torch.Tensor, second: torch.Tensor, like: torch.Tensor,
     gpu = like.device.type == "cuda"  # the CPU interpreter pays per program: big blocks there
     args = (first_k, second_k, out_k, n)
     rng = (*split_u64(offset), *split_u64(seed), *split_u64(stream))
-    flags = dict(BACKWARD=backward, COMPUTE_F64=like.dtype == torch.float64, enable_fp_fusion=False)
+    flags = dict(BACKWARD=backward, COMPUTE_F64=like.dtype == torch.float64, **EXACT)
     C, S = (like.shape[1], like.shape[2] * like.shape[3]) if channels_last else (1, n)
     if not channels_last:
         block_q = min(triton.next_power_of_2(triton.cdiv(n + 3, 4)), 256 if gpu else 1 << 13)
@@ -327,7 +331,7 @@ def gaussian_kl(log_alphas, weights_per_channel, n_train):
     out = torch.empty((), dtype=dtype, device=device)
     partial = torch.empty(n_blocks, dtype=dtype, device=device)
     _gaussian_kl_kernel[(n_blocks,)](table, blocks, partial, tables.ticket_counter(device), out, n_blocks, alphas[0],
-                                     G_TYPE=_TL_TYPES[dtype], BLOCK_C=KL_BLOCK_C)
+                                     G_TYPE=_TL_TYPES[dtype], BLOCK_C=KL_BLOCK_C, **EXACT)
     return out
 
 
@@ -338,5 +342,5 @@ def gaussian_kl_backward(grad, log_alphas, weights_per_channel, n_train):
     table, blocks = _kl_tables(alphas, weights_per_channel, n_train)
     if blocks.shape[0]:
         _gaussian_kl_backward_kernel[(blocks.shape[0],)](table, blocks, grad.to(dtype), grad_flat, alphas[0],
-                                                         G_TYPE=_TL_TYPES[dtype], BLOCK_C=KL_BLOCK_C)
+                                                         G_TYPE=_TL_TYPES[dtype], BLOCK_C=KL_BLOCK_C, **EXACT)
     return grad_flat

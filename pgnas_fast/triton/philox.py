@@ -21,6 +21,11 @@ U_SCALE: tl.constexpr = tl.constexpr(2.0 ** -24)
 U_MAX: tl.constexpr = tl.constexpr(1.0 - 2.0 ** -24)  # largest float32 below 1 (reference U_MAX)
 
 
+# Launch option of every kernel: no product and sum fused into one rounding (Triton fuses by default on
+# the GPU), so that float math rounds as the reference's torch ops do
+EXACT = {"enable_fp_fusion": False}
+
+
 def split_u64(value: int) -> tuple[int, int]:
     """(lo, hi) 32-bit words of a value in [0, 2^64), each as a signed int32 (same bits)."""
     lo, hi = value & 0xFFFFFFFF, (value >> 32) & 0xFFFFFFFF
@@ -111,5 +116,5 @@ def philox_uniform(n, seed, stream, offset, device):
         return out
     block = min(1024 if device.type == "cuda" else 1 << 16, triton.next_power_of_2(n))
     _philox_uniform_kernel[(triton.cdiv(n, block),)](
-        out, n, *split_u64(offset), *split_u64(seed), *split_u64(stream), BLOCK=block)
+        out, n, *split_u64(offset), *split_u64(seed), *split_u64(stream), BLOCK=block, **EXACT)
     return out

@@ -29,7 +29,7 @@ import triton.language as tl
 from ..reference import common_dtype, math_dtype
 from . import tables
 from .gates import log1p
-from .philox import joined, split_f64
+from .philox import EXACT, joined, split_f64
 
 # w, p_logit addresses; C_in, J, O / G, taps K; the layer's first element / channel in the flat gradients
 LAYER_COLUMNS = tl.constexpr(8)
@@ -197,7 +197,7 @@ def regularizer(weights, p_logits, weight_reg, drop_reg, n_train):
     _regularizer_kernel[(n_blocks,)](
         table, blocks, partial, tables.ticket_counter(device), out, n_blocks, ws[0], ps[0],
         *split_f64(weight_reg / n_train), *split_f64(drop_reg / n_train), G_TYPE=_TL_TYPES[gdtype], BLOCK_C=BLOCK_C,
-        BLOCK_R=BLOCK_R)
+        BLOCK_R=BLOCK_R, **EXACT)
     return out
 
 
@@ -210,5 +210,5 @@ def regularizer_backward(grad, weights, p_logits, weight_reg, drop_reg, n_train)
     _regularizer_backward_kernel[(blocks.shape[0],)](
         table, blocks, n_channel_blocks, grad.to(gdtype), grad_w_flat, grad_p_flat, ws[0], ps[0],
         *split_f64(weight_reg / n_train), *split_f64(drop_reg / n_train), G_TYPE=_TL_TYPES[gdtype], BLOCK_W=BLOCK_W,
-        BLOCK_C=BLOCK_C, BLOCK_R=BLOCK_R)
+        BLOCK_C=BLOCK_C, BLOCK_R=BLOCK_R, **EXACT)
     return grad_w_flat, grad_p_flat

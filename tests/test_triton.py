@@ -571,7 +571,7 @@ def bcs_launch(xv):
 
 def fused_launch(xv):
     """fused._launch_shape's: bcs_launch's, and no fp fusion."""
-    return {**bcs_launch(xv), "enable_fp_fusion": False}
+    return {**bcs_launch(xv), **philox.EXACT}
 
 
 def launch_gated_apply(x, p_dtype, mode, grad_channels_last=None):
@@ -691,7 +691,7 @@ def launch_gaussian_noise(like, channels_last, offset=OFFSET):
     words = (*philox.split_u64(offset), *philox.split_u64(SEED), *philox.split_u64(STREAM))
     C, S = (like.shape[1], like.shape[2] * like.shape[3]) if channels_last else (1, n)
     for backward in (False, True):
-        flags = {"BACKWARD": backward, "COMPUTE_F64": like.dtype == F64, "enable_fp_fusion": False}
+        flags = {"BACKWARD": backward, "COMPUTE_F64": like.dtype == F64, **philox.EXACT}
         if not channels_last:
             compile_for_h100(gaussian._noise_dense_kernel, like, like, like, n, *words, LEAD=offset & 3, BLOCK_Q=256,
                              **flags)

@@ -253,13 +253,17 @@ def resolve(preset: str, overrides: Mapping | None = None) -> dict:
         if key not in SCHEMA:
             raise ConfigError(f"unknown config key {key!r}; known keys: {', '.join(sorted(SCHEMA))}")
         config[key] = copy.deepcopy(value)
-    for key, (types, ok, expected) in SCHEMA.items():
-        value = config[key]
-        wrong_bool = isinstance(value, bool) and bool not in types  # True is an int to Python, not to us
-        if wrong_bool or not isinstance(value, types) or not ok(value):
-            raise ConfigError(f"config key {key!r} must be {expected}, got {value!r}")
+    for key, spec in SCHEMA.items():
+        _check_value(key, config[key], spec)
     _check_dataset_keys(config)
     return {"preset": preset, **config}
+
+
+def _check_value(key: str, value, spec) -> None:
+    types, ok, expected = spec
+    wrong_bool = isinstance(value, bool) and bool not in types  # True is an int to Python, not to us
+    if wrong_bool or not isinstance(value, types) or not ok(value):
+        raise ConfigError(f"config key {key!r} must be {expected}, got {value!r}")
 
 
 def _check_dataset_keys(config: dict) -> None:
@@ -269,9 +273,7 @@ def _check_dataset_keys(config: dict) -> None:
         if key not in allowed:
             raise ConfigError(f"config key 'data_args' of dataset {dataset} takes "
                               f"{', '.join(sorted(allowed)) or 'no keys'}; got {key!r}")
-        types, ok, expected = allowed[key]
-        if isinstance(value, bool) or not isinstance(value, types) or not ok(value):
-            raise ConfigError(f"config key 'data_args.{key}' must be {expected}, got {value!r}")
+        _check_value(f"data_args.{key}", value, allowed[key])
     native = NATIVE_INPUT_SIZE.get(dataset)
     if native is not None and config["input_size"] != native:
         raise ConfigError(f"config key 'input_size' must be {native} for dataset {dataset} (its images are "

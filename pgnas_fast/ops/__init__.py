@@ -69,12 +69,15 @@ def _check_int(name: str, value, low: int, high: int | None = None) -> int:
 def _check_real(name: str, value, *, positive: bool) -> float:
     """A real number (numpy scalars too, not a bool), > 0 (positive) or >= 0, and at most float32's
     largest finite value: the kernels compute with it in float32."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if type(value) is float:  # the usual case, without the ABC check (this runs on every op call)
+        number = value
+    elif isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    try:
-        number = float(value)
-    except OverflowError:  # an int beyond float64
-        number = math.inf
+    else:
+        try:
+            number = float(value)
+        except OverflowError:  # an int beyond float64
+            number = math.inf
     if not ((number > 0 if positive else number >= 0) and number <= FLOAT32_MAX):  # NaN fails both
         raise ValueError(f"{name} must be a finite number {'>' if positive else '>='} 0 and <= {FLOAT32_MAX:.6g} "
                          f"(float32's largest), got {value!r}")

@@ -35,10 +35,11 @@ def stream_id(domain: Domain, major: int, layer: int = 0) -> int:
     if domain not in _DOMAINS:
         raise ValueError(f"domain must be one of {', '.join(d.name for d in Domain)} (pgnas_fast.ops.Domain), "
                          f"got {domain!r}")
-    for name, value in (("major", major), ("layer", layer)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-            raise TypeError(f"stream {name} must be an int, got {type(value).__name__}")
-    major, layer = int(major), int(layer)
+    if not (type(major) is int and type(layer) is int):  # (set_gates calls this per layer per step)
+        for name, value in (("major", major), ("layer", layer)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise TypeError(f"stream {name} must be an int, got {type(value).__name__}")
+        major, layer = int(major), int(layer)
     if not 0 <= major < MAJOR_LIMIT:
         raise ValueError(f"stream major (step or candidate id) must be in [0, 2^40), got {major}")
     if not 0 <= layer < LAYER_LIMIT:

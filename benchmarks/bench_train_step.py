@@ -14,11 +14,12 @@ import time
 from pathlib import Path
 
 import torch
+import torch._dynamo
 import torch.nn.functional as F
 
 import pgnas_fast as pf
 from pgnas_fast import supernets
-from pgnas_fast.nn import network_regularizer, set_gates
+from pgnas_fast.nn import dynamic_streams, network_regularizer, set_gates
 from pgnas_fast.ops.dispatch import resolve
 
 NETWORKS = [  # name, batch, side, classes, tiny knobs for the dry run
@@ -59,14 +60,18 @@ def measure(name, batch, side, classes, knobs, *, device, backend, dtype, compil
         loss.backward()
         optimizer.step()
 
-    with pf.use_backend(backend):
-        for i in range(2):  # warm-up: compilation, autotuning, allocator
+    with pf.use_backend(backend), dynamic_streams():
+        # warm-up: compilation (the second step recompiles once with the steps' stream ids symbolic),
+        # autotuning, allocator
+        for i in range(2):
             step(i)
         _sync(device)
-        start = time.perf_counter()
-        for i in range(steps):
-            step(2 + i)
-        _sync(device)
+        # a compiled row that recompiled while timed would time the compiler: let it fail instead
+        with torch._dynamo.config.patch(error_on_recompile=compiled):
+            start = time.perf_counter()
+            for i in range(steps):
+                step(2 + i)
+            _sync(device)
     return batch * steps / (time.perf_counter() - start)
 
 

@@ -57,3 +57,38 @@ def test_shake_block_with_the_fused_paths_compiles_under_inductor():
     torch.testing.assert_close(gx_c, gx_e, rtol=1e-4, atol=1e-5)
     for compiled, eager in zip(gp_c, gp_e):
         torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("posterior", ["concrete", "gaussian"])
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_a_compiled_training_loop_compiles_twice_under_dynamic_streams(backend, posterior):
+    """set_gates gives the gates and shake-shake new stream ids every step; under dynamic_streams the
+    second step recompiles with them symbolic and the later steps reuse it, with eager's losses."""
+    if not pf.backends()[backend][0]:
+        pytest.skip(pf.backends()[backend][1])
+    from pgnas_fast import supernets
+    from pgnas_fast.nn import dynamic_streams, set_posterior
+
+    torch.manual_seed(0)
+    model = supernets.create("digits-tiny", width=8).train()
+    set_posterior(model, posterior)
+    x = torch.randn(5, 1, 8, 8)
+    y = torch.randint(0, 10, (5,))
+    graphs = []
+
+    def count_graphs(graph_module, example_inputs):  # a dynamo backend that runs the captured graph
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    def loss_fn(x, y):
+        return torch.nn.functional.cross_entropy(model(x), y) + network_regularizer(model, weight_reg=10.0,
+                                                                                   n_train=100.0)
+
+    torch._dynamo.reset()  # no sizes or ints marked dynamic by an earlier test of the same code
+    compiled = torch.compile(loss_fn, backend=count_graphs)
+    with pf.use_backend(backend), dynamic_streams():
+        for step in range(5):
+            set_gates(model, "relaxed", seed=3, step=step)
+            expected = loss_fn(x, y)
+            assert torch.equal(compiled(x, y), expected), step
+            assert len(graphs) == min(step + 1, 2), step

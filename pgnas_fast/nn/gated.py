@@ -316,6 +316,17 @@ def set_gates(model: nn.Module, mode: str, *, seed: int = 0, step: int | None = 
             layer.gate_mask = masks[name].to(layer.weight.device, torch.float32)
 
 
+def dynamic_streams():
+    """Context for torch.compile of a training step: set_gates gives every stochastic module new int
+    stream ids each step, and dynamo treats int attributes of modules as constants, so each step would
+    compile anew. Inside this context the second step recompiles once with the ids symbolic and later
+    steps reuse that graph. Ints of module globals are constants regardless: reach the model through
+    an argument or a closure of the compiled function."""
+    import torch._dynamo  # (not imported by `import torch`)
+
+    return torch._dynamo.config.patch(allow_unspec_int_on_nn_module=True)
+
+
 def network_regularizer(model: nn.Module, *, weight_reg: float, drop_reg: float = 1.0, n_train: float,
                         backend: str | None = None) -> torch.Tensor:
     """The whole network's regulariser, the KL term of its posterior family, in one op call.

@@ -1,5 +1,5 @@
 // branch combination ("mixed-operation forward"): out = sum_s w[b, s] y_s (+ skip) and its backward
-// (design.md "The op set"). Branch pointers travel by value, kMaxBranches per launch.
+// (design.md "The op set"). Branch pointers travel by value, a fixed number per launch.
 #include "common.cuh"
 
 namespace pgnas {
@@ -7,10 +7,16 @@ namespace cuda {
 namespace {
 
 constexpr int kMaxBranches = PGNAS_COMBINE_BRANCHES_PER_LAUNCH;
+// The forward takes more: its launches after the first round the running sum to the data dtype
+// (the backward's chunks are independent), and every preset's block (SupNet-MI: 10) fits one launch.
+constexpr int kMaxForwardBranches = PGNAS_COMBINE_FORWARD_BRANCHES_PER_LAUNCH;
 
-struct Branches {
-  const void* p[kMaxBranches];
+template <int Capacity>
+struct BranchPointers {
+  const void* p[Capacity];
 };
+using Branches = BranchPointers<kMaxBranches>;
+using ForwardBranches = BranchPointers<kMaxForwardBranches>;
 struct MutableBranches {
   void* p[kMaxBranches];
 };
@@ -22,7 +28,7 @@ __device__ __forceinline__ W branch_weight(const W* w, int per_example, int64_t 
 
 // One thread per pack of V elements (V = 1 when not vectorised); a pack never straddles examples.
 template <typename T, typename W, int V>
-__global__ void combine_kernel(T* out, Branches ys, int n, int first, int n_total, const W* __restrict__ w,
+__global__ void combine_kernel(T* out, ForwardBranches ys, int n, int first, int n_total, const W* __restrict__ w,
                                int per_example, const T* skip /* may be `out`: no __restrict__ */, int64_t total,
                                int64_t per_batch) {
   using A = typename AccOf<T, W>::type;
@@ -154,10 +160,10 @@ template <typename T, typename W>
 cudaError_t launch_combine(T* out, const void* const* ys, int n_total, const W* w, int per_example, const T* skip,
                            int64_t batch, int64_t per_batch, cudaStream_t cs) {
   const int64_t total = batch * per_batch;
-  // More than kMaxBranches: later launches accumulate onto `out` (passed as their skip).
-  for (int first = 0; first < n_total; first += kMaxBranches) {
-    const int n = n_total - first < kMaxBranches ? n_total - first : kMaxBranches;
-    Branches br{};
+  // More than kMaxForwardBranches: later launches accumulate onto `out` (passed as their skip).
+  for (int first = 0; first < n_total; first += kMaxForwardBranches) {
+    const int n = n_total - first < kMaxForwardBranches ? n_total - first : kMaxForwardBranches;
+    ForwardBranches br{};
     for (int s = 0; s < n; ++s) br.p[s] = ys[first + s];
     const T* base = first == 0 ? skip : out;
     if (packable<T>(per_batch, ys + first, n, out, base)) {

@@ -87,8 +87,10 @@ cudaError_t pgnas_branch_combine(void* out, const void* const* ys, int32_t n_bra
                                  const void* weights, pgnas_dtype weight_dtype, int32_t per_example, const void* skip,
                                  int64_t batch, int64_t per_batch, cudaStream_t cuda_stream);
 
-/* Branches one branch_combine backward launch takes (more: one launch per this many), and the most
- * blocks one launch spreads over the examples beyond one per example. */
+/* Branches one branch_combine forward and one backward launch take (more: one launch per this many;
+ * the forward's later launches add onto the data-dtype output), and the most blocks one backward
+ * launch spreads over the examples beyond one per example. */
+#define PGNAS_COMBINE_FORWARD_BRANCHES_PER_LAUNCH 16
 #define PGNAS_COMBINE_BRANCHES_PER_LAUNCH 8
 #define PGNAS_COMBINE_FILL_BLOCKS 4096
 /* Doubles of pgnas_branch_combine_backward's `partials` for `batch` examples and n_branches: one per

@@ -521,7 +521,7 @@ def test_cuda_gate_offset_matches_reference(memory_format):
 
 @gpu
 @pytest.mark.parametrize("per_example", [True, False])
-@pytest.mark.parametrize("n_branches", [1, 3, 9])
+@pytest.mark.parametrize("n_branches", [1, 3, 9, 10, 17])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_cuda_branch_combine_matches_reference(per_example, n_branches, dtype):
     _needs_cuda_backend()
@@ -539,6 +539,23 @@ def test_cuda_branch_combine_matches_reference(per_example, n_branches, dtype):
     tol = TOLERANCE[dtype] if dtype != torch.float64 else 1e-5
     for ours, ref in zip(results["cuda"], results["reference"]):
         assert rel_err(ours, ref) < tol
+
+
+@gpu
+@pytest.mark.parametrize("n_branches", [10, 16])
+def test_cuda_branch_combine_of_a_supnet_mi_block_rounds_bfloat16_once(n_branches):
+    """Up to 16 branches (SupNet-MI's blocks: 10) the forward is one launch: the bfloat16 output is the
+    float32 sum skip + w_0 y_0 + w_1 y_1 + ..., each operation rounded to float32 (no FMA), rounded once."""
+    _needs_cuda_backend()
+    gen = torch.Generator().manual_seed(5)
+    ys = [torch.randn(3, 4, 5, 6, generator=gen).to(torch.bfloat16) for _ in range(n_branches)]
+    skip = torch.randn(3, 4, 5, 6, generator=gen).to(torch.bfloat16)
+    w = torch.rand(3, n_branches, generator=gen)
+    expected = skip.float()
+    for s, y in enumerate(ys):
+        expected = expected + w[:, s].view(3, 1, 1, 1) * y.float()
+    out = pf.ops.branch_combine([y.cuda() for y in ys], w.cuda(), skip=skip.cuda(), backend="cuda")
+    assert torch.equal(out.cpu(), expected.to(torch.bfloat16))
 
 
 @gpu

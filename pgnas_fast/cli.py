@@ -301,11 +301,17 @@ def _study(args) -> int:
 
 def _export(args) -> int:
     from .search.export import export_candidate
+    from .search.run import SEARCH_ONLY_FILES
 
     device = _resolve_device(args.device)
-    if Path(args.out).resolve() == Path(args.run_dir).resolve():
+    out = Path(args.out)
+    if out.resolve() == Path(args.run_dir).resolve():
         raise UsageError("--out must not be the run directory: the export's architecture.json would replace the "
                          "search's")
+    held = [name for name in SEARCH_ONLY_FILES if (out / name).exists()]
+    if held:  # (an earlier export's directory is fine: the new export replaces it)
+        raise UsageError(f"--out {args.out!r} holds a search run ({held[0]}): the export's config.json and "
+                         f"architecture.json would replace the run's; export to a directory of its own")
     created = _prepare_out(Path(args.out))
     try:
         s = export_candidate(args.run_dir, args.out, candidate=args.candidate, device=str(device),

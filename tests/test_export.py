@@ -4,6 +4,7 @@ reproduces the reported test accuracy."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -238,6 +239,19 @@ def test_export_and_evaluate_bad_input(capsys, searched, tmp_path, argv, message
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
     assert not (tmp_path / "out").exists(), "nothing is left behind"
+
+
+def test_export_into_another_run_directory_is_refused(capsys, searched, tmp_path):
+    other = tmp_path / "other-run"
+    shutil.copytree(searched, other)
+    before = {name: (other / name).read_bytes() for name in ("config.json", "architecture.json")}
+    assert main(["export", str(searched), "--candidate", "7", "--out", str(other)]) == 2
+    assert "holds a search run (checkpoint.pt)" in capsys.readouterr().err
+    assert {name: (other / name).read_bytes() for name in before} == before
+    # an earlier export's directory takes a new export
+    assert main(["export", str(searched), "--candidate", "7", "--out", str(tmp_path / "export")]) == 0
+    assert main(["export", str(searched), "--candidate", "8", "--out", str(tmp_path / "export")]) == 0
+    assert json.loads((tmp_path / "export" / "architecture.json").read_text())["candidate"] == 8
 
 
 def test_export_into_the_run_directory_leaves_the_search_s_architecture(capsys, searched):

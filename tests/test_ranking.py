@@ -534,3 +534,38 @@ def test_random_baseline_drops_at_the_learned_mean_rate(untrained):
     assert mean_p == pytest.approx(0.2)
     for name, layer in gated_layers(untrained):
         assert torch.sigmoid(z[name]).tolist() == pytest.approx([mean_p] * layer.gate_channels)
+
+
+class RecordingBar:
+    """tqdm's part that rank uses, recorded."""
+
+    def __init__(self, total, **kwargs):
+        self.total, self.n, self.closed = total, 0, False
+        BARS.append(self)
+
+    def update(self, k):
+        assert k >= 0
+        self.n += k
+
+    def close(self):
+        self.closed = True
+
+
+BARS: list[RecordingBar] = []
+
+
+def test_the_progress_bar_ends_full_under_racing_and_sharding(monkeypatch):
+    """The bar's total is every round's survivors (9 + 3 + 1 at eta 3), and a rank's bar counts the
+    other ranks' evaluations too, so every bar ends at its total."""
+    from pgnas_fast.search import rank as rank_module
+
+    monkeypatch.setattr(rank_module, "tqdm", RecordingBar)
+    BARS.clear()
+    rank(FixedScorer(90), range(9), **{**RACING, "progress": True})
+    assert (BARS[-1].total, BARS[-1].n, BARS[-1].closed) == (13, 13, True)
+
+    def other_rank_too(rows):  # rank 1 of 2 scored the odd ids
+        return rows + [{**row, "id": row["id"] + 1} for row in rows if row["id"] + 1 < 10]
+
+    rank(FixedScorer(90), range(10), shard=(0, 2), gather=other_rank_too, progress=True)
+    assert (BARS[-1].total, BARS[-1].n) == (10, 10)

@@ -215,9 +215,13 @@ def rank(scorer: CandidateScorer, candidates: Sequence[int], *, strategy: str = 
     images = {c: 0 for c in candidates}
     survivors, start = list(candidates), 0
     ends = _shares(strategy, scorer.size, len(candidates), eta, first_share)
-    total = sum(len(candidates) for _ in ends)  # an upper bound for the bar
-    bar = tqdm(total=total, desc=desc, unit="cand", disable=not progress, dynamic_ncols=True)
+    round_sizes = [len(candidates)]
+    for _ in ends[1:]:
+        round_sizes.append(math.ceil(round_sizes[-1] / eta))
+    # the bar counts every rank's evaluations: its own as they finish, the others' at each round's end
+    bar = tqdm(total=sum(round_sizes), desc=desc, unit="cand", disable=not progress, dynamic_ncols=True)
     for round_index, end in enumerate(ends):
+        round_start = bar.n
         todo = [c for c in survivors if (round_index, c) not in done]
         mine = todo[rank_id::world]
         finished = [done[(round_index, c)] for c in survivors if (round_index, c) in done]
@@ -233,6 +237,7 @@ def rank(scorer: CandidateScorer, candidates: Sequence[int], *, strategy: str = 
         if gather is not None:
             # every rank read every rank's log on resume: keep one row per (round, candidate)
             finished = list({(row["round"], row["id"]): row for row in gather(finished)}.values())
+            bar.update(round_start + len(survivors) - bar.n)
         for row in finished:
             correct[row["id"]] += row["correct"]
             images[row["id"]] = row["end"]

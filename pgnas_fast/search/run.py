@@ -46,6 +46,7 @@ from .train import make_optimizer, train_posterior
 
 RUN_FILES = ("config.json", "checkpoint.pt", "checkpoint-best.pt", "train_log.jsonl", "candidates.jsonl",
              "random_candidates.jsonl", "architecture.json", "summary.json", "report.md", *FIGURES)
+SEARCH_ONLY_FILES = ("checkpoint.pt", "train_log.jsonl", "summary.json")  # a run's, never an export's
 
 
 # --smoke: the whole pipeline on a handful of batches, to check data and config before a long run

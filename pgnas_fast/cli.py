@@ -203,6 +203,7 @@ def _search(args) -> int:
     from . import configs
     from .ops import BackendUnavailableError, dispatch
     from .search import run_search
+    from .search.report import ranking_rate
 
     overrides = configs.load_overrides(args.config) if args.config else {}
     overrides.update(configs.parse_assignment(text) for text in args.assignments)
@@ -247,7 +248,7 @@ def _search(args) -> int:
         line += f"\n    (means over the first {s['mean_heldout_images']} held-out images, which every candidate saw)"
     print(line)
     print(f"  time: training {s['train_seconds']:.1f} s, ranking {s['rank_seconds']:.1f} s ({s['candidates']} guided "
-          f"+ {s['random_candidates']} random: {s['candidates_per_second']:.1f} candidates/s)")
+          f"+ {s['random_candidates']} random: {ranking_rate(s)})")
     print(f"run directory: {result.out_dir}")
     return 0
 
@@ -273,7 +274,9 @@ def _rank(args) -> int:
         print(f"best candidate: {best['id']} of {summary['candidates']}, held-out accuracy {_percent(best['score'])} "
               f"on {best['images']} images (keeps {_percent(best['kept_fraction'])} of the gated input channels)")
         print(f"  {summary['strategy']} with the {summary['evaluator']} evaluator: "
-              f"{summary['images_evaluated']} candidate-images evaluated")
+              f"{summary['images_evaluated']} candidate-images evaluated"
+              + (f" ({summary['resumed_evaluations']} of the evaluations before this --resume)"
+                 if summary["resumed_evaluations"] else ""))
         print(f"results: {Path(args.run_dir) / ('rank-' + args.tag)}")
     return 0
 

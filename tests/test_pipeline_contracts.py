@@ -38,6 +38,7 @@ def test_summary_numbers_are_what_they_name(run):
     assert summary["guided_mean_kept_fraction"] == pytest.approx(statistics.fmean(r["kept_fraction"] for r in rows))
     # throughput counts both kinds of candidate
     assert summary["candidates_per_second"] * summary["rank_seconds"] == pytest.approx(len(rows) + len(random_rows))
+    assert summary["resumed_evaluations"] == 0
 
 
 def test_table_3_means_under_racing_are_over_the_images_every_candidate_saw(tmp_path):
@@ -74,11 +75,16 @@ def test_the_best_checkpoint_is_written_before_the_epoch_s(tmp_path, monkeypatch
 def test_resume_before_the_first_checkpoint_keeps_the_data_directory(tmp_path):
     """A run killed in its first epoch has data.json and no checkpoint: the resumed run reads the data
     directory from it and keeps it for the run's readers (rank, study, export)."""
+    from data_fixtures import write_cifar10
+
     data, out = tmp_path / "data", tmp_path / "run"
-    data.mkdir()
-    run_search(small_config(epochs=1), seed=3, out_dir=out, progress=False, data_dir=data)
+    write_cifar10(data)
+    config = configs.resolve("cifar10-supnet-m", {"batch_size": 4, "eval_batch_size": 4, "workers": 0,
+                                                  "threads": 1, "heldout_size": 20, "candidates": 2,
+                                                  "random_baseline": 0})
+    run_search(config, seed=3, out_dir=out, progress=False, data_dir=data, smoke=True)
     (out / "checkpoint.pt").unlink()
-    run_search(small_config(epochs=1), seed=3, out_dir=out, progress=False, resume=True)
+    run_search(config, seed=3, out_dir=out, progress=False, resume=True, smoke=True)
     assert json.loads((out / "data.json").read_text()) == {"data_dir": str(data.resolve())}
 
 

@@ -237,6 +237,14 @@ def test_rank_command_bad_input(capsys, run_dir, argv, message):
     assert code == 2 and message in captured.err and captured.err.count("\n") == 1
 
 
+def test_rank_resume_says_how_much_was_done_before(capsys, run_dir):
+    code, captured = _rank_cli(capsys, run_dir, "--candidates", 30, "--strategy", "exhaustive", "--tag", "again")
+    assert code == 0 and "before this --resume" not in captured.out
+    code, captured = _rank_cli(capsys, run_dir, "--candidates", 30, "--strategy", "exhaustive", "--tag", "again",
+                               "--resume")
+    assert code == 0 and "9000 candidate-images evaluated (30 of the evaluations before this --resume)" in captured.out
+
+
 def test_rank_resume_refuses_other_settings(capsys, run_dir):
     """A ranking resumes only with the settings it started with: other rounds would mix scores (the
     progress rows of eta 4 read as eta 2's gave accuracies over 100%); the evaluator may change."""
@@ -434,6 +442,22 @@ def test_study_writes_report_and_figures(capsys, run_dir):
     assert result["racing"]["winner_exhaustive_rank"] >= 1
     text = (out / "study.md").read_text()
     assert "Guided vs random" in text and "![guided vs random](guided_vs_random.png)" in text
+
+
+def test_study_of_one_candidate_writes_strict_json(capsys, run_dir):
+    """One survivor: Kendall's tau is undefined, written as null (NaN is not JSON) and said in words."""
+    import json
+
+    from pgnas_fast.cli import main
+
+    assert main(["study", str(run_dir), "--candidates", "1", "--tag", "one", "--quiet"]) == 0
+
+    def refuse(constant):
+        raise AssertionError(f"{constant} in study.json")
+
+    result = json.loads((run_dir / "study-one" / "study.json").read_text(), parse_constant=refuse)
+    assert result["racing"]["kendall_tau_survivors"] is None
+    assert "first-round survivors: undefined" in (run_dir / "study-one" / "study.md").read_text()
 
 
 # ---- selection rules and the sharded-resume paths, on a scorer that runs no model -----------------------

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import statistics
 
 import pytest
@@ -177,10 +178,48 @@ def test_resume_during_ranking_scores_nothing_twice(finished_run, tmp_path, monk
 
 
 def test_resume_refuses_another_config(finished_run, tmp_path):
+    """...and says which setting changed."""
     out, _ = finished_run
     (tmp_path / "checkpoint.pt").write_bytes((out / "checkpoint.pt").read_bytes())
-    with pytest.raises(RunError, match="another config or seed"):
+    with pytest.raises(RunError, match=r"another config or seed: lr 0\.05 \(now 0\.01\)\. Resume"):
         run_search(small_config(lr=0.01), seed=3, out_dir=tmp_path, resume=True, progress=False)
+    with pytest.raises(RunError, match=r"another config or seed: seed 3 \(now 4\)\. Resume"):
+        run_search(small_config(), seed=4, out_dir=tmp_path, resume=True, progress=False)
+
+
+def test_resume_refuses_another_number_of_processes(finished_run, tmp_path):
+    out, _ = finished_run
+    state = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert state["world_size"] == 1
+    torch.save({**state, "world_size": 2}, tmp_path / "checkpoint.pt")
+    with pytest.raises(RunError, match=r"trained by 2 process\(es\), this resume runs 1.*--nproc_per_node 2"):
+        run_search(small_config(), seed=3, out_dir=tmp_path, resume=True, progress=False)
+
+
+def test_resume_with_nothing_to_resume_says_so(tmp_path, capsys):
+    run_search(small_config(candidates=2, random_baseline=0), seed=3, out_dir=tmp_path / "new", resume=True,
+               progress=False)
+    assert "nothing to resume in" in capsys.readouterr().err
+    assert (tmp_path / "new" / "architecture.json").is_file()
+
+
+def test_a_resumed_search_reports_no_rate_for_work_it_did_not_time(finished_run, tmp_path):
+    """Resuming a finished search ranks nothing: its summary says the progress logs held every
+    evaluation instead of a candidates/s of this process."""
+    out, result = finished_run
+    summary = result.summary
+    shutil.copytree(out, tmp_path / "run")
+    resumed = run_search(small_config(), seed=3, out_dir=tmp_path / "run", resume=True, progress=False).summary
+    assert summary["resumed_evaluations"] == 0 and summary["candidates_per_second"] > 0
+    assert resumed["candidates_per_second"] is None
+    assert resumed["resumed_evaluations"] == summary["candidates"] + summary["random_candidates"]  # exhaustive
+    assert "resumed: " in (tmp_path / "run" / "report.md").read_text()
+
+
+def test_digits_refuses_a_data_dir(tmp_path):
+    with pytest.raises(RunError, match="digits data set is embedded.*leave --data-dir out"):
+        run_search(small_config(), seed=3, out_dir=tmp_path / "run", data_dir=tmp_path, progress=False)
+    assert not (tmp_path / "run").exists()
 
 
 def test_fresh_run_replaces_an_old_run_whole(finished_run, tmp_path):

@@ -12,6 +12,7 @@ with its own rows' (`sync_bn` makes them global on CUDA).
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -67,6 +68,11 @@ class Parallel:
         if sync_bn:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # converts in place below the root
         device_ids = [device] if device.type == "cuda" else None
+        # A weight with a size-1 dimension (the digits stem's 1 input channel) gets gradients whose
+        # stride there differs from the parameter's, the same memory layout: DDP warns of a slow copy
+        # into its bucket that costs nothing at that size
+        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides",
+                                category=UserWarning)
         return nn.parallel.DistributedDataParallel(model, device_ids=device_ids,
                                                    find_unused_parameters=unused_parameters)
 

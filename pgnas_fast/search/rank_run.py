@@ -63,15 +63,17 @@ def rank_run(run_dir: str | Path, *, candidates: int, strategy: str = "racing", 
         scorer = CandidateScorer(model, images, labels, seed=seed, evaluator=evaluator,
                                  batch_size=feed.eval_batch_size, rows_per_pass=config["rank_rows"],
                                  prepare=feed.prepare_eval, load_model=load_model, recalibration_images=recalibration)
+        log = ProgressLog(out, rank_id)
+        resumed = len(log.load())  # evaluations done before this resume
         rows = rank(scorer, range(candidates), strategy=strategy, eta=eta, first_share=first_share,
-                    log=ProgressLog(out, rank_id),
+                    log=log,
                     shard=(rank_id, world), gather=parallel.all_gather if world > 1 else None,
                     progress=progress and rank_id == 0)
         best = best_candidate(rows)
         finalists = sorted((r for r in rows if r["images"] == best["images"]),
                            key=lambda r: (-r["score"], r["kept_fraction"], r["id"]))[:top]
         summary = {"run_dir": str(run_dir), "tag": tag, **settings, "evaluator": evaluator, "best": best,
-                   "images_evaluated": sum(r["images"] for r in rows),
+                   "images_evaluated": sum(r["images"] for r in rows), "resumed_evaluations": resumed,
                    "world_size": world}
         if rank_id == 0:
             write_jsonl(out / "candidates.jsonl", rows)

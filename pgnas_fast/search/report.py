@@ -92,6 +92,13 @@ def _pct(x: float) -> str:
     return f"{100 * x:.2f}%"
 
 
+def ranking_rate(summary: dict) -> str:
+    """A search's ranking speed, or, after a resume, how much of the ranking the progress logs held."""
+    if summary.get("candidates_per_second") is None:
+        return f"resumed: {summary['resumed_evaluations']} evaluations from the progress logs"
+    return f"{summary['candidates_per_second']:.1f} candidates/s"
+
+
 def write_report(run_dir: str | Path) -> Path:
     """report.md and its figures for a finished run directory."""
     run_dir = Path(run_dir)
@@ -115,7 +122,7 @@ def write_report(run_dir: str | Path) -> Path:
         f"| data | {s['data']['train']} training, {s['data']['heldout']} held-out, {s['data']['test']} test images |",
         f"| posterior training | {config['epochs']} epochs, {s['train_seconds']:.1f} s |",
         f"| ranking | {s['candidates']} guided ({config['ranking']}) + {s['random_candidates']} random candidates, "
-        f"{s['rank_seconds']:.1f} s ({s['candidates_per_second']:.1f} candidates/s) |",
+        f"{s['rank_seconds']:.1f} s ({ranking_rate(s)}) |",
         f"| chosen candidate | {arch['candidate']}, keeps {_pct(arch['kept_fraction'])} of the gated input channels |",
         f"| held-out accuracy | {_pct(arch['score'])} |",
         f"| test accuracy | {_pct(arch['test_accuracy'])} (no fine-tuning) |",

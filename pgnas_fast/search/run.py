@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import shutil
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -255,6 +256,23 @@ def run_search(config: dict, *, seed: int, out_dir: str | Path, device: str = "c
             leave()
 
 
+def _check_resumable(checkpoint_path: Path, state: dict, run_config: dict, world: int) -> None:
+    """A search resumes only as the run it started as: same config and seed, and as many processes
+    (BatchNorm's batch statistics are each process's own, so the steps would differ)."""
+    started = state["run_config"]
+    if started != run_config:
+        before, now = {**started["config"], "seed": started["seed"]}, {**run_config["config"], "seed": run_config["seed"]}
+        changed = [f"{key} {before.get(key)!r} (now {now.get(key)!r})" for key in sorted({*before, *now})
+                   if before.get(key) != now.get(key)]
+        raise RunError(f"{checkpoint_path} was written by another config or seed: {'; '.join(changed)}. Resume "
+                       "with the same ones")
+    trained_by = state.get("world_size", world)  # (checkpoints older than this check hold none)
+    if trained_by != world:
+        raise RunError(f"{checkpoint_path} was trained by {trained_by} process(es), this resume runs {world}: "
+                       f"resume with as many (torchrun --nproc_per_node {trained_by}, or no torchrun for 1), since "
+                       "each process's BatchNorm normalises with its own rows' statistics")
+
+
 def _run_search(config: dict, *, seed: int, out_dir: Path, device: torch.device, resume: bool, progress: bool,
                 data_dir: str | Path | None, smoke: bool, parallel: Parallel) -> SearchResult:
     main = parallel.is_main
@@ -263,6 +281,9 @@ def _run_search(config: dict, *, seed: int, out_dir: Path, device: torch.device,
     if smoke:
         config = {**config, "epochs": 1, "candidates": min(config["candidates"], SMOKE_CANDIDATES),
                   "random_baseline": min(config["random_baseline"], SMOKE_CANDIDATES)}
+    if data_dir is not None and config["dataset"] == "digits":
+        raise RunError(f"data_dir {str(data_dir)!r} is given, but the digits data set is embedded in the package and "
+                       "reads no directory: leave --data-dir out")
     if resume:  # the run's own data directory (data.json), unless given again; kept for the readers of the run
         data_dir = data_dir_of(out_dir, data_dir)
     data = load_data(config, data_dir)
@@ -279,11 +300,12 @@ def _run_search(config: dict, *, seed: int, out_dir: Path, device: torch.device,
     parallel.barrier()  # the directory exists before any rank looks into it
     checkpoint_path = out_dir / "checkpoint.pt"
     start_epoch, train_log = 0, []
+    if resume and not checkpoint_path.exists() and main:
+        print(f"nothing to resume in {str(out_dir)!r} (no checkpoint.pt yet): a new run starts", file=sys.stderr)
     if resume and checkpoint_path.exists():
         state = load_checkpoint(checkpoint_path)
         _check_posterior(checkpoint_path, state, config)
-        if state["run_config"] != run_config:
-            raise RunError(f"{checkpoint_path} was written by another config or seed; resume needs the same ones")
+        _check_resumable(checkpoint_path, state, run_config, parallel.world)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start_epoch = state["epoch"]
@@ -308,7 +330,7 @@ def _run_search(config: dict, *, seed: int, out_dir: Path, device: torch.device,
             return
         train_log.append(stats)
         write_jsonl(out_dir / "train_log.jsonl", train_log)
-        state = {"run_config": run_config, "epoch": epoch, "model": model.state_dict(),
+        state = {"run_config": run_config, "world_size": parallel.world, "epoch": epoch, "model": model.state_dict(),
                  "optimizer": optimizer.state_dict(), "loss": stats["loss"]}
         # best = lowest training objective (mean CE + R, what the posterior minimises); no held-out
         # data is spent on choosing it, the held-out split stays for ranking. Written first: checkpoint.pt
@@ -328,6 +350,8 @@ def _run_search(config: dict, *, seed: int, out_dir: Path, device: torch.device,
     trained = time.perf_counter()
 
     evaluation_layout(model, config)
+    # evaluations a resumed search finds done in its progress logs (not timed by this process)
+    resumed = sum(len(ProgressLog(out_dir / name).load()) for name in SEARCH_RANKINGS.values())
     rows = rank_search_candidates(model, feed, config, seed=seed, progress=progress,
                                   log_dir=out_dir / SEARCH_RANKINGS["guided"], parallel=parallel)
     random_rows = []
@@ -375,8 +399,10 @@ def _run_search(config: dict, *, seed: int, out_dir: Path, device: torch.device,
         "data": feed.sizes(),
         # every epoch's, those before a --resume included (this process alone trained since `started`)
         "train_seconds": sum(row.get("seconds", 0.0) for row in train_log) or trained - started,
-        "rank_seconds": ranked - trained,
-        "candidates_per_second": (len(rows) + len(random_rows)) / max(ranked - trained, 1e-9),  # both kinds
+        "rank_seconds": ranked - trained,  # this process's (a resumed search's ranking did part of the work before)
+        "resumed_evaluations": resumed,
+        # both kinds; a rate only when this process ranked them all
+        "candidates_per_second": None if resumed else (len(rows) + len(random_rows)) / max(ranked - trained, 1e-9),
         "params_supernet": count_parameters(model),
         "params_subnet": count_parameters(materialize(model, masks)),
         "world_size": parallel.world,

@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import math
 import statistics
 from pathlib import Path
 
@@ -19,6 +20,10 @@ from ..ops.streams import Domain
 from .io import write_json
 from .rank import CandidateScorer, accuracy, best_candidate, rank, uniform_drop_logits
 from .run import load_run
+
+
+def _none_if_nan(value: float) -> float | None:
+    return None if math.isnan(value) else value
 
 
 def kendall_tau(xs: list[float], ys: list[float]) -> float:
@@ -155,8 +160,9 @@ def run_study(run_dir: str | Path, *, candidates: int = 1000, tag: str = "defaul
                    "winner_exhaustive_rank": score_rank(guided, winner["id"]),
                    "images": sum(r["images"] for r in racing), "exhaustive_images": sum(r["images"] for r in guided),
                    "survivors": len(survivors),
-                   "kendall_tau_survivors": kendall_tau([r["score"] for r in survivors],
-                                                        [exhaustive[r["id"]] for r in survivors])},
+                   # None (JSON null) where tau is undefined: one survivor, or every score tied
+                   "kendall_tau_survivors": _none_if_nan(kendall_tau([r["score"] for r in survivors],
+                                                                     [exhaustive[r["id"]] for r in survivors]))},
     }
     result["plots"] = _plots(out, guided, random, curve, racing, exhaustive)
     write_json(out / "study.json", result)
@@ -203,7 +209,9 @@ def report_markdown(s: dict) -> str:
         f"exhaustive score ranks {race['winner_exhaustive_rank']} (ties share a rank). Racing read "
         f"{race['images']} candidate-images, exhaustive {race['exhaustive_images']} "
         f"({race['exhaustive_images'] / race['images']:.1f}x more). Kendall's tau between the racing and "
-        f"exhaustive scores of the {race['survivors']} first-round survivors: {race['kendall_tau_survivors']:.3f}.",
+        f"exhaustive scores of the {race['survivors']} first-round survivors: "
+        + ("undefined (one survivor, or every score tied)." if race["kendall_tau_survivors"] is None
+           else f"{race['kendall_tau_survivors']:.3f}."),
         "",
         "![racing vs exhaustive](racing_vs_exhaustive.png)",
         "",

@@ -8,7 +8,7 @@ namespace {
 
 constexpr int kMaxBranches = PGNAS_COMBINE_BRANCHES_PER_LAUNCH;
 // The forward takes more: its launches after the first round the running sum to the data dtype
-// (the backward's chunks are independent), and every preset's block (SupNet-MI: 10) fits one launch.
+// (the backward's chunks are independent), so up to 16 branches round once, as the reference does.
 constexpr int kMaxForwardBranches = PGNAS_COMBINE_FORWARD_BRANCHES_PER_LAUNCH;
 
 template <int Capacity>

@@ -543,9 +543,9 @@ def test_cuda_branch_combine_matches_reference(per_example, n_branches, dtype):
 
 @gpu
 @pytest.mark.parametrize("n_branches", [10, 16])
-def test_cuda_branch_combine_of_a_supnet_mi_block_rounds_bfloat16_once(n_branches):
-    """Up to 16 branches (SupNet-MI's blocks: 10) the forward is one launch: the bfloat16 output is the
-    float32 sum skip + w_0 y_0 + w_1 y_1 + ..., each operation rounded to float32 (no FMA), rounded once."""
+def test_cuda_branch_combine_of_up_to_16_branches_rounds_bfloat16_once(n_branches):
+    """Up to 16 branches the forward is one launch: the bfloat16 output is the float32 sum
+    skip + w_0 y_0 + w_1 y_1 + ..., each operation rounded to float32 (no FMA), rounded once."""
     _needs_cuda_backend()
     gen = torch.Generator().manual_seed(5)
     ys = [torch.randn(3, 4, 5, 6, generator=gen).to(torch.bfloat16) for _ in range(n_branches)]

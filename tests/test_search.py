@@ -191,9 +191,14 @@ def test_resume_refuses_another_number_of_processes(finished_run, tmp_path):
     out, _ = finished_run
     state = torch.load(out / "checkpoint.pt", weights_only=False)
     assert state["world_size"] == 1
-    torch.save({**state, "world_size": 2}, tmp_path / "checkpoint.pt")
-    with pytest.raises(RunError, match=r"trained by 2 process\(es\), this resume runs 1.*--nproc_per_node 2"):
-        run_search(small_config(), seed=3, out_dir=tmp_path, resume=True, progress=False)
+    shutil.copytree(out, tmp_path / "run")
+    torch.save({**state, "world_size": 2, "epoch": state["epoch"] - 1}, tmp_path / "run" / "checkpoint.pt")
+    with pytest.raises(RunError, match=r"trained by 2 process\(es\), this resume runs 1.*\(WORLD_SIZE 2\)"):
+        run_search(small_config(), seed=3, out_dir=tmp_path / "run", resume=True, progress=False)
+    # with its epochs trained, only ranking is left, whose table is the same at any count
+    torch.save({**state, "world_size": 2}, tmp_path / "run" / "checkpoint.pt")
+    run_search(small_config(), seed=3, out_dir=tmp_path / "run", resume=True, progress=False)
+    same_run_files(tmp_path / "run", out)
 
 
 def test_resume_with_nothing_to_resume_says_so(tmp_path, capsys):

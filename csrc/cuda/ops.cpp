@@ -338,11 +338,9 @@ at::Tensor device_table(const std::vector<Segment>& segs, const at::Device& devi
   TORCH_CHECK(!capturing,
               "no launch table is cached for these tensors, and none can be copied to the device while a CUDA "
               "graph is being captured: run the same call (same tensors) once before the capture");
-  at::Tensor host = at::empty({static_cast<int64_t>(bytes)}, at::TensorOptions().dtype(at::kByte));
+  at::Tensor host = at::empty({static_cast<int64_t>(bytes)}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
   std::memcpy(host.data_ptr(), segs.data(), bytes);
-  // a blocking copy (once per table): later calls may come on other streams, which must not read the
-  // table before it has arrived
-  at::Tensor table = host.to(device, /*non_blocking=*/false);
+  at::Tensor table = host.to(device, /*non_blocking=*/true);  // the caching allocator keeps `host` until copied
   if (cache.size() >= kTableCacheEntries) cache.clear();
   cache.emplace(std::move(key), table);
   return table;

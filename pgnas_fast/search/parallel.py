@@ -11,6 +11,7 @@ with its own rows' (`sync_bn` makes them global on CUDA).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from dataclasses import dataclass
@@ -68,13 +69,21 @@ class Parallel:
         if sync_bn:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # converts in place below the root
         device_ids = [device] if device.type == "cuda" else None
-        # A weight with a size-1 dimension (the digits stem's 1 input channel) gets gradients whose
-        # stride there differs from the parameter's, the same memory layout: DDP warns of a slow copy
-        # into its bucket that costs nothing at that size
-        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides",
-                                category=UserWarning)
         return nn.parallel.DistributedDataParallel(model, device_ids=device_ids,
                                                    find_unused_parameters=unused_parameters)
+
+
+@contextlib.contextmanager
+def stride_hint_off_for_size_one_dims(model: nn.Module):
+    """Around a data-parallel backward: a weight with a size-1 dimension past the first (the digits
+    stem's 1 input channel) gets gradients whose stride there differs from the parameter's, the same
+    memory layout, and DDP warns of a slow copy into its bucket that costs nothing at that size.
+    Other models keep the warning; so does everything outside this block."""
+    with warnings.catch_warnings():
+        if any(p.dim() > 1 and 1 in p.shape[1:] for p in model.parameters()):
+            warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides",
+                                    category=UserWarning)
+        yield
 
 
 SINGLE_PROCESS = Parallel()  # a run not started by torchrun

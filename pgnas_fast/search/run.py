@@ -257,8 +257,9 @@ def run_search(config: dict, *, seed: int, out_dir: str | Path, device: str = "c
 
 
 def _check_resumable(checkpoint_path: Path, state: dict, run_config: dict, world: int) -> None:
-    """A search resumes only as the run it started as: same config and seed, and as many processes
-    (BatchNorm's batch statistics are each process's own, so the steps would differ)."""
+    """A search resumes only as the run it started as: same config and seed, and, while epochs are
+    left to train without sync_bn, as many processes (each normalises with its own rows' BatchNorm
+    statistics, so the steps would differ; ranking gives the same table at any count)."""
     started = state["run_config"]
     if started != run_config:
         before, now = {**started["config"], "seed": started["seed"]}, {**run_config["config"], "seed": run_config["seed"]}
@@ -267,10 +268,11 @@ def _check_resumable(checkpoint_path: Path, state: dict, run_config: dict, world
         raise RunError(f"{checkpoint_path} was written by another config or seed: {'; '.join(changed)}. Resume "
                        "with the same ones")
     trained_by = state.get("world_size", world)  # (checkpoints older than this check hold none)
-    if trained_by != world:
+    config = run_config["config"]
+    if trained_by != world and state["epoch"] < config["epochs"] and not config["sync_bn"]:
         raise RunError(f"{checkpoint_path} was trained by {trained_by} process(es), this resume runs {world}: "
-                       f"resume with as many (torchrun --nproc_per_node {trained_by}, or no torchrun for 1), since "
-                       "each process's BatchNorm normalises with its own rows' statistics")
+                       f"resume with as many (WORLD_SIZE {trained_by}), since each process's BatchNorm normalises "
+                       "with its own rows' statistics")
 
 
 def _run_search(config: dict, *, seed: int, out_dir: Path, device: torch.device, resume: bool, progress: bool,

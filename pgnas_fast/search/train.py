@@ -13,6 +13,7 @@ the concatenated batch (BatchNorm statistics aside).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..nn import gated_layers, network_regularizer, set_gates, set_posterior
-from .parallel import SINGLE_PROCESS, Parallel, shard_loss
+from .parallel import SINGLE_PROCESS, Parallel, shard_loss, stride_hint_off_for_size_one_dims
 
 
 def make_optimizer(model: nn.Module, config: dict) -> torch.optim.Optimizer:
@@ -121,7 +122,8 @@ def train_posterior(model: nn.Module, optimizer: torch.optim.Optimizer, feed, co
                                       n_train=n_train)
             loss = ce + reg
             reg_weight = regularizer_weight(config, step, steps_per_epoch)
-            (shard_loss(ce, len(y), global_rows, parallel.world) + reg_weight * reg).backward()
+            with stride_hint_off_for_size_one_dims(model) if parallel.enabled else contextlib.nullcontext():
+                (shard_loss(ce, len(y), global_rows, parallel.world) + reg_weight * reg).backward()
             if config["grad_clip"] > 0:
                 nn.utils.clip_grad_norm_(model.parameters(), config["grad_clip"])
             optimizer.step()

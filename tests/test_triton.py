@@ -165,6 +165,28 @@ def test_multi_tensor_table_cache_is_bounded(monkeypatch):
     tables.clear()
 
 
+def test_a_training_step_of_per_channel_gates_reuses_the_regularizer_s_tables():
+    """Gates with a group per channel hand the regulariser their parameters themselves, so its launch
+    tables are hit at every later step (a fresh per-channel tensor would miss: a copy per step, and
+    no CUDA graph capture of the step)."""
+    from pgnas_fast.nn import GatedConv2d, GatedLinear, network_regularizer
+
+    tables = importlib.import_module("pgnas_fast.triton.tables")
+    tables.clear()
+    model = torch.nn.Sequential(GatedConv2d(3, 5, 3, gate_groups=1), GatedLinear(4, 2, gate_groups=1)).to(DEVICE)
+    assert model[0].p_logit_per_channel() is model[0].p_logit
+    values = []
+    for _ in range(2):
+        r = network_regularizer(model, weight_reg=2.0, n_train=30.0, backend="triton")
+        r.backward()
+        values.append((r.detach(), *(p.grad.clone() for p in model.parameters() if p.grad is not None)))
+        keys = list(tables._cache)
+        model.zero_grad(set_to_none=True)
+    assert keys and list(tables._cache) == keys  # the second step built no table
+    assert all(torch.equal(a, b) for a, b in zip(*values))
+    tables.clear()
+
+
 def test_no_table_is_copied_to_the_device_during_a_cuda_graph_capture(monkeypatch):
     """A host-to-device copy captured in a graph would re-read a pinned buffer reused since: a table
     not cached yet is refused, clearly, before it is built."""

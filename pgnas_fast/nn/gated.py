@@ -93,6 +93,8 @@ class GatedInput(nn.Module):
 
     def p_logit_per_channel(self) -> torch.Tensor:
         """Drop logits expanded from groups to input channels, [C_in]."""
+        if self.p_logit.shape[0] == self.gate_channels:  # a group per channel: the parameter itself, whose
+            return self.p_logit  # fixed address keeps the multi-tensor ops' cached launch tables valid
         if self.p_logit.shape[0] == 1:  # one group: a broadcast, whose gradient is a plain sum (Inductor's
             return self.p_logit.expand(self.gate_channels)  # CPU codegen fails on index_select's scatter into [1])
         return self.p_logit.index_select(0, self.gate_group_index)

@@ -563,8 +563,8 @@ def test_random_baseline_drops_at_the_learned_mean_rate(untrained):
 class RecordingBar:
     """tqdm's part that rank uses, recorded."""
 
-    def __init__(self, total, **kwargs):
-        self.total, self.n, self.closed = total, 0, False
+    def __init__(self, total, initial=0, **kwargs):
+        self.total, self.n, self.initial, self.closed = total, initial, initial, False
         BARS.append(self)
 
     def update(self, k):
@@ -578,15 +578,18 @@ class RecordingBar:
 BARS: list[RecordingBar] = []
 
 
-def test_the_progress_bar_ends_full_under_racing_and_sharding(monkeypatch):
-    """The bar's total is every round's survivors (9 + 3 + 1 at eta 3), and a rank's bar counts the
-    other ranks' evaluations too, so every bar ends at its total."""
+def test_the_progress_bar_ends_full_under_racing_sharding_and_resume(monkeypatch, tmp_path):
+    """The bar's total is every round's survivors (9 + 3 + 1 at eta 3), a rank's bar counts the other
+    ranks' evaluations too, and rows restored from the logs start it (outside its rate), so every bar
+    ends at its total."""
     from pgnas_fast.search import rank as rank_module
 
     monkeypatch.setattr(rank_module, "tqdm", RecordingBar)
     BARS.clear()
-    rank(FixedScorer(90), range(9), **{**RACING, "progress": True})
-    assert (BARS[-1].total, BARS[-1].n, BARS[-1].closed) == (13, 13, True)
+    rank(FixedScorer(90), range(9), log=ProgressLog(tmp_path), **{**RACING, "progress": True})
+    assert (BARS[-1].total, BARS[-1].n, BARS[-1].initial, BARS[-1].closed) == (13, 13, 0, True)
+    rank(FixedScorer(90), range(9), log=ProgressLog(tmp_path), **{**RACING, "progress": True})  # all restored
+    assert (BARS[-1].total, BARS[-1].n, BARS[-1].initial) == (13, 13, 13)
 
     def other_rank_too(rows):  # rank 1 of 2 scored the odd ids
         return rows + [{**row, "id": row["id"] + 1} for row in rows if row["id"] + 1 < 10]

@@ -218,14 +218,15 @@ def rank(scorer: CandidateScorer, candidates: Sequence[int], *, strategy: str = 
     round_sizes = [len(candidates)]
     for _ in ends[1:]:
         round_sizes.append(math.ceil(round_sizes[-1] / eta))
-    # the bar counts every rank's evaluations: its own as they finish, the others' at each round's end
-    bar = tqdm(total=sum(round_sizes), desc=desc, unit="cand", disable=not progress, dynamic_ncols=True)
+    # the bar counts every rank's evaluations: those restored from the logs from the start (outside its
+    # rate: they took no time now), its own as they finish, the other ranks' at each round's end
+    restored = sum(1 for round_index, c in done if c in images and round_index < len(ends))
+    bar = tqdm(total=sum(round_sizes), initial=restored, desc=desc, unit="cand", disable=not progress,
+               dynamic_ncols=True)
     for round_index, end in enumerate(ends):
-        round_start = bar.n
         todo = [c for c in survivors if (round_index, c) not in done]
         mine = todo[rank_id::world]
         finished = [done[(round_index, c)] for c in survivors if (round_index, c) in done]
-        bar.update(len(survivors) - len(todo))
         for lo in range(0, len(mine), chunk):
             group = mine[lo:lo + chunk]
             rows = [{"round": round_index, "id": c, "correct": n, "start": start, "end": end}
@@ -237,7 +238,7 @@ def rank(scorer: CandidateScorer, candidates: Sequence[int], *, strategy: str = 
         if gather is not None:
             # every rank read every rank's log on resume: keep one row per (round, candidate)
             finished = list({(row["round"], row["id"]): row for row in gather(finished)}.values())
-            bar.update(round_start + len(survivors) - bar.n)
+            bar.update(len(todo) - len(mine))
         for row in finished:
             correct[row["id"]] += row["correct"]
             images[row["id"]] = row["end"]

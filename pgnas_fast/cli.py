@@ -407,7 +407,10 @@ def main(argv: list[str] | None = None) -> int:
         return {"search": _search, "info": _info, "rank": _rank, "study": _study, "export": _export,
                 "evaluate": _evaluate, "doctor": _doctor}[args.command](args)
     except (UsageError, ConfigError, DataError, RunError) as err:  # bad input: one line, status 2
-        print(f"pgnas-fast: error: {err}", file=sys.stderr)
+        message = str(err)
+        if "Original Traceback" in message:  # raised in a DataLoader worker: its last line is the error
+            message = message.strip().splitlines()[-1].split(": ", 1)[-1]
+        print(f"pgnas-fast: error: {message}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         resumable = command in ("search", "rank")  # the others start over: nothing of theirs is lost

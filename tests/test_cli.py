@@ -258,3 +258,20 @@ def test_family_settings_apply_between_the_preset_and_the_overrides():
     assert configs.resolve("digits-tiny", {"posterior": "gaussian", "n_train": 5})["n_train"] == 5  # user wins
     # a run's recorded config resolves to itself (load_run, resume)
     assert configs.resolve("digits-tiny", {k: v for k, v in gaussian.items() if k != "preset"}) == gaussian
+
+
+def test_an_error_raised_in_a_data_loader_worker_is_one_line(capsys, monkeypatch):
+    """DataLoader re-raises a worker's error with the worker's traceback in its message: the CLI prints
+    the error itself."""
+    from pgnas_fast import cli
+    from pgnas_fast.data import DataError
+
+    def worker_error(args):
+        raise DataError("Caught DataError in DataLoader worker process 0.\nOriginal Traceback (most recent call "
+                        "last):\n  File \"x.py\", line 1, in <module>\npgnas_fast.data.errors.DataError: cannot "
+                        "decode image a.JPEG (UnidentifiedImageError: cannot identify image file 'a.JPEG')\n")
+
+    monkeypatch.setattr(cli, "_info", worker_error)
+    assert cli.main(["info"]) == 2
+    assert capsys.readouterr().err == ("pgnas-fast: error: cannot decode image a.JPEG (UnidentifiedImageError: "
+                                       "cannot identify image file 'a.JPEG')\n")

@@ -126,3 +126,24 @@ def test_info_text(capsys):
     assert main(["info", "--preset", "digits-tiny"]) == 0
     out = capsys.readouterr().out
     assert "parameters      35,670" in out and "p values        60" in out
+
+
+def test_another_data_set_s_classes_are_named_not_scored(capsys, tmp_path):
+    """rank and export of a run, and evaluate of its export, with a --data-dir of another class count:
+    a one-line error saying so, not a state_dict dump or a meaningless accuracy."""
+    write_imagenet(tmp_path / "data", train_per_class=10)
+    write_imagenet(tmp_path / "other", train_per_class=10, classes=("n01", "n02", "n03", "n04"))
+    out = tmp_path / "run"
+    code, captured = search(capsys, "--preset", "imagenet-d121", "--data-dir", tmp_path / "data", "--smoke",
+                            "--out", out, *CHEAP)
+    assert code == 0, captured.err
+    assert main(["export", str(out), "--out", str(tmp_path / "export")]) == 0
+    capsys.readouterr()
+    assert main(["rank", str(out), "--candidates", "2", "--quiet", "--data-dir", str(tmp_path / "other")]) == 2
+    err = capsys.readouterr().err
+    assert "super-network for the data's 4 classes (Error(s) in loading state_dict" in err
+    assert "size mismatch" in err and "is --data-dir the data set the run searched on?" in err
+    assert err.count("\n") == 1
+    assert main(["evaluate", str(tmp_path / "export"), "--data-dir", str(tmp_path / "other")]) == 2
+    assert ("the data has 4 classes, the exported network predicts 3: is --data-dir the data set the run "
+            "searched on?") in capsys.readouterr().err

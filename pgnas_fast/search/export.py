@@ -110,7 +110,6 @@ def evaluate_export(directory: str | Path, *, split: str = "test", device: str =
     """Accuracy of an exported network on a split of its run's data (the torch.export artefact by
     default, else subnet.pt)."""
     from .materialize import load_subnet
-    from .rank import accuracy
     from .io import data_dir_of
     from .run import RunError, build_feed, load_data
 
@@ -125,16 +124,21 @@ def evaluate_export(directory: str | Path, *, split: str = "test", device: str =
         raise RunError(f"{str(directory / 'config.json')!r} is malformed: {err}") from None
     feed = build_feed(config, load_data(config, data_dir_of(directory, data_dir)), torch.device(device), seed=seed)
     if not standalone:
-        return accuracy(load_subnet(directory, map_location=device), feed.eval_batches(split))
-    try:
-        net = torch.export.load(directory / "model.pt2").module().to(device)  # exported in eval mode already
-    except Exception as err:  # a cut or foreign file fails inside torch.export in many ways (zip, pickle, schema)
-        raise RunError(f"{str(directory / 'model.pt2')!r} is not a readable torch.export program "
-                       f"({type(err).__name__}: {err})") from None
+        net = load_subnet(directory, map_location=device).eval()
+    else:
+        try:
+            net = torch.export.load(directory / "model.pt2").module().to(device)  # exported in eval mode already
+        except Exception as err:  # a cut or foreign file fails inside torch.export in many ways (zip, pickle, schema)
+            raise RunError(f"{str(directory / 'model.pt2')!r} is not a readable torch.export program "
+                           f"({type(err).__name__}: {err})") from None
     correct = seen = 0
     with torch.no_grad():
         for images, labels in feed.eval_batches(split):
-            correct += (net(images).argmax(1) == labels).sum().item()
+            logits = net(images)
+            if logits.shape[1] != feed.num_classes:  # another data set's directory: its scores would mean nothing
+                raise RunError(f"the data has {feed.num_classes} classes, the exported network predicts "
+                               f"{logits.shape[1]}: is --data-dir the data set the run searched on?")
+            correct += (logits.argmax(1) == labels).sum().item()
             seen += len(labels)
     return correct / seen
 

@@ -212,8 +212,10 @@ def load_run(run_dir: str | Path, *, device: str = "cpu", data_dir: str | Path |
     try:
         model = rebuild_for_evaluation(config, data.num_classes, state["model"], device).eval()
     except RuntimeError as err:
-        raise RunError(f"{str(run_dir / 'checkpoint.pt')!r} does not fit the {config['supernet']} super-network: "
-                       f"{str(err).splitlines()[0]}") from None
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        raise RunError(f"{str(run_dir / 'checkpoint.pt')!r} does not fit the {config['supernet']} super-network "
+                       f"for the data's {data.num_classes} classes ({' '.join(lines[:2])}): is --data-dir the "
+                       "data set the run searched on?") from None
     feed = build_feed(config, data, torch.device(device), seed=seed)
     return LoadedRun(config=config, seed=seed, model=model, feed=feed, epoch=state["epoch"])
 

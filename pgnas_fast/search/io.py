@@ -18,6 +18,12 @@ class RunError(ValueError):
     """A run directory that cannot be used as asked (e.g. resuming with another config)."""
 
 
+def changed_settings(started: dict, now: dict, *, ignore: tuple[str, ...] = ()) -> list[str]:
+    """'key old (now new)' for every key whose value differs, in key order: what a refused resume names."""
+    return [f"{key} {started.get(key)!r} (now {now.get(key)!r})" for key in sorted({*started, *now})
+            if key not in ignore and started.get(key) != now.get(key)]
+
+
 @functools.cache
 def _file_mode() -> int:
     """The mode open() gives a new file (0o666 less the umask): mkstemp's own 0o600 would hide a run's

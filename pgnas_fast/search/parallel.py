@@ -73,16 +73,20 @@ class Parallel:
                                                    find_unused_parameters=unused_parameters)
 
 
+def has_size_one_dims(model: nn.Module) -> bool:
+    """A weight with a size-1 dimension past the first (the digits stem's 1 input channel) gets
+    gradients whose stride there differs from the parameter's, the same memory layout: DDP then warns
+    of a slow copy into its bucket that costs nothing at that size (see stride_hint_off)."""
+    return any(p.dim() > 1 and 1 in p.shape[1:] for p in model.parameters())
+
+
 @contextlib.contextmanager
-def stride_hint_off_for_size_one_dims(model: nn.Module):
-    """Around a data-parallel backward: a weight with a size-1 dimension past the first (the digits
-    stem's 1 input channel) gets gradients whose stride there differs from the parameter's, the same
-    memory layout, and DDP warns of a slow copy into its bucket that costs nothing at that size.
-    Other models keep the warning; so does everything outside this block."""
+def stride_hint_off():
+    """Around a data-parallel backward of a model with size-1 dims: DDP's stride warning off; other
+    models keep it, and so does everything outside this block."""
     with warnings.catch_warnings():
-        if any(p.dim() > 1 and 1 in p.shape[1:] for p in model.parameters()):
-            warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides",
-                                    category=UserWarning)
+        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides",
+                                category=UserWarning)
         yield
 
 

@@ -16,7 +16,7 @@ import torch
 
 from ..nn import candidate_masks
 from .export import architecture_record
-from .io import write_json, write_jsonl
+from .io import changed_settings, write_json, write_jsonl
 from .parallel import join, leave
 from .rank import CandidateScorer, ProgressLog, best_candidate, rank
 from .run import RunError, load_run, rebuild_for_evaluation
@@ -99,8 +99,7 @@ def _check_resumable(out: Path, settings: dict) -> None:
         raise RunError(f"{str(out)!r} ranked the checkpoint of epoch {started['checkpoint_epoch']}, but the run has "
                        f"trained on since (epoch {settings['checkpoint_epoch']}): its scores are of other weights; "
                        "rank afresh (without --resume) or under another --tag")
-    changed = [f"{key} {started.get(key)!r} (now {settings.get(key)!r})" for key in sorted({*started, *settings})
-               if key != "checkpoint_epoch" and started.get(key) != settings.get(key)]
+    changed = changed_settings(started, settings, ignore=("checkpoint_epoch",))
     if changed:
         raise RunError(f"{str(out)!r} was started with {', '.join(changed)}; resume it with the settings it was "
                        f"started with, or rank under another --tag")

@@ -37,8 +37,8 @@ from ..nn import candidate_masks, set_gates, set_posterior
 from ..ops.streams import Domain
 from .export import architecture_record
 from .feed import CifarLoaderFeed, LoaderFeed, TensorFeed, check_shards
-from .io import (DATA_FILE, SEARCH_RANKINGS, RunError, data_dir_of, load_checkpoint, read_jsonl, save_checkpoint,
-                 write_json, write_jsonl)
+from .io import (DATA_FILE, SEARCH_RANKINGS, RunError, changed_settings, data_dir_of, load_checkpoint, read_jsonl,
+                 save_checkpoint, write_json, write_jsonl)
 from .materialize import count_parameters, materialize
 from .parallel import SINGLE_PROCESS, Parallel, join, leave
 from .rank import ProgressLog, accuracy, best_candidate, rank_candidates, uniform_drop_logits
@@ -264,9 +264,8 @@ def _check_resumable(checkpoint_path: Path, state: dict, run_config: dict, world
     statistics, so the steps would differ; ranking gives the same table at any count)."""
     started = state["run_config"]
     if started != run_config:
-        before, now = {**started["config"], "seed": started["seed"]}, {**run_config["config"], "seed": run_config["seed"]}
-        changed = [f"{key} {before.get(key)!r} (now {now.get(key)!r})" for key in sorted({*before, *now})
-                   if before.get(key) != now.get(key)]
+        changed = changed_settings({**started["config"], "seed": started["seed"]},
+                                   {**run_config["config"], "seed": run_config["seed"]})
         raise RunError(f"{checkpoint_path} was written by another config or seed: {'; '.join(changed)}. Resume "
                        "with the same ones")
     trained_by = state.get("world_size", world)  # (checkpoints older than this check hold none)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..nn import gated_layers, network_regularizer, set_gates, set_posterior
-from .parallel import SINGLE_PROCESS, Parallel, shard_loss, stride_hint_off_for_size_one_dims
+from .parallel import SINGLE_PROCESS, Parallel, has_size_one_dims, shard_loss, stride_hint_off
 
 
 def make_optimizer(model: nn.Module, config: dict) -> torch.optim.Optimizer:
@@ -95,6 +95,7 @@ def train_posterior(model: nn.Module, optimizer: torch.optim.Optimizer, feed, co
     # what the forward calls; an auxiliary head outside the loss (aux_weight 0) gets no gradient
     net = parallel.wrap(model, feed.device, sync_bn=config["sync_bn"],
                         unused_parameters=getattr(model, "aux", None) is not None and config["aux_weight"] == 0)
+    quiet_strides = parallel.enabled and has_size_one_dims(model)
     bar = tqdm(range(start_epoch, config["epochs"]), desc="posterior training", unit="epoch",
                disable=not (progress and parallel.is_main), dynamic_ncols=True, initial=start_epoch,
                total=config["epochs"])
@@ -122,7 +123,7 @@ def train_posterior(model: nn.Module, optimizer: torch.optim.Optimizer, feed, co
                                       n_train=n_train)
             loss = ce + reg
             reg_weight = regularizer_weight(config, step, steps_per_epoch)
-            with stride_hint_off_for_size_one_dims(model) if parallel.enabled else contextlib.nullcontext():
+            with stride_hint_off() if quiet_strides else contextlib.nullcontext():
                 (shard_loss(ce, len(y), global_rows, parallel.world) + reg_weight * reg).backward()
             if config["grad_clip"] > 0:
                 nn.utils.clip_grad_norm_(model.parameters(), config["grad_clip"])

@@ -136,7 +136,13 @@ def _build_parser() -> argparse.ArgumentParser:
                     "subnet.pt (pgnas_fast.load_subnet), model.pt2 (torch.export, loads with plain torch), "
                     "architecture.json.")
     export.add_argument("run_dir", metavar="RUN_DIR", help="a directory written by pgnas-fast search")
-    export.add_argument("--candidate", type=_count(0, MAJOR_LIMIT), help="candidate id (default: the run's best)")
+    which = export.add_mutually_exclusive_group()
+    which.add_argument("--candidate", type=_count(0, MAJOR_LIMIT), help="candidate id (default: the run's best)")
+    which.add_argument("--rank", metavar="TAG", help="the best candidate of `pgnas-fast rank --tag TAG`, with the "
+                                                      "BatchNorm statistics that ranking scored it with")
+    export.add_argument("--bn-recalibrate", type=_count(0), metavar="N",
+                        help="keep BatchNorm statistics recomputed for the candidate from N training images "
+                             "(default: the --rank ranking's setting, else 0: the super-network's)")
     export.add_argument("--out", metavar="DIR", required=True, help="export directory")
     export.add_argument("--data-dir", metavar="DIR", help="the data set's directory (as for search)")
     export.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
@@ -317,12 +323,14 @@ def _export(args) -> int:
                          f"architecture.json would replace the run's; export to a directory of its own")
     created = _prepare_out(Path(args.out))
     try:
-        s = export_candidate(args.run_dir, args.out, candidate=args.candidate, device=str(device),
-                             data_dir=args.data_dir)
+        s = export_candidate(args.run_dir, args.out, candidate=args.candidate, rank_tag=args.rank,
+                             bn_recalibrate=args.bn_recalibrate, device=str(device), data_dir=args.data_dir)
     except ValueError:  # an unusable run directory: nothing was written
         _remove_if_empty(created)
         raise
     print(f"candidate {s['candidate']}: held-out {_percent(s['heldout_accuracy'])}, test {_percent(s['test_accuracy'])}")
+    if s["bn_recalibrate"]:
+        print(f"  BatchNorm statistics recomputed for the candidate from {s['bn_recalibrate']} training images")
     print(f"  parameters {s['params_supernet']:,} -> {s['params_subnet']:,}; "
           f"MACs per image {s['macs_supernet']:,} -> {s['macs_subnet']:,}")
     print(f"exported to {args.out}")

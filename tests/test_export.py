@@ -341,3 +341,44 @@ def test_producers_lose_the_channels_nobody_reads_and_batchnorm_folds():
     assert convs[0].out_channels == 5  # conv "0" computes only what conv "3" keeps
     unfolded = materialize(net, cases["middle"], fold_batchnorm=False)
     assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in unfolded.modules()) == 2
+
+
+def test_export_of_a_ranking_keeps_its_recalibrated_batchnorm(capsys, searched, tmp_path):
+    """`export --rank TAG` takes that ranking's best candidate and the BatchNorm statistics it was
+    scored with: the export's held-out accuracy is the ranking's score, in the torch.export artefact
+    too; without recalibration the same candidate's network is another."""
+    assert main(["rank", str(searched), "--candidates", "20", "--strategy", "exhaustive", "--bn-recalibrate", "64",
+                 "--tag", "bn", "--quiet"]) == 0
+    best = json.loads((searched / "rank-bn" / "summary.json").read_text())["best"]
+    capsys.readouterr()
+    assert main(["export", str(searched), "--rank", "bn", "--out", str(tmp_path / "bn")]) == 0
+    assert "BatchNorm statistics recomputed for the candidate from 64 training images" in capsys.readouterr().out
+    exported = json.loads((tmp_path / "bn" / "export.json").read_text())
+    assert (exported["candidate"], exported["bn_recalibrate"]) == (best["id"], 64)
+    assert exported["heldout_accuracy"] == pytest.approx(best["score"], abs=1e-9)
+    assert main(["evaluate", str(tmp_path / "bn"), "--split", "heldout"]) == 0
+    assert float(capsys.readouterr().out.strip().splitlines()[-1]) == pytest.approx(best["score"], abs=1e-9)
+
+    assert main(["export", str(searched), "--candidate", str(best["id"]), "--out", str(tmp_path / "plain")]) == 0
+    assert json.loads((tmp_path / "plain" / "export.json").read_text())["bn_recalibrate"] == 0
+    x = torch.randn(6, 1, 8, 8)
+    with torch.no_grad():
+        recalibrated, plain = pf.load_subnet(tmp_path / "bn")(x), pf.load_subnet(tmp_path / "plain")(x)
+    assert (recalibrated - plain).abs().max() > 1e-3
+    # an explicit --bn-recalibrate wins over the ranking's
+    assert main(["export", str(searched), "--rank", "bn", "--bn-recalibrate", "0", "--out", str(tmp_path / "zero")]) == 0
+    with torch.no_grad():
+        torch.testing.assert_close(pf.load_subnet(tmp_path / "zero")(x), plain)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--rank", "none"], "names no finished ranking of this run"),
+    (["--rank", "none", "--candidate", "3"], "argument --candidate: not allowed with argument --rank"),
+    (["--bn-recalibrate", "100000"], "--bn-recalibrate 100000 asks for more images than the run's"),
+    (["--bn-recalibrate", "-1"], "--bn-recalibrate: must be an integer >= 0"),
+])
+def test_export_recalibration_bad_input(capsys, searched, tmp_path, argv, message):
+    assert main(["export", str(searched), *argv, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists(), "nothing is left behind"

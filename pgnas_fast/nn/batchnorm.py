@@ -62,4 +62,18 @@ def grouped_batchnorm(model: nn.Module, groups: int):
             del module.forward  # back to the class's forward
 
 
-__all__ = ["GroupStatistics", "grouped_batchnorm"]
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, images: torch.Tensor) -> None:
+    """Replace every BatchNorm's running statistics by those of one pass over `images` under the model's
+    current gates: the statistics that ranking with `--bn-recalibrate` normalised the candidate with
+    (one row group of `grouped_batchnorm`), kept in the module so that an export carries them."""
+    with grouped_batchnorm(model, 1) as statistics:
+        model(images)
+    for bn, (mean, var) in statistics.stats.items():
+        if bn.running_mean is None:
+            raise ValueError(f"{type(bn).__name__} without running statistics cannot be recalibrated")
+        bn.running_mean.copy_(mean[0])
+        bn.running_var.copy_(var[0])
+
+
+__all__ = ["GroupStatistics", "grouped_batchnorm", "recalibrate_batchnorm"]

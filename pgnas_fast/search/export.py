@@ -47,22 +47,36 @@ def architecture_record(model: nn.Module, masks: Mapping[str, torch.Tensor], *, 
     }
 
 
-def export_candidate(run_dir: str | Path, out: str | Path, *, candidate: int | None = None, device: str = "cpu",
-                     data_dir=None) -> dict:
-    """Materialize a candidate of a run (default: the run's best) into an export directory: subnet.pt,
-    model.pt2 (torch.export), architecture.json, config.json and export.json (sizes before and after)."""
+def export_candidate(run_dir: str | Path, out: str | Path, *, candidate: int | None = None, rank_tag: str | None = None,
+                     bn_recalibrate: int | None = None, device: str = "cpu", data_dir=None) -> dict:
+    """Materialize a candidate of a run into an export directory: subnet.pt, model.pt2 (torch.export),
+    architecture.json, config.json and export.json (sizes before and after).
+
+    The candidate: `candidate`, else the best of `pgnas-fast rank --tag rank_tag`, else the search's
+    best. `bn_recalibrate` N > 0: the network keeps BatchNorm statistics recomputed for the candidate
+    from N training images (as `rank --bn-recalibrate N` scored it); by default the ranking's own
+    setting with `rank_tag`, else 0 (the super-network's running statistics)."""
     from ..nn import candidate_masks, set_gates
+    from ..nn.batchnorm import recalibrate_batchnorm
     from ..ops.streams import MAJOR_LIMIT
     from ..supernets.info import describe
     from .io import DATA_FILE, data_dir_of, write_json
     from .materialize import load_subnet, materialize  # noqa: F401  (load_subnet: the reader of this layout)
+    from .feed import recalibration_images
     from .rank import accuracy
     from .run import RunError, load_run
 
     run_dir, out = Path(run_dir), Path(out)
+    if rank_tag is not None:
+        if candidate is not None:
+            raise RunError("pass --candidate or --rank, not both")
+        candidate, ranked_recalibration = _ranked_best(run_dir, rank_tag)
+        bn_recalibrate = ranked_recalibration if bn_recalibrate is None else bn_recalibrate
+    bn_recalibrate = bn_recalibrate or 0
     data_dir = data_dir_of(run_dir, data_dir)
     loaded = load_run(run_dir, device=device, data_dir=data_dir)
     config, seed, model, feed = loaded.config, loaded.seed, loaded.model, loaded.feed
+    recalibration = recalibration_images(feed, bn_recalibrate) if bn_recalibrate else None
     architecture_path = run_dir / "architecture.json"
     if candidate is None:
         if not architecture_path.is_file():
@@ -78,6 +92,8 @@ def export_candidate(run_dir: str | Path, out: str | Path, *, candidate: int | N
         raise RunError(f"--candidate must be an id in [0, 2^40), got {candidate}")
     masks = candidate_masks(model, seed, candidate)
     set_gates(model, "hard", masks=masks)
+    if recalibration is not None:
+        recalibrate_batchnorm(model.eval(), recalibration)
     heldout, test = accuracy(model, feed.eval_batches("heldout")), accuracy(model, feed.eval_batches("test"))
     set_gates(model, "full")
     subnet = materialize(model, masks)
@@ -100,9 +116,29 @@ def export_candidate(run_dir: str | Path, out: str | Path, *, candidate: int | N
         write_json(out / DATA_FILE, {"data_dir": str(Path(data_dir).resolve())})
     summary = {"candidate": candidate, "heldout_accuracy": heldout, "test_accuracy": test,
                "params_supernet": before["params"], "params_subnet": after["params"],
-               "macs_supernet": before["macs"], "macs_subnet": after["macs"], "input_size": list(input_size)}
+               "macs_supernet": before["macs"], "macs_subnet": after["macs"], "input_size": list(input_size),
+               "bn_recalibrate": bn_recalibrate}
     write_json(out / "export.json", summary)
     return summary
+
+
+def _ranked_best(run_dir: Path, tag: str) -> tuple[int, int]:
+    """The best candidate of `pgnas-fast rank RUN_DIR --tag TAG` and its --bn-recalibrate."""
+    from .run import RunError
+
+    path = run_dir / f"rank-{tag}" / "summary.json"
+    if not path.is_file():
+        raise RunError(f"{str(path)!r} does not exist: --rank {tag} names no finished ranking of this run "
+                       f"(pgnas-fast rank {run_dir} --tag {tag}, or --resume an interrupted one)")
+    try:
+        summary = json.loads(path.read_text())
+        best, recalibration = summary["best"]["id"], summary["bn_recalibrate"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
+        raise RunError(f"{str(path)!r} is malformed ({type(err).__name__}: {err})") from None
+    if not all(type(v) is int and v >= 0 for v in (best, recalibration)):
+        raise RunError(f"{str(path)!r} is malformed: best id {best!r} and bn_recalibrate {recalibration!r} must be "
+                       "ints >= 0")
+    return best, recalibration
 
 
 def evaluate_export(directory: str | Path, *, split: str = "test", device: str = "cpu", data_dir=None,

@@ -47,6 +47,15 @@ def check_shards(batch_sizes: list[int], parallel: Parallel) -> None:
                           f"{parallel.world} ranks; change batch_size or heldout_size so that it has none or more")
 
 
+def recalibration_images(feed: "TensorFeed | LoaderFeed", n: int) -> torch.Tensor:
+    """The n training images that `--bn-recalibrate n` recomputes BatchNorm statistics from (rank and
+    export read the same ones); refused before any pass when the training split is smaller."""
+    available = feed.sizes()["train"]
+    if n > available:
+        raise ConfigError(f"--bn-recalibrate {n} asks for more images than the run's {available} training images")
+    return feed.recalibration_images(n)
+
+
 class TensorFeed:
     def __init__(self, splits: Splits, *, batch_size: int, eval_batch_size: int, device: torch.device,
                  prepare_train: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,

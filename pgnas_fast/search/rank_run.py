@@ -16,6 +16,7 @@ import torch
 
 from ..nn import candidate_masks
 from .export import architecture_record
+from .feed import recalibration_images
 from .io import changed_settings, write_json, write_jsonl
 from .parallel import join, leave
 from .rank import CandidateScorer, ProgressLog, best_candidate, rank
@@ -34,10 +35,7 @@ def rank_run(run_dir: str | Path, *, candidates: int, strategy: str = "racing", 
         rank_id, world = parallel.rank, parallel.world
         loaded = load_run(run_dir, device=device, data_dir=data_dir)
         config, seed, model, feed = loaded.config, loaded.seed, loaded.model, loaded.feed
-        n_train = feed.sizes()["train"]
-        if bn_recalibrate > n_train:
-            raise RunError(f"--bn-recalibrate {bn_recalibrate} asks for more images than the run's {n_train} training "
-                           "images")
+        recalibration = recalibration_images(feed, bn_recalibrate) if bn_recalibrate else None
         out = run_dir / f"rank-{tag}"
         eta, first_share = eta or config["racing_eta"], first_share or config["racing_first_share"]
         # what a candidate's rounds and scores depend on (the evaluators all give the same scores); the
@@ -59,7 +57,6 @@ def rank_run(run_dir: str | Path, *, candidates: int, strategy: str = "racing", 
             return rebuild_for_evaluation(config, feed.num_classes, weights, device)
 
         images, labels = feed.split("heldout")
-        recalibration = feed.recalibration_images(bn_recalibrate) if bn_recalibrate else None
         scorer = CandidateScorer(model, images, labels, seed=seed, evaluator=evaluator,
                                  batch_size=feed.eval_batch_size, rows_per_pass=config["rank_rows"],
                                  prepare=feed.prepare_eval, load_model=load_model, recalibration_images=recalibration)

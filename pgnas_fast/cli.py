@@ -230,6 +230,10 @@ def _search(args) -> int:
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for the run
         print(f"pgnas-fast search: preset {config['preset']}, posterior {config['posterior']}, seed {args.seed}, "
               f"backend {backend}, device {device}", flush=True)
+        if config["kl_warmup_epochs"] > config["epochs"] and not args.smoke:  # e.g. a preset with --epochs cut
+            print(f"note: the regulariser's warm-up (kl_warmup_epochs {config['kl_warmup_epochs']:g}) outlasts "
+                  f"training ({config['epochs']} epochs): it ends at {config['epochs'] / config['kl_warmup_epochs']:.0%}"
+                  " of its full weight (--set kl_warmup_epochs=N to change)", flush=True)
     try:
         with dispatch.use_backend(backend):
             result = run_search(config, seed=args.seed, out_dir=out, device=str(device), resume=args.resume,

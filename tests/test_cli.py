@@ -72,6 +72,12 @@ def test_search_with_the_gaussian_posterior(capsys, tmp_path):
     arch = json.loads((out / "architecture.json").read_text())
     assert arch["posterior"] == "gaussian" and f"best candidate: {arch['candidate']} of 3" in stdout
     assert "| posterior | gaussian: Gaussian variational dropout" in (out / "report.md").read_text()
+    # the family's 5-epoch KL warm-up outlasts these epochs: said, not silently cut
+    epochs = json.loads((out / "config.json").read_text())["config"]["epochs"]
+    assert (f"note: the regulariser's warm-up (kl_warmup_epochs 5) outlasts training ({epochs} epochs): it ends at "
+            f"{epochs / 5:.0%} of its full weight") in stdout
+    code, stdout, _ = run_cli(capsys, "search", *SMALL, "--out", str(tmp_path / "concrete"))
+    assert code == 0 and "note:" not in stdout
 
 
 def test_doctor_lists_every_backend(capsys):

@@ -90,6 +90,29 @@ def test_smoke_with_the_gaussian_posterior_on_a_cifar_preset(capsys, tmp_path):
     assert "| posterior | gaussian: " in (out / "report.md").read_text()
 
 
+def test_the_gaussian_kl_weighs_every_preset_as_it_does_digits():
+    """configs.FAMILY_SETTINGS: with the Gaussian family, the KL at p_init per training image is the
+    same share of the initial cross-entropy (ln classes) on every preset as on digits, where its N was
+    tuned, and the warm-up the same share of training."""
+    import math
+
+    from pgnas_fast import configs
+    from pgnas_fast.nn import network_regularizer
+    from pgnas_fast.search.run import build_supernet
+
+    classes = {"digits": 10, "cifar10": 10, "cifar100": 100, "imagenet": 1000}
+    shares = {}
+    for preset in configs.names():
+        config = configs.resolve(preset, {"posterior": "gaussian"})
+        model = build_supernet(config, classes[config["dataset"]])
+        with torch.no_grad():
+            kl = network_regularizer(model, weight_reg=0.0, n_train=config["n_train"], backend="reference").item()
+        shares[preset] = kl / math.log(classes[config["dataset"]])
+        assert config["kl_warmup_epochs"] == config["epochs"] // 6, preset
+    for preset, share in shares.items():
+        assert share == pytest.approx(shares["digits-tiny"], rel=0.03), (preset, shares)
+
+
 @pytest.mark.parametrize("preset, layout", [
     ("cifar10-supnet-m", "cifar-10-batches-py"),
     ("cifar100-supnet-mi", "cifar-100-python"),

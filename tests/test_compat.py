@@ -606,3 +606,60 @@ def test_runs_without_cuda_and_moves_with_to():
     d = Conv2d_with_CD(3, 2, 3).double()
     assert d(x).dtype == torch.float64
     assert Linear_with_CD(3, 2).double()(torch.randn(2, 3, dtype=torch.float64)).dtype == torch.float64
+
+
+# ---- what the authors' code may pass and read: shapes, scalar types, backends, dtypes, attributes ----
+def test_linear_rejects_wrong_in_features_and_takes_empty_batches():
+    lin = Linear_with_CD(6, 4)
+    for shape in [(4, 3), (2, 5, 3), (5, 4)]:
+        with pytest.raises(ValueError, match="in_features = 6"):
+            lin(torch.randn(*shape))
+    assert lin(torch.randn(0, 6)).shape == (0, 4)
+    assert lin(torch.randn(2, 0, 6)).shape == (2, 0, 4)
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_conv_input_checks_and_unbatched_input(deterministic, fixed_seed):
+    m = Conv2d_with_CD(8, 6, 3, padding=1, deterministic=deterministic)
+    with pytest.raises(ValueError, match="to have 8 channels"):
+        m(torch.randn(2, 5, 5, 5))
+    with pytest.raises(ValueError, match="4-D"):
+        m(torch.randn(2, 8))
+    x = torch.randn(8, 5, 5)
+    torch.testing.assert_close(m(x), m(x.unsqueeze(0)).squeeze(0))
+    assert m(x).shape == (6, 5, 5)
+
+
+def test_regs_and_p_init_take_numpy_and_tensor_scalars():
+    m = Conv2d_with_CD(3, 2, 1, deterministic=False, weight_reg=np.float32(80.0), drop_reg=torch.tensor(2.0),
+                       p_init=np.float64(0.2))
+    assert m._weight_reg == pytest.approx(80.0 / TRAINING_SIZE) and m._drop_reg == pytest.approx(2.0 / TRAINING_SIZE)
+    with pytest.raises(TypeError, match="p_init"):
+        Linear_with_CD(3, 2, p_init="0.1")
+    with pytest.raises(TypeError, match="weight_reg"):
+        Linear_with_CD(3, 2, weight_reg="10")
+
+
+def test_module_backend_is_honoured():
+    for m, x in ((Conv2d_with_CD(4, 3, 1, deterministic=False), torch.randn(2, 4, 3, 3)),
+                 (Linear_with_CD(4, 3), torch.randn(2, 4))):
+        m.backend = "no-such-backend"
+        with pytest.raises(ValueError, match="backend"):
+            m(x)
+        with pytest.raises(ValueError, match="backend"):
+            m.KLreg
+        m.backend = "reference"
+        m(x)
+
+
+def test_float64_layers_keep_float64_regulariser():
+    c = Conv2d_with_CD(4, 3, 3, deterministic=False).double()
+    assert c.KLreg.dtype == torch.float64 and Linear_with_CD(4, 3).double().KLreg.dtype == torch.float64
+    assert c(torch.randn(2, 4, 5, 5, dtype=torch.float64)).dtype == torch.float64
+    assert Conv2d_with_CD(4, 3, 3, deterministic=False).KLreg.dtype == torch.float32
+
+
+def test_authors_private_attributes():
+    c, lin = Conv2d_with_CD(4, 3, 1), Linear_with_CD(4, 3, p_init=0.3)
+    assert c._det_mode is True and c._p_init == 0.1 and c._noise_shape == (4, 1, 1) and c._eps == 1e-8
+    assert lin._p_init == 0.3 and lin._noise_shape == (4,)

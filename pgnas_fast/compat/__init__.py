@@ -20,6 +20,7 @@ so existing PGNAS code and checkpoints work unchanged. Differences, all delibera
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 
 import torch
@@ -35,16 +36,30 @@ _COMPAT_STREAM = stream_id(Domain.COMPAT, 0)
 _warned_zero_noise = False
 
 
-def _p_init_logit(p_init: float) -> float:
+def _real(name: str, value, where: str) -> float:
+    """A real number (python, numpy or 0-dim tensor; not a bool) as a float, or a TypeError naming it."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.dtype.is_complex:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{where}: {name} must be a real number, got {type(value).__name__} {value!r}")
+    return float(value)
+
+
+def _p_init_logit(p_init, where: str = "Conv2d_with_CD") -> float:
+    p_init = _real("p_init", p_init, where)
     if not 0.0 < p_init < 1.0:
-        raise ValueError(f"p_init must be in (0, 1), got {p_init}")
+        raise ValueError(f"{where}: p_init must be in (0, 1), got {p_init}")
     return math.log(p_init) - math.log1p(-p_init)
 
 
-def _check_regs(weight_reg, drop_reg, where: str) -> None:
+def _check_regs(weight_reg, drop_reg, where: str) -> tuple[float, float]:
+    out = []
     for name, value in (("weight_reg", weight_reg), ("drop_reg", drop_reg)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
+        number = _real(name, value, where)
+        if not (math.isfinite(number) and number >= 0):
             raise ValueError(f"{where}: {name} must be a finite number >= 0, got {value!r}")
+        out.append(number)
+    return out[0], out[1]
 
 
 def _check_split(split: int, split_pattern, channels: int, where: str) -> None:
@@ -60,15 +75,21 @@ def _check_split(split: int, split_pattern, channels: int, where: str) -> None:
         raise ValueError(f"{where}: split={split} needs a split_pattern")
 
 
+@torch.compiler.disable  # one clean graph break per call, without dynamo's Tensor.item() warnings
 def _fresh_seed() -> int:
     """A per-call seed from torch's default CPU generator (no device sync)."""
     return int(torch.empty((), dtype=torch.int64).random_(0, 1 << 62))
 
 
-def _neg_entropy_sum(p_logit: torch.Tensor, drop_reg: float) -> torch.Tensor:
+def _neg_entropy_sum(p_logit: torch.Tensor, drop_reg: float, backend=None) -> torch.Tensor:
     """drop_reg * sum_c H'(p_c) through the op set (its weight term switched off)."""
     no_weight = p_logit.detach().new_zeros(1, p_logit.shape[0])  # a [1, C] "linear" weight of zeros
-    return ops.regularizer([no_weight], [p_logit], weight_reg=0.0, drop_reg=drop_reg, n_train=1.0)
+    return ops.regularizer([no_weight], [p_logit], weight_reg=0.0, drop_reg=drop_reg, n_train=1.0, backend=backend)
+
+
+def _gate_dtype(z: torch.Tensor) -> torch.Tensor:
+    """Drop logits as the ops take them: float64 stays float64 (a .double() model), the rest float32."""
+    return z if z.dtype == torch.float64 else z.float()
 
 
 class Conv2d_with_CD(nn.Conv2d):  # noqa: N801 (the authors' name)
@@ -76,19 +97,24 @@ class Conv2d_with_CD(nn.Conv2d):  # noqa: N801 (the authors' name)
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
                  bias=True, weight_reg=10.0, drop_reg=1.0, p_init=1e-1, deterministic=True, debug=False,
-                 split=1, split_pattern=None):
+                 split=1, split_pattern=None, *, backend=None):
         super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding,
                          dilation=dilation, groups=groups, bias=bias)
         _check_split(split, split_pattern, in_channels, "Conv2d_with_CD")
-        _check_regs(weight_reg, drop_reg, "Conv2d_with_CD")
+        weight_reg, drop_reg = _check_regs(weight_reg, drop_reg, "Conv2d_with_CD")
         self._weight_reg = weight_reg / TRAINING_SIZE
         self._drop_reg = drop_reg / TRAINING_SIZE
         self._deterministic = deterministic
+        self._det_mode = deterministic  # the authors' conv keeps both names
+        self._p_init = p_init
+        self._eps = 1e-8  # the authors' log epsilon (unused: the logit is used exactly)
+        self._noise_shape = (in_channels, 1, 1)
+        self.backend = backend  # like pgnas_fast.nn's modules: None follows use_backend / set_backend / auto
         self._debug_mode = debug
         self._temp = TEMPERATURE
         self.split = split
         self.split_pattern = split_pattern  # may be a caller's shared list: read entries 0 and 1 only
-        self.p_logit = nn.Parameter(torch.full((split,), _p_init_logit(p_init)))
+        self.p_logit = nn.Parameter(torch.full((split,), _p_init_logit(p_init, "Conv2d_with_CD")))
         if deterministic:
             self.unif_noise_variable = nn.Parameter(torch.zeros(1, in_channels, 1, 1), requires_grad=False)
             global _warned_zero_noise
@@ -123,15 +149,24 @@ class Conv2d_with_CD(nn.Conv2d):  # noqa: N801 (the authors' name)
             # drop iff u + p >= 1 (the authors' floor(u + p)) with the loaded noise u
             keep = (self.unif_noise_variable + torch.sigmoid(z).view(1, -1, 1, 1) < 1.0).to(x.dtype)
             return x * keep
-        return ops.gated_apply(x, z.float(), seed=_fresh_seed(), stream=_COMPAT_STREAM, tau=self._temp)
+        return ops.gated_apply(x, _gate_dtype(z), seed=_fresh_seed(), stream=_COMPAT_STREAM, tau=self._temp,
+                               backend=self.backend)
 
     def forward(self, input):  # noqa: A002 (nn.Conv2d's argument name)
+        if not isinstance(input, torch.Tensor) or input.dim() not in (3, 4):
+            raise ValueError(f"Conv2d_with_CD: input must be a 4-D [N, C, H, W] (or unbatched 3-D [C, H, W]) tensor, "
+                             f"got {tuple(input.shape) if isinstance(input, torch.Tensor) else type(input).__name__}")
+        if input.shape[-3] != self.in_channels:
+            raise ValueError(f"Conv2d_with_CD: expected input{list(input.shape)} to have {self.in_channels} channels "
+                             f"(in_channels), but got {input.shape[-3]} channels instead")
+        if input.dim() == 3:  # unbatched, like nn.Conv2d: one row of gates
+            return self.forward(input.unsqueeze(0)).squeeze(0)
         return self._conv_forward(self._concrete_dropout(input), self.weight, self.bias)
 
     @property
     def KLreg(self) -> torch.Tensor:  # noqa: N802
-        return ops.regularizer([self.weight], [self._p_logit_per_channel().float()],
-                               weight_reg=self._weight_reg, drop_reg=self._drop_reg, n_train=1.0)
+        return ops.regularizer([self.weight], [_gate_dtype(self._p_logit_per_channel())],
+                               weight_reg=self._weight_reg, drop_reg=self._drop_reg, n_train=1.0, backend=self.backend)
 
     @property
     def p(self) -> torch.Tensor:
@@ -142,10 +177,11 @@ class Linear_with_CD(nn.Linear):  # noqa: N801 (the authors' name)
     """nn.Linear with concrete dropout on its input features (one p each); the authors' signature."""
 
     def __init__(self, in_features, out_features, bias=True, weight_reg=10.0, drop_reg=1.0, p_init=1e-1,
-                 deterministic=False, debug=False, split=1, split_pattern=None, *, kl_formula="authors"):
+                 deterministic=False, debug=False, split=1, split_pattern=None, *, kl_formula="authors",
+                 backend=None):
         super().__init__(in_features, out_features, bias)
         _check_split(split, split_pattern, in_features, "Linear_with_CD")
-        _check_regs(weight_reg, drop_reg, "Linear_with_CD")
+        weight_reg, drop_reg = _check_regs(weight_reg, drop_reg, "Linear_with_CD")
         if kl_formula not in ("authors", "intended"):
             raise ValueError(f"kl_formula must be 'authors' or 'intended', got {kl_formula!r}")
         self._weight_reg = weight_reg / TRAINING_SIZE
@@ -154,30 +190,40 @@ class Linear_with_CD(nn.Linear):  # noqa: N801 (the authors' name)
         self._debug_mode = debug
         self._temp = TEMPERATURE
         self.kl_formula = kl_formula
+        self.backend = backend
         self.split = split
         self.split_pattern = split_pattern
-        self.p_logit = nn.Parameter(torch.full((in_features,), _p_init_logit(p_init)))
+        self._p_init = p_init
+        self._eps = 1e-8
+        self._noise_shape = (in_features,)
+        self.p_logit = nn.Parameter(torch.full((in_features,), _p_init_logit(p_init, "Linear_with_CD")))
         if debug:
             self.p_logit.register_hook(lambda grad: print(f"Linear_with_CD p_logit grad: {grad}"))
 
     def _concrete_dropout(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.gated_apply(x, self.p_logit.float(), seed=_fresh_seed(), stream=_COMPAT_STREAM, tau=self._temp)
+        return ops.gated_apply(x, _gate_dtype(self.p_logit), seed=_fresh_seed(), stream=_COMPAT_STREAM, tau=self._temp,
+                               backend=self.backend)
 
     def forward(self, input):  # noqa: A002
+        if not isinstance(input, torch.Tensor) or input.dim() == 0 or input.shape[-1] != self.in_features:
+            got = tuple(input.shape) if isinstance(input, torch.Tensor) else type(input).__name__
+            raise ValueError(f"Linear_with_CD: input must have in_features = {self.in_features} in its last dim, "
+                             f"got shape {got}")
         # gated_apply gates dim 1: fold any leading dims of [..., in_features] into the batch
-        flat = input.reshape(-1, self.in_features)
-        return F.linear(self._concrete_dropout(flat), self.weight, self.bias).view(*input.shape[:-1], -1)
+        lead = input.shape[:-1]
+        flat = input.reshape(math.prod(lead), self.in_features)
+        return F.linear(self._concrete_dropout(flat), self.weight, self.bias).view(*lead, self.out_features)
 
     @property
     def KLreg(self) -> torch.Tensor:  # noqa: N802
-        z = self.p_logit.float()
+        z = _gate_dtype(self.p_logit)
         if self.kl_formula == "intended":
             return ops.regularizer([self.weight], [z], weight_reg=self._weight_reg, drop_reg=self._drop_reg,
-                                   n_train=1.0)
+                                   n_train=1.0, backend=self.backend)
         # authors: sum((W^2 [out, in]) * (1 - p).view(1, in, 1, 1)) broadcasts to [1, in, out, in], giving
         # sum_a (1 - p_a) * ||W||^2, and the scalar is then summed once per input feature
         weight_term = self.in_features * self._weight_reg * torch.sigmoid(-z).sum() * self.weight.square().sum()
-        return weight_term + _neg_entropy_sum(z, self._drop_reg)
+        return weight_term + _neg_entropy_sum(z, self._drop_reg, self.backend)
 
     @property
     def p(self) -> torch.Tensor:

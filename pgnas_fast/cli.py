@@ -231,9 +231,10 @@ def _search(args) -> int:
         print(f"pgnas-fast search: preset {config['preset']}, posterior {config['posterior']}, seed {args.seed}, "
               f"backend {backend}, device {device}", flush=True)
         if config["kl_warmup_epochs"] > config["epochs"] and not args.smoke:  # e.g. a preset with --epochs cut
+            reached = config["epochs"] / config["kl_warmup_epochs"]
             print(f"note: the regulariser's warm-up (kl_warmup_epochs {config['kl_warmup_epochs']:g}) outlasts "
-                  f"training ({config['epochs']} epochs): it ends at {config['epochs'] / config['kl_warmup_epochs']:.0%}"
-                  " of its full weight (--set kl_warmup_epochs=N to change)", flush=True)
+                  f"training ({config['epochs']} epochs): it ends at {reached:.0%} of its full weight "
+                  "(--set kl_warmup_epochs=N to change)", flush=True)
     try:
         with dispatch.use_backend(backend):
             result = run_search(config, seed=args.seed, out_dir=out, device=str(device), resume=args.resume,
@@ -335,8 +336,8 @@ def _export(args) -> int:
     print(f"candidate {s['candidate']}: held-out {_percent(s['heldout_accuracy'])}, test {_percent(s['test_accuracy'])}")
     if s["bn_recalibrate"]:
         print(f"  BatchNorm statistics recomputed for the candidate from {s['bn_recalibrate']} training images")
-    print(f"  parameters {s['params_supernet']:,} -> {s['params_subnet']:,}; "
-          f"MACs per image {s['macs_supernet']:,} -> {s['macs_subnet']:,}")
+    print(f"  every channel kept -> this candidate: parameters {s['params_all_channels']:,} -> "
+          f"{s['params_subnet']:,}, MACs per image {s['macs_all_channels']:,} -> {s['macs_subnet']:,}")
     print(f"exported to {args.out}")
     return 0
 

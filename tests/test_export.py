@@ -16,7 +16,8 @@ from pgnas_fast import configs, supernets
 from pgnas_fast.cli import main
 from pgnas_fast.nn import GatedConv2d, GatedLinear, candidate_masks, gated_layers, set_gates
 from pgnas_fast.search import run_search
-from pgnas_fast.search.materialize import MaskedConv2d, SlicedConv2d, ZeroInput, count_parameters, materialize
+from pgnas_fast.search.materialize import (MaskedConv2d, SlicedConv2d, ZeroInput, count_parameters, every_channel,
+                                          materialize)
 
 TINY = {  # family: (constructor knobs, input side, input channels)
     "digits-tiny": (dict(), 8, 1),
@@ -62,6 +63,20 @@ def test_materialized_subnet_equals_the_masked_supernet(name):
         torch.testing.assert_close(subnet(x), expected, rtol=1e-5, atol=1e-5)
         exported = torch.export.export(subnet, (x,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
         torch.testing.assert_close(exported.module()(x), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_every_channel_is_the_full_super_network_without_training_only_parts(name):
+    """A candidate's size is compared with this: the super-network's function, without its drop logits
+    and training-only heads (ENAS's auxiliary head)."""
+    model, x = _tiny(name)
+    whole = every_channel(model)
+    set_gates(model, "full")
+    with torch.no_grad():
+        torch.testing.assert_close(whole(x), model(x), rtol=1e-5, atol=1e-5)
+    dropped = sum(layer.p_logit.numel() for _, layer in gated_layers(model))
+    dropped += count_parameters(model.aux) if getattr(model, "aux", None) is not None else 0
+    assert count_parameters(whole) <= count_parameters(model) - dropped
 
 
 def test_a_run_that_feeds_only_a_deleted_layer_goes_whole():
@@ -198,7 +213,9 @@ def test_export_and_evaluate_reproduce_the_reported_test_accuracy(capsys, search
     arch = json.loads((searched / "architecture.json").read_text())
     exported = json.loads((out / "export.json").read_text())
     assert exported["candidate"] == arch["candidate"] and exported["test_accuracy"] == arch["test_accuracy"]
-    assert exported["params_subnet"] < exported["params_supernet"] and exported["macs_subnet"] < exported["macs_supernet"]
+    assert exported["params_subnet"] < exported["params_all_channels"] < exported["params_supernet"]
+    assert exported["macs_subnet"] < exported["macs_all_channels"]
+    assert "every channel kept -> this candidate: parameters" in printed
     assert "exported to" in printed
     assert main(["evaluate", str(out), "--split", "test"]) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
@@ -366,9 +383,10 @@ def test_export_of_a_ranking_keeps_its_recalibrated_batchnorm(capsys, searched, 
         recalibrated, plain = pf.load_subnet(tmp_path / "bn")(x), pf.load_subnet(tmp_path / "plain")(x)
     assert (recalibrated - plain).abs().max() > 1e-3
     # an explicit --bn-recalibrate wins over the ranking's
-    assert main(["export", str(searched), "--rank", "bn", "--bn-recalibrate", "0", "--out", str(tmp_path / "zero")]) == 0
+    zero = tmp_path / "zero"
+    assert main(["export", str(searched), "--rank", "bn", "--bn-recalibrate", "0", "--out", str(zero)]) == 0
     with torch.no_grad():
-        torch.testing.assert_close(pf.load_subnet(tmp_path / "zero")(x), plain)
+        torch.testing.assert_close(pf.load_subnet(zero)(x), plain)
 
 
 @pytest.mark.parametrize("argv, message", [

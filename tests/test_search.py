@@ -61,7 +61,11 @@ def test_report_ties_the_figures_to_the_summary(finished_run):
     assert f"| test accuracy | {100 * arch['test_accuracy']:.2f}% (no fine-tuning) |" in report
     for png in ("p_per_layer.png", "kept_per_layer.png", "candidate_scores.png", "training.png"):
         assert f"]({png})" in report and (out / png).read_bytes()[:4] == b"\x89PNG"
-    assert result.summary["params_subnet"] < result.summary["params_supernet"] == 35670
+    summary = result.summary
+    assert summary["params_subnet"] < summary["params_all_channels"] < summary["params_supernet"] == 35670
+    assert (f"| materialized network | {summary['params_subnet']:,} parameters "
+            f"({summary['params_subnet'] / summary['params_all_channels']:.0%} of the "
+            f"{summary['params_all_channels']:,} with every channel kept) |") in report
 
 
 def test_architecture_names_the_best_candidate(finished_run):

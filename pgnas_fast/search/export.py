@@ -61,7 +61,8 @@ def export_candidate(run_dir: str | Path, out: str | Path, *, candidate: int | N
     from ..ops.streams import MAJOR_LIMIT
     from ..supernets.info import describe
     from .io import DATA_FILE, data_dir_of, write_json
-    from .materialize import load_subnet, materialize  # noqa: F401  (load_subnet: the reader of this layout)
+    # (load_subnet: the reader of this layout)
+    from .materialize import every_channel, load_subnet, materialize  # noqa: F401
     from .feed import recalibration_images
     from .rank import accuracy
     from .run import RunError, load_run
@@ -103,7 +104,7 @@ def export_candidate(run_dir: str | Path, out: str | Path, *, candidate: int | N
                                  test_accuracy=test)
     channels = 1 if config["dataset"] == "digits" else 3
     input_size = (channels, config["input_size"], config["input_size"])
-    before, after = describe(model, input_size), describe(subnet, input_size)
+    supernet, whole, after = (describe(net, input_size) for net in (model, every_channel(model), subnet))
     out.mkdir(parents=True, exist_ok=True)
     example = next(iter(feed.eval_batches("test")))[0][:2]
     torch.save(subnet, out / "subnet.pt")
@@ -114,9 +115,12 @@ def export_candidate(run_dir: str | Path, out: str | Path, *, candidate: int | N
     write_json(out / "config.json", {"config": config, "seed": seed})
     if data_dir is not None:  # evaluate's default, as the run's is rank's
         write_json(out / DATA_FILE, {"data_dir": str(Path(data_dir).resolve())})
+    # sizes of the super-network (drop logits and training-only heads included), of the same network
+    # materialized with every channel kept (what the candidate's sizes compare with) and of the candidate
     summary = {"candidate": candidate, "heldout_accuracy": heldout, "test_accuracy": test,
-               "params_supernet": before["params"], "params_subnet": after["params"],
-               "macs_supernet": before["macs"], "macs_subnet": after["macs"], "input_size": list(input_size),
+               "params_supernet": supernet["params"], "params_all_channels": whole["params"],
+               "params_subnet": after["params"], "macs_all_channels": whole["macs"], "macs_subnet": after["macs"],
+               "input_size": list(input_size),
                "bn_recalibrate": bn_recalibrate}
     write_json(out / "export.json", summary)
     return summary

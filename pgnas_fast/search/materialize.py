@@ -276,6 +276,13 @@ def materialize(model: nn.Module, masks: Mapping[str, torch.Tensor], *, fold_bat
     return subnet.eval()
 
 
+def every_channel(model: nn.Module) -> nn.Module:
+    """The super-network materialized with every channel kept: the baseline a candidate's size is
+    measured against (without the drop logits and training-only heads, BatchNorm folded the same way)."""
+    return materialize(model, {name: torch.ones(layer.gate_channels, device=layer.p_logit.device)
+                               for name, layer in gated_layers(model)})
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 

@@ -130,7 +130,9 @@ def write_report(run_dir: str | Path) -> Path:
         f"test {_pct(s['supernet_test_accuracy'])} |",
     ]
     if s.get("params_subnet"):
-        lines.append(f"| materialized network | {s['params_subnet']:,} parameters |")
+        whole = s.get("params_all_channels")
+        share = f" ({s['params_subnet'] / whole:.0%} of the {whole:,} with every channel kept)" if whole else ""
+        lines.append(f"| materialized network | {s['params_subnet']:,} parameters{share} |")
     if s.get("random_mean_heldout_accuracy") is not None:
         images = s.get("mean_heldout_images")  # (absent from runs older than the key)
         over = (f", over the first {images} held-out images (racing's first share)"

@@ -245,6 +245,9 @@ def _search(args) -> int:
     if not result.is_main:
         return 0
     s = result.summary
+    if s["smoke"]:
+        print(f"smoke check: {s['smoke']['training_steps']} training steps, candidates scored on {s['smoke']['heldout']} "
+              f"held-out and {s['smoke']['test']} test images: data and config work, the numbers mean nothing yet")
     print(f"best candidate: {s['best_candidate']} of {s['candidates']} "
           f"(keeps {_percent(s['kept_fraction'])} of the gated input channels)")
     print(f"  held-out accuracy {_percent(s['heldout_accuracy'])}, test accuracy {_percent(s['test_accuracy'])} "

@@ -52,6 +52,14 @@ def test_smoke_runs_every_paper_preset_on_generated_data(capsys, tmp_path, prese
     assert arch["preset"] == preset and arch["layers"]
     assert f"run directory: {out}" in captured.out
     assert "| paper |" in (out / "report.md").read_text()
+    # what the numbers come from: 2 steps, 2 batches of 4 (not the splits' sizes)
+    summary = json.loads((out / "summary.json").read_text())
+    heldout, test = (min(summary["data"][name], 8) for name in ("heldout", "test"))
+    assert summary["smoke"] == {"training_steps": 2, "heldout": heldout, "test": test}
+    assert (f"smoke check: 2 training steps, candidates scored on {heldout} held-out and {test} test images: data and "
+            "config work, the numbers mean nothing yet") in captured.out
+    assert (f"; smoke check: 2 training steps, scored on {heldout} held-out and {test} test images |"
+            in (out / "report.md").read_text())
 
 
 def test_later_commands_read_the_run_s_data_dir(capsys, tmp_path):

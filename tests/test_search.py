@@ -248,6 +248,7 @@ def test_smoke_runs_the_pipeline_on_a_handful_of_batches(tmp_path):
     # scores come from SMOKE_EVAL_BATCHES batches of 50 held-out images
     assert all(abs(r["score"] * 100 - round(r["score"] * 100)) < 1e-9 for r in read_jsonl(tmp_path / "candidates.jsonl"))
     assert result.summary["candidates"] == 2
+    assert result.summary["smoke"] == {"training_steps": 2, "heldout": 100, "test": 100}
     # the random baseline is capped too, and a one-epoch run still keeps its best checkpoint
     assert config["random_baseline"] > run_module.SMOKE_CANDIDATES
     assert len(read_jsonl(tmp_path / "random_candidates.jsonl")) == run_module.SMOKE_CANDIDATES

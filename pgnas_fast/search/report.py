@@ -119,7 +119,9 @@ def write_report(run_dir: str | Path) -> Path:
         "|---|---|",
         f"| super-network | {config['supernet']} ({s.get('params_supernet', 0):,} parameters) |",
         f"| posterior | {posterior}: {POSTERIOR_NAMES[posterior]} |",
-        f"| data | {s['data']['train']} training, {s['data']['heldout']} held-out, {s['data']['test']} test images |",
+        f"| data | {s['data']['train']} training, {s['data']['heldout']} held-out, {s['data']['test']} test images"
+        + (f"; smoke check: {smoke['training_steps']} training steps, scored on {smoke['heldout']} held-out and "
+           f"{smoke['test']} test images" if (smoke := s.get("smoke")) else "") + " |",
         f"| posterior training | {config['epochs']} epochs, {s['train_seconds']:.1f} s |",
         f"| ranking | {s['candidates']} guided ({config['ranking']}) + {s['random_candidates']} random candidates, "
         f"{s['rank_seconds']:.1f} s ({ranking_rate(s)}) |",

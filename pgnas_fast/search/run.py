@@ -56,6 +56,13 @@ SMOKE_EVAL_BATCHES = 2
 SMOKE_CANDIDATES = 2
 
 
+def smoke_extent(feed: TensorFeed | LoaderFeed) -> dict:
+    """The training steps and the held-out and test images a --smoke run scored."""
+    sizes = feed.sizes()
+    scored = {name: min(sizes[name], feed.max_eval_batches * feed.eval_batch_size) for name in ("heldout", "test")}
+    return {"training_steps": feed.steps_per_epoch(), **scored}
+
+
 class ScalarLog:
     """TensorBoard scalars of every epoch (loss, CE, regulariser, accuracy, lr, images/s, mean p per
     gated layer) when the tensorboard package is installed; otherwise nothing (train_log.jsonl holds
@@ -400,6 +407,8 @@ def _run_search(config: dict, *, seed: int, out_dir: Path, device: torch.device,
         "candidates": len(rows),
         "random_candidates": len(random_rows),
         "data": feed.sizes(),
+        # --smoke: what the numbers above come from (they check data and config; they are not a search)
+        "smoke": smoke_extent(feed) if smoke else None,
         # every epoch's, those before a --resume included (this process alone trained since `started`)
         "train_seconds": sum(row.get("seconds", 0.0) for row in train_log) or trained - started,
         "rank_seconds": ranked - trained,  # this process's (a resumed search's ranking did part of the work before)

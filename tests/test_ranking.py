@@ -563,8 +563,8 @@ def test_random_baseline_drops_at_the_learned_mean_rate(untrained):
 class RecordingBar:
     """tqdm's part that rank uses, recorded."""
 
-    def __init__(self, total, initial=0, **kwargs):
-        self.total, self.n, self.initial, self.closed = total, initial, initial, False
+    def __init__(self, total, initial=0, unit="it", **kwargs):
+        self.total, self.n, self.initial, self.closed, self.unit = total, initial, initial, False, unit
         BARS.append(self)
 
     def update(self, k):
@@ -588,6 +588,7 @@ def test_the_progress_bar_ends_full_under_racing_sharding_and_resume(monkeypatch
     BARS.clear()
     rank(FixedScorer(90), range(9), log=ProgressLog(tmp_path), **{**RACING, "progress": True})
     assert (BARS[-1].total, BARS[-1].n, BARS[-1].initial, BARS[-1].closed) == (13, 13, 0, True)
+    assert BARS[-1].unit == "cand-round"  # a candidate counts once per round it reaches
     rank(FixedScorer(90), range(9), log=ProgressLog(tmp_path), **{**RACING, "progress": True})  # all restored
     assert (BARS[-1].total, BARS[-1].n, BARS[-1].initial) == (13, 13, 13)
 
@@ -595,4 +596,4 @@ def test_the_progress_bar_ends_full_under_racing_sharding_and_resume(monkeypatch
         return rows + [{**row, "id": row["id"] + 1} for row in rows if row["id"] + 1 < 10]
 
     rank(FixedScorer(90), range(10), shard=(0, 2), gather=other_rank_too, progress=True)
-    assert (BARS[-1].total, BARS[-1].n) == (10, 10)
+    assert (BARS[-1].total, BARS[-1].n, BARS[-1].unit) == (10, 10, "cand")

@@ -221,8 +221,9 @@ def rank(scorer: CandidateScorer, candidates: Sequence[int], *, strategy: str = 
     # the bar counts every rank's evaluations: those restored from the logs from the start (outside its
     # rate: they took no time now), its own as they finish, the other ranks' at each round's end
     restored = sum(1 for round_index, c in done if c in images and round_index < len(ends))
-    bar = tqdm(total=sum(round_sizes), initial=restored, desc=desc, unit="cand", disable=not progress,
-               dynamic_ncols=True)
+    # racing scores a candidate once per round it reaches: the bar counts such candidate-rounds
+    bar = tqdm(total=sum(round_sizes), initial=restored, desc=desc, unit="cand" if len(ends) == 1 else "cand-round",
+               disable=not progress, dynamic_ncols=True)
     for round_index, end in enumerate(ends):
         todo = [c for c in survivors if (round_index, c) not in done]
         mine = todo[rank_id::world]

@@ -79,6 +79,27 @@ def test_every_channel_is_the_full_super_network_without_training_only_parts(nam
     assert count_parameters(whole) <= count_parameters(model) - dropped
 
 
+def test_a_channels_last_super_network_exports_contiguous_weights(tmp_path):
+    """A run's evaluation layout (channels_last weights) does not leak into the export as a mix of
+    layouts; torch.export.save then has no non-contiguous weight to warn about."""
+    import warnings
+
+    model, x = _tiny("supnet-r50")
+    model = model.to(memory_format=torch.channels_last)
+    masks = candidate_masks(model, 1, 2)
+    set_gates(model, "hard", masks=masks)
+    with torch.no_grad():
+        expected = model(x)
+    subnet = materialize(model, masks)
+    assert all(p.is_contiguous() for p in subnet.parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(subnet(x), expected, rtol=1e-5, atol=1e-5)
+    program = torch.export.export(subnet, (x,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.export.save(program, tmp_path / "model.pt2")
+
+
 def test_a_run_that_feeds_only_a_deleted_layer_goes_whole():
     """A shake-shake branch whose second conv keeps nothing: its first conv, BN and ReLU feed nobody
     (they stayed, computed and counted); the deleted layer still gives the right output size."""

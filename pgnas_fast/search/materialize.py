@@ -273,6 +273,11 @@ def materialize(model: nn.Module, masks: Mapping[str, torch.Tensor], *, fold_bat
     _prune_producers(subnet)
     if fold_batchnorm:
         _fold_batchnorm(subnet)
+    # one layout for every weight: slicing and folding made new contiguous tensors, and a weight left in
+    # the run's evaluation layout (channels_last, e.g. an ungated stem) would be the odd one out (and
+    # torch.export.save warns about each non-contiguous one)
+    for param in subnet.parameters():
+        param.data = param.data.contiguous()
     return subnet.eval()
 
 

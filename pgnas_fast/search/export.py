@@ -120,8 +120,7 @@ def export_candidate(run_dir: str | Path, out: str | Path, *, candidate: int | N
     summary = {"candidate": candidate, "heldout_accuracy": heldout, "test_accuracy": test,
                "params_supernet": supernet["params"], "params_all_channels": whole["params"],
                "params_subnet": after["params"], "macs_all_channels": whole["macs"], "macs_subnet": after["macs"],
-               "input_size": list(input_size),
-               "bn_recalibrate": bn_recalibrate}
+               "input_size": list(input_size), "bn_recalibrate": bn_recalibrate}
     write_json(out / "export.json", summary)
     return summary
 

@@ -364,9 +364,8 @@ def _info(args) -> int:
 
     config = configs.resolve(args.preset)
     classes = {"digits": 10, "cifar10": 10, "cifar100": 100, "imagenet": 1000}[config["dataset"]]
-    channels = 1 if config["dataset"] == "digits" else 3
     facts = {"preset": args.preset, "supernet": config["supernet"], "num_classes": classes,
-             **describe(build_supernet(config, classes), (channels, config["input_size"], config["input_size"]))}
+             **describe(build_supernet(config, classes), configs.input_shape(config))}
     if args.json:
         print(json.dumps(facts, sort_keys=True))
         return 0

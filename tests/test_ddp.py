@@ -106,6 +106,23 @@ def test_check_shards_names_the_batch_and_the_world_size():
         check_shards([64, 3], Parallel(0, 4))
 
 
+def test_a_batch_too_small_for_batchnorm_is_named_before_training():
+    """R-50 at 32x32 ends on 1x1 maps: a batch of 1 image would stop training inside BatchNorm."""
+    from pgnas_fast import supernets
+    from pgnas_fast.search.feed import check_batchnorm_rows
+
+    model = supernets.create("supnet-r50", num_classes=5, base_width=8, layers=(1, 1, 1, 1))
+    check_batchnorm_rows(model, (3, 32, 32), [4, 2], Parallel())
+    check_batchnorm_rows(model, (3, 64, 64), [4, 1], Parallel())  # 2x2 maps: 4 values of one image
+    with pytest.raises(configs.ConfigError, match=r"a training batch gives the network 1 image\(s\), and a BatchNorm "
+                                                  r"of the network reads a 1-value map per channel"):
+        check_batchnorm_rows(model, (3, 32, 32), [4, 1], Parallel())
+    with pytest.raises(configs.ConfigError, match=r"gives a process 1 image"):
+        check_batchnorm_rows(model, (3, 32, 32), [4, 3], Parallel(0, 2))
+    check_batchnorm_rows(model, (3, 32, 32), [4, 3], Parallel(0, 2), sync_bn=True)  # statistics over all 3 rows
+    assert model.training  # left as it was
+
+
 def test_row_share_sampler_covers_the_single_process_batches():
     """ImageNet's loader: ranks read their rows of the same shuffled full batches as one process."""
     from pgnas_fast.data.imagenet import SeededSampler

@@ -159,6 +159,14 @@ def test_info_text(capsys):
     assert "parameters      35,670" in out and "p values        60" in out
 
 
+def test_a_batch_too_small_for_batchnorm_is_refused_before_anything_is_written(capsys, tmp_path):
+    write_imagenet(tmp_path / "data", train_per_class=10)
+    code, captured = search(capsys, "--preset", "imagenet-d121", "--data-dir", tmp_path / "data", "--smoke",
+                            "--out", tmp_path / "run", *CHEAP, "--set", "batch_size=1", "--set", "input_size=32")
+    assert code == 2 and "a training batch gives the network 1 image(s)" in captured.err
+    assert captured.err.count("\n") == 1 and not (tmp_path / "run").exists()
+
+
 def test_another_data_set_s_classes_are_named_not_scored(capsys, tmp_path):
     """rank and export of a run, and evaluate of its export, with a --data-dir of another class count:
     a one-line error saying so, not a state_dict dump or a meaningless accuracy."""

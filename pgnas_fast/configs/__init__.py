@@ -184,6 +184,7 @@ _SPLIT_SEED = ((int,), lambda v: 0 <= v < 1 << 32, "an int in [0, 2^32)")
 DATA_ARGS = {"digits": {"test_size": _POSITIVE_INT}}
 # dataset -> the size of its images (ImageNet: any crop size)
 NATIVE_INPUT_SIZE = {"digits": 8, "cifar10": 32, "cifar100": 32}
+IMAGE_CHANNELS = {"digits": 1, "cifar10": 3, "cifar100": 3, "imagenet": 3}
 SCHEMA = {
     "dataset": ((str,), lambda v: v in DATASETS, f"one of {', '.join(DATASETS)}"),
     "data_args": ((dict,), lambda v: True, "an object"),
@@ -228,6 +229,11 @@ SCHEMA = {
     "sync_bn": ((bool,), lambda v: True, "true or false"),
     "cifar_pipeline": ((str,), lambda v: v in ("auto", "tensors", "loader"), "one of auto, tensors, loader"),
 }
+
+
+def input_shape(config: Mapping) -> tuple[int, int, int]:
+    """[C, H, W] of one model input of a resolved config."""
+    return IMAGE_CHANNELS[config["dataset"]], config["input_size"], config["input_size"]
 
 
 def names() -> list[str]:

@@ -56,6 +56,7 @@ def export_candidate(run_dir: str | Path, out: str | Path, *, candidate: int | N
     best. `bn_recalibrate` N > 0: the network keeps BatchNorm statistics recomputed for the candidate
     from N training images (as `rank --bn-recalibrate N` scored it); by default the ranking's own
     setting with `rank_tag`, else 0 (the super-network's running statistics)."""
+    from .. import configs
     from ..nn import candidate_masks, set_gates
     from ..nn.batchnorm import recalibrate_batchnorm
     from ..ops.streams import MAJOR_LIMIT
@@ -102,8 +103,7 @@ def export_candidate(run_dir: str | Path, out: str | Path, *, candidate: int | N
                                  candidate={"id": candidate, "score": heldout,
                                             "kept_fraction": kept_fraction(masks)},
                                  test_accuracy=test)
-    channels = 1 if config["dataset"] == "digits" else 3
-    input_size = (channels, config["input_size"], config["input_size"])
+    input_size = configs.input_shape(config)
     supernet, whole, after = (describe(net, input_size) for net in (model, every_channel(model), subnet))
     out.mkdir(parents=True, exist_ok=True)
     example = next(iter(feed.eval_batches("test")))[0][:2]

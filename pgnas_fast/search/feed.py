@@ -47,6 +47,32 @@ def check_shards(batch_sizes: list[int], parallel: Parallel) -> None:
                           f"{parallel.world} ranks; change batch_size or heldout_size so that it has none or more")
 
 
+@torch.no_grad()
+def check_batchnorm_rows(model: torch.nn.Module, input_shape: tuple[int, ...], batch_sizes: list[int],
+                         parallel: Parallel, *, sync_bn: bool = False) -> None:
+    """Every BatchNorm gets at least 2 values per channel from every training batch: the fewest rows a
+    process normalises over (all ranks' with sync_bn), times the smallest plane a BatchNorm reads (a
+    1x1 map at the end of a deep network), found by one eval forward of one image. Else training would
+    stop inside BatchNorm at that batch. Raises ConfigError (bad input: exit 2)."""
+    planes = []
+    hooks = [m.register_forward_pre_hook(lambda m, args: planes.append(args[0][0, 0].numel()))
+             for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    was_training = model.training
+    try:
+        model.eval()(torch.ones(1, *input_shape, device=next(model.parameters()).device))  # (no RNG drawn)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    rows = min(batch_sizes) if sync_bn else min(batch_sizes) // parallel.world
+    if planes and rows * min(planes) < 2:
+        where = "a process" if parallel.enabled and not sync_bn else "the network"
+        raise ConfigError(f"a training batch gives {where} {rows} image(s), and a BatchNorm of the network reads a "
+                          f"{min(planes)}-value map per channel: its training statistics need 2 values or more; raise "
+                          f"batch_size (training batches: {batch_sizes[0]}, last {batch_sizes[-1]}), or change "
+                          "heldout_size so that the epoch's last batch is not of 1 image")
+
+
 def recalibration_images(feed: "TensorFeed | LoaderFeed", n: int) -> torch.Tensor:
     """The n training images that `--bn-recalibrate n` recomputes BatchNorm statistics from (rank and
     export read the same ones); refused before any pass when the training split is smaller."""

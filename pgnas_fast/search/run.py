@@ -36,7 +36,7 @@ from .. import data as datasets
 from ..nn import candidate_masks, set_gates, set_posterior
 from ..ops.streams import Domain
 from .export import architecture_record
-from .feed import CifarLoaderFeed, LoaderFeed, TensorFeed, check_shards
+from .feed import CifarLoaderFeed, LoaderFeed, TensorFeed, check_batchnorm_rows, check_shards
 from .io import (DATA_FILE, SEARCH_RANKINGS, RunError, changed_settings, data_dir_of, load_checkpoint, read_jsonl,
                  save_checkpoint, write_json, write_jsonl)
 from .materialize import count_parameters, every_channel, materialize
@@ -301,6 +301,8 @@ def _run_search(config: dict, *, seed: int, out_dir: Path, device: torch.device,
     check_shards(feed.train_batch_sizes(), parallel)
     torch.manual_seed(seed)  # the super-network's initial weights (the same on every rank)
     model = build_supernet(config, feed.num_classes).to(device)
+    check_batchnorm_rows(model, configs.input_shape(config), feed.train_batch_sizes(), parallel,
+                         sync_bn=config["sync_bn"])
     optimizer = make_optimizer(model, config)
     n_train = config["n_train"] or feed.n_train
     run_config = {"config": config, "seed": seed}

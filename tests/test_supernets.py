@@ -217,6 +217,18 @@ def test_inflated_resnet_branches():
                    for m in model.modules())
 
 
+def test_inflated_resnet_zero_init_residual_is_opt_in():
+    """supernet_args {"zero_init_residual": true}: every bottleneck starts as its shortcut (its last
+    BatchNorm's scale 0), as torchvision's option; off by default, as the paper says nothing of it."""
+    from pgnas_fast.supernets.resnet import Bottleneck
+
+    for zero in (False, True):
+        torch.manual_seed(0)
+        model = InflatedResNet(num_classes=5, base_width=8, layers=(1, 2, 1, 1), zero_init_residual=zero)
+        scales = [m.bn3.weight for m in model.modules() if isinstance(m, Bottleneck)]
+        assert len(scales) == 5 and all(bool((s == 0).all()) == zero for s in scales)
+
+
 def test_count_macs_by_hand_and_describe_restores_gates():
     model = nn.Sequential(GatedConv2d(3, 8, 3, padding=1, stride=2), nn.Flatten(), GatedLinear(8 * 4 * 4, 5))
     assert count_macs(model, (8, 8)) == 8 * 4 * 4 * 3 * 9 + 128 * 5

@@ -64,7 +64,8 @@ class Bottleneck(nn.Module):
 
 class InflatedResNet(nn.Module):
     def __init__(self, num_classes: int = 1000, *, layers=(3, 4, 6, 3), base_width: int = 64,
-                 p_init: float = 0.1, tau: float = 0.2, backend: str | None = None):
+                 p_init: float = 0.1, tau: float = 0.2, backend: str | None = None,
+                 zero_init_residual: bool = False):
         super().__init__()
         check_sizes("ResNet super-network", layers=tuple(layers), base_width=base_width)
         gate_kw = dict(p_init=p_init, tau=tau, backend=backend)
@@ -87,6 +88,10 @@ class InflatedResNet(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        if zero_init_residual:  # Goyal et al. 2017: every block starts as the identity (torchvision's option)
+            for m in self.modules():
+                if isinstance(m, Bottleneck):
+                    nn.init.zeros_(m.bn3.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stages(self.stem(x))

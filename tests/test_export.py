@@ -16,8 +16,8 @@ from pgnas_fast import configs, supernets
 from pgnas_fast.cli import main
 from pgnas_fast.nn import GatedConv2d, GatedLinear, candidate_masks, gated_layers, set_gates
 from pgnas_fast.search import run_search
-from pgnas_fast.search.materialize import (MaskedConv2d, SlicedConv2d, ZeroInput, count_parameters, every_channel,
-                                          materialize)
+from pgnas_fast.search.materialize import (MaskedConv2d, SlicedConv2d, SlicedLinear, ZeroInput, count_parameters,
+                                          every_channel, materialize)
 
 TINY = {  # family: (constructor knobs, input side, input channels)
     "digits-tiny": (dict(), 8, 1),
@@ -421,3 +421,65 @@ def test_export_recalibration_bad_input(capsys, searched, tmp_path, argv, messag
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
     assert not (tmp_path / "out").exists(), "nothing is left behind"
+
+
+def test_a_gated_layer_on_its_own_materializes():
+    """The model is itself the gated layer (mask name ''): it becomes the plain layer, not the gated
+    one copied in whatever gate mode it was left."""
+    torch.manual_seed(4)
+    x = torch.randn(2, 4, 5, 5)
+    for layer, masks, kind in ((GatedConv2d(4, 3, 3), {"": torch.tensor([1.0, 0, 1, 1])}, SlicedConv2d),
+                               (GatedConv2d(4, 4, 3, groups=2), {"": torch.tensor([1.0, 0, 1, 1])}, MaskedConv2d),
+                               (GatedConv2d(4, 3, 3), {"": torch.zeros(4)}, ZeroInput)):
+        set_gates(layer, "relaxed", seed=1, step=0)  # left relaxed: a copy of it would still draw gates
+        subnet = _equals_the_hard_masked(layer, masks, x)
+        assert isinstance(subnet, kind)
+    lin = GatedLinear(5, 3)
+    set_gates(lin, "relaxed", seed=1, step=0)
+    assert isinstance(_equals_the_hard_masked(lin, {"": torch.tensor([1.0, 0, 1, 1, 0])}, torch.randn(2, 4, 5)),
+                      SlicedLinear)
+
+
+def test_a_stochastic_module_of_the_user_s_own_is_kept_in_eval_mode():
+    """materialize replaces the stochastic modules it knows (shake-shake, drop-path) by their plain
+    evaluation forms; another StochasticModule keeps its own eval forward (it was replaced by an
+    nn.Identity: a scale dropped silently, a module of two inputs a TypeError at call time)."""
+    from pgnas_fast.nn import StochasticModule
+    from pgnas_fast.ops import Domain
+
+    class Scale(StochasticModule):
+        rng_domain = Domain.DROP_PATH
+
+        def forward(self, x):
+            return 0.5 * x
+
+    class Mix(StochasticModule):
+        rng_domain = Domain.SHAKE
+
+        def forward(self, a, b):
+            return a + b
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.scale, self.mix = GatedConv2d(3, 3, 1), Scale(), Mix()
+
+        def forward(self, x):
+            return self.mix(self.scale(self.conv(x)), x)
+
+    torch.manual_seed(5)
+    subnet = _equals_the_hard_masked(Net(), {"conv": torch.tensor([1.0, 0, 1])}, torch.randn(2, 3, 4, 4))
+    assert isinstance(subnet.scale, Scale) and not subnet.scale.training
+    torch.export.export(subnet, (torch.randn(2, 3, 4, 4),))
+
+
+def test_a_gated_layer_materialize_cannot_slice_is_named():
+    from pgnas_fast.nn import GatedInput
+
+    class GatedConv1d(GatedInput, torch.nn.Conv1d):
+        def __init__(self):
+            torch.nn.Conv1d.__init__(self, 4, 4, 3)
+            self._init_gates(4, None, 0.1, 0.2, None)
+
+    with pytest.raises(TypeError, match=r"not the gated layers \['0: GatedConv1d'\]"):
+        materialize(torch.nn.Sequential(GatedConv1d()), {"0": torch.ones(4)})

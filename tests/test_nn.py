@@ -22,6 +22,7 @@ from pgnas_fast.nn import (
     gated_layers,
     network_regularizer,
     set_gates,
+    stacked_candidate_masks,
 )
 from pgnas_fast.ops.streams import Domain, stream_id
 
@@ -483,3 +484,49 @@ def test_gated_linear_leading_dims(mode):
     expected = F.linear(x.reshape(8, 4) * keep, lin.weight, lin.bias).view(2, 4, 3)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
     assert lin(x[0, 0]).shape == (3,)  # 1-D input, as nn.Linear
+
+
+@pytest.mark.parametrize("mode", ["relaxed", "hard", "full"])
+@pytest.mark.parametrize("posterior", ["concrete", "gaussian"])
+def test_an_unbatched_conv_input_is_one_example(mode, posterior):
+    """[C, H, W], as nn.Conv2d takes it: the gates act on C (with C == H a gated H would go unnoticed
+    by shape) and the result is the batched one's first row."""
+    from pgnas_fast.nn import set_posterior
+
+    torch.manual_seed(11)
+    conv = GatedConv2d(5, 4, 3, padding=1, gate_groups=2)
+    with torch.no_grad():
+        conv.p_logit.copy_(torch.randn(3))
+    set_posterior(conv, posterior)
+    kwargs = {"relaxed": dict(step=2), "hard": dict(masks={"": torch.tensor([1.0, 0, 1, 1, 0])}), "full": {}}[mode]
+    set_gates(conv, mode, seed=SEED, **kwargs)
+    x = torch.randn(5, 5, 5)
+    torch.testing.assert_close(conv(x), conv(x.unsqueeze(0))[0])
+
+
+def test_gated_layers_name_an_input_of_the_wrong_size():
+    """As nn.Conv2d and nn.Linear do: the input's size and in_channels / in_features, in every gate mode
+    (GatedLinear reshaped [4, 12] into [8, 6] rows and returned [4, 6])."""
+    conv, lin = GatedConv2d(3, 4, 3), GatedLinear(6, 3)
+    for mode, kwargs in (("relaxed", dict(step=0)), ("hard", dict(candidate=0)), ("full", {})):
+        set_gates(conv, mode, seed=SEED, **kwargs)
+        set_gates(lin, mode, seed=SEED, **kwargs)
+        with pytest.raises(ValueError, match=r"expected input\[2, 6, 6, 6\] to have 3 channels \(in_channels\)"):
+            conv(torch.randn(2, 6, 6, 6))
+        with pytest.raises(ValueError, match=r"4-D \[N, C, H, W\] \(or unbatched 3-D \[C, H, W\]\)"):
+            conv(torch.randn(2, 1, 3, 6, 6))
+        with pytest.raises(ValueError, match=r"expected input\[4, 12\] to have 6 features \(in_features\)"):
+            lin(torch.randn(4, 12))
+
+
+def test_stacked_masks_need_a_batch_of_k_equal_row_groups():
+    """K candidates' masks on a batch that is not K row groups: named, not unflatten's error, and not
+    [B, T, in] rows regrouped across examples (B = 2 examples, K = 3, B * T = 12 rows)."""
+    conv, lin = GatedConv2d(4, 4, 1).eval(), GatedLinear(4, 2).eval()
+    for layer in (conv, lin):
+        set_gates(layer, "hard", masks=stacked_candidate_masks(layer, SEED, [0, 1, 2]))
+    with pytest.raises(ValueError, match="3 equal row groups .* got 4 examples"):
+        conv(torch.randn(4, 4, 2, 2))
+    with pytest.raises(ValueError, match="3 equal row groups .* got 2 examples"):
+        lin(torch.randn(2, 6, 4))
+    assert lin(torch.randn(6, 5, 4)).shape == (6, 5, 2)

@@ -597,3 +597,23 @@ def test_the_progress_bar_ends_full_under_racing_sharding_and_resume(monkeypatch
 
     rank(FixedScorer(90), range(10), shard=(0, 2), gather=other_rank_too, progress=True)
     assert (BARS[-1].total, BARS[-1].n, BARS[-1].unit) == (10, 10, "cand")
+
+
+def test_rank_refuses_a_candidate_id_given_twice(untrained):
+    """Its rows would add up (a score of 2 x its accuracy); any iterable of ids is taken."""
+    images, labels = torch.randn(20, 1, 8, 8), torch.randint(0, 10, (20,))
+    scorer = CandidateScorer(untrained, images, labels, seed=1, batch_size=8)
+    for strategy in ("exhaustive", "racing"):
+        with pytest.raises(ValueError, match=r"distinct ids, got \[1\] more than once"):
+            rank(scorer, [1, 2, 1], strategy=strategy, progress=False)
+    assert rank(scorer, (c for c in (2, 0)), progress=False) == rank(scorer, [0, 2], progress=False)
+
+
+def test_scorer_checks_images_and_labels_and_restores_the_training_mode(untrained):
+    images, labels = torch.randn(20, 1, 8, 8), torch.randint(0, 10, (20,))
+    with pytest.raises(ValueError, match="same number of held-out examples, got 20 and 19"):
+        CandidateScorer(untrained, images, labels[:-1], seed=1)
+    for training in (True, False):
+        untrained.train(training)
+        CandidateScorer(untrained, images, labels, seed=1, batch_size=8).correct([0, 1], 0, 20)
+        assert all(m.training == training for m in untrained.modules())

@@ -2,10 +2,19 @@
 from __future__ import annotations
 
 import torch
+import torch.nn as nn
 
 from .. import ops
 from ..ops.streams import Domain
 from .gated import StochasticModule
+
+
+class MeanCombine(nn.Module):
+    """Shake-shake in evaluation mode in plain torch ops: the mean of the branches, plus the skip."""
+
+    def forward(self, branches: list[torch.Tensor], skip: torch.Tensor | None = None) -> torch.Tensor:
+        out = torch.stack(branches).mean(0)
+        return out if skip is None else out + skip
 
 
 class ShakeShake(StochasticModule):
@@ -25,6 +34,9 @@ class ShakeShake(StochasticModule):
     def __init__(self, backend: str | None = None):
         super().__init__()
         self.backend = backend
+
+    def evaluation_module(self) -> nn.Module:
+        return MeanCombine()
 
     def forward(self, branches: list[torch.Tensor], skip: torch.Tensor | None = None) -> torch.Tensor:
         n_branches, batch = len(branches), branches[0].shape[0]

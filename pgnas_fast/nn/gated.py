@@ -141,6 +141,10 @@ class GatedInput(nn.Module):
                 return x * mask.view(1, -1, *trailing)
             # K candidates at once: the batch is K equal row groups, candidate-major
             k = mask.shape[0]
+            if x.shape[0] % (k * rows_per_example):
+                raise ValueError(f"{type(self).__name__}: set_gates gave masks of {k} candidates ([K, C_in]), so "
+                                 f"the batch must be {k} equal row groups (a multiple of {k} examples), got "
+                                 f"{x.shape[0] // rows_per_example} examples")
             return (x.unflatten(0, (k, -1)) * mask.view(k, 1, -1, *trailing)).flatten(0, 1)
         return x
 
@@ -158,6 +162,14 @@ class GatedConv2d(GatedInput, nn.Conv2d):
         self._init_gates(in_channels, gate_groups, p_init, tau, backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() not in (3, 4):
+            raise ValueError(f"{type(self).__name__}: input must be a 4-D [N, C, H, W] (or unbatched 3-D [C, H, W]) "
+                             f"tensor, got shape {tuple(x.shape)}")
+        if x.shape[-3] != self.in_channels:
+            raise ValueError(f"{type(self).__name__}: expected input{list(x.shape)} to have {self.in_channels} "
+                             f"channels (in_channels), but got {x.shape[-3]} channels instead")
+        if x.dim() == 3:  # unbatched, as nn.Conv2d takes it: one example, one row of gates
+            return self.forward(x.unsqueeze(0)).squeeze(0)
         if self.gaussian_relaxed:
             return self._gaussian_forward(x)
         return self._conv_forward(self.gate(x), self.weight, self.bias)
@@ -170,7 +182,7 @@ class GatedConv2d(GatedInput, nn.Conv2d):
         alpha = self.log_alpha_per_channel().exp().view(self.groups, 1, per_group)
         alpha = alpha.expand(-1, out_channels // self.groups, -1).reshape(out_channels, per_group, 1, 1)
         var = self._conv_forward(x * x, self.weight * self.weight * alpha, None)
-        return self.gaussian_sample(mu, var, x.shape[0] if x.dim() == 4 else 1)
+        return self.gaussian_sample(mu, var, x.shape[0])
 
 
 class GatedLinear(GatedInput, nn.Linear):
@@ -181,6 +193,9 @@ class GatedLinear(GatedInput, nn.Linear):
         self._init_gates(in_features, gate_groups, p_init, tau, backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(f"{type(self).__name__}: expected input{list(x.shape)} to have {self.in_features} "
+                             f"features (in_features) in its last dim, got {x.shape[-1] if x.dim() else 'a scalar'}")
         # gates act on dim 1: fold any leading dims of [..., in_features] into the batch (one gate per row)
         flat = x.reshape(-1, self.in_features)
         batch = x.shape[0] if x.dim() > 1 else 1
@@ -206,6 +221,13 @@ class StochasticModule(nn.Module):
     rng_seed: int = 0
     rng_stream: int | None = None
     rng_row_offset: int = 0
+
+    def evaluation_module(self) -> nn.Module:
+        """What `materialize` puts in this module's place: a module that computes its evaluation-mode
+        forward. By default the module itself, kept as it is (its eval forward then runs in the
+        materialized network); a module whose eval forward needs a pgnas_fast op returns a plain-torch
+        equivalent (shake-shake: the mean of the branches; drop-path: the identity)."""
+        return self
 
 
 def gated_layers(model: nn.Module) -> list[tuple[str, GatedInput]]:

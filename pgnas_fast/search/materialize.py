@@ -4,8 +4,8 @@
 - every gated conv/linear by one that gathers only its kept input channels and holds only their
   weights (`SlicedConv2d`, `SlicedLinear`; a grouped conv keeps its width and zeroes the dropped
   channels, `MaskedConv2d`; a layer that keeps nothing is deleted: `ZeroInput` returns its bias);
-- every stochastic module by its evaluation-mode behaviour in plain torch ops (shake-shake: the mean
-  of the branches; drop-path: identity),
+- every stochastic module by its `evaluation_module()` (shake-shake: the mean of the branches in
+  plain torch ops; drop-path: identity; a module of another kind is kept as it is, in eval mode),
 so the result equals the masked super-network in eval mode (outputs within float rounding), needs
 no pgnas_fast op, and exports with torch.export to an artefact that plain torch loads.
 
@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ..nn import GatedConv2d, ShakeShake, StochasticModule, check_masks, gated_layers
+from ..nn import GatedConv2d, GatedLinear, StochasticModule, check_masks, gated_layers
+from ..nn.combine import MeanCombine
 
 
 class SlicedConv2d(nn.Module):
@@ -116,14 +117,6 @@ class MaskedConv2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(x * self.mask)
-
-
-class MeanCombine(nn.Module):
-    """Shake-shake in evaluation mode: the mean of the branches, plus the skip."""
-
-    def forward(self, branches: list[torch.Tensor], skip: torch.Tensor | None = None) -> torch.Tensor:
-        out = torch.stack(branches).mean(0)
-        return out if skip is None else out + skip
 
 
 def _plain(layer: nn.Module, mask: torch.Tensor) -> nn.Module:
@@ -255,21 +248,27 @@ def _fold_batchnorm(subnet: nn.Module) -> None:
 def materialize(model: nn.Module, masks: Mapping[str, torch.Tensor], *, fold_batchnorm: bool = True) -> nn.Module:
     """A plain-torch copy of `model` in eval mode that computes the candidate `masks` names: dropped
     input channels sliced out, the producers' channels nobody reads removed, BatchNorm folded."""
-    check_masks(gated_layers(model), masks, stacked=False)
+    layers = gated_layers(model)
+    check_masks(layers, masks, stacked=False)
     for name, mask in masks.items():
         if not ((mask == 0) | (mask == 1)).all():
             raise ValueError(f"masks[{name!r}] must hold only 0 (dropped) and 1 (kept)")
+    unknown = [f"{name or '(the model itself)'}: {type(layer).__name__}" for name, layer in layers
+               if not isinstance(layer, (GatedConv2d, GatedLinear))]
+    if unknown:
+        raise TypeError(f"materialize knows how to slice GatedConv2d and GatedLinear layers (and their subclasses), "
+                        f"not the gated layers {unknown}")
     subnet = copy.deepcopy(model).eval()
+    if isinstance(subnet, (GatedConv2d, GatedLinear)):  # the model is one gated layer: its plain layer is the whole
+        return _plain(subnet, masks[""]).eval()
     for name, layer in gated_layers(subnet):
         _replace(subnet, name, _plain(layer, masks[name]))
     for module in list(subnet.modules()):
         for name in getattr(module, "training_only_modules", ()):  # e.g. ENAS's auxiliary head
             setattr(module, name, None)
     for name, module in list(subnet.named_modules()):
-        if isinstance(module, ShakeShake):
-            _replace(subnet, name, MeanCombine())
-        elif isinstance(module, StochasticModule):  # e.g. drop-path: identity in evaluation
-            _replace(subnet, name, nn.Identity())
+        if isinstance(module, StochasticModule) and name:
+            _replace(subnet, name, module.evaluation_module())
     _prune_producers(subnet)
     if fold_batchnorm:
         _fold_batchnorm(subnet)

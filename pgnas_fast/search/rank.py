@@ -15,6 +15,7 @@ chunks finish, so a killed ranking resumes without evaluating anything twice.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import math
@@ -78,6 +79,9 @@ class CandidateScorer:
             raise ValueError(f"evaluator must be one of {', '.join(EVALUATORS)}; got {evaluator!r}")
         if evaluator == "reload" and load_model is None:
             raise ValueError("the reload evaluator needs load_model")
+        if len(images) != len(labels):
+            raise ValueError(f"images and labels must hold the same number of held-out examples, got {len(images)} "
+                             f"and {len(labels)}")
         self.model, self.images, self.labels = model, images, labels
         self.seed, self.evaluator, self.domain, self.p_logits = seed, evaluator, domain, p_logits
         self.batch_size, self.rows_per_pass = batch_size, rows_per_pass
@@ -114,11 +118,15 @@ class CandidateScorer:
         candidates = list(candidates)
         counts = torch.zeros(len(candidates), dtype=torch.int64, device=self.labels.device)
         per_pass = self.candidates_per_pass(start, end)
-        for lo in range(0, len(candidates), per_pass):
-            group = candidates[lo:lo + per_pass]
-            model = self.load_model() if self.evaluator == "reload" else self.model
-            counts[lo:lo + len(group)] = self._correct_pass(model, group, start, end)
-        set_gates(self.model, "full")
+        training = self.model.training  # scoring runs in eval mode; the caller's mode comes back
+        try:
+            for lo in range(0, len(candidates), per_pass):
+                group = candidates[lo:lo + per_pass]
+                model = self.load_model() if self.evaluator == "reload" else self.model
+                counts[lo:lo + len(group)] = self._correct_pass(model, group, start, end)
+        finally:
+            set_gates(self.model, "full")
+            self.model.train(training)
         return counts.tolist()  # one host sync per call
 
     def _correct_pass(self, model: nn.Module, group: list[int], start: int, end: int) -> torch.Tensor:
@@ -205,6 +213,10 @@ def rank(scorer: CandidateScorer, candidates: Sequence[int], *, strategy: str = 
         raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}; got {strategy!r}")
     if eta < 2 or not 0 < first_share <= 1:
         raise ValueError(f"racing needs eta >= 2 and 0 < first_share <= 1, got {eta} and {first_share}")
+    candidates = list(candidates)  # (any iterable of ids: it is read more than once)
+    if len(set(candidates)) < len(candidates):  # their rows would add up: scores above 1
+        repeated = sorted(c for c, n in collections.Counter(candidates).items() if n > 1)
+        raise ValueError(f"candidates must be distinct ids, got {repeated} more than once")
     rank_id, world = shard
     done = log.load() if log is not None else {}
     if gather is not None:

@@ -96,6 +96,9 @@ class DropPath(StochasticModule):
         self.drop_prob = 0.0
         self.backend = backend
 
+    def evaluation_module(self) -> nn.Module:
+        return nn.Identity()  # drop-path is the identity in evaluation
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.drop_prob <= 0.0:
             return x

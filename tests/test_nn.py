@@ -7,6 +7,8 @@ stream (TRAIN, step, layer); hard keep = [u + sigmoid(z) < 1] with u from stream
 """
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -530,3 +532,32 @@ def test_stacked_masks_need_a_batch_of_k_equal_row_groups():
     with pytest.raises(ValueError, match="3 equal row groups .* got 2 examples"):
         lin(torch.randn(2, 6, 4))
     assert lin(torch.randn(6, 5, 4)).shape == (6, 5, 2)
+
+
+@pytest.mark.parametrize("posterior", ["concrete", "gaussian"])
+@pytest.mark.parametrize("make, shape", [(lambda: GatedConv2d(6, 5, 3, padding=1, gate_groups=2), (3, 6, 5, 7)),
+                                         (lambda: GatedLinear(6, 5, gate_groups=3), (4, 6))])
+def test_a_model_cast_to_bfloat16_keeps_its_gate_math_in_float32(posterior, make, shape):
+    """model.to(torch.bfloat16) casts the drop logits too: the gates and the regulariser take them in
+    float32 (they refused bfloat16 logits), and the result is the float32 layer's on the same values."""
+    from pgnas_fast.nn import set_posterior
+
+    torch.manual_seed(3)
+    wide = make()
+    with torch.no_grad():
+        wide.p_logit.copy_(torch.randn_like(wide.p_logit))
+    narrow = copy.deepcopy(wide).to(torch.bfloat16)
+    with torch.no_grad():  # the float32 layer on bfloat16's values
+        for a, b in zip(wide.parameters(), narrow.parameters()):
+            a.copy_(b.float())
+    x = torch.randn(shape).bfloat16()
+    for layer in (wide, narrow):
+        set_posterior(layer, posterior)
+        set_gates(layer, "relaxed", seed=SEED, step=1)
+    out = narrow(x)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), wide(x.float()), rtol=0.05, atol=0.05)
+    regs = [network_regularizer(layer, weight_reg=2.0, n_train=50.0) for layer in (wide, narrow)]
+    torch.testing.assert_close(regs[1].float(), regs[0], rtol=0.02, atol=1e-4)
+    regs[1].backward()
+    assert narrow.p_logit.grad.dtype == torch.bfloat16 and narrow.p_logit.grad.abs().sum() > 0

@@ -92,12 +92,14 @@ class GatedInput(nn.Module):
         return torch.bincount(self.gate_group_index, minlength=self.p_logit.shape[0]).tolist()
 
     def p_logit_per_channel(self) -> torch.Tensor:
-        """Drop logits expanded from groups to input channels, [C_in]."""
-        if self.p_logit.shape[0] == self.gate_channels:  # a group per channel: the parameter itself, whose
-            return self.p_logit  # fixed address keeps the multi-tensor ops' cached launch tables valid
-        if self.p_logit.shape[0] == 1:  # one group: a broadcast, whose gradient is a plain sum (Inductor's
-            return self.p_logit.expand(self.gate_channels)  # CPU codegen fails on index_select's scatter into [1])
-        return self.p_logit.index_select(0, self.gate_group_index)
+        """Drop logits expanded from groups to input channels, [C_in], in float32 at least (the gate math's
+        precision, also in a model cast to bfloat16 or float16)."""
+        p_logit = self.p_logit if self.p_logit.dtype in (torch.float32, torch.float64) else self.p_logit.float()
+        if p_logit.shape[0] == self.gate_channels:  # a group per channel: the parameter itself, whose
+            return p_logit  # fixed address keeps the multi-tensor ops' cached launch tables valid
+        if p_logit.shape[0] == 1:  # one group: a broadcast, whose gradient is a plain sum (Inductor's
+            return p_logit.expand(self.gate_channels)  # CPU codegen fails on index_select's scatter into [1])
+        return p_logit.index_select(0, self.gate_group_index)
 
     def log_alpha_per_channel(self) -> torch.Tensor:
         """The Gaussian family's log alpha per input channel, [C_in], clipped to +-LOG_ALPHA_LIMIT."""
@@ -179,7 +181,8 @@ class GatedConv2d(GatedInput, nn.Conv2d):
         # weight [O, C_in / G, kh, kw]: output o of group g reads input channel g * C_in / G + j through
         # weight[o, j], so alpha [C_in] viewed [G, 1, C_in / G] and expanded over the O / G outputs lines up
         out_channels, per_group = self.weight.shape[:2]
-        alpha = self.log_alpha_per_channel().exp().view(self.groups, 1, per_group)
+        # (alpha in the weight's dtype: a model cast to bfloat16 convolves bfloat16 weights)
+        alpha = self.log_alpha_per_channel().exp().to(self.weight.dtype).view(self.groups, 1, per_group)
         alpha = alpha.expand(-1, out_channels // self.groups, -1).reshape(out_channels, per_group, 1, 1)
         var = self._conv_forward(x * x, self.weight * self.weight * alpha, None)
         return self.gaussian_sample(mu, var, x.shape[0])
@@ -201,7 +204,7 @@ class GatedLinear(GatedInput, nn.Linear):
         batch = x.shape[0] if x.dim() > 1 else 1
         if self.gaussian_relaxed:
             mu = nn.functional.linear(flat, self.weight, self.bias)
-            alpha = self.log_alpha_per_channel().exp()
+            alpha = self.log_alpha_per_channel().exp().to(self.weight.dtype)
             var = nn.functional.linear(flat * flat, self.weight * self.weight * alpha)
             out = self.gaussian_sample(mu, var, batch)
         else:

@@ -268,6 +268,7 @@ def test_network_kl_equals_the_closed_formula_with_gradients():
     assert kl > 0
     # no L2 on the weights in this family: weight_reg and drop_reg do not enter
     assert network_regularizer(model, weight_reg=0.0, drop_reg=5.0, n_train=n_train).item() == kl.item()
+    assert network_regularizer(model, n_train=n_train).item() == kl.item()  # so weight_reg may be left out
     logits = [layer.p_logit for _, layer in gated_layers(model)]
     got = torch.autograd.grad(kl, logits)
     ref = torch.autograd.grad(want, logits)
@@ -284,6 +285,8 @@ def test_network_regularizer_follows_the_family():
     assert network_regularizer(model, weight_reg=2.0, n_train=100.0) != concrete
     set_posterior(model, "concrete")
     assert network_regularizer(model, weight_reg=2.0, n_train=100.0) == concrete
+    with pytest.raises(ValueError, match="the concrete family needs weight_reg"):
+        network_regularizer(model, n_train=100.0)
 
 
 # ---- set_posterior --------------------------------------------------------------------------------

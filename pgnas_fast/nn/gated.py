@@ -354,7 +354,7 @@ def dynamic_streams():
     return torch._dynamo.config.patch(allow_unspec_int_on_nn_module=True)
 
 
-def network_regularizer(model: nn.Module, *, weight_reg: float, drop_reg: float = 1.0, n_train: float,
+def network_regularizer(model: nn.Module, *, weight_reg: float | None = None, drop_reg: float = 1.0, n_train: float,
                         backend: str | None = None) -> torch.Tensor:
     """The whole network's regulariser, the KL term of its posterior family, in one op call.
 
@@ -370,6 +370,9 @@ def network_regularizer(model: nn.Module, *, weight_reg: float, drop_reg: float 
     if family == "gaussian":
         return ops.gaussian_kl([layer.log_alpha_per_channel() for layer in layers],
                                [layer.weights_per_channel() for layer in layers], n_train=n_train, backend=backend)
+    if weight_reg is None:
+        raise ValueError("network_regularizer: the concrete family needs weight_reg (l^2, the length-scale squared "
+                         "of the weights' Gaussian prior; the presets' weight_reg)")
     return ops.regularizer(
         [layer.weight for layer in layers], [layer.p_logit_per_channel() for layer in layers],
         weight_reg=weight_reg, drop_reg=drop_reg, n_train=n_train, backend=backend,

@@ -246,8 +246,9 @@ def _search(args) -> int:
         return 0
     s = result.summary
     if s["smoke"]:
-        print(f"smoke check: {s['smoke']['training_steps']} training steps, candidates scored on {s['smoke']['heldout']} "
-              f"held-out and {s['smoke']['test']} test images: data and config work, the numbers mean nothing yet")
+        smoke = s["smoke"]
+        print(f"smoke check: {smoke['training_steps']} training steps, candidates scored on {smoke['heldout']} "
+              f"held-out and {smoke['test']} test images: data and config work, the numbers mean nothing yet")
     print(f"best candidate: {s['best_candidate']} of {s['candidates']} "
           f"(keeps {_percent(s['kept_fraction'])} of the gated input channels)")
     print(f"  held-out accuracy {_percent(s['heldout_accuracy'])}, test accuracy {_percent(s['test_accuracy'])} "
@@ -363,7 +364,7 @@ def _info(args) -> int:
     from .supernets.info import describe
 
     config = configs.resolve(args.preset)
-    classes = {"digits": 10, "cifar10": 10, "cifar100": 100, "imagenet": 1000}[config["dataset"]]
+    classes = configs.NUM_CLASSES[config["dataset"]]
     facts = {"preset": args.preset, "supernet": config["supernet"], "num_classes": classes,
              **describe(build_supernet(config, classes), configs.input_shape(config))}
     if args.json:

@@ -114,13 +114,18 @@ def test_a_batch_too_small_for_batchnorm_is_named_before_training():
     model = supernets.create("supnet-r50", num_classes=5, base_width=8, layers=(1, 1, 1, 1))
     check_batchnorm_rows(model, (3, 32, 32), [4, 2], Parallel())
     check_batchnorm_rows(model, (3, 64, 64), [4, 1], Parallel())  # 2x2 maps: 4 values of one image
-    with pytest.raises(configs.ConfigError, match=r"a training batch gives the network 1 image\(s\), and a BatchNorm "
-                                                  r"of the network reads a 1-value map per channel"):
+    with pytest.raises(configs.ConfigError, match=r"a training batch gives the network 1 image\(s\), and BatchNorm "
+                                                  r"'stages.3.0.bn2' reads a 1-value map per channel at input_size 32: "
+                                                  r".*the epoch's last batch \(of 1\) is larger"):
         check_batchnorm_rows(model, (3, 32, 32), [4, 1], Parallel())
+    with pytest.raises(configs.ConfigError, match=r"gives the network 1 image.*; raise batch_size or input_size"):
+        check_batchnorm_rows(model, (3, 32, 32), [1, 1], Parallel())
     with pytest.raises(configs.ConfigError, match=r"gives a process 1 image"):
         check_batchnorm_rows(model, (3, 32, 32), [4, 3], Parallel(0, 2))
     check_batchnorm_rows(model, (3, 32, 32), [4, 3], Parallel(0, 2), sync_bn=True)  # statistics over all 3 rows
-    assert model.training  # left as it was
+    model.stem[1].eval()  # a frozen BatchNorm in a training model
+    check_batchnorm_rows(model, (3, 32, 32), [4, 2], Parallel())
+    assert model.training and not model.stem[1].training  # every module's mode as it was
 
 
 def test_row_share_sampler_covers_the_single_process_batches():

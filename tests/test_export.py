@@ -17,7 +17,7 @@ from pgnas_fast.cli import main
 from pgnas_fast.nn import GatedConv2d, GatedLinear, candidate_masks, gated_layers, set_gates
 from pgnas_fast.search import run_search
 from pgnas_fast.search.materialize import (MaskedConv2d, SlicedConv2d, SlicedLinear, ZeroInput, count_parameters,
-                                          every_channel, materialize)
+                                          materialize, materialize_all_channels)
 
 TINY = {  # family: (constructor knobs, input side, input channels)
     "digits-tiny": (dict(), 8, 1),
@@ -70,13 +70,13 @@ def test_every_channel_is_the_full_super_network_without_training_only_parts(nam
     """A candidate's size is compared with this: the super-network's function, without its drop logits
     and training-only heads (ENAS's auxiliary head)."""
     model, x = _tiny(name)
-    whole = every_channel(model)
+    all_channels = materialize_all_channels(model)
     set_gates(model, "full")
     with torch.no_grad():
-        torch.testing.assert_close(whole(x), model(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(all_channels(x), model(x), rtol=1e-5, atol=1e-5)
     dropped = sum(layer.p_logit.numel() for _, layer in gated_layers(model))
     dropped += count_parameters(model.aux) if getattr(model, "aux", None) is not None else 0
-    assert count_parameters(whole) <= count_parameters(model) - dropped
+    assert count_parameters(all_channels) <= count_parameters(model) - dropped
 
 
 def test_a_channels_last_super_network_exports_contiguous_weights(tmp_path):
@@ -392,13 +392,18 @@ def test_export_of_a_ranking_keeps_its_recalibrated_batchnorm(capsys, searched, 
     assert main(["export", str(searched), "--rank", "bn", "--out", str(tmp_path / "bn")]) == 0
     assert "BatchNorm statistics recomputed for the candidate from 64 training images" in capsys.readouterr().out
     exported = json.loads((tmp_path / "bn" / "export.json").read_text())
-    assert (exported["candidate"], exported["bn_recalibrate"]) == (best["id"], 64)
+    assert (exported["candidate"], exported["bn_recalibrate"], exported["rank_tag"]) == (best["id"], 64, "bn")
     assert exported["heldout_accuracy"] == pytest.approx(best["score"], abs=1e-9)
     assert main(["evaluate", str(tmp_path / "bn"), "--split", "heldout"]) == 0
     assert float(capsys.readouterr().out.strip().splitlines()[-1]) == pytest.approx(best["score"], abs=1e-9)
 
     assert main(["export", str(searched), "--candidate", str(best["id"]), "--out", str(tmp_path / "plain")]) == 0
     assert json.loads((tmp_path / "plain" / "export.json").read_text())["bn_recalibrate"] == 0
+    from pgnas_fast.nn.batchnorm import recalibrate_batchnorm
+
+    untracked = torch.nn.Sequential(GatedConv2d(1, 3, 3), torch.nn.BatchNorm2d(3, track_running_stats=False))
+    with pytest.raises(ValueError, match=r"BatchNorm '1' keeps no running statistics \(track_running_stats=False\)"):
+        recalibrate_batchnorm(untracked, torch.randn(4, 1, 8, 8))
     x = torch.randn(6, 1, 8, 8)
     with torch.no_grad():
         recalibrated, plain = pf.load_subnet(tmp_path / "bn")(x), pf.load_subnet(tmp_path / "plain")(x)
@@ -483,3 +488,21 @@ def test_a_gated_layer_materialize_cannot_slice_is_named():
 
     with pytest.raises(TypeError, match=r"not the gated layers \['0: GatedConv1d'\]"):
         materialize(torch.nn.Sequential(GatedConv1d()), {"0": torch.ones(4)})
+
+
+def test_export_of_a_ranking_refuses_weights_trained_on_since(capsys, searched, tmp_path):
+    """`rank` takes a run that is still training and `search --resume` keeps its rank-* directories:
+    the ranking's best and score are of the old weights (rank --resume refuses the same)."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(searched, run)
+    assert main(["rank", str(run), "--candidates", "6", "--strategy", "exhaustive", "--tag", "old", "--quiet"]) == 0
+    state = torch.load(run / "checkpoint.pt", weights_only=False)
+    state["epoch"] += 1  # what a search --resume leaves after training one more epoch
+    torch.save(state, run / "checkpoint.pt")
+    capsys.readouterr()
+    assert main(["export", str(run), "--rank", "old", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "ranked the checkpoint of epoch 3, but the run has trained on since (epoch 4)" in err
+    assert err.count("\n") == 1 and not (tmp_path / "out").exists()

@@ -561,3 +561,14 @@ def test_a_model_cast_to_bfloat16_keeps_its_gate_math_in_float32(posterior, make
     torch.testing.assert_close(regs[1].float(), regs[0], rtol=0.02, atol=1e-4)
     regs[1].backward()
     assert narrow.p_logit.grad.dtype == torch.bfloat16 and narrow.p_logit.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("mode", ["relaxed", "hard", "stacked", "full"])
+def test_gated_linear_takes_empty_batches_as_nn_linear(mode):
+    """[0, F] and [B, 0, F] give [0, O] and [B, 0, O], as nn.Linear (and compat's Linear_with_CD) do."""
+    lin = GatedLinear(4, 3)
+    kwargs = {"relaxed": dict(step=1), "hard": dict(candidate=0),
+              "stacked": dict(masks=stacked_candidate_masks(lin, SEED, [0, 1, 2])), "full": {}}[mode]
+    set_gates(lin, "hard" if mode == "stacked" else mode, seed=SEED, **kwargs)
+    for shape in ((0, 4), (3, 0, 4)):
+        assert lin(torch.randn(shape)).shape == (*shape[:-1], 3)

@@ -617,3 +617,16 @@ def test_scorer_checks_images_and_labels_and_restores_the_training_mode(untraine
         untrained.train(training)
         CandidateScorer(untrained, images, labels, seed=1, batch_size=8).correct([0, 1], 0, 20)
         assert all(m.training == training for m in untrained.modules())
+
+
+def test_scorer_gives_back_each_module_s_own_mode(untrained):
+    """A model fine-tuned with a frozen (eval-mode) BatchNorm: scoring leaves it frozen."""
+    images, labels = torch.randn(20, 1, 8, 8), torch.randint(0, 10, (20,))
+    untrained.train()
+    frozen = [m for m in untrained.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert frozen
+    for m in frozen:
+        m.eval()
+    CandidateScorer(untrained, images, labels, seed=1, batch_size=8).correct([0, 1], 0, 20)
+    assert untrained.training and not any(m.training for m in frozen)
+    untrained.train()

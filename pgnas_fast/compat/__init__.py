@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import ops
+from ..nn.gated import check_conv_input, check_linear_input, gate_precision
 from ..ops.streams import Domain, stream_id
 
 TRAINING_SIZE = 1281167.0
@@ -87,9 +88,6 @@ def _neg_entropy_sum(p_logit: torch.Tensor, drop_reg: float, backend=None) -> to
     return ops.regularizer([no_weight], [p_logit], weight_reg=0.0, drop_reg=drop_reg, n_train=1.0, backend=backend)
 
 
-def _gate_dtype(z: torch.Tensor) -> torch.Tensor:
-    """Drop logits as the ops take them: float64 stays float64 (a .double() model), the rest float32."""
-    return z if z.dtype == torch.float64 else z.float()
 
 
 class Conv2d_with_CD(nn.Conv2d):  # noqa: N801 (the authors' name)
@@ -149,23 +147,18 @@ class Conv2d_with_CD(nn.Conv2d):  # noqa: N801 (the authors' name)
             # drop iff u + p >= 1 (the authors' floor(u + p)) with the loaded noise u
             keep = (self.unif_noise_variable + torch.sigmoid(z).view(1, -1, 1, 1) < 1.0).to(x.dtype)
             return x * keep
-        return ops.gated_apply(x, _gate_dtype(z), seed=_fresh_seed(), stream=_COMPAT_STREAM, tau=self._temp,
+        return ops.gated_apply(x, gate_precision(z), seed=_fresh_seed(), stream=_COMPAT_STREAM, tau=self._temp,
                                backend=self.backend)
 
     def forward(self, input):  # noqa: A002 (nn.Conv2d's argument name)
-        if not isinstance(input, torch.Tensor) or input.dim() not in (3, 4):
-            raise ValueError(f"Conv2d_with_CD: input must be a 4-D [N, C, H, W] (or unbatched 3-D [C, H, W]) tensor, "
-                             f"got {tuple(input.shape) if isinstance(input, torch.Tensor) else type(input).__name__}")
-        if input.shape[-3] != self.in_channels:
-            raise ValueError(f"Conv2d_with_CD: expected input{list(input.shape)} to have {self.in_channels} channels "
-                             f"(in_channels), but got {input.shape[-3]} channels instead")
+        check_conv_input(self, input)
         if input.dim() == 3:  # unbatched, like nn.Conv2d: one row of gates
             return self.forward(input.unsqueeze(0)).squeeze(0)
         return self._conv_forward(self._concrete_dropout(input), self.weight, self.bias)
 
     @property
     def KLreg(self) -> torch.Tensor:  # noqa: N802
-        return ops.regularizer([self.weight], [_gate_dtype(self._p_logit_per_channel())],
+        return ops.regularizer([self.weight], [gate_precision(self._p_logit_per_channel())],
                                weight_reg=self._weight_reg, drop_reg=self._drop_reg, n_train=1.0, backend=self.backend)
 
     @property
@@ -201,14 +194,11 @@ class Linear_with_CD(nn.Linear):  # noqa: N801 (the authors' name)
             self.p_logit.register_hook(lambda grad: print(f"Linear_with_CD p_logit grad: {grad}"))
 
     def _concrete_dropout(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.gated_apply(x, _gate_dtype(self.p_logit), seed=_fresh_seed(), stream=_COMPAT_STREAM, tau=self._temp,
-                               backend=self.backend)
+        return ops.gated_apply(x, gate_precision(self.p_logit), seed=_fresh_seed(), stream=_COMPAT_STREAM,
+                               tau=self._temp, backend=self.backend)
 
     def forward(self, input):  # noqa: A002
-        if not isinstance(input, torch.Tensor) or input.dim() == 0 or input.shape[-1] != self.in_features:
-            got = tuple(input.shape) if isinstance(input, torch.Tensor) else type(input).__name__
-            raise ValueError(f"Linear_with_CD: input must have in_features = {self.in_features} in its last dim, "
-                             f"got shape {got}")
+        check_linear_input(self, input)
         # gated_apply gates dim 1: fold any leading dims of [..., in_features] into the batch
         lead = input.shape[:-1]
         flat = input.reshape(math.prod(lead), self.in_features)
@@ -216,7 +206,7 @@ class Linear_with_CD(nn.Linear):  # noqa: N801 (the authors' name)
 
     @property
     def KLreg(self) -> torch.Tensor:  # noqa: N802
-        z = _gate_dtype(self.p_logit)
+        z = gate_precision(self.p_logit)
         if self.kl_formula == "intended":
             return ops.regularizer([self.weight], [z], weight_reg=self._weight_reg, drop_reg=self._drop_reg,
                                    n_train=1.0, backend=self.backend)

@@ -165,8 +165,9 @@ FAMILY_SETTINGS: dict[str, dict[str, dict]] = {
     # The paper presets with the Gaussian family: N is set so that the KL at p_init weighs, per training
     # image, the share of the initial cross-entropy (ln classes) that digits' tuned N gives it (0.074;
     # tests/test_presets.py checks it); the warm-up is digits' share of training (1/6). Their concrete N
-    # (5e5 on CIFAR) would make the KL 12-241 nats per image against a cross-entropy of 2.3-6.9 and drive
-    # every channel towards p = 1 in the first epochs. A starting point, not validated by a full search.
+    # (5e5 on CIFAR, 1.28e6 on ImageNet) would make the KL 9-241 nats per image against a cross-entropy of
+    # 2.3-6.9 and drive every channel towards p = 1 in the first epochs. A starting point, not validated by a
+    # full search.
     **{preset: {"gaussian": {"n_train": n, "kl_warmup_epochs": PRESETS[preset]["epochs"] // 6}}
        for preset, n in {"cifar10-supnet-e": 3.4e7, "cifar10-supnet-ei": 1.4e8, "cifar10-supnet-m": 2.6e8,
                          "cifar10-supnet-mi": 7.1e8, "cifar100-supnet-mi": 3.6e8, "imagenet-d121": 2.2e7,
@@ -185,6 +186,7 @@ DATA_ARGS = {"digits": {"test_size": _POSITIVE_INT}}
 # dataset -> the size of its images (ImageNet: any crop size)
 NATIVE_INPUT_SIZE = {"digits": 8, "cifar10": 32, "cifar100": 32}
 IMAGE_CHANNELS = {"digits": 1, "cifar10": 3, "cifar100": 3, "imagenet": 3}
+NUM_CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100, "imagenet": 1000}  # ImageNet: the full set's
 SCHEMA = {
     "dataset": ((str,), lambda v: v in DATASETS, f"one of {', '.join(DATASETS)}"),
     "data_args": ((dict,), lambda v: True, "an object"),

@@ -16,6 +16,7 @@ from .gated import (
     set_gates,
     set_posterior,
     stacked_candidate_masks,
+    training_modes_kept,
 )
 
 __all__ = [
@@ -36,4 +37,5 @@ __all__ = [
     "set_gates",
     "set_posterior",
     "stacked_candidate_masks",
+    "training_modes_kept",
 ]

@@ -67,11 +67,13 @@ def recalibrate_batchnorm(model: nn.Module, images: torch.Tensor) -> None:
     """Replace every BatchNorm's running statistics by those of one pass over `images` under the model's
     current gates: the statistics that ranking with `--bn-recalibrate` normalised the candidate with
     (one row group of `grouped_batchnorm`), kept in the module so that an export carries them."""
+    for name, bn in model.named_modules():
+        if isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn.running_mean is None:
+            raise ValueError(f"BatchNorm {name!r} keeps no running statistics (track_running_stats=False): there is "
+                             "nowhere to keep recalibrated ones")
     with grouped_batchnorm(model, 1) as statistics:
         model(images)
     for bn, (mean, var) in statistics.stats.items():
-        if bn.running_mean is None:
-            raise ValueError(f"{type(bn).__name__} without running statistics cannot be recalibrated")
         bn.running_mean.copy_(mean[0])
         bn.running_var.copy_(var[0])
 

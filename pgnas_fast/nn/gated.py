@@ -25,6 +25,8 @@ The gate-layer index of a layer is its position among the gated layers of `model
 """
 from __future__ import annotations
 
+import contextlib
+
 import math
 from collections.abc import Iterator, Mapping, Sequence
 
@@ -61,6 +63,33 @@ def logit(p: float) -> float:
     return math.log(p) - math.log1p(-p)
 
 
+def gate_precision(logits: torch.Tensor) -> torch.Tensor:
+    """Drop logits in the precision of the gate math: float64 stays, any other dtype becomes float32."""
+    return logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
+
+
+def check_conv_input(conv: nn.Conv2d, x) -> None:
+    """A 4-D [N, C, H, W] (or unbatched 3-D) tensor of conv.in_channels channels, else a ValueError that
+    names them (as nn.Conv2d's; the gates would act on the wrong dim first)."""
+    if not isinstance(x, torch.Tensor) or x.dim() not in (3, 4):
+        got = f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{type(conv).__name__}: input must be a 4-D [N, C, H, W] (or unbatched 3-D [C, H, W]) "
+                         f"tensor, got {got}")
+    if x.shape[-3] != conv.in_channels:
+        raise ValueError(f"{type(conv).__name__}: expected input{list(x.shape)} to have {conv.in_channels} channels "
+                         f"(in_channels), but got {x.shape[-3]} channels instead")
+
+
+def check_linear_input(linear: nn.Linear, x) -> None:
+    """A tensor whose last dim is linear.in_features, else a ValueError that names it (folding the
+    leading dims into rows would otherwise turn a wrong size into a wrong shape silently)."""
+    if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[-1] != linear.in_features:
+        got = (f"{x.shape[-1]}" if x.dim() else "a scalar") if isinstance(x, torch.Tensor) else type(x).__name__
+        shape = list(x.shape) if isinstance(x, torch.Tensor) else ""
+        raise ValueError(f"{type(linear).__name__}: expected input{shape} to have {linear.in_features} features "
+                         f"(in_features) in its last dim, got {got}")
+
+
 class GatedInput(nn.Module):
     """Mixin state of a gated layer: drop logits per channel group and the current gate mode."""
 
@@ -94,9 +123,11 @@ class GatedInput(nn.Module):
     def p_logit_per_channel(self) -> torch.Tensor:
         """Drop logits expanded from groups to input channels, [C_in], in float32 at least (the gate math's
         precision, also in a model cast to bfloat16 or float16)."""
-        p_logit = self.p_logit if self.p_logit.dtype in (torch.float32, torch.float64) else self.p_logit.float()
-        if p_logit.shape[0] == self.gate_channels:  # a group per channel: the parameter itself, whose
-            return p_logit  # fixed address keeps the multi-tensor ops' cached launch tables valid
+        p_logit = gate_precision(self.p_logit)
+        if p_logit.shape[0] == self.gate_channels:  # a group per channel: the parameter itself, whose fixed
+            # address keeps the multi-tensor ops' cached launch tables valid (float32/64 logits: a model cast
+            # to half precision makes a new float32 copy per call, and misses them)
+            return p_logit
         if p_logit.shape[0] == 1:  # one group: a broadcast, whose gradient is a plain sum (Inductor's
             return p_logit.expand(self.gate_channels)  # CPU codegen fails on index_select's scatter into [1])
         return p_logit.index_select(0, self.gate_group_index)
@@ -143,7 +174,7 @@ class GatedInput(nn.Module):
                 return x * mask.view(1, -1, *trailing)
             # K candidates at once: the batch is K equal row groups, candidate-major
             k = mask.shape[0]
-            if x.shape[0] % (k * rows_per_example):
+            if x.shape[0] % (k * max(rows_per_example, 1)):  # (an empty [B, 0, F] input: 0 rows per example)
                 raise ValueError(f"{type(self).__name__}: set_gates gave masks of {k} candidates ([K, C_in]), so "
                                  f"the batch must be {k} equal row groups (a multiple of {k} examples), got "
                                  f"{x.shape[0] // rows_per_example} examples")
@@ -164,12 +195,7 @@ class GatedConv2d(GatedInput, nn.Conv2d):
         self._init_gates(in_channels, gate_groups, p_init, tau, backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() not in (3, 4):
-            raise ValueError(f"{type(self).__name__}: input must be a 4-D [N, C, H, W] (or unbatched 3-D [C, H, W]) "
-                             f"tensor, got shape {tuple(x.shape)}")
-        if x.shape[-3] != self.in_channels:
-            raise ValueError(f"{type(self).__name__}: expected input{list(x.shape)} to have {self.in_channels} "
-                             f"channels (in_channels), but got {x.shape[-3]} channels instead")
+        check_conv_input(self, x)
         if x.dim() == 3:  # unbatched, as nn.Conv2d takes it: one example, one row of gates
             return self.forward(x.unsqueeze(0)).squeeze(0)
         if self.gaussian_relaxed:
@@ -196,9 +222,7 @@ class GatedLinear(GatedInput, nn.Linear):
         self._init_gates(in_features, gate_groups, p_init, tau, backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 0 or x.shape[-1] != self.in_features:
-            raise ValueError(f"{type(self).__name__}: expected input{list(x.shape)} to have {self.in_features} "
-                             f"features (in_features) in its last dim, got {x.shape[-1] if x.dim() else 'a scalar'}")
+        check_linear_input(self, x)
         # gates act on dim 1: fold any leading dims of [..., in_features] into the batch (one gate per row)
         flat = x.reshape(-1, self.in_features)
         batch = x.shape[0] if x.dim() > 1 else 1
@@ -208,8 +232,9 @@ class GatedLinear(GatedInput, nn.Linear):
             var = nn.functional.linear(flat * flat, self.weight * self.weight * alpha)
             out = self.gaussian_sample(mu, var, batch)
         else:
-            out = nn.functional.linear(self.gate(flat, flat.shape[0] // max(batch, 1)), self.weight, self.bias)
-        return out.view(*x.shape[:-1], -1)
+            rows_per_example = math.prod(x.shape[1:-1])  # (also for an empty batch, B = 0)
+            out = nn.functional.linear(self.gate(flat, rows_per_example), self.weight, self.bias)
+        return out.view(*x.shape[:-1], self.out_features)  # (-1 is ambiguous for an empty batch)
 
 
 class StochasticModule(nn.Module):
@@ -341,6 +366,19 @@ def set_gates(model: nn.Module, mode: str, *, seed: int = 0, step: int | None = 
             layer.gate_row_offset = row_offset
         elif mode == "hard":
             layer.gate_mask = masks[name].to(layer.weight.device, torch.float32)
+
+
+@contextlib.contextmanager
+def training_modes_kept(model: nn.Module):
+    """Within the block the model may be put in eval (or train) mode; afterwards every module has its own
+    mode back (model.train(flag) would set one flag for all: a BatchNorm frozen in eval inside a training
+    model would thaw)."""
+    modes = [(module, module.training) for module in model.modules()]
+    try:
+        yield model
+    finally:
+        for module, training in modes:
+            module.training = training
 
 
 def dynamic_streams():

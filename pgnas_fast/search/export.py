@@ -63,8 +63,8 @@ def export_candidate(run_dir: str | Path, out: str | Path, *, candidate: int | N
     from ..supernets.info import describe
     from .io import DATA_FILE, data_dir_of, write_json
     # (load_subnet: the reader of this layout)
-    from .materialize import every_channel, load_subnet, materialize  # noqa: F401
-    from .feed import recalibration_images
+    from .materialize import load_subnet, materialize, materialize_all_channels  # noqa: F401
+    from .feed import checked_recalibration_images
     from .rank import accuracy
     from .run import RunError, load_run
 
@@ -72,13 +72,18 @@ def export_candidate(run_dir: str | Path, out: str | Path, *, candidate: int | N
     if rank_tag is not None:
         if candidate is not None:
             raise RunError("pass --candidate or --rank, not both")
-        candidate, ranked_recalibration = _ranked_best(run_dir, rank_tag)
+        candidate, ranked_recalibration, ranked_epoch = _ranked_best(run_dir, rank_tag)
         bn_recalibrate = ranked_recalibration if bn_recalibrate is None else bn_recalibrate
     bn_recalibrate = bn_recalibrate or 0
     data_dir = data_dir_of(run_dir, data_dir)
     loaded = load_run(run_dir, device=device, data_dir=data_dir)
     config, seed, model, feed = loaded.config, loaded.seed, loaded.model, loaded.feed
-    recalibration = recalibration_images(feed, bn_recalibrate) if bn_recalibrate else None
+    if rank_tag is not None and ranked_epoch is not None and ranked_epoch != loaded.epoch:
+        # (`search --resume` trains a checkpointed run on and keeps its rank-* directories)
+        raise RunError(f"--rank {rank_tag} ranked the checkpoint of epoch {ranked_epoch}, but the run has trained on "
+                       f"since (epoch {loaded.epoch}): its best candidate and scores are of other weights; rank "
+                       f"again (pgnas-fast rank {run_dir} --tag {rank_tag})")
+    recalibration = checked_recalibration_images(feed, bn_recalibrate) if bn_recalibrate else None
     architecture_path = run_dir / "architecture.json"
     if candidate is None:
         if not architecture_path.is_file():
@@ -104,7 +109,8 @@ def export_candidate(run_dir: str | Path, out: str | Path, *, candidate: int | N
                                             "kept_fraction": kept_fraction(masks)},
                                  test_accuracy=test)
     input_size = configs.input_shape(config)
-    supernet, whole, after = (describe(net, input_size) for net in (model, every_channel(model), subnet))
+    supernet, all_channels, after = (describe(net, input_size)
+                                     for net in (model, materialize_all_channels(model), subnet))
     out.mkdir(parents=True, exist_ok=True)
     example = next(iter(feed.eval_batches("test")))[0][:2]
     torch.save(subnet, out / "subnet.pt")
@@ -118,15 +124,17 @@ def export_candidate(run_dir: str | Path, out: str | Path, *, candidate: int | N
     # sizes of the super-network (drop logits and training-only heads included), of the same network
     # materialized with every channel kept (what the candidate's sizes compare with) and of the candidate
     summary = {"candidate": candidate, "heldout_accuracy": heldout, "test_accuracy": test,
-               "params_supernet": supernet["params"], "params_all_channels": whole["params"],
-               "params_subnet": after["params"], "macs_all_channels": whole["macs"], "macs_subnet": after["macs"],
-               "input_size": list(input_size), "bn_recalibrate": bn_recalibrate}
+               "params_supernet": supernet["params"], "params_all_channels": all_channels["params"],
+               "params_subnet": after["params"], "macs_supernet": supernet["macs"],
+               "macs_all_channels": all_channels["macs"], "macs_subnet": after["macs"],
+               "input_size": list(input_size), "rank_tag": rank_tag, "bn_recalibrate": bn_recalibrate}
     write_json(out / "export.json", summary)
     return summary
 
 
-def _ranked_best(run_dir: Path, tag: str) -> tuple[int, int]:
-    """The best candidate of `pgnas-fast rank RUN_DIR --tag TAG` and its --bn-recalibrate."""
+def _ranked_best(run_dir: Path, tag: str) -> tuple[int, int, int | None]:
+    """The best candidate of `pgnas-fast rank RUN_DIR --tag TAG`, its --bn-recalibrate and the
+    checkpoint epoch it ranked (None: a ranking older than that key)."""
     from .run import RunError
 
     path = run_dir / f"rank-{tag}" / "summary.json"
@@ -136,12 +144,13 @@ def _ranked_best(run_dir: Path, tag: str) -> tuple[int, int]:
     try:
         summary = json.loads(path.read_text())
         best, recalibration = summary["best"]["id"], summary["bn_recalibrate"]
+        epoch = summary.get("checkpoint_epoch")
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
         raise RunError(f"{str(path)!r} is malformed ({type(err).__name__}: {err})") from None
     if not all(type(v) is int and v >= 0 for v in (best, recalibration)):
         raise RunError(f"{str(path)!r} is malformed: best id {best!r} and bn_recalibrate {recalibration!r} must be "
                        "ints >= 0")
-    return best, recalibration
+    return best, recalibration, epoch
 
 
 def evaluate_export(directory: str | Path, *, split: str = "test", device: str = "cpu", data_dir=None,

@@ -23,6 +23,7 @@ from torch.utils.data import Sampler
 from ..configs import ConfigError
 from ..data import ImageNetIndex, Splits, cifar_train_loader, epoch_generator, imagenet_loader, normalize
 from ..data.augment import AUGMENTATION, epoch_seed
+from ..nn import training_modes_kept
 from ..ops.transfer import to_device
 from .parallel import SINGLE_PROCESS, Parallel
 
@@ -54,26 +55,34 @@ def check_batchnorm_rows(model: torch.nn.Module, input_shape: tuple[int, ...], b
     process normalises over (all ranks' with sync_bn), times the smallest plane a BatchNorm reads (a
     1x1 map at the end of a deep network), found by one eval forward of one image. Else training would
     stop inside BatchNorm at that batch. Raises ConfigError (bad input: exit 2)."""
-    planes = []
-    hooks = [m.register_forward_pre_hook(lambda m, args: planes.append(args[0][0, 0].numel()))
-             for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    was_training = model.training
+    planes = {}  # BatchNorm's name -> values per channel of one image
+
+    def record(name):
+        def hook(module, args):  # (a pre-hook returning a value would replace the input)
+            planes[name] = args[0][0, 0].numel()
+        return hook
+
+    hooks = [m.register_forward_pre_hook(record(name))
+             for name, m in model.named_modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     try:
-        model.eval()(torch.ones(1, *input_shape, device=next(model.parameters()).device))  # (no RNG drawn)
+        with training_modes_kept(model):  # (ones: no RNG drawn)
+            model.eval()(torch.ones(1, *input_shape, device=next(model.parameters()).device))
     finally:
         for hook in hooks:
             hook.remove()
-        model.train(was_training)
     rows = min(batch_sizes) if sync_bn else min(batch_sizes) // parallel.world
-    if planes and rows * min(planes) < 2:
-        where = "a process" if parallel.enabled and not sync_bn else "the network"
-        raise ConfigError(f"a training batch gives {where} {rows} image(s), and a BatchNorm of the network reads a "
-                          f"{min(planes)}-value map per channel: its training statistics need 2 values or more; raise "
-                          f"batch_size (training batches: {batch_sizes[0]}, last {batch_sizes[-1]}), or change "
-                          "heldout_size so that the epoch's last batch is not of 1 image")
+    if not planes or rows * min(planes.values()) >= 2:
+        return
+    name = min(planes, key=planes.get)
+    who = "a process" if parallel.enabled and not sync_bn else "the network"
+    fix = ("raise batch_size or input_size" if min(batch_sizes) == batch_sizes[0] else
+           f"change batch_size or heldout_size so that the epoch's last batch (of {batch_sizes[-1]}) is larger")
+    raise ConfigError(f"a training batch gives {who} {rows} image(s), and BatchNorm {name!r} reads a "
+                      f"{planes[name]}-value map per channel at input_size {input_shape[-1]}: its training statistics "
+                      f"need 2 values or more; {fix}")
 
 
-def recalibration_images(feed: "TensorFeed | LoaderFeed", n: int) -> torch.Tensor:
+def checked_recalibration_images(feed: "TensorFeed | LoaderFeed", n: int) -> torch.Tensor:
     """The n training images that `--bn-recalibrate n` recomputes BatchNorm statistics from (rank and
     export read the same ones); refused before any pass when the training split is smaller."""
     available = feed.sizes()["train"]

@@ -280,7 +280,7 @@ def materialize(model: nn.Module, masks: Mapping[str, torch.Tensor], *, fold_bat
     return subnet.eval()
 
 
-def every_channel(model: nn.Module) -> nn.Module:
+def materialize_all_channels(model: nn.Module) -> nn.Module:
     """The super-network materialized with every channel kept: the baseline a candidate's size is
     measured against (without the drop logits and training-only heads, BatchNorm folded the same way)."""
     return materialize(model, {name: torch.ones(layer.gate_channels, device=layer.p_logit.device)
@@ -300,4 +300,4 @@ def load_subnet(directory: str | Path, map_location="cpu") -> nn.Module:
 
 
 __all__ = ["MaskedConv2d", "MeanCombine", "SlicedConv2d", "SlicedLinear", "ZeroInput", "count_parameters",
-           "load_subnet", "materialize"]
+           "load_subnet", "materialize", "materialize_all_channels"]

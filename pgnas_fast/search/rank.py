@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from ..nn import gated_layers, set_gates, stacked_candidate_masks
+from ..nn import gated_layers, set_gates, stacked_candidate_masks, training_modes_kept
 from ..nn.batchnorm import grouped_batchnorm
 from ..ops.streams import Domain
 
@@ -118,15 +118,14 @@ class CandidateScorer:
         candidates = list(candidates)
         counts = torch.zeros(len(candidates), dtype=torch.int64, device=self.labels.device)
         per_pass = self.candidates_per_pass(start, end)
-        training = self.model.training  # scoring runs in eval mode; the caller's mode comes back
-        try:
-            for lo in range(0, len(candidates), per_pass):
-                group = candidates[lo:lo + per_pass]
-                model = self.load_model() if self.evaluator == "reload" else self.model
-                counts[lo:lo + len(group)] = self._correct_pass(model, group, start, end)
-        finally:
-            set_gates(self.model, "full")
-            self.model.train(training)
+        with training_modes_kept(self.model):  # scoring runs in eval mode
+            try:
+                for lo in range(0, len(candidates), per_pass):
+                    group = candidates[lo:lo + per_pass]
+                    model = self.load_model() if self.evaluator == "reload" else self.model
+                    counts[lo:lo + len(group)] = self._correct_pass(model, group, start, end)
+            finally:
+                set_gates(self.model, "full")
         return counts.tolist()  # one host sync per call
 
     def _correct_pass(self, model: nn.Module, group: list[int], start: int, end: int) -> torch.Tensor:

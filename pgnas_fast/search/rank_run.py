@@ -16,7 +16,7 @@ import torch
 
 from ..nn import candidate_masks
 from .export import architecture_record
-from .feed import recalibration_images
+from .feed import checked_recalibration_images
 from .io import changed_settings, write_json, write_jsonl
 from .parallel import join, leave
 from .rank import CandidateScorer, ProgressLog, best_candidate, rank
@@ -35,7 +35,7 @@ def rank_run(run_dir: str | Path, *, candidates: int, strategy: str = "racing", 
         rank_id, world = parallel.rank, parallel.world
         loaded = load_run(run_dir, device=device, data_dir=data_dir)
         config, seed, model, feed = loaded.config, loaded.seed, loaded.model, loaded.feed
-        recalibration = recalibration_images(feed, bn_recalibrate) if bn_recalibrate else None
+        recalibration = checked_recalibration_images(feed, bn_recalibrate) if bn_recalibrate else None
         out = run_dir / f"rank-{tag}"
         eta, first_share = eta or config["racing_eta"], first_share or config["racing_first_share"]
         # what a candidate's rounds and scores depend on (the evaluators all give the same scores); the

@@ -39,7 +39,7 @@ from .export import architecture_record
 from .feed import CifarLoaderFeed, LoaderFeed, TensorFeed, check_batchnorm_rows, check_shards
 from .io import (DATA_FILE, SEARCH_RANKINGS, RunError, changed_settings, data_dir_of, load_checkpoint, read_jsonl,
                  save_checkpoint, write_json, write_jsonl)
-from .materialize import count_parameters, every_channel, materialize
+from .materialize import count_parameters, materialize, materialize_all_channels
 from .parallel import SINGLE_PROCESS, Parallel, join, leave
 from .rank import ProgressLog, accuracy, best_candidate, rank_candidates, uniform_drop_logits
 from .report import FIGURES, write_report
@@ -418,7 +418,7 @@ def _run_search(config: dict, *, seed: int, out_dir: Path, device: torch.device,
         # both kinds; a rate only when this process ranked them all
         "candidates_per_second": None if resumed else (len(rows) + len(random_rows)) / max(ranked - trained, 1e-9),
         "params_supernet": count_parameters(model),
-        "params_all_channels": count_parameters(every_channel(model)),
+        "params_all_channels": count_parameters(materialize_all_channels(model)),
         "params_subnet": count_parameters(materialize(model, masks)),
         "world_size": parallel.world,
     }

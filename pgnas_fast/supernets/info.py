@@ -6,7 +6,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 
-from ..nn import gated_layers
+from ..nn import gated_layers, training_modes_kept
 
 
 def _input_shape(input_size: int | Sequence[int]) -> tuple[int, int, int]:
@@ -44,17 +44,14 @@ def count_macs(model: nn.Module, input_size: int | Sequence[int]) -> int:
             handles.append(m.register_forward_hook(conv_hook))
         elif isinstance(m, nn.Linear):
             handles.append(m.register_forward_hook(linear_hook))
-    was_training = model.training
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     try:
-        model.eval()
-        with torch.no_grad():
-            model(torch.zeros(1, *shape, device=device))
+        with torch.no_grad(), training_modes_kept(model):
+            model.eval()(torch.zeros(1, *shape, device=device))
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
     return total
 
 

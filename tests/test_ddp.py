@@ -196,7 +196,8 @@ def test_two_gloo_ranks_reach_the_parameters_of_one_process(tmp_path):
     torch.manual_seed(SEED)
     initial = ShardNet().state_dict()
     for name, value in single.items():
-        assert not torch.allclose(value, initial[name]), name  # every parameter moved
+        # every parameter moved (the posterior_index entries name the family: the same)
+        assert name.endswith("posterior_index") or not torch.allclose(value, initial[name]), name
         for r in range(2):
             torch.testing.assert_close(ranks[r][name], value, rtol=1e-5, atol=1e-6, msg=f"rank {r}: {name}")
 

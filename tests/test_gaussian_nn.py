@@ -317,3 +317,22 @@ def test_concrete_layers_are_unchanged_by_the_family_machinery():
     x = torch.randn(2, 3, 5, 5)
     gated = ops.gated_apply(x, layer.p_logit_per_channel(), seed=SEED, stream=stream_id(Domain.TRAIN, 4, 0))
     torch.testing.assert_close(net(x), F.conv2d(gated, layer.weight, layer.bias, padding=1))
+
+
+def test_the_state_dict_carries_the_posterior_family(tmp_path):
+    """p_logit means a drop logit or log alpha: a Gaussian network's state loads as Gaussian (it loaded
+    as concrete, and regularised as such), through torch.save too; a state dict saved before the
+    family was kept still loads strictly, and the layers keep their own family."""
+    gaussian = Net()
+    set_posterior(gaussian, "gaussian")
+    torch.save(gaussian.state_dict(), tmp_path / "state.pt")
+    fresh = Net()
+    assert posterior_of(fresh) == "concrete"
+    fresh.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
+    assert posterior_of(fresh) == "gaussian"
+    assert network_regularizer(fresh, n_train=100.0).item() == network_regularizer(gaussian, n_train=100.0).item()
+    older = {key: value for key, value in Net().state_dict().items() if not key.endswith("posterior_index")}
+    fresh.load_state_dict(older)  # strict
+    assert posterior_of(fresh) == "gaussian"
+    with pytest.raises(RuntimeError, match=r"conv1.posterior_index must index a posterior family"):
+        fresh.load_state_dict({**older, "conv1.posterior_index": torch.tensor(7)})

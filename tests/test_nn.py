@@ -128,8 +128,9 @@ def test_gate_groups(gate_groups, sizes, kind):
     assert torch.equal(layer.p_logit.grad, torch.tensor(sizes, dtype=torch.float32))
     assert layer.gate_mode == "full"
     assert "gate_groups" in repr(layer)
-    # the group index is a non-persistent buffer: the state dict is nn.Conv2d's / nn.Linear's + p_logit
-    assert list(layer.state_dict().keys()) == ["weight", "bias", "p_logit"]
+    # the group index is a non-persistent buffer: the state dict is nn.Conv2d's / nn.Linear's + p_logit and
+    # the posterior family
+    assert list(layer.state_dict().keys()) == ["weight", "bias", "p_logit", "posterior_index"]
 
 
 @pytest.mark.parametrize("gate_groups", [0, -2, [2, 5], [], [0, 8], [-1, 9], [4, 4, 1]])

@@ -107,7 +107,11 @@ class GatedInput(nn.Module):
         self.p_logit = nn.Parameter(torch.full((len(sizes),), logit(p_init), dtype=torch.float32))
         index = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
         self.register_buffer("gate_group_index", index, persistent=False)
-        self.posterior = "concrete"  # see set_posterior
+        # the posterior family (see set_posterior) is in the state dict too, as an index into POSTERIORS
+        # (an int tensor, like BatchNorm's num_batches_tracked): it says what p_logit means, so a
+        # Gaussian layer's state never loads as a concrete one
+        self.register_buffer("posterior_index", torch.tensor(0))
+        self.posterior = "concrete"
         self.gate_mode = "full"
         self.gate_seed = 0
         self.gate_stream = 0
@@ -115,6 +119,29 @@ class GatedInput(nn.Module):
         # so that every rank draws the random numbers the concatenated batch would give its rows
         self.gate_row_offset = 0
         self.gate_mask: torch.Tensor | None = None
+
+    @property
+    def posterior(self) -> str:
+        return self._posterior
+
+    @posterior.setter
+    def posterior(self, family: str) -> None:
+        self._posterior = family  # what the forward reads: no device sync
+        self.posterior_index.fill_(POSTERIORS.index(family))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        key = prefix + "posterior_index"
+        if key in missing_keys:  # saved before the family was kept: the layer keeps its own
+            missing_keys.remove(key)
+        elif key in state_dict:
+            index = int(self.posterior_index)
+            if not 0 <= index < len(POSTERIORS):
+                error_msgs.append(f"{key} must index a posterior family ({', '.join(POSTERIORS)}), got {index}")
+            else:
+                self._posterior = POSTERIORS[index]
 
     @property
     def gate_group_sizes(self) -> list[int]:

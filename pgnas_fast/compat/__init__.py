@@ -88,8 +88,6 @@ def _neg_entropy_sum(p_logit: torch.Tensor, drop_reg: float, backend=None) -> to
     return ops.regularizer([no_weight], [p_logit], weight_reg=0.0, drop_reg=drop_reg, n_train=1.0, backend=backend)
 
 
-
-
 class Conv2d_with_CD(nn.Conv2d):  # noqa: N801 (the authors' name)
     """nn.Conv2d with concrete dropout on its input channels; the authors' signature and state dict."""
 

@@ -26,7 +26,6 @@ The gate-layer index of a layer is its position among the gated layers of `model
 from __future__ import annotations
 
 import contextlib
-
 import math
 from collections.abc import Iterator, Mapping, Sequence
 

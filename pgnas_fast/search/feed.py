@@ -23,8 +23,8 @@ from torch.utils.data import Sampler
 from ..configs import ConfigError
 from ..data import ImageNetIndex, Splits, cifar_train_loader, epoch_generator, imagenet_loader, normalize
 from ..data.augment import AUGMENTATION, epoch_seed
-from ..nn import training_modes_kept
 from ..ops.transfer import to_device
+from ..supernets.info import one_image_pass
 from .parallel import SINGLE_PROCESS, Parallel
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -48,7 +48,6 @@ def check_shards(batch_sizes: list[int], parallel: Parallel) -> None:
                           f"{parallel.world} ranks; change batch_size or heldout_size so that it has none or more")
 
 
-@torch.no_grad()
 def check_batchnorm_rows(model: torch.nn.Module, input_shape: tuple[int, ...], batch_sizes: list[int],
                          parallel: Parallel, *, sync_bn: bool = False) -> None:
     """Every BatchNorm gets at least 2 values per channel from every training batch: the fewest rows a
@@ -65,8 +64,7 @@ def check_batchnorm_rows(model: torch.nn.Module, input_shape: tuple[int, ...], b
     hooks = [m.register_forward_pre_hook(record(name))
              for name, m in model.named_modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     try:
-        with training_modes_kept(model):  # (ones: no RNG drawn)
-            model.eval()(torch.ones(1, *input_shape, device=next(model.parameters()).device))
+        one_image_pass(model, input_shape)
     finally:
         for hook in hooks:
             hook.remove()

@@ -213,8 +213,8 @@ def rank(scorer: CandidateScorer, candidates: Sequence[int], *, strategy: str = 
     if eta < 2 or not 0 < first_share <= 1:
         raise ValueError(f"racing needs eta >= 2 and 0 < first_share <= 1, got {eta} and {first_share}")
     candidates = list(candidates)  # (any iterable of ids: it is read more than once)
-    if len(set(candidates)) < len(candidates):  # their rows would add up: scores above 1
-        repeated = sorted(c for c, n in collections.Counter(candidates).items() if n > 1)
+    repeated = sorted(c for c, n in collections.Counter(candidates).items() if n > 1)
+    if repeated:  # their rows would add up: scores above 1
         raise ValueError(f"candidates must be distinct ids, got {repeated} more than once")
     rank_id, world = shard
     done = log.load() if log is not None else {}

@@ -44,15 +44,22 @@ def count_macs(model: nn.Module, input_size: int | Sequence[int]) -> int:
             handles.append(m.register_forward_hook(conv_hook))
         elif isinstance(m, nn.Linear):
             handles.append(m.register_forward_hook(linear_hook))
-    param = next(model.parameters(), None)
-    device = param.device if param is not None else torch.device("cpu")
     try:
-        with torch.no_grad(), training_modes_kept(model):
-            model.eval()(torch.zeros(1, *shape, device=device))
+        one_image_pass(model, shape)
     finally:
         for h in handles:
             h.remove()
     return total
+
+
+@torch.no_grad()
+def one_image_pass(model: nn.Module, shape: Sequence[int]) -> None:
+    """One eval-mode forward of a zero image of `shape` [C, H, W] on the model's device, every module's
+    mode given back afterwards: for hooks that read the sizes a network computes with."""
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    with training_modes_kept(model):
+        model.eval()(torch.zeros(1, *shape, device=device))
 
 
 def describe(model: nn.Module, input_size: int | Sequence[int]) -> dict:

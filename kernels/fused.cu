@@ -292,7 +292,7 @@ struct CopiesOp {
 // Element of both layouts: grad_x = relu'(x) sum_k grad_k keep_k, and dot[k] += grad_k src, k in order.
 template <int K, typename A>
 __device__ __forceinline__ A copies_backward_value(A x, const A* g, const A* keep, int copies, bool relu, A* dot) {
-  const bool dead = relu && !(x > A(0));  // relu'(x) = 0 (NaN included, as torch's)
+  const bool dead = relu && !(x > A(0));  // relu'(x) = 0 (NaN included, as the reference; torch.relu passes it)
   const A src = relu && x < A(0) ? A(0) : x;  // relu(x): NaN stays NaN
   A acc = 0;
 #pragma unroll

@@ -235,6 +235,11 @@ def _search(args) -> int:
             print(f"note: the regulariser's warm-up (kl_warmup_epochs {config['kl_warmup_epochs']:g}) outlasts "
                   f"training ({config['epochs']} epochs): it ends at {reached:.0%} of its full weight "
                   "(--set kl_warmup_epochs=N to change)", flush=True)
+        unused = [key for key in ("weight_reg", "drop_reg") if key in overrides]
+        if config["posterior"] == "gaussian" and unused:
+            print(f"note: {' and '.join(unused)} set, but only the concrete family's regulariser reads "
+                  f"{'them' if len(unused) > 1 else 'it'}; the gaussian posterior's KL depends on log alpha "
+                  "alone (its strength is n_train)", flush=True)
     try:
         with dispatch.use_backend(backend):
             result = run_search(config, seed=args.seed, out_dir=out, device=str(device), resume=args.resume,

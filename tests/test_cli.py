@@ -65,8 +65,11 @@ def test_set_overrides_win_over_the_config_file(capsys, tmp_path):
 
 def test_search_with_the_gaussian_posterior(capsys, tmp_path):
     out = tmp_path / "run"
-    code, stdout, _ = run_cli(capsys, "search", *SMALL, "--posterior", "gaussian", "--out", str(out))
+    code, stdout, _ = run_cli(capsys, "search", *SMALL, "--posterior", "gaussian", "--set", "weight_reg=50",
+                              "--out", str(out))
     assert code == 0
+    # a concrete-family setting that the Gaussian KL does not read: said, not silently ignored
+    assert "note: weight_reg set, but only the concrete family's regulariser reads it" in stdout
     assert stdout.startswith("pgnas-fast search: preset digits-tiny, posterior gaussian, seed 0,")
     assert json.loads((out / "config.json").read_text())["config"]["posterior"] == "gaussian"
     arch = json.loads((out / "architecture.json").read_text())
@@ -122,6 +125,9 @@ BAD_INPUTS = {
                           "argument --posterior: invalid choice: 'bogus'"),
     "posterior in a config": (lambda t: ["--config", _bad_config(t, '{"posterior": "bernoulli"}')],
                               "config key 'posterior' must be one of concrete, gaussian, got 'bernoulli'"),
+    "gaussian p_init beyond the clip": (lambda t: ["--posterior", "gaussian", "--set", "p_init=0.0001"],
+                                        "config key 'p_init' must be in [0.00033535, 0.999665] for the gaussian "
+                                        "posterior (log alpha = logit(p_init) is clipped to +-8), got 0.0001"),
     "negative KL warm-up": (lambda t: ["--set", "kl_warmup_epochs=-1"],
                             "config key 'kl_warmup_epochs' must be a number >= 0, got -1"),
     "malformed --set": (lambda t: ["--set", "lr"], "--set takes KEY=VALUE, got 'lr'"),

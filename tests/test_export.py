@@ -234,6 +234,7 @@ def test_export_and_evaluate_reproduce_the_reported_test_accuracy(capsys, search
     arch = json.loads((searched / "architecture.json").read_text())
     exported = json.loads((out / "export.json").read_text())
     assert exported["candidate"] == arch["candidate"] and exported["test_accuracy"] == arch["test_accuracy"]
+    assert exported["posterior"] == arch["posterior"] == "concrete"
     assert exported["params_subnet"] < exported["params_all_channels"] < exported["params_supernet"]
     assert exported["macs_subnet"] < exported["macs_all_channels"]
     assert "every channel kept -> this candidate: parameters" in printed
@@ -387,7 +388,9 @@ def test_export_of_a_ranking_keeps_its_recalibrated_batchnorm(capsys, searched, 
     too; without recalibration the same candidate's network is another."""
     assert main(["rank", str(searched), "--candidates", "20", "--strategy", "exhaustive", "--bn-recalibrate", "64",
                  "--tag", "bn", "--quiet"]) == 0
-    best = json.loads((searched / "rank-bn" / "summary.json").read_text())["best"]
+    ranking = json.loads((searched / "rank-bn" / "summary.json").read_text())
+    best = ranking["best"]
+    assert ranking["posterior"] == "concrete"
     capsys.readouterr()
     assert main(["export", str(searched), "--rank", "bn", "--out", str(tmp_path / "bn")]) == 0
     assert "BatchNorm statistics recomputed for the candidate from 64 training images" in capsys.readouterr().out

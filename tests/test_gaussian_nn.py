@@ -21,13 +21,18 @@ from pgnas_fast.nn import (
     POSTERIORS,
     GatedConv2d,
     GatedLinear,
+    clip_log_alpha_,
     gated_layers,
+    stacked_candidate_masks,
     network_regularizer,
     posterior_of,
     set_gates,
     set_posterior,
 )
 from pgnas_fast.ops.streams import Domain, stream_id
+from pgnas_fast.search.export import architecture_record
+from pgnas_fast.search.rank import uniform_drop_logits
+from pgnas_fast.search.train import mean_drop_probability
 
 SEED = 97531
 K1, K2, K3 = 0.63576, 1.87320, 1.48695
@@ -206,6 +211,53 @@ def test_log_alpha_is_clipped_to_plus_minus_8():
     torch.testing.assert_close(layer.log_alpha_per_channel(), clipped)
     (grad,) = torch.autograd.grad(out.square().sum(), layer.p_logit)
     assert grad[0] == 0 and grad[1] == 0 and grad[3] != 0  # beyond the clip, log alpha gets no gradient
+
+
+def test_clip_log_alpha_puts_logits_back_where_they_train_again():
+    layer = GatedConv2d(4, 3, 3, padding=1, gate_groups=1)
+    concrete = GatedLinear(4, 2, gate_groups=1)
+    with torch.no_grad():
+        layer.p_logit.copy_(torch.tensor([12.0, -30.0, 8.0, 0.5]))
+        concrete.p_logit.copy_(torch.tensor([12.0, -30.0, 8.0, 0.5]))
+    net = gaussian(layer, step=1)
+    x = torch.randn(2, 4, 5, 5)
+    (frozen,) = torch.autograd.grad(net(x).square().sum(), layer.p_logit)
+    assert frozen[0] == 0 and frozen[1] == 0  # beyond the clip: no gradient, ever
+    clip_log_alpha_(nn.Sequential(net, concrete))
+    assert torch.equal(layer.p_logit.detach(), torch.tensor([8.0, -8.0, 8.0, 0.5]))
+    assert torch.equal(concrete.p_logit.detach(), torch.tensor([12.0, -30.0, 8.0, 0.5]))  # concrete: unbounded
+    (moving,) = torch.autograd.grad(net(x).square().sum(), layer.p_logit)
+    assert (moving != 0).all()  # on the limit the clip passes the gradient
+
+
+def test_candidates_and_reported_p_read_the_clipped_log_alpha():
+    """Training draws its noise from log alpha clipped to +-8; candidates, p, the random baseline's
+    rate and the logged mean p use the same clipped values (p = alpha / (1 + alpha))."""
+    def net_with(logits, family):
+        conv = GatedConv2d(len(logits), 2, 1, gate_groups=1)
+        with torch.no_grad():
+            conv.p_logit.copy_(torch.tensor(logits))
+        net = nn.Sequential(conv)
+        set_posterior(net, family)
+        return net
+
+    # 4096 channels at log alpha 9: p 0.99988 unclipped against 0.99966 clipped, so that over 8
+    # candidates the kept channels (u < 1 - p) of the two differ
+    beyond, on_limit = net_with([9.0] * 4096, "gaussian"), net_with([8.0] * 4096, "gaussian")
+    masks = stacked_candidate_masks(beyond, SEED, range(8))["0"]
+    assert torch.equal(masks, stacked_candidate_masks(on_limit, SEED, range(8))["0"])
+    assert not torch.equal(masks, stacked_candidate_masks(net_with([9.0] * 4096, "concrete"), SEED, range(8))["0"])
+
+    logits = [12.0, -30.0, 8.0, 0.5]
+    net, clipped = net_with(logits, "gaussian"), torch.tensor([8.0, -8.0, 8.0, 0.5])
+    torch.testing.assert_close(net[0].p, torch.sigmoid(clipped), rtol=0, atol=0)
+    torch.testing.assert_close(net[0].drop_logit_per_channel(), clipped, rtol=0, atol=0)
+    mean_p = torch.sigmoid(clipped).mean().item()
+    assert mean_drop_probability(net) == pytest.approx(mean_p, rel=1e-6)
+    assert torch.sigmoid(uniform_drop_logits(net)["0"]).mean().item() == pytest.approx(mean_p, rel=1e-6)
+    record = architecture_record(net, {"0": torch.ones(4)}, config={"preset": "p", "posterior": "gaussian"}, seed=0,
+                                 candidate={"id": 0, "score": 0.5, "kept_fraction": 1.0}, test_accuracy=None)
+    assert record["layers"][0]["p"] == pytest.approx(torch.sigmoid(clipped).tolist(), rel=1e-6)
 
 
 # ---- full and hard modes --------------------------------------------------------------------------

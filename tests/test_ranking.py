@@ -260,7 +260,9 @@ def test_rank_resume_refuses_other_settings(capsys, run_dir):
                         "checkpoint_epoch": 3}
     for option, value, message in (("--eta", 2, "eta 4 (now 2)"), ("--bn-recalibrate", 64, "bn_recalibrate 0 (now 64)"),
                                    ("--candidates", 41, "candidates 40 (now 41)"),
-                                   ("--strategy", "exhaustive", "strategy 'racing' (now 'exhaustive')")):
+                                   ("--strategy", "exhaustive",
+                                    "eta 4 (now unset), first_share 0.0625 (now unset), strategy 'racing' (now "
+                                    "'exhaustive')")):
         code, captured = _rank_cli(capsys, run_dir, *argv(**{option: value}), "--resume")
         assert code == 2 and message in captured.err and captured.err.count("\n") == 1, captured.err
     code, captured = _rank_cli(capsys, run_dir, *argv(**{"--evaluator": "sequential"}), "--resume")
@@ -442,6 +444,7 @@ def test_study_writes_report_and_figures(capsys, run_dir):
     assert result["racing"]["winner_exhaustive_rank"] >= 1
     text = (out / "study.md").read_text()
     assert "Guided vs random" in text and "![guided vs random](guided_vs_random.png)" in text
+    assert result["posterior"] == "concrete" and "(concrete posterior)" in text.splitlines()[0]
 
 
 def test_study_of_one_candidate_writes_strict_json(capsys, run_dir):

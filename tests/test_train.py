@@ -115,3 +115,18 @@ def test_logged_statistics_are_what_they_say():
     assert stats[0]["train_accuracy"] == (feed.splits["train"][1] == 0).float().mean().item()
     for name, layer in gated_layers(model):
         assert stats[0]["mean_p_per_layer"][name] == pytest.approx(torch.sigmoid(layer.p_logit).mean().item())
+
+
+def test_gaussian_training_puts_log_alpha_back_inside_its_clip():
+    """The forward reads log alpha clipped to +-8 (no gradient beyond): training clips the parameter
+    after every step, so a logit past the limit trains again from it; the logged p is the clipped one."""
+    model = TinyNet()
+    with torch.no_grad():
+        model.conv.p_logit.fill_(20.0)
+        model.head.p_logit.fill_(-20.0)
+    _, _, stats = train({"posterior": "gaussian", "n_train": 16.0, "kl_warmup_epochs": 0}, model=model,
+                        feed=tiny_feed(n=32, batch=8))
+    for _, layer in gated_layers(model):
+        assert layer.p_logit.abs().max().item() <= 8.0
+    assert (model.head.p_logit > -8.0).all()  # the KL pulls a low log alpha up, once it has a gradient again
+    assert stats[0]["mean_p_per_layer"]["conv"] == pytest.approx(torch.sigmoid(model.conv.p_logit).mean().item())

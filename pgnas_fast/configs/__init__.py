@@ -13,7 +13,7 @@ import math
 from collections.abc import Mapping
 from pathlib import Path
 
-from ..nn.gated import POSTERIORS
+from ..nn.gated import LOG_ALPHA_LIMIT, POSTERIORS
 from ..ops.streams import MAJOR_LIMIT
 
 DATASETS = ("digits", "cifar10", "cifar100", "imagenet")
@@ -273,6 +273,7 @@ def resolve(preset: str, overrides: Mapping | None = None) -> dict:
     for key, spec in SCHEMA.items():
         _check_value(key, config[key], spec)
     _check_dataset_keys(config)
+    _check_gaussian_p_init(config)
     return {"preset": preset, **config}
 
 
@@ -295,6 +296,14 @@ def _check_dataset_keys(config: dict) -> None:
     if native is not None and config["input_size"] != native:
         raise ConfigError(f"config key 'input_size' must be {native} for dataset {dataset} (its images are "
                           f"{native}x{native}), got {config['input_size']!r}")
+
+
+def _check_gaussian_p_init(config: dict) -> None:
+    """The Gaussian family starts at log alpha = logit(p_init), which training keeps inside +-LOG_ALPHA_LIMIT."""
+    low, high = (1 / (1 + math.exp(limit)) for limit in (LOG_ALPHA_LIMIT, -LOG_ALPHA_LIMIT))
+    if config["posterior"] == "gaussian" and not low <= config["p_init"] <= high:
+        raise ConfigError(f"config key 'p_init' must be in [{low:.6g}, {high:.6g}] for the gaussian posterior "
+                          f"(log alpha = logit(p_init) is clipped to +-{LOG_ALPHA_LIMIT:g}), got {config['p_init']!r}")
 
 
 def parse_assignment(text: str) -> tuple[str, object]:

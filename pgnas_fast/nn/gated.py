@@ -162,9 +162,16 @@ class GatedInput(nn.Module):
         """The Gaussian family's log alpha per input channel, [C_in], clipped to +-LOG_ALPHA_LIMIT."""
         return self.p_logit_per_channel().clamp(-LOG_ALPHA_LIMIT, LOG_ALPHA_LIMIT)
 
+    def drop_logit_per_channel(self) -> torch.Tensor:
+        """logit(p) per input channel, [C_in], as training reads it: p_logit, or the Gaussian family's
+        clipped log alpha. Candidates are sampled, and p reported, from these."""
+        return self.log_alpha_per_channel() if self.posterior == "gaussian" else self.p_logit_per_channel()
+
     @property
     def p(self) -> torch.Tensor:
-        """Drop probability per group (gaussian: alpha / (1 + alpha))."""
+        """Drop probability per group (gaussian: alpha / (1 + alpha), alpha clipped as training reads it)."""
+        if self.posterior == "gaussian":
+            return torch.sigmoid(self.p_logit.clamp(-LOG_ALPHA_LIMIT, LOG_ALPHA_LIMIT))
         return torch.sigmoid(self.p_logit)
 
     @property
@@ -315,10 +322,21 @@ def stacked_candidate_masks(model: nn.Module, seed: int, candidates: Sequence[in
     ids = torch.as_tensor(list(candidates), dtype=torch.int64)  # on the CPU: checked without a device sync
     with torch.no_grad():
         for index, (name, layer) in enumerate(gated_layers(model)):
-            z = layer.p_logit_per_channel() if p_logits is None else p_logits[name]
+            z = layer.drop_logit_per_channel() if p_logits is None else p_logits[name]
             masks[name] = ops.candidate_keep(z.detach().float(), ids, seed=seed, layer=index, domain=domain,
                                              backend=layer.backend)
     return masks
+
+
+def clip_log_alpha_(model: nn.Module) -> None:
+    """Put every Gaussian-family drop logit (log alpha) back inside +-LOG_ALPHA_LIMIT, in place; call it
+    after each optimizer step (the search does). The forward and the KL read log alpha clipped, whose
+    gradient is zero outside the range: a logit that a step (momentum, a large lr) carried past the
+    limit would otherwise never move again. Concrete-family logits are left as they are."""
+    with torch.no_grad():
+        for _, layer in gated_layers(model):
+            if layer.posterior == "gaussian":
+                layer.p_logit.clamp_(-LOG_ALPHA_LIMIT, LOG_ALPHA_LIMIT)
 
 
 def set_posterior(model: nn.Module, family: str) -> None:

@@ -21,7 +21,7 @@ def _layer_record(name: str, layer, mask: torch.Tensor) -> dict:
         "in_channels": layer.gate_channels,
         "out_channels": layer.weight.shape[0],
         "gate_groups": layer.gate_group_sizes,
-        "p": torch.sigmoid(layer.p_logit.detach()).tolist(),
+        "p": layer.p.detach().tolist(),
         "kept_channels": torch.nonzero(mask).flatten().tolist(),
     }
     if record["type"] == "conv2d":
@@ -123,7 +123,8 @@ def export_candidate(run_dir: str | Path, out: str | Path, *, candidate: int | N
         write_json(out / DATA_FILE, {"data_dir": str(Path(data_dir).resolve())})
     # sizes of the super-network (drop logits and training-only heads included), of the same network
     # materialized with every channel kept (what the candidate's sizes compare with) and of the candidate
-    summary = {"candidate": candidate, "heldout_accuracy": heldout, "test_accuracy": test,
+    summary = {"candidate": candidate, "posterior": config["posterior"], "heldout_accuracy": heldout,
+               "test_accuracy": test,
                "params_supernet": supernet["params"], "params_all_channels": all_channels["params"],
                "params_subnet": after["params"], "macs_supernet": supernet["macs"],
                "macs_all_channels": all_channels["macs"], "macs_subnet": after["macs"],

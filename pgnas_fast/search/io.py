@@ -19,9 +19,13 @@ class RunError(ValueError):
 
 
 def changed_settings(started: dict, now: dict, *, ignore: tuple[str, ...] = ()) -> list[str]:
-    """'key old (now new)' for every key whose value differs, in key order: what a refused resume names."""
-    return [f"{key} {started.get(key)!r} (now {now.get(key)!r})" for key in sorted({*started, *now})
-            if key not in ignore and started.get(key) != now.get(key)]
+    """'key old (now new)' for every key whose value differs, in key order: what a refused resume names
+    ('unset' for a key that one side lacks, e.g. racing's eta against an exhaustive ranking)."""
+    def shown(settings: dict, key: str) -> str:
+        return repr(settings[key]) if key in settings else "unset"
+
+    return [f"{key} {shown(started, key)} (now {shown(now, key)})" for key in sorted({*started, *now})
+            if key not in ignore and (key in started, started.get(key)) != (key in now, now.get(key))]
 
 
 @functools.cache

@@ -54,7 +54,7 @@ def uniform_drop_logits(model: nn.Module) -> dict[str, torch.Tensor]:
     every gated channel), for the random-sampling baseline of the paper's Table 3."""
     layers = gated_layers(model)
     with torch.no_grad():
-        p = torch.cat([torch.sigmoid(layer.p_logit_per_channel()) for _, layer in layers]).mean().item()
+        p = torch.cat([torch.sigmoid(layer.drop_logit_per_channel()) for _, layer in layers]).mean().item()
     z = math.log(p) - math.log1p(-p)
     return {name: torch.full((layer.gate_channels,), z, device=layer.p_logit.device) for name, layer in layers}
 

@@ -69,7 +69,8 @@ def rank_run(run_dir: str | Path, *, candidates: int, strategy: str = "racing", 
         best = best_candidate(rows)
         finalists = sorted((r for r in rows if r["images"] == best["images"]),
                            key=lambda r: (-r["score"], r["kept_fraction"], r["id"]))[:top]
-        summary = {"run_dir": str(run_dir), "tag": tag, **settings, "evaluator": evaluator, "best": best,
+        summary = {"run_dir": str(run_dir), "tag": tag, "posterior": config["posterior"], **settings,
+                   "evaluator": evaluator, "best": best,
                    "images_evaluated": sum(r["images"] for r in rows), "resumed_evaluations": resumed,
                    "world_size": world}
         if rank_id == 0:

@@ -146,7 +146,8 @@ def run_study(run_dir: str | Path, *, candidates: int = 1000, tag: str = "defaul
     first_round = min(r["images"] for r in racing)
     survivors = [r for r in racing if r["images"] > first_round]
     result = {
-        "run_dir": str(run_dir), "preset": config["preset"], "seed": seed, "candidates": candidates,
+        "run_dir": str(run_dir), "preset": config["preset"], "posterior": config["posterior"], "seed": seed,
+        "candidates": candidates,
         "guided": {"mean": statistics.fmean(r["score"] for r in guided),
                    "std": statistics.pstdev(r["score"] for r in guided),
                    "best": max(r["score"] for r in guided),
@@ -177,7 +178,8 @@ def _pct(x: float) -> str:
 def report_markdown(s: dict) -> str:
     g, r, race = s["guided"], s["random"], s["racing"]
     lines = [
-        f"# Sampling studies: {s['preset']}, seed {s['seed']}, {s['candidates']} candidates",
+        f"# Sampling studies: {s['preset']} ({s['posterior']} posterior), seed {s['seed']}, "
+        f"{s['candidates']} candidates",
         "",
         "## Guided vs random sampling (paper Table 3)",
         "",

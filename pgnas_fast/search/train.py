@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..nn import gated_layers, network_regularizer, set_gates, set_posterior
+from ..nn import clip_log_alpha_, gated_layers, network_regularizer, set_gates, set_posterior
 from .parallel import SINGLE_PROCESS, Parallel, has_size_one_dims, shard_loss, stride_hint_off
 
 
@@ -64,7 +64,7 @@ def regularizer_weight(config: dict, step: int, steps_per_epoch: int) -> float:
 def mean_drop_probability(model: nn.Module) -> float:
     """Mean p over every gated input channel."""
     with torch.no_grad():
-        ps = [torch.sigmoid(layer.p_logit_per_channel()) for _, layer in gated_layers(model)]
+        ps = [torch.sigmoid(layer.drop_logit_per_channel()) for _, layer in gated_layers(model)]
         return torch.cat(ps).mean().item()
 
 
@@ -128,6 +128,7 @@ def train_posterior(model: nn.Module, optimizer: torch.optim.Optimizer, feed, co
             if config["grad_clip"] > 0:
                 nn.utils.clip_grad_norm_(model.parameters(), config["grad_clip"])
             optimizer.step()
+            clip_log_alpha_(model)
             n = len(y)
             sums[:4] += torch.stack([loss.detach() * n, ce.detach() * n, reg.detach() * n,
                                      (logits.argmax(1) == y).sum()]).to(sums.dtype)
@@ -138,7 +139,7 @@ def train_posterior(model: nn.Module, optimizer: torch.optim.Optimizer, feed, co
                  "regularizer": reg_sum / seen, "train_accuracy": correct / seen,
                  "regularizer_weight": reg_weight, "lr": lr, "images_per_second": seen / seconds, "seconds": seconds,
                  "mean_p": mean_drop_probability(model),
-                 "mean_p_per_layer": {name: torch.sigmoid(layer.p_logit.detach()).mean().item()
+                 "mean_p_per_layer": {name: layer.p.detach().mean().item()
                                       for name, layer in gated_layers(model)}}
         bar.set_postfix(loss=f"{stats['loss']:.3f}", acc=f"{stats['train_accuracy']:.3f}",
                         mean_p=f"{stats['mean_p']:.3f}")

@@ -412,6 +412,9 @@ def _doctor(_args) -> int:
     return 0
 
 
+DATA_PARALLEL_COMMANDS = ("search", "rank")  # the commands that shard their work under torchrun
+
+
 def main(argv: list[str] | None = None) -> int:
     from .configs import ConfigError
     from .data import DataError
@@ -425,6 +428,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command is None:
             parser.print_help()
             return EXIT_USAGE
+        if args.command not in DATA_PARALLEL_COMMANDS and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            shared = " and ".join(DATA_PARALLEL_COMMANDS)
+            raise UsageError(f"{args.command} runs in one process (under torchrun every process would do all of "
+                             f"it and write the same files); torchrun shares out {shared}")
         return {"search": _search, "info": _info, "rank": _rank, "study": _study, "export": _export,
                 "evaluate": _evaluate, "doctor": _doctor}[args.command](args)
     except (UsageError, ConfigError, DataError, RunError) as err:  # bad input: one line, status 2

@@ -83,6 +83,19 @@ def test_search_with_the_gaussian_posterior(capsys, tmp_path):
     assert code == 0 and "note:" not in stdout
 
 
+@pytest.mark.parametrize("command", ["study", "export", "evaluate", "info"])
+def test_commands_that_do_not_shard_refuse_torchrun(capsys, monkeypatch, tmp_path, command):
+    """Under torchrun every process would do all of it and write the same files."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    argv = {"study": [str(tmp_path)], "export": [str(tmp_path), "--out", str(tmp_path / "x")],
+            "evaluate": [str(tmp_path)], "info": []}[command]
+    code, _, stderr = run_cli(capsys, command, *argv)
+    assert code == 2 and stderr == (f"pgnas-fast: error: {command} runs in one process (under torchrun every process "
+                                    "would do all of it and write the same files); torchrun shares out search and "
+                                    "rank\n")
+    assert not (tmp_path / "x").exists()
+
+
 def test_doctor_lists_every_backend(capsys):
     code, stdout, _ = run_cli(capsys, "doctor")
     assert code == 0

@@ -278,6 +278,17 @@ def test_torchrun_search_writes_the_run_directory_once(torchrun_run):
     assert "Warning" not in done.stderr, done.stderr[-3000:]  # (DDP's stride warning on the stem's 1 input channel)
 
 
+def test_torchrun_search_ranks_with_the_checkpoint_s_batchnorm_statistics(torchrun_run, capsys):
+    """After the last training step each rank's BatchNorm running statistics are its own rows'; every
+    rank ranks with rank 0's, the checkpoint's, so one process re-ranking the checkpoint gets the same table."""
+    from pgnas_fast.cli import main
+
+    out, done = torchrun_run
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert main(["rank", str(out), "--candidates", "6", "--strategy", "exhaustive", "--tag", "again", "--quiet"]) == 0
+    assert (out / "rank-again" / "candidates.jsonl").read_text() == (out / "candidates.jsonl").read_text()
+
+
 def test_torchrun_resume_of_a_finished_run_redoes_nothing(torchrun_run):
     """Every rank loads the checkpoint and reads the ranking logs: no epoch trained, no candidate
     scored again, the same results."""

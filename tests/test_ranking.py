@@ -269,6 +269,24 @@ def test_rank_resume_refuses_other_settings(capsys, run_dir):
     assert code == 0 and "held-out accuracy" in captured.out
 
 
+def test_rank_resume_refuses_progress_rows_it_cannot_trust(capsys, run_dir):
+    """A valid JSON line that is no progress row, or rows without the settings they were scored with,
+    are refused (a kill only ever cuts a line, which is evaluated again)."""
+    assert _rank_cli(capsys, run_dir, "--candidates", "4", "--strategy", "exhaustive", "--tag", "trust")[0] == 0
+    out = run_dir / "rank-trust"
+    with open(out / "progress-rank0.jsonl", "a") as f:
+        f.write('{"id": 3}\n')
+    code, captured = _rank_cli(capsys, run_dir, "--candidates", "4", "--strategy", "exhaustive", "--tag", "trust",
+                               "--resume")
+    assert code == 2 and "progress-rank0.jsonl' line 5 is not a progress row (integer round, id" in captured.err
+    (out / "settings.json").unlink()
+    lines = (out / "progress-rank0.jsonl").read_text().splitlines()
+    (out / "progress-rank0.jsonl").write_text(lines[0] + "\n")
+    code, captured = _rank_cli(capsys, run_dir, "--candidates", "4", "--strategy", "racing", "--tag", "trust",
+                               "--resume")
+    assert code == 2 and "holds progress rows but no readable settings.json" in captured.err
+
+
 def test_rank_resume_refuses_a_checkpoint_trained_on_since(capsys, run_dir, tmp_path):
     """`rank` takes a run that is still training; a `search --resume` then replaces its checkpoint,
     and the ranking's rows are of the old weights."""
@@ -445,6 +463,7 @@ def test_study_writes_report_and_figures(capsys, run_dir):
     text = (out / "study.md").read_text()
     assert "Guided vs random" in text and "![guided vs random](guided_vs_random.png)" in text
     assert result["posterior"] == "concrete" and "(concrete posterior)" in text.splitlines()[0]
+    assert result["checkpoint_epoch"] == result["epochs"] == 3 and "Of the checkpoint of epoch 3 of 3." in text
 
 
 def test_study_of_one_candidate_writes_strict_json(capsys, run_dir):

@@ -205,6 +205,38 @@ def test_resume_refuses_another_number_of_processes(finished_run, tmp_path):
     same_run_files(tmp_path / "run", out)
 
 
+def test_resume_names_a_missing_or_damaged_training_log(finished_run, tmp_path):
+    out, _ = finished_run
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    state = torch.load(out / "checkpoint.pt", weights_only=False)
+    torch.save({**state, "epoch": state["epoch"] - 1}, run / "checkpoint.pt")  # an epoch left to train
+    log = (run / "train_log.jsonl").read_text()
+    (run / "train_log.jsonl").write_text(log[:-10])  # the last row cut
+    with pytest.raises(RunError, match=r"train_log\.jsonl' is missing or damaged \(.*restore it, or start"):
+        run_search(small_config(), seed=3, out_dir=run, resume=True, progress=False)
+    (run / "train_log.jsonl").write_text("")
+    with pytest.raises(RunError, match=rf"holds 0 epoch\(s\), but the checkpoint is of epoch {state['epoch'] - 1}"):
+        run_search(small_config(), seed=3, out_dir=run, resume=True, progress=False)
+    (run / "train_log.jsonl").unlink()
+    with pytest.raises(RunError, match="is missing or damaged"):
+        run_search(small_config(), seed=3, out_dir=run, resume=True, progress=False)
+
+
+def test_resume_on_another_backend_says_the_rest_will_drift(finished_run, tmp_path, capsys):
+    from pgnas_fast.ops import dispatch
+
+    out, result = finished_run
+    assert result.summary["backend"] == dispatch.resolve(None, torch.device("cpu"))
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    state = torch.load(out / "checkpoint.pt", weights_only=False)
+    torch.save({**state, "epoch": state["epoch"] - 1, "backend": "triton"}, run / "checkpoint.pt")
+    run_search(small_config(), seed=3, out_dir=run, resume=True, progress=False)
+    assert (f"was trained on the triton backend, this resume trains on {result.summary['backend']}: its sums round "
+            "in another order") in capsys.readouterr().err
+
+
 def test_resume_with_nothing_to_resume_says_so(tmp_path, capsys):
     run_search(small_config(candidates=2, random_baseline=0), seed=3, out_dir=tmp_path / "new", resume=True,
                progress=False)

@@ -52,6 +52,14 @@ class Parallel:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
 
+    def broadcast_buffers(self, model: nn.Module) -> None:
+        """Rank 0's buffers on every rank. DDP sends them before each training forward, so after the
+        last one each rank holds the BatchNorm running statistics of its own rows; rank 0's are the
+        checkpoint's, which every rank must then evaluate with."""
+        if self.enabled:
+            for buffer in model.buffers():
+                dist.broadcast(buffer, src=0)
+
     def all_gather(self, rows: list) -> list:
         """Every rank's list, concatenated in rank order."""
         if not self.enabled:

@@ -30,6 +30,7 @@ from tqdm import tqdm
 from ..nn import gated_layers, set_gates, stacked_candidate_masks, training_modes_kept
 from ..nn.batchnorm import grouped_batchnorm
 from ..ops.streams import Domain
+from .io import RunError
 
 EVALUATORS = ("batched", "sequential", "reload")
 STRATEGIES = ("exhaustive", "racing")
@@ -159,14 +160,21 @@ class ProgressLog:
         self.directory = Path(directory)
         self.path = self.directory / f"progress-rank{rank}.jsonl"
 
+    FIELDS = ("round", "id", "correct", "start", "end")
+
     def load(self) -> dict[tuple[int, int], dict]:
         done = {}
         for path in sorted(self.directory.glob("progress-rank*.jsonl")):
-            for line in path.read_text().splitlines():
+            for number, line in enumerate(path.read_text().splitlines(), 1):
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError:
                     continue  # a line cut by a kill: that chunk is evaluated again
+                # (a kill cuts a line into invalid JSON; a valid line of anything else is another file's)
+                if not (isinstance(row, dict) and all(type(row.get(key)) is int for key in self.FIELDS)):
+                    raise RunError(f"{str(path)!r} line {number} is not a progress row (integer "
+                                   f"{', '.join(self.FIELDS)}): {line[:80]!r}; rank afresh (without --resume) "
+                                   "or under another --tag")
                 done[(row["round"], row["id"])] = row
         return done
 

@@ -92,7 +92,11 @@ def _check_resumable(out: Path, settings: dict) -> None:
     try:
         started = json.loads((out / "settings.json").read_text())
     except (OSError, json.JSONDecodeError):
-        return  # not started yet (or by a version that kept no settings): nothing to compare
+        if any(out.glob("progress-rank*.jsonl")):  # (settings.json is written before any row)
+            raise RunError(f"{str(out)!r} holds progress rows but no readable settings.json: the settings its "
+                           "rows were scored with are unknown; rank afresh (without --resume) or under another "
+                           "--tag") from None
+        return  # not started yet: nothing to compare
     if started.get("checkpoint_epoch", settings["checkpoint_epoch"]) != settings["checkpoint_epoch"]:
         raise RunError(f"{str(out)!r} ranked the checkpoint of epoch {started['checkpoint_epoch']}, but the run has "
                        f"trained on since (epoch {settings['checkpoint_epoch']}): its scores are of other weights; "

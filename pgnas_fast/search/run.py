@@ -34,6 +34,7 @@ import torch
 from .. import configs, supernets
 from .. import data as datasets
 from ..nn import candidate_masks, set_gates, set_posterior
+from ..ops import dispatch
 from ..ops.streams import Domain
 from .export import architecture_record
 from .feed import CifarLoaderFeed, LoaderFeed, TensorFeed, check_batchnorm_rows, check_shards
@@ -283,6 +284,20 @@ def _check_resumable(checkpoint_path: Path, state: dict, run_config: dict, world
                        "with its own rows' statistics")
 
 
+def _trained_epochs(path: Path, epochs: int) -> list[dict]:
+    """The first `epochs` rows of a resumed run's training log (written before each checkpoint, so a
+    run that a kill cut holds them all)."""
+    try:
+        rows = read_jsonl(path)
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise RunError(f"{str(path)!r} is missing or damaged ({err}); it holds the epochs' statistics that "
+                       "the resumed run's log and report go on from: restore it, or start the run afresh") from None
+    if len(rows) < epochs:
+        raise RunError(f"{str(path)!r} holds {len(rows)} epoch(s), but the checkpoint is of epoch {epochs}: "
+                       "restore it, or start the run afresh")
+    return rows[:epochs]
+
+
 def _run_search(config: dict, *, seed: int, out_dir: Path, device: torch.device, resume: bool, progress: bool,
                 data_dir: str | Path | None, smoke: bool, parallel: Parallel) -> SearchResult:
     main = parallel.is_main
@@ -306,6 +321,7 @@ def _run_search(config: dict, *, seed: int, out_dir: Path, device: torch.device,
     optimizer = make_optimizer(model, config)
     n_train = config["n_train"] or feed.n_train
     run_config = {"config": config, "seed": seed}
+    backend = dispatch.resolve(None, device)  # kept in the checkpoint: another one rounds sums differently
 
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -318,10 +334,15 @@ def _run_search(config: dict, *, seed: int, out_dir: Path, device: torch.device,
         state = load_checkpoint(checkpoint_path)
         _check_posterior(checkpoint_path, state, config)
         _check_resumable(checkpoint_path, state, run_config, parallel.world)
+        trained_on = state.get("backend", backend)  # (checkpoints older than this note hold none)
+        if trained_on != backend and state["epoch"] < config["epochs"] and main:
+            print(f"note: {checkpoint_path} was trained on the {trained_on} backend, this resume trains on "
+                  f"{backend}: its sums round in another order, so the rest of the run differs in the last digits "
+                  "from an uninterrupted one", file=sys.stderr)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start_epoch = state["epoch"]
-        train_log = read_jsonl(out_dir / "train_log.jsonl")[:start_epoch]
+        train_log = _trained_epochs(out_dir / "train_log.jsonl", start_epoch)
     elif main:
         for name in (*RUN_FILES, DATA_FILE):  # a fresh run replaces an old one whole
             (out_dir / name).unlink(missing_ok=True)
@@ -342,7 +363,8 @@ def _run_search(config: dict, *, seed: int, out_dir: Path, device: torch.device,
             return
         train_log.append(stats)
         write_jsonl(out_dir / "train_log.jsonl", train_log)
-        state = {"run_config": run_config, "world_size": parallel.world, "epoch": epoch, "model": model.state_dict(),
+        state = {"run_config": run_config, "world_size": parallel.world, "backend": backend, "epoch": epoch,
+                 "model": model.state_dict(),
                  "optimizer": optimizer.state_dict(), "loss": stats["loss"]}
         # best = lowest training objective (mean CE + R, what the posterior minimises); no held-out
         # data is spent on choosing it, the held-out split stays for ranking. Written first: checkpoint.pt
@@ -361,6 +383,7 @@ def _run_search(config: dict, *, seed: int, out_dir: Path, device: torch.device,
             scalars.close()
     trained = time.perf_counter()
 
+    parallel.broadcast_buffers(model)  # every rank ranks with the checkpoint's BatchNorm statistics
     evaluation_layout(model, config)
     # evaluations a resumed search finds done in its progress logs (not timed by this process)
     resumed = sum(len(ProgressLog(out_dir / name).load()) for name in SEARCH_RANKINGS.values())
@@ -391,6 +414,7 @@ def _run_search(config: dict, *, seed: int, out_dir: Path, device: torch.device,
         "preset": config["preset"],
         "seed": seed,
         "posterior": config["posterior"],
+        "backend": backend,
         "run_dir": str(out_dir),
         "best_candidate": best["id"],
         "heldout_accuracy": best["score"],

@@ -147,7 +147,8 @@ def run_study(run_dir: str | Path, *, candidates: int = 1000, tag: str = "defaul
     survivors = [r for r in racing if r["images"] > first_round]
     result = {
         "run_dir": str(run_dir), "preset": config["preset"], "posterior": config["posterior"], "seed": seed,
-        "candidates": candidates,
+        "candidates": candidates, "checkpoint_epoch": loaded.epoch,  # (a run may be studied while it trains)
+        "epochs": config["epochs"],
         "guided": {"mean": statistics.fmean(r["score"] for r in guided),
                    "std": statistics.pstdev(r["score"] for r in guided),
                    "best": max(r["score"] for r in guided),
@@ -180,6 +181,8 @@ def report_markdown(s: dict) -> str:
     lines = [
         f"# Sampling studies: {s['preset']} ({s['posterior']} posterior), seed {s['seed']}, "
         f"{s['candidates']} candidates",
+        "",
+        f"Of the checkpoint of epoch {s['checkpoint_epoch']} of {s['epochs']}.",
         "",
         "## Guided vs random sampling (paper Table 3)",
         "",

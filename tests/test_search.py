@@ -237,6 +237,29 @@ def test_resume_on_another_backend_says_the_rest_will_drift(finished_run, tmp_pa
             "in another order") in capsys.readouterr().err
 
 
+def test_a_second_writer_of_a_run_is_refused(finished_run, tmp_path, capsys):
+    """While one process writes a run (e.g. a killed torchrun's workers, which outlive their launcher),
+    a resume of it, or a ranking under the tag being written, is refused, on every rank; the lock goes
+    with its holder."""
+    from pgnas_fast.cli import main
+    from pgnas_fast.search.io import writer_lock
+    from pgnas_fast.search.parallel import SINGLE_PROCESS
+
+    out, _ = finished_run
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    before = {path.name: path.read_bytes() for path in run.iterdir() if path.is_file()}
+    with writer_lock(run, "search", SINGLE_PROCESS):
+        with pytest.raises(RunError, match=r"another pgnas-fast process is writing search in '.*run': wait for it"):
+            run_search(small_config(), seed=3, out_dir=run, resume=True, progress=False)
+        assert main(["rank", str(run), "--candidates", "2", "--tag", "t", "--quiet"]) == 0  # another writer's files
+    with writer_lock(run, "rank-t", SINGLE_PROCESS):
+        assert main(["rank", str(run), "--candidates", "2", "--tag", "t", "--quiet"]) == 2
+        assert "another pgnas-fast process is writing rank-t in" in capsys.readouterr().err
+    assert {path.name: path.read_bytes() for path in run.iterdir() if path.is_file() and path.name in before} == before
+    run_search(small_config(), seed=3, out_dir=run, resume=True, progress=False)  # released
+
+
 def test_resume_with_nothing_to_resume_says_so(tmp_path, capsys):
     run_search(small_config(candidates=2, random_baseline=0), seed=3, out_dir=tmp_path / "new", resume=True,
                progress=False)

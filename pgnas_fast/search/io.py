@@ -5,6 +5,8 @@ skipped, rank.ProgressLog), and the report, its figures and the export's model f
 place, since they are made again from that state."""
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import json
 import os
@@ -26,6 +28,30 @@ def changed_settings(started: dict, now: dict, *, ignore: tuple[str, ...] = ()) 
 
     return [f"{key} {shown(started, key)} (now {shown(now, key)})" for key in sorted({*started, *now})
             if key not in ignore and (key in started, started.get(key)) != (key in now, now.get(key))]
+
+
+@contextlib.contextmanager
+def writer_lock(directory: Path, what: str, parallel):
+    """Held for the block by the rank-0 process of the one command allowed to write `what` in
+    `directory` (its file .WHAT.lock, an flock that dies with its process): a second one, e.g. a resume
+    started while a killed torchrun's workers still run (they outlive their launcher), is refused on
+    every rank instead of interleaving its writes with theirs."""
+    held = None
+    if parallel.is_main:
+        held = open(directory / f".{what}.lock", "a")
+        try:
+            fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            held.close()
+            held = None
+    if not all(parallel.all_gather([held is not None or not parallel.is_main])):
+        raise RunError(f"another pgnas-fast process is writing {what} in {str(directory)!r}: wait for it to end, "
+                       "or stop it (a killed torchrun leaves its worker processes running)")
+    try:
+        yield
+    finally:
+        if held is not None:
+            held.close()
 
 
 @functools.cache

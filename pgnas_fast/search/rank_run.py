@@ -7,6 +7,7 @@ ranks exchange their rows (all-gather), so the table equals a single process's; 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -17,7 +18,7 @@ import torch
 from ..nn import candidate_masks
 from .export import architecture_record
 from .feed import checked_recalibration_images
-from .io import changed_settings, write_json, write_jsonl
+from .io import changed_settings, write_json, write_jsonl, writer_lock
 from .parallel import join, leave
 from .rank import CandidateScorer, ProgressLog, best_candidate, rank
 from .run import RunError, load_run, rebuild_for_evaluation
@@ -32,55 +33,57 @@ def rank_run(run_dir: str | Path, *, candidates: int, strategy: str = "racing", 
         device = "cuda"  # torchrun on a GPU machine: one GPU per rank (join picks cuda:LOCAL_RANK)
     parallel, device = join(device)
     try:
-        rank_id, world = parallel.rank, parallel.world
-        loaded = load_run(run_dir, device=device, data_dir=data_dir)
-        config, seed, model, feed = loaded.config, loaded.seed, loaded.model, loaded.feed
-        recalibration = checked_recalibration_images(feed, bn_recalibrate) if bn_recalibrate else None
-        out = run_dir / f"rank-{tag}"
-        eta, first_share = eta or config["racing_eta"], first_share or config["racing_first_share"]
-        # what a candidate's rounds and scores depend on (the evaluators all give the same scores); the
-        # checkpoint's epoch, since `search --resume` may train a checkpointed run on after a ranking
-        settings = {"strategy": strategy, "candidates": candidates, "bn_recalibrate": bn_recalibrate,
-                    "checkpoint_epoch": loaded.epoch,
-                    **({"eta": eta, "first_share": first_share} if strategy == "racing" else {})}
-        if resume:
-            _check_resumable(out, settings)
-        if rank_id == 0 and not resume:
-            shutil.rmtree(out, ignore_errors=True)
-        parallel.barrier()  # nobody appends to a log that rank 0 is about to remove
-        out.mkdir(exist_ok=True)
-        if rank_id == 0:
-            write_json(out / "settings.json", settings)
+        with contextlib.ExitStack() as held:
+            rank_id, world = parallel.rank, parallel.world
+            loaded = load_run(run_dir, device=device, data_dir=data_dir)
+            config, seed, model, feed = loaded.config, loaded.seed, loaded.model, loaded.feed
+            recalibration = checked_recalibration_images(feed, bn_recalibrate) if bn_recalibrate else None
+            out = run_dir / f"rank-{tag}"
+            eta, first_share = eta or config["racing_eta"], first_share or config["racing_first_share"]
+            # what a candidate's rounds and scores depend on (the evaluators all give the same scores); the
+            # checkpoint's epoch, since `search --resume` may train a checkpointed run on after a ranking
+            settings = {"strategy": strategy, "candidates": candidates, "bn_recalibrate": bn_recalibrate,
+                        "checkpoint_epoch": loaded.epoch,
+                        **({"eta": eta, "first_share": first_share} if strategy == "racing" else {})}
+            held.enter_context(writer_lock(run_dir, out.name, parallel))  # (before its rows are read or removed)
+            if resume:
+                _check_resumable(out, settings)
+            if rank_id == 0 and not resume:
+                shutil.rmtree(out, ignore_errors=True)
+            parallel.barrier()  # nobody appends to a log that rank 0 is about to remove
+            out.mkdir(exist_ok=True)
+            if rank_id == 0:
+                write_json(out / "settings.json", settings)
 
-        def load_model():  # the authors' procedure: a fresh model and checkpoint for every candidate
-            weights = torch.load(run_dir / "checkpoint.pt", map_location=device, weights_only=False)["model"]
-            return rebuild_for_evaluation(config, feed.num_classes, weights, device)
+            def load_model():  # the authors' procedure: a fresh model and checkpoint for every candidate
+                weights = torch.load(run_dir / "checkpoint.pt", map_location=device, weights_only=False)["model"]
+                return rebuild_for_evaluation(config, feed.num_classes, weights, device)
 
-        images, labels = feed.split("heldout")
-        scorer = CandidateScorer(model, images, labels, seed=seed, evaluator=evaluator,
-                                 batch_size=feed.eval_batch_size, rows_per_pass=config["rank_rows"],
-                                 prepare=feed.prepare_eval, load_model=load_model, recalibration_images=recalibration)
-        log = ProgressLog(out, rank_id)
-        resumed = len(log.load())  # evaluations done before this resume
-        rows = rank(scorer, range(candidates), strategy=strategy, eta=eta, first_share=first_share,
-                    log=log,
-                    shard=(rank_id, world), gather=parallel.all_gather if world > 1 else None,
-                    progress=progress and rank_id == 0)
-        best = best_candidate(rows)
-        finalists = sorted((r for r in rows if r["images"] == best["images"]),
-                           key=lambda r: (-r["score"], r["kept_fraction"], r["id"]))[:top]
-        summary = {"run_dir": str(run_dir), "tag": tag, "posterior": config["posterior"], **settings,
-                   "evaluator": evaluator, "best": best,
-                   "images_evaluated": sum(r["images"] for r in rows), "resumed_evaluations": resumed,
-                   "world_size": world}
-        if rank_id == 0:
-            write_jsonl(out / "candidates.jsonl", rows)
-            write_json(out / "top.json", [
-                architecture_record(model, candidate_masks(model, seed, r["id"]), config=config, seed=seed,
-                                    candidate=r, test_accuracy=None) for r in finalists])
-            write_json(out / "summary.json", summary)
-        parallel.barrier()
-        return summary
+            images, labels = feed.split("heldout")
+            scorer = CandidateScorer(model, images, labels, seed=seed, evaluator=evaluator,
+                                     batch_size=feed.eval_batch_size, rows_per_pass=config["rank_rows"],
+                                     prepare=feed.prepare_eval, load_model=load_model,
+                                     recalibration_images=recalibration)
+            log = ProgressLog(out, rank_id)
+            resumed = len(log.load())  # evaluations done before this resume
+            rows = rank(scorer, range(candidates), strategy=strategy, eta=eta, first_share=first_share, log=log,
+                        shard=(rank_id, world), gather=parallel.all_gather if world > 1 else None,
+                        progress=progress and rank_id == 0)
+            best = best_candidate(rows)
+            finalists = sorted((r for r in rows if r["images"] == best["images"]),
+                               key=lambda r: (-r["score"], r["kept_fraction"], r["id"]))[:top]
+            summary = {"run_dir": str(run_dir), "tag": tag, "posterior": config["posterior"], **settings,
+                       "evaluator": evaluator, "best": best,
+                       "images_evaluated": sum(r["images"] for r in rows), "resumed_evaluations": resumed,
+                       "world_size": world}
+            if rank_id == 0:
+                write_jsonl(out / "candidates.jsonl", rows)
+                write_json(out / "top.json", [
+                    architecture_record(model, candidate_masks(model, seed, r["id"]), config=config, seed=seed,
+                                        candidate=r, test_accuracy=None) for r in finalists])
+                write_json(out / "summary.json", summary)
+            parallel.barrier()
+            return summary
     finally:
         if parallel.enabled:
             leave()  # (run_search does the same)

@@ -21,6 +21,7 @@ the candidates; rank 0 alone writes the run directory, and the others return wit
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import statistics
@@ -39,7 +40,7 @@ from ..ops.streams import Domain
 from .export import architecture_record
 from .feed import CifarLoaderFeed, LoaderFeed, TensorFeed, check_batchnorm_rows, check_shards
 from .io import (DATA_FILE, SEARCH_RANKINGS, RunError, changed_settings, data_dir_of, load_checkpoint, read_jsonl,
-                 save_checkpoint, write_json, write_jsonl)
+                 save_checkpoint, write_json, write_jsonl, writer_lock)
 from .materialize import count_parameters, materialize, materialize_all_channels
 from .parallel import SINGLE_PROCESS, Parallel, join, leave
 from .rank import ProgressLog, accuracy, best_candidate, rank_candidates, uniform_drop_logits
@@ -259,8 +260,9 @@ def run_search(config: dict, *, seed: int, out_dir: str | Path, device: str = "c
                        "statistics: set sync_bn=false")
     parallel, device = join(device)
     try:
-        return _run_search(config, seed=seed, out_dir=Path(out_dir), device=device, resume=resume, progress=progress,
-                           data_dir=data_dir, smoke=smoke, parallel=parallel)
+        with contextlib.ExitStack() as held:
+            return _run_search(config, seed=seed, out_dir=Path(out_dir), device=device, resume=resume,
+                               progress=progress, data_dir=data_dir, smoke=smoke, parallel=parallel, held=held)
     finally:
         if parallel.enabled:
             leave()
@@ -299,7 +301,8 @@ def _trained_epochs(path: Path, epochs: int) -> list[dict]:
 
 
 def _run_search(config: dict, *, seed: int, out_dir: Path, device: torch.device, resume: bool, progress: bool,
-                data_dir: str | Path | None, smoke: bool, parallel: Parallel) -> SearchResult:
+                data_dir: str | Path | None, smoke: bool, parallel: Parallel,
+                held: contextlib.ExitStack) -> SearchResult:
     main = parallel.is_main
     if config["threads"]:
         torch.set_num_threads(config["threads"])  # process-wide: a run owns its process
@@ -326,6 +329,7 @@ def _run_search(config: dict, *, seed: int, out_dir: Path, device: torch.device,
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
     parallel.barrier()  # the directory exists before any rank looks into it
+    held.enter_context(writer_lock(out_dir, "search", parallel))
     checkpoint_path = out_dir / "checkpoint.pt"
     start_epoch, train_log = 0, []
     if resume and not checkpoint_path.exists() and main:

@@ -1313,3 +1313,59 @@ def test_per_call_backend_wins_over_every_other_selection(monkeypatch):
             pf.ops.philox_uniform(4, seed=0, stream=0)
         out = pf.ops.gated_apply(X, P, seed=1, stream=2, backend="reference")
     assert rel_err(out, X.double() * broadcast_keep(expected_keep(P, 3, seed=1, stream=2), X)) < 1e-5
+
+
+# ---- the op layer's own argument checks at their boundaries ----------------------------------------
+LAST = 1 << 63  # the end of a stream
+
+
+def test_ops_take_the_last_elements_of_a_stream():
+    """offset + n may reach 2^63 exactly (the stream's last element is 2^63 - 1). Mutants: > for >= in
+    each op's end-of-stream check."""
+    u = pf.ops.philox_uniform(4, seed=1, stream=2, offset=LAST - 4)
+    assert torch.equal(u[1:], pf.ops.philox_uniform(3, seed=1, stream=2, offset=LAST - 3))
+    p = torch.randn(7)
+    keep = pf.ops.gate_keep(p, 3, seed=1, stream=2, offset=LAST - 21, mode="hard")
+    assert torch.equal(keep[1:], pf.ops.gate_keep(p, 2, seed=1, stream=2, offset=LAST - 14, mode="hard"))
+    x = torch.randn(3, 7, 2, 2)
+    assert torch.equal(pf.ops.gated_apply(x, p, seed=1, stream=2, offset=LAST - 21, mode="hard"),
+                       x * keep[:, :, None, None])
+    mu, var = torch.randn(2, 5), torch.rand(2, 5)
+    noise = pf.ops.gaussian_noise(mu, var, seed=1, stream=2, offset=LAST - 10)
+    assert torch.equal(noise[1], pf.ops.gaussian_noise(mu[1:], var[1:], seed=1, stream=2, offset=LAST - 5)[0])
+    with pytest.raises(ValueError, match=r"offset \+ n must be <= 2\^63"):
+        pf.ops.philox_uniform(4, seed=1, stream=2, offset=LAST - 3)
+
+
+def test_ops_boundary_arguments():
+    """Mutants: 16 copies refused; candidate id 2^40 let through; an affine_relu_gate shift of the wrong
+    length let through."""
+    x, p = torch.randn(3, 7, 2, 2), torch.randn(16, 7)
+    copies = pf.ops.gated_copies(x, p, seed=0, streams=list(range(16)), mode="hard")
+    assert copies.shape == (16, 3, 7, 2, 2)
+    assert torch.equal(copies[15], pf.ops.gated_apply(x, p[15], seed=0, stream=15, mode="hard"))
+    logits = torch.randn(4)
+    last = pf.ops.candidate_keep(logits, torch.tensor([(1 << 40) - 1]), seed=0, layer=0)
+    assert last.shape == (1, 4)
+    with pytest.raises(ValueError, match=r"candidates must be ids in \[0, 2\^40\)"):
+        pf.ops.candidate_keep(logits, torch.tensor([1 << 40]), seed=0, layer=0)
+    v = torch.randn(7)
+    with pytest.raises(ValueError, match=r"shift must have shape \[7\] \(x.shape\[1\]\), got \(6,\)"):
+        pf.ops.affine_relu_gate(x, v, torch.randn(6), v, seed=0, stream=0)
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda b: pf.ops.candidate_keep(torch.randn(4), torch.tensor([1 << 40]), seed=0, layer=0, backend=b),
+     r"candidates must be ids in \[0, 2\^40\)"),
+    (lambda b: pf.ops.candidate_keep(torch.randn(4), torch.tensor([-1]), seed=0, layer=0, backend=b),
+     r"candidates must be ids in \[0, 2\^40\)"),
+    (lambda b: pf.ops.gate_keep(torch.randn(7), 0, seed=0, stream=0, backend=b), "batch must be in >= 1, got 0"),
+    (lambda b: pf.ops.regularizer([torch.randn(8, 3, 3, 3)], [torch.randn(4)], weight_reg=1.0, drop_reg=1.0, n_train=10,
+                               backend=b), r"p_logits\[0\] has 4 channels, which does not fit weights\[0\]"),
+], ids=["id 2^40", "id -1", "batch 0", "C_in not groups x per-group"])
+def test_ops_refuse_before_any_backend_runs(call, match):
+    """The op layer's own checks, not the native binding's (which repeats some): on the reference backend
+    nothing else refuses. Mutants: candidate ids up to 2^40 or from -1, batch 0, C_in not a multiple of
+    the weight's per-group channels let through."""
+    with pytest.raises(ValueError, match=match):
+        call("reference")

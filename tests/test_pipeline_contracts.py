@@ -12,7 +12,7 @@ import torch
 from conftest import same_run_files, small_config
 
 from pgnas_fast import configs
-from pgnas_fast.nn import GatedConv2d, GatedLinear
+from pgnas_fast.nn import GatedConv2d, GatedLinear, candidate_masks, set_gates
 from pgnas_fast.search import accuracy, best_candidate, run_search
 from pgnas_fast.search import run as run_module
 from pgnas_fast.search.export import architecture_record, export_candidate
@@ -170,6 +170,20 @@ def test_study_statistics_match_an_exhaustive_ranking(run):
     assert racing["exhaustive_images"] == n * heldout and racing["images"] < racing["exhaustive_images"]
     assert 0 < racing["survivors"] < n  # only those that went past the first round
     assert racing["winner_exhaustive_rank"] == score_rank(guided, racing["winner"])
+    assert racing["exhaustive_winner"] == best_candidate(guided)["id"]
+    # each point's test accuracy is its best candidate's, on the test split
+    for point in result["best_vs_candidates"]:
+        set_gates(loaded.model, "hard", masks=candidate_masks(loaded.model, loaded.seed, point["best_id"]))
+        assert point["its_test"] == accuracy(loaded.model, loaded.feed.eval_batches("test")), point
+    set_gates(loaded.model, "full")
+    # tau pairs each survivor's racing score with its exhaustive one
+    raced = rank_search_candidates(loaded.model, loaded.feed, {**config, "ranking": "racing"}, seed=loaded.seed,
+                                   progress=False)
+    exhaustive = {r["id"]: r["score"] for r in guided}
+    survivors = [r for r in raced if r["images"] > min(r["images"] for r in raced)]
+    assert (racing["winner"], racing["images"]) == (best_candidate(raced)["id"], sum(r["images"] for r in raced))
+    assert racing["kendall_tau_survivors"] == pytest.approx(
+        kendall_tau([r["score"] for r in survivors], [exhaustive[r["id"]] for r in survivors]), abs=1e-12)
 
 
 @pytest.mark.parametrize("key, value, expected", [
@@ -242,3 +256,154 @@ def test_best_vs_candidates_counts_end_at_a_round_count_once():
     assert _counts_up_to(1000) == [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000]  # the study's default
     assert _counts_up_to(500) == [1, 2, 5, 10, 20, 50, 100, 200, 500]  # --candidates 500: no duplicate row
     assert _counts_up_to(20) == [1, 2, 5, 10, 20] and _counts_up_to(1) == [1]
+
+
+# ---- search/study.py --------------------------------------------------------------------------------
+def test_study_report_prints_each_family_s_own_numbers():
+    """Mutants: the random row printing the guided mean; the images ratio printed upside down."""
+    from pgnas_fast.search.study import report_markdown
+
+    study = {"preset": "p", "posterior": "gaussian", "seed": 1, "candidates": 3, "checkpoint_epoch": 2, "epochs": 5,
+             "guided": {"mean": 0.8125, "std": 0.0625, "best": 0.875, "kept_fraction": 0.75},
+             "random": {"mean": 0.4375, "std": 0.125, "best": 0.5, "kept_fraction": 0.6875},
+             "best_vs_candidates": [{"candidates": 3, "best_id": 2, "best_heldout": 0.875, "its_test": 0.8}],
+             "racing": {"winner": 2, "exhaustive_winner": 1, "winner_exhaustive_rank": 2, "images": 100,
+                        "exhaustive_images": 900, "survivors": 2, "kendall_tau_survivors": -0.5}}
+    text = report_markdown(study)
+    assert text.startswith("# Sampling studies: p (gaussian posterior), seed 1, 3 candidates\n\nOf the checkpoint "
+                           "of epoch 2 of 5.")
+    assert "| guided (learned p) | 81.25% | 6.25% | 87.50% | 75.00% |" in text
+    assert "| random (mean p everywhere) | 43.75% | 12.50% | 50.00% | 68.75% |" in text
+    assert "| 3 | 2 | 87.50% | 80.00% |" in text
+    assert "Racing's winner is candidate 2 (exhaustive winner 1); its exhaustive score ranks 2" in text
+    assert "Racing read 100 candidate-images, exhaustive 900 (9.0x more)" in text
+    assert "exhaustive scores of the 2 first-round survivors: -0.500." in text
+
+
+def test_study_racing_section_compares_with_the_guided_ranking(finished_run, monkeypatch):
+    """Mutants: the "exhaustive winner" taken from the racing rows; racing run with rank's default first
+    share instead of the run's racing_first_share. Scores come from a stand-in ranking whose racing
+    winner is not the exhaustive one."""
+    from pgnas_fast.search import study
+
+    out, _ = finished_run
+    config = json.loads((out / "config.json").read_text())["config"]
+    rows = {
+        "guided candidates": [(0.5, 100), (0.9, 100), (0.7, 100), (0.6, 100)],
+        "random candidates": [(0.25, 100), (0.5, 100), (0.25, 100), (0.75, 100)],
+        "racing": [(0.4, 25), (0.6, 100), (0.8, 100), (0.3, 25)],
+    }
+    calls = {}
+
+    def ranking(scorer, candidates, **kwargs):
+        calls[kwargs["desc"]] = kwargs
+        assert list(candidates) == [0, 1, 2, 3]
+        return [{"id": i, "score": score, "images": images, "first_round_score": score, "kept_fraction": 0.5}
+                for i, (score, images) in enumerate(rows[kwargs["desc"]])]
+
+    monkeypatch.setattr(study, "rank", ranking)
+    result = study.run_study(out, candidates=4, tag="stand-in", progress=False)
+    assert calls["racing"]["strategy"] == "racing"
+    assert (calls["racing"]["eta"], calls["racing"]["first_share"]) == (config["racing_eta"],
+                                                                        config["racing_first_share"])
+    assert result["racing"] == {"winner": 2, "exhaustive_winner": 1, "winner_exhaustive_rank": 2, "images": 250,
+                                "exhaustive_images": 400, "survivors": 2, "kendall_tau_survivors": -1.0}
+    assert [c["best_id"] for c in result["best_vs_candidates"]] == [0, 1, 1]
+    assert result["random"]["best"] == 0.75 and result["guided"]["best"] == 0.9
+
+
+# ---- search/export.py -------------------------------------------------------------------------------
+def test_architecture_record_names_each_layer_s_shape_and_probabilities():
+    """Mutants: out_channels read from the weight's second dim; p written as logits; stride and
+    dilation swapped."""
+    from pgnas_fast.nn import GatedConv2d, GatedLinear
+    from pgnas_fast.search.export import architecture_record
+
+    net = torch.nn.Sequential(GatedConv2d(4, 6, 3, stride=2, dilation=3, gate_groups=2, p_init=0.3),
+                              GatedLinear(6, 5, p_init=0.2))
+    with torch.no_grad():
+        net[0].p_logit.copy_(torch.tensor([-1.0, 2.0]))
+    masks = {"0": torch.tensor([1.0, 1.0, 0.0, 0.0]), "1": torch.tensor([0.0, 1.0, 1.0, 1.0, 1.0, 0.0])}
+    record = architecture_record(net, masks, config={"preset": "p", "posterior": "concrete"}, seed=2,
+                                 candidate={"id": 7, "score": 0.5, "kept_fraction": 0.6}, test_accuracy=0.25)
+    conv, linear = record["layers"]
+    assert (conv["in_channels"], conv["out_channels"], linear["in_channels"], linear["out_channels"]) == (4, 6, 6, 5)
+    assert (conv["stride"], conv["dilation"], conv["kernel_size"]) == ([2, 2], [3, 3], [3, 3])
+    assert conv["p"] == pytest.approx(torch.sigmoid(torch.tensor([-1.0, 2.0])).tolist())
+    assert linear["p"] == pytest.approx([0.2] * len(linear["gate_groups"]), abs=1e-6)
+    assert conv["kept_channels"] == [0, 1] and linear["kept_channels"] == [1, 2, 3, 4]
+    assert (record["candidate"], record["score"], record["test_accuracy"], record["seed"]) == (7, 0.5, 0.25, 2)
+
+
+@pytest.mark.parametrize("candidate", [-1, 1 << 40])
+def test_export_refuses_a_candidate_outside_the_id_range(finished_run, tmp_path, candidate):
+    """Mutant: the range check dropped (the Python API has no argparse in front of it)."""
+    from pgnas_fast.search.export import export_candidate
+    from pgnas_fast.search.run import RunError
+
+    out, _ = finished_run
+    with pytest.raises(RunError, match=rf"--candidate must be an id in \[0, 2\^40\), got {candidate}"):
+        export_candidate(out, tmp_path / "export", candidate=candidate)
+    assert not (tmp_path / "export").exists()
+
+
+def test_export_refuses_an_architecture_naming_a_bool_candidate(finished_run, tmp_path):
+    """Mutant: `true` (an int to Python) taken as candidate 1."""
+    import shutil
+
+    from pgnas_fast.search.export import export_candidate
+    from pgnas_fast.search.run import RunError
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_run[0], run)
+    (run / "architecture.json").write_text('{"candidate": true}')
+    with pytest.raises(RunError, match="names candidate True, not an id: pass --candidate"):
+        export_candidate(run, tmp_path / "export")
+
+
+def test_export_of_a_ranking_from_before_checkpoint_epoch_was_recorded(finished_run, tmp_path):
+    """A rank summary without `checkpoint_epoch` (an older ranking) is exported, not refused. Mutant: the
+    `ranked_epoch is not None` guard dropped."""
+    import shutil
+
+    from pgnas_fast.search.export import export_candidate
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_run[0], run)
+    (run / "rank-old").mkdir()
+    (run / "rank-old" / "summary.json").write_text(json.dumps({"best": {"id": 3}, "bn_recalibrate": 0}))
+    summary = export_candidate(run, tmp_path / "export", rank_tag="old")
+    assert (summary["candidate"], summary["rank_tag"], summary["bn_recalibrate"]) == (3, "old", 0)
+
+
+def test_evaluate_export_counts_every_batch_of_the_split(finished_run, tmp_path):
+    """Mutant: correct / len(last batch) (the same as correct / seen while a split fits one batch)."""
+    from pgnas_fast.search.export import evaluate_export, export_candidate
+
+    out = tmp_path / "export"
+    summary = export_candidate(finished_run[0], out, candidate=1)
+    assert evaluate_export(out) == pytest.approx(summary["test_accuracy"], abs=1e-9)
+    run_config = json.loads((out / "config.json").read_text())
+    run_config["config"]["eval_batch_size"] = 100  # 360 test images: 100, 100, 100, 60
+    (out / "config.json").write_text(json.dumps(run_config))
+    assert evaluate_export(out) == pytest.approx(summary["test_accuracy"], abs=1e-9)
+    assert evaluate_export(out, split="heldout", standalone=False) == pytest.approx(summary["heldout_accuracy"],
+                                                                                      abs=1e-9)
+
+
+# ---- configs ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("key, accepted, refused", [
+    ("candidates", 1 << 40, (1 << 40) + 1),  # ids 0 .. 2^40 - 1: every stream major
+    ("random_baseline", 1 << 40, (1 << 40) + 1),
+    ("random_baseline", 0, -1),  # 0: no random baseline
+    ("split_seed", (1 << 32) - 1, 1 << 32),  # numpy's RandomState takes 32 bits
+    ("p_init", 0.999, 1.0),
+    ("p_init", 1e-6, 0.0),  # p = 0 would be an infinite logit
+    ("milestones", [1, 1], [0, 5]),  # epochs count from 1
+    ("racing_first_share", 1e-6, 0.0),
+])
+def test_schema_boundaries(key, accepted, refused):
+    """Mutants: each bound moved by one (< for <=, >= for >)."""
+    assert configs.resolve("digits-tiny", {key: accepted})[key] == accepted
+    with pytest.raises(configs.ConfigError, match=f"config key '{key}' must be"):
+        configs.resolve("digits-tiny", {key: refused})

@@ -652,3 +652,47 @@ def test_scorer_gives_back_each_module_s_own_mode(untrained):
     CandidateScorer(untrained, images, labels, seed=1, batch_size=8).correct([0, 1], 0, 20)
     assert untrained.training and not any(m.training for m in frozen)
     untrained.train()
+
+
+# ---- nn/batchnorm.py --------------------------------------------------------------------------------
+def _bn_net() -> torch.nn.Module:
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3), torch.nn.BatchNorm2d(3, eps=0.3), torch.nn.ReLU(),
+                              torch.nn.Flatten(), torch.nn.Linear(12, 4), torch.nn.BatchNorm1d(4, eps=0.2))
+    for bn in (net[1], net[5]):
+        with torch.no_grad():
+            bn.weight.uniform_(0.5, 2.0)
+            bn.bias.uniform_(-1.0, 1.0)
+            bn.running_mean.uniform_(-1.0, 1.0)
+            bn.running_var.uniform_(0.5, 2.0)
+    return net.eval()
+
+
+def test_recalibrated_statistics_are_those_of_a_torch_training_pass():
+    """recalibrate_batchnorm keeps, in every BatchNorm (the later ones reading the earlier ones' new
+    normalisation), the batch mean and unbiased variance a training-mode pass with momentum None keeps;
+    the buffers stay plain tensors and the patch is gone. Mutants: biased variance kept, eps or the
+    affine shift left out of the collect pass, the forward patch left in place, the pass run with
+    autograd on."""
+    import copy
+
+    from pgnas_fast.nn.batchnorm import recalibrate_batchnorm
+
+    net, images = _bn_net(), torch.randn(10, 2, 4, 4, generator=torch.Generator().manual_seed(1))
+    reference = copy.deepcopy(net)
+    for bn in (reference[1], reference[5]):
+        bn.reset_running_stats()
+        bn.momentum = None
+        bn.train()
+    with torch.no_grad():
+        reference(images)
+    recalibrate_batchnorm(net, images)
+    for bn, ref in ((net[1], reference[1]), (net[5], reference[5])):
+        torch.testing.assert_close(bn.running_mean, ref.running_mean, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(bn.running_var, ref.running_var, rtol=1e-5, atol=1e-6)
+        assert not bn.running_mean.requires_grad and not bn.running_var.requires_grad
+        assert bn.running_var.grad_fn is None
+    assert all("forward" not in vars(m) for m in net.modules())
+    reference.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(net(images), reference(images), rtol=1e-5, atol=1e-5)

@@ -156,11 +156,11 @@ class ProgressLog:
     """Append-only JSONL of finished evaluations {round, id, correct, start, end}, flushed per chunk;
     every rank of a sharded ranking appends to its own file and reads them all on resume."""
 
+    FIELDS = ("round", "id", "correct", "start", "end")
+
     def __init__(self, directory: Path, rank: int = 0):
         self.directory = Path(directory)
         self.path = self.directory / f"progress-rank{rank}.jsonl"
-
-    FIELDS = ("round", "id", "correct", "start", "end")
 
     def load(self) -> dict[tuple[int, int], dict]:
         done = {}

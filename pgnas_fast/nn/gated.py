@@ -333,10 +333,11 @@ def clip_log_alpha_(model: nn.Module) -> None:
     after each optimizer step (the search does). The forward and the KL read log alpha clipped, whose
     gradient is zero outside the range: a logit that a step (momentum, a large lr) carried past the
     limit would otherwise never move again. Concrete-family logits are left as they are."""
-    with torch.no_grad():
-        for _, layer in gated_layers(model):
-            if layer.posterior == "gaussian":
-                layer.p_logit.clamp_(-LOG_ALPHA_LIMIT, LOG_ALPHA_LIMIT)
+    logits = [layer.p_logit for _, layer in gated_layers(model) if layer.posterior == "gaussian"]
+    if logits:
+        with torch.no_grad():  # two multi-tensor launches whatever the layer count (as torch's optimizers)
+            torch._foreach_clamp_min_(logits, -LOG_ALPHA_LIMIT)
+            torch._foreach_clamp_max_(logits, LOG_ALPHA_LIMIT)
 
 
 def set_posterior(model: nn.Module, family: str) -> None:

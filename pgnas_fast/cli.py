@@ -263,7 +263,7 @@ def _search(args) -> int:
     line = f"  guided candidates: mean held-out {_percent(s['guided_mean_heldout_accuracy'])}"
     if s["random_mean_heldout_accuracy"] is not None:
         line += (f"; random gates at the same drop rate: {_percent(s['random_mean_heldout_accuracy'])} "
-                 f"(paper Table 3)")
+                 f"(this run; cf. paper Table 3)")
     if s["mean_heldout_images"] < s["finalist_heldout_images"]:  # racing
         line += f"\n    (means over the first {s['mean_heldout_images']} held-out images, which every candidate saw)"
     print(line)
@@ -275,6 +275,7 @@ def _search(args) -> int:
 
 def _rank(args) -> int:
     from .search.io import SEARCH_RANKINGS
+    from .search.rank import cut_note
     from .search.rank_run import rank_run
 
     if args.first_share is not None and not 0 < args.first_share <= 1:
@@ -297,6 +298,9 @@ def _rank(args) -> int:
               f"{summary['images_evaluated']} candidate-images evaluated"
               + (f" ({summary['resumed_evaluations']} of the evaluations before this --resume)"
                  if summary["resumed_evaluations"] else ""))
+        note = cut_note(summary["first_round_cut"])
+        if note:
+            print(f"  note: {note}")
         print(f"results: {Path(args.run_dir) / ('rank-' + args.tag)}")
     return 0
 

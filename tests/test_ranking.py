@@ -254,7 +254,17 @@ def test_rank_resume_refuses_other_settings(capsys, run_dir):
         options = {"--candidates": 40, "--tag": "resumed", "--strategy": "racing", **changes}
         return [item for pair in options.items() for item in pair]
 
-    assert _rank_cli(capsys, run_dir, *argv())[0] == 0
+    code, captured = _rank_cli(capsys, run_dir, *argv())
+    assert code == 0
+    # racing's first cut and the tie for best, as the rows say; a cut that dropped ties by id is said
+    from pgnas_fast.search.rank import cut_note, first_round_cut, tied_for_best
+
+    summary = json.loads((run_dir / "rank-resumed" / "summary.json").read_text())
+    rows = [json.loads(line) for line in (run_dir / "rank-resumed" / "candidates.jsonl").read_text().splitlines()]
+    assert summary["first_round_cut"] == first_round_cut(rows) and summary["first_round_cut"]["places"] == 10
+    assert summary["tied_for_best"] == tied_for_best(rows)
+    note = cut_note(summary["first_round_cut"])
+    assert (f"  note: {note}\n" in captured.out) if note else "note:" not in captured.out
     settings = json.loads((run_dir / "rank-resumed" / "settings.json").read_text())
     assert settings == {"strategy": "racing", "candidates": 40, "bn_recalibrate": 0, "eta": 4, "first_share": 0.0625,
                         "checkpoint_epoch": 3}

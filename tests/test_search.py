@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import SMALL, same_run_files, small_config
 
+import pgnas_fast as pf
 from pgnas_fast import configs
 from pgnas_fast.data import load_digits
 from pgnas_fast.nn import candidate_masks, gated_layers, posterior_of, set_gates
@@ -65,7 +66,14 @@ def test_report_ties_the_figures_to_the_summary(finished_run):
     assert summary["params_subnet"] < summary["params_all_channels"] < summary["params_supernet"] == 35670
     assert (f"| materialized network | {summary['params_subnet']:,} parameters "
             f"({summary['params_subnet'] / summary['params_all_channels']:.0%} of the "
-            f"{summary['params_all_channels']:,} with every channel kept) |") in report
+            f"{summary['params_all_channels']:,} with every channel kept); the super-network's count adds its drop "
+            "logits") in report
+    # what defines the run: its regulariser's settings and where it ran
+    config = small_config()
+    assert (f"| posterior | concrete: concrete dropout; l^2 (weight_reg) {config['weight_reg']:g}, drop_reg "
+            f"{config['drop_reg']:g}, N = {summary['data']['train']}, tau {config['tau']:g} |") in report
+    assert f"| backend | {summary['backend']}, pgnas_fast {pf.__version__}, torch {torch.__version__} |" in report
+    assert summary["tied_for_best"] >= 1 and "loss = cross-entropy + regulariser, unweighted" in report
 
 
 def test_architecture_names_the_best_candidate(finished_run):

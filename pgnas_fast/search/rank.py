@@ -284,6 +284,35 @@ def rank_candidates(model: nn.Module, heldout: tuple[torch.Tensor, torch.Tensor]
     return rank(scorer, range(count), progress=progress, desc=desc, **rank_kwargs)
 
 
+def first_round_cut(rows: list[dict]) -> dict | None:
+    """Racing's first cut, read from its rows: the first round's images, the places it kept, the score at
+    the cut, how many candidates had that score and how many of those the cut dropped by id alone (on a
+    small first share scores are coarse, and many tie). None when nothing was cut (exhaustive)."""
+    first = min(r["images"] for r in rows)
+    kept = [r for r in rows if r["images"] > first]
+    if not kept:
+        return None
+    score = min(r["first_round_score"] for r in kept)
+    tied = sum(1 for r in rows if r["first_round_score"] == score)
+    return {"images": first, "places": len(kept), "score": score, "tied": tied,
+            "dropped_by_id": tied - sum(1 for r in kept if r["first_round_score"] == score)}
+
+
+def tied_for_best(rows: list[dict]) -> int:
+    """How many finalists share the best held-out score (best_candidate breaks the tie)."""
+    best = best_candidate(rows)
+    return sum(1 for r in rows if r["images"] == best["images"] and r["score"] == best["score"])
+
+
+def cut_note(cut: dict | None) -> str | None:
+    """One line on a first cut that dropped tied candidates by id, or None."""
+    if not cut or not cut["dropped_by_id"]:
+        return None
+    return (f"racing's first round ({cut['images']} images) kept {cut['places']} places: {cut['tied']} candidates "
+            f"tied at its cut score {cut['score']:.2%}, {cut['dropped_by_id']} of them dropped by id alone; a larger "
+            "first share (or exhaustive ranking) decides them on more images")
+
+
 def best_candidate(rows: list[dict]) -> dict:
     """Highest held-out accuracy among those scored on the most images (racing's finalists); ties go
     to the smaller network, then to the lower id."""

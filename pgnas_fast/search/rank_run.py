@@ -20,7 +20,7 @@ from .export import architecture_record
 from .feed import checked_recalibration_images
 from .io import changed_settings, write_json, write_jsonl, writer_lock
 from .parallel import join, leave
-from .rank import CandidateScorer, ProgressLog, best_candidate, rank
+from .rank import CandidateScorer, ProgressLog, best_candidate, first_round_cut, rank, tied_for_best
 from .run import RunError, load_run, rebuild_for_evaluation
 
 
@@ -73,7 +73,8 @@ def rank_run(run_dir: str | Path, *, candidates: int, strategy: str = "racing", 
             finalists = sorted((r for r in rows if r["images"] == best["images"]),
                                key=lambda r: (-r["score"], r["kept_fraction"], r["id"]))[:top]
             summary = {"run_dir": str(run_dir), "tag": tag, "posterior": config["posterior"], **settings,
-                       "evaluator": evaluator, "best": best,
+                       "evaluator": evaluator, "best": best, "tied_for_best": tied_for_best(rows),
+                       "first_round_cut": first_round_cut(rows),
                        "images_evaluated": sum(r["images"] for r in rows), "resumed_evaluations": resumed,
                        "world_size": world}
             if rank_id == 0:

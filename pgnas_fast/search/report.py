@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from .io import read_jsonl
+from .rank import cut_note
 
 # Published results of the paper's protocols: test error (%) without fine-tuning (Tables 1-3).
 PAPER_ERROR = {
@@ -99,6 +100,15 @@ def ranking_rate(summary: dict) -> str:
     return f"{summary['candidates_per_second']:.1f} candidates/s"
 
 
+def _regulariser(config: dict, summary: dict) -> str:
+    """The settings that define the run's regulariser (N: n_train, else the training images)."""
+    n = config.get("n_train") or summary["data"]["train"]
+    if config.get("posterior", "concrete") == "gaussian":
+        return f"KL strength 1/N with N = {n:g}, KL warm-up {config.get('kl_warmup_epochs', 0):g} epochs"
+    return (f"l^2 (weight_reg) {config['weight_reg']:g}, drop_reg {config['drop_reg']:g}, N = {n:g}, "
+            f"tau {config['tau']:g}")
+
+
 def write_report(run_dir: str | Path) -> Path:
     """report.md and its figures for a finished run directory."""
     run_dir = Path(run_dir)
@@ -118,14 +128,18 @@ def write_report(run_dir: str | Path) -> Path:
         "| | |",
         "|---|---|",
         f"| super-network | {config['supernet']} ({s.get('params_supernet', 0):,} parameters) |",
-        f"| posterior | {posterior}: {POSTERIOR_NAMES[posterior]} |",
+        f"| posterior | {posterior}: {POSTERIOR_NAMES[posterior]}; {_regulariser(config, s)} |",
+        f"| backend | {s.get('backend', 'not recorded')}" + "".join(
+            f", {name} {version}" for name, version in s.get("versions", {}).items()) + " |",
         f"| data | {s['data']['train']} training, {s['data']['heldout']} held-out, {s['data']['test']} test images"
         + (f"; smoke check: {smoke['training_steps']} training steps, scored on {smoke['heldout']} held-out and "
            f"{smoke['test']} test images" if (smoke := s.get("smoke")) else "") + " |",
         f"| posterior training | {config['epochs']} epochs, {s['train_seconds']:.1f} s |",
         f"| ranking | {s['candidates']} guided ({config['ranking']}) + {s['random_candidates']} random candidates, "
-        f"{s['rank_seconds']:.1f} s ({ranking_rate(s)}) |",
-        f"| chosen candidate | {arch['candidate']}, keeps {_pct(arch['kept_fraction'])} of the gated input channels |",
+        f"{s['rank_seconds']:.1f} s ({ranking_rate(s)}), with the last epoch's weights |",
+        f"| chosen candidate | {arch['candidate']}, keeps {_pct(arch['kept_fraction'])} of the gated input channels"
+        + (f" ({s['tied_for_best']} finalists tied at its held-out score: the smallest network is chosen, then the "
+           "lowest id)" if s.get("tied_for_best", 1) > 1 else "") + " |",
         f"| held-out accuracy | {_pct(arch['score'])} |",
         f"| test accuracy | {_pct(arch['test_accuracy'])} (no fine-tuning) |",
         f"| super-network, every channel kept | held-out {_pct(s['supernet_heldout_accuracy'])}, "
@@ -134,20 +148,29 @@ def write_report(run_dir: str | Path) -> Path:
     if s.get("params_subnet"):
         whole = s.get("params_all_channels")
         share = f" ({s['params_subnet'] / whole:.0%} of the {whole:,} with every channel kept)" if whole else ""
-        lines.append(f"| materialized network | {s['params_subnet']:,} parameters{share} |")
+        lines.append(f"| materialized network | {s['params_subnet']:,} parameters{share}; the super-network's "
+                     f"count adds its drop logits, training-only heads and the BatchNorm that materializing folds "
+                     "into convolutions |")
     if s.get("random_mean_heldout_accuracy") is not None:
         images = s.get("mean_heldout_images")  # (absent from runs older than the key)
         over = (f", over the first {images} held-out images (racing's first share)"
                 if images and images < s["finalist_heldout_images"] else "")
         lines.append(f"| guided vs random sampling (mean held-out) | {_pct(s['guided_mean_heldout_accuracy'])} vs "
                      f"{_pct(s['random_mean_heldout_accuracy'])} at the same expected drop rate{over} |")
+    if cut_note(s.get("first_round_cut")):
+        lines.append(f"| racing's first cut | {cut_note(s['first_round_cut'])} |")
     if arch["preset"] in PAPER_ERROR:
         what, error = PAPER_ERROR[arch["preset"]]
         lines.append(f"| paper | {what} {error}%; this run {100 * (1 - arch['test_accuracy']):.2f}% |")
     lines += ["", "## Learned drop probabilities", "", "![p per layer](p_per_layer.png)", "",
               "## The chosen candidate", "", "![kept channels per layer](kept_per_layer.png)", "",
               "## Candidates", "", "![candidate scores](candidate_scores.png)", "",
-              "## Posterior training", "", "![training curves](training.png)", ""]
+              "## Posterior training", "",
+              "loss = cross-entropy + regulariser, unweighted so that epochs compare"
+              + (f" (the steps of the first {config['kl_warmup_epochs']:g} epochs weighted the regulariser by the "
+                 "KL warm-up's `regularizer_weight`, in train_log.jsonl)" if config.get("kl_warmup_epochs") else "")
+              + "; train accuracy with the relaxed (sampled) gates.", "",
+              "![training curves](training.png)", ""]
     path = run_dir / "report.md"
     path.write_text("\n".join(lines))
     return path

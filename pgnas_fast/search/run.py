@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from .. import configs, supernets
+from .._version import __version__
 from .. import data as datasets
 from ..nn import candidate_masks, set_gates, set_posterior
 from ..ops import dispatch
@@ -43,7 +44,8 @@ from .io import (DATA_FILE, SEARCH_RANKINGS, RunError, changed_settings, data_di
                  save_checkpoint, write_json, write_jsonl, writer_lock)
 from .materialize import count_parameters, materialize, materialize_all_channels
 from .parallel import SINGLE_PROCESS, Parallel, join, leave
-from .rank import ProgressLog, accuracy, best_candidate, rank_candidates, uniform_drop_logits
+from .rank import (ProgressLog, accuracy, best_candidate, first_round_cut, rank_candidates, tied_for_best,
+                   uniform_drop_logits)
 from .report import FIGURES, write_report
 from .train import make_optimizer, train_posterior
 
@@ -433,6 +435,9 @@ def _run_search(config: dict, *, seed: int, out_dir: Path, device: torch.device,
                                          if random_rows else None),
         "mean_heldout_images": min(r["images"] for r in rows),  # the first round's (all of them: exhaustive)
         "finalist_heldout_images": max(r["images"] for r in rows),
+        "tied_for_best": tied_for_best(rows),
+        "first_round_cut": first_round_cut(rows),
+        "versions": {"pgnas_fast": __version__, "torch": torch.__version__},
         "random_kept_fraction": statistics.fmean(r["kept_fraction"] for r in random_rows) if random_rows else None,
         "candidates": len(rows),
         "random_candidates": len(random_rows),

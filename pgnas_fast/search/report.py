@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy
+
 from .io import read_jsonl
 from .rank import cut_note
 
@@ -28,6 +30,9 @@ FIGURES = ("p_per_layer.png", "kept_per_layer.png", "candidate_scores.png", "tra
 POSTERIOR_NAMES = {"concrete": "concrete dropout", "gaussian": "Gaussian variational dropout, p = alpha / (1 + alpha)"}
 
 
+LAYER_NAMES_SHOWN = 40  # beyond, the layer axis gives indices
+
+
 def _figures(run_dir: Path, arch: dict, rows: list[dict], random_rows: list[dict], log: list[dict],
              posterior: str) -> None:
     import matplotlib
@@ -36,20 +41,31 @@ def _figures(run_dir: Path, arch: dict, rows: list[dict], random_rows: list[dict
     import matplotlib.pyplot as plt
 
     layers = arch["layers"]
-    fig, ax = plt.subplots(figsize=(max(6, 0.25 * len(layers)), 3.5))
+
+    def layer_axis(ax):  # the layers' names where they fit (architecture.json has them by index)
+        if len(layers) <= LAYER_NAMES_SHOWN:
+            ax.set_xticks(range(len(layers)), [layer["name"] for layer in layers], rotation=60, ha="right",
+                          fontsize=7)
+            ax.set_xlabel("gated layer")
+        else:
+            ax.set_xlabel("gated layer (index in architecture.json)")
+
+    fig, ax = plt.subplots(figsize=(max(6, 0.25 * len(layers)), 4.5))
     for i, layer in enumerate(layers):
-        ax.scatter([i] * len(layer["p"]), layer["p"], s=10, color="tab:blue")
-    ax.set_xlabel("gated layer (index)")
+        groups = len(layer["p"])  # a layer's groups spread across its slot, so that none hides another
+        ax.scatter([i + 0.6 * (g / max(groups - 1, 1) - 0.5) * (groups > 1) for g in range(groups)], layer["p"],
+                   s=10, color="tab:blue", alpha=0.7)
+    layer_axis(ax)
     ax.set_ylabel("learned drop probability p")
-    ax.set_title("p per gate group")
+    ax.set_title(f"p per gate group ({posterior} posterior)")
     fig.tight_layout()
     fig.savefig(run_dir / "p_per_layer.png", dpi=120)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(max(6, 0.25 * len(layers)), 3.5))
+    fig, ax = plt.subplots(figsize=(max(6, 0.25 * len(layers)), 4.5))
     ax.bar(range(len(layers)), [len(layer["kept_channels"]) / layer["in_channels"] for layer in layers])
     ax.set_ylim(0, 1.05)
-    ax.set_xlabel("gated layer (index)")
+    layer_axis(ax)
     ax.set_ylabel("kept fraction of input channels")
     ax.set_title(f"Candidate {arch['candidate']}: kept channels per layer")
     fig.tight_layout()
@@ -59,13 +75,17 @@ def _figures(run_dir: Path, arch: dict, rows: list[dict], random_rows: list[dict
     fig, ax = plt.subplots(figsize=(6, 3.5))
     full = max(r.get("images", 0) for r in rows)
     scored = [100 * r["score"] for r in rows if r.get("images", full) == full]
-    ax.hist(scored, bins=30, alpha=0.7, label=f"guided ({len(scored)} fully scored)")
-    if random_rows:
-        ax.hist([100 * r["score"] for r in random_rows], bins=30, alpha=0.7, label="random gates, same drop rate")
+    randoms = [100 * r["score"] for r in random_rows]
+    bins = numpy.histogram_bin_edges(scored + randoms, bins=30)  # shared: the two counts compare bar by bar
+    if randoms:
+        ax.hist(randoms, bins=bins, alpha=0.5, color="tab:orange",
+                label=f"random gates, same drop rate ({len(randoms)})")
+    ax.hist(scored, bins=bins, histtype="step", linewidth=1.5, color="tab:blue",
+            label=f"guided ({len(scored)} fully scored)")
     ax.axvline(100 * arch["score"], color="black", linestyle="--", label="chosen")
     ax.set_xlabel("held-out accuracy (%)")
     ax.set_ylabel("candidates")
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(run_dir / "candidate_scores.png", dpi=120)
     plt.close(fig)
@@ -79,7 +99,7 @@ def _figures(run_dir: Path, arch: dict, rows: list[dict], random_rows: list[dict
     axes[0].set_title("loss")
     axes[0].legend()
     axes[1].plot(epochs, [100 * row["train_accuracy"] for row in log])
-    axes[1].set_title("train accuracy (%)")
+    axes[1].set_title("train accuracy (%), sampled gates")
     axes[2].plot(epochs, [row["mean_p"] for row in log])
     axes[2].set_title("mean drop probability p")
     for ax in axes:

@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import collections
 import math
 import statistics
 from pathlib import Path
@@ -97,16 +98,24 @@ def _plots(out: Path, guided: list[dict], random: list[dict], curve: list[dict],
     files.append("best_vs_candidates.png")
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    fig, ax = plt.subplots(figsize=(5, 5))
     seen = sorted({r["images"] for r in racing})
     for images in seen:
-        group = [r for r in racing if r["images"] == images]
-        ax.scatter([100 * exhaustive[r["id"]] for r in group], [100 * r["score"] for r in group], s=8,
-                   label=f"{images} images")
+        group = collections.Counter((100 * exhaustive[r["id"]], 100 * r["score"])
+                                    for r in racing if r["images"] == images)
+        # scores are coarse: candidates on one point are one marker, sized by their count
+        ax.scatter([x for x, _ in group], [y for _, y in group], s=[8 * n for n in group.values()], alpha=0.6,
+                   label=f"scored on {images} images")
+    lows, highs = ax.get_xlim(), ax.get_ylim()
+    span = (min(lows[0], highs[0]), max(lows[1], highs[1]))
+    ax.plot(span, span, color="grey", linewidth=0.8, label="racing = exhaustive")
+    winner = best_candidate(racing)
+    ax.scatter([100 * exhaustive[winner["id"]]], [100 * winner["score"]], marker="*", s=120, color="black",
+               label=f"racing's winner ({winner['id']})")
     ax.set_xlabel("exhaustive held-out accuracy (%)")
     ax.set_ylabel("racing score (%)")
-    ax.set_title("Racing vs exhaustive")
-    ax.legend(fontsize=7)
+    ax.set_title("Racing vs exhaustive (marker area: candidates)")
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "racing_vs_exhaustive.png", dpi=120)
     files.append("racing_vs_exhaustive.png")

@@ -284,14 +284,16 @@ def test_study_report_prints_each_family_s_own_numbers():
     from pgnas_fast.search.study import report_markdown
 
     study = {"preset": "p", "posterior": "gaussian", "seed": 1, "candidates": 3, "checkpoint_epoch": 2, "epochs": 5,
+             "data": {"train": 10, "heldout": 6, "test": 4},
              "guided": {"mean": 0.8125, "std": 0.0625, "best": 0.875, "kept_fraction": 0.75},
              "random": {"mean": 0.4375, "std": 0.125, "best": 0.5, "kept_fraction": 0.6875},
              "best_vs_candidates": [{"candidates": 3, "best_id": 2, "best_heldout": 0.875, "its_test": 0.8}],
              "racing": {"winner": 2, "exhaustive_winner": 1, "winner_exhaustive_rank": 2, "images": 100,
                         "exhaustive_images": 900, "survivors": 2, "kendall_tau_survivors": -0.5}}
     text = report_markdown(study)
-    assert text.startswith("# Sampling studies: p (gaussian posterior), seed 1, 3 candidates\n\nOf the checkpoint "
-                           "of epoch 2 of 5.")
+    assert text.startswith("# Sampling studies: p (gaussian posterior), seed 1, 3 candidates\n\nThe weights of "
+                           "epoch 2 (of 5); every candidate scored on the 6 held-out images (racing: its share), "
+                           "test accuracies on the 4 test images")
     assert "| guided (learned p) | 81.25% | 6.25% | 87.50% | 75.00% |" in text
     assert "| random (mean p everywhere) | 43.75% | 12.50% | 50.00% | 68.75% |" in text
     assert "| 3 | 2 | 87.50% | 80.00% |" in text

@@ -473,7 +473,7 @@ def test_study_writes_report_and_figures(capsys, run_dir):
     text = (out / "study.md").read_text()
     assert "Guided vs random" in text and "![guided vs random](guided_vs_random.png)" in text
     assert result["posterior"] == "concrete" and "(concrete posterior)" in text.splitlines()[0]
-    assert result["checkpoint_epoch"] == result["epochs"] == 3 and "Of the checkpoint of epoch 3 of 3." in text
+    assert result["checkpoint_epoch"] == result["epochs"] == 3 and "The weights of epoch 3 (of 3); every candidate scored on the 300 held-out" in text
 
 
 def test_study_of_one_candidate_writes_strict_json(capsys, run_dir):

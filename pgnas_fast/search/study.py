@@ -157,7 +157,7 @@ def run_study(run_dir: str | Path, *, candidates: int = 1000, tag: str = "defaul
     result = {
         "run_dir": str(run_dir), "preset": config["preset"], "posterior": config["posterior"], "seed": seed,
         "candidates": candidates, "checkpoint_epoch": loaded.epoch,  # (a run may be studied while it trains)
-        "epochs": config["epochs"],
+        "epochs": config["epochs"], "data": feed.sizes(),
         "guided": {"mean": statistics.fmean(r["score"] for r in guided),
                    "std": statistics.pstdev(r["score"] for r in guided),
                    "best": max(r["score"] for r in guided),
@@ -191,7 +191,9 @@ def report_markdown(s: dict) -> str:
         f"# Sampling studies: {s['preset']} ({s['posterior']} posterior), seed {s['seed']}, "
         f"{s['candidates']} candidates",
         "",
-        f"Of the checkpoint of epoch {s['checkpoint_epoch']} of {s['epochs']}.",
+        f"The weights of epoch {s['checkpoint_epoch']} (of {s['epochs']}); every candidate scored on the "
+        f"{s['data']['heldout']} held-out images (racing: its share), test accuracies on the {s['data']['test']} test "
+        "images; std over the candidates (population).",
         "",
         "## Guided vs random sampling (paper Table 3)",
         "",

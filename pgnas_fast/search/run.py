@@ -33,8 +33,8 @@ from pathlib import Path
 import torch
 
 from .. import configs, supernets
-from .._version import __version__
 from .. import data as datasets
+from .._version import __version__
 from ..nn import candidate_masks, set_gates, set_posterior
 from ..ops import dispatch
 from ..ops.streams import Domain

@@ -162,17 +162,19 @@ class GatedInput(nn.Module):
         """The Gaussian family's log alpha per input channel, [C_in], clipped to +-LOG_ALPHA_LIMIT."""
         return self.p_logit_per_channel().clamp(-LOG_ALPHA_LIMIT, LOG_ALPHA_LIMIT)
 
+    def _as_trained(self, logits: torch.Tensor) -> torch.Tensor:
+        """Drop logits as training reads them: the Gaussian family's log alpha clipped, else as they are."""
+        return logits.clamp(-LOG_ALPHA_LIMIT, LOG_ALPHA_LIMIT) if self.posterior == "gaussian" else logits
+
     def drop_logit_per_channel(self) -> torch.Tensor:
-        """logit(p) per input channel, [C_in], as training reads it: p_logit, or the Gaussian family's
-        clipped log alpha. Candidates are sampled, and p reported, from these."""
-        return self.log_alpha_per_channel() if self.posterior == "gaussian" else self.p_logit_per_channel()
+        """logit(p) per input channel, [C_in], as training reads it. Candidates are sampled, and p
+        reported, from these."""
+        return self._as_trained(self.p_logit_per_channel())
 
     @property
     def p(self) -> torch.Tensor:
         """Drop probability per group (gaussian: alpha / (1 + alpha), alpha clipped as training reads it)."""
-        if self.posterior == "gaussian":
-            return torch.sigmoid(self.p_logit.clamp(-LOG_ALPHA_LIMIT, LOG_ALPHA_LIMIT))
-        return torch.sigmoid(self.p_logit)
+        return torch.sigmoid(self._as_trained(self.p_logit))
 
     @property
     def gaussian_relaxed(self) -> bool:

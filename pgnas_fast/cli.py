@@ -298,8 +298,7 @@ def _rank(args) -> int:
               f"{summary['images_evaluated']} candidate-images evaluated"
               + (f" ({summary['resumed_evaluations']} of the evaluations before this --resume)"
                  if summary["resumed_evaluations"] else ""))
-        note = cut_note(summary["first_round_cut"])
-        if note:
+        if note := cut_note(summary["first_round_cut"]):
             print(f"  note: {note}")
         print(f"results: {Path(args.run_dir) / ('rank-' + args.tag)}")
     return 0

@@ -177,8 +177,8 @@ def write_report(run_dir: str | Path) -> Path:
                 if images and images < s["finalist_heldout_images"] else "")
         lines.append(f"| guided vs random sampling (mean held-out) | {_pct(s['guided_mean_heldout_accuracy'])} vs "
                      f"{_pct(s['random_mean_heldout_accuracy'])} at the same expected drop rate{over} |")
-    if cut_note(s.get("first_round_cut")):
-        lines.append(f"| racing's first cut | {cut_note(s['first_round_cut'])} |")
+    if note := cut_note(s.get("first_round_cut")):
+        lines.append(f"| racing's first cut | {note} |")
     if arch["preset"] in PAPER_ERROR:
         what, error = PAPER_ERROR[arch["preset"]]
         lines.append(f"| paper | {what} {error}%; this run {100 * (1 - arch['test_accuracy']):.2f}% |")

@@ -370,8 +370,7 @@ def _run_search(config: dict, *, seed: int, out_dir: Path, device: torch.device,
         train_log.append(stats)
         write_jsonl(out_dir / "train_log.jsonl", train_log)
         state = {"run_config": run_config, "world_size": parallel.world, "backend": backend, "epoch": epoch,
-                 "model": model.state_dict(),
-                 "optimizer": optimizer.state_dict(), "loss": stats["loss"]}
+                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "loss": stats["loss"]}
         # best = lowest training objective (mean CE + R, what the posterior minimises); no held-out
         # data is spent on choosing it, the held-out split stays for ranking. Written first: checkpoint.pt
         # marks the epoch done, so a kill between the two must not leave the best one behind for good

@@ -230,7 +230,7 @@ def report_markdown(s: dict) -> str:
         f"exhaustive scores of the {race['survivors']} first-round survivors: "
         + ("undefined (one survivor, or every score tied)." if race["kendall_tau_survivors"] is None
            else f"{race['kendall_tau_survivors']:.3f}.")
-        + (f" Note: {cut_note(race.get('first_round_cut'))}." if cut_note(race.get("first_round_cut")) else ""),
+        + (f" Note: {note}." if (note := cut_note(race.get("first_round_cut"))) else ""),
         "",
         "![racing vs exhaustive](racing_vs_exhaustive.png)",
         "",

@@ -66,7 +66,7 @@ def test_set_overrides_win_over_the_config_file(capsys, tmp_path):
 def test_search_with_the_gaussian_posterior(capsys, tmp_path):
     out = tmp_path / "run"
     code, stdout, _ = run_cli(capsys, "search", *SMALL, "--posterior", "gaussian", "--set", "weight_reg=50",
-                              "--out", str(out))
+                              "--set", "kl_warmup_epochs=5", "--out", str(out))
     assert code == 0
     # a concrete-family setting that the Gaussian KL does not read: said, not silently ignored
     assert "note: weight_reg set, but only the concrete family's regulariser reads it" in stdout
@@ -75,12 +75,16 @@ def test_search_with_the_gaussian_posterior(capsys, tmp_path):
     arch = json.loads((out / "architecture.json").read_text())
     assert arch["posterior"] == "gaussian" and f"best candidate: {arch['candidate']} of 3" in stdout
     assert "| posterior | gaussian: Gaussian variational dropout" in (out / "report.md").read_text()
-    # the family's 5-epoch KL warm-up outlasts these epochs: said, not silently cut
+    # a KL warm-up set longer than training: said, not silently cut
     epochs = json.loads((out / "config.json").read_text())["config"]["epochs"]
     assert (f"note: the regulariser's warm-up (kl_warmup_epochs 5) outlasts training ({epochs} epochs): it ends at "
             f"{epochs / 5:.0%} of its full weight") in stdout
     code, stdout, _ = run_cli(capsys, "search", *SMALL, "--out", str(tmp_path / "concrete"))
     assert code == 0 and "note:" not in stdout
+    # the family's own warm-up is a share of the epochs asked for: no note
+    code, stdout, _ = run_cli(capsys, "search", *SMALL, "--posterior", "gaussian", "--out", str(tmp_path / "own"))
+    assert code == 0 and "note:" not in stdout
+    assert json.loads((tmp_path / "own" / "config.json").read_text())["config"]["kl_warmup_epochs"] == 1 / 6
 
 
 @pytest.mark.parametrize("command", ["study", "export", "evaluate", "info"])
@@ -169,6 +173,9 @@ BAD_INPUTS = {
                               "config key 'data_args' of dataset digits takes test_size; got 'tset_size'"),
     "split seed past numpy's": (lambda t: ["--set", "split_seed=99999999999999999999"],
                                 "config key 'split_seed' must be an int in [0, 2^32)"),
+    "super-network for other images": (lambda t: ["--set", "supernet=supnet-m", "--set", 'supernet_args={"k": 1}'],
+                                       "the super-network does not take this data set's 1x8x8 images: GatedConv2d: "
+                                       "expected input[1, 1, 8, 8] to have 3 channels"),
     "input size not the dataset's": (lambda t: ["--set", "input_size=16"],
                                      "config key 'input_size' must be 8 for dataset digits (its images are 8x8), "
                                      "got 16"),
@@ -277,10 +284,18 @@ def test_family_settings_apply_between_the_preset_and_the_overrides():
     concrete, gaussian = configs.resolve("digits-tiny"), configs.resolve("digits-tiny", {"posterior": "gaussian"})
     settings = configs.FAMILY_SETTINGS["digits-tiny"]["gaussian"]
     assert settings and all(gaussian[key] == value != concrete[key] for key, value in settings.items())
-    assert {k: v for k, v in gaussian.items() if k not in settings and k != "posterior"} == {
-        k: v for k, v in concrete.items() if k not in settings and k != "posterior"}
+    family_keys = {*settings, "posterior", "kl_warmup_epochs"}
+    assert {k: v for k, v in gaussian.items() if k not in family_keys} == {
+        k: v for k, v in concrete.items() if k not in family_keys}
     assert concrete["posterior"] == "concrete" and concrete["n_train"] == 0 and concrete["kl_warmup_epochs"] == 0
     assert configs.resolve("digits-tiny", {"posterior": "gaussian", "n_train": 5})["n_train"] == 5  # user wins
+    # the family's KL warm-up: a sixth of the epochs after the overrides (it stayed at the preset's 5 of
+    # 30 epochs when --epochs cut training to 6), unless set itself
+    assert gaussian["kl_warmup_epochs"] == 5
+    assert configs.resolve("digits-tiny", {"posterior": "gaussian", "epochs": 12})["kl_warmup_epochs"] == 2
+    assert configs.resolve("digits-tiny", {"posterior": "gaussian", "epochs": 12, "kl_warmup_epochs": 0}
+                           )["kl_warmup_epochs"] == 0
+    assert configs.resolve("digits-tiny", {"epochs": 12})["kl_warmup_epochs"] == 0
     # a run's recorded config resolves to itself (load_run, resume)
     assert configs.resolve("digits-tiny", {k: v for k, v in gaussian.items() if k != "preset"}) == gaussian
 

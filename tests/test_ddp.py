@@ -128,6 +128,25 @@ def test_a_batch_too_small_for_batchnorm_is_named_before_training():
     assert model.training and not model.stem[1].training  # every module's mode as it was
 
 
+def test_rank_under_torchrun_keeps_the_device_it_is_given(monkeypatch, tmp_path):
+    """An explicit --device cpu on a GPU machine stays the CPU (rank_run once put every rank on cuda)."""
+    import importlib
+
+    rank_run_module = importlib.import_module("pgnas_fast.search.rank_run")
+    joined = []
+
+    def join_and_stop(device):
+        joined.append(str(device))
+        raise KeyboardInterrupt
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(rank_run_module, "join", join_and_stop)
+    with pytest.raises(KeyboardInterrupt):
+        rank_run_module.rank_run(tmp_path, candidates=2, device="cpu")
+    assert joined == ["cpu"]
+
+
 def test_row_share_sampler_covers_the_single_process_batches():
     """ImageNet's loader: ranks read their rows of the same shuffled full batches as one process."""
     from pgnas_fast.data.imagenet import SeededSampler

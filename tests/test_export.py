@@ -3,6 +3,7 @@ mode for every family, export writes a torch.export artefact that plain torch lo
 reproduces the reported test accuracy."""
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import subprocess
@@ -380,6 +381,45 @@ def test_producers_lose_the_channels_nobody_reads_and_batchnorm_folds():
     assert convs[0].out_channels == 5  # conv "0" computes only what conv "3" keeps
     unfolded = materialize(net, cases["middle"], fold_batchnorm=False)
     assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in unfolded.modules()) == 2
+
+
+@pytest.mark.parametrize("padding", ["same", "valid"])
+def test_a_layer_with_string_padding_that_keeps_nothing(padding):
+    """nn.Conv2d's padding="same"/"valid": a deleted layer's output size from either (materialize
+    refused them, for the candidates that drop every input channel of such a layer only)."""
+    torch.manual_seed(4)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                              GatedConv2d(4, 5, 3, padding=padding, dilation=2),
+                              GatedConv2d(5, 2, 3, padding=padding)).eval()
+    x = torch.randn(2, 3, 9, 7)
+    for kept in (torch.ones(4), torch.zeros(4)):
+        subnet = _equals_the_hard_masked(net, {"3": kept, "4": torch.tensor([1.0, 0, 1, 1, 0])}, x)
+    assert isinstance(subnet[3], ZeroInput)
+
+
+def test_batchnorms_without_statistics_and_of_sync_bn_training_slice_and_fold():
+    """A BatchNorm with track_running_stats=False between a producer and its sliced consumer is sliced
+    (it crashed on its missing statistics); the SyncBatchNorm that sync_bn training puts in the model
+    slices and folds as BatchNorm2d does (summary.json counted its parameters against export's)."""
+    torch.manual_seed(5)
+
+    def net(norm):
+        return torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3, padding=1), norm(6), torch.nn.ReLU(),
+                                   GatedConv2d(6, 4, 3, padding=1), torch.nn.BatchNorm2d(4)).eval()
+
+    masks = {"3": torch.tensor([1.0, 0, 1, 1, 0, 1])}
+    x = torch.randn(3, 3, 5, 5)
+    subnet = _equals_the_hard_masked(net(lambda c: torch.nn.BatchNorm2d(c, track_running_stats=False)), masks, x)
+    assert subnet[1].num_features == 4 and subnet[1].weight.shape == (4,)
+    plain = net(torch.nn.BatchNorm2d)
+    for module in plain.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-1, 1)
+            module.running_var.uniform_(0.5, 2)
+    synced = torch.nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(plain)).eval()
+    folded = _equals_the_hard_masked(synced, masks, x)
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in folded.modules())
+    assert count_parameters(folded) == count_parameters(materialize(plain, masks))
 
 
 def test_export_of_a_ranking_keeps_its_recalibrated_batchnorm(capsys, searched, tmp_path):

@@ -105,16 +105,23 @@ def test_drop_path_progress_reaches_one_at_the_last_step():
 
 
 def test_logged_statistics_are_what_they_say():
-    """train_accuracy is the fraction right over the epoch; mean_p_per_layer is a drop probability."""
+    """train_accuracy is the fraction right over the epoch; mean_p_per_layer is each layer's mean drop
+    probability over its input channels, as mean_p counts them (a group of 3 channels weighs 3, not 1)."""
     model = TinyNet()
+    model.head = GatedLinear(4, 3, gate_groups=[1, 3], p_init=0.2)
     with torch.no_grad():
         model.head.weight.zero_()
         model.head.bias.copy_(torch.tensor([100.0, 0.0, 0.0]))  # class 0 always, even after a small step
+        model.head.p_logit.copy_(torch.tensor([2.0, -3.0]))
     feed = tiny_feed(n=16, batch=8)
     _, _, stats = train({}, model=model, feed=feed)
     assert stats[0]["train_accuracy"] == (feed.splits["train"][1] == 0).float().mean().item()
     for name, layer in gated_layers(model):
-        assert stats[0]["mean_p_per_layer"][name] == pytest.approx(torch.sigmoid(layer.p_logit).mean().item())
+        channel_p = torch.sigmoid(layer.p_logit.repeat_interleave(torch.tensor(layer.gate_group_sizes)))
+        assert stats[0]["mean_p_per_layer"][name] == pytest.approx(channel_p.mean().item())
+    channels = torch.cat([torch.sigmoid(layer.p_logit).repeat_interleave(torch.tensor(layer.gate_group_sizes))
+                          for _, layer in gated_layers(model)])
+    assert stats[0]["mean_p"] == pytest.approx(channels.mean().item())
 
 
 def test_gaussian_training_puts_log_alpha_back_inside_its_clip():

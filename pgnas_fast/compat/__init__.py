@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import ops
-from ..nn.gated import check_conv_input, check_linear_input, gate_precision
+from ..nn.gated import check_conv_input, check_linear_input, gate_precision, logit
 from ..ops.streams import Domain, stream_id
 
 TRAINING_SIZE = 1281167.0
@@ -50,7 +50,7 @@ def _p_init_logit(p_init, where: str = "Conv2d_with_CD") -> float:
     p_init = _real("p_init", p_init, where)
     if not 0.0 < p_init < 1.0:
         raise ValueError(f"{where}: p_init must be in (0, 1), got {p_init}")
-    return math.log(p_init) - math.log1p(-p_init)
+    return logit(p_init)
 
 
 def _check_regs(weight_reg, drop_reg, where: str) -> tuple[float, float]:

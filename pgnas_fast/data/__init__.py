@@ -8,11 +8,9 @@ ImageNet is too big for tensors: `load_imagenet_index` returns file lists in the
 from .augment import (
     CIFAR_STATS,
     augment_batch,
-    cifar_batches,
     cutout,
     epoch_generator,
     normalize,
-    num_batches,
     random_crop,
     random_flip,
 )
@@ -45,7 +43,6 @@ __all__ = [
     "Splits",
     "augment_batch",
     "carve_heldout",
-    "cifar_batches",
     "cifar_train_loader",
     "cutout",
     "epoch_generator",
@@ -54,7 +51,6 @@ __all__ = [
     "load_digits",
     "load_imagenet_index",
     "normalize",
-    "num_batches",
     "random_crop",
     "random_flip",
     "stratified_splits",

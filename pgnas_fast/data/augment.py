@@ -15,7 +15,7 @@ CUDA generator keeps the draws on the GPU. Nothing here synchronises the GPU wit
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -129,57 +129,3 @@ def augment_batch(
     if cutout_size:
         images = cutout(images, generator, cutout_size)
     return images
-
-
-def cifar_batches(
-    images_u8: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    batch_size: int,
-    generator: torch.Generator | None = None,
-    augment: bool = True,
-    device: str | torch.device | None = None,
-    shuffle: bool | None = None,
-    drop_last: bool = False,
-    mean: Sequence[float] = CIFAR10_MEAN,
-    std: Sequence[float] = CIFAR10_STD,
-    channels_last: bool = False,
-    crop_padding: int = 4,
-    cutout_size: int = 16,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """One epoch of (normalised float32 images [B, 3, H, W], int64 labels [B]) on `device`.
-
-    `images_u8` (uint8, or float in 0..1) and `labels` stay where they are (ideally already on
-    `device`); each batch is gathered there, then moved, normalised and augmented. `shuffle`
-    defaults to `augment`: training batches are shuffled and augmented, evaluation ones neither.
-    Seed `generator` per epoch (`epoch_generator`) for runs that resume exactly.
-    """
-    if images_u8.ndim != 4 or len(images_u8) != len(labels):
-        raise ValueError(
-            f"expected images [N, C, H, W] and labels [N], got {tuple(images_u8.shape)} and {tuple(labels.shape)}"
-        )
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size} must be positive")
-    device = torch.device(device) if device is not None else images_u8.device
-    shuffle = augment if shuffle is None else shuffle
-    n = len(labels)
-    if shuffle:
-        source = generator.device if generator is not None else torch.device("cpu")
-        order = to_device(torch.randperm(n, generator=generator, device=source), images_u8.device)
-    else:
-        order = torch.arange(n, device=images_u8.device)
-    end = n - n % batch_size if drop_last else n
-    for start in range(0, end, batch_size):
-        idx = order[start : start + batch_size]
-        x = normalize(to_device(images_u8[idx], device), mean, std)
-        y = to_device(labels[idx.to(labels.device)], device)
-        if augment:
-            x = augment_batch(x, generator, crop_padding=crop_padding, cutout_size=cutout_size)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        yield x, y
-
-
-def num_batches(n: int, batch_size: int, drop_last: bool = False) -> int:
-    """How many batches `cifar_batches` yields for `n` images."""
-    return n // batch_size if drop_last else -(-n // batch_size)

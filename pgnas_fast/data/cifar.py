@@ -1,9 +1,10 @@
 """CIFAR-10 and CIFAR-100 from the python-pickle release (`cifar-10-batches-py/`, `cifar-100-python/`).
 
 The images stay uint8 NCHW, as stored, on the device the caller names: 50000 x 3 x 32 x 32 bytes is
-150 MB, so on CUDA the whole set lives on the GPU and `augment.cifar_batches` cuts, augments and
-normalises each batch there (pgnas-method.md section 3). The held-out split that ranks candidates is
-carved from the training batches; the test batch is kept for reporting only.
+150 MB, so on CUDA the whole set lives on the GPU and the search's feed (search/feed.py TensorFeed,
+with `augment.augment_batch`) cuts, normalises and augments each batch there (pgnas-method.md
+section 3). The held-out split that ranks candidates is carved from the training batches; the test
+batch is kept for reporting only.
 
 Nothing is downloaded: a missing or malformed directory raises `DataError` naming the layout and the
 page to get it from.

@@ -65,6 +65,9 @@ def check_batchnorm_rows(model: torch.nn.Module, input_shape: tuple[int, ...], b
              for name, m in model.named_modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     try:
         one_image_pass(model, input_shape)
+    except (RuntimeError, ValueError) as err:  # e.g. a --set supernet built for other images
+        raise ConfigError(f"the super-network does not take this data set's {'x'.join(map(str, input_shape))} "
+                          f"images: {err}") from None
     finally:
         for hook in hooks:
             hook.remove()

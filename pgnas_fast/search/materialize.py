@@ -102,9 +102,9 @@ class ZeroInput(nn.Module):
 def _geometry(conv: nn.Module) -> tuple:
     """(kernel, stride, padding, dilation) of a conv (or of a sliced one's conv): its output's size."""
     conv = conv.conv if isinstance(conv, SlicedConv2d) else conv
-    if isinstance(conv.padding, str):
-        raise ValueError("string padding is not supported by ZeroInput")
-    return conv.kernel_size, conv.stride, conv.padding, conv.dilation
+    if conv.padding == "same":  # (nn.Conv2d allows it at stride 1 only) the input's size: a 1x1 conv's
+        return (1, 1), (1, 1), (0, 0), (1, 1)
+    return conv.kernel_size, conv.stride, (0, 0) if conv.padding == "valid" else conv.padding, conv.dilation
 
 
 class MaskedConv2d(nn.Module):
@@ -146,7 +146,9 @@ class Gather(nn.Module):
         return x.index_select(1, self.index)
 
 
-_CHANNELWISE = (nn.BatchNorm2d, nn.ReLU, nn.Identity)
+# the BatchNorms that act per channel of an NCHW map (SyncBatchNorm: what sync_bn training made of them)
+_BATCHNORM_2D = (nn.BatchNorm2d, nn.SyncBatchNorm)
+_CHANNELWISE = (*_BATCHNORM_2D, nn.ReLU, nn.Identity)
 
 
 def _is_depthwise(m: nn.Module) -> bool:
@@ -191,12 +193,13 @@ def _slice_outputs(module: nn.Module, index: torch.Tensor) -> None:
         conv.out_channels = len(index)
         if _is_depthwise(module) or conv.groups > 1:
             conv.in_channels = conv.groups = len(index)
-    elif isinstance(module, nn.BatchNorm2d):
+    elif isinstance(module, _BATCHNORM_2D):
         for name in ("weight", "bias"):
             if getattr(module, name) is not None:
                 setattr(module, name, nn.Parameter(getattr(module, name).index_select(0, index)))
-        module.running_mean = module.running_mean.index_select(0, index)
-        module.running_var = module.running_var.index_select(0, index)
+        if module.running_mean is not None:  # (none kept: track_running_stats=False)
+            module.running_mean = module.running_mean.index_select(0, index)
+            module.running_var = module.running_var.index_select(0, index)
         module.num_features = len(index)
 
 
@@ -232,7 +235,7 @@ def _fold_batchnorm(subnet: nn.Module) -> None:
         children = list(container.named_children())
         for (_, conv), (bn_name, bn) in zip(children, children[1:]):
             conv = conv.conv if isinstance(conv, SlicedConv2d) else conv
-            if not (isinstance(conv, nn.Conv2d) and type(bn) is nn.BatchNorm2d and bn.track_running_stats):
+            if not (isinstance(conv, nn.Conv2d) and type(bn) in _BATCHNORM_2D and bn.track_running_stats):
                 continue
             scale = torch.rsqrt(bn.running_var + bn.eps)
             if bn.affine:

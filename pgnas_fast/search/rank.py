@@ -29,8 +29,10 @@ from tqdm import tqdm
 
 from ..nn import gated_layers, set_gates, stacked_candidate_masks, training_modes_kept
 from ..nn.batchnorm import grouped_batchnorm
+from ..nn.gated import logit
 from ..ops.streams import Domain
 from .io import RunError
+from .train import mean_drop_probability
 
 EVALUATORS = ("batched", "sequential", "reload")
 STRATEGIES = ("exhaustive", "racing")
@@ -47,17 +49,11 @@ def accuracy(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
     return correct / seen
 
 
-
-
-
 def uniform_drop_logits(model: nn.Module) -> dict[str, torch.Tensor]:
     """Per-channel logits of one shared p: the guided candidates' expected drop rate (mean p over
     every gated channel), for the random-sampling baseline of the paper's Table 3."""
-    layers = gated_layers(model)
-    with torch.no_grad():
-        p = torch.cat([torch.sigmoid(layer.drop_logit_per_channel()) for _, layer in layers]).mean().item()
-    z = math.log(p) - math.log1p(-p)
-    return {name: torch.full((layer.gate_channels,), z, device=layer.p_logit.device) for name, layer in layers}
+    z = logit(mean_drop_probability(model))
+    return {name: torch.full((layer.gate_channels,), z, device=layer.p_logit.device) for name, layer in gated_layers(model)}
 
 
 class CandidateScorer:

@@ -1,15 +1,14 @@
 """`pgnas-fast rank RUN_DIR`: rank candidates of a finished search again, at scale.
 
-Writes RUN_DIR/rank-TAG/ with candidates.jsonl ({id, score, images, kept_fraction} per candidate),
-top.json (the best candidates with their architectures) and the progress logs that `--resume`
-continues from. Under torchrun every rank evaluates a share of each round's candidates and the
+Writes RUN_DIR/rank-TAG/ with candidates.jsonl ({id, score, images, first_round_score, kept_fraction}
+per candidate), top.json (the best candidates with their architectures) and the progress logs that
+`--resume` continues from. Under torchrun every rank evaluates a share of each round's candidates and the
 ranks exchange their rows (all-gather), so the table equals a single process's; rank 0 writes it.
 """
 from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -29,9 +28,7 @@ def rank_run(run_dir: str | Path, *, candidates: int, strategy: str = "racing", 
              first_share: float | None = None, bn_recalibrate: int = 0, device: str = "cpu", data_dir=None,
              progress: bool = True) -> dict:
     run_dir = Path(run_dir)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and torch.cuda.is_available():
-        device = "cuda"  # torchrun on a GPU machine: one GPU per rank (join picks cuda:LOCAL_RANK)
-    parallel, device = join(device)
+    parallel, device = join(device)  # (torchrun with a cuda device: cuda:LOCAL_RANK for each rank)
     try:
         with contextlib.ExitStack() as held:
             rank_id, world = parallel.rank, parallel.world

@@ -7,7 +7,8 @@ held-out and test accuracy, and a run directory:
     tensorboard/            the per-epoch scalars as TensorBoard events (when tensorboard is installed)
     train_log.jsonl         one row per epoch: loss, CE, regulariser (the posterior family's KL term)
                             and its warm-up weight, accuracy, lr, images/s, mean p
-    candidates.jsonl        one row per guided candidate: id, score (held-out accuracy), images, kept_fraction
+    candidates.jsonl        one row per guided candidate: id, score (held-out accuracy), images,
+                            first_round_score, kept_fraction
     random_candidates.jsonl the random-gate baseline at the same expected drop rate (if enabled)
     rank-search/            the ranking's progress log, so that --resume never scores a candidate twice
     rank-search-random/     the same for the random baseline

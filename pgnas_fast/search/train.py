@@ -62,10 +62,17 @@ def regularizer_weight(config: dict, step: int, steps_per_epoch: int) -> float:
 
 
 def mean_drop_probability(model: nn.Module) -> float:
-    """Mean p over every gated input channel."""
+    """Mean p over every gated input channel (a group's p counted once per channel of it)."""
     with torch.no_grad():
         ps = [torch.sigmoid(layer.drop_logit_per_channel()) for _, layer in gated_layers(model)]
         return torch.cat(ps).mean().item()
+
+
+def mean_drop_probability_per_layer(model: nn.Module) -> dict[str, float]:
+    """Each gated layer's mean p over its input channels, as mean_drop_probability counts them."""
+    with torch.no_grad():
+        return {name: torch.sigmoid(layer.drop_logit_per_channel()).mean().item()
+                for name, layer in gated_layers(model)}
 
 
 def _forward_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: dict, amp: bool):
@@ -139,8 +146,7 @@ def train_posterior(model: nn.Module, optimizer: torch.optim.Optimizer, feed, co
                  "regularizer": reg_sum / seen, "train_accuracy": correct / seen,
                  "regularizer_weight": reg_weight, "lr": lr, "images_per_second": seen / seconds, "seconds": seconds,
                  "mean_p": mean_drop_probability(model),
-                 "mean_p_per_layer": {name: layer.p.detach().mean().item()
-                                      for name, layer in gated_layers(model)}}
+                 "mean_p_per_layer": mean_drop_probability_per_layer(model)}
         bar.set_postfix(loss=f"{stats['loss']:.3f}", acc=f"{stats['train_accuracy']:.3f}",
                         mean_p=f"{stats['mean_p']:.3f}")
         if on_epoch_end is not None:

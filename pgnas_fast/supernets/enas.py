@@ -70,6 +70,7 @@ from .. import ops
 from ..nn import GatedConv2d, GatedLinear, StochasticModule
 from ..ops.streams import Domain
 from . import check_sizes, register
+from .shake_shake import TwoPathShortcut
 
 # ENAS's published micro architecture (arc = per node: x_id, x_op, y_id, y_op)
 NORMAL_ARC = (0, 2, 0, 0, 0, 4, 0, 1, 0, 4, 1, 1, 1, 0, 0, 1, 0, 2, 1, 1)
@@ -119,23 +120,17 @@ class ReLUConvBN(nn.Sequential):
         super().__init__(nn.ReLU(), GatedConv2d(c_in, c_out, 1, bias=False, **gate_kw), nn.BatchNorm2d(c_out))
 
 
-class FactorizedReduction(nn.Module):
-    """ENAS/Shake-Shake stride-2 1x1 reduction: two half-width paths, the second shifted a pixel, + BN."""
+class FactorizedReduction(TwoPathShortcut):
+    """ENAS's stride-2 1x1 reduction: Shake-Shake's two-path shortcut at stride 2, after a ReLU when `relu`."""
+
+    stride = 2  # (an export pickled before this class shared TwoPathShortcut's code holds no stride)
 
     def __init__(self, c_in: int, c_out: int, gate_kw: dict, relu: bool = False):
-        super().__init__()
-        if c_out % 2:
-            raise ValueError(f"factorized reduction needs an even output width, got {c_out}")
+        super().__init__(c_in, c_out, 2, gate_kw)
         self.relu = relu
-        self.path1 = GatedConv2d(c_in, c_out // 2, 1, bias=False, **gate_kw)
-        self.path2 = GatedConv2d(c_in, c_out // 2, 1, bias=False, **gate_kw)
-        self.bn = nn.BatchNorm2d(c_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.relu:
-            x = F.relu(x)
-        shifted = F.pad(x, (0, 1, 0, 1))[:, :, 1:, 1:]
-        return self.bn(torch.cat([self.path1(x[:, :, ::2, ::2]), self.path2(shifted[:, :, ::2, ::2])], 1))
+        return super().forward(F.relu(x) if self.relu else x)
 
 
 class SepConv(nn.Sequential):
@@ -265,7 +260,7 @@ class EnasSupernet(nn.Module):
         self.set_drop_path_progress(1.0)
 
     def set_drop_path_progress(self, progress: float) -> None:
-        """ENAS's linear drop-path schedule: progress = min(1, step / total steps); 1.0 = full rate."""
+        """ENAS's linear drop-path schedule: progress = min(1, (step + 1) / total steps); 1.0 = full rate."""
         progress = min(max(float(progress), 0.0), 1.0)
         self.drop_path_progress = progress
         for m in self.modules():

@@ -53,7 +53,7 @@ def _launchers(gates, grid, meta, xv, dyv, out, dx, p_logit, partial, rng):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))  # the first paragraph
     parser.add_argument("--dry-run", action="store_true", help="CPU, TRITON_INTERPRET=1, tiny shapes")
     parser.add_argument("--out", help="write the rows as JSON here")
     args = parser.parse_args(argv)

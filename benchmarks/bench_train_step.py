@@ -76,7 +76,7 @@ def measure(name, batch, side, classes, knobs, *, device, backend, dtype, compil
 
 
 def main(argv=None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))  # the first paragraph
     parser.add_argument("--dry-run", action="store_true", help="tiny networks, batch 4, on CPU")
     parser.add_argument("--out", help="directory for train_step.json")
     parser.add_argument("--time-budget", type=float, default=300.0, help="seconds; later rows are skipped")

@@ -114,12 +114,13 @@ COMPILE_CAP=$((DEADLINE - SECONDS - 10))
 if ((COMPILE_CAP >= 60)); then
     echo "== torch.compile(reference) baseline of gated_apply (${COMPILE_CAP} s left)"
     echo "==== torch.compile(reference) of gated_apply_fwd_bwd" >>"$OUT/bench.log"
-    # (a dry run checks this step's plumbing without compiling: 84 s on the 2-core machine)
-    rm -rf /tmp/pgnas_compiled  # no results.md of an earlier call on a warm machine
+    # (a dry run checks this step's plumbing and skips the compilation, 84 s on the 2-core machine)
+    COMPILED=$(mktemp -d)  # its own results.md (none of an earlier call, or of another user of the machine)
     timeout "$COMPILE_CAP" python3 benchmarks/bench_gpu.py $DRY ${DRY_RUN:+--no-compile} --ops gated_apply_fwd_bwd \
-        --out /tmp/pgnas_compiled --time-budget=$((COMPILE_CAP - 10)) >>"$OUT/bench.log" 2>&1
+        --out "$COMPILED" --time-budget=$((COMPILE_CAP - 10)) >>"$OUT/bench.log" 2>&1
     step_done "compiled baseline" $? "$(tail -n 1 "$OUT/bench.log")"
-    cat /tmp/pgnas_compiled/results.md >>"$OUT/bench.log" 2>/dev/null
+    cat "$COMPILED/results.md" >>"$OUT/bench.log" 2>/dev/null
+    rm -rf "$COMPILED"
 else
     step_done "compiled baseline" skipped "$COMPILE_CAP s left"
 fi

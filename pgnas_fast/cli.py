@@ -66,7 +66,8 @@ def _build_parser() -> argparse.ArgumentParser:
     search.add_argument("--epochs", type=_count(1), help="posterior-training epochs (preset's)")
     search.add_argument("--candidates", type=_count(1, MAJOR_LIMIT + 1), help="candidates to rank (preset's)")
     search.add_argument("--random-baseline", type=_count(0, MAJOR_LIMIT + 1), metavar="K",
-                        help="also rank K random-gate candidates at the same expected drop rate (0: off)")
+                        help="also rank K random-gate candidates at the same expected drop rate (0: off; "
+                             "default the preset's: 200 on digits-tiny, 0 on the paper presets)")
     search.add_argument("--posterior", choices=POSTERIORS,
                         help="posterior family of the gates: concrete (concrete dropout, default) or gaussian "
                              "(Gaussian variational dropout); sampling, ranking and export are the same")
@@ -79,7 +80,8 @@ def _build_parser() -> argparse.ArgumentParser:
     search.add_argument("--smoke", action="store_true",
                         help="check data and config: 2 training steps, 2 candidates on 2 held-out batches")
     search.add_argument("--out", metavar="DIR",
-                        help="run directory (default runs/PRESET-seedSEED, with --smoke runs/PRESET-seedSEED-smoke)")
+                        help="run directory (default runs/PRESET-seedSEED; runs/PRESET-gaussian-seedSEED with "
+                             "--posterior gaussian; -smoke added with --smoke)")
     search.add_argument("--backend", default=None, choices=SELECTABLE,
                         help="op backend (default: PGNAS_FAST_BACKEND or auto)")
     search.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda if present)")
@@ -89,14 +91,16 @@ def _build_parser() -> argparse.ArgumentParser:
     info = commands.add_parser("info", help="a preset's super-network: parameters, gated layers, p values, MACs",
                                description="Describe a preset's super-network without data: parameters, gated "
                                            "layers, drop-probability (p) values, multiply-accumulates per image.")
-    info.add_argument("--preset", default="digits-tiny", help=f"one of: {', '.join(configs.names())}")
+    info.add_argument("--preset", default="digits-tiny",
+                      help=f"one of: {', '.join(configs.names())} (default digits-tiny)")
     info.add_argument("--json", action="store_true", help="print one JSON object")
 
     rank = commands.add_parser(
         "rank", help="rank candidates of a finished search again (batched, racing, resumable, torchrun-sharded)",
         description="Score candidates of a run directory on its held-out split with the inherited weights. "
-                    "Writes RUN_DIR/rank-TAG/candidates.jsonl (id, score, images, first_round_score, "
-                    "kept_fraction) and top.json. "
+                    "Writes RUN_DIR/rank-TAG/: candidates.jsonl (id, score, images, first_round_score, "
+                    "kept_fraction), top.json (the best finalists with their architectures), summary.json, "
+                    "settings.json and the progress-rank*.jsonl logs that --resume continues from. "
                     "Under torchrun the candidates are sharded across ranks.")
     rank.add_argument("run_dir", metavar="RUN_DIR", help="a directory written by pgnas-fast search")
     rank.add_argument("--candidates", type=_count(1, MAJOR_LIMIT + 1), default=1000,
@@ -121,7 +125,8 @@ def _build_parser() -> argparse.ArgumentParser:
     study = commands.add_parser(
         "study", help="the paper's sampling studies on a finished search (markdown + PNG)",
         description="Guided vs random sampling at the same expected drop rate (paper Table 3), best accuracy vs "
-                    "number of candidates (Table 6), racing vs exhaustive agreement. Writes RUN_DIR/study-TAG/.")
+                    "number of candidates (Table 6), racing vs exhaustive agreement. Writes RUN_DIR/study-TAG/: "
+                    "study.md, study.json and the figures.")
     study.add_argument("run_dir", metavar="RUN_DIR", help="a directory written by pgnas-fast search")
     study.add_argument("--candidates", type=_count(1, MAJOR_LIMIT + 1), default=1000,
                        help="candidates per study (default 1000)")
@@ -134,7 +139,8 @@ def _build_parser() -> argparse.ArgumentParser:
         "export", help="the found architecture as a smaller plain-torch network (+ torch.export artefact)",
         description="Materialize a candidate of a run (default: the best) into a physically smaller network: "
                     "subnet.pt (pgnas_fast.load_subnet), model.pt2 (torch.export, loads with plain torch), "
-                    "architecture.json.")
+                    "architecture.json, export.json (sizes, accuracy, where it came from), config.json and, for "
+                    "runs that read a --data-dir, data.json.")
     export.add_argument("run_dir", metavar="RUN_DIR", help="a directory written by pgnas-fast search")
     which = export.add_mutually_exclusive_group()
     which.add_argument("--candidate", type=_count(0, MAJOR_LIMIT), help="candidate id (default: the run's best)")
@@ -221,10 +227,13 @@ def _search(args) -> int:
     device = _resolve_device(args.device)
     try:
         backend = dispatch.resolve(args.backend, device)
-    except (BackendUnavailableError, ValueError) as err:
-        raise UsageError(f"--backend: {err}") from None
-    # a smoke check never lands on (and replaces) the real run of the same preset and seed
-    out = Path(args.out) if args.out else Path("runs") / f"{args.preset}-seed{args.seed}{'-smoke' * args.smoke}"
+    except (BackendUnavailableError, ValueError) as err:  # (without --backend: PGNAS_FAST_BACKEND's, named)
+        raise UsageError(f"--backend: {err}" if args.backend is not None else str(err)) from None
+    # a run of another posterior family than the preset's, or a smoke check, never lands on (and replaces)
+    # the preset's own run of that seed
+    preset = configs.resolve(args.preset)  # (without the overrides)
+    family = "" if config["posterior"] == preset["posterior"] else f"-{config['posterior']}"
+    out = Path(args.out) if args.out else Path("runs") / f"{args.preset}{family}-seed{args.seed}{'-smoke' * args.smoke}"
     created = _prepare_out(out)
 
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for the run
@@ -235,6 +244,12 @@ def _search(args) -> int:
             print(f"note: the regulariser's warm-up (kl_warmup_epochs {config['kl_warmup_epochs']:g}) outlasts "
                   f"training ({config['epochs']} epochs): it ends at {reached:.0%} of its full weight "
                   "(--set kl_warmup_epochs=N to change)", flush=True)
+        for key, whose in (("supernet_args", "the super-network's"), ("data_args", "the data set's")):
+            dropped = {k: v for k, v in preset[key].items() if k not in config[key]}  # (an object replaces the whole)
+            if dropped:
+                print(f"note: {key} replaces the preset's {preset[key]}: "
+                      f"{', '.join(f'{k} (preset: {v!r})' for k, v in dropped.items())} now take"
+                      f"{'s' if len(dropped) == 1 else ''} {whose} default", flush=True)
         unused = [key for key in ("weight_reg", "drop_reg") if key in overrides]
         if config["posterior"] == "gaussian" and unused:
             print(f"note: {' and '.join(unused)} set, but only the concrete family's regulariser reads "
@@ -296,7 +311,7 @@ def _rank(args) -> int:
               f"on {best['images']} images (keeps {_percent(best['kept_fraction'])} of the gated input channels)")
         print(f"  {summary['strategy']} with the {summary['evaluator']} evaluator: "
               f"{summary['images_evaluated']} candidate-images evaluated"
-              + (f" ({summary['resumed_evaluations']} of the evaluations before this --resume)"
+              + (f" ({summary['resumed_evaluations']} candidate-rounds restored from before this --resume)"
                  if summary["resumed_evaluations"] else ""))
         if note := cut_note(summary["first_round_cut"]):
             print(f"  note: {note}")
@@ -407,7 +422,10 @@ def _doctor(_args) -> int:
     print(f"cuda: {'available, ' + torch.cuda.get_device_name(0) if cuda else 'not available'}")
     print(f"threads: torch {torch.get_num_threads()}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, "
           f"cpus {os.cpu_count()}")
-    print(f"backend selection: {selected()}")
+    try:
+        print(f"backend selection: {selected()}")
+    except ValueError as err:  # a bad PGNAS_FAST_BACKEND: the diagnosis goes on
+        print(f"backend selection: {err}")
     for name, (available, reason) in backends().items():
         print(f"  {name:<10} {'yes' if available else 'no ':<4} {reason}")
         if available and dispatch.missing_ops(name):

@@ -87,6 +87,15 @@ def test_search_with_the_gaussian_posterior(capsys, tmp_path):
     assert json.loads((tmp_path / "own" / "config.json").read_text())["config"]["kl_warmup_epochs"] == 1 / 6
 
 
+def test_an_object_override_says_which_preset_keys_it_drops(capsys, tmp_path):
+    """--set supernet_args={...} replaces the preset's object whole: the keys it leaves out are named."""
+    code, stdout, _ = run_cli(capsys, "search", *SMALL, "--set", 'supernet_args={"width": 8}', "--out", str(tmp_path))
+    assert code == 0
+    assert ("note: supernet_args replaces the preset's {'width': 16, 'gate_group_size': 4}: gate_group_size "
+            "(preset: 4) now takes the super-network's default") in stdout
+    assert json.loads((tmp_path / "config.json").read_text())["config"]["supernet_args"] == {"width": 8}
+
+
 @pytest.mark.parametrize("command", ["study", "export", "evaluate", "info"])
 def test_commands_that_do_not_shard_refuse_torchrun(capsys, monkeypatch, tmp_path, command):
     """Under torchrun every process would do all of it and write the same files."""
@@ -111,6 +120,19 @@ def test_doctor_lists_every_backend(capsys):
     for name in ("cpu", "triton"):  # ops without a native kernel yet are named, not hidden
         if dispatch.missing_ops(name):
             assert f"runs on reference: {', '.join(dispatch.missing_ops(name))}" in stdout
+
+
+def test_a_bad_backend_variable_is_named_by_doctor_and_search(capsys, monkeypatch, tmp_path):
+    """doctor diagnoses it (it stopped halfway on a traceback); search names the variable, not a
+    --backend flag that was not given."""
+    monkeypatch.setenv("PGNAS_FAST_BACKEND", "bogus")
+    code, stdout, _ = run_cli(capsys, "doctor")
+    assert code == 0 and "backend selection: environment variable PGNAS_FAST_BACKEND must be one of" in stdout
+    assert any(line.split()[:1] == ["cpu"] for line in stdout.splitlines())  # the report goes on
+    code, _, stderr = run_cli(capsys, "search", "--out", str(tmp_path / "run"))
+    assert code == 2 and stderr.startswith("pgnas-fast: error: environment variable PGNAS_FAST_BACKEND must be")
+    code, _, stderr = run_cli(capsys, "search", "--backend", "reference", *SMALL, "--out", str(tmp_path / "run"))
+    assert code == 0  # --backend wins over the variable
 
 
 def _bad_config(tmp_path, text):
@@ -217,11 +239,16 @@ def test_a_fresh_search_replaces_the_old_run_and_what_was_derived_from_it(capsys
     assert (out / "exports").is_dir()
 
 
-def test_smoke_has_its_own_default_run_directory(capsys, tmp_path, monkeypatch):
+def test_smoke_and_the_other_family_have_their_own_default_run_directories(capsys, tmp_path, monkeypatch):
+    """Neither replaces the preset's own run of the seed (a Gaussian search after the concrete one
+    did, at the same default directory)."""
     monkeypatch.chdir(tmp_path)
     code, stdout, _ = run_cli(capsys, "search", "--smoke", "--quiet")
     assert code == 0 and stdout.strip().splitlines()[-1] == "run directory: runs/digits-tiny-seed0-smoke"
-    assert not (tmp_path / "runs" / "digits-tiny-seed0").exists()
+    code, stdout, _ = run_cli(capsys, "search", "--smoke", "--quiet", "--set", "posterior=gaussian")
+    assert code == 0 and stdout.strip().splitlines()[-1] == "run directory: runs/digits-tiny-gaussian-seed0-smoke"
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["digits-tiny-gaussian-seed0-smoke",
+                                                                     "digits-tiny-seed0-smoke"]
 
 
 def test_run_files_are_readable_by_others_as_the_umask_allows(capsys, tmp_path):

@@ -171,6 +171,25 @@ def test_full_mode_is_plain_layer():
     torch.testing.assert_close(net(x), net_oracle(net, x, ones), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gated_layers_take_every_argument_of_their_torch_layer(dtype):
+    """nn.Conv2d's padding_mode, device and dtype and nn.Linear's device and dtype, positionally as torch
+    takes them; the drop logits in the gate math's precision (float64 kept) on the layer's device."""
+    torch.manual_seed(7)
+    conv = GatedConv2d(4, 3, 3, 1, 1, 1, 1, True, "reflect", "cpu", dtype, gate_groups=2, p_init=0.3)
+    linear = GatedLinear(5, 2, True, "cpu", dtype, p_init=0.3)
+    for layer in (conv, linear):
+        assert layer.weight.dtype == dtype and layer.p_logit.dtype == dtype
+        assert layer.p_logit.device == layer.gate_group_index.device == layer.posterior_index.device
+    plain = nn.Conv2d(4, 3, 3, padding=1, padding_mode="reflect", dtype=dtype)
+    plain.load_state_dict({"weight": conv.weight, "bias": conv.bias})
+    x = torch.randn(2, 4, 6, 5, dtype=dtype)
+    mask = torch.tensor([1.0, 1.0, 0.0, 0.0], dtype=dtype)
+    set_gates(conv, "hard", masks={"": mask})
+    assert torch.equal(conv(x), plain(x * mask.view(1, -1, 1, 1)))
+    assert not torch.equal(conv(x), F.conv2d(x * mask.view(1, -1, 1, 1), conv.weight, conv.bias, padding=1))
+
+
 # ---- relaxed ---------------------------------------------------------------------------------------
 def test_relaxed_layer_equals_gated_apply_then_conv():
     net = make_net(2)

@@ -158,6 +158,8 @@ def test_racing_s_first_cut_and_the_tie_for_best_are_counted_from_the_rows():
     exhaustive = [row(i, s, 16, s) for i, s in enumerate((0.5, 0.75, 0.25))]
     assert first_round_cut(exhaustive) is None and cut_note(None) is None and tied_for_best(exhaustive) == 1
     assert cut_note({"images": 4, "places": 2, "score": 0.75, "tied": 2, "dropped_by_id": 0}) is None
+    assert cut_note({"images": 1, "places": 1, "score": 1.0, "tied": 3, "dropped_by_id": 2}).startswith(
+        "racing's first round (1 image) kept 1 place: 3 candidates")
 
 
 def test_score_rank_ties_share_a_rank_and_kendall_tau_with_joint_ties():

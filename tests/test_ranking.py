@@ -242,7 +242,7 @@ def test_rank_resume_says_how_much_was_done_before(capsys, run_dir):
     assert code == 0 and "before this --resume" not in captured.out
     code, captured = _rank_cli(capsys, run_dir, "--candidates", 30, "--strategy", "exhaustive", "--tag", "again",
                                "--resume")
-    assert code == 0 and "9000 candidate-images evaluated (30 of the evaluations before this --resume)" in captured.out
+    assert code == 0 and "9000 candidate-images evaluated (30 candidate-rounds restored from before this --resume)" in captured.out
 
 
 def test_rank_resume_refuses_other_settings(capsys, run_dir):

@@ -11,7 +11,7 @@ from conftest import SMALL, same_run_files, small_config
 
 import pgnas_fast as pf
 from pgnas_fast import configs
-from pgnas_fast.data import load_digits
+from pgnas_fast.data import DataError, load_digits
 from pgnas_fast.nn import candidate_masks, gated_layers, posterior_of, set_gates
 from pgnas_fast.search import RunError, accuracy, best_candidate, run_search
 from pgnas_fast.search import run as run_module
@@ -288,10 +288,22 @@ def test_a_resumed_search_reports_no_rate_for_work_it_did_not_time(finished_run,
     assert "resumed: " in (tmp_path / "run" / "report.md").read_text()
 
 
-def test_digits_refuses_a_data_dir(tmp_path):
-    with pytest.raises(RunError, match="digits data set is embedded.*leave --data-dir out"):
+def test_digits_refuses_a_data_dir(finished_run, tmp_path, capsys):
+    """search and every reader of a digits run (rank, study, export read it through load_run or
+    load_data) refuse a --data-dir, which they would ignore."""
+    from pgnas_fast.cli import main
+
+    finished_run, _ = finished_run
+    with pytest.raises(DataError, match="digits data set is embedded.*leave --data-dir out"):
         run_search(small_config(), seed=3, out_dir=tmp_path / "run", data_dir=tmp_path, progress=False)
     assert not (tmp_path / "run").exists()
+    with pytest.raises(DataError, match="digits data set is embedded"):
+        load_run(finished_run, data_dir=tmp_path)
+    for argv in (["rank", str(finished_run), "--candidates", "2"], ["study", str(finished_run)],
+                 ["export", str(finished_run), "--out", str(tmp_path / "export")]):
+        assert main([*argv, "--data-dir", str(tmp_path)]) == 2, argv
+        assert "digits data set is embedded" in capsys.readouterr().err
+    assert not (tmp_path / "export").exists() and not (finished_run / "rank-default").exists()
 
 
 def test_fresh_run_replaces_an_old_run_whole(finished_run, tmp_path):

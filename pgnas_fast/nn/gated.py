@@ -92,7 +92,8 @@ def check_linear_input(linear: nn.Linear, x) -> None:
 class GatedInput(nn.Module):
     """Mixin state of a gated layer: drop logits per channel group and the current gate mode."""
 
-    def _init_gates(self, channels: int, gate_groups, p_init: float, tau: float, backend: str | None) -> None:
+    def _init_gates(self, channels: int, gate_groups, p_init: float, tau: float, backend: str | None,
+                    device=None, dtype=None) -> None:
         if not 0.0 < p_init < 1.0:
             raise ValueError(f"p_init must be in (0, 1), got {p_init}")
         if not tau > 0:
@@ -103,13 +104,15 @@ class GatedInput(nn.Module):
         self.gate_channels = channels
         self.tau = float(tau)
         self.backend = backend
-        self.p_logit = nn.Parameter(torch.full((len(sizes),), logit(p_init), dtype=torch.float32))
-        index = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+        # (the gate math's precision: float32, or float64 for a float64 layer, as gate_precision keeps it)
+        precision = torch.float64 if dtype == torch.float64 else torch.float32
+        self.p_logit = nn.Parameter(torch.full((len(sizes),), logit(p_init), dtype=precision, device=device))
+        index = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes)).to(device)
         self.register_buffer("gate_group_index", index, persistent=False)
         # the posterior family (see set_posterior) is in the state dict too, as an index into POSTERIORS
         # (an int tensor, like BatchNorm's num_batches_tracked): it says what p_logit means, so a
         # Gaussian layer's state never loads as a concrete one
-        self.register_buffer("posterior_index", torch.tensor(0))
+        self.register_buffer("posterior_index", torch.tensor(0, device=device))
         self.posterior = "concrete"
         self.gate_mode = "full"
         self.gate_seed = 0
@@ -225,9 +228,11 @@ class GatedConv2d(GatedInput, nn.Conv2d):
     """nn.Conv2d whose input channels are gated (one drop logit per group of `gate_groups`)."""
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
-                 bias=True, *, gate_groups=None, p_init=0.1, tau=0.2, backend=None):
-        nn.Conv2d.__init__(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias)
-        self._init_gates(in_channels, gate_groups, p_init, tau, backend)
+                 bias=True, padding_mode="zeros", device=None, dtype=None, *, gate_groups=None, p_init=0.1, tau=0.2,
+                 backend=None):
+        nn.Conv2d.__init__(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                           padding_mode, device, dtype)
+        self._init_gates(in_channels, gate_groups, p_init, tau, backend, device, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_conv_input(self, x)
@@ -252,9 +257,10 @@ class GatedConv2d(GatedInput, nn.Conv2d):
 class GatedLinear(GatedInput, nn.Linear):
     """nn.Linear whose input features are gated (one drop logit per group of `gate_groups`)."""
 
-    def __init__(self, in_features, out_features, bias=True, *, gate_groups=None, p_init=0.1, tau=0.2, backend=None):
-        nn.Linear.__init__(self, in_features, out_features, bias)
-        self._init_gates(in_features, gate_groups, p_init, tau, backend)
+    def __init__(self, in_features, out_features, bias=True, device=None, dtype=None, *, gate_groups=None, p_init=0.1,
+                 tau=0.2, backend=None):
+        nn.Linear.__init__(self, in_features, out_features, bias, device, dtype)
+        self._init_gates(in_features, gate_groups, p_init, tau, backend, device, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_linear_input(self, x)

@@ -109,6 +109,9 @@ def load_data(config: dict, data_dir: str | Path | None = None) -> datasets.Spli
     """The preset's data set; raises DataError (a ValueError naming the expected layout) when absent."""
     dataset = config["dataset"]
     if dataset == "digits":
+        if data_dir is not None:  # (every command: a directory the run does not read is a mistake, said)
+            raise datasets.DataError(f"data_dir {str(data_dir)!r} is given, but the digits data set is embedded in "
+                                     "the package and reads no directory: leave --data-dir out")
         return datasets.load_digits(test=config["data_args"].get("test_size", 360),
                                     heldout=config["heldout_size"], split_seed=config["split_seed"])
     if data_dir is None:
@@ -312,9 +315,6 @@ def _run_search(config: dict, *, seed: int, out_dir: Path, device: torch.device,
     if smoke:
         config = {**config, "epochs": 1, "candidates": min(config["candidates"], SMOKE_CANDIDATES),
                   "random_baseline": min(config["random_baseline"], SMOKE_CANDIDATES)}
-    if data_dir is not None and config["dataset"] == "digits":
-        raise RunError(f"data_dir {str(data_dir)!r} is given, but the digits data set is embedded in the package and "
-                       "reads no directory: leave --data-dir out")
     if resume:  # the run's own data directory (data.json), unless given again; kept for the readers of the run
         data_dir = data_dir_of(out_dir, data_dir)
     data = load_data(config, data_dir)

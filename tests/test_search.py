@@ -72,7 +72,8 @@ def test_report_ties_the_figures_to_the_summary(finished_run):
     config = small_config()
     assert (f"| posterior | concrete: concrete dropout; l^2 (weight_reg) {config['weight_reg']:g}, drop_reg "
             f"{config['drop_reg']:g}, N = {summary['data']['train']}, tau {config['tau']:g} |") in report
-    assert f"| backend | {summary['backend']}, pgnas_fast {pf.__version__}, torch {torch.__version__} |" in report
+    assert (f"| backend | {summary['backend']} (1 CPU thread), pgnas_fast {pf.__version__}, torch {torch.__version__} |"
+            in report)
     assert summary["tied_for_best"] >= 1 and "loss = cross-entropy + regulariser, unweighted" in report
 
 
@@ -243,6 +244,16 @@ def test_resume_on_another_backend_says_the_rest_will_drift(finished_run, tmp_pa
     run_search(small_config(), seed=3, out_dir=run, resume=True, progress=False)
     assert (f"was trained on the triton backend, this resume trains on {result.summary['backend']}: its sums round "
             "in another order") in capsys.readouterr().err
+    # the CPU thread count likewise (torch's CPU BatchNorm and weight-gradient sums split by thread)
+    assert state["threads"] == result.summary["threads"] == small_config()["threads"] == 1
+    assert "(1 CPU thread)" in (out / "report.md").read_text()
+    torch.save({**state, "epoch": state["epoch"] - 1, "threads": 2}, run / "checkpoint.pt")
+    run_search(small_config(), seed=3, out_dir=run, resume=True, progress=False)
+    assert ("was trained with 2 CPU thread(s), this resume with 1 (--set threads=N pins the count): its sums round "
+            "in another order") in capsys.readouterr().err
+    torch.save({**state, "epoch": state["epoch"] - 1}, run / "checkpoint.pt")
+    run_search(small_config(), seed=3, out_dir=run, resume=True, progress=False)
+    assert "note:" not in capsys.readouterr().err
 
 
 def test_a_second_writer_of_a_run_is_refused(finished_run, tmp_path, capsys):

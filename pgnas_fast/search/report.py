@@ -149,7 +149,8 @@ def write_report(run_dir: str | Path) -> Path:
         "|---|---|",
         f"| super-network | {config['supernet']} ({s.get('params_supernet', 0):,} parameters) |",
         f"| posterior | {posterior}: {POSTERIOR_NAMES[posterior]}; {_regulariser(config, s)} |",
-        f"| backend | {s.get('backend', 'not recorded')}" + "".join(
+        f"| backend | {s.get('backend', 'not recorded')}"
+        + (f" ({s['threads']} CPU thread{'s' * (s['threads'] != 1)})" if "threads" in s else "") + "".join(
             f", {name} {version}" for name, version in s.get("versions", {}).items()) + " |",
         f"| data | {s['data']['train']} training, {s['data']['heldout']} held-out, {s['data']['test']} test images"
         + (f"; smoke check: {smoke['training_steps']} training steps, scored on {smoke['heldout']} held-out and "

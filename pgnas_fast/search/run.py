@@ -223,6 +223,8 @@ def load_run(run_dir: str | Path, *, device: str = "cpu", data_dir: str | Path |
     _check_posterior(run_dir / "checkpoint.pt", state, config)
     if state.get("run_config") != run_config:
         raise RunError(f"{str(run_dir / 'checkpoint.pt')!r} does not belong to this run's config.json")
+    if config["threads"]:  # the count the search ran with (digits: 1, faster there than 2 on its small passes)
+        torch.set_num_threads(config["threads"])
     data = load_data(config, data_dir_of(run_dir, data_dir))
     try:
         model = rebuild_for_evaluation(config, data.num_classes, state["model"], device).eval()
@@ -312,6 +314,9 @@ def _run_search(config: dict, *, seed: int, out_dir: Path, device: torch.device,
     main = parallel.is_main
     if config["threads"]:
         torch.set_num_threads(config["threads"])  # process-wide: a run owns its process
+    # torch's CPU BatchNorm and convolution weight gradients split their sums by thread, so on the CPU a
+    # run's numbers depend on the thread count as on the backend (both kept in the checkpoint)
+    threads = torch.get_num_threads()
     if smoke:
         config = {**config, "epochs": 1, "candidates": min(config["candidates"], SMOKE_CANDIDATES),
                   "random_baseline": min(config["random_baseline"], SMOKE_CANDIDATES)}
@@ -341,11 +346,16 @@ def _run_search(config: dict, *, seed: int, out_dir: Path, device: torch.device,
         state = load_checkpoint(checkpoint_path)
         _check_posterior(checkpoint_path, state, config)
         _check_resumable(checkpoint_path, state, run_config, parallel.world)
-        trained_on = state.get("backend", backend)  # (checkpoints older than this note hold none)
-        if trained_on != backend and state["epoch"] < config["epochs"] and main:
-            print(f"note: {checkpoint_path} was trained on the {trained_on} backend, this resume trains on "
-                  f"{backend}: its sums round in another order, so the rest of the run differs in the last digits "
-                  "from an uninterrupted one", file=sys.stderr)
+        # (checkpoints older than these notes hold neither)
+        trained_on, trained_threads = state.get("backend", backend), state.get("threads", threads)
+        changed = ([f"on the {trained_on} backend, this resume trains on {backend}"] if trained_on != backend else [])
+        if trained_threads != threads and device.type == "cpu":
+            changed.append(f"with {trained_threads} CPU thread(s), this resume with {threads} (--set threads=N pins "
+                           "the count)")
+        if changed and state["epoch"] < config["epochs"] and main:
+            print(f"note: {checkpoint_path} was trained {'; and '.join(changed)}: its sums round in another "
+                  "order, so the rest of the run differs in the last digits from an uninterrupted one",
+                  file=sys.stderr)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start_epoch = state["epoch"]
@@ -370,8 +380,8 @@ def _run_search(config: dict, *, seed: int, out_dir: Path, device: torch.device,
             return
         train_log.append(stats)
         write_jsonl(out_dir / "train_log.jsonl", train_log)
-        state = {"run_config": run_config, "world_size": parallel.world, "backend": backend, "epoch": epoch,
-                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "loss": stats["loss"]}
+        state = {"run_config": run_config, "world_size": parallel.world, "backend": backend, "threads": threads,
+                 "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(), "loss": stats["loss"]}
         # best = lowest training objective (mean CE + R, what the posterior minimises); no held-out
         # data is spent on choosing it, the held-out split stays for ranking. Written first: checkpoint.pt
         # marks the epoch done, so a kill between the two must not leave the best one behind for good
@@ -454,6 +464,7 @@ def _run_search(config: dict, *, seed: int, out_dir: Path, device: torch.device,
         "params_all_channels": count_parameters(materialize_all_channels(model)),
         "params_subnet": count_parameters(materialize(model, masks)),
         "world_size": parallel.world,
+        "threads": threads,
     }
     write_json(out_dir / "summary.json", summary)
     write_report(out_dir)

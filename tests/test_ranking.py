@@ -267,7 +267,7 @@ def test_rank_resume_refuses_other_settings(capsys, run_dir):
     assert (f"  note: {note}\n" in captured.out) if note else "note:" not in captured.out
     settings = json.loads((run_dir / "rank-resumed" / "settings.json").read_text())
     assert settings == {"strategy": "racing", "candidates": 40, "bn_recalibrate": 0, "eta": 4, "first_share": 0.0625,
-                        "checkpoint_epoch": 3}
+                        "checkpoint_epoch": 3, "device": "cpu"}
     for option, value, message in (("--eta", 2, "eta 4 (now 2)"), ("--bn-recalibrate", 64, "bn_recalibrate 0 (now 64)"),
                                    ("--candidates", 41, "candidates 40 (now 41)"),
                                    ("--strategy", "exhaustive",
@@ -275,6 +275,12 @@ def test_rank_resume_refuses_other_settings(capsys, run_dir):
                                     "'exhaustive')")):
         code, captured = _rank_cli(capsys, run_dir, *argv(**{option: value}), "--resume")
         assert code == 2 and message in captured.err and captured.err.count("\n") == 1, captured.err
+    # rows scored on another device type are refused too; a settings.json older than the entry is not
+    path = run_dir / "rank-resumed" / "settings.json"
+    path.write_text(json.dumps({**settings, "device": "cuda"}))
+    code, captured = _rank_cli(capsys, run_dir, *argv(), "--resume")
+    assert code == 2 and "device 'cuda' (now 'cpu')" in captured.err
+    path.write_text(json.dumps({k: v for k, v in settings.items() if k != "device"}))
     code, captured = _rank_cli(capsys, run_dir, *argv(**{"--evaluator": "sequential"}), "--resume")
     assert code == 0 and "held-out accuracy" in captured.out
 

@@ -38,9 +38,10 @@ def rank_run(run_dir: str | Path, *, candidates: int, strategy: str = "racing", 
             out = run_dir / f"rank-{tag}"
             eta, first_share = eta or config["racing_eta"], first_share or config["racing_first_share"]
             # what a candidate's rounds and scores depend on (the evaluators all give the same scores); the
-            # checkpoint's epoch, since `search --resume` may train a checkpointed run on after a ranking
+            # checkpoint's epoch, since `search --resume` may train a checkpointed run on after a ranking; the
+            # device type, whose arithmetic may differ in the last bits (and flip a prediction)
             settings = {"strategy": strategy, "candidates": candidates, "bn_recalibrate": bn_recalibrate,
-                        "checkpoint_epoch": loaded.epoch,
+                        "checkpoint_epoch": loaded.epoch, "device": torch.device(device).type,
                         **({"eta": eta, "first_share": first_share} if strategy == "racing" else {})}
             held.enter_context(writer_lock(run_dir, out.name, parallel))  # (before its rows are read or removed)
             if resume:
@@ -102,7 +103,8 @@ def _check_resumable(out: Path, settings: dict) -> None:
         raise RunError(f"{str(out)!r} ranked the checkpoint of epoch {started['checkpoint_epoch']}, but the run has "
                        f"trained on since (epoch {settings['checkpoint_epoch']}): its scores are of other weights; "
                        "rank afresh (without --resume) or under another --tag")
-    changed = changed_settings(started, settings, ignore=("checkpoint_epoch",))
+    # (settings.json files older than the device entry hold none: not compared)
+    changed = changed_settings(started, settings, ignore=("checkpoint_epoch", *(() if "device" in started else ("device",))))
     if changed:
         raise RunError(f"{str(out)!r} was started with {', '.join(changed)}; resume it with the settings it was "
                        f"started with, or rank under another --tag")

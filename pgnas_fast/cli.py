@@ -250,6 +250,8 @@ def _search(args) -> int:
                 print(f"note: {key} replaces the preset's {preset[key]}: "
                       f"{', '.join(f'{k} (preset: {v!r})' for k, v in dropped.items())} now take"
                       f"{'s' if len(dropped) == 1 else ''} {whose} default", flush=True)
+        if config["amp"] == "bf16" and device.type != "cuda":  # (the ImageNet presets' default)
+            print("note: amp bf16 (autocast) applies on CUDA only: this run trains in float32", flush=True)
         unused = [key for key in ("weight_reg", "drop_reg") if key in overrides]
         if config["posterior"] == "gaussian" and unused:
             print(f"note: {' and '.join(unused)} set, but only the concrete family's regulariser reads "

@@ -87,13 +87,16 @@ def test_search_with_the_gaussian_posterior(capsys, tmp_path):
     assert json.loads((tmp_path / "own" / "config.json").read_text())["config"]["kl_warmup_epochs"] == 1 / 6
 
 
-def test_an_object_override_says_which_preset_keys_it_drops(capsys, tmp_path):
-    """--set supernet_args={...} replaces the preset's object whole: the keys it leaves out are named."""
+def test_overrides_that_do_not_do_what_they_seem_are_said(capsys, tmp_path):
+    """--set supernet_args={...} replaces the preset's object whole: the keys it leaves out are named;
+    amp=bf16 off CUDA trains in float32 (it was silently ignored)."""
     code, stdout, _ = run_cli(capsys, "search", *SMALL, "--set", 'supernet_args={"width": 8}', "--out", str(tmp_path))
     assert code == 0
     assert ("note: supernet_args replaces the preset's {'width': 16, 'gate_group_size': 4}: gate_group_size "
             "(preset: 4) now takes the super-network's default") in stdout
     assert json.loads((tmp_path / "config.json").read_text())["config"]["supernet_args"] == {"width": 8}
+    code, stdout, _ = run_cli(capsys, "search", *SMALL, "--set", "amp=bf16", "--out", str(tmp_path / "amp"))
+    assert code == 0 and "note: amp bf16 (autocast) applies on CUDA only: this run trains in float32" in stdout
 
 
 @pytest.mark.parametrize("command", ["study", "export", "evaluate", "info"])

@@ -236,6 +236,7 @@ def test_export_and_evaluate_reproduce_the_reported_test_accuracy(capsys, search
     exported = json.loads((out / "export.json").read_text())
     assert exported["candidate"] == arch["candidate"] and exported["test_accuracy"] == arch["test_accuracy"]
     assert exported["posterior"] == arch["posterior"] == "concrete"
+    assert exported["checkpoint_epoch"] == exported["epochs"] == 3  # the weights' epoch, of how many
     assert exported["params_subnet"] < exported["params_all_channels"] < exported["params_supernet"]
     assert exported["macs_subnet"] < exported["macs_all_channels"]
     assert "every channel kept -> this candidate: parameters" in printed

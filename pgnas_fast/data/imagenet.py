@@ -341,14 +341,14 @@ def imagenet_loader(
 ) -> DeviceLoader:
     """Batches of (float32 [B, 3, size, size] normalised, channels_last; int64 [B]) on `device`.
 
-    Workers (default: up to 8, one per available core) decode and crop; they stay alive between
+    Workers (default 8, never more than the available cores) decode and crop; they stay alive between
     epochs; batches are pinned when `device` is CUDA. `train` shuffles, augments and by default drops
     the last partial batch. Pass a DistributedSampler as `sampler` for DDP (it then decides the order).
     """
     device = torch.device(device)
-    if num_workers is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        num_workers = min(8, cores)
+    # workers beyond the available cores would only contend with training for them (as for CIFAR's loader)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    num_workers = min(8 if num_workers is None else num_workers, cores)
     dataset = ImageFolderDataset(files, labels, train=train, size=size, resize=resize, normalize=False)
     seeded = SeededSampler(len(dataset), shuffle=train, seed=seed, base=sampler)
     loader = DataLoader(

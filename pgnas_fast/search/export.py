@@ -128,7 +128,9 @@ def export_candidate(run_dir: str | Path, out: str | Path, *, candidate: int | N
                "params_supernet": supernet["params"], "params_all_channels": all_channels["params"],
                "params_subnet": after["params"], "macs_supernet": supernet["macs"],
                "macs_all_channels": all_channels["macs"], "macs_subnet": after["macs"],
-               "input_size": list(input_size), "rank_tag": rank_tag, "bn_recalibrate": bn_recalibrate}
+               "input_size": list(input_size), "rank_tag": rank_tag, "bn_recalibrate": bn_recalibrate,
+               # the weights' epoch: a run still training (or killed) exports the last finished one
+               "checkpoint_epoch": loaded.epoch, "epochs": config["epochs"]}
     write_json(out / "export.json", summary)
     return summary
 

@@ -539,6 +539,7 @@ def test_loader_batches_are_channels_last_and_independent_of_workers(imagenet):
     # workers beyond the available cores are not started (the presets ask for 8; torch warned on 2 cores)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     assert imagenet_loader(*index.val, train=False, batch_size=4, num_workers=cores + 6).loader.num_workers == cores
+    assert imagenet_loader(*index.val, train=False, batch_size=4, num_workers=0).loader.num_workers == 0
     batches = list(val)
     assert [len(y) for _, y in batches] == [4, 2]
     assert torch.equal(torch.cat([y for _, y in batches]), torch.from_numpy(index.val[1]))

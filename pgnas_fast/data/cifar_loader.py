@@ -10,14 +10,13 @@ the images in the order TensorFeed draws for (seed, epoch).
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .augment import augment_batch, normalize
-from .imagenet import SeededSampler
+from .imagenet import SeededSampler, loader_workers
 
 
 class CifarTrainSet(Dataset):
@@ -71,10 +70,8 @@ def cifar_train_loader(images: torch.Tensor, labels: torch.Tensor, *, batch_size
                        share: Callable[[int], tuple[int, int]] | None = None) -> tuple[DataLoader, Sampler]:
     """(loader, sampler): one epoch of shuffled, augmented training batches per pass, the last one
     short; call sampler.set_epoch(epoch) before a pass. `share` (data parallel: Parallel.rows) keeps
-    this rank's rows of every global batch. Workers beyond the available cores would only contend with
-    training for them, so at most that many run (0: in the training process)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    workers = min(workers, cores)
+    this rank's rows of every global batch. At most one worker per available core (loader_workers)."""
+    workers = loader_workers(workers)
     sampler = SeededSampler(len(labels), shuffle=True, seed=seed)
     dataset = CifarTrainSet(images, labels, mean, std)
     if share is None:

@@ -323,6 +323,13 @@ class DeviceLoader:
             yield normalize(images, self.mean, self.std), labels.to(self.device, non_blocking=True)
 
 
+def loader_workers(requested: int) -> int:
+    """DataLoader workers to start: at most the available cores, since more would only contend with
+    training for them (0: batches made in the training process)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(requested, cores)
+
+
 def imagenet_loader(
     files: Sequence[str],
     labels: Sequence[int] | np.ndarray,
@@ -346,9 +353,7 @@ def imagenet_loader(
     the last partial batch. Pass a DistributedSampler as `sampler` for DDP (it then decides the order).
     """
     device = torch.device(device)
-    # workers beyond the available cores would only contend with training for them (as for CIFAR's loader)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    num_workers = min(8 if num_workers is None else num_workers, cores)
+    num_workers = loader_workers(8 if num_workers is None else num_workers)
     dataset = ImageFolderDataset(files, labels, train=train, size=size, resize=resize, normalize=False)
     seeded = SeededSampler(len(dataset), shuffle=train, seed=seed, base=sampler)
     loader = DataLoader(

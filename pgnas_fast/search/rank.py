@@ -300,7 +300,8 @@ def tied_for_best(rows: list[dict]) -> int:
     return sum(1 for r in rows if r["images"] == best["images"] and r["score"] == best["score"])
 
 
-def _count(n: int, noun: str) -> str:
+def counted(n: int, noun: str) -> str:
+    """'1 image', '2 images'."""
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
@@ -308,7 +309,7 @@ def cut_note(cut: dict | None) -> str | None:
     """One line on a first cut that dropped tied candidates by id, or None."""
     if not cut or not cut["dropped_by_id"]:
         return None
-    return (f"racing's first round ({_count(cut['images'], 'image')}) kept {_count(cut['places'], 'place')}: "
+    return (f"racing's first round ({counted(cut['images'], 'image')}) kept {counted(cut['places'], 'place')}: "
             f"{cut['tied']} candidates tied at its cut score {cut['score']:.2%}, {cut['dropped_by_id']} of them "
             "dropped by id alone; a larger first share (or exhaustive ranking) decides them on more images")
 

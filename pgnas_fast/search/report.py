@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy
 
 from .io import read_jsonl
-from .rank import cut_note
+from .rank import counted, cut_note
 
 # Published results of the paper's protocols: test error (%) without fine-tuning (Tables 1-3).
 PAPER_ERROR = {
@@ -150,7 +150,7 @@ def write_report(run_dir: str | Path) -> Path:
         f"| super-network | {config['supernet']} ({s.get('params_supernet', 0):,} parameters) |",
         f"| posterior | {posterior}: {POSTERIOR_NAMES[posterior]}; {_regulariser(config, s)} |",
         f"| backend | {s.get('backend', 'not recorded')}"
-        + (f" ({s['threads']} CPU thread{'s' * (s['threads'] != 1)})" if "threads" in s else "") + "".join(
+        + (f" ({counted(s['threads'], 'CPU thread')})" if "threads" in s else "") + "".join(
             f", {name} {version}" for name, version in s.get("versions", {}).items()) + " |",
         f"| data | {s['data']['train']} training, {s['data']['heldout']} held-out, {s['data']['test']} test images"
         + (f"; smoke check: {smoke['training_steps']} training steps, scored on {smoke['heldout']} held-out and "

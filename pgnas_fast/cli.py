@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 EXIT_USAGE = 2
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a command its pipe stopped
 
 
 class UsageError(Exception):
@@ -468,6 +469,9 @@ def main(argv: list[str] | None = None) -> int:
         hint = f"; `pgnas-fast {command} --resume` with the same arguments continues" if resumable else ""
         print(f"pgnas-fast: interrupted{hint}", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # stdout's reader left (`| head`): stop quietly, as a command killed by SIGPIPE
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (the exit's flush would raise again)
+        return EXIT_BROKEN_PIPE
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ written)."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -301,6 +302,15 @@ def test_module_entry_point_reports_errors_with_status_2():
     assert result.returncode == 2 and "--epochs" in result.stderr
 
 
+def test_a_closed_stdout_stops_a_command_quietly():
+    """`pgnas-fast info | head -1`: the reader left, which ended the command on a BrokenPipeError traceback."""
+    process = subprocess.Popen([sys.executable, "-m", "pgnas_fast.cli", "info"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+    process.stdout.close()
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 141 and stderr == b""
+
+
 def test_presets_validate_every_key():
     config = configs.resolve("digits-tiny")
     assert set(config) == {"preset", *configs.SCHEMA}
@@ -308,6 +318,12 @@ def test_presets_validate_every_key():
         configs.resolve("digits-tiny", {"lr": 0})
     with pytest.raises(configs.ConfigError, match="config key 'supernet_args' must be an object"):
         configs.resolve("digits-tiny", {"supernet_args": [1]})
+    # unquoted keys are not JSON: the value arrives as text, and the message says why
+    _, text = configs.parse_assignment("supernet_args={width: 8}")
+    with pytest.raises(configs.ConfigError, match=re.escape("got '{width: 8}' (not valid JSON: quote the keys")):
+        configs.resolve("digits-tiny", {"supernet_args": text})
+    with pytest.raises(configs.ConfigError, match=r"must be an int > 0, got 'eight'$"):
+        configs.resolve("digits-tiny", {"epochs": "eight"})  # (plain text: no JSON hint)
 
 
 def test_family_settings_apply_between_the_preset_and_the_overrides():

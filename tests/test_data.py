@@ -394,8 +394,9 @@ def test_an_epoch_without_a_training_batch_is_a_config_error():
     from pgnas_fast.search.feed import check_shards
     from pgnas_fast.search.parallel import SINGLE_PROCESS
 
-    with pytest.raises(ConfigError, match="an epoch has no training batch"):
-        check_shards([], SINGLE_PROCESS)
+    with pytest.raises(ConfigError, match="an epoch has no training batch: the training split's 20 images are "
+                                          "fewer than batch_size 32"):
+        check_shards([], SINGLE_PROCESS, train_images=20, batch_size=32)
 
 
 def test_imagenet_index_ignores_non_images(tmp_path):

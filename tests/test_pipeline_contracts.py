@@ -237,8 +237,8 @@ def test_a_last_batch_of_one_row_per_rank_is_shared():
     from pgnas_fast.search.feed import check_shards
     from pgnas_fast.search.parallel import Parallel
 
-    check_shards([64, 64, 2], Parallel(1, 2))
-    check_shards([8, 4], Parallel(3, 4))
+    check_shards([64, 64, 2], Parallel(1, 2), train_images=130, batch_size=64)
+    check_shards([8, 4], Parallel(3, 4), train_images=12, batch_size=8)
 
 
 def test_tensor_feed_limits_batches_and_sizes():

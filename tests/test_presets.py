@@ -9,6 +9,7 @@ import torch
 from data_fixtures import write_cifar10, write_cifar100, write_imagenet
 
 from pgnas_fast.cli import main
+from pgnas_fast.search.report import write_report
 
 # keep the full-size networks cheap on 2 CPU cores: tiny batches, no DataLoader workers
 CHEAP = ["--set", "batch_size=4", "--set", "eval_batch_size=4", "--set", "workers=0", "--set", "threads=1",
@@ -46,12 +47,19 @@ def test_smoke_runs_every_paper_preset_on_generated_data(capsys, tmp_path, prese
     assert code == 0, captured.err
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert len(log) == 1 and log[0]["cross_entropy"] > 0 and log[0]["regularizer"] != 0
+    # the loss is the objective; an auxiliary head's (ENAS) weighted cross-entropy is logged apart
+    aux = log[0].get("aux_cross_entropy", 0.0)
+    assert (aux > 0) == ("supnet-e" in preset)
+    assert log[0]["loss"] == pytest.approx(log[0]["cross_entropy"] + aux + log[0]["regularizer"], rel=1e-6)
+    assert ("the auxiliary head's weighted cross-entropy" in (out / "report.md").read_text()) == (aux > 0)
     rows = [json.loads(line) for line in (out / "candidates.jsonl").read_text().splitlines()]
     assert [r["id"] for r in rows] == [0, 1] and max(r["images"] for r in rows) == 8  # 2 batches of 4
     arch = json.loads((out / "architecture.json").read_text())
     assert arch["preset"] == preset and arch["layers"]
     assert f"run directory: {out}" in captured.out
-    assert "| paper |" in (out / "report.md").read_text()
+    # no comparison with the paper for a smoke check; outside one, the changed protocol keys are named
+    assert "| paper |" not in (out / "report.md").read_text()
+    assert "| posterior training | 1 epoch, " in (out / "report.md").read_text()  # (not "1 epochs")
     # what the numbers come from: 2 steps, 2 batches of 4 (not the splits' sizes)
     summary = json.loads((out / "summary.json").read_text())
     heldout, test = (min(summary["data"][name], 8) for name in ("heldout", "test"))
@@ -60,6 +68,10 @@ def test_smoke_runs_every_paper_preset_on_generated_data(capsys, tmp_path, prese
             "config work, the numbers mean nothing yet") in captured.out
     assert (f"; smoke check: 2 training steps, scored on {heldout} held-out and {test} test images |"
             in (out / "report.md").read_text())
+    # outside a smoke check the report compares with the paper, naming the protocol keys the run changed
+    (out / "summary.json").write_text(json.dumps({**summary, "smoke": None}))
+    paper = [line for line in write_report(out).read_text().splitlines() if line.startswith("| paper |")]
+    assert len(paper) == 1 and paper[0].endswith("(with another epochs, batch_size than the preset's) |"), paper
 
 
 def test_later_commands_read_the_run_s_data_dir(capsys, tmp_path):

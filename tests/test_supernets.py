@@ -123,6 +123,10 @@ def test_forward_backward_in_every_gate_mode(name):
     ("supnet-d121", {"block_config": ()}, "block_config must be a non-empty list of ints >= 1, got ()"),
     ("supnet-d121", {"block_config": (6, 0)}, "block_config must be a non-empty list of ints >= 1, got (6, 0)"),
     ("supnet-r50", {"layers": ()}, "ResNet super-network: layers must be a non-empty list of ints >= 1"),
+    # a list where an int goes, and the reverse (they failed inside range() or tuple())
+    ("supnet-m", {"blocks_per_stage": [1, 1, 1]}, "blocks_per_stage must be an int >= 1, got [1, 1, 1]"),
+    ("supnet-r50", {"layers": 3}, "layers must be a non-empty list of ints >= 1, got 3"),
+    ("supnet-d121", {"block_config": 6}, "block_config must be a non-empty list of ints >= 1, got 6"),
 ])
 def test_zero_widths_and_depths_are_refused_by_name(name, knobs, message):
     """They built networks without blocks, or failed later in torch with an unrelated message."""

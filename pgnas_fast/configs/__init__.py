@@ -288,7 +288,10 @@ def _check_value(key: str, value, spec) -> None:
     types, ok, expected = spec
     wrong_bool = isinstance(value, bool) and bool not in types  # True is an int to Python, not to us
     if wrong_bool or not isinstance(value, types) or not ok(value):
-        raise ConfigError(f"config key {key!r} must be {expected}, got {value!r}")
+        # a --set value that failed to parse as JSON arrives as its text
+        hint = (" (not valid JSON: quote the keys and strings, e.g. '{\"width\": 8}')"
+                if isinstance(value, str) and value.lstrip()[:1] in ("{", "[") else "")
+        raise ConfigError(f"config key {key!r} must be {expected}, got {value!r}{hint}")
 
 
 def _check_dataset_keys(config: dict) -> None:

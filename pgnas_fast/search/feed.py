@@ -31,13 +31,14 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 Shard = tuple[torch.Tensor, torch.Tensor, int, int]  # images, labels, first global row, global batch rows
 
 
-def check_shards(batch_sizes: list[int], parallel: Parallel) -> None:
+def check_shards(batch_sizes: list[int], parallel: Parallel, *, train_images: int, batch_size: int) -> None:
     """An epoch has a batch, and every rank gets rows of every batch: the preset's batch divides among
     the ranks, and no (last, short) batch has fewer rows than there are ranks. Raises ConfigError (bad
     input: exit 2)."""
     if not batch_sizes:
-        raise ConfigError("an epoch has no training batch: the training split is smaller than batch_size (ImageNet "
-                          "drops the last partial batch); lower batch_size or heldout_size")
+        raise ConfigError(f"an epoch has no training batch: the training split's {train_images} images are fewer "
+                          f"than batch_size {batch_size} (ImageNet drops the last partial batch); lower batch_size "
+                          "or heldout_size")
     if not parallel.enabled:
         return
     if batch_sizes[0] % parallel.world:
@@ -212,7 +213,7 @@ class LoaderFeed:
         # data parallel: each rank's workers decode only its rows of every global batch
         share = None if not parallel.enabled else RowShareSampler(self.n_train, seed=seed, batch=batch_size,
                                                                    parallel=parallel)
-        check_shards([batch_size], parallel)
+        check_shards([batch_size], parallel, train_images=self.n_train, batch_size=batch_size)
         self.train_loader = imagenet_loader(*index.train, train=True, batch_size=batch_size // parallel.world,
                                             seed=seed, sampler=share, **self.loader_args)
         self.prepare_eval = lambda x: x

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy
 
+from .. import configs
 from .io import read_jsonl
 from .rank import counted, cut_note
 
@@ -26,6 +27,8 @@ PAPER_ERROR = {
     "imagenet-d121": ("ImageNet top-1 error, PGNAS-D-121", 24.8),
     "imagenet-r50": ("ImageNet top-1 error, PGNAS-R-50", 22.73),
 }
+# the config keys that make a run the paper's protocol for the comparison above
+PAPER_PROTOCOL = ("dataset", "supernet", "supernet_args", "posterior", "epochs", "batch_size", "lr")
 FIGURES = ("p_per_layer.png", "kept_per_layer.png", "candidate_scores.png", "training.png")
 POSTERIOR_NAMES = {"concrete": "concrete dropout", "gaussian": "Gaussian variational dropout, p = alpha / (1 + alpha)"}
 
@@ -155,7 +158,7 @@ def write_report(run_dir: str | Path) -> Path:
         f"| data | {s['data']['train']} training, {s['data']['heldout']} held-out, {s['data']['test']} test images"
         + (f"; smoke check: {smoke['training_steps']} training steps, scored on {smoke['heldout']} held-out and "
            f"{smoke['test']} test images" if (smoke := s.get("smoke")) else "") + " |",
-        f"| posterior training | {config['epochs']} epochs, {s['train_seconds']:.1f} s |",
+        f"| posterior training | {counted(config['epochs'], 'epoch')}, {s['train_seconds']:.1f} s |",
         f"| ranking | {s['candidates']} guided ({config['ranking']}) + {s['random_candidates']} random candidates, "
         f"{s['rank_seconds']:.1f} s ({ranking_rate(s)}), with the last epoch's weights |",
         f"| chosen candidate | {arch['candidate']}, keeps {_pct(arch['kept_fraction'])} of the gated input channels"
@@ -180,14 +183,19 @@ def write_report(run_dir: str | Path) -> Path:
                      f"{_pct(s['random_mean_heldout_accuracy'])} at the same expected drop rate{over} |")
     if note := cut_note(s.get("first_round_cut")):
         lines.append(f"| racing's first cut | {note} |")
-    if arch["preset"] in PAPER_ERROR:
+    if arch["preset"] in PAPER_ERROR and not smoke:  # (a smoke check's error says nothing)
         what, error = PAPER_ERROR[arch["preset"]]
-        lines.append(f"| paper | {what} {error}%; this run {100 * (1 - arch['test_accuracy']):.2f}% |")
+        preset = configs.resolve(arch["preset"])
+        changed = [key for key in PAPER_PROTOCOL if config.get(key) != preset[key]]
+        lines.append(f"| paper | {what} {error}%; this run {100 * (1 - arch['test_accuracy']):.2f}%"
+                     + (f" (with another {', '.join(changed)} than the preset's)" if changed else "") + " |")
     lines += ["", "## Learned drop probabilities", "", "![p per layer](p_per_layer.png)", "",
               "## The chosen candidate", "", "![kept channels per layer](kept_per_layer.png)", "",
               "## Candidates", "", "![candidate scores](candidate_scores.png)", "",
               "## Posterior training", "",
-              "loss = cross-entropy + regulariser, unweighted so that epochs compare"
+              "loss = cross-entropy + regulariser"
+              + (" + the auxiliary head's weighted cross-entropy (`aux_cross_entropy`)"
+                 if log and "aux_cross_entropy" in log[-1] else "") + ", unweighted so that epochs compare"
               + (f" (the steps of the first {config['kl_warmup_epochs']:g} epochs weighted the regulariser by the "
                  "KL warm-up's `regularizer_weight`, in train_log.jsonl)" if config.get("kl_warmup_epochs") else "")
               + "; train accuracy with the relaxed (sampled) gates.", "",

@@ -324,7 +324,7 @@ def _run_search(config: dict, *, seed: int, out_dir: Path, device: torch.device,
         data_dir = data_dir_of(out_dir, data_dir)
     data = load_data(config, data_dir)
     feed = build_feed(config, data, device, seed=seed, smoke=smoke, parallel=parallel)
-    check_shards(feed.train_batch_sizes(), parallel)
+    check_shards(feed.train_batch_sizes(), parallel, train_images=feed.n_train, batch_size=config["batch_size"])
     torch.manual_seed(seed)  # the super-network's initial weights (the same on every rank)
     model = build_supernet(config, feed.num_classes).to(device)
     check_batchnorm_rows(model, configs.input_shape(config), feed.train_batch_sizes(), parallel,

@@ -16,13 +16,15 @@ def register(name: str):
     return add
 
 
-def check_sizes(network: str, **sizes) -> None:
-    """Widths and depths of a super-network: ints >= 1, or non-empty sequences of them (e.g. blocks
-    per stage); a zero would build a network without layers or with empty ones."""
+def check_sizes(network: str, *, lists: tuple[str, ...] = (), **sizes) -> None:
+    """Widths and depths of a super-network: ints >= 1, and for the names in `lists` non-empty
+    sequences of them (e.g. blocks per stage); a zero would build a network without layers or with
+    empty ones."""
     for name, value in sizes.items():
-        many = isinstance(value, (list, tuple))
-        values = list(value) if many else [value]
-        if not values or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
+        many = name in lists
+        values = list(value) if many and isinstance(value, (list, tuple)) else [value]
+        if (many and not isinstance(value, (list, tuple))) or not values or any(
+                isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
             expected = "a non-empty list of ints >= 1" if many else "an int >= 1"
             raise ValueError(f"{network}: {name} must be {expected}, got {value!r}")
 

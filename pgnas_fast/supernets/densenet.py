@@ -75,8 +75,8 @@ class DenseNetSupernet(nn.Module):
                  stem_width: int = 64, bn_size: int = 4, compression: float = 0.5, p_init: float = 0.1,
                  tau: float = 0.2, backend: str | None = None):
         super().__init__()
-        check_sizes("DenseNet super-network", growth=growth, block_config=tuple(block_config), stem_width=stem_width,
-                    bn_size=bn_size)
+        check_sizes("DenseNet super-network", growth=growth, block_config=block_config, stem_width=stem_width,
+                    bn_size=bn_size, lists=("block_config",))
         gate_kw = dict(p_init=p_init, tau=tau, backend=backend)
         self.stem = nn.Sequential(
             nn.Conv2d(3, stem_width, 7, stride=2, padding=3, bias=False),

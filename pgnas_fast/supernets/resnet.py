@@ -67,7 +67,7 @@ class InflatedResNet(nn.Module):
                  p_init: float = 0.1, tau: float = 0.2, backend: str | None = None,
                  zero_init_residual: bool = False):
         super().__init__()
-        check_sizes("ResNet super-network", layers=tuple(layers), base_width=base_width)
+        check_sizes("ResNet super-network", layers=layers, base_width=base_width, lists=("layers",))
         gate_kw = dict(p_init=p_init, tau=tau, backend=backend)
         self.stem = nn.Sequential(
             nn.Conv2d(3, base_width, 7, stride=2, padding=3, bias=False),

@@ -15,6 +15,7 @@ import os
 import platform
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 EXIT_USAGE = 2
@@ -258,6 +259,7 @@ def _search(args) -> int:
             print(f"note: {' and '.join(unused)} set, but only the concrete family's regulariser reads "
                   f"{'them' if len(unused) > 1 else 'it'}; the gaussian posterior's KL depends on log alpha "
                   "alone (its strength is n_train)", flush=True)
+    started = time.perf_counter()
     try:
         with dispatch.use_backend(backend):
             result = run_search(config, seed=args.seed, out_dir=out, device=str(device), resume=args.resume,
@@ -285,8 +287,10 @@ def _search(args) -> int:
     if s["mean_heldout_images"] < s["finalist_heldout_images"]:  # racing
         line += f"\n    (means over the first {s['mean_heldout_images']} held-out images, which every candidate saw)"
     print(line)
+    # (the command's own time adds loading, accuracies, sizes and the report; a resumed run's training
+    # time counts the epochs before the resume)
     print(f"  time: training {s['train_seconds']:.1f} s, ranking {s['rank_seconds']:.1f} s ({s['candidates']} guided "
-          f"+ {s['random_candidates']} random: {ranking_rate(s)})")
+          f"+ {s['random_candidates']} random: {ranking_rate(s)}); this command {time.perf_counter() - started:.1f} s")
     print(f"run directory: {result.out_dir}")
     return 0
 

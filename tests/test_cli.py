@@ -32,6 +32,10 @@ def test_search_prints_the_choice_and_the_run_directory(capsys, tmp_path):
     assert f"test accuracy {100 * arch['test_accuracy']:.2f}%" in stdout
     assert f"held-out accuracy {100 * arch['score']:.2f}%" in stdout
     assert lines[-1] == f"run directory: {out}"
+    # the time line ends on the command's own time, at least its training and ranking
+    summary = json.loads((out / "summary.json").read_text())
+    whole = float(re.fullmatch(r"  time: training .*; this command ([0-9.]+) s", lines[-2])[1])
+    assert whole >= round(summary["train_seconds"] + summary["rank_seconds"], 1) - 0.1
     assert arch["seed"] == 5
     assert "means over the first" not in stdout  # exhaustive: every candidate on every image
 

@@ -103,8 +103,11 @@ def _check_resumable(out: Path, settings: dict) -> None:
         raise RunError(f"{str(out)!r} ranked the checkpoint of epoch {started['checkpoint_epoch']}, but the run has "
                        f"trained on since (epoch {settings['checkpoint_epoch']}): its scores are of other weights; "
                        "rank afresh (without --resume) or under another --tag")
-    # (settings.json files older than the device entry hold none: not compared)
-    changed = changed_settings(started, settings, ignore=("checkpoint_epoch", *(() if "device" in started else ("device",))))
+    # (settings.json files older than the device entry hold none: not compared; racing's eta and first
+    # share follow from the strategy: named only where both rankings race)
+    ignore = ("checkpoint_epoch", *(() if "device" in started else ("device",)),
+              *(() if started.get("strategy") == settings["strategy"] else ("eta", "first_share")))
+    changed = changed_settings(started, settings, ignore=ignore)
     if changed:
         raise RunError(f"{str(out)!r} was started with {', '.join(changed)}; resume it with the settings it was "
                        f"started with, or rank under another --tag")

@@ -12,6 +12,7 @@ import torch
 
 from pgnas_fast import configs
 from pgnas_fast.search import run_search
+from pgnas_fast.search.host import keep_freed_host_memory
 from pgnas_fast.search.rank import CandidateScorer, best_candidate, rank
 from pgnas_fast.search.run import load_data, rebuild_for_evaluation
 
@@ -21,6 +22,7 @@ CANDIDATES = 32
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     torch.set_num_threads(1)
+    keep_freed_host_memory()  # as the pgnas-fast commands do
     out = tmp_path_factory.mktemp("bench")
     config = configs.resolve("digits-tiny", {"epochs": 2, "candidates": 2, "random_baseline": 0})
     run_search(config, seed=0, out_dir=out, progress=False)
@@ -38,7 +40,7 @@ def test_candidates_per_second(benchmark, trained, evaluator):
     scorer = CandidateScorer(load_model(), *heldout, seed=0, evaluator=evaluator, batch_size=1024,
                              rows_per_pass=rows, load_model=load_model)  # the preset's pass size
     counts = benchmark.pedantic(scorer.correct, args=(list(range(CANDIDATES)), 0, len(heldout[1])),
-                                rounds=3, iterations=1)
+                                rounds=3, iterations=1, warmup_rounds=1)
     benchmark.extra_info["candidates"] = CANDIDATES
     benchmark.extra_info["images_per_candidate"] = len(heldout[1])
     assert len(counts) == CANDIDATES
@@ -52,7 +54,7 @@ def test_batched_candidates_per_second_by_layout(benchmark, trained, layout):
     scorer = CandidateScorer(load_model(channels_last=layout == "channels_last"), *heldout, seed=0,
                              batch_size=1024, rows_per_pass=rows)
     counts = benchmark.pedantic(scorer.correct, args=(list(range(CANDIDATES)), 0, len(heldout[1])),
-                                rounds=3, iterations=1)
+                                rounds=3, iterations=1, warmup_rounds=1)
     assert len(counts) == CANDIDATES
 
 

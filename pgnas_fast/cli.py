@@ -448,6 +448,9 @@ def main(argv: list[str] | None = None) -> int:
     from .data import DataError
     from .search import RunError
 
+    from .search.host import keep_freed_host_memory
+
+    keep_freed_host_memory()  # (a command owns its process: see search/host.py)
     command = None
     try:
         parser = _build_parser()

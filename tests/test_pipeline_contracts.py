@@ -433,3 +433,15 @@ def test_schema_boundaries(key, accepted, refused):
     assert configs.resolve("digits-tiny", {key: accepted})[key] == accepted
     with pytest.raises(configs.ConfigError, match=f"config key '{key}' must be"):
         configs.resolve("digits-tiny", {key: refused})
+
+
+def test_the_commands_keep_freed_host_memory_on_glibc_only(monkeypatch):
+    """search/host.py: glibc's thresholds are set where glibc runs (this Linux CI), nowhere else."""
+    import platform
+
+    from pgnas_fast.search import host
+
+    expected = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    assert host.keep_freed_host_memory() is expected
+    monkeypatch.setattr(host.platform, "libc_ver", lambda: ("musl", "1.2"))
+    assert host.keep_freed_host_memory() is False

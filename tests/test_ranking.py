@@ -436,6 +436,59 @@ def test_recalibrated_ranking_batched_equals_sequential(trained):
     assert plain != counts["batched"], "recalibration should change some scores"
 
 
+@pytest.mark.parametrize("name, knobs, channels_last", [
+    ("digits-tiny", {"width": 12}, True),
+    ("supnet-m", {"k": 1, "blocks_per_stage": 1}, False),
+    ("supnet-e", {"filters": 8, "num_layers": 3}, True),
+    ("supnet-r50", {"layers": (1, 1, 1, 1), "base_width": 8}, False),
+])
+def test_folded_batchnorm_matches_the_unfolded_pass_and_restores_the_model(name, knobs, channels_last):
+    """Evaluation folds each eval BatchNorm that follows a conv into it: the same logits up to rounding,
+    for K candidates at once, and afterwards the very same modules, Parameters and outputs."""
+    from pgnas_fast.nn.batchnorm import BATCHNORM_2D, folded_batchnorm
+
+    torch.manual_seed(0)
+    model = supernets.create(name, num_classes=7, p_init=0.3, **knobs)
+    for bn in (m for m in model.modules() if isinstance(m, BATCHNORM_2D)):  # statistics far from (0, 1)
+        bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.2, 3)
+        bn.weight.data.uniform_(0.5, 1.5), bn.bias.data.uniform_(-0.5, 0.5)
+    model = model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format).eval()
+    size, channels = (8, 1) if name == "digits-tiny" else (32 if name != "supnet-r50" else 64, 3)
+    images = torch.randn(6, channels, size, size)
+    set_gates(model, "hard", masks=stacked_candidate_masks(model, 3, [0, 1]))
+    before = {n: (p, p.clone()) for n, p in model.named_parameters()}
+    modules = list(model.modules())
+    with torch.no_grad():
+        unfolded = model(images)
+        with folded_batchnorm(model):
+            folded_modules = sum(isinstance(m, BATCHNORM_2D) for m in modules) - sum(
+                isinstance(m, BATCHNORM_2D) for m in model.modules())
+            convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.bias is not None
+                     and not m.bias.requires_grad]
+            folded = model(images)
+        after = model(images)
+    assert folded_modules > 0 and len(convs) == folded_modules
+    assert all(c.weight.stride() == before[n + ".weight"][0].stride()
+               for n, c in model.named_modules() if c in convs)  # (the same conv kernel runs)
+    torch.testing.assert_close(folded, unfolded, rtol=1e-4, atol=1e-4)
+    assert not torch.equal(folded, unfolded)  # (folding rounds otherwise: the pass did change)
+    assert list(model.modules()) == modules and torch.equal(after, unfolded)
+    assert all(p is before[n][0] and torch.equal(p, before[n][1]) for n, p in model.named_parameters())
+    set_gates(model, "full")
+
+
+def test_folded_batchnorm_leaves_training_mode_and_unfollowed_batchnorm_alone():
+    from pgnas_fast.nn.batchnorm import folded_batchnorm
+
+    conv, bn, pre = torch.nn.Conv2d(3, 4, 3, bias=False), torch.nn.BatchNorm2d(4), torch.nn.BatchNorm2d(3)
+    net = torch.nn.Sequential(pre, conv, bn)  # pre precedes the conv: nothing to fold it into
+    with folded_batchnorm(net.train()):
+        assert list(net) == [pre, conv, bn]  # training mode: batch statistics, not constants
+    with folded_batchnorm(net.eval()):
+        assert net[0] is pre and isinstance(net[2], torch.nn.Identity) and net[1].bias is not None
+    assert list(net) == [pre, conv, bn] and conv.bias is None
+
+
 def test_recalibration_needs_two_values_per_channel():
     from pgnas_fast.nn.batchnorm import grouped_batchnorm
 

@@ -1,4 +1,10 @@
-"""BatchNorm statistics per candidate group, for ranking with recalibrated statistics.
+"""BatchNorm in evaluation: folded into the conv before it, and statistics per candidate group for
+ranking with recalibrated statistics.
+
+Every evaluation pass (ranking, accuracies) runs under `folded_batchnorm`: an eval-mode BatchNorm
+that directly follows a conv in an nn.Sequential becomes that conv's weight scale and bias (the
+folding that materialized exports keep), one pass over the activations fewer per pair (on the
+2-core CPU the digits ranking pass lost a fifth of its time; oneDNN adds the bias inside the conv).
 
 The authors rank with the super-network's running statistics. A candidate that drops channels
 shifts the activations behind them, so `--bn-recalibrate N` recomputes every BatchNorm's statistics
@@ -15,9 +21,59 @@ without copying the model. Affine parameters are the super-network's.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
+
+
+BATCHNORM_2D = (nn.BatchNorm2d, nn.SyncBatchNorm)  # (SyncBatchNorm: what sync_bn training makes)
+
+
+def batchnorm_after_conv(model: nn.Module, conv_of: Callable[[nn.Module], nn.Module] = lambda m: m):
+    """(container, conv, name, bn) for each BatchNorm with running statistics that directly follows a
+    conv inside an nn.Sequential of `model` (`conv_of` maps a child to the conv it holds)."""
+    for container in list(model.modules()):
+        if not isinstance(container, nn.Sequential):
+            continue
+        children = list(container.named_children())
+        for (_, producer), (name, bn) in zip(children, children[1:]):
+            conv = conv_of(producer)
+            if isinstance(conv, nn.Conv2d) and type(bn) in BATCHNORM_2D and bn.track_running_stats:
+                yield container, conv, name, bn
+
+
+def folded_into_conv(conv: nn.Conv2d, bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight, bias) of `conv` followed by eval-mode `bn`, as one conv; the weight keeps its memory
+    format (strides), so that the conv runs the same kernel."""
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    if bn.affine:
+        scale = scale * bn.weight
+    shift = -bn.running_mean * scale + (bn.bias if bn.affine else 0)
+    bias = conv.bias * scale + shift if conv.bias is not None else shift
+    weight = torch.mul(conv.weight, scale.view(-1, 1, 1, 1), out=torch.empty_like(conv.weight))
+    return weight, bias
+
+
+@contextlib.contextmanager
+def folded_batchnorm(model: nn.Module):
+    """Within the block, each eval-mode BatchNorm that follows a conv in an nn.Sequential is folded into
+    that conv (and replaced by nn.Identity); afterwards the same modules and Parameters are back."""
+    folded = []
+    try:
+        with torch.no_grad():
+            for container, conv, name, bn in list(batchnorm_after_conv(model)):
+                if bn.training:
+                    continue
+                weight, bias = folded_into_conv(conv, bn)
+                folded.append((container, conv, name, bn, conv.weight, conv.bias))
+                conv.weight, conv.bias = nn.Parameter(weight, False), nn.Parameter(bias, False)
+                setattr(container, name, nn.Identity())
+        yield model
+    finally:
+        for container, conv, name, bn, weight, bias in reversed(folded):
+            conv.weight, conv.bias = weight, bias
+            setattr(container, name, bn)
 
 
 class GroupStatistics:
@@ -78,4 +134,5 @@ def recalibrate_batchnorm(model: nn.Module, images: torch.Tensor) -> None:
         bn.running_var.copy_(var[0])
 
 
-__all__ = ["GroupStatistics", "grouped_batchnorm", "recalibrate_batchnorm"]
+__all__ = ["BATCHNORM_2D", "GroupStatistics", "batchnorm_after_conv", "folded_batchnorm", "folded_into_conv",
+           "grouped_batchnorm", "recalibrate_batchnorm"]

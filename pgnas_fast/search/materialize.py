@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 
 from ..nn import GatedConv2d, GatedLinear, StochasticModule, check_masks, gated_layers
+from ..nn.batchnorm import BATCHNORM_2D, batchnorm_after_conv, folded_into_conv
 from ..nn.combine import MeanCombine
 
 
@@ -146,9 +147,8 @@ class Gather(nn.Module):
         return x.index_select(1, self.index)
 
 
-# the BatchNorms that act per channel of an NCHW map (SyncBatchNorm: what sync_bn training made of them)
-_BATCHNORM_2D = (nn.BatchNorm2d, nn.SyncBatchNorm)
-_CHANNELWISE = (*_BATCHNORM_2D, nn.ReLU, nn.Identity)
+# the modules that act per channel of an NCHW map
+_CHANNELWISE = (*BATCHNORM_2D, nn.ReLU, nn.Identity)
 
 
 def _is_depthwise(m: nn.Module) -> bool:
@@ -193,7 +193,7 @@ def _slice_outputs(module: nn.Module, index: torch.Tensor) -> None:
         conv.out_channels = len(index)
         if _is_depthwise(module) or conv.groups > 1:
             conv.in_channels = conv.groups = len(index)
-    elif isinstance(module, _BATCHNORM_2D):
+    elif isinstance(module, BATCHNORM_2D):
         for name in ("weight", "bias"):
             if getattr(module, name) is not None:
                 setattr(module, name, nn.Parameter(getattr(module, name).index_select(0, index)))
@@ -228,23 +228,13 @@ def _prune_producers(subnet: nn.Module) -> None:
 
 
 def _fold_batchnorm(subnet: nn.Module) -> None:
-    """Fold each eval-mode BatchNorm that directly follows a conv in an nn.Sequential into that conv."""
-    for container in list(subnet.modules()):
-        if not isinstance(container, nn.Sequential):
-            continue
-        children = list(container.named_children())
-        for (_, conv), (bn_name, bn) in zip(children, children[1:]):
-            conv = conv.conv if isinstance(conv, SlicedConv2d) else conv
-            if not (isinstance(conv, nn.Conv2d) and type(bn) in _BATCHNORM_2D and bn.track_running_stats):
-                continue
-            scale = torch.rsqrt(bn.running_var + bn.eps)
-            if bn.affine:
-                scale = scale * bn.weight
-            shift = -bn.running_mean * scale + (bn.bias if bn.affine else 0)
-            bias = conv.bias * scale + shift if conv.bias is not None else shift
-            conv.weight = nn.Parameter(conv.weight * scale.view(-1, 1, 1, 1))
-            conv.bias = nn.Parameter(bias)
-            setattr(container, bn_name, nn.Identity())
+    """Fold each eval-mode BatchNorm that directly follows a conv in an nn.Sequential into that conv
+    (the arithmetic of every evaluation pass: nn.batchnorm.folded_batchnorm)."""
+    pairs = batchnorm_after_conv(subnet, conv_of=lambda m: m.conv if isinstance(m, SlicedConv2d) else m)
+    for container, conv, bn_name, bn in list(pairs):
+        weight, bias = folded_into_conv(conv, bn)
+        conv.weight, conv.bias = nn.Parameter(weight), nn.Parameter(bias)
+        setattr(container, bn_name, nn.Identity())
 
 
 @torch.no_grad()

@@ -1,5 +1,6 @@
 """Sampling and ranking candidates: hard gates from the learned p, scored on held-out data with the
-inherited weights, BatchNorm in eval mode with the super-network's running statistics (the authors').
+inherited weights, BatchNorm in eval mode with the super-network's running statistics (the authors';
+folded into the conv before it where there is one: nn.batchnorm.folded_batchnorm).
 
 Evaluators (all give the same counts, image for image):
 - ``batched``: K candidates x b images as one batch of K*b rows, each row group with its own
@@ -28,7 +29,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from ..nn import gated_layers, set_gates, stacked_candidate_masks, training_modes_kept
-from ..nn.batchnorm import grouped_batchnorm
+from ..nn.batchnorm import folded_batchnorm, grouped_batchnorm
 from ..nn.gated import logit
 from ..ops.streams import Domain
 from .io import RunError
@@ -40,12 +41,14 @@ STRATEGIES = ("exhaustive", "racing")
 
 @torch.no_grad()
 def accuracy(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float:
-    """Top-1 accuracy of `model` (in eval mode, gates as they are set) over (images, labels) batches."""
+    """Top-1 accuracy of `model` (in eval mode, gates as they are set, BatchNorm folded as in ranking)
+    over (images, labels) batches."""
     model.eval()
     correct = seen = 0
-    for images, labels in batches:
-        correct += (model(images).argmax(1) == labels).sum().item()
-        seen += len(labels)
+    with folded_batchnorm(model):
+        for images, labels in batches:
+            correct += (model(images).argmax(1) == labels).sum().item()
+            seen += len(labels)
     return correct / seen
 
 
@@ -140,6 +143,8 @@ class CandidateScorer:
                 statistics = stack.enter_context(grouped_batchnorm(model, k))
                 model(rows(self.recalibration_images))  # collect each candidate's statistics
                 statistics.mode = "apply"
+            else:  # the running statistics are constants: folded into the convs before them
+                stack.enter_context(folded_batchnorm(model))
             counts = torch.zeros(k, dtype=torch.int64, device=self.labels.device)
             for lo in range(start, end, self.batch_size):
                 hi = min(lo + self.batch_size, end)

@@ -636,6 +636,19 @@ def untrained():
     return supernets.create("digits-tiny", num_classes=10, p_init=0.2)
 
 
+def test_kept_fraction_of_one_candidate_and_of_stacked_ones_agree(untrained):
+    from pgnas_fast.nn import kept_fraction
+
+    ids = [0, 3, 7]
+    stacked = kept_fraction(stacked_candidate_masks(untrained, 2, ids))
+    singles = [kept_fraction(candidate_masks(untrained, 2, i)) for i in ids]
+    assert stacked == singles and len(set(singles)) > 1 and all(0 < f < 1 for f in singles)
+    masks = candidate_masks(untrained, 2, 3)  # exact counts over every gated channel
+    assert singles[1] == sum(m.sum().item() for m in masks.values()) / sum(m.numel() for m in masks.values())
+    assert CandidateScorer(untrained, torch.randn(2, 1, 8, 8), torch.zeros(2, dtype=torch.long), seed=2
+                           ).kept_fractions(ids, chunk=2) == singles
+
+
 def test_scoring_leaves_the_model_in_full_mode(untrained):
     images, labels = torch.randn(20, 1, 8, 8), torch.randint(0, 10, (20,))
     CandidateScorer(untrained, images, labels, seed=1, batch_size=8).correct([0, 1, 2], 0, 20)

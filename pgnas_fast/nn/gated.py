@@ -336,6 +336,13 @@ def stacked_candidate_masks(model: nn.Module, seed: int, candidates: Sequence[in
     return masks
 
 
+def kept_fraction(masks: Mapping[str, torch.Tensor]):
+    """The kept fraction of the gated input channels: a float for one candidate's masks ({name: [C_in]}),
+    a list for stacked ones ({name: [K, C_in]}); exact counts, a float64 ratio."""
+    kept = sum(m.sum(-1) for m in masks.values())
+    return (kept.double() / sum(m.shape[-1] for m in masks.values())).tolist()
+
+
 def clip_log_alpha_(model: nn.Module) -> None:
     """Put every Gaussian-family drop logit (log alpha) back inside +-LOG_ALPHA_LIMIT, in place; call it
     after each optimizer step (the search does). The forward and the KL read log alpha clipped, whose

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ..nn import gated_layers
+from ..nn import gated_layers, kept_fraction
 
 FORMAT_VERSION = 1
 
@@ -192,7 +192,3 @@ def evaluate_export(directory: str | Path, *, split: str = "test", device: str =
             correct += (logits.argmax(1) == labels).sum().item()
             seen += len(labels)
     return correct / seen
-
-
-def kept_fraction(masks: Mapping[str, torch.Tensor]) -> float:
-    return sum(m.sum().item() for m in masks.values()) / sum(m.numel() for m in masks.values())

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from ..nn import gated_layers, set_gates, stacked_candidate_masks, training_modes_kept
+from ..nn import gated_layers, kept_fraction, set_gates, stacked_candidate_masks, training_modes_kept
 from ..nn.batchnorm import folded_batchnorm, grouped_batchnorm
 from ..nn.gated import logit
 from ..ops.streams import Domain
@@ -98,10 +98,8 @@ class CandidateScorer:
         out = []
         candidates = list(candidates)
         for lo in range(0, len(candidates), chunk):
-            masks = stacked_candidate_masks(self.model, self.seed, candidates[lo:lo + chunk], domain=self.domain,
-                                            p_logits=self.p_logits)
-            kept = sum(m.sum(1) for m in masks.values())
-            out += (kept.double() / sum(m.shape[1] for m in masks.values())).tolist()  # exact counts, float64 ratio
+            out += kept_fraction(stacked_candidate_masks(self.model, self.seed, candidates[lo:lo + chunk],
+                                                         domain=self.domain, p_logits=self.p_logits))
         return out
 
     def candidates_per_pass(self, start: int, end: int) -> int:

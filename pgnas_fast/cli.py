@@ -463,8 +463,10 @@ def main(argv: list[str] | None = None) -> int:
             shared = " and ".join(DATA_PARALLEL_COMMANDS)
             raise UsageError(f"{args.command} runs in one process (under torchrun every process would do all of "
                              f"it and write the same files); torchrun shares out {shared}")
-        return {"search": _search, "info": _info, "rank": _rank, "study": _study, "export": _export,
+        code = {"search": _search, "info": _info, "rank": _rank, "study": _study, "export": _export,
                 "evaluate": _evaluate, "doctor": _doctor}[args.command](args)
+        sys.stdout.flush()  # (a block-buffered pipe's last lines: a closed reader fails here, not at exit)
+        return code
     except (UsageError, ConfigError, DataError, RunError) as err:  # bad input: one line, status 2
         message = str(err)
         if "Original Traceback" in message:  # raised in a DataLoader worker: its last line is the error
@@ -476,9 +478,24 @@ def main(argv: list[str] | None = None) -> int:
         hint = f"; `pgnas-fast {command} --resume` with the same arguments continues" if resumable else ""
         print(f"pgnas-fast: interrupted{hint}", file=sys.stderr)
         return 130
-    except BrokenPipeError:  # stdout's reader left (`| head`): stop quietly, as a command killed by SIGPIPE
+    except BrokenPipeError:
+        if not _stdout_reader_gone():
+            raise  # another pipe broke: a failure to report
+        # stdout's reader left (`| head`): stop quietly, as a command killed by SIGPIPE would
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (the exit's flush would raise again)
         return EXIT_BROKEN_PIPE
+
+
+def _stdout_reader_gone() -> bool:
+    """stdout is a pipe whose read end is closed (poll reports an error on its write end)."""
+    import select
+
+    try:
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poll.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll (Windows), or no file descriptor
+        return False
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ written)."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -306,13 +307,29 @@ def test_module_entry_point_reports_errors_with_status_2():
     assert result.returncode == 2 and "--epochs" in result.stderr
 
 
-def test_a_closed_stdout_stops_a_command_quietly():
-    """`pgnas-fast info | head -1`: the reader left, which ended the command on a BrokenPipeError traceback."""
+@pytest.mark.parametrize("unbuffered", [True, False])
+def test_a_closed_stdout_stops_a_command_quietly(unbuffered):
+    """`pgnas-fast info | head -1`: the reader left, which ended the command on a BrokenPipeError traceback
+    (or, with stdout block-buffered as a pipe usually is, on the exit's failed flush)."""
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONUNBUFFERED"}
+    if unbuffered:
+        env["PYTHONUNBUFFERED"] = "1"
     process = subprocess.Popen([sys.executable, "-m", "pgnas_fast.cli", "info"], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE)
+                               stderr=subprocess.PIPE, env=env)
     process.stdout.close()
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 141 and stderr == b""
+
+
+def test_a_broken_pipe_other_than_stdout_is_reported(capsys, monkeypatch):
+    import pgnas_fast.cli as cli
+
+    def info(args):
+        raise BrokenPipeError(32, "Broken pipe")  # e.g. a worker's pipe, while stdout is fine
+
+    monkeypatch.setattr(cli, "_info", info)
+    with pytest.raises(BrokenPipeError):
+        cli.main(["info"])
 
 
 def test_presets_validate_every_key():

@@ -445,3 +445,9 @@ def test_the_commands_keep_freed_host_memory_on_glibc_only(monkeypatch):
     assert host.keep_freed_host_memory() is expected
     monkeypatch.setattr(host.platform, "libc_ver", lambda: ("musl", "1.2"))
     assert host.keep_freed_host_memory() is False
+    # every command sets them first
+    from pgnas_fast.cli import main
+
+    calls = []
+    monkeypatch.setattr(host, "keep_freed_host_memory", lambda: calls.append(1))
+    assert main(["info", "--preset", "digits-tiny"]) == 0 and calls == [1]

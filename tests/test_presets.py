@@ -72,6 +72,11 @@ def test_smoke_runs_every_paper_preset_on_generated_data(capsys, tmp_path, prese
     (out / "summary.json").write_text(json.dumps({**summary, "smoke": None}))
     paper = [line for line in write_report(out).read_text().splitlines() if line.startswith("| paper |")]
     assert len(paper) == 1 and paper[0].endswith("(with another epochs, batch_size than the preset's) |"), paper
+    # a run older than a protocol key (here: posterior) ran the preset's value
+    run_config = json.loads((out / "config.json").read_text())
+    del run_config["config"]["posterior"]
+    (out / "config.json").write_text(json.dumps(run_config))
+    assert paper[0] in write_report(out).read_text().splitlines()
 
 
 def test_later_commands_read_the_run_s_data_dir(capsys, tmp_path):

@@ -478,6 +478,7 @@ def test_folded_batchnorm_matches_the_unfolded_pass_and_restores_the_model(name,
 
 
 def test_folded_batchnorm_leaves_training_mode_and_unfollowed_batchnorm_alone():
+    from pgnas_fast.nn import GatedConv2d, set_posterior
     from pgnas_fast.nn.batchnorm import folded_batchnorm
 
     conv, bn, pre = torch.nn.Conv2d(3, 4, 3, bias=False), torch.nn.BatchNorm2d(4), torch.nn.BatchNorm2d(3)
@@ -487,6 +488,45 @@ def test_folded_batchnorm_leaves_training_mode_and_unfollowed_batchnorm_alone():
     with folded_batchnorm(net.eval()):
         assert net[0] is pre and isinstance(net[2], torch.nn.Identity) and net[1].bias is not None
     assert list(net) == [pre, conv, bn] and conv.bias is None
+    # restored when the block raises
+    with pytest.raises(KeyError), folded_batchnorm(net):
+        raise KeyError
+    assert list(net) == [pre, conv, bn] and conv.bias is None
+    # a conv in two containers (the second BatchNorm would see the first one's scale) is left alone
+    twice = torch.nn.ModuleList([torch.nn.Sequential(conv, bn), torch.nn.Sequential(conv, torch.nn.BatchNorm2d(4))])
+    with folded_batchnorm(twice.eval()):
+        assert all(isinstance(s[1], torch.nn.BatchNorm2d) for s in twice) and conv.bias is None
+    # a conv that samples Gaussian noise on its output is left alone (the noise's scale would change)
+    gaussian = torch.nn.Sequential(GatedConv2d(3, 4, 3, bias=False), torch.nn.BatchNorm2d(4)).eval()
+    set_posterior(gaussian, "gaussian")
+    set_gates(gaussian, "relaxed", seed=0, step=0)
+    with folded_batchnorm(gaussian):
+        assert isinstance(gaussian[1], torch.nn.BatchNorm2d)
+    set_gates(gaussian, "hard", masks={"0": torch.ones(3)})
+    with folded_batchnorm(gaussian):
+        assert isinstance(gaussian[1], torch.nn.Identity)
+
+
+def test_every_evaluation_pass_runs_folded(trained):
+    """accuracy() and the scorer's passes (without recalibration) never run a BatchNorm that follows a
+    conv: the digits network has no other."""
+    from pgnas_fast.search.rank import accuracy
+
+    model, (images, labels), _ = trained
+    calls = []
+    hooks = [m.register_forward_hook(lambda *_: calls.append(1)) for m in model.modules()
+             if isinstance(m, torch.nn.BatchNorm2d)]
+    try:
+        with torch.no_grad():
+            model.eval()(images[:4])
+        assert len(calls) == len(hooks) > 0  # (the hooks count)
+        calls.clear()
+        accuracy(model, [(images[:50], labels[:50])])
+        CandidateScorer(model, images[:50], labels[:50], seed=1).correct([0, 1], 0, 50)
+        assert calls == []
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 def test_recalibration_needs_two_values_per_channel():

@@ -186,7 +186,8 @@ def write_report(run_dir: str | Path) -> Path:
     if arch["preset"] in PAPER_ERROR and not smoke:  # (a smoke check's error says nothing)
         what, error = PAPER_ERROR[arch["preset"]]
         preset = configs.resolve(arch["preset"])
-        changed = [key for key in PAPER_PROTOCOL if config.get(key) != preset[key]]
+        changed = [key for key in PAPER_PROTOCOL if key in config and config[key] != preset[key]]  # (older
+        # runs lack newer keys: they ran the preset's value)
         lines.append(f"| paper | {what} {error}%; this run {100 * (1 - arch['test_accuracy']):.2f}%"
                      + (f" (with another {', '.join(changed)} than the preset's)" if changed else "") + " |")
     lines += ["", "## Learned drop probabilities", "", "![p per layer](p_per_layer.png)", "",

@@ -148,7 +148,7 @@ def train_posterior(model: nn.Module, optimizer: torch.optim.Optimizer, feed, co
                  "regularizer_weight": reg_weight, "lr": lr, "images_per_second": seen / seconds, "seconds": seconds,
                  "mean_p": mean_drop_probability(model),
                  "mean_p_per_layer": mean_drop_probability_per_layer(model)}
-        if getattr(model, "aux", None) is not None:
+        if getattr(model, "aux", None) is not None and config["aux_weight"] > 0:  # (in the loss)
             stats["aux_cross_entropy"] = aux_sum / seen
         bar.set_postfix(loss=f"{stats['loss']:.3f}", acc=f"{stats['train_accuracy']:.3f}",
                         mean_p=f"{stats['mean_p']:.3f}")

@@ -116,15 +116,22 @@ class CandidateScorer:
         candidates = list(candidates)
         counts = torch.zeros(len(candidates), dtype=torch.int64, device=self.labels.device)
         per_pass = self.candidates_per_pass(start, end)
+        # BatchNorm folded once for all the passes of the call, not per pass (a fold is a few small ops
+        # per conv); the reload evaluator's fresh model is folded in its pass, recalibrated statistics never
+        fold_once = self.recalibration_images is None and self.evaluator != "reload"
         with training_modes_kept(self.model):  # scoring runs in eval mode
             try:
-                for lo in range(0, len(candidates), per_pass):
-                    group = candidates[lo:lo + per_pass]
-                    model = self.load_model() if self.evaluator == "reload" else self.model
-                    counts[lo:lo + len(group)] = self._correct_pass(model, group, start, end)
+                with folded_batchnorm(self.model.eval()) if fold_once else contextlib.nullcontext():
+                    self._passes(candidates, counts, per_pass, start, end)
             finally:
                 set_gates(self.model, "full")
         return counts.tolist()  # one host sync per call
+
+    def _passes(self, candidates: list[int], counts: torch.Tensor, per_pass: int, start: int, end: int) -> None:
+        for lo in range(0, len(candidates), per_pass):
+            group = candidates[lo:lo + per_pass]
+            model = self.load_model() if self.evaluator == "reload" else self.model
+            counts[lo:lo + len(group)] = self._correct_pass(model, group, start, end)
 
     def _correct_pass(self, model: nn.Module, group: list[int], start: int, end: int) -> torch.Tensor:
         """K = len(group) candidates on K candidate-major row groups of every batch."""
@@ -141,7 +148,7 @@ class CandidateScorer:
                 statistics = stack.enter_context(grouped_batchnorm(model, k))
                 model(rows(self.recalibration_images))  # collect each candidate's statistics
                 statistics.mode = "apply"
-            else:  # the running statistics are constants: folded into the convs before them
+            elif model is not self.model:  # (reload) the running statistics, constants: folded
                 stack.enter_context(folded_batchnorm(model))
             counts = torch.zeros(k, dtype=torch.int64, device=self.labels.device)
             for lo in range(start, end, self.batch_size):

@@ -76,14 +76,14 @@ def mean_drop_probability_per_layer(model: nn.Module) -> dict[str, float]:
 
 
 def _forward_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: dict, amp: bool):
-    """(logits, the mean cross-entropy of the logits, the auxiliary head's weighted by aux_weight or 0).
+    """(logits, the mean cross-entropy of the logits, the auxiliary head's weighted by aux_weight or None).
     ENAS cells return (logits, aux) in training; the objective adds both."""
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
         out = model(x)
     logits, aux = out if isinstance(out, tuple) else (out, None)
     ce = F.cross_entropy(logits.float(), y)
     aux_ce = (config["aux_weight"] * F.cross_entropy(aux.float(), y) if aux is not None and config["aux_weight"] > 0
-              else torch.zeros((), device=ce.device))
+              else None)
     return logits, ce, aux_ce
 
 
@@ -110,7 +110,7 @@ def train_posterior(model: nn.Module, optimizer: torch.optim.Optimizer, feed, co
     for epoch in bar:
         model.train()
         started = time.perf_counter()
-        # running sums (loss, CE, R, correct, auxiliary CE, rows) stay on the device: one host sync per
+        # running sums (loss, CE, R, correct, rows, auxiliary CE) stay on the device: one host sync per
         # epoch, not per step; summed over the ranks at the epoch's end
         sums = torch.zeros(6, dtype=torch.float64, device=feed.device)
         for i, (x, y, first_row, global_rows) in enumerate(feed.train_shards(epoch, seed, parallel)):
@@ -129,26 +129,29 @@ def train_posterior(model: nn.Module, optimizer: torch.optim.Optimizer, feed, co
             logits, ce, aux_ce = _forward_loss(net, x, y, config, amp)
             reg = network_regularizer(model, weight_reg=config["weight_reg"], drop_reg=config["drop_reg"],
                                       n_train=n_train)
-            loss = ce + aux_ce + reg
+            objective = ce if aux_ce is None else ce + aux_ce
+            loss = objective + reg
             reg_weight = regularizer_weight(config, step, steps_per_epoch)
             with stride_hint_off() if quiet_strides else contextlib.nullcontext():
-                (shard_loss(ce + aux_ce, len(y), global_rows, parallel.world) + reg_weight * reg).backward()
+                (shard_loss(objective, len(y), global_rows, parallel.world) + reg_weight * reg).backward()
             if config["grad_clip"] > 0:
                 nn.utils.clip_grad_norm_(model.parameters(), config["grad_clip"])
             optimizer.step()
             clip_log_alpha_(model)
             n = len(y)
-            sums[:5] += torch.stack([loss.detach() * n, ce.detach() * n, reg.detach() * n,
-                                     (logits.argmax(1) == y).sum(), aux_ce.detach() * n]).to(sums.dtype)
-            sums[5] += n  # a scalar argument: a tensor made from n would be a synchronising copy
-        loss_sum, ce_sum, reg_sum, correct, aux_sum, seen = parallel.sum(sums).tolist()
+            sums[:4] += torch.stack([loss.detach() * n, ce.detach() * n, reg.detach() * n,
+                                     (logits.argmax(1) == y).sum()]).to(sums.dtype)
+            sums[4] += n  # a scalar argument: a tensor made from n would be a synchronising copy
+            if aux_ce is not None:
+                sums[5] += aux_ce.detach() * n
+        loss_sum, ce_sum, reg_sum, correct, seen, aux_sum = parallel.sum(sums).tolist()
         seconds = time.perf_counter() - started
         stats = {"epoch": epoch + 1, "loss": loss_sum / seen, "cross_entropy": ce_sum / seen,
                  "regularizer": reg_sum / seen, "train_accuracy": correct / seen,
                  "regularizer_weight": reg_weight, "lr": lr, "images_per_second": seen / seconds, "seconds": seconds,
                  "mean_p": mean_drop_probability(model),
                  "mean_p_per_layer": mean_drop_probability_per_layer(model)}
-        if getattr(model, "aux", None) is not None and config["aux_weight"] > 0:  # (in the loss)
+        if getattr(model, "aux", None) is not None and config["aux_weight"] > 0:  # (in the objective)
             stats["aux_cross_entropy"] = aux_sum / seen
         bar.set_postfix(loss=f"{stats['loss']:.3f}", acc=f"{stats['train_accuracy']:.3f}",
                         mean_p=f"{stats['mean_p']:.3f}")

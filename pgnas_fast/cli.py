@@ -46,6 +46,16 @@ def _count(low: int, high: int | None = None):
     return parse
 
 
+def _preset_defaults(configs, key: str) -> str:
+    """A key's value per preset, for help texts: '200 on digits-tiny, 0 on the others'."""
+    by_value: dict = {}
+    for name in configs.names():
+        by_value.setdefault(configs.resolve(name)[key], []).append(name)
+    common = max(by_value, key=lambda value: len(by_value[value]))
+    rest = [f"{value} on {', '.join(names)}" for value, names in by_value.items() if value != common]
+    return ", ".join(rest + [f"{common} on the {'others' if rest else 'presets'}"])
+
+
 def _build_parser() -> argparse.ArgumentParser:
     from . import configs
     from .nn import POSTERIORS
@@ -69,7 +79,7 @@ def _build_parser() -> argparse.ArgumentParser:
     search.add_argument("--candidates", type=_count(1, MAJOR_LIMIT + 1), help="candidates to rank (preset's)")
     search.add_argument("--random-baseline", type=_count(0, MAJOR_LIMIT + 1), metavar="K",
                         help="also rank K random-gate candidates at the same expected drop rate (0: off; "
-                             "default the preset's: 200 on digits-tiny, 0 on the paper presets)")
+                             f"default the preset's: {_preset_defaults(configs, 'random_baseline')})")
     search.add_argument("--posterior", choices=POSTERIORS,
                         help="posterior family of the gates: concrete (concrete dropout, default) or gaussian "
                              "(Gaussian variational dropout); sampling, ranking and export are the same")

@@ -294,6 +294,22 @@ def test_no_command_prints_help_and_exits_2(capsys):
     assert code == 2 and "search" in stdout and "doctor" in stdout
 
 
+def test_search_help_names_each_presets_random_baseline(capsys, monkeypatch):
+    """The help's default for --random-baseline is read from the presets, not written beside them."""
+    from pgnas_fast.cli import _preset_defaults
+
+    text = _preset_defaults(configs, "random_baseline")
+    for name in configs.names():
+        value = configs.resolve(name)["random_baseline"]
+        assert f"{value} on {name}" in text or (f"{value} on the others" in text and name not in text)
+    monkeypatch.setitem(configs.PRESETS["cifar10-supnet-m"], "random_baseline", 7)
+    assert "7 on cifar10-supnet-m" in _preset_defaults(configs, "random_baseline")
+    with pytest.raises(SystemExit):
+        main(["search", "--help"])
+    assert "default the preset's: 7 on cifar10-supnet-m, 200 on digits-tiny, 0 on the others" in " ".join(
+        capsys.readouterr().out.split())
+
+
 def test_console_script_is_installed():
     exe = shutil.which("pgnas-fast")
     assert exe, "pgnas-fast is not on PATH: install the package (README)"

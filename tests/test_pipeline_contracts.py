@@ -13,10 +13,12 @@ from conftest import same_run_files, small_config
 
 from pgnas_fast import configs
 from pgnas_fast.nn import GatedConv2d, GatedLinear, candidate_masks, set_gates
+from pgnas_fast.ops.streams import Domain
 from pgnas_fast.search import accuracy, best_candidate, run_search
 from pgnas_fast.search import run as run_module
 from pgnas_fast.search.export import architecture_record, export_candidate
 from pgnas_fast.search.io import read_jsonl
+from pgnas_fast.search.rank import CandidateScorer, round_ends, uniform_drop_logits
 from pgnas_fast.search.run import load_run, rank_search_candidates
 from pgnas_fast.search.study import kendall_tau, run_study, score_rank
 
@@ -44,8 +46,6 @@ def test_summary_numbers_are_what_they_name(run):
 def test_table_3_means_under_racing_are_over_the_images_every_candidate_saw(tmp_path):
     """Racing scores most candidates on its first share alone and the finalists on all: the guided and
     random means are both over the first share (the random baseline races too)."""
-    from pgnas_fast.search.rank import CandidateScorer
-
     summary = run_search(small_config(ranking="racing", candidates=12, random_baseline=12), seed=3, out_dir=tmp_path,
                          progress=False).summary
     rows, random_rows = read_jsonl(tmp_path / "candidates.jsonl"), read_jsonl(tmp_path / "random_candidates.jsonl")
@@ -60,6 +60,30 @@ def test_table_3_means_under_racing_are_over_the_images_every_candidate_saw(tmp_
         statistics.fmean(r["first_round_score"] for r in rows))
     assert summary["random_mean_heldout_accuracy"] == pytest.approx(
         statistics.fmean(r["first_round_score"] for r in random_rows))
+
+
+def test_a_lone_random_candidate_and_the_score_figure_compare_on_the_first_round(tmp_path, monkeypatch):
+    """A random baseline of one candidate races through the same rounds (its first-round score was over all
+    300 images, the guided mean over 19); the report's score histogram shows both families' first-round
+    scores, every candidate's, not racing's final scores (a finalist's covers 300 images)."""
+    import matplotlib.axes
+
+    from pgnas_fast.search.report import write_report
+
+    run_search(small_config(ranking="racing", candidates=12, random_baseline=1), seed=3, out_dir=tmp_path,
+               progress=False)
+    rows, [lone] = read_jsonl(tmp_path / "candidates.jsonl"), read_jsonl(tmp_path / "random_candidates.jsonl")
+    loaded = load_run(tmp_path)
+    scorer = CandidateScorer(loaded.model, *loaded.feed.split("heldout"), seed=3, prepare=loaded.feed.prepare_eval,
+                             domain=Domain.RANDOM_CANDIDATE, p_logits=uniform_drop_logits(loaded.model))
+    assert lone["images"] == 300 and lone["first_round_score"] == scorer.correct([0], 0, 19)[0] / 19
+    assert json.loads((tmp_path / "summary.json").read_text())["mean_heldout_images"] == 19
+    drawn, labels = [], []
+    monkeypatch.setattr(matplotlib.axes.Axes, "hist", lambda ax, values, **kw: drawn.append(list(values)))
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_xlabel", lambda ax, text, **kw: labels.append(text))
+    write_report(tmp_path)
+    assert drawn == [[100 * lone["first_round_score"]], [100 * r["first_round_score"] for r in rows]]
+    assert "accuracy on the first round's 19 held-out images (%)" in labels
 
 
 def test_the_best_checkpoint_is_written_before_the_epoch_s(tmp_path, monkeypatch):
@@ -291,7 +315,8 @@ def test_study_report_prints_each_family_s_own_numbers():
              "random": {"mean": 0.4375, "std": 0.125, "best": 0.5, "kept_fraction": 0.6875},
              "best_vs_candidates": [{"candidates": 3, "best_id": 2, "best_heldout": 0.875, "its_test": 0.8}],
              "racing": {"winner": 2, "exhaustive_winner": 1, "winner_exhaustive_rank": 2, "images": 100,
-                        "exhaustive_images": 900, "survivors": 2, "kendall_tau_survivors": -0.5}}
+                        "exhaustive_images": 900, "first_round_images": 25, "survivors": 2,
+                        "kendall_tau_first_round": 0.25, "kendall_tau_survivors": -0.5}}
     text = report_markdown(study)
     assert text.startswith("# Sampling studies: p (gaussian posterior), seed 1, 3 candidates\n\nThe weights of "
                            "epoch 2 (of 5); every candidate scored on the 6 held-out images (racing: its share), "
@@ -301,7 +326,9 @@ def test_study_report_prints_each_family_s_own_numbers():
     assert "| 3 | 2 | 87.50% | 80.00% |" in text
     assert "Racing's winner is candidate 2 (exhaustive winner 1); its exhaustive score ranks 2" in text
     assert "Racing read 100 candidate-images, exhaustive 900 (9.0x more)" in text
-    assert "exhaustive scores of the 2 first-round survivors: -0.500." in text
+    assert ("Kendall's tau against the exhaustive scores: of every candidate's score on the first round's 25 "
+            "images (the order racing's first cut acts on), 0.250; of the final racing scores of the 2 first-round "
+            "survivors, -0.500 (a finalist's" in text)
 
 
 def test_study_racing_section_compares_with_the_guided_ranking(finished_run, monkeypatch):
@@ -312,10 +339,12 @@ def test_study_racing_section_compares_with_the_guided_ranking(finished_run, mon
 
     out, _ = finished_run
     config = json.loads((out / "config.json").read_text())["config"]
+    full = config["heldout_size"]
+    first = round_ends("racing", full, config["racing_eta"], config["racing_first_share"])[0]
     rows = {
-        "guided candidates": [(0.5, 100), (0.9, 100), (0.7, 100), (0.6, 100)],
-        "random candidates": [(0.25, 100), (0.5, 100), (0.25, 100), (0.75, 100)],
-        "racing": [(0.4, 25), (0.6, 100), (0.8, 100), (0.3, 25)],
+        "guided candidates": [(0.5, full), (0.9, full), (0.7, full), (0.6, full)],
+        "random candidates": [(0.25, full), (0.5, full), (0.25, full), (0.75, full)],
+        "racing": [(0.4, first), (0.6, full), (0.8, full), (0.3, first)],
     }
     calls = {}
 
@@ -330,9 +359,12 @@ def test_study_racing_section_compares_with_the_guided_ranking(finished_run, mon
     assert calls["racing"]["strategy"] == "racing"
     assert (calls["racing"]["eta"], calls["racing"]["first_share"]) == (config["racing_eta"],
                                                                         config["racing_first_share"])
-    assert result["racing"] == {"winner": 2, "exhaustive_winner": 1, "winner_exhaustive_rank": 2, "images": 250,
-                                "exhaustive_images": 400, "survivors": 2, "kendall_tau_survivors": -1.0,
-                                "first_round_cut": {"images": 25, "places": 2, "score": 0.6, "tied": 1,
+    # tau of the first round (each candidate's first 25 images) over all four: 4 pairs concordant, 2 not
+    assert result["racing"] == {"winner": 2, "exhaustive_winner": 1, "winner_exhaustive_rank": 2,
+                                "images": 2 * first + 2 * full, "exhaustive_images": 4 * full,
+                                "first_round_images": first, "survivors": 2,
+                                "kendall_tau_first_round": pytest.approx(1 / 3), "kendall_tau_survivors": -1.0,
+                                "first_round_cut": {"images": first, "places": 2, "score": 0.6, "tied": 1,
                                                     "dropped_by_id": 0}}
     assert [c["best_id"] for c in result["best_vs_candidates"]] == [0, 1, 1]
     assert result["random"]["best"] == 0.75 and result["guided"]["best"] == 0.9

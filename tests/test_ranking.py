@@ -2,6 +2,8 @@
 racing, resume after a kill."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -10,7 +12,7 @@ from pgnas_fast import configs, supernets
 from pgnas_fast.nn import candidate_masks, gated_layers, set_gates, stacked_candidate_masks
 from pgnas_fast.ops import Domain, stream_id
 from pgnas_fast.search import run_search
-from pgnas_fast.search.rank import CandidateScorer, ProgressLog, _shares, best_candidate, rank, uniform_drop_logits
+from pgnas_fast.search.rank import CandidateScorer, ProgressLog, best_candidate, rank, round_ends, uniform_drop_logits
 from pgnas_fast.search.run import load_data, rebuild_for_evaluation
 from pgnas_fast.search.study import score_rank
 from pgnas_fast.search.train import mean_drop_probability
@@ -111,12 +113,11 @@ def test_scores_equal_plain_accuracy_of_the_masked_network(trained):
     set_gates(model, "full")
 
 
-def test_racing_shares_grow_by_eta():
-    assert _shares("exhaustive", 300, 100, 3, 1 / 27) == [300]
-    assert _shares("racing", 300, 100, 3, 1 / 27) == [12, 34, 100, 300]
-    assert _shares("racing", 300, 100, 2, 0.5) == [150, 300]
-    assert _shares("racing", 300, 1, 3, 1 / 27) == [300]
-    assert _shares("racing", 8, 100, 3, 1 / 27) == [1, 3, 8]  # ceil(8/27) = ceil(8/9) = 1: counted once
+def test_racinground_ends_grow_by_eta():
+    assert round_ends("exhaustive", 300, 3, 1 / 27) == [300]
+    assert round_ends("racing", 300, 3, 1 / 27) == [12, 34, 100, 300]
+    assert round_ends("racing", 300, 2, 0.5) == [150, 300]
+    assert round_ends("racing", 8, 3, 1 / 27) == [1, 3, 8]  # ceil(8/27) = ceil(8/9) = 1: counted once
 
 
 def test_racing_is_paired_and_finalists_get_full_scores(trained):
@@ -141,6 +142,31 @@ def test_racing_is_paired_and_finalists_get_full_scores(trained):
     counts = scorer.correct(ids, 0, 34)
     assert [r["first_round_score"] for r in racing] == [n / 34 for n in counts]
     assert all(r["first_round_score"] == r["score"] for r in exhaustive.values())
+
+
+def test_a_lone_candidate_races_on_everyones_first_share(trained):
+    """One candidate (e.g. a random baseline of 1) takes the same rounds as many, so its first-round score
+    covers the images every other family's first round covers."""
+    model, heldout, _ = trained
+    scorer = CandidateScorer(model, *heldout, seed=1)
+    [alone] = rank(scorer, [7], strategy="racing", eta=3, first_share=1 / 9, progress=False)
+    [whole] = rank(scorer, [7], progress=False)
+    assert alone["images"] == 300 and alone["score"] == whole["score"]
+    assert alone["first_round_score"] == scorer.correct([7], 0, 34)[0] / 34
+
+
+def test_logged_rows_count_only_on_their_rounds_images(trained, tmp_path):
+    """A progress row whose images are not its round's (a log from another round layout) is evaluated
+    again, never added to the candidate's count."""
+    model, heldout, _ = trained
+    scorer = CandidateScorer(model, *heldout, seed=1)
+    log = ProgressLog(tmp_path)
+    whole = scorer.correct([3], 0, 300)[0]
+    log.append([{"round": 0, "id": 3, "correct": whole, "start": 0, "end": 300}])  # one round over everything
+    kwargs = dict(strategy="racing", eta=3, first_share=1 / 9, progress=False)
+    resumed = rank(scorer, [3, 4], log=log, **kwargs)
+    assert resumed == rank(scorer, [3, 4], **kwargs)
+    assert next(r for r in resumed if r["id"] == 3)["first_round_score"] == scorer.correct([3], 0, 34)[0] / 34
 
 
 class Killed(Exception):
@@ -546,10 +572,14 @@ def test_kendall_tau_matches_scipy():
     from pgnas_fast.search.study import kendall_tau
 
     gen = torch.Generator().manual_seed(4)
-    xs = (torch.randint(0, 6, (40,), generator=gen) / 5).tolist()  # with ties
-    ys = [x + 0.3 * v for x, v in zip(xs, torch.randn(40, generator=gen).tolist())]
-    assert kendall_tau(xs, ys) == pytest.approx(kendalltau(xs, ys).statistic, abs=1e-12)
+    for n in (40, 1300):  # 1300: across the blocks of rows it compares at a time
+        xs = (torch.randint(0, 6, (n,), generator=gen) / 5).tolist()  # with ties
+        ys = [x + 0.3 * v for x, v in zip(xs, torch.randn(n, generator=gen).tolist())]
+        ys[:n // 3] = [round(y, 1) for y in ys[:n // 3]]  # and ties in both lists
+        assert kendall_tau(xs, ys) == pytest.approx(kendalltau(xs, ys).statistic, abs=1e-12)
     assert kendall_tau([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    for undefined in (([1.0], [2.0]), ([1, 1], [1, 2]), ([1, 2], [3, 3])):  # one item, either list all tied
+        assert math.isnan(kendall_tau(*undefined))
 
 
 def test_study_writes_report_and_figures(capsys, run_dir):
@@ -575,7 +605,8 @@ def test_study_writes_report_and_figures(capsys, run_dir):
 
 
 def test_study_of_one_candidate_writes_strict_json(capsys, run_dir):
-    """One survivor: Kendall's tau is undefined, written as null (NaN is not JSON) and said in words."""
+    """One candidate, one survivor: Kendall's tau is undefined, written as null (NaN is not JSON) and said in
+    words."""
     import json
 
     from pgnas_fast.cli import main
@@ -586,8 +617,10 @@ def test_study_of_one_candidate_writes_strict_json(capsys, run_dir):
         raise AssertionError(f"{constant} in study.json")
 
     result = json.loads((run_dir / "study-one" / "study.json").read_text(), parse_constant=refuse)
-    assert result["racing"]["kendall_tau_survivors"] is None
-    assert "first-round survivors: undefined" in (run_dir / "study-one" / "study.md").read_text()
+    assert result["racing"]["kendall_tau_survivors"] is result["racing"]["kendall_tau_first_round"] is None
+    text = " ".join((run_dir / "study-one" / "study.md").read_text().split())
+    assert "(the order racing's first cut acts on), undefined (fewer than two candidates" in text
+    assert "of the 1 first-round survivor, undefined (fewer than two candidates" in text
 
 
 # ---- selection rules and the sharded-resume paths, on a scorer that runs no model -----------------------

@@ -198,9 +198,11 @@ class ProgressLog:
             os.fsync(f.fileno())
 
 
-def _shares(strategy: str, size: int, count: int, eta: int, first_share: float) -> list[int]:
-    """Image counts that the rounds end at: [size] for exhaustive; growing by eta for racing."""
-    if strategy == "exhaustive" or count == 1:
+def round_ends(strategy: str, size: int, eta: int, first_share: float) -> list[int]:
+    """Image counts that the rounds end at: [size] for exhaustive; growing by eta for racing (whatever the
+    number of candidates: a lone candidate's first round is everyone's, so its first-round score compares
+    with another family's)."""
+    if strategy == "exhaustive":
         return [size]
     ends, share = [], first_share
     while share < 1.0 and math.ceil(share * size) < size:
@@ -239,13 +241,18 @@ def rank(scorer: CandidateScorer, candidates: Sequence[int], *, strategy: str = 
     correct = {c: 0 for c in candidates}
     images = {c: 0 for c in candidates}
     survivors, start = list(candidates), 0
-    ends = _shares(strategy, scorer.size, len(candidates), eta, first_share)
+    ends = round_ends(strategy, scorer.size, eta, first_share)
+    # a logged row counts only on its round's images (a log written with other rounds, e.g. by a version
+    # that ranked a lone candidate in one round, is evaluated again rather than added up)
+    bounds = list(zip([0] + ends[:-1], ends))
+    done = {key: row for key, row in done.items()
+            if key[0] < len(ends) and (row["start"], row["end"]) == bounds[key[0]]}
     round_sizes = [len(candidates)]
     for _ in ends[1:]:
         round_sizes.append(math.ceil(round_sizes[-1] / eta))
     # the bar counts every rank's evaluations: those restored from the logs from the start (outside its
     # rate: they took no time now), its own as they finish, the other ranks' at each round's end
-    restored = sum(1 for round_index, c in done if c in images and round_index < len(ends))
+    restored = sum(1 for _, c in done if c in images)
     # racing scores a candidate once per round it reaches: the bar counts such candidate-rounds
     bar = tqdm(total=sum(round_sizes), initial=restored, desc=desc, unit="cand" if len(ends) == 1 else "cand-round",
                disable=not progress, dynamic_ncols=True)

@@ -3,7 +3,8 @@
 
 - p_per_layer.png: the learned drop probability of every gate group, layer by layer;
 - kept_per_layer.png: the chosen candidate's kept fraction of input channels per gated layer;
-- candidate_scores.png: the held-out accuracy of every ranked candidate (and the random baseline);
+- candidate_scores.png: the held-out accuracy of every ranked candidate, guided and random baseline, on
+  the images all of them saw (racing: its first round's);
 - training.png: loss, cross-entropy, regulariser, train accuracy and mean p per epoch.
 """
 from __future__ import annotations
@@ -37,7 +38,7 @@ LAYER_NAMES_SHOWN = 40  # beyond, the layer axis gives indices
 
 
 def _figures(run_dir: Path, arch: dict, rows: list[dict], random_rows: list[dict], log: list[dict],
-             posterior: str) -> None:
+             posterior: str, first_images: int) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -76,17 +77,21 @@ def _figures(run_dir: Path, arch: dict, rows: list[dict], random_rows: list[dict
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    full = max(r.get("images", 0) for r in rows)
-    scored = [100 * r["score"] for r in rows if r.get("images", full) == full]
-    randoms = [100 * r["score"] for r in random_rows]
+    # every candidate of either family on the same images: the first round's (racing's first share; all of
+    # them for exhaustive ranking), not racing's final scores, which cover more images the better they did
+    def first_round(r):
+        return 100 * r.get("first_round_score", r["score"])  # (rows older than the key: the score, all rounds')
+
+    scored, randoms = [first_round(r) for r in rows], [first_round(r) for r in random_rows]
     bins = numpy.histogram_bin_edges(scored + randoms, bins=30)  # shared: the two counts compare bar by bar
     if randoms:
         ax.hist(randoms, bins=bins, alpha=0.5, color="tab:orange",
                 label=f"random gates, same drop rate ({len(randoms)})")
-    ax.hist(scored, bins=bins, histtype="step", linewidth=1.5, color="tab:blue",
-            label=f"guided ({len(scored)} fully scored)")
-    ax.axvline(100 * arch["score"], color="black", linestyle="--", label="chosen")
-    ax.set_xlabel("held-out accuracy (%)")
+    ax.hist(scored, bins=bins, histtype="step", linewidth=1.5, color="tab:blue", label=f"guided ({len(scored)})")
+    ax.axvline(first_round(next(r for r in rows if r["id"] == arch["candidate"])), color="black", linestyle="--",
+               label="chosen")
+    ax.set_xlabel("held-out accuracy (%)" if first_images >= max(r.get("images", 0) for r in rows) else
+                  f"accuracy on the first round's {first_images} held-out images (%)")
     ax.set_ylabel("candidates")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -143,7 +148,9 @@ def write_report(run_dir: str | Path) -> Path:
     random_rows = read_jsonl(random_path) if random_path.exists() else []
     log = read_jsonl(run_dir / "train_log.jsonl")
     posterior = config.get("posterior", "concrete")  # runs older than the Gaussian family are concrete
-    _figures(run_dir, arch, rows, random_rows, log, posterior)
+    # (runs older than the key: the fewest images a candidate was scored on, which was the first round's)
+    first_images = summary.get("mean_heldout_images", min(r.get("images", 0) for r in rows))
+    _figures(run_dir, arch, rows, random_rows, log, posterior, first_images)
     s = summary
     lines = [
         f"# PGNAS search: {arch['preset']}, seed {arch['seed']}",

@@ -45,7 +45,7 @@ from .io import (DATA_FILE, SEARCH_RANKINGS, RunError, changed_settings, data_di
                  save_checkpoint, write_json, write_jsonl, writer_lock)
 from .materialize import count_parameters, materialize, materialize_all_channels
 from .parallel import SINGLE_PROCESS, Parallel, join, leave
-from .rank import (ProgressLog, accuracy, best_candidate, first_round_cut, rank_candidates, tied_for_best,
+from .rank import (ProgressLog, accuracy, best_candidate, first_round_cut, rank_candidates, round_ends, tied_for_best,
                    uniform_drop_logits)
 from .report import FIGURES, write_report
 from .train import make_optimizer, train_posterior
@@ -443,7 +443,8 @@ def _run_search(config: dict, *, seed: int, out_dir: Path, device: torch.device,
         "guided_mean_kept_fraction": statistics.fmean(r["kept_fraction"] for r in rows),
         "random_mean_heldout_accuracy": (statistics.fmean(r["first_round_score"] for r in random_rows)
                                          if random_rows else None),
-        "mean_heldout_images": min(r["images"] for r in rows),  # the first round's (all of them: exhaustive)
+        "mean_heldout_images": round_ends(config["ranking"], len(feed.split("heldout")[1]), config["racing_eta"],
+                                          config["racing_first_share"])[0],  # the first round's
         "finalist_heldout_images": max(r["images"] for r in rows),
         "tied_for_best": tied_for_best(rows),
         "first_round_cut": first_round_cut(rows),

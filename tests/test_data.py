@@ -22,6 +22,7 @@ from pgnas_fast.data import (
     Splits,
     ImageFolderDataset,
     augment_batch,
+    augmentation_draws,
     carve_heldout,
     cifar_train_loader,
     cutout,
@@ -29,10 +30,11 @@ from pgnas_fast.data import (
     imagenet_loader,
     load_cifar,
     load_imagenet_index,
+    mirror,
     normalize,
-    random_crop,
-    random_flip,
+    padded_crop,
 )
+from pgnas_fast.data.augment import DRAWS, uniform_index
 from pgnas_fast.data.imagenet import load_eval_image, load_train_image, random_resized_crop_box
 
 CIFAR10_LAYOUT = ("cifar-10-batches-py", "data_batch_1", "data_batch_5", "test_batch", CIFAR_URL)
@@ -239,75 +241,110 @@ def test_normalize_matches_the_formula():
     assert CIFAR_STATS[10][0] == pytest.approx((0.4914, 0.4822, 0.4465))
 
 
-def test_random_crop_is_a_shifted_window_of_the_zero_padded_image():
-    images = distinct_images(200)
-    out = random_crop(images, gen(0), padding=4)
+def draws(n: int, seed: int = 0, epoch: int = 0) -> torch.Tensor:
+    return augmentation_draws(seed, epoch, n)
+
+
+def test_padded_crop_is_the_window_at_its_offset_of_the_zero_padded_image():
+    images = distinct_images(81)
+    rows, cols = torch.arange(81) // 9, torch.arange(81) % 9  # every offset once
+    out = padded_crop(images, rows, cols, padding=4)
     assert out.shape == images.shape and out.dtype == images.dtype
     padded = torch.nn.functional.pad(images, (4, 4, 4, 4))
-    shifts = []
     for i in range(len(images)):
-        windows = {(dy, dx): padded[i, :, dy : dy + 32, dx : dx + 32] for dy in range(9) for dx in range(9)}
-        found = [shift for shift, window in windows.items() if torch.equal(out[i], window)]
-        assert len(found) == 1
-        shifts.append(found[0])
-    assert {dy for dy, _ in shifts} == set(range(9)) and {dx for _, dx in shifts} == set(range(9))
+        assert torch.equal(out[i], padded[i, :, rows[i]:rows[i] + 32, cols[i]:cols[i] + 32])
     # uint8 and channels_last inputs take the same path.
     as_u8 = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
-    assert torch.equal(random_crop(as_u8, gen(5)).float(), random_crop(as_u8.float(), gen(5)))
+    rows, cols = torch.randint(0, 9, (8,)), torch.randint(0, 9, (8,))
+    assert torch.equal(padded_crop(as_u8, rows, cols).float(), padded_crop(as_u8.float(), rows, cols))
     as_nhwc = as_u8.contiguous(memory_format=torch.channels_last)
-    assert torch.equal(random_crop(as_nhwc, gen(5)), random_crop(as_u8, gen(5)))
+    assert torch.equal(padded_crop(as_nhwc, rows, cols), padded_crop(as_u8, rows, cols))
 
 
-def test_random_flip_is_an_exact_mirror_or_identity():
-    images = distinct_images(100)
-    out = random_flip(images, gen(0))
-    flipped = [torch.equal(out[i], images[i].flip(-1)) for i in range(100)]
-    kept = [torch.equal(out[i], images[i]) for i in range(100)]
-    assert all(f != k for f, k in zip(flipped, kept))
-    assert 25 < sum(flipped) < 75
+def test_mirror_flips_exactly_the_chosen_images():
+    images = distinct_images(6)
+    flip = torch.tensor([True, False, False, True, True, False])
+    out = mirror(images, flip)
+    for i in range(6):
+        assert torch.equal(out[i], images[i].flip(-1) if flip[i] else images[i])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.uint8])
-def test_cutout_zeroes_one_square_of_side_at_most_16(dtype):
-    images = torch.ones(300, 3, 32, 32, dtype=dtype)
-    out = cutout(images, gen(0), size=16)
+def test_cutout_zeroes_the_square_at_its_corner_clipped_at_the_border(dtype):
+    images = torch.ones(4, 3, 32, 32, dtype=dtype)
+    top, left = torch.tensor([-8, 0, 10, 23]), torch.tensor([5, -3, 10, 30])
+    out = cutout(images, top, left, size=16)
     assert out.dtype == dtype and out.shape == images.shape
-    zero = out == 0
-    assert torch.equal(zero, zero[:, :1].expand_as(zero))  # the same square in every channel
-    clipped = 0
-    for square in zero[:, 0]:
-        rows = square.any(1).nonzero().flatten()
-        cols = square.any(0).nonzero().flatten()
-        top, bottom, left, right = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
-        assert square[top:bottom, left:right].all() and square.sum() == (bottom - top) * (right - left)
-        assert 8 <= bottom - top <= 16 and 8 <= right - left <= 16
-        inside = top > 0 and left > 0 and bottom < 32 and right < 32
-        if inside:
-            assert bottom - top == 16 and right - left == 16
-        clipped += not inside
-    assert 0 < clipped < 300  # squares cross the border sometimes, not always
+    for i in range(4):
+        expected = torch.ones(32, 32, dtype=torch.bool)
+        expected[max(0, top[i]):top[i] + 16, max(0, left[i]):left[i] + 16] = False
+        assert torch.equal(out[i] != 0, expected.expand(3, 32, 32))
 
 
-def test_augmentation_is_deterministic_per_generator():
+def test_uniform_index_is_in_range_and_uniform():
+    largest = torch.tensor([1 - 2.0 ** -24])  # the contract's largest u
+    assert [uniform_index(largest, high).item() for high in (1, 9, 32, 33)] == [0, 8, 31, 32]
+    assert uniform_index(torch.tensor([2.0 ** -25]), 9).item() == 0
+    u = augmentation_draws(0, 0, 20000)[:, 0]
+    counts = torch.bincount(uniform_index(u, 9), minlength=9)
+    assert len(counts) == 9 and counts.min() > 20000 / 9 * 0.9 and counts.max() < 20000 / 9 * 1.1
+
+
+def test_augmentation_draws_are_the_contract_s_numbers_by_image_and_epoch():
+    """Image i's row is elements 5 i .. 5 i + 4 of stream (AUGMENTATION, epoch): one image drawn alone (a
+    DataLoader worker) gets its row of the whole epoch's draws (a batched pass), on every backend."""
+    import pgnas_fast as pf
+    from pgnas_fast.ops import Domain, stream_id
+
+    whole = augmentation_draws(7, 3, 50)
+    assert whole.shape == (50, DRAWS) and whole.dtype == torch.float32
+    assert torch.equal(whole.flatten(), pf.ops.philox_uniform(250, seed=7, stream=stream_id(Domain.AUGMENTATION, 3)))
+    for index in (0, 17, 49):
+        assert torch.equal(augmentation_draws(7, 3, 1, first=index)[0], whole[index])
+    assert not torch.equal(augmentation_draws(7, 4, 50), whole) and not torch.equal(augmentation_draws(8, 3, 50), whole)
+
+
+def test_augmented_batches_cover_every_offset_flip_and_square():
+    """The law: each image's crop offset (0..8 in both axes), flip and cutout square from its row of draws;
+    over many images every offset, half the images mirrored, squares clipped at the border sometimes."""
+    images, d = distinct_images(300), draws(300)
+    out = augment_batch(images, d, cutout_size=0)
+    padded = torch.nn.functional.pad(images, (4, 4, 4, 4))
+    rows, cols, flips = uniform_index(d[:, 0], 9), uniform_index(d[:, 1], 9), d[:, 2] < 0.5
+    for i in range(len(images)):
+        window = padded[i, :, rows[i]:rows[i] + 32, cols[i]:cols[i] + 32]
+        assert torch.equal(out[i], window.flip(-1) if flips[i] else window)
+    many = draws(5000, seed=3)
+    assert len(set(zip(uniform_index(many[:, 0], 9).tolist(), uniform_index(many[:, 1], 9).tolist()))) == 81
+    assert 2300 < (many[:, 2] < 0.5).sum() < 2700
+    squares = augment_batch(torch.ones(300, 3, 32, 32), draws(300, seed=1), crop_padding=0, flip=False) == 0
+    assert torch.equal(squares, squares[:, :1].expand_as(squares))
+    sides = [(int(sq.any(1).sum()), int(sq.any(0).sum())) for sq in squares[:, 0]]
+    assert all(8 <= h <= 16 and 8 <= w <= 16 for h, w in sides) and 0 < sides.count((16, 16)) < 300
+    assert all(sq.sum() == h * w for sq, (h, w) in zip(squares[:, 0], sides))
+
+
+def test_augmentation_is_a_function_of_the_draws():
     images = normalize(torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8))
-    a = augment_batch(images, gen(1))
-    assert torch.equal(a, augment_batch(images, gen(1)))
-    assert not torch.equal(a, augment_batch(images, gen(2)))
+    a = augment_batch(images, draws(64, seed=1))
+    assert torch.equal(a, augment_batch(images, draws(64, seed=1)))
+    assert not torch.equal(a, augment_batch(images, draws(64, seed=2)))
     assert a.shape == images.shape
-    assert torch.equal(augment_batch(images, gen(1), crop_padding=0, flip=False, cutout_size=0), images)
+    assert torch.equal(augment_batch(images, draws(64), crop_padding=0, flip=False, cutout_size=0), images)
+    with pytest.raises(ValueError, match=r"draws must be \[64, 5\]"):
+        augment_batch(images, draws(63))
 
 
 @pytest.mark.gpu
-def test_augmentation_on_cuda_matches_cpu_with_a_cpu_generator(cifar10):
-    """A CPU generator draws the same crops, flips and squares for CUDA data as for CPU data."""
+def test_augmentation_on_cuda_equals_the_cpu_s(cifar10):
+    """Draws made on the GPU (its own backend) augment CUDA data exactly as the CPU's do CPU data."""
     root, _ = cifar10
     images = normalize(load_cifar(root, heldout=50).train[0][:64], *CIFAR_STATS[10])
-    cpu = augment_batch(images, epoch_generator(1, 2))
-    cuda = augment_batch(images.cuda(), epoch_generator(1, 2))
+    cpu = augment_batch(images, augmentation_draws(1, 2, 64))
+    cuda = augment_batch(normalize(load_cifar(root, heldout=50).train[0][:64].cuda(), *CIFAR_STATS[10]),
+                         augmentation_draws(1, 2, 64, device="cuda"))
     assert cuda.is_cuda and not torch.equal(cpu, images)
-    torch.testing.assert_close(cpu, cuda.cpu())
-    on_gpu = augment_batch(images.cuda(), epoch_generator(1, 2, "cuda"))
-    assert on_gpu.is_cuda and on_gpu.shape == images.shape
+    assert torch.equal(cpu, cuda.cpu())
 
 
 # ---- ImageNet index ----
@@ -370,23 +407,26 @@ def test_a_held_out_split_as_large_as_the_training_set_is_a_data_error(imagenet,
         load_cifar(tmp_path, heldout=100000)
 
 
-def test_an_epoch_s_augmentation_draws_other_numbers_than_its_order():
-    """One seed for both CPU generators tied every image's crop to its position in the epoch."""
-    from pgnas_fast.data.augment import AUGMENTATION
+def test_tensor_feed_augments_each_image_with_its_own_draws_of_the_epoch():
+    """prepare_train gets each batch's images with their rows of the epoch's draws (by image index, not by
+    position in the epoch); without prepare_train nothing is drawn."""
     from pgnas_fast.search.feed import TensorFeed
 
     images, labels = torch.randn(20, 1, 4, 4), torch.arange(20)
-    drawn = []
+    seen = []
 
-    def prepare_train(x, generator):
-        drawn.append(torch.rand(3, generator=generator))
+    def prepare_train(x, d):
+        seen.append((x, d))
         return x
 
-    feed = TensorFeed(Splits((images, labels), (images[:2], labels[:2]), (images[:2], labels[:2]), 20),
-                      batch_size=8, eval_batch_size=8, device="cpu", prepare_train=prepare_train)
-    next(iter(feed.train_batches(epoch=2, seed=5)))
-    assert torch.equal(drawn[0], torch.rand(3, generator=epoch_generator(5, 2, use=AUGMENTATION)))
-    assert not torch.equal(drawn[0], torch.rand(3, generator=epoch_generator(5, 2)))
+    splits = Splits((images, labels), (images[:2], labels[:2]), (images[:2], labels[:2]), 20)
+    feed = TensorFeed(splits, batch_size=8, eval_batch_size=8, device="cpu", prepare_train=prepare_train)
+    batches = list(feed.train_batches(epoch=2, seed=5))
+    whole = augmentation_draws(5, 2, 20)
+    for (x, d), (_, y) in zip(seen, batches):
+        assert torch.equal(d, whole[y]) and torch.equal(x, images[y])  # (labels are the image indices)
+    plain = TensorFeed(splits, batch_size=8, eval_batch_size=8, device="cpu")
+    assert all(torch.equal(x, images[y]) for x, y in plain.train_batches(epoch=2, seed=5))
 
 
 def test_an_epoch_without_a_training_batch_is_a_config_error():
@@ -551,52 +591,45 @@ def test_cifar_train_set_item_is_the_batched_law_on_one_image(cifar10):
     root, _ = cifar10
     images, labels = load_cifar(root, heldout=50).train
     mean, std = CIFAR_STATS[10]
-    dataset = CifarTrainSet(images, labels, mean, std)
+    dataset = CifarTrainSet(images, labels, mean, std, seed=11)
     assert len(dataset) == len(labels)
-    for index, seed in [(0, 11), (7, 12), (len(labels) - 1, 2**61)]:
-        image, label = dataset[(index, seed)]
+    for index, epoch in [(0, 0), (7, 12), (len(labels) - 1, 2**39)]:
+        image, label = dataset[(index, epoch)]
         assert image.shape == (3, 32, 32) and image.dtype == torch.float32
         assert label.dtype == torch.int64 and label == labels[index]
-        expected = augment_batch(normalize(images[index:index + 1], mean, std), gen(seed))[0]
-        assert torch.equal(image, expected)
-        assert torch.equal(dataset[(index, seed)][0], image)  # the seed fixes the augmentation
-        assert not torch.equal(dataset[(index, seed + 1)][0], image)
+        # the image's row of the whole epoch's draws: what a batched pass gives it
+        whole = augment_batch(normalize(images, mean, std), augmentation_draws(11, epoch, len(labels)))
+        assert torch.equal(image, whole[index])
+        assert not torch.equal(dataset[(index, epoch + 1)][0], image)
+    assert not torch.equal(CifarTrainSet(images, labels, mean, std, seed=12)[(7, 12)][0], dataset[(7, 12)][0])
     with pytest.raises(ValueError, match="uint8"):
-        CifarTrainSet(images.float(), labels, mean, std)
+        CifarTrainSet(images.float(), labels, mean, std, seed=0)
 
 
-def test_cifar_train_set_crops_within_the_padding_and_flips_half():
-    """Crop offsets cover 0..8 in both axes and stay there; about half the images are mirrored."""
+def test_cifar_train_set_crops_within_the_padding_flips_and_cuts_out():
+    """Over the epochs, one image's crop offsets cover 0..8 in both axes, about half are mirrored, and the
+    cutout square is one square in every channel, nothing else changed."""
     image = torch.randint(1, 256, (1, 3, 32, 32), dtype=torch.uint8)  # no zero pixel: pads are told apart
-    dataset = CifarTrainSet(image, torch.zeros(1, dtype=torch.int64), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), cutout_size=0)
+    dataset = CifarTrainSet(image, torch.zeros(1, dtype=torch.int64), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), seed=0,
+                            cutout_size=0)
     padded = torch.nn.functional.pad(image[0].float() / 255, (4, 4, 4, 4))
     shifts, flips = set(), 0
-    for seed in range(300):
-        out, _ = dataset[(0, seed)]
+    for epoch in range(300):
+        out, _ = dataset[(0, epoch)]
         found = [(dy, dx, mirrored) for dy in range(9) for dx in range(9) for mirrored in (False, True)
                  if torch.equal(out.flip(-1) if mirrored else out, padded[:, dy:dy + 32, dx:dx + 32])]
-        assert len(found) == 1, seed
+        assert len(found) == 1, epoch
         shifts.add(found[0][:2])
         flips += found[0][2]
     assert {dy for dy, _ in shifts} == set(range(9)) and {dx for _, dx in shifts} == set(range(9))
     assert 110 < flips < 190
-
-
-def test_cifar_train_set_cuts_out_one_16x16_square():
-    image = torch.randint(1, 256, (1, 3, 32, 32), dtype=torch.uint8)
-    dataset = CifarTrainSet(image, torch.zeros(1, dtype=torch.int64), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0),
+    squares = CifarTrainSet(image, torch.zeros(1, dtype=torch.int64), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), seed=0,
                             crop_padding=0, flip=False)
-    full = 0
-    for seed in range(200):
-        out, _ = dataset[(0, seed)]
+    for epoch in range(20):
+        out, _ = squares[(0, epoch)]
         zero = out == 0
-        assert torch.equal(zero, zero[:1].expand_as(zero))  # the same square in every channel
-        rows, cols = zero[0].any(1).nonzero().flatten(), zero[0].any(0).nonzero().flatten()
-        height, width = rows.max() - rows.min() + 1, cols.max() - cols.min() + 1
-        assert zero[0].sum() == height * width and 8 <= height <= 16 and 8 <= width <= 16
-        assert torch.equal(out[~zero], image[0].float()[~zero] / 255)  # nothing else changed
-        full += bool(height == 16 and width == 16)
-    assert 0 < full < 200
+        assert torch.equal(zero, zero[:1].expand_as(zero)) and 64 <= zero[0].sum() <= 256
+        assert torch.equal(out[~zero], image[0].float()[~zero] / 255)
 
 
 def test_cifar_train_loader_is_the_epoch_order_with_aligned_labels_whatever_the_workers(cifar10):
@@ -614,11 +647,11 @@ def test_cifar_train_loader_is_the_epoch_order_with_aligned_labels_whatever_the_
             assert all(x.dtype == torch.float32 and x.shape[1:] == (3, 32, 32) and y.dtype == torch.int64
                        for x, y in batches)
             epochs[workers, epoch] = torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches])
-            items = list(sampler)  # (index, seed) per image, in order
+            items = list(sampler)  # (index, epoch) per image, in order
             order = torch.randperm(len(labels), generator=epoch_generator(9, epoch))  # TensorFeed's order
-            assert [index for index, _ in items] == order.tolist()
+            assert items == [(index, epoch) for index in order.tolist()]
             assert torch.equal(epochs[workers, epoch][1], labels[order])
-            dataset = CifarTrainSet(images, labels, mean, std)
+            dataset = CifarTrainSet(images, labels, mean, std, seed=9)
             for k in (0, 100, 349):
                 assert torch.equal(epochs[workers, epoch][0][k], dataset[items[k]][0])
     for epoch in (0, 1):  # workers change nothing
@@ -644,10 +677,40 @@ def test_cifar_feed_on_the_cpu_uses_the_loader_by_default(cifar10):
     assert torch.equal(again[0], x)  # a fixed seed reproduces the run
     tensors = build_feed({**config, "cifar_pipeline": "tensors"}, data, torch.device("cpu"), seed=4)
     assert type(tensors) is TensorFeed
-    _, y_t = next(tensors.train_batches(0, 4))
-    assert torch.equal(y_t, y)  # the same epoch order, augmentation drawn another way
+    for epoch in (0, 3):  # the same batches: the epoch order and every image's augmentation
+        for (x_t, y_t), (x_l, y_l) in zip(tensors.train_batches(epoch, 4), feed.train_batches(epoch, 4)):
+            assert torch.equal(y_t, y_l) and torch.equal(x_t, x_l)
     with pytest.raises(ValueError, match="seed 4, not 5"):
         next(feed.train_batches(0, 5))
+
+
+def test_cifar_tensor_feed_shards_augment_only_their_rows(cifar10):
+    """The batched (GPU) pipeline's ranks prepare their rows of every global batch alone: images equal to the
+    single process's rows and to the CPU loader's."""
+    from pgnas_fast import configs
+    from pgnas_fast.search.parallel import SINGLE_PROCESS, Parallel
+    from pgnas_fast.search.run import build_feed, load_data
+
+    root, _ = cifar10
+    config = configs.resolve("cifar10-supnet-m", {"heldout_size": 50, "batch_size": 60, "workers": 0,
+                                                  "cifar_pipeline": "tensors"})
+    data = load_data(config, root)
+    whole = list(build_feed(config, data, torch.device("cpu"), seed=4).train_shards(2, 4, SINGLE_PROCESS))
+    loader = build_feed({**config, "cifar_pipeline": "loader"}, data, torch.device("cpu"), seed=4)
+    assert all(torch.equal(x, x_l) for (x, *_), (x_l, _) in zip(whole, loader.train_batches(2, 4)))
+    for rank in range(3):
+        parallel = Parallel(rank=rank, world=3)
+        feed = build_feed(config, data, torch.device("cpu"), seed=4, parallel=parallel)
+        calls = []
+        prepare = feed.prepare_train
+        feed.prepare_train = lambda images, draws: calls.append(len(images)) or prepare(images, draws)
+        shards = list(feed.train_shards(2, 4, parallel))
+        last_start, last_end = parallel.rows(50)  # (350 images: the last global batch holds 50)
+        assert len(shards) == len(whole) == 6 and calls == [20] * 5 + [last_end - last_start]
+        for (x, y, first, rows), (x_all, y_all, _, rows_all) in zip(shards, whole):
+            start, end = parallel.rows(rows_all)
+            assert (first, rows) == (start, rows_all)
+            assert torch.equal(x, x_all[start:end]) and torch.equal(y, y_all[start:end])
 
 
 def test_cifar_loader_feed_shards_load_only_their_rows(cifar10):

@@ -8,11 +8,12 @@ ImageNet is too big for tensors: `load_imagenet_index` returns file lists in the
 from .augment import (
     CIFAR_STATS,
     augment_batch,
+    augmentation_draws,
     cutout,
     epoch_generator,
+    mirror,
     normalize,
-    random_crop,
-    random_flip,
+    padded_crop,
 )
 from .cifar import CIFAR_LAYOUTS, CIFAR_URL, load_cifar
 from .cifar_loader import CifarTrainSet, cifar_train_loader
@@ -42,6 +43,7 @@ __all__ = [
     "ImageNetIndex",
     "Splits",
     "augment_batch",
+    "augmentation_draws",
     "carve_heldout",
     "cifar_train_loader",
     "cutout",
@@ -50,8 +52,8 @@ __all__ = [
     "load_cifar",
     "load_digits",
     "load_imagenet_index",
+    "mirror",
     "normalize",
-    "random_crop",
-    "random_flip",
+    "padded_crop",
     "stratified_splits",
 ]

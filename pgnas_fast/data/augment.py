@@ -2,15 +2,17 @@
 
 The CIFAR training protocol of pgnas-method.md section 3 (SupNet-M/MI, E/EI): random crop from the
 image zero-padded by 4 pixels, horizontal flip, cutout of a 16x16 square. Each step is one or two
-batched ops driven by a `torch.Generator` (no per-image Python loop), so on CUDA a resident uint8
-set is augmented without leaving the GPU, and on CPU the same code runs in the training process.
+batched ops (no per-image Python loop), so on CUDA a resident uint8 set is augmented without leaving
+the GPU.
 
 Order as in the authors' code (AutoAugment's CIFAR pipeline): normalise first, then pad-crop, flip
 and cutout, so the padding and the cutout square are zeros after normalisation, i.e. the mean colour.
 
-Random numbers are drawn on the generator's device and moved to the data's device: a CPU generator
-gives the same crops, flips and squares on CPU and on CUDA (through pinned, non-blocking copies); a
-CUDA generator keeps the draws on the GPU. Nothing here synchronises the GPU with the host.
+Random numbers: every image's five numbers of an epoch come from the RNG contract
+(`augmentation_draws`: seed, epoch, the image's index), not from a generator's sequence, so the
+batched path on a GPU and the CPU's DataLoader workers, which augment one image at a time, give the
+same crops, flips and squares, and a resumed run the same as an uninterrupted one. Nothing here
+synchronises the GPU with the host.
 """
 from __future__ import annotations
 
@@ -20,6 +22,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from ..ops import philox_uniform
+from ..ops.streams import Domain, stream_id
 from ..ops.transfer import to_device
 
 # Per-channel statistics of each training set, on the 0..1 scale.
@@ -31,32 +35,37 @@ CIFAR_STATS = {10: (CIFAR10_MEAN, CIFAR10_STD), 100: (CIFAR100_MEAN, CIFAR100_ST
 
 
 _GOLDEN = 0x9E3779B97F4A7C15  # 2^64 / golden ratio: spreads (seed, epoch) pairs over the seed space
-_USE_STRIDE = 0xD1B54A32D192ED03  # another odd 64-bit constant: an epoch's uses get far-apart seeds
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
-    """The random seed of one epoch's data order and augmentation: a function of (seed, epoch) only."""
+    """The random seed of one epoch's data order: a function of (seed, epoch) only."""
     return (seed + (epoch + 1) * _GOLDEN) % (1 << 63)
 
 
-ORDER, AUGMENTATION = 0, 1  # the uses of an epoch's generators
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """The CPU generator of one epoch's order: a function of (seed, epoch) only, so a resumed run redraws
+    the same, on every device (the order is drawn on the CPU)."""
+    return torch.Generator().manual_seed(epoch_seed(seed, epoch))
 
 
-def epoch_generator(seed: int, epoch: int, device: str | torch.device = "cpu", use: int = ORDER) -> torch.Generator:
-    """A generator of one epoch: a function of (seed, epoch, use) only, so a resumed run redraws the same.
-    The order and the augmentation draw from different seeds: one seed in two CPU generators tied every
-    image's crop to its position in the epoch."""
-    return torch.Generator(device=device).manual_seed((epoch_seed(seed, epoch) + use * _USE_STRIDE) % (1 << 63))
+# uniforms per image and epoch: crop row offset, crop column offset, flip, cutout centre row and column
+DRAWS = 5
 
 
-def _randint(high: int, n: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
-    source = generator.device if generator is not None else torch.device("cpu")
-    return to_device(torch.randint(high, (n,), generator=generator, device=source), device)
+def augmentation_draws(seed: int, epoch: int, count: int, *, first: int = 0,
+                       device: str | torch.device = "cpu") -> torch.Tensor:
+    """float32 [count, DRAWS]: the augmentation numbers of training images first .. first + count - 1
+    (their indices in the training split) in `epoch`, from the RNG contract (stream (AUGMENTATION, epoch),
+    elements index * DRAWS + j), so they are the same bits on every device and backend: the CPU's
+    DataLoader workers, drawing one image at a time, and a GPU's batched pass augment alike."""
+    return philox_uniform(count * DRAWS, seed=seed, stream=stream_id(Domain.AUGMENTATION, epoch),
+                          offset=first * DRAWS, device=device).view(count, DRAWS)
 
 
-def _uniform(n: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
-    source = generator.device if generator is not None else torch.device("cpu")
-    return to_device(torch.rand(n, generator=generator, device=source), device)
+def uniform_index(u: torch.Tensor, high: int) -> torch.Tensor:
+    """int64 in [0, high) from uniforms u in (0, 1): floor(u * high) in integer arithmetic on u's 24 bits,
+    exact and the same on every device."""
+    return (torch.floor(u * (1 << 24)).long() * high) >> 24
 
 
 @functools.lru_cache(maxsize=32)
@@ -81,30 +90,27 @@ def normalize(
     return (images.to(dtype) - mean_t) / std_t
 
 
-def random_crop(images: torch.Tensor, generator: torch.Generator | None, padding: int = 4) -> torch.Tensor:
-    """Per image, an H x W window of the image zero-padded by `padding`, at a uniform random offset."""
+def padded_crop(images: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, padding: int = 4) -> torch.Tensor:
+    """Per image, the H x W window at offset (rows[i], cols[i]) (each in [0, 2 * padding]) of the image
+    zero-padded by `padding`."""
     n, c, h, w = images.shape
     padded = F.pad(images, (padding, padding, padding, padding))
-    dy = _randint(2 * padding + 1, n, generator, images.device)
-    dx = _randint(2 * padding + 1, n, generator, images.device)
-    rows = dy[:, None] + torch.arange(h, device=images.device)  # [N, H] rows of `padded` to keep
-    cols = dx[:, None] + torch.arange(w, device=images.device)  # [N, W]
+    keep_rows = rows[:, None] + torch.arange(h, device=images.device)  # [N, H] rows of `padded` to keep
+    keep_cols = cols[:, None] + torch.arange(w, device=images.device)  # [N, W]
     # Two gathers (rows, then columns) keep the index tensors at [N, 1, H, 1]-like sizes.
-    out = padded.gather(2, rows[:, None, :, None].expand(n, c, h, w + 2 * padding))
-    return out.gather(3, cols[:, None, None, :].expand(n, c, h, w))
+    out = padded.gather(2, keep_rows[:, None, :, None].expand(n, c, h, w + 2 * padding))
+    return out.gather(3, keep_cols[:, None, None, :].expand(n, c, h, w))
 
 
-def random_flip(images: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """Mirror each image left-right with probability 1/2."""
-    flip = _uniform(len(images), generator, images.device) < 0.5
+def mirror(images: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+    """Each image mirrored left-right where flip[i] (bool [N]), else as it is."""
     return torch.where(flip[:, None, None, None], images.flip(3), images)
 
 
-def cutout(images: torch.Tensor, generator: torch.Generator | None, size: int = 16) -> torch.Tensor:
-    """Zero one size x size square per image, centred on a uniform random pixel (clipped at the border)."""
-    n, _, h, w = images.shape
-    top = _randint(h, n, generator, images.device) - size // 2
-    left = _randint(w, n, generator, images.device) - size // 2
+def cutout(images: torch.Tensor, top: torch.Tensor, left: torch.Tensor, size: int = 16) -> torch.Tensor:
+    """Per image, zero the size x size square whose top-left corner is (top[i], left[i]) (it may start
+    outside the image: clipped at the border)."""
+    _, _, h, w = images.shape
     ys = torch.arange(h, device=images.device)
     xs = torch.arange(w, device=images.device)
     in_rows = (ys >= top[:, None]) & (ys < top[:, None] + size)  # [N, H]
@@ -115,17 +121,27 @@ def cutout(images: torch.Tensor, generator: torch.Generator | None, size: int = 
 
 def augment_batch(
     images: torch.Tensor,
-    generator: torch.Generator | None,
+    draws: torch.Tensor,
     *,
     crop_padding: int = 4,
     flip: bool = True,
     cutout_size: int = 16,
 ) -> torch.Tensor:
-    """The CIFAR training augmentation on a normalised batch: pad-crop, flip, cutout (0 turns a step off)."""
+    """The CIFAR training augmentation on a normalised batch [N, C, H, W], each image with its row of
+    `draws` ([N, DRAWS] uniforms, `augmentation_draws`): a random crop of the image padded by
+    `crop_padding`, a flip with probability 1/2, cutout of a `cutout_size` square centred on a uniform
+    random pixel (0 / False turns a step off)."""
+    n, _, h, w = images.shape
+    if draws.shape != (n, DRAWS):
+        raise ValueError(f"draws must be [{n}, {DRAWS}] (one row of augmentation_draws per image), "
+                         f"got {list(draws.shape)}")
+    draws = to_device(draws, images.device)
     if crop_padding:
-        images = random_crop(images, generator, crop_padding)
+        images = padded_crop(images, uniform_index(draws[:, 0], 2 * crop_padding + 1),
+                             uniform_index(draws[:, 1], 2 * crop_padding + 1), crop_padding)
     if flip:
-        images = random_flip(images, generator)
+        images = mirror(images, draws[:, 2] < 0.5)
     if cutout_size:
-        images = cutout(images, generator, cutout_size)
+        images = cutout(images, uniform_index(draws[:, 3], h) - cutout_size // 2,
+                        uniform_index(draws[:, 4], w) - cutout_size // 2, cutout_size)
     return images

@@ -3,9 +3,9 @@
 On CUDA the training set stays on the GPU as uint8 and `augment_batch` works on whole batches there
 (search/feed.py TensorFeed). On the CPU the same law (normalise, then pad-4 random crop, flip,
 cutout 16) runs per image in DataLoader workers, beside the training process: each image goes
-through `augment_batch` as a batch of one, with a generator seeded from (seed, epoch, index) by
-`SeededSampler`, so a fixed seed reproduces a run whatever the number of workers, and an epoch visits
-the images in the order TensorFeed draws for (seed, epoch).
+through `augment_batch` as a batch of one with its numbers of the epoch (`augmentation_draws`: seed,
+epoch, index), and an epoch visits the images in the order TensorFeed draws for (seed, epoch), so
+the batches are TensorFeed's, whatever the number of workers.
 """
 from __future__ import annotations
 
@@ -15,20 +15,20 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .augment import augment_batch, normalize
-from .imagenet import SeededSampler, loader_workers
+from .augment import augment_batch, augmentation_draws, epoch_generator, normalize
+from .imagenet import loader_workers
 
 
 class CifarTrainSet(Dataset):
-    """uint8 images [N, 3, H, W] and labels [N]; item (index, seed) -> (float32 [3, H, W] normalised and
-    augmented with a generator seeded by `seed`, int64 label)."""
+    """uint8 images [N, 3, H, W] and labels [N] of a run with seed `seed`; item (index, epoch) -> (float32
+    [3, H, W] normalised and augmented with the image's numbers of that epoch, int64 label)."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, mean: Sequence[float], std: Sequence[float],
-                 *, crop_padding: int = 4, flip: bool = True, cutout_size: int = 16):
+                 *, seed: int, crop_padding: int = 4, flip: bool = True, cutout_size: int = 16):
         if images.dtype != torch.uint8 or images.dim() != 4 or len(images) != len(labels):
             raise ValueError(f"images must be uint8 [N, C, H, W] with one label each, got {images.dtype} "
                              f"{tuple(images.shape)} and labels {tuple(labels.shape)}")
-        self.images, self.labels = images.cpu(), labels.cpu()
+        self.images, self.labels, self.seed = images.cpu(), labels.cpu(), seed
         self.mean, self.std = tuple(mean), tuple(std)
         self.crop_padding, self.flip, self.cutout_size = crop_padding, flip, cutout_size
 
@@ -36,29 +36,46 @@ class CifarTrainSet(Dataset):
         return len(self.labels)
 
     def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        index, seed = item
+        index, epoch = item
         image = normalize(self.images[index:index + 1], self.mean, self.std)
-        image = augment_batch(image, torch.Generator().manual_seed(seed), crop_padding=self.crop_padding,
-                              flip=self.flip, cutout_size=self.cutout_size)
+        image = augment_batch(image, augmentation_draws(self.seed, epoch, 1, first=index),
+                              crop_padding=self.crop_padding, flip=self.flip, cutout_size=self.cutout_size)
         return image[0], self.labels[index]
 
 
-class BatchShares(Sampler):
-    """One epoch of `seeded`'s (index, seed) pairs cut into global batches of `batch_size` (the last one
-    short), each cut to the rows [start, end) = `share(len(batch))` of this data-parallel rank: a rank
-    loads and augments only the images it trains on (their numbers depend on (seed, epoch, index) alone)."""
+class EpochOrder(Sampler):
+    """(index, epoch) of every training image, in the epoch's order for the run's seed (TensorFeed's)."""
 
-    def __init__(self, seeded: SeededSampler, batch_size: int, share: Callable[[int], tuple[int, int]]):
-        self.seeded, self.batch_size, self.share = seeded, batch_size, share
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
 
     def set_epoch(self, epoch: int) -> None:
-        self.seeded.set_epoch(epoch)
+        self.epoch = epoch
 
     def __len__(self) -> int:
-        return math.ceil(len(self.seeded) / self.batch_size)
+        return self.n
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        for index in torch.randperm(self.n, generator=epoch_generator(self.seed, self.epoch)).tolist():
+            yield index, self.epoch
+
+
+class BatchShares(Sampler):
+    """One epoch of `order`'s items cut into global batches of `batch_size` (the last one short), each
+    cut to the rows [start, end) = `share(len(batch))` of this data-parallel rank: a rank loads and
+    augments only the images it trains on (their numbers depend on (seed, epoch, index) alone)."""
+
+    def __init__(self, order: EpochOrder, batch_size: int, share: Callable[[int], tuple[int, int]]):
+        self.order, self.batch_size, self.share = order, batch_size, share
+
+    def set_epoch(self, epoch: int) -> None:
+        self.order.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.order) / self.batch_size)
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        pairs = list(self.seeded)
+        pairs = list(self.order)
         for first in range(0, len(pairs), self.batch_size):
             batch = pairs[first:first + self.batch_size]
             start, end = self.share(len(batch))
@@ -72,8 +89,8 @@ def cifar_train_loader(images: torch.Tensor, labels: torch.Tensor, *, batch_size
     short; call sampler.set_epoch(epoch) before a pass. `share` (data parallel: Parallel.rows) keeps
     this rank's rows of every global batch. At most one worker per available core (loader_workers)."""
     workers = loader_workers(workers)
-    sampler = SeededSampler(len(labels), shuffle=True, seed=seed)
-    dataset = CifarTrainSet(images, labels, mean, std)
+    sampler = EpochOrder(len(labels), seed)
+    dataset = CifarTrainSet(images, labels, mean, std, seed=seed)
     if share is None:
         loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                             persistent_workers=workers > 0)

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .augment import epoch_seed, normalize
+from .augment import epoch_generator, epoch_seed, normalize
 from .errors import DataError
 from .splits import carve_heldout
 
@@ -289,7 +289,7 @@ class SeededSampler(Sampler):
         if self.base is not None:
             order = iter(self.base)
         elif self.shuffle:
-            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(seed_of_epoch)).tolist()
+            order = torch.randperm(self.n, generator=epoch_generator(self.seed, self.epoch)).tolist()
         else:
             order = range(self.n)
         for index in order:

@@ -5,7 +5,7 @@ apart, so that a training step, a candidate and a random-baseline candidate neve
 
     stream = domain << 56 | major << 16 | layer
 
-`major` is the training step or the candidate id (< 2^40), `layer` the gate-layer index (< 2^16).
+`major` is the training step, the candidate id or the epoch (< 2^40), `layer` the gate-layer index (< 2^16).
 Seeds and streams travel through torch.library schemas as signed int64, hence the 2^63 limit.
 """
 from __future__ import annotations
@@ -26,6 +26,7 @@ class Domain(enum.IntEnum):
     COMPAT = 5  # the drop-in modules' per-call gates
     DROP_PATH = 6  # drop-path decisions of training step `major` (ENAS cells)
     GAUSSIAN = 7  # eps of the Gaussian posterior's local reparameterization, training step `major`
+    AUGMENTATION = 8  # CIFAR training augmentation of epoch `major` (element: image index * 5 + draw)
 
 
 _DOMAINS = frozenset(Domain)

@@ -2,10 +2,10 @@
 
 `TensorFeed` keeps a data set resident on the run's device as tensors (digits; CIFAR as uint8, the
 airbench habit) and orders each epoch from (seed, epoch) alone, so a resumed run sees the batches
-an uninterrupted one would. `prepare_train` (augmentation + normalisation, with a generator seeded
-from the same pair) and `prepare_eval` turn stored images into model inputs. `LoaderFeed` serves
-ImageNet through DataLoader workers with the same interface, and `CifarLoaderFeed` CIFAR on the CPU
-(workers augment image by image, same law and epoch order as TensorFeed's batched path).
+an uninterrupted one would. `prepare_train` (normalisation + augmentation, with each image's numbers
+of the epoch from the RNG contract) and `prepare_eval` turn stored images into model inputs.
+`LoaderFeed` serves ImageNet through DataLoader workers with the same interface, and `CifarLoaderFeed`
+CIFAR on the CPU (workers augment image by image: the same batches as TensorFeed's batched path).
 
 Training reads `train_shards(epoch, seed, parallel)`: this rank's rows of every global batch with
 the global row of its first example and the global batch's size (parallel.py); a single process
@@ -21,8 +21,8 @@ import torch
 from torch.utils.data import Sampler
 
 from ..configs import ConfigError
-from ..data import ImageNetIndex, Splits, cifar_train_loader, epoch_generator, imagenet_loader, normalize
-from ..data.augment import AUGMENTATION, epoch_seed
+from ..data import (ImageNetIndex, Splits, augmentation_draws, cifar_train_loader, epoch_generator, imagenet_loader,
+                    normalize)
 from ..ops.transfer import to_device
 from ..supernets.info import one_image_pass
 from .parallel import SINGLE_PROCESS, Parallel
@@ -95,7 +95,7 @@ def checked_recalibration_images(feed: "TensorFeed | LoaderFeed", n: int) -> tor
 
 class TensorFeed:
     def __init__(self, splits: Splits, *, batch_size: int, eval_batch_size: int, device: torch.device,
-                 prepare_train: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
+                 prepare_train: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
                  prepare_eval: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  max_steps: int | None = None, max_eval_batches: int | None = None):
         self.device = torch.device(device)
@@ -104,7 +104,7 @@ class TensorFeed:
         self.num_classes = splits.num_classes
         self.n_train = len(self.splits["train"][1])
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
-        self.prepare_train = prepare_train or (lambda x, generator: x)
+        self.prepare_train = prepare_train  # (images, their augmentation draws) -> model inputs; None: as stored
         self.prepare_eval = prepare_eval or (lambda x: x)
         self.max_steps, self.max_eval_batches = max_steps, max_eval_batches
 
@@ -116,20 +116,30 @@ class TensorFeed:
         return [min(self.batch_size, self.n_train - i * self.batch_size) for i in range(self.steps_per_epoch())]
 
     def train_shards(self, epoch: int, seed: int, parallel: Parallel = SINGLE_PROCESS) -> Iterator[Shard]:
-        """Each rank augments the whole global batch (the same generator draws as one process) and
-        keeps its rows."""
-        for images, labels in self.train_batches(epoch, seed):
-            start, end = parallel.rows(len(labels))
-            yield images[start:end], labels[start:end], start, len(labels)
+        """Each rank prepares only its rows of every global batch (an image's augmentation depends on
+        (seed, epoch, index) alone, not on the batch it is in)."""
+        for idx, draws in self._epoch(epoch, seed):
+            start, end = parallel.rows(len(idx))
+            yield *self._prepared(idx[start:end], None if draws is None else draws[start:end]), start, len(idx)
 
     def train_batches(self, epoch: int, seed: int) -> Iterator[Batch]:
-        images, labels = self.splits["train"]
+        for idx, draws in self._epoch(epoch, seed):
+            yield self._prepared(idx, draws)
+
+    def _epoch(self, epoch: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        """Each batch's training-image indices, with their augmentation draws (None: no prepare_train)."""
         # the order is drawn on the CPU so that it is the same on every device
         order = to_device(torch.randperm(self.n_train, generator=epoch_generator(seed, epoch)), self.device)
-        generator = epoch_generator(seed, epoch, self.device, use=AUGMENTATION)
+        draws = None  # else every image's numbers of the epoch, by index (augment.py)
+        if self.prepare_train is not None:
+            draws = augmentation_draws(seed, epoch, self.n_train, device=self.device)
         for i in range(self.steps_per_epoch()):
             idx = order[i * self.batch_size:(i + 1) * self.batch_size]
-            yield self.prepare_train(images[idx], generator), labels[idx]
+            yield idx, None if draws is None else draws[idx]
+
+    def _prepared(self, idx: torch.Tensor, draws: torch.Tensor | None) -> Batch:
+        images, labels = self.splits["train"]
+        return (images[idx] if draws is None else self.prepare_train(images[idx], draws)), labels[idx]
 
     def eval_batches(self, split: str) -> Iterator[Batch]:
         images, labels = self.splits[split]
@@ -157,8 +167,8 @@ class TensorFeed:
 
 class CifarLoaderFeed(TensorFeed):
     """CIFAR on the CPU: training batches from DataLoader workers (pgnas_fast.data.cifar_train_loader),
-    evaluation as TensorFeed. The order of an epoch is TensorFeed's for (seed, epoch); each image's
-    augmentation comes from its own generator seeded by (seed, epoch, index)."""
+    evaluation as TensorFeed. The same batches as TensorFeed's for (seed, epoch): its order, and each
+    image's augmentation from the same numbers (seed, epoch, index)."""
 
     def __init__(self, splits: Splits, *, seed: int, mean, std, workers: int, batch_size: int, eval_batch_size: int,
                  device: torch.device, max_steps: int | None = None, max_eval_batches: int | None = None,
@@ -285,6 +295,6 @@ class RowShareSampler(Sampler):
         return (self.n // self.batch) * (self.end - self.start)
 
     def __iter__(self) -> Iterator[int]:
-        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch)))
+        order = torch.randperm(self.n, generator=epoch_generator(self.seed, self.epoch))
         for first in range(0, (self.n // self.batch) * self.batch, self.batch):
             yield from order[first + self.start:first + self.end].tolist()

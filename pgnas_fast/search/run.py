@@ -140,8 +140,8 @@ def build_feed(config: dict, data, device: torch.device, *, seed: int, smoke: bo
         def prepare_eval(images):
             return datasets.normalize(images, mean, std)
 
-        def prepare_train(images, generator):  # the authors' order: normalise, then pad-crop, flip, cutout
-            return datasets.augment_batch(prepare_eval(images), generator)
+        def prepare_train(images, draws):  # the authors' order: normalise, then pad-crop, flip, cutout
+            return datasets.augment_batch(prepare_eval(images), draws)
 
         return TensorFeed(data, prepare_train=prepare_train, prepare_eval=prepare_eval, **sizes, **limits)
     return TensorFeed(data, **sizes, **limits)

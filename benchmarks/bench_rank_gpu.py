@@ -19,7 +19,7 @@ import time
 import torch
 
 from pgnas_fast import configs, supernets
-from pgnas_fast.search.rank import CandidateScorer, _shares
+from pgnas_fast.search.rank import CandidateScorer, round_ends
 
 PAPER_P40_DAYS_10K = 4.63
 
@@ -94,7 +94,7 @@ def main(argv=None) -> dict:
 def _racing_plan(candidates: int, heldout: int, eta: int = 4, first_share: float = 1 / 16):
     """(survivors, start, end) of each racing round, as `rank` runs them with the default settings."""
     plan, survivors, start = [], candidates, 0
-    for end in _shares("racing", heldout, candidates, eta, first_share):
+    for end in round_ends("racing", heldout, eta, first_share):
         plan.append((survivors, start, end))
         survivors, start = -(-survivors // eta), end
     return plan

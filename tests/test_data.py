@@ -310,18 +310,23 @@ def test_augmented_batches_cover_every_offset_flip_and_square():
     images, d = distinct_images(300), draws(300)
     out = augment_batch(images, d, cutout_size=0)
     padded = torch.nn.functional.pad(images, (4, 4, 4, 4))
-    rows, cols, flips = uniform_index(d[:, 0], 9), uniform_index(d[:, 1], 9), d[:, 2] < 0.5
+    rows, cols, flips = uniform_index(d[:, 0], 9), uniform_index(d[:, 1], 9), d[:, 4] < 0.5
     for i in range(len(images)):
         window = padded[i, :, rows[i]:rows[i] + 32, cols[i]:cols[i] + 32]
         assert torch.equal(out[i], window.flip(-1) if flips[i] else window)
     many = draws(5000, seed=3)
     assert len(set(zip(uniform_index(many[:, 0], 9).tolist(), uniform_index(many[:, 1], 9).tolist()))) == 81
-    assert 2300 < (many[:, 2] < 0.5).sum() < 2700
-    squares = augment_batch(torch.ones(300, 3, 32, 32), draws(300, seed=1), crop_padding=0, flip=False) == 0
+    assert 2300 < (many[:, 4] < 0.5).sum() < 2700
+    d = draws(300, seed=1)
+    squares = augment_batch(torch.ones(300, 3, 32, 32), d, crop_padding=0, flip=False) == 0
     assert torch.equal(squares, squares[:, :1].expand_as(squares))
+    tops, lefts = uniform_index(d[:, 2], 32) - 8, uniform_index(d[:, 3], 32) - 8  # centred on a uniform pixel
+    for square, top, left in zip(squares[:, 0], tops, lefts, strict=True):
+        expected = torch.zeros(32, 32, dtype=torch.bool)
+        expected[max(0, top):top + 16, max(0, left):left + 16] = True
+        assert torch.equal(square, expected)
     sides = [(int(sq.any(1).sum()), int(sq.any(0).sum())) for sq in squares[:, 0]]
     assert all(8 <= h <= 16 and 8 <= w <= 16 for h, w in sides) and 0 < sides.count((16, 16)) < 300
-    assert all(sq.sum() == h * w for sq, (h, w) in zip(squares[:, 0], sides))
 
 
 def test_augmentation_is_a_function_of_the_draws():
@@ -628,8 +633,11 @@ def test_cifar_train_set_crops_within_the_padding_flips_and_cuts_out():
     for epoch in range(20):
         out, _ = squares[(0, epoch)]
         zero = out == 0
-        assert torch.equal(zero, zero[:1].expand_as(zero)) and 64 <= zero[0].sum() <= 256
-        assert torch.equal(out[~zero], image[0].float()[~zero] / 255)
+        assert torch.equal(zero, zero[:1].expand_as(zero))  # the same square in every channel
+        rows, cols = zero[0].any(1).nonzero().flatten(), zero[0].any(0).nonzero().flatten()
+        height, width = rows.max() - rows.min() + 1, cols.max() - cols.min() + 1
+        assert zero[0].sum() == height * width and 8 <= height <= 16 and 8 <= width <= 16
+        assert torch.equal(out[~zero], image[0].float()[~zero] / 255)  # nothing else changed
 
 
 def test_cifar_train_loader_is_the_epoch_order_with_aligned_labels_whatever_the_workers(cifar10):
@@ -678,7 +686,7 @@ def test_cifar_feed_on_the_cpu_uses_the_loader_by_default(cifar10):
     tensors = build_feed({**config, "cifar_pipeline": "tensors"}, data, torch.device("cpu"), seed=4)
     assert type(tensors) is TensorFeed
     for epoch in (0, 3):  # the same batches: the epoch order and every image's augmentation
-        for (x_t, y_t), (x_l, y_l) in zip(tensors.train_batches(epoch, 4), feed.train_batches(epoch, 4)):
+        for (x_t, y_t), (x_l, y_l) in zip(tensors.train_batches(epoch, 4), feed.train_batches(epoch, 4), strict=True):
             assert torch.equal(y_t, y_l) and torch.equal(x_t, x_l)
     with pytest.raises(ValueError, match="seed 4, not 5"):
         next(feed.train_batches(0, 5))
@@ -697,7 +705,7 @@ def test_cifar_tensor_feed_shards_augment_only_their_rows(cifar10):
     data = load_data(config, root)
     whole = list(build_feed(config, data, torch.device("cpu"), seed=4).train_shards(2, 4, SINGLE_PROCESS))
     loader = build_feed({**config, "cifar_pipeline": "loader"}, data, torch.device("cpu"), seed=4)
-    assert all(torch.equal(x, x_l) for (x, *_), (x_l, _) in zip(whole, loader.train_batches(2, 4)))
+    assert all(torch.equal(x, x_l) for (x, *_), (x_l, _) in zip(whole, loader.train_batches(2, 4), strict=True))
     for rank in range(3):
         parallel = Parallel(rank=rank, world=3)
         feed = build_feed(config, data, torch.device("cpu"), seed=4, parallel=parallel)

@@ -113,7 +113,7 @@ def test_scores_equal_plain_accuracy_of_the_masked_network(trained):
     set_gates(model, "full")
 
 
-def test_racinground_ends_grow_by_eta():
+def test_racing_round_ends_grow_by_eta():
     assert round_ends("exhaustive", 300, 3, 1 / 27) == [300]
     assert round_ends("racing", 300, 3, 1 / 27) == [12, 34, 100, 300]
     assert round_ends("racing", 300, 2, 0.5) == [150, 300]
@@ -167,6 +167,12 @@ def test_logged_rows_count_only_on_their_rounds_images(trained, tmp_path):
     resumed = rank(scorer, [3, 4], log=log, **kwargs)
     assert resumed == rank(scorer, [3, 4], **kwargs)
     assert next(r for r in resumed if r["id"] == 3)["first_round_score"] == scorer.correct([3], 0, 34)[0] / 34
+    assert log.restored == 0  # (what `rank` and a search report as resumed evaluations)
+    # a valid row is kept whatever file order puts a stale one of the same key after it
+    ProgressLog(tmp_path, rank=1).append([{"round": 0, "id": 3, "correct": whole, "start": 0, "end": 300}])
+    assert log.load([(0, 34), (34, 100), (100, 300)])[(0, 3)]["end"] == 34
+    # every evaluation of the ranking above restored: both candidates' round 0, the survivor's rounds 1 and 2
+    assert rank(scorer, [3, 4], log=log, **kwargs) == resumed and log.restored == 2 + 1 + 1
 
 
 class Killed(Exception):

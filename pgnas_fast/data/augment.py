@@ -38,7 +38,8 @@ _GOLDEN = 0x9E3779B97F4A7C15  # 2^64 / golden ratio: spreads (seed, epoch) pairs
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
-    """The random seed of one epoch's data order: a function of (seed, epoch) only."""
+    """The random seed of one epoch's data order (and of ImageNet's per-image transforms, imagenet.py): a
+    function of (seed, epoch) only."""
     return (seed + (epoch + 1) * _GOLDEN) % (1 << 63)
 
 
@@ -48,7 +49,7 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(epoch_seed(seed, epoch))
 
 
-# uniforms per image and epoch: crop row offset, crop column offset, flip, cutout centre row and column
+# uniforms per image and epoch: crop row offset, crop column offset, cutout centre row and column, flip
 DRAWS = 5
 
 
@@ -62,9 +63,9 @@ def augmentation_draws(seed: int, epoch: int, count: int, *, first: int = 0,
                           offset=first * DRAWS, device=device).view(count, DRAWS)
 
 
-def uniform_index(u: torch.Tensor, high: int) -> torch.Tensor:
-    """int64 in [0, high) from uniforms u in (0, 1): floor(u * high) in integer arithmetic on u's 24 bits,
-    exact and the same on every device."""
+def uniform_index(u: torch.Tensor, high: int | torch.Tensor) -> torch.Tensor:
+    """int64 in [0, high) from uniforms u in (0, 1): floor(k * high / 2^24) with k = floor(u * 2^24), u's 24
+    bits, in integer arithmetic (exact, the same on every device); `high` broadcasts against u."""
     return (torch.floor(u * (1 << 24)).long() * high) >> 24
 
 
@@ -88,6 +89,12 @@ def normalize(
     scale = 255.0 if images.dtype == torch.uint8 else 1.0
     mean_t, std_t = _channel_stats(tuple(mean), tuple(std), scale, dtype, images.device)
     return (images.to(dtype) - mean_t) / std_t
+
+
+@functools.lru_cache(maxsize=32)
+def _highs(offsets: int, height: int, width: int, device: torch.device) -> torch.Tensor:
+    """The ranges of augment_batch's four integers on `device`, made once (not a host copy per batch)."""
+    return to_device(torch.tensor([offsets, offsets, height, width]), device)
 
 
 def padded_crop(images: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, padding: int = 4) -> torch.Tensor:
@@ -136,12 +143,13 @@ def augment_batch(
         raise ValueError(f"draws must be [{n}, {DRAWS}] (one row of augmentation_draws per image), "
                          f"got {list(draws.shape)}")
     draws = to_device(draws, images.device)
+    # the four integers in one op (a DataLoader worker augments one image at a time: each op counts)
+    rows, cols, centre_row, centre_col = uniform_index(draws[:, :4], _highs(2 * crop_padding + 1, h, w,
+                                                                           images.device)).unbind(1)
     if crop_padding:
-        images = padded_crop(images, uniform_index(draws[:, 0], 2 * crop_padding + 1),
-                             uniform_index(draws[:, 1], 2 * crop_padding + 1), crop_padding)
+        images = padded_crop(images, rows, cols, crop_padding)
     if flip:
-        images = mirror(images, draws[:, 2] < 0.5)
+        images = mirror(images, draws[:, 4] < 0.5)
     if cutout_size:
-        images = cutout(images, uniform_index(draws[:, 3], h) - cutout_size // 2,
-                        uniform_index(draws[:, 4], w) - cutout_size // 2, cutout_size)
+        images = cutout(images, centre_row - cutout_size // 2, centre_col - cutout_size // 2, cutout_size)
     return images

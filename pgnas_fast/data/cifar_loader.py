@@ -56,8 +56,9 @@ class EpochOrder(Sampler):
         return self.n
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        for index in torch.randperm(self.n, generator=epoch_generator(self.seed, self.epoch)).tolist():
-            yield index, self.epoch
+        epoch = self.epoch  # (a set_epoch during the pass changes the next pass, not this one)
+        for index in torch.randperm(self.n, generator=epoch_generator(self.seed, epoch)).tolist():
+            yield index, epoch
 
 
 class BatchShares(Sampler):

@@ -167,8 +167,12 @@ class ProgressLog:
     def __init__(self, directory: Path, rank: int = 0):
         self.directory = Path(directory)
         self.path = self.directory / f"progress-rank{rank}.jsonl"
+        self.restored = 0  # evaluations the last `rank` over this log took from it (every rank's file)
 
-    def load(self) -> dict[tuple[int, int], dict]:
+    def load(self, rounds: Sequence[tuple[int, int]] | None = None) -> dict[tuple[int, int], dict]:
+        """{(round, id): row} of every rank's file; with `rounds` ((start, end) of each round) only the rows on
+        their round's images (a log written with other rounds, e.g. by a version that ranked a lone candidate
+        in one round, is evaluated again rather than added up)."""
         done = {}
         for path in sorted(self.directory.glob("progress-rank*.jsonl")):
             for number, line in enumerate(path.read_text().splitlines(), 1):
@@ -181,7 +185,9 @@ class ProgressLog:
                     raise RunError(f"{str(path)!r} line {number} is not a progress row (integer "
                                    f"{', '.join(self.FIELDS)}): {line[:80]!r}; rank afresh (without --resume) "
                                    "or under another --tag")
-                done[(row["round"], row["id"])] = row
+                key = (row["round"], row["id"])
+                if rounds is None or (key[0] < len(rounds) and (row["start"], row["end"]) == rounds[key[0]]):
+                    done[key] = row
         return done
 
     def append(self, rows: list[dict]) -> None:
@@ -233,7 +239,8 @@ def rank(scorer: CandidateScorer, candidates: Sequence[int], *, strategy: str = 
     if repeated:  # their rows would add up: scores above 1
         raise ValueError(f"candidates must be distinct ids, got {repeated} more than once")
     rank_id, world = shard
-    done = log.load() if log is not None else {}
+    ends = round_ends(strategy, scorer.size, eta, first_share)
+    done = log.load(list(zip([0] + ends[:-1], ends))) if log is not None else {}
     if gather is not None:
         # all ranks read the logs before any of them appends (this is a collective), and take the
         # union: ranks that read at different moments would otherwise split different todo lists
@@ -241,18 +248,14 @@ def rank(scorer: CandidateScorer, candidates: Sequence[int], *, strategy: str = 
     correct = {c: 0 for c in candidates}
     images = {c: 0 for c in candidates}
     survivors, start = list(candidates), 0
-    ends = round_ends(strategy, scorer.size, eta, first_share)
-    # a logged row counts only on its round's images (a log written with other rounds, e.g. by a version
-    # that ranked a lone candidate in one round, is evaluated again rather than added up)
-    bounds = list(zip([0] + ends[:-1], ends))
-    done = {key: row for key, row in done.items()
-            if key[0] < len(ends) and (row["start"], row["end"]) == bounds[key[0]]}
     round_sizes = [len(candidates)]
     for _ in ends[1:]:
         round_sizes.append(math.ceil(round_sizes[-1] / eta))
     # the bar counts every rank's evaluations: those restored from the logs from the start (outside its
     # rate: they took no time now), its own as they finish, the other ranks' at each round's end
     restored = sum(1 for _, c in done if c in images)
+    if log is not None:
+        log.restored = restored
     # racing scores a candidate once per round it reaches: the bar counts such candidate-rounds
     bar = tqdm(total=sum(round_sizes), initial=restored, desc=desc, unit="cand" if len(ends) == 1 else "cand-round",
                disable=not progress, dynamic_ncols=True)

@@ -63,7 +63,6 @@ def rank_run(run_dir: str | Path, *, candidates: int, strategy: str = "racing", 
                                      prepare=feed.prepare_eval, load_model=load_model,
                                      recalibration_images=recalibration)
             log = ProgressLog(out, rank_id)
-            resumed = len(log.load())  # evaluations done before this resume
             rows = rank(scorer, range(candidates), strategy=strategy, eta=eta, first_share=first_share, log=log,
                         shard=(rank_id, world), gather=parallel.all_gather if world > 1 else None,
                         progress=progress and rank_id == 0)
@@ -73,7 +72,8 @@ def rank_run(run_dir: str | Path, *, candidates: int, strategy: str = "racing", 
             summary = {"run_dir": str(run_dir), "tag": tag, "posterior": config["posterior"], **settings,
                        "evaluator": evaluator, "best": best, "tied_for_best": tied_for_best(rows),
                        "first_round_cut": first_round_cut(rows),
-                       "images_evaluated": sum(r["images"] for r in rows), "resumed_evaluations": resumed,
+                       "images_evaluated": sum(r["images"] for r in rows),
+                       "resumed_evaluations": log.restored,  # done before this resume
                        "world_size": world}
             if rank_id == 0:
                 write_jsonl(out / "candidates.jsonl", rows)

@@ -238,7 +238,7 @@ def load_run(run_dir: str | Path, *, device: str = "cpu", data_dir: str | Path |
 
 
 def rank_search_candidates(model: torch.nn.Module, feed: TensorFeed | LoaderFeed, config: dict, *, seed: int,
-                           progress: bool, random: bool = False, log_dir: Path | None = None,
+                           progress: bool, random: bool = False, log: ProgressLog | None = None,
                            parallel: Parallel = SINGLE_PROCESS) -> list[dict]:
     """The search's ranking: batched, with the preset's strategy, the random-gate baseline too (under
     racing both families' means are over the first round's images, which every candidate of either
@@ -248,9 +248,9 @@ def rank_search_candidates(model: torch.nn.Module, feed: TensorFeed | LoaderFeed
     if random:
         extra |= {"domain": Domain.RANDOM_CANDIDATE, "p_logits": uniform_drop_logits(model),
                   "desc": "random baseline"}
-    if log_dir is not None:
-        log_dir.mkdir(exist_ok=True)
-        extra["log"] = ProgressLog(log_dir, parallel.rank)
+    if log is not None:
+        log.directory.mkdir(exist_ok=True)
+        extra["log"] = log
     return rank_candidates(model, feed.split("heldout"), seed=seed,
                            count=config["random_baseline"] if random else config["candidates"],
                            batch_size=feed.eval_batch_size, prepare=feed.prepare_eval,
@@ -401,15 +401,16 @@ def _run_search(config: dict, *, seed: int, out_dir: Path, device: torch.device,
 
     parallel.broadcast_buffers(model)  # every rank ranks with the checkpoint's BatchNorm statistics
     evaluation_layout(model, config)
-    # evaluations a resumed search finds done in its progress logs (not timed by this process)
-    resumed = sum(len(ProgressLog(out_dir / name).load()) for name in SEARCH_RANKINGS.values())
-    rows = rank_search_candidates(model, feed, config, seed=seed, progress=progress,
-                                  log_dir=out_dir / SEARCH_RANKINGS["guided"], parallel=parallel)
+    logs = {family: ProgressLog(out_dir / name, parallel.rank) for family, name in SEARCH_RANKINGS.items()}
+    rows = rank_search_candidates(model, feed, config, seed=seed, progress=progress, log=logs["guided"],
+                                  parallel=parallel)
     random_rows = []
     if config["random_baseline"]:
         random_rows = rank_search_candidates(model, feed, config, seed=seed, progress=progress, random=True,
-                                             log_dir=out_dir / SEARCH_RANKINGS["random"], parallel=parallel)
+                                             log=logs["random"], parallel=parallel)
     ranked = time.perf_counter()
+    # evaluations a resumed search found done in its progress logs (not timed by this process)
+    resumed = sum(log.restored for log in logs.values())
     if not main:  # every rank holds every row; rank 0 reports them
         parallel.barrier()
         return SearchResult(out_dir=out_dir, summary={}, architecture={}, is_main=False)

@@ -39,8 +39,9 @@ def kendall_tau(xs: Sequence[float], ys: Sequence[float]) -> float:
     both = only_x = only_y = signed = 0  # pairs ordered in both lists, tied in y alone, in x alone; sum sx*sy
     for lo in range(0, len(x), 512):
         rows = numpy.arange(lo, min(lo + 512, len(x)))[:, None]
-        later = numpy.arange(len(x))[None, :] > rows  # each pair once
-        sx, sy = numpy.sign(x[rows] - x[None, :])[later], numpy.sign(y[rows] - y[None, :])[later]
+        later = numpy.arange(lo, len(x))[None, :] > rows  # each pair once
+        sx = numpy.sign(x[rows] - x[None, lo:])[later]
+        sy = numpy.sign(y[rows] - y[None, lo:])[later]
         both += int(numpy.count_nonzero(sx * sy))
         only_x += int(numpy.count_nonzero((sx != 0) & (sy == 0)))
         only_y += int(numpy.count_nonzero((sx == 0) & (sy != 0)))

@@ -22,6 +22,7 @@ from scipy import integrate, special, stats
 import pgnas_fast.compat as compat
 from pgnas_fast import ops
 from pgnas_fast.compat import TRAINING_SIZE, Conv2d_with_CD, Linear_with_CD
+from pgnas_fast.nn import GatedConv2d, GatedLinear
 from pgnas_fast.ops.streams import Domain, stream_id
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conv2d_with_CD\\(deterministic=True\\):UserWarning")
@@ -401,11 +402,14 @@ def test_deterministic_forward_matches_floor_mask(case):
     torch.testing.assert_close(out, F.conv2d(x * mask, m.weight, m.bias, padding=1), rtol=1e-5, atol=1e-5)
     m.eval()
     assert torch.equal(m(x), out)
-    # p_logit gets no gradient through the hard mask, weight does
+    # p_logit gets a zero gradient through the hard mask (the authors' floor: momentum and hooks see it),
+    # weight a real one
     m(x).sum().backward()
     assert m.weight.grad is not None and m.weight.grad.abs().sum() > 0
-    assert m.p_logit.grad is None or torch.all(m.p_logit.grad == 0)
+    assert m.p_logit.grad is not None and torch.equal(m.p_logit.grad, torch.zeros_like(m.p_logit))
     assert m.unif_noise_variable.grad is None
+    half = m.half()  # the zero-gradient term keeps the data's dtype
+    assert half(x.half()).dtype == torch.float16
 
 
 def test_zero_noise_default_keeps_everything_and_warns_once(monkeypatch):
@@ -595,6 +599,19 @@ def test_split_pattern_the_expansion_cannot_cover():
 def test_bad_kl_formula():
     with pytest.raises(ValueError, match="kl_formula"):
         Linear_with_CD(3, 2, kl_formula="paper")
+
+
+def test_a_numpy_split_is_taken_and_bad_sizes_and_backends_are_named_at_construction():
+    import numpy as np
+
+    m = Conv2d_with_CD(6, 2, 1, deterministic=False, split=np.int64(2), split_pattern=[2, 4])
+    assert type(m.split) is int and m.split == 2 and m.p_logit.shape == (2,)
+    with pytest.raises(ValueError, match="in_features must be >= 1"):
+        Linear_with_CD(0, 2)
+    for make in (lambda: Conv2d_with_CD(3, 2, 1, backend="bogus"), lambda: Linear_with_CD(3, 2, backend="bogus"),
+                 lambda: GatedConv2d(3, 2, 1, backend="bogus"), lambda: GatedLinear(3, 2, backend="bogus")):
+        with pytest.raises(ValueError, match="backend must be one of auto, reference.*got 'bogus'"):
+            make()  # (a deterministic layer would never have called an op to find out)
 
 
 def test_runs_without_cuda_and_moves_with_to():

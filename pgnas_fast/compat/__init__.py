@@ -16,6 +16,8 @@ so existing PGNAS code and checkpoints work unchanged. Differences, all delibera
   weight_reg * sum_{o,c} (1 - p_c) W[o,c]^2 + drop_reg * sum_c H'(p_c).
 - `debug=True` prints the p_logit gradient of every layer (the authors: convs with 64 inputs only).
 - `Linear_with_CD` ignores `deterministic`, like the authors' (always relaxed gates).
+- An unbatched [C, H, W] input gives [O, H, W], as nn.Conv2d does (the authors': [1, O, H, W]).
+- A `backend=` that names no backend is refused at construction.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ import torch.nn.functional as F
 
 from .. import ops
 from ..nn.gated import check_conv_input, check_linear_input, gate_precision, logit
+from ..ops.dispatch import check_backend_name
 from ..ops.streams import Domain, stream_id
 
 TRAINING_SIZE = 1281167.0
@@ -63,9 +66,11 @@ def _check_regs(weight_reg, drop_reg, where: str) -> tuple[float, float]:
     return out[0], out[1]
 
 
-def _check_split(split: int, split_pattern, channels: int, where: str) -> None:
-    if isinstance(split, bool) or not isinstance(split, int) or split < 1:
+def _check_split(split: int, split_pattern, channels: int, where: str) -> int:
+    """`split` as an int (numpy integers too, as the authors' code takes them), checked with its pattern."""
+    if isinstance(split, bool) or not isinstance(split, numbers.Integral) or split < 1:
         raise ValueError(f"{where}: split must be an int >= 1, got {split!r}")
+    split = int(split)
     if split_pattern:
         if len(split_pattern) != split or sum(split_pattern) != channels:
             raise ValueError(
@@ -74,6 +79,7 @@ def _check_split(split: int, split_pattern, channels: int, where: str) -> None:
             )
     elif split != 1:
         raise ValueError(f"{where}: split={split} needs a split_pattern")
+    return split
 
 
 @torch.compiler.disable  # one clean graph break per call, without dynamo's Tensor.item() warnings
@@ -96,7 +102,7 @@ class Conv2d_with_CD(nn.Conv2d):  # noqa: N801 (the authors' name)
                  split=1, split_pattern=None, *, backend=None):
         super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding,
                          dilation=dilation, groups=groups, bias=bias)
-        _check_split(split, split_pattern, in_channels, "Conv2d_with_CD")
+        split = _check_split(split, split_pattern, in_channels, "Conv2d_with_CD")
         weight_reg, drop_reg = _check_regs(weight_reg, drop_reg, "Conv2d_with_CD")
         self._weight_reg = weight_reg / TRAINING_SIZE
         self._drop_reg = drop_reg / TRAINING_SIZE
@@ -105,7 +111,8 @@ class Conv2d_with_CD(nn.Conv2d):  # noqa: N801 (the authors' name)
         self._p_init = p_init
         self._eps = 1e-8  # the authors' log epsilon (unused: the logit is used exactly)
         self._noise_shape = (in_channels, 1, 1)
-        self.backend = backend  # like pgnas_fast.nn's modules: None follows use_backend / set_backend / auto
+        # like pgnas_fast.nn's modules: None follows use_backend / set_backend / auto
+        self.backend = backend if backend is None else check_backend_name(backend)
         self._debug_mode = debug
         self._temp = TEMPERATURE
         self.split = split
@@ -143,7 +150,10 @@ class Conv2d_with_CD(nn.Conv2d):  # noqa: N801 (the authors' name)
         z = self._p_logit_per_channel()
         if self._deterministic:
             # drop iff u + p >= 1 (the authors' floor(u + p)) with the loaded noise u
-            keep = (self.unif_noise_variable + torch.sigmoid(z).view(1, -1, 1, 1) < 1.0).to(x.dtype)
+            p = torch.sigmoid(z).view(1, -1, 1, 1)
+            keep = (self.unif_noise_variable + p < 1.0).to(x.dtype)
+            if torch.is_grad_enabled() and p.requires_grad:  # floor's gradient: zero, not none (momentum
+                keep = keep + (0.0 * (p - p.detach())).to(x.dtype)  # and hooks see p_logit, as the authors')
             return x * keep
         return ops.gated_apply(x, gate_precision(z), seed=_fresh_seed(), stream=_COMPAT_STREAM, tau=self._temp,
                                backend=self.backend)
@@ -171,7 +181,9 @@ class Linear_with_CD(nn.Linear):  # noqa: N801 (the authors' name)
                  deterministic=False, debug=False, split=1, split_pattern=None, *, kl_formula="authors",
                  backend=None):
         super().__init__(in_features, out_features, bias)
-        _check_split(split, split_pattern, in_features, "Linear_with_CD")
+        if in_features < 1:
+            raise ValueError(f"Linear_with_CD: in_features must be >= 1 (one gate each), got {in_features}")
+        split = _check_split(split, split_pattern, in_features, "Linear_with_CD")
         weight_reg, drop_reg = _check_regs(weight_reg, drop_reg, "Linear_with_CD")
         if kl_formula not in ("authors", "intended"):
             raise ValueError(f"kl_formula must be 'authors' or 'intended', got {kl_formula!r}")
@@ -181,7 +193,7 @@ class Linear_with_CD(nn.Linear):  # noqa: N801 (the authors' name)
         self._debug_mode = debug
         self._temp = TEMPERATURE
         self.kl_formula = kl_formula
-        self.backend = backend
+        self.backend = backend if backend is None else check_backend_name(backend)
         self.split = split
         self.split_pattern = split_pattern
         self._p_init = p_init

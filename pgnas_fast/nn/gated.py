@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 
 from .. import ops
+from ..ops.dispatch import check_backend_name
 from ..ops.streams import Domain, stream_id
 
 
@@ -103,7 +104,7 @@ class GatedInput(nn.Module):
         sizes = _group_sizes(channels, gate_groups, type(self).__name__)
         self.gate_channels = channels
         self.tau = float(tau)
-        self.backend = backend
+        self.backend = backend if backend is None else check_backend_name(backend)  # (not first at a call)
         # (the gate math's precision: float32, or float64 for a float64 layer, as gate_precision keeps it)
         precision = torch.float64 if dtype == torch.float64 else torch.float32
         self.p_logit = nn.Parameter(torch.full((len(sizes),), logit(p_init), dtype=precision, device=device))

@@ -82,7 +82,8 @@ def backends() -> dict[str, tuple[bool, str]]:
     return out
 
 
-def _check_name(name: str, where: str) -> str:
+def check_backend_name(name: str, where: str = "backend") -> str:
+    """`name` if it is a selectable backend ('auto' or one of BACKENDS), else a ValueError naming `where`."""
     if name not in SELECTABLE:
         raise ValueError(f"{where} must be one of {', '.join(SELECTABLE)}; got {name!r}")
     return name
@@ -91,13 +92,13 @@ def _check_name(name: str, where: str) -> str:
 def set_backend(name: str | None) -> None:
     """Process-wide default backend (None: back to PGNAS_FAST_BACKEND or auto)."""
     global _default
-    _default = None if name is None else _check_name(name, "backend")
+    _default = None if name is None else check_backend_name(name, "backend")
 
 
 @contextlib.contextmanager
 def use_backend(name: str):
     """Select a backend for the ops called inside the block."""
-    token = _context.set(_check_name(name, "backend"))
+    token = _context.set(check_backend_name(name, "backend"))
     try:
         yield
     finally:
@@ -108,7 +109,7 @@ def selected() -> str:
     """The name in force without a per-call choice (may be 'auto')."""
     name = _context.get() or _default
     if name is None:
-        name = _check_name(os.environ.get(ENV_VAR, "auto") or "auto", f"environment variable {ENV_VAR}")
+        name = check_backend_name(os.environ.get(ENV_VAR, "auto") or "auto", f"environment variable {ENV_VAR}")
     return name
 
 
@@ -118,7 +119,7 @@ def selected() -> str:
 @torch.compiler.assume_constant_result
 def resolve(requested: str | None, device: torch.device) -> str:
     """The concrete backend that runs an op on tensors of `device`; raises if it cannot."""
-    name = _check_name(requested, "backend") if requested is not None else selected()
+    name = check_backend_name(requested, "backend") if requested is not None else selected()
     if name == "auto":
         order = ("triton", "cuda", "reference") if device.type == "cuda" else ("cpu", "reference")
         for candidate in order:

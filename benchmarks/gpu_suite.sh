@@ -94,9 +94,9 @@ timeout "$(left 40)" python3 benchmarks/bench_rank_gpu.py $DRY --heldout 2000 --
 step_done "candidate ranking" "${PIPESTATUS[0]}"
 
 if [ -z "${DRY_RUN:-}" ]; then
-    echo "== the other GPU tests (launch counts, syncs, data, ranking)"
+    echo "== the other GPU tests (launch counts, syncs, data, ranking, a search end to end)"
     echo "==== the other GPU tests" >>"$OUT/pytest.log"
-    timeout "$(left 60)" python3 -m pytest $PARALLEL -m gpu -v -rf -p no:cacheprovider tests \
+    timeout "$(left 90)" python3 -m pytest $PARALLEL -m gpu -v -rf -p no:cacheprovider tests \
         ${KERNEL_TESTS//tests\//--ignore=tests/} >>"$OUT/pytest.log" 2>&1
     step_done "other GPU tests" $? "$(tail -n 1 "$OUT/pytest.log")"
 fi

@@ -80,6 +80,29 @@ def trained(tmp_path_factory):
     return load_model(), splits.heldout, load_model
 
 
+def test_cpu_passes_hold_several_candidates_only_while_activations_are_small(trained, monkeypatch):
+    """On a CPU a batched pass stops growing at CPU_PASS_BYTES of its largest activation (larger passes
+    only lose per row there), never below one candidate's rows; the counts do not change."""
+    from pgnas_fast.search import rank as rank_module
+
+    model, heldout, _ = trained
+    row_bytes = 16 * 8 * 8 * 4  # the digits network's largest activation per image: [16, 8, 8] float32
+    scorer = CandidateScorer(model, *heldout, seed=1, batch_size=100, rows_per_pass=1000)
+    assert scorer.candidates_per_pass(0, 300) == 10  # 4 KB rows: the cap (16 MB) leaves rows_per_pass
+    expected = CandidateScorer(model, *heldout, seed=1, evaluator="sequential").correct(range(7), 0, 300)
+    passes = []
+    monkeypatch.setattr(CandidateScorer, "_correct_pass",
+                        lambda self, m, group, start, end, real=CandidateScorer._correct_pass:
+                        passes.append(len(group)) or real(self, m, group, start, end))
+    for cap, per_pass in ((3 * 100 * row_bytes, 3), (100 * row_bytes - 1, 1)):
+        monkeypatch.setattr(rank_module, "CPU_PASS_BYTES", cap)
+        passes.clear()
+        scorer = CandidateScorer(model, *heldout, seed=1, batch_size=100, rows_per_pass=1000)
+        assert scorer.candidates_per_pass(0, 300) == per_pass
+        assert scorer.correct(range(7), 0, 300) == expected
+        assert passes == [per_pass] * (7 // per_pass) + ([7 % per_pass] if 7 % per_pass else [])
+
+
 def test_stacked_masks_equal_one_candidate_at_a_time(trained):
     model, _, _ = trained
     stacked = stacked_candidate_masks(model, 1, [4, 0, 9])

@@ -16,7 +16,7 @@ from pgnas_fast import supernets
 from pgnas_fast.nn import GatedConv2d, GatedLinear, gated_layers, set_gates
 from pgnas_fast.supernets.densenet import DenseNetSupernet
 from pgnas_fast.supernets.enas import DropPath, EnasSupernet
-from pgnas_fast.supernets.info import count_macs, describe
+from pgnas_fast.supernets.info import count_macs, describe, largest_activation_bytes
 from pgnas_fast.supernets.resnet import InflatedResNet
 from pgnas_fast.supernets.shake_shake import ShakeShakeSupernet, TwoPathShortcut
 
@@ -231,6 +231,15 @@ def test_inflated_resnet_zero_init_residual_is_opt_in():
         model = InflatedResNet(num_classes=5, base_width=8, layers=(1, 2, 1, 1), zero_init_residual=zero)
         scales = [m.bn3.weight for m in model.modules() if isinstance(m, Bottleneck)]
         assert len(scales) == 5 and all(bool((s == 0).all()) == zero for s in scales)
+
+
+def test_largest_activation_bytes_by_hand():
+    model = nn.Sequential(GatedConv2d(3, 8, 3, padding=1, stride=2), nn.ReLU(), nn.Flatten(), GatedLinear(8 * 4 * 4, 5))
+    assert largest_activation_bytes(model, (3, 8, 8)) == 8 * 4 * 4 * 4  # the conv's [8, 4, 4] float32 output
+    assert largest_activation_bytes(model.double(), (3, 8, 8)) == 8 * 4 * 4 * 8
+    convs = nn.Sequential(GatedConv2d(3, 8, 3, padding=1, stride=2), nn.ReLU(), nn.Conv2d(8, 2, 1))
+    assert largest_activation_bytes(convs, (3, 16, 16)) == 8 * 8 * 8 * 4  # the [8, 8, 8] output, not [2, 8, 8]
+    assert model.training  # (one eval-mode pass; the mode given back)
 
 
 def test_count_macs_by_hand_and_describe_restores_gates():

@@ -32,11 +32,17 @@ from ..nn import gated_layers, kept_fraction, set_gates, stacked_candidate_masks
 from ..nn.batchnorm import folded_batchnorm, grouped_batchnorm
 from ..nn.gated import logit
 from ..ops.streams import Domain
+from ..supernets.info import largest_activation_bytes
 from .io import RunError
 from .train import mean_drop_probability
 
 EVALUATORS = ("batched", "sequential", "reload")
 STRATEGIES = ("exhaustive", "racing")
+# On a CPU a batched pass gains nothing once its activations outgrow the caches, and loses per row
+# after (SupNet-E, 8 candidates x 100 images: sequential 23 s, 2 candidates a pass 30 s, 8 a pass 58 s;
+# benchmarks/results/cpu-2core.md): there a pass holds several candidates only while its largest
+# activation stays under this many bytes (the digits preset's 1,200 rows: 4.9 MB).
+CPU_PASS_BYTES = 16 << 20
 
 
 @torch.no_grad()
@@ -88,6 +94,7 @@ class CandidateScorer:
         self.prepare = prepare or (lambda x: x)
         self.load_model = load_model
         self.recalibration_images = recalibration_images
+        self._largest_activation = None
 
     @property
     def size(self) -> int:
@@ -107,7 +114,16 @@ class CandidateScorer:
             return 1
         recalibration = 0 if self.recalibration_images is None else len(self.recalibration_images)
         rows = max(min(self.batch_size, end - start), recalibration)
-        return max(1, self.rows_per_pass // rows)
+        budget = self.rows_per_pass
+        if self.images.device.type == "cpu":  # (see CPU_PASS_BYTES)
+            budget = min(budget, CPU_PASS_BYTES // max(1, self._row_bytes()))
+        return max(1, budget // rows)
+
+    def _row_bytes(self) -> int:
+        """The largest activation of one image in bytes, measured once (shapes do not depend on the gates)."""
+        if self._largest_activation is None:
+            self._largest_activation = largest_activation_bytes(self.model, self.prepare(self.images[:1]).shape[1:])
+        return self._largest_activation
 
     @torch.no_grad()
     def correct(self, candidates: Sequence[int], start: int, end: int) -> list[int]:
@@ -115,14 +131,13 @@ class CandidateScorer:
         runs the same code: `sequential` and `reload` are passes of one candidate."""
         candidates = list(candidates)
         counts = torch.zeros(len(candidates), dtype=torch.int64, device=self.labels.device)
-        per_pass = self.candidates_per_pass(start, end)
         # BatchNorm folded once for all the passes of the call, not per pass (a fold is a few small ops
         # per conv); the reload evaluator's fresh model is folded in its pass, recalibrated statistics never
         fold_once = self.recalibration_images is None and self.evaluator != "reload"
         with training_modes_kept(self.model):  # scoring runs in eval mode
             try:
                 with folded_batchnorm(self.model.eval()) if fold_once else contextlib.nullcontext():
-                    self._passes(candidates, counts, per_pass, start, end)
+                    self._passes(candidates, counts, self.candidates_per_pass(start, end), start, end)
             finally:
                 set_gates(self.model, "full")
         return counts.tolist()  # one host sync per call

@@ -52,14 +52,36 @@ def count_macs(model: nn.Module, input_size: int | Sequence[int]) -> int:
     return total
 
 
+def largest_activation_bytes(model: nn.Module, shape: Sequence[int]) -> int:
+    """Bytes of the largest tensor any module of `model` outputs for one image of `shape` [C, H, W] (an
+    eval-mode forward with the gates as they are): a pass of n images holds about n times this."""
+    largest = 0
+
+    def hook(_module, _inputs, output) -> None:
+        nonlocal largest
+        for out in output if isinstance(output, (tuple, list)) else (output,):
+            if isinstance(out, torch.Tensor):
+                largest = max(largest, out.numel() * out.element_size())
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()]
+    try:
+        one_image_pass(model, shape)
+    finally:
+        for h in handles:
+            h.remove()
+    return largest
+
+
 @torch.no_grad()
 def one_image_pass(model: nn.Module, shape: Sequence[int]) -> None:
-    """One eval-mode forward of a zero image of `shape` [C, H, W] on the model's device, every module's
-    mode given back afterwards: for hooks that read the sizes a network computes with."""
+    """One eval-mode forward of a zero image of `shape` [C, H, W] on the model's device, in its (first
+    weight's) dtype, every module's mode given back afterwards: for hooks that read the sizes a network
+    computes with."""
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.get_default_dtype()
     with training_modes_kept(model):
-        model.eval()(torch.zeros(1, *shape, device=device))
+        model.eval()(torch.zeros(1, *shape, device=device, dtype=dtype))
 
 
 def describe(model: nn.Module, input_size: int | Sequence[int]) -> dict:

@@ -240,6 +240,9 @@ def test_largest_activation_bytes_by_hand():
     convs = nn.Sequential(GatedConv2d(3, 8, 3, padding=1, stride=2), nn.ReLU(), nn.Conv2d(8, 2, 1))
     assert largest_activation_bytes(convs, (3, 16, 16)) == 8 * 8 * 8 * 4  # the [8, 8, 8] output, not [2, 8, 8]
     assert model.training  # (one eval-mode pass; the mode given back)
+    set_gates(model.float(), "hard", masks={"0": torch.ones(2, 3), "3": torch.ones(2, 128)})  # 2 candidates' masks
+    assert largest_activation_bytes(model, (3, 8, 8)) == 8 * 4 * 4 * 4  # measured with full gates
+    assert model[0].gate_mode == "hard" and model[0].gate_mask.shape == (2, 3)  # and given back
 
 
 def test_count_macs_by_hand_and_describe_restores_gates():

@@ -1,6 +1,7 @@
 """Size of a super-network (design.md layer 3; what `pgnas-fast info` reports): parameters, gates, MACs."""
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
@@ -52,9 +53,24 @@ def count_macs(model: nn.Module, input_size: int | Sequence[int]) -> int:
     return total
 
 
+@contextlib.contextmanager
+def full_gates(model: nn.Module):
+    """Every gated layer in mode 'full' within the block, each layer's own mode and mask given back after."""
+    layers = [layer for _, layer in gated_layers(model)]
+    saved = [(layer.gate_mode, layer.gate_mask) for layer in layers]
+    try:
+        for layer in layers:
+            layer.gate_mode, layer.gate_mask = "full", None
+        yield model
+    finally:
+        for layer, (mode, mask) in zip(layers, saved):
+            layer.gate_mode, layer.gate_mask = mode, mask
+
+
 def largest_activation_bytes(model: nn.Module, shape: Sequence[int]) -> int:
     """Bytes of the largest tensor any module of `model` outputs for one image of `shape` [C, H, W] (an
-    eval-mode forward with the gates as they are): a pass of n images holds about n times this."""
+    eval-mode forward with every gate 'full': the gates change no shape, and a candidate's stacked masks
+    would need their row groups): a pass of n images holds about n times this."""
     largest = 0
 
     def hook(_module, _inputs, output) -> None:
@@ -65,7 +81,8 @@ def largest_activation_bytes(model: nn.Module, shape: Sequence[int]) -> int:
 
     handles = [m.register_forward_hook(hook) for m in model.modules()]
     try:
-        one_image_pass(model, shape)
+        with full_gates(model):
+            one_image_pass(model, shape)
     finally:
         for h in handles:
             h.remove()
@@ -92,14 +109,8 @@ def describe(model: nn.Module, input_size: int | Sequence[int]) -> dict:
     gate modes and train/eval mode are restored afterwards.
     """
     layers = [layer for _, layer in gated_layers(model)]
-    saved = [(layer.gate_mode, layer.gate_mask) for layer in layers]
-    try:
-        for layer in layers:
-            layer.gate_mode, layer.gate_mask = "full", None
+    with full_gates(model):
         macs = count_macs(model, input_size)
-    finally:
-        for layer, (mode, mask) in zip(layers, saved):
-            layer.gate_mode, layer.gate_mask = mode, mask
     return {
         "params": sum(p.numel() for p in model.parameters()),
         "gated_layers": len(layers),

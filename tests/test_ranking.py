@@ -103,6 +103,19 @@ def test_cpu_passes_hold_several_candidates_only_while_activations_are_small(tra
         assert passes == [per_pass] * (7 // per_pass) + ([7 % per_pass] if 7 % per_pass else [])
 
 
+def test_a_gpu_pass_budget_is_a_share_of_the_memory_torch_can_still_use(monkeypatch):
+    """On CUDA a pass's largest activation may take CUDA_ACTIVATION_SHARE of the free memory, the
+    allocator's cached blocks counted as free (D-121 at 8,192 rows would not fit an 80 GB GPU)."""
+    from pgnas_fast.search import rank as rank_module
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (60 << 30, 80 << 30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 12 << 30)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 4 << 30)
+    assert rank_module.pass_bytes_budget(torch.device("cuda")) == int((60 + 8 << 30) * rank_module.CUDA_ACTIVATION_SHARE)
+    assert rank_module.pass_bytes_budget(torch.device("cpu")) == rank_module.CPU_PASS_BYTES
+    assert rank_module.pass_bytes_budget(torch.device("meta")) is None
+
+
 def test_stacked_masks_equal_one_candidate_at_a_time(trained):
     model, _, _ = trained
     stacked = stacked_candidate_masks(model, 1, [4, 0, 9])

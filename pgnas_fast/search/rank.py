@@ -43,6 +43,22 @@ STRATEGIES = ("exhaustive", "racing")
 # benchmarks/results/cpu-2core.md): there a pass holds several candidates only while its largest
 # activation stays under this many bytes (the digits preset's 1,200 rows: 4.9 MB).
 CPU_PASS_BYTES = 16 << 20
+# On a GPU the bound is memory: a pass's largest activation gets at most this share of the free memory
+# (a DenseNet block holds its concatenation twice and a layer's intermediates beside it: about 3x its
+# largest activation per image; D-121 at the ImageNet presets' 8,192 rows would need about 80 GB).
+CUDA_ACTIVATION_SHARE = 1 / 4
+
+
+def pass_bytes_budget(device: torch.device) -> int | None:
+    """Bytes the largest activation of a batched pass may take on `device` (see CPU_PASS_BYTES and
+    CUDA_ACTIVATION_SHARE); None: no bound."""
+    if device.type == "cpu":
+        return CPU_PASS_BYTES
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)  # (a driver query: no stream sync)
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # free for torch too
+        return int((free + cached) * CUDA_ACTIVATION_SHARE)
+    return None
 
 
 @torch.no_grad()
@@ -94,7 +110,7 @@ class CandidateScorer:
         self.prepare = prepare or (lambda x: x)
         self.load_model = load_model
         self.recalibration_images = recalibration_images
-        self._largest_activation = None
+        self._rows_fit = None  # (_rows_that_fit)
 
     @property
     def size(self) -> int:
@@ -114,16 +130,18 @@ class CandidateScorer:
             return 1
         recalibration = 0 if self.recalibration_images is None else len(self.recalibration_images)
         rows = max(min(self.batch_size, end - start), recalibration)
-        budget = self.rows_per_pass
-        if self.images.device.type == "cpu":  # (see CPU_PASS_BYTES)
-            budget = min(budget, CPU_PASS_BYTES // max(1, self._row_bytes()))
-        return max(1, budget // rows)
+        return max(1, min(self.rows_per_pass, self._rows_that_fit()) // rows)
 
-    def _row_bytes(self) -> int:
-        """The largest activation of one image in bytes, measured once (shapes do not depend on the gates)."""
-        if self._largest_activation is None:
-            self._largest_activation = largest_activation_bytes(self.model, self.prepare(self.images[:1]).shape[1:])
-        return self._largest_activation
+    def _rows_that_fit(self) -> int:
+        """Rows whose largest activation fits the device's pass budget (pass_bytes_budget), worked out on
+        the first batched call: one image measured (shapes do not depend on the gates)."""
+        if self._rows_fit is None:
+            budget = pass_bytes_budget(self.images.device)
+            self._rows_fit = self.rows_per_pass
+            if budget is not None:
+                row = largest_activation_bytes(self.model, self.prepare(self.images[:1]).shape[1:])
+                self._rows_fit = budget // max(1, row)
+        return self._rows_fit
 
     @torch.no_grad()
     def correct(self, candidates: Sequence[int], start: int, end: int) -> list[int]:

@@ -608,6 +608,8 @@ def test_a_numpy_split_is_taken_and_bad_sizes_and_backends_are_named_at_construc
     assert type(m.split) is int and m.split == 2 and m.p_logit.shape == (2,)
     with pytest.raises(ValueError, match="in_features must be >= 1"):
         Linear_with_CD(0, 2)
+    with pytest.raises(ValueError, match="in_channels must be >= 1"):
+        Conv2d_with_CD(0, 2, 1)
     for make in (lambda: Conv2d_with_CD(3, 2, 1, backend="bogus"), lambda: Linear_with_CD(3, 2, backend="bogus"),
                  lambda: GatedConv2d(3, 2, 1, backend="bogus"), lambda: GatedLinear(3, 2, backend="bogus")):
         with pytest.raises(ValueError, match="backend must be one of auto, reference.*got 'bogus'"):

@@ -2,8 +2,8 @@
 on CUDA and what its run directory feeds (rank, export, evaluate), a CIFAR smoke search through the
 batched GPU pipeline, and that pipeline's batches equal to the CPU DataLoader's.
 
-Each check is a function of the device, so that it can be tried on the CPU too (`run_on(device)`
-below is what the tests call); the CPU's own end-to-end tests are test_search.py and test_cli.py."""
+Each check is a function of the device and runs on the CPU as well, so that a change to the commands
+it calls fails here, not first in a GPU session."""
 from __future__ import annotations
 
 import json
@@ -50,10 +50,12 @@ def cifar_batches_agree(root: Path, device: str) -> None:
 
 def smoke_cifar(root: Path, out: Path, device: str) -> None:
     """The CIFAR pipeline of a paper preset end to end on `device` (a smoke check: 2 steps, 2 candidates)."""
-    assert main(["search", "--preset", "cifar10-supnet-m", "--data-dir", str(root), "--smoke", "--set",
-                 "batch_size=16", "--set", "heldout_size=50", "--set", 'supernet_args={"k": 1, "blocks_per_stage": 1}', "--device", device,
+    assert main(["search", "--preset", "cifar10-supnet-m", "--data-dir", str(root), "--smoke",
+                 "--set", "batch_size=16", "--set", "heldout_size=50",
+                 "--set", 'supernet_args={"k": 1, "blocks_per_stage": 1}', "--device", device,
                  "--out", str(out), "--quiet"]) == 0
     assert (out / "architecture.json").is_file()
+    assert json.loads((out / "config.json").read_text())["config"]["supernet_args"] == {"k": 1, "blocks_per_stage": 1}
 
 
 @pytest.fixture(scope="module")
@@ -63,16 +65,19 @@ def cifar_root(tmp_path_factory):
     return root
 
 
-@pytest.mark.gpu
-def test_a_digits_search_and_its_readers_run_on_the_gpu(tmp_path):
-    search_digits(tmp_path / "run", "cuda")
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
-@pytest.mark.gpu
-def test_cifar_batches_on_the_gpu_equal_the_cpu_loader_s(cifar_root):
-    cifar_batches_agree(cifar_root, "cuda")
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_digits_search_and_its_readers_run_on_the_device(tmp_path, device):
+    search_digits(tmp_path / "run", device)
 
 
-@pytest.mark.gpu
-def test_a_cifar_smoke_search_runs_on_the_gpu(cifar_root, tmp_path):
-    smoke_cifar(cifar_root, tmp_path / "run", "cuda")
+@pytest.mark.parametrize("device", DEVICES)
+def test_cifar_batches_on_the_device_equal_the_cpu_loader_s(cifar_root, device):
+    cifar_batches_agree(cifar_root, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_cifar_smoke_search_runs_on_the_device(cifar_root, tmp_path, device):
+    smoke_cifar(cifar_root, tmp_path / "run", device)

@@ -597,6 +597,28 @@ def test_every_evaluation_pass_runs_folded(trained):
             hook.remove()
 
 
+def test_scoring_folds_a_gaussian_network_left_relaxed_by_training():
+    """Training leaves the gates 'relaxed'; a Gaussian conv sampling noise is not folded, so scoring puts
+    the gates 'full' first (every pass sets hard ones): the first call folds as every later one does."""
+    from pgnas_fast.nn import set_posterior
+
+    torch.manual_seed(0)
+    model = supernets.create("digits-tiny")
+    set_posterior(model, "gaussian")
+    set_gates(model.train(), "relaxed", seed=0, step=3)
+    images, labels = torch.randn(40, 1, 8, 8), torch.randint(0, 10, (40,))
+    calls = []
+    hooks = [m.register_forward_hook(lambda *_: calls.append(1)) for m in model.modules()
+             if isinstance(m, torch.nn.BatchNorm2d)]
+    try:
+        first = CandidateScorer(model, images, labels, seed=1).correct([0, 1, 2], 0, 40)
+        assert calls == []
+        assert CandidateScorer(model, images, labels, seed=1).correct([0, 1, 2], 0, 40) == first
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
 def test_recalibration_needs_two_values_per_channel():
     from pgnas_fast.nn.batchnorm import grouped_batchnorm
 

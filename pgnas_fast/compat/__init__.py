@@ -102,6 +102,8 @@ class Conv2d_with_CD(nn.Conv2d):  # noqa: N801 (the authors' name)
                  split=1, split_pattern=None, *, backend=None):
         super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding,
                          dilation=dilation, groups=groups, bias=bias)
+        if in_channels < 1:
+            raise ValueError(f"Conv2d_with_CD: in_channels must be >= 1 (one gate each), got {in_channels}")
         split = _check_split(split, split_pattern, in_channels, "Conv2d_with_CD")
         weight_reg, drop_reg = _check_regs(weight_reg, drop_reg, "Conv2d_with_CD")
         self._weight_reg = weight_reg / TRAINING_SIZE

@@ -86,9 +86,11 @@ class CandidateScorer:
 
     `images`, `labels`: the held-out split, already on the model's device; `prepare` maps stored
     images to model inputs (e.g. normalisation). `rows_per_pass` bounds the batched evaluator's
-    K * batch_size rows. `load_model` (reload evaluator only) builds the model from its checkpoint.
-    `recalibration_images` (model inputs): BatchNorm statistics are recomputed per candidate from
-    them (see nn.batchnorm) instead of the super-network's running statistics.
+    K * batch_size rows, and so does the device's budget for a pass's largest activation
+    (pass_bytes_budget; never below one candidate a pass). `load_model` (reload evaluator only) builds
+    the model from its checkpoint. `recalibration_images` (model inputs): BatchNorm statistics are
+    recomputed per candidate from them (see nn.batchnorm) instead of the super-network's running
+    statistics.
     """
 
     def __init__(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, seed: int,
@@ -136,11 +138,11 @@ class CandidateScorer:
         """Rows whose largest activation fits the device's pass budget (pass_bytes_budget), worked out on
         the first batched call: one image measured (shapes do not depend on the gates)."""
         if self._rows_fit is None:
-            budget = pass_bytes_budget(self.images.device)
+            image = self.prepare(self.images[:1])  # (what the model reads, where it reads it)
+            budget = pass_bytes_budget(image.device)
             self._rows_fit = self.rows_per_pass
             if budget is not None:
-                row = largest_activation_bytes(self.model, self.prepare(self.images[:1]).shape[1:])
-                self._rows_fit = budget // max(1, row)
+                self._rows_fit = budget // max(1, largest_activation_bytes(self.model, image.shape[1:]))
         return self._rows_fit
 
     @torch.no_grad()
@@ -154,6 +156,9 @@ class CandidateScorer:
         fold_once = self.recalibration_images is None and self.evaluator != "reload"
         with training_modes_kept(self.model):  # scoring runs in eval mode
             try:
+                # (gates 'full' before the fold: a Gaussian conv left 'relaxed' by training is not folded,
+                # and every pass sets its candidates' hard gates anyway)
+                set_gates(self.model, "full")
                 with folded_batchnorm(self.model.eval()) if fold_once else contextlib.nullcontext():
                     self._passes(candidates, counts, self.candidates_per_pass(start, end), start, end)
             finally:

@@ -1,4 +1,5 @@
-"""Size of a super-network (design.md layer 3; what `pgnas-fast info` reports): parameters, gates, MACs."""
+"""Size of a super-network (design.md layer 3; what `pgnas-fast info` reports): parameters, gates, MACs;
+and the largest activation of one image (what a batched ranking pass may hold: search/rank.py)."""
 from __future__ import annotations
 
 import contextlib
@@ -92,11 +93,12 @@ def largest_activation_bytes(model: nn.Module, shape: Sequence[int]) -> int:
 @torch.no_grad()
 def one_image_pass(model: nn.Module, shape: Sequence[int]) -> None:
     """One eval-mode forward of a zero image of `shape` [C, H, W] on the model's device, in its (first
-    weight's) dtype, every module's mode given back afterwards: for hooks that read the sizes a network
-    computes with."""
+    floating weight's) dtype, every module's mode given back afterwards: for hooks that read the sizes a
+    network computes with."""
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
-    dtype = param.dtype if param is not None and param.is_floating_point() else torch.get_default_dtype()
+    floating = next((p for p in model.parameters() if p.is_floating_point()), None)
+    dtype = floating.dtype if floating is not None else torch.get_default_dtype()
     with training_modes_kept(model):
         model.eval()(torch.zeros(1, *shape, device=device, dtype=dtype))
 

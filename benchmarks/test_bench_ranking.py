@@ -1,6 +1,7 @@
 """Ranking speed on the digits preset, on CPU: candidates/s of the batched, sequential and reload
 (the authors' procedure) evaluators, of the batched one in either evaluation layout, and the images
-racing saves at 1000 candidates.
+racing saves at 1000 candidates; and on SupNet-E, batched passes with and without the CPU's pass
+budget (search.rank.CPU_PASS_BYTES) against sequential.
 
 Run with `python3 -m pytest benchmarks/test_bench_ranking.py --benchmark-only`; compare the
 evaluators' means within one run (this machine is shared and noisy). Nothing asserts a time.
@@ -69,3 +70,32 @@ def test_racing_images_saved_at_1000_candidates(benchmark, trained):
     benchmark.extra_info["images_ratio_exhaustive_over_racing"] = ratio
     benchmark.extra_info["racing_winner_in_exhaustive_top3"] = best_candidate(racing)["id"] in top3
     assert ratio > 1
+
+
+@pytest.fixture(scope="module")
+def supnet_e():
+    """SupNet-E at random weights (its largest activation, 737 KB an image, is what matters here) and 50
+    random held-out images, on every core (the paper presets take torch's default threads)."""
+    import os
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    keep_freed_host_memory()
+    torch.manual_seed(0)
+    from pgnas_fast import supernets
+
+    return supernets.create("supnet-e", num_classes=10).eval(), torch.randn(50, 3, 32, 32), torch.randint(0, 10, (50,))
+
+
+@pytest.mark.parametrize("evaluator, cap", [("sequential", "device"), ("batched", "device"), ("batched", "none")])
+def test_paper_network_pass_size_on_the_cpu(benchmark, supnet_e, monkeypatch, evaluator, cap):
+    """search.rank.CPU_PASS_BYTES: batched with the CPU's pass budget (one SupNet-E candidate a pass) and
+    without it (8 a pass, the preset's rank_rows), against sequential; 8 candidates x 50 images."""
+    from pgnas_fast.search import rank as rank_module
+
+    if cap == "none":
+        monkeypatch.setattr(rank_module, "CPU_PASS_BYTES", 1 << 62)
+    model, images, labels = supnet_e
+    scorer = CandidateScorer(model, images, labels, seed=0, evaluator=evaluator, batch_size=500, rows_per_pass=8192)
+    counts = benchmark.pedantic(scorer.correct, args=(list(range(8)), 0, 50), rounds=2, iterations=1, warmup_rounds=1)
+    benchmark.extra_info["candidates_per_pass"] = scorer.candidates_per_pass(0, 50)
+    assert len(counts) == 8

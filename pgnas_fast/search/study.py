@@ -36,17 +36,17 @@ def kendall_tau(xs: Sequence[float], ys: Sequence[float]) -> float:
     undefined (fewer than two items, or either list entirely tied). Pairs compared a block of rows at a
     time: 10,000 candidates are 5e7 pairs."""
     x, y = numpy.asarray(xs, dtype=numpy.float64), numpy.asarray(ys, dtype=numpy.float64)
-    both = only_x = only_y = signed = 0  # pairs ordered in both lists, tied in y alone, in x alone; sum sx*sy
+    # tau-b = (concordant - discordant) / sqrt(pairs untied in x * pairs untied in y)
+    signed = untied_x = untied_y = 0
     for lo in range(0, len(x), 512):
         rows = numpy.arange(lo, min(lo + 512, len(x)))[:, None]
         later = numpy.arange(lo, len(x))[None, :] > rows  # each pair once
         sx = numpy.sign(x[rows] - x[None, lo:])[later]
         sy = numpy.sign(y[rows] - y[None, lo:])[later]
-        both += int(numpy.count_nonzero(sx * sy))
-        only_x += int(numpy.count_nonzero((sx != 0) & (sy == 0)))
-        only_y += int(numpy.count_nonzero((sx == 0) & (sy != 0)))
         signed += int((sx * sy).sum())
-    denominator = math.sqrt((both + only_x) * (both + only_y))
+        untied_x += int(numpy.count_nonzero(sx))
+        untied_y += int(numpy.count_nonzero(sy))
+    denominator = math.sqrt(untied_x * untied_y)
     return signed / denominator if denominator else float("nan")
 
 

@@ -602,10 +602,19 @@ def test_bad_kl_formula():
 
 
 def test_a_numpy_split_is_taken_and_bad_sizes_and_backends_are_named_at_construction():
-    import numpy as np
-
     m = Conv2d_with_CD(6, 2, 1, deterministic=False, split=np.int64(2), split_pattern=[2, 4])
     assert type(m.split) is int and m.split == 2 and m.p_logit.shape == (2,)
+    # a numpy split_pattern (whose truth value numpy refuses) expands like the list
+    listed = Conv2d_with_CD(10, 2, 1, deterministic=False, split=3, split_pattern=[2, 4, 4])
+    arrayed = Conv2d_with_CD(10, 2, 1, deterministic=False, split=3, split_pattern=np.array([2, 4, 4]))
+    with torch.no_grad():
+        arrayed.p_logit.copy_(torch.randn(3))
+        listed.p_logit.copy_(arrayed.p_logit)
+        listed.weight.copy_(arrayed.weight)
+    torch.testing.assert_close(arrayed._p_logit_per_channel(), listed._p_logit_per_channel(), rtol=0, atol=0)
+    torch.testing.assert_close(arrayed.KLreg, listed.KLreg, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="split=3 needs a split_pattern"):
+        Conv2d_with_CD(10, 2, 1, split=3, split_pattern=np.array([], dtype=int))
     with pytest.raises(ValueError, match="in_features must be >= 1"):
         Linear_with_CD(0, 2)
     with pytest.raises(ValueError, match="in_channels must be >= 1"):

@@ -66,12 +66,17 @@ def _check_regs(weight_reg, drop_reg, where: str) -> tuple[float, float]:
     return out[0], out[1]
 
 
+def _has_pattern(split_pattern) -> bool:
+    """The authors test `if split_pattern:`; len() also takes a numpy array, whose truth is ambiguous."""
+    return split_pattern is not None and len(split_pattern) > 0
+
+
 def _check_split(split: int, split_pattern, channels: int, where: str) -> int:
     """`split` as an int (numpy integers too, as the authors' code takes them), checked with its pattern."""
     if isinstance(split, bool) or not isinstance(split, numbers.Integral) or split < 1:
         raise ValueError(f"{where}: split must be an int >= 1, got {split!r}")
     split = int(split)
-    if split_pattern:
+    if _has_pattern(split_pattern):
         if len(split_pattern) != split or sum(split_pattern) != channels:
             raise ValueError(
                 f"{where}: split_pattern must have split={split} entries summing to {channels}, "
@@ -135,7 +140,7 @@ class Conv2d_with_CD(nn.Conv2d):  # noqa: N801 (the authors' name)
 
     def _p_logit_per_channel(self) -> torch.Tensor:
         """Split expansion: group 0 covers split_pattern[0] channels, later groups split_pattern[1]."""
-        if not self.split_pattern:
+        if not _has_pattern(self.split_pattern):
             return self.p_logit[:1].expand(self.in_channels)
         first, rest = int(self.split_pattern[0]), int(self.split_pattern[1]) if self.split > 1 else 0
         if first + (self.split - 1) * rest != self.in_channels:

@@ -1,6 +1,7 @@
 """The product's path end to end on a GPU (`-m gpu`, run by benchmarks/gpu_suite.sh): a digits search
 on CUDA and what its run directory feeds (rank, export, evaluate), a CIFAR smoke search through the
-batched GPU pipeline, and that pipeline's batches equal to the CPU DataLoader's.
+batched GPU pipeline (with the AutoAugment policy), and that pipeline's batches equal to the CPU
+DataLoader's.
 
 Each check is a function of the device and runs on the CPU as well, so that a change to the commands
 it calls fails here, not first in a GPU session."""
@@ -33,13 +34,14 @@ def search_digits(out: Path, device: str) -> dict:
     return summary
 
 
-def cifar_batches_agree(root: Path, device: str) -> None:
+def cifar_batches_agree(root: Path, device: str, autoaugment: bool) -> None:
     """The batched pipeline on `device` gives the CPU DataLoader's batches bit for bit (order and every
-    image's augmentation from the RNG contract)."""
+    image's augmentation from the RNG contract), with and without the AutoAugment policy."""
     from pgnas_fast import configs
     from pgnas_fast.search.run import build_feed, load_data
 
-    config = configs.resolve("cifar10-supnet-m", {"heldout_size": 50, "batch_size": 64, "workers": 0})
+    config = configs.resolve("cifar10-supnet-m", {"heldout_size": 50, "batch_size": 64, "workers": 0,
+                                                  "autoaugment": autoaugment})
     data = load_data(config, root)
     tensors = build_feed({**config, "cifar_pipeline": "tensors"}, data, torch.device(device), seed=3)
     loader = build_feed({**config, "cifar_pipeline": "loader"}, data, torch.device("cpu"), seed=3)
@@ -49,9 +51,10 @@ def cifar_batches_agree(root: Path, device: str) -> None:
 
 
 def smoke_cifar(root: Path, out: Path, device: str) -> None:
-    """The CIFAR pipeline of a paper preset end to end on `device` (a smoke check: 2 steps, 2 candidates)."""
+    """The CIFAR pipeline of a paper preset end to end on `device` (a smoke check: 2 steps, 2 candidates),
+    with the AutoAugment policy."""
     assert main(["search", "--preset", "cifar10-supnet-m", "--data-dir", str(root), "--smoke",
-                 "--set", "batch_size=16", "--set", "heldout_size=50",
+                 "--set", "batch_size=16", "--set", "heldout_size=50", "--set", "autoaugment=true",
                  "--set", 'supernet_args={"k": 1, "blocks_per_stage": 1}', "--device", device,
                  "--out", str(out), "--quiet"]) == 0
     assert (out / "architecture.json").is_file()
@@ -73,9 +76,10 @@ def test_a_digits_search_and_its_readers_run_on_the_device(tmp_path, device):
     search_digits(tmp_path / "run", device)
 
 
+@pytest.mark.parametrize("autoaugment", [False, True], ids=["paper", "autoaugment"])
 @pytest.mark.parametrize("device", DEVICES)
-def test_cifar_batches_on_the_device_equal_the_cpu_loader_s(cifar_root, device):
-    cifar_batches_agree(cifar_root, device)
+def test_cifar_batches_on_the_device_equal_the_cpu_loader_s(cifar_root, device, autoaugment):
+    cifar_batches_agree(cifar_root, device, autoaugment)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -62,6 +62,9 @@ DEFAULTS: dict = {
     # CIFAR training batches: "tensors" (the set resident on the device, batched augmentation there),
     # "loader" (DataLoader workers augmenting image by image), "auto" (tensors on CUDA, loader on CPU)
     "cifar_pipeline": "auto",
+    # CIFAR: AutoAugment's CIFAR policy before the paper's crop, flip and cutout, as the authors'
+    # Shake-Shake code ran it (data/autoaugment.py); the paper states only crop, flip and cutout
+    "autoaugment": False,
     "sync_bn": False,  # data parallel on CUDA: BatchNorm statistics over the global batch (SyncBatchNorm)
     "threads": 0,  # torch intra-op threads; 0 = torch's default
 }
@@ -234,6 +237,7 @@ SCHEMA = {
     "threads": _NON_NEGATIVE_INT,
     "sync_bn": ((bool,), lambda v: True, "true or false"),
     "cifar_pipeline": ((str,), lambda v: v in ("auto", "tensors", "loader"), "one of auto, tensors, loader"),
+    "autoaugment": ((bool,), lambda v: True, "true or false"),
 }
 
 
@@ -295,13 +299,16 @@ def _check_value(key: str, value, spec) -> None:
 
 
 def _check_dataset_keys(config: dict) -> None:
-    """The keys whose valid values depend on the dataset: data_args and input_size."""
+    """The keys whose valid values depend on the dataset: data_args, input_size and autoaugment."""
     dataset, allowed = config["dataset"], DATA_ARGS.get(config["dataset"], {})
     for key, value in config["data_args"].items():
         if key not in allowed:
             raise ConfigError(f"config key 'data_args' of dataset {dataset} takes "
                               f"{', '.join(sorted(allowed)) or 'no keys'}; got {key!r}")
         _check_value(f"data_args.{key}", value, allowed[key])
+    if config["autoaugment"] and dataset not in ("cifar10", "cifar100"):
+        raise ConfigError(f"config key 'autoaugment' applies to CIFAR (the policy is AutoAugment's CIFAR one); "
+                          f"dataset {dataset} takes false, got true")
     native = NATIVE_INPUT_SIZE.get(dataset)
     if native is not None and config["input_size"] != native:
         raise ConfigError(f"config key 'input_size' must be {native} for dataset {dataset} (its images are "

@@ -14,6 +14,7 @@ from .augment import (
     mirror,
     normalize,
     padded_crop,
+    training_inputs,
 )
 from .cifar import CIFAR_LAYOUTS, CIFAR_URL, load_cifar
 from .cifar_loader import CifarTrainSet, cifar_train_loader
@@ -56,4 +57,5 @@ __all__ = [
     "normalize",
     "padded_crop",
     "stratified_splits",
+    "training_inputs",
 ]

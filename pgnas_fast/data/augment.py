@@ -5,7 +5,8 @@ image zero-padded by 4 pixels, horizontal flip, cutout of a 16x16 square. Each s
 batched ops (no per-image Python loop), so on CUDA a resident uint8 set is augmented without leaving
 the GPU.
 
-Order as in the authors' code (AutoAugment's CIFAR pipeline): normalise first, then pad-crop, flip
+Order as in the authors' code (AutoAugment's CIFAR pipeline, `training_inputs`): the AutoAugment
+policy on the uint8 image when a config asks for it (autoaugment.py), normalise, then pad-crop, flip
 and cutout, so the padding and the cutout square are zeros after normalisation, i.e. the mean colour.
 
 Random numbers: every image's five numbers of an epoch come from the RNG contract
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from ..ops import philox_uniform
 from ..ops.streams import Domain, stream_id
 from ..ops.transfer import to_device
+from .autoaugment import POLICY_DRAWS, apply_policy
 
 # Per-channel statistics of each training set, on the 0..1 scale.
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -53,14 +55,21 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
 DRAWS = 5
 
 
-def augmentation_draws(seed: int, epoch: int, count: int, *, first: int = 0,
-                       device: str | torch.device = "cpu") -> torch.Tensor:
-    """float32 [count, DRAWS]: the augmentation numbers of training images first .. first + count - 1
-    (their indices in the training split) in `epoch`, from the RNG contract (stream (AUGMENTATION, epoch),
-    elements index * DRAWS + j), so they are the same bits on every device and backend: the CPU's
-    DataLoader workers, drawing one image at a time, and a GPU's batched pass augment alike."""
-    return philox_uniform(count * DRAWS, seed=seed, stream=stream_id(Domain.AUGMENTATION, epoch),
-                          offset=first * DRAWS, device=device).view(count, DRAWS)
+def augmentation_draws(seed: int, epoch: int, count: int, *, first: int = 0, device: str | torch.device = "cpu",
+                       autoaugment: bool = False) -> torch.Tensor:
+    """float32 [count, DRAWS] (+ POLICY_DRAWS columns with `autoaugment`): the augmentation numbers of
+    training images first .. first + count - 1 (their indices in the training split) in `epoch`, from the
+    RNG contract (stream (AUGMENTATION, epoch), elements index * DRAWS + j; the policy's from stream
+    (AUTOAUGMENT, epoch), elements index * POLICY_DRAWS + j), so they are the same bits on every device and
+    backend: the CPU's DataLoader workers, drawing one image at a time, and a GPU's batched pass augment
+    alike, and a run with the policy crops, flips and cuts as the same run without it."""
+    draws = philox_uniform(count * DRAWS, seed=seed, stream=stream_id(Domain.AUGMENTATION, epoch),
+                           offset=first * DRAWS, device=device).view(count, DRAWS)
+    if not autoaugment:
+        return draws
+    policy = philox_uniform(count * POLICY_DRAWS, seed=seed, stream=stream_id(Domain.AUTOAUGMENT, epoch),
+                            offset=first * POLICY_DRAWS, device=device).view(count, POLICY_DRAWS)
+    return torch.cat((draws, policy), 1)
 
 
 def uniform_index(u: torch.Tensor, high: int | torch.Tensor) -> torch.Tensor:
@@ -153,3 +162,22 @@ def augment_batch(
     if cutout_size:
         images = cutout(images, centre_row - cutout_size // 2, centre_col - cutout_size // 2, cutout_size)
     return images
+
+
+def training_inputs(images: torch.Tensor, draws: torch.Tensor, mean: Sequence[float], std: Sequence[float], *,
+                    autoaugment: bool = False, crop_padding: int = 4, flip: bool = True,
+                    cutout_size: int = 16) -> torch.Tensor:
+    """CIFAR training inputs from uint8 images [N, 3, H, W] in the authors' order: with `autoaugment`, the
+    AutoAugment policy (its emptied pixels the mean colour), then normalisation, then `augment_batch`.
+    `draws`: each image's row of `augmentation_draws` (with the same `autoaugment`)."""
+    columns = DRAWS + (POLICY_DRAWS if autoaugment else 0)
+    if draws.dim() != 2 or draws.shape[1] != columns:
+        raise ValueError(f"draws must be [N, {columns}] (augmentation_draws with autoaugment={autoaugment}), "
+                         f"got {list(draws.shape)}")
+    empty = None
+    if autoaugment:
+        images, empty = apply_policy(images, draws[:, DRAWS:])
+    inputs = normalize(images, mean, std)
+    if empty is not None:
+        inputs = inputs.masked_fill(empty, 0)
+    return augment_batch(inputs, draws[:, :DRAWS], crop_padding=crop_padding, flip=flip, cutout_size=cutout_size)

@@ -1,11 +1,11 @@
 """CIFAR on the CPU: a DataLoader whose workers augment image by image.
 
-On CUDA the training set stays on the GPU as uint8 and `augment_batch` works on whole batches there
-(search/feed.py TensorFeed). On the CPU the same law (normalise, then pad-4 random crop, flip,
-cutout 16) runs per image in DataLoader workers, beside the training process: each image goes
-through `augment_batch` as a batch of one with its numbers of the epoch (`augmentation_draws`: seed,
-epoch, index), and an epoch visits the images in the order TensorFeed draws for (seed, epoch), so
-the batches are TensorFeed's, whatever the number of workers.
+On CUDA the training set stays on the GPU as uint8 and `training_inputs` works on whole batches there
+(search/feed.py TensorFeed). On the CPU the same law (the AutoAugment policy if asked for, normalise,
+then pad-4 random crop, flip, cutout 16) runs per image in DataLoader workers, beside the training
+process: each image goes through `training_inputs` as a batch of one with its numbers of the epoch
+(`augmentation_draws`: seed, epoch, index), and an epoch visits the images in the order TensorFeed
+draws for (seed, epoch), so the batches are TensorFeed's, whatever the number of workers.
 """
 from __future__ import annotations
 
@@ -15,31 +15,33 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .augment import augment_batch, augmentation_draws, epoch_generator, normalize
+from .augment import augmentation_draws, epoch_generator, training_inputs
 from .imagenet import loader_workers
 
 
 class CifarTrainSet(Dataset):
     """uint8 images [N, 3, H, W] and labels [N] of a run with seed `seed`; item (index, epoch) -> (float32
-    [3, H, W] normalised and augmented with the image's numbers of that epoch, int64 label)."""
+    [3, H, W] normalised and augmented with the image's numbers of that epoch, int64 label). `autoaugment`
+    runs the AutoAugment policy first (data/autoaugment.py)."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, mean: Sequence[float], std: Sequence[float],
-                 *, seed: int, crop_padding: int = 4, flip: bool = True, cutout_size: int = 16):
+                 *, seed: int, autoaugment: bool = False, crop_padding: int = 4, flip: bool = True,
+                 cutout_size: int = 16):
         if images.dtype != torch.uint8 or images.dim() != 4 or len(images) != len(labels):
             raise ValueError(f"images must be uint8 [N, C, H, W] with one label each, got {images.dtype} "
                              f"{tuple(images.shape)} and labels {tuple(labels.shape)}")
         self.images, self.labels, self.seed = images.cpu(), labels.cpu(), seed
         self.mean, self.std = tuple(mean), tuple(std)
-        self.crop_padding, self.flip, self.cutout_size = crop_padding, flip, cutout_size
+        self.augmentation = {"autoaugment": autoaugment, "crop_padding": crop_padding, "flip": flip,
+                             "cutout_size": cutout_size}
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         index, epoch = item
-        image = normalize(self.images[index:index + 1], self.mean, self.std)
-        image = augment_batch(image, augmentation_draws(self.seed, epoch, 1, first=index),
-                              crop_padding=self.crop_padding, flip=self.flip, cutout_size=self.cutout_size)
+        draws = augmentation_draws(self.seed, epoch, 1, first=index, autoaugment=self.augmentation["autoaugment"])
+        image = training_inputs(self.images[index:index + 1], draws, self.mean, self.std, **self.augmentation)
         return image[0], self.labels[index]
 
 
@@ -84,14 +86,14 @@ class BatchShares(Sampler):
 
 
 def cifar_train_loader(images: torch.Tensor, labels: torch.Tensor, *, batch_size: int, seed: int,
-                       mean: Sequence[float], std: Sequence[float], workers: int,
+                       mean: Sequence[float], std: Sequence[float], workers: int, autoaugment: bool = False,
                        share: Callable[[int], tuple[int, int]] | None = None) -> tuple[DataLoader, Sampler]:
     """(loader, sampler): one epoch of shuffled, augmented training batches per pass, the last one
     short; call sampler.set_epoch(epoch) before a pass. `share` (data parallel: Parallel.rows) keeps
     this rank's rows of every global batch. At most one worker per available core (loader_workers)."""
     workers = loader_workers(workers)
     sampler = EpochOrder(len(labels), seed)
-    dataset = CifarTrainSet(images, labels, mean, std, seed=seed)
+    dataset = CifarTrainSet(images, labels, mean, std, seed=seed, autoaugment=autoaugment)
     if share is None:
         loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                             persistent_workers=workers > 0)

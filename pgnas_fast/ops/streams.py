@@ -27,6 +27,7 @@ class Domain(enum.IntEnum):
     DROP_PATH = 6  # drop-path decisions of training step `major` (ENAS cells)
     GAUSSIAN = 7  # eps of the Gaussian posterior's local reparameterization, training step `major`
     AUGMENTATION = 8  # CIFAR training augmentation of epoch `major` (element: image index * 5 + draw)
+    AUTOAUGMENT = 9  # the AutoAugment policy's numbers of epoch `major` (element: image index * 9 + draw)
 
 
 _DOMAINS = frozenset(Domain)

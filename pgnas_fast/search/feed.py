@@ -97,7 +97,7 @@ class TensorFeed:
     def __init__(self, splits: Splits, *, batch_size: int, eval_batch_size: int, device: torch.device,
                  prepare_train: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
                  prepare_eval: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                 max_steps: int | None = None, max_eval_batches: int | None = None):
+                 max_steps: int | None = None, max_eval_batches: int | None = None, autoaugment: bool = False):
         self.device = torch.device(device)
         self.splits = {name: tuple(t.to(self.device) for t in getattr(splits, name))
                        for name in ("train", "heldout", "test")}
@@ -105,6 +105,7 @@ class TensorFeed:
         self.n_train = len(self.splits["train"][1])
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.prepare_train = prepare_train  # (images, their augmentation draws) -> model inputs; None: as stored
+        self.autoaugment = autoaugment  # the draws carry the AutoAugment policy's columns too
         self.prepare_eval = prepare_eval or (lambda x: x)
         self.max_steps, self.max_eval_batches = max_steps, max_eval_batches
 
@@ -132,7 +133,7 @@ class TensorFeed:
         order = to_device(torch.randperm(self.n_train, generator=epoch_generator(seed, epoch)), self.device)
         draws = None  # else every image's numbers of the epoch, by index (augment.py)
         if self.prepare_train is not None:
-            draws = augmentation_draws(seed, epoch, self.n_train, device=self.device)
+            draws = augmentation_draws(seed, epoch, self.n_train, device=self.device, autoaugment=self.autoaugment)
         for i in range(self.steps_per_epoch()):
             idx = order[i * self.batch_size:(i + 1) * self.batch_size]
             yield idx, None if draws is None else draws[idx]
@@ -172,14 +173,14 @@ class CifarLoaderFeed(TensorFeed):
 
     def __init__(self, splits: Splits, *, seed: int, mean, std, workers: int, batch_size: int, eval_batch_size: int,
                  device: torch.device, max_steps: int | None = None, max_eval_batches: int | None = None,
-                 parallel: Parallel = SINGLE_PROCESS):
+                 parallel: Parallel = SINGLE_PROCESS, autoaugment: bool = False):
         super().__init__(splits, batch_size=batch_size, eval_batch_size=eval_batch_size, device=device,
                          prepare_eval=lambda images: normalize(images, mean, std), max_steps=max_steps,
                          max_eval_batches=max_eval_batches)
         self.seed, self.parallel = seed, parallel
         self.train_loader, self.sampler = cifar_train_loader(
             *self.splits["train"], batch_size=batch_size, seed=seed, mean=mean, std=std, workers=workers,
-            share=parallel.rows if parallel.enabled else None)
+            autoaugment=autoaugment, share=parallel.rows if parallel.enabled else None)
 
     def train_shards(self, epoch: int, seed: int, parallel: Parallel = SINGLE_PROCESS) -> Iterator[Shard]:
         """The workers load and augment this rank's rows only (each image's numbers depend on (seed,

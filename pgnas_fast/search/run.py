@@ -133,17 +133,19 @@ def build_feed(config: dict, data, device: torch.device, *, seed: int, smoke: bo
                           input_size=config["input_size"], parallel=parallel, **sizes, **limits)
     if config["dataset"] in ("cifar10", "cifar100"):
         mean, std = datasets.CIFAR_STATS[data.num_classes]
+        autoaugment = config["autoaugment"]
         if config["cifar_pipeline"] == "loader" or (config["cifar_pipeline"] == "auto" and device.type == "cpu"):
             return CifarLoaderFeed(data, seed=seed, mean=mean, std=std, workers=config["workers"], parallel=parallel,
-                                   **sizes, **limits)
+                                   autoaugment=autoaugment, **sizes, **limits)
 
         def prepare_eval(images):
             return datasets.normalize(images, mean, std)
 
-        def prepare_train(images, draws):  # the authors' order: normalise, then pad-crop, flip, cutout
-            return datasets.augment_batch(prepare_eval(images), draws)
+        def prepare_train(images, draws):  # the authors' order: [policy,] normalise, pad-crop, flip, cutout
+            return datasets.training_inputs(images, draws, mean, std, autoaugment=autoaugment)
 
-        return TensorFeed(data, prepare_train=prepare_train, prepare_eval=prepare_eval, **sizes, **limits)
+        return TensorFeed(data, prepare_train=prepare_train, prepare_eval=prepare_eval, autoaugment=autoaugment,
+                          **sizes, **limits)
     return TensorFeed(data, **sizes, **limits)
 
 

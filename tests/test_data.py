@@ -26,7 +26,7 @@ from pgnas_fast.data import (
     carve_heldout,
     cifar_train_loader,
     cutout,
-    epoch_generator,
+    epoch_order,
     imagenet_loader,
     load_cifar,
     load_imagenet_index,
@@ -288,6 +288,27 @@ def test_uniform_index_is_in_range_and_uniform():
     u = augmentation_draws(0, 0, 20000)[:, 0]
     counts = torch.bincount(uniform_index(u, 9), minlength=9)
     assert len(counts) == 9 and counts.min() > 20000 / 9 * 0.9 and counts.max() < 20000 / 9 * 1.1
+
+
+def test_the_epoch_order_is_a_permutation_sorted_by_the_contract_s_keys():
+    """Image i's key is the 24 bits of elements 2 i and 2 i + 1 of stream (ORDER, epoch); every bit of the
+    64-bit seed counts (torch's CPU generator reads only the low 32: seeds 2^32 apart shuffled alike)."""
+    import pgnas_fast as pf
+    from pgnas_fast.ops import Domain, stream_id
+
+    for n in (1, 2, 37, 1000):
+        order = epoch_order(11, 4, n)
+        assert order.dtype == torch.int64 and torch.equal(order.sort().values, torch.arange(n))
+    u = pf.ops.philox_uniform(2 * 37, seed=11, stream=stream_id(Domain.ORDER, 4)).view(37, 2)
+    keys = (u[:, 0] * 2**24).long() * 2**24 + (u[:, 1] * 2**24).long()
+    assert torch.equal(keys[epoch_order(11, 4, 37)], keys.sort().values)
+    assert len(set(keys.tolist())) == 37
+    assert not torch.equal(epoch_order(11, 4, 1000), epoch_order(11 + 2**32, 4, 1000))
+    assert not torch.equal(epoch_order(11, 4, 1000), epoch_order(11, 5, 1000))
+    assert torch.equal(epoch_order(2**63 - 1, 2**40 - 1, 50), epoch_order(2**63 - 1, 2**40 - 1, 50))
+    firsts = torch.stack([epoch_order(seed, 0, 10)[0] for seed in range(2000)])  # uniform over positions
+    counts = torch.bincount(firsts, minlength=10)
+    assert counts.min() > 200 * 0.75 and counts.max() < 200 * 1.25
 
 
 def test_augmentation_draws_are_the_contract_s_numbers_by_image_and_epoch():
@@ -656,7 +677,7 @@ def test_cifar_train_loader_is_the_epoch_order_with_aligned_labels_whatever_the_
                        for x, y in batches)
             epochs[workers, epoch] = torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches])
             items = list(sampler)  # (index, epoch) per image, in order
-            order = torch.randperm(len(labels), generator=epoch_generator(9, epoch))  # TensorFeed's order
+            order = epoch_order(9, epoch, len(labels))  # TensorFeed's order
             assert items == [(index, epoch) for index in order.tolist()]
             assert torch.equal(epochs[workers, epoch][1], labels[order])
             dataset = CifarTrainSet(images, labels, mean, std, seed=9)
@@ -679,7 +700,7 @@ def test_cifar_feed_on_the_cpu_uses_the_loader_by_default(cifar10):
     assert isinstance(feed, CifarLoaderFeed)
     x, y = next(feed.train_batches(0, 4))
     assert x.shape == (100, 3, 32, 32) and x.dtype == torch.float32 and y.dtype == torch.int64
-    order = torch.randperm(350, generator=epoch_generator(4, 0))[:100]
+    order = epoch_order(4, 0, 350)[:100]
     assert torch.equal(y, data.train[1][order])
     again = next(build_feed(config, data, torch.device("cpu"), seed=4).train_batches(0, 4))
     assert torch.equal(again[0], x)  # a fixed seed reproduces the run

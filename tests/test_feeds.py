@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pgnas_fast import configs
-from pgnas_fast.data import Splits, epoch_generator
+from pgnas_fast.data import Splits, epoch_order
 from pgnas_fast.search.feed import TensorFeed, check_batchnorm_rows, checked_recalibration_images
 from pgnas_fast.search.parallel import Parallel
 
@@ -24,7 +24,7 @@ def test_tensor_feed_orders_each_epoch_from_seed_and_epoch():
     feed = TensorFeed(splits, batch_size=8, eval_batch_size=8, device="cpu")
     for epoch in (0, 1, 2):
         labels = torch.cat([y for _, y in feed.train_batches(epoch, seed=3)])
-        assert torch.equal(labels, splits.train[1][torch.randperm(20, generator=epoch_generator(3, epoch))])
+        assert torch.equal(labels, splits.train[1][epoch_order(3, epoch, 20)])
     assert not torch.equal(torch.cat([x for x, _ in feed.train_batches(1, 3)]),
                            torch.cat([x for x, _ in feed.train_batches(2, 3)]))
 
@@ -82,9 +82,7 @@ def _imagenet_feed(monkeypatch, *, seed=0, parallel=None):
 
 def test_imagenet_shards_name_their_first_row_of_the_global_batch(monkeypatch):
     """Mutant: every rank's shard said it starts at row 0 (rank r > 0 would draw rank 0's gates)."""
-    from pgnas_fast.data.augment import epoch_seed
-
-    order = torch.randperm(40, generator=torch.Generator().manual_seed(epoch_seed(0, 3)))  # the epoch's shuffle
+    order = epoch_order(0, 3, 40)  # the epoch's shuffle
     for rank in range(4):
         parallel = Parallel(rank, 4)
         shards = list(_imagenet_feed(monkeypatch, parallel=parallel).train_shards(3, 0, parallel))

@@ -36,19 +36,14 @@ CIFAR100_STD = (0.2673, 0.2564, 0.2762)
 CIFAR_STATS = {10: (CIFAR10_MEAN, CIFAR10_STD), 100: (CIFAR100_MEAN, CIFAR100_STD)}
 
 
-_GOLDEN = 0x9E3779B97F4A7C15  # 2^64 / golden ratio: spreads (seed, epoch) pairs over the seed space
-
-
-def epoch_seed(seed: int, epoch: int) -> int:
-    """The random seed of one epoch's data order (and of ImageNet's per-image transforms, imagenet.py): a
-    function of (seed, epoch) only."""
-    return (seed + (epoch + 1) * _GOLDEN) % (1 << 63)
-
-
-def epoch_generator(seed: int, epoch: int) -> torch.Generator:
-    """The CPU generator of one epoch's order: a function of (seed, epoch) only, so a resumed run redraws
-    the same, on every device (the order is drawn on the CPU)."""
-    return torch.Generator().manual_seed(epoch_seed(seed, epoch))
+def epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
+    """int64 [n] on the CPU: the order of the n training images in `epoch`, a permutation from the RNG
+    contract (stream (ORDER, epoch), elements 2 i and 2 i + 1: image i's 48-bit sort key), so a resumed run
+    redraws it, every machine draws the same, and all 64 bits of the seed count. Sorted stably: the
+    rare equal keys (about n^2 / 2^49 pairs) keep index order."""
+    u = philox_uniform(2 * n, seed=seed, stream=stream_id(Domain.ORDER, epoch), device="cpu").view(n, 2)
+    bits = torch.floor(u * (1 << 24)).long()  # each uniform's 24 bits
+    return torch.argsort((bits[:, 0] << 24) | bits[:, 1], stable=True)
 
 
 # uniforms per image and epoch: crop row offset, crop column offset, cutout centre row and column, flip

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .augment import augmentation_draws, epoch_generator, training_inputs
+from .augment import augmentation_draws, epoch_order, training_inputs
 from .imagenet import loader_workers
 
 
@@ -59,7 +59,7 @@ class EpochOrder(Sampler):
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         epoch = self.epoch  # (a set_epoch during the pass changes the next pass, not this one)
-        for index in torch.randperm(self.n, generator=epoch_generator(self.seed, epoch)).tolist():
+        for index in epoch_order(self.seed, epoch, self.n).tolist():
             yield index, epoch
 
 

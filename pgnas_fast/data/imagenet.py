@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .augment import epoch_generator, epoch_seed, normalize
+from .augment import epoch_order, normalize
 from .errors import DataError
 from .splits import carve_heldout
 
@@ -266,6 +266,15 @@ class ImageFolderDataset(Dataset):
         return image, int(self.labels[index])
 
 
+_GOLDEN = 0x9E3779B97F4A7C15  # 2^64 / golden ratio: spreads (seed, epoch) pairs over the seed space
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed from which an epoch's per-image transform seeds derive (SeededSampler): a function of
+    (seed, epoch) only."""
+    return (seed + (epoch + 1) * _GOLDEN) % (1 << 63)
+
+
 class SeededSampler(Sampler):
     """Yields (index, seed) with seed a function of (seed, epoch, index): augmentation that resumes exactly.
 
@@ -289,7 +298,7 @@ class SeededSampler(Sampler):
         if self.base is not None:
             order = iter(self.base)
         elif self.shuffle:
-            order = torch.randperm(self.n, generator=epoch_generator(self.seed, self.epoch)).tolist()
+            order = epoch_order(self.seed, self.epoch, self.n).tolist()
         else:
             order = range(self.n)
         for index in order:

@@ -28,6 +28,7 @@ class Domain(enum.IntEnum):
     GAUSSIAN = 7  # eps of the Gaussian posterior's local reparameterization, training step `major`
     AUGMENTATION = 8  # CIFAR training augmentation of epoch `major` (element: image index * 5 + draw)
     AUTOAUGMENT = 9  # the AutoAugment policy's numbers of epoch `major` (element: image index * 9 + draw)
+    ORDER = 10  # the training images' order in epoch `major` (elements 2 i, 2 i + 1: image i's sort key)
 
 
 _DOMAINS = frozenset(Domain)

@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import Sampler
 
 from ..configs import ConfigError
-from ..data import (ImageNetIndex, Splits, augmentation_draws, cifar_train_loader, epoch_generator, imagenet_loader,
+from ..data import (ImageNetIndex, Splits, augmentation_draws, cifar_train_loader, epoch_order, imagenet_loader,
                     normalize)
 from ..ops.transfer import to_device
 from ..supernets.info import one_image_pass
@@ -129,8 +129,7 @@ class TensorFeed:
 
     def _epoch(self, epoch: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
         """Each batch's training-image indices, with their augmentation draws (None: no prepare_train)."""
-        # the order is drawn on the CPU so that it is the same on every device
-        order = to_device(torch.randperm(self.n_train, generator=epoch_generator(seed, epoch)), self.device)
+        order = to_device(epoch_order(seed, epoch, self.n_train), self.device)
         draws = None  # else every image's numbers of the epoch, by index (augment.py)
         if self.prepare_train is not None:
             draws = augmentation_draws(seed, epoch, self.n_train, device=self.device, autoaugment=self.autoaugment)
@@ -296,6 +295,6 @@ class RowShareSampler(Sampler):
         return (self.n // self.batch) * (self.end - self.start)
 
     def __iter__(self) -> Iterator[int]:
-        order = torch.randperm(self.n, generator=epoch_generator(self.seed, self.epoch))
+        order = epoch_order(self.seed, self.epoch, self.n)
         for first in range(0, (self.n // self.batch) * self.batch, self.batch):
             yield from order[first + self.start:first + self.end].tolist()

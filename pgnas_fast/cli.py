@@ -312,6 +312,10 @@ def _rank(args) -> int:
 
     if args.first_share is not None and not 0 < args.first_share <= 1:
         raise UsageError(f"--first-share must be in (0, 1], got {args.first_share}")
+    if args.strategy == "exhaustive" and (args.eta is not None or args.first_share is not None):
+        given = [flag for flag, value in (("--eta", args.eta), ("--first-share", args.first_share)) if value is not None]
+        raise UsageError(f"{' and '.join(given)} {'set' if len(given) > 1 else 'sets'} racing's rounds: "
+                         f"{'they take' if len(given) > 1 else 'it takes'} --strategy racing, not exhaustive")
     _check_tag(args.tag)
     if f"rank-{args.tag}" in SEARCH_RANKINGS.values():
         raise UsageError(f"--tag {args.tag!r} is taken: rank-{args.tag}/ holds the search's own ranking log "

@@ -158,6 +158,10 @@ BAD_INPUTS = {
     "negative seed": (lambda t: ["--seed", "-1"], "--seed: must be an integer >= 0"),
     "seed too large": (lambda t: ["--seed", str(1 << 63)], "--seed: must be an integer < "),
     "missing config": (lambda t: ["--config", str(t / "nope.json")], "does not exist"),
+    "config is a directory": (lambda t: ["--config", str(t)], "is not a file (a JSON object of preset keys)"),
+    "autoaugment off CIFAR": (lambda t: ["--set", "autoaugment=true"],
+                              "config key 'autoaugment' applies to CIFAR (the policy is AutoAugment's CIFAR one); "
+                              "dataset digits takes false, got true"),
     "malformed config": (lambda t: ["--config", _bad_config(t, "{not json")], "is not valid JSON"),
     "config not an object": (lambda t: ["--config", _bad_config(t, "[1, 2]")], "must hold a JSON object"),
     "unknown config key": (lambda t: ["--config", _bad_config(t, '{"learning_rate": 1}')],
@@ -236,16 +240,23 @@ def test_unwritable_out_is_refused_and_leaves_nothing(capsys, tmp_path):
 
 
 def test_a_fresh_search_replaces_the_old_run_and_what_was_derived_from_it(capsys, tmp_path):
-    """Rankings and studies of the old checkpoint go with it: a `rank --resume` would reuse their scores."""
+    """Rankings and studies of the old checkpoint go with it: a `rank --resume` would reuse their scores.
+    In a directory that held no run, nothing is removed."""
     out = tmp_path / "run"
+    # a directory that holds no run: folders of those names are the user's and stay
+    (out / "rank-mine").mkdir(parents=True)
+    (out / "study-old").mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert run_cli(capsys, "search", *SMALL, "--out", str(out))[0] == 0
+    assert (out / "rank-mine").is_dir() and (out / "study-old").is_dir() and (out / "notes.txt").is_file()
     for derived in ("rank-default", "study-default", "rank-search"):
-        (out / derived).mkdir(parents=True)
+        (out / derived).mkdir(exist_ok=True)
         (out / derived / "progress-rank0.jsonl").write_text('{"round": 0, "id": 1, "correct": 999}\n')
     (out / "exports").mkdir()  # not the run's: stays
-    assert run_cli(capsys, "search", *SMALL, "--out", str(out))[0] == 0
+    assert run_cli(capsys, "search", *SMALL, "--out", str(out))[0] == 0  # replaces the run above
     assert not (out / "rank-default").exists() and not (out / "study-default").exists()
     assert '"correct": 999' not in (out / "rank-search" / "progress-rank0.jsonl").read_text()
-    assert (out / "exports").is_dir()
+    assert (out / "exports").is_dir() and (out / "notes.txt").is_file()
 
 
 def test_smoke_and_the_other_family_have_their_own_default_run_directories(capsys, tmp_path, monkeypatch):
@@ -398,3 +409,34 @@ def test_an_error_raised_in_a_data_loader_worker_is_one_line(capsys, monkeypatch
     assert cli.main(["info"]) == 2
     assert capsys.readouterr().err == ("pgnas-fast: error: cannot decode image a.JPEG (UnidentifiedImageError: "
                                        "cannot identify image file 'a.JPEG')\n")
+
+
+def test_a_run_and_its_export_refuse_data_other_than_their_own(capsys, tmp_path):
+    """data.json records the data's fingerprint: a resume, rank, export or evaluate given another data set
+    is refused (its held-out split would be other images), a moved copy of the same data is taken."""
+    from data_fixtures import write_cifar10
+
+    own, other = tmp_path / "own", tmp_path / "other"
+    write_cifar10(own, seed=0)
+    write_cifar10(other, seed=1)
+    out, exported = tmp_path / "run", tmp_path / "export"
+    search = ["search", "--preset", "cifar10-supnet-m", "--smoke", "--set", "batch_size=16", "--set",
+              "heldout_size=50", "--set", 'supernet_args={"k": 1, "blocks_per_stage": 1}', "--out", str(out), "--quiet"]
+    assert run_cli(capsys, *search, "--data-dir", str(own))[0] == 0
+    record = json.loads((out / "data.json").read_text())
+    assert record["data_dir"] == str(own.resolve()) and len(record["fingerprint"]) == 16
+    shutil.copytree(own, tmp_path / "moved")
+    rank = ["rank", str(out), "--candidates", "2", "--strategy", "exhaustive", "--quiet"]
+    assert run_cli(capsys, *rank, "--data-dir", str(tmp_path / "moved"), "--tag", "moved")[0] == 0
+    assert run_cli(capsys, "export", str(out), "--out", str(exported))[0] == 0
+    assert json.loads((exported / "data.json").read_text()) == record
+    for argv in ([*search, "--resume", "--data-dir", str(other)], [*rank, "--data-dir", str(other)],
+                 ["export", str(out), "--data-dir", str(other), "--out", str(tmp_path / "other-export")],
+                 ["evaluate", str(exported), "--data-dir", str(other)]):
+        code, _, err = run_cli(capsys, *argv)
+        assert code == 2 and f"the data under '{other}' is not the data" in err, argv
+        assert f"(from '{own.resolve()}'" in err
+    assert not (tmp_path / "other-export").exists()
+    (out / "data.json").write_text("{")
+    code, _, err = run_cli(capsys, *rank)
+    assert code == 2 and "data.json' is malformed (JSONDecodeError" in err and "pass --data-dir" in err

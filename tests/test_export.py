@@ -549,4 +549,6 @@ def test_export_of_a_ranking_refuses_weights_trained_on_since(capsys, searched, 
     assert main(["export", str(run), "--rank", "old", "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert "ranked the checkpoint of epoch 3, but the run has trained on since (epoch 4)" in err
+    # the command that ranks the same again, with the ranking's own settings
+    assert f"rank again (pgnas-fast rank {run} --tag old --candidates 6 --strategy exhaustive)" in err
     assert err.count("\n") == 1 and not (tmp_path / "out").exists()

@@ -107,9 +107,11 @@ def test_resume_before_the_first_checkpoint_keeps_the_data_directory(tmp_path):
                                                   "threads": 1, "heldout_size": 20, "candidates": 2,
                                                   "random_baseline": 0})
     run_search(config, seed=3, out_dir=out, progress=False, data_dir=data, smoke=True)
+    written = json.loads((out / "data.json").read_text())
+    assert written["data_dir"] == str(data.resolve()) and set(written) == {"data_dir", "fingerprint"}
     (out / "checkpoint.pt").unlink()
     run_search(config, seed=3, out_dir=out, progress=False, resume=True, smoke=True)
-    assert json.loads((out / "data.json").read_text()) == {"data_dir": str(data.resolve())}
+    assert json.loads((out / "data.json").read_text()) == written
 
 
 def test_resume_after_a_kill_between_the_log_and_the_checkpoint(run, tmp_path, monkeypatch):

@@ -88,7 +88,7 @@ def test_later_commands_read_the_run_s_data_dir(capsys, tmp_path):
     code, captured = search(capsys, "--preset", "cifar10-supnet-m", "--data-dir", tmp_path / "data", "--smoke",
                             "--out", out, *CHEAP)
     assert code == 0, captured.err
-    assert json.loads((out / "data.json").read_text()) == {"data_dir": str((tmp_path / "data").resolve())}
+    assert json.loads((out / "data.json").read_text())["data_dir"] == str((tmp_path / "data").resolve())
     assert main(["rank", str(out), "--candidates", "2", "--quiet"]) == 0
     assert main(["export", str(out), "--out", str(tmp_path / "export")]) == 0
     assert main(["evaluate", str(tmp_path / "export")]) == 0
@@ -186,7 +186,8 @@ def test_a_batch_too_small_for_batchnorm_is_refused_before_anything_is_written(c
 
 def test_another_data_set_s_classes_are_named_not_scored(capsys, tmp_path):
     """rank and export of a run, and evaluate of its export, with a --data-dir of another class count:
-    a one-line error saying so, not a state_dict dump or a meaningless accuracy."""
+    refused by data.json's fingerprint, and where a record has none (older runs), a one-line error
+    saying so, not a state_dict dump or a meaningless accuracy."""
     write_imagenet(tmp_path / "data", train_per_class=10)
     write_imagenet(tmp_path / "other", train_per_class=10, classes=("n01", "n02", "n03", "n04"))
     out = tmp_path / "run"
@@ -195,6 +196,12 @@ def test_another_data_set_s_classes_are_named_not_scored(capsys, tmp_path):
     assert code == 0, captured.err
     assert main(["export", str(out), "--out", str(tmp_path / "export")]) == 0
     capsys.readouterr()
+    for argv in (["rank", str(out), "--candidates", "2", "--quiet"], ["evaluate", str(tmp_path / "export")]):
+        assert main([*argv, "--data-dir", str(tmp_path / "other")]) == 2  # not the data of data.json's fingerprint
+        assert f"the data under '{tmp_path / 'other'}' is not the data" in capsys.readouterr().err
+    for directory in (out, tmp_path / "export"):  # records older than the fingerprint: the class count tells
+        record = json.loads((directory / "data.json").read_text())
+        (directory / "data.json").write_text(json.dumps({"data_dir": record["data_dir"]}))
     assert main(["rank", str(out), "--candidates", "2", "--quiet", "--data-dir", str(tmp_path / "other")]) == 2
     err = capsys.readouterr().err
     assert "super-network for the data's 4 classes (Error(s) in loading state_dict" in err

@@ -296,6 +296,9 @@ def test_rank_command_writes_table_and_top(capsys, run_dir):
     (["RUN", "--tag", "search"], "--tag 'search' is taken: rank-search/ holds the search's own ranking log"),
     (["RUN", "--tag", "search-random"], "--tag 'search-random' is taken"),
     (["RUN", "--first-share", "1.5"], "--first-share must be in (0, 1]"),
+    (["RUN", "--strategy", "exhaustive", "--eta", "3"],
+     "--eta sets racing's rounds: it takes --strategy racing, not exhaustive"),
+    (["RUN", "--strategy", "exhaustive", "--eta", "3", "--first-share", "0.5"], "--eta and --first-share set racing's rounds: they take"),
     (["RUN", "--strategy", "greedy"], "invalid choice"),
     (["RUN", "--bn-recalibrate", "100000"], "--bn-recalibrate 100000 asks for more images than the run's"),
 ])
@@ -306,6 +309,10 @@ def test_rank_command_bad_input(capsys, run_dir, argv, message):
 
 
 def test_rank_resume_says_how_much_was_done_before(capsys, run_dir):
+    code, captured = _rank_cli(capsys, run_dir, "--candidates", 30, "--strategy", "exhaustive", "--tag", "again",
+                               "--resume")  # nothing under the tag yet
+    assert code == 0 and "nothing to resume in" in captured.err and "rank-again' (no ranking under --tag again" in \
+        captured.err and "before this --resume" not in captured.out
     code, captured = _rank_cli(capsys, run_dir, "--candidates", 30, "--strategy", "exhaustive", "--tag", "again")
     assert code == 0 and "before this --resume" not in captured.out
     code, captured = _rank_cli(capsys, run_dir, "--candidates", 30, "--strategy", "exhaustive", "--tag", "again",

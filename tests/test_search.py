@@ -254,6 +254,21 @@ def test_resume_on_another_backend_says_the_rest_will_drift(finished_run, tmp_pa
     torch.save({**state, "epoch": state["epoch"] - 1}, run / "checkpoint.pt")
     run_search(small_config(), seed=3, out_dir=run, resume=True, progress=False)
     assert "note:" not in capsys.readouterr().err
+    # a checkpoint from before the epoch order came from the RNG contract (it holds no order_version)
+    assert state["order_version"] == 2
+    torch.save({k: v for k, v in state.items() if k != "order_version"} | {"epoch": state["epoch"] - 1},
+               run / "checkpoint.pt")
+    run_search(small_config(), seed=3, out_dir=run, resume=True, progress=False)
+    assert ("was trained with an older pgnas_fast's order of the training images (before it came from the RNG "
+            "contract)") in capsys.readouterr().err
+    torch.save({k: v for k, v in state.items() if k != "order_version"}, run / "checkpoint.pt")  # nothing left
+    run_search(small_config(), seed=3, out_dir=run, resume=True, progress=False)
+    assert "note:" not in capsys.readouterr().err
+    # a finished run resumed on another backend trains nothing: its summary names what trained it
+    torch.save({**state, "backend": "triton", "threads": 2}, run / "checkpoint.pt")
+    resumed = run_search(small_config(), seed=3, out_dir=run, resume=True, progress=False)
+    assert (resumed.summary["backend"], resumed.summary["threads"]) == ("triton", 2)
+    assert "note:" not in capsys.readouterr().err
 
 
 def test_a_second_writer_of_a_run_is_refused(finished_run, tmp_path, capsys):

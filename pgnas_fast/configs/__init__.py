@@ -254,7 +254,8 @@ def load_overrides(path: str | Path) -> dict:
     """Overrides from a JSON file (an object of preset keys)."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
+        raise ConfigError(f"config file {str(path)!r} " + ("is not a file (a JSON object of preset keys)"
+                                                          if path.exists() else "does not exist"))
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:

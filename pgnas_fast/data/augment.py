@@ -36,6 +36,11 @@ CIFAR100_STD = (0.2673, 0.2564, 0.2762)
 CIFAR_STATS = {10: (CIFAR10_MEAN, CIFAR10_STD), 100: (CIFAR100_MEAN, CIFAR100_STD)}
 
 
+# Which epoch_order a checkpoint was trained with (search/run.py notes a resume across a change):
+# absent: torch's CPU generator, seeded from (seed, epoch); 2: the RNG contract's stream ORDER.
+ORDER_VERSION = 2
+
+
 def epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
     """int64 [n] on the CPU: the order of the n training images in `epoch`, a permutation from the RNG
     contract (stream (ORDER, epoch), elements 2 i and 2 i + 1: image i's 48-bit sort key), so a resumed run

@@ -2,7 +2,9 @@
 (`export_candidate`: materialized, torch.export; `evaluate_export`)."""
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -61,7 +63,7 @@ def export_candidate(run_dir: str | Path, out: str | Path, *, candidate: int | N
     from ..nn.batchnorm import recalibrate_batchnorm
     from ..ops.streams import MAJOR_LIMIT
     from ..supernets.info import describe
-    from .io import DATA_FILE, data_dir_of, write_json
+    from .io import data_dir_of, write_data_record, write_json
     # (load_subnet: the reader of this layout)
     from .materialize import load_subnet, materialize, materialize_all_channels  # noqa: F401
     from .feed import checked_recalibration_images
@@ -72,7 +74,7 @@ def export_candidate(run_dir: str | Path, out: str | Path, *, candidate: int | N
     if rank_tag is not None:
         if candidate is not None:
             raise RunError("pass --candidate or --rank, not both")
-        candidate, ranked_recalibration, ranked_epoch = _ranked_best(run_dir, rank_tag)
+        candidate, ranked_recalibration, ranked_epoch, rank_again = _ranked_best(run_dir, rank_tag)
         bn_recalibrate = ranked_recalibration if bn_recalibrate is None else bn_recalibrate
     bn_recalibrate = bn_recalibrate or 0
     data_dir = data_dir_of(run_dir, data_dir)
@@ -82,7 +84,7 @@ def export_candidate(run_dir: str | Path, out: str | Path, *, candidate: int | N
         # (`search --resume` trains a checkpointed run on and keeps its rank-* directories)
         raise RunError(f"--rank {rank_tag} ranked the checkpoint of epoch {ranked_epoch}, but the run has trained on "
                        f"since (epoch {loaded.epoch}): its best candidate and scores are of other weights; rank "
-                       f"again (pgnas-fast rank {run_dir} --tag {rank_tag})")
+                       f"again ({rank_again})")
     recalibration = checked_recalibration_images(feed, bn_recalibrate) if bn_recalibrate else None
     architecture_path = run_dir / "architecture.json"
     if candidate is None:
@@ -120,7 +122,7 @@ def export_candidate(run_dir: str | Path, out: str | Path, *, candidate: int | N
     write_json(out / "architecture.json", record)
     write_json(out / "config.json", {"config": config, "seed": seed})
     if data_dir is not None:  # evaluate's default, as the run's is rank's
-        write_json(out / DATA_FILE, {"data_dir": str(Path(data_dir).resolve())})
+        write_data_record(out, data_dir, loaded.data_fingerprint)
     # sizes of the super-network (drop logits and training-only heads included), of the same network
     # materialized with every channel kept (what the candidate's sizes compare with) and of the candidate
     summary = {"candidate": candidate, "posterior": config["posterior"], "heldout_accuracy": heldout,
@@ -135,9 +137,9 @@ def export_candidate(run_dir: str | Path, out: str | Path, *, candidate: int | N
     return summary
 
 
-def _ranked_best(run_dir: Path, tag: str) -> tuple[int, int, int | None]:
-    """The best candidate of `pgnas-fast rank RUN_DIR --tag TAG`, its --bn-recalibrate and the
-    checkpoint epoch it ranked (None: a ranking older than that key)."""
+def _ranked_best(run_dir: Path, tag: str) -> tuple[int, int, int | None, str]:
+    """The best candidate of `pgnas-fast rank RUN_DIR --tag TAG`, its --bn-recalibrate, the checkpoint
+    epoch it ranked (None: a ranking older than that key) and the command that ranks the same again."""
     from .run import RunError
 
     path = run_dir / f"rank-{tag}" / "summary.json"
@@ -153,7 +155,14 @@ def _ranked_best(run_dir: Path, tag: str) -> tuple[int, int, int | None]:
     if not all(type(v) is int and v >= 0 for v in (best, recalibration)):
         raise RunError(f"{str(path)!r} is malformed: best id {best!r} and bn_recalibrate {recalibration!r} must be "
                        "ints >= 0")
-    return best, recalibration, epoch
+    again = [f"pgnas-fast rank {run_dir} --tag {tag}"]
+    for option, key in (("--candidates", "candidates"), ("--strategy", "strategy"), ("--eta", "eta"),
+                        ("--first-share", "first_share")):
+        if summary.get(key) is not None:
+            again.append(f"{option} {summary[key]}")
+    if recalibration:
+        again.append(f"--bn-recalibrate {recalibration}")
+    return best, recalibration, epoch, " ".join(again)
 
 
 def evaluate_export(directory: str | Path, *, split: str = "test", device: str = "cpu", data_dir=None,
@@ -161,8 +170,8 @@ def evaluate_export(directory: str | Path, *, split: str = "test", device: str =
     """Accuracy of an exported network on a split of its run's data (the torch.export artefact by
     default, else subnet.pt)."""
     from .materialize import load_subnet
-    from .io import data_dir_of
-    from .run import RunError, build_feed, load_data
+    from .io import check_data_record, data_dir_of
+    from .run import RunError, build_feed, data_fingerprint, load_data
 
     directory = Path(directory)
     for name in ("config.json", "model.pt2" if standalone else "subnet.pt"):
@@ -173,12 +182,17 @@ def evaluate_export(directory: str | Path, *, split: str = "test", device: str =
         config, seed = run_config["config"], run_config["seed"]
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise RunError(f"{str(directory / 'config.json')!r} is malformed: {err}") from None
-    feed = build_feed(config, load_data(config, data_dir_of(directory, data_dir)), torch.device(device), seed=seed)
+    data_dir = data_dir_of(directory, data_dir)
+    data = load_data(config, data_dir)
+    if data_dir is not None:
+        check_data_record(directory, data_dir, data_fingerprint(data))
+    feed = build_feed(config, data, torch.device(device), seed=seed)
     if not standalone:
         net = load_subnet(directory, map_location=device).eval()
     else:
         try:
-            net = torch.export.load(directory / "model.pt2").module().to(device)  # exported in eval mode already
+            with _quiet_logger("torch.export"):  # (it logs the error below as a traceback first)
+                net = torch.export.load(directory / "model.pt2").module().to(device)  # exported in eval mode already
         except Exception as err:  # a cut or foreign file fails inside torch.export in many ways (zip, pickle, schema)
             raise RunError(f"{str(directory / 'model.pt2')!r} is not a readable torch.export program "
                            f"({type(err).__name__}: {err})") from None
@@ -192,3 +206,15 @@ def evaluate_export(directory: str | Path, *, split: str = "test", device: str =
             correct += (logits.argmax(1) == labels).sum().item()
             seen += len(labels)
     return correct / seen
+
+
+@contextlib.contextmanager
+def _quiet_logger(name: str):
+    """The logger `name` at ERROR level inside the block."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)

@@ -80,7 +80,24 @@ def _atomic_write(path: Path, write) -> None:
 
 # the search's own ranking progress logs (guided candidates, random baseline): `rank --tag` may not name them
 SEARCH_RANKINGS = {"guided": "rank-search", "random": "rank-search-random"}
-DATA_FILE = "data.json"  # {"data_dir": absolute path} of a run that read its data from --data-dir
+# {"data_dir": absolute path, "fingerprint": data_fingerprint's digest} of a run (or an export) that read its
+# data from --data-dir
+DATA_FILE = "data.json"
+
+
+def _data_record(directory: Path) -> dict | None:
+    """The directory's data.json, None when it has none; a malformed one is named."""
+    path = Path(directory) / DATA_FILE
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        if not isinstance(record, dict) or not isinstance(record["data_dir"], str):
+            raise TypeError("not an object with a data_dir string")
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
+        raise RunError(f"{str(path)!r} is malformed ({type(err).__name__}: {err}): it names the data directory the "
+                       "run was made with; restore it, or pass --data-dir") from None
+    return record
 
 
 def data_dir_of(directory: Path, data_dir) -> str | Path | None:
@@ -88,10 +105,24 @@ def data_dir_of(directory: Path, data_dir) -> str | Path | None:
     commands that read a run again need no second --data-dir."""
     if data_dir is not None:
         return data_dir
-    try:
-        return json.loads((Path(directory) / DATA_FILE).read_text())["data_dir"]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError):
-        return None
+    record = _data_record(directory)
+    return None if record is None else record["data_dir"]
+
+
+def write_data_record(directory: Path, data_dir, fingerprint: str) -> None:
+    write_json(Path(directory) / DATA_FILE, {"data_dir": str(Path(data_dir).resolve()), "fingerprint": fingerprint})
+
+
+def check_data_record(directory: Path, data_dir, fingerprint: str | None) -> None:
+    """Refuse data other than the data a run (or an export) was made with: its held-out split, which ranks
+    candidates, would be other images (a moved copy of the same data passes; records older than the
+    fingerprint are not checked)."""
+    record = _data_record(directory)
+    if record is None or fingerprint is None or record.get("fingerprint") in (None, fingerprint):
+        return
+    raise RunError(f"the data under {str(data_dir)!r} is not the data {str(directory)!r} was made with (from "
+                   f"{record['data_dir']!r}; {DATA_FILE} holds its fingerprint): its splits would be other images. "
+                   "Pass that data set's --data-dir, or leave --data-dir out to use the recorded one")
 
 
 def write_json(path: Path, obj) -> None:

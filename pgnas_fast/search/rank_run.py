@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -46,6 +47,9 @@ def rank_run(run_dir: str | Path, *, candidates: int, strategy: str = "racing", 
             held.enter_context(writer_lock(run_dir, out.name, parallel))  # (before its rows are read or removed)
             if resume:
                 _check_resumable(out, settings)
+                if rank_id == 0 and not (out / "settings.json").is_file():
+                    print(f"nothing to resume in {str(out)!r} (no ranking under --tag {tag} yet): a new ranking "
+                          "starts", file=sys.stderr)
             if rank_id == 0 and not resume:
                 shutil.rmtree(out, ignore_errors=True)
             parallel.barrier()  # nobody appends to a log that rank 0 is about to remove

@@ -23,7 +23,9 @@ the candidates; rank 0 alone writes the run directory, and the others return wit
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -31,18 +33,20 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .. import configs, supernets
 from .. import data as datasets
 from .._version import __version__
+from ..data.augment import ORDER_VERSION
 from ..nn import candidate_masks, set_gates, set_posterior
 from ..ops import dispatch
 from ..ops.streams import Domain
 from .export import architecture_record
 from .feed import CifarLoaderFeed, LoaderFeed, TensorFeed, check_batchnorm_rows, check_shards
-from .io import (DATA_FILE, SEARCH_RANKINGS, RunError, changed_settings, data_dir_of, load_checkpoint, read_jsonl,
-                 save_checkpoint, write_json, write_jsonl, writer_lock)
+from .io import (DATA_FILE, SEARCH_RANKINGS, RunError, changed_settings, check_data_record, data_dir_of,
+                 load_checkpoint, read_jsonl, save_checkpoint, write_data_record, write_json, write_jsonl, writer_lock)
 from .materialize import count_parameters, materialize, materialize_all_channels
 from .parallel import SINGLE_PROCESS, Parallel, join, leave
 from .rank import (ProgressLog, accuracy, best_candidate, first_round_cut, rank_candidates, round_ends, tied_for_best,
@@ -124,6 +128,22 @@ def load_data(config: dict, data_dir: str | Path | None = None) -> datasets.Spli
     return datasets.load_imagenet_index(data_dir, heldout=config["heldout_size"], split_seed=config["split_seed"])
 
 
+def data_fingerprint(data: datasets.Splits | datasets.ImageNetIndex) -> str:
+    """A digest of a data set as a run splits it (every label of every split, and every 97th image, or
+    ImageNet file name): what data.json records, so that a resume or a reader given other data is
+    refused while a moved copy of the same data is not."""
+    digest = hashlib.sha256()
+    if isinstance(data, datasets.ImageNetIndex):
+        for files, labels in (data.train, data.heldout, data.val):
+            digest.update(np.asarray(labels, dtype=np.int64).tobytes())
+            digest.update("\n".join(os.path.basename(f) for f in files[::97]).encode())
+    else:
+        for images, labels in (data.train, data.heldout, data.test):
+            digest.update(labels.cpu().to(torch.int64).numpy().tobytes())
+            digest.update(images[::97].cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def build_feed(config: dict, data, device: torch.device, *, seed: int, smoke: bool = False,
                parallel: Parallel = SINGLE_PROCESS):
     limits = {"max_steps": SMOKE_STEPS, "max_eval_batches": SMOKE_EVAL_BATCHES} if smoke else {}
@@ -203,6 +223,7 @@ class LoadedRun:
     model: torch.nn.Module
     feed: TensorFeed
     epoch: int  # the checkpoint's: epochs trained (a run that is still training has fewer than its config's)
+    data_fingerprint: str | None  # of the data it was given (data_fingerprint); None: the embedded digits
 
 
 def load_run(run_dir: str | Path, *, device: str = "cpu", data_dir: str | Path | None = None) -> LoadedRun:
@@ -227,7 +248,10 @@ def load_run(run_dir: str | Path, *, device: str = "cpu", data_dir: str | Path |
         raise RunError(f"{str(run_dir / 'checkpoint.pt')!r} does not belong to this run's config.json")
     if config["threads"]:  # the count the search ran with (digits: 1, faster there than 2 on its small passes)
         torch.set_num_threads(config["threads"])
-    data = load_data(config, data_dir_of(run_dir, data_dir))
+    data_dir = data_dir_of(run_dir, data_dir)
+    data = load_data(config, data_dir)
+    fingerprint = None if data_dir is None else data_fingerprint(data)
+    check_data_record(run_dir, data_dir, fingerprint)
     try:
         model = rebuild_for_evaluation(config, data.num_classes, state["model"], device).eval()
     except RuntimeError as err:
@@ -236,7 +260,8 @@ def load_run(run_dir: str | Path, *, device: str = "cpu", data_dir: str | Path |
                        f"for the data's {data.num_classes} classes ({' '.join(lines[:2])}): is --data-dir the "
                        "data set the run searched on?") from None
     feed = build_feed(config, data, torch.device(device), seed=seed)
-    return LoadedRun(config=config, seed=seed, model=model, feed=feed, epoch=state["epoch"])
+    return LoadedRun(config=config, seed=seed, model=model, feed=feed, epoch=state["epoch"],
+                     data_fingerprint=fingerprint)
 
 
 def rank_search_candidates(model: torch.nn.Module, feed: TensorFeed | LoaderFeed, config: dict, *, seed: int,
@@ -325,6 +350,9 @@ def _run_search(config: dict, *, seed: int, out_dir: Path, device: torch.device,
     if resume:  # the run's own data directory (data.json), unless given again; kept for the readers of the run
         data_dir = data_dir_of(out_dir, data_dir)
     data = load_data(config, data_dir)
+    fingerprint = None if data_dir is None else data_fingerprint(data)
+    if resume:
+        check_data_record(out_dir, data_dir, fingerprint)
     feed = build_feed(config, data, device, seed=seed, smoke=smoke, parallel=parallel)
     check_shards(feed.train_batch_sizes(), parallel, train_images=feed.n_train, batch_size=config["batch_size"])
     torch.manual_seed(seed)  # the super-network's initial weights (the same on every rank)
@@ -342,6 +370,7 @@ def _run_search(config: dict, *, seed: int, out_dir: Path, device: torch.device,
     held.enter_context(writer_lock(out_dir, "search", parallel))
     checkpoint_path = out_dir / "checkpoint.pt"
     start_epoch, train_log = 0, []
+    trained_on, trained_threads = backend, threads  # what trained the checkpoint's weights (a resume's: read below)
     if resume and not checkpoint_path.exists() and main:
         print(f"nothing to resume in {str(out_dir)!r} (no checkpoint.pt yet): a new run starts", file=sys.stderr)
     if resume and checkpoint_path.exists():
@@ -358,21 +387,28 @@ def _run_search(config: dict, *, seed: int, out_dir: Path, device: torch.device,
             print(f"note: {checkpoint_path} was trained {'; and '.join(changed)}: its sums round in another "
                   "order, so the rest of the run differs in the last digits from an uninterrupted one",
                   file=sys.stderr)
+        if state.get("order_version") != ORDER_VERSION and state["epoch"] < config["epochs"] and main:
+            print(f"note: {checkpoint_path} was trained with an older pgnas_fast's order of the training images "
+                  "(before it came from the RNG contract): the rest of the run visits them in this version's "
+                  "order, so it differs from an uninterrupted run of either version", file=sys.stderr)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start_epoch = state["epoch"]
         train_log = _trained_epochs(out_dir / "train_log.jsonl", start_epoch)
     elif main:
+        held_a_run = any((out_dir / name).exists() for name in (*RUN_FILES, DATA_FILE))
         for name in (*RUN_FILES, DATA_FILE):  # a fresh run replaces an old one whole
             (out_dir / name).unlink(missing_ok=True)
         # and what was derived from the old checkpoint: the search's ranking, `rank` and `study` results
-        # (a `rank --resume` would otherwise reuse the old weights' scores)
-        for derived in (*out_dir.glob("rank-*"), *out_dir.glob("study-*"), out_dir / "tensorboard"):
-            shutil.rmtree(derived, ignore_errors=True)
+        # (a `rank --resume` would otherwise reuse the old weights' scores); in a directory that held no
+        # run, folders of those names are the user's and stay
+        derived = (*out_dir.glob("rank-*"), *out_dir.glob("study-*"), out_dir / "tensorboard") if held_a_run else ()
+        for folder in derived:
+            shutil.rmtree(folder, ignore_errors=True)
     if main:
         write_json(out_dir / "config.json", run_config)
         if data_dir is not None:
-            write_json(out_dir / DATA_FILE, {"data_dir": str(Path(data_dir).resolve())})
+            write_data_record(out_dir, data_dir, fingerprint)
     parallel.barrier()  # nobody writes a ranking log that rank 0 is about to remove
 
     scalars = ScalarLog(out_dir / "tensorboard") if main else None
@@ -383,7 +419,8 @@ def _run_search(config: dict, *, seed: int, out_dir: Path, device: torch.device,
         train_log.append(stats)
         write_jsonl(out_dir / "train_log.jsonl", train_log)
         state = {"run_config": run_config, "world_size": parallel.world, "backend": backend, "threads": threads,
-                 "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(), "loss": stats["loss"]}
+                 "order_version": ORDER_VERSION, "epoch": epoch, "model": model.state_dict(),
+                 "optimizer": optimizer.state_dict(), "loss": stats["loss"]}
         # best = lowest training objective (mean CE + R, what the posterior minimises); no held-out
         # data is spent on choosing it, the held-out split stays for ranking. Written first: checkpoint.pt
         # marks the epoch done, so a kill between the two must not leave the best one behind for good
@@ -433,7 +470,8 @@ def _run_search(config: dict, *, seed: int, out_dir: Path, device: torch.device,
         "preset": config["preset"],
         "seed": seed,
         "posterior": config["posterior"],
-        "backend": backend,
+        # what trained the last epochs (a resume of a finished run trains none: the checkpoint's)
+        "backend": trained_on if start_epoch == config["epochs"] else backend,
         "run_dir": str(out_dir),
         "best_candidate": best["id"],
         "heldout_accuracy": best["score"],
@@ -468,7 +506,7 @@ def _run_search(config: dict, *, seed: int, out_dir: Path, device: torch.device,
         "params_all_channels": count_parameters(materialize_all_channels(model)),
         "params_subnet": count_parameters(materialize(model, masks)),
         "world_size": parallel.world,
-        "threads": threads,
+        "threads": trained_threads if start_epoch == config["epochs"] else threads,
     }
     write_json(out_dir / "summary.json", summary)
     write_report(out_dir)

@@ -264,6 +264,12 @@ def _search(args) -> int:
                       f"{'s' if len(dropped) == 1 else ''} {whose} default", flush=True)
         if config["amp"] == "bf16" and device.type != "cuda":  # (the ImageNet presets' default)
             print("note: amp bf16 (autocast) applies on CUDA only: this run trains in float32", flush=True)
+        read_by = {"milestones": ("step",), "gamma": ("step",), "sgdr_t0": ("sgdr",), "sgdr_tmul": ("sgdr",),
+                   "lr_min": ("cosine", "sgdr")}  # the schedule keys and the schedules that read them
+        for key in (key for key in read_by if key in overrides and config["schedule"] not in read_by[key]):
+            print(f"note: {key} set, but only the {' and '.join(read_by[key])} schedule"
+                  f"{'s read' if len(read_by[key]) > 1 else ' reads'} it; this run's schedule is "
+                  f"{config['schedule']} (--set schedule=...)", flush=True)
         unused = [key for key in ("weight_reg", "drop_reg") if key in overrides]
         if config["posterior"] == "gaussian" and unused:
             print(f"note: {' and '.join(unused)} set, but only the concrete family's regulariser reads "

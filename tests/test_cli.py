@@ -440,3 +440,17 @@ def test_a_run_and_its_export_refuse_data_other_than_their_own(capsys, tmp_path)
     (out / "data.json").write_text("{")
     code, _, err = run_cli(capsys, *rank)
     assert code == 2 and "data.json' is malformed (JSONDecodeError" in err and "pass --data-dir" in err
+
+
+def test_schedule_keys_the_schedule_does_not_read_are_said(capsys, tmp_path):
+    out = tmp_path / "run"
+    code, stdout, _ = run_cli(capsys, "search", *SMALL, "--set", "milestones=[5]", "--set", "sgdr_t0=4",
+                              "--set", "lr_min=0.001", "--out", str(out))
+    assert code == 0  # digits: cosine, which reads lr_min only
+    assert "note: milestones set, but only the step schedule reads it; this run's schedule is cosine" in stdout
+    assert "note: sgdr_t0 set, but only the sgdr schedule reads it" in stdout
+    assert "lr_min set" not in stdout
+    code, stdout, _ = run_cli(capsys, "search", *SMALL, "--set", "schedule=step", "--set", "lr_min=0.001",
+                              "--set", "gamma=0.5", "--out", str(out))
+    assert code == 0 and "note: lr_min set, but only the cosine and sgdr schedules read it" in stdout
+    assert "gamma set" not in stdout

@@ -117,8 +117,9 @@ def _build_parser() -> argparse.ArgumentParser:
     rank.add_argument("run_dir", metavar="RUN_DIR", help="a directory written by pgnas-fast search")
     rank.add_argument("--candidates", type=_count(1, MAJOR_LIMIT + 1), default=1000,
                       help="candidates 0 .. K-1 (default 1000)")
-    rank.add_argument("--strategy", choices=("racing", "exhaustive"), default="racing",
-                      help="racing: paired successive halving (default); exhaustive: every candidate on every image")
+    rank.add_argument("--strategy", choices=("racing", "exhaustive"),
+                      help="racing: paired successive halving; exhaustive: every candidate on every image "
+                           "(default: the run's config key `ranking`, as its search ranked)")
     rank.add_argument("--evaluator", choices=("batched", "sequential", "reload"), default="batched",
                       help="batched: K candidates per pass (default); sequential: one at a time; "
                            "reload: the authors' procedure, model and checkpoint reloaded per candidate")
@@ -249,8 +250,10 @@ def _search(args) -> int:
     created = _prepare_out(out)
 
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for the run
+        world = int(os.environ.get("WORLD_SIZE", "1"))
         print(f"pgnas-fast search: preset {config['preset']}, posterior {config['posterior']}, seed {args.seed}, "
-              f"backend {backend}, device {device}", flush=True)
+              f"backend {backend}, device {device}" + (f", data parallel over {world} processes" if world > 1 else ""),
+              flush=True)
         if config["kl_warmup_epochs"] > config["epochs"] and not args.smoke:  # e.g. a preset with --epochs cut
             reached = config["epochs"] / config["kl_warmup_epochs"]
             print(f"note: the regulariser's warm-up (kl_warmup_epochs {config['kl_warmup_epochs']:g}) outlasts "
@@ -318,10 +321,6 @@ def _rank(args) -> int:
 
     if args.first_share is not None and not 0 < args.first_share <= 1:
         raise UsageError(f"--first-share must be in (0, 1], got {args.first_share}")
-    if args.strategy == "exhaustive" and (args.eta is not None or args.first_share is not None):
-        given = [flag for flag, value in (("--eta", args.eta), ("--first-share", args.first_share)) if value is not None]
-        raise UsageError(f"{' and '.join(given)} {'set' if len(given) > 1 else 'sets'} racing's rounds: "
-                         f"{'they take' if len(given) > 1 else 'it takes'} --strategy racing, not exhaustive")
     _check_tag(args.tag)
     if f"rank-{args.tag}" in SEARCH_RANKINGS.values():
         raise UsageError(f"--tag {args.tag!r} is taken: rank-{args.tag}/ holds the search's own ranking log "

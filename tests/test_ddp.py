@@ -295,6 +295,9 @@ def test_torchrun_search_writes_the_run_directory_once(torchrun_run):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["data"]["train"] == 1137
     assert "Warning" not in done.stderr, done.stderr[-3000:]  # (DDP's stride warning on the stem's 1 input channel)
+    # said where a reader looks: its training differs from one process's (BatchNorm per process's rows)
+    assert done.stdout.splitlines()[0].endswith(", data parallel over 2 processes")
+    assert "data parallel over 2 processes (torchrun)" in (out / "report.md").read_text()
 
 
 def test_torchrun_search_ranks_with_the_checkpoint_s_batchnorm_statistics(torchrun_run, capsys):
@@ -319,6 +322,12 @@ def test_torchrun_resume_of_a_finished_run_redoes_nothing(torchrun_run):
     again = torchrun_search(out, "--resume")
     assert again.returncode == 0, again.stderr[-3000:]
     assert {name: (out / name).read_bytes() for name in names} == before
+    # one process resuming the finished run trains nothing: the summary still names the 2 that trained it
+    from pgnas_fast.cli import main
+
+    assert main(["search", "--preset", "digits-tiny", "--epochs", "1", "--candidates", "6", "--random-baseline", "0",
+                 "--out", str(out), "--quiet", "--resume"]) == 0
+    assert json.loads((out / "summary.json").read_text())["world_size"] == 2
 
 
 def test_torchrun_refuses_a_batch_the_ranks_cannot_share(tmp_path):

@@ -283,7 +283,7 @@ def test_rank_command_writes_table_and_top(capsys, run_dir):
     top = json.loads((run_dir / "rank-ex" / "top.json").read_text())
     assert len(top) == 3 and top[0]["candidate"] == best_candidate(rows)["id"]
     assert [t["score"] for t in top] == sorted((t["score"] for t in top), reverse=True)
-    code, _ = _rank_cli(capsys, run_dir, "--candidates", 60, "--tag", "race")
+    code, _ = _rank_cli(capsys, run_dir, "--candidates", 60, "--strategy", "racing", "--tag", "race")
     racing = read_jsonl(run_dir / "rank-race" / "candidates.jsonl")
     assert sum(r["images"] for r in racing) * 4 < sum(r["images"] for r in rows)
     assert score_rank(rows, best_candidate(racing)["id"]) <= 3
@@ -306,6 +306,17 @@ def test_rank_command_bad_input(capsys, run_dir, argv, message):
     argv = [str(run_dir) if a == "RUN" else a for a in argv]
     code, captured = _rank_cli(capsys, *argv)
     assert code == 2 and message in captured.err and captured.err.count("\n") == 1
+
+
+def test_rank_takes_the_run_s_ranking_strategy_by_default(capsys, run_dir):
+    """Without --strategy, rank ranks as the run's search did (config key ranking; digits: exhaustive), so
+    `rank` of the checkpoint gives the search's own table."""
+    code, captured = _rank_cli(capsys, run_dir, "--candidates", 2, "--tag", "as-searched")
+    assert code == 0 and "exhaustive with the batched evaluator" in captured.out
+    assert (run_dir / "rank-as-searched" / "candidates.jsonl").read_text() == (run_dir / "candidates.jsonl").read_text()
+    code, captured = _rank_cli(capsys, run_dir, "--candidates", 2, "--eta", 3)
+    assert code == 2 and ("--eta sets racing's rounds: it takes --strategy racing, not exhaustive (the run's config "
+                          "key ranking, taken without --strategy)") in captured.err
 
 
 def test_rank_resume_says_how_much_was_done_before(capsys, run_dir):

@@ -24,7 +24,7 @@ from .rank import CandidateScorer, ProgressLog, best_candidate, first_round_cut,
 from .run import RunError, load_run, rebuild_for_evaluation
 
 
-def rank_run(run_dir: str | Path, *, candidates: int, strategy: str = "racing", evaluator: str = "batched",
+def rank_run(run_dir: str | Path, *, candidates: int, strategy: str | None = None, evaluator: str = "batched",
              tag: str = "default", resume: bool = False, top: int = 10, eta: int | None = None,
              first_share: float | None = None, bn_recalibrate: int = 0, device: str = "cpu", data_dir=None,
              progress: bool = True) -> dict:
@@ -37,6 +37,12 @@ def rank_run(run_dir: str | Path, *, candidates: int, strategy: str = "racing", 
             config, seed, model, feed = loaded.config, loaded.seed, loaded.model, loaded.feed
             recalibration = checked_recalibration_images(feed, bn_recalibrate) if bn_recalibrate else None
             out = run_dir / f"rank-{tag}"
+            asked, strategy = strategy, strategy or config["ranking"]  # (the run's own: its search ranked so)
+            if strategy == "exhaustive" and (eta is not None or first_share is not None):
+                given = [flag for flag, value in (("--eta", eta), ("--first-share", first_share)) if value is not None]
+                raise RunError(f"{' and '.join(given)} {'set' if len(given) > 1 else 'sets'} racing's rounds: "
+                               f"{'they take' if len(given) > 1 else 'it takes'} --strategy racing, not exhaustive"
+                               + ("" if asked else " (the run's config key ranking, taken without --strategy)"))
             eta, first_share = eta or config["racing_eta"], first_share or config["racing_first_share"]
             # what a candidate's rounds and scores depend on (the evaluators all give the same scores); the
             # checkpoint's epoch, since `search --resume` may train a checkpointed run on after a ranking; the

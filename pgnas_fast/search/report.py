@@ -83,16 +83,22 @@ def _figures(run_dir: Path, arch: dict, rows: list[dict], random_rows: list[dict
         return 100 * r.get("first_round_score", r["score"])  # (rows older than the key: the score, all rounds')
 
     scored, randoms = [first_round(r) for r in rows], [first_round(r) for r in random_rows]
-    bins = numpy.histogram_bin_edges(scored + randoms, bins=30)  # shared: the two counts compare bar by bar
+    bins = numpy.histogram_bin_edges(scored + randoms, bins=30)  # shared: the two families compare bar by bar
+    shares = bool(randoms) and len(randoms) != len(scored)  # families of unequal sizes: each as a share of its own
+
+    def weights(values):
+        return numpy.full(len(values), 100 / len(values)) if shares else None
+
     if randoms:
-        ax.hist(randoms, bins=bins, alpha=0.5, color="tab:orange",
+        ax.hist(randoms, bins=bins, weights=weights(randoms), alpha=0.5, color="tab:orange",
                 label=f"random gates, same drop rate ({len(randoms)})")
-    ax.hist(scored, bins=bins, histtype="step", linewidth=1.5, color="tab:blue", label=f"guided ({len(scored)})")
+    ax.hist(scored, bins=bins, weights=weights(scored), histtype="step", linewidth=1.5, color="tab:blue",
+            label=f"guided ({len(scored)})")
     ax.axvline(first_round(next(r for r in rows if r["id"] == arch["candidate"])), color="black", linestyle="--",
                label="chosen")
     ax.set_xlabel("held-out accuracy (%)" if first_images >= max(r.get("images", 0) for r in rows) else
                   f"accuracy on the first round's {first_images} held-out images (%)")
-    ax.set_ylabel("candidates")
+    ax.set_ylabel("% of the family's candidates" if shares else "candidates")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(run_dir / "candidate_scores.png", dpi=120)
@@ -165,7 +171,9 @@ def write_report(run_dir: str | Path) -> Path:
         f"| data | {s['data']['train']} training, {s['data']['heldout']} held-out, {s['data']['test']} test images"
         + (f"; smoke check: {smoke['training_steps']} training steps, scored on {smoke['heldout']} held-out and "
            f"{smoke['test']} test images" if (smoke := s.get("smoke")) else "") + " |",
-        f"| posterior training | {counted(config['epochs'], 'epoch')}, {s['train_seconds']:.1f} s |",
+        f"| posterior training | {counted(config['epochs'], 'epoch')}, {s['train_seconds']:.1f} s"
+        + (f", data parallel over {s['world_size']} processes (torchrun)" if s.get("world_size", 1) > 1 else "")
+        + " |",
         f"| ranking | {s['candidates']} guided ({config['ranking']}) + {s['random_candidates']} random candidates, "
         f"{s['rank_seconds']:.1f} s ({ranking_rate(s)}), with the last epoch's weights |",
         f"| chosen candidate | {arch['candidate']}, keeps {_pct(arch['kept_fraction'])} of the gated input channels"

@@ -370,7 +370,8 @@ def _run_search(config: dict, *, seed: int, out_dir: Path, device: torch.device,
     held.enter_context(writer_lock(out_dir, "search", parallel))
     checkpoint_path = out_dir / "checkpoint.pt"
     start_epoch, train_log = 0, []
-    trained_on, trained_threads = backend, threads  # what trained the checkpoint's weights (a resume's: read below)
+    # what trained the checkpoint's weights (a resume's: read below)
+    trained_on, trained_threads, trained_by = backend, threads, parallel.world
     if resume and not checkpoint_path.exists() and main:
         print(f"nothing to resume in {str(out_dir)!r} (no checkpoint.pt yet): a new run starts", file=sys.stderr)
     if resume and checkpoint_path.exists():
@@ -379,6 +380,7 @@ def _run_search(config: dict, *, seed: int, out_dir: Path, device: torch.device,
         _check_resumable(checkpoint_path, state, run_config, parallel.world)
         # (checkpoints older than these notes hold neither)
         trained_on, trained_threads = state.get("backend", backend), state.get("threads", threads)
+        trained_by = state.get("world_size", parallel.world)
         changed = ([f"on the {trained_on} backend, this resume trains on {backend}"] if trained_on != backend else [])
         if trained_threads != threads and device.type == "cpu":
             changed.append(f"with {trained_threads} CPU thread(s), this resume with {threads} (--set threads=N pins "
@@ -505,7 +507,7 @@ def _run_search(config: dict, *, seed: int, out_dir: Path, device: torch.device,
         "params_supernet": count_parameters(model),
         "params_all_channels": count_parameters(materialize_all_channels(model)),
         "params_subnet": count_parameters(materialize(model, masks)),
-        "world_size": parallel.world,
+        "world_size": trained_by if start_epoch == config["epochs"] else parallel.world,
         "threads": trained_threads if start_epoch == config["epochs"] else threads,
     }
     write_json(out_dir / "summary.json", summary)

@@ -94,7 +94,7 @@ def _plots(out: Path, guided: list[dict], random: list[dict], curve: list[dict],
     ax.set_xscale("log")
     ax.set_xlabel("candidates sampled")
     ax.set_ylabel("accuracy (%)")
-    ax.set_title("Best candidate vs number of candidates (this run; cf. paper Table 6)")
+    ax.set_title("Best candidate vs number of candidates\n(this run; cf. paper Table 6)", fontsize=10)
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / "best_vs_candidates.png", dpi=120)

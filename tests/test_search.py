@@ -522,3 +522,11 @@ def test_every_preset_resolves_with_the_papers_numbers(preset):
         assert config["weight_reg"] == paper_l2[preset]
         assert config["tau"] == 0.2 and config["p_init"] == 0.1 and config["drop_reg"] == 1.0
         assert config["n_train"] == (1281167.0 if preset.startswith("imagenet") else 5e5)
+
+
+def test_an_auxiliary_weight_without_an_auxiliary_head_is_said(tmp_path, capsys):
+    run_search(small_config(aux_weight=0.4), seed=3, out_dir=tmp_path / "aux", progress=False)
+    assert ("note: aux_weight 0.4 set, but the digits-tiny super-network has no auxiliary head"
+            in capsys.readouterr().err)
+    run_search(small_config(), seed=3, out_dir=tmp_path / "plain", progress=False)
+    assert "aux_weight" not in capsys.readouterr().err

@@ -357,6 +357,10 @@ def _run_search(config: dict, *, seed: int, out_dir: Path, device: torch.device,
     check_shards(feed.train_batch_sizes(), parallel, train_images=feed.n_train, batch_size=config["batch_size"])
     torch.manual_seed(seed)  # the super-network's initial weights (the same on every rank)
     model = build_supernet(config, feed.num_classes).to(device)
+    if config["aux_weight"] > 0 and getattr(model, "aux", None) is None and main:
+        print(f"note: aux_weight {config['aux_weight']:g} set, but the {config['supernet']} super-network has no "
+              "auxiliary head (the ENAS cells' supernet_args aux_head): the loss has no auxiliary term",
+              file=sys.stderr)
     check_batchnorm_rows(model, configs.input_shape(config), feed.train_batch_sizes(), parallel,
                          sync_bn=config["sync_bn"])
     optimizer = make_optimizer(model, config)

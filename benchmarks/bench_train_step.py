@@ -1,7 +1,9 @@
 """Images per second of one posterior-training step (forward, loss with the regulariser, backward,
 Nesterov SGD step) for the paper's super-networks: the CIFAR ones at batch 128 (32x32) and D-121 at
 batch 64 (224x224); per backend that takes the device's tensors, eager and torch.compile, fp32 and
-bf16 autocast (bf16 on GPU only). Run from benchmarks/gpu_suite.sh; prints a markdown table.
+bf16 autocast (bf16 on GPU only). First, what a CIFAR step's inputs cost on the device: the batched
+augmentation of 128 resident uint8 images, the paper's and with AutoAugment's policy before it. Run from
+benchmarks/gpu_suite.sh; prints a markdown table.
 
     python3 benchmarks/bench_train_step.py --out DIR --time-budget 60     # on the GPU
     python3 benchmarks/bench_train_step.py --dry-run                      # tiny nets on CPU
@@ -21,6 +23,7 @@ import torch.nn.functional as F
 
 import pgnas_fast as pf
 from pgnas_fast import supernets
+from pgnas_fast.data import CIFAR_STATS, augmentation_draws, training_inputs
 from pgnas_fast.nn import dynamic_streams, network_regularizer, set_gates
 from pgnas_fast.ops.dispatch import resolve
 
@@ -36,6 +39,22 @@ NETWORKS = [  # name, batch, side, classes, tiny knobs for the dry run
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
+
+
+def measure_inputs(batch, *, autoaugment, device, steps) -> float:
+    """Images per second of the CIFAR training inputs (search/run.py's prepare_train) from uint8 images on
+    `device`: normalise, crop, flip, cutout, after the AutoAugment policy with `autoaugment`."""
+    images = torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8, device=device)
+    mean, std = CIFAR_STATS[10]
+    draws = [augmentation_draws(0, epoch, batch, device=device, autoaugment=autoaugment) for epoch in range(2 + steps)]
+    for epoch in range(2):  # warm-up: the policy's tables, the allocator
+        training_inputs(images, draws[epoch], mean, std, autoaugment=autoaugment)
+    _sync(device)
+    start = time.perf_counter()
+    for epoch in range(2, 2 + steps):
+        training_inputs(images, draws[epoch], mean, std, autoaugment=autoaugment)
+    _sync(device)
+    return batch * steps / (time.perf_counter() - start)
 
 
 def measure(name, batch, side, classes, knobs, *, device, backend, dtype, compiled, steps) -> float:
@@ -99,6 +118,13 @@ def main(argv=None) -> list[dict]:
              if not (dtype == "bf16" and device.type == "cpu") and not (compiled and args.dry_run)]
     deadline = STARTED + args.time_budget
     rows = []
+    batch = 4 if args.dry_run else 128
+    for autoaugment in (False, True):
+        name = "cifar inputs" + (" + autoaugment" if autoaugment else "")
+        rate = measure_inputs(batch, autoaugment=autoaugment, device=device, steps=1 if args.dry_run else 20)
+        rows.append({"network": name, "batch": batch, "backend": "-", "dtype": "uint8 in", "compiled": False,
+                     "images_per_second": rate})
+        print(rows[-1], flush=True)
     for dtype, compiled in plans:
         for name, batch, side, classes, knobs in NETWORKS:
             for backend in backends:

@@ -17,7 +17,8 @@ def test_rank_benchmark_dry_run(tmp_path):
 def test_train_step_benchmark_dry_run(tmp_path):
     rows = _load("bench_train_step").main(["--dry-run", "--out", str(tmp_path)])
     networks = {r["network"] for r in rows}
-    assert networks == {"supnet-m", "supnet-mi", "supnet-e", "supnet-ei", "supnet-d121"}
+    assert networks == {"cifar inputs", "cifar inputs + autoaugment", "supnet-m", "supnet-mi", "supnet-e", "supnet-ei",
+                        "supnet-d121"}
     assert all("error" not in r and r["images_per_second"] > 0 for r in rows), rows
     assert {r["backend"] for r in rows} >= {"reference"}
     assert (tmp_path / "train_step.json").is_file()

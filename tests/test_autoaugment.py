@@ -12,7 +12,8 @@ from scipy import stats
 
 from pgnas_fast.data import CIFAR_STATS, augment_batch, augmentation_draws, normalize, training_inputs
 from pgnas_fast.data import autoaugment as aa
-from pgnas_fast.data.augment import DRAWS, uniform_index
+from pgnas_fast.data.augment import DRAWS
+from pgnas_fast.data.uniforms import uniform_index
 from pgnas_fast.ops import philox_uniform
 from pgnas_fast.ops.streams import Domain, stream_id
 

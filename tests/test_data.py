@@ -34,7 +34,8 @@ from pgnas_fast.data import (
     normalize,
     padded_crop,
 )
-from pgnas_fast.data.augment import DRAWS, uniform_index
+from pgnas_fast.data.augment import DRAWS
+from pgnas_fast.data.uniforms import uniform_index
 from pgnas_fast.data.imagenet import load_eval_image, load_train_image, random_resized_crop_box
 
 CIFAR10_LAYOUT = ("cifar-10-batches-py", "data_batch_1", "data_batch_5", "test_batch", CIFAR_URL)

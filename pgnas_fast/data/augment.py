@@ -27,6 +27,7 @@ from ..ops import philox_uniform
 from ..ops.streams import Domain, stream_id
 from ..ops.transfer import to_device
 from .autoaugment import POLICY_DRAWS, apply_policy
+from .uniforms import uniform_bits, uniform_index
 
 # Per-channel statistics of each training set, on the 0..1 scale.
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -47,7 +48,7 @@ def epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
     redraws it, every machine draws the same, and all 64 bits of the seed count. Sorted stably: the
     rare equal keys (about n^2 / 2^49 pairs) keep index order."""
     u = philox_uniform(2 * n, seed=seed, stream=stream_id(Domain.ORDER, epoch), device="cpu").view(n, 2)
-    bits = torch.floor(u * (1 << 24)).long()  # each uniform's 24 bits
+    bits = uniform_bits(u)
     return torch.argsort((bits[:, 0] << 24) | bits[:, 1], stable=True)
 
 
@@ -70,12 +71,6 @@ def augmentation_draws(seed: int, epoch: int, count: int, *, first: int = 0, dev
     policy = philox_uniform(count * POLICY_DRAWS, seed=seed, stream=stream_id(Domain.AUTOAUGMENT, epoch),
                             offset=first * POLICY_DRAWS, device=device).view(count, POLICY_DRAWS)
     return torch.cat((draws, policy), 1)
-
-
-def uniform_index(u: torch.Tensor, high: int | torch.Tensor) -> torch.Tensor:
-    """int64 in [0, high) from uniforms u in (0, 1): floor(k * high / 2^24) with k = floor(u * 2^24), u's 24
-    bits, in integer arithmetic (exact, the same on every device); `high` broadcasts against u."""
-    return (torch.floor(u * (1 << 24)).long() * high) >> 24
 
 
 @functools.lru_cache(maxsize=32)

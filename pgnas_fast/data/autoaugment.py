@@ -33,6 +33,7 @@ import math
 import torch
 
 from ..ops.transfer import to_device
+from .uniforms import uniform_index
 
 # The release's good_policies(): exp0_0 .. exp0_3, exp1_0 .. exp1_6, exp2_0 .. exp2_7 in its order.
 CIFAR_POLICY: tuple[tuple[tuple[str, float, int], tuple[str, float, int]], ...] = (
@@ -267,8 +268,6 @@ def apply_policy(images: torch.Tensor, draws: torch.Tensor) -> tuple[torch.Tenso
     """(uint8 [N, 3, H, W], bool [N, 1, H, W] empty): each image through its sub-policy of CIFAR_POLICY,
     with its row of `draws` (float32 [N, POLICY_DRAWS] uniforms); `empty` marks the release's transparent
     pixels (the mean colour after normalisation). No host synchronisation."""
-    from .augment import uniform_index  # (augment imports this module)
-
     n, _, h, w = _check_images(images)
     if draws.shape != (n, POLICY_DRAWS):
         raise ValueError(f"draws must be [{n}, {POLICY_DRAWS}] (the policy's numbers per image), "

@@ -4,9 +4,9 @@ term of the config's posterior family (concrete or gaussian, see pgnas_fast.nn),
 Nesterov SGD with the config's schedule per step (cosine down to lr_min, step decay at milestones, or
 SGDR warm restarts: `learning_rate`), no weight decay (the regulariser replaces it),
 optional gradient-norm clipping. Every random number is a function of (seed, epoch, step): the data
-order from a generator seeded per epoch (feed.py), CIFAR's augmentation from the Philox stream of the
-epoch (data/augment.py), the gates and shake weights from the Philox streams of the step, so a run
-resumed from an epoch checkpoint continues exactly as if never stopped.
+order and CIFAR's augmentation from the Philox streams of the epoch (data/augment.py), the gates and
+shake weights from the Philox streams of the step, so a run resumed from an epoch checkpoint continues
+exactly as if never stopped.
 
 Data parallel (torchrun, see parallel.py): each rank trains on its rows of every global batch, with
 the random numbers of those rows, and DDP averages the gradients: the step a single process takes on

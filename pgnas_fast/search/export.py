@@ -170,8 +170,8 @@ def evaluate_export(directory: str | Path, *, split: str = "test", device: str =
     """Accuracy of an exported network on a split of its run's data (the torch.export artefact by
     default, else subnet.pt)."""
     from .materialize import load_subnet
-    from .io import check_data_record, data_dir_of
-    from .run import RunError, build_feed, data_fingerprint, load_data
+    from .io import data_dir_of
+    from .run import RunError, build_feed, load_recorded_data
 
     directory = Path(directory)
     for name in ("config.json", "model.pt2" if standalone else "subnet.pt"):
@@ -182,10 +182,7 @@ def evaluate_export(directory: str | Path, *, split: str = "test", device: str =
         config, seed = run_config["config"], run_config["seed"]
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise RunError(f"{str(directory / 'config.json')!r} is malformed: {err}") from None
-    data_dir = data_dir_of(directory, data_dir)
-    data = load_data(config, data_dir)
-    if data_dir is not None:
-        check_data_record(directory, data_dir, data_fingerprint(data))
+    data, _ = load_recorded_data(directory, config, data_dir_of(directory, data_dir))
     feed = build_feed(config, data, torch.device(device), seed=seed)
     if not standalone:
         net = load_subnet(directory, map_location=device).eval()

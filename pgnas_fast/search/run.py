@@ -144,6 +144,17 @@ def data_fingerprint(data: datasets.Splits | datasets.ImageNetIndex) -> str:
     return digest.hexdigest()[:16]
 
 
+def load_recorded_data(directory: Path, config: dict, data_dir, *, check: bool = True
+                       ) -> tuple[datasets.Splits | datasets.ImageNetIndex, str | None]:
+    """(data, its fingerprint; None for the embedded digits) from `data_dir`; with `check`, refused when
+    `directory`'s data.json (a run's or an export's) records other data."""
+    data = load_data(config, data_dir)
+    fingerprint = None if data_dir is None else data_fingerprint(data)
+    if check:
+        check_data_record(directory, data_dir, fingerprint)
+    return data, fingerprint
+
+
 def build_feed(config: dict, data, device: torch.device, *, seed: int, smoke: bool = False,
                parallel: Parallel = SINGLE_PROCESS):
     limits = {"max_steps": SMOKE_STEPS, "max_eval_batches": SMOKE_EVAL_BATCHES} if smoke else {}
@@ -248,10 +259,7 @@ def load_run(run_dir: str | Path, *, device: str = "cpu", data_dir: str | Path |
         raise RunError(f"{str(run_dir / 'checkpoint.pt')!r} does not belong to this run's config.json")
     if config["threads"]:  # the count the search ran with (digits: 1, faster there than 2 on its small passes)
         torch.set_num_threads(config["threads"])
-    data_dir = data_dir_of(run_dir, data_dir)
-    data = load_data(config, data_dir)
-    fingerprint = None if data_dir is None else data_fingerprint(data)
-    check_data_record(run_dir, data_dir, fingerprint)
+    data, fingerprint = load_recorded_data(run_dir, config, data_dir_of(run_dir, data_dir))
     try:
         model = rebuild_for_evaluation(config, data.num_classes, state["model"], device).eval()
     except RuntimeError as err:
@@ -349,10 +357,7 @@ def _run_search(config: dict, *, seed: int, out_dir: Path, device: torch.device,
                   "random_baseline": min(config["random_baseline"], SMOKE_CANDIDATES)}
     if resume:  # the run's own data directory (data.json), unless given again; kept for the readers of the run
         data_dir = data_dir_of(out_dir, data_dir)
-    data = load_data(config, data_dir)
-    fingerprint = None if data_dir is None else data_fingerprint(data)
-    if resume:
-        check_data_record(out_dir, data_dir, fingerprint)
+    data, fingerprint = load_recorded_data(out_dir, config, data_dir, check=resume)
     feed = build_feed(config, data, device, seed=seed, smoke=smoke, parallel=parallel)
     check_shards(feed.train_batch_sizes(), parallel, train_images=feed.n_train, batch_size=config["batch_size"])
     torch.manual_seed(seed)  # the super-network's initial weights (the same on every rank)

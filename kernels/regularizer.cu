@@ -104,8 +104,9 @@ __global__ void regularizer_kernel(void* result, int result_double, double* part
     const pgnas_reg_segment s = segs[find_segment(segs, n_segs, c, ChannelBegin())];
     const double z = load_logit(s, c - s.channel_begin);
     const double p = 1.0 / (1.0 + exp(-z));
-    // H'(p) from the logit, 1 - p as sigmoid(-z): a subtraction from 1 cancels for p near 1
-    acc += drop_coef * (p * log_sigmoid(z) + 1.0 / (1.0 + exp(z)) * log_sigmoid(-z));
+    // H'(p) from the logit, 1 - p as sigmoid(-z): a subtraction from 1 cancels for p near 1; at p
+    // exactly 0 or 1 (z infinite) the limit 0, not 0 * inf
+    if (!isinf(z)) acc += drop_coef * (p * log_sigmoid(z) + 1.0 / (1.0 + exp(z)) * log_sigmoid(-z));
   }
   const double total = block_sum(acc);
   __shared__ bool last;
@@ -161,7 +162,8 @@ __global__ void regularizer_backward_kernel(const void* grad, int grad_double, v
     }
     const double z = load_logit(s, c);
     const double p = 1.0 / (1.0 + exp(-z)), keep_prob = 1.0 / (1.0 + exp(z));
-    const double dz = g * p * keep_prob * (drop_coef * z - weight_coef * sq);
+    // 0 at an infinite z (p (1 - p) is 0 there; the formula would give 0 * inf)
+    const double dz = isinf(z) ? 0.0 : g * p * keep_prob * (drop_coef * z - weight_coef * sq);
     store_gate(grad_p_logits, s.p_logit_double, gc, dz);  // the flat buffer is indexed by the global channel
   }
 }

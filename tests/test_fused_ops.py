@@ -288,6 +288,32 @@ def test_norm_relu_conv_fused_equals_the_module_composition(training, momentum):
                                        atol=1e-6)
 
 
+def test_norm_relu_conv_in_training_has_first_derivatives_only():
+    """The fused training path's backward is a kernel plus BatchNorm's statistics: with create_graph=True
+    its first derivatives are the usual ones, and differentiating them again raises, whichever input
+    (before, the kernel's share of a second derivative was left out silently)."""
+    backends = _fused_backends()
+    if not backends:
+        pytest.skip("no live backend implements affine_relu_gate natively")
+    for backend in backends:
+        norm, conv = _pair(6, 5, backend, 0)
+        holder = nn.Module()
+        holder.norm, holder.conv = norm, conv
+        x = (torch.randn(4, 6, 7, 7, generator=torch.Generator().manual_seed(3)) * 2 + 0.5).requires_grad_()
+        leaves = [x, norm.weight, norm.bias, conv.p_logit]
+        firsts = []
+        for create_graph in (False, True):
+            set_gates(holder, "relaxed", seed=SEED, step=3)
+            out = norm_relu_conv(norm, conv, x)
+            firsts.append(torch.autograd.grad((out * torch.cos(out.detach())).sum(), leaves, create_graph=create_graph))
+        for plain, graphed in zip(*firsts):
+            assert torch.equal(plain, graphed.detach()), backend
+        for g in firsts[1]:
+            for leaf in leaves:
+                with pytest.raises(RuntimeError, match="affine_relu_gate has no second derivative"):
+                    torch.autograd.grad(g.sum(), leaf, retain_graph=True, allow_unused=True)
+
+
 def test_norm_relu_conv_takes_the_fused_op_only_for_relaxed_concrete_gates(monkeypatch):
     backends = _fused_backends()
     if not backends:

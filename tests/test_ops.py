@@ -817,16 +817,18 @@ def test_regularizer_channels_last_weights_are_not_copied(backend, monkeypatch):
 @pytest.mark.parametrize("gate_dtype", [torch.float32, torch.float64])
 def test_regularizer_extreme_p_logits_are_finite(backend, gate_dtype):
     gen = torch.Generator().manual_seed(18)
-    weight = torch.randn(6, 4, 3, 3, generator=gen, requires_grad=True)
-    p_logit = torch.tensor([-1000.0, -40.0, 40.0, 1000.0], dtype=gate_dtype, requires_grad=True)
+    weight = torch.randn(6, 6, 3, 3, generator=gen, requires_grad=True)
+    # p = 0 and p = 1 exactly (infinite logits) too: H' is 0 there, its limit, and so is its derivative
+    p_logit = torch.tensor([-math.inf, -1000.0, -40.0, 40.0, 1000.0, math.inf], dtype=gate_dtype, requires_grad=True)
     r = pf.ops.regularizer([weight], [p_logit], weight_reg=10.0, drop_reg=1.0, n_train=100.0, backend=backend)
     r.backward()
     assert torch.isfinite(r) and torch.isfinite(weight.grad).all() and torch.isfinite(p_logit.grad).all()
     # p -> 0 keeps the whole weight term and H'(0) = 0; p -> 1 removes both terms
     sq = weight.detach().double().square().sum((0, 2, 3))
-    expected = 10.0 / 100.0 * (sq[0] + sq[1] * (1 - math.exp(-40.0)) + sq[2] * math.exp(-40.0))
+    expected = 10.0 / 100.0 * (sq[0] + sq[1] + sq[2] * (1 - math.exp(-40.0)) + sq[3] * math.exp(-40.0))
     assert r.item() == pytest.approx(expected.item(), rel=1e-5)
-    expected_dw = 2 * 10.0 / 100.0 * weight.detach() * torch.tensor([1.0, 1.0, 0.0, 0.0]).view(1, 4, 1, 1)
+    kept = torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0, 0.0]).view(1, 6, 1, 1)
+    expected_dw = 2 * 10.0 / 100.0 * weight.detach() * kept
     torch.testing.assert_close(weight.grad, expected_dw, rtol=1e-5, atol=1e-12)
     assert p_logit.grad.abs().max().item() < 1e-10  # sigmoid' vanishes at +-40 and beyond
 
@@ -968,6 +970,45 @@ def test_eager_calls_equal_the_custom_ops_bit_for_bit(backend):
     autograd.Function); values and gradients must be the custom op's exactly, for every op, lists of
     tensors included (branch_combine's ys, the regulariser's weights)."""
     _assert_eager_calls_equal_the_custom_ops(backend)
+
+
+def test_a_second_derivative_through_an_op_raises_instead_of_being_zero(backend):
+    """The backward ops are kernels without a derivative of their own. With create_graph=True every op's
+    first derivatives are the usual ones, and differentiating them again, with respect to any input,
+    raises (torch's once_differentiable let such a second derivative come out as zero whenever the
+    incoming gradient was a constant)."""
+    checked = set()
+    for k, (name, args) in enumerate(_every_op_case(backend, "cpu")):
+        leaves = [t for a in args for t in (a if isinstance(a, list) else [a])
+                  if isinstance(t, torch.Tensor) and t.requires_grad]
+        if name.endswith("_backward") or not leaves:
+            continue
+        _, plain = _outputs_and_grads(lambda *a, name=name: _library.call(name, *a), args, k)
+        with torch.enable_grad():
+            outs = _library.call(name, *args)
+            outs = [o for o in (outs if isinstance(outs, (tuple, list)) else [outs]) if isinstance(o, torch.Tensor)]
+            gen = torch.Generator().manual_seed(k)
+            loss = sum((o.double() * torch.randn(o.shape, generator=gen, dtype=torch.float64)).sum() for o in outs)
+            first = torch.autograd.grad(loss, leaves, allow_unused=True, create_graph=True)
+        assert [g is None for g in first] == [g is None for g in plain], name
+        for got, want in zip(first, plain):
+            assert got is None or torch.equal(got.detach(), want), name
+        # the exact second derivatives that are zero: gates that are constant in p (hard, full), and those
+        # of an input added to the output as it is (branch_combine's skip, gaussian_noise's mu: their
+        # gradient is the incoming one); everywhere else it must raise
+        constant = name == "candidate_keep" or "hard" in args or "full" in args
+        skip = {"branch_combine": args[2], "gaussian_noise": args[0]}.get(name)
+        for g, wrt in zip(first, leaves):
+            for leaf in leaves if g is not None else []:
+                try:
+                    second = torch.autograd.grad(g.double().sum(), leaf, retain_graph=True, allow_unused=True)[0]
+                except RuntimeError as err:
+                    assert f"{name} has no second derivative" in str(err), (name, err)
+                    continue
+                assert constant or skip is not None and (wrt is skip or leaf is skip), name
+                assert second is None or not second.any(), name
+        checked.add(name)
+    assert checked == {n for n in _library._autograd}, checked
 
 
 @pytest.mark.gpu

@@ -395,7 +395,8 @@ inline double regularizer_value(const std::vector<RegSegment>& segs, const RegTa
       const double z = load_logit(segs[k], c);
       const double p = 1.0 / (1.0 + std::exp(-z));  // not 1 - keep_prob: exact for tiny p
       weight_term += t.keep_prob[t.channel_begin[k] + c] * sq[t.channel_begin[k] + c];
-      entropy += p * log_sigmoid(z) + 1.0 / (1.0 + std::exp(z)) * log_sigmoid(-z);  // 1 - p without cancelling
+      // 1 - p without cancelling; at p exactly 0 or 1 (z infinite) the limit 0, not 0 * inf
+      if (!std::isinf(z)) entropy += p * log_sigmoid(z) + 1.0 / (1.0 + std::exp(z)) * log_sigmoid(-z);
     }
   return weight_reg / n_train * weight_term + drop_reg / n_train * entropy;
 }
@@ -416,7 +417,9 @@ inline std::vector<double> regularizer_gradients(const std::vector<RegSegment>& 
       const double z = load_logit(s, c);
       const double kp = t.keep_prob[t.channel_begin[k] + c];
       const double p = 1.0 / (1.0 + std::exp(-z));
-      const double dz = grad * p * kp * (drop_reg / n_train * z - weight_reg / n_train * sq[t.channel_begin[k] + c]);
+      // 0 at an infinite z (p (1 - p) is 0 there; the formula would give 0 * inf)
+      const double dz = std::isinf(z) ? 0.0
+          : grad * p * kp * (drop_reg / n_train * z - weight_reg / n_train * sq[t.channel_begin[k] + c]);
       store_gate(s.grad_p_logit, s.p_logit_double, c, dz);
     }
   }

@@ -80,6 +80,14 @@ class _TrainingNormReluGate(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        with torch.no_grad():
+            grads = _TrainingNormReluGate._gradients(ctx, grad)
+        if torch.is_grad_enabled():  # create_graph=True
+            grads = _library.no_second_derivative("affine_relu_gate", grads, (grad, *ctx.saved_tensors))
+        return (*grads, None, None)
+
+    @staticmethod
+    def _gradients(ctx, grad):
         x, w, p_logit, mean, rstd, scale, shift = ctx.saved_tensors
         seed, stream, tau, offset, backend = ctx.gate
         grad_x, grad_scale, grad_shift, grad_p = _library.call(
@@ -95,7 +103,7 @@ class _TrainingNormReluGate(torch.autograd.Function):
         grad_weight = grad_bias = None
         if ctx.has_affine:
             grad_weight, grad_bias = (grad_scale - grad_shift * mean) * rstd, grad_shift
-        return grad_x, grad_weight, grad_bias, grad_p, None, None
+        return [grad_x, grad_weight, grad_bias, grad_p]
 
 
 def _memory_format(x: torch.Tensor) -> torch.memory_format:

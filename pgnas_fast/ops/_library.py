@@ -14,7 +14,6 @@ import torch
 from torch import Tensor
 from torch._library.custom_ops import CustomOpDef
 from torch._utils import _unflatten_dense_tensors
-from torch.autograd.function import once_differentiable
 
 from ..reference import common_dtype, math_dtype, stacked_empty_like
 from .dispatch import implementation, own_implementation
@@ -49,7 +48,8 @@ def call(name: str, *args):
     backward): they run the op's body, through `_Eager` when a gradient is wanted, with the same
     formulas as the custom op's autograd. Under torch.compile or export, inside a TorchDispatchMode
     (fake tensors, FLOP counters) and under torch.func transforms, the custom op runs: the graph holds
-    one opaque op.
+    one opaque op (torch's custom-op autograd does not support torch.func's gradient transforms, grad,
+    jacrev, hessian: they raise).
     """
     if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
             or torch._C._are_functorch_transforms_active()):
@@ -115,16 +115,38 @@ class _Eager(torch.autograd.Function):
         return output
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad):
-        grads = _autograd[ctx.op][1](ctx, grad)
+        with torch.no_grad():
+            grads = _autograd[ctx.op][1](ctx, grad)
         leaves = []
         for length, g in zip(ctx.structure, grads):
             if length < 0:
                 leaves.append(g)
             else:
                 leaves.extend(g if g is not None else [None] * length)
+        if torch.is_grad_enabled():  # create_graph=True: the gradients may be differentiated again
+            leaves = no_second_derivative(ctx.op, leaves, (grad, *ctx.saved_tensors))
         return (None, None, *leaves)
+
+
+def no_second_derivative(op: str, grads: list, inputs) -> list:
+    """`grads` (create_graph=True) as tensors whose backward raises: the backward ops are kernels with no
+    derivative of their own. Hung on what they were computed from (`inputs`: the incoming gradient and
+    the saved tensors), so that a second derivative with respect to anything upstream runs into the
+    error rather than around it (torch's once_differentiable raises only when the incoming gradient
+    needs a gradient, and otherwise lets a second derivative through the op come out as zero)."""
+    positions = [i for i, g in enumerate(grads) if isinstance(g, Tensor)]
+    if not positions:
+        return grads
+    upstream = [t for t in inputs if isinstance(t, Tensor) and t.requires_grad]
+    error = torch._C._functions.DelayedError(
+        f"pgnas_fast op {op} has no second derivative (its backward is a kernel): differentiate through it "
+        "once (create_graph=False)".encode(), len(positions) + len(upstream))
+    wrapped = error(*[grads[i].detach().requires_grad_() for i in positions], *upstream)
+    out = list(grads)
+    for i, tensor in zip(positions, wrapped if isinstance(wrapped, tuple) else (wrapped,)):
+        out[i] = tensor
+    return out
 
 
 # ---- philox_uniform -------------------------------------------------------------------------------
@@ -345,9 +367,7 @@ def _(grad, ys, weights, backward_weights, backend):
 
 def _branch_combine_setup(ctx, inputs, output):
     ys, weights, skip, backward_weights, ctx.backend = inputs
-    ctx.n_branches = len(ys)
     ctx.has_skip = skip is not None
-    ctx.has_backward_weights = backward_weights is not None
     ctx.save_for_backward(weights, backward_weights, *ys)
 
 

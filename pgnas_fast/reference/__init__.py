@@ -221,9 +221,11 @@ def _keep_prob_per_weight(keep_prob: torch.Tensor, weight: torch.Tensor) -> torc
 
 
 def _neg_entropy(p_logit: torch.Tensor) -> torch.Tensor:
-    """H'(p) = p log p + (1 - p) log(1 - p) from the logit: finite for p at 0 or 1, and 1 - p taken as
-    sigmoid(-logit), which keeps its digits where a subtraction from 1 would cancel (p near 1)."""
-    return torch.sigmoid(p_logit) * F.logsigmoid(p_logit) + torch.sigmoid(-p_logit) * F.logsigmoid(-p_logit)
+    """H'(p) = p log p + (1 - p) log(1 - p) from the logit: finite for p near 0 or 1, and 1 - p taken as
+    sigmoid(-logit), which keeps its digits where a subtraction from 1 would cancel (p near 1). At p
+    exactly 0 or 1 (an infinite logit) it is its limit, 0, where the formula would give 0 * inf."""
+    value = torch.sigmoid(p_logit) * F.logsigmoid(p_logit) + torch.sigmoid(-p_logit) * F.logsigmoid(-p_logit)
+    return value.masked_fill(p_logit.isinf(), 0.0)
 
 
 def regularizer(
@@ -260,8 +262,9 @@ def regularizer_backward(
         scale = g * (2.0 * weight_reg / n_train)
         torch.mul(scale * _keep_prob_per_weight(keep_prob, weight), weight.to(dtype), out=grad_w.view(weight.shape))
         sq = _squared_norm_per_input_channel(weight, z.shape[0], dtype)
-        # d/dz (1 - p) = -p (1 - p);  d/dz H'(p) = logit(p) * p (1 - p) = z p (1 - p)
-        grad_p_logits.append(g * (p * keep_prob) * ((drop_reg / n_train) * z - (weight_reg / n_train) * sq))
+        # d/dz (1 - p) = -p (1 - p);  d/dz H'(p) = logit(p) * p (1 - p) = z p (1 - p), 0 at an infinite z
+        grad_z = g * (p * keep_prob) * ((drop_reg / n_train) * z - (weight_reg / n_train) * sq)
+        grad_p_logits.append(grad_z.masked_fill(z.isinf(), 0.0))
     return grad_weights, torch.cat(grad_p_logits)
 
 

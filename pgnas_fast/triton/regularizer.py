@@ -44,6 +44,11 @@ def log_sigmoid(z):
 
 
 @triton.jit
+def _infinite(z):
+    return tl.abs(z) == float("inf")
+
+
+@triton.jit
 def _layer(table_ptr, layer, w_like, p_like):
     """One layer's row; the stored addresses become pointers typed like w_like / p_like (pointer
     arguments of the weight and gate dtypes)."""
@@ -93,6 +98,7 @@ def _regularizer_kernel(table_ptr, blocks_ptr, partial_ptr, counter_ptr, out_ptr
     ls_neg = log_sigmoid(-z)  # log (1 - p)
     keep_prob = tl.exp(ls_neg)
     neg_entropy = tl.exp(ls_pos) * ls_pos + keep_prob * ls_neg  # H'(p) = p log p + (1 - p) log (1 - p)
+    neg_entropy = tl.where(_infinite(z), 0.0, neg_entropy)  # its limit at p exactly 0 or 1, not 0 * inf
     term = tl.where(cmask, wr * keep_prob * sq + dr * neg_entropy, 0.0)
     tables.sum_when_last(partial_ptr, tl.sum(term, axis=0), counter_ptr, out_ptr, n_programs, G_TYPE)
 
@@ -119,7 +125,8 @@ def _p_logit_grad_block(w, p_ptr, gp, start, C, J, opg, K, g, wr, dr, G_TYPE: tl
     sq = _squared_norm_per_input_channel(w, c, cmask, J, opg, K, G_TYPE, BLOCK_C, BLOCK_R)
     p = 1.0 / (1.0 + tl.exp(-z))
     keep_prob = 1.0 / (1.0 + tl.exp(z))
-    tl.store(gp + c, g * (p * keep_prob) * (dr * z - wr * sq), mask=cmask)
+    grad_z = tl.where(_infinite(z), 0.0, g * (p * keep_prob) * (dr * z - wr * sq))  # p (1 - p) = 0 at z = +-inf
+    tl.store(gp + c, grad_z, mask=cmask)
 
 
 @triton.jit

@@ -180,8 +180,12 @@ def test_conv_state_dict_layout(deterministic, bias):
         u = m.unif_noise_variable
         assert isinstance(u, nn.Parameter) and not u.requires_grad
         assert u.shape == (1, 6, 1, 1) and torch.equal(u, torch.zeros(1, 6, 1, 1))
+        # the authors' second name for the same storage: a candidate's noise written through it is used
+        m.unif_noise_var.uniform_(0, 1, generator=torch.Generator().manual_seed(2))
+        assert torch.equal(m.unif_noise_variable, m.unif_noise_var) and m.unif_noise_variable.any()
+        assert "unif_noise_var" not in m.state_dict()
     else:
-        assert not hasattr(m, "unif_noise_variable")
+        assert not hasattr(m, "unif_noise_variable") and not hasattr(m, "unif_noise_var")
     names = {name for name, _ in m.named_parameters()}
     assert names == set(keys)  # everything in the state dict is a Parameter (no buffers)
 
@@ -329,7 +333,7 @@ def test_grouped_conv_klreg_per_input_channel():
 
 
 def test_klreg_finite_at_extreme_p():
-    for z in (-60.0, 60.0):
+    for z in (-60.0, 60.0, -math.inf, math.inf):  # p exactly 0 and 1 too
         m = Conv2d_with_CD(3, 2, 1, deterministic=False)
         lin = Linear_with_CD(3, 2)
         with torch.no_grad():
@@ -576,6 +580,17 @@ def test_bad_split_pattern():
         Conv2d_with_CD(4, 2, 1, split=2)  # split > 1 needs a pattern
     with pytest.raises(ValueError, match="split"):
         Linear_with_CD(4, 2, split=0)
+    for pattern in ([-2, 16], [0, 14], [2.5, 11.5], [True, 13]):  # sums to 14, but not channel counts
+        with pytest.raises(ValueError, match=r"split_pattern must hold channel counts \(ints >= 1\)"):
+            Conv2d_with_CD(14, 2, 1, split=2, split_pattern=pattern)
+
+
+def test_regularisation_strengths_beyond_float32_are_named_at_construction():
+    for name in ("weight_reg", "drop_reg"):
+        for layer in (lambda **k: Conv2d_with_CD(3, 2, 1, **k), lambda **k: Linear_with_CD(3, 2, **k)):
+            with pytest.raises(ValueError, match=f"{name} must be <= 4.35959e\\+44 .*got 1e\\+300"):
+                layer(**{name: 1e300})
+            layer(**{name: 1e40}).KLreg  # large but inside float32 once divided by N
 
 
 def test_split_expansion_reads_entries_0_and_1_only():

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from .. import ops
 from ..nn.gated import check_conv_input, check_linear_input, gate_precision, logit
+from ..ops import FLOAT32_MAX
 from ..ops.dispatch import check_backend_name
 from ..ops.streams import Domain, stream_id
 
@@ -62,6 +63,9 @@ def _check_regs(weight_reg, drop_reg, where: str) -> tuple[float, float]:
         number = _real(name, value, where)
         if not (math.isfinite(number) and number >= 0):
             raise ValueError(f"{where}: {name} must be a finite number >= 0, got {value!r}")
+        if number / TRAINING_SIZE > FLOAT32_MAX:  # (the layer's coefficient is value / TRAINING_SIZE, in float32)
+            raise ValueError(f"{where}: {name} must be <= {FLOAT32_MAX * TRAINING_SIZE:.6g} (float32's largest times "
+                             f"the authors' N = {TRAINING_SIZE:.0f}), got {value!r}")
         out.append(number)
     return out[0], out[1]
 
@@ -71,12 +75,25 @@ def _has_pattern(split_pattern) -> bool:
     return split_pattern is not None and len(split_pattern) > 0
 
 
+def _is_channel_count(n) -> bool:
+    """A whole number >= 1 (python, numpy or 0-dim tensor; not a bool)."""
+    if isinstance(n, bool):
+        return False
+    try:
+        value = float(n)
+    except (TypeError, ValueError, RuntimeError):
+        return False
+    return value.is_integer() and value >= 1
+
+
 def _check_split(split: int, split_pattern, channels: int, where: str) -> int:
     """`split` as an int (numpy integers too, as the authors' code takes them), checked with its pattern."""
     if isinstance(split, bool) or not isinstance(split, numbers.Integral) or split < 1:
         raise ValueError(f"{where}: split must be an int >= 1, got {split!r}")
     split = int(split)
     if _has_pattern(split_pattern):
+        if not all(_is_channel_count(n) for n in split_pattern):
+            raise ValueError(f"{where}: split_pattern must hold channel counts (ints >= 1), got {list(split_pattern)}")
         if len(split_pattern) != split or sum(split_pattern) != channels:
             raise ValueError(
                 f"{where}: split_pattern must have split={split} entries summing to {channels}, "
@@ -170,6 +187,12 @@ class Conv2d_with_CD(nn.Conv2d):  # noqa: N801 (the authors' name)
         if input.dim() == 3:  # unbatched, like nn.Conv2d: one row of gates
             return self.forward(input.unsqueeze(0)).squeeze(0)
         return self._conv_forward(self._concrete_dropout(input), self.weight, self.bias)
+
+    @property
+    def unif_noise_var(self) -> torch.Tensor:
+        """The authors' second name for unif_noise_variable's storage (their code writes a candidate's
+        noise through either); deterministic layers only."""
+        return self.unif_noise_variable.data
 
     @property
     def KLreg(self) -> torch.Tensor:  # noqa: N802

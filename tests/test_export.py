@@ -17,8 +17,9 @@ from pgnas_fast import configs, supernets
 from pgnas_fast.cli import main
 from pgnas_fast.nn import GatedConv2d, GatedLinear, candidate_masks, gated_layers, set_gates
 from pgnas_fast.search import run_search
-from pgnas_fast.search.materialize import (MaskedConv2d, SlicedConv2d, SlicedLinear, ZeroInput, count_parameters,
-                                          materialize, materialize_all_channels)
+from pgnas_fast.search.materialize import (MaskedConv2d, SlicedConv2d, SlicedLinear, ZeroInput, materialize,
+                                          materialize_all_channels)
+from pgnas_fast.supernets.info import count_parameters
 
 TINY = {  # family: (constructor knobs, input side, input channels)
     "digits-tiny": (dict(), 8, 1),
@@ -64,6 +65,21 @@ def test_materialized_subnet_equals_the_masked_supernet(name):
         torch.testing.assert_close(subnet(x), expected, rtol=1e-5, atol=1e-5)
         exported = torch.export.export(subnet, (x,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
         torch.testing.assert_close(exported.module()(x), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["digits-tiny", "supnet-e", "supnet-r50"])
+def test_a_float64_super_network_materializes_in_float64(name):
+    """The sliced and plain layers take the super-network's dtype (and device), not torch's defaults."""
+    model, x = _tiny(name)
+    model, x = model.double(), x.double()
+    masks = candidate_masks(model, 5, 3)
+    set_gates(model, "hard", masks=masks)
+    with torch.no_grad():
+        expected = model(x)
+    subnet = materialize(model, masks)
+    assert {t.dtype for t in [*subnet.parameters(), *subnet.buffers()] if t.is_floating_point()} == {torch.float64}
+    with torch.no_grad():  # (the super-network's eval branch weights are float32 whatever the data: 1e-8)
+        torch.testing.assert_close(subnet(x), expected, rtol=1e-7, atol=1e-7)
 
 
 @pytest.mark.parametrize("name", sorted(TINY))
@@ -118,6 +134,38 @@ def test_a_run_that_feeds_only_a_deleted_layer_goes_whole():
     assert count_parameters(subnet) < whole - model.stages[1][0].branches[0][1].weight.numel()
     with torch.no_grad():
         torch.testing.assert_close(subnet(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_all_that_feeds_a_deleted_layer_in_its_sequential_goes():
+    """ENAS's separable op (ReLU - depthwise - gated pointwise - BN, twice) whose second pointwise keeps
+    nothing: the first half went too, not only the run back to the first pointwise (the first half's
+    gather, ReLU and depthwise conv computed a map only its size was read from)."""
+    model, _ = _tiny("supnet-e")
+    sep = next(name for name, m in model.named_modules() if type(m).__name__ == "SepConv")
+    masks = candidate_masks(model, 5, 3)
+    masks[f"{sep}.6"] = torch.zeros_like(masks[f"{sep}.6"])
+    subnet = materialize(model, masks)
+    assert [type(m).__name__ for m in subnet.get_submodule(sep)][:7] == ["Identity"] * 6 + ["ZeroInput"]
+    set_gates(model, "hard", masks=masks)
+    for side in (32, 31):  # (an odd side: the reduction cells' strided sizes must come out the same)
+        x = torch.randn(3, 3, side, side, generator=torch.Generator().manual_seed(side))
+        with torch.no_grad():
+            torch.testing.assert_close(subnet(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_deleted_layer_keeps_the_map_size_of_the_strides_and_pools_it_absorbed():
+    torch.manual_seed(4)
+    net = torch.nn.Sequential(
+        GatedConv2d(3, 8, 3, stride=2, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+        torch.nn.MaxPool2d(3, 2, padding=1), torch.nn.AvgPool2d(2), GatedConv2d(8, 5, 3, dilation=2, padding=1)).eval()
+    masks = {"0": torch.ones(3), "5": torch.zeros(8)}
+    subnet = materialize(net, masks)
+    assert [type(m).__name__ for m in subnet] == ["Identity"] * 5 + ["ZeroInput"]
+    set_gates(net, "hard", masks=masks)
+    for side in (37, 40, 45):
+        x = torch.randn(2, 3, side, side)
+        with torch.no_grad():
+            torch.testing.assert_close(subnet(x), net(x))
 
 
 def test_training_only_modules_leave_the_subnet():
@@ -273,6 +321,9 @@ def test_standalone_artefact_needs_no_pgnas_fast(searched, tmp_path):
     (["export", "RUN", "--candidate", "-1", "--out", "OUT"], "--candidate: must be an integer >= 0"),
     (["evaluate", "/nonexistent/export"], "is not an export directory"),
     (["export", "RUN", "--out", "RUN"], "--out must not be the run directory"),
+    (["export", "RUN", "--rank", "search", "--out", "OUT"],
+     "rank-search/ holds the search's own ranking log, not a `pgnas-fast rank`; the search's best candidate is the "
+     "run's architecture.json, which export takes without --rank"),
 ])
 def test_export_and_evaluate_bad_input(capsys, searched, tmp_path, argv, message):
     argv = [str(searched) if a == "RUN" else str(tmp_path / "out") if a == "OUT" else a for a in argv]
@@ -293,6 +344,29 @@ def test_export_into_another_run_directory_is_refused(capsys, searched, tmp_path
     assert main(["export", str(searched), "--candidate", "7", "--out", str(tmp_path / "export")]) == 0
     assert main(["export", str(searched), "--candidate", "8", "--out", str(tmp_path / "export")]) == 0
     assert json.loads((tmp_path / "export" / "architecture.json").read_text())["candidate"] == 8
+
+
+def test_an_export_directory_taken_again_holds_only_the_new_export_s_files(capsys, searched, tmp_path):
+    """A data.json left by an export of a run that read --data-dir would make evaluate read that data."""
+    out = tmp_path / "export"
+    assert main(["export", str(searched), "--candidate", "7", "--out", str(out)]) == 0
+    (out / "data.json").write_text(json.dumps({"data_dir": str(tmp_path / "cifar"), "fingerprint": "0" * 16}))
+    assert main(["export", str(searched), "--candidate", "8", "--out", str(out)]) == 0
+    assert not (out / "data.json").exists()
+    capsys.readouterr()
+    assert main(["evaluate", str(out)]) == 0
+
+
+def test_evaluate_of_an_export_mixing_two_exports_files_is_a_one_line_error(capsys, searched, tmp_path):
+    out = tmp_path / "export"
+    assert main(["export", str(searched), "--out", str(out)]) == 0
+    summary = json.loads((out / "export.json").read_text())
+    (out / "export.json").write_text(json.dumps({**summary, "input_size": [3, 32, 32]}))  # another export's
+    capsys.readouterr()
+    assert main(["evaluate", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "takes images of [3, 32, 32] (export.json), its config.json's data set gives [1, 8, 8]" in err
+    assert err.count("\n") == 1
 
 
 def test_export_into_the_run_directory_leaves_the_search_s_architecture(capsys, searched):
@@ -327,7 +401,8 @@ def test_export_refuses_an_incompatible_checkpoint(capsys, searched, tmp_path):
 @pytest.mark.parametrize("content, message", [
     ('{"cand', "architecture.json' is malformed (JSONDecodeError"),
     ('{"score": 0.5}', "architecture.json' is malformed (KeyError"),
-    ('{"candidate": "abc"}', "architecture.json' names candidate 'abc', not an id: pass --candidate"),
+    ('{"candidate": "abc"}', "architecture.json' names candidate 'abc', not an id in [0, 2^40): pass --candidate"),
+    ('{"candidate": -3}', "architecture.json' names candidate -3, not an id in [0, 2^40): pass --candidate"),
 ])
 def test_export_of_a_corrupt_architecture_is_a_one_line_error(capsys, searched, tmp_path, content, message):
     import shutil

@@ -417,7 +417,7 @@ def test_export_refuses_an_architecture_naming_a_bool_candidate(finished_run, tm
     run = tmp_path / "run"
     shutil.copytree(finished_run[0], run)
     (run / "architecture.json").write_text('{"candidate": true}')
-    with pytest.raises(RunError, match="names candidate True, not an id: pass --candidate"):
+    with pytest.raises(RunError, match="names candidate True, not an id in \\[0, 2\\^40\\): pass --candidate"):
         export_candidate(run, tmp_path / "export")
 
 

@@ -52,7 +52,8 @@ def architecture_record(model: nn.Module, masks: Mapping[str, torch.Tensor], *, 
 def export_candidate(run_dir: str | Path, out: str | Path, *, candidate: int | None = None, rank_tag: str | None = None,
                      bn_recalibrate: int | None = None, device: str = "cpu", data_dir=None) -> dict:
     """Materialize a candidate of a run into an export directory: subnet.pt, model.pt2 (torch.export),
-    architecture.json, config.json and export.json (sizes before and after).
+    architecture.json, config.json, export.json (sizes before and after) and, when the run read a
+    --data-dir, its data.json.
 
     The candidate: `candidate`, else the best of `pgnas-fast rank --tag rank_tag`, else the search's
     best. `bn_recalibrate` N > 0: the network keeps BatchNorm statistics recomputed for the candidate
@@ -63,9 +64,8 @@ def export_candidate(run_dir: str | Path, out: str | Path, *, candidate: int | N
     from ..nn.batchnorm import recalibrate_batchnorm
     from ..ops.streams import MAJOR_LIMIT
     from ..supernets.info import describe
-    from .io import data_dir_of, write_data_record, write_json
-    # (load_subnet: the reader of this layout)
-    from .materialize import load_subnet, materialize, materialize_all_channels  # noqa: F401
+    from .io import DATA_FILE, data_dir_of, write_data_record, write_json
+    from .materialize import materialize, materialize_all_channels
     from .feed import checked_recalibration_images
     from .rank import accuracy
     from .run import RunError, load_run
@@ -95,8 +95,9 @@ def export_candidate(run_dir: str | Path, out: str | Path, *, candidate: int | N
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
             raise RunError(f"{str(architecture_path)!r} is malformed ({type(err).__name__}: {err}): pass --candidate"
                            ) from None
-        if isinstance(candidate, bool) or not isinstance(candidate, int):
-            raise RunError(f"{str(architecture_path)!r} names candidate {candidate!r}, not an id: pass --candidate")
+        if isinstance(candidate, bool) or not isinstance(candidate, int) or not 0 <= candidate < MAJOR_LIMIT:
+            raise RunError(f"{str(architecture_path)!r} names candidate {candidate!r}, not an id in [0, 2^40): "
+                           "pass --candidate")
     if not 0 <= candidate < MAJOR_LIMIT:
         raise RunError(f"--candidate must be an id in [0, 2^40), got {candidate}")
     masks = candidate_masks(model, seed, candidate)
@@ -123,6 +124,8 @@ def export_candidate(run_dir: str | Path, out: str | Path, *, candidate: int | N
     write_json(out / "config.json", {"config": config, "seed": seed})
     if data_dir is not None:  # evaluate's default, as the run's is rank's
         write_data_record(out, data_dir, loaded.data_fingerprint)
+    else:  # (an export of another run into this directory left its own)
+        (out / DATA_FILE).unlink(missing_ok=True)
     # sizes of the super-network (drop logits and training-only heads included), of the same network
     # materialized with every channel kept (what the candidate's sizes compare with) and of the candidate
     summary = {"candidate": candidate, "posterior": config["posterior"], "heldout_accuracy": heldout,
@@ -140,8 +143,12 @@ def export_candidate(run_dir: str | Path, out: str | Path, *, candidate: int | N
 def _ranked_best(run_dir: Path, tag: str) -> tuple[int, int, int | None, str]:
     """The best candidate of `pgnas-fast rank RUN_DIR --tag TAG`, its --bn-recalibrate, the checkpoint
     epoch it ranked (None: a ranking older than that key) and the command that ranks the same again."""
+    from .io import SEARCH_RANKINGS
     from .run import RunError
 
+    if f"rank-{tag}" in SEARCH_RANKINGS.values():
+        raise RunError(f"--rank {tag}: rank-{tag}/ holds the search's own ranking log, not a `pgnas-fast rank`; the "
+                       "search's best candidate is the run's architecture.json, which export takes without --rank")
     path = run_dir / f"rank-{tag}" / "summary.json"
     if not path.is_file():
         raise RunError(f"{str(path)!r} does not exist: --rank {tag} names no finished ranking of this run "
@@ -193,9 +200,14 @@ def evaluate_export(directory: str | Path, *, split: str = "test", device: str =
         except Exception as err:  # a cut or foreign file fails inside torch.export in many ways (zip, pickle, schema)
             raise RunError(f"{str(directory / 'model.pt2')!r} is not a readable torch.export program "
                            f"({type(err).__name__}: {err})") from None
+    exported_input = _exported_input_size(directory)
     correct = seen = 0
     with torch.no_grad():
         for images, labels in feed.eval_batches(split):
+            if exported_input is not None and list(images.shape[1:]) != exported_input:
+                raise RunError(f"the network in {str(directory)!r} takes images of {exported_input} (export.json), "
+                               f"its config.json's data set gives {list(images.shape[1:])}: the export directory "
+                               "mixes files of different exports; export again")
             logits = net(images)
             if logits.shape[1] != feed.num_classes:  # another data set's directory: its scores would mean nothing
                 raise RunError(f"the data has {feed.num_classes} classes, the exported network predicts "
@@ -203,6 +215,16 @@ def evaluate_export(directory: str | Path, *, split: str = "test", device: str =
             correct += (logits.argmax(1) == labels).sum().item()
             seen += len(labels)
     return correct / seen
+
+
+def _exported_input_size(directory: Path) -> list[int] | None:
+    """The [C, H, W] an export's network takes (export.json's input_size); None if export.json is absent
+    or has no such list."""
+    try:
+        size = json.loads((directory / "export.json").read_text())["input_size"]
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+        return None
+    return size if isinstance(size, list) and all(type(n) is int for n in size) else None
 
 
 @contextlib.contextmanager

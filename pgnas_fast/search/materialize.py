@@ -10,14 +10,18 @@ so the result equals the masked super-network in eval mode (outputs within float
 no pgnas_fast op, and exports with torch.export to an artefact that plain torch loads.
 
 Then the output channels of producers that no consumer reads are removed (through BatchNorm, ReLU
-and depthwise convs, inside nn.Sequential runs or a module's declared `channel_chains`; a run that
-feeds only a deleted layer goes whole), each eval-mode BatchNorm that directly follows a conv is
+and depthwise convs, inside nn.Sequential runs or a module's declared `channel_chains`); what feeds
+only a deleted layer goes (the run of a declared chain; in an nn.Sequential everything before it
+whose effect on the map's size is known: convs, pools, channel-wise modules). A producer that
+several layers read, each in its own forward (R-50's conv1 before the four branches), keeps its
+channels even when every reader keeps nothing. Each eval-mode BatchNorm that directly follows a conv is
 folded into it, and the modules a super-network names in `training_only_modules` (never run in
 evaluation, e.g. an auxiliary head) are removed.
 
 Export directory: `subnet.pt` (the materialized module, pickled; `load_subnet` reads it),
 `model.pt2` (torch.export: `torch.export.load(path).module()` without pgnas_fast),
-`architecture.json`, `config.json`, `export.json` (sizes before and after).
+`architecture.json`, `config.json`, `export.json` (sizes before and after), and the run's `data.json`
+when it read a --data-dir.
 """
 from __future__ import annotations
 
@@ -39,12 +43,9 @@ class SlicedConv2d(nn.Module):
     def __init__(self, conv: nn.Conv2d, index: torch.Tensor):
         super().__init__()
         self.register_buffer("index", index.clone())
-        self.conv = nn.Conv2d(len(index), conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                              conv.dilation, 1, conv.bias is not None, conv.padding_mode)
-        with torch.no_grad():
-            self.conv.weight.copy_(conv.weight.index_select(1, index))
-            if conv.bias is not None:
-                self.conv.bias.copy_(conv.bias)
+        self.conv = _holding(nn.Conv2d(len(index), conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                                       conv.dilation, 1, conv.bias is not None, conv.padding_mode, device="meta"),
+                             conv.weight.index_select(1, index), conv.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(x.index_select(1, self.index))
@@ -54,25 +55,31 @@ class SlicedLinear(nn.Module):
     def __init__(self, linear: nn.Linear, index: torch.Tensor):
         super().__init__()
         self.register_buffer("index", index.clone())
-        self.linear = nn.Linear(len(index), linear.out_features, linear.bias is not None)
-        with torch.no_grad():
-            self.linear.weight.copy_(linear.weight.index_select(1, index))
-            if linear.bias is not None:
-                self.linear.bias.copy_(linear.bias)
+        self.linear = _holding(nn.Linear(len(index), linear.out_features, linear.bias is not None, device="meta"),
+                               linear.weight.index_select(1, index), linear.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(x.index_select(-1, self.index))
+
+
+def _holding(layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+    """`layer`, built on the meta device (no initialisation), given contiguous copies of `weight` and
+    `bias`: their values, dtype and device, those of the super-network (whose evaluation layout may have
+    made its conv weights channels_last: an export holds one layout)."""
+    layer.weight = nn.Parameter(weight.detach().clone(memory_format=torch.contiguous_format))
+    if bias is not None:
+        layer.bias = nn.Parameter(bias.detach().clone(memory_format=torch.contiguous_format))
+    return layer
 
 
 def _plain_copy(layer: nn.Module) -> nn.Module:
     """A plain nn.Conv2d / nn.Linear with the gated layer's hyper-parameters and weights."""
     if isinstance(layer, GatedConv2d):
         plain = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
-                          layer.dilation, layer.groups, layer.bias is not None, layer.padding_mode)
+                          layer.dilation, layer.groups, layer.bias is not None, layer.padding_mode, device="meta")
     else:
-        plain = nn.Linear(layer.in_features, layer.out_features, layer.bias is not None)
-    plain.load_state_dict({"weight": layer.weight, **({"bias": layer.bias} if layer.bias is not None else {})})
-    return plain.to(layer.weight.device)
+        plain = nn.Linear(layer.in_features, layer.out_features, layer.bias is not None, device="meta")
+    return _holding(plain, layer.weight, layer.bias)
 
 
 class ZeroInput(nn.Module):
@@ -106,6 +113,23 @@ def _geometry(conv: nn.Module) -> tuple:
     if conv.padding == "same":  # (nn.Conv2d allows it at stride 1 only) the input's size: a 1x1 conv's
         return (1, 1), (1, 1), (0, 0), (1, 1)
     return conv.kernel_size, conv.stride, (0, 0) if conv.padding == "valid" else conv.padding, conv.dilation
+
+
+def _size_steps(module: nn.Module) -> list[tuple] | None:
+    """The geometries (see _geometry) by which `module` changes a map's height and width, in order; None
+    for a module whose effect on them is not known here."""
+    if isinstance(module, (nn.Conv2d, SlicedConv2d)):
+        return [_geometry(module)]
+    if isinstance(module, (*_CHANNELWISE, Gather)):
+        return []
+    if isinstance(module, (nn.MaxPool2d, nn.AvgPool2d)) and not module.ceil_mode:
+        pair = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v, v)  # noqa: E731
+        dilation = pair(getattr(module, "dilation", 1))
+        return [(pair(module.kernel_size), pair(module.stride or module.kernel_size), pair(module.padding), dilation)]
+    if isinstance(module, nn.Sequential):
+        steps = [_size_steps(child) for child in module]
+        return None if any(s is None for s in steps) else [g for s in steps for g in s]
+    return None
 
 
 class MaskedConv2d(nn.Module):
@@ -208,14 +232,19 @@ def _prune_producers(subnet: nn.Module) -> None:
     the modules whose outputs only a deleted layer (ZeroInput) read."""
     for container in list(subnet.modules()):
         for head, *middle, tail in _chains(container):
-            if head is None and not middle:
-                continue  # nothing between the consumer and its input: its own gather stays
             consumer = getattr(container, tail)
+            if head is None and not middle and not isinstance(consumer, ZeroInput):
+                continue  # nothing between the consumer and its input: its own gather stays
             run = ([head] if head is not None else []) + middle
             if isinstance(consumer, ZeroInput):  # nobody reads the run: it goes, its convs' sizes stay
-                geometries = [_geometry(getattr(container, name)) for name in run
-                              if isinstance(getattr(container, name), (nn.Conv2d, SlicedConv2d))]
-                consumer.geometries = geometries + consumer.geometries
+                if isinstance(container, nn.Sequential):  # and so does all that comes before it there
+                    names = [name for name, _ in container.named_children()]
+                    start = names.index(tail)
+                    while start > 0 and _size_steps(getattr(container, names[start - 1])) is not None:
+                        start -= 1
+                    run = names[start:names.index(tail)]
+                consumer.geometries = [g for name in run for g in _size_steps(getattr(container, name))] \
+                    + consumer.geometries
                 for name in run:
                     setattr(container, name, nn.Identity())
                 continue
@@ -280,10 +309,6 @@ def materialize_all_channels(model: nn.Module) -> nn.Module:
                                for name, layer in gated_layers(model)})
 
 
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 def load_subnet(directory: str | Path, map_location="cpu") -> nn.Module:
     """The materialized network of an export directory (written by `pgnas-fast export`)."""
     path = Path(directory) / "subnet.pt"
@@ -292,5 +317,5 @@ def load_subnet(directory: str | Path, map_location="cpu") -> nn.Module:
     return torch.load(path, map_location=map_location, weights_only=False).eval()
 
 
-__all__ = ["MaskedConv2d", "MeanCombine", "SlicedConv2d", "SlicedLinear", "ZeroInput", "count_parameters",
-           "load_subnet", "materialize", "materialize_all_channels"]
+__all__ = ["MaskedConv2d", "MeanCombine", "SlicedConv2d", "SlicedLinear", "ZeroInput", "load_subnet", "materialize",
+           "materialize_all_channels"]

@@ -188,6 +188,10 @@ BROKEN_CIFAR = {
     ),
     "label count": (lambda root: _rewrite(_batch(root, "data_batch_5"), labels=[0] * 79), "80 images but"),
     "label range": (lambda root: _rewrite(_batch(root, "test_batch"), labels=[10] * 60), "labels span"),
+    "fractional label": (lambda root: _rewrite(_batch(root, "data_batch_5"), labels=[0] * 79 + [2.5]),
+                         "b'labels' is not a list of integers"),
+    "string labels": (lambda root: _rewrite(_batch(root, "data_batch_5"), labels=["cat"] * 80),
+                      "b'labels' is not a list of integers"),
 }
 
 
@@ -660,6 +664,34 @@ def test_cifar_train_set_crops_within_the_padding_flips_and_cuts_out():
         height, width = rows.max() - rows.min() + 1, cols.max() - cols.min() + 1
         assert zero[0].sum() == height * width and 8 <= height <= 16 and 8 <= width <= 16
         assert torch.equal(out[~zero], image[0].float()[~zero] / 255)  # nothing else changed
+
+
+def test_the_data_s_cpu_draws_ignore_a_network_backend_that_takes_no_cpu_tensors(cifar10, monkeypatch):
+    """A CUDA search selects triton or cuda for its ops (cli: use_backend), backends that take CUDA tensors
+    only, while its epoch order, and a DataLoader worker's augmentation numbers, are drawn on the CPU:
+    those draws use a backend of their own device (the same bits), not the selection, which would refuse
+    them. Here a CUDA-only backend is made to look available, and selected."""
+    import pgnas_fast as pf
+    from pgnas_fast.ops import dispatch
+
+    root, _ = cifar10
+    images, labels = load_cifar(root, heldout=50).train
+    mean, std = CIFAR_STATS[10]
+
+    def pipeline():
+        loader, sampler = cifar_train_loader(images, labels, batch_size=64, seed=9, mean=mean, std=std, workers=0,
+                                             autoaugment=True)
+        sampler.set_epoch(1)
+        return epoch_order(9, 1, 350), augmentation_draws(9, 1, 7, first=3, autoaugment=True), next(iter(loader))
+
+    expected = pipeline()
+    monkeypatch.setitem(dispatch._modules, "cuda", dispatch._load("reference"))  # "available", for CUDA tensors
+    with dispatch.use_backend("cuda"):
+        with pytest.raises(ValueError, match="backend 'cuda' takes cuda tensors"):  # what the draws escaped
+            pf.ops.philox_uniform(4, seed=9, stream=1)
+        got = pipeline()
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    assert all(torch.equal(a, b) for a, b in zip(got[2], expected[2]))
 
 
 def test_cifar_train_loader_is_the_epoch_order_with_aligned_labels_whatever_the_workers(cifar10):

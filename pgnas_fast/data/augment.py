@@ -35,11 +35,19 @@ CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR100_STD = (0.2673, 0.2564, 0.2762)
 CIFAR_STATS = {10: (CIFAR10_MEAN, CIFAR10_STD), 100: (CIFAR100_MEAN, CIFAR100_STD)}
+# the paper's crop padding and cutout square (pgnas-method.md section 3)
+CROP_PADDING = 4
+CUTOUT_SIZE = 16
 
 
 # Which epoch_order a checkpoint was trained with (search/run.py notes a resume across a change):
 # absent: torch's CPU generator, seeded from (seed, epoch); 2: the RNG contract's stream ORDER.
 ORDER_VERSION = 2
+# The data's random numbers are drawn by whichever backend runs on the device that holds them, not by
+# the backend selected for the network's ops: a CUDA search selects triton or cuda, which take no CPU
+# tensors, while its epoch order (and a DataLoader worker's draws) are made on the CPU. Every backend
+# draws the same bits.
+DATA_BACKEND = "auto"
 
 
 def epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
@@ -47,7 +55,8 @@ def epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
     contract (stream (ORDER, epoch), elements 2 i and 2 i + 1: image i's 48-bit sort key), so a resumed run
     redraws it, every machine draws the same, and all 64 bits of the seed count. Sorted stably: the
     rare equal keys (about n^2 / 2^49 pairs) keep index order."""
-    u = philox_uniform(2 * n, seed=seed, stream=stream_id(Domain.ORDER, epoch), device="cpu").view(n, 2)
+    u = philox_uniform(2 * n, seed=seed, stream=stream_id(Domain.ORDER, epoch), device="cpu", backend=DATA_BACKEND)
+    u = u.view(n, 2)
     bits = uniform_bits(u)
     return torch.argsort((bits[:, 0] << 24) | bits[:, 1], stable=True)
 
@@ -65,11 +74,11 @@ def augmentation_draws(seed: int, epoch: int, count: int, *, first: int = 0, dev
     backend: the CPU's DataLoader workers, drawing one image at a time, and a GPU's batched pass augment
     alike, and a run with the policy crops, flips and cuts as the same run without it."""
     draws = philox_uniform(count * DRAWS, seed=seed, stream=stream_id(Domain.AUGMENTATION, epoch),
-                           offset=first * DRAWS, device=device).view(count, DRAWS)
+                           offset=first * DRAWS, device=device, backend=DATA_BACKEND).view(count, DRAWS)
     if not autoaugment:
         return draws
     policy = philox_uniform(count * POLICY_DRAWS, seed=seed, stream=stream_id(Domain.AUTOAUGMENT, epoch),
-                            offset=first * POLICY_DRAWS, device=device).view(count, POLICY_DRAWS)
+                            offset=first * POLICY_DRAWS, device=device, backend=DATA_BACKEND).view(count, POLICY_DRAWS)
     return torch.cat((draws, policy), 1)
 
 
@@ -101,7 +110,8 @@ def _highs(offsets: int, height: int, width: int, device: torch.device) -> torch
     return to_device(torch.tensor([offsets, offsets, height, width]), device)
 
 
-def padded_crop(images: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, padding: int = 4) -> torch.Tensor:
+def padded_crop(images: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+                padding: int = CROP_PADDING) -> torch.Tensor:
     """Per image, the H x W window at offset (rows[i], cols[i]) (each in [0, 2 * padding]) of the image
     zero-padded by `padding`."""
     n, c, h, w = images.shape
@@ -118,7 +128,7 @@ def mirror(images: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
     return torch.where(flip[:, None, None, None], images.flip(3), images)
 
 
-def cutout(images: torch.Tensor, top: torch.Tensor, left: torch.Tensor, size: int = 16) -> torch.Tensor:
+def cutout(images: torch.Tensor, top: torch.Tensor, left: torch.Tensor, size: int = CUTOUT_SIZE) -> torch.Tensor:
     """Per image, zero the size x size square whose top-left corner is (top[i], left[i]) (it may start
     outside the image: clipped at the border)."""
     _, _, h, w = images.shape
@@ -134,9 +144,9 @@ def augment_batch(
     images: torch.Tensor,
     draws: torch.Tensor,
     *,
-    crop_padding: int = 4,
+    crop_padding: int = CROP_PADDING,
     flip: bool = True,
-    cutout_size: int = 16,
+    cutout_size: int = CUTOUT_SIZE,
 ) -> torch.Tensor:
     """The CIFAR training augmentation on a normalised batch [N, C, H, W], each image with its row of
     `draws` ([N, DRAWS] uniforms, `augmentation_draws`): a random crop of the image padded by
@@ -160,8 +170,8 @@ def augment_batch(
 
 
 def training_inputs(images: torch.Tensor, draws: torch.Tensor, mean: Sequence[float], std: Sequence[float], *,
-                    autoaugment: bool = False, crop_padding: int = 4, flip: bool = True,
-                    cutout_size: int = 16) -> torch.Tensor:
+                    autoaugment: bool = False, crop_padding: int = CROP_PADDING, flip: bool = True,
+                    cutout_size: int = CUTOUT_SIZE) -> torch.Tensor:
     """CIFAR training inputs from uint8 images [N, 3, H, W] in the authors' order: with `autoaugment`, the
     AutoAugment policy (its emptied pixels the mean colour), then normalisation, then `augment_batch`.
     `draws`: each image's row of `augmentation_draws` (with the same `autoaugment`)."""

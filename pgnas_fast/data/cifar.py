@@ -2,7 +2,7 @@
 
 The images stay uint8 NCHW, as stored, on the device the caller names: 50000 x 3 x 32 x 32 bytes is
 150 MB, so on CUDA the whole set lives on the GPU and the search's feed (search/feed.py TensorFeed,
-with `augment.augment_batch`) cuts, normalises and augments each batch there (pgnas-method.md
+with `augment.training_inputs`) cuts, normalises and augments each batch there (pgnas-method.md
 section 3). The held-out split that ranks candidates is carved from the training batches; the test
 batch is kept for reporting only.
 
@@ -107,7 +107,10 @@ def _read_batch(path: Path, layout: CifarLayout, num_classes: int, problem) -> t
         dtype = getattr(data, "dtype", type(data).__name__)
         raise problem(f"{path}: b'data' is {dtype} of shape {shape}, expected uint8 [N, 3072]")
     try:
-        labels = np.asarray(batch[layout.label_key], dtype=np.int64)
+        raw = np.asarray(batch[layout.label_key])
+        labels = raw.astype(np.int64)
+        if raw.dtype.kind not in "iub" and not np.array_equal(labels, raw):  # 2.5 would be class 2, silently
+            raise ValueError("not whole numbers")
     except (TypeError, ValueError) as e:
         raise problem(f"{path}: {layout.label_key!r} is not a list of integers") from e
     if labels.shape != (len(data),):

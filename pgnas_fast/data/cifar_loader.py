@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .augment import augmentation_draws, epoch_order, training_inputs
+from .augment import CROP_PADDING, CUTOUT_SIZE, augmentation_draws, epoch_order, training_inputs
 from .imagenet import loader_workers
 
 
@@ -25,8 +25,8 @@ class CifarTrainSet(Dataset):
     runs the AutoAugment policy first (data/autoaugment.py)."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, mean: Sequence[float], std: Sequence[float],
-                 *, seed: int, autoaugment: bool = False, crop_padding: int = 4, flip: bool = True,
-                 cutout_size: int = 16):
+                 *, seed: int, autoaugment: bool = False, crop_padding: int = CROP_PADDING, flip: bool = True,
+                 cutout_size: int = CUTOUT_SIZE):
         if images.dtype != torch.uint8 or images.dim() != 4 or len(images) != len(labels):
             raise ValueError(f"images must be uint8 [N, C, H, W] with one label each, got {images.dtype} "
                              f"{tuple(images.shape)} and labels {tuple(labels.shape)}")

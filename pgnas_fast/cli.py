@@ -61,6 +61,7 @@ def _build_parser() -> argparse.ArgumentParser:
     from .nn import POSTERIORS
     from .ops.dispatch import SELECTABLE
     from .ops.streams import MAJOR_LIMIT, SEED_LIMIT
+    from .search.rank import EVALUATORS
 
     parser = _Parser(prog="pgnas-fast", description="Posterior-Guided Neural Architecture Search, fast.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -117,10 +118,10 @@ def _build_parser() -> argparse.ArgumentParser:
     rank.add_argument("run_dir", metavar="RUN_DIR", help="a directory written by pgnas-fast search")
     rank.add_argument("--candidates", type=_count(1, MAJOR_LIMIT + 1), default=1000,
                       help="candidates 0 .. K-1 (default 1000)")
-    rank.add_argument("--strategy", choices=("racing", "exhaustive"),
+    rank.add_argument("--strategy", choices=configs.RANKING_STRATEGIES,
                       help="racing: paired successive halving; exhaustive: every candidate on every image "
                            "(default: the run's config key `ranking`, as its search ranked)")
-    rank.add_argument("--evaluator", choices=("batched", "sequential", "reload"), default="batched",
+    rank.add_argument("--evaluator", choices=EVALUATORS, default="batched",
                       help="batched: K candidates per pass (default); sequential: one at a time; "
                            "reload: the authors' procedure, model and checkpoint reloaded per candidate")
     rank.add_argument("--eta", type=_count(2), help="racing: keep the best 1/eta per round (preset's)")
@@ -220,15 +221,20 @@ def _resolve_device(text: str):
     return device
 
 
-def _percent(x: float) -> str:
-    return f"{100 * x:.2f}%"
+def _written_since(path: Path, moment: float) -> bool:
+    """`path` exists and was last written at `moment` (time.time()) or later."""
+    try:
+        return path.stat().st_mtime >= moment
+    except OSError:
+        return False
 
 
 def _search(args) -> int:
     from . import configs
+    from .data import DataError
     from .ops import BackendUnavailableError, dispatch
     from .search import run_search
-    from .search.report import ranking_rate
+    from .search.report import percent, ranking_rate
 
     overrides = configs.load_overrides(args.config) if args.config else {}
     overrides.update(configs.parse_assignment(text) for text in args.assignments)
@@ -278,13 +284,16 @@ def _search(args) -> int:
             print(f"note: {' and '.join(unused)} set, but only the concrete family's regulariser reads "
                   f"{'them' if len(unused) > 1 else 'it'}; the gaussian posterior's KL depends on log alpha "
                   "alone (its strength is n_train)", flush=True)
-    started = time.perf_counter()
+    started, began = time.perf_counter(), time.time()
     try:
         with dispatch.use_backend(backend):
             result = run_search(config, seed=args.seed, out_dir=out, device=str(device), resume=args.resume,
                                 progress=not args.quiet, data_dir=args.data_dir, smoke=args.smoke)
-    except ValueError:  # bad data or run directory (DataError, RunError): raised before anything is written
+    except ValueError as err:  # bad data or run directory (DataError, RunError), mostly before anything is written
         _remove_if_empty(created)
+        if isinstance(err, DataError) and _written_since(out / "checkpoint.pt", began):  # a file first read late
+            raise DataError(f"{err}; the run so far is kept: mend the data and run the same command with --resume"
+                            ) from None
         raise
     if not result.is_main:
         return 0
@@ -294,14 +303,14 @@ def _search(args) -> int:
         print(f"smoke check: {smoke['training_steps']} training steps, candidates scored on {smoke['heldout']} "
               f"held-out and {smoke['test']} test images: data and config work, the numbers mean nothing yet")
     print(f"best candidate: {s['best_candidate']} of {s['candidates']} "
-          f"(keeps {_percent(s['kept_fraction'])} of the gated input channels)")
-    print(f"  held-out accuracy {_percent(s['heldout_accuracy'])}, test accuracy {_percent(s['test_accuracy'])} "
+          f"(keeps {percent(s['kept_fraction'])} of the gated input channels)")
+    print(f"  held-out accuracy {percent(s['heldout_accuracy'])}, test accuracy {percent(s['test_accuracy'])} "
           f"(no fine-tuning)")
-    print(f"  super-network, every channel kept: held-out {_percent(s['supernet_heldout_accuracy'])}, "
-          f"test {_percent(s['supernet_test_accuracy'])}")
-    line = f"  guided candidates: mean held-out {_percent(s['guided_mean_heldout_accuracy'])}"
+    print(f"  super-network, every channel kept: held-out {percent(s['supernet_heldout_accuracy'])}, "
+          f"test {percent(s['supernet_test_accuracy'])}")
+    line = f"  guided candidates: mean held-out {percent(s['guided_mean_heldout_accuracy'])}"
     if s["random_mean_heldout_accuracy"] is not None:
-        line += (f"; random gates at the same drop rate: {_percent(s['random_mean_heldout_accuracy'])} "
+        line += (f"; random gates at the same drop rate: {percent(s['random_mean_heldout_accuracy'])} "
                  f"(this run; cf. paper Table 3)")
     if s["mean_heldout_images"] < s["finalist_heldout_images"]:  # racing
         line += f"\n    (means over the first {s['mean_heldout_images']} held-out images, which every candidate saw)"
@@ -318,6 +327,7 @@ def _rank(args) -> int:
     from .search.io import SEARCH_RANKINGS
     from .search.rank import cut_note
     from .search.rank_run import rank_run
+    from .search.report import percent
 
     if args.first_share is not None and not 0 < args.first_share <= 1:
         raise UsageError(f"--first-share must be in (0, 1], got {args.first_share}")
@@ -333,8 +343,8 @@ def _rank(args) -> int:
                        progress=not args.quiet)
     if int(os.environ.get("RANK", "0")) == 0:
         best = summary["best"]
-        print(f"best candidate: {best['id']} of {summary['candidates']}, held-out accuracy {_percent(best['score'])} "
-              f"on {best['images']} images (keeps {_percent(best['kept_fraction'])} of the gated input channels)")
+        print(f"best candidate: {best['id']} of {summary['candidates']}, held-out accuracy {percent(best['score'])} "
+              f"on {best['images']} images (keeps {percent(best['kept_fraction'])} of the gated input channels)")
         print(f"  {summary['strategy']} with the {summary['evaluator']} evaluator: "
               f"{summary['images_evaluated']} candidate-images evaluated"
               + (f" ({summary['resumed_evaluations']} candidate-rounds restored from before this --resume)"
@@ -351,6 +361,7 @@ def _check_tag(tag: str) -> None:
 
 
 def _study(args) -> int:
+    from .search.report import percent
     from .search.study import run_study
 
     _check_tag(args.tag)
@@ -358,8 +369,8 @@ def _study(args) -> int:
     result = run_study(args.run_dir, candidates=args.candidates, tag=args.tag, device=str(device),
                        data_dir=args.data_dir, progress=not args.quiet)
     g, r, race = result["guided"], result["random"], result["racing"]
-    print(f"guided: mean held-out {_percent(g['mean'])}, best {_percent(g['best'])}; "
-          f"random at the same drop rate: mean {_percent(r['mean'])}, best {_percent(r['best'])}")
+    print(f"guided: mean held-out {percent(g['mean'])}, best {percent(g['best'])}; "
+          f"random at the same drop rate: mean {percent(r['mean'])}, best {percent(r['best'])}")
     print(f"racing winner's exhaustive rank {race['winner_exhaustive_rank']}, "
           f"{race['exhaustive_images'] / race['images']:.1f}x fewer images")
     print(f"report: {Path(args.run_dir) / ('study-' + args.tag) / 'study.md'}")
@@ -368,6 +379,7 @@ def _study(args) -> int:
 
 def _export(args) -> int:
     from .search.export import export_candidate
+    from .search.report import percent
     from .search.run import SEARCH_ONLY_FILES
 
     device = _resolve_device(args.device)
@@ -386,7 +398,7 @@ def _export(args) -> int:
     except ValueError:  # an unusable run directory: nothing was written
         _remove_if_empty(created)
         raise
-    print(f"candidate {s['candidate']}: held-out {_percent(s['heldout_accuracy'])}, test {_percent(s['test_accuracy'])}")
+    print(f"candidate {s['candidate']}: held-out {percent(s['heldout_accuracy'])}, test {percent(s['test_accuracy'])}")
     if s["bn_recalibrate"]:
         print(f"  BatchNorm statistics recomputed for the candidate from {s['bn_recalibrate']} training images")
     print(f"  every channel kept -> this candidate: parameters {s['params_all_channels']:,} -> "

@@ -428,7 +428,8 @@ def test_rank_command_refuses_an_incompatible_checkpoint(capsys, run_dir, tmp_pa
     config["config"]["supernet_args"]["width"] = 8
     (broken / "config.json").write_text(json.dumps(config))
     code, captured = _rank_cli(capsys, broken, "--candidates", 2)
-    assert code == 2 and "does not belong to this run's config.json" in captured.err
+    assert code == 2 and "does not belong to this run's config.json: it was trained with supernet_args" in captured.err
+    assert "'width': 16" in captured.err and "(now {" in captured.err and "'width': 8" in captured.err
 
 
 def test_sharded_ranking_equals_one_process(run_dir):

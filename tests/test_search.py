@@ -153,6 +153,29 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(finished_run, tmp_path,
     assert len(epochs) == 2 and min(epochs) > 0 and result.summary["train_seconds"] == pytest.approx(sum(epochs))
 
 
+def test_a_resumed_run_s_checkpoints_are_an_uninterrupted_run_s_bytes(tmp_path, monkeypatch):
+    """Not only their contents: pickle writes an equal string once or twice as it is one object or two,
+    and a resume's load_state_dict gives the optimizer's settings keys objects of their own."""
+    config = small_config(epochs=3, candidates=2, random_baseline=0)
+    run_search(config, seed=3, out_dir=tmp_path / "whole", progress=False)
+    real_save = run_module.save_checkpoint
+    saves = []
+
+    def save_then_die_at_the_second(path, state):
+        real_save(path, state)
+        saves.append(path.name)
+        if saves.count("checkpoint.pt") == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_module, "save_checkpoint", save_then_die_at_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        run_search(config, seed=3, out_dir=tmp_path / "resumed", progress=False)
+    monkeypatch.setattr(run_module, "save_checkpoint", real_save)
+    run_search(config, seed=3, out_dir=tmp_path / "resumed", resume=True, progress=False)
+    for name in ("checkpoint.pt", "checkpoint-best.pt", "architecture.json"):
+        assert (tmp_path / "whole" / name).read_bytes() == (tmp_path / "resumed" / name).read_bytes(), name
+
+
 @pytest.mark.parametrize("ranking", ["guided", "random"])
 def test_resume_during_ranking_scores_nothing_twice(finished_run, tmp_path, monkeypatch, ranking):
     """Killed inside the guided ranking or the random baseline's, after one finished chunk: the resumed
@@ -292,6 +315,75 @@ def test_a_second_writer_of_a_run_is_refused(finished_run, tmp_path, capsys):
         assert "another pgnas-fast process is writing rank-t in" in capsys.readouterr().err
     assert {path.name: path.read_bytes() for path in run.iterdir() if path.is_file() and path.name in before} == before
     run_search(small_config(), seed=3, out_dir=run, resume=True, progress=False)  # released
+
+
+def test_a_killed_writer_s_lock_is_free_while_its_forked_children_live(tmp_path):
+    """A DataLoader worker forked by a search shares its lock file; killed with -9, the search leaves the
+    worker alive for a few seconds, and an immediate --resume must not be refused because of it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from pgnas_fast.search.io import writer_lock
+    from pgnas_fast.search.parallel import SINGLE_PROCESS
+
+    script = f"""
+import os, signal, sys, time
+from pathlib import Path
+from pgnas_fast.search.io import writer_lock
+from pgnas_fast.search.parallel import SINGLE_PROCESS
+with writer_lock(Path({str(tmp_path)!r}), "search", SINGLE_PROCESS):
+    child = os.fork()
+    if child == 0:  # (off the pipes the test reads to their end)
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, 1)
+        os.dup2(null, 2)
+        time.sleep(60)
+        os._exit(0)
+    print(child, flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == -signal.SIGKILL, result.stderr
+    child = int(result.stdout.split()[0])
+    try:
+        os.kill(child, 0)  # the forked child still lives
+        with writer_lock(tmp_path, "search", SINGLE_PROCESS):
+            pass
+    finally:
+        os.kill(child, signal.SIGKILL)
+
+
+def test_a_resume_removes_the_temporaries_of_writes_a_kill_cut(finished_run, tmp_path):
+    out, _ = finished_run
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    cut = [run / ".checkpoint.pt.k2x_9abc.tmp", run / ".summary.json.Zq81mmp0.tmp"]  # (mkstemp's names)
+    kept = [run / ".notes.tmp", run / "draft.tmp", run / ".checkpoint.pt.short.tmp"]  # not _atomic_write's
+    for path in cut + kept:
+        path.write_bytes(b"partial")
+    run_search(small_config(), seed=3, out_dir=run, resume=True, progress=False)
+    assert not any(path.exists() for path in cut) and all(path.exists() for path in kept)
+
+
+def test_bad_data_met_after_training_began_says_the_run_resumes(tmp_path, capsys, monkeypatch):
+    """ImageNet's files are first read when a loader reaches them: a corrupt held-out image stops a search
+    after its checkpoints are written, and the one-line error says that --resume continues it."""
+    from pgnas_fast.cli import main
+
+    def corrupt(*args, **kwargs):
+        raise DataError("val/n01/x.JPEG is not a readable image")
+
+    monkeypatch.setattr(run_module, "rank_candidates", corrupt)
+    argv = ["search", "--epochs", "1", "--set", "candidates=2", "--out", str(tmp_path / "run"), "--quiet"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err == ("pgnas-fast: error: val/n01/x.JPEG is not a readable image; the run so far is kept: mend the data "
+                   "and run the same command with --resume\n")
+    monkeypatch.setattr(run_module, "rank_candidates", corrupt)
+    assert main(argv + ["--resume"]) == 2  # (the checkpoint is the earlier command's: no hint to resume again)
+    assert "the run so far is kept" not in capsys.readouterr().err
 
 
 def test_resume_with_nothing_to_resume_says_so(tmp_path, capsys):

@@ -10,6 +10,8 @@ import fcntl
 import functools
 import json
 import os
+import re
+import sys
 import tempfile
 from pathlib import Path
 
@@ -30,17 +32,38 @@ def changed_settings(started: dict, now: dict, *, ignore: tuple[str, ...] = ()) 
             if key not in ignore and (key in started, started.get(key)) != (key in now, now.get(key))]
 
 
+_held_lock_fds: set[int] = set()  # the descriptors of the writer locks this process holds
+
+
+def _drop_held_locks() -> None:
+    """In a forked child (a DataLoader worker): an flock belongs to the open file, which fork shares, so a
+    worker that outlives its killed parent by seconds would keep the run locked and refuse an immediate
+    --resume. The child's copies of the descriptors are pointed at /dev/null (closing them could close
+    a number the child has reused by the time the copied file objects are collected)."""
+    if _held_lock_fds:
+        null = os.open(os.devnull, os.O_RDONLY)
+        for fd in _held_lock_fds:
+            os.dup2(null, fd)
+        os.close(null)
+        _held_lock_fds.clear()
+
+
+os.register_at_fork(after_in_child=_drop_held_locks)
+
+
 @contextlib.contextmanager
 def writer_lock(directory: Path, what: str, parallel):
     """Held for the block by the rank-0 process of the one command allowed to write `what` in
-    `directory` (its file .WHAT.lock, an flock that dies with its process): a second one, e.g. a resume
-    started while a killed torchrun's workers still run (they outlive their launcher), is refused on
-    every rank instead of interleaving its writes with theirs."""
+    `directory` (its file .WHAT.lock, an flock that dies with its process, not with the children it
+    forks: _drop_held_locks): a second one, e.g. a resume started while a killed torchrun's workers
+    still run (they outlive their launcher), is refused on every rank instead of interleaving its
+    writes with theirs."""
     held = None
     if parallel.is_main:
         held = open(directory / f".{what}.lock", "a")
         try:
             fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _held_lock_fds.add(held.fileno())
         except BlockingIOError:
             held.close()
             held = None
@@ -51,7 +74,20 @@ def writer_lock(directory: Path, what: str, parallel):
         yield
     finally:
         if held is not None:
+            _held_lock_fds.discard(held.fileno())
             held.close()
+
+
+_TEMPORARY_SUFFIX = ".tmp"
+_TEMPORARY = re.compile(r"\..+\.[A-Za-z0-9_]{8}" + re.escape(_TEMPORARY_SUFFIX))  # mkstemp's name in _atomic_write
+
+
+def remove_interrupted_writes(directory: Path) -> None:
+    """Delete the temporaries of _atomic_write that a SIGKILL left in `directory` (any other exit removes its
+    own; a SupNet-M checkpoint's is 210 MB). Call with the writer lock of what writes there held."""
+    for path in Path(directory).glob(".*" + _TEMPORARY_SUFFIX):
+        if _TEMPORARY.fullmatch(path.name):
+            path.unlink(missing_ok=True)
 
 
 @functools.cache
@@ -65,7 +101,7 @@ def _file_mode() -> int:
 
 def _atomic_write(path: Path, write) -> None:
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=_TEMPORARY_SUFFIX)
     try:
         os.fchmod(fd, _file_mode())
         with os.fdopen(fd, "wb") as f:
@@ -138,7 +174,21 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    _atomic_write(path, lambda f: torch.save(state, f))
+    _atomic_write(path, lambda f: torch.save(_interned(state), f))
+
+
+def _interned(obj):
+    """`obj` with its strings interned. Pickle writes a string met twice once if it is one object and twice
+    if it is two equal ones: the optimizer's settings keys ('lr', 'momentum', ... per parameter group) are
+    shared literals in a fresh run and separate strings after a resume's load_state_dict, so without this
+    a resumed run's checkpoints differ in bytes (not in content) from an uninterrupted run's."""
+    if isinstance(obj, str):
+        return sys.intern(obj)
+    if isinstance(obj, dict):
+        return {_interned(key): _interned(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)) and type(obj) in (list, tuple):
+        return type(obj)(_interned(item) for item in obj)
+    return obj
 
 
 def load_checkpoint(path: Path) -> dict:

@@ -18,9 +18,9 @@ import torch
 from ..nn import candidate_masks
 from .export import architecture_record
 from .feed import checked_recalibration_images
-from .io import changed_settings, write_json, write_jsonl, writer_lock
+from .io import changed_settings, remove_interrupted_writes, write_json, write_jsonl, writer_lock
 from .parallel import join, leave
-from .rank import CandidateScorer, ProgressLog, best_candidate, first_round_cut, rank, tied_for_best
+from .rank import CandidateScorer, ProgressLog, best_candidate, best_first, first_round_cut, rank, tied_for_best
 from .run import RunError, load_run, rebuild_for_evaluation
 
 
@@ -51,6 +51,8 @@ def rank_run(run_dir: str | Path, *, candidates: int, strategy: str | None = Non
                         "checkpoint_epoch": loaded.epoch, "device": torch.device(device).type,
                         **({"eta": eta, "first_share": first_share} if strategy == "racing" else {})}
             held.enter_context(writer_lock(run_dir, out.name, parallel))  # (before its rows are read or removed)
+            if rank_id == 0 and out.is_dir():
+                remove_interrupted_writes(out)
             if resume:
                 _check_resumable(out, settings)
                 if rank_id == 0 and not (out / "settings.json").is_file():
@@ -77,8 +79,7 @@ def rank_run(run_dir: str | Path, *, candidates: int, strategy: str | None = Non
                         shard=(rank_id, world), gather=parallel.all_gather if world > 1 else None,
                         progress=progress and rank_id == 0)
             best = best_candidate(rows)
-            finalists = sorted((r for r in rows if r["images"] == best["images"]),
-                               key=lambda r: (-r["score"], r["kept_fraction"], r["id"]))[:top]
+            finalists = sorted((r for r in rows if r["images"] == best["images"]), key=best_first)[:top]
             summary = {"run_dir": str(run_dir), "tag": tag, "posterior": config["posterior"], **settings,
                        "evaluator": evaluator, "best": best, "tied_for_best": tied_for_best(rows),
                        "first_round_cut": first_round_cut(rows),

@@ -12,7 +12,9 @@ held-out and test accuracy, and a run directory:
     random_candidates.jsonl the random-gate baseline at the same expected drop rate (if enabled)
     rank-search/            the ranking's progress log, so that --resume never scores a candidate twice
     rank-search-random/     the same for the random baseline
-    data.json               the --data-dir the run read (absolute), the default for rank, study and export
+    data.json               the --data-dir the run read (absolute) and a fingerprint of its data: the default
+                            for rank, study and export, and what resume, rank, study, export and evaluate
+                            check the data they are given against
     architecture.json       the chosen candidate (design.md "Export"); identical for identical seeds
     summary.json            the printed summary, with timings
     report.md + *.png       the run report and its figures (report.py)
@@ -43,11 +45,13 @@ from ..data.augment import ORDER_VERSION
 from ..nn import candidate_masks, set_gates, set_posterior
 from ..ops import dispatch
 from ..ops.streams import Domain
+from ..supernets.info import count_parameters
 from .export import architecture_record
 from .feed import CifarLoaderFeed, LoaderFeed, TensorFeed, check_batchnorm_rows, check_shards
 from .io import (DATA_FILE, SEARCH_RANKINGS, RunError, changed_settings, check_data_record, data_dir_of,
-                 load_checkpoint, read_jsonl, save_checkpoint, write_data_record, write_json, write_jsonl, writer_lock)
-from .materialize import count_parameters, materialize, materialize_all_channels
+                 load_checkpoint, read_jsonl, remove_interrupted_writes, save_checkpoint, write_data_record,
+                 write_json, write_jsonl, writer_lock)
+from .materialize import materialize, materialize_all_channels
 from .parallel import SINGLE_PROCESS, Parallel, join, leave
 from .rank import (ProgressLog, accuracy, best_candidate, first_round_cut, rank_candidates, round_ends, tied_for_best,
                    uniform_drop_logits)
@@ -116,7 +120,7 @@ def load_data(config: dict, data_dir: str | Path | None = None) -> datasets.Spli
         if data_dir is not None:  # (every command: a directory the run does not read is a mistake, said)
             raise datasets.DataError(f"data_dir {str(data_dir)!r} is given, but the digits data set is embedded in "
                                      "the package and reads no directory: leave --data-dir out")
-        return datasets.load_digits(test=config["data_args"].get("test_size", 360),
+        return datasets.load_digits(test=config["data_args"].get("test_size", datasets.digits.TEST_SIZE),
                                     heldout=config["heldout_size"], split_seed=config["split_seed"])
     if data_dir is None:
         where = {"cifar10": "cifar-10-batches-py/", "cifar100": "cifar-100-python/",
@@ -256,7 +260,12 @@ def load_run(run_dir: str | Path, *, device: str = "cpu", data_dir: str | Path |
     state = load_checkpoint(run_dir / "checkpoint.pt")
     _check_posterior(run_dir / "checkpoint.pt", state, config)
     if state.get("run_config") != run_config:
-        raise RunError(f"{str(run_dir / 'checkpoint.pt')!r} does not belong to this run's config.json")
+        trained = state.get("run_config")
+        differ = "" if not isinstance(trained, dict) else "; ".join(
+            changed_settings({"seed": trained.get("seed"), **(trained.get("config") or {})},
+                             {"seed": run_config.get("seed"), **run_config["config"]}))
+        raise RunError(f"{str(run_dir / 'checkpoint.pt')!r} does not belong to this run's config.json"
+                       + (f": it was trained with {differ} ('now': config.json's)" if differ else ""))
     if config["threads"]:  # the count the search ran with (digits: 1, faster there than 2 on its small passes)
         torch.set_num_threads(config["threads"])
     data, fingerprint = load_recorded_data(run_dir, config, data_dir_of(run_dir, data_dir))
@@ -377,6 +386,8 @@ def _run_search(config: dict, *, seed: int, out_dir: Path, device: torch.device,
         out_dir.mkdir(parents=True, exist_ok=True)
     parallel.barrier()  # the directory exists before any rank looks into it
     held.enter_context(writer_lock(out_dir, "search", parallel))
+    if main:
+        remove_interrupted_writes(out_dir)
     checkpoint_path = out_dir / "checkpoint.pt"
     start_epoch, train_log = 0, []
     # what trained the checkpoint's weights (a resume's: read below)

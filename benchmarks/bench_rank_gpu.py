@@ -39,8 +39,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--dry-run", action="store_true", help="tiny network and data on CPU")
     parser.add_argument("--heldout", type=int, default=5000)
     parser.add_argument("--candidates", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=500)
-    parser.add_argument("--rows", type=int, default=8192, help="rows per batched pass (the library's default)")
+    parser.add_argument("--batch-size", type=int, default=configs.DEFAULTS["eval_batch_size"])
+    parser.add_argument("--rows", type=int, default=configs.DEFAULTS["rank_rows"],
+                        help="rows per batched pass (the library's default)")
     parser.add_argument("--project-heldout", type=int,
                         default=configs.resolve("cifar10-supnet-mi")["heldout_size"],
                         help="held-out images of the projected 10k-candidate ranking (the CIFAR presets')")
@@ -91,7 +92,8 @@ def main(argv=None) -> dict:
     return results
 
 
-def _racing_plan(candidates: int, heldout: int, eta: int = 4, first_share: float = 1 / 16):
+def _racing_plan(candidates: int, heldout: int, eta: int = configs.DEFAULTS["racing_eta"],
+                 first_share: float = configs.DEFAULTS["racing_first_share"]):
     """(survivors, start, end) of each racing round, as `rank` runs them with the default settings."""
     plan, survivors, start = [], candidates, 0
     for end in round_ends("racing", heldout, eta, first_share):

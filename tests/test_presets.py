@@ -115,6 +115,20 @@ def test_smoke_with_the_gaussian_posterior_on_a_cifar_preset(capsys, tmp_path):
     assert "| posterior | gaussian: " in (out / "report.md").read_text()
 
 
+def test_every_preset_key_is_a_config_key():
+    """resolve() checks the values of a preset's keys, not their names: a misspelt key in a preset or in
+    FAMILY_SETTINGS would be carried along unread and the setting silently left at its default."""
+    from pgnas_fast import configs
+
+    for preset in configs.names():
+        families = configs.FAMILY_SETTINGS.get(preset, {})
+        assert set(families) <= set(configs.POSTERIORS), (preset, sorted(families))
+        sources = [("PRESETS", configs.PRESETS[preset]), *((f"FAMILY_SETTINGS {f}", s) for f, s in families.items())]
+        for source, keys in sources:
+            assert set(keys) <= set(configs.SCHEMA), (preset, source, sorted(set(keys) - set(configs.SCHEMA)))
+    assert set(configs.FAMILY_SETTINGS) <= set(configs.names())
+
+
 def test_the_gaussian_kl_weighs_every_preset_as_it_does_digits():
     """configs.FAMILY_SETTINGS: with the Gaussian family, the KL at p_init per training image is the
     same share of the initial cross-entropy (ln classes) on every preset as on digits, where its N was

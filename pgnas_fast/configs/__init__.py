@@ -13,6 +13,7 @@ import math
 from collections.abc import Mapping
 from pathlib import Path
 
+from ..data.digits import TEST_SIZE as DIGITS_TEST_SIZE
 from ..nn.gated import LOG_ALPHA_LIMIT, POSTERIORS
 from ..ops.streams import MAJOR_LIMIT
 
@@ -113,10 +114,10 @@ _IMAGENET = {  # SupNet-D-121 protocol; R-50 follows it (its own recipe is not p
 }
 
 PRESETS: dict[str, dict] = {
-    # The embedded default: real data shipped with scikit-learn, a search in about 20 s on 2 cores.
+    # The embedded default: real data shipped with scikit-learn, a search in about 15 s on 2 cores.
     "digits-tiny": {
         "dataset": "digits",
-        "data_args": {"test_size": 360},  # about 20 % of the 1797 images, for reporting only
+        "data_args": {"test_size": DIGITS_TEST_SIZE},
         "heldout_size": 300,
         "supernet": "digits-tiny",
         "supernet_args": {"width": 16, "gate_group_size": 4},
@@ -194,6 +195,8 @@ DATA_ARGS = {"digits": {"test_size": _POSITIVE_INT}}
 NATIVE_INPUT_SIZE = {"digits": 8, "cifar10": 32, "cifar100": 32}
 IMAGE_CHANNELS = {"digits": 1, "cifar10": 3, "cifar100": 3, "imagenet": 3}
 NUM_CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100, "imagenet": 1000}  # ImageNet: the full set's
+RANKING_STRATEGIES = ("racing", "exhaustive")  # the `ranking` key's values (search.rank.rank)
+
 SCHEMA = {
     "dataset": ((str,), lambda v: v in DATASETS, f"one of {', '.join(DATASETS)}"),
     "data_args": ((dict,), lambda v: True, "an object"),
@@ -228,7 +231,7 @@ SCHEMA = {
     # candidate ids are stream majors: below 2^40
     "candidates": ((int,), lambda v: 0 < v <= MAJOR_LIMIT, "an int in [1, 2^40]"),
     "random_baseline": ((int,), lambda v: 0 <= v <= MAJOR_LIMIT, "an int in [0, 2^40]"),
-    "ranking": ((str,), lambda v: v in ("racing", "exhaustive"), "racing or exhaustive"),
+    "ranking": ((str,), lambda v: v in RANKING_STRATEGIES, " or ".join(RANKING_STRATEGIES)),
     "racing_eta": ((int,), lambda v: v >= 2, "an int >= 2"),
     "racing_first_share": ((int, float), lambda v: 0 < v <= 1, "a number in (0, 1]"),
     "rank_rows": _POSITIVE_INT,

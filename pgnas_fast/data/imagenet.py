@@ -278,8 +278,8 @@ def epoch_seed(seed: int, epoch: int) -> int:
 class SeededSampler(Sampler):
     """Yields (index, seed) with seed a function of (seed, epoch, index): augmentation that resumes exactly.
 
-    Order: `base` (e.g. a DistributedSampler) if given, else a permutation seeded by (seed, epoch)
-    when shuffling, else 0..n-1. `set_epoch` reaches `base` too.
+    Order: `base` (e.g. feed.RowShareSampler under torchrun) if given, else a permutation seeded by
+    (seed, epoch) when shuffling, else 0..n-1. `set_epoch` reaches `base` too.
     """
 
     def __init__(self, n: int, *, shuffle: bool, seed: int = 0, base: Sampler | None = None):
@@ -359,7 +359,8 @@ def imagenet_loader(
 
     Workers (default 8, never more than the available cores) decode and crop; they stay alive between
     epochs; batches are pinned when `device` is CUDA. `train` shuffles, augments and by default drops
-    the last partial batch. Pass a DistributedSampler as `sampler` for DDP (it then decides the order).
+    the last partial batch. Under torchrun the search passes its RowShareSampler as `sampler` (it then
+    decides the order).
     """
     device = torch.device(device)
     num_workers = loader_workers(8 if num_workers is None else num_workers)

@@ -27,7 +27,6 @@ class Parallel:
 
     rank: int = 0
     world: int = 1
-    local_rank: int = 0
 
     @property
     def enabled(self) -> bool:
@@ -114,7 +113,7 @@ def join(device: str | torch.device) -> tuple[Parallel, torch.device]:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Parallel(dist.get_rank(), dist.get_world_size(), local_rank), device
+    return Parallel(dist.get_rank(), dist.get_world_size()), device
 
 
 def leave() -> None:

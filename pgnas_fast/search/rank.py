@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
+from ..configs import DEFAULTS, RANKING_STRATEGIES
 from ..nn import gated_layers, kept_fraction, set_gates, stacked_candidate_masks, training_modes_kept
 from ..nn.batchnorm import folded_batchnorm, grouped_batchnorm
 from ..nn.gated import logit
@@ -37,7 +38,7 @@ from .io import RunError
 from .train import mean_drop_probability
 
 EVALUATORS = ("batched", "sequential", "reload")
-STRATEGIES = ("exhaustive", "racing")
+STRATEGIES = RANKING_STRATEGIES
 # On a CPU a batched pass gains nothing once its activations outgrow the caches, and loses per row
 # after (SupNet-E, 8 candidates x 100 images: sequential 23 s, 2 candidates a pass 30 s, 8 a pass 58 s;
 # benchmarks/results/cpu-2core.md): there a pass holds several candidates only while its largest
@@ -94,7 +95,8 @@ class CandidateScorer:
     """
 
     def __init__(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, seed: int,
-                 evaluator: str = "batched", batch_size: int = 500, rows_per_pass: int = 8192,
+                 evaluator: str = "batched", batch_size: int = DEFAULTS["eval_batch_size"],
+                 rows_per_pass: int = DEFAULTS["rank_rows"],
                  domain: Domain = Domain.CANDIDATE, p_logits: Mapping[str, torch.Tensor] | None = None,
                  prepare: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  load_model: Callable[[], nn.Module] | None = None,
@@ -257,9 +259,10 @@ def round_ends(strategy: str, size: int, eta: int, first_share: float) -> list[i
     return ends + [size]
 
 
-def rank(scorer: CandidateScorer, candidates: Sequence[int], *, strategy: str = "exhaustive", eta: int = 4,
-         first_share: float = 1 / 16, chunk: int = 64, log: ProgressLog | None = None,
-         shard: tuple[int, int] = (0, 1), gather: Callable[[list[dict]], list[dict]] | None = None,
+def rank(scorer: CandidateScorer, candidates: Sequence[int], *, strategy: str = "exhaustive",
+         eta: int = DEFAULTS["racing_eta"], first_share: float = DEFAULTS["racing_first_share"], chunk: int = 64,
+         log: ProgressLog | None = None, shard: tuple[int, int] = (0, 1),
+         gather: Callable[[list[dict]], list[dict]] | None = None,
          progress: bool = True, desc: str = "ranking candidates") -> list[dict]:
     """Score `candidates`; one row {id, score, images, first_round_score, kept_fraction} each, in id
     order. `first_round_score` is the accuracy on the first round's images, which every candidate saw
@@ -330,7 +333,8 @@ def rank(scorer: CandidateScorer, candidates: Sequence[int], *, strategy: str = 
 
 def rank_candidates(model: nn.Module, heldout: tuple[torch.Tensor, torch.Tensor], *, seed: int, count: int,
                     domain: Domain = Domain.CANDIDATE, p_logits: Mapping[str, torch.Tensor] | None = None,
-                    batch_size: int = 500, rows_per_pass: int = 8192, prepare=None, progress: bool = True,
+                    batch_size: int = DEFAULTS["eval_batch_size"],
+                    rows_per_pass: int = DEFAULTS["rank_rows"], prepare=None, progress: bool = True,
                     desc: str = "ranking candidates", **rank_kwargs) -> list[dict]:
     """Candidates 0 .. count - 1 of a search, batched; see `rank` for the strategies."""
     scorer = CandidateScorer(model, *heldout, seed=seed, batch_size=batch_size, rows_per_pass=rows_per_pass,
@@ -372,9 +376,13 @@ def cut_note(cut: dict | None) -> str | None:
             "dropped by id alone; a larger first share (or exhaustive ranking) decides them on more images")
 
 
+def best_first(row: dict) -> tuple:
+    """Sort key of candidates scored on the same images: highest held-out accuracy first, ties to the
+    smaller network, then to the lower id."""
+    return -row["score"], row["kept_fraction"], row["id"]
+
+
 def best_candidate(rows: list[dict]) -> dict:
-    """Highest held-out accuracy among those scored on the most images (racing's finalists); ties go
-    to the smaller network, then to the lower id."""
+    """The first, in best_first's order, of those scored on the most images (racing's finalists)."""
     most = max(r.get("images", 0) for r in rows)
-    finalists = [r for r in rows if r.get("images", 0) == most]
-    return min(finalists, key=lambda r: (-r["score"], r["kept_fraction"], r["id"]))
+    return min((r for r in rows if r.get("images", 0) == most), key=best_first)

@@ -123,7 +123,8 @@ def _figures(run_dir: Path, arch: dict, rows: list[dict], random_rows: list[dict
     plt.close(fig)
 
 
-def _pct(x: float) -> str:
+def percent(x: float) -> str:
+    """0.98667 -> '98.67%'."""
     return f"{100 * x:.2f}%"
 
 
@@ -176,13 +177,13 @@ def write_report(run_dir: str | Path) -> Path:
         + " |",
         f"| ranking | {s['candidates']} guided ({config['ranking']}) + {s['random_candidates']} random candidates, "
         f"{s['rank_seconds']:.1f} s ({ranking_rate(s)}), with the last epoch's weights |",
-        f"| chosen candidate | {arch['candidate']}, keeps {_pct(arch['kept_fraction'])} of the gated input channels"
+        f"| chosen candidate | {arch['candidate']}, keeps {percent(arch['kept_fraction'])} of the gated input channels"
         + (f" ({s['tied_for_best']} finalists tied at its held-out score: the smallest network is chosen, then the "
            "lowest id)" if s.get("tied_for_best", 1) > 1 else "") + " |",
-        f"| held-out accuracy | {_pct(arch['score'])} |",
-        f"| test accuracy | {_pct(arch['test_accuracy'])} (no fine-tuning) |",
-        f"| super-network, every channel kept | held-out {_pct(s['supernet_heldout_accuracy'])}, "
-        f"test {_pct(s['supernet_test_accuracy'])} |",
+        f"| held-out accuracy | {percent(arch['score'])} |",
+        f"| test accuracy | {percent(arch['test_accuracy'])} (no fine-tuning) |",
+        f"| super-network, every channel kept | held-out {percent(s['supernet_heldout_accuracy'])}, "
+        f"test {percent(s['supernet_test_accuracy'])} |",
     ]
     if s.get("params_subnet"):
         whole = s.get("params_all_channels")
@@ -194,8 +195,8 @@ def write_report(run_dir: str | Path) -> Path:
         images = s.get("mean_heldout_images")  # (absent from runs older than the key)
         over = (f", over the first {images} held-out images (racing's first share)"
                 if images and images < s["finalist_heldout_images"] else "")
-        lines.append(f"| guided vs random sampling (mean held-out) | {_pct(s['guided_mean_heldout_accuracy'])} vs "
-                     f"{_pct(s['random_mean_heldout_accuracy'])} at the same expected drop rate{over} |")
+        lines.append(f"| guided vs random sampling (mean held-out) | {percent(s['guided_mean_heldout_accuracy'])} vs "
+                     f"{percent(s['random_mean_heldout_accuracy'])} at the same expected drop rate{over} |")
     if note := cut_note(s.get("first_round_cut")):
         lines.append(f"| racing's first cut | {note} |")
     if arch["preset"] in PAPER_ERROR and not smoke:  # (a smoke check's error says nothing)

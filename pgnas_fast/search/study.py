@@ -24,6 +24,7 @@ from ..ops.streams import Domain
 from .io import write_json
 from .rank import (CandidateScorer, accuracy, best_candidate, counted, cut_note, first_round_cut, rank,
                    round_ends, uniform_drop_logits)
+from .report import percent
 from .run import load_run
 
 
@@ -191,10 +192,6 @@ def run_study(run_dir: str | Path, *, candidates: int = 1000, tag: str = "defaul
     return result
 
 
-def _pct(x: float) -> str:
-    return f"{100 * x:.2f}%"
-
-
 def _tau(value: float | None) -> str:
     return "undefined (fewer than two candidates, or every score tied)" if value is None else f"{value:.3f}"
 
@@ -213,9 +210,10 @@ def report_markdown(s: dict) -> str:
         "",
         "| sampling | mean held-out | std | best | kept channels |",
         "|---|---|---|---|---|",
-        f"| guided (learned p) | {_pct(g['mean'])} | {_pct(g['std'])} | {_pct(g['best'])} | {_pct(g['kept_fraction'])} |",
-        f"| random (mean p everywhere) | {_pct(r['mean'])} | {_pct(r['std'])} | {_pct(r['best'])} | "
-        f"{_pct(r['kept_fraction'])} |",
+        f"| guided (learned p) | {percent(g['mean'])} | {percent(g['std'])} | {percent(g['best'])} | "
+        f"{percent(g['kept_fraction'])} |",
+        f"| random (mean p everywhere) | {percent(r['mean'])} | {percent(r['std'])} | {percent(r['best'])} | "
+        f"{percent(r['kept_fraction'])} |",
         "",
         "For comparison only (another dataset and metric: CIFAR-10 test **error** of the chosen candidate, not "
         "this run's held-out accuracy), the paper's guided vs random sampling without fine-tuning: EI 2.56 vs "
@@ -227,7 +225,7 @@ def report_markdown(s: dict) -> str:
         "",
         "| candidates | best id | best held-out | its test |",
         "|---|---|---|---|",
-        *[f"| {c['candidates']} | {c['best_id']} | {_pct(c['best_heldout'])} | {_pct(c['its_test'])} |"
+        *[f"| {c['candidates']} | {c['best_id']} | {percent(c['best_heldout'])} | {percent(c['its_test'])} |"
           for c in s["best_vs_candidates"]],
         "",
         "For comparison only (CIFAR-10 test **error**, not this run's accuracy), the paper's candidates -> error: "

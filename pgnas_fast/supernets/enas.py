@@ -262,7 +262,6 @@ class EnasSupernet(nn.Module):
     def set_drop_path_progress(self, progress: float) -> None:
         """ENAS's linear drop-path schedule: progress = min(1, (step + 1) / total steps); 1.0 = full rate."""
         progress = min(max(float(progress), 0.0), 1.0)
-        self.drop_path_progress = progress
         for m in self.modules():
             if isinstance(m, DropPath):
                 m.drop_prob = (1.0 - self.drop_path_keep_prob) * m.layer_scale * progress
@@ -281,7 +280,8 @@ class EnasSupernet(nn.Module):
 @register("supnet-e")
 def supnet_e(num_classes: int = 10, p_init: float = 0.1, tau: float = 0.2, backend: str | None = None,
              filters: int = 36, **kwargs) -> EnasSupernet:
-    """SupNet-E: fixed ENAS micro cell, 15 layers + 2 reductions, F = 36, 4.6M parameters."""
+    """SupNet-E: fixed ENAS micro cell, 15 layers + 2 reductions, F = 36: 4.39M parameters
+    (the paper: 4.6M; see the module docstring)."""
     return EnasSupernet(filters, num_classes, p_init=p_init, tau=tau, backend=backend, **kwargs)
 
 

@@ -103,6 +103,11 @@ def one_image_pass(model: nn.Module, shape: Sequence[int]) -> None:
         model.eval()(torch.zeros(1, *shape, device=device, dtype=dtype))
 
 
+def count_parameters(model: nn.Module) -> int:
+    """Every parameter of `model`, the drop logits included."""
+    return sum(p.numel() for p in model.parameters())
+
+
 def describe(model: nn.Module, input_size: int | Sequence[int]) -> dict:
     """{params, gated_layers, gate_params, macs, input_size} of `model` for images of `input_size`.
 
@@ -114,7 +119,7 @@ def describe(model: nn.Module, input_size: int | Sequence[int]) -> dict:
     with full_gates(model):
         macs = count_macs(model, input_size)
     return {
-        "params": sum(p.numel() for p in model.parameters()),
+        "params": count_parameters(model),
         "gated_layers": len(layers),
         "gate_params": sum(layer.p_logit.numel() for layer in layers),
         "macs": macs,

@@ -193,7 +193,7 @@ def _rank_main(rank: int, world: int, port: int, out: str) -> None:
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
     parallel, device = join("cpu")
-    assert parallel == Parallel(rank, world, rank) and device == torch.device("cpu")
+    assert parallel == Parallel(rank, world) and device == torch.device("cpu")
     try:
         torch.save(_train(parallel), f"{out}.rank{rank}")
     finally:

@@ -78,8 +78,8 @@ def test_a_float64_super_network_materializes_in_float64(name):
         expected = model(x)
     subnet = materialize(model, masks)
     assert {t.dtype for t in [*subnet.parameters(), *subnet.buffers()] if t.is_floating_point()} == {torch.float64}
-    with torch.no_grad():  # (the super-network's eval branch weights are float32 whatever the data: 1e-8)
-        torch.testing.assert_close(subnet(x), expected, rtol=1e-7, atol=1e-7)
+    with torch.no_grad():
+        torch.testing.assert_close(subnet(x), expected, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("name", sorted(TINY))
@@ -166,6 +166,66 @@ def test_a_deleted_layer_keeps_the_map_size_of_the_strides_and_pools_it_absorbed
         x = torch.randn(2, 3, side, side)
         with torch.no_grad():
             torch.testing.assert_close(subnet(x), net(x))
+
+
+def _batchnorm(channels):
+    bn = torch.nn.BatchNorm2d(channels)
+    bn.running_mean.uniform_(-1, 1)
+    bn.running_var.uniform_(0.5, 2)
+    return bn
+
+
+class _SharedConv(torch.nn.Module):
+    """One conv in two Sequentials, each with its own BatchNorm, feeding a gated conv."""
+
+    def __init__(self):
+        super().__init__()
+        conv = torch.nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.a, self.b = torch.nn.Sequential(conv, _batchnorm(4)), torch.nn.Sequential(conv, _batchnorm(4))
+        self.g = GatedConv2d(4, 2, 1)
+
+    def forward(self, x):
+        return self.g(self.a(x) + self.b(x))
+
+
+class _OneLayerTwoNames(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.p1 = self.p2 = GatedConv2d(4, 4, 1)
+
+    def forward(self, x):
+        return self.p1(x) + self.p2(x)
+
+
+@pytest.mark.parametrize("net, masks, side", [
+    (_SharedConv, {"g": [1.0, 0, 1, 0]}, 3),  # (folded twice into one conv, and sliced for one reader)
+    (_SharedConv, {"g": [0.0, 0, 0, 0]}, 3),
+    (_OneLayerTwoNames, {"p1": [1.0, 0, 0, 1]}, 4),  # (was sliced under its first name only)
+])
+def test_a_module_held_in_two_places_materializes_for_both(net, masks, side):
+    torch.manual_seed(5)
+    net, masks = net().eval(), {name: torch.tensor(mask) for name, mask in masks.items()}
+    subnet = materialize(net, masks)
+    assert not any(isinstance(m, (GatedConv2d, GatedLinear)) for m in subnet.modules())
+    set_gates(net, "hard", masks=masks)
+    x = torch.randn(2, side, 5, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(subnet(x), net(x))
+
+
+def test_a_materialized_network_takes_one_unbatched_map_as_its_gated_layers_do():
+    torch.manual_seed(6)
+    net = torch.nn.Sequential(GatedConv2d(3, 6, 3, padding=1), torch.nn.ReLU(), GatedConv2d(6, 4, 3, padding=1),
+                              GatedConv2d(4, 4, 3, groups=2, padding=1), GatedConv2d(4, 5, 3)).eval()
+    masks = {"0": torch.tensor([1.0, 0, 1]), "2": torch.tensor([1.0, 1, 0, 1, 0, 1]),
+             "3": torch.tensor([1.0, 0, 1, 1]), "4": torch.zeros(4)}  # sliced, grouped (masked) and deleted layers
+    subnet = materialize(net, masks)
+    set_gates(net, "hard", masks=masks)
+    for x in (torch.randn(3, 6, 7), torch.randn(2, 3, 6, 7)):
+        with torch.no_grad():
+            got, want = subnet(x), net(x)
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want)
 
 
 def test_training_only_modules_leave_the_subnet():

@@ -554,6 +554,15 @@ def test_stacked_masks_need_a_batch_of_k_equal_row_groups():
     assert lin(torch.randn(6, 5, 4)).shape == (6, 5, 2)
 
 
+def test_stacked_masks_of_different_k_in_two_layers_are_refused():
+    """Layers would split one batch into row groups of different sizes: candidate k's rows would meet
+    another candidate's masks in the second layer."""
+    net = torch.nn.Sequential(GatedConv2d(3, 4, 1), GatedConv2d(4, 2, 1)).eval()
+    with pytest.raises(ValueError, match=r"same number of candidates K in every layer, got 2 in '0', 3 in '1'"):
+        set_gates(net, "hard", masks={"0": torch.ones(2, 3), "1": torch.ones(3, 4)})
+    set_gates(net, "hard", masks={"0": torch.ones(3), "1": torch.ones(3, 4)})  # a [C_in] mask is every row's
+
+
 @pytest.mark.parametrize("posterior", ["concrete", "gaussian"])
 @pytest.mark.parametrize("make, shape", [(lambda: GatedConv2d(6, 5, 3, padding=1, gate_groups=2), (3, 6, 5, 7)),
                                          (lambda: GatedLinear(6, 5, gate_groups=3), (4, 6))])

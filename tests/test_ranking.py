@@ -137,6 +137,22 @@ def test_batched_sequential_and_reload_counts_are_identical(trained, rows_per_pa
     assert len(set(counts["batched"])) > 1, "candidates should differ"
 
 
+def test_batchnorm_without_running_statistics_ranks_one_candidate_a_pass():
+    """Such a BatchNorm normalises with the batch's statistics in eval mode too: K candidates in one pass
+    would share them, and their scores would depend on which candidates they were ranked with."""
+    from pgnas_fast.nn import GatedConv2d
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(GatedConv2d(3, 8, 3, padding=1, p_init=0.5),
+                              torch.nn.BatchNorm2d(8, track_running_stats=False), torch.nn.ReLU(), torch.nn.Flatten(),
+                              torch.nn.Linear(128, 10))
+    x, y = torch.randn(40, 3, 4, 4), torch.randint(0, 10, (40,))
+    scorers = {e: CandidateScorer(net, x, y, seed=0, batch_size=8, evaluator=e) for e in ("batched", "sequential")}
+    assert scorers["batched"].candidates_per_pass(0, 40) == 1
+    rows = {e: rank(s, range(12), progress=False) for e, s in scorers.items()}
+    assert rows["batched"] == rows["sequential"] and len({r["score"] for r in rows["batched"]}) > 1
+
+
 def test_scores_equal_plain_accuracy_of_the_masked_network(trained):
     model, (images, labels), _ = trained
     rows = rank(CandidateScorer(model, images, labels, seed=1), [3, 8], progress=False)
@@ -583,6 +599,10 @@ def test_folded_batchnorm_leaves_training_mode_and_unfollowed_batchnorm_alone():
     twice = torch.nn.ModuleList([torch.nn.Sequential(conv, bn), torch.nn.Sequential(conv, torch.nn.BatchNorm2d(4))])
     with folded_batchnorm(twice.eval()):
         assert all(isinstance(s[1], torch.nn.BatchNorm2d) for s in twice) and conv.bias is None
+    # and so is one held in one Sequential and read bare elsewhere (the bare read would get the fold)
+    bare = torch.nn.ModuleDict({"seq": torch.nn.Sequential(conv, bn), "alone": conv}).eval()
+    with folded_batchnorm(bare):
+        assert isinstance(bare["seq"][1], torch.nn.BatchNorm2d) and conv.bias is None
     # a conv that samples Gaussian noise on its output is left alone (the noise's scale would change)
     gaussian = torch.nn.Sequential(GatedConv2d(3, 4, 3, bias=False), torch.nn.BatchNorm2d(4)).eval()
     set_posterior(gaussian, "gaussian")
@@ -711,7 +731,9 @@ class FixedScorer(CandidateScorer):
     """Candidate c gets per_image(c) right per image; no model runs."""
 
     def __init__(self, size, per_image=lambda c: 1):
-        super().__init__(torch.nn.Identity(), torch.zeros(size, 1), torch.zeros(size, dtype=torch.long), seed=0)
+        from pgnas_fast.nn import GatedLinear
+
+        super().__init__(GatedLinear(1, 1), torch.zeros(size, 1), torch.zeros(size, dtype=torch.long), seed=0)
         self.per_image = per_image
 
     def correct(self, candidates, start, end):
@@ -870,8 +892,23 @@ def test_rank_refuses_a_candidate_id_given_twice(untrained):
 
 def test_scorer_checks_images_and_labels_and_restores_the_training_mode(untrained):
     images, labels = torch.randn(20, 1, 8, 8), torch.randint(0, 10, (20,))
-    with pytest.raises(ValueError, match="same number of held-out examples, got 20 and 19"):
+    with pytest.raises(ValueError, match="same number of held-out examples, at least one, got 20 and 19"):
         CandidateScorer(untrained, images, labels[:-1], seed=1)
+    for kwargs, message in [(dict(images=images[:0], labels=labels[:0]), "at least one, got 0 and 0"),
+                            (dict(batch_size=0), "batch_size must be an int >= 1, got 0"),
+                            (dict(rows_per_pass=2.5), "rows_per_pass must be an int >= 1, got 2.5"),
+                            (dict(model=torch.nn.Linear(2, 2)), "model has no gated layers"),
+                            (dict(images=images.to("meta")), r"on the model's device \(cpu\), got meta and cpu")]:
+        arguments = {"model": untrained, "images": images, "labels": labels, **kwargs}
+        with pytest.raises(ValueError, match=message):
+            CandidateScorer(arguments.pop("model"), arguments.pop("images"), arguments.pop("labels"), seed=1,
+                            **arguments)
+    for candidates, message in [([0, 1.9], r"candidate ids must be integers, got \[1.9\]"),
+                                ([True], r"candidate ids must be integers, got \[True\]")]:
+        with pytest.raises(ValueError, match=message):
+            rank(CandidateScorer(untrained, images, labels, seed=1), candidates, progress=False)
+    with pytest.raises(ValueError, match=r"p_logits has no entry for gated layers \['blocks"):
+        CandidateScorer(untrained, images, labels, seed=1, p_logits={}).correct([0], 0, 20)
     for training in (True, False):
         untrained.train(training)
         CandidateScorer(untrained, images, labels, seed=1, batch_size=8).correct([0, 1], 0, 20)

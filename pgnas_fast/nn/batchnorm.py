@@ -32,16 +32,26 @@ import torch.nn as nn
 BATCHNORM_2D = (nn.BatchNorm2d, nn.SyncBatchNorm)  # (SyncBatchNorm: what sync_bn training makes)
 
 
+def shared_modules(model: nn.Module) -> set[nn.Module]:
+    """The modules that `model` holds in more than one place (one object under two names): a change made
+    for one place, a fold or a slice, would change what the others compute."""
+    uses = collections.Counter(module for _, module in model.named_modules(remove_duplicate=False))
+    return {module for module, count in uses.items() if count > 1}
+
+
 def batchnorm_after_conv(model: nn.Module, conv_of: Callable[[nn.Module], nn.Module] = lambda m: m):
     """(container, conv, name, bn) for each BatchNorm with running statistics that directly follows a
-    conv inside an nn.Sequential of `model` (`conv_of` maps a child to the conv it holds)."""
+    conv inside an nn.Sequential of `model` (`conv_of` maps a child to the conv it holds); not where
+    the conv or the BatchNorm is shared (shared_modules: folding for one place would change another)."""
+    shared = shared_modules(model)
     for container in list(model.modules()):
         if not isinstance(container, nn.Sequential):
             continue
         children = list(container.named_children())
         for (_, producer), (name, bn) in zip(children, children[1:]):
             conv = conv_of(producer)
-            if isinstance(conv, nn.Conv2d) and type(bn) in BATCHNORM_2D and bn.track_running_stats:
+            if (isinstance(conv, nn.Conv2d) and type(bn) in BATCHNORM_2D and bn.track_running_stats
+                    and not {producer, conv, bn} & shared):
                 yield container, conv, name, bn
 
 
@@ -62,14 +72,13 @@ def folded_into_conv(conv: nn.Conv2d, bn: nn.Module) -> tuple[torch.Tensor, torc
 def folded_batchnorm(model: nn.Module):
     """Within the block, each eval-mode BatchNorm that follows a conv in an nn.Sequential is folded into
     that conv (and replaced by nn.Identity); afterwards the same modules and Parameters are back. Not
-    folded: a conv met twice (shared by two containers) and a conv sampling Gaussian noise (relaxed
-    Gaussian gates: the noise's scale would change sign with a negative BatchNorm weight)."""
+    folded: a conv or BatchNorm held in two places (batchnorm_after_conv) and a conv sampling Gaussian
+    noise (relaxed Gaussian gates: the noise's scale would change sign with a negative BatchNorm weight)."""
     folded, pairs = [], list(batchnorm_after_conv(model))
-    shared = {conv for conv, uses in collections.Counter(conv for _, conv, _, _ in pairs).items() if uses > 1}
     try:
         with torch.no_grad():
             for container, conv, name, bn in pairs:
-                if bn.training or conv in shared or getattr(conv, "gaussian_relaxed", False):
+                if bn.training or getattr(conv, "gaussian_relaxed", False):
                     continue
                 weight, bias = folded_into_conv(conv, bn)
                 folded.append((container, conv, name, bn, conv.weight, conv.bias))

@@ -44,7 +44,9 @@ class ShakeShake(StochasticModule):
         if skip is not None and skip.dtype != branches[0].dtype:  # e.g. under autocast: combined in the branches'
             skip = skip.to(branches[0].dtype)
         if not self.training:
-            weights = torch.full((n_branches,), 1.0 / n_branches, device=device)
+            # 1/S in float64 for float64 branches (float32 would round 1/3 at 1e-8), else float32
+            weights = torch.full((n_branches,), 1.0 / n_branches, device=device,
+                                 dtype=torch.float64 if branches[0].dtype == torch.float64 else torch.float32)
             return ops.branch_combine(branches, weights, skip=skip, backend=self.backend)
         if self.rng_stream is None:
             raise RuntimeError("ShakeShake in training mode needs set_gates(model, 'relaxed', seed=, step=) first")

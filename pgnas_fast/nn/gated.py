@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 from collections.abc import Iterator, Mapping, Sequence
 
 import torch
@@ -327,10 +328,20 @@ def stacked_candidate_masks(model: nn.Module, seed: int, candidates: Sequence[in
     """Masks of several candidates, {layer name: [K, C_in]}, for batched evaluation: with these set,
     a batch of K equal row groups runs candidate k on group k. Row k is what gate_keep(mode="hard")
     draws from stream (candidates[k], gate-layer index): see ops.candidate_keep."""
+    candidates = list(candidates)
+    odd = [c for c in candidates if isinstance(c, bool) or not isinstance(c, numbers.Integral)]
+    if odd:  # (as_tensor would truncate 1.9 to candidate 1)
+        raise ValueError(f"candidate ids must be integers, got {odd[:5]}")
+    layers = gated_layers(model)
+    if not layers:
+        raise ValueError("model has no gated layers (GatedConv2d, GatedLinear): it has no candidates")
+    missing = [name for name, _ in layers if p_logits is not None and name not in p_logits]
+    if missing:
+        raise ValueError(f"p_logits has no entry for gated layers {missing}")
     masks = {}
-    ids = torch.as_tensor(list(candidates), dtype=torch.int64)  # on the CPU: checked without a device sync
+    ids = torch.as_tensor(candidates, dtype=torch.int64)  # on the CPU: checked without a device sync
     with torch.no_grad():
-        for index, (name, layer) in enumerate(gated_layers(model)):
+        for index, (name, layer) in enumerate(layers):
             z = layer.drop_logit_per_channel() if p_logits is None else p_logits[name]
             masks[name] = ops.candidate_keep(z.detach().float(), ids, seed=seed, layer=index, domain=domain,
                                              backend=layer.backend)
@@ -383,12 +394,18 @@ def check_masks(layers: list[tuple[str, GatedInput]], masks: Mapping[str, torch.
     missing = [name for name, _ in layers if name not in masks]
     if missing:
         raise ValueError(f"masks has no entry for gated layers {missing}")
+    candidates = {}  # the K of each stacked mask (a [C_in] mask is every row's)
     for name, layer in layers:
         shape = tuple(masks[name].shape)
         if shape[-1:] != (layer.gate_channels,) or len(shape) > (2 if stacked else 1):
             raise ValueError(f"masks[{name!r}] must have shape [{layer.gate_channels}]"
                              + (f" or [K, {layer.gate_channels}] (K candidates at once)" if stacked else "")
                              + f", got {shape}")
+        if len(shape) == 2:
+            candidates[name] = shape[0]
+    if len(set(candidates.values())) > 1:  # the layers would split a batch into different row groups
+        raise ValueError(f"stacked masks must hold the same number of candidates K in every layer, got "
+                         f"{', '.join(f'{k} in {name!r}' for name, k in candidates.items())}")
 
 
 def set_gates(model: nn.Module, mode: str, *, seed: int = 0, step: int | None = None, row_offset: int = 0,

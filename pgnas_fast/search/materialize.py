@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 
 from ..nn import GatedConv2d, GatedLinear, StochasticModule, check_masks, gated_layers
-from ..nn.batchnorm import BATCHNORM_2D, batchnorm_after_conv, folded_into_conv
+from ..nn.batchnorm import BATCHNORM_2D, batchnorm_after_conv, folded_into_conv, shared_modules
 from ..nn.combine import MeanCombine
 
 
@@ -48,7 +48,7 @@ class SlicedConv2d(nn.Module):
                              conv.weight.index_select(1, index), conv.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x.index_select(1, self.index))
+        return self.conv(x.index_select(-3, self.index))  # (-3: a batch of maps [N, C, H, W] or one [C, H, W])
 
 
 class SlicedLinear(nn.Module):
@@ -100,11 +100,11 @@ class ZeroInput(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.is_conv:
             return self.bias.to(x.dtype).expand(*x.shape[:-1], self.out_channels)
-        h, w = x.shape[2], x.shape[3]
+        h, w = x.shape[-2], x.shape[-1]
         for (kh, kw), (sh, sw), (ph, pw), (dh, dw) in self.geometries:
             h = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
             w = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-        return self.bias.to(x.dtype).view(1, -1, 1, 1).expand(x.shape[0], -1, h, w)
+        return self.bias.to(x.dtype).view(-1, 1, 1).expand(*x.shape[:-3], -1, h, w)  # (as the conv: [N,] C, H, W)
 
 
 def _geometry(conv: nn.Module) -> tuple:
@@ -138,7 +138,7 @@ class MaskedConv2d(nn.Module):
     def __init__(self, layer: nn.Conv2d, mask: torch.Tensor):
         super().__init__()
         self.conv = _plain_copy(layer)
-        self.register_buffer("mask", mask.view(1, -1, 1, 1).to(layer.weight).clone())
+        self.register_buffer("mask", mask.view(-1, 1, 1).to(layer.weight).clone())  # [C, 1, 1]: batched or not
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(x * self.mask)
@@ -168,7 +168,7 @@ class Gather(nn.Module):
         self.register_buffer("index", index.clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.index_select(1, self.index)
+        return x.index_select(-3, self.index)
 
 
 # the modules that act per channel of an NCHW map
@@ -229,9 +229,13 @@ def _slice_outputs(module: nn.Module, index: torch.Tensor) -> None:
 
 def _prune_producers(subnet: nn.Module) -> None:
     """Remove the output channels that a sliced consumer never reads from the modules feeding it, and
-    the modules whose outputs only a deleted layer (ZeroInput) read."""
+    the modules whose outputs only a deleted layer (ZeroInput) read; not along a run that holds a module
+    held in another place too (slicing it for one would change the other)."""
+    shared = shared_modules(subnet)
     for container in list(subnet.modules()):
         for head, *middle, tail in _chains(container):
+            if any(getattr(container, name) in shared for name in (head, *middle, tail) if name is not None):
+                continue
             consumer = getattr(container, tail)
             if head is None and not middle and not isinstance(consumer, ZeroInput):
                 continue  # nothing between the consumer and its input: its own gather stays
@@ -283,14 +287,16 @@ def materialize(model: nn.Module, masks: Mapping[str, torch.Tensor], *, fold_bat
     subnet = copy.deepcopy(model).eval()
     if isinstance(subnet, (GatedConv2d, GatedLinear)):  # the model is one gated layer: its plain layer is the whole
         return _plain(subnet, masks[""]).eval()
-    for name, layer in gated_layers(subnet):
-        _replace(subnet, name, _plain(layer, masks[name]))
+    # a module held under two names is replaced under both, by one replacement (its first name's mask)
+    plain = {layer: _plain(layer, masks[name]) for name, layer in gated_layers(subnet)}
     for module in list(subnet.modules()):
         for name in getattr(module, "training_only_modules", ()):  # e.g. ENAS's auxiliary head
             setattr(module, name, None)
-    for name, module in list(subnet.named_modules()):
-        if isinstance(module, StochasticModule) and name:
-            _replace(subnet, name, module.evaluation_module())
+    for name, module in list(subnet.named_modules(remove_duplicate=False)):
+        if module in plain:
+            _replace(subnet, name, plain[module])
+        elif isinstance(module, StochasticModule) and name:
+            _replace(subnet, name, plain.setdefault(module, module.evaluation_module()))
     _prune_producers(subnet)
     if fold_batchnorm:
         _fold_batchnorm(subnet)

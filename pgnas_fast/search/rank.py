@@ -65,10 +65,9 @@ def pass_bytes_budget(device: torch.device) -> int | None:
 @torch.no_grad()
 def accuracy(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float:
     """Top-1 accuracy of `model` (in eval mode, gates as they are set, BatchNorm folded as in ranking)
-    over (images, labels) batches."""
-    model.eval()
+    over (images, labels) batches; the model gets its modules' training modes back."""
     correct = seen = 0
-    with folded_batchnorm(model):
+    with training_modes_kept(model), folded_batchnorm(model.eval()):
         for images, labels in batches:
             correct += (model(images).argmax(1) == labels).sum().item()
             seen += len(labels)
@@ -80,6 +79,12 @@ def uniform_drop_logits(model: nn.Module) -> dict[str, torch.Tensor]:
     every gated channel), for the random-sampling baseline of the paper's Table 3."""
     z = logit(mean_drop_probability(model))
     return {name: torch.full((layer.gate_channels,), z, device=layer.p_logit.device) for name, layer in gated_layers(model)}
+
+
+def _normalises_across_rows(model: nn.Module) -> bool:
+    """A BatchNorm without running statistics (track_running_stats=False) normalises with its batch's
+    statistics in eval mode too."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is None for m in model.modules())
 
 
 class CandidateScorer:
@@ -105,9 +110,18 @@ class CandidateScorer:
             raise ValueError(f"evaluator must be one of {', '.join(EVALUATORS)}; got {evaluator!r}")
         if evaluator == "reload" and load_model is None:
             raise ValueError("the reload evaluator needs load_model")
-        if len(images) != len(labels):
-            raise ValueError(f"images and labels must hold the same number of held-out examples, got {len(images)} "
-                             f"and {len(labels)}")
+        if len(images) != len(labels) or len(labels) == 0:
+            raise ValueError(f"images and labels must hold the same number of held-out examples, at least one, got "
+                             f"{len(images)} and {len(labels)}")
+        for name, value in (("batch_size", batch_size), ("rows_per_pass", rows_per_pass)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if not gated_layers(model):
+            raise ValueError("model has no gated layers (GatedConv2d, GatedLinear): it has no candidates to score")
+        device = next(model.parameters()).device  # (a gated layer holds its drop logits at least)
+        if images.device != device or labels.device != device:
+            raise ValueError(f"images and labels must be on the model's device ({device}), got {images.device} and "
+                             f"{labels.device}")
         self.model, self.images, self.labels = model, images, labels
         self.seed, self.evaluator, self.domain, self.p_logits = seed, evaluator, domain, p_logits
         self.batch_size, self.rows_per_pass = batch_size, rows_per_pass
@@ -132,6 +146,8 @@ class CandidateScorer:
     def candidates_per_pass(self, start: int, end: int) -> int:
         if self.evaluator != "batched":
             return 1
+        if self.recalibration_images is None and _normalises_across_rows(self.model):
+            return 1  # eval-mode statistics of the whole pass would mix the candidates' rows
         recalibration = 0 if self.recalibration_images is None else len(self.recalibration_images)
         rows = max(min(self.batch_size, end - start), recalibration)
         return max(1, min(self.rows_per_pass, self._rows_that_fit()) // rows)

@@ -355,9 +355,14 @@ def _rank(args) -> int:
     return 0
 
 
+MAX_TAG = 200  # a file name holds 255 bytes: '.rank-TAG.lock' and the temporaries' '.NAME.XXXXXXXX.tmp' fit
+
+
 def _check_tag(tag: str) -> None:
     if not tag or not set(tag) <= set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-"):
         raise UsageError(f"--tag must be letters, digits, '_', '.' or '-', got {tag!r}")
+    if len(tag) > MAX_TAG:
+        raise UsageError(f"--tag must be at most {MAX_TAG} characters, got {len(tag)}")
 
 
 def _study(args) -> int:

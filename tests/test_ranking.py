@@ -170,6 +170,11 @@ def test_racing_round_ends_grow_by_eta():
     assert round_ends("racing", 300, 3, 1 / 27) == [12, 34, 100, 300]
     assert round_ends("racing", 300, 2, 0.5) == [150, 300]
     assert round_ends("racing", 8, 3, 1 / 27) == [1, 3, 8]  # ceil(8/27) = ceil(8/9) = 1: counted once
+    # eta times more images each round, not one more where the float product lands just above a whole number
+    # (0.1 x 3 x 300 = 90.00000000000001)
+    assert round_ends("racing", 300, 3, 0.1) == [30, 90, 270, 300]
+    assert round_ends("racing", 5000, 3, 0.1) == [500, 1500, 4500, 5000]
+    assert round_ends("racing", 300, 3, 0.05) == [15, 45, 135, 300]
 
 
 def test_racing_is_paired_and_finalists_get_full_scores(trained):
@@ -288,6 +293,32 @@ def _rank_cli(capsys, *argv):
     return code, capsys.readouterr()
 
 
+def test_the_reload_evaluator_refuses_a_checkpoint_that_changes_during_the_ranking(capsys, run_dir, tmp_path,
+                                                                                   monkeypatch):
+    """It reads checkpoint.pt for every candidate, as the authors did; a `search --resume` training the run
+    meanwhile would give later candidates later weights, and the ranking would record the first epoch."""
+    import shutil
+
+    from pgnas_fast.search import rank_run as rank_run_module
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    real = rank_run_module.rebuild_for_evaluation
+    calls = []
+
+    def train_on_after_the_first_candidate(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the second candidate's model: an epoch more is saved before the third's
+            state = torch.load(run / "checkpoint.pt", weights_only=False)
+            torch.save({**state, "epoch": state["epoch"] + 1}, run / "checkpoint.pt")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(rank_run_module, "rebuild_for_evaluation", train_on_after_the_first_candidate)
+    code, captured = _rank_cli(capsys, run, "--candidates", 3, "--strategy", "exhaustive", "--evaluator", "reload")
+    assert code == 2 and captured.err.count("\n") == 1, captured.err
+    assert "checkpoint.pt' changed during the ranking (epoch 3, now 4): the run is training" in captured.err
+
+
 def test_rank_command_writes_table_and_top(capsys, run_dir):
     code, captured = _rank_cli(capsys, run_dir, "--candidates", 60, "--strategy", "exhaustive", "--tag", "ex", "--top", 3)
     assert code == 0 and "best candidate:" in captured.out
@@ -309,6 +340,7 @@ def test_rank_command_writes_table_and_top(capsys, run_dir):
     (["/nonexistent/run"], "is not a run directory: config.json is missing"),
     (["RUN", "--candidates", "0"], "--candidates: must be an integer >= 1"),
     (["RUN", "--tag", "a/b"], "--tag must be letters"),
+    (["RUN", "--tag", "a" * 201], "--tag must be at most 200 characters, got 201"),  # (a file name's 255 bytes)
     (["RUN", "--tag", "search"], "--tag 'search' is taken: rank-search/ holds the search's own ranking log"),
     (["RUN", "--tag", "search-random"], "--tag 'search-random' is taken"),
     (["RUN", "--first-share", "1.5"], "--first-share must be in (0, 1]"),

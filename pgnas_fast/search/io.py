@@ -51,6 +51,20 @@ def _drop_held_locks() -> None:
 os.register_at_fork(after_in_child=_drop_held_locks)
 
 
+def lock_is_held(directory: Path, what: str) -> bool:
+    """Whether a process holds writer_lock(directory, what) now (a probe: takes and drops it if free)."""
+    path = Path(directory) / f".{what}.lock"
+    if not path.exists():
+        return False
+    with open(path, "a") as probe:
+        try:
+            fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(probe, fcntl.LOCK_UN)
+    return False
+
+
 @contextlib.contextmanager
 def writer_lock(directory: Path, what: str, parallel):
     """Held for the block by the rank-0 process of the one command allowed to write `what` in

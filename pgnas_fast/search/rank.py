@@ -266,12 +266,14 @@ def round_ends(strategy: str, size: int, eta: int, first_share: float) -> list[i
     with another family's)."""
     if strategy == "exhaustive":
         return [size]
-    ends, share = [], first_share
-    while share < 1.0 and math.ceil(share * size) < size:
-        end = max(1, math.ceil(share * size))
+    ends, k = [], 0
+    # round k's share of the images, first_share x eta^k, rounded to 1e-6 of an image before the ceiling:
+    # 0.1 x 3 x 300 is 90.00000000000001 in floats, and would make round 2 read 91 images, not 90
+    while (images := math.ceil(round(first_share * eta**k * size, 6))) < size:
+        end = max(1, images)
         if not ends or end > ends[-1]:  # a tiny held-out set may round two shares to one count
             ends.append(end)
-        share *= eta
+        k += 1
     return ends + [size]
 
 

@@ -66,8 +66,13 @@ def rank_run(run_dir: str | Path, *, candidates: int, strategy: str | None = Non
                 write_json(out / "settings.json", settings)
 
             def load_model():  # the authors' procedure: a fresh model and checkpoint for every candidate
-                weights = torch.load(run_dir / "checkpoint.pt", map_location=device, weights_only=False)["model"]
-                return rebuild_for_evaluation(config, feed.num_classes, weights, device)
+                state = torch.load(run_dir / "checkpoint.pt", map_location=device, weights_only=False)
+                if state["epoch"] != loaded.epoch:  # `search --resume` trains on: the ranking's rows would mix epochs
+                    raise RunError(f"{str(run_dir / 'checkpoint.pt')!r} changed during the ranking (epoch "
+                                   f"{loaded.epoch}, now {state['epoch']}): the run is training; rank it again when it "
+                                   "ends, or now with the batched or sequential evaluator, which read the checkpoint "
+                                   "once")
+                return rebuild_for_evaluation(config, feed.num_classes, state["model"], device)
 
             images, labels = feed.split("heldout")
             scorer = CandidateScorer(model, images, labels, seed=seed, evaluator=evaluator,

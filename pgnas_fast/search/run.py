@@ -49,7 +49,7 @@ from ..supernets.info import count_parameters
 from .export import architecture_record
 from .feed import CifarLoaderFeed, LoaderFeed, TensorFeed, check_batchnorm_rows, check_shards
 from .io import (DATA_FILE, SEARCH_RANKINGS, RunError, changed_settings, check_data_record, data_dir_of,
-                 load_checkpoint, read_jsonl, remove_interrupted_writes, save_checkpoint, write_data_record,
+                 load_checkpoint, lock_is_held, read_jsonl, remove_interrupted_writes, save_checkpoint, write_data_record,
                  write_json, write_jsonl, writer_lock)
 from .materialize import materialize, materialize_all_channels
 from .parallel import SINGLE_PROCESS, Parallel, join, leave
@@ -394,7 +394,15 @@ def _run_search(config: dict, *, seed: int, out_dir: Path, device: torch.device,
     trained_on, trained_threads, trained_by = backend, threads, parallel.world
     if resume and not checkpoint_path.exists() and main:
         print(f"nothing to resume in {str(out_dir)!r} (no checkpoint.pt yet): a new run starts", file=sys.stderr)
-    if resume and checkpoint_path.exists():
+    fresh = not (resume and checkpoint_path.exists())
+    # a fresh run removes the old run's rank-*/ and study-*/ results (below): not while a `rank` or `study`
+    # writes one (it would fail on its vanished files, or leave old weights' scores in the new run)
+    busy = parallel.all_gather([folder.name for folder in (*out_dir.glob("rank-*"), *out_dir.glob("study-*"))
+                                if main and fresh and lock_is_held(out_dir, folder.name)])
+    if busy:
+        raise RunError(f"a pgnas-fast rank or study is writing {', '.join(busy)} in {str(out_dir)!r}, which a new search "
+                       "there would remove: wait for it to end or stop it (or search into another --out)")
+    if not fresh:
         state = load_checkpoint(checkpoint_path)
         _check_posterior(checkpoint_path, state, config)
         _check_resumable(checkpoint_path, state, run_config, parallel.world)

@@ -21,7 +21,8 @@ import numpy
 
 from ..nn import candidate_masks, set_gates
 from ..ops.streams import Domain
-from .io import write_json
+from .io import write_json, writer_lock
+from .parallel import SINGLE_PROCESS
 from .rank import (CandidateScorer, accuracy, best_candidate, counted, cut_note, first_round_cut, rank,
                    round_ends, uniform_drop_logits)
 from .report import percent
@@ -131,8 +132,15 @@ def run_study(run_dir: str | Path, *, candidates: int = 1000, tag: str = "defaul
               data_dir=None, progress: bool = True) -> dict:
     run_dir = Path(run_dir)
     loaded = load_run(run_dir, device=device, data_dir=data_dir)
-    config, seed, model, feed = loaded.config, loaded.seed, loaded.model, loaded.feed
     out = run_dir / f"study-{tag}"
+    # held while it writes: a fresh search into the run, which removes study-*/, and a second study under
+    # the tag are refused meanwhile
+    with writer_lock(run_dir, out.name, SINGLE_PROCESS):
+        return _study(run_dir, loaded, out, candidates=candidates, progress=progress)
+
+
+def _study(run_dir: Path, loaded, out: Path, *, candidates: int, progress: bool) -> dict:
+    config, seed, model, feed = loaded.config, loaded.seed, loaded.model, loaded.feed
     out.mkdir(exist_ok=True)
     heldout = feed.split("heldout")
 

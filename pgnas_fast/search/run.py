@@ -49,8 +49,8 @@ from ..supernets.info import count_parameters
 from .export import architecture_record
 from .feed import CifarLoaderFeed, LoaderFeed, TensorFeed, check_batchnorm_rows, check_shards
 from .io import (DATA_FILE, SEARCH_RANKINGS, RunError, changed_settings, check_data_record, data_dir_of,
-                 load_checkpoint, lock_is_held, read_jsonl, remove_interrupted_writes, save_checkpoint, write_data_record,
-                 write_json, write_jsonl, writer_lock)
+                 load_checkpoint, lock_is_held, read_jsonl, remove_interrupted_writes, save_checkpoint,
+                 write_data_record, write_json, write_jsonl, writer_lock)
 from .materialize import materialize, materialize_all_channels
 from .parallel import SINGLE_PROCESS, Parallel, join, leave
 from .rank import (ProgressLog, accuracy, best_candidate, first_round_cut, rank_candidates, round_ends, tied_for_best,
@@ -400,8 +400,8 @@ def _run_search(config: dict, *, seed: int, out_dir: Path, device: torch.device,
     busy = parallel.all_gather([folder.name for folder in (*out_dir.glob("rank-*"), *out_dir.glob("study-*"))
                                 if main and fresh and lock_is_held(out_dir, folder.name)])
     if busy:
-        raise RunError(f"a pgnas-fast rank or study is writing {', '.join(busy)} in {str(out_dir)!r}, which a new search "
-                       "there would remove: wait for it to end or stop it (or search into another --out)")
+        raise RunError(f"a pgnas-fast rank or study is writing {', '.join(busy)} in {str(out_dir)!r}, which a new "
+                       "search there would remove: wait for it to end or stop it (or search into another --out)")
     if not fresh:
         state = load_checkpoint(checkpoint_path)
         _check_posterior(checkpoint_path, state, config)

@@ -124,6 +124,9 @@ def test_doctor_lists_every_backend(capsys):
     for name in ("reference", "triton", "cuda", "cpu"):
         assert any(line.split()[:1] == [name] for line in stdout.splitlines()), name
     assert "torch" in stdout and "threads" in stdout
+    import torch
+
+    assert f"cpu kernels: {torch.backends.cpu.get_cpu_capability()} (" in stdout
     from pgnas_fast.ops import dispatch
 
     for name in ("cpu", "triton"):  # ops without a native kernel yet are named, not hidden

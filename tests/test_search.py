@@ -72,8 +72,9 @@ def test_report_ties_the_figures_to_the_summary(finished_run):
     config = small_config()
     assert (f"| posterior | concrete: concrete dropout; l^2 (weight_reg) {config['weight_reg']:g}, drop_reg "
             f"{config['drop_reg']:g}, N = {summary['data']['train']}, tau {config['tau']:g} |") in report
-    assert (f"| backend | {summary['backend']} (1 CPU thread), pgnas_fast {pf.__version__}, torch {torch.__version__} |"
-            in report)
+    assert summary["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert (f"| backend | {summary['backend']} (1 CPU thread), pgnas_fast {pf.__version__}, torch {torch.__version__}, "
+            f"CPU kernels {summary['cpu_capability']} |" in report)
     assert summary["tied_for_best"] >= 1 and "loss = cross-entropy + regulariser, unweighted" in report
 
 

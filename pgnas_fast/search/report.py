@@ -168,7 +168,8 @@ def write_report(run_dir: str | Path) -> Path:
         f"| posterior | {posterior}: {POSTERIOR_NAMES[posterior]}; {_regulariser(config, s)} |",
         f"| backend | {s.get('backend', 'not recorded')}"
         + (f" ({counted(s['threads'], 'CPU thread')})" if "threads" in s else "") + "".join(
-            f", {name} {version}" for name, version in s.get("versions", {}).items()) + " |",
+            f", {name} {version}" for name, version in s.get("versions", {}).items())
+        + (f", CPU kernels {s['cpu_capability']}" if "cpu_capability" in s else "") + " |",
         f"| data | {s['data']['train']} training, {s['data']['heldout']} held-out, {s['data']['test']} test images"
         + (f"; smoke check: {smoke['training_steps']} training steps, scored on {smoke['heldout']} held-out and "
            f"{smoke['test']} test images" if (smoke := s.get("smoke")) else "") + " |",

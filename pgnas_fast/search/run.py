@@ -520,6 +520,9 @@ def _run_search(config: dict, *, seed: int, out_dir: Path, device: torch.device,
         "tied_for_best": tied_for_best(rows),
         "first_round_cut": first_round_cut(rows),
         "versions": {"pgnas_fast": __version__, "torch": torch.__version__},
+        # the instruction set torch's and oneDNN's CPU kernels were chosen for (AVX2, AVX512): another
+        # rounds the convolutions' sums in another order, and the accuracies move in their last digits
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "random_kept_fraction": statistics.fmean(r["kept_fraction"] for r in random_rows) if random_rows else None,
         "candidates": len(rows),
         "random_candidates": len(random_rows),

@@ -63,12 +63,12 @@ class SlicedLinear(nn.Module):
 
 
 def _holding(layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
-    """`layer`, built on the meta device (no initialisation), given contiguous copies of `weight` and
-    `bias`: their values, dtype and device, those of the super-network (whose evaluation layout may have
-    made its conv weights channels_last: an export holds one layout)."""
-    layer.weight = nn.Parameter(weight.detach().clone(memory_format=torch.contiguous_format))
+    """`layer`, built on the meta device (no initialisation), given copies of `weight` and `bias`: their
+    values, dtype and device, those of the super-network (materialize makes every weight contiguous at
+    the end)."""
+    layer.weight = nn.Parameter(weight.detach().clone())
     if bias is not None:
-        layer.bias = nn.Parameter(bias.detach().clone(memory_format=torch.contiguous_format))
+        layer.bias = nn.Parameter(bias.detach().clone())
     return layer
 
 

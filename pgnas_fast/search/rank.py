@@ -38,7 +38,6 @@ from .io import RunError
 from .train import mean_drop_probability
 
 EVALUATORS = ("batched", "sequential", "reload")
-STRATEGIES = RANKING_STRATEGIES
 # On a CPU a batched pass gains nothing once its activations outgrow the caches, and loses per row
 # after (SupNet-E, 8 candidates x 100 images: sequential 23 s, 2 candidates a pass 30 s, 8 a pass 58 s;
 # benchmarks/results/cpu-2core.md): there a pass holds several candidates only while its largest
@@ -289,8 +288,8 @@ def rank(scorer: CandidateScorer, candidates: Sequence[int], *, strategy: str = 
     shard = (rank, world): this process evaluates every world-th survivor; `gather` exchanges the
     finished rows between ranks (all-gather) so that all ranks agree on the survivors.
     """
-    if strategy not in STRATEGIES:
-        raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}; got {strategy!r}")
+    if strategy not in RANKING_STRATEGIES:
+        raise ValueError(f"strategy must be one of {', '.join(RANKING_STRATEGIES)}; got {strategy!r}")
     if eta < 2 or not 0 < first_share <= 1:
         raise ValueError(f"racing needs eta >= 2 and 0 < first_share <= 1, got {eta} and {first_share}")
     candidates = list(candidates)  # (any iterable of ids: it is read more than once)

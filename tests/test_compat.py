@@ -630,10 +630,19 @@ def test_a_numpy_split_is_taken_and_bad_sizes_and_backends_are_named_at_construc
     torch.testing.assert_close(arrayed.KLreg, listed.KLreg, rtol=0, atol=0)
     with pytest.raises(ValueError, match="split=3 needs a split_pattern"):
         Conv2d_with_CD(10, 2, 1, split=3, split_pattern=np.array([], dtype=int))
-    with pytest.raises(ValueError, match="in_features must be >= 1"):
-        Linear_with_CD(0, 2)
-    with pytest.raises(ValueError, match="in_channels must be >= 1"):
-        Conv2d_with_CD(0, 2, 1)
+    # sizes are checked before nn.Conv2d / nn.Linear see them (torch: "negative dimension"; a zero
+    # out_channels would have failed inside the regulariser, under an op argument's name)
+    for make, name, value in ((lambda v: Linear_with_CD(v, 2), "in_features", 0),
+                              (lambda v: Linear_with_CD(v, 2), "in_features", -1),
+                              (lambda v: Linear_with_CD(3, v), "out_features", 0),
+                              (lambda v: Conv2d_with_CD(v, 2, 1), "in_channels", 0),
+                              (lambda v: Conv2d_with_CD(v, 2, 1), "in_channels", -1),
+                              (lambda v: Conv2d_with_CD(3, v, 1, deterministic=False), "out_channels", 0),
+                              (lambda v: Conv2d_with_CD(v, 2, 1), "in_channels", 2.0)):
+        with pytest.raises(ValueError, match=f"{name} must be an int >= 1, got {value!r}"):
+            make(value)
+    with pytest.raises(ValueError, match="split_pattern must be a list of channel counts .*got int 5"):
+        Conv2d_with_CD(5, 2, 1, split_pattern=5)
     for make in (lambda: Conv2d_with_CD(3, 2, 1, backend="bogus"), lambda: Linear_with_CD(3, 2, backend="bogus"),
                  lambda: GatedConv2d(3, 2, 1, backend="bogus"), lambda: GatedLinear(3, 2, backend="bogus")):
         with pytest.raises(ValueError, match="backend must be one of auto, reference.*got 'bogus'"):
@@ -671,6 +680,52 @@ def test_conv_input_checks_and_unbatched_input(deterministic, fixed_seed):
     x = torch.randn(8, 5, 5)
     torch.testing.assert_close(m(x), m(x.unsqueeze(0)).squeeze(0))
     assert m(x).shape == (6, 5, 5)
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_integer_inputs_are_named_for_the_layer_in_either_mode(deterministic):
+    """A deterministic layer used to fail inside torch's conv, a stochastic one under the op's `x`."""
+    for layer, x in ((Conv2d_with_CD(3, 2, 1, deterministic=deterministic), torch.ones(1, 3, 2, 2, dtype=torch.long)),
+                     (Linear_with_CD(3, 2, deterministic=deterministic), torch.ones(2, 3, dtype=torch.int32)),
+                     (GatedConv2d(3, 2, 1), torch.ones(1, 3, 2, 2, dtype=torch.uint8)),
+                     (GatedLinear(3, 2), torch.ones(2, 3, dtype=torch.bool))):
+        with pytest.raises(TypeError, match=f"{type(layer).__name__}: input must have dtype in "
+                                            r"\(float32, float16, bfloat16, float64\), got (int64|int32|uint8|bool)"):
+            layer(x)
+
+
+def test_assigning_unif_noise_var_loads_the_candidate_noise():
+    """The authors' attribute could be rebound; ours copies into unif_noise_variable (the forward's noise)."""
+    m = Conv2d_with_CD(4, 4, 1, bias=False)
+    with torch.no_grad():
+        m.weight.copy_(torch.eye(4).view(4, 4, 1, 1))
+        m.p_logit.fill_(0.0)  # p = 0.5: drop where u >= 0.5
+    noise = torch.tensor([0.9, 0.1, 0.7, 0.2]).view(1, 4, 1, 1)
+    m.unif_noise_var = noise
+    assert torch.equal(m.unif_noise_variable, noise) and m.unif_noise_variable.requires_grad is False
+    x = torch.rand(2, 4, 3, 3) + 0.5
+    torch.testing.assert_close(m(x), x * torch.tensor([0.0, 1.0, 0.0, 1.0]).view(1, 4, 1, 1), rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"unif_noise_var must be a tensor of shape \(1, 4, 1, 1\), got shape \(4,\)"):
+        m.unif_noise_var = torch.rand(4)
+
+
+def test_authors_linear_klreg_of_a_half_layer_does_not_overflow():
+    """||W||^2 beyond float16's 65504 is summed in float32: the float32 layer's value, a finite gradient."""
+    torch.manual_seed(0)
+    lin = Linear_with_CD(300, 300)
+    with torch.no_grad():
+        lin.weight.normal_()  # ||W||^2 ~ 9e4
+    expected = lin.KLreg.item()
+    for dtype in (torch.float16, torch.bfloat16):
+        layer = Linear_with_CD(300, 300).to(dtype)
+        with torch.no_grad():
+            layer.weight.copy_(lin.weight.to(dtype))
+            layer.p_logit.copy_(lin.p_logit.to(dtype))
+        kl = layer.KLreg
+        kl.backward()
+        assert kl.dtype == torch.float32 and torch.isfinite(layer.p_logit.grad).all()
+        # (the weights rounded to dtype: bfloat16 keeps 8 bits)
+        assert kl.item() == pytest.approx(expected, rel=1e-2 if dtype == torch.bfloat16 else 1e-3)
 
 
 def test_regs_and_p_init_take_numpy_and_tensor_scalars():

@@ -75,6 +75,14 @@ def _has_pattern(split_pattern) -> bool:
     return split_pattern is not None and len(split_pattern) > 0
 
 
+def _check_sizes(where: str, **sizes) -> None:
+    """Channel / feature counts >= 1, checked before nn.Conv2d / nn.Linear see them (a negative one
+    would fail there as "negative dimension", a zero one later inside the regulariser)."""
+    for name, value in sizes.items():
+        if not (isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1):
+            raise ValueError(f"{where}: {name} must be an int >= 1, got {value!r}")
+
+
 def _is_channel_count(n) -> bool:
     """A whole number >= 1 (python, numpy or 0-dim tensor; not a bool)."""
     if isinstance(n, bool):
@@ -91,6 +99,9 @@ def _check_split(split: int, split_pattern, channels: int, where: str) -> int:
     if isinstance(split, bool) or not isinstance(split, numbers.Integral) or split < 1:
         raise ValueError(f"{where}: split must be an int >= 1, got {split!r}")
     split = int(split)
+    if split_pattern is not None and not hasattr(split_pattern, "__len__"):
+        raise ValueError(f"{where}: split_pattern must be a list of channel counts (or None), got "
+                         f"{type(split_pattern).__name__} {split_pattern!r}")
     if _has_pattern(split_pattern):
         if not all(_is_channel_count(n) for n in split_pattern):
             raise ValueError(f"{where}: split_pattern must hold channel counts (ints >= 1), got {list(split_pattern)}")
@@ -122,10 +133,9 @@ class Conv2d_with_CD(nn.Conv2d):  # noqa: N801 (the authors' name)
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
                  bias=True, weight_reg=10.0, drop_reg=1.0, p_init=1e-1, deterministic=True, debug=False,
                  split=1, split_pattern=None, *, backend=None):
+        _check_sizes("Conv2d_with_CD", in_channels=in_channels, out_channels=out_channels)
         super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding,
                          dilation=dilation, groups=groups, bias=bias)
-        if in_channels < 1:
-            raise ValueError(f"Conv2d_with_CD: in_channels must be >= 1 (one gate each), got {in_channels}")
         split = _check_split(split, split_pattern, in_channels, "Conv2d_with_CD")
         weight_reg, drop_reg = _check_regs(weight_reg, drop_reg, "Conv2d_with_CD")
         self._weight_reg = weight_reg / TRAINING_SIZE
@@ -194,6 +204,15 @@ class Conv2d_with_CD(nn.Conv2d):  # noqa: N801 (the authors' name)
         noise through either); deterministic layers only."""
         return self.unif_noise_variable.data
 
+    @unif_noise_var.setter
+    def unif_noise_var(self, noise: torch.Tensor) -> None:
+        """Assigning a candidate's noise copies it in (the authors' attribute could be rebound)."""
+        if not isinstance(noise, torch.Tensor) or noise.shape != self.unif_noise_variable.shape:
+            got = f"shape {tuple(noise.shape)}" if isinstance(noise, torch.Tensor) else type(noise).__name__
+            raise ValueError(f"Conv2d_with_CD: unif_noise_var must be a tensor of shape "
+                             f"{tuple(self.unif_noise_variable.shape)}, got {got}")
+        self.unif_noise_variable.data.copy_(noise)
+
     @property
     def KLreg(self) -> torch.Tensor:  # noqa: N802
         return ops.regularizer([self.weight], [gate_precision(self._p_logit_per_channel())],
@@ -210,9 +229,8 @@ class Linear_with_CD(nn.Linear):  # noqa: N801 (the authors' name)
     def __init__(self, in_features, out_features, bias=True, weight_reg=10.0, drop_reg=1.0, p_init=1e-1,
                  deterministic=False, debug=False, split=1, split_pattern=None, *, kl_formula="authors",
                  backend=None):
+        _check_sizes("Linear_with_CD", in_features=in_features, out_features=out_features)
         super().__init__(in_features, out_features, bias)
-        if in_features < 1:
-            raise ValueError(f"Linear_with_CD: in_features must be >= 1 (one gate each), got {in_features}")
         split = _check_split(split, split_pattern, in_features, "Linear_with_CD")
         weight_reg, drop_reg = _check_regs(weight_reg, drop_reg, "Linear_with_CD")
         if kl_formula not in ("authors", "intended"):
@@ -252,7 +270,9 @@ class Linear_with_CD(nn.Linear):  # noqa: N801 (the authors' name)
                                    n_train=1.0, backend=self.backend)
         # authors: sum((W^2 [out, in]) * (1 - p).view(1, in, 1, 1)) broadcasts to [1, in, out, in], giving
         # sum_a (1 - p_a) * ||W||^2, and the scalar is then summed once per input feature
-        weight_term = self.in_features * self._weight_reg * torch.sigmoid(-z).sum() * self.weight.square().sum()
+        # (||W||^2 in float32 at least: a float16 layer's sum overflows past 65504)
+        squares = self.weight.to(torch.promote_types(self.weight.dtype, torch.float32)).square().sum()
+        weight_term = self.in_features * self._weight_reg * torch.sigmoid(-z).sum() * squares
         return weight_term + _neg_entropy_sum(z, self._drop_reg, self.backend)
 
     @property

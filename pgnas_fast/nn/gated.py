@@ -79,6 +79,7 @@ def check_conv_input(conv: nn.Conv2d, x) -> None:
     if x.shape[-3] != conv.in_channels:
         raise ValueError(f"{type(conv).__name__}: expected input{list(x.shape)} to have {conv.in_channels} channels "
                          f"(in_channels), but got {x.shape[-3]} channels instead")
+    _check_data_dtype(conv, x)
 
 
 def check_linear_input(linear: nn.Linear, x) -> None:
@@ -89,6 +90,15 @@ def check_linear_input(linear: nn.Linear, x) -> None:
         shape = list(x.shape) if isinstance(x, torch.Tensor) else ""
         raise ValueError(f"{type(linear).__name__}: expected input{shape} to have {linear.in_features} features "
                          f"(in_features) in its last dim, got {got}")
+    _check_data_dtype(linear, x)
+
+
+def _check_data_dtype(layer: nn.Module, x: torch.Tensor) -> None:
+    """A floating-point input the gate ops take, named for the layer (not only for the op's `x`)."""
+    if x.dtype not in ops.DATA_DTYPES:
+        names = ", ".join(str(d).removeprefix("torch.") for d in ops.DATA_DTYPES)
+        raise TypeError(f"{type(layer).__name__}: input must have dtype in ({names}), got "
+                        f"{str(x.dtype).removeprefix('torch.')}")
 
 
 class GatedInput(nn.Module):

@@ -6,9 +6,14 @@ with CUDA and nvcc at install time) and a CUDA device is visible.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from .cpu_backend import NativeOps, _C, backend_functions, extension_unavailable_reason
+
+
+_CUDA_NOTE = Path(__file__).with_name("_C.cuda_unavailable.txt")  # written by setup.py
 
 
 def unavailable_reason() -> str | None:
@@ -16,6 +21,8 @@ def unavailable_reason() -> str | None:
     if reason is not None:
         return reason
     if not getattr(_C, "with_cuda", False):
+        if _CUDA_NOTE.exists():  # setup.py: torch had CUDA, the toolkit was missing or its part failed
+            return _CUDA_NOTE.read_text().strip()
         return (
             "pgnas_fast._C was built without CUDA (it needs a torch with CUDA and nvcc at install time; "
             "rebuild with pip install --no-deps --no-build-isolation -e .)"

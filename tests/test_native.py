@@ -118,6 +118,44 @@ def _setup_cxx_flags() -> list[str]:
     raise AssertionError("setup.py has no `cxx_flags = [...]` list any more: update this test")
 
 
+def _setup_functions(*names: str) -> dict:
+    """setup.py's functions `names`, compiled without running setup.py (its module level builds)."""
+    import ast
+
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    module = ast.Module([n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name in names], [])
+    namespace = {"os": os, "shutil": shutil, "subprocess": subprocess, "Path": Path}
+    exec(compile(module, "setup.py", "exec"), namespace)
+    assert all(name in namespace for name in names), "setup.py lost one of these functions: update this test"
+    return namespace
+
+
+def test_setup_finds_the_cuda_toolkit_behind_an_nvcc_wrapper(tmp_path, monkeypatch):
+    """An nvcc on PATH that is a wrapper script (/usr/local/bin/nvcc exec'ing the toolkit's) makes torch
+    guess CUDA_HOME=/usr/local, which holds no headers, and the whole _C failed to build: setup.py asks
+    nvcc's dry run for its toolkit instead, and names what is missing when that has no headers either."""
+    import types
+
+    found = _setup_functions("_has_cuda_headers", "_nvcc_toolkit", "_cuda_toolkit")["_cuda_toolkit"]
+    toolkit = tmp_path / "cuda-13.0"
+    (toolkit / "include").mkdir(parents=True)
+    (toolkit / "include" / "cuda_runtime_api.h").write_text("")
+    wrapper = tmp_path / "local" / "bin" / "nvcc"
+    wrapper.parent.mkdir(parents=True)
+    wrapper.write_text(f'#!/bin/sh\necho "#$ TOP={toolkit}/bin/.." >&2\n')  # (what nvcc --dryrun prints)
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{wrapper.parent}{os.pathsep}{os.environ['PATH']}")
+    torch_guess = types.SimpleNamespace(CUDA_HOME=str(tmp_path / "local"))
+    assert found(torch_guess) == (toolkit.resolve(), "")
+    (toolkit / "bin").mkdir()
+    (toolkit / "bin" / "nvcc").write_text("")  # torch's CUDA_HOME is taken as it is when it holds both
+    assert found(types.SimpleNamespace(CUDA_HOME=str(toolkit))) == (toolkit, "")
+    (toolkit / "include" / "cuda_runtime_api.h").unlink()
+    home, why = found(torch_guess)
+    assert home is None and f"the CUDA toolkit of {wrapper} was not found with its headers" in why
+    assert "set CUDA_HOME to the toolkit holding include/cuda_runtime_api.h" in why
+
+
 def _cuda_home() -> Path | None:
     """Where the CUDA headers are (CUDA_HOME, CUDA_PATH, nvcc's install, /usr/local/cuda), or None."""
     nvcc = shutil.which("nvcc")

@@ -593,6 +593,15 @@ def test_regularisation_strengths_beyond_float32_are_named_at_construction():
             layer(**{name: 1e40}).KLreg  # large but inside float32 once divided by N
 
 
+@pytest.mark.parametrize("value", [-1.0, float("nan"), float("-inf")])
+def test_negative_or_nan_regularisation_strengths_are_refused(value):
+    """(a NaN strength made KLreg NaN, a negative one rewarded large weights)"""
+    for name in ("weight_reg", "drop_reg"):
+        for layer in (lambda **k: Conv2d_with_CD(3, 2, 1, **k), lambda **k: Linear_with_CD(3, 2, **k)):
+            with pytest.raises(ValueError, match=f"{name} must be a finite number >= 0, got {value!r}"):
+                layer(**{name: value})
+
+
 def test_split_expansion_reads_entries_0_and_1_only():
     """[2, 4, 3, 5] sums to 14 but the authors' expansion is 2 + 4 + 4 + 4: later groups use entry 1."""
     m = Conv2d_with_CD(14, 2, 1, deterministic=False, split=4, split_pattern=[2, 4, 3, 5])

@@ -75,6 +75,53 @@ def test_carve_heldout_is_stratified_disjoint_and_seeded():
         carve_heldout(labels, 1000, seed=0)
 
 
+def test_carve_heldout_gives_the_leftovers_to_the_largest_remainders():
+    """Class counts [6, 3, 1], 3 held out: quotas 1.8, 0.9, 0.3 floor to [1, 0, 0]; the 2 left over go to
+    the remainders 0.9 and 0.8, so [2, 1, 0] whatever the seed ("proportional within one" also admits
+    [2, 0, 1])."""
+    labels = np.array([0] * 6 + [1] * 3 + [2])
+    for seed in range(6):
+        _, heldout = carve_heldout(labels, 3, seed=seed)
+        assert np.bincount(labels[heldout], minlength=3).tolist() == [2, 1, 0], seed
+
+
+def test_stratified_splits_seed_both_of_their_draws(monkeypatch):
+    """The test split and the held-out split (drawn from the rest) both follow the seed: split_seed
+    picks a digits search's held-out set as well as its test set."""
+    import sklearn.model_selection
+
+    from pgnas_fast.data.splits import stratified_splits
+
+    real, seeds = sklearn.model_selection.train_test_split, []
+
+    def recording(*arrays, **kwargs):
+        seeds.append(kwargs["random_state"])
+        return real(*arrays, **kwargs)
+
+    monkeypatch.setattr(sklearn.model_selection, "train_test_split", recording)
+    labels = np.random.default_rng(0).integers(0, 4, 200)
+    stratified_splits(labels, test=40, heldout=30, seed=7)
+    assert seeds == [7, 7]
+
+
+def test_the_data_fingerprint_reads_the_pixels_as_well_as_the_labels():
+    """Same labels, other pixels: another data set, which a resume or a `rank --data-dir` must refuse."""
+    from pgnas_fast.search.run import data_fingerprint
+
+    generator = torch.Generator().manual_seed(0)
+
+    def splits(shift):
+        part = lambda n: (torch.rand(n, 3, 4, 4, generator=generator) + shift, torch.arange(n) % 3)  # noqa: E731
+        return Splits(train=part(200), heldout=part(40), test=part(40), num_classes=3)
+
+    generator.manual_seed(0)
+    a = data_fingerprint(splits(0.0))
+    generator.manual_seed(0)
+    assert data_fingerprint(splits(0.0)) == a
+    generator.manual_seed(0)
+    assert data_fingerprint(splits(1.0)) != a
+
+
 # ---- CIFAR loaders ----
 
 
@@ -602,10 +649,10 @@ def test_loader_batches_are_channels_last_and_independent_of_workers(imagenet):
         assert x.is_contiguous(memory_format=torch.channels_last)
     assert not torch.equal(first[0][0], second[0][0])  # a new epoch, new order and crops
     _, (first_w, second_w) = epochs(2)
-    for (x, y), (xw, yw) in zip(first + second, first_w + second_w):
+    for (x, y), (xw, yw) in zip(first + second, first_w + second_w, strict=True):
         assert torch.equal(x, xw) and torch.equal(y, yw)
     loader.set_epoch(1)  # a resume at epoch 1 redraws epoch 1
-    assert all(torch.equal(a[0], b[0]) for a, b in zip(list(loader), second))
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(list(loader), second, strict=True))
 
     val = imagenet_loader(*index.val, train=False, batch_size=4, num_workers=0)
     # workers beyond the available cores are not started (the presets ask for 8; torch warned on 2 cores)

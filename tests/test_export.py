@@ -687,3 +687,66 @@ def test_export_of_a_ranking_refuses_weights_trained_on_since(capsys, searched, 
     # the command that ranks the same again, with the ranking's own settings
     assert f"rank again (pgnas-fast rank {run} --tag old --candidates 6 --strategy exhaustive)" in err
     assert err.count("\n") == 1 and not (tmp_path / "out").exists()
+
+
+class _ProducerAlsoReadBare(torch.nn.Module):
+    """A stem inside the Sequential that feeds a gated conv, and read bare by forward as well."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.a = torch.nn.Sequential(self.stem, torch.nn.ReLU(), GatedConv2d(8, 4, 3, padding=1))
+
+    def forward(self, x):
+        return self.a(x).mean((2, 3)) + self.stem(x).mean((1, 2, 3))[:, None]
+
+
+def test_a_producer_read_bare_elsewhere_keeps_the_channels_its_gated_reader_drops():
+    """The gated conv drops 4 of the stem's 8 channels, but forward reads all 8 of them bare: pruning the
+    stem to 4 would change that read (outputs off by 0.07)."""
+    torch.manual_seed(0)
+    net = _ProducerAlsoReadBare().eval()
+    masks = {"a.2": torch.tensor([1.0, 0, 1, 0, 1, 1, 0, 0])}
+    subnet = materialize(net, masks)
+    assert subnet.stem.weight.shape[0] == 8
+    set_gates(net, "hard", masks=masks)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(subnet(x), net(x))
+
+
+def test_a_ceil_mode_pool_before_a_deleted_layer_stays_a_module():
+    """A ceil_mode pool's output size is not the floor formula ZeroInput computes (7x7 -> 4x4, not 3x3):
+    it is not absorbed into the deleted layer's size steps."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.MaxPool2d(2, ceil_mode=True),
+                              GatedConv2d(4, 5, 3, padding=1)).eval()
+    masks = {"2": torch.zeros(4)}
+    subnet = materialize(net, masks)
+    set_gates(net, "hard", masks=masks)
+    for side in (7, 8):
+        x = torch.randn(2, 3, side, side)
+        with torch.no_grad():
+            torch.testing.assert_close(subnet(x), net(x))
+    assert subnet(torch.randn(2, 3, 7, 7)).shape == (2, 5, 4, 4)
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"cand', "summary.json' is malformed (JSONDecodeError"),
+    ('{}', "summary.json' is malformed (KeyError"),
+    ('{"best": 3, "bn_recalibrate": 0}', "summary.json' is malformed (TypeError"),
+    ('{"best": {"id": "3"}, "bn_recalibrate": 0}', "summary.json' is malformed: best id '3' and bn_recalibrate 0 must be "
+                                                    "ints >= 0"),
+    ('{"best": {"id": -1}, "bn_recalibrate": 0}', "malformed: best id -1 and bn_recalibrate 0 must be ints >= 0"),
+    ('{"best": {"id": 2}, "bn_recalibrate": true}', "malformed: best id 2 and bn_recalibrate True must be ints >= 0"),
+])
+def test_export_of_a_ranking_with_a_corrupt_summary_is_a_one_line_error(capsys, searched, tmp_path, content,
+                                                                        message):
+    run = tmp_path / "run"
+    shutil.copytree(searched, run)
+    (run / "rank-broken").mkdir()
+    (run / "rank-broken" / "summary.json").write_text(content)
+    assert main(["export", str(run), "--rank", "broken", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not (tmp_path / "o").exists()

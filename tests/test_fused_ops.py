@@ -196,6 +196,28 @@ def test_affine_relu_gate_backward_is_zero_where_the_relu_is_off_even_at_infinit
             torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
 
 
+def test_the_fused_relus_pass_no_gradient_at_exactly_zero(backend):
+    """torch's relu convention on every backend, the reference (the oracle) included: an input at 0, or
+    an affine map landing exactly on 0, passes no gradient (x >= 0 there would pass dy)."""
+    x = torch.tensor([[0.0, 1.0, -1.0, 0.0, 0.5, 0.5]]).repeat(2, 1)
+    leaf = x.clone().requires_grad_()
+    out = pf.ops.gated_copies(leaf, torch.zeros(2, 6), seed=SEED, streams=COPY_STREAMS[:2], mode="full", relu=True,
+                              backend=backend)
+    dy = torch.arange(1.0, 1.0 + out.numel()).view_as(out)
+    (dx,) = torch.autograd.grad(out, leaf, dy)
+    torch.testing.assert_close(dx, dy.sum(0) * (x > 0), rtol=0, atol=0)
+    # scale 2, shift -1: x = 0.5 lands exactly on 0, x = 0 and -1 below it
+    leaves = [x.clone().requires_grad_(), torch.full((6,), 2.0, requires_grad=True),
+              torch.full((6,), -1.0, requires_grad=True)]
+    out = pf.ops.affine_relu_gate(*leaves, torch.zeros(6), seed=SEED, stream=STREAM, mode="full", backend=backend)
+    dy = torch.arange(1.0, 1.0 + out.numel()).view_as(out)
+    dx, dscale, dshift = torch.autograd.grad(out, leaves, dy)
+    on = (2 * x - 1 > 0).to(dy.dtype)
+    torch.testing.assert_close(dx, 2 * dy * on, rtol=0, atol=0)
+    torch.testing.assert_close(dscale, (dy * on * x).sum(0), rtol=0, atol=0)
+    torch.testing.assert_close(dshift, (dy * on).sum(0), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("relu_copies", [False, True])
 def test_a_nan_input_stays_nan_through_the_fused_relu(backend, relu_copies):
     """torch.relu keeps NaN; so must every backend's fused ReLU, forward and the d p_logit sums (a

@@ -80,6 +80,19 @@ def trained(tmp_path_factory):
     return load_model(), splits.heldout, load_model
 
 
+def test_a_recalibrating_pass_counts_its_recalibration_rows(trained):
+    """--bn-recalibrate N runs N images per candidate through the pass before its held-out batches: a
+    pass of rows_per_pass rows holds rows_per_pass // max(batch, N) candidates."""
+    model, heldout, _ = trained
+    images = heldout[0]
+    scorer = CandidateScorer(model, *heldout, seed=1, batch_size=8, rows_per_pass=64)
+    assert scorer.candidates_per_pass(0, 8) == 8
+    recalibrating = CandidateScorer(model, *heldout, seed=1, batch_size=8, rows_per_pass=64,
+                                    recalibration_images=images[:32])
+    assert recalibrating.candidates_per_pass(0, 8) == 2
+    assert recalibrating.candidates_per_pass(0, 300) == 2  # (batches of 8 held-out images)
+
+
 def test_cpu_passes_hold_several_candidates_only_while_activations_are_small(trained, monkeypatch):
     """On a CPU a batched pass stops growing at CPU_PASS_BYTES of its largest activation (larger passes
     only lose per row there), never below one candidate's rows; the counts do not change."""

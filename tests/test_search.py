@@ -611,6 +611,36 @@ def test_a_run_older_than_the_posterior_families_loads_as_concrete(finished_run,
     assert posterior_of(loaded.model) == "concrete" and loaded.config["posterior"] == "concrete"
 
 
+def test_a_three_epoch_run_s_best_checkpoint_logged_rates_and_regulariser_n(tmp_path, monkeypatch):
+    """checkpoint-best.pt is the epoch of the lowest logged objective (here the middle one: neither the
+    first nor the last), each epoch logs its last step's learning rate, and the config's n_train is
+    the N of every step's regulariser."""
+    from pgnas_fast.search import train as train_module
+
+    real_train, real_regularizer = run_module.train_posterior, train_module.network_regularizer
+    n_trains, feeds = set(), []
+
+    def regularizer(*args, **kwargs):
+        n_trains.add(kwargs["n_train"])
+        return real_regularizer(*args, **kwargs)
+
+    def train(*args, on_epoch_end, **kwargs):
+        feeds.append(args[2])
+        return real_train(*args, on_epoch_end=lambda epoch, stats: on_epoch_end(
+            epoch, {**stats, "loss": [5.0, 3.0, 4.0][epoch - 1]}), **kwargs)
+
+    monkeypatch.setattr(train_module, "network_regularizer", regularizer)
+    monkeypatch.setattr(run_module, "train_posterior", train)
+    config = small_config(epochs=3, candidates=2, random_baseline=0, n_train=12345)
+    run_search(config, seed=0, out_dir=tmp_path, progress=False)
+    best = torch.load(tmp_path / "checkpoint-best.pt", weights_only=False)
+    assert (best["epoch"], best["loss"]) == (2, 3.0)
+    steps = feeds[0].steps_per_epoch()
+    assert [row["lr"] for row in read_jsonl(tmp_path / "train_log.jsonl")] == [
+        learning_rate(config, (epoch + 1) * steps - 1, steps) for epoch in range(3)]
+    assert n_trains == {12345}
+
+
 def test_schedules():
     steps = 10  # per epoch
     cosine = configs.resolve("digits-tiny", {"epochs": 4, "lr": 0.4, "lr_min": 0.1})

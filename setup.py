@@ -145,7 +145,8 @@ def _native_build():
 
         def run(self):
             self._failure = None
-            self._cuda_failure = f"pgnas_fast._C was built without its cuda part: {no_toolkit}" if no_toolkit else None
+            self._cuda_failure = (f"pgnas_fast._C was built without its cuda part: {no_toolkit}"
+                                  if no_toolkit else None)
             try:
                 super().run()
             except Exception as err:  # noqa: BLE001
@@ -162,7 +163,8 @@ def _native_build():
                     self._failed(err)
                     return
                 # the cuda part failed: the cpu backend still gets built, alone
-                self._cuda_failure = f"pgnas_fast._C was built without its cuda part, which failed ({_last_line(err)}; pip install -v -e . shows the compiler's errors)"
+                self._cuda_failure = ("pgnas_fast._C was built without its cuda part, which failed "
+                                      f"({_last_line(err)}; pip install -v -e . shows the compiler's errors)")
                 _warn(self._cuda_failure + "; building the CPU part alone")
                 cpu_part = cpp_extension.CppExtension(
                     extension.name, _sources("cpu"),

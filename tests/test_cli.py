@@ -191,6 +191,7 @@ BAD_INPUTS = {
     "unknown backend": (lambda t: ["--backend", "opencl"], "--backend: invalid choice"),
     "unavailable backend": (lambda t: ["--backend", "cuda"], "--backend: backend 'cuda' is not available"),
     "bad device": (lambda t: ["--device", "tpu"], "--device must be cpu, cuda, cuda:N or auto"),
+    "a torch device of another kind": (lambda t: ["--device", "meta"], "--device must be cpu, cuda, cuda:N or auto"),
     "unknown super-network": (lambda t: ["--set", "supernet=foo"], "unknown super-network 'foo'"),
     "unknown supernet_args key": (lambda t: ["--set", 'supernet_args={"foo": 1}'],
                                   "supernet 'digits-tiny' with supernet_args {'foo': 1} cannot be built"),

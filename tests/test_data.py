@@ -175,7 +175,7 @@ def test_cifar_rejects_bad_arguments(cifar10):
     root, _ = cifar10
     with pytest.raises(ValueError, match="10 or 100"):
         load_cifar(root, num_classes=20)
-    with pytest.raises(ValueError, match="heldout"):
+    with pytest.raises(DataError, match="heldout_size=400 must be below 400: CIFAR-10 under .* has 400 training"):
         load_cifar(root, heldout=400)
 
 
@@ -521,7 +521,10 @@ def test_imagenet_index_ignores_non_images(tmp_path):
     write_imagenet(tmp_path, classes=("a", "b"), train_per_class=2, val_per_class=1)
     (tmp_path / "train" / "a" / "notes.txt").write_text("not an image")
     (tmp_path / "train" / "a" / ".hidden.JPEG").write_bytes(b"")
-    assert load_imagenet_index(tmp_path, heldout=0).sizes() == {"train": 4, "heldout": 0, "val": 2}
+    for split in ("train", "val"):  # hidden folders (a notebook's, an editor's) are not classes
+        (tmp_path / split / ".ipynb_checkpoints").mkdir()
+    index = load_imagenet_index(tmp_path, heldout=0)
+    assert index.sizes() == {"train": 4, "heldout": 0, "val": 2} and index.num_classes == 2
 
 
 def _empty_class(root):

@@ -100,6 +100,7 @@ def test_rows_split_each_batch_into_consecutive_equal_shares():
 def test_check_shards_names_the_batch_and_the_world_size():
     check_shards([64, 64, 49], Parallel(0, 2), train_images=177, batch_size=64)
     check_shards([63, 1], Parallel(), train_images=64, batch_size=63)  # a single process takes any batch
+    check_shards([4, 2], Parallel(0, 2), train_images=6, batch_size=4)  # a last batch of one row a rank
     with pytest.raises(configs.ConfigError, match=r"batch_size 63 must be divisible by the world size 2"):
         check_shards([63, 63], Parallel(1, 2), train_images=126, batch_size=63)
     with pytest.raises(configs.ConfigError, match=r"last training batch of an epoch has 3 rows, fewer than the 4 ranks"):

@@ -80,6 +80,19 @@ def _imagenet_feed(monkeypatch, *, seed=0, parallel=None):
                                   workers=0, channels_last=False, input_size=4, parallel=parallel or Parallel())
 
 
+def test_imagenet_evaluation_resizes_by_256_over_224(monkeypatch):
+    """The standard evaluation transform: resize the short side to 256/224 of the crop, centre crop."""
+    from types import SimpleNamespace
+
+    from pgnas_fast.search import feed as feed_module
+
+    index = SimpleNamespace(num_classes=5, train=([f"f{i}" for i in range(40)], torch.arange(40)))
+    for size, resize in ((224, 256), (128, 146), (4, 5)):
+        feed = feed_module.LoaderFeed(index, seed=0, batch_size=8, eval_batch_size=8, device=torch.device("cpu"),
+                                      workers=0, channels_last=False, input_size=size, parallel=Parallel())
+        assert (feed.loader_args["size"], feed.loader_args["resize"]) == (size, resize)
+
+
 def test_imagenet_shards_name_their_first_row_of_the_global_batch(monkeypatch):
     """Mutant: every rank's shard said it starts at row 0 (rank r > 0 would draw rank 0's gates)."""
     order = epoch_order(0, 3, 40)  # the epoch's shuffle

@@ -1403,7 +1403,23 @@ def test_ops_boundary_arguments():
     (lambda b: pf.ops.gate_keep(torch.randn(7), 0, seed=0, stream=0, backend=b), "batch must be in >= 1, got 0"),
     (lambda b: pf.ops.regularizer([torch.randn(8, 3, 3, 3)], [torch.randn(4)], weight_reg=1.0, drop_reg=1.0, n_train=10,
                                backend=b), r"p_logits\[0\] has 4 channels, which does not fit weights\[0\]"),
-], ids=["id 2^40", "id -1", "batch 0", "C_in not groups x per-group"])
+    (lambda b: pf.ops.gated_copies(torch.randn(2, 3), torch.zeros(2, 3), seed=0, streams=[1, 2], tau=0.0, backend=b),
+     "tau must be a finite number > 0"),
+    (lambda b: pf.ops.gated_copies(torch.randn(2, 3), torch.zeros(2, 3), seed=0, streams=[1, 2], mode="soft",
+                                   backend=b), "mode must be one of relaxed, hard, full; got 'soft'"),
+    (lambda b: pf.ops.gated_copies(torch.randn(2, 3), torch.zeros(2, 3), seed=-1, streams=[1, 2], backend=b),
+     r"seed must be in \[0, 9223372036854775808\), got -1"),
+    (lambda b: pf.ops.gated_copies(torch.randn(2, 3), torch.zeros(2, 3), seed=0, streams=[1, 2], offset=(1 << 63) - 3,
+                                   backend=b), r"offset \+ batch \* C must be <= 2\^63, got 9223372036854775811"),
+    (lambda b: pf.ops.affine_relu_gate(torch.randn(2, 3), torch.ones(3), torch.zeros(3), torch.zeros(3), seed=0,
+                                       stream=1, offset=(1 << 63) - 3, backend=b),
+     r"offset \+ batch \* C must be <= 2\^63, got 9223372036854775811"),
+    (lambda b: pf.ops.candidate_keep(torch.randn(4), torch.tensor([1]), seed=0, layer=1 << 16, backend=b),
+     r"layer must be in \[0, 65536\), got 65536"),
+    (lambda b: pf.ops.regularizer([torch.randn(4, 3)], [torch.zeros(3)], weight_reg=1.0, drop_reg=3e38, n_train=0.1,
+                                  backend=b), r"drop_reg / n_train must be <= 3.40282e\+38"),
+], ids=["id 2^40", "id -1", "batch 0", "C_in not groups x per-group", "copies tau 0", "copies mode", "copies seed -1",
+        "copies offset", "affine offset", "layer 2^16", "drop_reg / n_train"])
 def test_ops_refuse_before_any_backend_runs(call, match):
     """The op layer's own checks, not the native binding's (which repeats some): on the reference backend
     nothing else refuses. Mutants: candidate ids up to 2^40 or from -1, batch 0, C_in not a multiple of

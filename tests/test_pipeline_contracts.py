@@ -232,6 +232,8 @@ def test_study_statistics_match_an_exhaustive_ranking(run):
     assert (racing["winner"], racing["images"]) == (best_candidate(raced)["id"], sum(r["images"] for r in raced))
     assert racing["kendall_tau_survivors"] == pytest.approx(
         kendall_tau([r["score"] for r in survivors], [exhaustive[r["id"]] for r in survivors]), abs=1e-12)
+    assert racing["kendall_tau_first_round"] == pytest.approx(
+        kendall_tau([r["first_round_score"] for r in raced], [exhaustive[r["id"]] for r in raced]), abs=1e-12)
 
 
 @pytest.mark.parametrize("key, value, expected", [

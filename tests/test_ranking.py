@@ -357,6 +357,9 @@ def test_rank_command_writes_table_and_top(capsys, run_dir):
     (["RUN", "--tag", "search"], "--tag 'search' is taken: rank-search/ holds the search's own ranking log"),
     (["RUN", "--tag", "search-random"], "--tag 'search-random' is taken"),
     (["RUN", "--first-share", "1.5"], "--first-share must be in (0, 1]"),
+    (["RUN", "--first-share", "0"], "--first-share must be in (0, 1]"),
+    (["RUN", "--strategy", "exhaustive", "--first-share", "0.5"],
+     "--first-share sets racing's rounds: it takes --strategy racing, not exhaustive"),
     (["RUN", "--strategy", "exhaustive", "--eta", "3"],
      "--eta sets racing's rounds: it takes --strategy racing, not exhaustive"),
     (["RUN", "--strategy", "exhaustive", "--eta", "3", "--first-share", "0.5"], "--eta and --first-share set racing's rounds: they take"),
@@ -477,6 +480,10 @@ def test_corrupt_checkpoints_are_one_line_errors(capsys, run_dir, tmp_path):
         code, captured = _rank_cli(capsys, broken, "--candidates", 2)
         assert code == 2 and captured.err.count("\n") == 1, captured.err
         assert "checkpoint.pt' is not a readable checkpoint" in captured.err and detail in captured.err
+    torch.save({"epoch": 1}, broken / "checkpoint.pt")  # readable, but not ours
+    code, captured = _rank_cli(capsys, broken, "--candidates", 2)
+    assert code == 2 and captured.err.count("\n") == 1
+    assert "checkpoint.pt' is not a pgnas-fast checkpoint (no model state in it)" in captured.err
 
 
 def test_rank_command_refuses_an_incompatible_checkpoint(capsys, run_dir, tmp_path):
@@ -736,9 +743,13 @@ def test_study_writes_report_and_figures(capsys, run_dir):
     from pgnas_fast.cli import main
 
     assert main(["study", str(run_dir), "--candidates", "40", "--tag", "t", "--quiet"]) == 0
-    assert "report:" in capsys.readouterr().out
+    printed = capsys.readouterr().out
     out = run_dir / "study-t"
     result = json.loads((out / "study.json").read_text())
+    race = result["racing"]
+    assert (f"racing winner's exhaustive rank {race['winner_exhaustive_rank']}, "
+            f"{race['exhaustive_images'] / race['images']:.1f}x fewer images") in printed
+    assert f"report: {out / 'study.md'}" in printed
     for png in ("guided_vs_random.png", "best_vs_candidates.png", "racing_vs_exhaustive.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [c["candidates"] for c in result["best_vs_candidates"]] == [1, 2, 5, 10, 20, 40]

@@ -78,6 +78,44 @@ def test_report_ties_the_figures_to_the_summary(finished_run):
     assert summary["tied_for_best"] >= 1 and "loss = cross-entropy + regulariser, unweighted" in report
 
 
+def test_every_report_row_reads_its_own_summary_key(finished_run, tmp_path):
+    """Each row of report.md from its own key, with values set apart so that no row can show another's:
+    held-out vs test, ranking vs training seconds, the preset's N, the tie and first-share notes only
+    when they hold, and the paper row's error (not accuracy)."""
+    from pgnas_fast.search.report import PAPER_ERROR, percent, write_report
+
+    out, _ = finished_run
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+
+    def report(arch_edits=None, summary_edits=None, config_edits=None):
+        for name, edits in (("architecture.json", arch_edits), ("summary.json", summary_edits)):
+            data = json.loads((run / name).read_text())
+            (run / name).write_text(json.dumps({**data, **(edits or {})}))
+        config = json.loads((run / "config.json").read_text())
+        config["config"].update(config_edits or {})
+        (run / "config.json").write_text(json.dumps(config))
+        return write_report(run).read_text()
+
+    text = report({"score": 0.9111, "test_accuracy": 0.8222},
+                  {"supernet_heldout_accuracy": 0.7333, "supernet_test_accuracy": 0.6444, "train_seconds": 11.1,
+                   "rank_seconds": 22.2, "tied_for_best": 1, "mean_heldout_images": 300,
+                   "finalist_heldout_images": 300, "guided_mean_heldout_accuracy": 0.5,
+                   "random_mean_heldout_accuracy": 0.25}, {"n_train": 5e5})
+    assert f"| held-out accuracy | {percent(0.9111)} |" in text
+    assert f"| test accuracy | {percent(0.8222)} (no fine-tuning) |" in text
+    assert f"| super-network, every channel kept | held-out {percent(0.7333)}, test {percent(0.6444)} |" in text
+    assert "| posterior training | 2 epochs, 11.1 s |" in text and ", 22.2 s (" in text
+    assert "N = 500000," in text
+    assert "finalists tied" not in text and "racing's first share" not in text
+    text = report(summary_edits={"tied_for_best": 3, "mean_heldout_images": 19})
+    assert "(3 finalists tied at its held-out score" in text
+    assert "at the same expected drop rate, over the first 19 held-out images (racing's first share) |" in text
+    preset = next(iter(PAPER_ERROR))
+    text = report({"preset": preset})
+    assert f"this run {100 * (1 - 0.8222):.2f}%" in text
+
+
 def test_architecture_names_the_best_candidate(finished_run):
     out, result = finished_run
     arch = json.loads((out / "architecture.json").read_text())

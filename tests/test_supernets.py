@@ -245,6 +245,34 @@ def test_largest_activation_bytes_by_hand():
     assert model[0].gate_mode == "hard" and model[0].gate_mask.shape == (2, 3)  # and given back
 
 
+def test_count_macs_of_grouped_and_depthwise_convs_counts_each_group_s_inputs():
+    """(SupNet-E's separable convs: counting every input channel would over-count them C times)"""
+    assert count_macs(nn.Conv2d(4, 4, 3, padding=1, groups=4), (4, 8, 8)) == 64 * 4 * 9
+    assert count_macs(nn.Conv2d(6, 4, 1, groups=2), (6, 5, 5)) == 25 * 4 * 3
+
+
+def test_the_two_path_shortcut_s_second_path_reads_the_pixels_the_first_skips():
+    """Gastaldi's shift: path 2 at output (i, j) reads input pixel (s i + 1, s j + 1)."""
+    shortcut = TwoPathShortcut(1, 2, 2, {})
+    with torch.no_grad():
+        shortcut.path1.weight.fill_(1.0)
+        shortcut.path2.weight.fill_(2.0)
+    shortcut.eval()  # (BatchNorm at its initial statistics: the identity, up to eps)
+    x = torch.arange(1.0, 17.0).view(1, 1, 4, 4)
+    out = shortcut(x) * (1 + 1e-5) ** 0.5
+    torch.testing.assert_close(out[0, 0], x[0, 0, ::2, ::2])
+    torch.testing.assert_close(out[0, 1], 2 * torch.tensor([[6.0, 8.0], [14.0, 16.0]]))  # x[1::2, 1::2]
+
+
+def test_unbuildable_settings_are_refused_when_the_network_is_built():
+    with pytest.raises(ValueError, match=r"drop_path_keep_prob must be in \(0, 1\], got 0.0"):
+        EnasSupernet(filters=4, num_layers=3, drop_path_keep_prob=0.0)
+    from pgnas_fast.supernets.digits import DigitsSupernet
+
+    with pytest.raises(ValueError, match=r"branches must be a non-empty list"):
+        DigitsSupernet(branches=())
+
+
 def test_count_macs_by_hand_and_describe_restores_gates():
     model = nn.Sequential(GatedConv2d(3, 8, 3, padding=1, stride=2), nn.Flatten(), GatedLinear(8 * 4 * 4, 5))
     assert count_macs(model, (8, 8)) == 8 * 4 * 4 * 3 * 9 + 128 * 5

@@ -281,6 +281,19 @@ def test_gated_apply_forward_backward_with_tails(dtype, memory_format, mode):
         assert rel_err(ours, ref) < TOLERANCE[dtype]
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_branch_combine_of_more_branches_than_one_launch_keeps_the_dtype(dtype):
+    """More than MAX_BRANCHES branches accumulate over launches in float32: a float16 result is cast back."""
+    from pgnas_fast.triton.combine import MAX_BRANCHES
+
+    gen = torch.Generator().manual_seed(4)
+    ys = [torch.randn(2, 3, 4, 4, generator=gen).to(DEVICE, dtype) for _ in range(MAX_BRANCHES + 1)]
+    weights = torch.rand(MAX_BRANCHES + 1, generator=gen).to(DEVICE)
+    out = pf.ops.branch_combine(ys, weights, backend="triton")
+    ref = pf.ops.branch_combine(ys, weights, backend="reference")
+    assert out.dtype == ref.dtype == dtype and rel_err(out, ref) < TOLERANCE[dtype]
+
+
 @pytest.mark.parametrize("n_branches", [5, 9])
 @pytest.mark.parametrize("per_example", [True, False])
 def test_branch_combine_more_branches_than_one_launch_takes(n_branches, per_example):

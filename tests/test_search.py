@@ -417,6 +417,34 @@ with writer_lock(Path({str(tmp_path)!r}), "search", SINGLE_PROCESS):
         os.kill(child, signal.SIGKILL)
 
 
+def test_ctrl_c_during_a_checkpoint_write_is_taken_once_the_file_is_whole(tmp_path):
+    """torch.save interrupted mid-file raised its own error from its cleanup ("unexpected pos ...") or
+    aborted the process, instead of the KeyboardInterrupt whose message says how to resume: the
+    interrupt now waits for the write, which ends whole."""
+    import os
+    import signal
+
+    from pgnas_fast.search.io import save_checkpoint
+
+    state = {"model": {"w": torch.randn(64, 64)}, "epoch": 3}
+    real_save = torch.save
+
+    def interrupted_save(obj, f):
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C lands here, mid-write
+        real_save(obj, f)
+
+    torch.save = interrupted_save
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            save_checkpoint(tmp_path / "checkpoint.pt", state)
+    finally:
+        torch.save = real_save
+    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert saved["epoch"] == 3 and torch.equal(saved["model"]["w"], state["model"]["w"])
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_a_resume_removes_the_temporaries_of_writes_a_kill_cut(finished_run, tmp_path):
     out, _ = finished_run
     run = tmp_path / "run"

@@ -417,7 +417,7 @@ with writer_lock(Path({str(tmp_path)!r}), "search", SINGLE_PROCESS):
         os.kill(child, signal.SIGKILL)
 
 
-def test_ctrl_c_during_a_checkpoint_write_is_taken_once_the_file_is_whole(tmp_path):
+def test_ctrl_c_during_a_checkpoint_write_is_taken_once_the_file_is_whole(tmp_path, monkeypatch):
     """torch.save interrupted mid-file raised its own error from its cleanup ("unexpected pos ...") or
     aborted the process, instead of the KeyboardInterrupt whose message says how to resume: the
     interrupt now waits for the write, which ends whole."""
@@ -433,12 +433,10 @@ def test_ctrl_c_during_a_checkpoint_write_is_taken_once_the_file_is_whole(tmp_pa
         os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C lands here, mid-write
         real_save(obj, f)
 
-    torch.save = interrupted_save
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            save_checkpoint(tmp_path / "checkpoint.pt", state)
-    finally:
-        torch.save = real_save
+    monkeypatch.setattr(torch, "save", interrupted_save)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(tmp_path / "checkpoint.pt", state)
+    monkeypatch.undo()
     saved = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
     assert saved["epoch"] == 3 and torch.equal(saved["model"]["w"], state["model"]["w"])
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]

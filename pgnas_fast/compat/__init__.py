@@ -34,6 +34,7 @@ from ..nn.gated import check_conv_input, check_linear_input, gate_precision, log
 from ..ops import FLOAT32_MAX
 from ..ops.dispatch import check_backend_name
 from ..ops.streams import Domain, stream_id
+from ..supernets import check_sizes
 
 TRAINING_SIZE = 1281167.0
 TEMPERATURE = 0.2  # the authors' 1 / 5
@@ -73,14 +74,6 @@ def _check_regs(weight_reg, drop_reg, where: str) -> tuple[float, float]:
 def _has_pattern(split_pattern) -> bool:
     """The authors test `if split_pattern:`; len() also takes a numpy array, whose truth is ambiguous."""
     return split_pattern is not None and len(split_pattern) > 0
-
-
-def _check_sizes(where: str, **sizes) -> None:
-    """Channel / feature counts >= 1, checked before nn.Conv2d / nn.Linear see them (a negative one
-    would fail there as "negative dimension", a zero one later inside the regulariser)."""
-    for name, value in sizes.items():
-        if not (isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1):
-            raise ValueError(f"{where}: {name} must be an int >= 1, got {value!r}")
 
 
 def _is_channel_count(n) -> bool:
@@ -133,7 +126,9 @@ class Conv2d_with_CD(nn.Conv2d):  # noqa: N801 (the authors' name)
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
                  bias=True, weight_reg=10.0, drop_reg=1.0, p_init=1e-1, deterministic=True, debug=False,
                  split=1, split_pattern=None, *, backend=None):
-        _check_sizes("Conv2d_with_CD", in_channels=in_channels, out_channels=out_channels)
+        # (before nn.Conv2d sees them: a negative size fails there as "negative dimension", a zero one later
+        # inside the regulariser)
+        check_sizes("Conv2d_with_CD", in_channels=in_channels, out_channels=out_channels)
         super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding,
                          dilation=dilation, groups=groups, bias=bias)
         split = _check_split(split, split_pattern, in_channels, "Conv2d_with_CD")
@@ -229,7 +224,7 @@ class Linear_with_CD(nn.Linear):  # noqa: N801 (the authors' name)
     def __init__(self, in_features, out_features, bias=True, weight_reg=10.0, drop_reg=1.0, p_init=1e-1,
                  deterministic=False, debug=False, split=1, split_pattern=None, *, kl_formula="authors",
                  backend=None):
-        _check_sizes("Linear_with_CD", in_features=in_features, out_features=out_features)
+        check_sizes("Linear_with_CD", in_features=in_features, out_features=out_features)
         super().__init__(in_features, out_features, bias)
         split = _check_split(split, split_pattern, in_features, "Linear_with_CD")
         weight_reg, drop_reg = _check_regs(weight_reg, drop_reg, "Linear_with_CD")

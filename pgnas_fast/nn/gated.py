@@ -95,10 +95,7 @@ def check_linear_input(linear: nn.Linear, x) -> None:
 
 def _check_data_dtype(layer: nn.Module, x: torch.Tensor) -> None:
     """A floating-point input the gate ops take, named for the layer (not only for the op's `x`)."""
-    if x.dtype not in ops.DATA_DTYPES:
-        names = ", ".join(str(d).removeprefix("torch.") for d in ops.DATA_DTYPES)
-        raise TypeError(f"{type(layer).__name__}: input must have dtype in ({names}), got "
-                        f"{str(x.dtype).removeprefix('torch.')}")
+    ops._check_tensor(f"{type(layer).__name__}: input", x, ops.DATA_DTYPES)
 
 
 class GatedInput(nn.Module):

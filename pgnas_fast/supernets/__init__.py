@@ -1,6 +1,7 @@
 """Super-networks by name (design.md layer 3): `create(name, **kwargs)`, timm-style registry."""
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
 
 import torch.nn as nn
@@ -24,7 +25,7 @@ def check_sizes(network: str, *, lists: tuple[str, ...] = (), **sizes) -> None:
         many = name in lists
         values = list(value) if many and isinstance(value, (list, tuple)) else [value]
         if (many and not isinstance(value, (list, tuple))) or not values or any(
-                isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
+                isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1 for v in values):
             expected = "a non-empty list of ints >= 1" if many else "an int >= 1"
             raise ValueError(f"{network}: {name} must be {expected}, got {value!r}")
 

@@ -2,10 +2,22 @@
 
 Layers (design.md), each importing only those below it: cli -> search -> supernets -> nn / compat
 -> ops -> backends (reference, triton, cuda, cpu).
+
+torch loads with the first use of `ops` or its names below, not with the package: the `pgnas-fast`
+command imports the package before it can answer a Ctrl-C, and torch takes 1-2 s to load.
 """
-from . import ops
+import importlib
+
 from ._version import __version__
-from .ops import BackendUnavailableError, backends, set_backend, use_backend
+
+_FROM_OPS = ("BackendUnavailableError", "backends", "set_backend", "use_backend")
+
+
+def __getattr__(name: str):
+    if name == "ops" or name in _FROM_OPS:
+        ops = importlib.import_module(f"{__name__}.ops")  # (`from . import ops` would ask __getattr__ again)
+        return ops if name == "ops" else getattr(ops, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def load_subnet(directory, map_location="cpu"):

@@ -482,11 +482,17 @@ DATA_PARALLEL_COMMANDS = ("search", "rank")  # the commands that shard their wor
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .configs import ConfigError
-    from .data import DataError
-    from .search import RunError
+    from .interrupts import interrupts_deferred
 
-    from .search.host import keep_freed_host_memory
+    try:  # torch and numpy load here (1-2 s): a Ctrl-C meanwhile is taken once they are whole
+        with interrupts_deferred():
+            from .configs import ConfigError
+            from .data import DataError
+            from .search import RunError
+            from .search.host import keep_freed_host_memory
+    except KeyboardInterrupt:
+        print("pgnas-fast: interrupted", file=sys.stderr)
+        return 130
 
     keep_freed_host_memory()  # (a command owns its process: see search/host.py)
     command = None

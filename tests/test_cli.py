@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -302,6 +303,48 @@ def test_an_interrupt_says_how_to_continue(capsys, monkeypatch, command, hint):
     code, _, stderr = run_cli(capsys, *argv[command])
     assert code == 130 and stderr.startswith("pgnas-fast: interrupted")
     assert (hint in stderr) if hint else "--resume" not in stderr
+
+def test_an_interrupt_while_torch_loads_is_taken_once_it_has_loaded():
+    """The console script imports pgnas_fast.cli without torch; a Ctrl-C (a real SIGINT) that lands while
+    main()'s own imports load torch is taken once torch is whole, and answered as one later."""
+    script = """
+import signal
+import sys
+
+import pgnas_fast.cli
+
+assert "torch" not in sys.modules, "importing the package and its cli loaded torch"
+
+
+class InterruptTorch:  # Ctrl-C while torch is being imported, halfway
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch.nn":
+            signal.raise_signal(signal.SIGINT)
+        return None  # (the import goes on)
+
+
+sys.meta_path.insert(0, InterruptTorch())
+code = pgnas_fast.cli.main(["info"])
+import torch
+
+assert isinstance(torch.ones(2), torch.Tensor)  # not left half-initialised
+sys.exit(code)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert (result.returncode, result.stderr) == (130, "pgnas-fast: interrupted\n")
+
+
+def test_interrupts_deferred_takes_a_ctrl_c_when_the_block_ends():
+    from pgnas_fast.interrupts import interrupts_deferred
+
+    finished = []
+    with pytest.raises(KeyboardInterrupt):
+        with interrupts_deferred():
+            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)  # (two presses: one interrupt)
+            finished.append(True)
+    assert finished == [True]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is back
 
 
 def test_no_command_prints_help_and_exits_2(capsys):

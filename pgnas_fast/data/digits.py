@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..interrupts import interrupts_deferred
 from .errors import DataError
 from .splits import Splits, stratified_splits
 
@@ -15,7 +16,8 @@ TEST_SIZE = 360  # the default test split: about 20 % of the 1797 images, for re
 
 def load_digits(*, test: int, heldout: int, split_seed: int) -> Splits:
     """Stratified splits of the digits; pixels scaled by the training split's mean and std."""
-    from sklearn.datasets import load_digits as sklearn_digits
+    with interrupts_deferred():  # (scikit-learn's first import)
+        from sklearn.datasets import load_digits as sklearn_digits
 
     bunch = sklearn_digits()
     images = bunch.images.astype(np.float32)[:, None]  # [N, 1, 8, 8], values 0..16

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..interrupts import interrupts_deferred
+
 
 @dataclass
 class Splits:
@@ -20,7 +22,8 @@ class Splits:
 
 def stratified_splits(labels: np.ndarray, *, test: int, heldout: int, seed: int) -> tuple[np.ndarray, ...]:
     """Index arrays (train, heldout, test): test first, then held-out from the rest, both stratified."""
-    from sklearn.model_selection import train_test_split
+    with interrupts_deferred():  # (scikit-learn's first import)
+        from sklearn.model_selection import train_test_split
 
     everything = np.arange(len(labels))
     rest, test_idx = train_test_split(everything, test_size=test, stratify=labels, random_state=seed)

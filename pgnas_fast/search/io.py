@@ -11,13 +11,13 @@ import functools
 import json
 import os
 import re
-import signal
 import sys
 import tempfile
-import threading
 from pathlib import Path
 
 import torch
+
+from ..interrupts import interrupts_deferred
 
 
 class RunError(ValueError):
@@ -115,27 +115,9 @@ def _file_mode() -> int:
     return 0o666 & ~umask
 
 
-@contextlib.contextmanager
-def _interrupts_deferred():
-    """A Ctrl-C (SIGINT) met inside the block is taken when the block ends. torch.save's zip writer,
-    interrupted mid-file, finishes the file on its way out and raises its own error (or aborts the
-    process from C++) in place of the KeyboardInterrupt that says how to resume."""
-    if threading.current_thread() is not threading.main_thread():
-        yield  # (only the main thread receives signals)
-        return
-    received = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous if previous is not None else signal.SIG_DFL)
-        if received:
-            signal.raise_signal(signal.SIGINT)  # what the signal would have done, now
-
-
 def _atomic_write(path: Path, write) -> None:
     path = Path(path)
-    with _interrupts_deferred():
+    with interrupts_deferred():  # (a torch.save cut mid-file: see interrupts.py)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=_TEMPORARY_SUFFIX)
         try:
             os.fchmod(fd, _file_mode())

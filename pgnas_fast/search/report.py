@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy
 
 from .. import configs
+from ..interrupts import interrupts_deferred
 from .io import read_jsonl
 from .rank import counted, cut_note
 
@@ -39,10 +40,11 @@ LAYER_NAMES_SHOWN = 40  # beyond, the layer axis gives indices
 
 def _figures(run_dir: Path, arch: dict, rows: list[dict], random_rows: list[dict], log: list[dict],
              posterior: str, first_images: int) -> None:
-    import matplotlib
+    with interrupts_deferred():  # (matplotlib's first import)
+        import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
 
     layers = arch["layers"]
 

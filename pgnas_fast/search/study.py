@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy
 
+from ..interrupts import interrupts_deferred
 from ..nn import candidate_masks, set_gates
 from ..ops.streams import Domain
 from .io import write_json, writer_lock
@@ -68,10 +69,11 @@ def _counts_up_to(count: int) -> list[int]:
 
 def _plots(out: Path, guided: list[dict], random: list[dict], curve: list[dict], racing: list[dict],
            exhaustive: dict[int, float]) -> list[str]:
-    import matplotlib
+    with interrupts_deferred():  # (matplotlib's first import)
+        import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
 
     files = []
     fig, ax = plt.subplots(figsize=(6, 3.5))

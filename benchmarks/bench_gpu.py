@@ -51,10 +51,9 @@ GAUSSIAN_STREAM = stream_id(Domain.GAUSSIAN, 1000, 3)
 EAGER_BASELINE = "torch eager randn_like"  # the Gaussian epilogue as plain autograd code would write it
 COMPILED = "reference+compile"
 REGULARIZER_ARGS = (10.0, 1.0, 5e4)  # weight_reg, drop_reg, n_train
-# The real super-networks whose gated layers the regulariser and the KL run on: name -> (classes,
-# knobs of a tiny version for the dry run, as bench_rank_gpu / bench_train_step build them)
-NETWORKS = {"supnet-mi": (10, {"k": 1, "blocks_per_stage": 1}),
-            "supnet-d121": (1000, {"growth": 4, "block_config": (2, 3, 2, 2), "stem_width": 8})}
+# The real super-networks whose gated layers the regulariser and the KL run on: name -> classes (the dry
+# run builds them at supernets.SMALL_SIZES)
+NETWORKS = {"supnet-mi": 10, "supnet-d121": 1000}
 LAUNCH_COUNT_TIMEOUT_S = (40, 120)  # the child's timeout: what is left of the budget (+30 s), within these
 LAUNCHES_MARK = "launch counts: "  # the child's output line
 
@@ -260,9 +259,8 @@ class GatedNetwork:
 def gated_network(name: str, device, dry_run: bool, dtype=torch.float32) -> GatedNetwork:
     """Builds `name` on CPU (tiny in the dry run), draws drop logits as after posterior training and
     keeps only its gated weights and per-channel logits, on `device`."""
-    classes, tiny = NETWORKS[name]
     torch.manual_seed(0)
-    model = supernets.create(name, num_classes=classes, **(tiny if dry_run else {}))
+    model = supernets.create(name, num_classes=NETWORKS[name], **(supernets.SMALL_SIZES[name] if dry_run else {}))
     layers = [layer for _, layer in gated_layers(model)]
     with torch.no_grad():
         for layer in layers:

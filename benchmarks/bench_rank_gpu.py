@@ -50,7 +50,7 @@ def main(argv=None) -> dict:
     if not args.dry_run and not torch.cuda.is_available():
         parser.exit(2, "no CUDA device: use --dry-run to check the script on CPU\n")
     device = torch.device("cuda" if not args.dry_run else "cpu")
-    knobs = dict(k=1, blocks_per_stage=1) if args.dry_run else {}
+    knobs = supernets.SMALL_SIZES["supnet-mi"] if args.dry_run else {}
     heldout, candidates = (64, 4) if args.dry_run else (args.heldout, args.candidates)
     batch = 32 if args.dry_run else args.batch_size
 

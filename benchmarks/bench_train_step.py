@@ -27,12 +27,12 @@ from pgnas_fast.data import CIFAR_STATS, augmentation_draws, training_inputs
 from pgnas_fast.nn import dynamic_streams, network_regularizer, set_gates
 from pgnas_fast.ops.dispatch import resolve
 
-NETWORKS = [  # name, batch, side, classes, tiny knobs for the dry run
-    ("supnet-m", 128, 32, 10, dict(k=1)),
-    ("supnet-e", 128, 32, 10, dict(filters=4, num_layers=3)),
-    ("supnet-d121", 64, 224, 1000, dict(growth=4, block_config=(2, 3, 2, 2), stem_width=8)),
-    ("supnet-mi", 128, 32, 10, dict(k=1, blocks_per_stage=1)),
-    ("supnet-ei", 128, 32, 10, dict(filters=2, num_layers=3)),
+NETWORKS = [  # name, batch, side, classes (the dry run builds them at supernets.SMALL_SIZES)
+    ("supnet-m", 128, 32, 10),
+    ("supnet-e", 128, 32, 10),
+    ("supnet-d121", 64, 224, 1000),
+    ("supnet-mi", 128, 32, 10),
+    ("supnet-ei", 128, 32, 10),
 ]
 
 
@@ -126,13 +126,14 @@ def main(argv=None) -> list[dict]:
                      "images_per_second": rate})
         print(rows[-1], flush=True)
     for dtype, compiled in plans:
-        for name, batch, side, classes, knobs in NETWORKS:
+        for name, batch, side, classes in NETWORKS:
             for backend in backends:
                 if time.perf_counter() > deadline:
                     break
                 size = (4, 32 if side == 32 else 64) if args.dry_run else (batch, side)
                 try:
-                    rate = measure(name, size[0], size[1], classes, knobs if args.dry_run else {}, device=device,
+                    knobs = supernets.SMALL_SIZES[name] if args.dry_run else {}
+                    rate = measure(name, size[0], size[1], classes, knobs, device=device,
                                    backend=backend, dtype=dtype, compiled=compiled, steps=1 if args.dry_run else args.steps)
                     rows.append({"network": name, "batch": size[0], "backend": backend, "dtype": dtype,
                                  "compiled": compiled, "images_per_second": rate})

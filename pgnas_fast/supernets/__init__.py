@@ -30,6 +30,17 @@ def check_sizes(network: str, *, lists: tuple[str, ...] = (), **sizes) -> None:
             raise ValueError(f"{network}: {name} must be {expected}, got {value!r}")
 
 
+# The paper super-networks at a few channels and layers, their structure kept (every kind of block and
+# gated layer): what the benchmarks' CPU dry runs build, for `create(name, **SMALL_SIZES[name])`.
+SMALL_SIZES: dict[str, dict] = {
+    "supnet-m": {"k": 1},
+    "supnet-mi": {"k": 1, "blocks_per_stage": 1},
+    "supnet-e": {"filters": 4, "num_layers": 3},
+    "supnet-ei": {"filters": 2, "num_layers": 3},
+    "supnet-d121": {"growth": 4, "block_config": (2, 3, 2, 2), "stem_width": 8},
+}
+
+
 def names() -> list[str]:
     return sorted(_REGISTRY)
 

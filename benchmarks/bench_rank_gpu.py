@@ -79,6 +79,7 @@ def main(argv=None) -> dict:
         scorer.correct(ids[:count], 0, min(heldout, batch))
         seconds = _timed(lambda: scorer.correct(ids[:count], 0, heldout), device)
         results[f"{evaluator}_candidates_per_second"] = count / seconds
+        print(f"{evaluator}: {count / seconds:.2f} candidates/s", flush=True)  # (kept if the step's cap cuts the rest)
     images_per_second = results["batched_candidates_per_second"] * heldout  # candidate-images
     project = results["projected_heldout_images"] = args.project_heldout
     racing_images = sum(n * (end - start) for n, start, end in _racing_plan(10000, project))

@@ -62,7 +62,7 @@ def main(argv=None) -> int:
     import torch
     import triton
 
-    from pgnas_fast.triton import gates
+    from pgnas_fast.triton import gates, philox
 
     device = "cpu" if args.dry_run else "cuda"
     if not args.dry_run and not torch.cuda.is_available():
@@ -108,7 +108,7 @@ def main(argv=None) -> int:
             for block_q, block_s in configs:
                 grid, split_rows = gates._grid(B, C, block_q, x.device)
                 meta = {"MODE": 0, "GATE_F64": False, "COMPUTE_F64": False, "SPLIT_ROWS": split_rows,
-                        "BLOCK_Q": block_q, "BLOCK_S": block_s}
+                        "BLOCK_Q": block_q, "BLOCK_S": block_s, **philox.EXACT}  # (the package's binary)
 
                 forward, backward = _launchers(gates, grid, meta, xv, dyv, out, dx, p_logit, partial, rng)
                 for t in (out, dx, partial):

@@ -96,6 +96,17 @@ def measure(name, batch, side, classes, knobs, *, device, backend, dtype, compil
     return batch * steps / (time.perf_counter() - start)
 
 
+def _timed_row(row: dict, rate) -> dict:
+    """`row` with the images/s that `rate()` measures, or its error: one failing row must not cost the
+    others. Printed as it lands."""
+    try:
+        row["images_per_second"] = rate()
+    except Exception as err:
+        row["error"] = f"{type(err).__name__}: {err}"[:200]
+    print(row, flush=True)
+    return row
+
+
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))  # the first paragraph
     parser.add_argument("--dry-run", action="store_true", help="tiny networks, batch 4, on CPU")
@@ -120,27 +131,23 @@ def main(argv=None) -> list[dict]:
     rows = []
     batch = 4 if args.dry_run else 128
     for autoaugment in (False, True):
-        name = "cifar inputs" + (" + autoaugment" if autoaugment else "")
-        rate = measure_inputs(batch, autoaugment=autoaugment, device=device, steps=1 if args.dry_run else 20)
-        rows.append({"network": name, "batch": batch, "backend": "-", "dtype": "uint8 in", "compiled": False,
-                     "images_per_second": rate})
-        print(rows[-1], flush=True)
+        if time.perf_counter() > deadline:
+            break
+        rows.append(_timed_row({"network": "cifar inputs" + (" + autoaugment" if autoaugment else ""), "batch": batch,
+                                "backend": "-", "dtype": "uint8 in", "compiled": False},
+                               lambda: measure_inputs(batch, autoaugment=autoaugment, device=device,
+                                                      steps=1 if args.dry_run else 20)))
     for dtype, compiled in plans:
         for name, batch, side, classes in NETWORKS:
             for backend in backends:
                 if time.perf_counter() > deadline:
                     break
                 size = (4, 32 if side == 32 else 64) if args.dry_run else (batch, side)
-                try:
-                    knobs = supernets.SMALL_SIZES[name] if args.dry_run else {}
-                    rate = measure(name, size[0], size[1], classes, knobs, device=device,
-                                   backend=backend, dtype=dtype, compiled=compiled, steps=1 if args.dry_run else args.steps)
-                    rows.append({"network": name, "batch": size[0], "backend": backend, "dtype": dtype,
-                                 "compiled": compiled, "images_per_second": rate})
-                except Exception as err:  # one failing row must not cost the others
-                    rows.append({"network": name, "batch": size[0], "backend": backend, "dtype": dtype,
-                                 "compiled": compiled, "error": f"{type(err).__name__}: {err}"[:200]})
-                print(rows[-1], flush=True)
+                knobs = supernets.SMALL_SIZES[name] if args.dry_run else {}
+                rows.append(_timed_row(
+                    {"network": name, "batch": size[0], "backend": backend, "dtype": dtype, "compiled": compiled},
+                    lambda: measure(name, size[0], size[1], classes, knobs, device=device, backend=backend,
+                                    dtype=dtype, compiled=compiled, steps=1 if args.dry_run else args.steps)))
     print("\n| network | batch | backend | dtype | mode | images/s |\n|---|---|---|---|---|---|")
     for r in rows:
         value = f"{r['images_per_second']:.0f}" if "images_per_second" in r else r["error"]

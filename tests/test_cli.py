@@ -94,6 +94,37 @@ def test_search_with_the_gaussian_posterior(capsys, tmp_path):
     assert json.loads((tmp_path / "own" / "config.json").read_text())["config"]["kl_warmup_epochs"] == 1 / 6
 
 
+@pytest.mark.parametrize("posterior, epochs, warmup, reached", [
+    ("gaussian", 2, 2, None),  # the warm-up ends with training: nothing to say
+    ("gaussian", 3, 3.0, None),
+    ("concrete", 4, 4, None),
+    ("gaussian", 2, 1.5, None),
+    ("gaussian", 4, 5, "80%"),  # it outlasts training: said, with the weight it reaches
+    ("concrete", 1, 3, "33%"),
+])
+def test_the_kl_warm_up_note_is_printed_only_when_it_outlasts_training(capsys, monkeypatch, tmp_path, posterior,
+                                                                      epochs, warmup, reached):
+    """The note on a KL warm-up longer than training (kl_warmup_epochs > epochs, strictly): a warm-up
+    as long as training gets none. (run_search is stubbed: the note is printed before it runs.)"""
+    import types
+
+    import pgnas_fast.search
+
+    ran = []
+    monkeypatch.setattr(pgnas_fast.search, "run_search",
+                        lambda config, **kwargs: ran.append(config) or types.SimpleNamespace(is_main=False))
+    for smoke in ([], ["--smoke"]):
+        code, stdout, _ = run_cli(capsys, "search", "--epochs", str(epochs), "--posterior", posterior, "--quiet",
+                                  "--set", f"kl_warmup_epochs={warmup}", *smoke, "--out", str(tmp_path / "run"))
+        assert code == 0 and ran[-1]["kl_warmup_epochs"] == warmup and ran[-1]["epochs"] == epochs
+        note = (f"note: the regulariser's warm-up (kl_warmup_epochs {warmup:g}) outlasts training ({epochs} epochs): "
+                f"it ends at {reached} of its full weight (--set kl_warmup_epochs=N to change)")
+        if reached is None or smoke:  # (a smoke check trains a few steps only: never said)
+            assert "warm-up" not in stdout
+        else:
+            assert note in stdout.splitlines()
+
+
 def test_overrides_that_do_not_do_what_they_seem_are_said(capsys, tmp_path):
     """--set supernet_args={...} replaces the preset's object whole: the keys it leaves out are named;
     amp=bf16 off CUDA trains in float32 (it was silently ignored)."""

@@ -283,6 +283,49 @@ def test_offset_carries_into_the_high_counter_word(backend):
     assert torch.equal(out.view(-1), expected_eps(12, offset=offset))
 
 
+# every lead (offset mod 4 = 1, 2, 3) against every tail (n mod 4 = 1, 2, 3), lead + tail past a
+# whole quad or not; and sizes past the cpu kernels' 2048-element chunks and the interpreter's 8192-quad
+# programs (32766: lead 3 needs a second program)
+TAIL_SIZES = [1, 2, 3, 5, 6, 7, 13, 2 * 2048 + 3, 32766]
+TAIL_OFFSETS = [1, 2, 3, 6, (1 << 32) - 3, (1 << 33) + 7]
+
+
+@pytest.mark.parametrize("n", TAIL_SIZES)
+def test_eps_tails_at_offsets_that_cut_a_quad_match_the_reference(backend, n):
+    """Sizes no multiple of 4 at offsets no multiple of 4: eps (mu = 0, var = 1: out is eps) and the
+    backward's regenerated eps (grad 2: d var = eps) equal the reference's bit for bit, every element
+    of the tail included; random mu and var give the reference's values."""
+    if n > 8000 and interpreted(backend):
+        offsets = TAIL_OFFSETS[2:3]  # (the interpreter's second program: one case is enough)
+    else:
+        offsets = TAIL_OFFSETS
+    gen = torch.Generator().manual_seed(n)
+    mu, var = torch.randn(n, generator=gen), torch.rand(n, generator=gen) + 0.05
+    for offset in offsets:
+        zeros, ones = torch.zeros(n), torch.ones(n)
+        eps = noise(zeros, ones, backend, offset=offset)
+        ref = noise(zeros, ones, "reference", offset=offset)
+        assert torch.equal(eps, ref), offset
+        assert torch.equal(ref, expected_eps(n, offset=offset)), offset
+        grad_var = _library.gaussian_noise_backward(torch.full((n,), 2.0), ones, SEED, STREAM, offset, backend)
+        assert torch.equal(grad_var, ref), offset
+        out = noise(mu, var, backend, offset=offset)
+        assert rel_err(out, noise(mu, var, "reference", offset=offset)) < TOLERANCE[torch.float32], offset
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 3, 3), (1, 5, 1, 7), (3, 2, 2, 3)])
+def test_channels_last_eps_at_offsets_that_cut_a_quad_match_the_reference(backend, shape):
+    """channels_last of H W no multiple of 4 (each element draws its own pair): every lead."""
+    n = math.prod(shape)
+    zeros = in_layout(torch.zeros(shape), "channels_last")
+    ones = in_layout(torch.ones(shape), "channels_last")
+    for offset in (1, 2, 3, (1 << 32) - 1):
+        eps = noise(zeros, ones, backend, offset=offset)
+        assert eps.stride() == zeros.stride()
+        assert torch.equal(eps, noise(zeros, ones, "reference", offset=offset)), offset
+        assert torch.equal(eps.contiguous().view(-1), expected_eps(n, offset=offset)), offset
+
+
 def test_draw_depends_on_seed_and_stream_only(backend):
     mu, var = torch.zeros(4096), torch.ones(4096)
     base = noise(mu, var, backend)
@@ -439,6 +482,33 @@ def test_kl_mixed_precision_list_accumulates_in_float64(backend):
     literal_kl(exact, counts, 1000.0).backward()
     for leaf, ref in zip(leaves, exact):  # each gradient in its own tensor's dtype, from the float64 buffer
         assert leaf.grad.dtype == leaf.dtype and rel_err(leaf.grad, ref.grad) < 1e-6
+
+
+@pytest.mark.parametrize("float64_layers", [(3,), (0, 5), (7,)], ids=lambda layers: f"float64 at {layers}")
+def test_kl_of_mixed_dtypes_is_float64_throughout(backend, float64_layers):
+    """float32 and float64 log alphas in one call: the KL and its one flat gradient are float64
+    (math_dtype) wherever the float64 layers sit in the list. The value is the float64 formula's to
+    1e-12 (a float32 sum would be ~1e-7 off); each leaf's gradient has its own dtype, float64 leaves
+    float64-exact and float32 leaves the float64 gradient rounded once; the reference agrees."""
+    gen = torch.Generator().manual_seed(8)
+    log_alphas, counts = kl_layers(gen, n_layers=8)
+    log_alphas = [a.double() if k in float64_layers else a for k, a in enumerate(log_alphas)]
+    results = {}
+    for name in (backend, "reference"):
+        leaves = [a.clone().requires_grad_() for a in log_alphas]
+        kl = pf.ops.gaussian_kl(leaves, counts, n_train=1000.0, backend=name)
+        kl.backward(torch.tensor(1.3, dtype=kl.dtype))
+        results[name] = kl, [leaf.grad for leaf in leaves]
+    exact = [a.detach().double().clone().requires_grad_() for a in log_alphas]
+    expected = literal_kl(exact, counts, 1000.0)
+    expected.backward(torch.tensor(1.3, dtype=torch.float64))
+    kl, grads = results[backend]
+    assert kl.dtype == torch.float64 and kl.item() == pytest.approx(expected.item(), rel=1e-12)
+    rounding = {torch.float64: 1e-12, torch.float32: 2.0 ** -23}
+    for k, (a, grad, ref_grad, want) in enumerate(zip(log_alphas, grads, results["reference"][1], exact)):
+        assert grad.dtype == ref_grad.dtype == a.dtype, k
+        assert rel_err(grad, want.grad) < rounding[a.dtype], (k, a.dtype)
+        assert rel_err(grad, ref_grad) < rounding[a.dtype], (k, a.dtype)
 
 
 def test_kl_by_hand():

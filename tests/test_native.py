@@ -318,6 +318,75 @@ def test_cpu_backend_outputs_follow_empty_like_for_strided_views():
     assert rel_err(out, ref) < TOLERANCE[torch.float32]
 
 
+def _dense_permuted(shape, order, dtype, gen):
+    """Random data (never zero) of logical `shape`, dense in memory with its dims laid out in `order`
+    (outermost first): neither contiguous nor channels_last, but without gaps, so empty_like keeps its
+    strides."""
+    stored = torch.randn([shape[d] for d in order], generator=gen).to(dtype)
+    x = stored.permute([order.index(d) for d in range(len(shape))])
+    assert tuple(x.shape) == tuple(shape) and not x.is_contiguous()
+    assert x.untyped_storage().nbytes() == x.numel() * x.element_size()  # no gaps
+    assert not (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))
+    return x
+
+
+# (logical shape, memory order of its dims): batch and channel swapped, the spatial dims swapped, a
+# 4-D order that is neither, and a 3-D (conv1d-like) one
+DENSE_PERMUTATIONS = [((3, 5, 4, 6), (1, 0, 2, 3)), ((3, 5, 4, 6), (0, 1, 3, 2)), ((3, 5, 4, 6), (2, 0, 3, 1)),
+                      ((4, 6, 5), (2, 0, 1))]
+
+
+@native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape, order", DENSE_PERMUTATIONS, ids=[f"order{''.join(map(str, o))}"
+                                                                   for _, o in DENSE_PERMUTATIONS])
+def test_cpu_backend_outputs_of_dense_permuted_inputs_keep_their_strides(shape, order, dtype):
+    """The cpu layer reads a dense permuted tensor after one contiguous copy, and its outputs and
+    input gradients still have the layout of torch.empty_like(input) (the custom ops' fake kernels),
+    as the reference's do: same strides and the reference's values."""
+    gen = torch.Generator().manual_seed(len(shape) * 10 + order[0])
+    x = _dense_permuted(shape, order, dtype, gen)
+    other = _dense_permuted(shape, order, dtype, gen)  # a second branch / var, in the same layout
+    dy = _dense_permuted(shape, order, dtype, gen)
+    C = shape[1]
+    p, scale, shift = torch.randn(C, generator=gen), torch.rand(C, generator=gen) + 0.5, torch.randn(C, generator=gen)
+    weights = torch.rand(shape[0], 2, generator=gen)
+    p_copies = torch.randn(2, C, generator=gen)
+    var = other.abs() + 0.1
+
+    def run(backend):
+        leaves = [t.clone().requires_grad_() for t in (x, other, var)]
+        xl, yl, vl = leaves
+        outs = {
+            "gated_apply": pf.ops.gated_apply(xl, p, seed=SEED, stream=STREAM, backend=backend),
+            "affine_relu_gate": pf.ops.affine_relu_gate(xl, scale, shift, p, seed=SEED, stream=STREAM, mode="hard",
+                                                        backend=backend),
+            "branch_combine": pf.ops.branch_combine([xl, yl], weights, backend=backend),
+            "gaussian_noise": pf.ops.gaussian_noise(xl, vl, seed=SEED, stream=STREAM, offset=3, backend=backend),
+        }
+        grads = {}
+        for name, out in outs.items():
+            grads[name] = torch.autograd.grad(out, leaves, dy, allow_unused=True)
+        copies = pf.ops.gated_copies(xl, p_copies, seed=SEED, streams=[STREAM, STREAM + 1], mode="hard",
+                                     backend=backend)
+        grads["gated_copies"] = torch.autograd.grad(copies, [xl], torch.stack([dy, dy]))
+        return outs, grads
+
+    (ours, our_grads), (ref, ref_grads) = run("cpu"), run("reference")
+    like = torch.empty_like(x).stride()
+    assert like == x.stride()  # (dense: empty_like keeps the permutation)
+    for name in ours:
+        assert ours[name].stride() == ref[name].stride() == like, name
+        assert rel_err(ours[name], ref[name]) < TOLERANCE[dtype], name
+    for name in our_grads:
+        for got, want in zip(our_grads[name], ref_grads[name]):
+            if want is None:
+                assert got is None, name
+                continue
+            assert got.dtype == want.dtype and got.stride() == want.stride() == like, name
+            assert rel_err(got, want) < TOLERANCE[dtype], name
+
+
 @native
 @pytest.mark.parametrize("batch, channels, size", [(64, 128, 16), (2, 3, 1), (5, 1000, 3)])
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])

@@ -789,6 +789,45 @@ def test_regularizer_gradients_are_views_of_two_flat_buffers(backend):
         assert starts == [sum(sizes[:k]) for k in range(len(tensors))]
 
 
+# twice the unit roundoff: a gradient computed in float64 and rounded once to the leaf's dtype
+ROUNDED_TO = {torch.float64: 1e-12, torch.float32: 2.0 ** -23, torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}
+
+
+@pytest.mark.parametrize("weight_dtypes, p_dtypes", [
+    ((torch.float16, torch.float32, torch.float64, torch.bfloat16, torch.float32, torch.float16),
+     (torch.float32, torch.float64, torch.float32, torch.float32, torch.float64, torch.float32)),
+    ((torch.float32, torch.bfloat16, torch.float32, torch.float16, torch.float32, torch.float32),
+     (torch.float64, torch.float32, torch.float32, torch.float32, torch.float32, torch.float32)),
+], ids=["mixed weights and gates", "narrow weights, one float64 gate layer first"])
+def test_regularizer_of_mixed_dtypes_differentiates_in_float64(backend, weight_dtypes, p_dtypes):
+    """A whole network of weights in four dtypes and drop logits in two, one call: one float64 p_logit
+    puts the gate math (R and both flat gradients' p part) in float64 (math_dtype). R is then the
+    float64 formula's value; every leaf gets its gradient in its own dtype, the float64 gradient
+    rounded once (float64 leaves: float64-exact); and the reference agrees."""
+    gen = torch.Generator().manual_seed(23)
+    weights, p_logits = mixed_layers(gen)
+    weights = [w.to(d) for w, d in zip(weights, weight_dtypes)]
+    p_logits = [p.to(d) for p, d in zip(p_logits, p_dtypes)]
+    upstream = 0.7
+    results = {}
+    for name in (backend, "reference"):
+        leaves = [t.clone().requires_grad_() for t in (*weights, *p_logits)]
+        n = len(weights)
+        r = pf.ops.regularizer(leaves[:n], leaves[n:], weight_reg=30.0, drop_reg=2.0, n_train=1e3, backend=name)
+        r.backward(torch.tensor(upstream, dtype=r.dtype))
+        results[name] = r, [leaf.grad for leaf in leaves]
+    exact = [t.detach().to(torch.float64).clone().requires_grad_() for t in (*weights, *p_logits)]
+    expected = literal_regularizer(exact[:len(weights)], exact[len(weights):], 30.0, 2.0, 1e3)
+    expected.backward(torch.tensor(upstream, dtype=torch.float64))
+    r, grads = results[backend]
+    assert r.dtype == torch.float64 and rel_err(r, expected) < 1e-12
+    for k, (leaf, grad, ref_grad, want) in enumerate(zip((*weights, *p_logits), grads, results["reference"][1],
+                                                         exact)):
+        assert grad.dtype == ref_grad.dtype == leaf.dtype and grad.shape == leaf.shape, k
+        assert rel_err(grad, want.grad) < ROUNDED_TO[leaf.dtype], (k, leaf.dtype)
+        assert rel_err(grad, ref_grad) < ROUNDED_TO[leaf.dtype], (k, leaf.dtype)
+
+
 def test_regularizer_channels_last_weights_are_not_copied(backend, monkeypatch):
     """channels_last conv weights (the CIFAR presets' layout) go to the op as dense views of their own
     storage, so no backend copies them; value and gradients equal the contiguous weights', and the

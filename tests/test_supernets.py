@@ -200,6 +200,94 @@ def test_enas_drop_path_rate_schedule_and_determinism():
     assert torch.equal(path.eval()(x), x)
 
 
+@pytest.mark.parametrize("progress, factor", [(-0.5, 0.0), (-1e-9, 0.0), (0.0, 0.0), (0.25, 0.25), (1.0, 1.0),
+                                              (1.0 + 1e-9, 1.0), (1.7, 1.0), (1e6, 1.0)])
+def test_enas_drop_path_progress_is_clamped_to_the_unit_interval(progress, factor):
+    """set_drop_path_progress takes ENAS's min(1, (step + 1) / total steps) and clamps whatever it is
+    given to [0, 1]: below 0 nothing drops (never a negative rate), past 1 the full rate (never more,
+    so a kept path is never rescaled by more than 1 / keep)."""
+    keep = 0.6
+    model = EnasSupernet(filters=2, num_layers=3, drop_path_keep_prob=keep, aux_head=False)
+    drops = [m for m in model.modules() if isinstance(m, DropPath)]
+    full = [(1.0 - keep) * m.layer_scale for m in drops]
+    assert len(set(full)) > 1 and max(full) == pytest.approx(1.0 - keep)  # (deeper cells drop more)
+    model.set_drop_path_progress(progress)
+    assert [m.drop_prob for m in drops] == [factor * f for f in full]  # (exactly: a product of the same factors)
+    assert all(0.0 <= m.drop_prob <= 1.0 - keep for m in drops)
+    model.set_drop_path_progress(1.0)  # and back: the clamp kept no state
+    assert [m.drop_prob for m in drops] == full
+
+    # in a forward pass: past 1, the deepest path still keeps with probability 0.6, rescaled by 1 / 0.6
+    model.set_drop_path_progress(progress)
+    path = max(drops, key=lambda m: m.layer_scale).train()
+    set_gates(model, "relaxed", seed=3, step=1)
+    x = 1.0 + torch.rand(256, 2, 2, 2, generator=torch.Generator().manual_seed(9))
+    kept = path(x)[:, 0, 0, 0] / x[:, 0, 0, 0]
+    if factor == 0.0:
+        assert torch.equal(path(x), x)
+    else:
+        rate = (1.0 - keep) * factor
+        torch.testing.assert_close(kept[kept != 0], torch.full_like(kept[kept != 0], 1.0 / (1.0 - rate)))
+
+
+def _enas_cell(arc):
+    from pgnas_fast.supernets.enas import Cell
+
+    return Cell(arc, 4, 4, 4, reduction=False, reduce_prev=False, layer_scale=0.5,
+                gate_kw=dict(gate_groups=None, p_init=0.1, tau=0.2, backend=None), backend=None)
+
+
+def _chain_arc(n_nodes: int, x_op: int = 0, y_op: int = 4) -> list[int]:
+    """Node k reads the newest state it may: k + 1 (the node before it, or cell input 1 for node 0),
+    and cell input 0."""
+    return [entry for k in range(n_nodes) for entry in (k + 1, x_op, 0, y_op)]
+
+
+@pytest.mark.parametrize("n_nodes", [1, 2, 5])
+def test_enas_arc_inputs_up_to_the_previous_node_are_accepted(n_nodes):
+    """The largest input a node may read is the node just before it (node k: index k + 1); such an
+    arc builds, concatenates its one unread node and runs."""
+    cell = _enas_cell(_chain_arc(n_nodes))
+    assert cell.inputs == [i for k in range(n_nodes) for i in (k + 1, 0)]
+    assert cell.concat == [n_nodes + 1] and cell.out_channels == 4
+    gen = torch.Generator().manual_seed(n_nodes)
+    s0, s1 = torch.randn(2, 4, 5, 5, generator=gen), torch.randn(2, 4, 5, 5, generator=gen)
+    with torch.no_grad():
+        assert cell.eval()(s0, s1).shape == (2, 4, 5, 5)
+
+
+@pytest.mark.parametrize("node, entry, value", [
+    (0, 0, 2), (0, 2, 2),  # node 0 reading itself (x and y)
+    (1, 0, 3), (1, 2, 3),  # node 1 reading itself
+    (2, 0, 5), (4, 2, 6), (4, 0, 7), (0, 0, 99),  # a later node or past every state
+    (0, 0, -1), (4, 2, -1), (2, 0, -3),  # negative indices (Python would read states from the end)
+])
+def test_enas_arc_inputs_out_of_range_are_refused(node, entry, value):
+    arc = _chain_arc(5)
+    arc[4 * node + entry] = value
+    with pytest.raises(ValueError, match=r"node inputs must index the two cell inputs or earlier nodes"):
+        _enas_cell(arc)
+    with pytest.raises(ValueError, match=r"node inputs must index"):  # the super-network passes it on
+        EnasSupernet(filters=2, num_layers=3, normal_arc=tuple(arc), aux_head=False)
+
+
+@pytest.mark.parametrize("op", [-1, 5, 17])
+def test_enas_arc_unknown_ops_are_refused(op):
+    for entry in (1, 3):  # the x op and the y op
+        arc = _chain_arc(2)
+        arc[4 + entry] = op
+        with pytest.raises(ValueError, match=rf"unknown ENAS op {op}; ops are 0..4 = sep3x3, sep5x5, avgpool3x3, "
+                                             r"maxpool3x3, identity"):
+            _enas_cell(arc)
+
+
+@pytest.mark.parametrize("length", [3, 5, 6, 19, 21, 22])
+def test_enas_arc_of_a_length_no_multiple_of_4_is_refused(length):
+    arc = _chain_arc(6)[:length]
+    with pytest.raises(ValueError, match=rf"an arc has 4 entries per node, got {length} entries"):
+        _enas_cell(arc)
+
+
 def test_densenet_gate_groups_follow_the_concatenation():
     model = DenseNetSupernet()
     first_block = model.features[0]

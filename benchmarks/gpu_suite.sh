@@ -70,12 +70,12 @@ if [ -n "${DRY_RUN:-}" ]; then
 else
     echo "== the kernels' GPU tests: every op of triton and cuda against the reference on CUDA tensors"
     KERNEL_TESTS="tests/test_native.py tests/test_fused_ops.py tests/test_ops.py tests/test_gaussian_ops.py tests/test_triton.py"
-    timeout "$(left 90)" python3 -m pytest $PARALLEL -m gpu -v -rf -p no:cacheprovider $KERNEL_TESTS \
+    timeout "$(left 110)" python3 -m pytest $PARALLEL -m gpu -v -rf -p no:cacheprovider $KERNEL_TESTS \
         >"$OUT/pytest.log" 2>&1
     step_done "kernel GPU tests" $? "$(tail -n 1 "$OUT/pytest.log")"
     echo "== the rest of the triton tests, on the GPU (tails, tables, launch counts)"
     echo "==== the rest of tests/test_triton.py" >>"$OUT/pytest.log"
-    timeout "$(left 45)" python3 -m pytest $PARALLEL -m "not gpu" -v -rf -p no:cacheprovider tests/test_triton.py \
+    timeout "$(left 60)" python3 -m pytest $PARALLEL -m "not gpu" -v -rf -p no:cacheprovider tests/test_triton.py \
         >>"$OUT/pytest.log" 2>&1
     step_done "triton tests" $? "$(tail -n 1 "$OUT/pytest.log")"
 fi

@@ -61,9 +61,11 @@ def _build_parser() -> argparse.ArgumentParser:
     from .nn import POSTERIORS
     from .ops.dispatch import SELECTABLE
     from .ops.streams import MAJOR_LIMIT, SEED_LIMIT
+    from ._version import __version__
     from .search.rank import EVALUATORS
 
     parser = _Parser(prog="pgnas-fast", description="Posterior-Guided Neural Architecture Search, fast.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     search = commands.add_parser(
@@ -84,7 +86,8 @@ def _build_parser() -> argparse.ArgumentParser:
     search.add_argument("--posterior", choices=POSTERIORS,
                         help="posterior family of the gates: concrete (concrete dropout, default) or gaussian "
                              "(Gaussian variational dropout); sampling, ranking and export are the same")
-    search.add_argument("--config", metavar="FILE.json", help="JSON object of preset keys to override")
+    search.add_argument("--config", metavar="FILE.json",
+                        help="JSON object of preset keys to override, or a run's config.json (its config whole)")
     search.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="assignments",
                         help="override one preset key (VALUE as JSON, else a string); repeatable, wins over --config")
     search.add_argument("--data-dir", metavar="DIR",
@@ -98,7 +101,11 @@ def _build_parser() -> argparse.ArgumentParser:
     search.add_argument("--backend", default=None, choices=SELECTABLE,
                         help="op backend (default: PGNAS_FAST_BACKEND or auto)")
     search.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda if present)")
-    search.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
+    existing = search.add_mutually_exclusive_group()  # what to do with a run the directory holds
+    existing.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
+    existing.add_argument("--overwrite", action="store_true",
+                        help="replace the run the directory holds (its rank-*/ and study-*/ results too); without it "
+                             "or --resume a directory that holds a run is refused")
     search.add_argument("--quiet", action="store_true", help="no progress bars")
 
     info = commands.add_parser("info", help="a preset's super-network: parameters, gated layers, p values, MACs",
@@ -116,8 +123,9 @@ def _build_parser() -> argparse.ArgumentParser:
                     "settings.json and the progress-rank*.jsonl logs that --resume continues from. "
                     "Under torchrun the candidates are sharded across ranks.")
     rank.add_argument("run_dir", metavar="RUN_DIR", help="a directory written by pgnas-fast search")
-    rank.add_argument("--candidates", type=_count(1, MAJOR_LIMIT + 1), default=1000,
-                      help="candidates 0 .. K-1 (default 1000)")
+    rank.add_argument("--candidates", type=_count(1, MAJOR_LIMIT + 1),
+                      help="candidates 0 .. K-1 (default: the run's config key candidates, as many as its search "
+                           "ranked)")
     rank.add_argument("--strategy", choices=configs.RANKING_STRATEGIES,
                       help="racing: paired successive halving; exhaustive: every candidate on every image "
                            "(default: the run's config key `ranking`, as its search ranked)")
@@ -131,7 +139,10 @@ def _build_parser() -> argparse.ArgumentParser:
                            "(default 0: the super-network's running statistics, as the authors)")
     rank.add_argument("--top", type=_count(1), default=10, help="candidates written to top.json (default 10)")
     rank.add_argument("--tag", default="default", help="names the output folder rank-TAG (default 'default')")
-    rank.add_argument("--resume", action="store_true", help="continue an interrupted ranking of the same tag")
+    existing = rank.add_mutually_exclusive_group()
+    existing.add_argument("--resume", action="store_true", help="continue an interrupted ranking of the same tag")
+    existing.add_argument("--overwrite", action="store_true",
+                      help="replace the ranking of the same tag; without it or --resume one is refused")
     rank.add_argument("--data-dir", metavar="DIR", help="the data set's directory (as for search)")
     rank.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     rank.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -234,9 +245,10 @@ def _search(args) -> int:
     from .data import DataError
     from .ops import BackendUnavailableError, dispatch
     from .search import run_search
+    from .search.rank import counted
     from .search.report import percent, ranking_rate
 
-    overrides = configs.load_overrides(args.config) if args.config else {}
+    overrides = configs.load_overrides(args.config, args.preset) if args.config else {}
     overrides.update(configs.parse_assignment(text) for text in args.assignments)
     for key, value in (("epochs", args.epochs), ("candidates", args.candidates),
                        ("random_baseline", args.random_baseline), ("posterior", args.posterior)):
@@ -288,7 +300,8 @@ def _search(args) -> int:
     try:
         with dispatch.use_backend(backend):
             result = run_search(config, seed=args.seed, out_dir=out, device=str(device), resume=args.resume,
-                                progress=not args.quiet, data_dir=args.data_dir, smoke=args.smoke)
+                                overwrite=args.overwrite, progress=not args.quiet, data_dir=args.data_dir,
+                                smoke=args.smoke)
     except ValueError as err:  # bad data or run directory (DataError, RunError), mostly before anything is written
         _remove_if_empty(created)
         if isinstance(err, DataError) and _written_since(out / "checkpoint.pt", began):  # a file first read late
@@ -315,10 +328,12 @@ def _search(args) -> int:
     if s["mean_heldout_images"] < s["finalist_heldout_images"]:  # racing
         line += f"\n    (means over the first {s['mean_heldout_images']} held-out images, which every candidate saw)"
     print(line)
-    # (the command's own time adds loading, accuracies, sizes and the report; a resumed run's training
-    # time counts the epochs before the resume)
-    print(f"  time: training {s['train_seconds']:.1f} s, ranking {s['rank_seconds']:.1f} s ({s['candidates']} guided "
-          f"+ {s['random_candidates']} random: {ranking_rate(s)}); this command {time.perf_counter() - started:.1f} s")
+    # (the command's own time adds loading, accuracies, sizes and the report)
+    before = s["resumed_from_epoch"]  # a resumed run's training time counts the epochs before the resume
+    print(f"  time: training {s['train_seconds']:.1f} s"
+          + (f" (of {counted(s['epochs'], 'epoch')}, {before} trained before this --resume)" if before else "")
+          + f", ranking {s['rank_seconds']:.1f} s ({s['candidates']} guided + {s['random_candidates']} random: "
+          f"{ranking_rate(s)}); this command {time.perf_counter() - started:.1f} s")
     print(f"run directory: {result.out_dir}")
     return 0
 
@@ -337,7 +352,7 @@ def _rank(args) -> int:
                          "(search --resume reads it); choose another tag")
     device = _resolve_device(args.device)
     summary = rank_run(args.run_dir, candidates=args.candidates, strategy=args.strategy, evaluator=args.evaluator,
-                       tag=args.tag, resume=args.resume, top=args.top, eta=args.eta,
+                       tag=args.tag, resume=args.resume, overwrite=args.overwrite, top=args.top, eta=args.eta,
                        first_share=args.first_share, bn_recalibrate=args.bn_recalibrate, device=str(device),
                        data_dir=args.data_dir,
                        progress=not args.quiet)
@@ -349,6 +364,9 @@ def _rank(args) -> int:
               f"{summary['images_evaluated']} candidate-images evaluated"
               + (f" ({summary['resumed_evaluations']} candidate-rounds restored from before this --resume)"
                  if summary["resumed_evaluations"] else ""))
+        rate = (f" ({summary['candidates'] / summary['seconds']:.1f} candidates/s)"
+                if not summary["resumed_evaluations"] and summary["seconds"] > 0 else "")  # (a resume: its part only)
+        print(f"  time: ranking {summary['seconds']:.1f} s{rate}")
         if note := cut_note(summary["first_round_cut"]):
             print(f"  note: {note}")
         print(f"results: {Path(args.run_dir) / ('rank-' + args.tag)}")
@@ -519,7 +537,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         resumable = command in ("search", "rank")  # the others start over: nothing of theirs is lost
-        hint = f"; `pgnas-fast {command} --resume` with the same arguments continues" if resumable else ""
+        again = ("the same torchrun command with --resume" if int(os.environ.get("WORLD_SIZE", "1")) > 1
+                 else f"`pgnas-fast {command} --resume` with the same arguments")  # (a resume takes as many processes)
+        hint = f"; {again} continues" if resumable else ""
         print(f"pgnas-fast: interrupted{hint}", file=sys.stderr)
         return 130
     except BrokenPipeError:

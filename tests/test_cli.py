@@ -59,6 +59,22 @@ def test_search_reads_overrides_from_a_config_file(capsys, tmp_path):
     assert "random gates" not in stdout
 
 
+def test_a_run_s_config_json_is_a_config_file_for_its_preset(capsys, tmp_path):
+    """A run's config.json ({"config": ..., "seed": ...}) passed back with --config gives the same resolved
+    config (a rerun under another seed or --out); of another preset it is refused, naming it."""
+    first, again = tmp_path / "first", tmp_path / "again"
+    assert run_cli(capsys, "search", *SMALL, "--set", "lr=0.02", "--out", str(first))[0] == 0
+    code, _, _ = run_cli(capsys, "search", "--quiet", "--seed", "7", "--config", str(first / "config.json"),
+                         "--out", str(again))
+    assert code == 0
+    written = [json.loads((d / "config.json").read_text()) for d in (first, again)]
+    assert written[1]["config"] == written[0]["config"] and written[1]["seed"] == 7
+    code, _, stderr = run_cli(capsys, "search", "--preset", "cifar10-supnet-m", "--config",
+                              str(first / "config.json"), "--out", str(tmp_path / "other"))
+    assert code == 2 and f"{str(first / 'config.json')!r} is a run's config.json of preset 'digits-tiny', not " \
+                         "'cifar10-supnet-m': pass --preset digits-tiny" in stderr
+
+
 def test_set_overrides_win_over_the_config_file(capsys, tmp_path):
     config = tmp_path / "c.json"
     config.write_text(json.dumps({"lr": 0.02}))
@@ -187,6 +203,8 @@ def _bad_config(tmp_path, text):
 
 BAD_INPUTS = {
     "unknown preset": (lambda t: ["--preset", "cifar99"], "unknown preset 'cifar99'"),
+    "preset typo": (lambda t: ["--preset", "digits"], "unknown preset 'digits' (did you mean 'digits-tiny'?); known "
+                                                      "presets: cifar10-supnet-e,"),
     "zero epochs": (lambda t: ["--epochs", "0"], "--epochs: must be an integer >= 1, got 0"),
     "negative candidates": (lambda t: ["--candidates", "-4"], "--candidates: must be an integer >= 1, got -4"),
     "non-integer candidates": (lambda t: ["--candidates", "many"], "--candidates: must be an integer"),
@@ -275,7 +293,28 @@ def test_unwritable_out_is_refused_and_leaves_nothing(capsys, tmp_path):
     assert code == 2 and "is not writable" in stderr
 
 
-def test_a_fresh_search_replaces_the_old_run_and_what_was_derived_from_it(capsys, tmp_path):
+def test_a_search_into_a_run_is_refused_without_resume_or_overwrite(capsys, tmp_path):
+    """One forgotten --resume must not replace a run of days: a finished or an interrupted run is
+    refused, named, with both ways on; nothing in the directory changes."""
+    out = tmp_path / "run"
+    assert run_cli(capsys, "search", *SMALL, "--out", str(out))[0] == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    code, _, stderr = run_cli(capsys, "search", *SMALL, "--out", str(out))
+    assert code == 2 and stderr == (f"pgnas-fast: error: {str(out)!r} holds a run (finished): --resume continues it, "
+                                    "--overwrite replaces it whole (its rank-*/ and study-*/ results too), or search "
+                                    "into another --out\n")
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    (out / "summary.json").unlink()  # as a run interrupted after its second epoch leaves it
+    lines = (out / "train_log.jsonl").read_text().splitlines(keepends=True)
+    (out / "train_log.jsonl").write_text("".join(lines[:1] * 2) + '{"epoch": 3, "lo')  # (a line cut by the kill)
+    code, _, stderr = run_cli(capsys, "search", *SMALL, "--out", str(out))
+    assert code == 2 and f"{str(out)!r} holds a run (trained 2 epochs, not finished): --resume" in stderr
+    (out / "train_log.jsonl").write_text("".join(lines))
+    code, stdout, _ = run_cli(capsys, "search", *SMALL, "--out", str(out), "--resume")  # trains nothing more
+    assert code == 0 and "  time: training " in stdout and " s (of 1 epoch, 1 trained before this --resume), " in stdout
+
+
+def test_a_search_with_overwrite_replaces_the_old_run_and_what_was_derived_from_it(capsys, tmp_path):
     """Rankings and studies of the old checkpoint go with it: a `rank --resume` would reuse their scores.
     In a directory that held no run, nothing is removed."""
     out = tmp_path / "run"
@@ -289,7 +328,7 @@ def test_a_fresh_search_replaces_the_old_run_and_what_was_derived_from_it(capsys
         (out / derived).mkdir(exist_ok=True)
         (out / derived / "progress-rank0.jsonl").write_text('{"round": 0, "id": 1, "correct": 999}\n')
     (out / "exports").mkdir()  # not the run's: stays
-    assert run_cli(capsys, "search", *SMALL, "--out", str(out))[0] == 0  # replaces the run above
+    assert run_cli(capsys, "search", *SMALL, "--out", str(out), "--overwrite")[0] == 0  # replaces the run above
     assert not (out / "rank-default").exists() and not (out / "study-default").exists()
     assert '"correct": 999' not in (out / "rank-search" / "progress-rank0.jsonl").read_text()
     assert (out / "exports").is_dir() and (out / "notes.txt").is_file()
@@ -334,6 +373,10 @@ def test_an_interrupt_says_how_to_continue(capsys, monkeypatch, command, hint):
     code, _, stderr = run_cli(capsys, *argv[command])
     assert code == 130 and stderr.startswith("pgnas-fast: interrupted")
     assert (hint in stderr) if hint else "--resume" not in stderr
+    if hint and command == "search":  # a process of a torchrun: the resume is a torchrun of as many
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        code, _, stderr = run_cli(capsys, *argv[command])
+        assert stderr == "pgnas-fast: interrupted; the same torchrun command with --resume continues\n"
 
 def test_an_interrupt_while_torch_loads_is_taken_once_it_has_loaded():
     """The console script imports pgnas_fast.cli without torch; a Ctrl-C (a real SIGINT) that lands while
@@ -376,6 +419,14 @@ def test_interrupts_deferred_takes_a_ctrl_c_when_the_block_ends():
             finished.append(True)
     assert finished == [True]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is back
+
+
+def test_version(capsys):
+    from pgnas_fast import __version__
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out == f"pgnas-fast {__version__}\n"
 
 
 def test_no_command_prints_help_and_exits_2(capsys):
@@ -529,6 +580,6 @@ def test_schedule_keys_the_schedule_does_not_read_are_said(capsys, tmp_path):
     assert "note: sgdr_t0 set, but only the sgdr schedule reads it" in stdout
     assert "lr_min set" not in stdout
     code, stdout, _ = run_cli(capsys, "search", *SMALL, "--set", "schedule=step", "--set", "lr_min=0.001",
-                              "--set", "gamma=0.5", "--out", str(out))
+                              "--set", "gamma=0.5", "--out", str(out), "--overwrite")
     assert code == 0 and "note: lr_min set, but only the cosine and sgdr schedules read it" in stdout
     assert "gamma set" not in stdout

@@ -141,6 +141,23 @@ def test_load_cifar10_reads_what_was_written(cifar10):
     assert np.array_equal(splits.test[0][0, 0].flatten().numpy(), written["test_data"][0, :1024])
 
 
+@pytest.mark.parametrize("num_classes", [10, 100])
+def test_cifar_splits_say_how_their_images_become_the_network_s_input(tmp_path, num_classes):
+    """Splits.inputs (what an export records for users of its network): (pixels * scale - mean) / std per
+    channel is the evaluation feed's normalisation of the stored uint8 images."""
+    from pgnas_fast.data import normalize
+
+    (write_cifar10 if num_classes == 10 else write_cifar100)(tmp_path)
+    splits = load_cifar(tmp_path, num_classes=num_classes, heldout=100, split_seed=0)
+    recipe = splits.inputs
+    assert recipe["pixels"].startswith("uint8 RGB, 32x32") and recipe["scale"] == 1 / 255
+    assert (recipe["mean"], recipe["std"]) == tuple(list(stats) for stats in CIFAR_STATS[num_classes])
+    images = splits.test[0]
+    mean, std = (torch.tensor(recipe[key]).view(1, 3, 1, 1) for key in ("mean", "std"))
+    expected = normalize(images, *CIFAR_STATS[num_classes])
+    torch.testing.assert_close((images.float() * recipe["scale"] - mean) / std, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_load_cifar100_uses_fine_labels(tmp_path):
     written = write_cifar100(tmp_path)
     splits = load_cifar(tmp_path, num_classes=100, heldout=100, split_seed=1)

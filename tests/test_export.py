@@ -280,7 +280,8 @@ def test_a_layer_that_keeps_nothing_and_a_grouped_conv():
     # with "dropped" keeping everything the grouped conv's masked output reaches the result
     kept = {**masks, "dropped": torch.ones(6)}
     subnet = _equals_the_hard_masked(net, kept, x)
-    assert isinstance(subnet.grouped, MaskedConv2d) and isinstance(subnet.dropped, SlicedConv2d)
+    assert isinstance(subnet.grouped, MaskedConv2d) and type(subnet.dropped) is torch.nn.Conv2d  # (no gather)
+    assert type(subnet.head) is torch.nn.Linear
 
 
 def _equals_the_hard_masked(net, masks, x):
@@ -359,9 +360,13 @@ def test_export_and_evaluate_reproduce_the_reported_test_accuracy(capsys, search
     assert evaluate_export(out, standalone=False) == pytest.approx(arch["test_accuracy"], abs=1e-6)
 
 
-def test_standalone_artefact_needs_no_pgnas_fast(searched, tmp_path):
+def test_standalone_artefact_needs_no_pgnas_fast(capsys, searched, tmp_path):
     out = tmp_path / "export"
     assert main(["export", str(searched), "--candidate", "7", "--out", str(out)]) == 0
+    assert "note: candidate" not in capsys.readouterr().err  # (one the search ranked)
+    assert main(["export", str(searched), "--candidate", "99999", "--out", str(tmp_path / "far")]) == 0
+    assert ("note: candidate 99999 is past the 20 the search ranked (ids 0 .. 19): a draw of the same posterior "
+            "that no ranking has scored") in capsys.readouterr().err
     x = torch.randn(5, 1, 8, 8)
     torch.save(x, tmp_path / "x.pt")
     script = (f"import sys, torch; m = torch.export.load({str(out / 'model.pt2')!r}).module(); "
@@ -373,6 +378,32 @@ def test_standalone_artefact_needs_no_pgnas_fast(searched, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(torch.load(tmp_path / "y.pt"), pf.load_subnet(out)(x))
     assert json.loads((out / "architecture.json").read_text())["candidate"] == 7
+
+
+def test_export_json_says_how_raw_images_become_the_network_s_input(searched, tmp_path):
+    """A user of model.pt2 outside pgnas_fast gets the input transform from export.json: applied to
+    scikit-learn's raw digits it gives the run's own network inputs, and the export's test accuracy."""
+    from sklearn.datasets import load_digits
+
+    from pgnas_fast.search.run import load_data
+
+    out = tmp_path / "export"
+    assert main(["export", str(searched), "--out", str(out)]) == 0
+    recipe = json.loads((out / "export.json").read_text())["inputs"]
+    assert recipe["pixels"].startswith("scikit-learn's load_digits().images") and recipe["scale"] == 1.0
+    raw = torch.from_numpy(load_digits().images).float()[:, None]
+    mean, std = (torch.tensor(recipe[key]).view(1, -1, 1, 1) for key in ("mean", "std"))
+    inputs = (raw * recipe["scale"] - mean) / std
+    config = json.loads((searched / "config.json").read_text())["config"]
+    test_images = load_data(config).test[0]  # the run's inputs: each is one of the transformed images
+    distance = torch.cdist(test_images.flatten(1), inputs.flatten(1), compute_mode="donot_use_mm_for_euclid_dist")
+    assert distance.min(1).values.max() < 1e-5
+    test = distance.argmin(1)  # the test split's images among the raw ones
+    labels = torch.from_numpy(load_digits().target)[test]
+    network = torch.export.load(out / "model.pt2").module()
+    with torch.no_grad():
+        accuracy = (network(inputs[test]).argmax(1) == labels).float().mean().item()
+    assert accuracy == pytest.approx(json.loads((out / "export.json").read_text())["test_accuracy"], abs=1e-6)
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -589,9 +620,14 @@ def test_export_of_a_ranking_keeps_its_recalibrated_batchnorm(capsys, searched, 
     assert (recalibrated - plain).abs().max() > 1e-3
     # an explicit --bn-recalibrate wins over the ranking's
     zero = tmp_path / "zero"
+    capsys.readouterr()
     assert main(["export", str(searched), "--rank", "bn", "--bn-recalibrate", "0", "--out", str(zero)]) == 0
+    assert ("note: --rank bn scored its candidates with --bn-recalibrate 64, this export uses 0: its held-out "
+            "accuracy is not the ranking's score") in capsys.readouterr().err  # (said)
     with torch.no_grad():
         torch.testing.assert_close(pf.load_subnet(zero)(x), plain)
+    assert main(["export", str(searched), "--rank", "bn", "--bn-recalibrate", "64", "--out", str(zero)]) == 0
+    assert "note: --rank" not in capsys.readouterr().err  # (the ranking's own: nothing to say)
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -172,19 +172,20 @@ def test_racing_s_first_cut_and_the_tie_for_best_are_counted_from_the_rows():
     def row(i, first, images, score, kept=0.5):
         return {"id": i, "first_round_score": first, "images": images, "score": score, "kept_fraction": kept}
 
-    # 8 candidates, 2 places after 4 images: ids 1 and 2 at 0.75 kept; 3 and 5 tied with them, dropped by id
+    # 8 candidates, 2 places after 4 images: ids 1 and 2 at 0.75 kept; 3 and 5 tied with them, dropped by the draw
     rows = [row(0, 0.5, 4, 0.5), row(1, 0.75, 16, 0.9, 0.4), row(2, 0.75, 16, 0.9), row(3, 0.75, 4, 0.75),
             row(4, 0.25, 4, 0.25), row(5, 0.75, 4, 0.75), row(6, 0.5, 4, 0.5), row(7, 0.0, 4, 0.0)]
-    assert first_round_cut(rows) == {"images": 4, "places": 2, "score": 0.75, "tied": 4, "dropped_by_id": 2}
+    assert first_round_cut(rows) == {"images": 4, "places": 2, "score": 0.75, "tied": 4, "dropped_by_draw": 2}
     assert cut_note(first_round_cut(rows)).startswith("racing's first round (4 images) kept 2 places: 4 candidates "
-                                                      "tied at its cut score 75.00%, 2 of them dropped by id alone")
+                                                      "tied at its cut score 75.00%, 2 of them dropped by a seeded "
+                                                      "draw alone")
     assert tied_for_best(rows) == 2 and best_candidate(rows)["id"] == 1  # the smaller network
     rows[5]["first_round_score"] = 0.5  # one tie fewer
-    assert first_round_cut(rows)["dropped_by_id"] == 1
+    assert first_round_cut(rows)["dropped_by_draw"] == 1
     exhaustive = [row(i, s, 16, s) for i, s in enumerate((0.5, 0.75, 0.25))]
     assert first_round_cut(exhaustive) is None and cut_note(None) is None and tied_for_best(exhaustive) == 1
-    assert cut_note({"images": 4, "places": 2, "score": 0.75, "tied": 2, "dropped_by_id": 0}) is None
-    assert cut_note({"images": 1, "places": 1, "score": 1.0, "tied": 3, "dropped_by_id": 2}).startswith(
+    assert cut_note({"images": 4, "places": 2, "score": 0.75, "tied": 2, "dropped_by_draw": 0}) is None
+    assert cut_note({"images": 1, "places": 1, "score": 1.0, "tied": 3, "dropped_by_draw": 2}).startswith(
         "racing's first round (1 image) kept 1 place: 3 candidates")
 
 
@@ -369,7 +370,7 @@ def test_study_racing_section_compares_with_the_guided_ranking(finished_run, mon
                                 "first_round_images": first, "survivors": 2,
                                 "kendall_tau_first_round": pytest.approx(1 / 3), "kendall_tau_survivors": -1.0,
                                 "first_round_cut": {"images": first, "places": 2, "score": 0.6, "tied": 1,
-                                                    "dropped_by_id": 0}}
+                                                    "dropped_by_draw": 0}}
     assert [c["best_id"] for c in result["best_vs_candidates"]] == [0, 1, 1]
     assert result["random"]["best"] == 0.75 and result["guided"]["best"] == 0.9
 

@@ -98,7 +98,7 @@ def test_later_commands_read_the_run_s_data_dir(capsys, tmp_path):
     code, captured = search(capsys, "--preset", "cifar10-supnet-m", "--smoke", "--out", out, "--resume", *CHEAP)
     assert code == 0, captured.err
     assert search(capsys, "--out", out, "--epochs", "1", "--candidates", "2", "--random-baseline", "0",
-                  "--quiet")[0] == 0
+                  "--quiet", "--overwrite")[0] == 0
     assert not (out / "data.json").exists()
 
 

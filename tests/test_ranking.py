@@ -2,6 +2,7 @@
 racing, resume after a kill."""
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -378,9 +379,32 @@ def test_rank_takes_the_run_s_ranking_strategy_by_default(capsys, run_dir):
     code, captured = _rank_cli(capsys, run_dir, "--candidates", 2, "--tag", "as-searched")
     assert code == 0 and "exhaustive with the batched evaluator" in captured.out
     assert (run_dir / "rank-as-searched" / "candidates.jsonl").read_text() == (run_dir / "candidates.jsonl").read_text()
+    code, captured = _rank_cli(capsys, run_dir, "--tag", "as-many")  # and as many candidates as it ranked
+    searched = json.loads((run_dir / "config.json").read_text())["config"]["candidates"]
+    assert code == 0 and json.loads((run_dir / "rank-as-many" / "summary.json").read_text())["candidates"] == searched
+    assert f"of {searched}, held-out accuracy" in captured.out
     code, captured = _rank_cli(capsys, run_dir, "--candidates", 2, "--eta", 3)
     assert code == 2 and ("--eta sets racing's rounds: it takes --strategy racing, not exhaustive (the run's config "
                           "key ranking, taken without --strategy)") in captured.err
+
+
+def test_rank_and_export_of_an_unfinished_search_say_so(capsys, run_dir, tmp_path):
+    """A run still training (or stopped) has no summary.json: its readers name the checkpoint's epoch."""
+    import shutil
+
+    from pgnas_fast.cli import main
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    note = (f"note: the search in {str(run)!r} has not finished (still training, or stopped): its checkpoint is of "
+            "epoch 3 of ")
+    code, captured = _rank_cli(capsys, run_dir, "--candidates", 2, "--tag", "finished")
+    assert code == 0 and "note: the search" not in captured.err
+    (run / "summary.json").unlink()
+    code, captured = _rank_cli(capsys, run, "--candidates", 2, "--tag", "early")
+    assert code == 0 and captured.err.startswith(note)
+    assert main(["export", str(run), "--candidate", "1", "--out", str(tmp_path / "export")]) == 0
+    assert capsys.readouterr().err.startswith(note)
 
 
 def test_rank_resume_says_how_much_was_done_before(capsys, run_dir):
@@ -389,7 +413,14 @@ def test_rank_resume_says_how_much_was_done_before(capsys, run_dir):
     assert code == 0 and "nothing to resume in" in captured.err and "rank-again' (no ranking under --tag again" in \
         captured.err and "before this --resume" not in captured.out
     code, captured = _rank_cli(capsys, run_dir, "--candidates", 30, "--strategy", "exhaustive", "--tag", "again")
+    assert code == 2 and captured.err == (f"pgnas-fast: error: {str(run_dir / 'rank-again')!r} holds a ranking "
+                                          "(finished): --resume continues it, --overwrite replaces it, or rank under "
+                                          "another --tag\n")  # (hours of ranking are not replaced by a missed flag)
+    code, captured = _rank_cli(capsys, run_dir, "--candidates", 30, "--strategy", "exhaustive", "--tag", "again",
+                               "--overwrite")
     assert code == 0 and "before this --resume" not in captured.out
+    seconds = json.loads((run_dir / "rank-again" / "summary.json").read_text())["seconds"]
+    assert f"  time: ranking {seconds:.1f} s ({30 / seconds:.1f} candidates/s)\n" in captured.out
     code, captured = _rank_cli(capsys, run_dir, "--candidates", 30, "--strategy", "exhaustive", "--tag", "again",
                                "--resume")
     assert code == 0 and "9000 candidate-images evaluated (30 candidate-rounds restored from before this --resume)" in captured.out
@@ -466,7 +497,8 @@ def test_rank_resume_refuses_a_checkpoint_trained_on_since(capsys, run_dir, tmp_
     code, captured = _rank_cli(capsys, run, "--candidates", 20, "--tag", "x", "--resume")
     assert code == 2 and captured.err.count("\n") == 1
     assert "ranked the checkpoint of epoch 3, but the run has trained on since (epoch 4)" in captured.err
-    assert _rank_cli(capsys, run, "--candidates", 20, "--tag", "x")[0] == 0  # afresh
+    assert "rank afresh (--overwrite) or under another --tag" in captured.err
+    assert _rank_cli(capsys, run, "--candidates", 20, "--tag", "x", "--overwrite")[0] == 0  # afresh
 
 
 def test_corrupt_checkpoints_are_one_line_errors(capsys, run_dir, tmp_path):
@@ -802,10 +834,27 @@ class FixedScorer(CandidateScorer):
 RACING = {"strategy": "racing", "eta": 3, "first_share": 1 / 9, "progress": False}
 
 
-def test_racing_ties_go_to_the_lower_id():
-    rows = rank(FixedScorer(90), range(9), **RACING)
-    assert [r["id"] for r in rows if r["images"] == 90] == [0]
-    assert [r["id"] for r in rows if r["images"] >= 30] == [0, 1, 2]
+def test_racing_ties_go_in_an_order_drawn_from_the_seed():
+    """Candidates tied at a cut go on in the order of tie_order's draw (the RNG contract's RACING_TIES
+    stream of the round, element: the candidate id), not by id; the draw depends on the seed and the
+    round, and a tie of many spreads its survivors over the ids."""
+    from pgnas_fast import ops
+    from pgnas_fast.ops.streams import Domain, stream_id
+    from pgnas_fast.search.rank import tie_order
+
+    rows = rank(FixedScorer(90), range(9), **RACING)  # everyone ties in every round
+    first = tie_order(0, 0, list(range(9)))
+    assert first == dict(enumerate(ops.philox_uniform(9, seed=0, stream=stream_id(Domain.RACING_TIES, 0)).tolist()))
+    kept = sorted(range(9), key=first.get)[:3]
+    assert [r["id"] for r in rows if r["images"] >= 30] == sorted(kept)
+    second = tie_order(0, 1, kept)
+    assert [r["id"] for r in rows if r["images"] == 90] == [min(kept, key=second.get)]
+    assert tie_order(0, 0, [5, 3]) == {5: first[5], 3: first[3]}  # (a candidate's draw is its own element)
+    assert tie_order(1, 0, [3]) != {3: first[3]} and tie_order(0, 1, [3]) != {3: first[3]}
+    # 1000 candidates tied: the 250 that go on are spread over the ids (by id they were 0 .. 249)
+    rows = rank(FixedScorer(64), range(1000), strategy="racing", eta=4, first_share=1 / 16, progress=False)
+    on = [r["id"] for r in rows if r["images"] > 4]
+    assert len(on) == 250 and 0.3 < sum(c >= 500 for c in on) / 250 < 0.7
 
 
 def test_best_candidate_takes_finalists_then_the_smaller_network():

@@ -190,6 +190,8 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(finished_run, tmp_path,
     # the reported training time counts the epoch trained before the kill too
     epochs = [row["seconds"] for row in read_jsonl(tmp_path / "train_log.jsonl")]
     assert len(epochs) == 2 and min(epochs) > 0 and result.summary["train_seconds"] == pytest.approx(sum(epochs))
+    assert (result.summary["resumed_from_epoch"], result.summary["epochs"]) == (1, 2)  # (said with that time)
+    assert finished_run[1].summary["resumed_from_epoch"] == 0
 
 
 def test_a_resumed_run_s_checkpoints_are_an_uninterrupted_run_s_bytes(tmp_path, monkeypatch):
@@ -370,12 +372,12 @@ def test_a_fresh_search_leaves_a_running_rank_or_study_s_folder_alone(finished_r
         (run / tag).mkdir()
         with writer_lock(run, tag, SINGLE_PROCESS):
             with pytest.raises(RunError, match=f"a pgnas-fast rank or study is writing {tag} in .*, which a new"):
-                run_search(small_config(), seed=5, out_dir=run, progress=False)
+                run_search(small_config(), seed=5, out_dir=run, overwrite=True, progress=False)
             assert (run / tag).is_dir() and (run / "checkpoint.pt").read_bytes() == (out / "checkpoint.pt").read_bytes()
     with writer_lock(run, "study-live", SINGLE_PROCESS):  # a study takes the lock of its tag
         with pytest.raises(RunError, match="another pgnas-fast process is writing study-live in"):
             run_study(run, candidates=2, tag="live", progress=False)
-    run_search(small_config(), seed=5, out_dir=run, progress=False)  # nobody writes them now: removed
+    run_search(small_config(), seed=5, out_dir=run, overwrite=True, progress=False)  # nobody writes them now: removed
     assert not (run / "rank-live").exists() and not (run / "study-live").exists()
 
 
@@ -517,7 +519,10 @@ def test_fresh_run_replaces_an_old_run_whole(finished_run, tmp_path):
     (tmp_path / "tensorboard").mkdir()
     stale_events = tmp_path / "tensorboard" / "events.out.tfevents.0.stale"
     stale_events.write_bytes(b"old run")
-    run_search(small_config(random_baseline=0), seed=3, out_dir=tmp_path, progress=False)
+    with pytest.raises(RunError, match="holds a run .trained 0 epochs, not finished.: --resume continues it"):
+        run_search(small_config(random_baseline=0), seed=3, out_dir=tmp_path, progress=False)
+    assert (tmp_path / "random_candidates.jsonl").read_text() == "stale\n"  # (refused: nothing changed)
+    run_search(small_config(random_baseline=0), seed=3, out_dir=tmp_path, overwrite=True, progress=False)
     assert not (tmp_path / "random_candidates.jsonl").exists() and not stale_events.exists()
 
 

@@ -8,6 +8,7 @@ apply between the preset and the user's overrides.
 from __future__ import annotations
 
 import copy
+import difflib
 import json
 import math
 from collections.abc import Mapping
@@ -54,7 +55,8 @@ DEFAULTS: dict = {
     "ranking": "racing",  # racing (paired successive halving) | exhaustive
     # racing keeps the best 1/eta each round, on eta times more images, from a first share of the
     # held-out set; 4 and 1/16 kept the exhaustive winner's score in the top 2 on 5 of 5 digits seeds
-    # at 1000 candidates while reading 6.4x fewer images (3 and 1/27: 4 of 5, 8.7x fewer)
+    # at 1000 candidates while reading 6.4x fewer images (3 and 1/27: 4 of 5, 8.7x fewer; the same with
+    # ties at a cut in a drawn order, rank.tie_order, as with ties by id)
     "racing_eta": 4,
     "racing_first_share": 1 / 16,
     "rank_rows": 8192,  # rows (candidates x images) per batched evaluation pass
@@ -253,8 +255,9 @@ def names() -> list[str]:
     return sorted(PRESETS)
 
 
-def load_overrides(path: str | Path) -> dict:
-    """Overrides from a JSON file (an object of preset keys)."""
+def load_overrides(path: str | Path, preset: str | None = None) -> dict:
+    """Overrides from a JSON file: an object of preset keys, or a run's config.json ({"config": its
+    resolved config, "seed": ...}), whose config is taken whole when it was resolved from `preset`."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} " + ("is not a file (a JSON object of preset keys)"
@@ -265,6 +268,13 @@ def load_overrides(path: str | Path) -> dict:
         raise ConfigError(f"config file {str(path)!r} is not valid JSON: {err}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(path)!r} must hold a JSON object of preset keys")
+    if set(data) == {"config", "seed"} and isinstance(data["config"], dict):  # a run's config.json
+        run = dict(data["config"])
+        if preset is not None and run.pop("preset", preset) != preset:
+            theirs = data["config"]["preset"]
+            raise ConfigError(f"config file {str(path)!r} is a run's config.json of preset {theirs!r}, not {preset!r}: "
+                              f"pass --preset {theirs}")
+        return run
     return data
 
 
@@ -273,7 +283,9 @@ def resolve(preset: str, overrides: Mapping | None = None) -> dict:
     validated (then the Gaussian family's warm-up from the epochs, GAUSSIAN_KL_WARMUP, unless
     overridden); raises ConfigError naming the key."""
     if preset not in PRESETS:
-        raise ConfigError(f"unknown preset {preset!r}; known presets: {', '.join(names())}")
+        close = difflib.get_close_matches(preset, names(), n=1, cutoff=0.5)
+        raise ConfigError(f"unknown preset {preset!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+                          + f"; known presets: {', '.join(names())}")
     overrides = overrides or {}
     config = copy.deepcopy({**DEFAULTS, **PRESETS[preset]})
     family = overrides.get("posterior", config["posterior"])

@@ -19,8 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .augment import CIFAR_STATS
 from .errors import DataError
-from .splits import Splits, carve_heldout
+from .splits import Splits, carve_heldout, input_recipe
 
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar.html"
 
@@ -175,4 +176,5 @@ def load_cifar(
         heldout=part(train_images[heldout_idx], train_labels[heldout_idx]),
         test=part(test_images, test_labels),
         num_classes=num_classes,
+        inputs=input_recipe("uint8 RGB, 32x32 (the data set's own images)", 1 / 255, *CIFAR_STATS[num_classes]),
     )

@@ -9,7 +9,7 @@ import torch
 
 from ..interrupts import interrupts_deferred
 from .errors import DataError
-from .splits import Splits, stratified_splits
+from .splits import Splits, input_recipe, stratified_splits
 
 TEST_SIZE = 360  # the default test split: about 20 % of the 1797 images, for reporting only
 
@@ -33,4 +33,5 @@ def load_digits(*, test: int, heldout: int, split_seed: int) -> Splits:
     def part(idx):
         return torch.from_numpy((images[idx] - mean) / std), torch.from_numpy(labels[idx])
 
-    return Splits(train=part(train_idx), heldout=part(heldout_idx), test=part(test_idx), num_classes=classes)
+    return Splits(train=part(train_idx), heldout=part(heldout_idx), test=part(test_idx), num_classes=classes,
+                  inputs=input_recipe("scikit-learn's load_digits().images: 8x8, values 0..16", 1.0, [mean], [std]))

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .augment import epoch_order, normalize
 from .errors import DataError
-from .splits import carve_heldout
+from .splits import carve_heldout, input_recipe
 
 IMAGENET_URL = "https://image-net.org/download.php"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -55,6 +55,11 @@ class ImageNetIndex:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    @property
+    def inputs(self) -> dict:  # (Splits.inputs) the evaluation transform: what an exported network reads
+        return input_recipe("uint8 RGB: the short side resized to 256 (bilinear), the centre 224x224 cropped",
+                            1 / 255, IMAGENET_MEAN, IMAGENET_STD)
 
     def sizes(self) -> dict[str, int]:
         return {"train": len(self.train[0]), "heldout": len(self.heldout[0]), "val": len(self.val[0])}

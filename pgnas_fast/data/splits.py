@@ -15,6 +15,15 @@ class Splits:
     heldout: tuple[torch.Tensor, torch.Tensor]  # ranks candidates
     test: tuple[torch.Tensor, torch.Tensor]  # reported only, never used to choose
     num_classes: int
+    # how a raw image becomes the network's input, (pixels * scale - mean) / std per channel (input_recipe):
+    # what a user of an exported network must do to the images (None: not known, e.g. made-up test data)
+    inputs: dict | None = None
+
+
+def input_recipe(pixels: str, scale: float, mean, std) -> dict:
+    """The record of a data set's input transform: `pixels` says what the raw images are, and the
+    network reads (pixels * scale - mean[c]) / std[c] in channel c."""
+    return {"pixels": pixels, "scale": float(scale), "mean": [float(m) for m in mean], "std": [float(s) for s in std]}
 
     def sizes(self) -> dict[str, int]:
         return {"train": len(self.train[1]), "heldout": len(self.heldout[1]), "test": len(self.test[1])}

@@ -29,6 +29,7 @@ class Domain(enum.IntEnum):
     AUGMENTATION = 8  # CIFAR training augmentation of epoch `major` (element: image index * 5 + draw)
     AUTOAUGMENT = 9  # the AutoAugment policy's numbers of epoch `major` (element: image index * 9 + draw)
     ORDER = 10  # the training images' order in epoch `major` (elements 2 i, 2 i + 1: image i's sort key)
+    RACING_TIES = 11  # racing's order among candidates tied at the cut of round `major` (element: candidate id)
 
 
 _DOMAINS = frozenset(Domain)

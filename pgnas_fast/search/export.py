@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -75,6 +76,9 @@ def export_candidate(run_dir: str | Path, out: str | Path, *, candidate: int | N
         if candidate is not None:
             raise RunError("pass --candidate or --rank, not both")
         candidate, ranked_recalibration, ranked_epoch, rank_again = _ranked_best(run_dir, rank_tag)
+        if bn_recalibrate is not None and bn_recalibrate != ranked_recalibration:
+            print(f"note: --rank {rank_tag} scored its candidates with --bn-recalibrate {ranked_recalibration}, this "
+                  f"export uses {bn_recalibrate}: its held-out accuracy is not the ranking's score", file=sys.stderr)
         bn_recalibrate = ranked_recalibration if bn_recalibrate is None else bn_recalibrate
     bn_recalibrate = bn_recalibrate or 0
     data_dir = data_dir_of(run_dir, data_dir)
@@ -86,6 +90,9 @@ def export_candidate(run_dir: str | Path, out: str | Path, *, candidate: int | N
                        f"since (epoch {loaded.epoch}): its best candidate and scores are of other weights; rank "
                        f"again ({rank_again})")
     recalibration = checked_recalibration_images(feed, bn_recalibrate) if bn_recalibrate else None
+    if rank_tag is None and candidate is not None and candidate >= config["candidates"]:
+        print(f"note: candidate {candidate} is past the {config['candidates']} the search ranked (ids 0 .. "
+              f"{config['candidates'] - 1}): a draw of the same posterior that no ranking has scored", file=sys.stderr)
     architecture_path = run_dir / "architecture.json"
     if candidate is None:
         if not architecture_path.is_file():
@@ -133,7 +140,8 @@ def export_candidate(run_dir: str | Path, out: str | Path, *, candidate: int | N
                "params_supernet": supernet["params"], "params_all_channels": all_channels["params"],
                "params_subnet": after["params"], "macs_supernet": supernet["macs"],
                "macs_all_channels": all_channels["macs"], "macs_subnet": after["macs"],
-               "input_size": list(input_size), "rank_tag": rank_tag, "bn_recalibrate": bn_recalibrate,
+               "input_size": list(input_size), "inputs": feed.inputs, "rank_tag": rank_tag,
+               "bn_recalibrate": bn_recalibrate,
                # the weights' epoch: a run still training (or killed) exports the last finished one
                "checkpoint_epoch": loaded.epoch, "epochs": config["epochs"]}
     write_json(out / "export.json", summary)

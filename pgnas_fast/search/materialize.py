@@ -3,7 +3,8 @@
 `materialize(model, masks)` copies the super-network in eval mode and replaces
 - every gated conv/linear by one that gathers only its kept input channels and holds only their
   weights (`SlicedConv2d`, `SlicedLinear`; a grouped conv keeps its width and zeroes the dropped
-  channels, `MaskedConv2d`; a layer that keeps nothing is deleted: `ZeroInput` returns its bias);
+  channels, `MaskedConv2d`; a layer that keeps nothing is deleted: `ZeroInput` returns its bias; one
+  that keeps every channel becomes the plain nn.Conv2d / nn.Linear);
 - every stochastic module by its `evaluation_module()` (shake-shake: the mean of the branches in
   plain torch ops; drop-path: identity; a module of another kind is kept as it is, in eval mode),
 so the result equals the masked super-network in eval mode (outputs within float rounding), needs
@@ -149,6 +150,8 @@ def _plain(layer: nn.Module, mask: torch.Tensor) -> nn.Module:
     index = torch.nonzero(mask).flatten().to(layer.weight.device)
     if len(index) == 0:
         return ZeroInput(layer)
+    if len(index) == len(mask):  # every channel kept: the layer as it is (gathering them all would copy its input)
+        return _plain_copy(layer)
     if isinstance(layer, GatedConv2d):
         return SlicedConv2d(layer, index) if layer.groups == 1 else MaskedConv2d(layer, mask)
     return SlicedLinear(layer, index)

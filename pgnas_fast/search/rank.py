@@ -28,11 +28,12 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
+from .. import ops
 from ..configs import DEFAULTS, RANKING_STRATEGIES
 from ..nn import gated_layers, kept_fraction, set_gates, stacked_candidate_masks, training_modes_kept
 from ..nn.batchnorm import folded_batchnorm, grouped_batchnorm
 from ..nn.gated import logit
-from ..ops.streams import Domain
+from ..ops.streams import Domain, stream_id
 from ..supernets.info import largest_activation_bytes
 from .io import RunError
 from .train import mean_drop_probability
@@ -238,7 +239,7 @@ class ProgressLog:
                 # (a kill cuts a line into invalid JSON; a valid line of anything else is another file's)
                 if not (isinstance(row, dict) and all(type(row.get(key)) is int for key in self.FIELDS)):
                     raise RunError(f"{str(path)!r} line {number} is not a progress row (integer "
-                                   f"{', '.join(self.FIELDS)}): {line[:80]!r}; rank afresh (without --resume) "
+                                   f"{', '.join(self.FIELDS)}): {line[:80]!r}; rank afresh (--overwrite) "
                                    "or under another --tag")
                 key = (row["round"], row["id"])
                 if rounds is None or (key[0] < len(rounds) and (row["start"], row["end"]) == rounds[key[0]]):
@@ -339,13 +340,25 @@ def rank(scorer: CandidateScorer, candidates: Sequence[int], *, strategy: str = 
         if round_index == 0:
             first_round = {c: correct[c] / end for c in candidates}
         start = end
-        if end < scorer.size:  # keep the best 1/eta; ties to the lower id (all saw the same images)
-            survivors.sort(key=lambda c: (-correct[c], c))
+        if end < scorer.size:  # keep the best 1/eta (all saw the same images), ties in a drawn order
+            draw = tie_order(scorer.seed, round_index, survivors)
+            survivors.sort(key=lambda c: (-correct[c], draw[c], c))
             survivors = sorted(survivors[:math.ceil(len(survivors) / eta)])
     bar.close()
     ids = sorted(candidates)
     return [{"id": c, "score": correct[c] / images[c], "images": images[c], "first_round_score": first_round[c],
              "kept_fraction": fraction} for c, fraction in zip(ids, scorer.kept_fractions(ids))]
+
+
+def tie_order(seed: int, round_index: int, ids: Sequence[int]) -> dict[int, float]:
+    """A number per candidate that orders those tied at racing's cut of round `round_index`: drawn from
+    the RNG contract (Domain.RACING_TIES, element: the candidate id), so the same on every shard and
+    resume, and without the bias of an order by id (which would drop the high ids of every tie: on a
+    small first share hundreds of candidates tie)."""
+    low = min(ids)
+    u = ops.philox_uniform(max(ids) - low + 1, seed=seed, stream=stream_id(Domain.RACING_TIES, round_index),
+                           offset=low).tolist()  # (ids are ranges of candidates: their span is their count)
+    return {c: u[c - low] for c in ids}
 
 
 def rank_candidates(model: nn.Module, heldout: tuple[torch.Tensor, torch.Tensor], *, seed: int, count: int,
@@ -361,8 +374,8 @@ def rank_candidates(model: nn.Module, heldout: tuple[torch.Tensor, torch.Tensor]
 
 def first_round_cut(rows: list[dict]) -> dict | None:
     """Racing's first cut, read from its rows: the first round's images, the places it kept, the score at
-    the cut, how many candidates had that score and how many of those the cut dropped by id alone (on a
-    small first share scores are coarse, and many tie). None when nothing was cut (exhaustive)."""
+    the cut, how many candidates had that score and how many of those the cut dropped by its drawn order
+    alone (on a small first share scores are coarse, and many tie). None when nothing was cut (exhaustive)."""
     first = min(r["images"] for r in rows)
     kept = [r for r in rows if r["images"] > first]
     if not kept:
@@ -370,7 +383,7 @@ def first_round_cut(rows: list[dict]) -> dict | None:
     score = min(r["first_round_score"] for r in kept)
     tied = sum(1 for r in rows if r["first_round_score"] == score)
     return {"images": first, "places": len(kept), "score": score, "tied": tied,
-            "dropped_by_id": tied - sum(1 for r in kept if r["first_round_score"] == score)}
+            "dropped_by_draw": tied - sum(1 for r in kept if r["first_round_score"] == score)}
 
 
 def tied_for_best(rows: list[dict]) -> int:
@@ -385,12 +398,13 @@ def counted(n: int, noun: str) -> str:
 
 
 def cut_note(cut: dict | None) -> str | None:
-    """One line on a first cut that dropped tied candidates by id, or None."""
-    if not cut or not cut["dropped_by_id"]:
+    """One line on a first cut that dropped tied candidates by its drawn order, or None."""
+    if not cut or not cut["dropped_by_draw"]:
         return None
     return (f"racing's first round ({counted(cut['images'], 'image')}) kept {counted(cut['places'], 'place')}: "
-            f"{cut['tied']} candidates tied at its cut score {cut['score']:.2%}, {cut['dropped_by_id']} of them "
-            "dropped by id alone; a larger first share (or exhaustive ranking) decides them on more images")
+            f"{cut['tied']} candidates tied at its cut score {cut['score']:.2%}, {cut['dropped_by_draw']} of them "
+            "dropped by a seeded draw alone; a larger first share (or exhaustive ranking) decides them on more "
+            "images")
 
 
 def best_first(row: dict) -> tuple:

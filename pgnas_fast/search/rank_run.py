@@ -11,6 +11,7 @@ import contextlib
 import json
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -24,10 +25,10 @@ from .rank import CandidateScorer, ProgressLog, best_candidate, best_first, firs
 from .run import RunError, load_run, rebuild_for_evaluation
 
 
-def rank_run(run_dir: str | Path, *, candidates: int, strategy: str | None = None, evaluator: str = "batched",
-             tag: str = "default", resume: bool = False, top: int = 10, eta: int | None = None,
-             first_share: float | None = None, bn_recalibrate: int = 0, device: str = "cpu", data_dir=None,
-             progress: bool = True) -> dict:
+def rank_run(run_dir: str | Path, *, candidates: int | None = None, strategy: str | None = None,
+             evaluator: str = "batched", tag: str = "default", resume: bool = False, overwrite: bool = False,
+             top: int = 10, eta: int | None = None, first_share: float | None = None, bn_recalibrate: int = 0,
+             device: str = "cpu", data_dir=None, progress: bool = True) -> dict:
     run_dir = Path(run_dir)
     parallel, device = join(device)  # (torchrun with a cuda device: cuda:LOCAL_RANK for each rank)
     try:
@@ -38,6 +39,7 @@ def rank_run(run_dir: str | Path, *, candidates: int, strategy: str | None = Non
             recalibration = checked_recalibration_images(feed, bn_recalibrate) if bn_recalibrate else None
             out = run_dir / f"rank-{tag}"
             asked, strategy = strategy, strategy or config["ranking"]  # (the run's own: its search ranked so)
+            candidates = candidates or config["candidates"]
             if strategy == "exhaustive" and (eta is not None or first_share is not None):
                 given = [flag for flag, value in (("--eta", eta), ("--first-share", first_share)) if value is not None]
                 raise RunError(f"{' and '.join(given)} {'set' if len(given) > 1 else 'sets'} racing's rounds: "
@@ -58,6 +60,11 @@ def rank_run(run_dir: str | Path, *, candidates: int, strategy: str | None = Non
                 if rank_id == 0 and not (out / "settings.json").is_file():
                     print(f"nothing to resume in {str(out)!r} (no ranking under --tag {tag} yet): a new ranking "
                           "starts", file=sys.stderr)
+            there = _held_ranking(out) if rank_id == 0 and not resume and not overwrite else None
+            held_ranking = parallel.all_gather([there] if there else [])  # (hours of ranking, lost to one missed flag)
+            if held_ranking:
+                raise RunError(f"{str(out)!r} holds a ranking ({held_ranking[0]}): --resume continues it, --overwrite "
+                               "replaces it, or rank under another --tag")
             if rank_id == 0 and not resume:
                 shutil.rmtree(out, ignore_errors=True)
             parallel.barrier()  # nobody appends to a log that rank 0 is about to remove
@@ -80,6 +87,7 @@ def rank_run(run_dir: str | Path, *, candidates: int, strategy: str | None = Non
                                      prepare=feed.prepare_eval, load_model=load_model,
                                      recalibration_images=recalibration)
             log = ProgressLog(out, rank_id)
+            started = time.perf_counter()
             rows = rank(scorer, range(candidates), strategy=strategy, eta=eta, first_share=first_share, log=log,
                         shard=(rank_id, world), gather=parallel.all_gather if world > 1 else None,
                         progress=progress and rank_id == 0)
@@ -90,7 +98,8 @@ def rank_run(run_dir: str | Path, *, candidates: int, strategy: str | None = Non
                        "first_round_cut": first_round_cut(rows),
                        "images_evaluated": sum(r["images"] for r in rows),
                        "resumed_evaluations": log.restored,  # done before this resume
-                       "world_size": world}
+                       # this process's ranking (a resume's: what was left), loading the run not included
+                       "seconds": time.perf_counter() - started, "world_size": world}
             if rank_id == 0:
                 write_jsonl(out / "candidates.jsonl", rows)
                 write_json(out / "top.json", [
@@ -104,6 +113,14 @@ def rank_run(run_dir: str | Path, *, candidates: int, strategy: str | None = Non
             leave()  # (run_search does the same)
 
 
+def _held_ranking(out: Path) -> str | None:
+    """What ranking `out` holds, in words; None: none."""
+    if (out / "summary.json").is_file():
+        return "finished"
+    started = (out / "settings.json").is_file() or any(out.glob("progress-rank*.jsonl"))
+    return "started, not finished" if started else None
+
+
 def _check_resumable(out: Path, settings: dict) -> None:
     """A ranking resumes only with the settings it was started with: its progress rows hold scores of
     rounds that other settings cut differently (mixed, they can count more correct than seen)."""
@@ -112,13 +129,13 @@ def _check_resumable(out: Path, settings: dict) -> None:
     except (OSError, json.JSONDecodeError):
         if any(out.glob("progress-rank*.jsonl")):  # (settings.json is written before any row)
             raise RunError(f"{str(out)!r} holds progress rows but no readable settings.json: the settings its "
-                           "rows were scored with are unknown; rank afresh (without --resume) or under another "
+                           "rows were scored with are unknown; rank afresh (--overwrite) or under another "
                            "--tag") from None
         return  # not started yet: nothing to compare
     if started.get("checkpoint_epoch", settings["checkpoint_epoch"]) != settings["checkpoint_epoch"]:
         raise RunError(f"{str(out)!r} ranked the checkpoint of epoch {started['checkpoint_epoch']}, but the run has "
                        f"trained on since (epoch {settings['checkpoint_epoch']}): its scores are of other weights; "
-                       "rank afresh (without --resume) or under another --tag")
+                       "rank afresh (--overwrite) or under another --tag")
     # (settings.json files older than the device entry hold none: not compared; racing's eta and first
     # share follow from the strategy: named only where both rankings race)
     ignore = ("checkpoint_epoch", *(() if "device" in started else ("device",)),

@@ -277,6 +277,9 @@ def load_run(run_dir: str | Path, *, device: str = "cpu", data_dir: str | Path |
                        f"for the data's {data.num_classes} classes ({' '.join(lines[:2])}): is --data-dir the "
                        "data set the run searched on?") from None
     feed = build_feed(config, data, torch.device(device), seed=seed)
+    if not (run_dir / "summary.json").exists() and os.environ.get("RANK", "0") == "0":  # (torchrun: rank 0 says it)
+        print(f"note: the search in {str(run_dir)!r} has not finished (still training, or stopped): its checkpoint "
+              f"is of epoch {state['epoch']} of {config['epochs']}", file=sys.stderr)
     return LoadedRun(config=config, seed=seed, model=model, feed=feed, epoch=state["epoch"],
                      data_fingerprint=fingerprint)
 
@@ -304,9 +307,25 @@ def rank_search_candidates(model: torch.nn.Module, feed: TensorFeed | LoaderFeed
                            **{"strategy": config["ranking"], **extra})
 
 
+def held_run(out_dir: Path) -> str | None:
+    """What run `out_dir` holds, in words ('finished', 'trained 12 epochs', ...); None: none."""
+    if not any((out_dir / name).exists() for name in (*RUN_FILES, DATA_FILE)):
+        return None
+    if (out_dir / "summary.json").exists():
+        return "finished"
+    try:
+        with open(out_dir / "train_log.jsonl", "rb") as log:
+            epochs = sum(1 for line in log if line.endswith(b"\n"))  # (a line cut by a kill is no epoch)
+    except OSError:
+        epochs = 0
+    return f"trained {epochs} epoch{'s' * (epochs != 1)}, not finished"
+
+
 def run_search(config: dict, *, seed: int, out_dir: str | Path, device: str = "cpu", resume: bool = False,
-               progress: bool = True, data_dir: str | Path | None = None, smoke: bool = False) -> SearchResult:
-    """The whole search; under torchrun (WORLD_SIZE > 1) data parallel, see parallel.py."""
+               overwrite: bool = False, progress: bool = True, data_dir: str | Path | None = None,
+               smoke: bool = False) -> SearchResult:
+    """The whole search; under torchrun (WORLD_SIZE > 1) data parallel, see parallel.py. A directory that
+    holds a run is continued (`resume`) or replaced whole (`overwrite`), never either by default."""
     if config["sync_bn"] and torch.device(device).type != "cuda":
         raise RunError("sync_bn needs CUDA (SyncBatchNorm); on the CPU every rank normalises with its own rows' "
                        "statistics: set sync_bn=false")
@@ -314,7 +333,8 @@ def run_search(config: dict, *, seed: int, out_dir: str | Path, device: str = "c
     try:
         with contextlib.ExitStack() as held:
             return _run_search(config, seed=seed, out_dir=Path(out_dir), device=device, resume=resume,
-                               progress=progress, data_dir=data_dir, smoke=smoke, parallel=parallel, held=held)
+                               overwrite=overwrite, progress=progress, data_dir=data_dir, smoke=smoke,
+                               parallel=parallel, held=held)
     finally:
         if parallel.enabled:
             leave()
@@ -352,8 +372,8 @@ def _trained_epochs(path: Path, epochs: int) -> list[dict]:
     return rows[:epochs]
 
 
-def _run_search(config: dict, *, seed: int, out_dir: Path, device: torch.device, resume: bool, progress: bool,
-                data_dir: str | Path | None, smoke: bool, parallel: Parallel,
+def _run_search(config: dict, *, seed: int, out_dir: Path, device: torch.device, resume: bool, overwrite: bool,
+                progress: bool, data_dir: str | Path | None, smoke: bool, parallel: Parallel,
                 held: contextlib.ExitStack) -> SearchResult:
     main = parallel.is_main
     if config["threads"]:
@@ -402,6 +422,11 @@ def _run_search(config: dict, *, seed: int, out_dir: Path, device: torch.device,
     if busy:
         raise RunError(f"a pgnas-fast rank or study is writing {', '.join(busy)} in {str(out_dir)!r}, which a new "
                        "search there would remove: wait for it to end or stop it (or search into another --out)")
+    there = held_run(out_dir) if main and not resume and not overwrite else None
+    occupied = parallel.all_gather([there] if there else [])
+    if occupied:  # (one forgotten --resume must not cost a run of days)
+        raise RunError(f"{str(out_dir)!r} holds a run ({occupied[0]}): --resume continues it, --overwrite replaces "
+                       "it whole (its rank-*/ and study-*/ results too), or search into another --out")
     if not fresh:
         state = load_checkpoint(checkpoint_path)
         _check_posterior(checkpoint_path, state, config)
@@ -532,6 +557,8 @@ def _run_search(config: dict, *, seed: int, out_dir: Path, device: torch.device,
         # every epoch's, those before a --resume included (this process alone trained since `started`)
         "train_seconds": sum(row.get("seconds", 0.0) for row in train_log) or trained - started,
         "rank_seconds": ranked - trained,  # this process's (a resumed search's ranking did part of the work before)
+        # the checkpoint's epoch this process started from (0: a fresh run), of how many
+        "resumed_from_epoch": start_epoch, "epochs": config["epochs"],
         "resumed_evaluations": resumed,
         # both kinds; a rate only when this process ranked them all
         "candidates_per_second": None if resumed else (len(rows) + len(random_rows)) / max(ranked - trained, 1e-9),

@@ -58,10 +58,10 @@ def _preset_defaults(configs, key: str) -> str:
 
 def _build_parser() -> argparse.ArgumentParser:
     from . import configs
+    from ._version import __version__
     from .nn import POSTERIORS
     from .ops.dispatch import SELECTABLE
     from .ops.streams import MAJOR_LIMIT, SEED_LIMIT
-    from ._version import __version__
     from .search.rank import EVALUATORS
 
     parser = _Parser(prog="pgnas-fast", description="Posterior-Guided Neural Architecture Search, fast.")
@@ -104,8 +104,8 @@ def _build_parser() -> argparse.ArgumentParser:
     existing = search.add_mutually_exclusive_group()  # what to do with a run the directory holds
     existing.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
     existing.add_argument("--overwrite", action="store_true",
-                        help="replace the run the directory holds (its rank-*/ and study-*/ results too); without it "
-                             "or --resume a directory that holds a run is refused")
+                          help="replace the run the directory holds (its rank-*/ and study-*/ results too); without "
+                               "it or --resume a directory that holds a run is refused")
     search.add_argument("--quiet", action="store_true", help="no progress bars")
 
     info = commands.add_parser("info", help="a preset's super-network: parameters, gated layers, p values, MACs",
@@ -142,7 +142,7 @@ def _build_parser() -> argparse.ArgumentParser:
     existing = rank.add_mutually_exclusive_group()
     existing.add_argument("--resume", action="store_true", help="continue an interrupted ranking of the same tag")
     existing.add_argument("--overwrite", action="store_true",
-                      help="replace the ranking of the same tag; without it or --resume one is refused")
+                          help="replace the ranking of the same tag; without it or --resume one is refused")
     rank.add_argument("--data-dir", metavar="DIR", help="the data set's directory (as for search)")
     rank.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     rank.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -493,6 +493,28 @@ def test_imagenet_recalibration_images_are_a_seeded_sample_of_all_classes(imagen
     assert read[1] == read[0]  # the run's seed fixes the sample
 
 
+def test_imagenet_says_how_its_images_become_the_network_s_input(imagenet):
+    """ImageNet's Splits.inputs (an export's `inputs`): the recipe applied to the evaluation crop is
+    what the evaluation dataset hands the network; the feed carries the same recipe."""
+    from pgnas_fast.data.imagenet import load_eval_image
+    from pgnas_fast.search import feed as feed_module
+
+    root, _ = imagenet
+    index = load_imagenet_index(root, heldout=3, split_seed=0)
+    recipe = index.inputs
+    assert recipe["pixels"].startswith("uint8 RGB: the short side resized to 256") and recipe["scale"] == 1 / 255
+    assert (recipe["mean"], recipe["std"]) == (list(IMAGENET_MEAN), list(IMAGENET_STD))
+    files, labels = index.heldout
+    dataset = ImageFolderDataset(files, labels, train=False, size=32, resize=40)
+    mean, std = (torch.tensor(recipe[key]).view(3, 1, 1) for key in ("mean", "std"))
+    for i in range(len(files)):
+        pixels = load_eval_image(files[i], 32, 40)
+        torch.testing.assert_close((pixels.float() * recipe["scale"] - mean) / std, dataset[i][0], rtol=1e-5, atol=1e-5)
+    feed = feed_module.LoaderFeed(index, seed=0, batch_size=4, eval_batch_size=4, device=torch.device("cpu"),
+                                  workers=0, channels_last=False, input_size=8)
+    assert feed.inputs == recipe
+
+
 def test_a_held_out_split_as_large_as_the_training_set_is_a_data_error(imagenet, tmp_path):
     root, _ = imagenet
     with pytest.raises(DataError, match="heldout_size=18 must be below 18"):

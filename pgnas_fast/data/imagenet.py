@@ -31,6 +31,9 @@ from .splits import carve_heldout, input_recipe
 IMAGENET_URL = "https://image-net.org/download.php"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# what an exported network reads (Splits.inputs): the evaluation transform
+IMAGENET_INPUTS = input_recipe("uint8 RGB: the short side resized to 256 (bilinear), the centre 224x224 cropped",
+                               1 / 255, IMAGENET_MEAN, IMAGENET_STD)
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".ppm", ".bmp", ".webp", ".tif", ".tiff")
 
 
@@ -57,9 +60,8 @@ class ImageNetIndex:
         return len(self.classes)
 
     @property
-    def inputs(self) -> dict:  # (Splits.inputs) the evaluation transform: what an exported network reads
-        return input_recipe("uint8 RGB: the short side resized to 256 (bilinear), the centre 224x224 cropped",
-                            1 / 255, IMAGENET_MEAN, IMAGENET_STD)
+    def inputs(self) -> dict:  # (Splits.inputs)
+        return IMAGENET_INPUTS
 
     def sizes(self) -> dict[str, int]:
         return {"train": len(self.train[0]), "heldout": len(self.heldout[0]), "val": len(self.val[0])}

@@ -19,14 +19,14 @@ class Splits:
     # what a user of an exported network must do to the images (None: not known, e.g. made-up test data)
     inputs: dict | None = None
 
+    def sizes(self) -> dict[str, int]:
+        return {"train": len(self.train[1]), "heldout": len(self.heldout[1]), "test": len(self.test[1])}
+
 
 def input_recipe(pixels: str, scale: float, mean, std) -> dict:
     """The record of a data set's input transform: `pixels` says what the raw images are, and the
     network reads (pixels * scale - mean[c]) / std[c] in channel c."""
     return {"pixels": pixels, "scale": float(scale), "mean": [float(m) for m in mean], "std": [float(s) for s in std]}
-
-    def sizes(self) -> dict[str, int]:
-        return {"train": len(self.train[1]), "heldout": len(self.heldout[1]), "test": len(self.test[1])}
 
 
 def stratified_splits(labels: np.ndarray, *, test: int, heldout: int, seed: int) -> tuple[np.ndarray, ...]:

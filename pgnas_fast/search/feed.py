@@ -23,6 +23,7 @@ from torch.utils.data import Sampler
 from ..configs import ConfigError
 from ..data import (ImageNetIndex, Splits, augmentation_draws, cifar_train_loader, epoch_order, imagenet_loader,
                     normalize)
+from ..data.imagenet import IMAGENET_INPUTS
 from ..ops.transfer import to_device
 from ..supernets.info import one_image_pass
 from .parallel import SINGLE_PROCESS, Parallel
@@ -213,7 +214,7 @@ class LoaderFeed:
                  parallel: Parallel = SINGLE_PROCESS):
         self.device = torch.device(device)
         self.index, self.seed = index, seed
-        self.num_classes, self.inputs = index.num_classes, index.inputs
+        self.num_classes, self.inputs = index.num_classes, IMAGENET_INPUTS
         self.n_train = len(index.train[1])
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.max_steps, self.max_eval_batches = max_steps, max_eval_batches

@@ -496,22 +496,24 @@ def test_imagenet_recalibration_images_are_a_seeded_sample_of_all_classes(imagen
 def test_imagenet_says_how_its_images_become_the_network_s_input(imagenet):
     """ImageNet's Splits.inputs (an export's `inputs`): the recipe applied to the evaluation crop is
     what the evaluation dataset hands the network; the feed carries the same recipe."""
-    from pgnas_fast.data.imagenet import load_eval_image
+    from pgnas_fast.data.imagenet import imagenet_inputs, load_eval_image
     from pgnas_fast.search import feed as feed_module
 
     root, _ = imagenet
     index = load_imagenet_index(root, heldout=3, split_seed=0)
-    recipe = index.inputs
-    assert recipe["pixels"].startswith("uint8 RGB: the short side resized to 256") and recipe["scale"] == 1 / 255
+    assert imagenet_inputs()["pixels"] == "uint8 RGB: the short side resized to 256 (bilinear), the centre 224x224 cropped"
+    recipe = imagenet_inputs(32)
+    assert recipe["pixels"].startswith("uint8 RGB: the short side resized to 37 (bilinear), the centre 32x32")
+    assert recipe["scale"] == 1 / 255
     assert (recipe["mean"], recipe["std"]) == (list(IMAGENET_MEAN), list(IMAGENET_STD))
     files, labels = index.heldout
-    dataset = ImageFolderDataset(files, labels, train=False, size=32, resize=40)
+    dataset = ImageFolderDataset(files, labels, train=False, size=32, resize=37)
     mean, std = (torch.tensor(recipe[key]).view(3, 1, 1) for key in ("mean", "std"))
     for i in range(len(files)):
-        pixels = load_eval_image(files[i], 32, 40)
+        pixels = load_eval_image(files[i], 32, 37)
         torch.testing.assert_close((pixels.float() * recipe["scale"] - mean) / std, dataset[i][0], rtol=1e-5, atol=1e-5)
     feed = feed_module.LoaderFeed(index, seed=0, batch_size=4, eval_batch_size=4, device=torch.device("cpu"),
-                                  workers=0, channels_last=False, input_size=8)
+                                  workers=0, channels_last=False, input_size=32)
     assert feed.inputs == recipe
 
 

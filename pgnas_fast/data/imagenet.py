@@ -31,9 +31,6 @@ from .splits import carve_heldout, input_recipe
 IMAGENET_URL = "https://image-net.org/download.php"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-# what an exported network reads (Splits.inputs): the evaluation transform
-IMAGENET_INPUTS = input_recipe("uint8 RGB: the short side resized to 256 (bilinear), the centre 224x224 cropped",
-                               1 / 255, IMAGENET_MEAN, IMAGENET_STD)
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".ppm", ".bmp", ".webp", ".tif", ".tiff")
 
 
@@ -58,10 +55,6 @@ class ImageNetIndex:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
-
-    @property
-    def inputs(self) -> dict:  # (Splits.inputs)
-        return IMAGENET_INPUTS
 
     def sizes(self) -> dict[str, int]:
         return {"train": len(self.train[0]), "heldout": len(self.heldout[0]), "val": len(self.val[0])}
@@ -209,6 +202,17 @@ def load_train_image(
     if torch.rand(1, generator=generator).item() < 0.5:
         out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     return _to_tensor(out)
+
+
+def eval_resize(size: int) -> int:
+    """The short side an evaluation image is resized to before its centre `size` x `size` crop: 256 for 224."""
+    return round(size * 256 / 224)
+
+
+def imagenet_inputs(size: int = 224) -> dict:
+    """What a network evaluated at `size` reads (Splits.inputs): the evaluation crop, normalised."""
+    pixels = f"uint8 RGB: the short side resized to {eval_resize(size)} (bilinear), the centre {size}x{size} cropped"
+    return input_recipe(pixels, 1 / 255, IMAGENET_MEAN, IMAGENET_STD)
 
 
 def load_eval_image(path: str, size: int = 224, resize: int = 256) -> torch.Tensor:

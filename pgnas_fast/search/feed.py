@@ -23,7 +23,7 @@ from torch.utils.data import Sampler
 from ..configs import ConfigError
 from ..data import (ImageNetIndex, Splits, augmentation_draws, cifar_train_loader, epoch_order, imagenet_loader,
                     normalize)
-from ..data.imagenet import IMAGENET_INPUTS
+from ..data.imagenet import eval_resize, imagenet_inputs
 from ..ops.transfer import to_device
 from ..supernets.info import one_image_pass
 from .parallel import SINGLE_PROCESS, Parallel
@@ -214,12 +214,12 @@ class LoaderFeed:
                  parallel: Parallel = SINGLE_PROCESS):
         self.device = torch.device(device)
         self.index, self.seed = index, seed
-        self.num_classes, self.inputs = index.num_classes, IMAGENET_INPUTS
+        self.num_classes, self.inputs = index.num_classes, imagenet_inputs(input_size)
         self.n_train = len(index.train[1])
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.max_steps, self.max_eval_batches = max_steps, max_eval_batches
         self.loader_args = dict(device=self.device, num_workers=workers, channels_last=channels_last,
-                                size=input_size, resize=round(input_size * 256 / 224))
+                                size=input_size, resize=eval_resize(input_size))
         self.parallel = parallel
         # data parallel: each rank's workers decode only its rows of every global batch
         share = None if not parallel.enabled else RowShareSampler(self.n_train, seed=seed, batch=batch_size,

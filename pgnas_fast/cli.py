@@ -156,6 +156,7 @@ def _build_parser() -> argparse.ArgumentParser:
     study.add_argument("--candidates", type=_count(1, MAJOR_LIMIT + 1), default=1000,
                        help="candidates per study (default 1000)")
     study.add_argument("--tag", default="default", help="names the output folder study-TAG (default 'default')")
+    study.add_argument("--overwrite", action="store_true", help="replace the study of the same tag (else refused)")
     study.add_argument("--data-dir", metavar="DIR", help="the data set's directory (as for search)")
     study.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     study.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -389,8 +390,8 @@ def _study(args) -> int:
 
     _check_tag(args.tag)
     device = _resolve_device(args.device)
-    result = run_study(args.run_dir, candidates=args.candidates, tag=args.tag, device=str(device),
-                       data_dir=args.data_dir, progress=not args.quiet)
+    result = run_study(args.run_dir, candidates=args.candidates, tag=args.tag, overwrite=args.overwrite,
+                       device=str(device), data_dir=args.data_dir, progress=not args.quiet)
     g, r, race = result["guided"], result["random"], result["racing"]
     print(f"guided: mean held-out {percent(g['mean'])}, best {percent(g['best'])}; "
           f"random at the same drop rate: mean {percent(r['mean'])}, best {percent(r['best'])}")

@@ -812,6 +812,12 @@ def test_study_of_one_candidate_writes_strict_json(capsys, run_dir):
     text = " ".join((run_dir / "study-one" / "study.md").read_text().split())
     assert "(the order racing's first cut acts on), undefined (fewer than two candidates" in text
     assert "of the 1 first-round survivor, undefined (fewer than two candidates" in text
+    capsys.readouterr()
+    assert main(["study", str(run_dir), "--candidates", "2", "--tag", "one", "--quiet"]) == 2  # (it holds one)
+    assert capsys.readouterr().err == (f"pgnas-fast: error: {str(run_dir / 'study-one')!r} holds a study: "
+                                       "--overwrite replaces it, or study under another --tag\n")
+    assert main(["study", str(run_dir), "--candidates", "2", "--tag", "one", "--quiet", "--overwrite"]) == 0
+    assert json.loads((run_dir / "study-one" / "study.json").read_text())["candidates"] == 2
 
 
 # ---- selection rules and the sharded-resume paths, on a scorer that runs no model -----------------------

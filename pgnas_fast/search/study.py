@@ -22,7 +22,7 @@ import numpy
 from ..interrupts import interrupts_deferred
 from ..nn import candidate_masks, set_gates
 from ..ops.streams import Domain
-from .io import write_json, writer_lock
+from .io import RunError, write_json, writer_lock
 from .parallel import SINGLE_PROCESS
 from .rank import (CandidateScorer, accuracy, best_candidate, counted, cut_note, first_round_cut, rank,
                    round_ends, uniform_drop_logits)
@@ -130,11 +130,15 @@ def _plots(out: Path, guided: list[dict], random: list[dict], curve: list[dict],
     return files
 
 
-def run_study(run_dir: str | Path, *, candidates: int = 1000, tag: str = "default", device: str = "cpu",
-              data_dir=None, progress: bool = True) -> dict:
+def run_study(run_dir: str | Path, *, candidates: int = 1000, tag: str = "default", overwrite: bool = False,
+              device: str = "cpu", data_dir=None, progress: bool = True) -> dict:
+    """The studies of a run into study-TAG/; a tag that holds one is replaced only with `overwrite` (on
+    the paper presets a study ranks thousands of candidates, hours of work)."""
     run_dir = Path(run_dir)
-    loaded = load_run(run_dir, device=device, data_dir=data_dir)
     out = run_dir / f"study-{tag}"
+    if (out / "study.json").exists() and not overwrite:
+        raise RunError(f"{str(out)!r} holds a study: --overwrite replaces it, or study under another --tag")
+    loaded = load_run(run_dir, device=device, data_dir=data_dir)
     # held while it writes: a fresh search into the run, which removes study-*/, and a second study under
     # the tag are refused meanwhile
     with writer_lock(run_dir, out.name, SINGLE_PROCESS):

@@ -93,7 +93,8 @@ def test_later_commands_read_the_run_s_data_dir(capsys, tmp_path):
     assert main(["export", str(out), "--out", str(tmp_path / "export")]) == 0
     assert main(["evaluate", str(tmp_path / "export")]) == 0
     assert capsys.readouterr().err == ""
-    assert main(["rank", str(out), "--candidates", "2", "--quiet", "--data-dir", str(tmp_path / "nowhere")]) == 2
+    assert main(["rank", str(out), "--candidates", "2", "--quiet", "--tag", "elsewhere", "--data-dir",
+                 str(tmp_path / "nowhere")]) == 2
     assert "nowhere" in capsys.readouterr().err
     code, captured = search(capsys, "--preset", "cifar10-supnet-m", "--smoke", "--out", out, "--resume", *CHEAP)
     assert code == 0, captured.err

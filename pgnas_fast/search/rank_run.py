@@ -19,7 +19,7 @@ import torch
 from ..nn import candidate_masks
 from .export import architecture_record
 from .feed import checked_recalibration_images
-from .io import changed_settings, remove_interrupted_writes, write_json, write_jsonl, writer_lock
+from .io import changed_settings, lock_is_held, remove_interrupted_writes, write_json, write_jsonl, writer_lock
 from .parallel import join, leave
 from .rank import CandidateScorer, ProgressLog, best_candidate, best_first, first_round_cut, rank, tied_for_best
 from .run import RunError, load_run, rebuild_for_evaluation
@@ -34,10 +34,18 @@ def rank_run(run_dir: str | Path, *, candidates: int | None = None, strategy: st
     try:
         with contextlib.ExitStack() as held:
             rank_id, world = parallel.rank, parallel.world
+            out = run_dir / f"rank-{tag}"
+            # (before the run loads: hours of ranking are not lost to one missed flag, nor minutes to loading;
+            # a ranking being written is refused by its lock, below, with what it is)
+            there = (_held_ranking(out) if rank_id == 0 and not resume and not overwrite
+                     and not lock_is_held(run_dir, out.name) else None)
+            held_ranking = parallel.all_gather([there] if there else [])
+            if held_ranking:
+                raise RunError(f"{str(out)!r} holds a ranking ({held_ranking[0]}): --resume continues it, --overwrite "
+                               "replaces it, or rank under another --tag")
             loaded = load_run(run_dir, device=device, data_dir=data_dir)
             config, seed, model, feed = loaded.config, loaded.seed, loaded.model, loaded.feed
             recalibration = checked_recalibration_images(feed, bn_recalibrate) if bn_recalibrate else None
-            out = run_dir / f"rank-{tag}"
             asked, strategy = strategy, strategy or config["ranking"]  # (the run's own: its search ranked so)
             candidates = candidates or config["candidates"]
             if strategy == "exhaustive" and (eta is not None or first_share is not None):
@@ -60,11 +68,6 @@ def rank_run(run_dir: str | Path, *, candidates: int | None = None, strategy: st
                 if rank_id == 0 and not (out / "settings.json").is_file():
                     print(f"nothing to resume in {str(out)!r} (no ranking under --tag {tag} yet): a new ranking "
                           "starts", file=sys.stderr)
-            there = _held_ranking(out) if rank_id == 0 and not resume and not overwrite else None
-            held_ranking = parallel.all_gather([there] if there else [])  # (hours of ranking, lost to one missed flag)
-            if held_ranking:
-                raise RunError(f"{str(out)!r} holds a ranking ({held_ranking[0]}): --resume continues it, --overwrite "
-                               "replaces it, or rank under another --tag")
             if rank_id == 0 and not resume:
                 shutil.rmtree(out, ignore_errors=True)
             parallel.barrier()  # nobody appends to a log that rank 0 is about to remove

@@ -53,8 +53,8 @@ from .io import (DATA_FILE, SEARCH_RANKINGS, RunError, changed_settings, check_d
                  write_data_record, write_json, write_jsonl, writer_lock)
 from .materialize import materialize, materialize_all_channels
 from .parallel import SINGLE_PROCESS, Parallel, join, leave
-from .rank import (ProgressLog, accuracy, best_candidate, first_round_cut, rank_candidates, round_ends, tied_for_best,
-                   uniform_drop_logits)
+from .rank import (ProgressLog, accuracy, best_candidate, counted, first_round_cut, rank_candidates, round_ends,
+                   tied_for_best, uniform_drop_logits)
 from .report import FIGURES, write_report
 from .train import make_optimizer, train_posterior
 
@@ -307,7 +307,7 @@ def rank_search_candidates(model: torch.nn.Module, feed: TensorFeed | LoaderFeed
                            **{"strategy": config["ranking"], **extra})
 
 
-def held_run(out_dir: Path) -> str | None:
+def _held_run(out_dir: Path) -> str | None:
     """What run `out_dir` holds, in words ('finished', 'trained 12 epochs', ...); None: none."""
     if not any((out_dir / name).exists() for name in (*RUN_FILES, DATA_FILE)):
         return None
@@ -318,7 +318,7 @@ def held_run(out_dir: Path) -> str | None:
             epochs = sum(1 for line in log if line.endswith(b"\n"))  # (a line cut by a kill is no epoch)
     except OSError:
         epochs = 0
-    return f"trained {epochs} epoch{'s' * (epochs != 1)}, not finished"
+    return f"trained {counted(epochs, 'epoch')}, not finished"
 
 
 def run_search(config: dict, *, seed: int, out_dir: str | Path, device: str = "cpu", resume: bool = False,
@@ -376,6 +376,12 @@ def _run_search(config: dict, *, seed: int, out_dir: Path, device: torch.device,
                 progress: bool, data_dir: str | Path | None, smoke: bool, parallel: Parallel,
                 held: contextlib.ExitStack) -> SearchResult:
     main = parallel.is_main
+    # (one forgotten --resume must not cost a run of days; said before the data loads)
+    there = _held_run(out_dir) if main and not resume and not overwrite else None
+    occupied = parallel.all_gather([there] if there else [])
+    if occupied:
+        raise RunError(f"{str(out_dir)!r} holds a run ({occupied[0]}): --resume continues it, --overwrite replaces "
+                       "it whole (its rank-*/ and study-*/ results too), or search into another --out")
     if config["threads"]:
         torch.set_num_threads(config["threads"])  # process-wide: a run owns its process
     # torch's CPU BatchNorm and convolution weight gradients split their sums by thread, so on the CPU a
@@ -422,11 +428,6 @@ def _run_search(config: dict, *, seed: int, out_dir: Path, device: torch.device,
     if busy:
         raise RunError(f"a pgnas-fast rank or study is writing {', '.join(busy)} in {str(out_dir)!r}, which a new "
                        "search there would remove: wait for it to end or stop it (or search into another --out)")
-    there = held_run(out_dir) if main and not resume and not overwrite else None
-    occupied = parallel.all_gather([there] if there else [])
-    if occupied:  # (one forgotten --resume must not cost a run of days)
-        raise RunError(f"{str(out_dir)!r} holds a run ({occupied[0]}): --resume continues it, --overwrite replaces "
-                       "it whole (its rank-*/ and study-*/ results too), or search into another --out")
     if not fresh:
         state = load_checkpoint(checkpoint_path)
         _check_posterior(checkpoint_path, state, config)
@@ -451,7 +452,7 @@ def _run_search(config: dict, *, seed: int, out_dir: Path, device: torch.device,
         start_epoch = state["epoch"]
         train_log = _trained_epochs(out_dir / "train_log.jsonl", start_epoch)
     elif main:
-        held_a_run = any((out_dir / name).exists() for name in (*RUN_FILES, DATA_FILE))
+        held_a_run = _held_run(out_dir) is not None
         for name in (*RUN_FILES, DATA_FILE):  # a fresh run replaces an old one whole
             (out_dir / name).unlink(missing_ok=True)
         # and what was derived from the old checkpoint: the search's ranking, `rank` and `study` results

@@ -83,6 +83,8 @@ def _build_parser() -> argparse.ArgumentParser:
     search.add_argument("--random-baseline", type=_count(0, MAJOR_LIMIT + 1), metavar="K",
                         help="also rank K random-gate candidates at the same expected drop rate (0: off; "
                              f"default the preset's: {_preset_defaults(configs, 'random_baseline')})")
+    _budget_arguments(search, "rank only the drawn candidates whose exported network has at most N {} (0: no "
+                              "limit; config key {}, default 0)")
     search.add_argument("--posterior", choices=POSTERIORS,
                         help="posterior family of the gates: concrete (concrete dropout, default) or gaussian "
                              "(Gaussian variational dropout); sampling, ranking and export are the same")
@@ -119,7 +121,8 @@ def _build_parser() -> argparse.ArgumentParser:
         "rank", help="rank candidates of a finished search again (batched, racing, resumable, torchrun-sharded)",
         description="Score candidates of a run directory on its held-out split with the inherited weights. "
                     "Writes RUN_DIR/rank-TAG/: candidates.jsonl (id, score, images, first_round_score, "
-                    "kept_fraction), top.json (the best finalists with their architectures), summary.json, "
+                    "kept_fraction; params and macs under a size budget), top.json (the best finalists with "
+                    "their architectures and sizes), summary.json, "
                     "settings.json and the progress-rank*.jsonl logs that --resume continues from. "
                     "Under torchrun the candidates are sharded across ranks.")
     rank.add_argument("run_dir", metavar="RUN_DIR", help="a directory written by pgnas-fast search")
@@ -137,6 +140,8 @@ def _build_parser() -> argparse.ArgumentParser:
     rank.add_argument("--bn-recalibrate", type=_count(0), default=0, metavar="N",
                       help="recompute every BatchNorm's statistics per candidate from N training images "
                            "(default 0: the super-network's running statistics, as the authors)")
+    _budget_arguments(rank, "rank only the candidates whose exported network has at most N {} (0: no limit; default "
+                            "the run's config key {})")
     rank.add_argument("--top", type=_count(1), default=10, help="candidates written to top.json (default 10)")
     rank.add_argument("--tag", default="default", help="names the output folder rank-TAG (default 'default')")
     existing = rank.add_mutually_exclusive_group()
@@ -190,6 +195,12 @@ def _build_parser() -> argparse.ArgumentParser:
     commands.add_parser("doctor", help="versions, backends (and why one is off), threads",
                         description="Print versions, which backends are live and why not, and threads.")
     return parser
+
+
+def _budget_arguments(parser: argparse.ArgumentParser, help_text: str) -> None:
+    """--max-params and --max-macs: a size budget on the candidates (search/budget.py)."""
+    for flag, what, key in (("--max-params", "parameters", "max_params"), ("--max-macs", "MACs per image", "max_macs")):
+        parser.add_argument(flag, type=_count(0), metavar="N", help=help_text.format(what, key))
 
 
 def _prepare_out(path: Path) -> list[Path]:
@@ -246,13 +257,15 @@ def _search(args) -> int:
     from .data import DataError
     from .ops import BackendUnavailableError, dispatch
     from .search import run_search
+    from .search.budget import Budget
     from .search.rank import counted
     from .search.report import percent, ranking_rate
 
     overrides = configs.load_overrides(args.config, args.preset) if args.config else {}
     overrides.update(configs.parse_assignment(text) for text in args.assignments)
     for key, value in (("epochs", args.epochs), ("candidates", args.candidates),
-                       ("random_baseline", args.random_baseline), ("posterior", args.posterior)):
+                       ("random_baseline", args.random_baseline), ("posterior", args.posterior),
+                       ("max_params", args.max_params), ("max_macs", args.max_macs)):
         if value is not None:
             overrides[key] = value
     config = configs.resolve(args.preset, overrides)
@@ -316,8 +329,13 @@ def _search(args) -> int:
         smoke = s["smoke"]
         print(f"smoke check: {smoke['training_steps']} training steps, candidates scored on {smoke['heldout']} "
               f"held-out and {smoke['test']} test images: data and config work, the numbers mean nothing yet")
-    print(f"best candidate: {s['best_candidate']} of {s['candidates']} "
+    budget = s["budget"]
+    fit = f" (those of the {s['drawn_candidates']} drawn that fit the budget: {Budget(**budget)})" if budget else ""
+    print(f"best candidate: {s['best_candidate']} of {s['candidates']}{fit} "
           f"(keeps {percent(s['kept_fraction'])} of the gated input channels)")
+    print(f"  exported network: {s['params_subnet']:,} parameters, {s['macs_subnet']:,} MACs per image "
+          f"({s['params_subnet'] / s['params_all_channels']:.0%} and {s['macs_subnet'] / s['macs_all_channels']:.0%} "
+          "of the network with every channel kept)")
     print(f"  held-out accuracy {percent(s['heldout_accuracy'])}, test accuracy {percent(s['test_accuracy'])} "
           f"(no fine-tuning)")
     print(f"  super-network, every channel kept: held-out {percent(s['supernet_heldout_accuracy'])}, "
@@ -340,6 +358,7 @@ def _search(args) -> int:
 
 
 def _rank(args) -> int:
+    from .search.budget import Budget
     from .search.io import SEARCH_RANKINGS
     from .search.rank import cut_note
     from .search.rank_run import rank_run
@@ -354,18 +373,23 @@ def _rank(args) -> int:
     device = _resolve_device(args.device)
     summary = rank_run(args.run_dir, candidates=args.candidates, strategy=args.strategy, evaluator=args.evaluator,
                        tag=args.tag, resume=args.resume, overwrite=args.overwrite, top=args.top, eta=args.eta,
-                       first_share=args.first_share, bn_recalibrate=args.bn_recalibrate, device=str(device),
-                       data_dir=args.data_dir,
-                       progress=not args.quiet)
+                       first_share=args.first_share, bn_recalibrate=args.bn_recalibrate,
+                       max_params=args.max_params, max_macs=args.max_macs, device=str(device),
+                       data_dir=args.data_dir, progress=not args.quiet)
     if int(os.environ.get("RANK", "0")) == 0:
         best = summary["best"]
-        print(f"best candidate: {best['id']} of {summary['candidates']}, held-out accuracy {percent(best['score'])} "
-              f"on {best['images']} images (keeps {percent(best['kept_fraction'])} of the gated input channels)")
+        budget = Budget(summary.get("max_params", 0), summary.get("max_macs", 0))
+        fit = f" (those of the {summary['candidates']} drawn that fit the budget: {budget})" if budget else ""
+        print(f"best candidate: {best['id']} of {summary['ranked_candidates']}{fit}, held-out accuracy "
+              f"{percent(best['score'])} on {best['images']} images (keeps {percent(best['kept_fraction'])} of the "
+              "gated input channels)")
+        print(f"  exported network: {best['params']:,} parameters, {best['macs']:,} MACs per image")
         print(f"  {summary['strategy']} with the {summary['evaluator']} evaluator: "
               f"{summary['images_evaluated']} candidate-images evaluated"
               + (f" ({summary['resumed_evaluations']} candidate-rounds restored from before this --resume)"
                  if summary["resumed_evaluations"] else ""))
-        rate = (f" ({summary['candidates'] / summary['seconds']:.1f} candidates/s)"
+        sized = f", sizing the {summary['candidates']} drawn for the budget included" if budget else ""
+        rate = (f" ({summary['ranked_candidates'] / summary['seconds']:.1f} candidates/s{sized})"
                 if not summary["resumed_evaluations"] and summary["seconds"] > 0 else "")  # (a resume: its part only)
         print(f"  time: ranking {summary['seconds']:.1f} s{rate}")
         if note := cut_note(summary["first_round_cut"]):

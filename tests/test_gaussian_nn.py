@@ -256,7 +256,8 @@ def test_candidates_and_reported_p_read_the_clipped_log_alpha():
     assert mean_drop_probability(net) == pytest.approx(mean_p, rel=1e-6)
     assert torch.sigmoid(uniform_drop_logits(net)["0"]).mean().item() == pytest.approx(mean_p, rel=1e-6)
     record = architecture_record(net, {"0": torch.ones(4)}, config={"preset": "p", "posterior": "gaussian"}, seed=0,
-                                 candidate={"id": 0, "score": 0.5, "kept_fraction": 1.0}, test_accuracy=None)
+                                 candidate={"id": 0, "score": 0.5, "kept_fraction": 1.0}, test_accuracy=None,
+                                 size={"params": 1, "macs": 1})
     assert record["layers"][0]["p"] == pytest.approx(torch.sigmoid(clipped).tolist(), rel=1e-6)
 
 

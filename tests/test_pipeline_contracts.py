@@ -161,7 +161,8 @@ def test_architecture_in_channels_of_a_grouped_conv_are_its_gated_channels():
     net = Net()
     masks = {"grouped": torch.tensor([1.0, 0.0, 1.0, 1.0]), "head": torch.ones(6)}
     record = architecture_record(net, masks, config={"preset": "p", "posterior": "concrete"}, seed=0,
-                                 candidate={"id": 0, "score": 0.5, "kept_fraction": 0.9}, test_accuracy=None)
+                                 candidate={"id": 0, "score": 0.5, "kept_fraction": 0.9}, test_accuracy=None,
+                                 size={"params": 1, "macs": 1})
     assert [layer["in_channels"] for layer in record["layers"]] == [4, 6]
     assert record["layers"][0]["groups"] == 2 and record["layers"][0]["kept_channels"] == [0, 2, 3]
 
@@ -388,7 +389,8 @@ def test_architecture_record_names_each_layer_s_shape_and_probabilities():
         net[0].p_logit.copy_(torch.tensor([-1.0, 2.0]))
     masks = {"0": torch.tensor([1.0, 1.0, 0.0, 0.0]), "1": torch.tensor([0.0, 1.0, 1.0, 1.0, 1.0, 0.0])}
     record = architecture_record(net, masks, config={"preset": "p", "posterior": "concrete"}, seed=2,
-                                 candidate={"id": 7, "score": 0.5, "kept_fraction": 0.6}, test_accuracy=0.25)
+                                 candidate={"id": 7, "score": 0.5, "kept_fraction": 0.6}, test_accuracy=0.25,
+                                 size={"params": 99, "macs": 1234})
     conv, linear = record["layers"]
     assert (conv["in_channels"], conv["out_channels"], linear["in_channels"], linear["out_channels"]) == (4, 6, 6, 5)
     assert (conv["stride"], conv["dilation"], conv["kernel_size"]) == ([2, 2], [3, 3], [3, 3])
@@ -396,6 +398,7 @@ def test_architecture_record_names_each_layer_s_shape_and_probabilities():
     assert linear["p"] == pytest.approx([0.2] * len(linear["gate_groups"]), abs=1e-6)
     assert conv["kept_channels"] == [0, 1] and linear["kept_channels"] == [1, 2, 3, 4]
     assert (record["candidate"], record["score"], record["test_accuracy"], record["seed"]) == (7, 0.5, 0.25, 2)
+    assert (record["params"], record["macs"]) == (99, 1234)
 
 
 @pytest.mark.parametrize("candidate", [-1, 1 << 40])

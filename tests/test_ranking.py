@@ -532,21 +532,34 @@ def test_rank_command_refuses_an_incompatible_checkpoint(capsys, run_dir, tmp_pa
     assert "'width': 16" in captured.err and "(now {" in captured.err and "'width': 8" in captured.err
 
 
-def test_sharded_ranking_equals_one_process(run_dir):
-    """torchrun, 2 CPU processes under gloo: the same table, byte for byte."""
+@pytest.mark.parametrize("budgeted", [False, True])
+def test_sharded_ranking_equals_one_process(run_dir, budgeted):
+    """torchrun, 2 CPU processes under gloo: the same table, byte for byte; under a size budget the ranks
+    size their shares of the candidates and rank the same ones."""
     import subprocess
     import sys
 
     base = [str(run_dir), "--candidates", "40", "--quiet"]
-    single = subprocess.run([sys.executable, "-m", "pgnas_fast.cli", "rank", *base, "--tag", "one"],
+    if budgeted:  # the median size: half of them fit
+        from pgnas_fast.search.budget import candidate_sizes
+        from pgnas_fast.search.run import load_run
+
+        loaded = load_run(run_dir)
+        sizes = candidate_sizes(loaded.model, loaded.seed, range(40), configs.input_shape(loaded.config),
+                                progress=False)
+        base += ["--max-params", sorted(s["params"] for s in sizes.values())[19]]
+    tag = "budget-" if budgeted else ""
+    single = subprocess.run([sys.executable, "-m", "pgnas_fast.cli", "rank", *map(str, base), "--tag", f"{tag}one"],
                             capture_output=True, text=True, timeout=300)
     assert single.returncode == 0, single.stderr
     sharded = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                              "-m", "pgnas_fast.cli", "rank", *base, "--tag", "two"],
+                              "-m", "pgnas_fast.cli", "rank", *map(str, base), "--tag", f"{tag}two"],
                              capture_output=True, text=True, timeout=300)
     assert sharded.returncode == 0, sharded.stderr[-2000:]
-    assert (run_dir / "rank-two" / "candidates.jsonl").read_bytes() == (run_dir / "rank-one" / "candidates.jsonl").read_bytes()
-    assert sorted(p.name for p in (run_dir / "rank-two").glob("progress-rank*.jsonl")) == [
+    table = (run_dir / f"rank-{tag}one" / "candidates.jsonl").read_bytes()
+    assert (run_dir / f"rank-{tag}two" / "candidates.jsonl").read_bytes() == table
+    assert len(table.splitlines()) == (20 if budgeted else 40)  # (ties at the median: none in this run)
+    assert sorted(p.name for p in (run_dir / f"rank-{tag}two").glob("progress-rank*.jsonl")) == [
         "progress-rank0.jsonl", "progress-rank1.jsonl"]
 
 

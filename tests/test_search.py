@@ -64,10 +64,14 @@ def test_report_ties_the_figures_to_the_summary(finished_run):
         assert f"]({png})" in report and (out / png).read_bytes()[:4] == b"\x89PNG"
     summary = result.summary
     assert summary["params_subnet"] < summary["params_all_channels"] < summary["params_supernet"] == 35670
+    assert summary["macs_subnet"] < summary["macs_all_channels"]
     assert (f"| materialized network | {summary['params_subnet']:,} parameters "
             f"({summary['params_subnet'] / summary['params_all_channels']:.0%} of the "
-            f"{summary['params_all_channels']:,} with every channel kept); the super-network's count adds its drop "
-            "logits") in report
+            f"{summary['params_all_channels']:,} with every channel kept), {summary['macs_subnet']:,} MACs per image "
+            f"({summary['macs_subnet'] / summary['macs_all_channels']:.0%} of {summary['macs_all_channels']:,}); the "
+            "super-network's count adds its drop logits") in report
+    assert (arch["params"], arch["macs"]) == (summary["params_subnet"], summary["macs_subnet"])
+    assert summary["budget"] is None and "size budget" not in report
     # what defines the run: its regulariser's settings and where it ran
     config = small_config()
     assert (f"| posterior | concrete: concrete dropout; l^2 (weight_reg) {config['weight_reg']:g}, drop_reg "

@@ -59,6 +59,10 @@ DEFAULTS: dict = {
     # ties at a cut in a drawn order, rank.tie_order, as with ties by id)
     "racing_eta": 4,
     "racing_first_share": 1 / 16,
+    # a size budget on the candidates (search/budget.py): only those whose exported network has at most
+    # these parameters / MACs per image are ranked; 0: no limit
+    "max_params": 0,
+    "max_macs": 0,
     "rank_rows": 8192,  # rows (candidates x images) per batched evaluation pass
     "eval_batch_size": 500,
     "workers": 8,  # DataLoader workers: ImageNet; CIFAR on the CPU (there at most one per available core)
@@ -236,6 +240,8 @@ SCHEMA = {
     "ranking": ((str,), lambda v: v in RANKING_STRATEGIES, " or ".join(RANKING_STRATEGIES)),
     "racing_eta": ((int,), lambda v: v >= 2, "an int >= 2"),
     "racing_first_share": ((int, float), lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    "max_params": _NON_NEGATIVE_INT,
+    "max_macs": _NON_NEGATIVE_INT,
     "rank_rows": _POSITIVE_INT,
     "eval_batch_size": _POSITIVE_INT,
     "workers": _NON_NEGATIVE_INT,

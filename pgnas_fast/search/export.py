@@ -34,8 +34,9 @@ def _layer_record(name: str, layer, mask: torch.Tensor) -> dict:
 
 
 def architecture_record(model: nn.Module, masks: Mapping[str, torch.Tensor], *, config: dict, seed: int,
-                        candidate: dict, test_accuracy: float | None) -> dict:
-    """Everything that names the found architecture; deterministic for a given (config, seed)."""
+                        candidate: dict, test_accuracy: float | None, size: Mapping[str, int]) -> dict:
+    """Everything that names the found architecture; deterministic for a given (config, seed). `size`:
+    {params, macs} of its exported network (budget.candidate_size)."""
     layers = [_layer_record(name, layer, masks[name]) for name, layer in gated_layers(model)]
     return {
         "format_version": FORMAT_VERSION,
@@ -46,6 +47,8 @@ def architecture_record(model: nn.Module, masks: Mapping[str, torch.Tensor], *, 
         "score": candidate["score"],
         "test_accuracy": test_accuracy,
         "kept_fraction": candidate["kept_fraction"],
+        "params": size["params"],
+        "macs": size["macs"],  # per image, of the convolutions and linear layers
         "layers": layers,
     }
 
@@ -114,13 +117,13 @@ def export_candidate(run_dir: str | Path, out: str | Path, *, candidate: int | N
     heldout, test = accuracy(model, feed.eval_batches("heldout")), accuracy(model, feed.eval_batches("test"))
     set_gates(model, "full")
     subnet = materialize(model, masks)
-    record = architecture_record(model, masks, config=config, seed=seed,
-                                 candidate={"id": candidate, "score": heldout,
-                                            "kept_fraction": kept_fraction(masks)},
-                                 test_accuracy=test)
     input_size = configs.input_shape(config)
     supernet, all_channels, after = (describe(net, input_size)
                                      for net in (model, materialize_all_channels(model), subnet))
+    record = architecture_record(model, masks, config=config, seed=seed,
+                                 candidate={"id": candidate, "score": heldout,
+                                            "kept_fraction": kept_fraction(masks)},
+                                 test_accuracy=test, size={"params": after["params"], "macs": after["macs"]})
     out.mkdir(parents=True, exist_ok=True)
     example = next(iter(feed.eval_batches("test")))[0][:2]
     torch.save(subnet, out / "subnet.pt")

@@ -361,15 +361,16 @@ def tie_order(seed: int, round_index: int, ids: Sequence[int]) -> dict[int, floa
     return {c: u[c - low] for c in ids}
 
 
-def rank_candidates(model: nn.Module, heldout: tuple[torch.Tensor, torch.Tensor], *, seed: int, count: int,
+def rank_candidates(model: nn.Module, heldout: tuple[torch.Tensor, torch.Tensor], *, seed: int,
+                    candidates: Sequence[int],
                     domain: Domain = Domain.CANDIDATE, p_logits: Mapping[str, torch.Tensor] | None = None,
                     batch_size: int = DEFAULTS["eval_batch_size"],
                     rows_per_pass: int = DEFAULTS["rank_rows"], prepare=None, progress: bool = True,
                     desc: str = "ranking candidates", **rank_kwargs) -> list[dict]:
-    """Candidates 0 .. count - 1 of a search, batched; see `rank` for the strategies."""
+    """`candidates` (ids) of a search, batched; see `rank` for the strategies."""
     scorer = CandidateScorer(model, *heldout, seed=seed, batch_size=batch_size, rows_per_pass=rows_per_pass,
                              domain=domain, p_logits=p_logits, prepare=prepare)
-    return rank(scorer, range(count), progress=progress, desc=desc, **rank_kwargs)
+    return rank(scorer, candidates, progress=progress, desc=desc, **rank_kwargs)
 
 
 def first_round_cut(rows: list[dict]) -> dict | None:

@@ -1,8 +1,8 @@
 """`pgnas-fast rank RUN_DIR`: rank candidates of a finished search again, at scale.
 
 Writes RUN_DIR/rank-TAG/ with candidates.jsonl ({id, score, images, first_round_score, kept_fraction}
-per candidate), top.json (the best candidates with their architectures) and the progress logs that
-`--resume` continues from. Under torchrun every rank evaluates a share of each round's candidates and the
+per candidate; params and macs too under a size budget), top.json (the best candidates with their
+architectures and sizes) and the progress logs that `--resume` continues from. Under torchrun every rank evaluates a share of each round's candidates and the
 ranks exchange their rows (all-gather), so the table equals a single process's; rank 0 writes it.
 """
 from __future__ import annotations
@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 
 from ..nn import candidate_masks
+from ..configs import input_shape
+from .budget import Budget, candidate_size, candidate_sizes, within_budget
 from .export import architecture_record
 from .feed import checked_recalibration_images
 from .io import changed_settings, lock_is_held, remove_interrupted_writes, write_json, write_jsonl, writer_lock
@@ -28,7 +30,11 @@ from .run import RunError, load_run, rebuild_for_evaluation
 def rank_run(run_dir: str | Path, *, candidates: int | None = None, strategy: str | None = None,
              evaluator: str = "batched", tag: str = "default", resume: bool = False, overwrite: bool = False,
              top: int = 10, eta: int | None = None, first_share: float | None = None, bn_recalibrate: int = 0,
-             device: str = "cpu", data_dir=None, progress: bool = True) -> dict:
+             max_params: int | None = None, max_macs: int | None = None, device: str = "cpu", data_dir=None,
+             progress: bool = True) -> dict:
+    """Rank candidates 0 .. `candidates` - 1 of a run (see the module's docstring). Unset (None) settings
+    take the run's config: its candidates, strategy, racing's eta and first share, its size budget
+    (max_params, max_macs; 0 lifts a limit)."""
     run_dir = Path(run_dir)
     parallel, device = join(device)  # (torchrun with a cuda device: cuda:LOCAL_RANK for each rank)
     try:
@@ -54,12 +60,23 @@ def rank_run(run_dir: str | Path, *, candidates: int | None = None, strategy: st
                                f"{'they take' if len(given) > 1 else 'it takes'} --strategy racing, not exhaustive"
                                + ("" if asked else " (the run's config key ranking, taken without --strategy)"))
             eta, first_share = eta or config["racing_eta"], first_share or config["racing_first_share"]
+            budget = Budget(config["max_params"] if max_params is None else max_params,
+                            config["max_macs"] if max_macs is None else max_macs)
             # what a candidate's rounds and scores depend on (the evaluators all give the same scores); the
             # checkpoint's epoch, since `search --resume` may train a checkpointed run on after a ranking; the
             # device type, whose arithmetic may differ in the last bits (and flip a prediction)
             settings = {"strategy": strategy, "candidates": candidates, "bn_recalibrate": bn_recalibrate,
                         "checkpoint_epoch": loaded.epoch, "device": torch.device(device).type,
-                        **({"eta": eta, "first_share": first_share} if strategy == "racing" else {})}
+                        **({"eta": eta, "first_share": first_share} if strategy == "racing" else {}),
+                        **budget.settings()}
+            started = time.perf_counter()
+            sharding = {"shard": (rank_id, world), "gather": parallel.all_gather if world > 1 else None}
+            drawn, sizes = range(candidates), {}
+            if budget:  # (before anything is written: a budget that nothing fits leaves no ranking behind; a
+                # resume sizes again, a fraction of the ranking's time)
+                sizes = candidate_sizes(model, seed, drawn, input_shape(config), progress=progress and rank_id == 0,
+                                        **sharding)
+                drawn = within_budget(sizes, budget)
             held.enter_context(writer_lock(run_dir, out.name, parallel))  # (before its rows are read or removed)
             if rank_id == 0 and out.is_dir():
                 remove_interrupted_writes(out)
@@ -90,13 +107,19 @@ def rank_run(run_dir: str | Path, *, candidates: int | None = None, strategy: st
                                      prepare=feed.prepare_eval, load_model=load_model,
                                      recalibration_images=recalibration)
             log = ProgressLog(out, rank_id)
-            started = time.perf_counter()
-            rows = rank(scorer, range(candidates), strategy=strategy, eta=eta, first_share=first_share, log=log,
-                        shard=(rank_id, world), gather=parallel.all_gather if world > 1 else None,
-                        progress=progress and rank_id == 0)
+            rows = rank(scorer, drawn, strategy=strategy, eta=eta, first_share=first_share, log=log,
+                        progress=progress and rank_id == 0, **sharding)
+            rows = [{**row, **sizes.get(row["id"], {})} for row in rows]
+
+            def size_of(candidate: int) -> dict:  # its exported network's {params, macs}
+                return sizes.get(candidate) or candidate_size(model, candidate_masks(model, seed, candidate),
+                                                              input_shape(config))
+
             best = best_candidate(rows)
+            best = {**best, **size_of(best["id"])}
             finalists = sorted((r for r in rows if r["images"] == best["images"]), key=best_first)[:top]
             summary = {"run_dir": str(run_dir), "tag": tag, "posterior": config["posterior"], **settings,
+                       "ranked_candidates": len(rows),  # under a budget, those of the drawn that fit
                        "evaluator": evaluator, "best": best, "tied_for_best": tied_for_best(rows),
                        "first_round_cut": first_round_cut(rows),
                        "images_evaluated": sum(r["images"] for r in rows),
@@ -107,7 +130,7 @@ def rank_run(run_dir: str | Path, *, candidates: int | None = None, strategy: st
                 write_jsonl(out / "candidates.jsonl", rows)
                 write_json(out / "top.json", [
                     architecture_record(model, candidate_masks(model, seed, r["id"]), config=config, seed=seed,
-                                        candidate=r, test_accuracy=None) for r in finalists])
+                                        candidate=r, test_accuracy=None, size=size_of(r["id"])) for r in finalists])
                 write_json(out / "summary.json", summary)
             parallel.barrier()
             return summary

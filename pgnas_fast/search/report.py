@@ -16,6 +16,7 @@ import numpy
 
 from .. import configs
 from ..interrupts import interrupts_deferred
+from .budget import Budget
 from .io import read_jsonl
 from .rank import counted, cut_note
 
@@ -134,7 +135,8 @@ def ranking_rate(summary: dict) -> str:
     """A search's ranking speed, or, after a resume, how much of the ranking the progress logs held."""
     if summary.get("candidates_per_second") is None:
         return f"resumed: {summary['resumed_evaluations']} evaluations from the progress logs"
-    return f"{summary['candidates_per_second']:.1f} candidates/s"
+    sized = " with the sizing of the drawn candidates for the budget" if summary.get("budget") else ""
+    return f"{summary['candidates_per_second']:.1f} candidates/s{sized}"
 
 
 def _regulariser(config: dict, summary: dict) -> str:
@@ -191,9 +193,16 @@ def write_report(run_dir: str | Path) -> Path:
     if s.get("params_subnet"):
         whole = s.get("params_all_channels")
         share = f" ({s['params_subnet'] / whole:.0%} of the {whole:,} with every channel kept)" if whole else ""
-        lines.append(f"| materialized network | {s['params_subnet']:,} parameters{share}; the super-network's "
+        macs = (f", {s['macs_subnet']:,} MACs per image ({s['macs_subnet'] / s['macs_all_channels']:.0%} of "
+                f"{s['macs_all_channels']:,})" if "macs_subnet" in s else "")  # (runs older than the key: none)
+        lines.append(f"| materialized network | {s['params_subnet']:,} parameters{share}{macs}; the super-network's "
                      f"count adds its drop logits, training-only heads and the BatchNorm that materializing folds "
                      "into convolutions |")
+    if budget := s.get("budget"):
+        random = ("; the random baseline is drawn without it (Table 3 compares the two samplings at one drop rate)"
+                  if s["random_candidates"] else "")
+        lines.append(f"| size budget | {Budget(**budget)}: {s['candidates']} of the {s['drawn_candidates']} drawn "
+                     f"candidates fit and were ranked{random} |")
     if s.get("random_mean_heldout_accuracy") is not None:
         images = s.get("mean_heldout_images")  # (absent from runs older than the key)
         over = (f", over the first {images} held-out images (racing's first share)"

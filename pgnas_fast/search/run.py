@@ -8,7 +8,7 @@ held-out and test accuracy, and a run directory:
     train_log.jsonl         one row per epoch: loss, CE, regulariser (the posterior family's KL term)
                             and its warm-up weight, accuracy, lr, images/s, mean p
     candidates.jsonl        one row per guided candidate: id, score (held-out accuracy), images,
-                            first_round_score, kept_fraction
+                            first_round_score, kept_fraction (and params, macs under a size budget)
     random_candidates.jsonl the random-gate baseline at the same expected drop rate (if enabled)
     rank-search/            the ranking's progress log, so that --resume never scores a candidate twice
     rank-search-random/     the same for the random baseline
@@ -45,13 +45,14 @@ from ..data.augment import ORDER_VERSION
 from ..nn import candidate_masks, set_gates, set_posterior
 from ..ops import dispatch
 from ..ops.streams import Domain
-from ..supernets.info import count_parameters
+from ..supernets.info import count_parameters, describe
+from .budget import Budget, BudgetError, candidate_size, candidate_sizes, within_budget
 from .export import architecture_record
 from .feed import CifarLoaderFeed, LoaderFeed, TensorFeed, check_batchnorm_rows, check_shards
 from .io import (DATA_FILE, SEARCH_RANKINGS, RunError, changed_settings, check_data_record, data_dir_of,
                  load_checkpoint, lock_is_held, read_jsonl, remove_interrupted_writes, save_checkpoint,
                  write_data_record, write_json, write_jsonl, writer_lock)
-from .materialize import materialize, materialize_all_channels
+from .materialize import materialize_all_channels
 from .parallel import SINGLE_PROCESS, Parallel, join, leave
 from .rank import (ProgressLog, accuracy, best_candidate, counted, first_round_cut, rank_candidates, round_ends,
                    tied_for_best, uniform_drop_logits)
@@ -289,22 +290,26 @@ def rank_search_candidates(model: torch.nn.Module, feed: TensorFeed | LoaderFeed
                            parallel: Parallel = SINGLE_PROCESS) -> list[dict]:
     """The search's ranking: batched, with the preset's strategy, the random-gate baseline too (under
     racing both families' means are over the first round's images, which every candidate of either
-    saw: `first_round_score`). Data parallel: each rank scores its share of every round and all
-    ranks get every row."""
-    extra = {"shard": (parallel.rank, parallel.world), "gather": parallel.all_gather if parallel.enabled else None}
-    if random:
-        extra |= {"domain": Domain.RANDOM_CANDIDATE, "p_logits": uniform_drop_logits(model),
-                  "desc": "random baseline"}
+    saw: `first_round_score`). Under a size budget (config keys max_params, max_macs) only the drawn
+    guided candidates that fit are ranked, and their rows carry their sizes; the random baseline is
+    Table 3's, at the guided candidates' expected drop rate, without the budget. Data parallel: each
+    rank scores its share of every round and all ranks get every row."""
+    sharding = {"shard": (parallel.rank, parallel.world), "gather": parallel.all_gather if parallel.enabled else None}
+    masks = {"domain": Domain.RANDOM_CANDIDATE, "p_logits": uniform_drop_logits(model)} if random else {}
+    progress = progress and parallel.is_main
+    candidates, sizes = range(config["random_baseline"] if random else config["candidates"]), {}
+    if (budget := Budget.of(config)) and not random:
+        sizes = candidate_sizes(model, seed, candidates, configs.input_shape(config), progress=progress, **sharding)
+        candidates = within_budget(sizes, budget)
+    extra = {**sharding, **masks, **({"desc": "random baseline"} if random else {})}
     if log is not None:
         log.directory.mkdir(exist_ok=True)
         extra["log"] = log
-    return rank_candidates(model, feed.split("heldout"), seed=seed,
-                           count=config["random_baseline"] if random else config["candidates"],
-                           batch_size=feed.eval_batch_size, prepare=feed.prepare_eval,
-                           progress=progress and parallel.is_main,
+    rows = rank_candidates(model, feed.split("heldout"), seed=seed, candidates=candidates,
+                           batch_size=feed.eval_batch_size, prepare=feed.prepare_eval, progress=progress,
                            rows_per_pass=config["rank_rows"], eta=config["racing_eta"],
-                           first_share=config["racing_first_share"],
-                           **{"strategy": config["ranking"], **extra})
+                           first_share=config["racing_first_share"], strategy=config["ranking"], **extra)
+    return [{**row, **sizes.get(row["id"], {})} for row in rows]
 
 
 def _held_run(out_dir: Path) -> str | None:
@@ -497,8 +502,12 @@ def _run_search(config: dict, *, seed: int, out_dir: Path, device: torch.device,
     parallel.broadcast_buffers(model)  # every rank ranks with the checkpoint's BatchNorm statistics
     evaluation_layout(model, config)
     logs = {family: ProgressLog(out_dir / name, parallel.rank) for family, name in SEARCH_RANKINGS.items()}
-    rows = rank_search_candidates(model, feed, config, seed=seed, progress=progress, log=logs["guided"],
-                                  parallel=parallel)
+    try:
+        rows = rank_search_candidates(model, feed, config, seed=seed, progress=progress, log=logs["guided"],
+                                      parallel=parallel)
+    except BudgetError as err:
+        raise BudgetError(f"{err}. The trained super-network is kept: `pgnas-fast rank {out_dir} --max-params N "
+                       "--max-macs N` ranks it under another budget") from None
     random_rows = []
     if config["random_baseline"]:
         random_rows = rank_search_candidates(model, feed, config, seed=seed, progress=progress, random=True,
@@ -518,8 +527,10 @@ def _run_search(config: dict, *, seed: int, out_dir: Path, device: torch.device,
     set_gates(model, "hard", masks=masks)
     test_accuracy = accuracy(model, feed.eval_batches("test"))
     set_gates(model, "full")
+    input_size = configs.input_shape(config)
+    size, all_channels = candidate_size(model, masks, input_size), describe(materialize_all_channels(model), input_size)
     architecture = architecture_record(model, masks, config=config, seed=seed, candidate=best,
-                                       test_accuracy=test_accuracy)
+                                       test_accuracy=test_accuracy, size=size)
     write_json(out_dir / "architecture.json", architecture)
 
     summary = {
@@ -550,8 +561,10 @@ def _run_search(config: dict, *, seed: int, out_dir: Path, device: torch.device,
         # rounds the convolutions' sums in another order, and the accuracies move in their last digits
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "random_kept_fraction": statistics.fmean(r["kept_fraction"] for r in random_rows) if random_rows else None,
-        "candidates": len(rows),
+        "candidates": len(rows),  # ranked: under a size budget, those of the drawn that fit
         "random_candidates": len(random_rows),
+        "drawn_candidates": config["candidates"],
+        "budget": Budget.of(config).settings() or None,
         "data": feed.sizes(),
         # --smoke: what the numbers above come from (they check data and config; they are not a search)
         "smoke": smoke_extent(feed) if smoke else None,
@@ -564,8 +577,10 @@ def _run_search(config: dict, *, seed: int, out_dir: Path, device: torch.device,
         # both kinds; a rate only when this process ranked them all
         "candidates_per_second": None if resumed else (len(rows) + len(random_rows)) / max(ranked - trained, 1e-9),
         "params_supernet": count_parameters(model),
-        "params_all_channels": count_parameters(materialize_all_channels(model)),
-        "params_subnet": count_parameters(materialize(model, masks)),
+        "params_all_channels": all_channels["params"],
+        "params_subnet": size["params"],
+        "macs_all_channels": all_channels["macs"],  # per image, of the convolutions and linear layers
+        "macs_subnet": size["macs"],
         "world_size": trained_by if start_epoch == config["epochs"] else parallel.world,
         "threads": trained_threads if start_epoch == config["epochs"] else threads,
     }

@@ -1,0 +1,172 @@
+"""The size budget (search/budget.py): a candidate's size is its exported network's, a budgeted search
+or ranking ranks exactly the drawn candidates that fit, and a budget that nothing fits stops with the
+smallest size drawn, before anything is written."""
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+
+from conftest import small_config
+from pgnas_fast import configs
+from pgnas_fast.nn import GatedConv2d, GatedLinear, candidate_masks
+from pgnas_fast.search.budget import Budget, BudgetError, candidate_size, candidate_sizes, within_budget
+from pgnas_fast.search.io import read_jsonl
+from pgnas_fast.search.materialize import materialize
+from pgnas_fast.search.run import load_run, run_search
+from pgnas_fast.supernets.info import count_macs, count_parameters
+
+
+def test_a_candidate_s_size_is_its_sliced_and_pruned_network_s():
+    """conv(4 -> 6, 3x3) keeping inputs {0, 3}, ReLU, conv(6 -> 5, 1x1) keeping inputs {1, 2, 4}: the first
+    conv's unread outputs go too, so it holds 3 x 2 x 9 weights; the 1x1 conv 5 x 3."""
+    torch.manual_seed(0)
+    net = nn.Sequential(GatedConv2d(4, 6, 3, padding=1), nn.ReLU(), GatedConv2d(6, 5, 1)).eval()
+    masks = {"0": torch.tensor([1.0, 0.0, 0.0, 1.0]), "2": torch.tensor([0.0, 1.0, 1.0, 0.0, 1.0, 0.0])}
+    bias = [int(net[i].bias is not None) for i in (0, 2)]
+    size = candidate_size(net, masks, (4, 7, 9))
+    assert size == {"params": 3 * 2 * 9 + 3 * bias[0] + 5 * 3 + 5 * bias[1], "macs": 3 * 63 * 2 * 9 + 5 * 63 * 3}
+    subnet = materialize(net, masks)
+    assert size == {"params": count_parameters(subnet), "macs": count_macs(subnet, (4, 7, 9))}
+    # every channel kept: the plain network's
+    full = {name: torch.ones(layer.gate_channels) for name, layer in (("0", net[0]), ("2", net[2]))}
+    assert candidate_size(net, full, (4, 7, 9))["params"] == sum(p.numel() for n, p in net.named_parameters()
+                                                                 if "p_logit" not in n)
+
+
+def test_a_linear_candidate_and_the_budget_s_arithmetic():
+    torch.manual_seed(1)
+    net = nn.Sequential(nn.Flatten(), GatedLinear(12, 7)).eval()
+    mask = torch.zeros(12)
+    mask[[0, 5, 6, 11, 3]] = 1
+    size = candidate_size(net, {"1": mask}, (3, 2, 2))
+    assert size == {"params": 7 * 5 + 7 * (net[1].bias is not None), "macs": 7 * 5}
+    assert not Budget() and str(Budget()) == "no budget" and Budget().settings() == {}
+    assert Budget().fits({"params": 10**12, "macs": 10**15})
+    both = Budget(max_params=40, max_macs=35)
+    assert both and both.settings() == {"max_params": 40, "max_macs": 35}
+    assert str(both) == "at most 40 parameters and 35 MACs per image"
+    assert both.fits({"params": 40, "macs": 35}) and not both.fits({"params": 41, "macs": 35})
+    assert not both.fits({"params": 40, "macs": 36})
+    assert Budget(max_macs=1_000_000).fits({"params": 10**9, "macs": 1_000_000})
+    assert str(Budget(max_params=1_234_567)) == "at most 1,234,567 parameters"
+    assert Budget.of({"max_params": 3, "max_macs": 0}) == Budget(3, 0)
+
+
+def test_within_budget_keeps_the_fitting_ids_and_names_the_smallest_when_none_fits():
+    sizes = {4: {"params": 90, "macs": 500}, 1: {"params": 70, "macs": 900}, 9: {"params": 100, "macs": 400}}
+    assert within_budget(sizes, Budget(max_params=95)) == [1, 4]
+    assert within_budget(sizes, Budget(max_params=95, max_macs=600)) == [4]
+    with pytest.raises(BudgetError, match=r"none of the 3 drawn candidates fits the budget \(at most 60 parameters\): "
+                                          r"the smallest has 70 parameters, the cheapest 400 MACs per image"):
+        within_budget(sizes, Budget(max_params=60))
+
+
+def test_config_keys_are_checked():
+    assert configs.resolve("digits-tiny")["max_params"] == 0 == configs.resolve("digits-tiny")["max_macs"]
+    with pytest.raises(configs.ConfigError, match="max_params"):
+        configs.resolve("digits-tiny", {"max_params": -1})
+    with pytest.raises(configs.ConfigError, match="max_macs"):
+        configs.resolve("digits-tiny", {"max_macs": 1.5})
+
+
+# the sizes of small_config(candidates=20), seed 3, span 28.6k-32.4k parameters and 646k-738k MACs: these
+# keep some of the drawn candidates, not all
+BUDGET = {"max_params": 31_000, "max_macs": 710_000}
+
+
+@pytest.fixture(scope="module")
+def budgeted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("budgeted")
+    result = run_search(small_config(candidates=20, **BUDGET), seed=3, out_dir=out, progress=False)
+    loaded = load_run(out)
+    sizes = candidate_sizes(loaded.model, loaded.seed, range(20), configs.input_shape(loaded.config), progress=False)
+    return out, result.summary, loaded, sizes
+
+
+def test_a_budgeted_search_ranks_exactly_the_candidates_that_fit(budgeted):
+    out, summary, loaded, sizes = budgeted
+    budget = Budget(**BUDGET)
+    fitting = [c for c in range(20) if budget.fits(sizes[c])]
+    assert 0 < len(fitting) < 20
+    rows = read_jsonl(out / "candidates.jsonl")
+    assert [r["id"] for r in rows] == fitting
+    assert all((r["params"], r["macs"]) == (sizes[r["id"]]["params"], sizes[r["id"]]["macs"]) for r in rows)
+    arch = json.loads((out / "architecture.json").read_text())
+    assert arch["candidate"] in fitting and (arch["params"], arch["macs"]) == tuple(sizes[arch["candidate"]].values())
+    assert (summary["params_subnet"], summary["macs_subnet"]) == (arch["params"], arch["macs"])
+    assert summary["budget"] == BUDGET and summary["candidates"] == len(fitting) and summary["drawn_candidates"] == 20
+    # the random baseline is Table 3's, at the same drop rate, unbudgeted
+    random_rows = read_jsonl(out / "random_candidates.jsonl")
+    assert len(random_rows) == summary["random_candidates"] == 4 and "params" not in random_rows[0]
+    report = (out / "report.md").read_text()
+    assert (f"| size budget | at most 31,000 parameters and 710,000 MACs per image: {len(fitting)} of the 20 drawn "
+            "candidates fit and were ranked; the random baseline is drawn without it") in report
+    assert "with the sizing of the drawn candidates for the budget" in report
+
+
+def test_sizing_sharded_equals_one_process(budgeted):
+    _, _, loaded, sizes = budgeted
+    shards = [candidate_sizes(loaded.model, loaded.seed, range(20), configs.input_shape(loaded.config),
+                              shard=(r, 3), progress=False) for r in range(3)]
+    assert sorted(shards[1]) == list(range(1, 20, 3))
+    assert {c: s for shard in shards for c, s in shard.items()} == sizes
+    gathered = candidate_sizes(loaded.model, loaded.seed, range(20), configs.input_shape(loaded.config),
+                               shard=(1, 3), gather=lambda rows: rows + [{"id": 99, "params": 1, "macs": 2}],
+                               progress=False)
+    assert gathered[99] == {"params": 1, "macs": 2} and gathered[4] == sizes[4]
+
+
+def _rank(capsys, run, *argv):
+    from pgnas_fast.cli import main
+
+    code = main(["rank", str(run), *map(str, argv), "--quiet"])
+    return code, capsys.readouterr()
+
+
+def test_rank_takes_the_run_s_budget_or_its_own(capsys, budgeted):
+    out, summary, loaded, sizes = budgeted
+    code, captured = _rank(capsys, out, "--tag", "as-run")
+    assert code == 0, captured.err
+    ranked = json.loads((out / "rank-as-run" / "summary.json").read_text())
+    assert ranked["ranked_candidates"] == summary["candidates"] and ranked["max_params"] == 31_000
+    assert ranked["best"]["id"] == summary["best_candidate"]
+    assert (f"(those of the 20 drawn that fit the budget: at most 31,000 parameters and 710,000 MACs per image)"
+            in captured.out)
+    best = sizes[summary["best_candidate"]]
+    assert f"  exported network: {best['params']:,} parameters, {best['macs']:,} MACs per image" in captured.out
+    # --max-params 0 lifts the run's limit; the MACs limit stays
+    code, captured = _rank(capsys, out, "--tag", "macs", "--max-params", 0, "--top", 50)
+    assert code == 0, captured.err
+    rows = read_jsonl(out / "rank-macs" / "candidates.jsonl")
+    assert [r["id"] for r in rows] == [c for c in range(20) if sizes[c]["macs"] <= 710_000]
+    assert all({"params": r["params"], "macs": r["macs"]} == sizes[r["id"]] for r in rows)
+    top = json.loads((out / "rank-macs" / "top.json").read_text())
+    assert len(top) == len(rows) and all((t["params"], t["macs"]) == tuple(sizes[t["candidate"]].values())
+                                         for t in top)
+    settings = json.loads((out / "rank-macs" / "settings.json").read_text())
+    assert (settings["max_params"], settings["max_macs"]) == (0, 710_000)
+    # a resume with another budget would mix rankings
+    code, captured = _rank(capsys, out, "--tag", "macs", "--max-params", 0, "--max-macs", 700_000, "--resume")
+    assert code == 2 and "max_macs 710000 (now 700000)" in captured.err
+    # no budget at all: every candidate, and top.json still gives sizes
+    code, captured = _rank(capsys, out, "--tag", "all", "--max-params", 0, "--max-macs", 0, "--top", 2)
+    assert code == 0
+    assert len(read_jsonl(out / "rank-all" / "candidates.jsonl")) == 20 and "drawn that fit" not in captured.out
+    top = json.loads((out / "rank-all" / "top.json").read_text())
+    assert [(t["params"], t["macs"]) for t in top] == [tuple(sizes[t["candidate"]].values()) for t in top]
+
+
+def test_a_budget_nothing_fits_stops_before_anything_is_written(capsys, budgeted, tmp_path):
+    out, *_ = budgeted
+    code, captured = _rank(capsys, out, "--tag", "tiny", "--max-params", 1000)
+    assert code == 2 and captured.err.count("\n") == 1
+    assert "none of the 20 drawn candidates fits the budget (at most 1,000 parameters and 710,000 MACs" in captured.err
+    assert not (out / "rank-tiny").exists()
+    # a search stops after training, keeps its checkpoint and says how to rank it
+    run = tmp_path / "run"
+    with pytest.raises(BudgetError, match=rf"the smallest has .*The trained super-network is kept: `pgnas-fast rank "
+                                          rf"{run} --max-params N --max-macs N`"):
+        run_search(small_config(epochs=1, candidates=3, random_baseline=0, max_macs=1000), seed=0, out_dir=run,
+                   progress=False)
+    assert (run / "checkpoint.pt").is_file() and not (run / "summary.json").exists()

@@ -20,6 +20,8 @@ from pathlib import Path
 
 EXIT_USAGE = 2
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a command its pipe stopped
+EXIT_INTERRUPTED = 130  # 128 + SIGINT
+EXIT_TERMINATED = 143  # 128 + SIGTERM
 
 
 class UsageError(Exception):
@@ -525,6 +527,13 @@ DATA_PARALLEL_COMMANDS = ("search", "rank")  # the commands that shard their wor
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .interrupts import terminations_raised
+
+    with terminations_raised():  # a SIGTERM stops a command as a Ctrl-C does (interrupts.py)
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     from .interrupts import interrupts_deferred
 
     try:  # torch and numpy load here (1-2 s): a Ctrl-C meanwhile is taken once they are whole
@@ -533,9 +542,8 @@ def main(argv: list[str] | None = None) -> int:
             from .data import DataError
             from .search import RunError
             from .search.host import keep_freed_host_memory
-    except KeyboardInterrupt:
-        print("pgnas-fast: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as stop:
+        return _stopped(stop)
 
     keep_freed_host_memory()  # (a command owns its process: see search/host.py)
     command = None
@@ -560,19 +568,28 @@ def main(argv: list[str] | None = None) -> int:
             message = message.strip().splitlines()[-1].split(": ", 1)[-1]
         print(f"pgnas-fast: error: {message}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        resumable = command in ("search", "rank")  # the others start over: nothing of theirs is lost
-        again = ("the same torchrun command with --resume" if int(os.environ.get("WORLD_SIZE", "1")) > 1
-                 else f"`pgnas-fast {command} --resume` with the same arguments")  # (a resume takes as many processes)
-        hint = f"; {again} continues" if resumable else ""
-        print(f"pgnas-fast: interrupted{hint}", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as stop:
+        return _stopped(stop, command)
     except BrokenPipeError:
         if not _stdout_reader_gone():
             raise  # another pipe broke: a failure to report
         # stdout's reader left (`| head`): stop quietly, as a command killed by SIGPIPE would
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (the exit's flush would raise again)
         return EXIT_BROKEN_PIPE
+
+
+def _stopped(stop: KeyboardInterrupt, command: str | None = None) -> int:
+    """A Ctrl-C or a SIGTERM (interrupts.Terminated): one line, with how to continue, and the status a
+    shell gives a process that the signal ended (128 + its number)."""
+    from .interrupts import Terminated
+
+    resumable = command in ("search", "rank")  # the others start over: nothing of theirs is lost
+    again = ("the same torchrun command with --resume" if int(os.environ.get("WORLD_SIZE", "1")) > 1
+             else f"`pgnas-fast {command} --resume` with the same arguments")  # (a resume takes as many processes)
+    hint = f"; {again} continues" if resumable else ""
+    terminated = isinstance(stop, Terminated)
+    print(f"pgnas-fast: {'terminated (SIGTERM)' if terminated else 'interrupted'}{hint}", file=sys.stderr)
+    return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
 
 
 def _stdout_reader_gone() -> bool:

@@ -421,6 +421,57 @@ def test_interrupts_deferred_takes_a_ctrl_c_when_the_block_ends():
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is back
 
 
+def test_a_sigterm_stops_a_command_as_a_ctrl_c_does(capsys, monkeypatch):
+    """A scheduler's preemption (SIGTERM) raises inside the command, so its files and locks are left as
+    after a Ctrl-C, and says how to continue, with status 143; main gives the handler back."""
+    from pgnas_fast import cli
+
+    def preempted(args):
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("the SIGTERM did not stop the command")
+
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(cli, "_rank", preempted)
+    code, _, stderr = run_cli(capsys, "rank", "R")
+    assert (code, stderr) == (143, "pgnas-fast: terminated (SIGTERM); `pgnas-fast rank --resume` with the same "
+                                   "arguments continues\n")
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_sigterm_during_a_deferred_step_is_taken_when_it_ends():
+    from pgnas_fast.interrupts import Terminated, interrupts_deferred, terminations_raised
+
+    finished = []
+    with terminations_raised(), pytest.raises(Terminated):
+        with interrupts_deferred():
+            signal.raise_signal(signal.SIGTERM)
+            finished.append(True)
+    assert finished == [True] and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_a_search_stopped_by_sigterm_resumes(tmp_path):
+    """A real SIGTERM to `pgnas-fast search` after its first checkpoint: status 143, the one-line hint,
+    and `--resume` finishes the run."""
+    import time
+
+    out = tmp_path / "run"
+    argv = [sys.executable, "-m", "pgnas_fast.cli", "search", "--epochs", "30", "--candidates", "4",
+            "--random-baseline", "0", "--out", str(out), "--quiet"]
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out / "checkpoint.pt").exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143, stderr
+    assert stderr.endswith("pgnas-fast: terminated (SIGTERM); `pgnas-fast search --resume` with the same arguments "
+                           "continues\n")
+    assert not (out / "summary.json").exists()
+    resumed = subprocess.run(argv + ["--resume"], capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads((out / "summary.json").read_text())["resumed_from_epoch"] >= 1
+
+
 def test_version(capsys):
     from pgnas_fast import __version__
 

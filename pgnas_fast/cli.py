@@ -144,6 +144,7 @@ def _build_parser() -> argparse.ArgumentParser:
                            "(default 0: the super-network's running statistics, as the authors)")
     _budget_arguments(rank, "rank only the candidates whose exported network has at most N {} (0: no limit; default "
                             "the run's config key {})")
+    _checkpoint_argument(rank)
     rank.add_argument("--top", type=_count(1), default=10, help="candidates written to top.json (default 10)")
     rank.add_argument("--tag", default="default", help="names the output folder rank-TAG (default 'default')")
     existing = rank.add_mutually_exclusive_group()
@@ -162,6 +163,7 @@ def _build_parser() -> argparse.ArgumentParser:
     study.add_argument("run_dir", metavar="RUN_DIR", help="a directory written by pgnas-fast search")
     study.add_argument("--candidates", type=_count(1, MAJOR_LIMIT + 1), default=1000,
                        help="candidates per study (default 1000)")
+    _checkpoint_argument(study)
     study.add_argument("--tag", default="default", help="names the output folder study-TAG (default 'default')")
     study.add_argument("--overwrite", action="store_true", help="replace the study of the same tag (else refused)")
     study.add_argument("--data-dir", metavar="DIR", help="the data set's directory (as for search)")
@@ -182,6 +184,7 @@ def _build_parser() -> argparse.ArgumentParser:
     export.add_argument("--bn-recalibrate", type=_count(0), metavar="N",
                         help="keep BatchNorm statistics recomputed for the candidate from N training images "
                              "(default: the --rank ranking's setting, else 0: the super-network's)")
+    _checkpoint_argument(export, default=None, default_text="the --rank ranking's, else last")
     export.add_argument("--out", metavar="DIR", required=True, help="export directory")
     export.add_argument("--data-dir", metavar="DIR", help="the data set's directory (as for search)")
     export.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
@@ -203,6 +206,15 @@ def _budget_arguments(parser: argparse.ArgumentParser, help_text: str) -> None:
     """--max-params and --max-macs: a size budget on the candidates (search/budget.py)."""
     for flag, what, key in (("--max-params", "parameters", "max_params"), ("--max-macs", "MACs per image", "max_macs")):
         parser.add_argument(flag, type=_count(0), metavar="N", help=help_text.format(what, key))
+
+
+def _checkpoint_argument(parser: argparse.ArgumentParser, default: str | None = "last",
+                         default_text: str = "last") -> None:
+    """--checkpoint last|best: the run's weights that rank, study and export read."""
+    parser.add_argument("--checkpoint", choices=("last", "best"), default=default,
+                        help="the weights: last (checkpoint.pt, the last finished epoch, which the search ranked) or "
+                             f"best (checkpoint-best.pt, the epoch of the lowest training objective); default "
+                             f"{default_text}")
 
 
 def _prepare_out(path: Path) -> list[Path]:
@@ -376,7 +388,8 @@ def _rank(args) -> int:
     summary = rank_run(args.run_dir, candidates=args.candidates, strategy=args.strategy, evaluator=args.evaluator,
                        tag=args.tag, resume=args.resume, overwrite=args.overwrite, top=args.top, eta=args.eta,
                        first_share=args.first_share, bn_recalibrate=args.bn_recalibrate,
-                       max_params=args.max_params, max_macs=args.max_macs, device=str(device),
+                       max_params=args.max_params, max_macs=args.max_macs, checkpoint=args.checkpoint,
+                       device=str(device),
                        data_dir=args.data_dir, progress=not args.quiet)
     if int(os.environ.get("RANK", "0")) == 0:
         best = summary["best"]
@@ -394,6 +407,8 @@ def _rank(args) -> int:
         rate = (f" ({summary['ranked_candidates'] / summary['seconds']:.1f} candidates/s{sized})"
                 if not summary["resumed_evaluations"] and summary["seconds"] > 0 else "")  # (a resume: its part only)
         print(f"  time: ranking {summary['seconds']:.1f} s{rate}")
+        if summary["checkpoint"] == "best":
+            print(f"  weights: checkpoint-best.pt, of epoch {summary['checkpoint_epoch']} (the lowest training objective)")
         if note := cut_note(summary["first_round_cut"]):
             print(f"  note: {note}")
         print(f"results: {Path(args.run_dir) / ('rank-' + args.tag)}")
@@ -417,7 +432,7 @@ def _study(args) -> int:
     _check_tag(args.tag)
     device = _resolve_device(args.device)
     result = run_study(args.run_dir, candidates=args.candidates, tag=args.tag, overwrite=args.overwrite,
-                       device=str(device), data_dir=args.data_dir, progress=not args.quiet)
+                       checkpoint=args.checkpoint, device=str(device), data_dir=args.data_dir, progress=not args.quiet)
     g, r, race = result["guided"], result["random"], result["racing"]
     print(f"guided: mean held-out {percent(g['mean'])}, best {percent(g['best'])}; "
           f"random at the same drop rate: mean {percent(r['mean'])}, best {percent(r['best'])}")
@@ -444,11 +459,14 @@ def _export(args) -> int:
     created = _prepare_out(Path(args.out))
     try:
         s = export_candidate(args.run_dir, args.out, candidate=args.candidate, rank_tag=args.rank,
-                             bn_recalibrate=args.bn_recalibrate, device=str(device), data_dir=args.data_dir)
+                             bn_recalibrate=args.bn_recalibrate, checkpoint=args.checkpoint, device=str(device),
+                             data_dir=args.data_dir)
     except ValueError:  # an unusable run directory: nothing was written
         _remove_if_empty(created)
         raise
     print(f"candidate {s['candidate']}: held-out {percent(s['heldout_accuracy'])}, test {percent(s['test_accuracy'])}")
+    if s["checkpoint"] == "best":
+        print(f"  weights: checkpoint-best.pt, of epoch {s['checkpoint_epoch']} (the lowest training objective)")
     if s["bn_recalibrate"]:
         print(f"  BatchNorm statistics recomputed for the candidate from {s['bn_recalibrate']} training images")
     print(f"  every channel kept -> this candidate: parameters {s['params_all_channels']:,} -> "

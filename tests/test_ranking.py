@@ -396,7 +396,7 @@ def test_rank_and_export_of_an_unfinished_search_say_so(capsys, run_dir, tmp_pat
 
     run = tmp_path / "run"
     shutil.copytree(run_dir, run)
-    note = (f"note: the search in {str(run)!r} has not finished (still training, or stopped): its checkpoint is of "
+    note = (f"note: the search in {str(run)!r} has not finished (still training, or stopped): its checkpoint.pt is of "
             "epoch 3 of ")
     code, captured = _rank_cli(capsys, run_dir, "--candidates", 2, "--tag", "finished")
     assert code == 0 and "note: the search" not in captured.err
@@ -496,9 +496,73 @@ def test_rank_resume_refuses_a_checkpoint_trained_on_since(capsys, run_dir, tmp_
     torch.save(state, run / "checkpoint.pt")
     code, captured = _rank_cli(capsys, run, "--candidates", 20, "--tag", "x", "--resume")
     assert code == 2 and captured.err.count("\n") == 1
-    assert "ranked the checkpoint of epoch 3, but the run has trained on since (epoch 4)" in captured.err
+    assert "ranked the checkpoint.pt of epoch 3, but the run has trained on since (now epoch 4)" in captured.err
     assert "rank afresh (--overwrite) or under another --tag" in captured.err
     assert _rank_cli(capsys, run, "--candidates", 20, "--tag", "x", "--overwrite")[0] == 0  # afresh
+
+
+def test_rank_study_and_export_read_the_best_checkpoint_when_asked(capsys, run_dir, tmp_path):
+    """--checkpoint best reads checkpoint-best.pt (here other weights, of an earlier epoch): the scores,
+    the recorded epoch and the export are of those weights; a ranking of one checkpoint is neither resumed
+    nor exported from the other."""
+    import shutil
+
+    from pgnas_fast.cli import main
+    from pgnas_fast.search.io import read_jsonl
+    from pgnas_fast.search.rank import accuracy
+    from pgnas_fast.search.run import load_run
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    state = torch.load(run / "checkpoint.pt", weights_only=False)
+    torch.manual_seed(0)
+    state["epoch"] = 2
+    state["model"] = {k: v + 0.05 * torch.randn_like(v) if k.endswith("weight") and v.dim() == 4 else v
+                      for k, v in state["model"].items()}
+    torch.save(state, run / "checkpoint-best.pt")
+    best, last = load_run(run, checkpoint="best"), load_run(run)
+    assert (best.epoch, best.checkpoint, last.epoch, last.checkpoint) == (2, "best", 3, "last")
+    scorer = {name: CandidateScorer(loaded.model, *loaded.feed.split("heldout"), seed=loaded.seed)
+              for name, loaded in (("best", best), ("last", last))}
+    counts = {name: s.correct(list(range(12)), 0, s.size) for name, s in scorer.items()}
+    assert counts["best"] != counts["last"]  # other weights, other scores
+
+    code, captured = _rank_cli(capsys, run, "--candidates", 12, "--tag", "b", "--checkpoint", "best", "--top", 1)
+    assert code == 0 and "weights: checkpoint-best.pt, of epoch 2 (the lowest training objective)" in captured.out
+    rows = read_jsonl(run / "rank-b" / "candidates.jsonl")
+    assert [round(r["score"] * scorer["best"].size) for r in rows] == counts["best"]
+    summary = json.loads((run / "rank-b" / "summary.json").read_text())
+    assert (summary["checkpoint"], summary["checkpoint_epoch"]) == ("best", 2)
+    settings = json.loads((run / "rank-b" / "settings.json").read_text())
+    assert settings["checkpoint"] == "best"
+    code, captured = _rank_cli(capsys, run, "--candidates", 12, "--tag", "b", "--resume")
+    assert code == 2 and ("ranks the best checkpoint (checkpoint-best.pt), this resume asks for the last: resume it "
+                          "with --checkpoint best") in captured.err
+    assert _rank_cli(capsys, run, "--candidates", 12, "--tag", "b", "--resume", "--checkpoint", "best")[0] == 0
+    # the default ranks the last weights, and its settings name no checkpoint (as older rankings)
+    assert _rank_cli(capsys, run, "--candidates", 12, "--tag", "l")[0] == 0
+    assert "checkpoint" not in json.loads((run / "rank-l" / "settings.json").read_text())
+    assert [round(r["score"] * 300) for r in read_jsonl(run / "rank-l" / "candidates.jsonl")] == counts["last"]
+
+    # export --rank takes the ranking's checkpoint; another one is refused
+    assert main(["export", str(run), "--rank", "b", "--out", str(tmp_path / "e")]) == 0
+    exported = json.loads((tmp_path / "e" / "export.json").read_text())
+    assert (exported["checkpoint"], exported["checkpoint_epoch"], exported["candidate"]) == ("best", 2, summary["best"]["id"])
+    set_gates(best.model, "hard", masks=candidate_masks(best.model, best.seed, exported["candidate"]))
+    assert exported["test_accuracy"] == accuracy(best.model, best.feed.eval_batches("test"))
+    capsys.readouterr()
+    assert main(["export", str(run), "--rank", "b", "--checkpoint", "last", "--out", str(tmp_path / "f")]) == 2
+    assert "--rank b ranked the best checkpoint (checkpoint-best.pt): export its best with --checkpoint best" in (
+        capsys.readouterr().err)
+    assert main(["export", str(run), "--candidate", "3", "--checkpoint", "best", "--out", str(tmp_path / "g")]) == 0
+    assert json.loads((tmp_path / "g" / "export.json").read_text())["checkpoint_epoch"] == 2
+    assert main(["study", str(run), "--candidates", "4", "--checkpoint", "best", "--quiet"]) == 0
+    study = json.loads((run / "study-default" / "study.json").read_text())
+    assert (study["checkpoint"], study["checkpoint_epoch"]) == ("best", 2)
+    assert "(of 3; checkpoint-best.pt, the lowest training objective)" in (run / "study-default" / "study.md").read_text()
+    (run / "checkpoint-best.pt").unlink()
+    code, captured = _rank_cli(capsys, run, "--candidates", 2, "--tag", "gone", "--checkpoint", "best")
+    assert code == 2 and "checkpoint-best.pt' is missing: the run has no best checkpoint" in captured.err
 
 
 def test_corrupt_checkpoints_are_one_line_errors(capsys, run_dir, tmp_path):

@@ -54,7 +54,8 @@ def architecture_record(model: nn.Module, masks: Mapping[str, torch.Tensor], *, 
 
 
 def export_candidate(run_dir: str | Path, out: str | Path, *, candidate: int | None = None, rank_tag: str | None = None,
-                     bn_recalibrate: int | None = None, device: str = "cpu", data_dir=None) -> dict:
+                     bn_recalibrate: int | None = None, checkpoint: str | None = None, device: str = "cpu",
+                     data_dir=None) -> dict:
     """Materialize a candidate of a run into an export directory: subnet.pt, model.pt2 (torch.export),
     architecture.json, config.json, export.json (sizes before and after) and, when the run read a
     --data-dir, its data.json.
@@ -62,7 +63,8 @@ def export_candidate(run_dir: str | Path, out: str | Path, *, candidate: int | N
     The candidate: `candidate`, else the best of `pgnas-fast rank --tag rank_tag`, else the search's
     best. `bn_recalibrate` N > 0: the network keeps BatchNorm statistics recomputed for the candidate
     from N training images (as `rank --bn-recalibrate N` scored it); by default the ranking's own
-    setting with `rank_tag`, else 0 (the super-network's running statistics)."""
+    setting with `rank_tag`, else 0 (the super-network's running statistics). `checkpoint`: the weights
+    (run.CHECKPOINTS, last or best); by default the ranking's with `rank_tag`, else the last."""
     from .. import configs
     from ..nn import candidate_masks, set_gates
     from ..nn.batchnorm import recalibrate_batchnorm
@@ -72,20 +74,25 @@ def export_candidate(run_dir: str | Path, out: str | Path, *, candidate: int | N
     from .materialize import materialize, materialize_all_channels
     from .feed import checked_recalibration_images
     from .rank import accuracy
-    from .run import RunError, load_run
+    from .run import CHECKPOINTS, RunError, load_run
 
     run_dir, out = Path(run_dir), Path(out)
     if rank_tag is not None:
         if candidate is not None:
             raise RunError("pass --candidate or --rank, not both")
-        candidate, ranked_recalibration, ranked_epoch, rank_again = _ranked_best(run_dir, rank_tag)
+        candidate, ranked_recalibration, ranked_epoch, rank_again, ranked_checkpoint = _ranked_best(run_dir, rank_tag)
+        if checkpoint is not None and checkpoint != ranked_checkpoint:  # (its scores are of the other weights)
+            raise RunError(f"--rank {rank_tag} ranked the {ranked_checkpoint} checkpoint "
+                           f"({CHECKPOINTS[ranked_checkpoint]}): export its best with --checkpoint "
+                           f"{ranked_checkpoint}, or pass --candidate")
+        checkpoint = ranked_checkpoint
         if bn_recalibrate is not None and bn_recalibrate != ranked_recalibration:
             print(f"note: --rank {rank_tag} scored its candidates with --bn-recalibrate {ranked_recalibration}, this "
                   f"export uses {bn_recalibrate}: its held-out accuracy is not the ranking's score", file=sys.stderr)
         bn_recalibrate = ranked_recalibration if bn_recalibrate is None else bn_recalibrate
-    bn_recalibrate = bn_recalibrate or 0
+    bn_recalibrate, checkpoint = bn_recalibrate or 0, checkpoint or "last"
     data_dir = data_dir_of(run_dir, data_dir)
-    loaded = load_run(run_dir, device=device, data_dir=data_dir)
+    loaded = load_run(run_dir, device=device, data_dir=data_dir, checkpoint=checkpoint)
     config, seed, model, feed = loaded.config, loaded.seed, loaded.model, loaded.feed
     if rank_tag is not None and ranked_epoch is not None and ranked_epoch != loaded.epoch:
         # (`search --resume` trains a checkpointed run on and keeps its rank-* directories)
@@ -146,16 +153,17 @@ def export_candidate(run_dir: str | Path, out: str | Path, *, candidate: int | N
                "input_size": list(input_size), "inputs": feed.inputs, "rank_tag": rank_tag,
                "bn_recalibrate": bn_recalibrate,
                # the weights' epoch: a run still training (or killed) exports the last finished one
-               "checkpoint_epoch": loaded.epoch, "epochs": config["epochs"]}
+               "checkpoint": checkpoint, "checkpoint_epoch": loaded.epoch, "epochs": config["epochs"]}
     write_json(out / "export.json", summary)
     return summary
 
 
-def _ranked_best(run_dir: Path, tag: str) -> tuple[int, int, int | None, str]:
+def _ranked_best(run_dir: Path, tag: str) -> tuple[int, int, int | None, str, str]:
     """The best candidate of `pgnas-fast rank RUN_DIR --tag TAG`, its --bn-recalibrate, the checkpoint
-    epoch it ranked (None: a ranking older than that key) and the command that ranks the same again."""
+    epoch it ranked (None: a ranking older than that key), the command that ranks the same again and
+    the checkpoint it ranked (last or best)."""
     from .io import SEARCH_RANKINGS
-    from .run import RunError
+    from .run import CHECKPOINTS, RunError
 
     if f"rank-{tag}" in SEARCH_RANKINGS.values():
         raise RunError(f"--rank {tag}: rank-{tag}/ holds the search's own ranking log, not a `pgnas-fast rank`; the "
@@ -167,12 +175,14 @@ def _ranked_best(run_dir: Path, tag: str) -> tuple[int, int, int | None, str]:
     try:
         summary = json.loads(path.read_text())
         best, recalibration = summary["best"]["id"], summary["bn_recalibrate"]
-        epoch = summary.get("checkpoint_epoch")
+        epoch, checkpoint = summary.get("checkpoint_epoch"), summary.get("checkpoint", "last")
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
         raise RunError(f"{str(path)!r} is malformed ({type(err).__name__}: {err})") from None
     if not all(type(v) is int and v >= 0 for v in (best, recalibration)):
         raise RunError(f"{str(path)!r} is malformed: best id {best!r} and bn_recalibrate {recalibration!r} must be "
                        "ints >= 0")
+    if checkpoint not in CHECKPOINTS:
+        raise RunError(f"{str(path)!r} is malformed: checkpoint {checkpoint!r} must be one of {', '.join(CHECKPOINTS)}")
     again = [f"pgnas-fast rank {run_dir} --tag {tag}"]
     for option, key in (("--candidates", "candidates"), ("--strategy", "strategy"), ("--eta", "eta"),
                         ("--first-share", "first_share")):
@@ -180,7 +190,9 @@ def _ranked_best(run_dir: Path, tag: str) -> tuple[int, int, int | None, str]:
             again.append(f"{option} {summary[key]}")
     if recalibration:
         again.append(f"--bn-recalibrate {recalibration}")
-    return best, recalibration, epoch, " ".join(again)
+    if checkpoint != "last":
+        again.append(f"--checkpoint {checkpoint}")
+    return best, recalibration, epoch, " ".join(again), checkpoint
 
 
 def evaluate_export(directory: str | Path, *, split: str = "test", device: str = "cpu", data_dir=None,

@@ -24,17 +24,18 @@ from .feed import checked_recalibration_images
 from .io import changed_settings, lock_is_held, remove_interrupted_writes, write_json, write_jsonl, writer_lock
 from .parallel import join, leave
 from .rank import CandidateScorer, ProgressLog, best_candidate, best_first, first_round_cut, rank, tied_for_best
-from .run import RunError, load_run, rebuild_for_evaluation
+from .run import CHECKPOINTS, RunError, load_run, rebuild_for_evaluation
 
 
 def rank_run(run_dir: str | Path, *, candidates: int | None = None, strategy: str | None = None,
              evaluator: str = "batched", tag: str = "default", resume: bool = False, overwrite: bool = False,
              top: int = 10, eta: int | None = None, first_share: float | None = None, bn_recalibrate: int = 0,
-             max_params: int | None = None, max_macs: int | None = None, device: str = "cpu", data_dir=None,
-             progress: bool = True) -> dict:
-    """Rank candidates 0 .. `candidates` - 1 of a run (see the module's docstring). Unset (None) settings
-    take the run's config: its candidates, strategy, racing's eta and first share, its size budget
-    (max_params, max_macs; 0 lifts a limit)."""
+             max_params: int | None = None, max_macs: int | None = None, checkpoint: str = "last",
+             device: str = "cpu", data_dir=None, progress: bool = True) -> dict:
+    """Rank candidates 0 .. `candidates` - 1 of a run (see the module's docstring) with the weights of
+    `checkpoint` (run.CHECKPOINTS: last or best). Unset (None) settings take the run's config: its
+    candidates, strategy, racing's eta and first share, its size budget (max_params, max_macs; 0 lifts a
+    limit)."""
     run_dir = Path(run_dir)
     parallel, device = join(device)  # (torchrun with a cuda device: cuda:LOCAL_RANK for each rank)
     try:
@@ -49,7 +50,7 @@ def rank_run(run_dir: str | Path, *, candidates: int | None = None, strategy: st
             if held_ranking:
                 raise RunError(f"{str(out)!r} holds a ranking ({held_ranking[0]}): --resume continues it, --overwrite "
                                "replaces it, or rank under another --tag")
-            loaded = load_run(run_dir, device=device, data_dir=data_dir)
+            loaded = load_run(run_dir, device=device, data_dir=data_dir, checkpoint=checkpoint)
             config, seed, model, feed = loaded.config, loaded.seed, loaded.model, loaded.feed
             recalibration = checked_recalibration_images(feed, bn_recalibrate) if bn_recalibrate else None
             asked, strategy = strategy, strategy or config["ranking"]  # (the run's own: its search ranked so)
@@ -67,6 +68,8 @@ def rank_run(run_dir: str | Path, *, candidates: int | None = None, strategy: st
             # device type, whose arithmetic may differ in the last bits (and flip a prediction)
             settings = {"strategy": strategy, "candidates": candidates, "bn_recalibrate": bn_recalibrate,
                         "checkpoint_epoch": loaded.epoch, "device": torch.device(device).type,
+                        # (named when not the last: settings files older than the choice hold none)
+                        **({"checkpoint": checkpoint} if checkpoint != "last" else {}),
                         **({"eta": eta, "first_share": first_share} if strategy == "racing" else {}),
                         **budget.settings()}
             started = time.perf_counter()
@@ -93,9 +96,10 @@ def rank_run(run_dir: str | Path, *, candidates: int | None = None, strategy: st
                 write_json(out / "settings.json", settings)
 
             def load_model():  # the authors' procedure: a fresh model and checkpoint for every candidate
-                state = torch.load(run_dir / "checkpoint.pt", map_location=device, weights_only=False)
+                path = run_dir / CHECKPOINTS[checkpoint]
+                state = torch.load(path, map_location=device, weights_only=False)
                 if state["epoch"] != loaded.epoch:  # `search --resume` trains on: the ranking's rows would mix epochs
-                    raise RunError(f"{str(run_dir / 'checkpoint.pt')!r} changed during the ranking (epoch "
+                    raise RunError(f"{str(path)!r} changed during the ranking (epoch "
                                    f"{loaded.epoch}, now {state['epoch']}): the run is training; rank it again when it "
                                    "ends, or now with the batched or sequential evaluator, which read the checkpoint "
                                    "once")
@@ -119,6 +123,7 @@ def rank_run(run_dir: str | Path, *, candidates: int | None = None, strategy: st
             best = {**best, **size_of(best["id"])}
             finalists = sorted((r for r in rows if r["images"] == best["images"]), key=best_first)[:top]
             summary = {"run_dir": str(run_dir), "tag": tag, "posterior": config["posterior"], **settings,
+                       "checkpoint": checkpoint,
                        "ranked_candidates": len(rows),  # under a budget, those of the drawn that fit
                        "evaluator": evaluator, "best": best, "tied_for_best": tied_for_best(rows),
                        "first_round_cut": first_round_cut(rows),
@@ -158,10 +163,14 @@ def _check_resumable(out: Path, settings: dict) -> None:
                            "rows were scored with are unknown; rank afresh (--overwrite) or under another "
                            "--tag") from None
         return  # not started yet: nothing to compare
+    ranked, now = started.get("checkpoint", "last"), settings.get("checkpoint", "last")
+    if ranked != now:
+        raise RunError(f"{str(out)!r} ranks the {ranked} checkpoint ({CHECKPOINTS[ranked]}), this resume asks for the "
+                       f"{now}: resume it with --checkpoint {ranked}, or rank under another --tag")
     if started.get("checkpoint_epoch", settings["checkpoint_epoch"]) != settings["checkpoint_epoch"]:
-        raise RunError(f"{str(out)!r} ranked the checkpoint of epoch {started['checkpoint_epoch']}, but the run has "
-                       f"trained on since (epoch {settings['checkpoint_epoch']}): its scores are of other weights; "
-                       "rank afresh (--overwrite) or under another --tag")
+        raise RunError(f"{str(out)!r} ranked the {CHECKPOINTS[now]} of epoch {started['checkpoint_epoch']}, but the "
+                       f"run has trained on since (now epoch {settings['checkpoint_epoch']}): its scores are of other "
+                       "weights; rank afresh (--overwrite) or under another --tag")
     # (settings.json files older than the device entry hold none: not compared; racing's eta and first
     # share follow from the strategy: named only where both rankings race)
     ignore = ("checkpoint_epoch", *(() if "device" in started else ("device",)),

@@ -62,6 +62,9 @@ from .train import make_optimizer, train_posterior
 RUN_FILES = ("config.json", "checkpoint.pt", "checkpoint-best.pt", "train_log.jsonl", "candidates.jsonl",
              "random_candidates.jsonl", "architecture.json", "summary.json", "report.md", *FIGURES)
 SEARCH_ONLY_FILES = ("checkpoint.pt", "train_log.jsonl", "summary.json")  # a run's, never an export's
+# the weights that rank, study and export read (--checkpoint): the last finished epoch's (the search
+# ranks these, as the authors did) or those of the epoch with the lowest training objective
+CHECKPOINTS = {"last": "checkpoint.pt", "best": "checkpoint-best.pt"}
 
 
 # --smoke: the whole pipeline on a handful of batches, to check data and config before a long run
@@ -240,15 +243,23 @@ class LoadedRun:
     feed: TensorFeed
     epoch: int  # the checkpoint's: epochs trained (a run that is still training has fewer than its config's)
     data_fingerprint: str | None  # of the data it was given (data_fingerprint); None: the embedded digits
+    checkpoint: str = "last"  # which of CHECKPOINTS
 
 
-def load_run(run_dir: str | Path, *, device: str = "cpu", data_dir: str | Path | None = None) -> LoadedRun:
-    """A finished (or checkpointed) run: its config, seed, super-network with the checkpoint's weights,
-    and its data. Raises RunError when the directory is not a run or its checkpoint does not fit."""
+def load_run(run_dir: str | Path, *, device: str = "cpu", data_dir: str | Path | None = None,
+             checkpoint: str = "last") -> LoadedRun:
+    """A finished (or checkpointed) run: its config, seed, super-network with the weights of
+    `checkpoint` (CHECKPOINTS), and its data. Raises RunError when the directory is not a run or its
+    checkpoint does not fit."""
     run_dir = Path(run_dir)
+    if checkpoint not in CHECKPOINTS:
+        raise ValueError(f"checkpoint must be one of {', '.join(CHECKPOINTS)}, got {checkpoint!r}")
+    path = run_dir / CHECKPOINTS[checkpoint]
     for name in ("config.json", "checkpoint.pt"):
         if not (run_dir / name).is_file():
             raise RunError(f"{str(run_dir)!r} is not a run directory: {name} is missing (pgnas-fast search writes it)")
+    if not path.is_file():  # (every search writes both after its first epoch)
+        raise RunError(f"{str(path)!r} is missing: the run has no best checkpoint; --checkpoint last reads checkpoint.pt")
     try:
         run_config = json.loads((run_dir / "config.json").read_text())
         seed = run_config["seed"]
@@ -258,14 +269,14 @@ def load_run(run_dir: str | Path, *, device: str = "cpu", data_dir: str | Path |
                                  {k: v for k, v in run_config["config"].items() if k != "preset"})
     except (json.JSONDecodeError, KeyError, TypeError, configs.ConfigError) as err:
         raise RunError(f"{str(run_dir / 'config.json')!r} is malformed or from another version: {err}") from None
-    state = load_checkpoint(run_dir / "checkpoint.pt")
-    _check_posterior(run_dir / "checkpoint.pt", state, config)
+    state = load_checkpoint(path)
+    _check_posterior(path, state, config)
     if state.get("run_config") != run_config:
         trained = state.get("run_config")
         differ = "" if not isinstance(trained, dict) else "; ".join(
             changed_settings({"seed": trained.get("seed"), **(trained.get("config") or {})},
                              {"seed": run_config.get("seed"), **run_config["config"]}))
-        raise RunError(f"{str(run_dir / 'checkpoint.pt')!r} does not belong to this run's config.json"
+        raise RunError(f"{str(path)!r} does not belong to this run's config.json"
                        + (f": it was trained with {differ} ('now': config.json's)" if differ else ""))
     if config["threads"]:  # the count the search ran with (digits: 1, faster there than 2 on its small passes)
         torch.set_num_threads(config["threads"])
@@ -274,15 +285,15 @@ def load_run(run_dir: str | Path, *, device: str = "cpu", data_dir: str | Path |
         model = rebuild_for_evaluation(config, data.num_classes, state["model"], device).eval()
     except RuntimeError as err:
         lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-        raise RunError(f"{str(run_dir / 'checkpoint.pt')!r} does not fit the {config['supernet']} super-network "
+        raise RunError(f"{str(path)!r} does not fit the {config['supernet']} super-network "
                        f"for the data's {data.num_classes} classes ({' '.join(lines[:2])}): is --data-dir the "
                        "data set the run searched on?") from None
     feed = build_feed(config, data, torch.device(device), seed=seed)
     if not (run_dir / "summary.json").exists() and os.environ.get("RANK", "0") == "0":  # (torchrun: rank 0 says it)
-        print(f"note: the search in {str(run_dir)!r} has not finished (still training, or stopped): its checkpoint "
-              f"is of epoch {state['epoch']} of {config['epochs']}", file=sys.stderr)
+        print(f"note: the search in {str(run_dir)!r} has not finished (still training, or stopped): its "
+              f"{path.name} is of epoch {state['epoch']} of {config['epochs']}", file=sys.stderr)
     return LoadedRun(config=config, seed=seed, model=model, feed=feed, epoch=state["epoch"],
-                     data_fingerprint=fingerprint)
+                     data_fingerprint=fingerprint, checkpoint=checkpoint)
 
 
 def rank_search_candidates(model: torch.nn.Module, feed: TensorFeed | LoaderFeed, config: dict, *, seed: int,

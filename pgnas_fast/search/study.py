@@ -131,14 +131,15 @@ def _plots(out: Path, guided: list[dict], random: list[dict], curve: list[dict],
 
 
 def run_study(run_dir: str | Path, *, candidates: int = 1000, tag: str = "default", overwrite: bool = False,
-              device: str = "cpu", data_dir=None, progress: bool = True) -> dict:
-    """The studies of a run into study-TAG/; a tag that holds one is replaced only with `overwrite` (on
-    the paper presets a study ranks thousands of candidates, hours of work)."""
+              checkpoint: str = "last", device: str = "cpu", data_dir=None, progress: bool = True) -> dict:
+    """The studies of a run into study-TAG/, with the weights of `checkpoint` (run.CHECKPOINTS); a tag
+    that holds one is replaced only with `overwrite` (on the paper presets a study ranks thousands of
+    candidates, hours of work)."""
     run_dir = Path(run_dir)
     out = run_dir / f"study-{tag}"
     if (out / "study.json").exists() and not overwrite:
         raise RunError(f"{str(out)!r} holds a study: --overwrite replaces it, or study under another --tag")
-    loaded = load_run(run_dir, device=device, data_dir=data_dir)
+    loaded = load_run(run_dir, device=device, data_dir=data_dir, checkpoint=checkpoint)
     # held while it writes: a fresh search into the run, which removes study-*/, and a second study under
     # the tag are refused meanwhile
     with writer_lock(run_dir, out.name, SINGLE_PROCESS):
@@ -174,7 +175,8 @@ def _study(run_dir: Path, loaded, out: Path, *, candidates: int, progress: bool)
     survivors = [r for r in racing if r["images"] > first_round]
     result = {
         "run_dir": str(run_dir), "preset": config["preset"], "posterior": config["posterior"], "seed": seed,
-        "candidates": candidates, "checkpoint_epoch": loaded.epoch,  # (a run may be studied while it trains)
+        "candidates": candidates, "checkpoint": loaded.checkpoint,
+        "checkpoint_epoch": loaded.epoch,  # (a run may be studied while it trains)
         "epochs": config["epochs"], "data": feed.sizes(),
         "guided": {"mean": statistics.fmean(r["score"] for r in guided),
                    "std": statistics.pstdev(r["score"] for r in guided),
@@ -216,7 +218,9 @@ def report_markdown(s: dict) -> str:
         f"# Sampling studies: {s['preset']} ({s['posterior']} posterior), seed {s['seed']}, "
         f"{s['candidates']} candidates",
         "",
-        f"The weights of epoch {s['checkpoint_epoch']} (of {s['epochs']}); every candidate scored on the "
+        f"The weights of epoch {s['checkpoint_epoch']} (of {s['epochs']}"
+        + ("; checkpoint-best.pt, the lowest training objective" if s.get("checkpoint") == "best" else "")
+        + "); every candidate scored on the "
         f"{s['data']['heldout']} held-out images (racing: its share), test accuracies on the {s['data']['test']} test "
         "images; std over the candidates (population).",
         "",

@@ -112,11 +112,16 @@ def _build_parser() -> argparse.ArgumentParser:
                                "it or --resume a directory that holds a run is refused")
     search.add_argument("--quiet", action="store_true", help="no progress bars")
 
-    info = commands.add_parser("info", help="a preset's super-network: parameters, gated layers, p values, MACs",
+    info = commands.add_parser("info", help="a preset's super-network (parameters, gated layers, p values, MACs), "
+                                            "or what a run directory holds",
                                description="Describe a preset's super-network without data: parameters, gated "
-                                           "layers, drop-probability (p) values, multiply-accumulates per image.")
-    info.add_argument("--preset", default="digits-tiny",
-                      help=f"one of: {', '.join(configs.names())} (default digits-tiny)")
+                                           "layers, drop-probability (p) values, multiply-accumulates per image. "
+                                           "Given a run directory: its search (epochs trained, the chosen "
+                                           "candidate), its rankings and studies, and its super-network.")
+    info.add_argument("run_dir", metavar="RUN_DIR", nargs="?",
+                      help="a directory written by pgnas-fast search (read from its JSON files alone)")
+    info.add_argument("--preset", help=f"one of: {', '.join(configs.names())} (default digits-tiny; a run's own "
+                                       "with RUN_DIR)")
     info.add_argument("--json", action="store_true", help="print one JSON object")
 
     rank = commands.add_parser(
@@ -492,19 +497,72 @@ def _info(args) -> int:
     from .search.run import build_supernet
     from .supernets.info import describe
 
-    config = configs.resolve(args.preset)
+    if args.run_dir is not None and args.preset is not None:
+        raise UsageError("pass RUN_DIR or --preset, not both (a run's super-network is its own config's)")
+    run = None
+    if args.run_dir is not None:
+        from .search.run_info import run_info
+
+        run = run_info(args.run_dir)
+        try:
+            config = configs.resolve(run["preset"], {k: v for k, v in run["config"].items() if k != "preset"})
+        except (configs.ConfigError, TypeError) as err:
+            raise UsageError(f"{str(Path(args.run_dir) / 'config.json')!r} is malformed or from another version: "
+                             f"{err}") from None
+    else:
+        config = configs.resolve(args.preset or "digits-tiny")
+    # (a run on a data set of other classes, ImageNet's subset say, has a head of the preset's size here)
     classes = configs.NUM_CLASSES[config["dataset"]]
-    facts = {"preset": args.preset, "supernet": config["supernet"], "num_classes": classes,
+    facts = {"preset": config["preset"], "supernet": config["supernet"], "num_classes": classes,
              **describe(build_supernet(config, classes), configs.input_shape(config))}
     if args.json:
-        print(json.dumps(facts, sort_keys=True))
+        print(json.dumps({**facts, "run": run} if run else facts, sort_keys=True))
         return 0
-    print(f"{args.preset}: super-network {facts['supernet']}, {classes} classes, input {facts['input_size']}")
+    if run:
+        _print_run(run)
+    print(f"{config['preset']}: super-network {facts['supernet']}, {classes} classes, input {facts['input_size']}")
     print(f"  parameters      {facts['params']:,}")
     print(f"  gated layers    {facts['gated_layers']}")
     print(f"  p values        {facts['gate_params']}")
     print(f"  MACs per image  {facts['macs']:,}")
     return 0
+
+
+def _print_run(run: dict) -> None:
+    from .search.budget import Budget
+    from .search.rank import counted
+    from .search.report import percent
+
+    print(f"{run['run_dir']}: search of {run['preset']}, seed {run['seed']}, {run['posterior']} posterior")
+    state = "finished" if run["finished"] else "not finished"
+    print(f"  training   {run['epochs_trained']} of {counted(run['epochs'], 'epoch')}, search {state}")
+    if chosen := run["chosen"]:
+        drawn = (f" that fit the budget, of {chosen['drawn_candidates']} drawn"
+                 if chosen["drawn_candidates"] not in (None, chosen["candidates"]) else "")
+        size = (f", {chosen['params']:,} parameters, {chosen['macs']:,} MACs per image"
+                if chosen["params"] is not None else "")
+        print(f"  chosen     candidate {chosen['candidate']} of {chosen['candidates']}{drawn}: held-out "
+              f"{percent(chosen['heldout_accuracy'])}, test {percent(chosen['test_accuracy'])}{size}")
+    for ranking in run["rankings"]:
+        line = f"rank-{ranking['tag']}: {ranking['state']}"
+        if ranking["state"] == "finished":
+            best, budget = ranking["best"], Budget(ranking["max_params"] or 0, ranking["max_macs"] or 0)
+            fit = f" that fit the budget ({budget}) of {ranking['candidates']} drawn" if budget else ""
+            line += (f", best {best['id']} ({percent(best['score'])} on {best['images']} images) of "
+                     f"{ranking['ranked_candidates'] or ranking['candidates']}{fit}, {ranking['strategy']}"
+                     + (f", BatchNorm recalibrated from {ranking['bn_recalibrate']} images"
+                        if ranking["bn_recalibrate"] else "")
+                     + (f", checkpoint-best.pt of epoch {ranking['checkpoint_epoch']}"
+                        if ranking["checkpoint"] == "best" else ""))
+        else:
+            line += f" ({counted(ranking['evaluations_logged'], 'candidate-round')} logged; --resume continues it)"
+        print(f"  ranking    {line}")
+    for study in run["studies"]:
+        line = f"study-{study['tag']}: {study['state']}"
+        if study["state"] == "finished":
+            line += (f", {study['candidates']} candidates, guided mean {percent(study['guided_mean'])} against random "
+                     f"{percent(study['random_mean'])}")
+        print(f"  study      {line}")
 
 
 def _doctor(_args) -> int:

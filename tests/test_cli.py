@@ -472,6 +472,46 @@ def test_a_search_stopped_by_sigterm_resumes(tmp_path):
     assert json.loads((out / "summary.json").read_text())["resumed_from_epoch"] >= 1
 
 
+def test_info_of_a_run_directory_says_what_it_holds(capsys, finished_run, tmp_path):
+    """From the run's JSON files alone: the search's progress and choice, each ranking (finished or not) and
+    study, then its super-network's sizes (its own config's: here the preset's)."""
+    run = tmp_path / "run"
+    shutil.copytree(finished_run[0], run)
+    arch = json.loads((run / "architecture.json").read_text())
+    assert run_cli(capsys, "rank", str(run), "--candidates", "4", "--max-params", "34000", "--tag", "small",
+                   "--quiet")[0] == 0
+    ranked = json.loads((run / "rank-small" / "summary.json").read_text())
+    (run / "rank-cut").mkdir()
+    (run / "rank-cut" / "progress-rank0.jsonl").write_text('{"round": 0, "id": 1}\n{"round": 0, "id": 2}\n{"ro')
+    code, out, err = run_cli(capsys, "info", str(run))
+    assert code == 0 and err == ""
+    lines = out.splitlines()
+    assert lines[0] == f"{run}: search of digits-tiny, seed 3, concrete posterior"
+    assert lines[1] == "  training   2 of 2 epochs, search finished"
+    assert lines[2] == (f"  chosen     candidate {arch['candidate']} of 6: held-out {100 * arch['score']:.2f}%, test "
+                        f"{100 * arch['test_accuracy']:.2f}%, {arch['params']:,} parameters, {arch['macs']:,} MACs "
+                        "per image")
+    best = ranked["best"]
+    assert lines[3] == ("  ranking    rank-cut: started, not finished (2 candidate-rounds logged; --resume continues "
+                        "it)")
+    assert lines[4] == (f"  ranking    rank-small: finished, best {best['id']} ({100 * best['score']:.2f}% on 300 "
+                        f"images) of {ranked['ranked_candidates']} that fit the budget (at most 34,000 parameters) "
+                        "of 4 drawn, exhaustive")
+    assert lines[5].startswith("digits-tiny: super-network digits-tiny, 10 classes") and "  parameters      35,670" in out
+    code, out, _ = run_cli(capsys, "info", str(run), "--json")
+    facts = json.loads(out)
+    assert facts["params"] == 35670 and facts["run"]["epochs_trained"] == 2 and facts["run"]["finished"]
+    assert [r["tag"] for r in facts["run"]["rankings"]] == ["cut", "small"]  # (not the search's own logs)
+    # an unfinished run: no choice yet
+    (run / "summary.json").unlink()
+    code, out, _ = run_cli(capsys, "info", str(run))
+    assert "  training   2 of 2 epochs, search not finished" in out and "chosen" not in out
+    code, _, err = run_cli(capsys, "info", str(tmp_path / "none"))
+    assert code == 2 and "is not a run directory: no readable config.json" in err
+    code, _, err = run_cli(capsys, "info", str(run), "--preset", "digits-tiny")
+    assert code == 2 and "pass RUN_DIR or --preset, not both" in err
+
+
 def test_version(capsys):
     from pgnas_fast import __version__
 

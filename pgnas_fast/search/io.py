@@ -190,6 +190,16 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
+def complete_lines(path: Path) -> int:
+    """The rows of an appended log (a training log, a ranking's progress log) that were written whole: a
+    line cut by a kill is none; a missing file has none."""
+    try:
+        with open(path, "rb") as log:
+            return sum(1 for line in log if line.endswith(b"\n"))
+    except OSError:
+        return 0
+
+
 def save_checkpoint(path: Path, state: dict) -> None:
     _atomic_write(path, lambda f: torch.save(_interned(state), f))
 

@@ -49,8 +49,8 @@ from ..supernets.info import count_parameters, describe
 from .budget import Budget, BudgetError, candidate_size, candidate_sizes, within_budget
 from .export import architecture_record
 from .feed import CifarLoaderFeed, LoaderFeed, TensorFeed, check_batchnorm_rows, check_shards
-from .io import (DATA_FILE, SEARCH_RANKINGS, RunError, changed_settings, check_data_record, data_dir_of,
-                 load_checkpoint, lock_is_held, read_jsonl, remove_interrupted_writes, save_checkpoint,
+from .io import (DATA_FILE, SEARCH_RANKINGS, RunError, changed_settings, check_data_record, complete_lines,
+                 data_dir_of, load_checkpoint, lock_is_held, read_jsonl, remove_interrupted_writes, save_checkpoint,
                  write_data_record, write_json, write_jsonl, writer_lock)
 from .materialize import materialize_all_channels
 from .parallel import SINGLE_PROCESS, Parallel, join, leave
@@ -329,12 +329,7 @@ def _held_run(out_dir: Path) -> str | None:
         return None
     if (out_dir / "summary.json").exists():
         return "finished"
-    try:
-        with open(out_dir / "train_log.jsonl", "rb") as log:
-            epochs = sum(1 for line in log if line.endswith(b"\n"))  # (a line cut by a kill is no epoch)
-    except OSError:
-        epochs = 0
-    return f"trained {counted(epochs, 'epoch')}, not finished"
+    return f"trained {counted(complete_lines(out_dir / 'train_log.jsonl'), 'epoch')}, not finished"
 
 
 def run_search(config: dict, *, seed: int, out_dir: str | Path, device: str = "cpu", resume: bool = False,

@@ -1,0 +1,71 @@
+"""What a run directory holds (`pgnas-fast info RUN_DIR`), from its JSON files alone (no checkpoint
+is loaded: the paper presets' are hundreds of MB): the search's config and progress, its chosen
+candidate, and every `rank` and `study` result in it."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .io import SEARCH_RANKINGS, RunError, complete_lines
+
+
+def _json(path: Path) -> dict | list | None:
+    """The file's JSON, or None when it is missing or unreadable (a run still being written)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+
+
+def _ranking(folder: Path) -> dict:
+    summary = _json(folder / "summary.json")
+    if isinstance(summary, dict) and isinstance(summary.get("best"), dict):
+        return {"tag": folder.name.removeprefix("rank-"), "state": "finished", "best": summary["best"],
+                **{key: summary.get(key) for key in ("candidates", "ranked_candidates", "strategy", "evaluator",
+                                                     "bn_recalibrate", "checkpoint", "checkpoint_epoch",
+                                                     "max_params", "max_macs")}}
+    settings = _json(folder / "settings.json")
+    logged = sum(complete_lines(log) for log in folder.glob("progress-rank*.jsonl"))
+    return {"tag": folder.name.removeprefix("rank-"), "state": "started, not finished",
+            "settings": settings if isinstance(settings, dict) else None, "evaluations_logged": logged}
+
+
+def _study(folder: Path) -> dict:
+    study = _json(folder / "study.json")
+    if not isinstance(study, dict):
+        return {"tag": folder.name.removeprefix("study-"), "state": "started, not finished"}
+    return {"tag": folder.name.removeprefix("study-"), "state": "finished",
+            **{key: study.get(key) for key in ("candidates", "checkpoint", "checkpoint_epoch")},
+            "guided_mean": study.get("guided", {}).get("mean"), "random_mean": study.get("random", {}).get("mean")}
+
+
+def run_info(run_dir: str | Path) -> dict:
+    """{run_dir, preset, seed, posterior, config, epochs, epochs_trained, finished, chosen, rankings,
+    studies} of a run directory; RunError if it holds no run (no readable config.json)."""
+    run_dir = Path(run_dir)
+    run_config = _json(run_dir / "config.json")
+    if not isinstance(run_config, dict) or not isinstance(run_config.get("config"), dict):
+        raise RunError(f"{str(run_dir)!r} is not a run directory: no readable config.json (pgnas-fast search "
+                       "writes it)")
+    config = run_config["config"]
+    summary = _json(run_dir / "summary.json")
+    arch = _json(run_dir / "architecture.json")
+    chosen = None
+    if isinstance(summary, dict) and isinstance(arch, dict):
+        chosen = {"candidate": arch.get("candidate"), "candidates": summary.get("candidates"),
+                  "drawn_candidates": summary.get("drawn_candidates"), "heldout_accuracy": arch.get("score"),
+                  "test_accuracy": arch.get("test_accuracy"), "kept_fraction": arch.get("kept_fraction"),
+                  "params": arch.get("params"), "macs": arch.get("macs")}
+    own = set(SEARCH_RANKINGS.values())  # the search's progress logs, not `rank` results
+    return {
+        "run_dir": str(run_dir), "preset": config.get("preset"), "seed": run_config.get("seed"),
+        "posterior": config.get("posterior", "concrete"), "config": config,
+        "epochs": config.get("epochs"), "epochs_trained": complete_lines(run_dir / "train_log.jsonl"),
+        "finished": isinstance(summary, dict), "chosen": chosen,
+        "rankings": [_ranking(folder) for folder in sorted(run_dir.glob("rank-*"))
+                     if folder.is_dir() and folder.name not in own],
+        "studies": [_study(folder) for folder in sorted(run_dir.glob("study-*")) if folder.is_dir()],
+    }
+
+
+__all__ = ["run_info"]

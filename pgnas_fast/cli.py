@@ -394,8 +394,7 @@ def _rank(args) -> int:
                        tag=args.tag, resume=args.resume, overwrite=args.overwrite, top=args.top, eta=args.eta,
                        first_share=args.first_share, bn_recalibrate=args.bn_recalibrate,
                        max_params=args.max_params, max_macs=args.max_macs, checkpoint=args.checkpoint,
-                       device=str(device),
-                       data_dir=args.data_dir, progress=not args.quiet)
+                       device=str(device), data_dir=args.data_dir, progress=not args.quiet)
     if int(os.environ.get("RANK", "0")) == 0:
         best = summary["best"]
         budget = Budget(summary.get("max_params", 0), summary.get("max_macs", 0))
@@ -413,7 +412,8 @@ def _rank(args) -> int:
                 if not summary["resumed_evaluations"] and summary["seconds"] > 0 else "")  # (a resume: its part only)
         print(f"  time: ranking {summary['seconds']:.1f} s{rate}")
         if summary["checkpoint"] == "best":
-            print(f"  weights: checkpoint-best.pt, of epoch {summary['checkpoint_epoch']} (the lowest training objective)")
+            print(f"  weights: checkpoint-best.pt, of epoch {summary['checkpoint_epoch']} (the lowest training "
+                  "objective)")
         if note := cut_note(summary["first_round_cut"]):
             print(f"  note: {note}")
         print(f"results: {Path(args.run_dir) / ('rank-' + args.tag)}")

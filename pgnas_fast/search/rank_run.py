@@ -2,7 +2,8 @@
 
 Writes RUN_DIR/rank-TAG/ with candidates.jsonl ({id, score, images, first_round_score, kept_fraction}
 per candidate; params and macs too under a size budget), top.json (the best candidates with their
-architectures and sizes) and the progress logs that `--resume` continues from. Under torchrun every rank evaluates a share of each round's candidates and the
+architectures and sizes) and the progress logs that `--resume` continues from. Under torchrun every
+rank evaluates a share of each round's candidates (and sizes a share of them under a budget) and the
 ranks exchange their rows (all-gather), so the table equals a single process's; rank 0 writes it.
 """
 from __future__ import annotations
@@ -16,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from ..nn import candidate_masks
 from ..configs import input_shape
+from ..nn import candidate_masks
 from .budget import Budget, candidate_size, candidate_sizes, within_budget
 from .export import architecture_record
 from .feed import checked_recalibration_images

@@ -259,7 +259,8 @@ def load_run(run_dir: str | Path, *, device: str = "cpu", data_dir: str | Path |
         if not (run_dir / name).is_file():
             raise RunError(f"{str(run_dir)!r} is not a run directory: {name} is missing (pgnas-fast search writes it)")
     if not path.is_file():  # (every search writes both after its first epoch)
-        raise RunError(f"{str(path)!r} is missing: the run has no best checkpoint; --checkpoint last reads checkpoint.pt")
+        raise RunError(f"{str(path)!r} is missing: the run has no best checkpoint; --checkpoint last reads "
+                       "checkpoint.pt")
     try:
         run_config = json.loads((run_dir / "config.json").read_text())
         seed = run_config["seed"]
@@ -513,7 +514,7 @@ def _run_search(config: dict, *, seed: int, out_dir: Path, device: torch.device,
                                       parallel=parallel)
     except BudgetError as err:
         raise BudgetError(f"{err}. The trained super-network is kept: `pgnas-fast rank {out_dir} --max-params N "
-                       "--max-macs N` ranks it under another budget") from None
+                          "--max-macs N` ranks it under another budget") from None
     random_rows = []
     if config["random_baseline"]:
         random_rows = rank_search_candidates(model, feed, config, seed=seed, progress=progress, random=True,

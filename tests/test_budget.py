@@ -170,3 +170,20 @@ def test_a_budget_nothing_fits_stops_before_anything_is_written(capsys, budgeted
         run_search(small_config(epochs=1, candidates=3, random_baseline=0, max_macs=1000), seed=0, out_dir=run,
                    progress=False)
     assert (run / "checkpoint.pt").is_file() and not (run / "summary.json").exists()
+
+
+def test_search_takes_the_budget_from_its_flags(capsys, tmp_path):
+    from pgnas_fast.cli import main
+
+    out = tmp_path / "run"
+    argv = ["search", "--epochs", "1", "--candidates", "3", "--random-baseline", "0", "--max-params", "1000000000",
+            "--max-macs", "999999999", "--out", str(out), "--quiet"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert ("(those of the 3 drawn that fit the budget: at most 1,000,000,000 parameters and 999,999,999 MACs per "
+            "image)") in printed
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["budget"] == {"max_params": 1_000_000_000, "max_macs": 999_999_999}
+    config = json.loads((out / "config.json").read_text())["config"]
+    assert (config["max_params"], config["max_macs"]) == (1_000_000_000, 999_999_999)
+    assert all("params" in row for row in read_jsonl(out / "candidates.jsonl"))

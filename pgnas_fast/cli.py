@@ -118,8 +118,9 @@ def _build_parser() -> argparse.ArgumentParser:
                                            "layers, drop-probability (p) values, multiply-accumulates per image. "
                                            "Given a run directory: its search (epochs trained, the chosen "
                                            "candidate), its rankings and studies, and its super-network.")
-    info.add_argument("run_dir", metavar="RUN_DIR", nargs="?",
-                      help="a directory written by pgnas-fast search (read from its JSON files alone)")
+    info.add_argument("run_dirs", metavar="RUN_DIR", nargs="*",
+                      help="a directory written by pgnas-fast search (read from its JSON files alone); several (seeds "
+                           "of a protocol, say): one line each, and each protocol's mean and spread")
     info.add_argument("--preset", help=f"one of: {', '.join(configs.names())} (default digits-tiny; a run's own "
                                        "with RUN_DIR)")
     info.add_argument("--json", action="store_true", help="print one JSON object")
@@ -497,18 +498,20 @@ def _info(args) -> int:
     from .search.run import build_supernet
     from .supernets.info import describe
 
-    if args.run_dir is not None and args.preset is not None:
+    if args.run_dirs and args.preset is not None:
         raise UsageError("pass RUN_DIR or --preset, not both (a run's super-network is its own config's)")
+    if len(args.run_dirs) > 1:
+        return _info_of_runs(args.run_dirs, as_json=args.json)
     run = None
-    if args.run_dir is not None:
+    if args.run_dirs:
         from .search.run_info import run_info
 
-        run = run_info(args.run_dir)
+        run = run_info(args.run_dirs[0])
         try:
             config = configs.resolve(run["preset"], {k: v for k, v in run["config"].items() if k != "preset"})
         except (configs.ConfigError, TypeError) as err:
-            raise UsageError(f"{str(Path(args.run_dir) / 'config.json')!r} is malformed or from another version: "
-                             f"{err}") from None
+            raise UsageError(f"{str(Path(args.run_dirs[0]) / 'config.json')!r} is malformed or from another "
+                             f"version: {err}") from None
     else:
         config = configs.resolve(args.preset or "digits-tiny")
     # (a run on a data set of other classes, ImageNet's subset say, has a head of the preset's size here)
@@ -525,6 +528,49 @@ def _info(args) -> int:
     print(f"  gated layers    {facts['gated_layers']}")
     print(f"  p values        {facts['gate_params']}")
     print(f"  MACs per image  {facts['macs']:,}")
+    return 0
+
+
+def _info_of_runs(run_dirs: list[str], *, as_json: bool) -> int:
+    """One line per run and, per protocol, the mean and spread of the chosen candidates over its finished runs."""
+    import json
+
+    from .search.rank import counted
+    from .search.report import percent
+    from .search.run_info import across_runs, run_info
+
+    runs = [run_info(d) for d in run_dirs]
+    groups = across_runs(runs)
+    if as_json:
+        print(json.dumps({"runs": runs, "across_runs": groups}, sort_keys=True))
+        return 0
+    table = [("run", "preset", "posterior", "seed", "epochs", "candidate", "held-out", "test", "params", "MACs")]
+    for run in runs:
+        chosen = run["chosen"] or {}
+        row = (run["run_dir"], str(run["preset"]), run["posterior"], str(run["seed"]),
+               f"{run['epochs_trained']}/{run['epochs']}")
+        if chosen:
+            row += (str(chosen["candidate"]), percent(chosen["heldout_accuracy"]), percent(chosen["test_accuracy"]),
+                    *(f"{chosen[key]:,}" if chosen.get(key) is not None else "-" for key in ("params", "macs")))
+        else:
+            row += ("(search not finished)", "", "", "", "")
+        table.append(row)
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    for row in table:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    for group in groups:
+        def spread(key, shown):
+            value = group[key]
+            if value is None:
+                return "-"
+            return shown(value["mean"]) + (f" ± {shown(value['std'])}" if group["runs"] > 1 else "")
+
+        changed = "".join(f"; {key} {value!r}" for key, value in group["changes"].items())
+        seeds = f"seed{'s' if group['runs'] > 1 else ''} {', '.join(map(str, group['seeds']))}"
+        print(f"{group['preset']} ({group['posterior']}{changed}), {counted(group['runs'], 'finished run')} ({seeds}): "
+              f"held-out {spread('heldout_accuracy', percent)}, test {spread('test_accuracy', percent)}, parameters "
+              f"{spread('params', '{:,.0f}'.format)}, MACs per image {spread('macs', '{:,.0f}'.format)}"
+              + (" (mean ± sample std)" if group["runs"] > 1 else ""))
     return 0
 
 

@@ -513,6 +513,47 @@ def test_info_of_a_run_directory_says_what_it_holds(capsys, finished_run, tmp_pa
     assert code == 2 and "pass RUN_DIR or --preset, not both" in err
 
 
+def test_info_of_several_runs_averages_each_protocol_over_its_seeds(capsys, finished_run, tmp_path):
+    """Runs that differ only in their seed are one protocol: the mean and sample spread of their chosen
+    candidates; a run whose config differs otherwise is its own protocol, named by its changes; an
+    unfinished run is listed, not averaged."""
+    import statistics
+
+    def copy(name, seed, score, test, params, macs, **config_changes):
+        run = tmp_path / name
+        shutil.copytree(finished_run[0], run)
+        run_config = json.loads((run / "config.json").read_text())
+        run_config["seed"] = seed
+        run_config["config"].update(config_changes)
+        (run / "config.json").write_text(json.dumps(run_config))
+        arch = json.loads((run / "architecture.json").read_text())
+        arch.update(score=score, test_accuracy=test, params=params, macs=macs)
+        (run / "architecture.json").write_text(json.dumps(arch))
+        return run
+
+    runs = [copy("a", 3, 0.9, 0.8, 1000, 50_000), copy("b", 4, 0.7, 0.6, 3000, 70_000),
+            copy("c", 5, 0.5, 0.5, 10, 10, epochs=3), copy("d", 6, 0.1, 0.1, 1, 1)]
+    (runs[3] / "summary.json").unlink()
+    code, out, err = run_cli(capsys, "info", *map(str, runs))
+    assert code == 0 and err == ""
+    lines = out.splitlines()
+    assert lines[0].split() == ["run", "preset", "posterior", "seed", "epochs", "candidate", "held-out", "test",
+                                "params", "MACs"]
+    assert lines[2].split()[-4:] == ["70.00%", "60.00%", "3,000", "70,000"]
+    assert lines[4].split()[1:] == ["digits-tiny", "concrete", "6", "2/2", "(search", "not", "finished)"]
+    std = statistics.stdev([0.9, 0.7])
+    assert lines[5] == (f"digits-tiny (concrete; candidates 6; epochs 2; random_baseline 4), 2 finished runs (seeds 3, "
+                        f"4): held-out 80.00% ± {100 * std:.2f}%, test 70.00% ± {100 * std:.2f}%, parameters 2,000 ± "
+                        "1,414, MACs per image 60,000 ± 14,142 (mean ± sample std)")
+    assert lines[6].startswith("digits-tiny (concrete; candidates 6; epochs 3; random_baseline 4), 1 finished run "
+                               "(seed 5): held-out 50.00%, test 50.00%, parameters 10, MACs per image 10")
+    facts = json.loads(run_cli(capsys, "info", *map(str, runs), "--json")[1])
+    assert [r["seed"] for r in facts["runs"]] == [3, 4, 5, 6]
+    first = facts["across_runs"][0]
+    assert first["test_accuracy"] == {"mean": pytest.approx(0.7), "std": pytest.approx(std), "min": 0.6, "max": 0.8}
+    assert first["changes"] == {"epochs": 2, "candidates": 6, "random_baseline": 4} and first["seeds"] == [3, 4]
+
+
 def test_version(capsys):
     from pgnas_fast import __version__
 

@@ -1,11 +1,14 @@
 """What a run directory holds (`pgnas-fast info RUN_DIR`), from its JSON files alone (no checkpoint
 is loaded: the paper presets' are hundreds of MB): the search's config and progress, its chosen
-candidate, and every `rank` and `study` result in it."""
+candidate, and every `rank` and `study` result in it; and over several runs (seeds) of one protocol,
+the mean and spread of their chosen candidates (`across_runs`)."""
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 
+from .. import configs
 from .io import SEARCH_RANKINGS, RunError, complete_lines
 
 
@@ -39,9 +42,22 @@ def _study(folder: Path) -> dict:
             "guided_mean": study.get("guided", {}).get("mean"), "random_mean": study.get("random", {}).get("mean")}
 
 
+def _changes(config: dict) -> dict | None:
+    """The config's keys that differ from its preset's (for its posterior family), or None when the
+    config does not resolve (another version's)."""
+    try:
+        preset = config["preset"]
+        resolved = configs.resolve(preset, {k: v for k, v in config.items() if k != "preset"})
+        base = configs.resolve(preset, {"posterior": resolved["posterior"]})
+    except (KeyError, TypeError, configs.ConfigError):
+        return None
+    return {key: value for key, value in resolved.items() if key != "posterior" and value != base.get(key)}
+
+
 def run_info(run_dir: str | Path) -> dict:
-    """{run_dir, preset, seed, posterior, config, epochs, epochs_trained, finished, chosen, rankings,
-    studies} of a run directory; RunError if it holds no run (no readable config.json)."""
+    """{run_dir, preset, seed, posterior, config, changes (from the preset), epochs, epochs_trained,
+    finished, chosen, rankings, studies} of a run directory; RunError if it holds no run (no readable
+    config.json)."""
     run_dir = Path(run_dir)
     run_config = _json(run_dir / "config.json")
     if not isinstance(run_config, dict) or not isinstance(run_config.get("config"), dict):
@@ -59,7 +75,7 @@ def run_info(run_dir: str | Path) -> dict:
     own = set(SEARCH_RANKINGS.values())  # the search's progress logs, not `rank` results
     return {
         "run_dir": str(run_dir), "preset": config.get("preset"), "seed": run_config.get("seed"),
-        "posterior": config.get("posterior", "concrete"), "config": config,
+        "posterior": config.get("posterior", "concrete"), "config": config, "changes": _changes(config),
         "epochs": config.get("epochs"), "epochs_trained": complete_lines(run_dir / "train_log.jsonl"),
         "finished": isinstance(summary, dict), "chosen": chosen,
         "rankings": [_ranking(folder) for folder in sorted(run_dir.glob("rank-*"))
@@ -68,4 +84,31 @@ def run_info(run_dir: str | Path) -> dict:
     }
 
 
-__all__ = ["run_info"]
+# what across_runs averages: the chosen candidate's accuracies and sizes
+AVERAGED = ("heldout_accuracy", "test_accuracy", "params", "macs")
+
+
+def across_runs(runs: list[dict]) -> list[dict]:
+    """Per protocol (preset, posterior and the config's changes from the preset: runs that differ only in
+    their seed), over its finished runs: {preset, posterior, changes, runs, seeds, and for each of
+    AVERAGED {mean, std (sample; 0 for one run), min, max}}, in the order the protocols first appear."""
+    groups: dict[tuple, list[dict]] = {}
+    for run in runs:
+        if run["chosen"] is not None:
+            changes = run["changes"] if run["changes"] is not None else {"config": run["config"]}
+            key = (run["preset"], run["posterior"], json.dumps(changes, sort_keys=True))
+            groups.setdefault(key, []).append(run)
+    rows = []
+    for (preset, posterior, changes), members in groups.items():
+        row = {"preset": preset, "posterior": posterior, "changes": json.loads(changes), "runs": len(members),
+               "seeds": [r["seed"] for r in members]}
+        for key in AVERAGED:
+            values = [r["chosen"][key] for r in members if r["chosen"].get(key) is not None]
+            row[key] = None if not values else {
+                "mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                "min": min(values), "max": max(values)}
+        rows.append(row)
+    return rows
+
+
+__all__ = ["across_runs", "run_info"]

@@ -269,6 +269,28 @@ def test_resume_refuses_another_config(finished_run, tmp_path):
         run_search(small_config(), seed=4, out_dir=tmp_path, resume=True, progress=False)
 
 
+def test_a_run_of_an_older_version_resumes_and_reads_with_newer_config_keys(finished_run, tmp_path):
+    """A config key added after a run was written (max_params, max_macs here) counts at its default, which
+    that version ran with: its search resumes and rank reads both checkpoints; a real change is still named."""
+    run = tmp_path / "run"
+    shutil.copytree(finished_run[0], run)
+    older = json.loads((run / "config.json").read_text())
+    for key in ("max_params", "max_macs"):
+        del older["config"][key]
+    (run / "config.json").write_text(json.dumps(older))
+    for name in ("checkpoint.pt", "checkpoint-best.pt"):
+        state = torch.load(run / name, weights_only=False)
+        state["run_config"] = older
+        torch.save(state, run / name)
+    assert load_run(run, checkpoint="best").epoch == 2
+    result = run_search(small_config(), seed=3, out_dir=run, resume=True, progress=False)
+    assert result.summary["resumed_from_epoch"] == 2
+    assert json.loads((run / "config.json").read_text())["config"]["max_params"] == 0  # this version's config now
+    assert load_run(run, checkpoint="best").epoch == 2  # (its best checkpoint still the older version's)
+    with pytest.raises(RunError, match=r"another config or seed: max_params 0 \(now 5\)\. Resume"):
+        run_search(small_config(max_params=5), seed=3, out_dir=run, resume=True, progress=False)
+
+
 def test_resume_refuses_another_number_of_processes(finished_run, tmp_path):
     out, _ = finished_run
     state = torch.load(out / "checkpoint.pt", weights_only=False)

@@ -272,11 +272,9 @@ def load_run(run_dir: str | Path, *, device: str = "cpu", data_dir: str | Path |
         raise RunError(f"{str(run_dir / 'config.json')!r} is malformed or from another version: {err}") from None
     state = load_checkpoint(path)
     _check_posterior(path, state, config)
-    if state.get("run_config") != run_config:
-        trained = state.get("run_config")
-        differ = "" if not isinstance(trained, dict) else "; ".join(
-            changed_settings({"seed": trained.get("seed"), **(trained.get("config") or {})},
-                             {"seed": run_config.get("seed"), **run_config["config"]}))
+    trained = state.get("run_config")
+    if trained != run_config and (not isinstance(trained, dict) or config_changes(trained, run_config)):
+        differ = "" if not isinstance(trained, dict) else "; ".join(config_changes(trained, run_config))
         raise RunError(f"{str(path)!r} does not belong to this run's config.json"
                        + (f": it was trained with {differ} ('now': config.json's)" if differ else ""))
     if config["threads"]:  # the count the search ran with (digits: 1, faster there than 2 on its small passes)
@@ -352,14 +350,27 @@ def run_search(config: dict, *, seed: int, out_dir: str | Path, device: str = "c
             leave()
 
 
+def config_changes(trained: dict, now: dict) -> list[str]:
+    """changed_settings between two runs' {config, seed}, each config resolved first, so that a key one
+    of them lacks (written by a version older than the key) counts at its default, the value that
+    version ran with: a run of an older version resumes, and is read, under a newer one."""
+    def resolved(run_config: dict) -> dict:
+        config = run_config.get("config") if isinstance(run_config.get("config"), dict) else {}
+        try:
+            config = configs.resolve(config["preset"], {k: v for k, v in config.items() if k != "preset"})
+        except (KeyError, TypeError, configs.ConfigError):
+            pass  # (compared as written)
+        return {**config, "seed": run_config.get("seed")}
+
+    return changed_settings(resolved(trained), resolved(now))
+
+
 def _check_resumable(checkpoint_path: Path, state: dict, run_config: dict, world: int) -> None:
     """A search resumes only as the run it started as: same config and seed, and, while epochs are
     left to train without sync_bn, as many processes (each normalises with its own rows' BatchNorm
     statistics, so the steps would differ; ranking gives the same table at any count)."""
     started = state["run_config"]
-    if started != run_config:
-        changed = changed_settings({**started["config"], "seed": started["seed"]},
-                                   {**run_config["config"], "seed": run_config["seed"]})
+    if started != run_config and (changed := config_changes(started, run_config)):
         raise RunError(f"{checkpoint_path} was written by another config or seed: {'; '.join(changed)}. Resume "
                        "with the same ones")
     trained_by = state.get("world_size", world)  # (checkpoints older than this check hold none)

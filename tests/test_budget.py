@@ -187,3 +187,31 @@ def test_search_takes_the_budget_from_its_flags(capsys, tmp_path):
     config = json.loads((out / "config.json").read_text())["config"]
     assert (config["max_params"], config["max_macs"]) == (1_000_000_000, 999_999_999)
     assert all("params" in row for row in read_jsonl(out / "candidates.jsonl"))
+
+
+def test_a_budgeted_racing_ranking_resumes_after_a_kill_with_the_same_table(capsys, budgeted, monkeypatch):
+    """The candidates that fit are sized again on --resume (the same ids): the rounds logged before the kill
+    are not scored again, and the table equals an uninterrupted ranking's."""
+    from pgnas_fast.search import rank as rank_module
+
+    out, *_ = budgeted
+    argv = ["--candidates", 40, "--strategy", "racing", "--eta", 2, "--first-share", 0.25, "--max-params", 31_500]
+    assert _rank(capsys, out, *argv, "--tag", "whole")[0] == 0
+    whole = (out / "rank-whole" / "candidates.jsonl").read_bytes()
+    real_correct, calls = rank_module.CandidateScorer.correct, []
+
+    def killed_on_the_third_chunk(self, candidates, start, end):
+        calls.append(len(candidates))
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_correct(self, candidates, start, end)
+
+    monkeypatch.setattr(rank_module.CandidateScorer, "correct", killed_on_the_third_chunk)
+    code, captured = _rank(capsys, out, *argv, "--tag", "cut")
+    assert code == 130 and "`pgnas-fast rank --resume` with the same arguments continues" in captured.err
+    monkeypatch.setattr(rank_module.CandidateScorer, "correct", real_correct)
+    code, captured = _rank(capsys, out, *argv, "--tag", "cut", "--resume")
+    assert code == 0 and "candidate-rounds restored from before this --resume" in captured.out
+    assert (out / "rank-cut" / "candidates.jsonl").read_bytes() == whole
+    rows = read_jsonl(out / "rank-cut" / "candidates.jsonl")
+    assert all(r["params"] <= 31_500 for r in rows) and 0 < len(rows) < 40

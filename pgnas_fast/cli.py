@@ -150,6 +150,9 @@ def _build_parser() -> argparse.ArgumentParser:
                            "(default 0: the super-network's running statistics, as the authors)")
     _budget_arguments(rank, "rank only the candidates whose exported network has at most N {} (0: no limit; default "
                             "the run's config key {})")
+    rank.add_argument("--sizes", action="store_true",
+                      help="size every candidate without a budget too: params and macs in candidates.jsonl, and "
+                           "pareto.json (the finalists no other beats in held-out accuracy, parameters and MACs)")
     _checkpoint_argument(rank)
     rank.add_argument("--top", type=_count(1), default=10, help="candidates written to top.json (default 10)")
     rank.add_argument("--tag", default="default", help="names the output folder rank-TAG (default 'default')")
@@ -380,7 +383,7 @@ def _search(args) -> int:
 def _rank(args) -> int:
     from .search.budget import Budget
     from .search.io import SEARCH_RANKINGS
-    from .search.rank import cut_note
+    from .search.rank import counted, cut_note
     from .search.rank_run import rank_run
     from .search.report import percent
 
@@ -394,7 +397,8 @@ def _rank(args) -> int:
     summary = rank_run(args.run_dir, candidates=args.candidates, strategy=args.strategy, evaluator=args.evaluator,
                        tag=args.tag, resume=args.resume, overwrite=args.overwrite, top=args.top, eta=args.eta,
                        first_share=args.first_share, bn_recalibrate=args.bn_recalibrate,
-                       max_params=args.max_params, max_macs=args.max_macs, checkpoint=args.checkpoint,
+                       max_params=args.max_params, max_macs=args.max_macs, sized=args.sizes,
+                       checkpoint=args.checkpoint,
                        device=str(device), data_dir=args.data_dir, progress=not args.quiet)
     if int(os.environ.get("RANK", "0")) == 0:
         best = summary["best"]
@@ -408,10 +412,15 @@ def _rank(args) -> int:
               f"{summary['images_evaluated']} candidate-images evaluated"
               + (f" ({summary['resumed_evaluations']} candidate-rounds restored from before this --resume)"
                  if summary["resumed_evaluations"] else ""))
-        sized = f", sizing the {summary['candidates']} drawn for the budget included" if budget else ""
+        sized = f", sizing the {summary['candidates']} drawn included" if summary["pareto"] is not None else ""
         rate = (f" ({summary['ranked_candidates'] / summary['seconds']:.1f} candidates/s{sized})"
                 if not summary["resumed_evaluations"] and summary["seconds"] > 0 else "")  # (a resume: its part only)
         print(f"  time: ranking {summary['seconds']:.1f} s{rate}")
+        if summary["pareto"] is not None:
+            front = summary["pareto"]
+            print(f"  Pareto front (held-out accuracy against parameters and MACs, of the finalists): "
+                  f"{counted(len(front), 'candidate')}, pareto.json" + (f": {', '.join(map(str, front))}"
+                                                                        if len(front) <= 10 else ""))
         if summary["checkpoint"] == "best":
             print(f"  weights: checkpoint-best.pt, of epoch {summary['checkpoint_epoch']} (the lowest training "
                   "objective)")

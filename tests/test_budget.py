@@ -10,7 +10,8 @@ import torch.nn as nn
 from conftest import small_config
 from pgnas_fast import configs
 from pgnas_fast.nn import GatedConv2d, GatedLinear, candidate_masks
-from pgnas_fast.search.budget import Budget, BudgetError, candidate_size, candidate_sizes, within_budget
+from pgnas_fast.search.budget import (Budget, BudgetError, candidate_size, candidate_sizes, pareto_front,
+                                     within_budget)
 from pgnas_fast.search.io import read_jsonl
 from pgnas_fast.search.materialize import materialize
 from pgnas_fast.search.run import load_run, run_search
@@ -215,3 +216,45 @@ def test_a_budgeted_racing_ranking_resumes_after_a_kill_with_the_same_table(caps
     assert (out / "rank-cut" / "candidates.jsonl").read_bytes() == whole
     rows = read_jsonl(out / "rank-cut" / "candidates.jsonl")
     assert all(r["params"] <= 31_500 for r in rows) and 0 < len(rows) < 40
+
+
+def test_the_pareto_front_keeps_the_finalists_nothing_dominates():
+    def row(c, score, params, macs, images=300):
+        return {"id": c, "score": score, "params": params, "macs": macs, "images": images}
+
+    rows = [row(0, 0.90, 100, 1000), row(1, 0.95, 200, 1500), row(2, 0.90, 150, 900),  # 2: fewer MACs than 0
+            row(3, 0.85, 300, 2000),  # dominated by 0, 1 and 2
+            row(4, 0.95, 200, 1500),  # 1's twin: 1 stands for both
+            row(5, 0.99, 500, 5000), row(6, 0.80, 90, 2000),  # 6: the smallest, least accurate
+            row(7, 1.00, 10, 10, images=75)]  # cut by racing: not a finalist
+    front = pareto_front(rows)
+    assert [r["id"] for r in front] == [6, 0, 2, 1, 5]
+    # brute force: nothing in the finalists dominates a front member, and every other finalist is dominated
+    finalists = [r for r in rows if r["images"] == 300]
+
+    def dominates(a, b):
+        return (a["score"] >= b["score"] and a["params"] <= b["params"] and a["macs"] <= b["macs"]
+                and (a["score"], a["params"], a["macs"]) != (b["score"], b["params"], b["macs"]))
+
+    on_front = {r["id"] for r in front}
+    assert all(not any(dominates(o, r) for o in finalists) for r in front)
+    assert all(any(dominates(o, r) for o in finalists) or r["id"] == 4 for r in finalists if r["id"] not in on_front)
+
+
+def test_rank_sizes_writes_every_candidate_s_size_and_the_front(capsys, budgeted):
+    out, _, _, sizes = budgeted
+    code, captured = _rank(capsys, out, "--candidates", 20, "--strategy", "exhaustive", "--max-params", 0,
+                           "--max-macs", 0, "--sizes", "--tag", "sized")
+    assert code == 0
+    rows = read_jsonl(out / "rank-sized" / "candidates.jsonl")
+    assert len(rows) == 20 and all({"params": r["params"], "macs": r["macs"]} == sizes[r["id"]] for r in rows)
+    front = json.loads((out / "rank-sized" / "pareto.json").read_text())
+    assert front == pareto_front(rows) and front
+    summary = json.loads((out / "rank-sized" / "summary.json").read_text())
+    assert summary["pareto"] == [r["id"] for r in front]
+    assert "Pareto front (held-out accuracy against parameters and MACs, of the finalists): " in captured.out
+    assert "sizing the 20 drawn included" in captured.out
+    # unsized: no front
+    assert _rank(capsys, out, "--candidates", 3, "--max-params", 0, "--max-macs", 0, "--tag", "plain")[0] == 0
+    assert json.loads((out / "rank-plain" / "summary.json").read_text())["pareto"] is None
+    assert not (out / "rank-plain" / "pareto.json").exists()

@@ -89,4 +89,20 @@ def within_budget(sizes: Mapping[int, Mapping[str, int]], budget: Budget) -> lis
     return fitting
 
 
-__all__ = ["Budget", "BudgetError", "candidate_size", "candidate_sizes", "within_budget"]
+def pareto_front(rows: Sequence[Mapping]) -> list[dict]:
+    """The sized rows ({id, score, images, params, macs, ...}) scored on the most images (racing's
+    finalists; every row for exhaustive ranking) that no other such row dominates: none is at least as
+    accurate with at most as many parameters and MACs, better in one. Smallest first; among rows of one
+    score and size, the lowest id stands for them."""
+    most = max(r["images"] for r in rows)
+    finalists = sorted((r for r in rows if r["images"] == most), key=lambda r: (r["params"], r["macs"], -r["score"],
+                                                                                 r["id"]))
+    front: list[dict] = []
+    for row in finalists:
+        if not any(f["score"] >= row["score"] and f["params"] <= row["params"] and f["macs"] <= row["macs"]
+                   for f in front):
+            front.append(dict(row))
+    return front
+
+
+__all__ = ["Budget", "BudgetError", "candidate_size", "candidate_sizes", "pareto_front", "within_budget"]

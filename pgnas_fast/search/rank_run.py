@@ -1,8 +1,9 @@
 """`pgnas-fast rank RUN_DIR`: rank candidates of a finished search again, at scale.
 
 Writes RUN_DIR/rank-TAG/ with candidates.jsonl ({id, score, images, first_round_score, kept_fraction}
-per candidate; params and macs too under a size budget), top.json (the best candidates with their
-architectures and sizes) and the progress logs that `--resume` continues from. Under torchrun every
+per candidate; params and macs too under a size budget or with `sized`), top.json (the best candidates
+with their architectures and sizes), pareto.json (when sized: the finalists no other beats in accuracy,
+parameters and MACs at once) and the progress logs that `--resume` continues from. Under torchrun every
 rank evaluates a share of each round's candidates (and sizes a share of them under a budget) and the
 ranks exchange their rows (all-gather), so the table equals a single process's; rank 0 writes it.
 """
@@ -19,7 +20,7 @@ import torch
 
 from ..configs import input_shape
 from ..nn import candidate_masks
-from .budget import Budget, candidate_size, candidate_sizes, within_budget
+from .budget import Budget, candidate_size, candidate_sizes, pareto_front, within_budget
 from .export import architecture_record
 from .feed import checked_recalibration_images
 from .io import changed_settings, lock_is_held, remove_interrupted_writes, write_json, write_jsonl, writer_lock
@@ -31,12 +32,12 @@ from .run import CHECKPOINTS, RunError, load_run, rebuild_for_evaluation
 def rank_run(run_dir: str | Path, *, candidates: int | None = None, strategy: str | None = None,
              evaluator: str = "batched", tag: str = "default", resume: bool = False, overwrite: bool = False,
              top: int = 10, eta: int | None = None, first_share: float | None = None, bn_recalibrate: int = 0,
-             max_params: int | None = None, max_macs: int | None = None, checkpoint: str = "last",
-             device: str = "cpu", data_dir=None, progress: bool = True) -> dict:
+             max_params: int | None = None, max_macs: int | None = None, sized: bool = False,
+             checkpoint: str = "last", device: str = "cpu", data_dir=None, progress: bool = True) -> dict:
     """Rank candidates 0 .. `candidates` - 1 of a run (see the module's docstring) with the weights of
     `checkpoint` (run.CHECKPOINTS: last or best). Unset (None) settings take the run's config: its
     candidates, strategy, racing's eta and first share, its size budget (max_params, max_macs; 0 lifts a
-    limit)."""
+    limit). `sized`: size every candidate without a budget too (rows' params and macs, pareto.json)."""
     run_dir = Path(run_dir)
     parallel, device = join(device)  # (torchrun with a cuda device: cuda:LOCAL_RANK for each rank)
     try:
@@ -76,11 +77,11 @@ def rank_run(run_dir: str | Path, *, candidates: int | None = None, strategy: st
             started = time.perf_counter()
             sharding = {"shard": (rank_id, world), "gather": parallel.all_gather if world > 1 else None}
             drawn, sizes = range(candidates), {}
-            if budget:  # (before anything is written: a budget that nothing fits leaves no ranking behind; a
-                # resume sizes again, a fraction of the ranking's time)
+            if budget or sized:  # (before anything is written: a budget that nothing fits leaves no ranking
+                # behind; a resume sizes again, a fraction of the ranking's time)
                 sizes = candidate_sizes(model, seed, drawn, input_shape(config), progress=progress and rank_id == 0,
                                         **sharding)
-                drawn = within_budget(sizes, budget)
+                drawn = within_budget(sizes, budget) if budget else drawn
             held.enter_context(writer_lock(run_dir, out.name, parallel))  # (before its rows are read or removed)
             if rank_id == 0 and out.is_dir():
                 remove_interrupted_writes(out)
@@ -122,11 +123,13 @@ def rank_run(run_dir: str | Path, *, candidates: int | None = None, strategy: st
 
             best = best_candidate(rows)
             best = {**best, **size_of(best["id"])}
+            front = pareto_front(rows) if sizes else []
             finalists = sorted((r for r in rows if r["images"] == best["images"]), key=best_first)[:top]
             summary = {"run_dir": str(run_dir), "tag": tag, "posterior": config["posterior"], **settings,
                        "checkpoint": checkpoint,
                        "ranked_candidates": len(rows),  # under a budget, those of the drawn that fit
                        "evaluator": evaluator, "best": best, "tied_for_best": tied_for_best(rows),
+                       "pareto": [r["id"] for r in front] if sizes else None,
                        "first_round_cut": first_round_cut(rows),
                        "images_evaluated": sum(r["images"] for r in rows),
                        "resumed_evaluations": log.restored,  # done before this resume
@@ -137,6 +140,8 @@ def rank_run(run_dir: str | Path, *, candidates: int | None = None, strategy: st
                 write_json(out / "top.json", [
                     architecture_record(model, candidate_masks(model, seed, r["id"]), config=config, seed=seed,
                                         candidate=r, test_accuracy=None, size=size_of(r["id"])) for r in finalists])
+                if sizes:
+                    write_json(out / "pareto.json", front)
                 write_json(out / "summary.json", summary)
             parallel.barrier()
             return summary

@@ -608,7 +608,8 @@ def _print_run(run: dict) -> None:
                      + (f", BatchNorm recalibrated from {ranking['bn_recalibrate']} images"
                         if ranking["bn_recalibrate"] else "")
                      + (f", checkpoint-best.pt of epoch {ranking['checkpoint_epoch']}"
-                        if ranking["checkpoint"] == "best" else ""))
+                        if ranking["checkpoint"] == "best" else "")
+                     + (f", Pareto front of {len(ranking['pareto'])} (pareto.json)" if ranking["pareto"] else ""))
         else:
             line += f" ({counted(ranking['evaluations_logged'], 'candidate-round')} logged; --resume continues it)"
         print(f"  ranking    {line}")

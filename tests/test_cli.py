@@ -496,7 +496,7 @@ def test_info_of_a_run_directory_says_what_it_holds(capsys, finished_run, tmp_pa
                         "it)")
     assert lines[4] == (f"  ranking    rank-small: finished, best {best['id']} ({100 * best['score']:.2f}% on 300 "
                         f"images) of {ranked['ranked_candidates']} that fit the budget (at most 34,000 parameters) "
-                        "of 4 drawn, exhaustive")
+                        f"of 4 drawn, exhaustive, Pareto front of {len(ranked['pareto'])} (pareto.json)")
     assert lines[5].startswith("digits-tiny: super-network digits-tiny, 10 classes")
     assert "  parameters      35,670" in out
     code, out, _ = run_cli(capsys, "info", str(run), "--json")

@@ -26,7 +26,7 @@ def _ranking(folder: Path) -> dict:
         return {"tag": folder.name.removeprefix("rank-"), "state": "finished", "best": summary["best"],
                 **{key: summary.get(key) for key in ("candidates", "ranked_candidates", "strategy", "evaluator",
                                                      "bn_recalibrate", "checkpoint", "checkpoint_epoch",
-                                                     "max_params", "max_macs")}}
+                                                     "max_params", "max_macs", "pareto")}}
     settings = _json(folder / "settings.json")
     logged = sum(complete_lines(log) for log in folder.glob("progress-rank*.jsonl"))
     return {"tag": folder.name.removeprefix("rank-"), "state": "started, not finished",

@@ -84,8 +84,8 @@ def within_budget(sizes: Mapping[int, Mapping[str, int]], budget: Budget) -> lis
     if not fitting:
         smallest = {key: min(size[key] for size in sizes.values()) for key in ("params", "macs")}
         raise BudgetError(f"none of the {len(sizes)} drawn candidates fits the budget ({budget}): the smallest has "
-                         f"{smallest['params']:,} parameters, the cheapest {smallest['macs']:,} MACs per image; "
-                         "raise --max-params / --max-macs, or draw more candidates")
+                          f"{smallest['params']:,} parameters, the cheapest {smallest['macs']:,} MACs per image; "
+                          "raise --max-params / --max-macs, or draw more candidates")
     return fitting
 
 

@@ -397,7 +397,7 @@ def _rank(args) -> int:
     summary = rank_run(args.run_dir, candidates=args.candidates, strategy=args.strategy, evaluator=args.evaluator,
                        tag=args.tag, resume=args.resume, overwrite=args.overwrite, top=args.top, eta=args.eta,
                        first_share=args.first_share, bn_recalibrate=args.bn_recalibrate,
-                       max_params=args.max_params, max_macs=args.max_macs, sized=args.sizes,
+                       max_params=args.max_params, max_macs=args.max_macs, size_all=args.sizes,
                        checkpoint=args.checkpoint,
                        device=str(device), data_dir=args.data_dir, progress=not args.quiet)
     if int(os.environ.get("RANK", "0")) == 0:
@@ -412,10 +412,11 @@ def _rank(args) -> int:
               f"{summary['images_evaluated']} candidate-images evaluated"
               + (f" ({summary['resumed_evaluations']} candidate-rounds restored from before this --resume)"
                  if summary["resumed_evaluations"] else ""))
-        sized = f", sizing the {summary['candidates']} drawn included" if summary["pareto"] is not None else ""
-        rate = (f" ({summary['ranked_candidates'] / summary['seconds']:.1f} candidates/s{sized})"
+        rate = (f" ({summary['ranked_candidates'] / summary['seconds']:.1f} candidates/s)"
                 if not summary["resumed_evaluations"] and summary["seconds"] > 0 else "")  # (a resume: its part only)
-        print(f"  time: ranking {summary['seconds']:.1f} s{rate}")
+        sizing = (f"sizing {counted(summary['candidates'], 'candidate')} {summary['sizing_seconds']:.1f} s, "
+                  if summary["pareto"] is not None else "")
+        print(f"  time: {sizing}ranking {summary['seconds']:.1f} s{rate}")
         if summary["pareto"] is not None:
             front = summary["pareto"]
             print(f"  Pareto front (held-out accuracy against parameters and MACs, of the finalists): "

@@ -42,7 +42,7 @@ def test_a_linear_candidate_and_the_budget_s_arithmetic():
     mask[[0, 5, 6, 11, 3]] = 1
     size = candidate_size(net, {"1": mask}, (3, 2, 2))
     assert size == {"params": 7 * 5 + 7 * (net[1].bias is not None), "macs": 7 * 5}
-    assert not Budget() and str(Budget()) == "no budget" and Budget().settings() == {}
+    assert not Budget() and str(Budget()) == "no budget" and Budget().settings() == {"max_params": 0, "max_macs": 0}
     assert Budget().fits({"params": 10**12, "macs": 10**15})
     both = Budget(max_params=40, max_macs=35)
     assert both and both.settings() == {"max_params": 40, "max_macs": 35}
@@ -253,7 +253,13 @@ def test_rank_sizes_writes_every_candidate_s_size_and_the_front(capsys, budgeted
     summary = json.loads((out / "rank-sized" / "summary.json").read_text())
     assert summary["pareto"] == [r["id"] for r in front]
     assert "Pareto front (held-out accuracy against parameters and MACs, of the finalists): " in captured.out
-    assert "sizing the 20 drawn included" in captured.out
+    seconds = summary["sizing_seconds"], summary["seconds"]
+    assert (f"  time: sizing 20 candidates {seconds[0]:.1f} s, ranking {seconds[1]:.1f} s ({20 / seconds[1]:.1f} "
+            "candidates/s)") in captured.out
+    # a resume that does not size leaves no front of the earlier run behind
+    assert _rank(capsys, out, "--candidates", 20, "--strategy", "exhaustive", "--max-params", 0, "--max-macs", 0,
+                 "--tag", "sized", "--resume")[0] == 0
+    assert not (out / "rank-sized" / "pareto.json").exists()
     # unsized: no front
     assert _rank(capsys, out, "--candidates", 3, "--max-params", 0, "--max-macs", 0, "--tag", "plain")[0] == 0
     assert json.loads((out / "rank-plain" / "summary.json").read_text())["pareto"] is None

@@ -448,9 +448,10 @@ def test_rank_resume_refuses_other_settings(capsys, run_dir):
     assert (f"  note: {note}\n" in captured.out) if note else "note:" not in captured.out
     settings = json.loads((run_dir / "rank-resumed" / "settings.json").read_text())
     assert settings == {"strategy": "racing", "candidates": 40, "bn_recalibrate": 0, "eta": 4, "first_share": 0.0625,
-                        "checkpoint_epoch": 3, "device": "cpu"}
+                        "checkpoint": "last", "checkpoint_epoch": 3, "device": "cpu", "max_params": 0, "max_macs": 0}
     for option, value, message in (("--eta", 2, "eta 4 (now 2)"), ("--bn-recalibrate", 64, "bn_recalibrate 0 (now 64)"),
                                    ("--candidates", 41, "candidates 40 (now 41)"),
+                                   ("--max-params", 10**9, "max_params 0 (now 1000000000)"),
                                    ("--strategy", "exhaustive", "started with strategy 'racing' (now 'exhaustive');")):
         code, captured = _rank_cli(capsys, run_dir, *argv(**{option: value}), "--resume")
         assert code == 2 and message in captured.err and captured.err.count("\n") == 1, captured.err
@@ -460,7 +461,9 @@ def test_rank_resume_refuses_other_settings(capsys, run_dir):
     path.write_text(json.dumps({**settings, "device": "cuda"}))
     code, captured = _rank_cli(capsys, run_dir, *argv(), "--resume")
     assert code == 2 and "device 'cuda' (now 'cpu')" in captured.err
-    path.write_text(json.dumps({k: v for k, v in settings.items() if k != "device"}))
+    # (and one older than the checkpoint and budget entries: the last checkpoint, no budget)
+    path.write_text(json.dumps({k: v for k, v in settings.items()
+                                if k not in ("device", "checkpoint", "max_params", "max_macs")}))
     code, captured = _rank_cli(capsys, run_dir, *argv(**{"--evaluator": "sequential"}), "--resume")
     assert code == 0 and "held-out accuracy" in captured.out
 
@@ -539,9 +542,9 @@ def test_rank_study_and_export_read_the_best_checkpoint_when_asked(capsys, run_d
     assert code == 2 and ("ranks the best checkpoint (checkpoint-best.pt), this resume asks for the last: resume it "
                           "with --checkpoint best") in captured.err
     assert _rank_cli(capsys, run, "--candidates", 12, "--tag", "b", "--resume", "--checkpoint", "best")[0] == 0
-    # the default ranks the last weights, and its settings name no checkpoint (as older rankings)
+    # the default ranks the last weights
     assert _rank_cli(capsys, run, "--candidates", 12, "--tag", "l")[0] == 0
-    assert "checkpoint" not in json.loads((run / "rank-l" / "settings.json").read_text())
+    assert json.loads((run / "rank-l" / "settings.json").read_text())["checkpoint"] == "last"
     assert [round(r["score"] * 300) for r in read_jsonl(run / "rank-l" / "candidates.jsonl")] == counts["last"]
 
     # export --rank takes the ranking's checkpoint; another one is refused
@@ -556,6 +559,12 @@ def test_rank_study_and_export_read_the_best_checkpoint_when_asked(capsys, run_d
     assert "--rank b ranked the best checkpoint (checkpoint-best.pt): export its best with --checkpoint best" in (
         capsys.readouterr().err)
     assert main(["export", str(run), "--candidate", "3", "--checkpoint", "best", "--out", str(tmp_path / "g")]) == 0
+    capsys.readouterr()
+    # the search's own choice is a draw from the last checkpoint: not exported with the best one's weights
+    assert main(["export", str(run), "--checkpoint", "best", "--out", str(tmp_path / "h")]) == 2
+    assert ("the search chose its candidate (architecture.json) among draws from checkpoint.pt; the same id drawn "
+            "from checkpoint-best.pt is another network") in capsys.readouterr().err
+    assert not (tmp_path / "h").exists()
     assert json.loads((tmp_path / "g" / "export.json").read_text())["checkpoint_epoch"] == 2
     assert main(["study", str(run), "--candidates", "4", "--checkpoint", "best", "--quiet"]) == 0
     study = json.loads((run / "study-default" / "study.json").read_text())

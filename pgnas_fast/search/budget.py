@@ -44,8 +44,8 @@ class Budget:
                 and (not self.max_macs or size["macs"] <= self.max_macs))
 
     def settings(self) -> dict:
-        """What a ranking's settings.json records of the budget (nothing without one)."""
-        return {"max_params": self.max_params, "max_macs": self.max_macs} if self else {}
+        """The budget as a ranking's settings.json and the summaries record it (0: no limit)."""
+        return {"max_params": self.max_params, "max_macs": self.max_macs}
 
     def __str__(self) -> str:
         limits = [f"{limit:,} {what}" for limit, what in ((self.max_params, "parameters"),

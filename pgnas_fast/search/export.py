@@ -91,6 +91,11 @@ def export_candidate(run_dir: str | Path, out: str | Path, *, candidate: int | N
                   f"export uses {bn_recalibrate}: its held-out accuracy is not the ranking's score", file=sys.stderr)
         bn_recalibrate = ranked_recalibration if bn_recalibrate is None else bn_recalibrate
     bn_recalibrate, checkpoint = bn_recalibrate or 0, checkpoint or "last"
+    if candidate is None and checkpoint != "last":  # (an id names a draw from one checkpoint's drop probabilities)
+        raise RunError(f"the search chose its candidate (architecture.json) among draws from {CHECKPOINTS['last']}; "
+                       f"the same id drawn from {CHECKPOINTS[checkpoint]} is another network: rank that checkpoint "
+                       f"(pgnas-fast rank {run_dir} --checkpoint {checkpoint} --tag TAG) and export with --rank TAG, "
+                       "or pass --candidate")
     data_dir = data_dir_of(run_dir, data_dir)
     loaded = load_run(run_dir, device=device, data_dir=data_dir, checkpoint=checkpoint)
     config, seed, model, feed = loaded.config, loaded.seed, loaded.model, loaded.feed

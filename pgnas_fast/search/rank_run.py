@@ -32,12 +32,12 @@ from .run import CHECKPOINTS, RunError, load_run, rebuild_for_evaluation
 def rank_run(run_dir: str | Path, *, candidates: int | None = None, strategy: str | None = None,
              evaluator: str = "batched", tag: str = "default", resume: bool = False, overwrite: bool = False,
              top: int = 10, eta: int | None = None, first_share: float | None = None, bn_recalibrate: int = 0,
-             max_params: int | None = None, max_macs: int | None = None, sized: bool = False,
+             max_params: int | None = None, max_macs: int | None = None, size_all: bool = False,
              checkpoint: str = "last", device: str = "cpu", data_dir=None, progress: bool = True) -> dict:
     """Rank candidates 0 .. `candidates` - 1 of a run (see the module's docstring) with the weights of
     `checkpoint` (run.CHECKPOINTS: last or best). Unset (None) settings take the run's config: its
     candidates, strategy, racing's eta and first share, its size budget (max_params, max_macs; 0 lifts a
-    limit). `sized`: size every candidate without a budget too (rows' params and macs, pareto.json)."""
+    limit). `size_all`: size every candidate without a budget too (rows' params and macs, pareto.json)."""
     run_dir = Path(run_dir)
     parallel, device = join(device)  # (torchrun with a cuda device: cuda:LOCAL_RANK for each rank)
     try:
@@ -69,19 +69,18 @@ def rank_run(run_dir: str | Path, *, candidates: int | None = None, strategy: st
             # checkpoint's epoch, since `search --resume` may train a checkpointed run on after a ranking; the
             # device type, whose arithmetic may differ in the last bits (and flip a prediction)
             settings = {"strategy": strategy, "candidates": candidates, "bn_recalibrate": bn_recalibrate,
-                        "checkpoint_epoch": loaded.epoch, "device": torch.device(device).type,
-                        # (named when not the last: settings files older than the choice hold none)
-                        **({"checkpoint": checkpoint} if checkpoint != "last" else {}),
-                        **({"eta": eta, "first_share": first_share} if strategy == "racing" else {}),
-                        **budget.settings()}
+                        "checkpoint": checkpoint, "checkpoint_epoch": loaded.epoch,
+                        "device": torch.device(device).type, **budget.settings(),
+                        **({"eta": eta, "first_share": first_share} if strategy == "racing" else {})}
             started = time.perf_counter()
             sharding = {"shard": (rank_id, world), "gather": parallel.all_gather if world > 1 else None}
             drawn, sizes = range(candidates), {}
-            if budget or sized:  # (before anything is written: a budget that nothing fits leaves no ranking
+            if budget or size_all:  # (before anything is written: a budget that nothing fits leaves no ranking
                 # behind; a resume sizes again, a fraction of the ranking's time)
                 sizes = candidate_sizes(model, seed, drawn, input_shape(config), progress=progress and rank_id == 0,
                                         **sharding)
                 drawn = within_budget(sizes, budget) if budget else drawn
+            sized = time.perf_counter()
             held.enter_context(writer_lock(run_dir, out.name, parallel))  # (before its rows are read or removed)
             if rank_id == 0 and out.is_dir():
                 remove_interrupted_writes(out)
@@ -133,8 +132,10 @@ def rank_run(run_dir: str | Path, *, candidates: int | None = None, strategy: st
                        "first_round_cut": first_round_cut(rows),
                        "images_evaluated": sum(r["images"] for r in rows),
                        "resumed_evaluations": log.restored,  # done before this resume
-                       # this process's ranking (a resume's: what was left), loading the run not included
-                       "seconds": time.perf_counter() - started, "world_size": world}
+                       # this process's ranking (a resume's: what was left), loading the run and sizing the
+                       # candidates not included
+                       "seconds": time.perf_counter() - sized, "sizing_seconds": sized - started,
+                       "world_size": world}
             if rank_id == 0:
                 write_jsonl(out / "candidates.jsonl", rows)
                 write_json(out / "top.json", [
@@ -142,6 +143,8 @@ def rank_run(run_dir: str | Path, *, candidates: int | None = None, strategy: st
                                         candidate=r, test_accuracy=None, size=size_of(r["id"])) for r in finalists])
                 if sizes:
                     write_json(out / "pareto.json", front)
+                else:  # (one of an earlier, sized run of the ranking, which this resume did not size)
+                    (out / "pareto.json").unlink(missing_ok=True)
                 write_json(out / "summary.json", summary)
             parallel.barrier()
             return summary
@@ -169,7 +172,9 @@ def _check_resumable(out: Path, settings: dict) -> None:
                            "rows were scored with are unknown; rank afresh (--overwrite) or under another "
                            "--tag") from None
         return  # not started yet: nothing to compare
-    ranked, now = started.get("checkpoint", "last"), settings.get("checkpoint", "last")
+    # (settings files older than these keys: the values they ran with)
+    started = {"checkpoint": "last", "max_params": 0, "max_macs": 0, **started}
+    ranked, now = started["checkpoint"], settings["checkpoint"]
     if ranked != now:
         raise RunError(f"{str(out)!r} ranks the {ranked} checkpoint ({CHECKPOINTS[ranked]}), this resume asks for the "
                        f"{now}: resume it with --checkpoint {ranked}, or rank under another --tag")

@@ -582,7 +582,7 @@ def _run_search(config: dict, *, seed: int, out_dir: Path, device: torch.device,
         "candidates": len(rows),  # ranked: under a size budget, those of the drawn that fit
         "random_candidates": len(random_rows),
         "drawn_candidates": config["candidates"],
-        "budget": Budget.of(config).settings() or None,
+        "budget": Budget.of(config).settings() if Budget.of(config) else None,
         "data": feed.sizes(),
         # --smoke: what the numbers above come from (they check data and config; they are not a search)
         "smoke": smoke_extent(feed) if smoke else None,

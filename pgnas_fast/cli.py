@@ -353,9 +353,8 @@ def _search(args) -> int:
         print(f"smoke check: {smoke['training_steps']} training steps, candidates scored on {smoke['heldout']} "
               f"held-out and {smoke['test']} test images: data and config work, the numbers mean nothing yet")
     budget = s["budget"]
-    fit = f" (those of the {s['drawn_candidates']} drawn that fit the budget: {Budget(**budget)})" if budget else ""
-    print(f"best candidate: {s['best_candidate']} of {s['candidates']}{fit} "
-          f"(keeps {percent(s['kept_fraction'])} of the gated input channels)")
+    print(f"best candidate: {s['best_candidate']}{_best_of(s['candidates'], s['drawn_candidates'], Budget(**(budget or {})))}"
+          f" (keeps {percent(s['kept_fraction'])} of the gated input channels)")
     print(f"  exported network: {s['params_subnet']:,} parameters, {s['macs_subnet']:,} MACs per image "
           f"({s['params_subnet'] / s['params_all_channels']:.0%} and {s['macs_subnet'] / s['macs_all_channels']:.0%} "
           "of the network with every channel kept)")
@@ -367,13 +366,19 @@ def _search(args) -> int:
     if s["random_mean_heldout_accuracy"] is not None:
         line += (f"; random gates at the same drop rate: {percent(s['random_mean_heldout_accuracy'])} "
                  f"(this run; cf. paper Table 3)")
+        if budget:  # (the two means are of other populations then)
+            line += (f"\n    (guided: the {s['candidates']} that fit the budget; random: {s['random_candidates']} drawn "
+                     "without it)")
     if s["mean_heldout_images"] < s["finalist_heldout_images"]:  # racing
         line += f"\n    (means over the first {s['mean_heldout_images']} held-out images, which every candidate saw)"
     print(line)
     # (the command's own time adds loading, accuracies, sizes and the report)
     before = s["resumed_from_epoch"]  # a resumed run's training time counts the epochs before the resume
+    if s["pareto"] is not None:
+        print(f"  Pareto front (held-out accuracy against parameters and MACs): {_front(s['pareto'])}")
     print(f"  time: training {s['train_seconds']:.1f} s"
           + (f" (of {counted(s['epochs'], 'epoch')}, {before} trained before this --resume)" if before else "")
+          + (f", sizing {counted(s['drawn_candidates'], 'candidate')} {s['sizing_seconds']:.1f} s" if budget else "")
           + f", ranking {s['rank_seconds']:.1f} s ({s['candidates']} guided + {s['random_candidates']} random: "
           f"{ranking_rate(s)}); this command {time.perf_counter() - started:.1f} s")
     print(f"run directory: {result.out_dir}")
@@ -402,14 +407,13 @@ def _rank(args) -> int:
                        device=str(device), data_dir=args.data_dir, progress=not args.quiet)
     if int(os.environ.get("RANK", "0")) == 0:
         best = summary["best"]
-        budget = Budget(summary.get("max_params", 0), summary.get("max_macs", 0))
-        fit = f" (those of the {summary['candidates']} drawn that fit the budget: {budget})" if budget else ""
-        print(f"best candidate: {best['id']} of {summary['ranked_candidates']}{fit}, held-out accuracy "
-              f"{percent(best['score'])} on {best['images']} images (keeps {percent(best['kept_fraction'])} of the "
-              "gated input channels)")
+        budget = Budget(summary["max_params"], summary["max_macs"])
+        print(f"best candidate: {best['id']}{_best_of(summary['ranked_candidates'], summary['candidates'], budget)}"
+              f", held-out accuracy {percent(best['score'])} on {best['images']:,} images (keeps "
+              f"{percent(best['kept_fraction'])} of the gated input channels)")
         print(f"  exported network: {best['params']:,} parameters, {best['macs']:,} MACs per image")
         print(f"  {summary['strategy']} with the {summary['evaluator']} evaluator: "
-              f"{summary['images_evaluated']} candidate-images evaluated"
+              f"{summary['images_evaluated']:,} candidate-images evaluated"
               + (f" ({summary['resumed_evaluations']} candidate-rounds restored from before this --resume)"
                  if summary["resumed_evaluations"] else ""))
         rate = (f" ({summary['ranked_candidates'] / summary['seconds']:.1f} candidates/s)"
@@ -418,10 +422,8 @@ def _rank(args) -> int:
                   if summary["pareto"] is not None else "")
         print(f"  time: {sizing}ranking {summary['seconds']:.1f} s{rate}")
         if summary["pareto"] is not None:
-            front = summary["pareto"]
             print(f"  Pareto front (held-out accuracy against parameters and MACs, of the finalists): "
-                  f"{counted(len(front), 'candidate')}, pareto.json" + (f": {', '.join(map(str, front))}"
-                                                                        if len(front) <= 10 else ""))
+                  f"{_front(summary['pareto'])}")
         if summary["checkpoint"] == "best":
             print(f"  weights: checkpoint-best.pt, of epoch {summary['checkpoint_epoch']} (the lowest training "
                   "objective)")
@@ -429,6 +431,21 @@ def _rank(args) -> int:
             print(f"  note: {note}")
         print(f"results: {Path(args.run_dir) / ('rank-' + args.tag)}")
     return 0
+
+
+def _best_of(ranked: int, drawn: int, budget) -> str:
+    """What follows the best candidate's id: ' of 200', or under a size budget ', the best of the 4 of the
+    200 drawn that fit the budget (at most ...)'."""
+    if not budget:
+        return f" of {ranked}"
+    return f", the best of the {ranked} of the {drawn} drawn that fit the budget ({budget})"
+
+
+def _front(ids: list[int]) -> str:
+    """A Pareto front's size and ids (up to 10), and where it is written."""
+    from .search.rank import counted
+
+    return counted(len(ids), "candidate") + (f" ({', '.join(map(str, ids))})" if len(ids) <= 10 else "") + ", pareto.json"
 
 
 MAX_TAG = 200  # a file name holds 255 bytes: '.rank-TAG.lock' and the temporaries' '.NAME.XXXXXXXX.tmp' fit
@@ -450,6 +467,8 @@ def _study(args) -> int:
     result = run_study(args.run_dir, candidates=args.candidates, tag=args.tag, overwrite=args.overwrite,
                        checkpoint=args.checkpoint, device=str(device), data_dir=args.data_dir, progress=not args.quiet)
     g, r, race = result["guided"], result["random"], result["racing"]
+    if result["checkpoint"] == "best":
+        print(f"weights: checkpoint-best.pt, of epoch {result['checkpoint_epoch']} (the lowest training objective)")
     print(f"guided: mean held-out {percent(g['mean'])}, best {percent(g['best'])}; "
           f"random at the same drop rate: mean {percent(r['mean'])}, best {percent(r['best'])}")
     print(f"racing winner's exhaustive rank {race['winner_exhaustive_rank']}, "
@@ -549,6 +568,11 @@ def _info_of_runs(run_dirs: list[str], *, as_json: bool) -> int:
     from .search.report import percent
     from .search.run_info import across_runs, run_info
 
+    seen: dict[Path, str] = {}
+    for d in run_dirs:
+        if Path(d).resolve() in seen:
+            raise UsageError(f"RUN_DIR {d!r} is given twice (as {seen[Path(d).resolve()]!r} before): each run counts once")
+        seen[Path(d).resolve()] = d
     runs = [run_info(d) for d in run_dirs]
     groups = across_runs(runs)
     if as_json:
@@ -576,11 +600,19 @@ def _info_of_runs(run_dirs: list[str], *, as_json: bool) -> int:
             return shown(value["mean"]) + (f" ± {shown(value['std'])}" if group["runs"] > 1 else "")
 
         changed = "".join(f"; {key} {value!r}" for key, value in group["changes"].items())
+        protocol = f"{group['preset']} ({group['posterior']}{changed})"
+        unfinished = (f"; not finished: seed{'s' if len(group['unfinished']) > 1 else ''} "
+                      f"{', '.join(map(str, group['unfinished']))}" if group["unfinished"] else "")
+        if not group["runs"]:
+            print(f"{protocol}: no finished run{unfinished}")
+            continue
         seeds = f"seed{'s' if group['runs'] > 1 else ''} {', '.join(map(str, group['seeds']))}"
-        print(f"{group['preset']} ({group['posterior']}{changed}), {counted(group['runs'], 'finished run')} ({seeds}): "
+        repeated = ("; note: a seed repeats, and runs of one seed repeat one search: they are not independent"
+                    if len(set(group["seeds"])) < len(group["seeds"]) else "")
+        print(f"{protocol}, {counted(group['runs'], 'finished run')} ({seeds}{unfinished}): "
               f"held-out {spread('heldout_accuracy', percent)}, test {spread('test_accuracy', percent)}, parameters "
               f"{spread('params', '{:,.0f}'.format)}, MACs per image {spread('macs', '{:,.0f}'.format)}"
-              + (" (mean ± sample std)" if group["runs"] > 1 else ""))
+              + (" (mean ± sample std)" if group["runs"] > 1 else "") + repeated)
     return 0
 
 
@@ -593,8 +625,9 @@ def _print_run(run: dict) -> None:
     state = "finished" if run["finished"] else "not finished"
     print(f"  training   {run['epochs_trained']} of {counted(run['epochs'], 'epoch')}, search {state}")
     if chosen := run["chosen"]:
-        drawn = (f" that fit the budget, of {chosen['drawn_candidates']} drawn"
-                 if chosen["drawn_candidates"] not in (None, chosen["candidates"]) else "")
+        budget = Budget(run["config"].get("max_params", 0), run["config"].get("max_macs", 0))
+        drawn = (f" that fit the budget ({budget}) of {chosen['drawn_candidates']} drawn"
+                 if budget and chosen["drawn_candidates"] is not None else "")
         size = (f", {chosen['params']:,} parameters, {chosen['macs']:,} MACs per image"
                 if chosen["params"] is not None else "")
         print(f"  chosen     candidate {chosen['candidate']} of {chosen['candidates']}{drawn}: held-out "

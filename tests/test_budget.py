@@ -59,8 +59,16 @@ def test_within_budget_keeps_the_fitting_ids_and_names_the_smallest_when_none_fi
     assert within_budget(sizes, Budget(max_params=95)) == [1, 4]
     assert within_budget(sizes, Budget(max_params=95, max_macs=600)) == [4]
     with pytest.raises(BudgetError, match=r"none of the 3 drawn candidates fits the budget \(at most 60 parameters\): "
-                                          r"the smallest has 70 parameters, the cheapest 400 MACs per image"):
+                                          r"every one has more than 60 parameters \(the smallest: 70; --max-params\); "
+                                          r"raise a limit, or draw more candidates"):
         within_budget(sizes, Budget(max_params=60))
+    with pytest.raises(BudgetError, match=r"\(at most 95 parameters and 450 MACs per image\): some fit each limit, "
+                                          r"none both \(the smallest has 70 parameters, the cheapest 400 MACs"):
+        within_budget(sizes, Budget(max_params=95, max_macs=450))
+    with pytest.raises(BudgetError, match=r"\(at most 200 parameters and 300 MACs per image\): every one has more "
+                                          r"than 300 MACs per image \(the smallest: 400; --max-macs\); raise"):
+        within_budget(sizes, Budget(max_params=200, max_macs=300))
+    assert str(Budget(1, 1)) == "at most 1 parameter and 1 MAC per image"
 
 
 def test_config_keys_are_checked():
@@ -103,7 +111,10 @@ def test_a_budgeted_search_ranks_exactly_the_candidates_that_fit(budgeted):
     report = (out / "report.md").read_text()
     assert (f"| size budget | at most 31,000 parameters and 710,000 MACs per image: {len(fitting)} of the 20 drawn "
             "candidates fit and were ranked; the random baseline is drawn without it") in report
-    assert "with the sizing of the drawn candidates for the budget" in report
+    assert (f"with the last epoch's weights; first 20 candidates sized for the budget in "
+            f"{summary['sizing_seconds']:.1f} s |") in report
+    assert json.loads((out / "pareto.json").read_text()) == pareto_front(rows)
+    assert summary["pareto"] == [r["id"] for r in pareto_front(rows)]
 
 
 def test_sizing_sharded_equals_one_process(budgeted):
@@ -132,8 +143,8 @@ def test_rank_takes_the_run_s_budget_or_its_own(capsys, budgeted):
     ranked = json.loads((out / "rank-as-run" / "summary.json").read_text())
     assert ranked["ranked_candidates"] == summary["candidates"] and ranked["max_params"] == 31_000
     assert ranked["best"]["id"] == summary["best_candidate"]
-    assert (f"(those of the 20 drawn that fit the budget: at most 31,000 parameters and 710,000 MACs per image)"
-            in captured.out)
+    assert (f"best candidate: {summary['best_candidate']}, the best of the {summary['candidates']} of the 20 drawn that "
+            "fit the budget (at most 31,000 parameters and 710,000 MACs per image), held-out accuracy") in captured.out
     best = sizes[summary["best_candidate"]]
     assert f"  exported network: {best['params']:,} parameters, {best['macs']:,} MACs per image" in captured.out
     # --max-params 0 lifts the run's limit; the MACs limit stays
@@ -164,11 +175,21 @@ def test_a_budget_nothing_fits_stops_before_anything_is_written(capsys, budgeted
     assert code == 2 and captured.err.count("\n") == 1
     assert "none of the 20 drawn candidates fits the budget (at most 1,000 parameters and 710,000 MACs" in captured.err
     assert not (out / "rank-tiny").exists()
-    # a search stops after training, keeps its checkpoint and says how to rank it
+    code, captured = _rank(capsys, out, "--tag", "tiny", "--max-params", 100)  # (before any candidate is sized)
+    assert code == 2 and "no candidate can fit the budget (at most 100 parameters and 710,000 MACs" in captured.err
+    # a budget that even the smallest network (every gated channel dropped: 704 parameters, 9,216 MACs) is
+    # over is refused before training
     run = tmp_path / "run"
-    with pytest.raises(BudgetError, match=rf"the smallest has .*The trained super-network is kept: `pgnas-fast rank "
-                                          rf"{run} --max-params N --max-macs N`"):
+    with pytest.raises(BudgetError, match=r"no candidate can fit the budget \(at most 1,000 MACs per image\): with "
+                                          r"every gated input channel dropped the network still has 704 parameters "
+                                          r"and 9,216 MACs per image"):
         run_search(small_config(epochs=1, candidates=3, random_baseline=0, max_macs=1000), seed=0, out_dir=run,
+                   progress=False)
+    assert not (run / "checkpoint.pt").exists()
+    # one that none of the drawn fits stops after training, keeps the checkpoint and says how to rank it
+    with pytest.raises(BudgetError, match=rf"every one has more than 5,000 parameters .*The trained super-network is "
+                                          rf"kept: `pgnas-fast rank {run} --max-params N --max-macs N`"):
+        run_search(small_config(epochs=1, candidates=3, random_baseline=0, max_params=5000), seed=0, out_dir=run,
                    progress=False)
     assert (run / "checkpoint.pt").is_file() and not (run / "summary.json").exists()
 
@@ -180,9 +201,11 @@ def test_search_takes_the_budget_from_its_flags(capsys, tmp_path):
     argv = ["search", "--epochs", "1", "--candidates", "3", "--random-baseline", "0", "--max-params", "1000000000",
             "--max-macs", "999999999", "--out", str(out), "--quiet"]
     assert main(argv) == 0
-    printed = capsys.readouterr().out
-    assert ("(those of the 3 drawn that fit the budget: at most 1,000,000,000 parameters and 999,999,999 MACs per "
-            "image)") in printed
+    captured = capsys.readouterr()
+    assert ("the best of the 3 of the 3 drawn that fit the budget (at most 1,000,000,000 parameters and 999,999,999 "
+            "MACs per image) (keeps") in captured.out
+    assert ("note: the budget (at most 1,000,000,000 parameters and 999,999,999 MACs per image) excludes no "
+            "candidate: the network with every channel kept has 35,322 parameters") in captured.err
     summary = json.loads((out / "summary.json").read_text())
     assert summary["budget"] == {"max_params": 1_000_000_000, "max_macs": 999_999_999}
     config = json.loads((out / "config.json").read_text())["config"]
@@ -264,3 +287,8 @@ def test_rank_sizes_writes_every_candidate_s_size_and_the_front(capsys, budgeted
     assert _rank(capsys, out, "--candidates", 3, "--max-params", 0, "--max-macs", 0, "--tag", "plain")[0] == 0
     assert json.loads((out / "rank-plain" / "summary.json").read_text())["pareto"] is None
     assert not (out / "rank-plain" / "pareto.json").exists()
+
+
+def test_a_boolean_budget_is_refused_in_json_spelling():
+    with pytest.raises(configs.ConfigError, match=r"config key 'max_params' must be an int >= 0, got true$"):
+        configs.resolve("digits-tiny", {"max_params": True})

@@ -543,8 +543,8 @@ def test_info_of_several_runs_averages_each_protocol_over_its_seeds(capsys, fini
     assert lines[4].split()[1:] == ["digits-tiny", "concrete", "6", "2/2", "(search", "not", "finished)"]
     std = statistics.stdev([0.9, 0.7])
     assert lines[5] == (f"digits-tiny (concrete; candidates 6; epochs 2; random_baseline 4), 2 finished runs (seeds 3, "
-                        f"4): held-out 80.00% ± {100 * std:.2f}%, test 70.00% ± {100 * std:.2f}%, parameters 2,000 ± "
-                        "1,414, MACs per image 60,000 ± 14,142 (mean ± sample std)")
+                        f"4; not finished: seed 6): held-out 80.00% ± {100 * std:.2f}%, test 70.00% ± {100 * std:.2f}%, "
+                        "parameters 2,000 ± 1,414, MACs per image 60,000 ± 14,142 (mean ± sample std)")
     assert lines[6].startswith("digits-tiny (concrete; candidates 6; epochs 3; random_baseline 4), 1 finished run "
                                "(seed 5): held-out 50.00%, test 50.00%, parameters 10, MACs per image 10")
     facts = json.loads(run_cli(capsys, "info", *map(str, runs), "--json")[1])
@@ -552,6 +552,17 @@ def test_info_of_several_runs_averages_each_protocol_over_its_seeds(capsys, fini
     first = facts["across_runs"][0]
     assert first["test_accuracy"] == {"mean": pytest.approx(0.7), "std": pytest.approx(std), "min": 0.6, "max": 0.8}
     assert first["changes"] == {"epochs": 2, "candidates": 6, "random_baseline": 4} and first["seeds"] == [3, 4]
+    assert first["unfinished"] == [6]
+    # a run given twice is refused; two runs of one seed are said not to be independent
+    code, _, err = run_cli(capsys, "info", str(runs[0]), str(runs[0]) + "/")
+    assert code == 2 and "is given twice" in err
+    twin = copy("e", 3, 0.9, 0.8, 1000, 50_000)
+    code, out, _ = run_cli(capsys, "info", str(runs[0]), str(twin))
+    assert "(seeds 3, 3)" in out and "note: a seed repeats, and runs of one seed repeat one search" in out
+    # a protocol with no finished run
+    code, out, _ = run_cli(capsys, "info", str(runs[3]), str(runs[2]))
+    assert "digits-tiny (concrete; candidates 6; epochs 2; random_baseline 4): no finished run; not finished: seed 6" \
+        in out
 
 
 def test_version(capsys):

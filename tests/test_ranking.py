@@ -396,8 +396,8 @@ def test_rank_and_export_of_an_unfinished_search_say_so(capsys, run_dir, tmp_pat
 
     run = tmp_path / "run"
     shutil.copytree(run_dir, run)
-    note = (f"note: the search in {str(run)!r} has not finished (still training, or stopped): its checkpoint.pt is of "
-            "epoch 3 of ")
+    note = (f"note: the search in {str(run)!r} has not finished (its training ended but its ranking did not "
+            "(stopped, or no drawn candidate fit its budget)): its checkpoint.pt is of epoch 3 of 3")
     code, captured = _rank_cli(capsys, run_dir, "--candidates", 2, "--tag", "finished")
     assert code == 0 and "note: the search" not in captured.err
     (run / "summary.json").unlink()
@@ -405,6 +405,11 @@ def test_rank_and_export_of_an_unfinished_search_say_so(capsys, run_dir, tmp_pat
     assert code == 0 and captured.err.startswith(note)
     assert main(["export", str(run), "--candidate", "1", "--out", str(tmp_path / "export")]) == 0
     assert capsys.readouterr().err.startswith(note)
+    log = (run / "train_log.jsonl").read_text().splitlines(keepends=True)
+    (run / "train_log.jsonl").write_text("".join(log[:2]))  # as while its third epoch trains
+    assert _rank_cli(capsys, run, "--candidates", 2, "--tag", "earlier")[1].err.startswith(
+        f"note: the search in {str(run)!r} has not finished (still training, or stopped): its checkpoint.pt is of "
+        "epoch 3 of 3")
 
 
 def test_rank_resume_says_how_much_was_done_before(capsys, run_dir):
@@ -567,6 +572,7 @@ def test_rank_study_and_export_read_the_best_checkpoint_when_asked(capsys, run_d
     assert not (tmp_path / "h").exists()
     assert json.loads((tmp_path / "g" / "export.json").read_text())["checkpoint_epoch"] == 2
     assert main(["study", str(run), "--candidates", "4", "--checkpoint", "best", "--quiet"]) == 0
+    assert "weights: checkpoint-best.pt, of epoch 2 (the lowest training objective)" in capsys.readouterr().out
     study = json.loads((run / "study-default" / "study.json").read_text())
     assert (study["checkpoint"], study["checkpoint_epoch"]) == ("best", 2)
     markdown = (run / "study-default" / "study.md").read_text()

@@ -287,8 +287,8 @@ def test_a_run_of_an_older_version_resumes_and_reads_with_newer_config_keys(fini
     assert result.summary["resumed_from_epoch"] == 2
     assert json.loads((run / "config.json").read_text())["config"]["max_params"] == 0  # this version's config now
     assert load_run(run, checkpoint="best").epoch == 2  # (its best checkpoint still the older version's)
-    with pytest.raises(RunError, match=r"another config or seed: max_params 0 \(now 5\)\. Resume"):
-        run_search(small_config(max_params=5), seed=3, out_dir=run, resume=True, progress=False)
+    with pytest.raises(RunError, match=r"another config or seed: max_params 0 \(now 1000000000\)\. Resume"):
+        run_search(small_config(max_params=10**9), seed=3, out_dir=run, resume=True, progress=False)
 
 
 def test_resume_refuses_another_number_of_processes(finished_run, tmp_path):

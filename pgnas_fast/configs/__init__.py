@@ -317,7 +317,8 @@ def _check_value(key: str, value, spec) -> None:
         # a --set value that failed to parse as JSON arrives as its text
         hint = (" (not valid JSON: quote the keys and strings, e.g. '{\"width\": 8}')"
                 if isinstance(value, str) and value.lstrip()[:1] in ("{", "[") else "")
-        raise ConfigError(f"config key {key!r} must be {expected}, got {value!r}{hint}")
+        shown = json.dumps(value) if isinstance(value, (bool, type(None))) else repr(value)  # (as the user wrote it)
+        raise ConfigError(f"config key {key!r} must be {expected}, got {shown}{hint}")
 
 
 def _check_dataset_keys(config: dict) -> None:

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from ..nn import candidate_masks
+from ..nn import candidate_masks, gated_layers
 from ..ops.streams import Domain
 from .io import RunError
 
@@ -48,8 +48,9 @@ class Budget:
         return {"max_params": self.max_params, "max_macs": self.max_macs}
 
     def __str__(self) -> str:
-        limits = [f"{limit:,} {what}" for limit, what in ((self.max_params, "parameters"),
-                                                          (self.max_macs, "MACs per image")) if limit]
+        limits = [f"{limit:,} {what if limit != 1 else one}" for limit, what, one in
+                  ((self.max_params, "parameters", "parameter"), (self.max_macs, "MACs per image", "MAC per image"))
+                  if limit]
         return "at most " + " and ".join(limits) if limits else "no budget"
 
 
@@ -60,6 +61,26 @@ def candidate_size(model: nn.Module, masks: Mapping[str, torch.Tensor], input_si
 
     facts = describe(materialize(model, masks), input_size)
     return {"params": facts["params"], "macs": facts["macs"]}
+
+
+def check_reachable(model: nn.Module, budget: Budget, input_size) -> str | None:
+    """Before any training or sizing: a BudgetError when no candidate can fit `budget` (even the network
+    with every gated input channel dropped, the smallest any candidate can be, is over it); a note when
+    every candidate fits (the network with every channel kept is within it); None otherwise."""
+    def every_channel(value: float) -> dict[str, int]:
+        return candidate_size(model, {name: torch.full((layer.gate_channels,), value, device=layer.p_logit.device)
+                                      for name, layer in gated_layers(model)}, input_size)
+
+    smallest = every_channel(0.0)
+    if not budget.fits(smallest):
+        raise BudgetError(f"no candidate can fit the budget ({budget}): with every gated input channel dropped the "
+                          f"network still has {smallest['params']:,} parameters and {smallest['macs']:,} MACs per "
+                          "image (its ungated layers)")
+    largest = every_channel(1.0)
+    if budget.fits(largest):
+        return (f"the budget ({budget}) excludes no candidate: the network with every channel kept has "
+                f"{largest['params']:,} parameters and {largest['macs']:,} MACs per image")
+    return None
 
 
 def candidate_sizes(model: nn.Module, seed: int, candidates: Sequence[int], input_size, *,
@@ -83,9 +104,14 @@ def within_budget(sizes: Mapping[int, Mapping[str, int]], budget: Budget) -> lis
     fitting = sorted(c for c, size in sizes.items() if budget.fits(size))
     if not fitting:
         smallest = {key: min(size[key] for size in sizes.values()) for key in ("params", "macs")}
-        raise BudgetError(f"none of the {len(sizes)} drawn candidates fits the budget ({budget}): the smallest has "
-                          f"{smallest['params']:,} parameters, the cheapest {smallest['macs']:,} MACs per image; "
-                          "raise --max-params / --max-macs, or draw more candidates")
+        over = [f"every one has more than {limit:,} {what} (the smallest: {smallest[key]:,}; {flag})"
+                for key, limit, what, flag in (("params", budget.max_params, "parameters", "--max-params"),
+                                               ("macs", budget.max_macs, "MACs per image", "--max-macs"))
+                if limit and smallest[key] > limit]
+        why = "; ".join(over) or (f"some fit each limit, none both (the smallest has {smallest['params']:,} "
+                                  f"parameters, the cheapest {smallest['macs']:,} MACs per image)")
+        raise BudgetError(f"none of the {len(sizes)} drawn candidates fits the budget ({budget}): {why}; raise a "
+                          "limit, or draw more candidates")
     return fitting
 
 
@@ -105,4 +131,5 @@ def pareto_front(rows: Sequence[Mapping]) -> list[dict]:
     return front
 
 
-__all__ = ["Budget", "BudgetError", "candidate_size", "candidate_sizes", "pareto_front", "within_budget"]
+__all__ = ["Budget", "BudgetError", "candidate_size", "candidate_sizes", "check_reachable", "pareto_front",
+           "within_budget"]

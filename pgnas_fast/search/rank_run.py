@@ -20,7 +20,7 @@ import torch
 
 from ..configs import input_shape
 from ..nn import candidate_masks
-from .budget import Budget, candidate_size, candidate_sizes, pareto_front, within_budget
+from .budget import Budget, candidate_size, candidate_sizes, check_reachable, pareto_front, within_budget
 from .export import architecture_record
 from .feed import checked_recalibration_images
 from .io import changed_settings, lock_is_held, remove_interrupted_writes, write_json, write_jsonl, writer_lock
@@ -75,6 +75,8 @@ def rank_run(run_dir: str | Path, *, candidates: int | None = None, strategy: st
             started = time.perf_counter()
             sharding = {"shard": (rank_id, world), "gather": parallel.all_gather if world > 1 else None}
             drawn, sizes = range(candidates), {}
+            if budget and (note := check_reachable(model, budget, input_shape(config))) and rank_id == 0:
+                print(f"note: {note}", file=sys.stderr)
             if budget or size_all:  # (before anything is written: a budget that nothing fits leaves no ranking
                 # behind; a resume sizes again, a fraction of the ranking's time)
                 sizes = candidate_sizes(model, seed, drawn, input_shape(config), progress=progress and rank_id == 0,

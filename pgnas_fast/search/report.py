@@ -135,8 +135,7 @@ def ranking_rate(summary: dict) -> str:
     """A search's ranking speed, or, after a resume, how much of the ranking the progress logs held."""
     if summary.get("candidates_per_second") is None:
         return f"resumed: {summary['resumed_evaluations']} evaluations from the progress logs"
-    sized = " with the sizing of the drawn candidates for the budget" if summary.get("budget") else ""
-    return f"{summary['candidates_per_second']:.1f} candidates/s{sized}"
+    return f"{summary['candidates_per_second']:.1f} candidates/s"
 
 
 def _regulariser(config: dict, summary: dict) -> str:
@@ -181,7 +180,9 @@ def write_report(run_dir: str | Path) -> Path:
         + (f", data parallel over {s['world_size']} processes (torchrun)" if s.get("world_size", 1) > 1 else "")
         + " |",
         f"| ranking | {s['candidates']} guided ({config['ranking']}) + {s['random_candidates']} random candidates, "
-        f"{s['rank_seconds']:.1f} s ({ranking_rate(s)}), with the last epoch's weights |",
+        f"{s['rank_seconds']:.1f} s ({ranking_rate(s)}), with the last epoch's weights"
+        + (f"; first {s['drawn_candidates']} candidates sized for the budget in {s['sizing_seconds']:.1f} s"
+           if s.get("budget") else "") + " |",
         f"| chosen candidate | {arch['candidate']}, keeps {percent(arch['kept_fraction'])} of the gated input channels"
         + (f" ({s['tied_for_best']} finalists tied at its held-out score: the smallest network is chosen, then the "
            "lowest id)" if s.get("tied_for_best", 1) > 1 else "") + " |",

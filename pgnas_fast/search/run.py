@@ -10,6 +10,8 @@ held-out and test accuracy, and a run directory:
     candidates.jsonl        one row per guided candidate: id, score (held-out accuracy), images,
                             first_round_score, kept_fraction (and params, macs under a size budget)
     random_candidates.jsonl the random-gate baseline at the same expected drop rate (if enabled)
+    pareto.json             under a size budget: the finalists no other matches or beats in held-out
+                            accuracy, parameters and MACs at once
     rank-search/            the ranking's progress log, so that --resume never scores a candidate twice
     rank-search-random/     the same for the random baseline
     data.json               the --data-dir the run read (absolute) and a fingerprint of its data: the default
@@ -32,6 +34,7 @@ import shutil
 import statistics
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,7 +49,8 @@ from ..nn import candidate_masks, set_gates, set_posterior
 from ..ops import dispatch
 from ..ops.streams import Domain
 from ..supernets.info import count_parameters, describe
-from .budget import Budget, BudgetError, candidate_size, candidate_sizes, within_budget
+from .budget import (Budget, BudgetError, candidate_size, candidate_sizes, check_reachable, pareto_front,
+                     within_budget)
 from .export import architecture_record
 from .feed import CifarLoaderFeed, LoaderFeed, TensorFeed, check_batchnorm_rows, check_shards
 from .io import (DATA_FILE, SEARCH_RANKINGS, RunError, changed_settings, check_data_record, complete_lines,
@@ -61,6 +65,7 @@ from .train import make_optimizer, train_posterior
 
 RUN_FILES = ("config.json", "checkpoint.pt", "checkpoint-best.pt", "train_log.jsonl", "candidates.jsonl",
              "random_candidates.jsonl", "architecture.json", "summary.json", "report.md", *FIGURES)
+BUDGET_FILES = ("pareto.json",)  # a run's under a size budget only
 SEARCH_ONLY_FILES = ("checkpoint.pt", "train_log.jsonl", "summary.json")  # a run's, never an export's
 # the weights that rank, study and export read (--checkpoint): the last finished epoch's (the search
 # ranks these, as the authors did) or those of the epoch with the lowest training objective
@@ -289,28 +294,47 @@ def load_run(run_dir: str | Path, *, device: str = "cpu", data_dir: str | Path |
                        "data set the run searched on?") from None
     feed = build_feed(config, data, torch.device(device), seed=seed)
     if not (run_dir / "summary.json").exists() and os.environ.get("RANK", "0") == "0":  # (torchrun: rank 0 says it)
-        print(f"note: the search in {str(run_dir)!r} has not finished (still training, or stopped): its "
-              f"{path.name} is of epoch {state['epoch']} of {config['epochs']}", file=sys.stderr)
+        trained = complete_lines(run_dir / "train_log.jsonl") >= config["epochs"]
+        why = ("its training ended but its ranking did not (stopped, or no drawn candidate fit its budget)" if trained
+               else "still training, or stopped")
+        print(f"note: the search in {str(run_dir)!r} has not finished ({why}): its {path.name} is of epoch "
+              f"{state['epoch']} of {config['epochs']}", file=sys.stderr)
     return LoadedRun(config=config, seed=seed, model=model, feed=feed, epoch=state["epoch"],
                      data_fingerprint=fingerprint, checkpoint=checkpoint)
 
 
+def budgeted_candidates(model: torch.nn.Module, config: dict, *, seed: int, progress: bool,
+                        parallel: Parallel = SINGLE_PROCESS) -> tuple[Sequence[int], dict[int, dict]]:
+    """The search's guided candidates under its size budget (config keys max_params, max_macs): the
+    drawn ones that fit, and every drawn one's {params, macs}; without a budget all of them, unsized.
+    Data parallel: each rank sizes its share and all ranks get every size."""
+    drawn = range(config["candidates"])
+    if not (budget := Budget.of(config)):
+        return drawn, {}
+    sizes = candidate_sizes(model, seed, drawn, configs.input_shape(config), progress=progress and parallel.is_main,
+                            shard=(parallel.rank, parallel.world),
+                            gather=parallel.all_gather if parallel.enabled else None)
+    return within_budget(sizes, budget), sizes
+
+
 def rank_search_candidates(model: torch.nn.Module, feed: TensorFeed | LoaderFeed, config: dict, *, seed: int,
                            progress: bool, random: bool = False, log: ProgressLog | None = None,
-                           parallel: Parallel = SINGLE_PROCESS) -> list[dict]:
+                           parallel: Parallel = SINGLE_PROCESS, candidates: Sequence[int] | None = None,
+                           sizes: Mapping[int, dict] | None = None) -> list[dict]:
     """The search's ranking: batched, with the preset's strategy, the random-gate baseline too (under
     racing both families' means are over the first round's images, which every candidate of either
-    saw: `first_round_score`). Under a size budget (config keys max_params, max_macs) only the drawn
-    guided candidates that fit are ranked, and their rows carry their sizes; the random baseline is
-    Table 3's, at the guided candidates' expected drop rate, without the budget. Data parallel: each
-    rank scores its share of every round and all ranks get every row."""
+    saw: `first_round_score`). `candidates`: the guided ids (budgeted_candidates'; by default all
+    drawn), whose rows carry their `sizes`; the random baseline is Table 3's, at the guided candidates'
+    expected drop rate, drawn without the budget. Data parallel: each rank scores its share of every
+    round and all ranks get every row."""
     sharding = {"shard": (parallel.rank, parallel.world), "gather": parallel.all_gather if parallel.enabled else None}
     masks = {"domain": Domain.RANDOM_CANDIDATE, "p_logits": uniform_drop_logits(model)} if random else {}
     progress = progress and parallel.is_main
-    candidates, sizes = range(config["random_baseline"] if random else config["candidates"]), {}
-    if (budget := Budget.of(config)) and not random:
-        sizes = candidate_sizes(model, seed, candidates, configs.input_shape(config), progress=progress, **sharding)
-        candidates = within_budget(sizes, budget)
+    if random:
+        candidates, sizes = range(config["random_baseline"]), {}
+    elif candidates is None:
+        candidates = range(config["candidates"])
+    sizes = sizes or {}
     extra = {**sharding, **masks, **({"desc": "random baseline"} if random else {})}
     if log is not None:
         log.directory.mkdir(exist_ok=True)
@@ -324,7 +348,7 @@ def rank_search_candidates(model: torch.nn.Module, feed: TensorFeed | LoaderFeed
 
 def _held_run(out_dir: Path) -> str | None:
     """What run `out_dir` holds, in words ('finished', 'trained 12 epochs', ...); None: none."""
-    if not any((out_dir / name).exists() for name in (*RUN_FILES, DATA_FILE)):
+    if not any((out_dir / name).exists() for name in (*RUN_FILES, *BUDGET_FILES, DATA_FILE)):
         return None
     if (out_dir / "summary.json").exists():
         return "finished"
@@ -426,6 +450,10 @@ def _run_search(config: dict, *, seed: int, out_dir: Path, device: torch.device,
               file=sys.stderr)
     check_batchnorm_rows(model, configs.input_shape(config), feed.train_batch_sizes(), parallel,
                          sync_bn=config["sync_bn"])
+    if budget := Budget.of(config):  # (a budget no candidate can meet is refused before days of training)
+        note = check_reachable(model, budget, configs.input_shape(config))
+        if note and main:
+            print(f"note: {note}", file=sys.stderr)
     optimizer = make_optimizer(model, config)
     n_train = config["n_train"] or feed.n_train
     run_config = {"config": config, "seed": seed}
@@ -476,7 +504,7 @@ def _run_search(config: dict, *, seed: int, out_dir: Path, device: torch.device,
         train_log = _trained_epochs(out_dir / "train_log.jsonl", start_epoch)
     elif main:
         held_a_run = _held_run(out_dir) is not None
-        for name in (*RUN_FILES, DATA_FILE):  # a fresh run replaces an old one whole
+        for name in (*RUN_FILES, *BUDGET_FILES, DATA_FILE):  # a fresh run replaces an old one whole
             (out_dir / name).unlink(missing_ok=True)
         # and what was derived from the old checkpoint: the search's ranking, `rank` and `study` results
         # (a `rank --resume` would otherwise reuse the old weights' scores); in a directory that held no
@@ -521,11 +549,13 @@ def _run_search(config: dict, *, seed: int, out_dir: Path, device: torch.device,
     evaluation_layout(model, config)
     logs = {family: ProgressLog(out_dir / name, parallel.rank) for family, name in SEARCH_RANKINGS.items()}
     try:
-        rows = rank_search_candidates(model, feed, config, seed=seed, progress=progress, log=logs["guided"],
-                                      parallel=parallel)
+        guided, sizes = budgeted_candidates(model, config, seed=seed, progress=progress, parallel=parallel)
     except BudgetError as err:
         raise BudgetError(f"{err}. The trained super-network is kept: `pgnas-fast rank {out_dir} --max-params N "
-                          "--max-macs N` ranks it under another budget") from None
+                          "--max-macs N` ranks it under another budget (or search afresh with --overwrite)") from None
+    sized = time.perf_counter()
+    rows = rank_search_candidates(model, feed, config, seed=seed, progress=progress, log=logs["guided"],
+                                  parallel=parallel, candidates=guided, sizes=sizes)
     random_rows = []
     if config["random_baseline"]:
         random_rows = rank_search_candidates(model, feed, config, seed=seed, progress=progress, random=True,
@@ -537,6 +567,9 @@ def _run_search(config: dict, *, seed: int, out_dir: Path, device: torch.device,
         parallel.barrier()
         return SearchResult(out_dir=out_dir, summary={}, architecture={}, is_main=False)
     write_jsonl(out_dir / "candidates.jsonl", rows)
+    front = pareto_front(rows) if sizes else []
+    if sizes:
+        write_json(out_dir / "pareto.json", front)
     if random_rows:
         write_jsonl(out_dir / "random_candidates.jsonl", random_rows)
 
@@ -583,17 +616,22 @@ def _run_search(config: dict, *, seed: int, out_dir: Path, device: torch.device,
         "random_candidates": len(random_rows),
         "drawn_candidates": config["candidates"],
         "budget": Budget.of(config).settings() if Budget.of(config) else None,
+        # under a budget, where every drawn candidate was sized: the finalists no other matches or beats in
+        # held-out accuracy, parameters and MACs at once (pareto.json)
+        "pareto": [r["id"] for r in front] if sizes else None,
         "data": feed.sizes(),
         # --smoke: what the numbers above come from (they check data and config; they are not a search)
         "smoke": smoke_extent(feed) if smoke else None,
         # every epoch's, those before a --resume included (this process alone trained since `started`)
         "train_seconds": sum(row.get("seconds", 0.0) for row in train_log) or trained - started,
-        "rank_seconds": ranked - trained,  # this process's (a resumed search's ranking did part of the work before)
+        # this process's (a resumed search's ranking did part of the work before)
+        "rank_seconds": ranked - sized,
+        "sizing_seconds": sized - trained,  # the drawn candidates', for the budget (0 without one)
         # the checkpoint's epoch this process started from (0: a fresh run), of how many
         "resumed_from_epoch": start_epoch, "epochs": config["epochs"],
         "resumed_evaluations": resumed,
         # both kinds; a rate only when this process ranked them all
-        "candidates_per_second": None if resumed else (len(rows) + len(random_rows)) / max(ranked - trained, 1e-9),
+        "candidates_per_second": None if resumed else (len(rows) + len(random_rows)) / max(ranked - sized, 1e-9),
         "params_supernet": count_parameters(model),
         "params_all_channels": all_channels["params"],
         "params_subnet": size["params"],

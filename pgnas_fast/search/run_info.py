@@ -90,18 +90,18 @@ AVERAGED = ("heldout_accuracy", "test_accuracy", "params", "macs")
 
 def across_runs(runs: list[dict]) -> list[dict]:
     """Per protocol (preset, posterior and the config's changes from the preset: runs that differ only in
-    their seed), over its finished runs: {preset, posterior, changes, runs, seeds, and for each of
-    AVERAGED {mean, std (sample; 0 for one run), min, max}}, in the order the protocols first appear."""
+    their seed), in the order the protocols first appear: {preset, posterior, changes, runs (finished),
+    seeds (theirs), unfinished (their seeds), and for each of AVERAGED over the finished runs {mean, std
+    (sample; 0 for one run), min, max}, or None without one}."""
     groups: dict[tuple, list[dict]] = {}
     for run in runs:
-        if run["chosen"] is not None:
-            changes = run["changes"] if run["changes"] is not None else {"config": run["config"]}
-            key = (run["preset"], run["posterior"], json.dumps(changes, sort_keys=True))
-            groups.setdefault(key, []).append(run)
+        changes = run["changes"] if run["changes"] is not None else {"config": run["config"]}
+        groups.setdefault((run["preset"], run["posterior"], json.dumps(changes, sort_keys=True)), []).append(run)
     rows = []
-    for (preset, posterior, changes), members in groups.items():
+    for (preset, posterior, changes), group in groups.items():
+        members = [r for r in group if r["chosen"] is not None]
         row = {"preset": preset, "posterior": posterior, "changes": json.loads(changes), "runs": len(members),
-               "seeds": [r["seed"] for r in members]}
+               "seeds": [r["seed"] for r in members], "unfinished": [r["seed"] for r in group if r["chosen"] is None]}
         for key in AVERAGED:
             values = [r["chosen"][key] for r in members if r["chosen"].get(key) is not None]
             row[key] = None if not values else {

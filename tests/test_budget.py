@@ -292,3 +292,50 @@ def test_rank_sizes_writes_every_candidate_s_size_and_the_front(capsys, budgeted
 def test_a_boolean_budget_is_refused_in_json_spelling():
     with pytest.raises(configs.ConfigError, match=r"config key 'max_params' must be an int >= 0, got true$"):
         configs.resolve("digits-tiny", {"max_params": True})
+
+
+def test_sizes_are_kept_for_every_later_ranking_and_survive_a_cut_line(capsys, budgeted, monkeypatch, tmp_path):
+    """The search sized its drawn candidates into RUN_DIR/sizes/: a ranking of the same weights under
+    another budget sizes none again; a kill mid-sizing keeps what was sized (a cut last line is skipped);
+    another checkpoint or epoch is another cache; a fresh search removes it."""
+    import shutil
+
+    from pgnas_fast.search import budget as budget_module
+    from pgnas_fast.search.budget import SizeCache, size_cache_key
+
+    out, summary, loaded, sizes = budgeted
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    cache = SizeCache(run / "sizes", size_cache_key("last", 2, "cpu"))
+    assert {c: cache.load()[c] for c in range(20)} == sizes  # the search's 20 (and what other tests' rankings added)
+    shutil.rmtree(run / "sizes")
+    sized = []
+    real_size = budget_module.candidate_size
+
+    def counting(model, masks, input_size):
+        sized.append(1)
+        return real_size(model, masks, input_size)
+
+    monkeypatch.setattr(budget_module, "candidate_size", counting)
+    assert _rank(capsys, run, "--candidates", 20, "--max-params", 30_000, "--tag", "first")[0] == 0
+    assert len(sized) == 2 + 20  # (the reachability check sizes its two extreme networks)
+    sized.clear()
+    assert _rank(capsys, run, "--candidates", 20, "--max-params", 30_000, "--tag", "again")[0] == 0
+    assert len(sized) == 2  # every size from the cache
+    rows = read_jsonl(run / "rank-again" / "candidates.jsonl")
+    assert all({"params": r["params"], "macs": r["macs"]} == sizes[r["id"]] for r in rows)
+    # 25 candidates: the 5 new ones sized, appended to a log of this process's; a cut line is skipped
+    assert _rank(capsys, run, "--candidates", 25, "--max-params", 30_000, "--tag", "more")[0] == 0
+    assert len(sized) == 2 + 2 + 5 and sorted(cache.load()) == list(range(25))
+    with open(next(iter((run / "sizes").glob("*.jsonl"))), "a") as log:
+        log.write('{"id": 99, "params": 1')
+    assert len(cache.load()) == 25
+    # the best checkpoint's candidates are other draws: sized afresh, kept apart
+    shutil.copy(run / "checkpoint.pt", run / "checkpoint-best.pt")
+    sized.clear()
+    assert _rank(capsys, run, "--candidates", 3, "--max-params", 10**6, "--checkpoint", "best", "--tag", "b")[0] == 0
+    assert len(sized) == 2 + 3 and len(SizeCache(run / "sizes", size_cache_key("best", 2, "cpu")).load()) == 3
+    monkeypatch.undo()
+    run_search(small_config(epochs=1, candidates=2, random_baseline=0), seed=0, out_dir=run, overwrite=True,
+               progress=False)
+    assert not (run / "sizes").exists()

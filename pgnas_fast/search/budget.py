@@ -7,12 +7,17 @@ gone): parameters, and multiply-accumulates of its convolutions and linear layer
 ranking under a budget sizes every drawn candidate first and ranks only those that fit, so racing
 spends no images on networks that could not be chosen, and the best candidate fits by construction.
 Sizing materializes each candidate once (digits: about 15 ms; the CIFAR and ImageNet networks 0.1-0.8 s
-on the 2-core CPU), sharded across torchrun's ranks like the ranking.
+on the 2-core CPU), sharded across torchrun's ranks like the ranking, and keeps every size in the run's
+SIZES_DIRECTORY (SizeCache), so that rankings under other budgets or tags, and a resume after a kill
+mid-sizing, size no candidate twice.
 """
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -83,17 +88,67 @@ def check_reachable(model: nn.Module, budget: Budget, input_size) -> str | None:
     return None
 
 
+SIZES_DIRECTORY = "sizes"  # in a run directory; a fresh search removes it with the rankings
+
+
+def size_cache_key(checkpoint: str, epoch: int, device) -> str:
+    """What a candidate's masks, and so its size, derive from beyond the run's config and seed: the
+    checkpoint's drop probabilities (which and of what epoch), computed on a device type (whose last bit
+    may flip a mask at its threshold)."""
+    return f"{checkpoint}-epoch{epoch}-{torch.device(device).type}"
+
+
+class SizeCache:
+    """The sizes of one checkpoint's candidates (`key`, e.g. 'last-epoch30'), kept in `directory`: every
+    process appends to a log of its own (its pid: concurrent rankings and torchrun's ranks never share a
+    file) and reads all of them (a line a kill cut is skipped; sizes are deterministic, so repeats agree)."""
+
+    def __init__(self, directory: str | Path, key: str):
+        self.directory, self.key = Path(directory), key
+
+    def load(self) -> dict[int, dict[str, int]]:
+        sizes = {}
+        for path in sorted(self.directory.glob(f"{self.key}-*.jsonl")):
+            try:
+                lines = path.read_text().split("\n")[:-1]  # (the part after the last newline is a cut line)
+            except (OSError, UnicodeDecodeError):
+                continue
+            for line in lines:
+                try:
+                    row = json.loads(line)
+                    sizes[int(row["id"])] = {"params": int(row["params"]), "macs": int(row["macs"])}
+                except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                    continue
+        return sizes
+
+    def appender(self):
+        """A file to append rows to (one JSON line each, flushed as written)."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        return open(self.directory / f"{self.key}-{os.getpid()}.jsonl", "a", buffering=1)
+
+
 def candidate_sizes(model: nn.Module, seed: int, candidates: Sequence[int], input_size, *,
                     domain: Domain = Domain.CANDIDATE, p_logits: Mapping[str, torch.Tensor] | None = None,
                     shard: tuple[int, int] = (0, 1), gather: Callable[[list], list] | None = None,
-                    progress: bool = True) -> dict[int, dict[str, int]]:
+                    cache: SizeCache | None = None, progress: bool = True) -> dict[int, dict[str, int]]:
     """{id: {params, macs}} of `candidates` (masks as `candidate_masks` draws them). shard = (rank, world):
-    this process sizes every world-th candidate; `gather` (all-gather) gives every rank all of them."""
-    mine = list(candidates)[shard[0]::shard[1]]
-    rows = []
-    for c in tqdm(mine, desc="sizing candidates", unit="cand", disable=not progress, dynamic_ncols=True):
-        masks = candidate_masks(model, seed, c, domain=domain, p_logits=p_logits)
-        rows.append({"id": c, **candidate_size(model, masks, input_size)})
+    this process sizes every world-th candidate that `cache` does not hold yet, and appends each size to
+    it; `gather` (all-gather) gives every rank all of them."""
+    candidates = list(candidates)
+    known = cache.load() if cache is not None else {}
+    wanted = set(candidates)
+    rows = [{"id": c, **size} for c, size in known.items() if c in wanted][shard[0]::shard[1]]
+    mine = [c for c in candidates if c not in known][shard[0]::shard[1]]
+    log = cache.appender() if cache is not None and mine else None
+    try:
+        for c in tqdm(mine, desc="sizing candidates", unit="cand", disable=not progress, dynamic_ncols=True):
+            masks = candidate_masks(model, seed, c, domain=domain, p_logits=p_logits)
+            rows.append({"id": c, **candidate_size(model, masks, input_size)})
+            if log is not None:
+                log.write(json.dumps(rows[-1]) + "\n")
+    finally:
+        if log is not None:
+            log.close()
     if gather is not None:
         rows = gather(rows)
     return {row["id"]: {"params": row["params"], "macs": row["macs"]} for row in rows}
@@ -131,5 +186,5 @@ def pareto_front(rows: Sequence[Mapping]) -> list[dict]:
     return front
 
 
-__all__ = ["Budget", "BudgetError", "candidate_size", "candidate_sizes", "check_reachable", "pareto_front",
-           "within_budget"]
+__all__ = ["SIZES_DIRECTORY", "Budget", "BudgetError", "SizeCache", "candidate_size", "candidate_sizes",
+           "check_reachable", "pareto_front", "size_cache_key", "within_budget"]

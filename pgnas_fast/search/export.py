@@ -82,9 +82,9 @@ def export_candidate(run_dir: str | Path, out: str | Path, *, candidate: int | N
             raise RunError("pass --candidate or --rank, not both")
         candidate, ranked_recalibration, ranked_epoch, rank_again, ranked_checkpoint = _ranked_best(run_dir, rank_tag)
         if checkpoint is not None and checkpoint != ranked_checkpoint:  # (its scores are of the other weights)
-            raise RunError(f"--rank {rank_tag} ranked the {ranked_checkpoint} checkpoint "
-                           f"({CHECKPOINTS[ranked_checkpoint]}): export its best with --checkpoint "
-                           f"{ranked_checkpoint}, or pass --candidate")
+            raise RunError(f"the ranking under --rank {rank_tag} read {CHECKPOINTS[ranked_checkpoint]}, not the "
+                           f"{CHECKPOINTS[checkpoint]} that --checkpoint {checkpoint} asks for: leave --checkpoint out "
+                           "(export takes the ranking's), or pass --candidate")
         checkpoint = ranked_checkpoint
         if bn_recalibrate is not None and bn_recalibrate != ranked_recalibration:
             print(f"note: --rank {rank_tag} scored its candidates with --bn-recalibrate {ranked_recalibration}, this "

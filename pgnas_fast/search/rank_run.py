@@ -20,7 +20,8 @@ import torch
 
 from ..configs import input_shape
 from ..nn import candidate_masks
-from .budget import Budget, candidate_size, candidate_sizes, check_reachable, pareto_front, within_budget
+from .budget import (SIZES_DIRECTORY, Budget, SizeCache, candidate_size, candidate_sizes, check_reachable,
+                     pareto_front, size_cache_key, within_budget)
 from .export import architecture_record
 from .feed import checked_recalibration_images
 from .io import changed_settings, lock_is_held, remove_interrupted_writes, write_json, write_jsonl, writer_lock
@@ -74,13 +75,16 @@ def rank_run(run_dir: str | Path, *, candidates: int | None = None, strategy: st
                         **({"eta": eta, "first_share": first_share} if strategy == "racing" else {})}
             started = time.perf_counter()
             sharding = {"shard": (rank_id, world), "gather": parallel.all_gather if world > 1 else None}
+            if resume:  # (a resume with other settings is refused before any sizing; checked again under the lock)
+                _check_resumable(out, settings)
             drawn, sizes = range(candidates), {}
             if budget and (note := check_reachable(model, budget, input_shape(config))) and rank_id == 0:
                 print(f"note: {note}", file=sys.stderr)
             if budget or size_all:  # (before anything is written: a budget that nothing fits leaves no ranking
                 # behind; a resume sizes again, a fraction of the ranking's time)
+                cache = SizeCache(run_dir / SIZES_DIRECTORY, size_cache_key(checkpoint, loaded.epoch, device))
                 sizes = candidate_sizes(model, seed, drawn, input_shape(config), progress=progress and rank_id == 0,
-                                        **sharding)
+                                        cache=cache, **sharding)
                 drawn = within_budget(sizes, budget) if budget else drawn
             sized = time.perf_counter()
             held.enter_context(writer_lock(run_dir, out.name, parallel))  # (before its rows are read or removed)

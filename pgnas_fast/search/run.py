@@ -49,8 +49,8 @@ from ..nn import candidate_masks, set_gates, set_posterior
 from ..ops import dispatch
 from ..ops.streams import Domain
 from ..supernets.info import count_parameters, describe
-from .budget import (Budget, BudgetError, candidate_size, candidate_sizes, check_reachable, pareto_front,
-                     within_budget)
+from .budget import (SIZES_DIRECTORY, Budget, BudgetError, SizeCache, candidate_size, candidate_sizes,
+                     check_reachable, pareto_front, size_cache_key, within_budget)
 from .export import architecture_record
 from .feed import CifarLoaderFeed, LoaderFeed, TensorFeed, check_batchnorm_rows, check_shards
 from .io import (DATA_FILE, SEARCH_RANKINGS, RunError, changed_settings, check_data_record, complete_lines,
@@ -304,16 +304,17 @@ def load_run(run_dir: str | Path, *, device: str = "cpu", data_dir: str | Path |
 
 
 def budgeted_candidates(model: torch.nn.Module, config: dict, *, seed: int, progress: bool,
-                        parallel: Parallel = SINGLE_PROCESS) -> tuple[Sequence[int], dict[int, dict]]:
+                        parallel: Parallel = SINGLE_PROCESS, cache: SizeCache | None = None
+                        ) -> tuple[Sequence[int], dict[int, dict]]:
     """The search's guided candidates under its size budget (config keys max_params, max_macs): the
-    drawn ones that fit, and every drawn one's {params, macs}; without a budget all of them, unsized.
-    Data parallel: each rank sizes its share and all ranks get every size."""
+    drawn ones that fit, and every drawn one's {params, macs} (kept in `cache`); without a budget all of
+    them, unsized. Data parallel: each rank sizes its share and all ranks get every size."""
     drawn = range(config["candidates"])
     if not (budget := Budget.of(config)):
         return drawn, {}
     sizes = candidate_sizes(model, seed, drawn, configs.input_shape(config), progress=progress and parallel.is_main,
                             shard=(parallel.rank, parallel.world),
-                            gather=parallel.all_gather if parallel.enabled else None)
+                            gather=parallel.all_gather if parallel.enabled else None, cache=cache)
     return within_budget(sizes, budget), sizes
 
 
@@ -509,7 +510,8 @@ def _run_search(config: dict, *, seed: int, out_dir: Path, device: torch.device,
         # and what was derived from the old checkpoint: the search's ranking, `rank` and `study` results
         # (a `rank --resume` would otherwise reuse the old weights' scores); in a directory that held no
         # run, folders of those names are the user's and stay
-        derived = (*out_dir.glob("rank-*"), *out_dir.glob("study-*"), out_dir / "tensorboard") if held_a_run else ()
+        derived = ((*out_dir.glob("rank-*"), *out_dir.glob("study-*"), out_dir / "tensorboard", out_dir / SIZES_DIRECTORY)
+                   if held_a_run else ())
         for folder in derived:
             shutil.rmtree(folder, ignore_errors=True)
     if main:
@@ -549,7 +551,10 @@ def _run_search(config: dict, *, seed: int, out_dir: Path, device: torch.device,
     evaluation_layout(model, config)
     logs = {family: ProgressLog(out_dir / name, parallel.rank) for family, name in SEARCH_RANKINGS.items()}
     try:
-        guided, sizes = budgeted_candidates(model, config, seed=seed, progress=progress, parallel=parallel)
+        # (the cache `rank` reads for the same weights: the last checkpoint's, on this device type)
+        cache = SizeCache(out_dir / SIZES_DIRECTORY, size_cache_key("last", config["epochs"], device))
+        guided, sizes = budgeted_candidates(model, config, seed=seed, progress=progress, parallel=parallel,
+                                            cache=cache)
     except BudgetError as err:
         raise BudgetError(f"{err}. The trained super-network is kept: `pgnas-fast rank {out_dir} --max-params N "
                           "--max-macs N` ranks it under another budget (or search afresh with --overwrite)") from None

@@ -353,8 +353,9 @@ def _search(args) -> int:
         print(f"smoke check: {smoke['training_steps']} training steps, candidates scored on {smoke['heldout']} "
               f"held-out and {smoke['test']} test images: data and config work, the numbers mean nothing yet")
     budget = s["budget"]
-    print(f"best candidate: {s['best_candidate']}{_best_of(s['candidates'], s['drawn_candidates'], Budget(**(budget or {})))}"
-          f" (keeps {percent(s['kept_fraction'])} of the gated input channels)")
+    best_of = _best_of(s["candidates"], s["drawn_candidates"], Budget(**(budget or {})))
+    print(f"best candidate: {s['best_candidate']}{best_of} (keeps {percent(s['kept_fraction'])} of the gated input "
+          "channels)")
     print(f"  exported network: {s['params_subnet']:,} parameters, {s['macs_subnet']:,} MACs per image "
           f"({s['params_subnet'] / s['params_all_channels']:.0%} and {s['macs_subnet'] / s['macs_all_channels']:.0%} "
           "of the network with every channel kept)")
@@ -367,8 +368,8 @@ def _search(args) -> int:
         line += (f"; random gates at the same drop rate: {percent(s['random_mean_heldout_accuracy'])} "
                  f"(this run; cf. paper Table 3)")
         if budget:  # (the two means are of other populations then)
-            line += (f"\n    (guided: the {s['candidates']} that fit the budget; random: {s['random_candidates']} drawn "
-                     "without it)")
+            line += (f"\n    (guided: the {s['candidates']} that fit the budget; random: {s['random_candidates']} "
+                     "drawn without it)")
     if s["mean_heldout_images"] < s["finalist_heldout_images"]:  # racing
         line += f"\n    (means over the first {s['mean_heldout_images']} held-out images, which every candidate saw)"
     print(line)
@@ -445,7 +446,8 @@ def _front(ids: list[int]) -> str:
     """A Pareto front's size and ids (up to 10), and where it is written."""
     from .search.rank import counted
 
-    return counted(len(ids), "candidate") + (f" ({', '.join(map(str, ids))})" if len(ids) <= 10 else "") + ", pareto.json"
+    shown = f" ({', '.join(map(str, ids))})" if len(ids) <= 10 else ""
+    return f"{counted(len(ids), 'candidate')}{shown}, pareto.json"
 
 
 MAX_TAG = 200  # a file name holds 255 bytes: '.rank-TAG.lock' and the temporaries' '.NAME.XXXXXXXX.tmp' fit
@@ -571,7 +573,8 @@ def _info_of_runs(run_dirs: list[str], *, as_json: bool) -> int:
     seen: dict[Path, str] = {}
     for d in run_dirs:
         if Path(d).resolve() in seen:
-            raise UsageError(f"RUN_DIR {d!r} is given twice (as {seen[Path(d).resolve()]!r} before): each run counts once")
+            raise UsageError(f"RUN_DIR {d!r} is given twice (as {seen[Path(d).resolve()]!r} before): each run counts "
+                             "once")
         seen[Path(d).resolve()] = d
     runs = [run_info(d) for d in run_dirs]
     groups = across_runs(runs)

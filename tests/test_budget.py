@@ -143,8 +143,9 @@ def test_rank_takes_the_run_s_budget_or_its_own(capsys, budgeted):
     ranked = json.loads((out / "rank-as-run" / "summary.json").read_text())
     assert ranked["ranked_candidates"] == summary["candidates"] and ranked["max_params"] == 31_000
     assert ranked["best"]["id"] == summary["best_candidate"]
-    assert (f"best candidate: {summary['best_candidate']}, the best of the {summary['candidates']} of the 20 drawn that "
-            "fit the budget (at most 31,000 parameters and 710,000 MACs per image), held-out accuracy") in captured.out
+    assert (f"best candidate: {summary['best_candidate']}, the best of the {summary['candidates']} of the 20 drawn "
+            "that fit the budget (at most 31,000 parameters and 710,000 MACs per image), held-out accuracy"
+            ) in captured.out
     best = sizes[summary["best_candidate"]]
     assert f"  exported network: {best['params']:,} parameters, {best['macs']:,} MACs per image" in captured.out
     # --max-params 0 lifts the run's limit; the MACs limit stays

@@ -543,8 +543,9 @@ def test_info_of_several_runs_averages_each_protocol_over_its_seeds(capsys, fini
     assert lines[4].split()[1:] == ["digits-tiny", "concrete", "6", "2/2", "(search", "not", "finished)"]
     std = statistics.stdev([0.9, 0.7])
     assert lines[5] == (f"digits-tiny (concrete; candidates 6; epochs 2; random_baseline 4), 2 finished runs (seeds 3, "
-                        f"4; not finished: seed 6): held-out 80.00% ± {100 * std:.2f}%, test 70.00% ± {100 * std:.2f}%, "
-                        "parameters 2,000 ± 1,414, MACs per image 60,000 ± 14,142 (mean ± sample std)")
+                        f"4; not finished: seed 6): held-out 80.00% ± {100 * std:.2f}%, test 70.00% ± "
+                        f"{100 * std:.2f}%, parameters 2,000 ± 1,414, MACs per image 60,000 ± 14,142 (mean ± sample "
+                        "std)")
     assert lines[6].startswith("digits-tiny (concrete; candidates 6; epochs 3; random_baseline 4), 1 finished run "
                                "(seed 5): held-out 50.00%, test 50.00%, parameters 10, MACs per image 10")
     facts = json.loads(run_cli(capsys, "info", *map(str, runs), "--json")[1])

@@ -428,7 +428,8 @@ def test_rank_resume_says_how_much_was_done_before(capsys, run_dir):
     assert f"  time: ranking {seconds:.1f} s ({30 / seconds:.1f} candidates/s)\n" in captured.out
     code, captured = _rank_cli(capsys, run_dir, "--candidates", 30, "--strategy", "exhaustive", "--tag", "again",
                                "--resume")
-    assert code == 0 and "9,000 candidate-images evaluated (30 candidate-rounds restored from before this --resume)" in captured.out
+    assert code == 0
+    assert "9,000 candidate-images evaluated (30 candidate-rounds restored from before this --resume)" in captured.out
 
 
 def test_rank_resume_refuses_other_settings(capsys, run_dir):
@@ -561,8 +562,8 @@ def test_rank_study_and_export_read_the_best_checkpoint_when_asked(capsys, run_d
     assert exported["test_accuracy"] == accuracy(best.model, best.feed.eval_batches("test"))
     capsys.readouterr()
     assert main(["export", str(run), "--rank", "b", "--checkpoint", "last", "--out", str(tmp_path / "f")]) == 2
-    assert ("the ranking under --rank b read checkpoint-best.pt, not the checkpoint.pt that --checkpoint last asks for: "
-            "leave --checkpoint out (export takes the ranking's)") in capsys.readouterr().err
+    assert ("the ranking under --rank b read checkpoint-best.pt, not the checkpoint.pt that --checkpoint last asks "
+            "for: leave --checkpoint out (export takes the ranking's)") in capsys.readouterr().err
     assert main(["export", str(run), "--candidate", "3", "--checkpoint", "best", "--out", str(tmp_path / "g")]) == 0
     capsys.readouterr()
     # the search's own choice is a draw from the last checkpoint: not exported with the best one's weights

@@ -510,8 +510,8 @@ def _run_search(config: dict, *, seed: int, out_dir: Path, device: torch.device,
         # and what was derived from the old checkpoint: the search's ranking, `rank` and `study` results
         # (a `rank --resume` would otherwise reuse the old weights' scores); in a directory that held no
         # run, folders of those names are the user's and stay
-        derived = ((*out_dir.glob("rank-*"), *out_dir.glob("study-*"), out_dir / "tensorboard", out_dir / SIZES_DIRECTORY)
-                   if held_a_run else ())
+        derived = ((*out_dir.glob("rank-*"), *out_dir.glob("study-*"), out_dir / "tensorboard",
+                    out_dir / SIZES_DIRECTORY) if held_a_run else ())
         for folder in derived:
             shutil.rmtree(folder, ignore_errors=True)
     if main:

@@ -1,9 +1,9 @@
 """`pgnas-fast rank RUN_DIR`: rank candidates of a finished search again, at scale.
 
 Writes RUN_DIR/rank-TAG/ with candidates.jsonl ({id, score, images, first_round_score, kept_fraction}
-per candidate; params and macs too under a size budget or with `sized`), top.json (the best candidates
-with their architectures and sizes), pareto.json (when sized: the finalists no other beats in accuracy,
-parameters and MACs at once) and the progress logs that `--resume` continues from. Under torchrun every
+per candidate; params and macs too under a size budget or with `size_all`), top.json (the best
+candidates with their architectures and sizes), pareto.json (when sized: the finalists no other beats in
+accuracy, parameters and MACs at once) and the progress logs that `--resume` continues from. Under torchrun every
 rank evaluates a share of each round's candidates (and sizes a share of them under a budget) and the
 ranks exchange their rows (all-gather), so the table equals a single process's; rank 0 writes it.
 """

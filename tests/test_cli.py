@@ -728,3 +728,14 @@ def test_schedule_keys_the_schedule_does_not_read_are_said(capsys, tmp_path):
                               "--set", "gamma=0.5", "--out", str(out), "--overwrite")
     assert code == 0 and "note: lr_min set, but only the cosine and sgdr schedules read it" in stdout
     assert "gamma set" not in stdout
+
+
+def test_a_protocol_is_named_by_its_own_changes_not_by_derived_keys():
+    """A Gaussian run with other epochs has another KL warm-up, derived from them: only the epochs are its
+    change; a warm-up set by hand is one."""
+    from pgnas_fast.search.run_info import _changes
+
+    derived = configs.resolve("digits-tiny", {"posterior": "gaussian", "epochs": 5})
+    assert _changes(derived) == {"epochs": 5}
+    assert _changes({**derived, "kl_warmup_epochs": 3}) == {"epochs": 5, "kl_warmup_epochs": 3}
+    assert _changes(configs.resolve("digits-tiny")) == {} and _changes({"preset": "nope"}) is None

@@ -49,9 +49,12 @@ def _changes(config: dict) -> dict | None:
         preset = config["preset"]
         resolved = configs.resolve(preset, {k: v for k, v in config.items() if k != "preset"})
         base = configs.resolve(preset, {"posterior": resolved["posterior"]})
+        # keys derived from the epochs (the Gaussian family's KL warm-up) follow them: not changes of their own
+        derived = configs.resolve(preset, {"posterior": resolved["posterior"], "epochs": resolved["epochs"]})
     except (KeyError, TypeError, configs.ConfigError):
         return None
-    return {key: value for key, value in resolved.items() if key != "posterior" and value != base.get(key)}
+    return {key: value for key, value in resolved.items()
+            if key != "posterior" and value != (base if key == "epochs" else derived).get(key)}
 
 
 def run_info(run_dir: str | Path) -> dict:

@@ -501,7 +501,8 @@ def test_imagenet_says_how_its_images_become_the_network_s_input(imagenet):
 
     root, _ = imagenet
     index = load_imagenet_index(root, heldout=3, split_seed=0)
-    assert imagenet_inputs()["pixels"] == "uint8 RGB: the short side resized to 256 (bilinear), the centre 224x224 cropped"
+    assert imagenet_inputs()["pixels"] == ("uint8 RGB: the short side resized to 256 (bilinear), the centre 224x224 "
+                                           "cropped")
     recipe = imagenet_inputs(32)
     assert recipe["pixels"].startswith("uint8 RGB: the short side resized to 37 (bilinear), the centre 32x32")
     assert recipe["scale"] == 1 / 255

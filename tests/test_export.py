@@ -713,6 +713,8 @@ def test_export_of_a_ranking_refuses_weights_trained_on_since(capsys, searched, 
     run = tmp_path / "run"
     shutil.copytree(searched, run)
     assert main(["rank", str(run), "--candidates", "6", "--strategy", "exhaustive", "--tag", "old", "--quiet"]) == 0
+    assert main(["rank", str(run), "--candidates", "2", "--strategy", "exhaustive", "--max-params", "1000000000",
+                 "--tag", "budgeted", "--quiet"]) == 0
     state = torch.load(run / "checkpoint.pt", weights_only=False)
     state["epoch"] += 1  # what a search --resume leaves after training one more epoch
     torch.save(state, run / "checkpoint.pt")
@@ -723,6 +725,10 @@ def test_export_of_a_ranking_refuses_weights_trained_on_since(capsys, searched, 
     # the command that ranks the same again, with the ranking's own settings
     assert f"rank again (pgnas-fast rank {run} --tag old --candidates 6 --strategy exhaustive)" in err
     assert err.count("\n") == 1 and not (tmp_path / "out").exists()
+    # a budget other than the run's (it has none) is part of the command
+    assert main(["export", str(run), "--rank", "budgeted", "--out", str(tmp_path / "out")]) == 2
+    assert (f"rank again (pgnas-fast rank {run} --tag budgeted --candidates 2 --strategy exhaustive --max-params "
+            "1000000000)") in capsys.readouterr().err
 
 
 class _ProducerAlsoReadBare(torch.nn.Module):

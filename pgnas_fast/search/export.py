@@ -8,6 +8,7 @@ import logging
 import sys
 from collections.abc import Mapping
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -80,16 +81,16 @@ def export_candidate(run_dir: str | Path, out: str | Path, *, candidate: int | N
     if rank_tag is not None:
         if candidate is not None:
             raise RunError("pass --candidate or --rank, not both")
-        candidate, ranked_recalibration, ranked_epoch, rank_again, ranked_checkpoint = _ranked_best(run_dir, rank_tag)
-        if checkpoint is not None and checkpoint != ranked_checkpoint:  # (its scores are of the other weights)
-            raise RunError(f"the ranking under --rank {rank_tag} read {CHECKPOINTS[ranked_checkpoint]}, not the "
+        ranked = _ranked_best(run_dir, rank_tag)
+        if checkpoint is not None and checkpoint != ranked.checkpoint:  # (its scores are of the other weights)
+            raise RunError(f"the ranking under --rank {rank_tag} read {CHECKPOINTS[ranked.checkpoint]}, not the "
                            f"{CHECKPOINTS[checkpoint]} that --checkpoint {checkpoint} asks for: leave --checkpoint out "
                            "(export takes the ranking's), or pass --candidate")
-        checkpoint = ranked_checkpoint
-        if bn_recalibrate is not None and bn_recalibrate != ranked_recalibration:
-            print(f"note: --rank {rank_tag} scored its candidates with --bn-recalibrate {ranked_recalibration}, this "
+        candidate, checkpoint = ranked.candidate, ranked.checkpoint
+        if bn_recalibrate is not None and bn_recalibrate != ranked.bn_recalibrate:
+            print(f"note: --rank {rank_tag} scored its candidates with --bn-recalibrate {ranked.bn_recalibrate}, this "
                   f"export uses {bn_recalibrate}: its held-out accuracy is not the ranking's score", file=sys.stderr)
-        bn_recalibrate = ranked_recalibration if bn_recalibrate is None else bn_recalibrate
+        bn_recalibrate = ranked.bn_recalibrate if bn_recalibrate is None else bn_recalibrate
     bn_recalibrate, checkpoint = bn_recalibrate or 0, checkpoint or "last"
     if candidate is None and checkpoint != "last":  # (an id names a draw from one checkpoint's drop probabilities)
         raise RunError(f"the search chose its candidate (architecture.json) among draws from {CHECKPOINTS['last']}; "
@@ -99,11 +100,11 @@ def export_candidate(run_dir: str | Path, out: str | Path, *, candidate: int | N
     data_dir = data_dir_of(run_dir, data_dir)
     loaded = load_run(run_dir, device=device, data_dir=data_dir, checkpoint=checkpoint)
     config, seed, model, feed = loaded.config, loaded.seed, loaded.model, loaded.feed
-    if rank_tag is not None and ranked_epoch is not None and ranked_epoch != loaded.epoch:
+    if rank_tag is not None and ranked.epoch is not None and ranked.epoch != loaded.epoch:
         # (`search --resume` trains a checkpointed run on and keeps its rank-* directories)
-        raise RunError(f"--rank {rank_tag} ranked the checkpoint of epoch {ranked_epoch}, but the run has trained on "
+        raise RunError(f"--rank {rank_tag} ranked the checkpoint of epoch {ranked.epoch}, but the run has trained on "
                        f"since (epoch {loaded.epoch}): its best candidate and scores are of other weights; rank "
-                       f"again ({rank_again})")
+                       f"again ({ranked.again})")
     recalibration = checked_recalibration_images(feed, bn_recalibrate) if bn_recalibrate else None
     if rank_tag is None and candidate is not None and candidate >= config["candidates"]:
         print(f"note: candidate {candidate} is past the {config['candidates']} the search ranked (ids 0 .. "
@@ -163,10 +164,17 @@ def export_candidate(run_dir: str | Path, out: str | Path, *, candidate: int | N
     return summary
 
 
-def _ranked_best(run_dir: Path, tag: str) -> tuple[int, int, int | None, str, str]:
-    """The best candidate of `pgnas-fast rank RUN_DIR --tag TAG`, its --bn-recalibrate, the checkpoint
-    epoch it ranked (None: a ranking older than that key), the command that ranks the same again and
-    the checkpoint it ranked (last or best)."""
+class RankedBest(NamedTuple):
+    """What export takes from a `pgnas-fast rank` (its summary.json)."""
+    candidate: int  # the best
+    bn_recalibrate: int
+    checkpoint: str  # which weights it ranked (run.CHECKPOINTS)
+    epoch: int | None  # their epoch (None: a ranking older than that key)
+    again: str  # the command that ranks the same again
+
+
+def _ranked_best(run_dir: Path, tag: str) -> RankedBest:
+    """The best candidate of `pgnas-fast rank RUN_DIR --tag TAG`, and how it was ranked."""
     from .io import SEARCH_RANKINGS
     from .run import CHECKPOINTS, RunError
 
@@ -193,11 +201,18 @@ def _ranked_best(run_dir: Path, tag: str) -> tuple[int, int, int | None, str, st
                         ("--first-share", "first_share")):
         if summary.get(key) is not None:
             again.append(f"{option} {summary[key]}")
+    try:  # the budget where it is not the one `rank` takes by default, the run's
+        run_config = json.loads((run_dir / "config.json").read_text())["config"]
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+        run_config = {}
+    for option, key in (("--max-params", "max_params"), ("--max-macs", "max_macs")):
+        if summary.get(key, 0) != run_config.get(key, 0):
+            again.append(f"{option} {summary.get(key, 0)}")
     if recalibration:
         again.append(f"--bn-recalibrate {recalibration}")
     if checkpoint != "last":
         again.append(f"--checkpoint {checkpoint}")
-    return best, recalibration, epoch, " ".join(again), checkpoint
+    return RankedBest(best, recalibration, checkpoint, epoch, " ".join(again))
 
 
 def evaluate_export(directory: str | Path, *, split: str = "test", device: str = "cpu", data_dir=None,

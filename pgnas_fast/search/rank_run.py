@@ -2,9 +2,9 @@
 
 Writes RUN_DIR/rank-TAG/ with candidates.jsonl ({id, score, images, first_round_score, kept_fraction}
 per candidate; params and macs too under a size budget or with `size_all`), top.json (the best
-candidates with their architectures and sizes), pareto.json (when sized: the finalists no other beats in
-accuracy, parameters and MACs at once) and the progress logs that `--resume` continues from. Under torchrun every
-rank evaluates a share of each round's candidates (and sizes a share of them under a budget) and the
+candidates with their architectures and sizes), pareto.json (when sized: the finalists no other beats
+in accuracy, parameters and MACs at once) and the progress logs that `--resume` continues from. Under
+torchrun every rank evaluates a share of each round's candidates (and sizes a share of them) and the
 ranks exchange their rows (all-gather), so the table equals a single process's; rank 0 writes it.
 """
 from __future__ import annotations
@@ -122,9 +122,13 @@ def rank_run(run_dir: str | Path, *, candidates: int | None = None, strategy: st
                         progress=progress and rank_id == 0, **sharding)
             rows = [{**row, **sizes.get(row["id"], {})} for row in rows]
 
-            def size_of(candidate: int) -> dict:  # its exported network's {params, macs}
-                return sizes.get(candidate) or candidate_size(model, candidate_masks(model, seed, candidate),
-                                                              input_shape(config))
+            finalist_sizes = dict(sizes)
+
+            def size_of(candidate: int) -> dict:  # its exported network's {params, macs}, materialized once
+                if candidate not in finalist_sizes:
+                    finalist_sizes[candidate] = candidate_size(model, candidate_masks(model, seed, candidate),
+                                                               input_shape(config))
+                return finalist_sizes[candidate]
 
             best = best_candidate(rows)
             best = {**best, **size_of(best["id"])}

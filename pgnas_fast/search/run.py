@@ -331,11 +331,9 @@ def rank_search_candidates(model: torch.nn.Module, feed: TensorFeed | LoaderFeed
     sharding = {"shard": (parallel.rank, parallel.world), "gather": parallel.all_gather if parallel.enabled else None}
     masks = {"domain": Domain.RANDOM_CANDIDATE, "p_logits": uniform_drop_logits(model)} if random else {}
     progress = progress and parallel.is_main
-    if random:
-        candidates, sizes = range(config["random_baseline"]), {}
-    elif candidates is None:
-        candidates = range(config["candidates"])
-    sizes = sizes or {}
+    if random or candidates is None:
+        candidates = range(config["random_baseline" if random else "candidates"])
+    sizes = {} if random or sizes is None else sizes
     extra = {**sharding, **masks, **({"desc": "random baseline"} if random else {})}
     if log is not None:
         log.directory.mkdir(exist_ok=True)
@@ -584,7 +582,8 @@ def _run_search(config: dict, *, seed: int, out_dir: Path, device: torch.device,
     test_accuracy = accuracy(model, feed.eval_batches("test"))
     set_gates(model, "full")
     input_size = configs.input_shape(config)
-    size, all_channels = candidate_size(model, masks, input_size), describe(materialize_all_channels(model), input_size)
+    size = sizes.get(best["id"]) or candidate_size(model, masks, input_size)  # (sized already under a budget)
+    all_channels = describe(materialize_all_channels(model), input_size)
     architecture = architecture_record(model, masks, config=config, seed=seed, candidate=best,
                                        test_accuracy=test_accuracy, size=size)
     write_json(out_dir / "architecture.json", architecture)
@@ -620,7 +619,7 @@ def _run_search(config: dict, *, seed: int, out_dir: Path, device: torch.device,
         "candidates": len(rows),  # ranked: under a size budget, those of the drawn that fit
         "random_candidates": len(random_rows),
         "drawn_candidates": config["candidates"],
-        "budget": Budget.of(config).settings() if Budget.of(config) else None,
+        "budget": budget.settings() if budget else None,
         # under a budget, where every drawn candidate was sized: the finalists no other matches or beats in
         # held-out accuracy, parameters and MACs at once (pareto.json)
         "pareto": [r["id"] for r in front] if sizes else None,

@@ -6,8 +6,8 @@ channels sliced out, the producers' unread channels removed, BatchNorm folded, t
 gone): parameters, and multiply-accumulates of its convolutions and linear layers for one image. A
 ranking under a budget sizes every drawn candidate first and ranks only those that fit, so racing
 spends no images on networks that could not be chosen, and the best candidate fits by construction.
-Sizing materializes each candidate once (digits: about 15 ms; the CIFAR and ImageNet networks 0.1-0.8 s
-on the 2-core CPU), sharded across torchrun's ranks like the ranking, and keeps every size in the run's
+Sizing materializes each candidate once (medians on the 2-core CPU: digits 11 ms, SupNet-M 0.17 s,
+SupNet-E 0.43 s; benchmarks/test_bench_sizing.py), sharded across torchrun's ranks like the ranking, and keeps every size in the run's
 SIZES_DIRECTORY (SizeCache), so that rankings under other budgets or tags, and a resume after a kill
 mid-sizing, size no candidate twice.
 """

@@ -1,7 +1,8 @@
 """The `pgnas-fast` command (design.md layer 1).
 
     pgnas-fast search [--preset NAME] [--seed S] [--epochs E] [--candidates K] [--out DIR] ...
-    pgnas-fast info | rank RUN_DIR | study RUN_DIR | export RUN_DIR --out DIR | evaluate DIR | doctor
+    pgnas-fast info | rank RUN_DIR | study RUN_DIR | export RUN_DIR --out DIR | train RUN_DIR | evaluate DIR
+    pgnas-fast doctor
 
 (the README lists every option).
 
@@ -65,6 +66,7 @@ def _build_parser() -> argparse.ArgumentParser:
     from .ops.dispatch import SELECTABLE
     from .ops.streams import MAJOR_LIMIT, SEED_LIMIT
     from .search.rank import EVALUATORS
+    from .search.standalone import DEFAULT_WEIGHT_DECAY, INITS
 
     parser = _Parser(prog="pgnas-fast", description="Posterior-Guided Neural Architecture Search, fast.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -108,7 +110,7 @@ def _build_parser() -> argparse.ArgumentParser:
     existing = search.add_mutually_exclusive_group()  # what to do with a run the directory holds
     existing.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
     existing.add_argument("--overwrite", action="store_true",
-                          help="replace the run the directory holds (its rank-*/ and study-*/ results too); without "
+                          help="replace the run the directory holds (its rank-*/, study-*/ and train-*/ results too); without "
                                "it or --resume a directory that holds a run is refused")
     search.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -197,6 +199,40 @@ def _build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", metavar="DIR", required=True, help="export directory")
     export.add_argument("--data-dir", metavar="DIR", help="the data set's directory (as for search)")
     export.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
+
+    train = commands.add_parser(
+        "train", help="train one candidate alone (fine-tuned from its inherited weights, or from scratch) and "
+                      "export it",
+        description="Train a candidate of a run (default: the best) alone, its gates fixed: from the weights it "
+                    "inherits (--init inherited) or from the search's initial weights (--init scratch), with the "
+                    "run's data, augmentation and schedule over --epochs, cross-entropy plus weight decay instead of "
+                    "the PGNAS regulariser. Writes RUN_DIR/train-TAG/: settings.json, train_log.jsonl, "
+                    "candidate-checkpoint.pt (every epoch, for --resume) and the export directory's files "
+                    "(subnet.pt, model.pt2, architecture.json, config.json, export.json with the accuracies before "
+                    "and after): `pgnas-fast evaluate RUN_DIR/train-TAG` scores it. Shards under torchrun.")
+    train.add_argument("run_dir", metavar="RUN_DIR", help="a directory written by pgnas-fast search")
+    which = train.add_mutually_exclusive_group()
+    which.add_argument("--candidate", type=_count(0, MAJOR_LIMIT), help="candidate id (default: the run's best)")
+    which.add_argument("--rank", metavar="TAG", help="the best candidate of `pgnas-fast rank --tag TAG`")
+    _checkpoint_argument(train, default=None, default_text="the --rank ranking's, else last")
+    train.add_argument("--init", choices=INITS, default="inherited",
+                       help="inherited: the checkpoint's weights (fine-tuning); scratch: the initial weights of "
+                            "`search --seed` for the training's seed (default inherited)")
+    train.add_argument("--epochs", type=_count(1), help="training epochs (default: the run's)")
+    train.add_argument("--lr", type=float, help="initial learning rate of the run's schedule (default: the run's)")
+    train.add_argument("--weight-decay", type=float, default=DEFAULT_WEIGHT_DECAY,
+                       help=f"weight decay, in place of the PGNAS regulariser (default {DEFAULT_WEIGHT_DECAY:g})")
+    train.add_argument("--seed", type=_count(0, SEED_LIMIT),
+                       help="the training's data order, augmentation and noise (and scratch's initial weights); "
+                            "default: the run's")
+    train.add_argument("--tag", help="names the output folder train-TAG (default: the --init)")
+    existing = train.add_mutually_exclusive_group()
+    existing.add_argument("--resume", action="store_true", help="continue an interrupted training of the same tag")
+    existing.add_argument("--overwrite", action="store_true",
+                          help="replace the training of the same tag; without it or --resume one is refused")
+    train.add_argument("--data-dir", metavar="DIR", help="the data set's directory (as for search)")
+    train.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
 
     evaluate = commands.add_parser("evaluate", help="accuracy of an exported network on a split",
                                    description="Accuracy of an export directory's model.pt2 network; the "
@@ -512,6 +548,35 @@ def _export(args) -> int:
     return 0
 
 
+def _train(args) -> int:
+    from .search.rank import counted
+    from .search.report import percent
+    from .search.standalone import train_candidate
+
+    tag = args.tag or args.init
+    _check_tag(tag)
+    device = _resolve_device(args.device)
+    s = train_candidate(args.run_dir, candidate=args.candidate, rank_tag=args.rank, checkpoint=args.checkpoint,
+                        init=args.init, epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay, seed=args.seed,
+                        tag=tag, resume=args.resume, overwrite=args.overwrite, device=str(device),
+                        data_dir=args.data_dir, progress=not args.quiet)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    start = "its inherited weights" if s["init"] == "inherited" else "scratch"
+    print(f"candidate {s['candidate']}, trained alone from {start} for {counted(s['epochs'], 'epoch')} (lr {s['lr']:g}, "
+          f"weight decay {s['weight_decay']:g}, seed {s['training_seed']}): held-out {percent(s['heldout_accuracy'])}, "
+          f"test {percent(s['test_accuracy'])}")
+    if s["init"] == "inherited":
+        print(f"  with the inherited weights, untrained (the search's numbers): held-out "
+              f"{percent(s['inherited_heldout_accuracy'])}, test {percent(s['inherited_test_accuracy'])}")
+    if s["checkpoint"] == "best":  # (the candidate is a draw from its drop probabilities; inherited: its weights)
+        print(f"  checkpoint: checkpoint-best.pt, of epoch {s['checkpoint_epoch']} (the lowest training objective)")
+    print(f"  network: {s['params_subnet']:,} parameters, {s['macs_subnet']:,} MACs per image; training "
+          f"{s['train_seconds']:.1f} s")
+    print(f"results: {Path(args.run_dir) / ('train-' + tag)} (pgnas-fast evaluate scores it)")
+    return 0
+
+
 def _evaluate(args) -> int:
     from .search.export import evaluate_export
 
@@ -656,6 +721,18 @@ def _print_run(run: dict) -> None:
             line += (f", {study['candidates']} candidates, guided mean {percent(study['guided_mean'])} against random "
                      f"{percent(study['random_mean'])}")
         print(f"  study      {line}")
+    for training in run["trainings"]:
+        line = f"train-{training['tag']}: {training['state']}"
+        if training["state"] == "finished":
+            start = "its inherited weights" if training["init"] == "inherited" else "scratch"
+            line += (f", candidate {training['candidate']} from {start}, "
+                     f"{counted(training['epochs'], 'epoch')}: held-out {percent(training['heldout_accuracy'])}, "
+                     f"test {percent(training['test_accuracy'])}"
+                     + (f" (inherited, untrained: {percent(training['inherited_test_accuracy'])})"
+                        if training["inherited_test_accuracy"] is not None else ""))
+        else:
+            line += f" ({counted(training['epochs_trained'], 'epoch')} trained; --resume continues it)"
+        print(f"  alone      {line}")
 
 
 def _doctor(_args) -> int:
@@ -692,7 +769,7 @@ def _doctor(_args) -> int:
     return 0
 
 
-DATA_PARALLEL_COMMANDS = ("search", "rank")  # the commands that shard their work under torchrun
+DATA_PARALLEL_COMMANDS = ("search", "rank", "train")  # the commands that shard their work under torchrun
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -724,11 +801,11 @@ def _main(argv: list[str] | None) -> int:
             parser.print_help()
             return EXIT_USAGE
         if args.command not in DATA_PARALLEL_COMMANDS and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            shared = " and ".join(DATA_PARALLEL_COMMANDS)
+            shared = f"{', '.join(DATA_PARALLEL_COMMANDS[:-1])} and {DATA_PARALLEL_COMMANDS[-1]}"
             raise UsageError(f"{args.command} runs in one process (under torchrun every process would do all of "
                              f"it and write the same files); torchrun shares out {shared}")
         code = {"search": _search, "info": _info, "rank": _rank, "study": _study, "export": _export,
-                "evaluate": _evaluate, "doctor": _doctor}[args.command](args)
+                "train": _train, "evaluate": _evaluate, "doctor": _doctor}[args.command](args)
         sys.stdout.flush()  # (a block-buffered pipe's last lines: a closed reader fails here, not at exit)
         return code
     except (UsageError, ConfigError, DataError, RunError) as err:  # bad input: one line, status 2
@@ -752,7 +829,7 @@ def _stopped(stop: KeyboardInterrupt, command: str | None = None) -> int:
     shell gives a process that the signal ended (128 + its number)."""
     from .interrupts import Terminated
 
-    resumable = command in ("search", "rank")  # the others start over: nothing of theirs is lost
+    resumable = command in ("search", "rank", "train")  # the others start over: nothing of theirs is lost
     again = ("the same torchrun command with --resume" if int(os.environ.get("WORLD_SIZE", "1")) > 1
              else f"`pgnas-fast {command} --resume` with the same arguments")  # (a resume takes as many processes)
     hint = f"; {again} continues" if resumable else ""

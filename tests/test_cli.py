@@ -161,8 +161,8 @@ def test_commands_that_do_not_shard_refuse_torchrun(capsys, monkeypatch, tmp_pat
             "evaluate": [str(tmp_path)], "info": []}[command]
     code, _, stderr = run_cli(capsys, command, *argv)
     assert code == 2 and stderr == (f"pgnas-fast: error: {command} runs in one process (under torchrun every process "
-                                    "would do all of it and write the same files); torchrun shares out search and "
-                                    "rank\n")
+                                    "would do all of it and write the same files); torchrun shares out search, "
+                                    "rank and train\n")
     assert not (tmp_path / "x").exists()
 
 
@@ -301,7 +301,7 @@ def test_a_search_into_a_run_is_refused_without_resume_or_overwrite(capsys, tmp_
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     code, _, stderr = run_cli(capsys, "search", *SMALL, "--out", str(out))
     assert code == 2 and stderr == (f"pgnas-fast: error: {str(out)!r} holds a run (finished): --resume continues it, "
-                                    "--overwrite replaces it whole (its rank-*/ and study-*/ results too), or search "
+                                    "--overwrite replaces it whole (its rank-*/, study-*/ and train-*/ results too), or search "
                                     "into another --out\n")
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
     (out / "summary.json").unlink()  # as a run interrupted after its second epoch leaves it

@@ -331,6 +331,24 @@ def test_torchrun_resume_of_a_finished_run_redoes_nothing(torchrun_run):
     assert json.loads((out / "summary.json").read_text())["world_size"] == 2
 
 
+def test_torchrun_train_trains_a_candidate_data_parallel_and_writes_it_once(torchrun_run):
+    out, done = torchrun_run
+    assert done.returncode == 0, done.stderr[-3000:]
+    trained = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                              "-m", "pgnas_fast.cli", "train", str(out), "--epochs", "2", "--quiet"],
+                             capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert trained.stdout.count("trained alone from its inherited weights for 2 epochs") == 1
+    summary = json.loads((out / "train-inherited" / "export.json").read_text())
+    assert summary["world_size"] == 2
+    assert summary["inherited_test_accuracy"] == json.loads((out / "architecture.json").read_text())["test_accuracy"]
+    assert len((out / "train-inherited" / "train_log.jsonl").read_text().splitlines()) == 2
+    # every rank's BatchNorm statistics are rank 0's before the export: the exported network scores as reported
+    from pgnas_fast.search.export import evaluate_export
+
+    assert evaluate_export(out / "train-inherited") == pytest.approx(summary["test_accuracy"], abs=1e-6)
+
+
 def test_torchrun_refuses_a_batch_the_ranks_cannot_share(tmp_path):
     """Refused before anything is written."""
     bad = torchrun_search(tmp_path / "bad", "--set", "batch_size=63")

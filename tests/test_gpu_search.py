@@ -1,5 +1,5 @@
 """The product's path end to end on a GPU (`-m gpu`, run by benchmarks/gpu_suite.sh): a digits search
-on CUDA and what its run directory feeds (rank, export, evaluate), a CIFAR smoke search through the
+on CUDA and what its run directory feeds (rank, export, train, evaluate), a CIFAR smoke search through the
 batched GPU pipeline (with the AutoAugment policy), and that pipeline's batches equal to the CPU
 DataLoader's.
 
@@ -18,7 +18,7 @@ from pgnas_fast.cli import main
 
 
 def search_digits(out: Path, device: str) -> dict:
-    """A small digits search on `device`, then rank, export and evaluate of its run directory there."""
+    """A small digits search on `device`, then rank, export, train and evaluate of its run directory there."""
     assert main(["search", "--epochs", "8", "--candidates", "8", "--random-baseline", "4", "--device", device,
                  "--out", str(out), "--quiet"]) == 0
     summary = json.loads((out / "summary.json").read_text())
@@ -31,6 +31,12 @@ def search_digits(out: Path, device: str) -> dict:
     assert [(r["id"], r["score"]) for r in again] == [(r["id"], r["score"]) for r in rows]
     assert main(["export", str(out), "--out", str(out.parent / "export"), "--device", device]) == 0
     assert main(["evaluate", str(out.parent / "export"), "--device", device]) == 0
+    # the best candidate trained alone (hard gates in training: the kernels' hard backward), starting
+    # from the search's own numbers
+    assert main(["train", str(out), "--epochs", "2", "--device", device, "--quiet"]) == 0
+    trained = json.loads((out / "train-inherited" / "export.json").read_text())
+    assert trained["inherited_test_accuracy"] == summary["test_accuracy"]
+    assert main(["evaluate", str(out / "train-inherited"), "--device", device]) == 0
     return summary
 
 

@@ -563,7 +563,7 @@ def test_rank_study_and_export_read_the_best_checkpoint_when_asked(capsys, run_d
     capsys.readouterr()
     assert main(["export", str(run), "--rank", "b", "--checkpoint", "last", "--out", str(tmp_path / "f")]) == 2
     assert ("the ranking under --rank b read checkpoint-best.pt, not the checkpoint.pt that --checkpoint last asks "
-            "for: leave --checkpoint out (export takes the ranking's)") in capsys.readouterr().err
+            "for: leave --checkpoint out (the ranking's is taken)") in capsys.readouterr().err
     assert main(["export", str(run), "--candidate", "3", "--checkpoint", "best", "--out", str(tmp_path / "g")]) == 0
     capsys.readouterr()
     # the search's own choice is a draw from the last checkpoint: not exported with the best one's weights

@@ -398,7 +398,7 @@ def test_a_fresh_search_leaves_a_running_rank_or_study_s_folder_alone(finished_r
     for tag in ("rank-live", "study-live"):
         (run / tag).mkdir()
         with writer_lock(run, tag, SINGLE_PROCESS):
-            with pytest.raises(RunError, match=f"a pgnas-fast rank or study is writing {tag} in .*, which a new"):
+            with pytest.raises(RunError, match=f"a pgnas-fast rank, study or train is writing {tag} in .*, which a"):
                 run_search(small_config(), seed=5, out_dir=run, overwrite=True, progress=False)
             assert (run / tag).is_dir() and (run / "checkpoint.pt").read_bytes() == (out / "checkpoint.pt").read_bytes()
     with writer_lock(run, "study-live", SINGLE_PROCESS):  # a study takes the lock of its tag

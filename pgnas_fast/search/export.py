@@ -66,18 +66,99 @@ def export_candidate(run_dir: str | Path, out: str | Path, *, candidate: int | N
     from N training images (as `rank --bn-recalibrate N` scored it); by default the ranking's own
     setting with `rank_tag`, else 0 (the super-network's running statistics). `checkpoint`: the weights
     (run.CHECKPOINTS, last or best); by default the ranking's with `rank_tag`, else the last."""
-    from .. import configs
     from ..nn import candidate_masks, set_gates
     from ..nn.batchnorm import recalibrate_batchnorm
-    from ..ops.streams import MAJOR_LIMIT
-    from ..supernets.info import describe
-    from .io import DATA_FILE, data_dir_of, write_data_record, write_json
-    from .materialize import materialize, materialize_all_channels
     from .feed import checked_recalibration_images
+    from .io import data_dir_of
     from .rank import accuracy
-    from .run import CHECKPOINTS, RunError, load_run
+    from .run import load_run
 
-    run_dir, out = Path(run_dir), Path(out)
+    run_dir = Path(run_dir)
+    choice = choose_candidate(run_dir, candidate=candidate, rank_tag=rank_tag, checkpoint=checkpoint)
+    ranked = choice.ranked
+    if ranked is not None and bn_recalibrate is not None and bn_recalibrate != ranked.bn_recalibrate:
+        print(f"note: --rank {rank_tag} scored its candidates with --bn-recalibrate {ranked.bn_recalibrate}, this "
+              f"export uses {bn_recalibrate}: its held-out accuracy is not the ranking's score", file=sys.stderr)
+    if bn_recalibrate is None:
+        bn_recalibrate = ranked.bn_recalibrate if ranked is not None else 0
+    data_dir = data_dir_of(run_dir, data_dir)
+    loaded = load_run(run_dir, device=device, data_dir=data_dir, checkpoint=choice.checkpoint)
+    candidate = chosen_id(run_dir, choice, loaded)
+    recalibration = checked_recalibration_images(loaded.feed, bn_recalibrate) if bn_recalibrate else None
+    model, feed = loaded.model, loaded.feed
+    masks = candidate_masks(model, loaded.seed, candidate)
+    set_gates(model, "hard", masks=masks)
+    if recalibration is not None:
+        recalibrate_batchnorm(model.eval(), recalibration)
+    heldout, test = accuracy(model, feed.eval_batches("heldout")), accuracy(model, feed.eval_batches("test"))
+    return write_network(out, model, masks, config=loaded.config, seed=loaded.seed, feed=feed, candidate=candidate,
+                         heldout=heldout, test=test, data_dir=data_dir, data_fingerprint=loaded.data_fingerprint,
+                         about={"rank_tag": rank_tag, "bn_recalibrate": bn_recalibrate,
+                                # the weights' epoch: a run still training (or killed) exports the last finished one
+                                "checkpoint": choice.checkpoint, "checkpoint_epoch": loaded.epoch,
+                                "epochs": loaded.config["epochs"]})
+
+
+def write_network(out: str | Path, model: nn.Module, masks: Mapping[str, torch.Tensor], *, config: dict, seed: int,
+                  feed, candidate: int, heldout: float, test: float, data_dir, data_fingerprint: str | None,
+                  about: dict) -> dict:
+    """Write candidate `candidate` of `model` (its `masks`; `heldout` and `test` its accuracies) into the
+    export directory `out` (materialize.py's docstring lists the files); export.json holds its sizes,
+    accuracies and `about` (where the weights came from). Returns export.json's content. Leaves the
+    model's gates full."""
+    from .. import configs
+    from ..nn import set_gates
+    from ..supernets.info import describe
+    from .io import DATA_FILE, write_data_record, write_json
+    from .materialize import materialize, materialize_all_channels
+
+    out = Path(out)
+    set_gates(model, "full")
+    subnet = materialize(model, masks)
+    input_size = configs.input_shape(config)
+    supernet, all_channels, after = (describe(net, input_size)
+                                     for net in (model, materialize_all_channels(model), subnet))
+    record = architecture_record(model, masks, config=config, seed=seed,
+                                 candidate={"id": candidate, "score": heldout, "kept_fraction": kept_fraction(masks)},
+                                 test_accuracy=test, size={"params": after["params"], "macs": after["macs"]})
+    out.mkdir(parents=True, exist_ok=True)
+    example = next(iter(feed.eval_batches("test")))[0][:2]
+    torch.save(subnet, out / "subnet.pt")
+    # torch.export (TorchScript is deprecated): batch size dynamic, loads with plain torch
+    program = torch.export.export(subnet, (example,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+    torch.export.save(program, out / "model.pt2")
+    write_json(out / "architecture.json", record)
+    write_json(out / "config.json", {"config": config, "seed": seed})
+    if data_dir is not None:  # evaluate's default, as the run's is rank's
+        write_data_record(out, data_dir, data_fingerprint)
+    else:  # (an export of another run into this directory left its own)
+        (out / DATA_FILE).unlink(missing_ok=True)
+    # sizes of the super-network (drop logits and training-only heads included), of the same network
+    # materialized with every channel kept (what the candidate's sizes compare with) and of the candidate
+    summary = {"candidate": candidate, "posterior": config["posterior"], "heldout_accuracy": heldout,
+               "test_accuracy": test,
+               "params_supernet": supernet["params"], "params_all_channels": all_channels["params"],
+               "params_subnet": after["params"], "macs_supernet": supernet["macs"],
+               "macs_all_channels": all_channels["macs"], "macs_subnet": after["macs"],
+               "input_size": list(input_size), "inputs": feed.inputs, **about}
+    write_json(out / "export.json", summary)
+    return summary
+
+
+class Choice(NamedTuple):
+    """Which candidate of a run, with which weights, a reader takes (choose_candidate)."""
+    candidate: int | None  # None: the search's best (architecture.json; chosen_id reads it)
+    checkpoint: str  # run.CHECKPOINTS
+    ranked: RankedBest | None  # the `pgnas-fast rank` whose best it is
+
+
+def choose_candidate(run_dir: Path, *, candidate: int | None, rank_tag: str | None, checkpoint: str | None) -> Choice:
+    """`candidate` (with `checkpoint`, by default the last), else the best of `pgnas-fast rank --tag
+    rank_tag` (with its checkpoint), else the search's best (of the last checkpoint: an id names a
+    draw from one checkpoint's drop probabilities). Checked before the run loads."""
+    from .run import CHECKPOINTS, RunError
+
+    ranked = None
     if rank_tag is not None:
         if candidate is not None:
             raise RunError("pass --candidate or --rank, not both")
@@ -85,28 +166,30 @@ def export_candidate(run_dir: str | Path, out: str | Path, *, candidate: int | N
         if checkpoint is not None and checkpoint != ranked.checkpoint:  # (its scores are of the other weights)
             raise RunError(f"the ranking under --rank {rank_tag} read {CHECKPOINTS[ranked.checkpoint]}, not the "
                            f"{CHECKPOINTS[checkpoint]} that --checkpoint {checkpoint} asks for: leave --checkpoint out "
-                           "(export takes the ranking's), or pass --candidate")
+                           "(the ranking's is taken), or pass --candidate")
         candidate, checkpoint = ranked.candidate, ranked.checkpoint
-        if bn_recalibrate is not None and bn_recalibrate != ranked.bn_recalibrate:
-            print(f"note: --rank {rank_tag} scored its candidates with --bn-recalibrate {ranked.bn_recalibrate}, this "
-                  f"export uses {bn_recalibrate}: its held-out accuracy is not the ranking's score", file=sys.stderr)
-        bn_recalibrate = ranked.bn_recalibrate if bn_recalibrate is None else bn_recalibrate
-    bn_recalibrate, checkpoint = bn_recalibrate or 0, checkpoint or "last"
-    if candidate is None and checkpoint != "last":  # (an id names a draw from one checkpoint's drop probabilities)
+    checkpoint = checkpoint or "last"
+    if candidate is None and checkpoint != "last":
         raise RunError(f"the search chose its candidate (architecture.json) among draws from {CHECKPOINTS['last']}; "
                        f"the same id drawn from {CHECKPOINTS[checkpoint]} is another network: rank that checkpoint "
-                       f"(pgnas-fast rank {run_dir} --checkpoint {checkpoint} --tag TAG) and export with --rank TAG, "
+                       f"(pgnas-fast rank {run_dir} --checkpoint {checkpoint} --tag TAG) and pass --rank TAG, "
                        "or pass --candidate")
-    data_dir = data_dir_of(run_dir, data_dir)
-    loaded = load_run(run_dir, device=device, data_dir=data_dir, checkpoint=checkpoint)
-    config, seed, model, feed = loaded.config, loaded.seed, loaded.model, loaded.feed
-    if rank_tag is not None and ranked.epoch is not None and ranked.epoch != loaded.epoch:
+    return Choice(candidate, checkpoint, ranked)
+
+
+def chosen_id(run_dir: Path, choice: Choice, loaded) -> int:
+    """The id of `choice` once its run is `loaded` (run.LoadedRun): a ranking must be of the loaded
+    checkpoint's epoch; the search's best is read from architecture.json."""
+    from ..ops.streams import MAJOR_LIMIT
+    from .run import RunError
+
+    config, candidate, ranked = loaded.config, choice.candidate, choice.ranked
+    if ranked is not None and ranked.epoch is not None and ranked.epoch != loaded.epoch:
         # (`search --resume` trains a checkpointed run on and keeps its rank-* directories)
-        raise RunError(f"--rank {rank_tag} ranked the checkpoint of epoch {ranked.epoch}, but the run has trained on "
+        raise RunError(f"--rank {ranked.tag} ranked the checkpoint of epoch {ranked.epoch}, but the run has trained on "
                        f"since (epoch {loaded.epoch}): its best candidate and scores are of other weights; rank "
                        f"again ({ranked.again})")
-    recalibration = checked_recalibration_images(feed, bn_recalibrate) if bn_recalibrate else None
-    if rank_tag is None and candidate is not None and candidate >= config["candidates"]:
+    if ranked is None and candidate is not None and candidate >= config["candidates"]:
         print(f"note: candidate {candidate} is past the {config['candidates']} the search ranked (ids 0 .. "
               f"{config['candidates'] - 1}): a draw of the same posterior that no ranking has scored", file=sys.stderr)
     architecture_path = run_dir / "architecture.json"
@@ -123,45 +206,7 @@ def export_candidate(run_dir: str | Path, out: str | Path, *, candidate: int | N
                            "pass --candidate")
     if not 0 <= candidate < MAJOR_LIMIT:
         raise RunError(f"--candidate must be an id in [0, 2^40), got {candidate}")
-    masks = candidate_masks(model, seed, candidate)
-    set_gates(model, "hard", masks=masks)
-    if recalibration is not None:
-        recalibrate_batchnorm(model.eval(), recalibration)
-    heldout, test = accuracy(model, feed.eval_batches("heldout")), accuracy(model, feed.eval_batches("test"))
-    set_gates(model, "full")
-    subnet = materialize(model, masks)
-    input_size = configs.input_shape(config)
-    supernet, all_channels, after = (describe(net, input_size)
-                                     for net in (model, materialize_all_channels(model), subnet))
-    record = architecture_record(model, masks, config=config, seed=seed,
-                                 candidate={"id": candidate, "score": heldout,
-                                            "kept_fraction": kept_fraction(masks)},
-                                 test_accuracy=test, size={"params": after["params"], "macs": after["macs"]})
-    out.mkdir(parents=True, exist_ok=True)
-    example = next(iter(feed.eval_batches("test")))[0][:2]
-    torch.save(subnet, out / "subnet.pt")
-    # torch.export (TorchScript is deprecated): batch size dynamic, loads with plain torch
-    program = torch.export.export(subnet, (example,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
-    torch.export.save(program, out / "model.pt2")
-    write_json(out / "architecture.json", record)
-    write_json(out / "config.json", {"config": config, "seed": seed})
-    if data_dir is not None:  # evaluate's default, as the run's is rank's
-        write_data_record(out, data_dir, loaded.data_fingerprint)
-    else:  # (an export of another run into this directory left its own)
-        (out / DATA_FILE).unlink(missing_ok=True)
-    # sizes of the super-network (drop logits and training-only heads included), of the same network
-    # materialized with every channel kept (what the candidate's sizes compare with) and of the candidate
-    summary = {"candidate": candidate, "posterior": config["posterior"], "heldout_accuracy": heldout,
-               "test_accuracy": test,
-               "params_supernet": supernet["params"], "params_all_channels": all_channels["params"],
-               "params_subnet": after["params"], "macs_supernet": supernet["macs"],
-               "macs_all_channels": all_channels["macs"], "macs_subnet": after["macs"],
-               "input_size": list(input_size), "inputs": feed.inputs, "rank_tag": rank_tag,
-               "bn_recalibrate": bn_recalibrate,
-               # the weights' epoch: a run still training (or killed) exports the last finished one
-               "checkpoint": checkpoint, "checkpoint_epoch": loaded.epoch, "epochs": config["epochs"]}
-    write_json(out / "export.json", summary)
-    return summary
+    return candidate
 
 
 class RankedBest(NamedTuple):
@@ -171,6 +216,7 @@ class RankedBest(NamedTuple):
     checkpoint: str  # which weights it ranked (run.CHECKPOINTS)
     epoch: int | None  # their epoch (None: a ranking older than that key)
     again: str  # the command that ranks the same again
+    tag: str
 
 
 def _ranked_best(run_dir: Path, tag: str) -> RankedBest:
@@ -212,7 +258,7 @@ def _ranked_best(run_dir: Path, tag: str) -> RankedBest:
         again.append(f"--bn-recalibrate {recalibration}")
     if checkpoint != "last":
         again.append(f"--checkpoint {checkpoint}")
-    return RankedBest(best, recalibration, checkpoint, epoch, " ".join(again))
+    return RankedBest(best, recalibration, checkpoint, epoch, " ".join(again), tag)
 
 
 def evaluate_export(directory: str | Path, *, split: str = "test", device: str = "cpu", data_dir=None,

@@ -70,6 +70,8 @@ SEARCH_ONLY_FILES = ("checkpoint.pt", "train_log.jsonl", "summary.json")  # a ru
 # the weights that rank, study and export read (--checkpoint): the last finished epoch's (the search
 # ranks these, as the authors did) or those of the epoch with the lowest training objective
 CHECKPOINTS = {"last": "checkpoint.pt", "best": "checkpoint-best.pt"}
+# what the readers of a run write into it (rank-search*/ too), each from the run's weights
+DERIVED_RESULTS = ("rank-*", "study-*", "train-*")
 
 
 # --smoke: the whole pipeline on a handful of batches, to check data and config before a long run
@@ -249,6 +251,7 @@ class LoadedRun:
     epoch: int  # the checkpoint's: epochs trained (a run that is still training has fewer than its config's)
     data_fingerprint: str | None  # of the data it was given (data_fingerprint); None: the embedded digits
     checkpoint: str = "last"  # which of CHECKPOINTS
+    data: datasets.Splits | datasets.ImageNetIndex | None = None  # what `feed` serves
 
 
 def load_run(run_dir: str | Path, *, device: str = "cpu", data_dir: str | Path | None = None,
@@ -300,7 +303,7 @@ def load_run(run_dir: str | Path, *, device: str = "cpu", data_dir: str | Path |
         print(f"note: the search in {str(run_dir)!r} has not finished ({why}): its {path.name} is of epoch "
               f"{state['epoch']} of {config['epochs']}", file=sys.stderr)
     return LoadedRun(config=config, seed=seed, model=model, feed=feed, epoch=state["epoch"],
-                     data_fingerprint=fingerprint, checkpoint=checkpoint)
+                     data_fingerprint=fingerprint, checkpoint=checkpoint, data=data)
 
 
 def budgeted_candidates(model: torch.nn.Module, config: dict, *, seed: int, progress: bool,
@@ -343,6 +346,11 @@ def rank_search_candidates(model: torch.nn.Module, feed: TensorFeed | LoaderFeed
                            rows_per_pass=config["rank_rows"], eta=config["racing_eta"],
                            first_share=config["racing_first_share"], strategy=config["ranking"], **extra)
     return [{**row, **sizes.get(row["id"], {})} for row in rows]
+
+
+def _derived_results(out_dir: Path) -> list[Path]:
+    """The folders of `rank`, `study` and `train` results in a run directory (and the search's ranking logs)."""
+    return [folder for pattern in DERIVED_RESULTS for folder in out_dir.glob(pattern)]
 
 
 def _held_run(out_dir: Path) -> str | None:
@@ -427,7 +435,7 @@ def _run_search(config: dict, *, seed: int, out_dir: Path, device: torch.device,
     occupied = parallel.all_gather([there] if there else [])
     if occupied:
         raise RunError(f"{str(out_dir)!r} holds a run ({occupied[0]}): --resume continues it, --overwrite replaces "
-                       "it whole (its rank-*/ and study-*/ results too), or search into another --out")
+                       "it whole (its rank-*/, study-*/ and train-*/ results too), or search into another --out")
     if config["threads"]:
         torch.set_num_threads(config["threads"])  # process-wide: a run owns its process
     # torch's CPU BatchNorm and convolution weight gradients split their sums by thread, so on the CPU a
@@ -471,13 +479,13 @@ def _run_search(config: dict, *, seed: int, out_dir: Path, device: torch.device,
     if resume and not checkpoint_path.exists() and main:
         print(f"nothing to resume in {str(out_dir)!r} (no checkpoint.pt yet): a new run starts", file=sys.stderr)
     fresh = not (resume and checkpoint_path.exists())
-    # a fresh run removes the old run's rank-*/ and study-*/ results (below): not while a `rank` or `study`
+    # a fresh run removes the old run's rank-*/, study-*/ and train-*/ results (below): not while a command
     # writes one (it would fail on its vanished files, or leave old weights' scores in the new run)
-    busy = parallel.all_gather([folder.name for folder in (*out_dir.glob("rank-*"), *out_dir.glob("study-*"))
+    busy = parallel.all_gather([folder.name for folder in _derived_results(out_dir)
                                 if main and fresh and lock_is_held(out_dir, folder.name)])
     if busy:
-        raise RunError(f"a pgnas-fast rank or study is writing {', '.join(busy)} in {str(out_dir)!r}, which a new "
-                       "search there would remove: wait for it to end or stop it (or search into another --out)")
+        raise RunError(f"a pgnas-fast rank, study or train is writing {', '.join(busy)} in {str(out_dir)!r}, which a "
+                       "new search there would remove: wait for it to end or stop it (or search into another --out)")
     if not fresh:
         state = load_checkpoint(checkpoint_path)
         _check_posterior(checkpoint_path, state, config)
@@ -505,11 +513,11 @@ def _run_search(config: dict, *, seed: int, out_dir: Path, device: torch.device,
         held_a_run = _held_run(out_dir) is not None
         for name in (*RUN_FILES, *BUDGET_FILES, DATA_FILE):  # a fresh run replaces an old one whole
             (out_dir / name).unlink(missing_ok=True)
-        # and what was derived from the old checkpoint: the search's ranking, `rank` and `study` results
-        # (a `rank --resume` would otherwise reuse the old weights' scores); in a directory that held no
-        # run, folders of those names are the user's and stay
-        derived = ((*out_dir.glob("rank-*"), *out_dir.glob("study-*"), out_dir / "tensorboard",
-                    out_dir / SIZES_DIRECTORY) if held_a_run else ())
+        # and what was derived from the old checkpoint: the search's ranking, `rank`, `study` and `train`
+        # results (a `rank --resume` would otherwise reuse the old weights' scores); in a directory that
+        # held no run, folders of those names are the user's and stay
+        derived = ((*_derived_results(out_dir), out_dir / "tensorboard", out_dir / SIZES_DIRECTORY)
+                   if held_a_run else ())
         for folder in derived:
             shutil.rmtree(folder, ignore_errors=True)
     if main:

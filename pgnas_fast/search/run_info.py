@@ -1,6 +1,6 @@
 """What a run directory holds (`pgnas-fast info RUN_DIR`), from its JSON files alone (no checkpoint
 is loaded: the paper presets' are hundreds of MB): the search's config and progress, its chosen
-candidate, and every `rank` and `study` result in it; and over several runs (seeds) of one protocol,
+candidate, and every `rank`, `study` and `train` result in it; and over several runs (seeds) of one protocol,
 the mean and spread of their chosen candidates (`across_runs`)."""
 from __future__ import annotations
 
@@ -42,6 +42,19 @@ def _study(folder: Path) -> dict:
             "guided_mean": study.get("guided", {}).get("mean"), "random_mean": study.get("random", {}).get("mean")}
 
 
+def _training(folder: Path) -> dict:
+    export = _json(folder / "export.json")
+    if not isinstance(export, dict):
+        settings = _json(folder / "settings.json")
+        return {"tag": folder.name.removeprefix("train-"), "state": "started, not finished",
+                "settings": settings if isinstance(settings, dict) else None,
+                "epochs_trained": complete_lines(folder / "train_log.jsonl")}
+    return {"tag": folder.name.removeprefix("train-"), "state": "finished",
+            **{key: export.get(key) for key in ("candidate", "init", "epochs", "checkpoint", "heldout_accuracy",
+                                                "test_accuracy", "inherited_heldout_accuracy",
+                                                "inherited_test_accuracy")}}
+
+
 def _changes(config: dict) -> dict | None:
     """The config's keys that differ from its preset's (for its posterior family), or None when the
     config does not resolve (another version's)."""
@@ -59,7 +72,7 @@ def _changes(config: dict) -> dict | None:
 
 def run_info(run_dir: str | Path) -> dict:
     """{run_dir, preset, seed, posterior, config, changes (from the preset), epochs, epochs_trained,
-    finished, chosen, rankings, studies} of a run directory; RunError if it holds no run (no readable
+    finished, chosen, rankings, studies, trainings} of a run directory; RunError if it holds no run (no readable
     config.json)."""
     run_dir = Path(run_dir)
     run_config = _json(run_dir / "config.json")
@@ -84,6 +97,7 @@ def run_info(run_dir: str | Path) -> dict:
         "rankings": [_ranking(folder) for folder in sorted(run_dir.glob("rank-*"))
                      if folder.is_dir() and folder.name not in own],
         "studies": [_study(folder) for folder in sorted(run_dir.glob("study-*")) if folder.is_dir()],
+        "trainings": [_training(folder) for folder in sorted(run_dir.glob("train-*")) if folder.is_dir()],
     }
 
 

@@ -1,5 +1,7 @@
 """Posterior training: the super-network with relaxed gates, loss = mean cross-entropy + R, R the KL
 term of the config's posterior family (concrete or gaussian, see pgnas_fast.nn), optionally warmed up.
+The same loop trains one candidate alone (`masks`, search/standalone.py): its hard gates fixed, the
+cross-entropy only, weight decay in the optimizer instead of R.
 
 Nesterov SGD with the config's schedule per step (cosine down to lr_min, step decay at milestones, or
 SGDR warm restarts: `learning_rate`), no weight decay (the regulariser replaces it),
@@ -17,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn as nn
@@ -28,14 +30,22 @@ from ..nn import clip_log_alpha_, gated_layers, network_regularizer, set_gates, 
 from .parallel import SINGLE_PROCESS, Parallel, has_size_one_dims, shard_loss, stride_hint_off
 
 
-def make_optimizer(model: nn.Module, config: dict) -> torch.optim.Optimizer:
-    """Nesterov SGD without weight decay; the drop logits may take a larger step (`p_lr_scale`)."""
+# the per-epoch stats of the posterior alone, not of a candidate trained alone
+POSTERIOR_STATS = ("regularizer", "regularizer_weight", "mean_p", "mean_p_per_layer")
+
+
+def make_optimizer(model: nn.Module, config: dict, *, weight_decay: float | None = None) -> torch.optim.Optimizer:
+    """Nesterov SGD. The posterior: no weight decay (the regulariser replaces it); the drop logits may
+    take a larger step (`p_lr_scale`). A candidate trained alone (`weight_decay` given): the drop
+    logits are not trained (its gates are fixed) and every other parameter decays by `weight_decay`."""
     p_logits = [layer.p_logit for _, layer in gated_layers(model)]
     chosen = {id(p) for p in p_logits}
     others = [p for p in model.parameters() if id(p) not in chosen]
-    groups = [{"params": others, "lr_scale": 1.0}, {"params": p_logits, "lr_scale": config["p_lr_scale"]}]
+    groups = [{"params": others, "lr_scale": 1.0}]
+    if weight_decay is None:
+        groups.append({"params": p_logits, "lr_scale": config["p_lr_scale"]})
     return torch.optim.SGD(groups, lr=config["lr"], momentum=config["momentum"],
-                           nesterov=config["momentum"] > 0, weight_decay=0.0)
+                           nesterov=config["momentum"] > 0, weight_decay=weight_decay or 0.0)
 
 
 def learning_rate(config: dict, step: int, steps_per_epoch: int) -> float:
@@ -90,14 +100,24 @@ def _forward_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: di
 
 def train_posterior(model: nn.Module, optimizer: torch.optim.Optimizer, feed, config: dict, *, seed: int,
                     start_epoch: int = 0, n_train: float, on_epoch_end: Callable[[int, dict], None] | None = None,
-                    progress: bool = True, parallel: Parallel = SINGLE_PROCESS) -> None:
+                    progress: bool = True, parallel: Parallel = SINGLE_PROCESS,
+                    masks: Mapping[str, torch.Tensor] | None = None) -> None:
     """Train from `start_epoch` to config['epochs'] on `feed` (see feed.py); `on_epoch_end(epoch,
     stats)` checkpoints (called on every rank; the stats are the whole batch's). bf16 autocast
     (config amp) applies on CUDA only; the regulariser and the loss stay in float32. The logged `loss`
     is the full objective CE + R (comparable across epochs, so the best checkpoint too), whatever R's
     warm-up weight in the step's gradient; with an auxiliary head it adds that head's weighted CE
-    (logged apart as `aux_cross_entropy`; `cross_entropy` is the network's own logits')."""
+    (logged apart as `aux_cross_entropy`; `cross_entropy` is the network's own logits').
+
+    `masks` (a candidate's hard keep masks, candidate_masks): train that candidate alone, its gates
+    fixed; the objective has no R (the optimizer's weight decay, make_optimizer, stands for it), the
+    drop logits are frozen (requires_grad off), and the stats have none of POSTERIOR_STATS."""
     set_posterior(model, config["posterior"])
+    candidate = masks is not None
+    if candidate:
+        set_gates(model, "hard", masks=masks)
+        for _, layer in gated_layers(model):  # (frozen: data parallel expects a gradient for every trained one)
+            layer.p_logit.requires_grad_(False)
     steps_per_epoch = feed.steps_per_epoch()
     amp = config["amp"] == "bf16" and feed.device.type == "cuda"
     memory_format = torch.channels_last if config["channels_last"] else torch.contiguous_format
@@ -105,7 +125,8 @@ def train_posterior(model: nn.Module, optimizer: torch.optim.Optimizer, feed, co
     net = parallel.wrap(model, feed.device, sync_bn=config["sync_bn"],
                         unused_parameters=getattr(model, "aux", None) is not None and config["aux_weight"] == 0)
     quiet_strides = parallel.enabled and has_size_one_dims(model)
-    bar = tqdm(range(start_epoch, config["epochs"]), desc="posterior training", unit="epoch",
+    bar = tqdm(range(start_epoch, config["epochs"]), desc="candidate training" if candidate else "posterior training",
+               unit="epoch",
                disable=not (progress and parallel.is_main), dynamic_ncols=True, initial=start_epoch,
                total=config["epochs"])
     for epoch in bar:
@@ -122,23 +143,28 @@ def train_posterior(model: nn.Module, optimizer: torch.optim.Optimizer, feed, co
             # the last step's gradients go before this step's are made: a lower peak, and the cpu
             # regulariser's large gradient buffer is free to be reused (csrc/cpu/ops.cpp)
             optimizer.zero_grad(set_to_none=True)
-            set_gates(model, "relaxed", seed=seed, step=step, row_offset=first_row)
+            if candidate:  # (the gates stay; shake-shake and drop-path draw the step's numbers)
+                set_gates(model, "hard", masks=masks, seed=seed, step=step, row_offset=first_row)
+            else:
+                set_gates(model, "relaxed", seed=seed, step=step, row_offset=first_row)
             if hasattr(model, "set_drop_path_progress"):  # ENAS cells: drop-path ramps up over training
                 model.set_drop_path_progress(min(1.0, (step + 1) / (config["epochs"] * steps_per_epoch)))
             if x.dim() == 4:
                 x = x.contiguous(memory_format=memory_format)
             logits, ce, aux_ce = _forward_loss(net, x, y, config, amp)
-            reg = network_regularizer(model, weight_reg=config["weight_reg"], drop_reg=config["drop_reg"],
-                                      n_train=n_train)
+            reg = (ce.new_zeros(()) if candidate else
+                   network_regularizer(model, weight_reg=config["weight_reg"], drop_reg=config["drop_reg"],
+                                       n_train=n_train))
             objective = ce if aux_ce is None else ce + aux_ce
             loss = objective + reg
-            reg_weight = regularizer_weight(config, step, steps_per_epoch)
+            reg_weight = 0.0 if candidate else regularizer_weight(config, step, steps_per_epoch)
             with stride_hint_off() if quiet_strides else contextlib.nullcontext():
                 (shard_loss(objective, len(y), global_rows, parallel.world) + reg_weight * reg).backward()
             if config["grad_clip"] > 0:
                 nn.utils.clip_grad_norm_(model.parameters(), config["grad_clip"])
             optimizer.step()
-            clip_log_alpha_(model)
+            if not candidate:
+                clip_log_alpha_(model)
             n = len(y)
             sums[:4] += torch.stack([loss.detach() * n, ce.detach() * n, reg.detach() * n,
                                      (logits.argmax(1) == y).sum()]).to(sums.dtype)
@@ -152,9 +178,12 @@ def train_posterior(model: nn.Module, optimizer: torch.optim.Optimizer, feed, co
                  "regularizer_weight": reg_weight, "lr": lr, "images_per_second": seen / seconds, "seconds": seconds,
                  "mean_p": mean_drop_probability(model),
                  "mean_p_per_layer": mean_drop_probability_per_layer(model)}
+        if candidate:  # (its architecture is fixed)
+            for key in POSTERIOR_STATS:
+                del stats[key]
         if getattr(model, "aux", None) is not None and config["aux_weight"] > 0:  # (in the objective)
             stats["aux_cross_entropy"] = aux_sum / seen
         bar.set_postfix(loss=f"{stats['loss']:.3f}", acc=f"{stats['train_accuracy']:.3f}",
-                        mean_p=f"{stats['mean_p']:.3f}")
+                        **({} if candidate else {"mean_p": f"{stats['mean_p']:.3f}"}))
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, stats)

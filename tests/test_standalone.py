@@ -1,0 +1,232 @@
+"""`pgnas-fast train`: one candidate trained alone (search/standalone.py), from its inherited weights or
+from scratch, on the small digits search of conftest (seed 3)."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from conftest import TIMINGS, small_config
+from pgnas_fast.cli import main
+from pgnas_fast.nn import candidate_masks, gated_layers, set_gates
+from pgnas_fast.nn.gated import _stochastic_modules
+from pgnas_fast.ops.streams import stream_id
+from pgnas_fast.search import standalone
+from pgnas_fast.search.export import evaluate_export
+from pgnas_fast.search.io import read_jsonl
+from pgnas_fast.search.run import RunError, build_supernet, load_run
+from pgnas_fast.search.standalone import CHECKPOINT, train_candidate
+
+
+@pytest.fixture
+def run(finished_run, tmp_path):
+    """A copy of the finished small search, to train in."""
+    out, _ = finished_run
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    return copy
+
+
+def export_json(directory):
+    return json.loads((directory / "export.json").read_text())
+
+
+def trained_state(directory):
+    return torch.load(directory / CHECKPOINT, map_location="cpu", weights_only=False)["model"]
+
+
+def test_inherited_training_starts_at_the_search_s_numbers_and_exports_what_it_reports(run):
+    """The untrained accuracies are the search's best candidate's (same candidate, gates and weights);
+    the exported network scores what export.json reports."""
+    arch = json.loads((run / "architecture.json").read_text())
+    summary = train_candidate(run, epochs=2, progress=False)
+    out = run / "train-inherited"
+    assert summary == export_json(out)
+    assert summary["candidate"] == arch["candidate"] and summary["init"] == "inherited"
+    assert summary["inherited_test_accuracy"] == arch["test_accuracy"]
+    assert summary["inherited_heldout_accuracy"] == arch["score"]
+    assert (summary["epochs"], summary["checkpoint"], summary["training_seed"]) == (2, "last", 3)
+    assert len(read_jsonl(out / "train_log.jsonl")) == 2
+    assert evaluate_export(out) == pytest.approx(summary["test_accuracy"], abs=1e-6)
+    assert evaluate_export(out, split="heldout") == pytest.approx(summary["heldout_accuracy"], abs=1e-6)
+    # the exported architecture is the candidate's: the same kept channels as the search's record
+    exported = json.loads((out / "architecture.json").read_text())
+    assert [layer["kept_channels"] for layer in exported["layers"]] == [
+        layer["kept_channels"] for layer in arch["layers"]]
+    assert exported["seed"] == 3 and exported["candidate"] == arch["candidate"]
+
+
+def test_only_the_candidate_s_weights_train(run):
+    """Without weight decay, the weights of dropped input channels get no gradient and stay as inherited,
+    the drop logits are frozen, and the kept channels' weights move."""
+    train_candidate(run, candidate=1, epochs=1, weight_decay=0.0, tag="nodecay", progress=False)
+    before = load_run(run).model
+    masks = candidate_masks(before, 3, 1)
+    after = trained_state(run / "train-nodecay")
+    moved = 0
+    for name, layer in gated_layers(before):
+        kept = masks[name].bool()
+        weight = after[f"{name}.weight"]
+        assert torch.equal(weight[:, ~kept], layer.weight.detach()[:, ~kept]), name
+        assert torch.equal(after[f"{name}.p_logit"], layer.p_logit.detach()), name
+        moved += int(not torch.equal(weight[:, kept], layer.weight.detach()[:, kept]))
+    assert moved == len(gated_layers(before))
+    assert sum((~masks[name].bool()).sum().item() for name in masks) > 0  # the check above saw dropped channels
+
+
+def test_weight_decay_is_applied(run):
+    """With weight decay the dropped channels' weights (no gradient) shrink by exactly the decay's steps."""
+    train_candidate(run, candidate=1, epochs=1, weight_decay=0.01, lr=0.05, tag="decay", progress=False)
+    before = load_run(run).model
+    masks = candidate_masks(before, 3, 1)
+    after = trained_state(run / "train-decay")
+    name, layer = next((n, m) for n, m in gated_layers(before) if not masks[n].bool().all())
+    dropped = ~masks[name].bool()
+    ratio = after[f"{name}.weight"][:, dropped] / layer.weight.detach()[:, dropped]
+    assert (ratio < 1).all() and (ratio > 0.9).all()  # shrunk, uniformly: no gradient but the decay's
+    assert torch.allclose(ratio, ratio.flatten()[0].expand_as(ratio), rtol=1e-5)
+
+
+def test_scratch_starts_from_the_search_s_initial_weights(run, monkeypatch):
+    """--init scratch with the run's seed starts where `search --seed` started; another seed elsewhere."""
+    starts = []
+    real_train = standalone.train_posterior
+
+    def capture(model, *args, **kwargs):
+        starts.append({k: v.clone() for k, v in model.state_dict().items()})
+        return real_train(model, *args, **kwargs)
+
+    monkeypatch.setattr(standalone, "train_posterior", capture)
+    train_candidate(run, init="scratch", epochs=1, progress=False)
+    train_candidate(run, init="scratch", epochs=1, seed=4, tag="seed4", progress=False)
+    torch.manual_seed(3)
+    initial = build_supernet(small_config(), 10).state_dict()
+    assert starts[0].keys() == initial.keys()
+    assert all(torch.equal(starts[0][k], initial[k]) for k in initial)
+    assert not all(torch.equal(starts[1][k], initial[k]) for k in initial if k.endswith("weight"))
+    summary = export_json(run / "train-scratch")
+    assert summary["inherited_test_accuracy"] is None and summary["training_seed"] == 3
+    assert export_json(run / "train-seed4")["training_seed"] == 4
+
+
+def test_a_seed_reproduces_a_training_and_a_resume_after_a_kill_equals_it(run, monkeypatch):
+    whole = train_candidate(run, init="scratch", epochs=3, tag="whole", progress=False)
+    real_save = standalone.save_checkpoint
+
+    def save_then_die(path, state):
+        real_save(path, state)
+        if state["epoch"] == 1:
+            raise KeyboardInterrupt  # killed right after the first epoch's checkpoint
+
+    monkeypatch.setattr(standalone, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train_candidate(run, init="scratch", epochs=3, tag="cut", progress=False)
+    assert len(read_jsonl(run / "train-cut" / "train_log.jsonl")) == 1 and not (run / "train-cut" / "export.json").exists()
+    monkeypatch.setattr(standalone, "save_checkpoint", real_save)
+    resumed = train_candidate(run, init="scratch", epochs=3, tag="cut", resume=True, progress=False)
+    a, b = trained_state(run / "train-whole"), trained_state(run / "train-cut")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    def log(tag):
+        return [{k: v for k, v in row.items() if k not in TIMINGS} for row in read_jsonl(run / tag / "train_log.jsonl")]
+
+    assert log("train-whole") == log("train-cut") and len(log("train-whole")) == 3
+    differ = {"resumed_from_epoch", "train_seconds"}
+    assert {k: v for k, v in resumed.items() if k not in differ} == {k: v for k, v in whole.items() if k not in differ}
+    assert (resumed["resumed_from_epoch"], whole["resumed_from_epoch"]) == (1, 0)
+    assert "regularizer" not in log("train-whole")[0] and "mean_p" not in log("train-whole")[0]
+
+
+def test_a_held_training_is_refused_without_resume_or_overwrite(run):
+    train_candidate(run, epochs=1, progress=False)
+    with pytest.raises(RunError, match=r"holds a training \(finished\): --resume continues it, --overwrite replaces"):
+        train_candidate(run, epochs=1, progress=False)
+    with pytest.raises(RunError, match=r"was trained with other settings: epochs 1 \(now 2\)"):
+        train_candidate(run, epochs=2, resume=True, progress=False)
+    with pytest.raises(RunError, match=r"lr 0\.05 \(now 0\.01\)"):
+        train_candidate(run, epochs=1, lr=0.01, resume=True, progress=False)
+    before = (run / "train-inherited" / CHECKPOINT).read_bytes()
+    train_candidate(run, epochs=1, resume=True, progress=False)  # finished: nothing trained again
+    assert (run / "train-inherited" / CHECKPOINT).read_bytes() == before
+    train_candidate(run, epochs=2, overwrite=True, progress=False)
+    assert len(read_jsonl(run / "train-inherited" / "train_log.jsonl")) == 2
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"weight_decay": -1.0}, r"--weight-decay must be a number >= 0, got -1\.0"),
+    ({"weight_decay": float("nan")}, r"--weight-decay must be a number >= 0, got nan"),
+    ({"lr": 0.0}, r"--lr must be a number > 0, got 0\.0"),
+    ({"epochs": 0}, r"--epochs must be an int >= 1, got 0"),
+    ({"candidate": 1, "rank_tag": "x"}, "pass --candidate or --rank, not both"),
+    ({"rank_tag": "nothing"}, r"--rank nothing names no finished ranking of this run"),
+    ({"checkpoint": "best"}, r"the same id drawn from checkpoint-best\.pt is another network"),
+])
+def test_bad_input_is_refused_before_anything_is_written(run, kwargs, message):
+    with pytest.raises(RunError, match=message):
+        train_candidate(run, progress=False, **kwargs)
+    assert not list(run.glob("train-*"))
+
+
+def test_init_must_be_known(run):
+    with pytest.raises(ValueError, match="init must be one of inherited, scratch, got 'warm'"):
+        train_candidate(run, init="warm", progress=False)
+
+
+def test_set_gates_hard_with_a_step_gives_the_stochastic_modules_its_streams():
+    """A candidate trained alone draws shake-shake's weights from the step's streams, as the posterior does."""
+    model = build_supernet(small_config(), 10)
+    masks = candidate_masks(model, 3, 0)
+    set_gates(model, "hard", masks=masks, seed=9, step=5, row_offset=4)
+    modules = list(_stochastic_modules(model))
+    assert modules and all(m.rng_seed == 9 and m.rng_row_offset == 4 for m in modules)
+    assert [m.rng_stream for m in modules] == [stream_id(m.rng_domain, 5, i) for i, m in enumerate(modules)]
+    model.train()
+    x = torch.randn(6, 1, 8, 8)
+    first = model(x)
+    set_gates(model, "hard", masks=masks, seed=9, step=6)
+    assert not torch.equal(model(x), first)  # another step, other shake weights
+    set_gates(model, "hard", masks=masks, seed=9, step=5, row_offset=4)
+    assert torch.equal(model(x), first)
+    with pytest.raises(ValueError, match="row_offset must be an int >= 0, got -1"):
+        set_gates(model, "hard", masks=masks, seed=9, step=5, row_offset=-1)
+
+
+# ---- the command ---------------------------------------------------------------------------------
+def test_train_command_prints_both_accuracies_and_info_lists_it(run, capsys):
+    assert main(["train", str(run), "--epochs", "1", "--candidate", "2", "--quiet"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    s = export_json(run / "train-inherited")
+    assert out[0] == (f"candidate 2, trained alone from its inherited weights for 1 epoch (lr 0.05, weight decay "
+                      f"0.0003, seed 3): held-out {100 * s['heldout_accuracy']:.2f}%, test {100 * s['test_accuracy']:.2f}%")
+    assert out[1].startswith("  with the inherited weights, untrained (the search's numbers): held-out ")
+    assert out[-1] == f"results: {run / 'train-inherited'} (pgnas-fast evaluate scores it)"
+    assert main(["info", str(run)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("  alone      train-inherited: finished, candidate 2 from its inherited weights, "
+                               "1 epoch: held-out ") for line in lines), lines
+    assert main(["evaluate", str(run / "train-inherited")]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == f"{s['test_accuracy']:.6f}"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--tag", "a/b"], "--tag must be letters, digits, '_', '.' or '-', got 'a/b'"),
+    (["--init", "warm"], "argument --init: invalid choice: 'warm'"),
+    (["--epochs", "0"], "argument --epochs: must be an integer >= 1, got 0"),
+    (["--resume", "--overwrite"], "argument --overwrite: not allowed with argument --resume"),
+    (["--candidate", "1", "--rank", "x"], "argument --rank: not allowed with argument --candidate"),
+])
+def test_train_command_refuses_bad_arguments(run, capsys, argv, message):
+    assert main(["train", str(run), *argv]) == 2
+    assert message in capsys.readouterr().err
+    assert not list(run.glob("train-*"))
+
+
+def test_a_fresh_search_removes_the_old_run_s_trainings(run):
+    """They are of the old weights."""
+    from pgnas_fast.search import run_search
+
+    train_candidate(run, epochs=1, progress=False)
+    run_search(small_config(), seed=5, out_dir=run, overwrite=True, progress=False)
+    assert not (run / "train-inherited").exists()

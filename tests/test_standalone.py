@@ -10,7 +10,7 @@ import torch
 
 from conftest import TIMINGS, small_config
 from pgnas_fast.cli import main
-from pgnas_fast.nn import candidate_masks, gated_layers, set_gates
+from pgnas_fast.nn import candidate_masks, gated_layers, set_gates, set_step_streams
 from pgnas_fast.nn.gated import _stochastic_modules
 from pgnas_fast.ops.streams import stream_id
 from pgnas_fast.search import standalone
@@ -174,23 +174,23 @@ def test_init_must_be_known(run):
         train_candidate(run, init="warm", progress=False)
 
 
-def test_set_gates_hard_with_a_step_gives_the_stochastic_modules_its_streams():
+def test_step_streams_drive_the_stochastic_modules_under_hard_gates():
     """A candidate trained alone draws shake-shake's weights from the step's streams, as the posterior does."""
     model = build_supernet(small_config(), 10)
-    masks = candidate_masks(model, 3, 0)
-    set_gates(model, "hard", masks=masks, seed=9, step=5, row_offset=4)
+    set_gates(model, "hard", masks=candidate_masks(model, 3, 0))
+    set_step_streams(model, seed=9, step=5, row_offset=4)
     modules = list(_stochastic_modules(model))
     assert modules and all(m.rng_seed == 9 and m.rng_row_offset == 4 for m in modules)
     assert [m.rng_stream for m in modules] == [stream_id(m.rng_domain, 5, i) for i, m in enumerate(modules)]
     model.train()
     x = torch.randn(6, 1, 8, 8)
     first = model(x)
-    set_gates(model, "hard", masks=masks, seed=9, step=6)
+    set_step_streams(model, seed=9, step=6)
     assert not torch.equal(model(x), first)  # another step, other shake weights
-    set_gates(model, "hard", masks=masks, seed=9, step=5, row_offset=4)
+    set_step_streams(model, seed=9, step=5, row_offset=4)
     assert torch.equal(model(x), first)
     with pytest.raises(ValueError, match="row_offset must be an int >= 0, got -1"):
-        set_gates(model, "hard", masks=masks, seed=9, step=5, row_offset=-1)
+        set_step_streams(model, seed=9, step=5, row_offset=-1)
 
 
 # ---- the command ---------------------------------------------------------------------------------

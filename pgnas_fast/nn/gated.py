@@ -423,20 +423,15 @@ def set_gates(model: nn.Module, mode: str, *, seed: int = 0, step: int | None = 
     drive StochasticModules such as shake-shake); `row_offset` is the global row of this process's
     first example (data parallel: rank * local batch). hard: needs `candidate` (masks drawn from the
     learned p, see candidate_masks) or explicit `masks` ([C_in] each, or [K, C_in] to run K
-    candidates on K equal row groups of every batch); with `step`, the StochasticModules take that
-    training step's streams (a candidate trained alone, search/standalone.py). full: no arguments.
+    candidates on K equal row groups of every batch). full: no arguments.
     """
     if mode not in ops.GATE_MODES:
         raise ValueError(f"mode must be one of {', '.join(ops.GATE_MODES)}; got {mode!r}")
     layers = gated_layers(model)
-    if mode == "relaxed" and step is None:
-        raise ValueError("set_gates(mode='relaxed') needs step=")
-    if step is not None:
-        if isinstance(row_offset, bool) or not isinstance(row_offset, int) or row_offset < 0:
-            raise ValueError(f"row_offset must be an int >= 0, got {row_offset!r}")
-        for index, module in enumerate(_stochastic_modules(model)):
-            module.rng_seed, module.rng_stream = seed, stream_id(module.rng_domain, step, index)
-            module.rng_row_offset = row_offset
+    if mode == "relaxed":
+        if step is None:
+            raise ValueError("set_gates(mode='relaxed') needs step=")
+        set_step_streams(model, seed=seed, step=step, row_offset=row_offset)
     if mode == "hard":
         if (candidate is None) == (masks is None):
             raise ValueError("set_gates(mode='hard') needs exactly one of candidate= or masks=")
@@ -452,6 +447,17 @@ def set_gates(model: nn.Module, mode: str, *, seed: int = 0, step: int | None = 
             layer.gate_row_offset = row_offset
         elif mode == "hard":
             layer.gate_mask = masks[name].to(layer.weight.device, torch.float32)
+
+
+def set_step_streams(model: nn.Module, *, seed: int, step: int, row_offset: int = 0) -> None:
+    """Hand every StochasticModule of `model` (shake-shake, drop-path) the random streams of training
+    step `step`: set_gates(mode='relaxed') does it with the gates' streams; a candidate trained alone,
+    its hard gates fixed (search/standalone.py), calls it alone. `row_offset` as for set_gates."""
+    if isinstance(row_offset, bool) or not isinstance(row_offset, int) or row_offset < 0:
+        raise ValueError(f"row_offset must be an int >= 0, got {row_offset!r}")
+    for index, module in enumerate(_stochastic_modules(model)):
+        module.rng_seed, module.rng_stream = seed, stream_id(module.rng_domain, step, index)
+        module.rng_row_offset = row_offset
 
 
 @contextlib.contextmanager

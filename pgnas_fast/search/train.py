@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..nn import clip_log_alpha_, gated_layers, network_regularizer, set_gates, set_posterior
+from ..nn import clip_log_alpha_, gated_layers, network_regularizer, set_gates, set_posterior, set_step_streams
 from .parallel import SINGLE_PROCESS, Parallel, has_size_one_dims, shard_loss, stride_hint_off
 
 
@@ -144,7 +144,7 @@ def train_posterior(model: nn.Module, optimizer: torch.optim.Optimizer, feed, co
             # regulariser's large gradient buffer is free to be reused (csrc/cpu/ops.cpp)
             optimizer.zero_grad(set_to_none=True)
             if candidate:  # (the gates stay; shake-shake and drop-path draw the step's numbers)
-                set_gates(model, "hard", masks=masks, seed=seed, step=step, row_offset=first_row)
+                set_step_streams(model, seed=seed, step=step, row_offset=first_row)
             else:
                 set_gates(model, "relaxed", seed=seed, step=step, row_offset=first_row)
             if hasattr(model, "set_drop_path_progress"):  # ENAS cells: drop-path ramps up over training

@@ -1,8 +1,8 @@
 """The `pgnas-fast` command (design.md layer 1).
 
     pgnas-fast search [--preset NAME] [--seed S] [--epochs E] [--candidates K] [--out DIR] ...
-    pgnas-fast info | rank RUN_DIR | study RUN_DIR | export RUN_DIR --out DIR | train RUN_DIR | evaluate DIR
-    pgnas-fast doctor
+    pgnas-fast info | rank RUN_DIR | study RUN_DIR | export RUN_DIR --out DIR | train RUN_DIR
+    pgnas-fast correlate RUN_DIR | evaluate DIR | doctor
 
 (the README lists every option).
 
@@ -66,7 +66,6 @@ def _build_parser() -> argparse.ArgumentParser:
     from .ops.dispatch import SELECTABLE
     from .ops.streams import MAJOR_LIMIT, SEED_LIMIT
     from .search.rank import EVALUATORS
-    from .search.standalone import DEFAULT_WEIGHT_DECAY, INITS
 
     parser = _Parser(prog="pgnas-fast", description="Posterior-Guided Neural Architecture Search, fast.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -110,8 +109,9 @@ def _build_parser() -> argparse.ArgumentParser:
     existing = search.add_mutually_exclusive_group()  # what to do with a run the directory holds
     existing.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
     existing.add_argument("--overwrite", action="store_true",
-                          help="replace the run the directory holds (its rank-*/, study-*/ and train-*/ results too); without "
-                               "it or --resume a directory that holds a run is refused")
+                          help="replace the run the directory holds (its rank-*/, study-*/, train-*/ and "
+                               "correlate-*/ results too); without it or --resume a directory that holds a run is "
+                               "refused")
     search.add_argument("--quiet", action="store_true", help="no progress bars")
 
     info = commands.add_parser("info", help="a preset's super-network (parameters, gated layers, p values, MACs), "
@@ -215,16 +215,7 @@ def _build_parser() -> argparse.ArgumentParser:
     which.add_argument("--candidate", type=_count(0, MAJOR_LIMIT), help="candidate id (default: the run's best)")
     which.add_argument("--rank", metavar="TAG", help="the best candidate of `pgnas-fast rank --tag TAG`")
     _checkpoint_argument(train, default=None, default_text="the --rank ranking's, else last")
-    train.add_argument("--init", choices=INITS, default="inherited",
-                       help="inherited: the checkpoint's weights (fine-tuning); scratch: the initial weights of "
-                            "`search --seed` for the training's seed (default inherited)")
-    train.add_argument("--epochs", type=_count(1), help="training epochs (default: the run's)")
-    train.add_argument("--lr", type=float, help="initial learning rate of the run's schedule (default: the run's)")
-    train.add_argument("--weight-decay", type=float, default=DEFAULT_WEIGHT_DECAY,
-                       help=f"weight decay, in place of the PGNAS regulariser (default {DEFAULT_WEIGHT_DECAY:g})")
-    train.add_argument("--seed", type=_count(0, SEED_LIMIT),
-                       help="the training's data order, augmentation and noise (and scratch's initial weights); "
-                            "default: the run's")
+    _training_arguments(train, default_init="inherited")
     train.add_argument("--tag", help="names the output folder train-TAG (default: the --init)")
     existing = train.add_mutually_exclusive_group()
     existing.add_argument("--resume", action="store_true", help="continue an interrupted training of the same tag")
@@ -233,6 +224,27 @@ def _build_parser() -> argparse.ArgumentParser:
     train.add_argument("--data-dir", metavar="DIR", help="the data set's directory (as for search)")
     train.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    correlate = commands.add_parser(
+        "correlate", help="does the search's ranking predict the candidates' accuracy trained alone?",
+        description="Train N candidates spread over the search's ranking (the best among them) alone, as `train` "
+                    "does, and correlate their inherited held-out scores with their held-out accuracy after "
+                    "training (Kendall's tau-b, Spearman's rho, where the search's choice lands). Writes "
+                    "RUN_DIR/correlate-TAG/: correlation.json, correlation.md, correlation.png and each candidate's "
+                    "training (c<ID>/, a `train` directory).")
+    correlate.add_argument("run_dir", metavar="RUN_DIR", help="a directory written by pgnas-fast search")
+    correlate.add_argument("--candidates", type=_count(2), default=8,
+                           help="candidates to train, spread over the ranking (default 8)")
+    _training_arguments(correlate, default_init="scratch")
+    correlate.add_argument("--tag", default="default", help="names the output folder correlate-TAG (default 'default')")
+    existing = correlate.add_mutually_exclusive_group()
+    existing.add_argument("--resume", action="store_true",
+                          help="continue an interrupted correlation of the same tag (finished trainings are kept)")
+    existing.add_argument("--overwrite", action="store_true",
+                          help="replace the correlation of the same tag; without it or --resume one is refused")
+    correlate.add_argument("--data-dir", metavar="DIR", help="the data set's directory (as for search)")
+    correlate.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    correlate.add_argument("--quiet", action="store_true", help="no progress bars")
 
     evaluate = commands.add_parser("evaluate", help="accuracy of an exported network on a split",
                                    description="Accuracy of an export directory's model.pt2 network; the "
@@ -245,6 +257,23 @@ def _build_parser() -> argparse.ArgumentParser:
     commands.add_parser("doctor", help="versions, backends (and why one is off), threads",
                         description="Print versions, which backends are live and why not, and threads.")
     return parser
+
+
+def _training_arguments(parser: argparse.ArgumentParser, default_init: str) -> None:
+    """How `train` and `correlate` train a candidate alone (search/standalone.py)."""
+    from .ops.streams import SEED_LIMIT
+    from .search.standalone import DEFAULT_WEIGHT_DECAY, INITS
+
+    parser.add_argument("--init", choices=INITS, default=default_init,
+                        help="inherited: the checkpoint's weights (fine-tuning); scratch: the initial weights of "
+                             f"`search --seed` for the training's seed (default {default_init})")
+    parser.add_argument("--epochs", type=_count(1), help="training epochs (default: the run's)")
+    parser.add_argument("--lr", type=float, help="initial learning rate of the run's schedule (default: the run's)")
+    parser.add_argument("--weight-decay", type=float, default=DEFAULT_WEIGHT_DECAY,
+                        help=f"weight decay, in place of the PGNAS regulariser (default {DEFAULT_WEIGHT_DECAY:g})")
+    parser.add_argument("--seed", type=_count(0, SEED_LIMIT),
+                        help="the training's data order, augmentation and noise (and scratch's initial weights); "
+                             "default: the run's")
 
 
 def _budget_arguments(parser: argparse.ArgumentParser, help_text: str) -> None:
@@ -577,6 +606,33 @@ def _train(args) -> int:
     return 0
 
 
+def _correlate(args) -> int:
+    from .search.correlate import correlate_run
+    from .search.rank import counted
+
+    _check_tag(args.tag)
+    device = _resolve_device(args.device)
+    s = correlate_run(args.run_dir, candidates=args.candidates, init=args.init, epochs=args.epochs, lr=args.lr,
+                      weight_decay=args.weight_decay, seed=args.seed, tag=args.tag, resume=args.resume,
+                      overwrite=args.overwrite, device=str(device), data_dir=args.data_dir, progress=not args.quiet)
+    t = s["training"]
+
+    def shown(value):
+        return "undefined (every score tied)" if value is None else f"{value:.3f}"
+
+    print(f"{counted(len(s['candidates']), 'candidate')} of the search's {s['ranked']}, trained alone from "
+          f"{'their inherited weights' if t['init'] == 'inherited' else 'scratch'} for {counted(t['epochs'], 'epoch')}: "
+          f"Kendall's tau {shown(s['kendall_tau'])}, Spearman's rho {shown(s['spearman_rho'])} (inherited score "
+          "against held-out accuracy after training)")
+    if s["search_choice_trained_rank"] is not None:
+        print(f"  the search's choice, candidate {s['search_choice']}, is number {s['search_choice_trained_rank']} "
+              f"of {len(s['candidates'])} after training")
+    print(f"  the best after training, candidate {s['best_trained']}, was number {s['best_trained_inherited_rank']} of "
+          f"{s['ranked']} in the search")
+    print(f"report: {Path(args.run_dir) / ('correlate-' + args.tag) / 'correlation.md'}")
+    return 0
+
+
 def _evaluate(args) -> int:
     from .search.export import evaluate_export
 
@@ -733,6 +789,16 @@ def _print_run(run: dict) -> None:
         else:
             line += f" ({counted(training['epochs_trained'], 'epoch')} trained; --resume continues it)"
         print(f"  alone      {line}")
+    for correlation in run["correlations"]:
+        line = f"correlate-{correlation['tag']}: {correlation['state']}"
+        if correlation["state"] == "finished":
+            tau, rho = (f"{v:.3f}" if v is not None else "undefined"
+                        for v in (correlation["kendall_tau"], correlation["spearman_rho"]))
+            line += f", {counted(correlation['candidates'], 'candidate')}: Kendall's tau {tau}, Spearman's rho {rho}"
+        else:
+            line += (f" ({counted(correlation['candidates_trained'], 'candidate')} trained; --resume continues "
+                     "it)")
+        print(f"  correlate  {line}")
 
 
 def _doctor(_args) -> int:
@@ -805,7 +871,8 @@ def _main(argv: list[str] | None) -> int:
             raise UsageError(f"{args.command} runs in one process (under torchrun every process would do all of "
                              f"it and write the same files); torchrun shares out {shared}")
         code = {"search": _search, "info": _info, "rank": _rank, "study": _study, "export": _export,
-                "train": _train, "evaluate": _evaluate, "doctor": _doctor}[args.command](args)
+                "train": _train, "correlate": _correlate, "evaluate": _evaluate,
+                "doctor": _doctor}[args.command](args)
         sys.stdout.flush()  # (a block-buffered pipe's last lines: a closed reader fails here, not at exit)
         return code
     except (UsageError, ConfigError, DataError, RunError) as err:  # bad input: one line, status 2
@@ -829,7 +896,7 @@ def _stopped(stop: KeyboardInterrupt, command: str | None = None) -> int:
     shell gives a process that the signal ended (128 + its number)."""
     from .interrupts import Terminated
 
-    resumable = command in ("search", "rank", "train")  # the others start over: nothing of theirs is lost
+    resumable = command in ("search", "rank", "train", "correlate")  # the others start over: nothing of theirs is lost
     again = ("the same torchrun command with --resume" if int(os.environ.get("WORLD_SIZE", "1")) > 1
              else f"`pgnas-fast {command} --resume` with the same arguments")  # (a resume takes as many processes)
     hint = f"; {again} continues" if resumable else ""

@@ -301,8 +301,8 @@ def test_a_search_into_a_run_is_refused_without_resume_or_overwrite(capsys, tmp_
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     code, _, stderr = run_cli(capsys, "search", *SMALL, "--out", str(out))
     assert code == 2 and stderr == (f"pgnas-fast: error: {str(out)!r} holds a run (finished): --resume continues it, "
-                                    "--overwrite replaces it whole (its rank-*/, study-*/ and train-*/ results too), or search "
-                                    "into another --out\n")
+                                    "--overwrite replaces it whole (its rank-*/, study-*/, train-*/ and correlate-*/ "
+                                    "results too), or search into another --out\n")
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
     (out / "summary.json").unlink()  # as a run interrupted after its second epoch leaves it
     lines = (out / "train_log.jsonl").read_text().splitlines(keepends=True)

@@ -386,8 +386,8 @@ def test_a_second_writer_of_a_run_is_refused(finished_run, tmp_path, capsys):
 
 
 def test_a_fresh_search_leaves_a_running_rank_or_study_s_folder_alone(finished_run, tmp_path):
-    """A fresh search replaces the old run and removes its rank-*/ and study-*/ results: not while a
-    `rank` or `study` writes one (the other command would crash on its vanished files)."""
+    """A fresh search replaces the old run and removes its rank-*/, study-*/, train-*/ and correlate-*/
+    results: not while the command writes one (it would crash on its vanished files)."""
     from pgnas_fast.search.io import writer_lock
     from pgnas_fast.search.parallel import SINGLE_PROCESS
     from pgnas_fast.search.study import run_study
@@ -395,17 +395,17 @@ def test_a_fresh_search_leaves_a_running_rank_or_study_s_folder_alone(finished_r
     out, _ = finished_run
     run = tmp_path / "run"
     shutil.copytree(out, run)
-    for tag in ("rank-live", "study-live"):
+    for tag in ("rank-live", "study-live", "train-live", "correlate-live"):
         (run / tag).mkdir()
         with writer_lock(run, tag, SINGLE_PROCESS):
-            with pytest.raises(RunError, match=f"a pgnas-fast rank, study or train is writing {tag} in .*, which a"):
+            with pytest.raises(RunError, match=f"a pgnas-fast rank, study, train or correlate is writing {tag} in .*, which a"):
                 run_search(small_config(), seed=5, out_dir=run, overwrite=True, progress=False)
             assert (run / tag).is_dir() and (run / "checkpoint.pt").read_bytes() == (out / "checkpoint.pt").read_bytes()
     with writer_lock(run, "study-live", SINGLE_PROCESS):  # a study takes the lock of its tag
         with pytest.raises(RunError, match="another pgnas-fast process is writing study-live in"):
             run_study(run, candidates=2, tag="live", progress=False)
     run_search(small_config(), seed=5, out_dir=run, overwrite=True, progress=False)  # nobody writes them now: removed
-    assert not (run / "rank-live").exists() and not (run / "study-live").exists()
+    assert not any((run / tag).exists() for tag in ("rank-live", "study-live", "train-live", "correlate-live"))
 
 
 def test_a_killed_writer_s_lock_is_free_while_its_forked_children_live(tmp_path):

@@ -3,6 +3,7 @@ from scratch, on the small digits search of conftest (seed 3)."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import pytest
@@ -230,3 +231,108 @@ def test_a_fresh_search_removes_the_old_run_s_trainings(run):
     train_candidate(run, epochs=1, progress=False)
     run_search(small_config(), seed=5, out_dir=run, overwrite=True, progress=False)
     assert not (run / "train-inherited").exists()
+
+
+# ---- correlate: the search's ranking against training alone ----------------------------------------
+def test_spread_over_ranking_takes_the_best_the_worst_and_even_steps_between():
+    from pgnas_fast.search.correlate import spread_over_ranking
+
+    rows = [{"id": i, "first_round_score": s} for i, s in enumerate([0.5, 0.9, 0.7, 0.9, 0.1, 0.3, 0.6])]
+    # order: 1 (0.9), 3 (0.9, tie by id), 2, 6, 0, 5, 4
+    assert [r["id"] for r in spread_over_ranking(rows, 3)] == [1, 6, 4]
+    assert [r["id"] for r in spread_over_ranking(rows, 7)] == [1, 3, 2, 6, 0, 5, 4]
+    assert [r["id"] for r in spread_over_ranking(rows, 4)] == [1, 2, 0, 4]
+
+
+@pytest.mark.parametrize("n", [2, 5, 40])
+def test_spearman_rho_is_scipy_s_with_ties(n):
+    from scipy.stats import spearmanr
+
+    from pgnas_fast.search.correlate import spearman_rho
+
+    generator = torch.Generator().manual_seed(n)
+    xs = torch.randint(0, 6, (n,), generator=generator).tolist()  # coarse: many ties, as accuracies are
+    ys = (torch.tensor(xs) + torch.randint(0, 4, (n,), generator=generator)).tolist()
+    rho, expected = spearman_rho(xs, ys), spearmanr(xs, ys).statistic
+    assert math.isnan(rho) if math.isnan(expected) else rho == pytest.approx(expected)
+    assert math.isnan(spearman_rho([1.0], [2.0])) and math.isnan(spearman_rho([1.0, 1.0], [2.0, 3.0]))
+
+
+def test_correlate_trains_the_spread_and_correlates_their_scores(run, capsys):
+    from pgnas_fast.search.correlate import spread_over_ranking
+    from pgnas_fast.search.study import kendall_tau
+
+    assert main(["correlate", str(run), "--candidates", "3", "--epochs", "1", "--quiet"]) == 0
+    out = run / "correlate-default"
+    result = json.loads((out / "correlation.json").read_text())
+    ranked = read_jsonl(run / "candidates.jsonl")
+    picked = spread_over_ranking(ranked, 3)
+    assert [c["id"] for c in result["candidates"]] == [r["id"] for r in picked]
+    for c, row in zip(result["candidates"], picked):
+        trained = export_json(out / f"c{c['id']}")
+        assert (c["heldout_accuracy"], c["test_accuracy"]) == (trained["heldout_accuracy"], trained["test_accuracy"])
+        assert c["inherited_score"] == row["first_round_score"] and trained["init"] == "scratch"
+        assert c["inherited_rank"] == 1 + sum(r["first_round_score"] > row["first_round_score"] for r in ranked)
+    scores = [c["inherited_score"] for c in result["candidates"]]
+    after = [c["heldout_accuracy"] for c in result["candidates"]]
+    tau = kendall_tau(scores, after)
+    assert result["kendall_tau"] == (None if tau != tau else pytest.approx(tau))
+    arch = json.loads((run / "architecture.json").read_text())
+    assert result["search_choice"] == arch["candidate"]
+    choice = next(c for c in result["candidates"] if c["id"] == arch["candidate"])  # (the best is always picked)
+    assert result["search_choice_trained_rank"] == 1 + sum(a > choice["heldout_accuracy"] for a in after)
+    assert (out / "correlation.png").is_file() and "| candidate | inherited score (rank) |" in (
+        out / "correlation.md").read_text()
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].startswith("3 candidates of the search's 6, trained alone from scratch for 1 epoch: Kendall's tau ")
+    assert printed[-1] == f"report: {out / 'correlation.md'}"
+    assert main(["info", str(run)]) == 0
+    assert any(line.startswith("  correlate  correlate-default: finished, 3 candidates: Kendall's tau ")
+               for line in capsys.readouterr().out.splitlines())
+
+
+def test_correlate_resumes_without_training_a_finished_candidate_again(run, monkeypatch):
+    from pgnas_fast.search import correlate
+
+    whole = correlate.correlate_run(run, candidates=3, epochs=1, tag="whole", progress=False)
+    real_train, calls = correlate.train_candidate, []
+
+    def train_then_die_at_the_second(*args, **kwargs):
+        calls.append(kwargs["candidate"])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(correlate, "train_candidate", train_then_die_at_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        correlate.correlate_run(run, candidates=3, epochs=1, tag="cut", progress=False)
+    with pytest.raises(RunError, match="holds a correlation: --resume continues it, --overwrite replaces it"):
+        correlate.correlate_run(run, candidates=3, epochs=1, tag="cut", progress=False)
+    with pytest.raises(RunError, match=r"was started with other settings: epochs 1 \(now 2\)"):
+        correlate.correlate_run(run, candidates=3, epochs=2, tag="cut", resume=True, progress=False)
+    calls.clear()
+    monkeypatch.setattr(correlate, "train_candidate", lambda *a, **k: calls.append(k["candidate"]) or real_train(*a, **k))
+    resumed = correlate.correlate_run(run, candidates=3, epochs=1, tag="cut", resume=True, progress=False)
+    assert calls == [c["id"] for c in whole["candidates"]][1:]  # the first finished before the kill
+    assert resumed == whole
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"candidates": 1}, r"--candidates must be an int >= 2 \(a correlation needs two\), got 1"),
+    ({"candidates": 7}, "--candidates 7 is more than the 6 the search ranked"),
+    ({"weight_decay": -0.5}, r"--weight-decay must be a number >= 0, got -0\.5"),
+])
+def test_correlate_refuses_bad_input_before_writing(run, kwargs, message):
+    from pgnas_fast.search.correlate import correlate_run
+
+    with pytest.raises(RunError, match=message):
+        correlate_run(run, progress=False, **{"candidates": 3, **kwargs})
+    assert not list(run.glob("correlate-*"))
+
+
+def test_correlate_needs_a_finished_search(run):
+    from pgnas_fast.search.correlate import correlate_run
+
+    (run / "candidates.jsonl").unlink()
+    with pytest.raises(RunError, match="holds no finished search to correlate"):
+        correlate_run(run, candidates=2, progress=False)

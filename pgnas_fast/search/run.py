@@ -71,7 +71,7 @@ SEARCH_ONLY_FILES = ("checkpoint.pt", "train_log.jsonl", "summary.json")  # a ru
 # ranks these, as the authors did) or those of the epoch with the lowest training objective
 CHECKPOINTS = {"last": "checkpoint.pt", "best": "checkpoint-best.pt"}
 # what the readers of a run write into it (rank-search*/ too), each from the run's weights
-DERIVED_RESULTS = ("rank-*", "study-*", "train-*")
+DERIVED_RESULTS = ("rank-*", "study-*", "train-*", "correlate-*")
 
 
 # --smoke: the whole pipeline on a handful of batches, to check data and config before a long run
@@ -349,7 +349,8 @@ def rank_search_candidates(model: torch.nn.Module, feed: TensorFeed | LoaderFeed
 
 
 def _derived_results(out_dir: Path) -> list[Path]:
-    """The folders of `rank`, `study` and `train` results in a run directory (and the search's ranking logs)."""
+    """The folders of `rank`, `study`, `train` and `correlate` results in a run directory (and the search's
+    ranking logs)."""
     return [folder for pattern in DERIVED_RESULTS for folder in out_dir.glob(pattern)]
 
 
@@ -435,7 +436,8 @@ def _run_search(config: dict, *, seed: int, out_dir: Path, device: torch.device,
     occupied = parallel.all_gather([there] if there else [])
     if occupied:
         raise RunError(f"{str(out_dir)!r} holds a run ({occupied[0]}): --resume continues it, --overwrite replaces "
-                       "it whole (its rank-*/, study-*/ and train-*/ results too), or search into another --out")
+                       "it whole (its rank-*/, study-*/, train-*/ and correlate-*/ results too), or search into "
+                       "another --out")
     if config["threads"]:
         torch.set_num_threads(config["threads"])  # process-wide: a run owns its process
     # torch's CPU BatchNorm and convolution weight gradients split their sums by thread, so on the CPU a
@@ -479,13 +481,15 @@ def _run_search(config: dict, *, seed: int, out_dir: Path, device: torch.device,
     if resume and not checkpoint_path.exists() and main:
         print(f"nothing to resume in {str(out_dir)!r} (no checkpoint.pt yet): a new run starts", file=sys.stderr)
     fresh = not (resume and checkpoint_path.exists())
-    # a fresh run removes the old run's rank-*/, study-*/ and train-*/ results (below): not while a command
-    # writes one (it would fail on its vanished files, or leave old weights' scores in the new run)
+    # a fresh run removes the old run's rank-*/, study-*/, train-*/ and correlate-*/ results (below): not
+    # while a command writes one (it would fail on its vanished files, or leave old weights' scores in the
+    # new run)
     busy = parallel.all_gather([folder.name for folder in _derived_results(out_dir)
                                 if main and fresh and lock_is_held(out_dir, folder.name)])
     if busy:
-        raise RunError(f"a pgnas-fast rank, study or train is writing {', '.join(busy)} in {str(out_dir)!r}, which a "
-                       "new search there would remove: wait for it to end or stop it (or search into another --out)")
+        raise RunError(f"a pgnas-fast rank, study, train or correlate is writing {', '.join(busy)} in "
+                       f"{str(out_dir)!r}, which a new search there would remove: wait for it to end or stop it (or "
+                       "search into another --out)")
     if not fresh:
         state = load_checkpoint(checkpoint_path)
         _check_posterior(checkpoint_path, state, config)
@@ -513,9 +517,9 @@ def _run_search(config: dict, *, seed: int, out_dir: Path, device: torch.device,
         held_a_run = _held_run(out_dir) is not None
         for name in (*RUN_FILES, *BUDGET_FILES, DATA_FILE):  # a fresh run replaces an old one whole
             (out_dir / name).unlink(missing_ok=True)
-        # and what was derived from the old checkpoint: the search's ranking, `rank`, `study` and `train`
-        # results (a `rank --resume` would otherwise reuse the old weights' scores); in a directory that
-        # held no run, folders of those names are the user's and stay
+        # and what was derived from the old checkpoint: the search's ranking, `rank`, `study`, `train` and
+        # `correlate` results (a `rank --resume` would otherwise reuse the old weights' scores); in a
+        # directory that held no run, folders of those names are the user's and stay
         derived = ((*_derived_results(out_dir), out_dir / "tensorboard", out_dir / SIZES_DIRECTORY)
                    if held_a_run else ())
         for folder in derived:

@@ -1,6 +1,6 @@
 """What a run directory holds (`pgnas-fast info RUN_DIR`), from its JSON files alone (no checkpoint
 is loaded: the paper presets' are hundreds of MB): the search's config and progress, its chosen
-candidate, and every `rank`, `study` and `train` result in it; and over several runs (seeds) of one protocol,
+candidate, and every `rank`, `study`, `train` and `correlate` result in it; and over several runs (seeds) of one protocol,
 the mean and spread of their chosen candidates (`across_runs`)."""
 from __future__ import annotations
 
@@ -55,6 +55,17 @@ def _training(folder: Path) -> dict:
                                                 "inherited_test_accuracy")}}
 
 
+def _correlation(folder: Path) -> dict:
+    result = _json(folder / "correlation.json")
+    if not isinstance(result, dict):
+        trained = sum((c / "export.json").is_file() for c in folder.glob("c*") if c.is_dir())
+        return {"tag": folder.name.removeprefix("correlate-"), "state": "started, not finished",
+                "candidates_trained": trained}
+    return {"tag": folder.name.removeprefix("correlate-"), "state": "finished",
+            "candidates": len(result.get("candidates") or []),
+            **{key: result.get(key) for key in ("kendall_tau", "spearman_rho", "training")}}
+
+
 def _changes(config: dict) -> dict | None:
     """The config's keys that differ from its preset's (for its posterior family), or None when the
     config does not resolve (another version's)."""
@@ -72,7 +83,7 @@ def _changes(config: dict) -> dict | None:
 
 def run_info(run_dir: str | Path) -> dict:
     """{run_dir, preset, seed, posterior, config, changes (from the preset), epochs, epochs_trained,
-    finished, chosen, rankings, studies, trainings} of a run directory; RunError if it holds no run (no readable
+    finished, chosen, rankings, studies, trainings, correlations} of a run directory; RunError if it holds no run (no readable
     config.json)."""
     run_dir = Path(run_dir)
     run_config = _json(run_dir / "config.json")
@@ -98,6 +109,7 @@ def run_info(run_dir: str | Path) -> dict:
                      if folder.is_dir() and folder.name not in own],
         "studies": [_study(folder) for folder in sorted(run_dir.glob("study-*")) if folder.is_dir()],
         "trainings": [_training(folder) for folder in sorted(run_dir.glob("train-*")) if folder.is_dir()],
+        "correlations": [_correlation(folder) for folder in sorted(run_dir.glob("correlate-*")) if folder.is_dir()],
     }
 
 

@@ -54,11 +54,28 @@ CHECKPOINT = "candidate-checkpoint.pt"
 def train_candidate(run_dir: str | Path, *, candidate: int | None = None, rank_tag: str | None = None,
                     checkpoint: str | None = None, init: str = "inherited", epochs: int | None = None,
                     lr: float | None = None, weight_decay: float = DEFAULT_WEIGHT_DECAY, seed: int | None = None,
-                    tag: str | None = None, resume: bool = False, overwrite: bool = False, device: str = "cpu",
-                    data_dir=None, progress: bool = True) -> dict:
-    """Train a candidate of a run alone (see the module's docstring); returns export.json's content
-    (an empty dict on the ranks other than 0 of a torchrun). `seed`: the training's data order,
-    augmentation and stochastic modules (and scratch's initial weights); the run's by default."""
+                    tag: str | None = None, out: str | Path | None = None, resume: bool = False,
+                    overwrite: bool = False, device: str = "cpu", data_dir=None, progress: bool = True) -> dict:
+    """Train a candidate of a run alone (see the module's docstring) into `out` (by default
+    RUN_DIR/train-TAG, TAG by default the init); returns export.json's content (an empty dict on the
+    ranks other than 0 of a torchrun). `seed`: the training's data order, augmentation and stochastic
+    modules (and scratch's initial weights); the run's by default."""
+    check_training_settings(init=init, epochs=epochs, lr=lr, weight_decay=weight_decay)
+    run_dir = Path(run_dir)
+    out = Path(out) if out is not None else run_dir / f"train-{tag or init}"
+    parallel, device = join(device)
+    try:
+        return _train_candidate(run_dir, candidate=candidate, rank_tag=rank_tag, checkpoint=checkpoint, init=init,
+                                epochs=epochs, lr=lr, weight_decay=weight_decay, seed=seed, out=out,
+                                resume=resume, overwrite=overwrite, device=device, data_dir=data_dir,
+                                progress=progress, parallel=parallel)
+    finally:
+        if parallel.enabled:
+            leave()
+
+
+def check_training_settings(*, init: str, epochs: int | None, lr: float | None, weight_decay: float) -> None:
+    """train_candidate's settings, refused before anything is read or written."""
     if init not in INITS:
         raise ValueError(f"init must be one of {', '.join(INITS)}, got {init!r}")
     if not (math.isfinite(weight_decay) and weight_decay >= 0):
@@ -67,16 +84,6 @@ def train_candidate(run_dir: str | Path, *, candidate: int | None = None, rank_t
         raise RunError(f"--lr must be a number > 0, got {lr}")
     if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1):
         raise RunError(f"--epochs must be an int >= 1, got {epochs!r}")
-    run_dir = Path(run_dir)
-    parallel, device = join(device)
-    try:
-        return _train_candidate(run_dir, candidate=candidate, rank_tag=rank_tag, checkpoint=checkpoint, init=init,
-                                epochs=epochs, lr=lr, weight_decay=weight_decay, seed=seed, tag=tag or init,
-                                resume=resume, overwrite=overwrite, device=device, data_dir=data_dir,
-                                progress=progress, parallel=parallel)
-    finally:
-        if parallel.enabled:
-            leave()
 
 
 def held_training(out: Path) -> str | None:
@@ -88,13 +95,13 @@ def held_training(out: Path) -> str | None:
     return f"trained {counted(complete_lines(out / 'train_log.jsonl'), 'epoch')}, not finished"
 
 
-def _train_candidate(run_dir: Path, *, candidate, rank_tag, checkpoint, init, epochs, lr, weight_decay, seed, tag,
-                     resume, overwrite, device: torch.device, data_dir, progress, parallel: Parallel) -> dict:
+def _train_candidate(run_dir: Path, *, candidate, rank_tag, checkpoint, init, epochs, lr, weight_decay, seed,
+                     out: Path, resume, overwrite, device: torch.device, data_dir, progress, parallel: Parallel
+                     ) -> dict:
     main = parallel.is_main
-    out = run_dir / f"train-{tag}"
     # (before the run loads: hours of training are not lost to one missed flag; a training being
     # written is refused by its lock, below)
-    there = (held_training(out) if main and not resume and not overwrite and not lock_is_held(run_dir, out.name)
+    there = (held_training(out) if main and not resume and not overwrite and not lock_is_held(out.parent, out.name)
              else None)
     if occupied := parallel.all_gather([there] if there else []):
         raise RunError(f"{str(out)!r} holds a training ({occupied[0]}): --resume continues it, --overwrite replaces "
@@ -124,7 +131,7 @@ def _train_candidate(run_dir: Path, *, candidate, rank_tag, checkpoint, init, ep
                          sync_bn=config["sync_bn"])
     optimizer = make_optimizer(model, config, weight_decay=weight_decay)
 
-    with writer_lock(run_dir, out.name, parallel):
+    with writer_lock(out.parent, out.name, parallel):
         state = _resumed_state(out, settings, parallel.world, config) if resume else None
         if resume and state is None and main:
             print(f"nothing to resume in {str(out)!r} (no {CHECKPOINT} yet): a new training starts", file=sys.stderr)
@@ -204,4 +211,5 @@ def _resumed_state(out: Path, settings: dict, world: int, config: dict) -> dict 
     return state
 
 
-__all__ = ["CHECKPOINT", "DEFAULT_WEIGHT_DECAY", "INITS", "held_training", "train_candidate"]
+__all__ = ["CHECKPOINT", "DEFAULT_WEIGHT_DECAY", "INITS", "check_training_settings", "held_training",
+           "train_candidate"]

@@ -1,0 +1,204 @@
+"""`pgnas-fast correlate RUN_DIR`: does the search's ranking predict how its candidates do when
+trained alone?
+
+PGNAS ranks candidates by their held-out accuracy with the weights they inherit from the
+super-network. This takes N candidates spread evenly over the search's ranking (candidates.jsonl,
+ordered by the score every candidate has on the same images, `first_round_score`; the best one always
+among them), trains each alone (standalone.py: from scratch by default) into
+RUN_DIR/correlate-TAG/c<ID>/, and writes correlation.json, correlation.md and correlation.png: per
+candidate its inherited score and rank among all ranked, and its held-out and test accuracy after
+training; Kendall's tau-b and Spearman's rho between the inherited scores and the trained held-out
+accuracies; where the search's choice lands among the trained ones. `--resume` continues a cut
+correlation: a finished candidate is read back, a cut one resumes from its checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+from pathlib import Path
+
+import numpy
+
+from ..interrupts import interrupts_deferred
+from .io import RunError, changed_settings, read_jsonl, write_json, writer_lock
+from .parallel import SINGLE_PROCESS
+from .rank import counted
+from .report import percent
+from .standalone import DEFAULT_WEIGHT_DECAY, check_training_settings, train_candidate
+from .study import kendall_tau
+
+
+def spread_over_ranking(rows: list[dict], count: int) -> list[dict]:
+    """`count` of the ranked `rows`, evenly spaced in their order by first_round_score (best first, ties
+    by id): the best, the worst and the ranks between."""
+    ordered = sorted(rows, key=lambda r: (-r["first_round_score"], r["id"]))
+    if count == 1:
+        return ordered[:1]
+    picks = sorted({round(i * (len(ordered) - 1) / (count - 1)) for i in range(count)})
+    return [ordered[i] for i in picks]
+
+
+def spearman_rho(xs: list[float], ys: list[float]) -> float:
+    """Spearman's rho: the Pearson correlation of the two lists' ranks (ties share their mean rank); NaN
+    where undefined (fewer than two items, or either list entirely tied)."""
+    def ranks(values):
+        values = numpy.asarray(values, dtype=numpy.float64)
+        order = values.argsort(kind="stable")
+        ranked = numpy.empty(len(values))
+        ranked[order] = numpy.arange(len(values), dtype=numpy.float64)
+        for value in numpy.unique(values):  # ties: their mean rank
+            tied = values == value
+            ranked[tied] = ranked[tied].mean()
+        return ranked
+
+    if len(xs) < 2:
+        return float("nan")
+    rx, ry = ranks(xs), ranks(ys)
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    denominator = math.sqrt(float((rx * rx).sum() * (ry * ry).sum()))
+    return float((rx * ry).sum()) / denominator if denominator else float("nan")
+
+
+def correlate_run(run_dir: str | Path, *, candidates: int = 8, init: str = "scratch", epochs: int | None = None,
+                  lr: float | None = None, weight_decay: float = DEFAULT_WEIGHT_DECAY, seed: int | None = None,
+                  tag: str = "default", resume: bool = False, overwrite: bool = False, device: str = "cpu",
+                  data_dir=None, progress: bool = True) -> dict:
+    """Train `candidates` candidates of a run alone and correlate (see the module's docstring); returns
+    correlation.json's content."""
+    run_dir = Path(run_dir)
+    out = run_dir / f"correlate-{tag}"
+    check_training_settings(init=init, epochs=epochs, lr=lr, weight_decay=weight_decay)
+    if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 2:
+        raise RunError(f"--candidates must be an int >= 2 (a correlation needs two), got {candidates!r}")
+    try:
+        ranked = read_jsonl(run_dir / "candidates.jsonl")
+        chosen_by_search = json.loads((run_dir / "architecture.json").read_text())["candidate"]
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
+        raise RunError(f"{str(run_dir)!r} holds no finished search to correlate (candidates.jsonl and "
+                       f"architecture.json: {type(err).__name__}: {err})") from None
+    if candidates > len(ranked):
+        raise RunError(f"--candidates {candidates} is more than the {len(ranked)} the search ranked")
+    picked = spread_over_ranking(ranked, candidates)
+    settings = {"candidates": [r["id"] for r in picked], "init": init, "epochs": epochs, "lr": lr,
+                "weight_decay": weight_decay, "seed": seed}
+    if (out / "settings.json").exists() and not (resume or overwrite):
+        raise RunError(f"{str(out)!r} holds a correlation: --resume continues it, --overwrite replaces it, or "
+                       "correlate under another --tag")
+    out.mkdir(exist_ok=True)
+    with writer_lock(run_dir, out.name, SINGLE_PROCESS):
+        if resume and (out / "settings.json").exists():
+            started = json.loads((out / "settings.json").read_text())
+            if changed := changed_settings(started, settings):
+                raise RunError(f"{str(out)!r} was started with other settings: {'; '.join(changed)} ('now': this "
+                               "command's). Resume with the same ones, or --overwrite")
+        elif overwrite or not resume:
+            for stale in out.iterdir():
+                if stale.is_dir():
+                    shutil.rmtree(stale)
+                elif not stale.name.startswith("."):
+                    stale.unlink()
+        write_json(out / "settings.json", settings)
+        trained = []
+        for number, row in enumerate(picked, 1):
+            directory = out / f"c{row['id']}"
+            if progress:
+                print(f"candidate {row['id']} ({number} of {len(picked)}; inherited score "
+                      f"{percent(row['first_round_score'])})", file=sys.stderr)
+            done = (directory / "export.json").is_file()
+            summary = (json.loads((directory / "export.json").read_text()) if done else
+                       train_candidate(run_dir, candidate=row["id"], init=init, epochs=epochs, lr=lr,
+                                       weight_decay=weight_decay, seed=seed, out=directory,
+                                       resume=directory.exists(), device=device, data_dir=data_dir,
+                                       progress=progress))
+            trained.append({"id": row["id"], "inherited_score": row["first_round_score"],
+                            "inherited_rank": 1 + sum(r["first_round_score"] > row["first_round_score"]
+                                                      for r in ranked),
+                            "heldout_accuracy": summary["heldout_accuracy"], "test_accuracy": summary["test_accuracy"],
+                            "params": summary["params_subnet"], "macs": summary["macs_subnet"]})
+        result = _correlation(trained, ranked=len(ranked), chosen_by_search=chosen_by_search,
+                              training={key: summary[key] for key in ("init", "epochs", "lr", "weight_decay",
+                                                                      "training_seed")})
+        result["plot"] = _plot(out, trained, chosen_by_search)
+        write_json(out / "correlation.json", result)
+        (out / "correlation.md").write_text(report_markdown(result))
+        return result
+
+
+def _correlation(trained: list[dict], *, ranked: int, chosen_by_search: int, training: dict) -> dict:
+    inherited = [t["inherited_score"] for t in trained]
+    after = [t["heldout_accuracy"] for t in trained]
+
+    def defined(value):
+        return None if math.isnan(value) else value
+
+    best_after = max(trained, key=lambda t: (t["heldout_accuracy"], -t["id"]))
+    search_choice = next((t for t in trained if t["id"] == chosen_by_search), None)
+    return {
+        "candidates": trained, "ranked": ranked, "training": training,
+        "kendall_tau": defined(kendall_tau(inherited, after)), "spearman_rho": defined(spearman_rho(inherited, after)),
+        # the search's choice (the best inherited score, but for racing's finalists' full scores) among the trained
+        "search_choice": chosen_by_search,
+        "search_choice_trained_rank": (None if search_choice is None else
+                                       1 + sum(t["heldout_accuracy"] > search_choice["heldout_accuracy"]
+                                               for t in trained)),
+        "best_trained": best_after["id"], "best_trained_inherited_rank": best_after["inherited_rank"],
+    }
+
+
+def _plot(out: Path, trained: list[dict], chosen_by_search: int) -> str:
+    with interrupts_deferred():  # (matplotlib's first import)
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 4))
+    ax.scatter([100 * t["inherited_score"] for t in trained], [100 * t["heldout_accuracy"] for t in trained],
+               label="candidates")
+    choice = [t for t in trained if t["id"] == chosen_by_search]
+    if choice:
+        ax.scatter([100 * choice[0]["inherited_score"]], [100 * choice[0]["heldout_accuracy"]], marker="*", s=150,
+                   color="black", label=f"the search's choice ({chosen_by_search})")
+    ax.set_xlabel("held-out accuracy, inherited weights (%)")
+    ax.set_ylabel("held-out accuracy, trained alone (%)")
+    ax.set_title("The search's ranking against training alone")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "correlation.png", dpi=120)
+    plt.close(fig)
+    return "correlation.png"
+
+
+def _value(value: float | None) -> str:
+    return "undefined (every score tied)" if value is None else f"{value:.3f}"
+
+
+def report_markdown(s: dict) -> str:
+    t = s["training"]
+    lines = [
+        "# The search's ranking against training alone", "",
+        f"{counted(len(s['candidates']), 'candidate')} spread over the search's ranking of {s['ranked']}, each "
+        f"trained alone from {'its inherited weights' if t['init'] == 'inherited' else 'scratch'} for "
+        f"{counted(t['epochs'], 'epoch')} (lr {t['lr']:g}, weight decay {t['weight_decay']:g}, seed "
+        f"{t['training_seed']}).", "",
+        f"- Kendall's tau-b, inherited score against held-out accuracy after training: {_value(s['kendall_tau'])}",
+        f"- Spearman's rho: {_value(s['spearman_rho'])}",
+        (f"- The search's choice, candidate {s['search_choice']}, is number {s['search_choice_trained_rank']} of "
+         f"{len(s['candidates'])} after training" if s["search_choice_trained_rank"] is not None else
+         f"- The search's choice, candidate {s['search_choice']}, is not among these (racing's full scores chose "
+         "it)"),
+        f"- The best after training, candidate {s['best_trained']}, was number "
+        f"{s['best_trained_inherited_rank']} of {s['ranked']} in the search", "",
+        "| candidate | inherited score (rank) | held-out, trained | test, trained | parameters | MACs per image |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines += [f"| {c['id']} | {percent(c['inherited_score'])} ({c['inherited_rank']}) | "
+              f"{percent(c['heldout_accuracy'])} | {percent(c['test_accuracy'])} | {c['params']:,} | {c['macs']:,} |"
+              for c in s["candidates"]]
+    lines += ["", f"![inherited against trained]({s['plot']})", ""]
+    return "\n".join(lines)
+
+
+__all__ = ["correlate_run", "report_markdown", "spearman_rho", "spread_over_ranking"]

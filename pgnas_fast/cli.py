@@ -592,8 +592,8 @@ def _train(args) -> int:
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
     start = "its inherited weights" if s["init"] == "inherited" else "scratch"
-    print(f"candidate {s['candidate']}, trained alone from {start} for {counted(s['epochs'], 'epoch')} (lr {s['lr']:g}, "
-          f"weight decay {s['weight_decay']:g}, seed {s['training_seed']}): held-out {percent(s['heldout_accuracy'])}, "
+    print(f"candidate {s['candidate']}, trained alone from {start} for {counted(s['epochs'], 'epoch')} "
+          f"(lr {s['lr']:g}, weight decay {s['weight_decay']:g}, seed {s['training_seed']}): held-out {percent(s['heldout_accuracy'])}, "
           f"test {percent(s['test_accuracy'])}")
     if s["init"] == "inherited":
         print(f"  with the inherited weights, untrained (the search's numbers): held-out "
@@ -620,8 +620,9 @@ def _correlate(args) -> int:
     def shown(value):
         return "undefined (every score tied)" if value is None else f"{value:.3f}"
 
+    start = "their inherited weights" if t["init"] == "inherited" else "scratch"
     print(f"{counted(len(s['candidates']), 'candidate')} of the search's {s['ranked']}, trained alone from "
-          f"{'their inherited weights' if t['init'] == 'inherited' else 'scratch'} for {counted(t['epochs'], 'epoch')}: "
+          f"{start} for {counted(t['epochs'], 'epoch')}: "
           f"Kendall's tau {shown(s['kendall_tau'])}, Spearman's rho {shown(s['spearman_rho'])} (inherited score "
           "against held-out accuracy after training)")
     if s["search_choice_trained_rank"] is not None:

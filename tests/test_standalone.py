@@ -124,7 +124,8 @@ def test_a_seed_reproduces_a_training_and_a_resume_after_a_kill_equals_it(run, m
     monkeypatch.setattr(standalone, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         train_candidate(run, init="scratch", epochs=3, tag="cut", progress=False)
-    assert len(read_jsonl(run / "train-cut" / "train_log.jsonl")) == 1 and not (run / "train-cut" / "export.json").exists()
+    assert len(read_jsonl(run / "train-cut" / "train_log.jsonl")) == 1
+    assert not (run / "train-cut" / "export.json").exists()
     monkeypatch.setattr(standalone, "save_checkpoint", real_save)
     resumed = train_candidate(run, init="scratch", epochs=3, tag="cut", resume=True, progress=False)
     a, b = trained_state(run / "train-whole"), trained_state(run / "train-cut")
@@ -200,7 +201,8 @@ def test_train_command_prints_both_accuracies_and_info_lists_it(run, capsys):
     out = capsys.readouterr().out.splitlines()
     s = export_json(run / "train-inherited")
     assert out[0] == (f"candidate 2, trained alone from its inherited weights for 1 epoch (lr 0.05, weight decay "
-                      f"0.0003, seed 3): held-out {100 * s['heldout_accuracy']:.2f}%, test {100 * s['test_accuracy']:.2f}%")
+                      f"0.0003, seed 3): held-out {100 * s['heldout_accuracy']:.2f}%, "
+                      f"test {100 * s['test_accuracy']:.2f}%")
     assert out[1].startswith("  with the inherited weights, untrained (the search's numbers): held-out ")
     assert out[-1] == f"results: {run / 'train-inherited'} (pgnas-fast evaluate scores it)"
     assert main(["info", str(run)]) == 0
@@ -284,7 +286,8 @@ def test_correlate_trains_the_spread_and_correlates_their_scores(run, capsys):
     assert (out / "correlation.png").is_file() and "| candidate | inherited score (rank) |" in (
         out / "correlation.md").read_text()
     printed = capsys.readouterr().out.splitlines()
-    assert printed[0].startswith("3 candidates of the search's 6, trained alone from scratch for 1 epoch: Kendall's tau ")
+    assert printed[0].startswith("3 candidates of the search's 6, trained alone from scratch for 1 epoch: "
+                                 "Kendall's tau ")
     assert printed[-1] == f"report: {out / 'correlation.md'}"
     assert main(["info", str(run)]) == 0
     assert any(line.startswith("  correlate  correlate-default: finished, 3 candidates: Kendall's tau ")
@@ -311,7 +314,8 @@ def test_correlate_resumes_without_training_a_finished_candidate_again(run, monk
     with pytest.raises(RunError, match=r"was started with other settings: epochs 1 \(now 2\)"):
         correlate.correlate_run(run, candidates=3, epochs=2, tag="cut", resume=True, progress=False)
     calls.clear()
-    monkeypatch.setattr(correlate, "train_candidate", lambda *a, **k: calls.append(k["candidate"]) or real_train(*a, **k))
+    monkeypatch.setattr(correlate, "train_candidate",
+                        lambda *a, **k: calls.append(k["candidate"]) or real_train(*a, **k))
     resumed = correlate.correlate_run(run, candidates=3, epochs=1, tag="cut", resume=True, progress=False)
     assert calls == [c["id"] for c in whole["candidates"]][1:]  # the first finished before the kill
     assert resumed == whole

@@ -210,7 +210,7 @@ def chosen_id(run_dir: Path, choice: Choice, loaded) -> int:
 
 
 class RankedBest(NamedTuple):
-    """What export takes from a `pgnas-fast rank` (its summary.json)."""
+    """What export and train take from a `pgnas-fast rank` (its summary.json)."""
     candidate: int  # the best
     bn_recalibrate: int
     checkpoint: str  # which weights it ranked (run.CHECKPOINTS)

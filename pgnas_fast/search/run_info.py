@@ -1,7 +1,7 @@
 """What a run directory holds (`pgnas-fast info RUN_DIR`), from its JSON files alone (no checkpoint
 is loaded: the paper presets' are hundreds of MB): the search's config and progress, its chosen
-candidate, and every `rank`, `study`, `train` and `correlate` result in it; and over several runs (seeds) of one protocol,
-the mean and spread of their chosen candidates (`across_runs`)."""
+candidate, and every `rank`, `study`, `train` and `correlate` result in it; and over several runs
+(seeds) of one protocol, the mean and spread of their chosen candidates (`across_runs`)."""
 from __future__ import annotations
 
 import json
@@ -83,8 +83,8 @@ def _changes(config: dict) -> dict | None:
 
 def run_info(run_dir: str | Path) -> dict:
     """{run_dir, preset, seed, posterior, config, changes (from the preset), epochs, epochs_trained,
-    finished, chosen, rankings, studies, trainings, correlations} of a run directory; RunError if it holds no run (no readable
-    config.json)."""
+    finished, chosen, rankings, studies, trainings, correlations} of a run directory; RunError if it
+    holds no run (no readable config.json)."""
     run_dir = Path(run_dir)
     run_config = _json(run_dir / "config.json")
     if not isinstance(run_config, dict) or not isinstance(run_config.get("config"), dict):

@@ -206,7 +206,8 @@ def _resumed_state(out: Path, settings: dict, world: int, config: dict) -> dict 
     except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         logged = 0
     if logged < epoch:
-        raise RunError(f"{str(out / 'train_log.jsonl')!r} holds {logged} epoch(s), but {CHECKPOINT} is of epoch {epoch}: "
+        raise RunError(f"{str(out / 'train_log.jsonl')!r} holds {logged} epoch(s), but {CHECKPOINT} is of epoch "
+                       f"{epoch}: "
                        "restore it, or train afresh (--overwrite)")
     return state
 

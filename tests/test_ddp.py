@@ -349,6 +349,29 @@ def test_torchrun_train_trains_a_candidate_data_parallel_and_writes_it_once(torc
     assert evaluate_export(out / "train-inherited") == pytest.approx(summary["test_accuracy"], abs=1e-6)
 
 
+def test_torchrun_search_under_a_size_budget_ranks_what_one_process_ranks(tmp_path):
+    """Each rank sizes its share of the drawn candidates and all ranks rank those that fit: the table,
+    sizes and Pareto front of one process's `rank` under the same budget."""
+    from pgnas_fast.cli import main
+    from pgnas_fast.search.materialize import materialize_all_channels
+    from pgnas_fast.search.run import build_supernet
+    from pgnas_fast.supernets.info import describe
+
+    config = configs.resolve("digits-tiny")
+    every_channel = describe(materialize_all_channels(build_supernet(config, 10)), configs.input_shape(config))
+    out = tmp_path / "run"
+    # a budget just under the network with every channel kept: only a candidate that keeps all is left out
+    done = torchrun_search(out, "--max-params", str(every_channel["params"] - 1))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert main(["rank", str(out), "--strategy", "exhaustive", "--candidates", "6", "--tag", "again", "--quiet"]) == 0
+    rows = [json.loads(line) for line in (out / "candidates.jsonl").read_text().splitlines()]
+    again = [json.loads(line) for line in (out / "rank-again" / "candidates.jsonl").read_text().splitlines()]
+    assert rows and all(r["params"] < every_channel["params"] for r in rows)
+    assert [(r["id"], r["score"], r["params"], r["macs"]) for r in rows] == [
+        (r["id"], r["score"], r["params"], r["macs"]) for r in again]
+    assert (out / "pareto.json").read_text() == (out / "rank-again" / "pareto.json").read_text()
+
+
 def test_torchrun_refuses_a_batch_the_ranks_cannot_share(tmp_path):
     """Refused before anything is written."""
     bad = torchrun_search(tmp_path / "bad", "--set", "batch_size=63")

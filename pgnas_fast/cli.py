@@ -595,9 +595,8 @@ def _train(args) -> int:
     print(f"candidate {s['candidate']}, trained alone from {start} for {counted(s['epochs'], 'epoch')} "
           f"(lr {s['lr']:g}, weight decay {s['weight_decay']:g}, seed {s['training_seed']}): held-out {percent(s['heldout_accuracy'])}, "
           f"test {percent(s['test_accuracy'])}")
-    if s["init"] == "inherited":
-        print(f"  with the inherited weights, untrained (the search's numbers): held-out "
-              f"{percent(s['inherited_heldout_accuracy'])}, test {percent(s['inherited_test_accuracy'])}")
+    print(f"  with its inherited weights, untrained (the search's numbers): held-out "
+          f"{percent(s['inherited_heldout_accuracy'])}, test {percent(s['inherited_test_accuracy'])}")
     if s["checkpoint"] == "best":  # (the candidate is a draw from its drop probabilities; inherited: its weights)
         print(f"  checkpoint: checkpoint-best.pt, of epoch {s['checkpoint_epoch']} (the lowest training objective)")
     print(f"  network: {s['params_subnet']:,} parameters, {s['macs_subnet']:,} MACs per image; training "
@@ -785,7 +784,7 @@ def _print_run(run: dict) -> None:
             line += (f", candidate {training['candidate']} from {start}, "
                      f"{counted(training['epochs'], 'epoch')}: held-out {percent(training['heldout_accuracy'])}, "
                      f"test {percent(training['test_accuracy'])}"
-                     + (f" (inherited, untrained: {percent(training['inherited_test_accuracy'])})"
+                     + (f" (inherited weights, untrained: {percent(training['inherited_test_accuracy'])})"
                         if training["inherited_test_accuracy"] is not None else ""))
         else:
             line += f" ({counted(training['epochs_trained'], 'epoch')} trained; --resume continues it)"

@@ -108,7 +108,8 @@ def test_scratch_starts_from_the_search_s_initial_weights(run, monkeypatch):
     assert all(torch.equal(starts[0][k], initial[k]) for k in initial)
     assert not all(torch.equal(starts[1][k], initial[k]) for k in initial if k.endswith("weight"))
     summary = export_json(run / "train-scratch")
-    assert summary["inherited_test_accuracy"] is None and summary["training_seed"] == 3
+    arch = json.loads((run / "architecture.json").read_text())
+    assert summary["inherited_test_accuracy"] == arch["test_accuracy"] and summary["training_seed"] == 3
     assert export_json(run / "train-seed4")["training_seed"] == 4
 
 
@@ -203,7 +204,8 @@ def test_train_command_prints_both_accuracies_and_info_lists_it(run, capsys):
     assert out[0] == (f"candidate 2, trained alone from its inherited weights for 1 epoch (lr 0.05, weight decay "
                       f"0.0003, seed 3): held-out {100 * s['heldout_accuracy']:.2f}%, "
                       f"test {100 * s['test_accuracy']:.2f}%")
-    assert out[1].startswith("  with the inherited weights, untrained (the search's numbers): held-out ")
+    assert out[1] == (f"  with its inherited weights, untrained (the search's numbers): held-out "
+                      f"{100 * s['inherited_heldout_accuracy']:.2f}%, test {100 * s['inherited_test_accuracy']:.2f}%")
     assert out[-1] == f"results: {run / 'train-inherited'} (pgnas-fast evaluate scores it)"
     assert main(["info", str(run)]) == 0
     lines = capsys.readouterr().out.splitlines()
@@ -273,7 +275,9 @@ def test_correlate_trains_the_spread_and_correlates_their_scores(run, capsys):
     for c, row in zip(result["candidates"], picked):
         trained = export_json(out / f"c{c['id']}")
         assert (c["heldout_accuracy"], c["test_accuracy"]) == (trained["heldout_accuracy"], trained["test_accuracy"])
-        assert c["inherited_score"] == row["first_round_score"] and trained["init"] == "scratch"
+        assert c["inherited_score"] == trained["inherited_heldout_accuracy"] and trained["init"] == "scratch"
+        # (the search ranked exhaustively: every candidate's first round is the whole held-out split)
+        assert c["ranking_score"] == row["first_round_score"] == c["inherited_score"]
         assert c["inherited_rank"] == 1 + sum(r["first_round_score"] > row["first_round_score"] for r in ranked)
     scores = [c["inherited_score"] for c in result["candidates"]]
     after = [c["heldout_accuracy"] for c in result["candidates"]]
@@ -283,7 +287,7 @@ def test_correlate_trains_the_spread_and_correlates_their_scores(run, capsys):
     assert result["search_choice"] == arch["candidate"]
     choice = next(c for c in result["candidates"] if c["id"] == arch["candidate"])  # (the best is always picked)
     assert result["search_choice_trained_rank"] == 1 + sum(a > choice["heldout_accuracy"] for a in after)
-    assert (out / "correlation.png").is_file() and "| candidate | inherited score (rank) |" in (
+    assert (out / "correlation.png").is_file() and "| candidate | inherited score (search's rank) |" in (
         out / "correlation.md").read_text()
     printed = capsys.readouterr().out.splitlines()
     assert printed[0].startswith("3 candidates of the search's 6, trained alone from scratch for 1 epoch: "

@@ -6,9 +6,11 @@ super-network. This takes N candidates spread evenly over the search's ranking (
 ordered by the score every candidate has on the same images, `first_round_score`; the best one always
 among them), trains each alone (standalone.py: from scratch by default) into
 RUN_DIR/correlate-TAG/c<ID>/, and writes correlation.json, correlation.md and correlation.png: per
-candidate its inherited score and rank among all ranked, and its held-out and test accuracy after
-training; Kendall's tau-b and Spearman's rho between the inherited scores and the trained held-out
-accuracies; where the search's choice lands among the trained ones. `--resume` continues a cut
+candidate its rank among all ranked (by that score), its held-out accuracy with the inherited weights
+on the whole held-out split (`inherited_score`; racing scored most candidates on a share of it), and
+its held-out and test accuracy after training; Kendall's tau-b and Spearman's rho between the
+inherited scores and the trained held-out accuracies (both on the same images); where the search's
+choice lands among the trained ones. `--resume` continues a cut
 correlation: a finished candidate is read back, a cut one resumes from its checkpoint.
 """
 from __future__ import annotations
@@ -104,7 +106,7 @@ def correlate_run(run_dir: str | Path, *, candidates: int = 8, init: str = "scra
         for number, row in enumerate(picked, 1):
             directory = out / f"c{row['id']}"
             if progress:
-                print(f"candidate {row['id']} ({number} of {len(picked)}; inherited score "
+                print(f"candidate {row['id']} ({number} of {len(picked)}; search score "
                       f"{percent(row['first_round_score'])})", file=sys.stderr)
             done = (directory / "export.json").is_file()
             summary = (json.loads((directory / "export.json").read_text()) if done else
@@ -112,9 +114,10 @@ def correlate_run(run_dir: str | Path, *, candidates: int = 8, init: str = "scra
                                        weight_decay=weight_decay, seed=seed, out=directory,
                                        resume=directory.exists(), device=device, data_dir=data_dir,
                                        progress=progress))
-            trained.append({"id": row["id"], "inherited_score": row["first_round_score"],
+            trained.append({"id": row["id"], "ranking_score": row["first_round_score"],
                             "inherited_rank": 1 + sum(r["first_round_score"] > row["first_round_score"]
                                                       for r in ranked),
+                            "inherited_score": summary["inherited_heldout_accuracy"],
                             "heldout_accuracy": summary["heldout_accuracy"], "test_accuracy": summary["test_accuracy"],
                             "params": summary["params_subnet"], "macs": summary["macs_subnet"]})
         result = _correlation(trained, ranked=len(ranked), chosen_by_search=chosen_by_search,
@@ -138,7 +141,7 @@ def _correlation(trained: list[dict], *, ranked: int, chosen_by_search: int, tra
     return {
         "candidates": trained, "ranked": ranked, "training": training,
         "kendall_tau": defined(kendall_tau(inherited, after)), "spearman_rho": defined(spearman_rho(inherited, after)),
-        # the search's choice (the best inherited score, but for racing's finalists' full scores) among the trained
+        # the search's choice (the best ranking score; racing's finalists by their full scores) among the trained
         "search_choice": chosen_by_search,
         "search_choice_trained_rank": (None if search_choice is None else
                                        1 + sum(t["heldout_accuracy"] > search_choice["heldout_accuracy"]
@@ -191,7 +194,8 @@ def report_markdown(s: dict) -> str:
          "it)"),
         f"- The best after training, candidate {s['best_trained']}, was number "
         f"{s['best_trained_inherited_rank']} of {s['ranked']} in the search", "",
-        "| candidate | inherited score (rank) | held-out, trained | test, trained | parameters | MACs per image |",
+        "| candidate | inherited score (search's rank) | held-out, trained | test, trained | parameters "
+        "| MACs per image |",
         "|---|---|---|---|---|---|",
     ]
     lines += [f"| {c['id']} | {percent(c['inherited_score'])} ({c['inherited_rank']}) | "

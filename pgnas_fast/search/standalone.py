@@ -20,8 +20,9 @@ super-network as `search --seed` builds it).
 RUN_DIR/train-TAG/ (TAG: the init by default) holds settings.json, train_log.jsonl (one row per
 epoch), candidate-checkpoint.pt (model and optimizer after the last finished epoch, written atomically:
 `--resume` continues exactly), and, once trained, the export directory's files (subnet.pt, model.pt2,
-architecture.json, config.json, export.json with the accuracies before and after), so that
-`pgnas-fast evaluate RUN_DIR/train-TAG` scores it. Data parallel under torchrun as the search is.
+architecture.json, config.json, export.json with the accuracies after training and, whatever the init,
+with the inherited weights untrained: the search's numbers), so that `pgnas-fast evaluate
+RUN_DIR/train-TAG` scores it. Data parallel under torchrun as the search is.
 """
 from __future__ import annotations
 
@@ -117,10 +118,11 @@ def _train_candidate(run_dir: Path, *, candidate, rank_tag, checkpoint, init, ep
     settings = {"candidate": candidate, "checkpoint": choice.checkpoint, "checkpoint_epoch": loaded.epoch,
                 "init": init, "epochs": config["epochs"], "lr": config["lr"], "weight_decay": weight_decay,
                 "seed": seed}
-    inherited = {"heldout": None, "test": None}  # the candidate's accuracies without training (the search's)
+    # the candidate's accuracies with the weights it inherits, untrained: the search's numbers (scratch too,
+    # for comparison: what the search would report of it)
+    set_gates(loaded.model, "hard", masks=masks)
+    inherited = {split: accuracy(loaded.model, loaded.feed.eval_batches(split)) for split in ("heldout", "test")}
     if init == "inherited":
-        set_gates(loaded.model, "hard", masks=masks)
-        inherited = {split: accuracy(loaded.model, loaded.feed.eval_batches(split)) for split in ("heldout", "test")}
         model = loaded.model.to(memory_format=torch.contiguous_format)  # (training's layout, as the search's)
     else:
         torch.manual_seed(seed)  # the initial weights of `search --seed SEED`

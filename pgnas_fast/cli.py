@@ -582,7 +582,7 @@ def _train(args) -> int:
     from .search.report import percent
     from .search.standalone import train_candidate
 
-    tag = args.tag or args.init
+    tag = args.init if args.tag is None else args.tag
     _check_tag(tag)
     device = _resolve_device(args.device)
     s = train_candidate(args.run_dir, candidate=args.candidate, rank_tag=args.rank, checkpoint=args.checkpoint,
@@ -593,9 +593,9 @@ def _train(args) -> int:
         return 0
     start = "its inherited weights" if s["init"] == "inherited" else "scratch"
     print(f"candidate {s['candidate']}, trained alone from {start} for {counted(s['epochs'], 'epoch')} "
-          f"(lr {s['lr']:g}, weight decay {s['weight_decay']:g}, seed {s['training_seed']}): held-out {percent(s['heldout_accuracy'])}, "
-          f"test {percent(s['test_accuracy'])}")
-    print(f"  with its inherited weights, untrained (the search's numbers): held-out "
+          f"(lr {s['lr']:g}, weight decay {s['weight_decay']:g}, seed {s['training_seed']}): "
+          f"held-out {percent(s['heldout_accuracy'])}, test {percent(s['test_accuracy'])}")
+    print(f"  with its inherited weights, untrained: held-out "
           f"{percent(s['inherited_heldout_accuracy'])}, test {percent(s['inherited_test_accuracy'])}")
     if s["checkpoint"] == "best":  # (the candidate is a draw from its drop probabilities; inherited: its weights)
         print(f"  checkpoint: checkpoint-best.pt, of epoch {s['checkpoint_epoch']} (the lowest training objective)")
@@ -784,8 +784,13 @@ def _print_run(run: dict) -> None:
             line += (f", candidate {training['candidate']} from {start}, "
                      f"{counted(training['epochs'], 'epoch')}: held-out {percent(training['heldout_accuracy'])}, "
                      f"test {percent(training['test_accuracy'])}"
-                     + (f" (inherited weights, untrained: {percent(training['inherited_test_accuracy'])})"
+                     + (f" (inherited weights, untrained: held-out {percent(training['inherited_heldout_accuracy'])}, "
+                        f"test {percent(training['inherited_test_accuracy'])})"
                         if training["inherited_test_accuracy"] is not None else ""))
+            # (a search --resume trains the run's checkpoint on after it was read)
+            if training["checkpoint"] == "last" and training["checkpoint_epoch"] not in (None, run["epochs_trained"]):
+                line += (f"; from checkpoint.pt of epoch {training['checkpoint_epoch']}, which the run has trained on "
+                         "since")
         else:
             line += f" ({counted(training['epochs_trained'], 'epoch')} trained; --resume continues it)"
         print(f"  alone      {line}")

@@ -414,7 +414,7 @@ def test_export_json_says_how_raw_images_become_the_network_s_input(searched, tm
     (["export", "RUN", "--out", "RUN"], "--out must not be the run directory"),
     (["export", "RUN", "--rank", "search", "--out", "OUT"],
      "rank-search/ holds the search's own ranking log, not a `pgnas-fast rank`; the search's best candidate is the "
-     "run's architecture.json, which export takes without --rank"),
+     "run's architecture.json, taken without --rank"),
 ])
 def test_export_and_evaluate_bad_input(capsys, searched, tmp_path, argv, message):
     argv = [str(searched) if a == "RUN" else str(tmp_path / "out") if a == "OUT" else a for a in argv]

@@ -204,19 +204,23 @@ def test_train_command_prints_both_accuracies_and_info_lists_it(run, capsys):
     assert out[0] == (f"candidate 2, trained alone from its inherited weights for 1 epoch (lr 0.05, weight decay "
                       f"0.0003, seed 3): held-out {100 * s['heldout_accuracy']:.2f}%, "
                       f"test {100 * s['test_accuracy']:.2f}%")
-    assert out[1] == (f"  with its inherited weights, untrained (the search's numbers): held-out "
+    assert out[1] == (f"  with its inherited weights, untrained: held-out "
                       f"{100 * s['inherited_heldout_accuracy']:.2f}%, test {100 * s['inherited_test_accuracy']:.2f}%")
     assert out[-1] == f"results: {run / 'train-inherited'} (pgnas-fast evaluate scores it)"
     assert main(["info", str(run)]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert any(line.startswith("  alone      train-inherited: finished, candidate 2 from its inherited weights, "
-                               "1 epoch: held-out ") for line in lines), lines
+    line = next(line for line in lines if "train-inherited" in line)
+    assert line == (f"  alone      train-inherited: finished, candidate 2 from its inherited weights, 1 epoch: held-out "
+                    f"{100 * s['heldout_accuracy']:.2f}%, test {100 * s['test_accuracy']:.2f}% (inherited weights, "
+                    f"untrained: held-out {100 * s['inherited_heldout_accuracy']:.2f}%, test "
+                    f"{100 * s['inherited_test_accuracy']:.2f}%)")
     assert main(["evaluate", str(run / "train-inherited")]) == 0
     assert capsys.readouterr().out.splitlines()[-1] == f"{s['test_accuracy']:.6f}"
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--tag", "a/b"], "--tag must be letters, digits, '_', '.' or '-', got 'a/b'"),
+    (["--tag", ""], "--tag must be letters, digits, '_', '.' or '-', got ''"),
     (["--init", "warm"], "argument --init: invalid choice: 'warm'"),
     (["--epochs", "0"], "argument --epochs: must be an integer >= 1, got 0"),
     (["--resume", "--overwrite"], "argument --overwrite: not allowed with argument --resume"),
@@ -238,14 +242,18 @@ def test_a_fresh_search_removes_the_old_run_s_trainings(run):
 
 
 # ---- correlate: the search's ranking against training alone ----------------------------------------
-def test_spread_over_ranking_takes_the_best_the_worst_and_even_steps_between():
+def test_spread_over_ranking_takes_the_choice_the_worst_and_even_steps_between():
     from pgnas_fast.search.correlate import spread_over_ranking
 
-    rows = [{"id": i, "first_round_score": s} for i, s in enumerate([0.5, 0.9, 0.7, 0.9, 0.1, 0.3, 0.6])]
-    # order: 1 (0.9), 3 (0.9, tie by id), 2, 6, 0, 5, 4
-    assert [r["id"] for r in spread_over_ranking(rows, 3)] == [1, 6, 4]
-    assert [r["id"] for r in spread_over_ranking(rows, 7)] == [1, 3, 2, 6, 0, 5, 4]
-    assert [r["id"] for r in spread_over_ranking(rows, 4)] == [1, 2, 0, 4]
+    scores = [0.5, 0.9, 0.7, 0.9, 0.1, 0.3, 0.6]
+    kept = [0.8, 0.8, 0.8, 0.7, 0.8, 0.8, 0.8]
+    rows = [{"id": i, "first_round_score": s, "kept_fraction": k} for i, (s, k) in enumerate(zip(scores, kept))]
+    # the search's order: 3 (0.9, the smaller network of the tie), 1 (0.9), 2, 6, 0, 5, 4
+    assert [r["id"] for r in spread_over_ranking(rows, 3, first=3)] == [3, 6, 4]
+    assert [r["id"] for r in spread_over_ranking(rows, 7, first=3)] == [3, 1, 2, 6, 0, 5, 4]
+    assert [r["id"] for r in spread_over_ranking(rows, 4, first=3)] == [3, 2, 0, 4]
+    # racing's choice need not lead on the first round's score: it leads the spread all the same
+    assert [r["id"] for r in spread_over_ranking(rows, 3, first=6)] == [6, 2, 4]
 
 
 @pytest.mark.parametrize("n", [2, 5, 40])
@@ -270,7 +278,8 @@ def test_correlate_trains_the_spread_and_correlates_their_scores(run, capsys):
     out = run / "correlate-default"
     result = json.loads((out / "correlation.json").read_text())
     ranked = read_jsonl(run / "candidates.jsonl")
-    picked = spread_over_ranking(ranked, 3)
+    arch = json.loads((run / "architecture.json").read_text())
+    picked = spread_over_ranking(ranked, 3, arch["candidate"])
     assert [c["id"] for c in result["candidates"]] == [r["id"] for r in picked]
     for c, row in zip(result["candidates"], picked):
         trained = export_json(out / f"c{c['id']}")
@@ -283,7 +292,6 @@ def test_correlate_trains_the_spread_and_correlates_their_scores(run, capsys):
     after = [c["heldout_accuracy"] for c in result["candidates"]]
     tau = kendall_tau(scores, after)
     assert result["kendall_tau"] == (None if tau != tau else pytest.approx(tau))
-    arch = json.loads((run / "architecture.json").read_text())
     assert result["search_choice"] == arch["candidate"]
     choice = next(c for c in result["candidates"] if c["id"] == arch["candidate"])  # (the best is always picked)
     assert result["search_choice_trained_rank"] == 1 + sum(a > choice["heldout_accuracy"] for a in after)
@@ -344,3 +352,82 @@ def test_correlate_needs_a_finished_search(run):
     (run / "candidates.jsonl").unlink()
     with pytest.raises(RunError, match="holds no finished search to correlate"):
         correlate_run(run, candidates=2, progress=False)
+
+
+def test_correlate_checks_the_run_before_it_touches_a_held_correlation(run):
+    """A bad --data-dir (the digits read none) is refused before --overwrite empties anything, and a new
+    tag is not created."""
+    from pgnas_fast.data import DataError
+    from pgnas_fast.search.correlate import correlate_run
+
+    correlate_run(run, candidates=2, epochs=1, tag="kept", progress=False)
+    before = sorted(p.relative_to(run) for p in (run / "correlate-kept").rglob("*"))
+    for tag, flags in (("kept", {"overwrite": True}), ("new", {})):
+        with pytest.raises(DataError, match="leave --data-dir out"):
+            correlate_run(run, candidates=2, epochs=1, tag=tag, data_dir=run, progress=False, **flags)
+    assert sorted(p.relative_to(run) for p in (run / "correlate-kept").rglob("*")) == before
+    assert not (run / "correlate-new").exists()
+
+
+def test_correlate_resume_takes_the_run_s_values_for_its_defaults_and_mends_damaged_files(run):
+    from pgnas_fast.search.correlate import correlate_run
+
+    first = correlate_run(run, candidates=2, tag="d", progress=False, epochs=1)
+    # the same values spelt out (the run's lr and seed) are the same settings
+    again = correlate_run(run, candidates=2, tag="d", resume=True, progress=False, epochs=1, lr=0.05, seed=3)
+    assert again == first
+    damaged = run / "correlate-d" / f"c{first['candidates'][1]['id']}" / "export.json"
+    for text in ("{bad", '{"heldout_accuracy": 0.5}'):
+        damaged.write_text(text)  # written again from the finished checkpoint, not trained again
+        assert correlate_run(run, candidates=2, tag="d", resume=True, epochs=1, progress=False) == first
+        assert json.loads(damaged.read_text())["resumed_from_epoch"] == 1
+    (run / "correlate-d" / "settings.json").write_text("[1, 2]")
+    with pytest.raises(RunError, match=r"settings\.json' is unreadable: the settings of the trainings in .* are "
+                                       r"unknown; correlate afresh \(--overwrite\)"):
+        correlate_run(run, candidates=2, tag="d", resume=True, epochs=1, progress=False)
+
+
+def test_a_training_directory_is_not_taken_for_a_run(run, capsys):
+    """Its config.json, architecture.json and train_log.jsonl look like a run's: search and info refuse it."""
+    from pgnas_fast.search import run_search
+    from pgnas_fast.search.run_info import run_info
+
+    train_candidate(run, epochs=1, progress=False)
+    out = run / "train-inherited"
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    for flags in ({}, {"resume": True}, {"overwrite": True}):
+        with pytest.raises(RunError, match=r"is an export directory \(export\.json: pgnas-fast export or train wrote "
+                                           r"it\), not a run: search into another --out"):
+            run_search(small_config(), seed=3, out_dir=out, progress=False, **flags)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    with pytest.raises(RunError, match=r"is an export directory .* not a run: `pgnas-fast evaluate` scores"):
+        run_info(out)
+
+
+def test_a_damaged_training_checkpoint_is_a_clear_error(run):
+    train_candidate(run, epochs=2, tag="t", progress=False)
+    path = run / "train-t" / CHECKPOINT
+    state = torch.load(path, weights_only=False)
+    for damaged, message in (({**state, "epoch": "1"}, "is not a candidate training's checkpoint"),
+                             ({**state, "epoch": 9}, "is not a candidate training's checkpoint"),
+                             ({**state, "model": {}}, "does not fit candidate .*'s training .* train afresh")):
+        torch.save(damaged, path)
+        with pytest.raises(RunError, match=message):
+            train_candidate(run, epochs=2, tag="t", resume=True, progress=False)
+
+
+def test_a_diverged_training_says_so(run, capsys):
+    train_candidate(run, epochs=1, lr=1e6, tag="big", progress=False)
+    assert ("note: the training diverged (its loss is nan from epoch 1 on): its accuracies are of a broken network; "
+            "train again with a lower --lr") in capsys.readouterr().err
+
+
+def test_info_says_when_a_training_read_weights_the_run_has_trained_on_since(run, capsys):
+    """As when a run still training was read at epoch 1, and `search --resume` trained it on."""
+    train_candidate(run, epochs=1, progress=False)
+    export = run / "train-inherited" / "export.json"
+    export.write_text(json.dumps({**json.loads(export.read_text()), "checkpoint_epoch": 1}))
+    assert main(["info", str(run)]) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if "train-inherited" in line)
+    assert line.endswith("; from checkpoint.pt of epoch 1, which the run has trained on since")
+    assert "(inherited weights, untrained: held-out " in line

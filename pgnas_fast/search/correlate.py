@@ -2,16 +2,16 @@
 trained alone?
 
 PGNAS ranks candidates by their held-out accuracy with the weights they inherit from the
-super-network. This takes N candidates spread evenly over the search's ranking (candidates.jsonl,
-ordered by the score every candidate has on the same images, `first_round_score`; the best one always
-among them), trains each alone (standalone.py: from scratch by default) into
+super-network. This takes N candidates spread evenly over the search's ranking (candidates.jsonl: the
+search's choice first, then the score every candidate has on the same images, `first_round_score`,
+ties broken as the search breaks them), trains each alone (standalone.py: from scratch by default) into
 RUN_DIR/correlate-TAG/c<ID>/, and writes correlation.json, correlation.md and correlation.png: per
 candidate its rank among all ranked (by that score), its held-out accuracy with the inherited weights
 on the whole held-out split (`inherited_score`; racing scored most candidates on a share of it), and
 its held-out and test accuracy after training; Kendall's tau-b and Spearman's rho between the
 inherited scores and the trained held-out accuracies (both on the same images); where the search's
-choice lands among the trained ones. `--resume` continues a cut
-correlation: a finished candidate is read back, a cut one resumes from its checkpoint.
+choice lands among the trained ones. `--resume` continues a cut correlation: a finished candidate is
+read back, a cut one resumes from its checkpoint. Everything is checked before anything is written.
 """
 from __future__ import annotations
 
@@ -24,18 +24,20 @@ from pathlib import Path
 import numpy
 
 from ..interrupts import interrupts_deferred
-from .io import RunError, changed_settings, read_jsonl, write_json, writer_lock
+from .io import RunError, changed_settings, data_dir_of, read_jsonl, write_json, writer_lock
 from .parallel import SINGLE_PROCESS
-from .rank import counted
+from .rank import best_first, counted
 from .report import percent
 from .standalone import DEFAULT_WEIGHT_DECAY, check_training_settings, train_candidate
+from .run import load_run
 from .study import kendall_tau
 
 
-def spread_over_ranking(rows: list[dict], count: int) -> list[dict]:
-    """`count` of the ranked `rows`, evenly spaced in their order by first_round_score (best first, ties
-    by id): the best, the worst and the ranks between."""
-    ordered = sorted(rows, key=lambda r: (-r["first_round_score"], r["id"]))
+def spread_over_ranking(rows: list[dict], count: int, first: int) -> list[dict]:
+    """`count` of the ranked `rows`, evenly spaced in the search's order: candidate `first` (the search's
+    choice), then the others by first_round_score (best first; ties to the smaller network, then the
+    lower id, as the search breaks them): the choice, the worst and the ranks between."""
+    ordered = sorted(rows, key=lambda r: (r["id"] != first, *best_first({**r, "score": r["first_round_score"]})))
     if count == 1:
         return ordered[:1]
     picks = sorted({round(i * (len(ordered) - 1) / (count - 1)) for i in range(count)})
@@ -68,7 +70,7 @@ def correlate_run(run_dir: str | Path, *, candidates: int = 8, init: str = "scra
                   tag: str = "default", resume: bool = False, overwrite: bool = False, device: str = "cpu",
                   data_dir=None, progress: bool = True) -> dict:
     """Train `candidates` candidates of a run alone and correlate (see the module's docstring); returns
-    correlation.json's content."""
+    correlation.json's content. Unset `epochs`, `lr` and `seed` take the run's."""
     run_dir = Path(run_dir)
     out = run_dir / f"correlate-{tag}"
     check_training_settings(init=init, epochs=epochs, lr=lr, weight_decay=weight_decay)
@@ -82,24 +84,31 @@ def correlate_run(run_dir: str | Path, *, candidates: int = 8, init: str = "scra
                        f"architecture.json: {type(err).__name__}: {err})") from None
     if candidates > len(ranked):
         raise RunError(f"--candidates {candidates} is more than the {len(ranked)} the search ranked")
-    picked = spread_over_ranking(ranked, candidates)
-    settings = {"candidates": [r["id"] for r in picked], "init": init, "epochs": epochs, "lr": lr,
-                "weight_decay": weight_decay, "seed": seed}
     if (out / "settings.json").exists() and not (resume or overwrite):
         raise RunError(f"{str(out)!r} holds a correlation: --resume continues it, --overwrite replaces it, or "
                        "correlate under another --tag")
+    # the run, its data and the device checked before anything is written or removed (each training
+    # loads them again)
+    loaded = load_run(run_dir, device=device, data_dir=data_dir_of(run_dir, data_dir))
+    picked = spread_over_ranking(ranked, candidates, chosen_by_search)
+    settings = {"candidates": [r["id"] for r in picked], "init": init,
+                "epochs": epochs or loaded.config["epochs"], "lr": loaded.config["lr"] if lr is None else lr,
+                "weight_decay": weight_decay, "seed": loaded.seed if seed is None else seed}
     out.mkdir(exist_ok=True)
     with writer_lock(run_dir, out.name, SINGLE_PROCESS):
         if resume and (out / "settings.json").exists():
-            started = json.loads((out / "settings.json").read_text())
+            started = _json_object(out / "settings.json")
+            if started is None:
+                raise RunError(f"{str(out / 'settings.json')!r} is unreadable: the settings of the trainings in "
+                               f"{str(out)!r} are unknown; correlate afresh (--overwrite) or under another --tag")
             if changed := changed_settings(started, settings):
                 raise RunError(f"{str(out)!r} was started with other settings: {'; '.join(changed)} ('now': this "
                                "command's). Resume with the same ones, or --overwrite")
-        elif overwrite or not resume:
+        else:
             for stale in out.iterdir():
                 if stale.is_dir():
                     shutil.rmtree(stale)
-                elif not stale.name.startswith("."):
+                elif not stale.name.startswith("."):  # (not the candidates' lock files)
                     stale.unlink()
         write_json(out / "settings.json", settings)
         trained = []
@@ -108,12 +117,13 @@ def correlate_run(run_dir: str | Path, *, candidates: int = 8, init: str = "scra
             if progress:
                 print(f"candidate {row['id']} ({number} of {len(picked)}; search score "
                       f"{percent(row['first_round_score'])})", file=sys.stderr)
-            done = (directory / "export.json").is_file()
-            summary = (json.loads((directory / "export.json").read_text()) if done else
-                       train_candidate(run_dir, candidate=row["id"], init=init, epochs=epochs, lr=lr,
-                                       weight_decay=weight_decay, seed=seed, out=directory,
-                                       resume=directory.exists(), device=device, data_dir=data_dir,
-                                       progress=progress))
+            # a finished one is read back; a cut one resumes; an unreadable export.json is written again
+            summary = _json_object(directory / "export.json")
+            if summary is None or not TRAINED_KEYS <= summary.keys():
+                summary = train_candidate(run_dir, candidate=row["id"], init=init, epochs=settings["epochs"],
+                                          lr=settings["lr"], weight_decay=weight_decay, seed=settings["seed"],
+                                          out=directory, resume=directory.exists(), device=device,
+                                          data_dir=data_dir, progress=progress)
             trained.append({"id": row["id"], "ranking_score": row["first_round_score"],
                             "inherited_rank": 1 + sum(r["first_round_score"] > row["first_round_score"]
                                                       for r in ranked),
@@ -121,12 +131,25 @@ def correlate_run(run_dir: str | Path, *, candidates: int = 8, init: str = "scra
                             "heldout_accuracy": summary["heldout_accuracy"], "test_accuracy": summary["test_accuracy"],
                             "params": summary["params_subnet"], "macs": summary["macs_subnet"]})
         result = _correlation(trained, ranked=len(ranked), chosen_by_search=chosen_by_search,
-                              training={key: summary[key] for key in ("init", "epochs", "lr", "weight_decay",
-                                                                      "training_seed")})
+                              training={"init": init, "epochs": settings["epochs"], "lr": settings["lr"],
+                                        "weight_decay": weight_decay, "training_seed": settings["seed"]})
         result["plot"] = _plot(out, trained, chosen_by_search)
         write_json(out / "correlation.json", result)
         (out / "correlation.md").write_text(report_markdown(result))
         return result
+
+
+# what correlate reads of a candidate's export.json
+TRAINED_KEYS = {"inherited_heldout_accuracy", "heldout_accuracy", "test_accuracy", "params_subnet", "macs_subnet"}
+
+
+def _json_object(path: Path) -> dict | None:
+    """The JSON object in `path`; None when it is missing, unreadable or not an object."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def _correlation(trained: list[dict], *, ranked: int, chosen_by_search: int, training: dict) -> dict:
@@ -190,8 +213,7 @@ def report_markdown(s: dict) -> str:
         f"- Spearman's rho: {_value(s['spearman_rho'])}",
         (f"- The search's choice, candidate {s['search_choice']}, is number {s['search_choice_trained_rank']} of "
          f"{len(s['candidates'])} after training" if s["search_choice_trained_rank"] is not None else
-         f"- The search's choice, candidate {s['search_choice']}, is not among these (racing's full scores chose "
-         "it)"),
+         f"- The search's choice, candidate {s['search_choice']}, is not among these"),
         f"- The best after training, candidate {s['best_trained']}, was number "
         f"{s['best_trained_inherited_rank']} of {s['ranked']} in the search", "",
         "| candidate | inherited score (search's rank) | held-out, trained | test, trained | parameters "

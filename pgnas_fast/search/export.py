@@ -226,7 +226,7 @@ def _ranked_best(run_dir: Path, tag: str) -> RankedBest:
 
     if f"rank-{tag}" in SEARCH_RANKINGS.values():
         raise RunError(f"--rank {tag}: rank-{tag}/ holds the search's own ranking log, not a `pgnas-fast rank`; the "
-                       "search's best candidate is the run's architecture.json, which export takes without --rank")
+                       "search's best candidate is the run's architecture.json, taken without --rank")
     path = run_dir / f"rank-{tag}" / "summary.json"
     if not path.is_file():
         raise RunError(f"{str(path)!r} does not exist: --rank {tag} names no finished ranking of this run "

@@ -136,6 +136,13 @@ SEARCH_RANKINGS = {"guided": "rank-search", "random": "rank-search-random"}
 # {"data_dir": absolute path, "fingerprint": data_fingerprint's digest} of a run (or an export) that read its
 # data from --data-dir
 DATA_FILE = "data.json"
+# an export directory's (`export`, `train`) files that no run directory holds
+EXPORT_FILES = ("export.json", "candidate-checkpoint.pt")
+
+
+def export_file_in(directory: Path) -> str | None:
+    """The first of EXPORT_FILES in `directory` (an export or training directory, not a run); None: none."""
+    return next((name for name in EXPORT_FILES if (directory / name).exists()), None)
 
 
 def _data_record(directory: Path) -> dict | None:

@@ -54,8 +54,8 @@ from .budget import (SIZES_DIRECTORY, Budget, BudgetError, SizeCache, candidate_
 from .export import architecture_record
 from .feed import CifarLoaderFeed, LoaderFeed, TensorFeed, check_batchnorm_rows, check_shards
 from .io import (DATA_FILE, SEARCH_RANKINGS, RunError, changed_settings, check_data_record, complete_lines,
-                 data_dir_of, load_checkpoint, lock_is_held, read_jsonl, remove_interrupted_writes, save_checkpoint,
-                 write_data_record, write_json, write_jsonl, writer_lock)
+                 data_dir_of, export_file_in, load_checkpoint, lock_is_held, read_jsonl, remove_interrupted_writes,
+                 save_checkpoint, write_data_record, write_json, write_jsonl, writer_lock)
 from .materialize import materialize_all_channels
 from .parallel import SINGLE_PROCESS, Parallel, join, leave
 from .rank import (ProgressLog, accuracy, best_candidate, counted, first_round_cut, rank_candidates, round_ends,
@@ -431,6 +431,9 @@ def _run_search(config: dict, *, seed: int, out_dir: Path, device: torch.device,
                 progress: bool, data_dir: str | Path | None, smoke: bool, parallel: Parallel,
                 held: contextlib.ExitStack) -> SearchResult:
     main = parallel.is_main
+    if name := export_file_in(out_dir):  # (its config.json, architecture.json and train_log.jsonl look like a run's)
+        raise RunError(f"{str(out_dir)!r} is an export directory ({name}: pgnas-fast export or train wrote it), not a "
+                       "run: search into another --out")
     # (one forgotten --resume must not cost a run of days; said before the data loads)
     there = _held_run(out_dir) if main and not resume and not overwrite else None
     occupied = parallel.all_gather([there] if there else [])

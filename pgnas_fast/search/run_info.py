@@ -9,7 +9,7 @@ import statistics
 from pathlib import Path
 
 from .. import configs
-from .io import SEARCH_RANKINGS, RunError, complete_lines
+from .io import SEARCH_RANKINGS, RunError, complete_lines, export_file_in
 
 
 def _json(path: Path) -> dict | list | None:
@@ -50,8 +50,8 @@ def _training(folder: Path) -> dict:
                 "settings": settings if isinstance(settings, dict) else None,
                 "epochs_trained": complete_lines(folder / "train_log.jsonl")}
     return {"tag": folder.name.removeprefix("train-"), "state": "finished",
-            **{key: export.get(key) for key in ("candidate", "init", "epochs", "checkpoint", "heldout_accuracy",
-                                                "test_accuracy", "inherited_heldout_accuracy",
+            **{key: export.get(key) for key in ("candidate", "init", "epochs", "checkpoint", "checkpoint_epoch",
+                                                "heldout_accuracy", "test_accuracy", "inherited_heldout_accuracy",
                                                 "inherited_test_accuracy")}}
 
 
@@ -86,6 +86,9 @@ def run_info(run_dir: str | Path) -> dict:
     finished, chosen, rankings, studies, trainings, correlations} of a run directory; RunError if it
     holds no run (no readable config.json)."""
     run_dir = Path(run_dir)
+    if name := export_file_in(run_dir):
+        raise RunError(f"{str(run_dir)!r} is an export directory ({name}: pgnas-fast export or train wrote it), not "
+                       "a run: `pgnas-fast evaluate` scores its network")
     run_config = _json(run_dir / "config.json")
     if not isinstance(run_config, dict) or not isinstance(run_config.get("config"), dict):
         raise RunError(f"{str(run_dir)!r} is not a run directory: no readable config.json (pgnas-fast search "

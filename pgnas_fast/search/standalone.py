@@ -39,8 +39,8 @@ from .. import configs
 from ..nn import candidate_masks, set_gates
 from .export import choose_candidate, chosen_id, write_network
 from .feed import check_batchnorm_rows, check_shards
-from .io import (changed_settings, complete_lines, data_dir_of, load_checkpoint, lock_is_held, read_jsonl,
-                 remove_interrupted_writes, save_checkpoint, write_json, write_jsonl, writer_lock)
+from .io import (EXPORT_FILES, changed_settings, complete_lines, data_dir_of, load_checkpoint, lock_is_held,
+                 read_jsonl, remove_interrupted_writes, save_checkpoint, write_json, write_jsonl, writer_lock)
 from .parallel import Parallel, join, leave
 from .rank import accuracy, counted
 from .run import RunError, build_feed, build_supernet, evaluation_layout, load_run
@@ -49,7 +49,7 @@ from .train import make_optimizer, train_posterior
 INITS = ("inherited", "scratch")
 DEFAULT_WEIGHT_DECAY = 3e-4
 # not checkpoint.pt: the directory is an export directory, which no reader of runs may take for a run
-CHECKPOINT = "candidate-checkpoint.pt"
+CHECKPOINT = EXPORT_FILES[1]
 
 
 def train_candidate(run_dir: str | Path, *, candidate: int | None = None, rank_tag: str | None = None,
@@ -146,8 +146,13 @@ def _train_candidate(run_dir: Path, *, candidate, rank_tag, checkpoint, init, ep
             write_json(out / "settings.json", {**settings, "rank_tag": rank_tag})
         start_epoch, train_log = 0, []
         if state is not None:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
+            try:
+                model.load_state_dict(state["model"])
+                optimizer.load_state_dict(state["optimizer"])
+            except (KeyError, RuntimeError, ValueError, TypeError) as err:
+                lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+                raise RunError(f"{str(out / CHECKPOINT)!r} does not fit candidate {candidate}'s training "
+                               f"({' '.join(lines[:2])}): train afresh (--overwrite)") from None
             start_epoch = state["epoch"]
             train_log = read_jsonl(out / "train_log.jsonl")[:start_epoch]
 
@@ -170,6 +175,10 @@ def _train_candidate(run_dir: Path, *, candidate, rank_tag, checkpoint, init, ep
         if not main:
             parallel.barrier()
             return {}
+        if not all(math.isfinite(row["loss"]) for row in train_log):
+            first = next(row["epoch"] for row in train_log if not math.isfinite(row["loss"]))
+            print(f"note: the training diverged (its loss is {train_log[-1]['loss']} from epoch {first} on): its "
+                  "accuracies are of a broken network; train again with a lower --lr", file=sys.stderr)
         summary = write_network(out, model, masks, config=config, seed=loaded.seed, feed=loaded.feed,
                                 candidate=candidate, heldout=heldout, test=test, data_dir=data_dir,
                                 data_fingerprint=loaded.data_fingerprint,
@@ -196,7 +205,9 @@ def _resumed_state(out: Path, settings: dict, world: int, config: dict) -> dict 
     try:
         started, trained_by, epoch = state["settings"], state["world_size"], state["epoch"]
     except (KeyError, TypeError):
-        raise RunError(f"{str(path)!r} is not a candidate training's checkpoint: train afresh (--overwrite)") from None
+        started = epoch = None
+    if not isinstance(started, dict) or type(epoch) is not int or not 0 <= epoch <= config["epochs"]:
+        raise RunError(f"{str(path)!r} is not a candidate training's checkpoint: train afresh (--overwrite)")
     if changed := changed_settings(started, settings):
         raise RunError(f"{str(out)!r} was trained with other settings: {'; '.join(changed)} ('now': this command's). "
                        "Resume with the same ones, train afresh (--overwrite) or under another --tag")

@@ -158,13 +158,7 @@ def _build_parser() -> argparse.ArgumentParser:
     _checkpoint_argument(rank)
     rank.add_argument("--top", type=_count(1), default=10, help="candidates written to top.json (default 10)")
     rank.add_argument("--tag", default="default", help="names the output folder rank-TAG (default 'default')")
-    existing = rank.add_mutually_exclusive_group()
-    existing.add_argument("--resume", action="store_true", help="continue an interrupted ranking of the same tag")
-    existing.add_argument("--overwrite", action="store_true",
-                          help="replace the ranking of the same tag; without it or --resume one is refused")
-    rank.add_argument("--data-dir", metavar="DIR", help="the data set's directory (as for search)")
-    rank.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
-    rank.add_argument("--quiet", action="store_true", help="no progress bar")
+    _tagged_output_arguments(rank, "ranking")
 
     study = commands.add_parser(
         "study", help="the paper's sampling studies on a finished search (markdown + PNG)",
@@ -217,13 +211,7 @@ def _build_parser() -> argparse.ArgumentParser:
     _checkpoint_argument(train, default=None, default_text="the --rank ranking's, else last")
     _training_arguments(train, default_init="inherited")
     train.add_argument("--tag", help="names the output folder train-TAG (default: the --init)")
-    existing = train.add_mutually_exclusive_group()
-    existing.add_argument("--resume", action="store_true", help="continue an interrupted training of the same tag")
-    existing.add_argument("--overwrite", action="store_true",
-                          help="replace the training of the same tag; without it or --resume one is refused")
-    train.add_argument("--data-dir", metavar="DIR", help="the data set's directory (as for search)")
-    train.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
-    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    _tagged_output_arguments(train, "training")
 
     correlate = commands.add_parser(
         "correlate", help="does the search's ranking predict the candidates' accuracy trained alone?",
@@ -237,14 +225,7 @@ def _build_parser() -> argparse.ArgumentParser:
                            help="candidates to train, spread over the ranking (default 8)")
     _training_arguments(correlate, default_init="scratch")
     correlate.add_argument("--tag", default="default", help="names the output folder correlate-TAG (default 'default')")
-    existing = correlate.add_mutually_exclusive_group()
-    existing.add_argument("--resume", action="store_true",
-                          help="continue an interrupted correlation of the same tag (finished trainings are kept)")
-    existing.add_argument("--overwrite", action="store_true",
-                          help="replace the correlation of the same tag; without it or --resume one is refused")
-    correlate.add_argument("--data-dir", metavar="DIR", help="the data set's directory (as for search)")
-    correlate.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
-    correlate.add_argument("--quiet", action="store_true", help="no progress bars")
+    _tagged_output_arguments(correlate, "correlation", kept=" (finished trainings are kept)")
 
     evaluate = commands.add_parser("evaluate", help="accuracy of an exported network on a split",
                                    description="Accuracy of an export directory's model.pt2 network; the "
@@ -257,6 +238,18 @@ def _build_parser() -> argparse.ArgumentParser:
     commands.add_parser("doctor", help="versions, backends (and why one is off), threads",
                         description="Print versions, which backends are live and why not, and threads.")
     return parser
+
+
+def _tagged_output_arguments(parser: argparse.ArgumentParser, what: str, kept: str = "") -> None:
+    """--resume | --overwrite of a command that writes its `what` under a --tag, and --data-dir, --device
+    and --quiet."""
+    existing = parser.add_mutually_exclusive_group()
+    existing.add_argument("--resume", action="store_true", help=f"continue an interrupted {what} of the same tag{kept}")
+    existing.add_argument("--overwrite", action="store_true",
+                          help=f"replace the {what} of the same tag; without it or --resume one is refused")
+    parser.add_argument("--data-dir", metavar="DIR", help="the data set's directory (as for search)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def _training_arguments(parser: argparse.ArgumentParser, default_init: str) -> None:

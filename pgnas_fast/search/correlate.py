@@ -94,6 +94,7 @@ def correlate_run(run_dir: str | Path, *, candidates: int = 8, init: str = "scra
     settings = {"candidates": [r["id"] for r in picked], "init": init,
                 "epochs": epochs or loaded.config["epochs"], "lr": loaded.config["lr"] if lr is None else lr,
                 "weight_decay": weight_decay, "seed": loaded.seed if seed is None else seed}
+    del loaded  # (its super-network's memory is the trainings')
     out.mkdir(exist_ok=True)
     with writer_lock(run_dir, out.name, SINGLE_PROCESS):
         if resume and (out / "settings.json").exists():

@@ -484,12 +484,16 @@ def _rank(args) -> int:
             print(f"  Pareto front (held-out accuracy against parameters and MACs, of the finalists): "
                   f"{_front(summary['pareto'])}")
         if summary["checkpoint"] == "best":
-            print(f"  weights: checkpoint-best.pt, of epoch {summary['checkpoint_epoch']} (the lowest training "
-                  "objective)")
+            print(f"  weights: {_best_checkpoint(summary['checkpoint_epoch'])}")
         if note := cut_note(summary["first_round_cut"]):
             print(f"  note: {note}")
         print(f"results: {Path(args.run_dir) / ('rank-' + args.tag)}")
     return 0
+
+
+def _best_checkpoint(epoch: int) -> str:
+    """How rank, study, export and train name the weights of --checkpoint best."""
+    return f"checkpoint-best.pt, of epoch {epoch} (the lowest training objective)"
 
 
 def _best_of(ranked: int, drawn: int, budget) -> str:
@@ -528,7 +532,7 @@ def _study(args) -> int:
                        checkpoint=args.checkpoint, device=str(device), data_dir=args.data_dir, progress=not args.quiet)
     g, r, race = result["guided"], result["random"], result["racing"]
     if result["checkpoint"] == "best":
-        print(f"weights: checkpoint-best.pt, of epoch {result['checkpoint_epoch']} (the lowest training objective)")
+        print(f"weights: {_best_checkpoint(result['checkpoint_epoch'])}")
     print(f"guided: mean held-out {percent(g['mean'])}, best {percent(g['best'])}; "
           f"random at the same drop rate: mean {percent(r['mean'])}, best {percent(r['best'])}")
     print(f"racing winner's exhaustive rank {race['winner_exhaustive_rank']}, "
@@ -561,7 +565,7 @@ def _export(args) -> int:
         raise
     print(f"candidate {s['candidate']}: held-out {percent(s['heldout_accuracy'])}, test {percent(s['test_accuracy'])}")
     if s["checkpoint"] == "best":
-        print(f"  weights: checkpoint-best.pt, of epoch {s['checkpoint_epoch']} (the lowest training objective)")
+        print(f"  weights: {_best_checkpoint(s['checkpoint_epoch'])}")
     if s["bn_recalibrate"]:
         print(f"  BatchNorm statistics recomputed for the candidate from {s['bn_recalibrate']} training images")
     print(f"  every channel kept -> this candidate: parameters {s['params_all_channels']:,} -> "
@@ -591,7 +595,7 @@ def _train(args) -> int:
     print(f"  with its inherited weights, untrained: held-out "
           f"{percent(s['inherited_heldout_accuracy'])}, test {percent(s['inherited_test_accuracy'])}")
     if s["checkpoint"] == "best":  # (the candidate is a draw from its drop probabilities; inherited: its weights)
-        print(f"  checkpoint: checkpoint-best.pt, of epoch {s['checkpoint_epoch']} (the lowest training objective)")
+        print(f"  checkpoint: {_best_checkpoint(s['checkpoint_epoch'])}")
     print(f"  network: {s['params_subnet']:,} parameters, {s['macs_subnet']:,} MACs per image; training "
           f"{s['train_seconds']:.1f} s")
     print(f"results: {Path(args.run_dir) / ('train-' + tag)} (pgnas-fast evaluate scores it)")
@@ -601,6 +605,7 @@ def _train(args) -> int:
 def _correlate(args) -> int:
     from .search.correlate import correlate_run
     from .search.rank import counted
+    from .search.study import correlation_text
 
     _check_tag(args.tag)
     device = _resolve_device(args.device)
@@ -608,15 +613,11 @@ def _correlate(args) -> int:
                       weight_decay=args.weight_decay, seed=args.seed, tag=args.tag, resume=args.resume,
                       overwrite=args.overwrite, device=str(device), data_dir=args.data_dir, progress=not args.quiet)
     t = s["training"]
-
-    def shown(value):
-        return "undefined (every score tied)" if value is None else f"{value:.3f}"
-
     start = "their inherited weights" if t["init"] == "inherited" else "scratch"
     print(f"{counted(len(s['candidates']), 'candidate')} of the search's {s['ranked']}, trained alone from "
-          f"{start} for {counted(t['epochs'], 'epoch')}: "
-          f"Kendall's tau {shown(s['kendall_tau'])}, Spearman's rho {shown(s['spearman_rho'])} (inherited score "
-          "against held-out accuracy after training)")
+          f"{start} for {counted(t['epochs'], 'epoch')}: Kendall's tau {correlation_text(s['kendall_tau'])}, "
+          f"Spearman's rho {correlation_text(s['spearman_rho'])} (inherited score against held-out accuracy after "
+          "training)")
     if s["search_choice_trained_rank"] is not None:
         print(f"  the search's choice, candidate {s['search_choice']}, is number {s['search_choice_trained_rank']} "
               f"of {len(s['candidates'])} after training")
@@ -737,6 +738,7 @@ def _print_run(run: dict) -> None:
     from .search.budget import Budget
     from .search.rank import counted
     from .search.report import percent
+    from .search.study import correlation_text
 
     print(f"{run['run_dir']}: search of {run['preset']}, seed {run['seed']}, {run['posterior']} posterior")
     state = "finished" if run["finished"] else "not finished"
@@ -790,9 +792,9 @@ def _print_run(run: dict) -> None:
     for correlation in run["correlations"]:
         line = f"correlate-{correlation['tag']}: {correlation['state']}"
         if correlation["state"] == "finished":
-            tau, rho = (f"{v:.3f}" if v is not None else "undefined"
-                        for v in (correlation["kendall_tau"], correlation["spearman_rho"]))
-            line += f", {counted(correlation['candidates'], 'candidate')}: Kendall's tau {tau}, Spearman's rho {rho}"
+            line += (f", {counted(correlation['candidates'], 'candidate')}: Kendall's tau "
+                     f"{correlation_text(correlation['kendall_tau'])}, Spearman's rho "
+                     f"{correlation_text(correlation['spearman_rho'])}")
         else:
             line += (f" ({counted(correlation['candidates_trained'], 'candidate')} trained; --resume continues "
                      "it)")

@@ -30,7 +30,7 @@ from .rank import best_first, counted
 from .report import percent
 from .standalone import DEFAULT_WEIGHT_DECAY, check_training_settings, train_candidate
 from .run import load_run
-from .study import kendall_tau
+from .study import correlation_text, kendall_tau, none_if_nan
 
 
 def spread_over_ranking(rows: list[dict], count: int, first: int) -> list[dict]:
@@ -156,15 +156,12 @@ def _json_object(path: Path) -> dict | None:
 def _correlation(trained: list[dict], *, ranked: int, chosen_by_search: int, training: dict) -> dict:
     inherited = [t["inherited_score"] for t in trained]
     after = [t["heldout_accuracy"] for t in trained]
-
-    def defined(value):
-        return None if math.isnan(value) else value
-
     best_after = max(trained, key=lambda t: (t["heldout_accuracy"], -t["id"]))
     search_choice = next((t for t in trained if t["id"] == chosen_by_search), None)
     return {
         "candidates": trained, "ranked": ranked, "training": training,
-        "kendall_tau": defined(kendall_tau(inherited, after)), "spearman_rho": defined(spearman_rho(inherited, after)),
+        "kendall_tau": none_if_nan(kendall_tau(inherited, after)),
+        "spearman_rho": none_if_nan(spearman_rho(inherited, after)),
         # the search's choice (the best ranking score; racing's finalists by their full scores) among the trained
         "search_choice": chosen_by_search,
         "search_choice_trained_rank": (None if search_choice is None else
@@ -198,10 +195,6 @@ def _plot(out: Path, trained: list[dict], chosen_by_search: int) -> str:
     return "correlation.png"
 
 
-def _value(value: float | None) -> str:
-    return "undefined (every score tied)" if value is None else f"{value:.3f}"
-
-
 def report_markdown(s: dict) -> str:
     t = s["training"]
     lines = [
@@ -210,8 +203,9 @@ def report_markdown(s: dict) -> str:
         f"trained alone from {'its inherited weights' if t['init'] == 'inherited' else 'scratch'} for "
         f"{counted(t['epochs'], 'epoch')} (lr {t['lr']:g}, weight decay {t['weight_decay']:g}, seed "
         f"{t['training_seed']}).", "",
-        f"- Kendall's tau-b, inherited score against held-out accuracy after training: {_value(s['kendall_tau'])}",
-        f"- Spearman's rho: {_value(s['spearman_rho'])}",
+        "- Kendall's tau-b, inherited score against held-out accuracy after training: "
+        f"{correlation_text(s['kendall_tau'])}",
+        f"- Spearman's rho: {correlation_text(s['spearman_rho'])}",
         (f"- The search's choice, candidate {s['search_choice']}, is number {s['search_choice_trained_rank']} of "
          f"{len(s['candidates'])} after training" if s["search_choice_trained_rank"] is not None else
          f"- The search's choice, candidate {s['search_choice']}, is not among these"),

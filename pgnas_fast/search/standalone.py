@@ -119,9 +119,10 @@ def _train_candidate(run_dir: Path, *, candidate, rank_tag, checkpoint, init, ep
                 "init": init, "epochs": config["epochs"], "lr": config["lr"], "weight_decay": weight_decay,
                 "seed": seed}
     # the candidate's accuracies with the weights it inherits, untrained: the search's numbers (scratch too,
-    # for comparison: what the search would report of it)
+    # for comparison: what the search would report of it); rank 0 reports them
     set_gates(loaded.model, "hard", masks=masks)
-    inherited = {split: accuracy(loaded.model, loaded.feed.eval_batches(split)) for split in ("heldout", "test")}
+    inherited = ({split: accuracy(loaded.model, loaded.feed.eval_batches(split)) for split in ("heldout", "test")}
+                 if main else {})
     if init == "inherited":
         model = loaded.model.to(memory_format=torch.contiguous_format)  # (training's layout, as the search's)
     else:
@@ -134,7 +135,7 @@ def _train_candidate(run_dir: Path, *, candidate, rank_tag, checkpoint, init, ep
     optimizer = make_optimizer(model, config, weight_decay=weight_decay)
 
     with writer_lock(out.parent, out.name, parallel):
-        state = _resumed_state(out, settings, parallel.world, config) if resume else None
+        state, train_log = _resumed_state(out, settings, parallel.world, config) if resume else (None, [])
         if resume and state is None and main:
             print(f"nothing to resume in {str(out)!r} (no {CHECKPOINT} yet): a new training starts", file=sys.stderr)
         if main and state is None:
@@ -144,7 +145,7 @@ def _train_candidate(run_dir: Path, *, candidate, rank_tag, checkpoint, init, ep
             out.mkdir(exist_ok=True)
             remove_interrupted_writes(out)
             write_json(out / "settings.json", {**settings, "rank_tag": rank_tag})
-        start_epoch, train_log = 0, []
+        start_epoch = 0
         if state is not None:
             try:
                 model.load_state_dict(state["model"])
@@ -154,7 +155,6 @@ def _train_candidate(run_dir: Path, *, candidate, rank_tag, checkpoint, init, ep
                 raise RunError(f"{str(out / CHECKPOINT)!r} does not fit candidate {candidate}'s training "
                                f"({' '.join(lines[:2])}): train afresh (--overwrite)") from None
             start_epoch = state["epoch"]
-            train_log = read_jsonl(out / "train_log.jsonl")[:start_epoch]
 
         def on_epoch_end(epoch: int, stats: dict) -> None:
             if not main:
@@ -168,13 +168,12 @@ def _train_candidate(run_dir: Path, *, candidate, rank_tag, checkpoint, init, ep
         train_posterior(model, optimizer, feed, config, seed=seed, start_epoch=start_epoch, n_train=feed.n_train,
                         on_epoch_end=on_epoch_end, progress=progress, parallel=parallel, masks=masks)
         trained = time.perf_counter() - started
-        parallel.broadcast_buffers(model)  # rank 0's BatchNorm statistics, as the search ranks with
+        if not main:  # (rank 0 evaluates and exports)
+            parallel.barrier()
+            return {}
         evaluation_layout(model, config)
         set_gates(model, "hard", masks=masks)
         heldout, test = (accuracy(model, loaded.feed.eval_batches(split)) for split in ("heldout", "test"))
-        if not main:
-            parallel.barrier()
-            return {}
         if not all(math.isfinite(row["loss"]) for row in train_log):
             first = next(row["epoch"] for row in train_log if not math.isfinite(row["loss"]))
             print(f"note: the training diverged (its loss is {train_log[-1]['loss']} from epoch {first} on): its "
@@ -194,13 +193,13 @@ def _train_candidate(run_dir: Path, *, candidate, rank_tag, checkpoint, init, ep
         return summary
 
 
-def _resumed_state(out: Path, settings: dict, world: int, config: dict) -> dict | None:
-    """The checkpoint a --resume continues from (None: none yet), refused when it was trained with other
-    settings, or, with epochs left and no sync_bn, by another number of processes (each normalises
-    with its own rows' BatchNorm statistics)."""
+def _resumed_state(out: Path, settings: dict, world: int, config: dict) -> tuple[dict | None, list[dict]]:
+    """The checkpoint a --resume continues from and the training log's rows up to its epoch ((None, [])
+    when there is none yet), refused when it was trained with other settings, or, with epochs left and no
+    sync_bn, by another number of processes (each normalises with its own rows' BatchNorm statistics)."""
     path = out / CHECKPOINT
     if not path.is_file():
-        return None
+        return None, []
     state = load_checkpoint(path)
     try:
         started, trained_by, epoch = state["settings"], state["world_size"], state["epoch"]
@@ -215,14 +214,13 @@ def _resumed_state(out: Path, settings: dict, world: int, config: dict) -> dict 
         raise RunError(f"{str(path)!r} was trained by {trained_by} process(es), this resume runs {world}: resume with "
                        "as many, since each process's BatchNorm normalises with its own rows' statistics")
     try:
-        logged = len(read_jsonl(out / "train_log.jsonl"))
+        logged = read_jsonl(out / "train_log.jsonl")
     except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-        logged = 0
-    if logged < epoch:
-        raise RunError(f"{str(out / 'train_log.jsonl')!r} holds {logged} epoch(s), but {CHECKPOINT} is of epoch "
-                       f"{epoch}: "
-                       "restore it, or train afresh (--overwrite)")
-    return state
+        logged = []
+    if len(logged) < epoch:
+        raise RunError(f"{str(out / 'train_log.jsonl')!r} holds {len(logged)} epoch(s), but {CHECKPOINT} is of "
+                       f"epoch {epoch}: restore it, or train afresh (--overwrite)")
+    return state, logged[:epoch]
 
 
 __all__ = ["CHECKPOINT", "DEFAULT_WEIGHT_DECAY", "INITS", "check_training_settings", "held_training",

@@ -30,7 +30,8 @@ from .report import percent
 from .run import load_run
 
 
-def _none_if_nan(value: float) -> float | None:
+def none_if_nan(value: float) -> float | None:
+    """A correlation as the JSON files keep it: None where it is undefined (NaN)."""
     return None if math.isnan(value) else value
 
 
@@ -195,11 +196,11 @@ def _study(run_dir: Path, loaded, out: Path, *, candidates: int, progress: bool)
                    # None (JSON null) where tau is undefined: fewer than two candidates, or a list all tied.
                    # The first round's scores of every candidate against their exhaustive ones: the order
                    # racing's first cut acts on
-                   "kendall_tau_first_round": _none_if_nan(kendall_tau([r["first_round_score"] for r in racing],
+                   "kendall_tau_first_round": none_if_nan(kendall_tau([r["first_round_score"] for r in racing],
                                                                        [exhaustive[r["id"]] for r in racing])),
                    # the survivors' final racing scores (a finalist's is its exhaustive score: those pairs agree
                    # by construction)
-                   "kendall_tau_survivors": _none_if_nan(kendall_tau([r["score"] for r in survivors],
+                   "kendall_tau_survivors": none_if_nan(kendall_tau([r["score"] for r in survivors],
                                                                      [exhaustive[r["id"]] for r in survivors]))},
     }
     result["plots"] = _plots(out, guided, random, curve, racing, exhaustive)
@@ -208,7 +209,8 @@ def _study(run_dir: Path, loaded, out: Path, *, candidates: int, progress: bool)
     return result
 
 
-def _tau(value: float | None) -> str:
+def correlation_text(value: float | None) -> str:
+    """A correlation (none_if_nan's) as the reports and the command line show it."""
     return "undefined (fewer than two candidates, or every score tied)" if value is None else f"{value:.3f}"
 
 
@@ -260,8 +262,8 @@ def report_markdown(s: dict) -> str:
         "",
         f"Kendall's tau against the exhaustive scores: of every candidate's score on the first round's "
         f"{race['first_round_images']} images (the order racing's first cut acts on), "
-        f"{_tau(race['kendall_tau_first_round'])}; of the final racing scores of the "
-        f"{counted(race['survivors'], 'first-round survivor')}, {_tau(race['kendall_tau_survivors'])} (a "
+        f"{correlation_text(race['kendall_tau_first_round'])}; of the final racing scores of the "
+        f"{counted(race['survivors'], 'first-round survivor')}, {correlation_text(race['kendall_tau_survivors'])} (a "
         "finalist's racing score is its exhaustive score, so pairs of finalists agree by construction)."
         + (f" Note: {note}." if (note := cut_note(race.get("first_round_cut"))) else ""),
         "",
@@ -271,4 +273,4 @@ def report_markdown(s: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["kendall_tau", "report_markdown", "run_study", "score_rank"]
+__all__ = ["correlation_text", "kendall_tau", "none_if_nan", "report_markdown", "run_study", "score_rank"]

@@ -129,6 +129,24 @@ def test_sizing_sharded_equals_one_process(budgeted):
     assert gathered[99] == {"params": 1, "macs": 2} and gathered[4] == sizes[4]
 
 
+def test_sharded_sizing_covers_every_candidate_once_whatever_each_rank_saw_of_the_cache(budgeted, tmp_path):
+    """torchrun's ranks read the shared cache at different moments, each while the others append to it:
+    one rank may find sizes another does not yet. The shares must not depend on it (they did: candidates
+    were lost from a torchrun search's table)."""
+    from pgnas_fast.search.budget import SizeCache
+
+    _, _, loaded, sizes = budgeted
+    seen = SizeCache(tmp_path / "seen", "k")  # what rank 0 found: half of the sizes already there
+    with seen.appender() as log:
+        for c in range(0, 20, 2):
+            log.write(json.dumps({"id": c, **sizes[c]}) + "\n")
+    views = [seen, SizeCache(tmp_path / "empty", "k")]  # rank 1 read the cache before anything was in it
+    shards = [candidate_sizes(loaded.model, loaded.seed, range(20), configs.input_shape(loaded.config),
+                              shard=(r, 2), cache=views[r], progress=False) for r in range(2)]
+    assert sorted(shards[0]) == list(range(0, 20, 2)) and sorted(shards[1]) == list(range(1, 20, 2))
+    assert {c: s for shard in shards for c, s in shard.items()} == sizes
+
+
 def _rank(capsys, run, *argv):
     from pgnas_fast.cli import main
 

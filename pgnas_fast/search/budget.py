@@ -132,13 +132,13 @@ def candidate_sizes(model: nn.Module, seed: int, candidates: Sequence[int], inpu
                     shard: tuple[int, int] = (0, 1), gather: Callable[[list], list] | None = None,
                     cache: SizeCache | None = None, progress: bool = True) -> dict[int, dict[str, int]]:
     """{id: {params, macs}} of `candidates` (masks as `candidate_masks` draws them). shard = (rank, world):
-    this process sizes every world-th candidate that `cache` does not hold yet, and appends each size to
-    it; `gather` (all-gather) gives every rank all of them."""
-    candidates = list(candidates)
+    this process takes every world-th candidate, sizes those that `cache` does not hold yet, and appends
+    each size to it; `gather` (all-gather) gives every rank all of them. The shares do not depend on the
+    cache, which the ranks may read at different moments (each while the others append to it)."""
     known = cache.load() if cache is not None else {}
-    wanted = set(candidates)
-    rows = [{"id": c, **size} for c, size in known.items() if c in wanted][shard[0]::shard[1]]
-    mine = [c for c in candidates if c not in known][shard[0]::shard[1]]
+    share = list(candidates)[shard[0]::shard[1]]
+    rows = [{"id": c, **known[c]} for c in share if c in known]
+    mine = [c for c in share if c not in known]
     log = cache.appender() if cache is not None and mine else None
     try:
         for c in tqdm(mine, desc="sizing candidates", unit="cand", disable=not progress, dynamic_ncols=True):

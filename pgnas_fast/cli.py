@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import re
 import sys
 import tempfile
 import time
@@ -30,6 +31,12 @@ class UsageError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # a negative number in exponent form (--weight-decay -1e-4) is a value, not an option; argparse
+        # before Python 3.13 took it for an unknown option ("expected one argument")
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
     def error(self, message):  # argparse's own errors: one line, status 2
         raise UsageError(f"{message} (see {self.prog} --help)")
 

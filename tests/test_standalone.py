@@ -142,7 +142,7 @@ def test_a_seed_reproduces_a_training_and_a_resume_after_a_kill_equals_it(run, m
     assert "regularizer" not in log("train-whole")[0] and "mean_p" not in log("train-whole")[0]
 
 
-def test_a_held_training_is_refused_without_resume_or_overwrite(run):
+def test_a_held_training_is_refused_without_resume_or_overwrite(run, monkeypatch, capsys):
     train_candidate(run, epochs=1, progress=False)
     with pytest.raises(RunError, match=r"holds a training \(finished\): --resume continues it, --overwrite replaces"):
         train_candidate(run, epochs=1, progress=False)
@@ -150,9 +150,17 @@ def test_a_held_training_is_refused_without_resume_or_overwrite(run):
         train_candidate(run, epochs=2, resume=True, progress=False)
     with pytest.raises(RunError, match=r"lr 0\.05 \(now 0\.01\)"):
         train_candidate(run, epochs=1, lr=0.01, resume=True, progress=False)
-    before = (run / "train-inherited" / CHECKPOINT).read_bytes()
-    train_candidate(run, epochs=1, resume=True, progress=False)  # finished: nothing trained again
-    assert (run / "train-inherited" / CHECKPOINT).read_bytes() == before
+    out = run / "train-inherited"
+    before = {name: (out / name).read_bytes() for name in (CHECKPOINT, "export.json", "subnet.pt")}
+    with monkeypatch.context() as patched:  # finished: nothing trained, evaluated or exported again
+        patched.setattr(standalone, "accuracy", lambda *a, **k: pytest.fail("a finished training was evaluated"))
+        assert train_candidate(run, epochs=1, resume=True, progress=False) == export_json(out)
+    assert "holds this training, finished: nothing to resume" in capsys.readouterr().err
+    assert {name: (out / name).read_bytes() for name in before} == before
+    (out / "export.json").write_text("{")  # a damaged export is written again from the finished checkpoint
+    mended = train_candidate(run, epochs=1, resume=True, progress=False)
+    assert mended == export_json(out) and mended["epochs"] == 1 and mended["resumed_from_epoch"] == 1
+    assert (out / CHECKPOINT).read_bytes() == before[CHECKPOINT]
     train_candidate(run, epochs=2, overwrite=True, progress=False)
     assert len(read_jsonl(run / "train-inherited" / "train_log.jsonl")) == 2
 
@@ -225,6 +233,9 @@ def test_train_command_prints_both_accuracies_and_info_lists_it(run, capsys):
     (["--epochs", "0"], "argument --epochs: must be an integer >= 1, got 0"),
     (["--resume", "--overwrite"], "argument --overwrite: not allowed with argument --resume"),
     (["--candidate", "1", "--rank", "x"], "argument --rank: not allowed with argument --candidate"),
+    # a negative number in exponent form is a value, checked as one (not an unknown option)
+    (["--weight-decay", "-1e-4"], "--weight-decay must be a number >= 0, got -0.0001"),
+    (["--lr", "-2E+1"], "--lr must be a number > 0, got -20.0"),
 ])
 def test_train_command_refuses_bad_arguments(run, capsys, argv, message):
     assert main(["train", str(run), *argv]) == 2
@@ -406,6 +417,7 @@ def test_a_training_directory_is_not_taken_for_a_run(run, capsys):
 
 def test_a_damaged_training_checkpoint_is_a_clear_error(run):
     train_candidate(run, epochs=2, tag="t", progress=False)
+    (run / "train-t" / "export.json").unlink()  # cut before its export (a finished one is not read again)
     path = run / "train-t" / CHECKPOINT
     state = torch.load(path, weights_only=False)
     for damaged, message in (({**state, "epoch": "1"}, "is not a candidate training's checkpoint"),

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy
 
 from ..interrupts import interrupts_deferred
-from .io import RunError, changed_settings, data_dir_of, read_jsonl, write_json, writer_lock
+from .io import RunError, changed_settings, data_dir_of, read_json_object, read_jsonl, write_json, writer_lock
 from .parallel import SINGLE_PROCESS
 from .rank import best_first, counted
 from .report import percent
@@ -98,7 +98,7 @@ def correlate_run(run_dir: str | Path, *, candidates: int = 8, init: str = "scra
     out.mkdir(exist_ok=True)
     with writer_lock(run_dir, out.name, SINGLE_PROCESS):
         if resume and (out / "settings.json").exists():
-            started = _json_object(out / "settings.json")
+            started = read_json_object(out / "settings.json")
             if started is None:
                 raise RunError(f"{str(out / 'settings.json')!r} is unreadable: the settings of the trainings in "
                                f"{str(out)!r} are unknown; correlate afresh (--overwrite) or under another --tag")
@@ -119,7 +119,7 @@ def correlate_run(run_dir: str | Path, *, candidates: int = 8, init: str = "scra
                 print(f"candidate {row['id']} ({number} of {len(picked)}; search score "
                       f"{percent(row['first_round_score'])})", file=sys.stderr)
             # a finished one is read back; a cut one resumes; an unreadable export.json is written again
-            summary = _json_object(directory / "export.json")
+            summary = read_json_object(directory / "export.json")
             if summary is None or not TRAINED_KEYS <= summary.keys():
                 summary = train_candidate(run_dir, candidate=row["id"], init=init, epochs=settings["epochs"],
                                           lr=settings["lr"], weight_decay=weight_decay, seed=settings["seed"],
@@ -142,15 +142,6 @@ def correlate_run(run_dir: str | Path, *, candidates: int = 8, init: str = "scra
 
 # what correlate reads of a candidate's export.json
 TRAINED_KEYS = {"inherited_heldout_accuracy", "heldout_accuracy", "test_accuracy", "params_subnet", "macs_subnet"}
-
-
-def _json_object(path: Path) -> dict | None:
-    """The JSON object in `path`; None when it is missing, unreadable or not an object."""
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-        return None
-    return value if isinstance(value, dict) else None
 
 
 def _correlation(trained: list[dict], *, ranked: int, chosen_by_search: int, training: dict) -> dict:

@@ -9,33 +9,25 @@ import statistics
 from pathlib import Path
 
 from .. import configs
-from .io import SEARCH_RANKINGS, RunError, complete_lines, export_file_in
-
-
-def _json(path: Path) -> dict | list | None:
-    """The file's JSON, or None when it is missing or unreadable (a run still being written)."""
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-        return None
+from .io import SEARCH_RANKINGS, RunError, complete_lines, export_file_in, read_json_object
 
 
 def _ranking(folder: Path) -> dict:
-    summary = _json(folder / "summary.json")
-    if isinstance(summary, dict) and isinstance(summary.get("best"), dict):
+    summary = read_json_object(folder / "summary.json")
+    if summary is not None and isinstance(summary.get("best"), dict):
         return {"tag": folder.name.removeprefix("rank-"), "state": "finished", "best": summary["best"],
                 **{key: summary.get(key) for key in ("candidates", "ranked_candidates", "strategy", "evaluator",
                                                      "bn_recalibrate", "checkpoint", "checkpoint_epoch",
                                                      "max_params", "max_macs", "pareto")}}
-    settings = _json(folder / "settings.json")
+    settings = read_json_object(folder / "settings.json")
     logged = sum(complete_lines(log) for log in folder.glob("progress-rank*.jsonl"))
     return {"tag": folder.name.removeprefix("rank-"), "state": "started, not finished",
-            "settings": settings if isinstance(settings, dict) else None, "evaluations_logged": logged}
+            "settings": settings, "evaluations_logged": logged}
 
 
 def _study(folder: Path) -> dict:
-    study = _json(folder / "study.json")
-    if not isinstance(study, dict):
+    study = read_json_object(folder / "study.json")
+    if study is None:
         return {"tag": folder.name.removeprefix("study-"), "state": "started, not finished"}
     return {"tag": folder.name.removeprefix("study-"), "state": "finished",
             **{key: study.get(key) for key in ("candidates", "checkpoint", "checkpoint_epoch")},
@@ -43,11 +35,10 @@ def _study(folder: Path) -> dict:
 
 
 def _training(folder: Path) -> dict:
-    export = _json(folder / "export.json")
-    if not isinstance(export, dict):
-        settings = _json(folder / "settings.json")
+    export = read_json_object(folder / "export.json")
+    if export is None:
         return {"tag": folder.name.removeprefix("train-"), "state": "started, not finished",
-                "settings": settings if isinstance(settings, dict) else None,
+                "settings": read_json_object(folder / "settings.json"),
                 "epochs_trained": complete_lines(folder / "train_log.jsonl")}
     return {"tag": folder.name.removeprefix("train-"), "state": "finished",
             **{key: export.get(key) for key in ("candidate", "init", "epochs", "checkpoint", "checkpoint_epoch",
@@ -56,8 +47,8 @@ def _training(folder: Path) -> dict:
 
 
 def _correlation(folder: Path) -> dict:
-    result = _json(folder / "correlation.json")
-    if not isinstance(result, dict):
+    result = read_json_object(folder / "correlation.json")
+    if result is None:
         trained = sum((c / "export.json").is_file() for c in folder.glob("c*") if c.is_dir())
         return {"tag": folder.name.removeprefix("correlate-"), "state": "started, not finished",
                 "candidates_trained": trained}
@@ -89,15 +80,15 @@ def run_info(run_dir: str | Path) -> dict:
     if name := export_file_in(run_dir):
         raise RunError(f"{str(run_dir)!r} is an export directory ({name}: pgnas-fast export or train wrote it), not "
                        "a run: `pgnas-fast evaluate` scores its network")
-    run_config = _json(run_dir / "config.json")
-    if not isinstance(run_config, dict) or not isinstance(run_config.get("config"), dict):
+    run_config = read_json_object(run_dir / "config.json")
+    if run_config is None or not isinstance(run_config.get("config"), dict):
         raise RunError(f"{str(run_dir)!r} is not a run directory: no readable config.json (pgnas-fast search "
                        "writes it)")
     config = run_config["config"]
-    summary = _json(run_dir / "summary.json")
-    arch = _json(run_dir / "architecture.json")
+    summary = read_json_object(run_dir / "summary.json")
+    arch = read_json_object(run_dir / "architecture.json")
     chosen = None
-    if isinstance(summary, dict) and isinstance(arch, dict):
+    if summary is not None and arch is not None:
         chosen = {"candidate": arch.get("candidate"), "candidates": summary.get("candidates"),
                   "drawn_candidates": summary.get("drawn_candidates"), "heldout_accuracy": arch.get("score"),
                   "test_accuracy": arch.get("test_accuracy"), "kept_fraction": arch.get("kept_fraction"),
@@ -107,7 +98,7 @@ def run_info(run_dir: str | Path) -> dict:
         "run_dir": str(run_dir), "preset": config.get("preset"), "seed": run_config.get("seed"),
         "posterior": config.get("posterior", "concrete"), "config": config, "changes": _changes(config),
         "epochs": config.get("epochs"), "epochs_trained": complete_lines(run_dir / "train_log.jsonl"),
-        "finished": isinstance(summary, dict), "chosen": chosen,
+        "finished": summary is not None, "chosen": chosen,
         "rankings": [_ranking(folder) for folder in sorted(run_dir.glob("rank-*"))
                      if folder.is_dir() and folder.name not in own],
         "studies": [_study(folder) for folder in sorted(run_dir.glob("study-*")) if folder.is_dir()],

@@ -40,7 +40,8 @@ from ..nn import candidate_masks, set_gates
 from .export import choose_candidate, chosen_id, write_network
 from .feed import check_batchnorm_rows, check_shards
 from .io import (EXPORT_FILES, changed_settings, complete_lines, data_dir_of, load_checkpoint, lock_is_held,
-                 read_jsonl, remove_interrupted_writes, save_checkpoint, write_json, write_jsonl, writer_lock)
+                 read_json_object, read_jsonl, remove_interrupted_writes, save_checkpoint, write_json, write_jsonl,
+                 writer_lock)
 from .parallel import Parallel, join, leave
 from .rank import accuracy, counted
 from .run import RunError, build_feed, build_supernet, evaluation_layout, load_run
@@ -96,6 +97,16 @@ def held_training(out: Path) -> str | None:
     return f"trained {counted(complete_lines(out / 'train_log.jsonl'), 'epoch')}, not finished"
 
 
+def finished_training(out: Path, settings: dict) -> dict | None:
+    """export.json of the finished training in `out` when it was trained with `settings` (which
+    _train_candidate writes into it, the seed as training_seed); None otherwise."""
+    summary = read_json_object(out / "export.json")
+    if summary is None:
+        return None
+    recorded = {key: summary.get("training_seed" if key == "seed" else key, None) for key in settings}
+    return summary if recorded == settings else None
+
+
 def _train_candidate(run_dir: Path, *, candidate, rank_tag, checkpoint, init, epochs, lr, weight_decay, seed,
                      out: Path, resume, overwrite, device: torch.device, data_dir, progress, parallel: Parallel
                      ) -> dict:
@@ -118,6 +129,12 @@ def _train_candidate(run_dir: Path, *, candidate, rank_tag, checkpoint, init, ep
     settings = {"candidate": candidate, "checkpoint": choice.checkpoint, "checkpoint_epoch": loaded.epoch,
                 "init": init, "epochs": config["epochs"], "lr": config["lr"], "weight_decay": weight_decay,
                 "seed": seed}
+    # a finished training of these settings: nothing to resume (its evaluations and export are not redone)
+    finished = finished_training(out, settings) if resume and main else None
+    if parallel.all_gather([True] if finished else []):
+        if main:
+            print(f"{str(out)!r} holds this training, finished: nothing to resume", file=sys.stderr)
+        return finished or {}
     # the candidate's accuracies with the weights it inherits, untrained: the search's numbers (scratch too,
     # for comparison: what the search would report of it); rank 0 reports them
     set_gates(loaded.model, "hard", masks=masks)

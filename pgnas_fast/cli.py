@@ -379,8 +379,11 @@ def _search(args) -> int:
             print(f"note: the regulariser's warm-up (kl_warmup_epochs {config['kl_warmup_epochs']:g}) outlasts "
                   f"training ({config['epochs']} epochs): it ends at {reached:.0%} of its full weight "
                   "(--set kl_warmup_epochs=N to change)", flush=True)
-        for key, whose in (("supernet_args", "the super-network's"), ("data_args", "the data set's")):
-            dropped = {k: v for k, v in preset[key].items() if k not in config[key]}  # (an object replaces the whole)
+        for key, whose, same in (("supernet_args", "the super-network's", "supernet"),
+                                 ("data_args", "the data set's", "dataset")):
+            # (an object replaces the whole; another data set or super-network takes none of the preset's)
+            dropped = ({k: v for k, v in preset[key].items() if k not in config[key]}
+                       if config[same] == preset[same] else {})
             if dropped:
                 print(f"note: {key} replaces the preset's {preset[key]}: "
                       f"{', '.join(f'{k} (preset: {v!r})' for k, v in dropped.items())} now take"
@@ -667,8 +670,9 @@ def _info(args) -> int:
                              f"version: {err}") from None
     else:
         config = configs.resolve(args.preset or "digits-tiny")
-    # (a run on a data set of other classes, ImageNet's subset say, has a head of the preset's size here)
-    classes = configs.NUM_CLASSES[config["dataset"]]
+    # a run's own class count (an ImageFolder tree of other classes than ImageNet's); the data set's full
+    # count for a preset, or a run not finished yet
+    classes = (run or {}).get("num_classes") or configs.NUM_CLASSES[config["dataset"]]
     facts = {"preset": config["preset"], "supernet": config["supernet"], "num_classes": classes,
              **describe(build_supernet(config, classes), configs.input_shape(config))}
     if args.json:

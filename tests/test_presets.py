@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-from data_fixtures import write_cifar10, write_cifar100, write_imagenet
+from data_fixtures import write_cifar10, write_cifar100, write_image, write_imagenet
 
 from pgnas_fast.cli import main
 from pgnas_fast.search.report import write_report
@@ -189,6 +192,47 @@ def test_info_text(capsys):
     assert main(["info", "--preset", "digits-tiny"]) == 0
     out = capsys.readouterr().out
     assert "parameters      35,670" in out and "p values        60" in out
+
+
+def test_your_own_data_as_the_readme_says(capsys, tmp_path):
+    """README "Your own data": an ImageFolder tree of any class names, sizes and formats searched with its
+    config (the digits network on RGB images), then exported, evaluated and trained from the tree the
+    run recorded."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("### Your own data", 1)[1]
+    config = json.loads(re.search(r"```json\n(.*?)```", section, flags=re.S).group(1))
+    assert config["dataset"] == "imagenet" and config["supernet_args"]["in_channels"] == 3
+    (tmp_path / "own.json").write_text(json.dumps(config))
+    data = tmp_path / "data"
+    write_imagenet(data, classes=("cat", "dog", "owl"), train_per_class=24, val_per_class=4)
+    rng = np.random.default_rng(1)
+    for split in ("train", "val"):  # a few PNGs too
+        for i in range(2):
+            write_image(data / split / "owl" / f"extra-{i}.png", 37, 23, rng)
+    out = tmp_path / "run"
+    # the tree's 74 training images: a smaller held-out split and batch than the recipe's
+    code, captured = search(capsys, "--preset", "digits-tiny", "--config", tmp_path / "own.json", "--data-dir", data,
+                            "--out", out, "--set", "heldout_size=10", "--set", "batch_size=16", "--set", "workers=0",
+                            "--epochs", "2", "--candidates", "8", "--random-baseline", "0", "--quiet")
+    assert code == 0, captured.err
+    assert "note:" not in captured.out + captured.err  # (no note of the preset's data_args: another data set's)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["data"]["heldout"] == 10 and summary["data"]["test"] == 14
+    arch = json.loads((out / "architecture.json").read_text())
+    capsys.readouterr()
+    assert main(["info", str(out), "--json"]) == 0  # the run's network: the tree's classes, not ImageNet's
+    facts = json.loads(capsys.readouterr().out)
+    assert (facts["num_classes"], facts["params"]) == (3, summary["params_supernet"])
+    assert main(["export", str(out), "--out", str(tmp_path / "export")]) == 0
+    assert json.loads((tmp_path / "export" / "export.json").read_text())["input_size"] == [3, 32, 32]
+    subnet = torch.load(tmp_path / "export" / "subnet.pt", weights_only=False)
+    assert subnet(torch.rand(2, 3, 32, 32)).shape == (2, 3)  # RGB in, the tree's 3 classes out
+    capsys.readouterr()
+    assert main(["evaluate", str(tmp_path / "export")]) == 0  # the tree from the export's data.json
+    assert float(capsys.readouterr().out.splitlines()[-1]) == pytest.approx(arch["test_accuracy"], abs=1e-6)
+    assert main(["train", str(out), "--epochs", "1", "--quiet"]) == 0
+    assert json.loads((out / "train-inherited" / "export.json").read_text())["inherited_test_accuracy"] == \
+        arch["test_accuracy"]
 
 
 def test_a_batch_too_small_for_batchnorm_is_refused_before_anything_is_written(capsys, tmp_path):

@@ -117,6 +117,7 @@ def test_forward_backward_in_every_gate_mode(name):
 
 @pytest.mark.parametrize("name, knobs, message", [
     ("digits-tiny", {"width": 0}, "digits super-network: width must be an int >= 1, got 0"),
+    ("digits-tiny", {"in_channels": 0}, "digits super-network: in_channels must be an int >= 1, got 0"),
     ("supnet-m", {"k": 0}, "shake-shake super-network: k must be an int >= 1, got 0"),
     ("supnet-mi", {"blocks_per_stage": 0}, "blocks_per_stage must be an int >= 1, got 0"),
     ("supnet-e", {"filters": 0}, "ENAS super-network: filters must be an int >= 1, got 0"),

@@ -639,6 +639,7 @@ def _run_search(config: dict, *, seed: int, out_dir: Path, device: torch.device,
         # held-out accuracy, parameters and MACs at once (pareto.json)
         "pareto": [r["id"] for r in front] if sizes else None,
         "data": feed.sizes(),
+        "num_classes": feed.num_classes,  # the data's (an ImageFolder tree of your own: its class folders)
         # --smoke: what the numbers above come from (they check data and config; they are not a search)
         "smoke": smoke_extent(feed) if smoke else None,
         # every epoch's, those before a --resume included (this process alone trained since `started`)

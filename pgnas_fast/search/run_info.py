@@ -74,8 +74,9 @@ def _changes(config: dict) -> dict | None:
 
 def run_info(run_dir: str | Path) -> dict:
     """{run_dir, preset, seed, posterior, config, changes (from the preset), epochs, epochs_trained,
-    finished, chosen, rankings, studies, trainings, correlations} of a run directory; RunError if it
-    holds no run (no readable config.json)."""
+    finished, num_classes (the data's, once finished; None before, and in runs older than the key), chosen,
+    rankings, studies, trainings, correlations} of a run directory; RunError if it holds no run (no readable
+    config.json)."""
     run_dir = Path(run_dir)
     if name := export_file_in(run_dir):
         raise RunError(f"{str(run_dir)!r} is an export directory ({name}: pgnas-fast export or train wrote it), not "
@@ -99,6 +100,7 @@ def run_info(run_dir: str | Path) -> dict:
         "posterior": config.get("posterior", "concrete"), "config": config, "changes": _changes(config),
         "epochs": config.get("epochs"), "epochs_trained": complete_lines(run_dir / "train_log.jsonl"),
         "finished": summary is not None, "chosen": chosen,
+        "num_classes": summary.get("num_classes") if summary is not None else None,
         "rankings": [_ranking(folder) for folder in sorted(run_dir.glob("rank-*"))
                      if folder.is_dir() and folder.name not in own],
         "studies": [_study(folder) for folder in sorted(run_dir.glob("study-*")) if folder.is_dir()],

@@ -4,7 +4,8 @@ Three mixed blocks (8x8, 8x8 -> 4x4, 4x4). A block sums S branches with shake-sh
 branch ReLU - [gate] - conv - BN with its own receptive field (3x3, dilated 3x3 = 5x5 field, 1x1),
 plus a shortcut (identity, or [gate] - 1x1 conv - BN where the shape changes). Head: ReLU, global
 average pool, [gate] linear. Gates have one drop probability per group of `gate_group_size` input
-channels, so a candidate can thin every branch or remove it.
+channels, so a candidate can thin every branch or remove it. Any image size (the head pools globally)
+and `in_channels` (1 for digits; 3 to search RGB images of your own: README "Your own data").
 """
 from __future__ import annotations
 
@@ -48,14 +49,14 @@ class MixedBlock(nn.Module):
 
 class DigitsSupernet(nn.Module):
     def __init__(self, width: int = 16, num_classes: int = 10, branches=("conv3x3", "dil3x3", "conv1x1"),
-                 gate_group_size: int = 4, p_init: float = 0.1, tau: float = 0.2):
+                 gate_group_size: int = 4, p_init: float = 0.1, tau: float = 0.2, in_channels: int = 1):
         super().__init__()
-        check_sizes("digits super-network", width=width)
+        check_sizes("digits super-network", width=width, in_channels=in_channels)
         unknown = [b for b in branches if b not in BRANCHES]
         if unknown or not branches:
             raise ValueError(f"branches must be a non-empty list from {sorted(BRANCHES)}, got {list(branches)}")
         gate_kw = dict(gate_groups=gate_group_size, p_init=p_init, tau=tau)
-        self.stem = nn.Sequential(nn.Conv2d(1, width, 3, padding=1, bias=False), nn.BatchNorm2d(width))
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width))
         self.blocks = nn.Sequential(
             MixedBlock(width, width, 1, branches, gate_kw),
             MixedBlock(width, 2 * width, 2, branches, gate_kw),

@@ -569,16 +569,18 @@ def test_imagenet_index_ignores_non_images(tmp_path):
     assert index.sizes() == {"train": 4, "heldout": 0, "val": 2} and index.num_classes == 2
 
 
-def _empty_class(root):
-    (root / "train" / "n02").mkdir()
-    (root / "val" / "n02").mkdir()
+def _empty_class(root, *names):
+    for name in names:
+        (root / "train" / name).mkdir()
+        (root / "val" / name).mkdir()
 
 
 BROKEN_IMAGENET = {
     "missing data dir": (lambda root: shutil.rmtree(root), "does not exist"),
     "missing val": (lambda root: shutil.rmtree(root / "val"), "val does not exist"),
     "no class folders": (lambda root: shutil.rmtree(root / "train") or (root / "train").mkdir(), "no class folders"),
-    "empty class": (_empty_class, "hold no images (n02)"),
+    "empty class": (lambda root: _empty_class(root, "n02"), "holds no images (n02)"),
+    "empty classes": (lambda root: _empty_class(root, "n02", "n03"), "2 class folders under"),
     "flat val": (
         lambda root: (root / "val" / "n00" / "n00_00000.JPEG").rename(root / "val" / "x.JPEG"),
         "holds 1 images directly",
@@ -595,7 +597,8 @@ def test_broken_imagenet_raises_data_error_naming_the_layout(tmp_path, case):
     with pytest.raises(DataError) as info:
         load_imagenet_index(root, heldout=0)
     message = str(info.value)
-    for part in (BROKEN_IMAGENET[case][1], "train/<wnid>/*.JPEG", "val/<wnid>/*.JPEG", IMAGENET_URL):
+    for part in (BROKEN_IMAGENET[case][1], f"ImageFolder data (ImageNet's or your own) under {root}: ", "train/<class>/<images>", "val/<class>/<images>",
+                 IMAGENET_URL):
         assert part in message
 
 

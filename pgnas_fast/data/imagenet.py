@@ -1,4 +1,5 @@
-"""ImageNet (ILSVRC2012) from an ImageFolder tree: `train/<wnid>/*.JPEG` and `val/<wnid>/*.JPEG`.
+"""ImageNet (ILSVRC2012) from an ImageFolder tree: `train/<wnid>/*.JPEG` and `val/<wnid>/*.JPEG`; any
+other classification tree of that layout too (README "Your own data": any class names and count).
 
 Class indices follow the sorted class-folder names. The held-out split that ranks candidates is carved
 from `train/` (stratified, seeded); `val/` is the test split, for reporting only.
@@ -36,10 +37,10 @@ IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".ppm", ".bmp", ".webp", ".tif", ".
 
 def imagenet_layout(data_dir: Path) -> str:
     return (
-        f"expected an ImageFolder tree {data_dir}/train/<wnid>/*.JPEG and {data_dir}/val/<wnid>/*.JPEG "
-        f"(ILSVRC2012: one folder per class, named by WordNet id, the same class folders in train/ and "
-        f"val/, the 50000 validation images sorted into their class folders). Get ILSVRC2012 from "
-        f"{IMAGENET_URL} (free registration); pgnas-fast never downloads data."
+        f"expected an ImageFolder tree {data_dir}/train/<class>/<images> and {data_dir}/val/<class>/<images> "
+        f"(one folder per class, the same class folders in train/ and val/; for ILSVRC2012 the WordNet ids, "
+        f"the 50000 validation images sorted into them: get it from {IMAGENET_URL}, free registration; "
+        f"pgnas-fast never downloads data)"
     )
 
 
@@ -83,7 +84,8 @@ def _scan(root: Path, problem) -> dict[str, list[str]]:
     empty = [name for name in classes if not files[name]]
     if empty:
         shown = ", ".join(empty[:5]) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
-        raise problem(f"{len(empty)} class folders under {root} hold no images ({shown})")
+        raise problem(f"{len(empty)} class folder{'s' if len(empty) > 1 else ''} under {root} "
+                      f"hold{'' if len(empty) > 1 else 's'} no images ({shown})")
     return files
 
 
@@ -98,7 +100,8 @@ def load_imagenet_index(
     data_dir = Path(data_dir).expanduser()
 
     def problem(what: str) -> DataError:
-        return DataError(f"ImageNet under {data_dir}: {what}; {imagenet_layout(data_dir)}")
+        return DataError(f"ImageFolder data (ImageNet's or your own) under {data_dir}: {what}; "
+                         f"{imagenet_layout(data_dir)}")
 
     if not data_dir.is_dir():
         raise problem(f"data directory {data_dir} does not exist")

@@ -72,6 +72,7 @@ def _build_parser() -> argparse.ArgumentParser:
     from .nn import POSTERIORS
     from .ops.dispatch import SELECTABLE
     from .ops.streams import MAJOR_LIMIT, SEED_LIMIT
+    from .search.correlate import PICKS
     from .search.rank import EVALUATORS
 
     parser = _Parser(prog="pgnas-fast", description="Posterior-Guided Neural Architecture Search, fast.")
@@ -222,14 +223,17 @@ def _build_parser() -> argparse.ArgumentParser:
 
     correlate = commands.add_parser(
         "correlate", help="does the search's ranking predict the candidates' accuracy trained alone?",
-        description="Train N candidates spread over the search's ranking (the best among them) alone, as `train` "
-                    "does, and correlate their inherited held-out scores with their held-out accuracy after "
+        description="Train N candidates of the search's ranking (spread over it, or its top N; the search's "
+                    "choice among them) alone, as `train` does, and correlate their inherited held-out scores with their held-out accuracy after "
                     "training (Kendall's tau-b, Spearman's rho, where the search's choice lands). Writes "
                     "RUN_DIR/correlate-TAG/: correlation.json, correlation.md, correlation.png and each candidate's "
                     "training (c<ID>/, a `train` directory).")
     correlate.add_argument("run_dir", metavar="RUN_DIR", help="a directory written by pgnas-fast search")
-    correlate.add_argument("--candidates", type=_count(2), default=8,
-                           help="candidates to train, spread over the ranking (default 8)")
+    correlate.add_argument("--candidates", type=_count(2), default=8, help="candidates to train (default 8)")
+    correlate.add_argument("--pick", choices=PICKS, default="spread",
+                           help="spread: evenly over the ranking, from the search's choice to the last (does the "
+                                "ranking predict training alone?); top: the ranking's first N (which of the best "
+                                "does best trained alone?); default spread")
     _training_arguments(correlate, default_init="scratch")
     correlate.add_argument("--tag", default="default", help="names the output folder correlate-TAG (default 'default')")
     _tagged_output_arguments(correlate, "correlation", kept=" (finished trainings are kept)")
@@ -613,18 +617,18 @@ def _train(args) -> int:
 
 
 def _correlate(args) -> int:
-    from .search.correlate import correlate_run
+    from .search.correlate import correlate_run, picked_text
     from .search.rank import counted
     from .search.study import correlation_text
 
     _check_tag(args.tag)
     device = _resolve_device(args.device)
-    s = correlate_run(args.run_dir, candidates=args.candidates, init=args.init, epochs=args.epochs, lr=args.lr,
+    s = correlate_run(args.run_dir, candidates=args.candidates, pick=args.pick, init=args.init, epochs=args.epochs, lr=args.lr,
                       weight_decay=args.weight_decay, seed=args.seed, tag=args.tag, resume=args.resume,
                       overwrite=args.overwrite, device=str(device), data_dir=args.data_dir, progress=not args.quiet)
     t = s["training"]
     start = "their inherited weights" if t["init"] == "inherited" else "scratch"
-    print(f"{counted(len(s['candidates']), 'candidate')} of the search's {s['ranked']}, trained alone from "
+    print(f"{picked_text(s)}, trained alone from "
           f"{start} for {counted(t['epochs'], 'epoch')}: Kendall's tau {correlation_text(s['kendall_tau'])}, "
           f"Spearman's rho {correlation_text(s['spearman_rho'])} (inherited score against held-out accuracy after "
           "training)")

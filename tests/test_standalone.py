@@ -253,18 +253,24 @@ def test_a_fresh_search_removes_the_old_run_s_trainings(run):
 
 
 # ---- correlate: the search's ranking against training alone ----------------------------------------
-def test_spread_over_ranking_takes_the_choice_the_worst_and_even_steps_between():
-    from pgnas_fast.search.correlate import spread_over_ranking
+def test_picks_from_the_ranking_take_the_choice_first_and_then_the_spread_or_the_top():
+    from pgnas_fast.search.correlate import pick_from_ranking
 
     scores = [0.5, 0.9, 0.7, 0.9, 0.1, 0.3, 0.6]
     kept = [0.8, 0.8, 0.8, 0.7, 0.8, 0.8, 0.8]
     rows = [{"id": i, "first_round_score": s, "kept_fraction": k} for i, (s, k) in enumerate(zip(scores, kept))]
     # the search's order: 3 (0.9, the smaller network of the tie), 1 (0.9), 2, 6, 0, 5, 4
-    assert [r["id"] for r in spread_over_ranking(rows, 3, first=3)] == [3, 6, 4]
-    assert [r["id"] for r in spread_over_ranking(rows, 7, first=3)] == [3, 1, 2, 6, 0, 5, 4]
-    assert [r["id"] for r in spread_over_ranking(rows, 4, first=3)] == [3, 2, 0, 4]
+    assert [r["id"] for r in pick_from_ranking(rows, 3, first=3)] == [3, 6, 4]
+    assert [r["id"] for r in pick_from_ranking(rows, 7, first=3)] == [3, 1, 2, 6, 0, 5, 4]
+    assert [r["id"] for r in pick_from_ranking(rows, 4, first=3)] == [3, 2, 0, 4]
     # racing's choice need not lead on the first round's score: it leads the spread all the same
-    assert [r["id"] for r in spread_over_ranking(rows, 3, first=6)] == [6, 2, 4]
+    assert [r["id"] for r in pick_from_ranking(rows, 3, first=6)] == [6, 2, 4]
+    # the top: the search's order's first
+    assert [r["id"] for r in pick_from_ranking(rows, 3, first=3, pick="top")] == [3, 1, 2]
+    assert [r["id"] for r in pick_from_ranking(rows, 3, first=6, pick="top")] == [6, 3, 1]
+    assert [r["id"] for r in pick_from_ranking(rows, 7, first=3, pick="top")] == [3, 1, 2, 6, 0, 5, 4]
+    with pytest.raises(ValueError, match="pick must be one of spread, top, got 'best'"):
+        pick_from_ranking(rows, 3, first=3, pick="best")
 
 
 @pytest.mark.parametrize("n", [2, 5, 40])
@@ -282,7 +288,7 @@ def test_spearman_rho_is_scipy_s_with_ties(n):
 
 
 def test_correlate_trains_the_spread_and_correlates_their_scores(run, capsys):
-    from pgnas_fast.search.correlate import spread_over_ranking
+    from pgnas_fast.search.correlate import pick_from_ranking
     from pgnas_fast.search.study import kendall_tau
 
     assert main(["correlate", str(run), "--candidates", "3", "--epochs", "1", "--quiet"]) == 0
@@ -290,7 +296,7 @@ def test_correlate_trains_the_spread_and_correlates_their_scores(run, capsys):
     result = json.loads((out / "correlation.json").read_text())
     ranked = read_jsonl(run / "candidates.jsonl")
     arch = json.loads((run / "architecture.json").read_text())
-    picked = spread_over_ranking(ranked, 3, arch["candidate"])
+    picked = pick_from_ranking(ranked, 3, arch["candidate"])
     assert [c["id"] for c in result["candidates"]] == [r["id"] for r in picked]
     for c, row in zip(result["candidates"], picked):
         trained = export_json(out / f"c{c['id']}")
@@ -309,12 +315,37 @@ def test_correlate_trains_the_spread_and_correlates_their_scores(run, capsys):
     assert (out / "correlation.png").is_file() and "| candidate | inherited score (search's rank) |" in (
         out / "correlation.md").read_text()
     printed = capsys.readouterr().out.splitlines()
-    assert printed[0].startswith("3 candidates of the search's 6, trained alone from scratch for 1 epoch: "
-                                 "Kendall's tau ")
+    assert printed[0].startswith("3 candidates spread over the search's ranking of 6, trained alone from scratch "
+                                 "for 1 epoch: Kendall's tau ")
     assert printed[-1] == f"report: {out / 'correlation.md'}"
     assert main(["info", str(run)]) == 0
     assert any(line.startswith("  correlate  correlate-default: finished, 3 candidates: Kendall's tau ")
                for line in capsys.readouterr().out.splitlines())
+
+
+def test_correlate_top_trains_the_ranking_s_first_and_a_resume_keeps_the_pick(run, capsys):
+    from pgnas_fast.search.correlate import correlate_run, pick_from_ranking
+
+    ranked = read_jsonl(run / "candidates.jsonl")
+    arch = json.loads((run / "architecture.json").read_text())
+    assert main(["correlate", str(run), "--candidates", "2", "--pick", "top", "--epochs", "1", "--quiet"]) == 0
+    out = run / "correlate-default"
+    result = json.loads((out / "correlation.json").read_text())
+    top = [r["id"] for r in pick_from_ranking(ranked, 2, arch["candidate"], "top")]
+    assert [c["id"] for c in result["candidates"]] == top and result["pick"] == "top"
+    assert [c["inherited_rank"] for c in result["candidates"]] == [1, 2]  # (no ties in this run's first two)
+    assert pick_from_ranking(ranked, 2, arch["candidate"]) != pick_from_ranking(ranked, 2, arch["candidate"], "top")
+    assert capsys.readouterr().out.startswith("the top 2 candidates of the search's ranking of 6, trained alone from "
+                                              "scratch for 1 epoch: Kendall's tau ")
+    assert "The top 2 candidates of the search's ranking of 6, each trained alone" in (out / "correlation.md").read_text()
+    with pytest.raises(RunError, match=r"was started with other settings: candidates .*; pick 'top' \(now 'spread'\)"):
+        correlate_run(run, candidates=2, epochs=1, resume=True, progress=False)
+    # a correlation written before --pick existed spread its candidates: it resumes as one
+    spread = correlate_run(run, candidates=2, epochs=1, tag="old", progress=False)
+    settings = json.loads((run / "correlate-old" / "settings.json").read_text())
+    del settings["pick"]
+    (run / "correlate-old" / "settings.json").write_text(json.dumps(settings))
+    assert correlate_run(run, candidates=2, epochs=1, tag="old", resume=True, progress=False) == spread
 
 
 def test_correlate_resumes_without_training_a_finished_candidate_again(run, monkeypatch):
@@ -348,6 +379,7 @@ def test_correlate_resumes_without_training_a_finished_candidate_again(run, monk
     ({"candidates": 1}, r"--candidates must be an int >= 2 \(a correlation needs two\), got 1"),
     ({"candidates": 7}, "--candidates 7 is more than the 6 the search ranked"),
     ({"weight_decay": -0.5}, r"--weight-decay must be a number >= 0, got -0\.5"),
+    ({"pick": "best"}, "--pick must be one of spread, top, got 'best'"),
 ])
 def test_correlate_refuses_bad_input_before_writing(run, kwargs, message):
     from pgnas_fast.search.correlate import correlate_run

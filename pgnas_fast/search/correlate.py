@@ -2,9 +2,11 @@
 trained alone?
 
 PGNAS ranks candidates by their held-out accuracy with the weights they inherit from the
-super-network. This takes N candidates spread evenly over the search's ranking (candidates.jsonl: the
-search's choice first, then the score every candidate has on the same images, `first_round_score`,
-ties broken as the search breaks them), trains each alone (standalone.py: from scratch by default) into
+super-network. This takes N candidates of the search's ranking (candidates.jsonl: the search's choice
+first, then the score every candidate has on the same images, `first_round_score`, ties broken as the
+search breaks them), spread evenly over it (`pick` "spread": how well the ranking predicts across
+it) or its top N ("top": which of the best does best trained alone, and how well the ranking orders
+them), trains each alone (standalone.py: from scratch by default) into
 RUN_DIR/correlate-TAG/c<ID>/, and writes correlation.json, correlation.md and correlation.png: per
 candidate its rank among all ranked (by that score), its held-out accuracy with the inherited weights
 on the whole held-out split (`inherited_score`; racing scored most candidates on a share of it), and
@@ -33,13 +35,19 @@ from .run import load_run
 from .study import correlation_text, kendall_tau, none_if_nan
 
 
-def spread_over_ranking(rows: list[dict], count: int, first: int) -> list[dict]:
-    """`count` of the ranked `rows`, evenly spaced in the search's order: candidate `first` (the search's
-    choice), then the others by first_round_score (best first; ties to the smaller network, then the
-    lower id, as the search breaks them): the choice, the worst and the ranks between."""
+PICKS = ("spread", "top")
+
+
+def pick_from_ranking(rows: list[dict], count: int, first: int, pick: str = "spread") -> list[dict]:
+    """`count` of the ranked `rows` in the search's order: candidate `first` (the search's choice), then the
+    others by first_round_score (best first; ties to the smaller network, then the lower id, as the search
+    breaks them). pick "spread": evenly spaced in that order (the choice, the worst and the ranks
+    between); "top": the first `count`."""
+    if pick not in PICKS:
+        raise ValueError(f"pick must be one of {', '.join(PICKS)}, got {pick!r}")
     ordered = sorted(rows, key=lambda r: (r["id"] != first, *best_first({**r, "score": r["first_round_score"]})))
-    if count == 1:
-        return ordered[:1]
+    if count == 1 or pick == "top":
+        return ordered[:count]
     picks = sorted({round(i * (len(ordered) - 1) / (count - 1)) for i in range(count)})
     return [ordered[i] for i in picks]
 
@@ -65,7 +73,8 @@ def spearman_rho(xs: list[float], ys: list[float]) -> float:
     return float((rx * ry).sum()) / denominator if denominator else float("nan")
 
 
-def correlate_run(run_dir: str | Path, *, candidates: int = 8, init: str = "scratch", epochs: int | None = None,
+def correlate_run(run_dir: str | Path, *, candidates: int = 8, pick: str = "spread", init: str = "scratch",
+                  epochs: int | None = None,
                   lr: float | None = None, weight_decay: float = DEFAULT_WEIGHT_DECAY, seed: int | None = None,
                   tag: str = "default", resume: bool = False, overwrite: bool = False, device: str = "cpu",
                   data_dir=None, progress: bool = True) -> dict:
@@ -74,6 +83,8 @@ def correlate_run(run_dir: str | Path, *, candidates: int = 8, init: str = "scra
     run_dir = Path(run_dir)
     out = run_dir / f"correlate-{tag}"
     check_training_settings(init=init, epochs=epochs, lr=lr, weight_decay=weight_decay)
+    if pick not in PICKS:
+        raise RunError(f"--pick must be one of {', '.join(PICKS)}, got {pick!r}")
     if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 2:
         raise RunError(f"--candidates must be an int >= 2 (a correlation needs two), got {candidates!r}")
     try:
@@ -90,8 +101,8 @@ def correlate_run(run_dir: str | Path, *, candidates: int = 8, init: str = "scra
     # the run, its data and the device checked before anything is written or removed (each training
     # loads them again)
     loaded = load_run(run_dir, device=device, data_dir=data_dir_of(run_dir, data_dir))
-    picked = spread_over_ranking(ranked, candidates, chosen_by_search)
-    settings = {"candidates": [r["id"] for r in picked], "init": init,
+    picked = pick_from_ranking(ranked, candidates, chosen_by_search, pick)
+    settings = {"candidates": [r["id"] for r in picked], "pick": pick, "init": init,
                 "epochs": epochs or loaded.config["epochs"], "lr": loaded.config["lr"] if lr is None else lr,
                 "weight_decay": weight_decay, "seed": loaded.seed if seed is None else seed}
     del loaded  # (its super-network's memory is the trainings')
@@ -102,6 +113,7 @@ def correlate_run(run_dir: str | Path, *, candidates: int = 8, init: str = "scra
             if started is None:
                 raise RunError(f"{str(out / 'settings.json')!r} is unreadable: the settings of the trainings in "
                                f"{str(out)!r} are unknown; correlate afresh (--overwrite) or under another --tag")
+            started.setdefault("pick", "spread")  # (correlations from before the choice spread them)
             if changed := changed_settings(started, settings):
                 raise RunError(f"{str(out)!r} was started with other settings: {'; '.join(changed)} ('now': this "
                                "command's). Resume with the same ones, or --overwrite")
@@ -131,7 +143,7 @@ def correlate_run(run_dir: str | Path, *, candidates: int = 8, init: str = "scra
                             "inherited_score": summary["inherited_heldout_accuracy"],
                             "heldout_accuracy": summary["heldout_accuracy"], "test_accuracy": summary["test_accuracy"],
                             "params": summary["params_subnet"], "macs": summary["macs_subnet"]})
-        result = _correlation(trained, ranked=len(ranked), chosen_by_search=chosen_by_search,
+        result = _correlation(trained, ranked=len(ranked), chosen_by_search=chosen_by_search, pick=pick,
                               training={"init": init, "epochs": settings["epochs"], "lr": settings["lr"],
                                         "weight_decay": weight_decay, "training_seed": settings["seed"]})
         result["plot"] = _plot(out, trained, chosen_by_search)
@@ -144,13 +156,13 @@ def correlate_run(run_dir: str | Path, *, candidates: int = 8, init: str = "scra
 TRAINED_KEYS = {"inherited_heldout_accuracy", "heldout_accuracy", "test_accuracy", "params_subnet", "macs_subnet"}
 
 
-def _correlation(trained: list[dict], *, ranked: int, chosen_by_search: int, training: dict) -> dict:
+def _correlation(trained: list[dict], *, ranked: int, chosen_by_search: int, pick: str, training: dict) -> dict:
     inherited = [t["inherited_score"] for t in trained]
     after = [t["heldout_accuracy"] for t in trained]
     best_after = max(trained, key=lambda t: (t["heldout_accuracy"], -t["id"]))
     search_choice = next((t for t in trained if t["id"] == chosen_by_search), None)
     return {
-        "candidates": trained, "ranked": ranked, "training": training,
+        "candidates": trained, "ranked": ranked, "pick": pick, "training": training,
         "kendall_tau": none_if_nan(kendall_tau(inherited, after)),
         "spearman_rho": none_if_nan(spearman_rho(inherited, after)),
         # the search's choice (the best ranking score; racing's finalists by their full scores) among the trained
@@ -188,12 +200,12 @@ def _plot(out: Path, trained: list[dict], chosen_by_search: int) -> str:
 
 def report_markdown(s: dict) -> str:
     t = s["training"]
+    picked = picked_text(s)
     lines = [
         "# The search's ranking against training alone", "",
-        f"{counted(len(s['candidates']), 'candidate')} spread over the search's ranking of {s['ranked']}, each "
-        f"trained alone from {'its inherited weights' if t['init'] == 'inherited' else 'scratch'} for "
-        f"{counted(t['epochs'], 'epoch')} (lr {t['lr']:g}, weight decay {t['weight_decay']:g}, seed "
-        f"{t['training_seed']}).", "",
+        f"{picked[:1].upper()}{picked[1:]}, each trained alone from "
+        f"{'its inherited weights' if t['init'] == 'inherited' else 'scratch'} for {counted(t['epochs'], 'epoch')} "
+        f"(lr {t['lr']:g}, weight decay {t['weight_decay']:g}, seed {t['training_seed']}).", "",
         "- Kendall's tau-b, inherited score against held-out accuracy after training: "
         f"{correlation_text(s['kendall_tau'])}",
         f"- Spearman's rho: {correlation_text(s['spearman_rho'])}",
@@ -213,4 +225,12 @@ def report_markdown(s: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["correlate_run", "report_markdown", "spearman_rho", "spread_over_ranking"]
+def picked_text(s: dict) -> str:
+    """Which candidates a correlation (correlation.json's content) trained, in words."""
+    n = len(s["candidates"])
+    if s.get("pick", "spread") == "top":  # (correlations from before the choice spread them)
+        return f"the top {counted(n, 'candidate')} of the search's ranking of {s['ranked']}"
+    return f"{counted(n, 'candidate')} spread over the search's ranking of {s['ranked']}"
+
+
+__all__ = ["PICKS", "correlate_run", "pick_from_ranking", "picked_text", "report_markdown", "spearman_rho"]

@@ -224,8 +224,9 @@ def _build_parser() -> argparse.ArgumentParser:
     correlate = commands.add_parser(
         "correlate", help="does the search's ranking predict the candidates' accuracy trained alone?",
         description="Train N candidates of the search's ranking (spread over it, or its top N; the search's "
-                    "choice among them) alone, as `train` does, and correlate their inherited held-out scores with their held-out accuracy after "
-                    "training (Kendall's tau-b, Spearman's rho, where the search's choice lands). Writes "
+                    "choice among them) alone, as `train` does, and correlate their inherited held-out scores with "
+                    "their held-out accuracy after training (Kendall's tau-b, Spearman's rho, where the search's "
+                    "choice lands). Writes "
                     "RUN_DIR/correlate-TAG/: correlation.json, correlation.md, correlation.png and each candidate's "
                     "training (c<ID>/, a `train` directory).")
     correlate.add_argument("run_dir", metavar="RUN_DIR", help="a directory written by pgnas-fast search")
@@ -623,8 +624,8 @@ def _correlate(args) -> int:
 
     _check_tag(args.tag)
     device = _resolve_device(args.device)
-    s = correlate_run(args.run_dir, candidates=args.candidates, pick=args.pick, init=args.init, epochs=args.epochs, lr=args.lr,
-                      weight_decay=args.weight_decay, seed=args.seed, tag=args.tag, resume=args.resume,
+    s = correlate_run(args.run_dir, candidates=args.candidates, pick=args.pick, init=args.init, epochs=args.epochs,
+                      lr=args.lr, weight_decay=args.weight_decay, seed=args.seed, tag=args.tag, resume=args.resume,
                       overwrite=args.overwrite, device=str(device), data_dir=args.data_dir, progress=not args.quiet)
     t = s["training"]
     start = "their inherited weights" if t["init"] == "inherited" else "scratch"

@@ -597,8 +597,8 @@ def test_broken_imagenet_raises_data_error_naming_the_layout(tmp_path, case):
     with pytest.raises(DataError) as info:
         load_imagenet_index(root, heldout=0)
     message = str(info.value)
-    for part in (BROKEN_IMAGENET[case][1], f"ImageFolder data (ImageNet's or your own) under {root}: ", "train/<class>/<images>", "val/<class>/<images>",
-                 IMAGENET_URL):
+    for part in (BROKEN_IMAGENET[case][1], f"ImageFolder data (ImageNet's or your own) under {root}: ",
+                 "train/<class>/<images>", "val/<class>/<images>", IMAGENET_URL):
         assert part in message
 
 

@@ -337,8 +337,9 @@ def test_correlate_top_trains_the_ranking_s_first_and_a_resume_keeps_the_pick(ru
     assert pick_from_ranking(ranked, 2, arch["candidate"]) != pick_from_ranking(ranked, 2, arch["candidate"], "top")
     assert capsys.readouterr().out.startswith("the top 2 candidates of the search's ranking of 6, trained alone from "
                                               "scratch for 1 epoch: Kendall's tau ")
-    assert "The top 2 candidates of the search's ranking of 6, each trained alone" in (out / "correlation.md").read_text()
-    with pytest.raises(RunError, match=r"was started with other settings: candidates .*; pick 'top' \(now 'spread'\)"):
+    assert "The top 2 candidates of the search's ranking of 6, each trained alone" in (
+        out / "correlation.md").read_text()
+    with pytest.raises(RunError, match=r"with other settings: candidates .*; pick 'top' \(now 'spread'\)"):
         correlate_run(run, candidates=2, epochs=1, resume=True, progress=False)
     # a correlation written before --pick existed spread its candidates: it resumes as one
     spread = correlate_run(run, candidates=2, epochs=1, tag="old", progress=False)

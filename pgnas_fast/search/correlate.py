@@ -74,10 +74,9 @@ def spearman_rho(xs: list[float], ys: list[float]) -> float:
 
 
 def correlate_run(run_dir: str | Path, *, candidates: int = 8, pick: str = "spread", init: str = "scratch",
-                  epochs: int | None = None,
-                  lr: float | None = None, weight_decay: float = DEFAULT_WEIGHT_DECAY, seed: int | None = None,
-                  tag: str = "default", resume: bool = False, overwrite: bool = False, device: str = "cpu",
-                  data_dir=None, progress: bool = True) -> dict:
+                  epochs: int | None = None, lr: float | None = None, weight_decay: float = DEFAULT_WEIGHT_DECAY,
+                  seed: int | None = None, tag: str = "default", resume: bool = False, overwrite: bool = False,
+                  device: str = "cpu", data_dir=None, progress: bool = True) -> dict:
     """Train `candidates` candidates of a run alone and correlate (see the module's docstring); returns
     correlation.json's content. Unset `epochs`, `lr` and `seed` take the run's."""
     run_dir = Path(run_dir)

@@ -16,7 +16,8 @@ from pgnas_fast.nn.gated import _stochastic_modules
 from pgnas_fast.ops.streams import stream_id
 from pgnas_fast.search import standalone
 from pgnas_fast.search.export import evaluate_export
-from pgnas_fast.search.io import read_jsonl
+from pgnas_fast.search.io import read_jsonl, writer_lock
+from pgnas_fast.search.parallel import SINGLE_PROCESS
 from pgnas_fast.search.run import RunError, build_supernet, load_run
 from pgnas_fast.search.standalone import CHECKPOINT, train_candidate
 
@@ -157,6 +158,9 @@ def test_a_held_training_is_refused_without_resume_or_overwrite(run, monkeypatch
         assert train_candidate(run, epochs=1, resume=True, progress=False) == export_json(out)
     assert "holds this training, finished: nothing to resume" in capsys.readouterr().err
     assert {name: (out / name).read_bytes() for name in before} == before
+    with writer_lock(run, "train-inherited", SINGLE_PROCESS):  # (an --overwrite of it, say, under way)
+        with pytest.raises(RunError, match="another pgnas-fast process is writing train-inherited"):
+            train_candidate(run, epochs=1, resume=True, progress=False)
     (out / "export.json").write_text("{")  # a damaged export is written again from the finished checkpoint
     mended = train_candidate(run, epochs=1, resume=True, progress=False)
     assert mended == export_json(out) and mended["epochs"] == 1 and mended["resumed_from_epoch"] == 1

@@ -129,8 +129,10 @@ def _train_candidate(run_dir: Path, *, candidate, rank_tag, checkpoint, init, ep
     settings = {"candidate": candidate, "checkpoint": choice.checkpoint, "checkpoint_epoch": loaded.epoch,
                 "init": init, "epochs": config["epochs"], "lr": config["lr"], "weight_decay": weight_decay,
                 "seed": seed}
-    # a finished training of these settings: nothing to resume (its evaluations and export are not redone)
-    finished = finished_training(out, settings) if resume and main else None
+    # a finished training of these settings: nothing to resume (its evaluations and export are not redone);
+    # one being written (another process holds its lock) is refused by the lock, below
+    finished = (finished_training(out, settings) if resume and main and not lock_is_held(out.parent, out.name)
+                else None)
     if parallel.all_gather([True] if finished else []):
         if main:
             print(f"{str(out)!r} holds this training, finished: nothing to resume", file=sys.stderr)

@@ -808,7 +808,8 @@ def _print_run(run: dict) -> None:
     for correlation in run["correlations"]:
         line = f"correlate-{correlation['tag']}: {correlation['state']}"
         if correlation["state"] == "finished":
-            line += (f", {counted(correlation['candidates'], 'candidate')}: Kendall's tau "
+            top = " (the ranking's top)" if correlation["pick"] == "top" else ""
+            line += (f", {counted(correlation['candidates'], 'candidate')}{top}: Kendall's tau "
                      f"{correlation_text(correlation['kendall_tau'])}, Spearman's rho "
                      f"{correlation_text(correlation['spearman_rho'])}")
         else:

@@ -268,7 +268,8 @@ def test_the_pareto_front_keeps_the_finalists_nothing_dominates():
             row(3, 0.85, 300, 2000),  # dominated by 0, 1 and 2
             row(4, 0.95, 200, 1500),  # 1's twin: 1 stands for both
             row(5, 0.99, 500, 5000), row(6, 0.80, 90, 2000),  # 6: the smallest, least accurate
-            row(7, 1.00, 10, 10, images=75)]  # cut by racing: not a finalist
+            row(7, 1.00, 10, 10, images=75),  # cut by racing: not a finalist
+            row(8, 0.85, 100, 1000)]  # 0's size, less accurate: dominated by 0
     front = pareto_front(rows)
     assert [r["id"] for r in front] == [6, 0, 2, 1, 5]
     # brute force: nothing in the finalists dominates a front member, and every other finalist is dominated
@@ -354,6 +355,10 @@ def test_sizes_are_kept_for_every_later_ranking_and_survive_a_cut_line(capsys, b
     sized.clear()
     assert _rank(capsys, run, "--candidates", 3, "--max-params", 10**6, "--checkpoint", "best", "--tag", "b")[0] == 0
     assert len(sized) == 2 + 3 and len(SizeCache(run / "sizes", size_cache_key("best", 2, "cpu")).load()) == 3
+    # another epoch of a checkpoint (a search --resume trained it on) or another device type draws other
+    # masks at their thresholds: other caches
+    assert len({size_cache_key("last", 2, "cpu"), size_cache_key("last", 3, "cpu"), size_cache_key("last", 2, "cuda"),
+                size_cache_key("best", 2, "cpu")}) == 4
     monkeypatch.undo()
     run_search(small_config(epochs=1, candidates=2, random_baseline=0), seed=0, out_dir=run, overwrite=True,
                progress=False)

@@ -513,6 +513,62 @@ def test_info_of_a_run_directory_says_what_it_holds(capsys, finished_run, tmp_pa
     assert code == 2 and "pass RUN_DIR or --preset, not both" in err
 
 
+def test_info_lists_every_kind_of_result_from_its_files(capsys, finished_run, tmp_path):
+    """Each folder's line from its own JSON files: a ranking of the best checkpoint, a torchrun ranking's
+    logs of every rank, a study, a cut training, a finished correlation of the ranking's top and a cut one."""
+    run = tmp_path / "run"
+    shutil.copytree(finished_run[0], run)
+
+    def write(path, text):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text if isinstance(text, str) else json.dumps(text))
+
+    write(run / "rank-b" / "summary.json", {
+        "best": {"id": 4, "score": 0.5, "images": 300}, "candidates": 6, "ranked_candidates": 6, "strategy": "racing",
+        "evaluator": "batched", "bn_recalibrate": 0, "checkpoint": "best", "checkpoint_epoch": 1, "max_params": 0,
+        "max_macs": 0, "pareto": None})
+    write(run / "rank-cut" / "progress-rank0.jsonl", '{"round": 0, "id": 1}\n{"round": 0, "id": 2}\n')
+    write(run / "rank-cut" / "progress-rank1.jsonl", '{"round": 0, "id": 3}\n')
+    write(run / "study-x" / "study.json", {"candidates": 40, "checkpoint": "last", "checkpoint_epoch": 2,
+                                           "guided": {"mean": 0.9}, "random": {"mean": 0.5}})
+    write(run / "train-cut" / "settings.json", {})
+    write(run / "train-cut" / "train_log.jsonl", '{"epoch": 1, "loss": 1.0}\n')
+    write(run / "correlate-cut" / "c7" / "export.json", {})
+    (run / "correlate-cut" / "c5").mkdir()  # started, nothing written yet
+    write(run / "correlate-top" / "correlation.json", {"candidates": [{}, {}], "pick": "top", "kendall_tau": 0.5,
+                                                       "spearman_rho": 0.25, "training": {}})
+    code, out, err = run_cli(capsys, "info", str(run))
+    assert code == 0 and err == ""
+    for line in ("  ranking    rank-b: finished, best 4 (50.00% on 300 images) of 6, racing, checkpoint-best.pt of "
+                 "epoch 1",
+                 "  ranking    rank-cut: started, not finished (3 candidate-rounds logged; --resume continues it)",
+                 "  study      study-x: finished, 40 candidates, guided mean 90.00% against random 50.00%",
+                 "  alone      train-cut: started, not finished (1 epoch trained; --resume continues it)",
+                 "  correlate  correlate-cut: started, not finished (1 candidate trained; --resume continues it)",
+                 "  correlate  correlate-top: finished, 2 candidates (the ranking's top): Kendall's tau 0.500, "
+                 "Spearman's rho 0.250"):
+        assert line in out.splitlines(), line
+    facts = json.loads(run_cli(capsys, "info", str(run), "--json")[1])
+    arch = json.loads((run / "architecture.json").read_text())
+    assert facts["run"]["chosen"]["kept_fraction"] == arch["kept_fraction"] and facts["num_classes"] == 10
+
+
+def test_runs_are_one_protocol_only_with_the_same_preset_posterior_and_changes():
+    from pgnas_fast.search.run_info import across_runs
+
+    def run(seed, posterior="concrete", changes=None, config=None, preset="digits-tiny"):
+        return {"preset": preset, "posterior": posterior, "changes": changes, "config": config or {}, "seed": seed,
+                "chosen": {"heldout_accuracy": 0.5, "test_accuracy": 0.5, "params": 1, "macs": 1}}
+
+    rows = across_runs([run(1, changes={}), run(2, changes={}), run(3, "gaussian", changes={}),
+                        run(4, changes={"epochs": 3}),
+                        # configs that do not resolve (another version's): grouped by their whole config
+                        run(5, config={"epochs": 1}, preset="gone"), run(6, config={"epochs": 2}, preset="gone"),
+                        run(7, config={"epochs": 2}, preset="gone")])
+    assert [r["seeds"] for r in rows] == [[1, 2], [3], [4], [5], [6, 7]]
+    assert [r["posterior"] for r in rows] == ["concrete", "gaussian", "concrete", "concrete", "concrete"]
+
+
 def test_info_of_several_runs_averages_each_protocol_over_its_seeds(capsys, finished_run, tmp_path):
     """Runs that differ only in their seed are one protocol: the mean and sample spread of their chosen
     candidates; a run whose config differs otherwise is its own protocol, named by its changes; an

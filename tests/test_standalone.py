@@ -118,17 +118,19 @@ def test_a_seed_reproduces_a_training_and_a_resume_after_a_kill_equals_it(run, m
     whole = train_candidate(run, init="scratch", epochs=3, tag="whole", progress=False)
     real_save = standalone.save_checkpoint
 
-    def save_then_die(path, state):
+    def die_before_the_second_checkpoint(path, state):
+        if state["epoch"] == 2:
+            raise KeyboardInterrupt  # killed after epoch 2's log row, before its checkpoint
         real_save(path, state)
-        if state["epoch"] == 1:
-            raise KeyboardInterrupt  # killed right after the first epoch's checkpoint
 
-    monkeypatch.setattr(standalone, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(standalone, "save_checkpoint", die_before_the_second_checkpoint)
     with pytest.raises(KeyboardInterrupt):
         train_candidate(run, init="scratch", epochs=3, tag="cut", progress=False)
-    assert len(read_jsonl(run / "train-cut" / "train_log.jsonl")) == 1
+    assert len(read_jsonl(run / "train-cut" / "train_log.jsonl")) == 2  # one row more than the checkpoint's
     assert not (run / "train-cut" / "export.json").exists()
     monkeypatch.setattr(standalone, "save_checkpoint", real_save)
+    with pytest.raises(RunError, match=r"holds a training \(trained 2 epochs, not finished\): --resume continues"):
+        train_candidate(run, init="scratch", epochs=3, tag="cut", progress=False)
     resumed = train_candidate(run, init="scratch", epochs=3, tag="cut", resume=True, progress=False)
     a, b = trained_state(run / "train-whole"), trained_state(run / "train-cut")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -140,7 +142,19 @@ def test_a_seed_reproduces_a_training_and_a_resume_after_a_kill_equals_it(run, m
     differ = {"resumed_from_epoch", "train_seconds"}
     assert {k: v for k, v in resumed.items() if k not in differ} == {k: v for k, v in whole.items() if k not in differ}
     assert (resumed["resumed_from_epoch"], whole["resumed_from_epoch"]) == (1, 0)
+    logged = read_jsonl(run / "train-cut" / "train_log.jsonl")  # every epoch's time, those before the kill too
+    assert resumed["train_seconds"] == pytest.approx(sum(row["seconds"] for row in logged))
+    assert resumed["final_train_loss"] == logged[-1]["loss"] != logged[0]["loss"]
     assert "regularizer" not in log("train-whole")[0] and "mean_p" not in log("train-whole")[0]
+
+
+def test_a_training_of_a_ranking_s_best_records_the_ranking(run):
+    assert main(["rank", str(run), "--candidates", "4", "--tag", "r", "--quiet"]) == 0
+    best = json.loads((run / "rank-r" / "summary.json").read_text())["best"]
+    summary = train_candidate(run, rank_tag="r", epochs=1, progress=False)
+    assert (summary["candidate"], summary["rank_tag"]) == (best["id"], "r")
+    assert export_json(run / "train-inherited") == summary
+    assert summary["inherited_heldout_accuracy"] == pytest.approx(best["score"], abs=1e-9)
 
 
 def test_a_held_training_is_refused_without_resume_or_overwrite(run, monkeypatch, capsys):
@@ -169,11 +183,42 @@ def test_a_held_training_is_refused_without_resume_or_overwrite(run, monkeypatch
     assert len(read_jsonl(run / "train-inherited" / "train_log.jsonl")) == 2
 
 
+def test_a_training_cut_before_its_first_checkpoint_is_held_and_a_short_log_refused(run, capsys):
+    out = run / "train-inherited"
+    out.mkdir()
+    (out / "settings.json").write_text("{}")  # cut before the first epoch ended
+    with pytest.raises(RunError, match=r"holds a training \(trained 0 epochs, not finished\)"):
+        train_candidate(run, epochs=1, progress=False)
+    train_candidate(run, epochs=1, tag="fresh", resume=True, progress=False)
+    assert f"nothing to resume in {str(run / 'train-fresh')!r} (no {CHECKPOINT} yet): a new training starts" in (
+        capsys.readouterr().err)
+    train_candidate(run, epochs=2, tag="short", progress=False)
+    (run / "train-short" / "export.json").unlink()
+    (run / "train-short" / "train_log.jsonl").write_text("")
+    with pytest.raises(RunError, match=f"train_log.jsonl' holds 0 epoch\\(s\\), but {CHECKPOINT} is of epoch 2: "
+                                       r"restore it, or train afresh \(--overwrite\)"):
+        train_candidate(run, epochs=2, tag="short", resume=True, progress=False)
+
+
+def test_a_resume_on_another_number_of_processes_is_refused_with_epochs_left(run):
+    """Each process normalises with its own rows' BatchNorm statistics (unless sync_bn)."""
+    train_candidate(run, epochs=1, tag="t", progress=False)
+    out = run / "train-t"
+    state = torch.load(out / CHECKPOINT, weights_only=False)
+    settings, config = state["settings"], {"epochs": 2, "sync_bn": False}
+    torch.save({**state, "world_size": 2}, out / CHECKPOINT)
+    with pytest.raises(RunError, match=r"was trained by 2 process\(es\), this resume runs 1: resume with as many"):
+        standalone._resumed_state(out, settings, 1, config)
+    assert standalone._resumed_state(out, settings, 1, {**config, "sync_bn": True})[0]["epoch"] == 1
+    assert standalone._resumed_state(out, settings, 1, {**config, "epochs": 1})[0]["epoch"] == 1  # none left
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"weight_decay": -1.0}, r"--weight-decay must be a number >= 0, got -1\.0"),
     ({"weight_decay": float("nan")}, r"--weight-decay must be a number >= 0, got nan"),
     ({"lr": 0.0}, r"--lr must be a number > 0, got 0\.0"),
     ({"epochs": 0}, r"--epochs must be an int >= 1, got 0"),
+    ({"epochs": True}, r"--epochs must be an int >= 1, got True"),
     ({"candidate": 1, "rank_tag": "x"}, "pass --candidate or --rank, not both"),
     ({"rank_tag": "nothing"}, r"--rank nothing names no finished ranking of this run"),
     ({"checkpoint": "best"}, r"the same id drawn from checkpoint-best\.pt is another network"),
@@ -267,6 +312,7 @@ def test_picks_from_the_ranking_take_the_choice_first_and_then_the_spread_or_the
     assert [r["id"] for r in pick_from_ranking(rows, 3, first=3)] == [3, 6, 4]
     assert [r["id"] for r in pick_from_ranking(rows, 7, first=3)] == [3, 1, 2, 6, 0, 5, 4]
     assert [r["id"] for r in pick_from_ranking(rows, 4, first=3)] == [3, 2, 0, 4]
+    assert [r["id"] for r in pick_from_ranking(rows, 5, first=3)] == [3, 2, 6, 0, 4]  # places 0, 1.5, 3, 4.5, 6 rounded
     # racing's choice need not lead on the first round's score: it leads the spread all the same
     assert [r["id"] for r in pick_from_ranking(rows, 3, first=6)] == [6, 2, 4]
     # the top: the search's order's first
@@ -292,8 +338,8 @@ def test_spearman_rho_is_scipy_s_with_ties(n):
 
 
 def test_correlate_trains_the_spread_and_correlates_their_scores(run, capsys):
-    from pgnas_fast.search.correlate import pick_from_ranking
-    from pgnas_fast.search.study import kendall_tau
+    from pgnas_fast.search.correlate import pick_from_ranking, spearman_rho
+    from pgnas_fast.search.study import kendall_tau, none_if_nan
 
     assert main(["correlate", str(run), "--candidates", "3", "--epochs", "1", "--quiet"]) == 0
     out = run / "correlate-default"
@@ -305,6 +351,7 @@ def test_correlate_trains_the_spread_and_correlates_their_scores(run, capsys):
     for c, row in zip(result["candidates"], picked):
         trained = export_json(out / f"c{c['id']}")
         assert (c["heldout_accuracy"], c["test_accuracy"]) == (trained["heldout_accuracy"], trained["test_accuracy"])
+        assert (c["params"], c["macs"]) == (trained["params_subnet"], trained["macs_subnet"])
         assert c["inherited_score"] == trained["inherited_heldout_accuracy"] and trained["init"] == "scratch"
         # (the search ranked exhaustively: every candidate's first round is the whole held-out split)
         assert c["ranking_score"] == row["first_round_score"] == c["inherited_score"]
@@ -316,8 +363,12 @@ def test_correlate_trains_the_spread_and_correlates_their_scores(run, capsys):
     assert result["search_choice"] == arch["candidate"]
     choice = next(c for c in result["candidates"] if c["id"] == arch["candidate"])  # (the best is always picked)
     assert result["search_choice_trained_rank"] == 1 + sum(a > choice["heldout_accuracy"] for a in after)
-    assert (out / "correlation.png").is_file() and "| candidate | inherited score (search's rank) |" in (
-        out / "correlation.md").read_text()
+    assert result["spearman_rho"] == none_if_nan(spearman_rho(scores, after))
+    best = max(result["candidates"], key=lambda c: (c["heldout_accuracy"], -c["id"]))  # (ties: the lower id)
+    assert (result["best_trained"], result["best_trained_inherited_rank"]) == (best["id"], best["inherited_rank"])
+    report = (out / "correlation.md").read_text()
+    assert (out / "correlation.png").is_file() and "| candidate | inherited score (search's rank) |" in report
+    assert "3 candidates spread over the search's ranking of 6, each trained alone from scratch for 1 epoch " in report
     printed = capsys.readouterr().out.splitlines()
     assert printed[0].startswith("3 candidates spread over the search's ranking of 6, trained alone from scratch "
                                  "for 1 epoch: Kendall's tau ")
@@ -351,6 +402,38 @@ def test_correlate_top_trains_the_ranking_s_first_and_a_resume_keeps_the_pick(ru
     del settings["pick"]
     (run / "correlate-old" / "settings.json").write_text(json.dumps(settings))
     assert correlate_run(run, candidates=2, epochs=1, tag="old", resume=True, progress=False) == spread
+
+
+def test_correlate_trains_with_its_settings_and_overwrite_trains_again(run):
+    """--lr, --seed and --epochs reach every training; --overwrite trains every candidate again (none of the
+    old trainings is read back); the inherited score is the training's own evaluation on the whole held-out
+    split, not the ranking's score (racing scored most candidates on a share of it)."""
+    from pgnas_fast.search.correlate import correlate_run
+
+    ranked = read_jsonl(run / "candidates.jsonl")
+    for row in ranked:  # as racing's first round would: another score, the same order
+        row["first_round_score"] /= 2
+    (run / "candidates.jsonl").write_text("".join(json.dumps(row) + "\n" for row in ranked))
+    correlate_run(run, candidates=2, epochs=1, progress=False)
+    result = correlate_run(run, candidates=2, epochs=2, lr=0.01, seed=4, overwrite=True, progress=False)
+    assert result["training"] == {"init": "scratch", "epochs": 2, "lr": 0.01, "weight_decay": 3e-4, "training_seed": 4}
+    for c in result["candidates"]:
+        trained = export_json(run / "correlate-default" / f"c{c['id']}")
+        assert (trained["epochs"], trained["lr"], trained["training_seed"], trained["resumed_from_epoch"]) == (
+            2, 0.01, 4, 0)
+        assert c["inherited_score"] == trained["inherited_heldout_accuracy"] == 2 * c["ranking_score"]
+
+
+def test_correlate_can_take_every_ranked_candidate(run, monkeypatch):
+    from pgnas_fast.search import correlate
+
+    def untrained(run_dir, *, candidate, **kwargs):  # (what is picked is the question here, not the training)
+        return {"inherited_heldout_accuracy": candidate / 10, "heldout_accuracy": candidate / 10,
+                "test_accuracy": 0.5, "params_subnet": 1, "macs_subnet": 1}
+
+    monkeypatch.setattr(correlate, "train_candidate", untrained)
+    result = correlate.correlate_run(run, candidates=6, epochs=1, progress=False)
+    assert sorted(c["id"] for c in result["candidates"]) == list(range(6))
 
 
 def test_correlate_resumes_without_training_a_finished_candidate_again(run, monkeypatch):
@@ -465,10 +548,18 @@ def test_a_damaged_training_checkpoint_is_a_clear_error(run):
             train_candidate(run, epochs=2, tag="t", resume=True, progress=False)
 
 
-def test_a_diverged_training_says_so(run, capsys):
+def test_a_diverged_training_says_so(run, capsys, monkeypatch):
     train_candidate(run, epochs=1, lr=1e6, tag="big", progress=False)
     assert ("note: the training diverged (its loss is nan from epoch 1 on): its accuracies are of a broken network; "
             "train again with a lower --lr") in capsys.readouterr().err
+
+    def finite_then_nan(*args, on_epoch_end, **kwargs):  # (names the first epoch whose loss is not finite)
+        for epoch, loss in ((1, 0.5), (2, float("nan")), (3, float("inf"))):
+            on_epoch_end(epoch, {"epoch": epoch, "loss": loss, "seconds": 0.1})
+
+    monkeypatch.setattr(standalone, "train_posterior", finite_then_nan)
+    train_candidate(run, epochs=3, tag="late", progress=False)
+    assert "(its loss is inf from epoch 2 on)" in capsys.readouterr().err
 
 
 def test_info_says_when_a_training_read_weights_the_run_has_trained_on_since(run, capsys):

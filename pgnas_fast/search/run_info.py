@@ -54,6 +54,7 @@ def _correlation(folder: Path) -> dict:
                 "candidates_trained": trained}
     return {"tag": folder.name.removeprefix("correlate-"), "state": "finished",
             "candidates": len(result.get("candidates") or []),
+            "pick": result.get("pick", "spread"),  # (correlations from before the choice spread them)
             **{key: result.get(key) for key in ("kendall_tau", "spearman_rho", "training")}}
 
 

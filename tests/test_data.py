@@ -657,6 +657,20 @@ def test_train_transform_is_seeded_and_flips(tmp_path):
     assert directions == {True, False}
 
 
+def test_train_transform_s_crop_share_and_flip_are_settable(tmp_path):
+    """data_args crop_scale and flip (small images of your own): the whole image and no flip is one image for
+    every seed; flips alone mirror it or not; crops of at most a quarter of the area are smaller views."""
+    path = tmp_path / "g.png"
+    _gradient(path, 40, 40)
+    whole = [load_train_image(str(path), gen(s), size=16, scale=(1.0, 1.0), flip=False) for s in range(6)]
+    assert all(torch.equal(w, whole[0]) for w in whole)
+    flipped = {load_train_image(str(path), gen(s), size=16, scale=(1.0, 1.0)).numpy().tobytes() for s in range(12)}
+    assert flipped == {whole[0].numpy().tobytes(), whole[0].flip(-1).numpy().tobytes()}
+    small = load_train_image(str(path), gen(0), size=16, scale=(0.1, 0.25), flip=False)
+    span = lambda image: image[0].float().amax() - image[0].float().amin()  # noqa: E731 (red grows with x)
+    assert span(small) < 0.75 * span(whole[0])
+
+
 def test_dataset_gives_normalised_float_images_and_labels(imagenet, tmp_path):
     root, _ = imagenet
     index = load_imagenet_index(root, heldout=3)

@@ -202,6 +202,7 @@ def test_your_own_data_as_the_readme_says(capsys, tmp_path):
     section = readme.split("### Your own data", 1)[1]
     config = json.loads(re.search(r"```json\n(.*?)```", section, flags=re.S).group(1))
     assert config["dataset"] == "imagenet" and config["supernet_args"]["in_channels"] == 3
+    assert config["data_args"] == {"crop_scale": [0.5, 1], "flip": False}
     (tmp_path / "own.json").write_text(json.dumps(config))
     data = tmp_path / "data"
     write_imagenet(data, classes=("cat", "dog", "owl"), train_per_class=24, val_per_class=4)
@@ -224,9 +225,9 @@ def test_your_own_data_as_the_readme_says(capsys, tmp_path):
     facts = json.loads(capsys.readouterr().out)
     assert (facts["num_classes"], facts["params"]) == (3, summary["params_supernet"])
     assert main(["export", str(out), "--out", str(tmp_path / "export")]) == 0
-    assert json.loads((tmp_path / "export" / "export.json").read_text())["input_size"] == [3, 32, 32]
+    assert json.loads((tmp_path / "export" / "export.json").read_text())["input_size"] == [3, 16, 16]
     subnet = torch.load(tmp_path / "export" / "subnet.pt", weights_only=False)
-    assert subnet(torch.rand(2, 3, 32, 32)).shape == (2, 3)  # RGB in, the tree's 3 classes out
+    assert subnet(torch.rand(2, 3, 16, 16)).shape == (2, 3)  # RGB in, the tree's 3 classes out
     capsys.readouterr()
     assert main(["evaluate", str(tmp_path / "export")]) == 0  # the tree from the export's data.json
     assert float(capsys.readouterr().out.splitlines()[-1]) == pytest.approx(arch["test_accuracy"], abs=1e-6)

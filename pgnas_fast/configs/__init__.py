@@ -195,8 +195,19 @@ _POSITIVE = ((int, float), lambda v: math.isfinite(v) and v > 0, "a number > 0")
 _NON_NEGATIVE = ((int, float), lambda v: math.isfinite(v) and v >= 0, "a number >= 0")
 # the random splits' seed goes to numpy (RandomState takes 32 bits)
 _SPLIT_SEED = ((int,), lambda v: 0 <= v < 1 << 32, "an int in [0, 2^32)")
-# dataset -> the keys its `data_args` take (key -> schema entry)
-DATA_ARGS = {"digits": {"test_size": _POSITIVE_INT}}
+
+
+def _crop_scale(value: list) -> bool:
+    return (len(value) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+            and 0 < value[0] <= value[1] <= 1)
+
+
+# dataset -> the keys its `data_args` take (key -> schema entry); ImageFolder trees (imagenet): the
+# training crops' share of the image's area and the flips (data.imagenet.CROP_SCALE and flips by default:
+# ImageNet's)
+DATA_ARGS = {"digits": {"test_size": _POSITIVE_INT},
+             "imagenet": {"crop_scale": ((list,), _crop_scale, "a list [min, max] of area shares, 0 < min <= max <= 1"),
+                          "flip": ((bool,), lambda v: True, "true or false")}}
 # dataset -> the size of its images (ImageNet: any crop size)
 NATIVE_INPUT_SIZE = {"digits": 8, "cifar10": 32, "cifar100": 32}
 IMAGE_CHANNELS = {"digits": 1, "cifar10": 3, "cifar100": 3, "imagenet": 3}

@@ -7,7 +7,9 @@ from `train/` (stratified, seeded); `val/` is the test split, for reporting only
 Images are decoded by DataLoader workers with Pillow (JPEG draft mode decodes big files at 1/2, 1/4
 or 1/8 scale when the crop allows it) and travel as uint8; the batch is normalised with the ImageNet
 mean/std on the training device and handed over channels_last. Training: RandomResizedCrop(224,
-scale 0.08-1, ratio 3/4-4/3) + horizontal flip; evaluation: resize the short side to 256, centre crop 224.
+scale 0.08-1, ratio 3/4-4/3) + horizontal flip (the scale range and the flip are the config's
+`data_args` crop_scale and flip: small images of your own lose too much to ImageNet's crops);
+evaluation: resize the short side to 256, centre crop 224.
 
 Augmentation randomness is a function of (seed, epoch, image index) only: the sampler sends each
 worker the index with its own seed, so results do not depend on the number of workers, persistent
@@ -33,6 +35,7 @@ IMAGENET_URL = "https://image-net.org/download.php"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".ppm", ".bmp", ".webp", ".tif", ".tiff")
+CROP_SCALE = (0.08, 1.0)  # RandomResizedCrop's share of the image's area (ImageNet's, the default)
 
 
 def imagenet_layout(data_dir: Path) -> str:
@@ -193,16 +196,17 @@ def load_train_image(
     path: str,
     generator: torch.Generator | None = None,
     size: int = 224,
-    scale: tuple[float, float] = (0.08, 1.0),
+    scale: tuple[float, float] = CROP_SCALE,
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    flip: bool = True,
 ) -> torch.Tensor:
-    """uint8 [3, size, size]: RandomResizedCrop then a horizontal flip with probability 1/2."""
+    """uint8 [3, size, size]: RandomResizedCrop then (`flip`) a horizontal flip with probability 1/2."""
     from PIL import Image
 
     with Image.open(path) as image:
         left, top, w, h = random_resized_crop_box(image.size[0], image.size[1], generator, scale, ratio)
         out = _resize_box(image, (left, top, left + w, top + h), size, min(w, h) / size)
-    if torch.rand(1, generator=generator).item() < 0.5:
+    if flip and torch.rand(1, generator=generator).item() < 0.5:
         out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     return _to_tensor(out)
 
@@ -246,8 +250,8 @@ class ImageFolderDataset(Dataset):
     """
 
     def __init__(self, files: Sequence[str], labels: Sequence[int] | np.ndarray, *, train: bool,
-                 size: int = 224, resize: int = 256, scale: tuple[float, float] = (0.08, 1.0),
-                 ratio: tuple[float, float] = (3 / 4, 4 / 3), normalize: bool = True,
+                 size: int = 224, resize: int = 256, scale: tuple[float, float] = CROP_SCALE,
+                 ratio: tuple[float, float] = (3 / 4, 4 / 3), flip: bool = True, normalize: bool = True,
                  generator: torch.Generator | None = None):
         if len(files) != len(labels):
             raise ValueError(f"{len(files)} files but {len(labels)} labels")
@@ -255,7 +259,7 @@ class ImageFolderDataset(Dataset):
         # object's refcount and so copy the pages holding 1.28M paths, once per worker.
         self.files = np.array([os.fsencode(f) for f in files], dtype=np.bytes_)
         self.labels = np.asarray(labels, dtype=np.int64)
-        self.train, self.size, self.resize, self.scale, self.ratio = train, size, resize, scale, ratio
+        self.train, self.size, self.resize, self.scale, self.ratio, self.flip = train, size, resize, scale, ratio, flip
         self.normalize, self.generator = normalize, generator
 
     def __len__(self) -> int:
@@ -270,7 +274,7 @@ class ImageFolderDataset(Dataset):
         path = os.fsdecode(self.files[index])
         try:
             if self.train:
-                image = load_train_image(path, generator, self.size, self.scale, self.ratio)
+                image = load_train_image(path, generator, self.size, self.scale, self.ratio, self.flip)
             else:
                 image = load_eval_image(path, self.size, self.resize)
         except (OSError, ValueError, SyntaxError) as e:  # what Pillow raises for unreadable files
@@ -367,18 +371,21 @@ def imagenet_loader(
     channels_last: bool = True,
     size: int = 224,
     resize: int = 256,
+    scale: tuple[float, float] = CROP_SCALE,
+    flip: bool = True,
     prefetch_factor: int = 4,
 ) -> DeviceLoader:
     """Batches of (float32 [B, 3, size, size] normalised, channels_last; int64 [B]) on `device`.
 
     Workers (default 8, never more than the available cores) decode and crop; they stay alive between
-    epochs; batches are pinned when `device` is CUDA. `train` shuffles, augments and by default drops
-    the last partial batch. Under torchrun the search passes its RowShareSampler as `sampler` (it then
-    decides the order).
+    epochs; batches are pinned when `device` is CUDA. `train` shuffles, augments (crops of `scale` of the
+    area, flips if `flip`) and by default drops the last partial batch. Under torchrun the search passes
+    its RowShareSampler as `sampler` (it then decides the order).
     """
     device = torch.device(device)
     num_workers = loader_workers(8 if num_workers is None else num_workers)
-    dataset = ImageFolderDataset(files, labels, train=train, size=size, resize=resize, normalize=False)
+    dataset = ImageFolderDataset(files, labels, train=train, size=size, resize=resize, scale=scale, flip=flip,
+                                 normalize=False)
     seeded = SeededSampler(len(dataset), shuffle=train, seed=seed, base=sampler)
     loader = DataLoader(
         dataset,

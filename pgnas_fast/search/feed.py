@@ -23,7 +23,7 @@ from torch.utils.data import Sampler
 from ..configs import ConfigError
 from ..data import (ImageNetIndex, Splits, augmentation_draws, cifar_train_loader, epoch_order, imagenet_loader,
                     normalize)
-from ..data.imagenet import eval_resize, imagenet_inputs
+from ..data.imagenet import CROP_SCALE, eval_resize, imagenet_inputs
 from ..ops.transfer import to_device
 from ..supernets.info import one_image_pass
 from .parallel import SINGLE_PROCESS, Parallel
@@ -210,6 +210,7 @@ class LoaderFeed:
 
     def __init__(self, index: ImageNetIndex, *, seed: int, batch_size: int, eval_batch_size: int,
                  device: torch.device, workers: int, channels_last: bool, input_size: int,
+                 crop_scale: tuple[float, float] = CROP_SCALE, flip: bool = True,
                  max_steps: int | None = None, max_eval_batches: int | None = None,
                  parallel: Parallel = SINGLE_PROCESS):
         self.device = torch.device(device)
@@ -226,7 +227,8 @@ class LoaderFeed:
                                                                    parallel=parallel)
         check_shards([batch_size], parallel, train_images=self.n_train, batch_size=batch_size)
         self.train_loader = imagenet_loader(*index.train, train=True, batch_size=batch_size // parallel.world,
-                                            seed=seed, sampler=share, **self.loader_args)
+                                            seed=seed, sampler=share, scale=tuple(crop_scale), flip=flip,
+                                            **self.loader_args)
         self.prepare_eval = lambda x: x
         self._splits: dict[str, Batch] = {}
 

@@ -176,7 +176,8 @@ def build_feed(config: dict, data, device: torch.device, *, seed: int, smoke: bo
     sizes = {"batch_size": config["batch_size"], "eval_batch_size": config["eval_batch_size"], "device": device}
     if config["dataset"] == "imagenet":
         return LoaderFeed(data, seed=seed, workers=config["workers"], channels_last=config["channels_last"],
-                          input_size=config["input_size"], parallel=parallel, **sizes, **limits)
+                          input_size=config["input_size"], parallel=parallel, **config["data_args"], **sizes,
+                          **limits)
     if config["dataset"] in ("cifar10", "cifar100"):
         mean, std = datasets.CIFAR_STATS[data.num_classes]
         autoaugment = config["autoaugment"]

@@ -17,7 +17,7 @@ import numpy
 from .. import configs
 from ..interrupts import interrupts_deferred
 from .budget import Budget
-from .io import read_jsonl
+from .io import DATA_FILE, read_json_object, read_jsonl
 from .rank import counted, cut_note
 
 # Published results of the paper's protocols: test error (%) without fine-tuning (Tables 1-3).
@@ -147,6 +147,16 @@ def _regulariser(config: dict, summary: dict) -> str:
             f"tau {config['tau']:g}")
 
 
+def _data_source(run_dir: Path, config: dict, summary: dict) -> str:
+    """'DATASET (DIRECTORY, N classes): ' for the report's data row (the directory as data.json records it;
+    the class count where summary.json has it: runs of an ImageFolder tree of your own differ from ImageNet's)."""
+    record = read_json_object(run_dir / DATA_FILE) or {}
+    facts = [str(record["data_dir"])] if isinstance(record.get("data_dir"), str) else []
+    if summary.get("num_classes") is not None:
+        facts.append(f"{summary['num_classes']} class{'' if summary['num_classes'] == 1 else 'es'}")
+    return f"{config['dataset']}" + (f" ({', '.join(facts)})" if facts else "") + ": "
+
+
 def write_report(run_dir: str | Path) -> Path:
     """report.md and its figures for a finished run directory."""
     run_dir = Path(run_dir)
@@ -173,7 +183,8 @@ def write_report(run_dir: str | Path) -> Path:
         + (f" ({counted(s['threads'], 'CPU thread')})" if "threads" in s else "") + "".join(
             f", {name} {version}" for name, version in s.get("versions", {}).items())
         + (f", CPU kernels {s['cpu_capability']}" if "cpu_capability" in s else "") + " |",
-        f"| data | {s['data']['train']} training, {s['data']['heldout']} held-out, {s['data']['test']} test images"
+        f"| data | {_data_source(run_dir, config, s)}{s['data']['train']} training, {s['data']['heldout']} held-out, "
+        f"{s['data']['test']} test images"
         + (f"; smoke check: {smoke['training_steps']} training steps, scored on {smoke['heldout']} held-out and "
            f"{smoke['test']} test images" if (smoke := s.get("smoke")) else "") + " |",
         f"| posterior training | {counted(config['epochs'], 'epoch')}, {s['train_seconds']:.1f} s"

@@ -415,8 +415,10 @@ def _search(args) -> int:
     except ValueError as err:  # bad data or run directory (DataError, RunError), mostly before anything is written
         _remove_if_empty(created)
         if isinstance(err, DataError) and _written_since(out / "checkpoint.pt", began):  # a file first read late
-            raise DataError(f"{err}; the run so far is kept: mend the data and run the same command with --resume"
-                            ) from None
+            # (the data's fingerprint holds its file names: a removed or added file is other data)
+            raise DataError(f"{_error_line(err)}; the run so far is kept: replace the unreadable file with a readable "
+                            "one of the same name and run the same command with --resume (with files removed or "
+                            "added the data is another: --overwrite starts afresh)") from None
         raise
     if not result.is_main:
         return 0
@@ -893,10 +895,7 @@ def _main(argv: list[str] | None) -> int:
         sys.stdout.flush()  # (a block-buffered pipe's last lines: a closed reader fails here, not at exit)
         return code
     except (UsageError, ConfigError, DataError, RunError) as err:  # bad input: one line, status 2
-        message = str(err)
-        if "Original Traceback" in message:  # raised in a DataLoader worker: its last line is the error
-            message = message.strip().splitlines()[-1].split(": ", 1)[-1]
-        print(f"pgnas-fast: error: {message}", file=sys.stderr)
+        print(f"pgnas-fast: error: {_error_line(err)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt as stop:
         return _stopped(stop, command)
@@ -906,6 +905,15 @@ def _main(argv: list[str] | None) -> int:
         # stdout's reader left (`| head`): stop quietly, as a command killed by SIGPIPE would
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (the exit's flush would raise again)
         return EXIT_BROKEN_PIPE
+
+
+def _error_line(err: Exception) -> str:
+    """The error's message; one raised in a DataLoader worker arrives with the worker's traceback, whose
+    last line is the error."""
+    message = str(err)
+    if "Original Traceback" in message:
+        message = message.strip().splitlines()[-1].split(": ", 1)[-1]
+    return message
 
 
 def _stopped(stop: KeyboardInterrupt, command: str | None = None) -> int:

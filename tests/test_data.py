@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import shutil
 
 import numpy as np
@@ -669,6 +670,34 @@ def test_train_transform_s_crop_share_and_flip_are_settable(tmp_path):
     small = load_train_image(str(path), gen(0), size=16, scale=(0.1, 0.25), flip=False)
     span = lambda image: image[0].float().amax() - image[0].float().amin()  # noqa: E731 (red grows with x)
     assert span(small) < 0.75 * span(whole[0])
+
+
+def test_wide_images_are_scaled_to_8_bits_and_float_ones_refused(tmp_path):
+    """16-bit PNGs open in Pillow's 32-bit integer modes, which its RGB conversion clips at 255 (white)."""
+    from PIL import Image
+
+    wide = np.tile(np.linspace(0, 65535, 40), (30, 1)).astype(np.uint16)
+    Image.fromarray(wide).save(tmp_path / "16.png")
+    Image.fromarray(np.rint(wide / 257).astype(np.uint8)).save(tmp_path / "8.png")
+    for load in (lambda p: load_eval_image(p, 16, 18), lambda p: load_train_image(p, gen(2), size=16)):
+        a, b = (load(str(tmp_path / name)).int() for name in ("16.png", "8.png"))
+        assert (a - b).abs().max() <= 1 and a.float().std() > 30  # a gradient, not a white square
+    Image.fromarray(wide.astype(np.float32) / 65535).save(tmp_path / "float.tif")
+    Image.fromarray(wide.astype(np.int32) * 4).save(tmp_path / "wide.tif")
+    for name, message in (("float.tif", "a floating-point image (mode F)"), ("wide.tif", "beyond 16 bits")):
+        with pytest.raises(DataError, match=re.escape(f"cannot decode image {tmp_path / name}") + ".*" + re.escape(message)):
+            ImageFolderDataset([str(tmp_path / name)], [0], train=False, size=16, resize=18)[0]
+
+
+def test_every_class_needs_training_and_held_out_images(tmp_path):
+    write_imagenet(tmp_path, classes=("a", "b", "c", "d"), train_per_class=3, val_per_class=1)
+    assert load_imagenet_index(tmp_path, heldout=4).sizes() == {"train": 8, "heldout": 4, "val": 4}
+    with pytest.raises(DataError, match=r"heldout_size=2 leaves 2 of the 4 classes without a held-out image \(.*\): "
+                                        r".*raise heldout_size: at least 4"):
+        load_imagenet_index(tmp_path, heldout=2)
+    with pytest.raises(DataError, match=r"heldout_size=10 leaves 2 of the 4 classes without a training image .*; "
+                                        r"lower heldout_size, or add images to those classes"):
+        load_imagenet_index(tmp_path, heldout=10)
 
 
 def test_dataset_gives_normalised_float_images_and_labels(imagenet, tmp_path):

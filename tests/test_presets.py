@@ -236,6 +236,28 @@ def test_your_own_data_as_the_readme_says(capsys, tmp_path):
     assert main(["train", str(out), "--epochs", "1", "--quiet"]) == 0
     assert json.loads((out / "train-inherited" / "export.json").read_text())["inherited_test_accuracy"] == \
         arch["test_accuracy"]
+    capsys.readouterr()
+    data.rename(tmp_path / "moved")  # the recorded directory is gone: said so, and --data-dir finds the data
+    assert main(["evaluate", str(tmp_path / "export")]) == 2
+    assert (f"the data directory {str(tmp_path / 'export')!r} was made with, {str(data)!r}, does not exist: if the "
+            "data moved, pass --data-dir where it is now") in capsys.readouterr().err
+    assert main(["evaluate", str(tmp_path / "export"), "--data-dir", str(tmp_path / "moved")]) == 0
+
+
+def test_an_unreadable_image_read_late_is_named_with_how_to_go_on(capsys, tmp_path):
+    """A broken file in the test split is first read after training, by a DataLoader worker: the error names
+    it (not the worker's traceback's tail), and the advice keeps the data's fingerprint (same file names)."""
+    data = tmp_path / "data"
+    write_imagenet(data, classes=("cat", "dog"), train_per_class=12, val_per_class=2)
+    (data / "val" / "dog" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n cut off")
+    code, captured = search(capsys, "--preset", "digits-tiny", "--data-dir", data, "--out", tmp_path / "run",
+                            "--set", "dataset=imagenet", "--set", "input_size=8", "--set", "heldout_size=4",
+                            "--set", "batch_size=4", "--set", "workers=1", "--set", 'supernet_args={"in_channels": 3}',
+                            "--epochs", "1", "--candidates", "2", "--random-baseline", "0", "--quiet")
+    assert code == 2 and captured.err.count("\n") == 1, captured.err
+    assert f"cannot decode image {data / 'val' / 'dog' / 'broken.png'} (UnidentifiedImageError" in captured.err
+    assert ("the run so far is kept: replace the unreadable file with a readable one of the same name and run the "
+            "same command with --resume") in captured.err
 
 
 def test_a_batch_too_small_for_batchnorm_is_refused_before_anything_is_written(capsys, tmp_path):

@@ -496,8 +496,9 @@ def test_bad_data_met_after_training_began_says_the_run_resumes(tmp_path, capsys
     argv = ["search", "--epochs", "1", "--set", "candidates=2", "--out", str(tmp_path / "run"), "--quiet"]
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert err == ("pgnas-fast: error: val/n01/x.JPEG is not a readable image; the run so far is kept: mend the data "
-                   "and run the same command with --resume\n")
+    assert err == ("pgnas-fast: error: val/n01/x.JPEG is not a readable image; the run so far is kept: replace the "
+                   "unreadable file with a readable one of the same name and run the same command with --resume (with "
+                   "files removed or added the data is another: --overwrite starts afresh)\n")
     monkeypatch.setattr(run_module, "rank_candidates", corrupt)
     assert main(argv + ["--resume"]) == 2  # (the checkpoint is the earlier command's: no hint to resume again)
     assert "the run so far is kept" not in capsys.readouterr().err

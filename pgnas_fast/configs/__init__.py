@@ -312,6 +312,8 @@ def resolve(preset: str, overrides: Mapping | None = None) -> dict:
         if key not in SCHEMA:
             raise ConfigError(f"unknown config key {key!r}; known keys: {', '.join(sorted(SCHEMA))}")
         config[key] = copy.deepcopy(value)
+    if config["dataset"] != PRESETS[preset]["dataset"] and "data_args" not in overrides:
+        config["data_args"] = {}  # the preset's data_args are its own data set's
     for key, spec in SCHEMA.items():
         _check_value(key, config[key], spec)
     if config["posterior"] == "gaussian" and "kl_warmup_epochs" not in overrides:

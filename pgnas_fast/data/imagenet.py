@@ -128,6 +128,17 @@ def load_imagenet_index(
         raise DataError(f"heldout_size={heldout} must be below {len(train_files)}: {data_dir / 'train'} has "
                         f"{len(train_files)} images")
     train_idx, heldout_idx = carve_heldout(train_labels, heldout, split_seed)
+    # a class left without training images is one the network never learns, one without held-out images
+    # one the ranking never asks for (carve_heldout takes each class's share in proportion to its images)
+    for split, idx in [("training", train_idx)] + ([("held-out", heldout_idx)] if heldout else []):
+        missing = [classes[c] for c in np.flatnonzero(np.bincount(train_labels[idx], minlength=len(classes)) == 0)]
+        if missing:
+            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            fix = ("lower heldout_size, or add images to those classes" if split == "training" else
+                   f"raise heldout_size: at least {len(classes)}, more where classes are small")
+            raise DataError(f"heldout_size={heldout} leaves {len(missing)} of the {len(classes)} classes without a "
+                            f"{split} image ({shown}): each class needs images in both splits, and the held-out one "
+                            f"takes each class's share in proportion to its images in {data_dir / 'train'}; {fix}")
     # train/ is listed class by class: the held-out split in a seeded random order, so that racing's
     # first shares (prefixes of it) hold every class
     heldout_idx = heldout_idx[np.random.default_rng([split_seed, 1]).permutation(len(heldout_idx))]
@@ -175,6 +186,26 @@ def random_resized_crop_box(
     return (width - w) // 2, (height - h) // 2, w, h
 
 
+_WIDE_INTEGER_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")  # 16-bit PNGs and TIFFs open in these
+
+
+def _eight_bit(image):
+    """`image` with 8-bit values: Pillow converts its wide integer modes to RGB by clipping at 255 (a 16-bit
+    image would come out white), so their 16-bit values are scaled down; a float image, whose range no file
+    states, and integers beyond 16 bits are refused (DataError, named with the file by the dataset)."""
+    from PIL import Image
+
+    if image.mode == "F":
+        raise DataError("a floating-point image (mode F): save it with 8 or 16 bits per channel")
+    if image.mode not in _WIDE_INTEGER_MODES:
+        return image
+    values = np.asarray(image, dtype=np.int64)
+    if values.size and (values.min() < 0 or values.max() > 65535):
+        raise DataError(f"a {image.mode} image with values in [{values.min()}, {values.max()}], beyond 16 bits: save "
+                        "it with 8 or 16 bits per channel")
+    return Image.fromarray(np.rint(values / 257).astype(np.uint8), mode="L")  # (65535 -> 255)
+
+
 def _resize_box(image, box: tuple[float, float, float, float], size: int, min_scale: float):
     """`size` x `size` RGB from `box` of the opened (not yet decoded) `image`, bilinear with antialiasing.
 
@@ -188,7 +219,7 @@ def _resize_box(image, box: tuple[float, float, float, float], size: int, min_sc
         image.draft("RGB", (math.ceil(width / min_scale), math.ceil(height / min_scale)))
     fx, fy = image.size[0] / width, image.size[1] / height  # the decoded scale (1 without draft)
     left, top, right, bottom = box
-    image = image.convert("RGB")
+    image = _eight_bit(image).convert("RGB")
     return image.resize((size, size), Image.Resampling.BILINEAR, box=(left * fx, top * fy, right * fx, bottom * fy))
 
 

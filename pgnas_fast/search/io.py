@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from ..data.errors import DataError
 from ..interrupts import interrupts_deferred
 
 
@@ -166,6 +167,9 @@ def data_dir_of(directory: Path, data_dir) -> str | Path | None:
     if data_dir is not None:
         return data_dir
     record = _data_record(directory)
+    if record is not None and not Path(record["data_dir"]).is_dir():
+        raise DataError(f"the data directory {str(directory)!r} was made with, {record['data_dir']!r}, does not "
+                        "exist: if the data moved, pass --data-dir where it is now")
     return None if record is None else record["data_dir"]
 
 

@@ -355,7 +355,7 @@ def _search(args) -> int:
     from .search.report import percent, ranking_rate
 
     overrides = configs.load_overrides(args.config, args.preset) if args.config else {}
-    overrides.update(configs.parse_assignment(text) for text in args.assignments)
+    replaced = configs.apply_assignments(overrides, args.assignments, args.preset)
     for key, value in (("epochs", args.epochs), ("candidates", args.candidates),
                        ("random_baseline", args.random_baseline), ("posterior", args.posterior),
                        ("max_params", args.max_params), ("max_macs", args.max_macs)):
@@ -393,6 +393,8 @@ def _search(args) -> int:
                 print(f"note: {key} replaces the preset's {preset[key]}: "
                       f"{', '.join(f'{k} (preset: {v!r})' for k, v in dropped.items())} now take"
                       f"{'s' if len(dropped) == 1 else ''} {whose} default", flush=True)
+        for note in replaced:
+            print(f"note: {note}", flush=True)
         if config["amp"] == "bf16" and device.type != "cuda":  # (the ImageNet presets' default)
             print("note: amp bf16 (autocast) applies on CUDA only: this run trains in float32", flush=True)
         read_by = {"milestones": ("step",), "gamma": ("step",), "sgdr_t0": ("sgdr",), "sgdr_tmul": ("sgdr",),

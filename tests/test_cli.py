@@ -151,6 +151,37 @@ def test_overrides_that_do_not_do_what_they_seem_are_said(capsys, tmp_path):
     assert json.loads((tmp_path / "config.json").read_text())["config"]["supernet_args"] == {"width": 8}
     code, stdout, _ = run_cli(capsys, "search", *SMALL, "--set", "amp=bf16", "--out", str(tmp_path / "amp"))
     assert code == 0 and "note: amp bf16 (autocast) applies on CUDA only: this run trains in float32" in stdout
+    # one key of an object: the rest as the preset has it; a whole object after a --config's is said too
+    code, stdout, _ = run_cli(capsys, "search", *SMALL, "--set", "supernet_args.width=8", "--out",
+                              str(tmp_path / "one"))
+    assert code == 0 and "note:" not in stdout
+    assert json.loads((tmp_path / "one" / "config.json").read_text())["config"]["supernet_args"] == {
+        "width": 8, "gate_group_size": 4}
+    own = tmp_path / "own.json"
+    own.write_text(json.dumps({"supernet_args": {"width": 8, "gate_group_size": 2}}))
+    code, stdout, _ = run_cli(capsys, "search", *SMALL, "--config", str(own), "--set", 'supernet_args={"width": 4}',
+                              "--out", str(tmp_path / "whole"))
+    assert code == 0 and ("note: --set supernet_args replaces the --config's {'width': 8, 'gate_group_size': 2}: "
+                          "gate_group_size now takes the default (--set supernet_args.KEY=VALUE sets one key)"
+                          ) in stdout
+
+
+def test_set_assigns_whole_keys_and_single_keys_of_objects():
+    """--set OBJECT.KEY=VALUE sets one key of supernet_args or data_args on top of the --config's object, else
+    the preset's (none of the preset's data_args once the data set is another); later --set wins."""
+    overrides = {"data_args": {"crop_scale": [0.5, 1]}}
+    configs.apply_assignments(overrides, ["data_args.flip=false", "lr=0.1", "supernet_args.width=32"], "digits-tiny")
+    assert overrides == {"data_args": {"crop_scale": [0.5, 1], "flip": False}, "lr": 0.1,
+                         "supernet_args": {"width": 32, "gate_group_size": 4}}
+    overrides = {}
+    configs.apply_assignments(overrides, ["dataset=imagenet", "data_args.flip=false"], "digits-tiny")
+    assert overrides == {"dataset": "imagenet", "data_args": {"flip": False}}  # (not the digits' test_size)
+    overrides = {}
+    configs.apply_assignments(overrides, ["data_args.test_size=100", 'data_args={"test_size": 50}'], "digits-tiny")
+    assert overrides == {"data_args": {"test_size": 50}}
+    configs.apply_assignments(overrides, ["lr.x=1"], "digits-tiny")  # (not an object key: named by resolve)
+    with pytest.raises(configs.ConfigError, match="unknown config key 'lr.x'"):
+        configs.resolve("digits-tiny", overrides)
 
 
 @pytest.mark.parametrize("command", ["study", "export", "evaluate", "info"])

@@ -391,6 +391,7 @@ def test_export_json_says_how_raw_images_become_the_network_s_input(searched, tm
     assert main(["export", str(searched), "--out", str(out)]) == 0
     recipe = json.loads((out / "export.json").read_text())["inputs"]
     assert recipe["pixels"].startswith("scikit-learn's load_digits().images") and recipe["scale"] == 1.0
+    assert json.loads((out / "export.json").read_text())["classes"] == [str(digit) for digit in range(10)]
     raw = torch.from_numpy(load_digits().images).float()[:, None]
     mean, std = (torch.tensor(recipe[key]).view(1, -1, 1, 1) for key in ("mean", "std"))
     inputs = (raw * recipe["scale"] - mean) / std

@@ -227,7 +227,9 @@ def test_your_own_data_as_the_readme_says(capsys, tmp_path):
     facts = json.loads(capsys.readouterr().out)
     assert (facts["num_classes"], facts["params"]) == (3, summary["params_supernet"])
     assert main(["export", str(out), "--out", str(tmp_path / "export")]) == 0
-    assert json.loads((tmp_path / "export" / "export.json").read_text())["input_size"] == [3, 16, 16]
+    exported = json.loads((tmp_path / "export" / "export.json").read_text())
+    assert exported["input_size"] == [3, 16, 16]
+    assert exported["classes"] == summary["classes"] == ["cat", "dog", "owl"]  # output i: the i-th folder, sorted
     subnet = torch.load(tmp_path / "export" / "subnet.pt", weights_only=False)
     assert subnet(torch.rand(2, 3, 16, 16)).shape == (2, 3)  # RGB in, the tree's 3 classes out
     capsys.readouterr()

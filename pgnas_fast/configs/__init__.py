@@ -359,6 +359,36 @@ def _check_gaussian_p_init(config: dict) -> None:
                           f"(log alpha = logit(p_init) is clipped to +-{LOG_ALPHA_LIMIT:g}), got {config['p_init']!r}")
 
 
+OBJECT_KEYS = ("supernet_args", "data_args")  # the keys whose value is an object of keys of its own
+
+
+def apply_assignments(overrides: dict, assignments: list[str], preset: str) -> list[str]:
+    """--set KEY=VALUE (parse_assignment) into `overrides` (in place), in order: a whole key replaces its value;
+    OBJECT.KEY=VALUE sets one key of an object key (supernet_args, data_args), the rest of the object as
+    `overrides` (a --config) or else the preset holds it (none of the preset's data_args for another data
+    set). Returns notes on objects a whole --set replaced after the --config set them, naming the keys lost."""
+    notes = []
+    for text in assignments:
+        key, value = parse_assignment(text)
+        top, dot, inner = key.partition(".")
+        if dot and top in OBJECT_KEYS and inner and preset in PRESETS:  # (resolve names an unknown preset)
+            own = PRESETS[preset]
+            if top in overrides:
+                base = overrides[top]
+            elif top == "data_args" and overrides.get("dataset", own["dataset"]) != own["dataset"]:
+                base = {}
+            else:
+                base = own.get(top, DEFAULTS[top])
+            overrides[top] = {**(base if isinstance(base, dict) else {}), inner: value}
+            continue
+        if key in OBJECT_KEYS and isinstance(overrides.get(key), dict) and isinstance(value, dict):
+            if lost := [k for k in overrides[key] if k not in value]:
+                notes.append(f"--set {key} replaces the --config's {overrides[key]}: {', '.join(lost)} now take"
+                             f"{'s' if len(lost) == 1 else ''} the default (--set {key}.KEY=VALUE sets one key)")
+        overrides[key] = value
+    return notes
+
+
 def parse_assignment(text: str) -> tuple[str, object]:
     """KEY=VALUE from the command line; VALUE is JSON when it parses (numbers, lists, true), else a string."""
     key, sep, raw = text.partition("=")

@@ -34,4 +34,5 @@ def load_digits(*, test: int, heldout: int, split_seed: int) -> Splits:
         return torch.from_numpy((images[idx] - mean) / std), torch.from_numpy(labels[idx])
 
     return Splits(train=part(train_idx), heldout=part(heldout_idx), test=part(test_idx), num_classes=classes,
-                  inputs=input_recipe("scikit-learn's load_digits().images: 8x8, values 0..16", 1.0, [mean], [std]))
+                  inputs=input_recipe("scikit-learn's load_digits().images: 8x8, values 0..16", 1.0, [mean], [std]),
+                  classes=[str(label) for label in range(classes)])

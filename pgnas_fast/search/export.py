@@ -140,7 +140,7 @@ def write_network(out: str | Path, model: nn.Module, masks: Mapping[str, torch.T
                "params_supernet": supernet["params"], "params_all_channels": all_channels["params"],
                "params_subnet": after["params"], "macs_supernet": supernet["macs"],
                "macs_all_channels": all_channels["macs"], "macs_subnet": after["macs"],
-               "input_size": list(input_size), "inputs": feed.inputs, **about}
+               "input_size": list(input_size), "inputs": feed.inputs, "classes": feed.classes, **about}
     write_json(out / "export.json", summary)
     return summary
 

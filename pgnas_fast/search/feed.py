@@ -102,7 +102,7 @@ class TensorFeed:
         self.device = torch.device(device)
         self.splits = {name: tuple(t.to(self.device) for t in getattr(splits, name))
                        for name in ("train", "heldout", "test")}
-        self.num_classes, self.inputs = splits.num_classes, splits.inputs
+        self.num_classes, self.inputs, self.classes = splits.num_classes, splits.inputs, splits.classes
         self.n_train = len(self.splits["train"][1])
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.prepare_train = prepare_train  # (images, their augmentation draws) -> model inputs; None: as stored
@@ -215,7 +215,8 @@ class LoaderFeed:
                  parallel: Parallel = SINGLE_PROCESS):
         self.device = torch.device(device)
         self.index, self.seed = index, seed
-        self.num_classes, self.inputs = index.num_classes, imagenet_inputs(input_size)
+        self.num_classes, self.classes = index.num_classes, list(index.classes)
+        self.inputs = imagenet_inputs(input_size)
         self.n_train = len(index.train[1])
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.max_steps, self.max_eval_batches = max_steps, max_eval_batches

@@ -641,6 +641,7 @@ def _run_search(config: dict, *, seed: int, out_dir: Path, device: torch.device,
         "pareto": [r["id"] for r in front] if sizes else None,
         "data": feed.sizes(),
         "num_classes": feed.num_classes,  # the data's (an ImageFolder tree of your own: its class folders)
+        "classes": feed.classes,  # output i's name (an ImageFolder tree's: its folders, sorted); None: unnamed
         # --smoke: what the numbers above come from (they check data and config; they are not a search)
         "smoke": smoke_extent(feed) if smoke else None,
         # every epoch's, those before a --resume included (this process alone trained since `started`)

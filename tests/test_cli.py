@@ -300,7 +300,7 @@ BAD_INPUTS = {
     "one crop share": (lambda t: ["--set", "dataset=imagenet", "--set", 'data_args={"crop_scale": [0.5]}'],
                        "must be a list [min, max] of area shares"),
     "crop share a bool": (lambda t: ["--set", "dataset=imagenet", "--set", 'data_args={"crop_scale": [true, 1]}'],
-                          "must be a list [min, max] of area shares"),
+                          "must be a list [min, max] of area shares, 0 < min <= max <= 1, got [true, 1]"),
     "flip not a bool": (lambda t: ["--set", "dataset=imagenet", "--set", 'data_args={"flip": "no"}'],
                         "config key 'data_args.flip' must be true or false, got 'no'"),
     "a digits key on a tree": (lambda t: ["--set", "dataset=imagenet", "--set", 'data_args={"test_size": 5}'],

@@ -580,7 +580,8 @@ BROKEN_IMAGENET = {
     "missing data dir": (lambda root: shutil.rmtree(root), "does not exist"),
     "missing val": (lambda root: shutil.rmtree(root / "val"), "val does not exist"),
     "no class folders": (lambda root: shutil.rmtree(root / "train") or (root / "train").mkdir(), "no class folders"),
-    "empty class": (lambda root: _empty_class(root, "n02"), "holds no images (n02)"),
+    "empty class": (lambda root: _empty_class(root, "n02"), "holds no images (n02; read are files directly in a "
+                                                               "class folder, named *.jpeg, *.jpg, *.png"),
     "empty classes": (lambda root: _empty_class(root, "n02", "n03"), "2 class folders under"),
     "flat val": (
         lambda root: (root / "val" / "n00" / "n00_00000.JPEG").rename(root / "val" / "x.JPEG"),

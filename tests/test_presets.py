@@ -219,8 +219,8 @@ def test_your_own_data_as_the_readme_says(capsys, tmp_path):
     assert "note:" not in captured.out + captured.err  # (no note of the preset's data_args: another data set's)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["data"]["heldout"] == 10 and summary["data"]["test"] == 14
-    assert f"| data | imagenet ({data}, 3 classes): 64 training, 10 held-out, 14 test images |" in (
-        out / "report.md").read_text()
+    assert (f"| data | imagenet ({data}, 3 classes, training crops of 50% to 100% of the area, not flipped): 64 "
+            "training, 10 held-out, 14 test images |") in (out / "report.md").read_text()
     arch = json.loads((out / "architecture.json").read_text())
     capsys.readouterr()
     assert main(["info", str(out), "--json"]) == 0  # the run's network: the tree's classes, not ImageNet's

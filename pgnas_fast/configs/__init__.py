@@ -323,6 +323,17 @@ def resolve(preset: str, overrides: Mapping | None = None) -> dict:
     return {"preset": preset, **config}
 
 
+def _as_written(value) -> str:
+    """A config value as the user wrote it: JSON (true, null, [true, 1]) where it is JSON's, else Python's repr
+    (a string stays quoted as 'x')."""
+    if isinstance(value, (bool, type(None), list, dict)):
+        try:
+            return json.dumps(value)
+        except (TypeError, ValueError):  # (an object no JSON holds, passed from Python)
+            pass
+    return repr(value)
+
+
 def _check_value(key: str, value, spec) -> None:
     types, ok, expected = spec
     wrong_bool = isinstance(value, bool) and bool not in types  # True is an int to Python, not to us
@@ -330,7 +341,7 @@ def _check_value(key: str, value, spec) -> None:
         # a --set value that failed to parse as JSON arrives as its text
         hint = (" (not valid JSON: quote the keys and strings, e.g. '{\"width\": 8}')"
                 if isinstance(value, str) and value.lstrip()[:1] in ("{", "[") else "")
-        shown = json.dumps(value) if isinstance(value, (bool, type(None))) else repr(value)  # (as the user wrote it)
+        shown = _as_written(value)
         raise ConfigError(f"config key {key!r} must be {expected}, got {shown}{hint}")
 
 

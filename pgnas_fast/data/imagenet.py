@@ -88,7 +88,8 @@ def _scan(root: Path, problem) -> dict[str, list[str]]:
     if empty:
         shown = ", ".join(empty[:5]) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
         raise problem(f"{len(empty)} class folder{'s' if len(empty) > 1 else ''} under {root} "
-                      f"hold{'' if len(empty) > 1 else 's'} no images ({shown})")
+                      f"hold{'' if len(empty) > 1 else 's'} no images ({shown}; read are files directly in a class "
+                      f"folder, named *{', *'.join(IMAGE_EXTENSIONS)})")
     return files
 
 

@@ -37,9 +37,9 @@ def check_shards(batch_sizes: list[int], parallel: Parallel, *, train_images: in
     the ranks, and no (last, short) batch has fewer rows than there are ranks. Raises ConfigError (bad
     input: exit 2)."""
     if not batch_sizes:
-        raise ConfigError(f"an epoch has no training batch: the training split's {train_images} images are fewer "
-                          f"than batch_size {batch_size} (ImageNet drops the last partial batch); lower batch_size "
-                          "or heldout_size")
+        raise ConfigError(f"an epoch has no training batch: the training split's {train_images} image"
+                          f"{'s are' if train_images != 1 else ' is'} fewer than batch_size {batch_size} (the "
+                          "ImageFolder pipeline drops the last partial batch); lower batch_size or heldout_size")
     if not parallel.enabled:
         return
     if batch_sizes[0] % parallel.world:

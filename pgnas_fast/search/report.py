@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy
 
 from .. import configs
+from ..data.imagenet import CROP_SCALE
 from ..interrupts import interrupts_deferred
 from .budget import Budget
 from .io import DATA_FILE, read_json_object, read_jsonl
@@ -154,6 +155,10 @@ def _data_source(run_dir: Path, config: dict, summary: dict) -> str:
     facts = [str(record["data_dir"])] if isinstance(record.get("data_dir"), str) else []
     if summary.get("num_classes") is not None:
         facts.append(f"{summary['num_classes']} class{'' if summary['num_classes'] == 1 else 'es'}")
+    if config["dataset"] == "imagenet":  # an ImageFolder tree's training augmentation (data_args)
+        low, high = config["data_args"].get("crop_scale", CROP_SCALE)
+        facts.append(f"training crops of {low:.0%} to {high:.0%} of the area, "
+                     f"{'flipped' if config['data_args'].get('flip', True) else 'not flipped'}")
     return f"{config['dataset']}" + (f" ({', '.join(facts)})" if facts else "") + ": "
 
 

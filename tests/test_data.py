@@ -686,7 +686,8 @@ def test_wide_images_are_scaled_to_8_bits_and_float_ones_refused(tmp_path):
     Image.fromarray(wide.astype(np.float32) / 65535).save(tmp_path / "float.tif")
     Image.fromarray(wide.astype(np.int32) * 4).save(tmp_path / "wide.tif")
     for name, message in (("float.tif", "a floating-point image (mode F)"), ("wide.tif", "beyond 16 bits")):
-        with pytest.raises(DataError, match=re.escape(f"cannot decode image {tmp_path / name}") + ".*" + re.escape(message)):
+        pattern = re.escape(f"cannot decode image {tmp_path / name}") + ".*" + re.escape(message)
+        with pytest.raises(DataError, match=pattern):
             ImageFolderDataset([str(tmp_path / name)], [0], train=False, size=16, resize=18)[0]
 
 

@@ -75,7 +75,8 @@ def _imagenet_feed(monkeypatch, *, seed=0, parallel=None):
     from pgnas_fast.search import feed as feed_module
 
     monkeypatch.setattr(feed_module, "imagenet_loader", _FakeImageNetLoader)
-    index = SimpleNamespace(num_classes=5, train=([f"f{i}" for i in range(40)], torch.arange(40)))
+    index = SimpleNamespace(num_classes=5, classes=list("abcde"),
+                            train=([f"f{i}" for i in range(40)], torch.arange(40)))
     return feed_module.LoaderFeed(index, seed=seed, batch_size=8, eval_batch_size=8, device=torch.device("cpu"),
                                   workers=0, channels_last=False, input_size=4, parallel=parallel or Parallel())
 
@@ -86,7 +87,8 @@ def test_imagenet_evaluation_resizes_by_256_over_224(monkeypatch):
 
     from pgnas_fast.search import feed as feed_module
 
-    index = SimpleNamespace(num_classes=5, train=([f"f{i}" for i in range(40)], torch.arange(40)))
+    index = SimpleNamespace(num_classes=5, classes=list("abcde"),
+                            train=([f"f{i}" for i in range(40)], torch.arange(40)))
     for size, resize in ((224, 256), (128, 146), (4, 5)):
         feed = feed_module.LoaderFeed(index, seed=0, batch_size=8, eval_batch_size=8, device=torch.device("cpu"),
                                       workers=0, channels_last=False, input_size=size, parallel=Parallel())

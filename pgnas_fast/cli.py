@@ -596,7 +596,7 @@ def _export(args) -> int:
 def _train(args) -> int:
     from .search.rank import counted
     from .search.report import percent
-    from .search.standalone import train_candidate
+    from .search.standalone import start_text, train_candidate
 
     tag = args.init if args.tag is None else args.tag
     _check_tag(tag)
@@ -607,8 +607,7 @@ def _train(args) -> int:
                         data_dir=args.data_dir, progress=not args.quiet)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
-    start = "its inherited weights" if s["init"] == "inherited" else "scratch"
-    print(f"candidate {s['candidate']}, trained alone from {start} for {counted(s['epochs'], 'epoch')} "
+    print(f"candidate {s['candidate']}, trained alone from {start_text(s['init'])} for {counted(s['epochs'], 'epoch')} "
           f"(lr {s['lr']:g}, weight decay {s['weight_decay']:g}, seed {s['training_seed']}): "
           f"held-out {percent(s['heldout_accuracy'])}, test {percent(s['test_accuracy'])}")
     print(f"  with its inherited weights, untrained: held-out "
@@ -624,6 +623,7 @@ def _train(args) -> int:
 def _correlate(args) -> int:
     from .search.correlate import correlate_run, picked_text
     from .search.rank import counted
+    from .search.standalone import start_text
     from .search.study import correlation_text
 
     _check_tag(args.tag)
@@ -632,9 +632,8 @@ def _correlate(args) -> int:
                       lr=args.lr, weight_decay=args.weight_decay, seed=args.seed, tag=args.tag, resume=args.resume,
                       overwrite=args.overwrite, device=str(device), data_dir=args.data_dir, progress=not args.quiet)
     t = s["training"]
-    start = "their inherited weights" if t["init"] == "inherited" else "scratch"
     print(f"{picked_text(s)}, trained alone from "
-          f"{start} for {counted(t['epochs'], 'epoch')}: Kendall's tau {correlation_text(s['kendall_tau'])}, "
+          f"{start_text(t['init'], 'their')} for {counted(t['epochs'], 'epoch')}: Kendall's tau {correlation_text(s['kendall_tau'])}, "
           f"Spearman's rho {correlation_text(s['spearman_rho'])} (inherited score against held-out accuracy after "
           "training)")
     if s["search_choice_trained_rank"] is not None:
@@ -758,6 +757,7 @@ def _print_run(run: dict) -> None:
     from .search.budget import Budget
     from .search.rank import counted
     from .search.report import percent
+    from .search.standalone import start_text
     from .search.study import correlation_text
 
     print(f"{run['run_dir']}: search of {run['preset']}, seed {run['seed']}, {run['posterior']} posterior")
@@ -795,8 +795,7 @@ def _print_run(run: dict) -> None:
     for training in run["trainings"]:
         line = f"train-{training['tag']}: {training['state']}"
         if training["state"] == "finished":
-            start = "its inherited weights" if training["init"] == "inherited" else "scratch"
-            line += (f", candidate {training['candidate']} from {start}, "
+            line += (f", candidate {training['candidate']} from {start_text(training['init'])}, "
                      f"{counted(training['epochs'], 'epoch')}: held-out {percent(training['heldout_accuracy'])}, "
                      f"test {percent(training['test_accuracy'])}"
                      + (f" (inherited weights, untrained: held-out {percent(training['inherited_heldout_accuracy'])}, "

@@ -30,7 +30,7 @@ from .io import RunError, changed_settings, data_dir_of, read_json_object, read_
 from .parallel import SINGLE_PROCESS
 from .rank import best_first, counted
 from .report import percent
-from .standalone import DEFAULT_WEIGHT_DECAY, check_training_settings, train_candidate
+from .standalone import DEFAULT_WEIGHT_DECAY, check_training_settings, start_text, train_candidate
 from .run import load_run
 from .study import correlation_text, kendall_tau, none_if_nan
 
@@ -203,7 +203,7 @@ def report_markdown(s: dict) -> str:
     lines = [
         "# The search's ranking against training alone", "",
         f"{picked[:1].upper()}{picked[1:]}, each trained alone from "
-        f"{'its inherited weights' if t['init'] == 'inherited' else 'scratch'} for {counted(t['epochs'], 'epoch')} "
+        f"{start_text(t['init'])} for {counted(t['epochs'], 'epoch')} "
         f"(lr {t['lr']:g}, weight decay {t['weight_decay']:g}, seed {t['training_seed']}).", "",
         "- Kendall's tau-b, inherited score against held-out accuracy after training: "
         f"{correlation_text(s['kendall_tau'])}",

@@ -76,6 +76,11 @@ def train_candidate(run_dir: str | Path, *, candidate: int | None = None, rank_t
             leave()
 
 
+def start_text(init: str, whose: str = "its") -> str:
+    """Where a training started, in words: "its inherited weights" or "scratch"."""
+    return f"{whose} inherited weights" if init == "inherited" else "scratch"
+
+
 def check_training_settings(*, init: str, epochs: int | None, lr: float | None, weight_decay: float) -> None:
     """train_candidate's settings, refused before anything is read or written."""
     if init not in INITS:
@@ -243,4 +248,4 @@ def _resumed_state(out: Path, settings: dict, world: int, config: dict) -> tuple
 
 
 __all__ = ["CHECKPOINT", "DEFAULT_WEIGHT_DECAY", "INITS", "check_training_settings", "held_training",
-           "train_candidate"]
+           "start_text", "train_candidate"]

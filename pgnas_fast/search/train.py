@@ -30,10 +30,6 @@ from ..nn import clip_log_alpha_, gated_layers, network_regularizer, set_gates, 
 from .parallel import SINGLE_PROCESS, Parallel, has_size_one_dims, shard_loss, stride_hint_off
 
 
-# the per-epoch stats of the posterior alone, not of a candidate trained alone
-POSTERIOR_STATS = ("regularizer", "regularizer_weight", "mean_p", "mean_p_per_layer")
-
-
 def make_optimizer(model: nn.Module, config: dict, *, weight_decay: float | None = None) -> torch.optim.Optimizer:
     """Nesterov SGD. The posterior: no weight decay (the regulariser replaces it); the drop logits may
     take a larger step (`p_lr_scale`). A candidate trained alone (`weight_decay` given): the drop
@@ -111,7 +107,7 @@ def train_posterior(model: nn.Module, optimizer: torch.optim.Optimizer, feed, co
 
     `masks` (a candidate's hard keep masks, candidate_masks): train that candidate alone, its gates
     fixed; the objective has no R (the optimizer's weight decay, make_optimizer, stands for it), the
-    drop logits are frozen (requires_grad off), and the stats have none of POSTERIOR_STATS."""
+    drop logits are frozen (requires_grad off), and the stats have no regulariser or drop probabilities."""
     set_posterior(model, config["posterior"])
     candidate = masks is not None
     if candidate:
@@ -126,8 +122,7 @@ def train_posterior(model: nn.Module, optimizer: torch.optim.Optimizer, feed, co
                         unused_parameters=getattr(model, "aux", None) is not None and config["aux_weight"] == 0)
     quiet_strides = parallel.enabled and has_size_one_dims(model)
     bar = tqdm(range(start_epoch, config["epochs"]), desc="candidate training" if candidate else "posterior training",
-               unit="epoch",
-               disable=not (progress and parallel.is_main), dynamic_ncols=True, initial=start_epoch,
+               unit="epoch", disable=not (progress and parallel.is_main), dynamic_ncols=True, initial=start_epoch,
                total=config["epochs"])
     for epoch in bar:
         model.train()
@@ -174,13 +169,11 @@ def train_posterior(model: nn.Module, optimizer: torch.optim.Optimizer, feed, co
         loss_sum, ce_sum, reg_sum, correct, seen, aux_sum = parallel.sum(sums).tolist()
         seconds = time.perf_counter() - started
         stats = {"epoch": epoch + 1, "loss": loss_sum / seen, "cross_entropy": ce_sum / seen,
-                 "regularizer": reg_sum / seen, "train_accuracy": correct / seen,
-                 "regularizer_weight": reg_weight, "lr": lr, "images_per_second": seen / seconds, "seconds": seconds,
-                 "mean_p": mean_drop_probability(model),
-                 "mean_p_per_layer": mean_drop_probability_per_layer(model)}
-        if candidate:  # (its architecture is fixed)
-            for key in POSTERIOR_STATS:
-                del stats[key]
+                 "train_accuracy": correct / seen, "lr": lr, "images_per_second": seen / seconds, "seconds": seconds}
+        if not candidate:  # (a candidate's architecture is fixed: no regulariser, no p moving)
+            stats.update({"regularizer": reg_sum / seen, "regularizer_weight": reg_weight,
+                          "mean_p": mean_drop_probability(model),
+                          "mean_p_per_layer": mean_drop_probability_per_layer(model)})
         if getattr(model, "aux", None) is not None and config["aux_weight"] > 0:  # (in the objective)
             stats["aux_cross_entropy"] = aux_sum / seen
         bar.set_postfix(loss=f"{stats['loss']:.3f}", acc=f"{stats['train_accuracy']:.3f}",

@@ -28,7 +28,7 @@ def _balanced_labels(rng: np.random.Generator, n: int, num_classes: int) -> np.n
 
 
 def write_cifar10(data_dir: Path, *, per_batch: int = 80, test: int = 60, seed: int = 0) -> dict[str, np.ndarray]:
-    """`data_dir/cifar-10-batches-py/` with data_batch_1..5 and test_batch."""
+    """`data_dir/cifar-10-batches-py/` with data_batch_1..5, test_batch and batches.meta."""
     rng = np.random.default_rng(seed)
     folder = Path(data_dir) / "cifar-10-batches-py"
     folder.mkdir(parents=True)
@@ -46,7 +46,7 @@ def write_cifar10(data_dir: Path, *, per_batch: int = 80, test: int = 60, seed: 
 
 
 def write_cifar100(data_dir: Path, *, train: int = 300, test: int = 100, seed: int = 0) -> dict[str, np.ndarray]:
-    """`data_dir/cifar-100-python/` with train and test (fine and coarse labels)."""
+    """`data_dir/cifar-100-python/` with train and test (fine and coarse labels) and meta."""
     rng = np.random.default_rng(seed)
     folder = Path(data_dir) / "cifar-100-python"
     folder.mkdir(parents=True)
@@ -56,6 +56,9 @@ def write_cifar100(data_dir: Path, *, train: int = 300, test: int = 100, seed: i
         fine = _balanced_labels(rng, n, 100)
         _write_batch(folder / name, data, {b"fine_labels": fine.tolist(), b"coarse_labels": (fine // 5).tolist()})
         out[f"{name}_data"], out[f"{name}_labels"] = data, fine
+    meta = {b"fine_label_names": [b"fine%d" % i for i in range(100)],
+            b"coarse_label_names": [b"coarse%d" % i for i in range(20)]}
+    (folder / "meta").write_bytes(pickle.dumps(meta, protocol=2))
     return out
 
 

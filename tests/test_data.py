@@ -13,6 +13,7 @@ import torch
 from data_fixtures import write_cifar10, write_cifar100, write_imagenet
 
 from pgnas_fast.data import (
+    CIFAR_LAYOUTS,
     CIFAR_STATS,
     CIFAR_URL,
     IMAGENET_MEAN,
@@ -138,6 +139,7 @@ def test_load_cifar10_reads_what_was_written(cifar10):
     assert np.array_equal(x.numpy(), written["test_data"].reshape(-1, 3, 32, 32))
     assert np.array_equal(y.numpy(), written["test_labels"])
     assert splits.num_classes == 10 and splits.sizes() == {"train": 350, "heldout": 50, "test": 60}
+    assert splits.classes == [f"class{i}" for i in range(10)]  # batches.meta's label_names
     # Row layout: the first 1024 bytes are the red plane, row-major.
     assert np.array_equal(splits.test[0][0, 0].flatten().numpy(), written["test_data"][0, :1024])
 
@@ -167,6 +169,16 @@ def test_load_cifar100_uses_fine_labels(tmp_path):
     assert np.array_equal(splits.test[0].numpy(), written["test_data"].reshape(-1, 3, 32, 32))
     # Three images per class: the 100 held-out ones are one per class.
     assert np.array_equal(np.bincount(splits.heldout[1].numpy(), minlength=100), np.ones(100))
+    assert splits.classes == [f"fine{i}" for i in range(100)]  # meta's fine_label_names
+
+
+@pytest.mark.parametrize("num_classes", [10, 100])
+def test_cifar_without_its_meta_file_has_unnamed_classes(tmp_path, num_classes):
+    (write_cifar10 if num_classes == 10 else write_cifar100)(tmp_path)
+    layout = CIFAR_LAYOUTS[num_classes]
+    (tmp_path / layout.folder / layout.meta_file).unlink()
+    splits = load_cifar(tmp_path, num_classes=num_classes, heldout=100)
+    assert splits.classes is None and splits.num_classes == num_classes
 
 
 def test_cifar_splits_are_disjoint_stratified_and_seeded(cifar10):
@@ -257,6 +269,13 @@ BROKEN_CIFAR = {
                          "b'labels' is not a list of integers"),
     "string labels": (lambda root: _rewrite(_batch(root, "data_batch_5"), labels=["cat"] * 80),
                       "b'labels' is not a list of integers"),
+    "corrupt meta": (lambda root: _batch(root, "batches.meta").write_bytes(b"not a pickle"), "not a readable CIFAR"),
+    "meta names count": (lambda root: _batch(root, "batches.meta").write_bytes(
+        pickle.dumps({b"label_names": [b"cat"] * 9}, protocol=2)), "b'label_names' is not a list of 10 names"),
+    "meta without names": (lambda root: _batch(root, "batches.meta").write_bytes(pickle.dumps({b"num_vis": 3072})),
+                           "b'label_names' is not a list of 10 names"),
+    "meta names not text": (lambda root: _batch(root, "batches.meta").write_bytes(
+        pickle.dumps({b"label_names": [b"\xff"] * 10}, protocol=2)), "a class name is not UTF-8"),
 }
 
 

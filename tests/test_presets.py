@@ -96,6 +96,10 @@ def test_later_commands_read_the_run_s_data_dir(capsys, tmp_path):
     assert main(["export", str(out), "--out", str(tmp_path / "export")]) == 0
     assert main(["evaluate", str(tmp_path / "export")]) == 0
     assert capsys.readouterr().err == ""
+    # output i's name, from the release's batches.meta
+    names = [f"class{i}" for i in range(10)]
+    assert json.loads((tmp_path / "export" / "export.json").read_text())["classes"] == names
+    assert json.loads((out / "summary.json").read_text())["classes"] == names
     assert main(["rank", str(out), "--candidates", "2", "--quiet", "--tag", "elsewhere", "--data-dir",
                  str(tmp_path / "nowhere")]) == 2
     assert "nowhere" in capsys.readouterr().err

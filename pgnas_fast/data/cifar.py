@@ -36,6 +36,8 @@ class CifarLayout:
     train_files: tuple[str, ...]
     test_file: str
     label_key: bytes
+    meta_file: str  # the class names, as `names_key`: list of bytes (optional here: names are information only)
+    names_key: bytes
 
     def describe(self, data_dir: Path) -> str:
         train = ", ".join(self.train_files)
@@ -54,6 +56,8 @@ CIFAR_LAYOUTS = {
         train_files=tuple(f"data_batch_{i}" for i in range(1, 6)),
         test_file="test_batch",
         label_key=b"labels",
+        meta_file="batches.meta",
+        names_key=b"label_names",
     ),
     100: CifarLayout(
         name="CIFAR-100",
@@ -62,6 +66,8 @@ CIFAR_LAYOUTS = {
         train_files=("train",),
         test_file="test",
         label_key=b"fine_labels",
+        meta_file="meta",
+        names_key=b"fine_label_names",
     ),
 }
 
@@ -90,15 +96,19 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
+def _unpickle(path: Path, problem):
+    try:
+        with open(path, "rb") as f:
+            return _NumpyOnlyUnpickler(f, encoding="bytes").load()
+    except Exception as e:  # truncated, not a pickle, foreign classes: all mean "not a CIFAR file"
+        raise problem(f"{path} is not a readable CIFAR pickle ({type(e).__name__}: {e})") from e
+
+
 def _read_batch(path: Path, layout: CifarLayout, num_classes: int, problem) -> tuple[np.ndarray, np.ndarray]:
     """(images uint8 [N, 3, 32, 32], labels int64 [N]) from one batch file, checked."""
     if not path.is_file():
         raise problem(f"missing file {path}")
-    try:
-        with open(path, "rb") as f:
-            batch = _NumpyOnlyUnpickler(f, encoding="bytes").load()
-    except Exception as e:  # truncated, not a pickle, foreign classes: all mean "not a CIFAR batch"
-        raise problem(f"{path} is not a readable CIFAR pickle ({type(e).__name__}: {e})") from e
+    batch = _unpickle(path, problem)
     if not isinstance(batch, dict) or b"data" not in batch or layout.label_key not in batch:
         keys = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
         raise problem(f"{path} holds {keys}, expected a dict with b'data' and {layout.label_key!r}")
@@ -120,6 +130,21 @@ def _read_batch(path: Path, layout: CifarLayout, num_classes: int, problem) -> t
         raise problem(f"{path}: labels span [{labels.min()}, {labels.max()}], expected [0, {num_classes})")
     # Each row is the red, green and blue 32x32 planes, row-major: exactly NCHW.
     return data.reshape(-1, 3, 32, 32), labels
+
+
+def _read_class_names(path: Path, layout: CifarLayout, num_classes: int, problem) -> list[str] | None:
+    """Label i's name from the release's meta file; None without the file (the batches suffice)."""
+    if not path.is_file():
+        return None
+    meta = _unpickle(path, problem)
+    names = meta.get(layout.names_key) if isinstance(meta, dict) else None
+    if (not isinstance(names, list) or len(names) != num_classes
+            or not all(isinstance(name, (bytes, str)) for name in names)):
+        raise problem(f"{path}: {layout.names_key!r} is not a list of {num_classes} names")
+    try:
+        return [name.decode() if isinstance(name, bytes) else name for name in names]
+    except UnicodeDecodeError as e:
+        raise problem(f"{path}: a class name is not UTF-8 ({e})") from e
 
 
 def _cifar_folder(data_dir: Path, layout: CifarLayout, problem) -> Path:
@@ -162,6 +187,7 @@ def load_cifar(
     train_images = np.concatenate([images for images, _ in parts])
     train_labels = np.concatenate([labels for _, labels in parts])
     test_images, test_labels = _read_batch(folder / layout.test_file, layout, num_classes, problem)
+    classes = _read_class_names(folder / layout.meta_file, layout, num_classes, problem)
     if not 0 <= heldout < len(train_labels):
         n = len(train_labels)
         raise DataError(f"heldout_size={heldout} must be below {n}: {layout.name} under {data_dir} has {n} training "
@@ -177,4 +203,5 @@ def load_cifar(
         test=part(test_images, test_labels),
         num_classes=num_classes,
         inputs=input_recipe("uint8 RGB, 32x32 (the data set's own images)", 1 / 255, *CIFAR_STATS[num_classes]),
+        classes=classes,
     )

@@ -18,7 +18,7 @@ class Splits:
     # how a raw image becomes the network's input, (pixels * scale - mean) / std per channel (input_recipe):
     # what a user of an exported network must do to the images (None: not known, e.g. made-up test data)
     inputs: dict | None = None
-    # the name of each label index, where the data set has names (None: CIFAR's are its own indices)
+    # the name of each label index, where the data set has names (None: unnamed, e.g. CIFAR without its meta file)
     classes: list[str] | None = None
 
     def sizes(self) -> dict[str, int]:

@@ -560,20 +560,38 @@ def _study(args) -> int:
     return 0
 
 
+def _export_target_problem(out: Path) -> str | None:
+    """Why export must not write into `out`; None: it may (new, empty, or an earlier export's: replaced)."""
+    from .search.io import EXPORT_FILES
+    from .search.run import SEARCH_ONLY_FILES
+
+    if not out.is_dir():
+        return None
+    if held := [name for name in SEARCH_ONLY_FILES if (out / name).exists()]:
+        if (out / EXPORT_FILES[1]).exists():  # (its training log is a train_log.jsonl too)
+            return (f"holds a candidate's training ({EXPORT_FILES[1]}): the export would replace its trained "
+                    "network; export to a directory of its own")
+        return (f"holds a search run ({held[0]}): the export's config.json and architecture.json would replace the "
+                "run's; export to a directory of its own")
+    if (out / EXPORT_FILES[0]).exists():
+        return None
+    if others := sorted(entry.name for entry in out.iterdir() if not entry.name.startswith(".")):
+        listed = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+        return f"holds other files ({listed}): export into a new or empty directory, or over an earlier export"
+    return None
+
+
 def _export(args) -> int:
     from .search.export import export_candidate
     from .search.report import percent
-    from .search.run import SEARCH_ONLY_FILES
 
     device = _resolve_device(args.device)
     out = Path(args.out)
     if out.resolve() == Path(args.run_dir).resolve():
         raise UsageError("--out must not be the run directory: the export's architecture.json would replace the "
                          "search's")
-    held = [name for name in SEARCH_ONLY_FILES if (out / name).exists()]
-    if held:  # (an earlier export's directory is fine: the new export replaces it)
-        raise UsageError(f"--out {args.out!r} holds a search run ({held[0]}): the export's config.json and "
-                         f"architecture.json would replace the run's; export to a directory of its own")
+    if problem := _export_target_problem(out):
+        raise UsageError(f"--out {args.out!r} {problem}")
     created = _prepare_out(Path(args.out))
     try:
         s = export_candidate(args.run_dir, args.out, candidate=args.candidate, rank_tag=args.rank,

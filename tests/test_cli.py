@@ -177,8 +177,20 @@ def test_set_assigns_whole_keys_and_single_keys_of_objects():
     configs.apply_assignments(overrides, ["dataset=imagenet", "data_args.flip=false"], "digits-tiny")
     assert overrides == {"dataset": "imagenet", "data_args": {"flip": False}}  # (not the digits' test_size)
     overrides = {}
-    configs.apply_assignments(overrides, ["data_args.test_size=100", 'data_args={"test_size": 50}'], "digits-tiny")
-    assert overrides == {"data_args": {"test_size": 50}}
+    notes = configs.apply_assignments(overrides, ["data_args.test_size=100", 'data_args={"test_size": 50}'],
+                                      "digits-tiny")
+    assert overrides == {"data_args": {"test_size": 50}} and notes == []  # (no key lost)
+    # a whole object replacing what an earlier --set gave it, or a --config: the note says whose keys went
+    overrides = {}
+    notes = configs.apply_assignments(overrides, ["supernet_args.gate_group_size=2", 'supernet_args={"width": 4}'],
+                                      "digits-tiny")
+    assert overrides == {"supernet_args": {"width": 4}}
+    assert notes == ["--set supernet_args replaces an earlier --set's {'width': 16, 'gate_group_size': 2}: "
+                     "gate_group_size now takes the default (--set supernet_args.KEY=VALUE sets one key)"]
+    notes = configs.apply_assignments({"data_args": {"test_size": 100, "heldout_size": 9}},
+                                      ['data_args={"test_size": 50}'], "digits-tiny")
+    assert notes == ["--set data_args replaces the --config's {'test_size': 100, 'heldout_size': 9}: heldout_size "
+                     "now takes the default (--set data_args.KEY=VALUE sets one key)"]
     configs.apply_assignments(overrides, ["lr.x=1"], "digits-tiny")  # (not an object key: named by resolve)
     with pytest.raises(configs.ConfigError, match="unknown config key 'lr.x'"):
         configs.resolve("digits-tiny", overrides)

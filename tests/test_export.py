@@ -436,6 +436,32 @@ def test_export_into_another_run_directory_is_refused(capsys, searched, tmp_path
     assert main(["export", str(searched), "--candidate", "7", "--out", str(tmp_path / "export")]) == 0
     assert main(["export", str(searched), "--candidate", "8", "--out", str(tmp_path / "export")]) == 0
     assert json.loads((tmp_path / "export" / "architecture.json").read_text())["candidate"] == 8
+    # an empty directory takes one too; hidden files (a desktop's .DS_Store) do not count
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / ".hidden").write_text("x")
+    assert main(["export", str(searched), "--candidate", "7", "--out", str(tmp_path / "empty")]) == 0
+    capsys.readouterr()
+
+
+def test_export_into_a_directory_of_other_files_or_a_training_is_refused(capsys, searched, tmp_path):
+    documents = tmp_path / "documents"
+    documents.mkdir()
+    for name in ("notes.txt", "b.txt", "c.txt", "d.txt", "config.json"):
+        (documents / name).write_text(name)
+    assert main(["export", str(searched), "--candidate", "7", "--out", str(documents)]) == 2
+    assert ("holds other files (b.txt, c.txt, config.json and 2 more): export into a new or empty directory, or "
+            "over an earlier export") in capsys.readouterr().err
+    assert (documents / "config.json").read_text() == "config.json" and len(list(documents.iterdir())) == 5
+    # a candidate's training (pgnas-fast train's directory): its trained network stays
+    training = tmp_path / "train-inherited"
+    training.mkdir()
+    for name in ("settings.json", "train_log.jsonl", "candidate-checkpoint.pt", "export.json"):
+        (training / name).write_text("{}")
+    assert main(["export", str(searched), "--candidate", "7", "--out", str(training)]) == 2
+    assert ("holds a candidate's training (candidate-checkpoint.pt): the export would replace its trained network"
+            in capsys.readouterr().err)
+    assert sorted(entry.name for entry in training.iterdir()) == sorted(
+        ("settings.json", "train_log.jsonl", "candidate-checkpoint.pt", "export.json"))
 
 
 def test_an_export_directory_taken_again_holds_only_the_new_export_s_files(capsys, searched, tmp_path):

@@ -248,6 +248,13 @@ def test_your_own_data_as_the_readme_says(capsys, tmp_path):
     assert (f"the data directory {str(tmp_path / 'export')!r} was made with, {str(data)!r}, does not exist: if the "
             "data moved, pass --data-dir where it is now") in capsys.readouterr().err
     assert main(["evaluate", str(tmp_path / "export"), "--data-dir", str(tmp_path / "moved")]) == 0
+    # a tree too small for the run's split: the error says the split is the run's, not the reader's to change
+    write_imagenet(tmp_path / "small", classes=("a", "b"), train_per_class=3, val_per_class=2)
+    capsys.readouterr()
+    assert main(["evaluate", str(tmp_path / "export"), "--data-dir", str(tmp_path / "small")]) == 2
+    assert (f"heldout_size=10 must be below 6: {tmp_path / 'small' / 'train'} has" in (err := capsys.readouterr().err)
+            and f"(--data-dir {str(tmp_path / 'small')!r} is read with the config of {str(tmp_path / 'export')!r}, "
+                f"made with the data under {str(data)!r}: is it that data set?)" in err)
 
 
 def test_an_unreadable_image_read_late_is_named_with_how_to_go_on(capsys, tmp_path):

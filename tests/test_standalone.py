@@ -463,6 +463,30 @@ def test_correlate_resumes_without_training_a_finished_candidate_again(run, monk
     assert resumed == whole
 
 
+def test_a_correlation_stopped_before_its_first_training_is_started_afresh(run, monkeypatch):
+    """Its settings alone are no work to keep: the same command again starts it, without --resume."""
+    from pgnas_fast.search import correlate
+
+    real_train = correlate.train_candidate
+
+    def refuse(*args, **kwargs):  # (as a data error in the first training's load would)
+        raise RunError("the data went away")
+
+    monkeypatch.setattr(correlate, "train_candidate", refuse)
+    with pytest.raises(RunError, match="the data went away"):
+        correlate.correlate_run(run, candidates=2, epochs=1, tag="again", progress=False)
+    assert (run / "correlate-again" / "settings.json").exists()
+    monkeypatch.setattr(correlate, "train_candidate", real_train)
+    result = correlate.correlate_run(run, candidates=2, epochs=1, tag="again", progress=False)
+    assert len(result["candidates"]) == 2
+    # once a training has begun (or the correlation finished) the same command is refused
+    with pytest.raises(RunError, match="holds a correlation: --resume continues it"):
+        correlate.correlate_run(run, candidates=2, epochs=1, tag="again", progress=False)
+    (run / "correlate-again" / "correlation.json").unlink()
+    with pytest.raises(RunError, match="holds a correlation: --resume continues it"):
+        correlate.correlate_run(run, candidates=2, epochs=1, tag="again", progress=False)
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"candidates": 1}, r"--candidates must be an int >= 2 \(a correlation needs two\), got 1"),
     ({"candidates": 7}, "--candidates 7 is more than the 6 the search ranked"),

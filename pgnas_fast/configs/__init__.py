@@ -377,8 +377,10 @@ def apply_assignments(overrides: dict, assignments: list[str], preset: str) -> l
     """--set KEY=VALUE (parse_assignment) into `overrides` (in place), in order: a whole key replaces its value;
     OBJECT.KEY=VALUE sets one key of an object key (supernet_args, data_args), the rest of the object as
     `overrides` (a --config) or else the preset holds it (none of the preset's data_args for another data
-    set). Returns notes on objects a whole --set replaced after the --config set them, naming the keys lost."""
+    set). Returns notes on objects a whole --set replaced after the --config or an earlier --set set them,
+    naming the keys lost."""
     notes = []
+    assigned = set()  # object keys an earlier --set gave their value
     for text in assignments:
         key, value = parse_assignment(text)
         top, dot, inner = key.partition(".")
@@ -391,12 +393,15 @@ def apply_assignments(overrides: dict, assignments: list[str], preset: str) -> l
             else:
                 base = own.get(top, DEFAULTS[top])
             overrides[top] = {**(base if isinstance(base, dict) else {}), inner: value}
+            assigned.add(top)
             continue
         if key in OBJECT_KEYS and isinstance(overrides.get(key), dict) and isinstance(value, dict):
             if lost := [k for k in overrides[key] if k not in value]:
-                notes.append(f"--set {key} replaces the --config's {overrides[key]}: {', '.join(lost)} now take"
+                whose = "an earlier --set's" if key in assigned else "the --config's"
+                notes.append(f"--set {key} replaces {whose} {overrides[key]}: {', '.join(lost)} now take"
                              f"{'s' if len(lost) == 1 else ''} the default (--set {key}.KEY=VALUE sets one key)")
         overrides[key] = value
+        assigned.add(key)
     return notes
 
 

@@ -30,7 +30,7 @@ from .io import RunError, changed_settings, data_dir_of, read_json_object, read_
 from .parallel import SINGLE_PROCESS
 from .rank import best_first, counted
 from .report import percent
-from .standalone import DEFAULT_WEIGHT_DECAY, check_training_settings, start_text, train_candidate
+from .standalone import DEFAULT_WEIGHT_DECAY, check_training_settings, held_training, start_text, train_candidate
 from .run import load_run
 from .study import correlation_text, kendall_tau, none_if_nan
 
@@ -94,7 +94,7 @@ def correlate_run(run_dir: str | Path, *, candidates: int = 8, pick: str = "spre
                        f"architecture.json: {type(err).__name__}: {err})") from None
     if candidates > len(ranked):
         raise RunError(f"--candidates {candidates} is more than the {len(ranked)} the search ranked")
-    if (out / "settings.json").exists() and not (resume or overwrite):
+    if _holds_correlation(out) and not (resume or overwrite):
         raise RunError(f"{str(out)!r} holds a correlation: --resume continues it, --overwrite replaces it, or "
                        "correlate under another --tag")
     # the run, its data and the device checked before anything is written or removed (each training
@@ -149,6 +149,14 @@ def correlate_run(run_dir: str | Path, *, candidates: int = 8, pick: str = "spre
         write_json(out / "correlation.json", result)
         (out / "correlation.md").write_text(report_markdown(result))
         return result
+
+
+def _holds_correlation(out: Path) -> bool:
+    """Whether `out` holds a correlation's work: a training begun, or its result. Settings alone (a
+    correlation stopped before its first training, e.g. at a data error) are replaced by a new one."""
+    if (out / "correlation.json").exists():
+        return True
+    return out.is_dir() and any(held_training(entry) is not None for entry in out.iterdir() if entry.is_dir())
 
 
 # what correlate reads of a candidate's export.json

@@ -173,6 +173,17 @@ def data_dir_of(directory: Path, data_dir) -> str | Path | None:
     return None if record is None else record["data_dir"]
 
 
+def other_data_note(directory: Path, data_dir) -> str | None:
+    """For an error in reading `data_dir` with the config of `directory`, when `directory` was made with
+    the data of another directory: the advice of a data error (e.g. "lower heldout_size") may not apply,
+    as the split is the run's."""
+    record = _data_record(directory)
+    if record is None or data_dir is None or Path(data_dir).resolve() == Path(record["data_dir"]).resolve():
+        return None
+    return (f"(--data-dir {str(data_dir)!r} is read with the config of {str(directory)!r}, made with the data under "
+            f"{record['data_dir']!r}: is it that data set?)")
+
+
 def write_data_record(directory: Path, data_dir, fingerprint: str) -> None:
     write_json(Path(directory) / DATA_FILE, {"data_dir": str(Path(data_dir).resolve()), "fingerprint": fingerprint})
 

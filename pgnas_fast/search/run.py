@@ -54,8 +54,8 @@ from .budget import (SIZES_DIRECTORY, Budget, BudgetError, SizeCache, candidate_
 from .export import architecture_record
 from .feed import CifarLoaderFeed, LoaderFeed, TensorFeed, check_batchnorm_rows, check_shards
 from .io import (DATA_FILE, SEARCH_RANKINGS, RunError, changed_settings, check_data_record, complete_lines,
-                 data_dir_of, export_file_in, load_checkpoint, lock_is_held, read_jsonl, remove_interrupted_writes,
-                 save_checkpoint, write_data_record, write_json, write_jsonl, writer_lock)
+                 data_dir_of, export_file_in, load_checkpoint, lock_is_held, other_data_note, read_jsonl,
+                 remove_interrupted_writes, save_checkpoint, write_data_record, write_json, write_jsonl, writer_lock)
 from .materialize import materialize_all_channels
 from .parallel import SINGLE_PROCESS, Parallel, join, leave
 from .rank import (ProgressLog, accuracy, best_candidate, counted, first_round_cut, rank_candidates, round_ends,
@@ -163,7 +163,12 @@ def load_recorded_data(directory: Path, config: dict, data_dir, *, check: bool =
                        ) -> tuple[datasets.Splits | datasets.ImageNetIndex, str | None]:
     """(data, its fingerprint; None for the embedded digits) from `data_dir`; with `check`, refused when
     `directory`'s data.json (a run's or an export's) records other data."""
-    data = load_data(config, data_dir)
+    try:
+        data = load_data(config, data_dir)
+    except datasets.DataError as err:
+        if check and (note := other_data_note(directory, data_dir)):
+            raise datasets.DataError(f"{err} {note}") from None
+        raise
     fingerprint = None if data_dir is None else data_fingerprint(data)
     if check:
         check_data_record(directory, data_dir, fingerprint)

@@ -217,12 +217,15 @@ def test_search_takes_the_budget_from_its_flags(capsys, tmp_path):
     from pgnas_fast.cli import main
 
     out = tmp_path / "run"
-    argv = ["search", "--epochs", "1", "--candidates", "3", "--random-baseline", "0", "--max-params", "1000000000",
+    argv = ["search", "--epochs", "1", "--candidates", "3", "--random-baseline", "2", "--max-params", "1000000000",
             "--max-macs", "999999999", "--out", str(out), "--quiet"]
     assert main(argv) == 0
     captured = capsys.readouterr()
     assert ("the best of the 3 of the 3 drawn that fit the budget (at most 1,000,000,000 parameters and 999,999,999 "
             "MACs per image) (keeps") in captured.out
+    # the two means are of other populations under a budget: said under them
+    assert "(this run; cf. paper Table 3)\n    (guided: the 3 that fit the budget; random: 2 drawn without it)\n" in \
+        captured.out
     assert ("note: the budget (at most 1,000,000,000 parameters and 999,999,999 MACs per image) excludes no "
             "candidate: the network with every channel kept has 35,322 parameters") in captured.err
     summary = json.loads((out / "summary.json").read_text())
@@ -363,3 +366,23 @@ def test_sizes_are_kept_for_every_later_ranking_and_survive_a_cut_line(capsys, b
     run_search(small_config(epochs=1, candidates=2, random_baseline=0), seed=0, out_dir=run, overwrite=True,
                progress=False)
     assert not (run / "sizes").exists()
+
+
+def test_the_size_cache_skips_what_it_cannot_read_and_keeps_the_rest(tmp_path):
+    """A damaged log or row (a disk error, a foreign file) costs its sizes only: they are sized again."""
+    from pgnas_fast.search.budget import SizeCache
+
+    cache = SizeCache(tmp_path, "last-epoch2-cpu")
+    (tmp_path / "last-epoch2-cpu-1.jsonl").write_text(
+        '{"id": 1, "params": 10, "macs": 20}\n'
+        'not json\n'
+        '{"id": 2, "params": 11}\n'  # no macs
+        '{"id": "x", "params": 1, "macs": 1}\n'  # not an id
+        '[3, 4]\n'  # not an object
+        '{"id": 5, "params": 12, "macs": 22}\n'
+        '{"id": 6, "par')  # cut by a kill
+    (tmp_path / "last-epoch2-cpu-2.jsonl").write_bytes(b'\xff\xfe{"id": 7}\n')  # not text
+    (tmp_path / "last-epoch2-cpu-3.jsonl").write_text('{"id": 8, "params": 13, "macs": 23}\n')
+    (tmp_path / "best-epoch2-cpu-4.jsonl").write_text('{"id": 9, "params": 1, "macs": 1}\n')  # another key's
+    assert cache.load() == {1: {"params": 10, "macs": 20}, 5: {"params": 12, "macs": 22},
+                            8: {"params": 13, "macs": 23}}

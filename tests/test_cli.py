@@ -568,6 +568,14 @@ def test_info_of_a_run_directory_says_what_it_holds(capsys, finished_run, tmp_pa
     assert code == 2 and "is not a run directory: no readable config.json" in err
     code, _, err = run_cli(capsys, "info", str(run), "--preset", "digits-tiny")
     assert code == 2 and "pass RUN_DIR or --preset, not both" in err
+    # a config of a key this version does not know (a newer version's run): info and the readers say so
+    written = json.loads((run / "config.json").read_text())
+    written["config"]["from_the_future"] = 1
+    (run / "config.json").write_text(json.dumps(written))
+    for command in (["info", str(run)], ["rank", str(run), "--quiet"]):
+        code, _, err = run_cli(capsys, *command)
+        assert code == 2 and (f"{str(run / 'config.json')!r} is malformed or from another version: unknown config "
+                              "key 'from_the_future'") in err, command
 
 
 def test_info_lists_every_kind_of_result_from_its_files(capsys, finished_run, tmp_path):
@@ -588,6 +596,7 @@ def test_info_lists_every_kind_of_result_from_its_files(capsys, finished_run, tm
     write(run / "rank-cut" / "progress-rank1.jsonl", '{"round": 0, "id": 3}\n')
     write(run / "study-x" / "study.json", {"candidates": 40, "checkpoint": "last", "checkpoint_epoch": 2,
                                            "guided": {"mean": 0.9}, "random": {"mean": 0.5}})
+    (run / "study-cut").mkdir()  # a study stopped before it wrote study.json
     write(run / "train-cut" / "settings.json", {})
     write(run / "train-cut" / "train_log.jsonl", '{"epoch": 1, "loss": 1.0}\n')
     write(run / "correlate-cut" / "c7" / "export.json", {})
@@ -599,6 +608,7 @@ def test_info_lists_every_kind_of_result_from_its_files(capsys, finished_run, tm
     for line in ("  ranking    rank-b: finished, best 4 (50.00% on 300 images) of 6, racing, checkpoint-best.pt of "
                  "epoch 1",
                  "  ranking    rank-cut: started, not finished (3 candidate-rounds logged; --resume continues it)",
+                 "  study      study-cut: started, not finished",
                  "  study      study-x: finished, 40 candidates, guided mean 90.00% against random 50.00%",
                  "  alone      train-cut: started, not finished (1 epoch trained; --resume continues it)",
                  "  correlate  correlate-cut: started, not finished (1 candidate trained; --resume continues it)",

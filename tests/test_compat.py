@@ -522,6 +522,14 @@ def test_stochastic_logistic_noise_ks(fixed_seed):
     assert stats.kstest(finite.numpy(), "logistic").pvalue > 1e-3
 
 
+def test_linear_p_is_the_drop_probability_of_each_input_feature():
+    m = Linear_with_CD(6, 3, split=2, split_pattern=[2, 4])  # (the authors' linear keeps one p per feature)
+    logits = torch.tensor([-1.5, 0.7, 2.0, -0.2, 0.0, 1.1])
+    with torch.no_grad():
+        m.p_logit.copy_(logits)
+    torch.testing.assert_close(m.p, torch.sigmoid(logits), rtol=0, atol=0)
+
+
 def test_linear_without_split_pattern_and_3d_input(fixed_seed):
     gen = torch.Generator().manual_seed(11)
     m = Linear_with_CD(6, 4)  # the authors' version raised here (self.in_channels)
@@ -580,7 +588,7 @@ def test_bad_split_pattern():
         Conv2d_with_CD(4, 2, 1, split=2)  # split > 1 needs a pattern
     with pytest.raises(ValueError, match="split"):
         Linear_with_CD(4, 2, split=0)
-    for pattern in ([-2, 16], [0, 14], [2.5, 11.5], [True, 13]):  # sums to 14, but not channel counts
+    for pattern in ([-2, 16], [0, 14], [2.5, 11.5], [True, 13], ["2", 12], [None, 14], [torch.tensor([1, 1]), 12]):
         with pytest.raises(ValueError, match=r"split_pattern must hold channel counts \(ints >= 1\)"):
             Conv2d_with_CD(14, 2, 1, split=2, split_pattern=pattern)
 

@@ -425,6 +425,27 @@ def test_export_and_evaluate_bad_input(capsys, searched, tmp_path, argv, message
     assert not (tmp_path / "out").exists(), "nothing is left behind"
 
 
+def test_export_of_an_unfinished_search_needs_a_candidate_and_load_subnet_an_export(capsys, searched, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(searched, run)
+    (run / "architecture.json").unlink()  # (as before the search's ranking finished)
+    assert main(["export", str(run), "--out", str(tmp_path / "out")]) == 2
+    assert (f"{str(run)!r} has no architecture.json (the search did not finish): pass --candidate"
+            in capsys.readouterr().err)
+    assert main(["export", str(run), "--candidate", "3", "--out", str(tmp_path / "out")]) == 0
+    assert pf.load_subnet(tmp_path / "out")(torch.randn(2, 1, 8, 8)).shape == (2, 10)
+    with pytest.raises(FileNotFoundError, match=f"{str(run)!r} is not an export directory: subnet.pt is missing"):
+        pf.load_subnet(run)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal of a machine without CUDA")
+def test_a_cuda_device_without_one_is_refused(capsys, searched, tmp_path):
+    assert main(["export", str(searched), "--device", "cuda", "--out", str(tmp_path / "out")]) == 2
+    assert ("--device cuda: no CUDA device is available (torch.cuda.is_available() is False)"
+            in capsys.readouterr().err)
+    assert not (tmp_path / "out").exists()
+
+
 def test_export_into_another_run_directory_is_refused(capsys, searched, tmp_path):
     other = tmp_path / "other-run"
     shutil.copytree(searched, other)

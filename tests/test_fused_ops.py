@@ -310,6 +310,34 @@ def test_norm_relu_conv_fused_equals_the_module_composition(training, momentum):
                                        atol=1e-6)
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_norm_relu_conv_with_a_batchnorm_that_keeps_no_statistics_uses_the_batch_s(training):
+    """BatchNorm2d(track_running_stats=False) normalises by the batch's statistics in eval mode too."""
+    backends = _fused_backends()
+    if not backends:
+        pytest.skip("no live backend implements affine_relu_gate natively")
+    for backend in backends:
+        x = torch.randn(3, 6, 5, 5, generator=torch.Generator().manual_seed(2)) * 1.5 - 0.3
+        results = []
+        for fused in (True, False):
+            torch.manual_seed(4)
+            norm = nn.BatchNorm2d(6, track_running_stats=False).train(training)
+            with torch.no_grad():
+                norm.weight.uniform_(0.5, 1.5)
+                norm.bias.normal_(0.0, 0.3)
+            conv = GatedConv2d(6, 4, 3, padding=1, bias=False, gate_groups=3, p_init=0.3, backend=backend)
+            holder = nn.Module()
+            holder.norm, holder.conv = norm, conv
+            set_gates(holder, "relaxed", seed=SEED, step=5)
+            xi = x.clone().requires_grad_()
+            out = norm_relu_conv(norm, conv, xi) if fused else conv(F.relu(norm(xi)))
+            out.backward(torch.sin(out.detach()))
+            results.append((out, xi.grad, norm.weight.grad, conv.p_logit.grad))
+        assert rel_err(results[0][0], results[1][0]) < 1e-5, backend
+        for name, a, b in zip(("x", "bn weight", "p_logit"), results[0][1:], results[1][1:]):
+            assert rel_err(a, b) < 1e-4, (backend, name)
+
+
 def test_norm_relu_conv_in_training_has_first_derivatives_only():
     """The fused training path's backward is a kernel plus BatchNorm's statistics: with create_graph=True
     its first derivatives are the usual ones, and differentiating them again raises, whichever input

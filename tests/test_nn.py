@@ -133,7 +133,7 @@ def test_gate_groups(gate_groups, sizes, kind):
     assert list(layer.state_dict().keys()) == ["weight", "bias", "p_logit", "posterior_index"]
 
 
-@pytest.mark.parametrize("gate_groups", [0, -2, [2, 5], [], [0, 8], [-1, 9], [4, 4, 1]])
+@pytest.mark.parametrize("gate_groups", [0, -2, [2, 5], [], [0, 8], [-1, 9], [4, 4, 1], True, False])
 def test_bad_gate_groups(gate_groups):
     with pytest.raises(ValueError, match="gate_groups"):
         GatedConv2d(8, 4, 3, gate_groups=gate_groups)

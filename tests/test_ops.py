@@ -1249,6 +1249,12 @@ BAD_CALLS = [
                                                   n_train=10), ValueError, r"weights\[0\]"),
     ("reg weight int", lambda: pf.ops.regularizer([CONV.long()], [torch.randn(3)], weight_reg=1.0, drop_reg=1.0,
                                                   n_train=10), TypeError, r"weights\[0\]"),
+    ("reg weight no outputs", lambda: pf.ops.regularizer([torch.randn(0, 3, 3, 3)], [torch.randn(3)], weight_reg=1.0,
+                                                         drop_reg=1.0, n_train=10), ValueError,
+     r"weights\[0\] must have no empty dims, got shape \(0, 3, 3, 3\)"),
+    ("reg weight no inputs", lambda: pf.ops.regularizer([torch.randn(4, 0, 3, 3)], [torch.randn(3)], weight_reg=1.0,
+                                                        drop_reg=1.0, n_train=10), ValueError,
+     r"weights\[0\] must have no empty dims, got shape \(4, 0, 3, 3\)"),
 ]
 
 

@@ -578,6 +578,8 @@ def test_rank_study_and_export_read_the_best_checkpoint_when_asked(capsys, run_d
     assert (study["checkpoint"], study["checkpoint_epoch"]) == ("best", 2)
     markdown = (run / "study-default" / "study.md").read_text()
     assert "(of 3; checkpoint-best.pt, the lowest training objective)" in markdown
+    assert main(["train", str(run), "--candidate", "3", "--checkpoint", "best", "--epochs", "1", "--quiet"]) == 0
+    assert "\n  checkpoint: checkpoint-best.pt, of epoch 2 (the lowest training objective)\n" in capsys.readouterr().out
     (run / "checkpoint-best.pt").unlink()
     code, captured = _rank_cli(capsys, run, "--candidates", 2, "--tag", "gone", "--checkpoint", "best")
     assert code == 2 and "checkpoint-best.pt' is missing: the run has no best checkpoint" in captured.err

@@ -566,10 +566,19 @@ def test_a_damaged_training_checkpoint_is_a_clear_error(run):
     state = torch.load(path, weights_only=False)
     for damaged, message in (({**state, "epoch": "1"}, "is not a candidate training's checkpoint"),
                              ({**state, "epoch": 9}, "is not a candidate training's checkpoint"),
-                             ({**state, "model": {}}, "does not fit candidate .*'s training .* train afresh")):
+                             ({**state, "model": {}}, "does not fit candidate .*'s training .* train afresh"),
+                             ({k: v for k, v in state.items() if k != "settings"},
+                              "is not a candidate training's checkpoint"),
+                             ([1, 2], r"is not a pgnas-fast checkpoint \(no model state in it\)")):
         torch.save(damaged, path)
         with pytest.raises(RunError, match=message):
             train_candidate(run, epochs=2, tag="t", resume=True, progress=False)
+    # the log beside it, damaged (not text): its epochs are missing
+    torch.save(state, path)
+    (run / "train-t" / "train_log.jsonl").write_bytes(b"\xff\xfe")
+    with pytest.raises(RunError, match=r"train_log.jsonl' holds 0 epoch\(s\), but candidate-checkpoint.pt is of "
+                                       r"epoch 2: restore it, or train afresh \(--overwrite\)"):
+        train_candidate(run, epochs=2, tag="t", resume=True, progress=False)
 
 
 def test_a_diverged_training_says_so(run, capsys, monkeypatch):

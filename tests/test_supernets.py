@@ -353,6 +353,31 @@ def test_the_two_path_shortcut_s_second_path_reads_the_pixels_the_first_skips():
     torch.testing.assert_close(out[0, 1], 2 * torch.tensor([[6.0, 8.0], [14.0, 16.0]]))  # x[1::2, 1::2]
 
 
+def test_blocks_of_widths_they_cannot_split_are_refused():
+    from pgnas_fast.supernets.resnet import InflatedConv
+
+    with pytest.raises(ValueError, match="two-path shortcut needs an even output width, got 7"):
+        TwoPathShortcut(4, 7, 2, {})
+    with pytest.raises(ValueError, match="inflated conv needs an output width divisible by 4, got 6"):
+        InflatedConv(6, 6, 1, {})
+
+
+def test_drop_path_in_training_needs_its_random_stream():
+    drop = DropPath(0.5).train()
+    drop.drop_prob = 0.3  # (what EnasSupernet sets from the training's progress)
+    with pytest.raises(RuntimeError, match=r"DropPath in training mode needs set_gates\(model, 'relaxed'"):
+        drop(torch.randn(2, 3, 4, 4))
+    x = torch.randn(2, 3, 4, 4)
+    assert drop.eval()(x) is x and "layer_scale=0.500, drop_prob=0.300" in repr(drop)
+
+
+@pytest.mark.parametrize("input_size", [(3, 8, 8, 8), (8,)])
+def test_a_size_of_neither_two_nor_three_numbers_is_refused(input_size):
+    message = f"input_size must be an int, (H, W) or (C, H, W), got {input_size!r}"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        describe(supernets.create("digits-tiny"), input_size)
+
+
 def test_unbuildable_settings_are_refused_when_the_network_is_built():
     with pytest.raises(ValueError, match=r"drop_path_keep_prob must be in \(0, 1\], got 0.0"):
         EnasSupernet(filters=4, num_layers=3, drop_path_keep_prob=0.0)

@@ -77,8 +77,8 @@ def _has_pattern(split_pattern) -> bool:
 
 
 def _is_channel_count(n) -> bool:
-    """A whole number >= 1 (python, numpy or 0-dim tensor; not a bool)."""
-    if isinstance(n, bool):
+    """A whole number >= 1 (python, numpy or 0-dim tensor; not a bool, nor a string of digits)."""
+    if isinstance(n, bool) or not isinstance(n, (numbers.Real, torch.Tensor)):
         return False
     try:
         value = float(n)

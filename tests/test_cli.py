@@ -862,3 +862,17 @@ def test_a_protocol_is_named_by_its_own_changes_not_by_derived_keys():
     assert _changes(derived) == {"epochs": 5}
     assert _changes({**derived, "kl_warmup_epochs": 3}) == {"epochs": 5, "kl_warmup_epochs": 3}
     assert _changes(configs.resolve("digits-tiny")) == {} and _changes({"preset": "nope"}) is None
+
+
+def test_the_ranking_settings_a_refused_resume_names_are_rank_s_options():
+    """search.run.RANK_OPTIONS: the advice of a resume refused for ranking settings is a command rank takes."""
+    from pgnas_fast.cli import _build_parser
+    from pgnas_fast.search.run import RANK_OPTIONS
+
+    values = {"candidates": "9", "ranking": "racing", "racing_eta": "3", "racing_first_share": "0.25",
+              "max_params": "1000", "max_macs": "2000"}
+    assert set(RANK_OPTIONS) == set(values) and set(values) <= set(configs.resolve("digits-tiny"))
+    argv = ["rank", "RUN"] + [part for key in values for part in (RANK_OPTIONS[key], values[key])]
+    args = vars(_build_parser().parse_args(argv))
+    assert [args[name] for name in ("candidates", "strategy", "eta", "first_share", "max_params", "max_macs")] == \
+        [9, "racing", 3, 0.25, 1000, 2000]

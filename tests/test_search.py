@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import statistics
 
@@ -265,8 +266,23 @@ def test_resume_refuses_another_config(finished_run, tmp_path):
     (tmp_path / "checkpoint.pt").write_bytes((out / "checkpoint.pt").read_bytes())
     with pytest.raises(RunError, match=r"another config or seed: lr 0\.05 \(now 0\.01\)\. Resume"):
         run_search(small_config(lr=0.01), seed=3, out_dir=tmp_path, resume=True, progress=False)
-    with pytest.raises(RunError, match=r"another config or seed: seed 3 \(now 4\)\. Resume"):
+    with pytest.raises(RunError, match=r"another config or seed: seed 3 \(now 4\)\. Resume with the same ones$"):
         run_search(small_config(), seed=4, out_dir=tmp_path, resume=True, progress=False)
+    # settings of the ranking alone: `rank` takes them without training again
+    with pytest.raises(RunError, match=re.escape(
+            "candidates 6 (now 9); max_macs 0 (now 500000). Resume with the same ones; these are ranking settings: "
+            f"once the search has finished, `pgnas-fast rank {tmp_path} --candidates 9 --max-macs 500000` ranks its "
+            "posterior with them, without training again")):
+        run_search(small_config(candidates=9, max_macs=500_000), seed=3, out_dir=tmp_path, resume=True, progress=False)
+    with pytest.raises(RunError, match=re.escape("racing_eta 4 (now 3); ranking 'exhaustive' (now 'racing'). Resume "
+                                                 f"with the same ones; these are ranking settings: once the search has "
+                                                 f"finished, `pgnas-fast rank {tmp_path} --eta 3 --strategy racing`")):
+        run_search(small_config(ranking="racing", racing_eta=3), seed=3, out_dir=tmp_path, resume=True,
+                   progress=False)
+    # with a training setting among them, or racing's settings for an exhaustive ranking: no such advice
+    for changes in ({"candidates": 9, "lr": 0.01}, {"racing_eta": 3}):
+        with pytest.raises(RunError, match=r"Resume with the same ones$"):
+            run_search(small_config(**changes), seed=3, out_dir=tmp_path, resume=True, progress=False)
 
 
 def test_a_run_of_an_older_version_resumes_and_reads_with_newer_config_keys(finished_run, tmp_path):

@@ -388,6 +388,11 @@ def run_search(config: dict, *, seed: int, out_dir: str | Path, device: str = "c
             leave()
 
 
+# the config keys only the ranking reads, as `pgnas-fast rank` takes them (a search's resume refuses changes)
+RANK_OPTIONS = {"candidates": "--candidates", "ranking": "--strategy", "racing_eta": "--eta",
+                "racing_first_share": "--first-share", "max_params": "--max-params", "max_macs": "--max-macs"}
+
+
 def config_changes(trained: dict, now: dict) -> list[str]:
     """changed_settings between two runs' {config, seed}, each config resolved first, so that a key one
     of them lacks (written by a version older than the key) counts at its default, the value that
@@ -409,8 +414,15 @@ def _check_resumable(checkpoint_path: Path, state: dict, run_config: dict, world
     statistics, so the steps would differ; ranking gives the same table at any count)."""
     started = state["run_config"]
     if started != run_config and (changed := config_changes(started, run_config)):
-        raise RunError(f"{checkpoint_path} was written by another config or seed: {'; '.join(changed)}. Resume "
-                       "with the same ones")
+        message = (f"{checkpoint_path} was written by another config or seed: {'; '.join(changed)}. Resume with the "
+                   "same ones")
+        keys = {change.split(" ", 1)[0] for change in changed}
+        unused_racing = {"racing_eta", "racing_first_share"} & keys and run_config["config"]["ranking"] != "racing"
+        if keys <= RANK_OPTIONS.keys() and not unused_racing:  # (rank refuses racing's settings for exhaustive)
+            options = " ".join(f"{RANK_OPTIONS[key]} {run_config['config'][key]}" for key in sorted(keys))
+            message += (f"; these are ranking settings: once the search has finished, `pgnas-fast rank "
+                        f"{checkpoint_path.parent} {options}` ranks its posterior with them, without training again")
+        raise RunError(message)
     trained_by = state.get("world_size", world)  # (checkpoints older than this check hold none)
     config = run_config["config"]
     if trained_by != world and state["epoch"] < config["epochs"] and not config["sync_bn"]:

@@ -861,7 +861,7 @@ def _doctor(_args) -> int:
     print(f"threads: torch {torch.get_num_threads()}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, "
           f"cpus {os.cpu_count()}")
     print(f"cpu kernels: {torch.backends.cpu.get_cpu_capability()} (the instruction set torch's CPU kernels were "
-          "chosen for: runs on another round in another order)")
+          "chosen for: kernels chosen for another may round their sums in another order)")
     try:
         print(f"backend selection: {selected()}")
     except ValueError as err:  # a bad PGNAS_FAST_BACKEND: the diagnosis goes on

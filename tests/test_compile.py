@@ -92,3 +92,77 @@ def test_a_compiled_training_loop_compiles_twice_under_dynamic_streams(backend, 
             expected = loss_fn(x, y)
             assert torch.equal(compiled(x, y), expected), step
             assert len(graphs) == min(step + 1, 2), step
+
+
+def _traced_equals_eager(module, shape):
+    """torch.jit.trace of `module` on one input equals the module on another (the trace recorded the ops, not
+    their outputs)."""
+    import warnings
+
+    generator = torch.Generator().manual_seed(5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        traced = torch.jit.trace(module, torch.randn(shape, generator=generator))
+    other = torch.randn(shape, generator=generator) * 2 + 0.3
+    with torch.no_grad():
+        torch.testing.assert_close(traced(other), module(other), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("posterior", ["concrete", "gaussian"])
+@pytest.mark.parametrize("mode", ["hard", "full"])
+def test_jit_trace_records_the_ops_of_a_candidate_and_the_full_network(backend, posterior, mode):
+    from pgnas_fast import supernets
+    from pgnas_fast.nn import set_posterior
+
+    if not pf.backends()[backend][0]:
+        pytest.skip(pf.backends()[backend][1])
+    torch.manual_seed(0)
+    model = supernets.create("digits-tiny", in_channels=3).eval()
+    set_posterior(model, posterior)
+    set_gates(model, mode, **({"seed": 0, "candidate": 5} if mode == "hard" else {}))
+    with pf.use_backend(backend):
+        _traced_equals_eager(model, (3, 3, 8, 8))
+
+
+def test_jit_trace_takes_the_drop_in_conv_with_loaded_noise():
+    from pgnas_fast.compat import Conv2d_with_CD
+
+    torch.manual_seed(0)
+    conv = Conv2d_with_CD(6, 4, 3, deterministic=True, split=2, split_pattern=[2, 4])
+    with torch.no_grad():
+        conv.p_logit.copy_(torch.tensor([0.3, -0.4]))
+        conv.unif_noise_variable.uniform_()
+    _traced_equals_eager(conv, (2, 6, 7, 7))
+
+
+def test_jit_trace_refuses_random_gates_instead_of_freezing_them():
+    """A trace records the seed and stream as constants: it would draw the same gates on every call."""
+    from pgnas_fast import supernets
+    from pgnas_fast.compat import Conv2d_with_CD, Linear_with_CD
+    from pgnas_fast.nn import set_posterior
+
+    relaxed = supernets.create("digits-tiny").train()
+    set_gates(relaxed, "relaxed", seed=0, step=1)
+    gaussian = supernets.create("digits-tiny").train()
+    set_posterior(gaussian, "gaussian")
+    set_gates(gaussian, "relaxed", seed=0, step=1)
+    class Shaken(torch.nn.Module):  # shake-shake's branch weights in training
+        def __init__(self):
+            super().__init__()
+            self.combine = ShakeShake()
+
+        def forward(self, x):
+            return self.combine([x, 2 * x], skip=x)
+
+    shaken = Shaken().train()
+    set_gates(shaken, "relaxed", seed=0, step=1)
+    cases = [(relaxed, (2, 1, 8, 8), r"mode='relaxed' \(gates drawn afresh from seed and stream\) cannot be traced"),
+             (shaken, (2, 3, 4, 4), r"philox_uniform \(random numbers of seed and stream\) cannot be traced"),
+             (gaussian, (2, 1, 8, 8), r"cannot be traced"),
+             (Conv2d_with_CD(3, 4, 3, deterministic=False), (2, 3, 5, 5), r"mode='relaxed' .* cannot be traced"),
+             (Linear_with_CD(3, 4), (2, 3), r"mode='relaxed' .* cannot be traced")]
+    for module, shape, message in cases:
+        with pytest.raises(RuntimeError, match=message + ": torch.jit.trace would record its seed and stream as "
+                                                          "constants"):
+            torch.jit.trace(module, torch.randn(shape))

@@ -181,8 +181,10 @@ class Conv2d_with_CD(nn.Conv2d):  # noqa: N801 (the authors' name)
             # drop iff u + p >= 1 (the authors' floor(u + p)) with the loaded noise u
             p = torch.sigmoid(z).view(1, -1, 1, 1)
             keep = (self.unif_noise_variable + p < 1.0).to(x.dtype)
-            if torch.is_grad_enabled() and p.requires_grad:  # floor's gradient: zero, not none (momentum
-                keep = keep + (0.0 * (p - p.detach())).to(x.dtype)  # and hooks see p_logit, as the authors')
+            # floor's gradient: zero, not none (momentum and hooks see p_logit, as the authors'); not in a
+            # trace, which is for inference (torch.jit.trace's check runs it again without grad)
+            if torch.is_grad_enabled() and p.requires_grad and not torch.jit.is_tracing():
+                keep = keep + (0.0 * (p - p.detach())).to(x.dtype)
             return x * keep
         return ops.gated_apply(x, gate_precision(z), seed=_fresh_seed(), stream=_COMPAT_STREAM, tau=self._temp,
                                backend=self.backend)

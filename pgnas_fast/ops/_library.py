@@ -46,12 +46,13 @@ def call(name: str, *args):
     Eager calls skip the torch.library dispatcher, which costs more host time than a small op's GPU
     kernel (on the 2-core CPU machine about 30 us a call, 100 us a call with autograd, forward and
     backward): they run the op's body, through `_Eager` when a gradient is wanted, with the same
-    formulas as the custom op's autograd. Under torch.compile or export, inside a TorchDispatchMode
+    formulas as the custom op's autograd. Under torch.compile, export or torch.jit.trace (which would
+    otherwise record the op's outputs as constants), inside a TorchDispatchMode
     (fake tensors, FLOP counters) and under torch.func transforms, the custom op runs: the graph holds
     one opaque op (torch's custom-op autograd does not support torch.func's gradient transforms, grad,
     jacrev, hessian: they raise).
     """
-    if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
+    if (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._len_torch_dispatch_stack() > 0
             or torch._C._are_functorch_transforms_active()):
         return _custom[name](*args)
     if name in _autograd and torch.is_grad_enabled() and any(t.requires_grad for t in _tensors(args)):

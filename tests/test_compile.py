@@ -136,8 +136,9 @@ def test_jit_trace_takes_the_drop_in_conv_with_loaded_noise():
     _traced_equals_eager(conv, (2, 6, 7, 7))
 
 
-def test_jit_trace_refuses_random_gates_instead_of_freezing_them():
-    """A trace records the seed and stream as constants: it would draw the same gates on every call."""
+def test_jit_trace_and_export_refuse_random_gates_instead_of_freezing_them():
+    """A trace or an exported program records the seed and stream as constants: it would draw the same gates
+    on every call."""
     from pgnas_fast import supernets
     from pgnas_fast.compat import Conv2d_with_CD, Linear_with_CD
     from pgnas_fast.nn import set_posterior
@@ -163,6 +164,7 @@ def test_jit_trace_refuses_random_gates_instead_of_freezing_them():
              (Conv2d_with_CD(3, 4, 3, deterministic=False), (2, 3, 5, 5), r"mode='relaxed' .* cannot be traced"),
              (Linear_with_CD(3, 4), (2, 3), r"mode='relaxed' .* cannot be traced")]
     for module, shape, message in cases:
-        with pytest.raises(RuntimeError, match=message + ": torch.jit.trace would record its seed and stream as "
-                                                          "constants"):
-            torch.jit.trace(module, torch.randn(shape))
+        for trace in (torch.jit.trace, torch.export.export):
+            with pytest.raises(RuntimeError, match=message + ": torch.jit.trace and torch.export would record its "
+                                                              "seed and stream as constants"):
+                trace(module, (torch.randn(shape),))

@@ -35,6 +35,7 @@ __all__ = [
     "backends",
     "branch_combine",
     "candidate_keep",
+    "check_not_traced",
     "gate_keep",
     "gated_apply",
     "gated_copies",
@@ -107,14 +108,14 @@ def _check_same_device(reference_name: str, reference: torch.Tensor, **others) -
             raise ValueError(f"{name} is on {t.device} but {reference_name} is on {reference.device}")
 
 
-def _check_not_traced(what: str) -> None:
-    """torch.jit.trace records Python numbers as constants: a traced random draw would be the same
-    on every call of the traced module, silently."""
-    if torch.jit.is_tracing():
-        raise RuntimeError(f"{what} cannot be traced: torch.jit.trace would record its seed and stream as "
-                           "constants and draw the same numbers on every call. Trace in eval mode with gates 'full' "
-                           "or 'hard' (pgnas_fast.nn.set_gates; the drop-in layers with deterministic=True), or "
-                           "use torch.compile")
+def check_not_traced(what: str) -> None:
+    """torch.jit.trace and torch.export record Python numbers as constants: a random draw in their graph
+    would be the same on every call, silently (torch.compile guards them instead, and compiles anew)."""
+    if torch.jit.is_tracing() or torch.compiler.is_exporting():
+        raise RuntimeError(f"{what} cannot be traced: torch.jit.trace and torch.export would record its seed and "
+                           "stream as constants and draw the same numbers on every call. Trace or export in eval "
+                           "mode with gates 'full' or 'hard' (pgnas_fast.nn.set_gates; the drop-in layers with "
+                           "deterministic=True), or use torch.compile")
 
 
 def _check_gate_args(p_logit, tau: float, mode: str, seed: int, stream: int) -> None:
@@ -123,14 +124,14 @@ def _check_gate_args(p_logit, tau: float, mode: str, seed: int, stream: int) -> 
     if mode not in GATE_MODES:
         raise ValueError(f"mode must be one of {', '.join(GATE_MODES)}; got {mode!r}")
     if mode == "relaxed":
-        _check_not_traced("mode='relaxed' (gates drawn afresh from seed and stream)")
+        check_not_traced("mode='relaxed' (gates drawn afresh from seed and stream)")
     _check_rng(seed, stream)
 
 
 # ---- the op set -----------------------------------------------------------------------------------
 def philox_uniform(n: int, *, seed: int, stream: int, offset: int = 0, device="cpu", backend: str | None = None):
     """float32 [n]: u of elements offset .. offset + n - 1 of (seed, stream); 0 < u < 1."""
-    _check_not_traced("philox_uniform (random numbers of seed and stream)")
+    check_not_traced("philox_uniform (random numbers of seed and stream)")
     _check_int("n", n, 0)
     _check_rng(seed, stream)
     _check_int("offset", offset, 0, SEED_LIMIT)
@@ -369,7 +370,7 @@ def gaussian_noise(mu, var, *, seed: int, stream: int, offset: int = 0, backend=
             f"var must have the shape and dtype of mu ({tuple(mu.shape)}, {mu.dtype}), got {tuple(var.shape)}, {var.dtype}"
         )
     _check_same_device("mu", mu, var=var)
-    _check_not_traced("gaussian_noise (normals of seed and stream)")
+    check_not_traced("gaussian_noise (normals of seed and stream)")
     _check_rng(seed, stream)
     _check_int("offset", offset, 0, SEED_LIMIT)
     if offset + mu.numel() > SEED_LIMIT:

@@ -610,6 +610,30 @@ def test_negative_or_nan_regularisation_strengths_are_refused(value):
                 layer(**{name: value})
 
 
+def test_a_zero_regularisation_strength_switches_its_term_off():
+    """0 is a strength like any other (a run without weight decay or without the entropy term): KLreg is then
+    the other term alone, for either layer."""
+    torch.manual_seed(4)
+    for weight_reg, drop_reg in ((0.0, 2.0), (150.0, 0.0), (0, 0)):
+        conv = Conv2d_with_CD(5, 3, 3, deterministic=False, weight_reg=weight_reg, drop_reg=drop_reg, p_init=0.3)
+        expected = conv_klreg_oracle(conv.weight.detach(), conv.p_logit.detach().expand(5), weight_reg, drop_reg)
+        torch.testing.assert_close(conv.KLreg.double(), expected, rtol=1e-5, atol=0)
+        lin = Linear_with_CD(4, 3, weight_reg=weight_reg, drop_reg=drop_reg, p_init=0.3)
+        expected = linear_klreg_authors_oracle(lin.weight.detach().double(), lin.p_logit.detach().double(),
+                                               weight_reg, drop_reg)
+        torch.testing.assert_close(lin.KLreg.double(), expected, rtol=1e-5, atol=0)
+    assert Conv2d_with_CD(5, 3, 3, deterministic=False, weight_reg=0.0, drop_reg=0.0).KLreg.item() == 0.0
+
+
+@pytest.mark.parametrize("value", [True, False, torch.tensor(True)])
+def test_boolean_strengths_and_p_init_are_refused(value):
+    """A bool is no number of the authors' (True would have been taken as 1.0, False as 0.0): refused by name."""
+    for name in ("weight_reg", "drop_reg", "p_init"):
+        for layer in (lambda **k: Conv2d_with_CD(3, 2, 1, **k), lambda **k: Linear_with_CD(3, 2, **k)):
+            with pytest.raises(TypeError, match=f"{name} must be a real number, got bool"):
+                layer(**{name: value})
+
+
 def test_split_expansion_reads_entries_0_and_1_only():
     """[2, 4, 3, 5] sums to 14 but the authors' expansion is 2 + 4 + 4 + 4: later groups use entry 1."""
     m = Conv2d_with_CD(14, 2, 1, deterministic=False, split=4, split_pattern=[2, 4, 3, 5])

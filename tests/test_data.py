@@ -547,6 +547,13 @@ def test_a_held_out_split_as_large_as_the_training_set_is_a_data_error(imagenet,
         load_cifar(tmp_path, heldout=100000)
 
 
+def test_a_negative_held_out_size_is_a_data_error(imagenet):
+    """(named as the config's heldout_size, like a too large one; not the carve's bare ValueError)"""
+    root, _ = imagenet
+    with pytest.raises(DataError, match="heldout_size=-1 "):
+        load_imagenet_index(root, heldout=-1)
+
+
 def test_tensor_feed_augments_each_image_with_its_own_draws_of_the_epoch():
     """prepare_train gets each batch's images with their rows of the epoch's draws (by image index, not by
     position in the epoch); without prepare_train nothing is drawn."""
@@ -638,6 +645,24 @@ def test_random_resized_crop_box_stays_inside_with_the_right_area_and_aspect():
     assert random_resized_crop_box(1000, 10, gen(0)) == (493, 0, 13, 10)
 
 
+def test_random_resized_crops_may_span_the_whole_width_or_height():
+    """A drawn box as wide (or as tall) as the image fits, as torchvision's RandomResizedCrop takes it: such
+    crops are drawn, not only the fallback's whole image."""
+    width, height = 40, 32
+    boxes = [random_resized_crop_box(width, height, gen(s)) for s in range(2000)]
+    assert any(w == width and h < height for _, _, w, h in boxes)
+    assert any(h == height and w < width for _, _, w, h in boxes)
+
+
+def test_random_resized_crop_positions_cover_every_offset_both_edges_included():
+    """A 10 x 10 box in a 20 x 20 image sits at any of the 11 offsets per axis, the last (touching the right or
+    bottom edge) included."""
+    g = gen(0)
+    boxes = [random_resized_crop_box(20, 20, g, scale=(0.25, 0.25), ratio=(1.0, 1.0)) for _ in range(400)]
+    assert {(w, h) for _, _, w, h in boxes} == {(10, 10)}
+    assert {left for left, _, _, _ in boxes} == set(range(11)) and {top for _, top, _, _ in boxes} == set(range(11))
+
+
 def _gradient(path, width, height):
     """x in red, y in green, constant blue: geometry shows in the values."""
     from PIL import Image
@@ -710,6 +735,35 @@ def test_wide_images_are_scaled_to_8_bits_and_float_ones_refused(tmp_path):
             ImageFolderDataset([str(tmp_path / name)], [0], train=False, size=16, resize=18)[0]
 
 
+def test_sixteen_bit_levels_become_their_eight_bit_levels_white_included(tmp_path):
+    """v * 257 (16 bits) is v (8 bits): 65535 is white (255), not a value past 255 wrapped to black."""
+    from PIL import Image
+
+    for level in (0, 1, 128, 254, 255):
+        Image.fromarray(np.full((24, 20), level * 257, dtype=np.uint16)).save(tmp_path / f"{level}.png")
+        for image in (load_eval_image(str(tmp_path / f"{level}.png"), 16, 18),
+                      load_train_image(str(tmp_path / f"{level}.png"), gen(1), size=16)):
+            assert image.shape == (3, 16, 16) and bool((image == level).all()), level
+
+
+def test_a_crop_draft_mode_would_decode_below_the_output_size_is_decoded_whole(tmp_path):
+    """JPEG draft mode may only decode at 1/2 when the crop keeps at least `size` pixels there: a 31-pixel crop
+    of a 60 x 60 JPEG for a 16-pixel output (15.5 pixels at 1/2) is read from the fully decoded image."""
+    from PIL import Image
+
+    xs = np.linspace(0, 255, 60)[None, :].repeat(60, 0)
+    noise = np.random.default_rng(0).integers(0, 256, (60, 60))
+    Image.fromarray(np.stack([xs, xs.T, noise], -1).astype(np.uint8)).save(tmp_path / "g.JPEG", quality=95)
+    scale, ratio = (961 / 3600, 961 / 3600), (1.0, 1.0)  # a 31 x 31 box
+    for seed in range(3):
+        left, top, w, h = random_resized_crop_box(60, 60, gen(seed), scale, ratio)
+        assert (w, h) == (31, 31)
+        out = load_train_image(str(tmp_path / "g.JPEG"), gen(seed), size=16, scale=scale, ratio=ratio, flip=False)
+        with Image.open(tmp_path / "g.JPEG") as image:
+            whole = image.convert("RGB").resize((16, 16), Image.Resampling.BILINEAR, box=(left, top, left + w, top + h))
+        assert torch.equal(out, torch.from_numpy(np.array(whole)).permute(2, 0, 1))
+
+
 def test_every_class_needs_training_and_held_out_images(tmp_path):
     write_imagenet(tmp_path, classes=("a", "b", "c", "d"), train_per_class=3, val_per_class=1)
     assert load_imagenet_index(tmp_path, heldout=4).sizes() == {"train": 8, "heldout": 4, "val": 4}
@@ -746,6 +800,13 @@ def test_dataset_reports_an_unreadable_image(tmp_path):
         ImageFolderDataset([str(tmp_path / "bad.JPEG")], [0], train=True)[0]
 
 
+def test_dataset_refuses_files_and_labels_of_different_lengths(imagenet):
+    root, _ = imagenet
+    files, labels = load_imagenet_index(root, heldout=3).val
+    with pytest.raises(ValueError, match="6 files but 5 labels"):
+        ImageFolderDataset(files, labels[:-1], train=False)
+
+
 def test_loader_batches_are_channels_last_and_independent_of_workers(imagenet):
     root, _ = imagenet
     index = load_imagenet_index(root, heldout=3)
@@ -774,6 +835,33 @@ def test_loader_batches_are_channels_last_and_independent_of_workers(imagenet):
     batches = list(val)
     assert [len(y) for _, y in batches] == [4, 2]
     assert torch.equal(torch.cat([y for _, y in batches]), torch.from_numpy(index.val[1]))
+
+
+def test_each_image_of_an_epoch_draws_its_own_crop_and_flip(tmp_path):
+    """The sampler's per-image seeds differ within an epoch: one file listed eight times comes out as eight
+    different training crops in one batch (one seed for the whole epoch would give eight copies)."""
+    path = tmp_path / "g.png"
+    _gradient(path, 300, 200)
+    loader = imagenet_loader([str(path)] * 8, np.zeros(8, dtype=np.int64), train=True, batch_size=8, num_workers=0,
+                             seed=3, size=32)
+    (images, _), = list(loader)
+    assert len({image.numpy().tobytes() for image in images}) == 8
+    seeds = [seed for _, seed in loader.sampler]
+    assert len(set(seeds)) == 8
+
+
+def test_loader_drop_last_overrides_the_split_s_default(imagenet):
+    """train drops the last partial batch and evaluation keeps it, unless drop_last says otherwise."""
+    root, _ = imagenet
+    index = load_imagenet_index(root, heldout=3)  # 15 training images, 6 validation ones
+
+    def sizes(files, labels, **kwargs):
+        return [len(y) for _, y in imagenet_loader(files, labels, batch_size=4, num_workers=0, size=32, **kwargs)]
+
+    assert sizes(*index.train, train=True) == [4, 4, 4]
+    assert sizes(*index.train, train=True, drop_last=False) == [4, 4, 4, 3]
+    assert sizes(*index.val, train=False) == [4, 2]
+    assert sizes(*index.val, train=False, drop_last=True) == [4]
 
 
 # ---- CIFAR on the CPU: DataLoader workers augmenting image by image ----

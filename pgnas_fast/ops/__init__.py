@@ -108,7 +108,7 @@ def _check_same_device(reference_name: str, reference: torch.Tensor, **others) -
             raise ValueError(f"{name} is on {t.device} but {reference_name} is on {reference.device}")
 
 
-def check_not_traced(what: str) -> None:
+def check_not_traced(what: str = "mode='relaxed' (gates drawn afresh from seed and stream)") -> None:
     """torch.jit.trace and torch.export record Python numbers as constants: a random draw in their graph
     would be the same on every call, silently (torch.compile guards them instead, and compiles anew)."""
     if torch.jit.is_tracing() or torch.compiler.is_exporting():
@@ -124,7 +124,7 @@ def _check_gate_args(p_logit, tau: float, mode: str, seed: int, stream: int) -> 
     if mode not in GATE_MODES:
         raise ValueError(f"mode must be one of {', '.join(GATE_MODES)}; got {mode!r}")
     if mode == "relaxed":
-        check_not_traced("mode='relaxed' (gates drawn afresh from seed and stream)")
+        check_not_traced()
     _check_rng(seed, stream)
 
 

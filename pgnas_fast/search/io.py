@@ -25,14 +25,20 @@ class RunError(ValueError):
     """A run directory that cannot be used as asked (e.g. resuming with another config)."""
 
 
+def changed_keys(started: dict, now: dict, *, ignore: tuple[str, ...] = ()) -> list[str]:
+    """The keys whose value differs (or that one side lacks), in key order."""
+    return [key for key in sorted({*started, *now})
+            if key not in ignore and (key in started, started.get(key)) != (key in now, now.get(key))]
+
+
 def changed_settings(started: dict, now: dict, *, ignore: tuple[str, ...] = ()) -> list[str]:
-    """'key old (now new)' for every key whose value differs, in key order: what a refused resume names
-    ('unset' for a key that one side lacks, e.g. racing's eta against an exhaustive ranking)."""
+    """'key old (now new)' for every changed key (changed_keys): what a refused resume names ('unset' for a
+    key that one side lacks, e.g. racing's eta against an exhaustive ranking)."""
     def shown(settings: dict, key: str) -> str:
         return repr(settings[key]) if key in settings else "unset"
 
-    return [f"{key} {shown(started, key)} (now {shown(now, key)})" for key in sorted({*started, *now})
-            if key not in ignore and (key in started, started.get(key)) != (key in now, now.get(key))]
+    return [f"{key} {shown(started, key)} (now {shown(now, key)})"
+            for key in changed_keys(started, now, ignore=ignore)]
 
 
 _held_lock_fds: set[int] = set()  # the descriptors of the writer locks this process holds

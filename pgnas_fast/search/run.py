@@ -53,9 +53,10 @@ from .budget import (SIZES_DIRECTORY, Budget, BudgetError, SizeCache, candidate_
                      check_reachable, pareto_front, size_cache_key, within_budget)
 from .export import architecture_record
 from .feed import CifarLoaderFeed, LoaderFeed, TensorFeed, check_batchnorm_rows, check_shards
-from .io import (DATA_FILE, SEARCH_RANKINGS, RunError, changed_settings, check_data_record, complete_lines,
-                 data_dir_of, export_file_in, load_checkpoint, lock_is_held, other_data_note, read_jsonl,
-                 remove_interrupted_writes, save_checkpoint, write_data_record, write_json, write_jsonl, writer_lock)
+from .io import (DATA_FILE, SEARCH_RANKINGS, RunError, changed_keys, changed_settings, check_data_record,
+                 complete_lines, data_dir_of, export_file_in, load_checkpoint, lock_is_held, other_data_note,
+                 read_jsonl, remove_interrupted_writes, save_checkpoint, write_data_record, write_json, write_jsonl,
+                 writer_lock)
 from .materialize import materialize_all_channels
 from .parallel import SINGLE_PROCESS, Parallel, join, leave
 from .rank import (ProgressLog, accuracy, best_candidate, counted, first_round_cut, rank_candidates, round_ends,
@@ -393,19 +394,21 @@ RANK_OPTIONS = {"candidates": "--candidates", "ranking": "--strategy", "racing_e
                 "racing_first_share": "--first-share", "max_params": "--max-params", "max_macs": "--max-macs"}
 
 
-def config_changes(trained: dict, now: dict) -> list[str]:
-    """changed_settings between two runs' {config, seed}, each config resolved first, so that a key one
-    of them lacks (written by a version older than the key) counts at its default, the value that
-    version ran with: a run of an older version resumes, and is read, under a newer one."""
-    def resolved(run_config: dict) -> dict:
-        config = run_config.get("config") if isinstance(run_config.get("config"), dict) else {}
-        try:
-            config = configs.resolve(config["preset"], {k: v for k, v in config.items() if k != "preset"})
-        except (KeyError, TypeError, configs.ConfigError):
-            pass  # (compared as written)
-        return {**config, "seed": run_config.get("seed")}
+def _resolved_run_config(run_config: dict) -> dict:
+    """A run's {config, seed} as one dict, the config resolved, so that a key it lacks (written by a
+    version older than the key) counts at its default, the value that version ran with."""
+    config = run_config.get("config") if isinstance(run_config.get("config"), dict) else {}
+    try:
+        config = configs.resolve(config["preset"], {k: v for k, v in config.items() if k != "preset"})
+    except (KeyError, TypeError, configs.ConfigError):
+        pass  # (compared as written)
+    return {**config, "seed": run_config.get("seed")}
 
-    return changed_settings(resolved(trained), resolved(now))
+
+def config_changes(trained: dict, now: dict) -> list[str]:
+    """changed_settings between two runs' {config, seed}, each resolved first (_resolved_run_config): a
+    run of an older version resumes, and is read, under a newer one."""
+    return changed_settings(_resolved_run_config(trained), _resolved_run_config(now))
 
 
 def _check_resumable(checkpoint_path: Path, state: dict, run_config: dict, world: int) -> None:
@@ -416,7 +419,7 @@ def _check_resumable(checkpoint_path: Path, state: dict, run_config: dict, world
     if started != run_config and (changed := config_changes(started, run_config)):
         message = (f"{checkpoint_path} was written by another config or seed: {'; '.join(changed)}. Resume with the "
                    "same ones")
-        keys = {change.split(" ", 1)[0] for change in changed}
+        keys = set(changed_keys(_resolved_run_config(started), _resolved_run_config(run_config)))
         unused_racing = {"racing_eta", "racing_first_share"} & keys and run_config["config"]["ranking"] != "racing"
         if keys <= RANK_OPTIONS.keys() and not unused_racing:  # (rank refuses racing's settings for exhaustive)
             options = " ".join(f"{RANK_OPTIONS[key]} {run_config['config'][key]}" for key in sorted(keys))

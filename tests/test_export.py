@@ -280,7 +280,7 @@ def test_a_layer_that_keeps_nothing_and_a_grouped_conv():
     # with "dropped" keeping everything the grouped conv's masked output reaches the result
     kept = {**masks, "dropped": torch.ones(6)}
     subnet = _equals_the_hard_masked(net, kept, x)
-    assert isinstance(subnet.grouped, MaskedConv2d) and type(subnet.dropped) is torch.nn.Conv2d  # (no gather)
+    assert isinstance(subnet.grouped, MaskedConv2d) and type(subnet.dropped) is pf.nn.Conv2d  # (no gather)
     assert type(subnet.head) is torch.nn.Linear
 
 
@@ -311,7 +311,7 @@ def test_densenet_conv1_computes_only_what_conv2_reads():
     checked = 0
     for name, layer in subnet.named_modules():
         if type(layer).__name__ == "DenseLayer" and masks[f"{name}.conv1"].sum() > 0:
-            assert type(layer.conv2) is torch.nn.Conv2d  # the channel gather moved out of conv2 into conv1
+            assert type(layer.conv2) is pf.nn.Conv2d  # the channel gather moved out of conv2 into conv1
             assert layer.conv1.conv.out_channels == layer.conv2.in_channels == int(masks[f"{name}.conv2"].sum())
             checked += 1
     assert checked > 0

@@ -30,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import ops
+from ..nn.conv import Conv2d
 from ..nn.gated import check_conv_input, check_linear_input, gate_precision, logit
 from ..ops import FLOAT32_MAX
 from ..ops.dispatch import check_backend_name
@@ -121,8 +122,10 @@ def _neg_entropy_sum(p_logit: torch.Tensor, drop_reg: float, backend=None) -> to
     return ops.regularizer([no_weight], [p_logit], weight_reg=0.0, drop_reg=drop_reg, n_train=1.0, backend=backend)
 
 
-class Conv2d_with_CD(nn.Conv2d):  # noqa: N801 (the authors' name)
-    """nn.Conv2d with concrete dropout on its input channels; the authors' signature and state dict."""
+class Conv2d_with_CD(Conv2d):  # noqa: N801 (the authors' name)
+    """nn.Conv2d with concrete dropout on its input channels; the authors' signature and state dict. A
+    subclass of nn.Conv2d, as theirs, through nn.conv.Conv2d (clear of a oneDNN defect in strided 1x1 convs
+    on the CPU)."""
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
                  bias=True, weight_reg=10.0, drop_reg=1.0, p_init=1e-1, deterministic=True, debug=False,

@@ -1,5 +1,6 @@
 """Gated modules (design.md layer 4): gated conv/linear, branch combination, the regulariser."""
 from .combine import ShakeShake
+from .conv import Conv2d
 from .fused import norm_relu_conv, relu_gated_convs
 from .gated import (
     POSTERIORS,
@@ -24,6 +25,7 @@ from .gated import (
 
 __all__ = [
     "POSTERIORS",
+    "Conv2d",
     "GatedConv2d",
     "GatedInput",
     "GatedLinear",

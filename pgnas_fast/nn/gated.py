@@ -36,6 +36,7 @@ import torch.nn as nn
 from .. import ops
 from ..ops.dispatch import check_backend_name
 from ..ops.streams import Domain, stream_id
+from .conv import Conv2d
 
 
 def _group_sizes(channels: int, gate_groups: Sequence[int] | int | None, where: str) -> list[int]:
@@ -233,8 +234,9 @@ class GatedInput(nn.Module):
                 f"posterior={self.posterior}")
 
 
-class GatedConv2d(GatedInput, nn.Conv2d):
-    """nn.Conv2d whose input channels are gated (one drop logit per group of `gate_groups`)."""
+class GatedConv2d(GatedInput, Conv2d):
+    """nn.Conv2d whose input channels are gated (one drop logit per group of `gate_groups`); strided 1x1
+    convs with few channels run as nn.conv.Conv2d says (a oneDNN defect on the CPU)."""
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
                  bias=True, padding_mode="zeros", device=None, dtype=None, *, gate_groups=None, p_init=0.1, tau=0.2,

@@ -4,7 +4,8 @@
 - every gated conv/linear by one that gathers only its kept input channels and holds only their
   weights (`SlicedConv2d`, `SlicedLinear`; a grouped conv keeps its width and zeroes the dropped
   channels, `MaskedConv2d`; a layer that keeps nothing is deleted: `ZeroInput` returns its bias; one
-  that keeps every channel becomes the plain nn.Conv2d / nn.Linear);
+  that keeps every channel becomes a plain conv / nn.Linear; the convs are nn.conv.Conv2d, an
+  nn.Conv2d clear of a oneDNN defect in strided 1x1 convs on the CPU, which pruning makes more likely);
 - every stochastic module by its `evaluation_module()` (shake-shake: the mean of the branches in
   plain torch ops; drop-path: identity; a module of another kind is kept as it is, in eval mode),
 so the result equals the masked super-network in eval mode (outputs within float rounding), needs
@@ -36,6 +37,7 @@ import torch.nn as nn
 from ..nn import GatedConv2d, GatedLinear, StochasticModule, check_masks, gated_layers
 from ..nn.batchnorm import BATCHNORM_2D, batchnorm_after_conv, folded_into_conv, shared_modules
 from ..nn.combine import MeanCombine
+from ..nn.conv import Conv2d
 
 
 class SlicedConv2d(nn.Module):
@@ -44,8 +46,8 @@ class SlicedConv2d(nn.Module):
     def __init__(self, conv: nn.Conv2d, index: torch.Tensor):
         super().__init__()
         self.register_buffer("index", index.clone())
-        self.conv = _holding(nn.Conv2d(len(index), conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                                       conv.dilation, 1, conv.bias is not None, conv.padding_mode, device="meta"),
+        self.conv = _holding(Conv2d(len(index), conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                                    conv.dilation, 1, conv.bias is not None, conv.padding_mode, device="meta"),
                              conv.weight.index_select(1, index), conv.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -76,8 +78,8 @@ def _holding(layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) 
 def _plain_copy(layer: nn.Module) -> nn.Module:
     """A plain nn.Conv2d / nn.Linear with the gated layer's hyper-parameters and weights."""
     if isinstance(layer, GatedConv2d):
-        plain = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
-                          layer.dilation, layer.groups, layer.bias is not None, layer.padding_mode, device="meta")
+        plain = Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
+                       layer.dilation, layer.groups, layer.bias is not None, layer.padding_mode, device="meta")
     else:
         plain = nn.Linear(layer.in_features, layer.out_features, layer.bias is not None, device="meta")
     return _holding(plain, layer.weight, layer.bias)
@@ -174,12 +176,14 @@ class Gather(nn.Module):
         return x.index_select(-3, self.index)
 
 
+# the super-network's plain convs, and those materialize makes of gated ones (not a GatedConv2d: it is gated)
+PLAIN_CONVS = (nn.Conv2d, Conv2d)
 # the modules that act per channel of an NCHW map
 _CHANNELWISE = (*BATCHNORM_2D, nn.ReLU, nn.Identity)
 
 
 def _is_depthwise(m: nn.Module) -> bool:
-    return type(m) is nn.Conv2d and m.groups == m.in_channels == m.out_channels
+    return type(m) in PLAIN_CONVS and m.groups == m.in_channels == m.out_channels
 
 
 def _chains(container: nn.Module) -> list[list[str]]:
@@ -207,7 +211,7 @@ def _consumer(module: nn.Module) -> bool:
 
 def _producer(module: nn.Module) -> bool:
     """A module whose output channels can be sliced: a sliced or plain ungrouped conv."""
-    return isinstance(module, SlicedConv2d) or (type(module) is nn.Conv2d and module.groups == 1)
+    return isinstance(module, SlicedConv2d) or (type(module) in PLAIN_CONVS and module.groups == 1)
 
 
 def _slice_outputs(module: nn.Module, index: torch.Tensor) -> None:

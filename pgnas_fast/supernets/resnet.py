@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..nn import GatedConv2d
+from ..nn import Conv2d, GatedConv2d
 from . import check_sizes, register
 
 BRANCHES = ((1, 1), (3, 1), (3, 2), (5, 2))  # (kernel, dilation): fields 1, 3, 5, 9
@@ -53,7 +53,8 @@ class Bottleneck(nn.Module):
         self.bn3 = nn.BatchNorm2d(c_out)
         self.downsample = None
         if stride != 1 or c_in != c_out:
-            self.downsample = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm2d(c_out))
+            # (nn.conv.Conv2d: a strided 1x1 conv, which oneDNN gets wrong on the CPU below 16 input channels)
+            self.downsample = nn.Sequential(Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm2d(c_out))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))

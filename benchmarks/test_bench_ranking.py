@@ -1,5 +1,7 @@
 """Ranking speed on the digits preset, on CPU: candidates/s of the batched, sequential and reload
-(the authors' procedure) evaluators, of the batched one in either evaluation layout, and the images
+(the authors' procedure: model rebuilt, checkpoint reloaded and data read again per candidate, as
+`pgnas-fast rank --evaluator reload` does; `reload-resident` keeps the data resident, to show what each
+part costs) evaluators, of the batched one in either evaluation layout, and the images
 racing saves at 1000 candidates; and on SupNet-E, batched passes with and without the CPU's pass
 budget (search.rank.CPU_PASS_BYTES) against sequential.
 
@@ -15,7 +17,7 @@ from pgnas_fast import configs
 from pgnas_fast.search import run_search
 from pgnas_fast.search.host import keep_freed_host_memory
 from pgnas_fast.search.rank import CandidateScorer, best_candidate, best_first, rank
-from pgnas_fast.search.run import load_data, rebuild_for_evaluation
+from pgnas_fast.search.run import build_feed, load_data, rebuild_for_evaluation
 
 CANDIDATES = 32
 
@@ -32,14 +34,18 @@ def trained(tmp_path_factory):
         return rebuild_for_evaluation({**config, "channels_last": channels_last}, 10,
                                       torch.load(out / "checkpoint.pt", weights_only=False)["model"])
 
-    return load_model, load_data(config).heldout, config["rank_rows"]
+    def load_heldout():  # as pgnas-fast rank's reload evaluator reads it
+        return build_feed(config, load_data(config), torch.device("cpu"), seed=0).split("heldout")
+
+    return load_model, load_data(config).heldout, config["rank_rows"], load_heldout
 
 
-@pytest.mark.parametrize("evaluator", ["batched", "sequential", "reload"])
+@pytest.mark.parametrize("evaluator", ["batched", "sequential", "reload", "reload-resident"])
 def test_candidates_per_second(benchmark, trained, evaluator):
-    load_model, heldout, rows = trained
-    scorer = CandidateScorer(load_model(), *heldout, seed=0, evaluator=evaluator, batch_size=1024,
-                             rows_per_pass=rows, load_model=load_model)  # the preset's pass size
+    load_model, heldout, rows, load_heldout = trained
+    reread = load_heldout if evaluator == "reload" else None
+    scorer = CandidateScorer(load_model(), *heldout, seed=0, evaluator=evaluator.split("-")[0], batch_size=1024,
+                             rows_per_pass=rows, load_model=load_model, load_heldout=reread)  # the preset's pass size
     counts = benchmark.pedantic(scorer.correct, args=(list(range(CANDIDATES)), 0, len(heldout[1])),
                                 rounds=3, iterations=1, warmup_rounds=1)
     benchmark.extra_info["candidates"] = CANDIDATES
@@ -51,7 +57,7 @@ def test_candidates_per_second(benchmark, trained, evaluator):
 def test_batched_candidates_per_second_by_layout(benchmark, trained, layout):
     """search.run.evaluation_layout's gain: the preset's batched pass with contiguous or channels_last
     conv weights (the same counts either way on these candidates)."""
-    load_model, heldout, rows = trained
+    load_model, heldout, rows, _ = trained
     scorer = CandidateScorer(load_model(channels_last=layout == "channels_last"), *heldout, seed=0,
                              batch_size=1024, rows_per_pass=rows)
     counts = benchmark.pedantic(scorer.correct, args=(list(range(CANDIDATES)), 0, len(heldout[1])),
@@ -60,7 +66,7 @@ def test_batched_candidates_per_second_by_layout(benchmark, trained, layout):
 
 
 def test_racing_images_saved_at_1000_candidates(benchmark, trained):
-    load_model, heldout, rows = trained
+    load_model, heldout, rows, _ = trained
     scorer = CandidateScorer(load_model(), *heldout, seed=0, rows_per_pass=rows)
     exhaustive = rank(scorer, range(1000), progress=False)
     racing = benchmark.pedantic(rank, args=(scorer, range(1000)), kwargs={"strategy": "racing", "progress": False},

@@ -152,7 +152,8 @@ def _build_parser() -> argparse.ArgumentParser:
                            "(default: the run's config key `ranking`, as its search ranked)")
     rank.add_argument("--evaluator", choices=EVALUATORS, default="batched",
                       help="batched: K candidates per pass (default); sequential: one at a time; "
-                           "reload: the authors' procedure, model and checkpoint reloaded per candidate")
+                           "reload: the authors' procedure, data read, model rebuilt and checkpoint loaded per "
+                           "candidate")
     rank.add_argument("--eta", type=_count(2), help="racing: keep the best 1/eta per round (preset's)")
     rank.add_argument("--first-share", type=float, help="racing: share of held-out images in round 0 (preset's)")
     rank.add_argument("--bn-recalibrate", type=_count(0), default=0, metavar="N",

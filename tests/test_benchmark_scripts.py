@@ -11,6 +11,9 @@ def test_rank_benchmark_dry_run(tmp_path):
     assert results["batched_candidates_per_second"] > 0 and results["sequential_candidates_per_second"] > 0
     assert 0 < results["hours_10k_racing"] < results["hours_10k_exhaustive"]
     assert results["paper_p40_hours_10k"] == 4.63 * 24
+    # the authors' loop (the reload evaluator, its images and weights read from files) on the same device
+    assert results["authors_loop_candidates_per_second"] > 0 and results["authors_loop_heldout_images"] == 64
+    assert results["hours_10k_authors_loop"] == 10000 / results["authors_loop_candidates_per_second"] / 3600
     assert (tmp_path / "rank.json").is_file()
 
 

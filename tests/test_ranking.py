@@ -151,6 +151,40 @@ def test_batched_sequential_and_reload_counts_are_identical(trained, rows_per_pa
     assert len(set(counts["batched"])) > 1, "candidates should differ"
 
 
+def test_the_reload_evaluator_reads_the_data_again_for_every_candidate(trained):
+    """As the authors' selection loops did; the same counts, one read per candidate."""
+    model, heldout, load_model = trained
+    config = configs.resolve("digits-tiny")
+    reads = []
+
+    def load_heldout():
+        reads.append(1)
+        return load_data(config).heldout
+
+    ids = [0, 3, 7, 12]
+    expected = CandidateScorer(model, *heldout, seed=1, batch_size=128).correct(ids, 5, 300)
+    scorer = CandidateScorer(model, *heldout, seed=1, evaluator="reload", batch_size=128, load_model=load_model,
+                             load_heldout=load_heldout)
+    assert scorer.correct(ids, 5, 300) == expected and len(reads) == len(ids)
+
+
+@pytest.mark.parametrize("change", ["a label", "an image", "one image fewer"])
+def test_the_reload_evaluator_refuses_data_that_changes_during_the_ranking(trained, change):
+    from pgnas_fast.search.io import RunError
+
+    model, (images, labels), load_model = trained
+    if change == "a label":
+        reread = images, torch.cat([(labels[:1] + 1) % 10, labels[1:]])
+    elif change == "an image":
+        reread = torch.cat([images[:-1], images[-1:] + 0.5]), labels
+    else:
+        reread = images[:-1], labels[:-1]
+    scorer = CandidateScorer(model, images, labels, seed=1, evaluator="reload", load_model=load_model,
+                             load_heldout=lambda: reread)
+    with pytest.raises(RunError, match="held-out data read again for a candidate differs from the 300 images"):
+        scorer.correct([0], 0, 300)
+
+
 def test_batchnorm_without_running_statistics_ranks_one_candidate_a_pass():
     """Such a BatchNorm normalises with the batch's statistics in eval mode too: K candidates in one pass
     would share them, and their scores would depend on which candidates they were ranked with."""
@@ -289,6 +323,8 @@ def test_rank_rejects_bad_arguments(trained):
         CandidateScorer(model, *heldout, seed=1, evaluator="fast")
     with pytest.raises(ValueError, match="load_model"):
         CandidateScorer(model, *heldout, seed=1, evaluator="reload")
+    with pytest.raises(ValueError, match="load_heldout is the reload evaluator's .* not the sequential one's"):
+        CandidateScorer(model, *heldout, seed=1, evaluator="sequential", load_heldout=lambda: heldout)
 
 
 # ---- pgnas-fast rank ----------------------------------------------------------------------------
@@ -331,6 +367,36 @@ def test_the_reload_evaluator_refuses_a_checkpoint_that_changes_during_the_ranki
     code, captured = _rank_cli(capsys, run, "--candidates", 3, "--strategy", "exhaustive", "--evaluator", "reload")
     assert code == 2 and captured.err.count("\n") == 1, captured.err
     assert "checkpoint.pt' changed during the ranking (epoch 3, now 4): the run is training" in captured.err
+
+
+def test_the_rank_commands_reload_evaluator_reads_the_run_and_its_data_per_candidate(capsys, run_dir, tmp_path,
+                                                                                     monkeypatch):
+    """`--evaluator reload` is the authors' loop: for every candidate the data set read again, the model rebuilt
+    and the checkpoint loaded; its table equals the batched evaluator's."""
+    import shutil
+
+    from pgnas_fast.search import rank_run as rank_run_module
+    from pgnas_fast.search.io import read_jsonl
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    calls = {"load_data": 0, "rebuild_for_evaluation": 0}
+    for name in calls:
+        def counted(*args, real=getattr(rank_run_module, name), name=name, **kwargs):
+            calls[name] += 1
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(rank_run_module, name, counted)
+    tables = {}
+    for evaluator in ("reload", "batched"):
+        code, captured = _rank_cli(capsys, run, "--candidates", 5, "--strategy", "exhaustive", "--evaluator", evaluator,
+                                   "--tag", evaluator)
+        assert code == 0, captured.err
+        tables[evaluator] = read_jsonl(run / f"rank-{evaluator}" / "candidates.jsonl")
+        if evaluator == "reload":
+            assert calls == {"load_data": 5, "rebuild_for_evaluation": 5}
+    assert tables["reload"] == tables["batched"]
+    assert calls == {"load_data": 5, "rebuild_for_evaluation": 5}  # (batched: read once, by load_run)
 
 
 def test_rank_command_writes_table_and_top(capsys, run_dir):

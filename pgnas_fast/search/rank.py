@@ -6,8 +6,12 @@ Evaluators (all give the same counts, image for image):
 - ``batched``: K candidates x b images as one batch of K*b rows, each row group with its own
   candidate's masks (design.md "Ranking at speed"); the checkpoint is loaded once.
 - ``sequential``: one candidate at a time, same model.
-- ``reload``: the authors' procedure, the baseline for benchmarks: the model rebuilt and its
-  checkpoint reloaded for every candidate.
+- ``reload``: the authors' procedure, the baseline for benchmarks: for every candidate the model
+  rebuilt, its checkpoint reloaded and, where the caller says how (`load_heldout`), the held-out data
+  read again. Their CIFAR selection loop (the public code's src/cifar10/main.py, `selection()`) read the
+  data set (`read_data`), built the graph and restored the checkpoint for each of its 1500 candidates;
+  their ImageNet one (examples/imagenet_eval.py) rebuilt the model and reloaded the checkpoint, and
+  decoded the validation images again through its DataLoader.
 
 Strategies: ``exhaustive`` scores every candidate on the whole held-out set; ``racing`` is paired
 successive halving: every survivor sees the same first images, the best 1/eta go on to a share eta
@@ -94,9 +98,10 @@ class CandidateScorer:
     images to model inputs (e.g. normalisation). `rows_per_pass` bounds the batched evaluator's
     K * batch_size rows, and so does the device's budget for a pass's largest activation
     (pass_bytes_budget; never below one candidate a pass). `load_model` (reload evaluator only) builds
-    the model from its checkpoint. `recalibration_images` (model inputs): BatchNorm statistics are
-    recomputed per candidate from them (see nn.batchnorm) instead of the super-network's running
-    statistics.
+    the model from its checkpoint; `load_heldout` (reload only, optional) reads the held-out split again,
+    stored as `images` and `labels` are (None: they stay resident). `recalibration_images` (model
+    inputs): BatchNorm statistics are recomputed per candidate from them (see nn.batchnorm) instead of
+    the super-network's running statistics.
     """
 
     def __init__(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, seed: int,
@@ -105,11 +110,15 @@ class CandidateScorer:
                  domain: Domain = Domain.CANDIDATE, p_logits: Mapping[str, torch.Tensor] | None = None,
                  prepare: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  load_model: Callable[[], nn.Module] | None = None,
+                 load_heldout: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None,
                  recalibration_images: torch.Tensor | None = None):
         if evaluator not in EVALUATORS:
             raise ValueError(f"evaluator must be one of {', '.join(EVALUATORS)}; got {evaluator!r}")
         if evaluator == "reload" and load_model is None:
             raise ValueError("the reload evaluator needs load_model")
+        if load_heldout is not None and evaluator != "reload":
+            raise ValueError(f"load_heldout is the reload evaluator's (the authors' per-candidate read of the data), "
+                             f"not the {evaluator} one's: that reads the resident images")
         if len(images) != len(labels) or len(labels) == 0:
             raise ValueError(f"images and labels must hold the same number of held-out examples, at least one, got "
                              f"{len(images)} and {len(labels)}")
@@ -126,7 +135,7 @@ class CandidateScorer:
         self.seed, self.evaluator, self.domain, self.p_logits = seed, evaluator, domain, p_logits
         self.batch_size, self.rows_per_pass = batch_size, rows_per_pass
         self.prepare = prepare or (lambda x: x)
-        self.load_model = load_model
+        self.load_model, self.load_heldout = load_model, load_heldout
         self.recalibration_images = recalibration_images
         self._rows_fit = None  # (_rows_that_fit)
 
@@ -186,11 +195,31 @@ class CandidateScorer:
     def _passes(self, candidates: list[int], counts: torch.Tensor, per_pass: int, start: int, end: int) -> None:
         for lo in range(0, len(candidates), per_pass):
             group = candidates[lo:lo + per_pass]
-            model = self.load_model() if self.evaluator == "reload" else self.model
-            counts[lo:lo + len(group)] = self._correct_pass(model, group, start, end)
+            if self.evaluator == "reload":
+                counts[lo:lo + len(group)] = self._correct_pass(self.load_model(), group, start, end,
+                                                                images=self._reread_images())
+            else:
+                counts[lo:lo + len(group)] = self._correct_pass(self.model, group, start, end)
 
-    def _correct_pass(self, model: nn.Module, group: list[int], start: int, end: int) -> torch.Tensor:
-        """K = len(group) candidates on K candidate-major row groups of every batch."""
+    def _reread_images(self) -> torch.Tensor:
+        """(reload) The held-out images read again by `load_heldout`, or the resident ones without it; refused
+        when the read differs from the split the ranking started with (its rows would mix two data sets)."""
+        if self.load_heldout is None:
+            return self.images
+        images, labels = self.load_heldout()
+        images, labels = images.to(self.images.device), labels.to(self.labels.device)
+        if not (torch.equal(labels, self.labels) and images.shape == self.images.shape
+                and torch.equal(images, self.images)):
+            raise RunError(f"the held-out data read again for a candidate differs from the {len(self.labels)} images "
+                           "the ranking started with (the data changed during the ranking?): rank again with the data "
+                           "as it is now")
+        return images
+
+    def _correct_pass(self, model: nn.Module, group: list[int], start: int, end: int,
+                      images: torch.Tensor | None = None) -> torch.Tensor:
+        """K = len(group) candidates on K candidate-major row groups of every batch (of `images`, default the
+        resident held-out images)."""
+        images = self.images if images is None else images
         k = len(group)
         model.eval()
         set_gates(model, "hard", masks=stacked_candidate_masks(model, self.seed, group, domain=self.domain,
@@ -209,7 +238,7 @@ class CandidateScorer:
             counts = torch.zeros(k, dtype=torch.int64, device=self.labels.device)
             for lo in range(start, end, self.batch_size):
                 hi = min(lo + self.batch_size, end)
-                predictions = model(rows(self.prepare(self.images[lo:hi]))).argmax(1).view(k, -1)
+                predictions = model(rows(self.prepare(images[lo:hi]))).argmax(1).view(k, -1)
                 counts += (predictions == self.labels[lo:hi]).sum(1)
         return counts
 

@@ -27,7 +27,7 @@ from .feed import checked_recalibration_images
 from .io import changed_settings, lock_is_held, remove_interrupted_writes, write_json, write_jsonl, writer_lock
 from .parallel import join, leave
 from .rank import CandidateScorer, ProgressLog, best_candidate, best_first, first_round_cut, rank, tied_for_best
-from .run import CHECKPOINTS, RunError, load_run, rebuild_for_evaluation
+from .run import CHECKPOINTS, RunError, build_feed, load_data, load_run, rebuild_for_evaluation
 
 
 def rank_run(run_dir: str | Path, *, candidates: int | None = None, strategy: str | None = None,
@@ -112,10 +112,15 @@ def rank_run(run_dir: str | Path, *, candidates: int | None = None, strategy: st
                                    "once")
                 return rebuild_for_evaluation(config, feed.num_classes, state["model"], device)
 
+            def load_heldout():  # and the data set read again (the authors' loops did, CandidateScorer says)
+                return build_feed(config, load_data(config, loaded.data_dir), torch.device(device),
+                                  seed=seed).split("heldout")
+
             images, labels = feed.split("heldout")
             scorer = CandidateScorer(model, images, labels, seed=seed, evaluator=evaluator,
                                      batch_size=feed.eval_batch_size, rows_per_pass=config["rank_rows"],
                                      prepare=feed.prepare_eval, load_model=load_model,
+                                     load_heldout=load_heldout if evaluator == "reload" else None,
                                      recalibration_images=recalibration)
             log = ProgressLog(out, rank_id)
             rows = rank(scorer, drawn, strategy=strategy, eta=eta, first_share=first_share, log=log,

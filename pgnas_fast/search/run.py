@@ -259,6 +259,7 @@ class LoadedRun:
     data_fingerprint: str | None  # of the data it was given (data_fingerprint); None: the embedded digits
     checkpoint: str = "last"  # which of CHECKPOINTS
     data: datasets.Splits | datasets.ImageNetIndex | None = None  # what `feed` serves
+    data_dir: str | Path | None = None  # where `data` was read (None: the embedded digits)
 
 
 def load_run(run_dir: str | Path, *, device: str = "cpu", data_dir: str | Path | None = None,
@@ -294,7 +295,8 @@ def load_run(run_dir: str | Path, *, device: str = "cpu", data_dir: str | Path |
                        + (f": it was trained with {differ} ('now': config.json's)" if differ else ""))
     if config["threads"]:  # the count the search ran with (digits: 1, faster there than 2 on its small passes)
         torch.set_num_threads(config["threads"])
-    data, fingerprint = load_recorded_data(run_dir, config, data_dir_of(run_dir, data_dir))
+    data_dir = data_dir_of(run_dir, data_dir)
+    data, fingerprint = load_recorded_data(run_dir, config, data_dir)
     try:
         model = rebuild_for_evaluation(config, data.num_classes, state["model"], device).eval()
     except RuntimeError as err:
@@ -310,7 +312,7 @@ def load_run(run_dir: str | Path, *, device: str = "cpu", data_dir: str | Path |
         print(f"note: the search in {str(run_dir)!r} has not finished ({why}): its {path.name} is of epoch "
               f"{state['epoch']} of {config['epochs']}", file=sys.stderr)
     return LoadedRun(config=config, seed=seed, model=model, feed=feed, epoch=state["epoch"],
-                     data_fingerprint=fingerprint, checkpoint=checkpoint, data=data)
+                     data_fingerprint=fingerprint, checkpoint=checkpoint, data=data, data_dir=data_dir)
 
 
 def budgeted_candidates(model: torch.nn.Module, config: dict, *, seed: int, progress: bool,

@@ -128,7 +128,8 @@ def test_an_export_of_the_affected_shape_keeps_the_path_and_the_values():
     masks = candidate_masks(model, 0, 3)
     set_gates(model, "hard", masks=masks)
     subnet = materialize(model, masks)
-    strided = [m for m in subnet.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.stride == (2, 2)]
+    strided = [m for m in subnet.modules()
+               if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.stride == (2, 2)]
     assert strided and all(type(m) is Conv2d for m in strided)
     x = torch.randn(5, 1, 8, 8).contiguous(memory_format=torch.channels_last)
     assert reduces_to_unit_stride(x, strided[0].weight, strided[0].stride)

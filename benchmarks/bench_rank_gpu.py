@@ -24,6 +24,7 @@ import time
 import torch
 
 from pgnas_fast import configs, supernets
+from pgnas_fast.data import normalize
 from pgnas_fast.search.rank import CandidateScorer, round_ends
 
 PAPER_P40_DAYS_10K = 4.63
@@ -122,9 +123,9 @@ def _authors_loop(model, knobs: dict, heldout: int, candidates: int, batch: int,
             fresh = fresh.to(device)
             return fresh.to(memory_format=torch.channels_last) if device.type == "cuda" else fresh
 
-        def prepare(images):
-            return (images.float() / 255 - 0.5).contiguous(
-                memory_format=torch.channels_last if device.type == "cuda" else torch.contiguous_format)
+        def prepare(images):  # as the CIFAR feed's prepare_eval, in the layout the timed passes above read
+            layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+            return normalize(images).contiguous(memory_format=layout)
 
         images, labels = load_heldout()
         scorer = CandidateScorer(model, images, labels, seed=0, evaluator="reload", batch_size=batch,

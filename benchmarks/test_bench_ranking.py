@@ -40,12 +40,14 @@ def trained(tmp_path_factory):
     return load_model, load_data(config).heldout, config["rank_rows"], load_heldout
 
 
-@pytest.mark.parametrize("evaluator", ["batched", "sequential", "reload", "reload-resident"])
-def test_candidates_per_second(benchmark, trained, evaluator):
+@pytest.mark.parametrize("evaluator, reread", [("batched", False), ("sequential", False), ("reload", True),
+                                               ("reload", False)],
+                         ids=["batched", "sequential", "reload", "reload-resident"])
+def test_candidates_per_second(benchmark, trained, evaluator, reread):
     load_model, heldout, rows, load_heldout = trained
-    reread = load_heldout if evaluator == "reload" else None
-    scorer = CandidateScorer(load_model(), *heldout, seed=0, evaluator=evaluator.split("-")[0], batch_size=1024,
-                             rows_per_pass=rows, load_model=load_model, load_heldout=reread)  # the preset's pass size
+    scorer = CandidateScorer(load_model(), *heldout, seed=0, evaluator=evaluator, batch_size=1024,
+                             rows_per_pass=rows, load_model=load_model,  # the preset's pass size
+                             load_heldout=load_heldout if reread else None)
     counts = benchmark.pedantic(scorer.correct, args=(list(range(CANDIDATES)), 0, len(heldout[1])),
                                 rounds=3, iterations=1, warmup_rounds=1)
     benchmark.extra_info["candidates"] = CANDIDATES
